@@ -1,0 +1,52 @@
+# runv-py: `make run` installs everything and runs the main job; `make test` runs every test.
+# Both work as root on a fresh Debian 12 machine.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export RUNV_CACHE ?= /var/cache/runv-py
+export RUNV_ASSETS_DIR ?= $(RUNV_CACHE)/assets
+
+DEBIAN_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential bc bison flex \
+	libelf-dev libssl-dev debootstrap erofs-utils busybox-static cpio zstd xz-utils e2fsprogs \
+	python3 python3-venv python3-dev
+
+.PHONY: deps debian-deps venv assets run test lint unit vm bench-boot clean
+
+deps: debian-deps venv
+
+debian-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "[deps] apt-get install $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv:
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -e ./hyperstart-agent
+
+assets:
+	scripts/assets.sh
+
+run: deps assets
+	$(VENV)/bin/hyperctl version
+
+lint: venv
+	$(VENV)/bin/ruff check runv_py hyperstart-agent tests bench scripts/gen-proto
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest tests/unit -q
+
+vm: deps assets
+	$(PY) -m pytest tests/vm -q
+
+test: deps assets lint
+	$(PY) -m pytest tests -q -rs
+
+bench-boot: deps assets
+	$(PY) bench/boot.py
+
+clean:
+	rm -rf $(VENV)

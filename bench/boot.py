@@ -1,0 +1,169 @@
+"""bench/boot: how fast and how reliably the guest boots, against the raw-boot floor.
+
+The floor is our kernel with a busybox initramfs that prints a marker and powers off, measured
+in the same run as the agent boots: spawn of QEMU to the marker on the console. "Agent ready"
+is spawn of QEMU to the first answered Check. Reports median, p90, n and the raw samples.
+
+    python bench/boot.py [--n 20] [--floor-n 50] [--machine microvm] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runv_py import assets, config
+from runv_py.sandbox.sandbox import Sandbox
+from runv_py.vm import accel
+from runv_py.vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline
+from runv_py.vm.qemu.machine import QemuMachine, tail
+
+
+class BootHang(Exception):
+    pass
+
+
+async def floor_boot(cfg: config.RuntimeConfig, timeout_s: float = 30.0) -> float:
+    """Seconds from QEMU's spawn to the floor marker on the console. Raises BootHang with the
+    console log when the marker does not appear in time or QEMU exits without it."""
+    floor = assets.find_floor(cfg.guest.assets_dir)
+    choice = accel.choose(cfg.hypervisor.accelerator)
+    hv = cfg.hypervisor
+    state = Path(tempfile.mkdtemp(prefix="runv-floor-"))
+    try:
+        params = KernelParams(hv.machine, choice.accel, "floor", tsc_khz=accel.host_tsc_khz())
+        vm = VmConfig(
+            name=state.name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel,
+            vcpus=hv.vcpus, memory_mib=hv.memory_mib, kernel=floor.vmlinux,
+            kernel_cmdline=kernel_cmdline(params), console_log=state / "console.log",
+            qmp_socket=state / "qmp.sock", initrd=floor.initrd)
+        machine = QemuMachine(vm, state / "qemu.log")
+        try:
+            await machine.start()
+            assert machine.started_at is not None
+            deadline = machine.started_at + timeout_s
+            marker = floor.marker.encode()
+            while time.monotonic() < deadline:
+                seen = time.monotonic()
+                if marker in vm.console_log.read_bytes():
+                    elapsed = seen - machine.started_at
+                    await asyncio.wait_for(asyncio.shield(machine.exited), 10)
+                    return elapsed
+                if machine.exited.done():
+                    raise BootHang("QEMU exited before the marker:\n" + machine.describe_exit())
+                await asyncio.sleep(0.005)
+            raise BootHang(f"no marker after {timeout_s:g}s; console:\n{tail(vm.console_log)}")
+        finally:
+            await machine.close()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+async def agent_boot(cfg: config.RuntimeConfig) -> dict[str, Any]:
+    async with await Sandbox.boot(cfg) as sandbox:
+        assert sandbox.agent is not None
+        version = await sandbox.agent.version()
+        details = await sandbox.agent.guest_details()
+        return {
+            "ready_s": sandbox.timings["qemu"] + sandbox.timings["guest"],
+            "host_prepare_s": sandbox.timings["prepare"],
+            "guest_ms": version.boot_timings_ms,
+            "agent_rss_kib": details.agent_rss_kib,
+            "guest_used_mib": (details.mem_total_kib - details.mem_available_kib) / 1024,
+            "guest_total_mib": details.mem_total_kib / 1024,
+        }
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))] if ordered else None
+    return {"median": statistics.median(ordered) if ordered else None, "p90": p90,
+            "n": len(ordered), "samples": [round(s, 4) for s in samples]}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    base = config.load(args.config)
+    cfg = replace(base, hypervisor=replace(base.hypervisor, machine=args.machine),
+                  state_dir=Path(tempfile.mkdtemp(prefix="runv-bench-")))
+    floors: list[float] = []
+    hangs: list[str] = []
+    agents: list[dict[str, Any]] = []
+    # Interleave the two kinds so that machine noise hits both alike.
+    total = max(args.n, args.floor_n)
+    for i in range(total):
+        if i < args.floor_n:
+            try:
+                floors.append(await floor_boot(cfg))
+            except BootHang as exc:
+                hangs.append(str(exc))
+        if i < args.n:
+            agents.append(await agent_boot(cfg))
+        print(f"[bench/boot] {i + 1}/{total}", file=sys.stderr)
+    shutil.rmtree(cfg.state_dir, ignore_errors=True)
+    ready = [a["ready_s"] for a in agents]
+    floor_median = statistics.median(floors) if floors else float("nan")
+    phases: dict[str, list[float]] = {}
+    for a in agents:
+        g = a["guest_ms"]
+        phases.setdefault("kernel_to_agent_start_s", []).append(g["agent_start"] / 1000)
+        phases.setdefault("agent_imports_s", []).append((g["imports_done"] - g["agent_start"]) / 1000)
+        phases.setdefault("agent_server_start_s", []).append(
+            (g["server_listening"] - g["imports_done"]) / 1000)
+    return {
+        "machine": args.machine,
+        "accelerator": accel.choose(base.hypervisor.accelerator).accel,
+        "floor_marker_s": summary(floors),
+        "floor_hangs": len(hangs),
+        "hang_logs": hangs,
+        "agent_ready_s": summary(ready),
+        "agent_ready_minus_floor_s": statistics.median(ready) - floor_median if ready else None,
+        "guest_phases": {k: summary(v) for k, v in phases.items()},
+        "host_prepare_s": summary([a["host_prepare_s"] for a in agents]),
+        "agent_rss_kib": summary([float(a["agent_rss_kib"]) for a in agents]),
+        "guest_used_mib": summary([a["guest_used_mib"] for a in agents]),
+        "guest_total_mib": agents[0]["guest_total_mib"] if agents else None,
+    }
+
+
+def _print(result: dict[str, Any]) -> None:
+    print(f"bench/boot  machine={result['machine']} accel={result['accelerator']}")
+    for key in ("floor_marker_s", "agent_ready_s", "host_prepare_s", "agent_rss_kib",
+                "guest_used_mib"):
+        s = result[key]
+        print(f"  {key:<28} median {s['median']:.3f}  p90 {s['p90']:.3f}  n {s['n']}")
+    for key, s in result["guest_phases"].items():
+        print(f"  {key:<28} median {s['median']:.3f}  p90 {s['p90']:.3f}  n {s['n']}")
+    print(f"  {'agent_ready_minus_floor_s':<28} {result['agent_ready_minus_floor_s']:.3f}")
+    print(f"  {'floor_hangs':<28} {result['floor_hangs']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20, help="agent boots")
+    parser.add_argument("--floor-n", type=int, default=50, help="raw floor boots")
+    parser.add_argument("--machine", choices=("microvm", "pc", "q35"), default="microvm")
+    parser.add_argument("--config", help="runtime config file")
+    parser.add_argument("--json", help="also write the full result (raw samples) here")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    _print(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 1 if result["floor_hangs"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

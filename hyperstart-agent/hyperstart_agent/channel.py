@@ -1,0 +1,173 @@
+"""The agent channel, guest side: splices the host's byte stream into the local gRPC socket.
+
+grpcio cannot serve on a character device or AF_VSOCK, so the gRPC server listens on a unix
+socket and this module copies bytes between it and the channel. One host session maps to one
+connection to the server; when the host goes away both are closed and the channel is reopened,
+which also discards stale bytes of the old session.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+HIGH_WATER = 4 * 1024 * 1024
+HOST_WAIT_S = 0.05
+
+
+class ChannelError(Exception):
+    pass
+
+
+def find_serial_port(name: str, sys_root: str = "/sys/class/virtio-ports") -> str:
+    """The /dev path of the virtio-serial port QEMU named `name` (no udev in the guest)."""
+    try:
+        entries = sorted(os.listdir(sys_root))
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(sys_root, entry, "name")) as f:
+                if f.read().strip() == name:
+                    return "/dev/" + entry
+        except OSError:
+            continue
+    raise ChannelError(f"no virtio-serial port named {name!r} under {sys_root}")
+
+
+class SerialSplice:
+    """Owns the port fd and the server connection of the current host session."""
+
+    def __init__(self, port_name: str, server_path: str) -> None:
+        self.port_name = port_name
+        self.server_path = server_path
+        self.sessions = 0
+
+    def run_forever(self) -> None:
+        while True:
+            try:
+                self._one_session()
+            except Exception:
+                log.exception("channel session failed; reopening")
+                time.sleep(0.2)
+
+    def _open_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                path = find_serial_port(self.port_name)
+                return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (ChannelError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _wait_host(self, fd: int) -> None:
+        # While no host client is attached the port polls POLLIN|POLLHUP (reads give EOF) and
+        # stays so (level-triggered): back off until POLLHUP clears. Bytes left from an earlier
+        # session are not worth waiting for: that session is gone.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while True:
+            events = poller.poll(1000)
+            if not events or not events[0][1] & select.POLLHUP:
+                return
+            time.sleep(HOST_WAIT_S)
+
+    def _connect_server(self) -> socket.socket:
+        deadline = time.monotonic() + 30
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(self.server_path)
+                sock.setblocking(False)
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _one_session(self) -> None:
+        port = self._open_port()
+        sock: socket.socket | None = None
+        try:
+            self._wait_host(port)
+            sock = self._connect_server()
+            self.sessions += 1
+            log.debug("channel session %d started", self.sessions)
+            _pump(port, sock)
+        finally:
+            if sock is not None:
+                sock.close()
+            os.close(port)
+
+
+def _pump(port: int, sock: socket.socket) -> None:
+    """Copy both ways until either side ends. Non-blocking, one thread (see protocols.md §2.2)."""
+    sfd = sock.fileno()
+    to_sock = bytearray()
+    to_port = bytearray()
+    poller = select.poll()
+    while True:
+        port_mask = (select.POLLIN if len(to_sock) < HIGH_WATER else 0) | (
+            select.POLLOUT if to_port else 0)
+        sock_mask = (select.POLLIN if len(to_port) < HIGH_WATER else 0) | (
+            select.POLLOUT if to_sock else 0)
+        poller.register(port, port_mask)
+        poller.register(sfd, sock_mask)
+        for fd, ev in poller.poll():
+            readable = ev & (select.POLLIN | select.POLLHUP | select.POLLERR)
+            if fd == port:
+                if readable and not _read_into(port, to_sock):
+                    return  # host closed its end
+                if ev & select.POLLOUT:
+                    _write_from(port, to_port)
+            else:
+                if readable and not _read_into(sfd, to_port):
+                    log.warning("agent server closed the channel connection")
+                    return
+                if ev & select.POLLOUT:
+                    _write_from(sfd, to_sock)
+        # Opportunistic writes avoid one poll round per chunk.
+        if to_sock:
+            _write_from(sfd, to_sock)
+        if to_port:
+            _write_from(port, to_port)
+
+
+def _read_into(fd: int, buf: bytearray) -> bool:
+    """False on end of stream."""
+    try:
+        data = os.read(fd, CHUNK)
+    except BlockingIOError:
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EINTR):
+            return True
+        raise
+    if not data:
+        return False
+    buf += data
+    return True
+
+
+def _write_from(fd: int, buf: bytearray) -> None:
+    if not buf:
+        return
+    try:
+        n = os.write(fd, buf)
+    except BlockingIOError:
+        return
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EINTR):
+            return
+        raise
+    del buf[:n]

@@ -1,0 +1,77 @@
+"""PID 1 of the guest: early mounts, the gRPC server, the channel splice, zombie reaping.
+
+PID 1 must never exit (its death is a kernel panic): every failure is logged to the console and
+the agent goes on serving what it can.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+
+def _boottime_ms() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * 1000)
+
+
+def main() -> None:
+    timings = {"agent_start": _boottime_ms()}
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO,
+        format="hyperstart[%(relativeCreated)d]: %(levelname)s %(name)s: %(message)s",
+    )
+    log = logging.getLogger("hyperstart")
+    try:
+        _run(log, timings)
+    except BaseException:
+        log.exception("fatal error in PID 1; keeping the guest alive")
+    # PID 1 must not return: park, still reaping orphans.
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            time.sleep(3600)
+        except BaseException:
+            time.sleep(1)
+
+
+def _run(log: logging.Logger, timings: dict[str, int]) -> None:
+    from . import mounts, options
+    from .reaper import Reaper
+
+    for failure in mounts.mount_early():
+        log.error("early mount failed: %s", failure)
+    Reaper.block_sigchld()
+    reaper = Reaper()
+
+    with open("/proc/cmdline") as f:
+        cmdline = f.read()
+    opts = options.parse(cmdline)
+    if opts.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+    for key in options.unknown_keys(cmdline):
+        log.warning("ignoring unknown kernel option %s", key)
+
+    os.makedirs(os.path.dirname(options.SERVER_SOCKET), exist_ok=True)
+    from . import server as server_mod  # grpc + protobuf: the bulk of start-up time
+
+    timings["imports_done"] = _boottime_ms()
+    # Referenced for the life of PID 1: a collected grpc.Server stops serving.
+    server = server_mod.serve("unix:" + options.SERVER_SOCKET, timings)  # noqa: F841
+    timings["server_listening"] = _boottime_ms()
+    log.debug("timings %s", timings)
+
+    if opts.channel_kind == "serial":
+        from .channel import SerialSplice
+
+        splice = SerialSplice(opts.channel_name, options.SERVER_SOCKET)
+        threading.Thread(target=splice.run_forever, name="channel", daemon=True).start()
+    else:
+        log.error("unsupported channel %r; serving on %s only", opts.channel,
+                  options.SERVER_SOCKET)
+
+    log.info("agent ready (%d ms after boot)", timings["server_listening"])
+    reaper.run_forever()

@@ -1,0 +1,42 @@
+"""The agent's options, read from the kernel command line (`hyperstart.<key>=<value>`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_CHANNEL = "serial:agent.channel.0"
+SERVER_SOCKET = "/run/hyperstart/agent.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    channel: str = DEFAULT_CHANNEL
+    debug: bool = False
+
+    @property
+    def channel_kind(self) -> str:
+        return self.channel.partition(":")[0]
+
+    @property
+    def channel_name(self) -> str:
+        return self.channel.partition(":")[2]
+
+
+def parse(cmdline: str) -> Options:
+    """Unknown `hyperstart.*` keys are ignored (with a warning by the caller) so that an older
+    agent still boots with a newer host."""
+    values: dict[str, str] = {}
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key.startswith("hyperstart."):
+            values[key.removeprefix("hyperstart.")] = value
+    return Options(
+        channel=values.get("channel", DEFAULT_CHANNEL),
+        debug=values.get("debug", "0") in ("1", "true", "yes", "on", ""),
+    )
+
+
+def unknown_keys(cmdline: str) -> list[str]:
+    known = {"hyperstart.channel", "hyperstart.debug"}
+    keys = [word.partition("=")[0] for word in cmdline.split()]
+    return [key for key in keys if key.startswith("hyperstart.") and key not in known]

@@ -1,0 +1,45 @@
+"""hyperstart.v1 protobuf messages <-> runv-py's frozen dataclasses (protobuf stops here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._pb import hyperstart_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class AgentVersion:
+    agent_version: str
+    api_version: int
+    kernel_release: str
+    python_version: str
+    features: tuple[str, ...]
+    boot_timings_ms: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestDetails:
+    mem_total_kib: int
+    mem_available_kib: int
+    agent_rss_kib: int
+    online_cpus: int
+
+
+def version(msg: pb.VersionResponse) -> AgentVersion:
+    return AgentVersion(
+        agent_version=msg.agent_version,
+        api_version=msg.api_version,
+        kernel_release=msg.kernel_release,
+        python_version=msg.python_version,
+        features=tuple(msg.features),
+        boot_timings_ms=dict(msg.boot_timings_ms),
+    )
+
+
+def guest_details(msg: pb.GuestDetailsResponse) -> GuestDetails:
+    return GuestDetails(
+        mem_total_kib=msg.mem_total_kib,
+        mem_available_kib=msg.mem_available_kib,
+        agent_rss_kib=msg.agent_rss_kib,
+        online_cpus=msg.online_cpus,
+    )

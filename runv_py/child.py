@@ -1,0 +1,82 @@
+"""Child processes of runv-py: the one place that spawns them (argv lists only), identifies them
+by pid plus start time (pid reuse), and stops them with escalation (SIGTERM, then SIGKILL)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks since boot), or None if the pid is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after its closing paren.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+@dataclass(slots=True)
+class Child:
+    argv: list[str]
+    process: asyncio.subprocess.Process
+    start_time: int | None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def signal(self, sig: int) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    async def stop(self, grace_s: float = 3.0, kill_wait_s: float = 5.0) -> int:
+        """Ask politely, then kill; returns the exit status. Idempotent."""
+        if self.process.returncode is not None:
+            return self.process.returncode
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.process.wait(), grace_s)
+        except TimeoutError:
+            log.warning("pid %d (%s) ignored SIGTERM for %.1fs; killing", self.pid,
+                        os.path.basename(self.argv[0]), grace_s)
+        self.signal(signal.SIGKILL)
+        return await asyncio.wait_for(self.process.wait(), kill_wait_s)
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    stdout: int | IO[bytes] | None = asyncio.subprocess.DEVNULL,
+    stderr: int | IO[bytes] | None = asyncio.subprocess.DEVNULL,
+    pass_fds: Sequence[int] = (),
+    new_session: bool = False,
+) -> Child:
+    argv = list(argv)
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        pass_fds=tuple(pass_fds),
+        start_new_session=new_session,
+    )
+    return Child(argv=argv, process=process, start_time=proc_start_time(process.pid))

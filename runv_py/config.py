@@ -1,0 +1,140 @@
+"""Runtime configuration: /etc/runv/config.toml (or $RUNV_CONFIG) -> a frozen RuntimeConfig.
+
+Unknown sections and keys are rejected, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/runv/config.toml")
+DEFAULT_ASSETS_DIR = Path("/var/cache/runv-py/assets")
+
+Accelerator = Literal["auto", "kvm", "tcg"]
+MachineType = Literal["microvm", "pc", "q35"]
+RootfsKind = Literal["block", "initrd"]
+ChannelKind = Literal["serial"]
+
+
+@dataclass(frozen=True, slots=True)
+class HypervisorConfig:
+    qemu: str = "qemu-system-x86_64"
+    accelerator: Accelerator = "auto"
+    machine: MachineType = "microvm"
+    vcpus: int = 1
+    memory_mib: int = 256
+    boot_timeout_s: float = 60.0
+    kernel_params: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GuestConfig:
+    assets_dir: Path = DEFAULT_ASSETS_DIR
+    rootfs: RootfsKind = "block"
+    channel: ChannelKind = "serial"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    guest: GuestConfig = field(default_factory=GuestConfig)
+    state_dir: Path = Path("/run/runv")
+    source: str = "(defaults)"
+
+
+_LIMITS: dict[str, tuple[float, float]] = {
+    "vcpus": (1, 255),
+    "memory_mib": (64, 1024 * 1024),
+    "boot_timeout_s": (1, 3600),
+}
+
+
+def _convert(where: str, name: str, kind: Any, value: Any) -> Any:
+    choices = get_args(kind)
+    if choices:
+        if value not in choices:
+            raise ConfigError(f"{where}: {name} must be one of {', '.join(choices)}, not {value!r}")
+        return value
+    if kind in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {name} must be an integer, not {value!r}")
+    elif kind in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: {name} must be a number, not {value!r}")
+        value = float(value)
+    elif kind in ("str", str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {name} must be a string, not {value!r}")
+    elif kind in ("Path", Path):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: {name} must be a path string, not {value!r}")
+        value = Path(value)
+    if name in _LIMITS:
+        low, high = _LIMITS[name]
+        if not low <= value <= high:
+            raise ConfigError(f"{where}: {name} must be between {low:g} and {high:g}, not {value}")
+    return value
+
+
+_KINDS: dict[str, Any] = {
+    "accelerator": Accelerator, "machine": MachineType, "rootfs": RootfsKind,
+    "channel": ChannelKind,
+}
+
+
+def _section(where: str, cls: Any, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        kind = _KINDS.get(key, known[key].type)
+        values[key] = _convert(where, key, kind, value)
+    return cls(**values)
+
+
+def parse(text: str, source: str) -> RuntimeConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    config = RuntimeConfig(source=source)
+    for key, value in raw.items():
+        if key == "hypervisor":
+            section = _section(f"{source} [hypervisor]", HypervisorConfig, value)
+            config = replace(config, hypervisor=section)
+        elif key == "guest":
+            config = replace(config, guest=_section(f"{source} [guest]", GuestConfig, value))
+        elif key == "state_dir":
+            config = replace(config, state_dir=_convert(source, key, Path, value))
+        else:
+            raise ConfigError(
+                f"{source}: unknown key {key!r} (known: hypervisor, guest, state_dir)")
+    return config
+
+
+def load(path: str | os.PathLike[str] | None = None) -> RuntimeConfig:
+    """The config at `path`, else $RUNV_CONFIG, else /etc/runv/config.toml, else defaults.
+    $RUNV_ASSETS_DIR overrides [guest] assets_dir (used by tests and `make`)."""
+    explicit = path or os.environ.get("RUNV_CONFIG")
+    candidate = Path(explicit) if explicit else DEFAULT_PATH
+    try:
+        config = parse(candidate.read_text(), str(candidate))
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{candidate}: config file not found") from None
+        config = RuntimeConfig()
+    except OSError as exc:
+        raise ConfigError(f"{candidate}: cannot read config: {exc.strerror}") from exc
+    assets = os.environ.get("RUNV_ASSETS_DIR")
+    if assets:
+        config = replace(config, guest=replace(config.guest, assets_dir=Path(assets)))
+    return config

@@ -1,0 +1,59 @@
+"""The one exception tree of runv-py. Each class carries its CLI exit code, the gRPC status
+name the shim and agent map it to, and a kebab-case reference for logs and docs."""
+
+from __future__ import annotations
+
+
+class RunvError(Exception):
+    exit_code = 1
+    grpc_code = "UNKNOWN"
+    reference = "runv-error"
+
+
+class ConfigError(RunvError):
+    """A configuration file or value is invalid; the message names the file and the key."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reference = "invalid-config"
+
+
+class AssetError(RunvError):
+    """The guest kernel or image is missing or does not match what this runv-py expects."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "missing-asset"
+
+
+class AcceleratorError(RunvError):
+    """The accelerator that was asked for cannot be used on this host."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "accelerator-unavailable"
+
+
+class HypervisorError(RunvError):
+    """QEMU failed to start, died, or refused a command."""
+
+    grpc_code = "INTERNAL"
+    reference = "hypervisor-failed"
+
+
+class BootTimeout(HypervisorError):
+    """The guest did not reach 'agent ready' in time; the message carries the console tail."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    reference = "boot-timeout"
+
+
+class AgentError(RunvError):
+    """The agent answered with an error or the channel to it broke."""
+
+    grpc_code = "UNAVAILABLE"
+    reference = "agent-error"
+
+
+class NotSupported(RunvError):
+    """The operation exists in the interface but this build of runv-py cannot do it."""
+
+    grpc_code = "UNIMPLEMENTED"
+    reference = "not-supported"

@@ -1,0 +1,158 @@
+"""A sandbox: one guest VM booted to "agent ready", with its state dir, QEMU and agent client.
+
+The Sandbox owns everything it creates (state dir, QEMU, agent channel) and close() removes all
+of it, also after a failed boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .. import assets
+from ..agent.client import AgentClient
+from ..config import RuntimeConfig
+from ..errors import BootTimeout, ConfigError, HypervisorError
+from ..vm import accel
+from ..vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline
+from ..vm.qemu.machine import QemuMachine, tail
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True, slots=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.root / "agent.sock"
+
+
+def vm_config(
+    config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
+    choice: accel.Choice, *, debug: bool = False,
+) -> VmConfig:
+    hv = config.hypervisor
+    root: Literal["block", "initrd"] = config.guest.rootfs
+    params = KernelParams(machine=hv.machine, accel=choice.accel, root=root,
+                          tsc_khz=accel.host_tsc_khz(), debug=debug, extra=hv.kernel_params)
+    return VmConfig(
+        name=name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel, vcpus=hv.vcpus,
+        memory_mib=hv.memory_mib,
+        kernel=found.vmlinux,
+        kernel_cmdline=kernel_cmdline(params),
+        console_log=paths.console_log, qmp_socket=paths.qmp_socket,
+        initrd=found.initrd if root == "initrd" else None,
+        root_image=found.rootfs_image if root == "block" else None,
+        agent_socket=paths.agent_socket,
+    )
+
+
+class Sandbox:
+    def __init__(self, sandbox_id: str, config: RuntimeConfig) -> None:
+        if not _ID.match(sandbox_id):
+            raise ConfigError(f"sandbox id {sandbox_id!r}: use 1-64 letters, digits, '_', '.', '-'")
+        self.id = sandbox_id
+        self.config = config
+        self.paths = StatePaths(config.state_dir / sandbox_id)
+        self.machine: QemuMachine | None = None
+        self.agent: AgentClient | None = None
+        self.accel: accel.Choice | None = None
+        # Host-side phases, in seconds: prepare (before QEMU), qemu (spawn to QMP), guest (to
+        # agent ready), total.
+        self.timings: dict[str, float] = {}
+        self._owns_dir = False
+
+    @classmethod
+    async def boot(cls, config: RuntimeConfig, *, sandbox_id: str | None = None,
+                   debug: bool = False) -> Sandbox:
+        sandbox = cls(sandbox_id or secrets.token_hex(6), config)
+        try:
+            await sandbox._boot(debug)
+        except BaseException:
+            await sandbox.close()
+            raise
+        return sandbox
+
+    async def _boot(self, debug: bool) -> None:
+        extra = {"sandbox": self.id}
+        t0 = time.monotonic()
+        found = assets.find(self.config.guest.assets_dir)
+        self.accel = accel.choose(self.config.hypervisor.accelerator)
+        log.log(logging.INFO if self.accel.accel == "tcg" else logging.DEBUG, self.accel.reason,
+                extra=extra)
+        try:
+            self.paths.root.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
+        self._owns_dir = True
+        vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug)
+        self.machine = QemuMachine(vm, self.paths.qemu_log)
+        self.agent = AgentClient(self.paths.agent_socket)
+        t1 = time.monotonic()
+        await self.machine.start()
+        t2 = time.monotonic()
+        await self._wait_agent()
+        t3 = time.monotonic()
+        self.timings = {"prepare": t1 - t0, "qemu": t2 - t1, "guest": t3 - t2, "total": t3 - t0}
+        log.debug("sandbox ready: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in
+                                                self.timings.items()), extra=extra)
+
+    async def _wait_agent(self) -> None:
+        assert self.machine is not None and self.agent is not None
+        timeout = self.config.hypervisor.boot_timeout_s
+        ready = asyncio.create_task(self.agent.wait_ready(timeout))
+        await asyncio.wait({ready, self.machine.exited}, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            try:
+                ready.result()
+                return
+            except TimeoutError:
+                raise BootTimeout(
+                    f"sandbox {self.id}: the agent did not answer within {timeout:g}s "
+                    f"(raise [hypervisor] boot_timeout_s if the host is slow); guest console:\n"
+                    + tail(self.paths.console_log)) from None
+        ready.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ready
+        raise HypervisorError(f"sandbox {self.id}: the VM stopped before its agent answered: "
+                              + self.machine.describe_exit())
+
+    async def close(self) -> None:
+        """Stop the VM and remove the state dir. Idempotent."""
+        if self.agent is not None:
+            await self.agent.close()
+        if self.machine is not None:
+            await self.machine.close()
+        if self._owns_dir:
+            shutil.rmtree(self.paths.root, ignore_errors=True)
+            self._owns_dir = False
+
+    async def __aenter__(self) -> Sandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

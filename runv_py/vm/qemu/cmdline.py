@@ -1,0 +1,110 @@
+"""QEMU's argv and the guest kernel's command line, as pure functions of a frozen VmConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+AGENT_PORT_NAME = "agent.channel.0"
+GUEST_INIT = "/sbin/hyperstart"
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    name: str
+    qemu: str
+    machine: Literal["microvm", "pc", "q35"]
+    accel: Literal["kvm", "tcg"]
+    vcpus: int
+    memory_mib: int
+    kernel: Path
+    kernel_cmdline: str
+    console_log: Path
+    qmp_socket: Path
+    initrd: Path | None = None
+    root_image: Path | None = None
+    agent_socket: Path | None = None
+    # RAM in a shareable memfd: vhost-user devices (virtiofsd, vsock backend) map guest memory.
+    shared_memory: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class KernelParams:
+    machine: Literal["microvm", "pc", "q35"]
+    accel: Literal["kvm", "tcg"]
+    root: Literal["block", "initrd", "floor"]
+    tsc_khz: int | None = None
+    debug: bool = False
+    extra: str = ""
+
+
+def kernel_cmdline(p: KernelParams) -> str:
+    words = ["console=ttyS0", "panic=-1", "mitigations=off", "nokaslr"]
+    if not p.debug:
+        words.append("quiet")
+    if p.machine == "microvm":
+        # No PIT/HPET to calibrate the TSC against: without the rate the boot can hang (TCG).
+        if p.tsc_khz and p.accel == "tcg":
+            words += [f"tsc_early_khz={p.tsc_khz}", "tsc=reliable"]
+        words.append("pci=off")
+    if p.root == "block":
+        words += ["root=/dev/vda", "rootfstype=erofs", "ro", f"init={GUEST_INIT}"]
+    elif p.root == "initrd":
+        words.append(f"rdinit={GUEST_INIT}")
+    if p.root != "floor":
+        words.append(f"hyperstart.channel=serial:{AGENT_PORT_NAME}")
+        if p.debug:
+            words.append("hyperstart.debug=1")
+    if p.extra:
+        words += p.extra.split()
+    return " ".join(words)
+
+
+def _bus(config: VmConfig) -> str:
+    return "device" if config.machine == "microvm" else "pci"
+
+
+def qemu_argv(config: VmConfig) -> list[str]:
+    bus = _bus(config)
+    machine: str = config.machine
+    if config.machine == "microvm":
+        machine += ",x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on"
+    machine += f",accel={config.accel}"
+    argv = [
+        config.qemu,
+        "-name", f"runv-{config.name}",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-cpu", "host" if config.accel == "kvm" else "max",
+        "-smp", str(config.vcpus),
+        "-m", f"{config.memory_mib}M",
+    ]
+    if config.shared_memory:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
+        machine += ",memory-backend=mem"
+    argv += ["-machine", machine]
+    if config.machine == "microvm":
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
+    argv += [
+        "-kernel", str(config.kernel),
+        "-append", config.kernel_cmdline,
+        "-chardev", f"file,id=console,path={config.console_log}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{config.qmp_socket},server=on,wait=off",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", f"virtio-rng-{bus},rng=rng0",
+    ]
+    if config.initrd is not None:
+        argv += ["-initrd", str(config.initrd)]
+    if config.root_image is not None:
+        argv += [
+            "-drive", f"file={config.root_image},if=none,id=rootfs,format=raw,readonly=on",
+            "-device", f"virtio-blk-{bus},drive=rootfs",
+        ]
+    if config.agent_socket is not None:
+        argv += [
+            "-device", f"virtio-serial-{bus},id=vser0",
+            "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+    return argv

@@ -1,0 +1,94 @@
+"""One QEMU process: launch from a VmConfig, QMP control, exit watching, escalating shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from ... import child
+from ...errors import HypervisorError
+from .cmdline import VmConfig, qemu_argv
+from .qmp import Qmp
+
+log = logging.getLogger(__name__)
+
+QMP_TIMEOUT_S = 10.0
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no output)"
+    kept = text.splitlines()[-lines:]
+    return "\n".join(kept) if kept else "(empty)"
+
+
+class QemuMachine:
+    """Owns the QEMU process and its QMP connection; close() always leaves no QEMU behind."""
+
+    def __init__(self, config: VmConfig, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.qmp = Qmp(f"runv-{config.name}")
+        self.child: child.Child | None = None
+        self.started_at: float | None = None
+        self._exited: asyncio.Task[int] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child else None
+
+    @property
+    def exited(self) -> asyncio.Task[int]:
+        if self._exited is None:
+            raise HypervisorError("QEMU was not started")
+        return self._exited
+
+    def describe_exit(self) -> str:
+        code = self.child.returncode if self.child else None
+        return (f"QEMU exited with status {code}; its log ({self.log_path}):\n{tail(self.log_path)}"
+                f"\nguest console ({self.config.console_log}):\n{tail(self.config.console_log)}")
+
+    async def start(self) -> None:
+        argv = qemu_argv(self.config)
+        log.debug("starting %s", " ".join(argv))
+        with open(self.log_path, "ab") as out:
+            try:
+                self.started_at = time.monotonic()
+                self.child = await child.spawn(argv, stdout=out, stderr=out)
+            except FileNotFoundError as exc:
+                raise HypervisorError(
+                    f"{self.config.qemu} not found: apt-get install qemu-system-x86 "
+                    "or set [hypervisor] qemu") from exc
+        self._exited = asyncio.create_task(self.child.wait(), name=f"qemu-{self.config.name}")
+        connect = asyncio.create_task(self.qmp.connect(self.config.qmp_socket, QMP_TIMEOUT_S))
+        await asyncio.wait({connect, self._exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(asyncio.CancelledError, HypervisorError):
+                await connect
+            raise HypervisorError(self.describe_exit())
+        connect.result()
+
+    async def status(self) -> str:
+        result = await self.qmp.execute("query-status")
+        return str(result["status"])
+
+    async def close(self, grace_s: float = 3.0) -> None:
+        """Quit over QMP, then SIGTERM, then SIGKILL. Idempotent."""
+        if self.child is None:
+            return
+        if self.child.returncode is None:
+            with contextlib.suppress(HypervisorError):
+                await asyncio.wait_for(self.qmp.execute("quit"), 1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
+            await self.child.stop(grace_s=1.0)
+        await self.qmp.close()
+        if self._exited is not None:
+            with contextlib.suppress(Exception):
+                await self._exited

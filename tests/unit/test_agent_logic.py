@@ -1,0 +1,55 @@
+"""Logic of the guest agent that runs without a VM: options and the channel splice."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from hyperstart_agent import channel, options
+
+
+def test_options_from_kernel_cmdline() -> None:
+    opts = options.parse("console=ttyS0 hyperstart.channel=serial:foo.0 hyperstart.debug=1 quiet")
+    assert opts.channel_kind == "serial" and opts.channel_name == "foo.0" and opts.debug
+    assert options.parse("quiet") == options.Options()
+    assert options.unknown_keys("hyperstart.channel=x hyperstart.bogus=1") == ["hyperstart.bogus"]
+
+
+def test_find_serial_port_by_name(tmp_path: Path) -> None:
+    for entry, name in (("vport0p0", "other"), ("vport0p1", "agent.channel.0")):
+        (tmp_path / entry).mkdir()
+        (tmp_path / entry / "name").write_text(name + "\n")
+    assert channel.find_serial_port("agent.channel.0", str(tmp_path)) == "/dev/vport0p1"
+    with pytest.raises(channel.ChannelError, match="missing"):
+        channel.find_serial_port("missing", str(tmp_path))
+
+
+def test_pump_copies_both_ways_and_ends_when_the_host_leaves() -> None:
+    host, port = socket.socketpair()       # stands in for the serial port
+    server, inner = socket.socketpair()    # the agent's connection to its gRPC server
+    port.setblocking(False)
+    inner.setblocking(False)
+    done = threading.Event()
+
+    def run() -> None:
+        channel._pump(port.fileno(), inner)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    payload = os.urandom(3 * 1024 * 1024)
+    sender = threading.Thread(target=host.sendall, args=(payload,))
+    sender.start()
+    got = bytearray()
+    while len(got) < len(payload):
+        got += server.recv(1 << 20)
+    sender.join()
+    assert bytes(got) == payload
+    server.sendall(b"reply")
+    assert host.recv(16) == b"reply"
+    host.close()
+    assert done.wait(5), "pump did not notice the host going away"
+    for s in (port, server, inner):
+        s.close()

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from runv_py.vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline, qemu_argv
+
+
+def _config(**overrides: object) -> VmConfig:
+    base: dict[str, object] = dict(
+        name="t1", qemu="qemu-system-x86_64", machine="microvm", accel="tcg", vcpus=1,
+        memory_mib=256, kernel=Path("/k/vmlinux"), kernel_cmdline="console=ttyS0",
+        console_log=Path("/s/console.log"), qmp_socket=Path("/s/qmp.sock"),
+        root_image=Path("/a/rootfs.erofs"), agent_socket=Path("/s/agent.sock"))
+    base.update(overrides)
+    return VmConfig(**base)  # type: ignore[arg-type]
+
+
+def _pairs(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_microvm_uses_modern_mmio_devices() -> None:
+    argv = qemu_argv(_config())
+    assert "virtio-mmio.force-legacy=false" in _pairs(argv, "-global")
+    devices = _pairs(argv, "-device")
+    assert "virtio-blk-device,drive=rootfs" in devices
+    assert "virtio-serial-device,id=vser0" in devices
+    assert any(d.startswith("virtserialport,") and "name=agent.channel.0" in d for d in devices)
+    machine = _pairs(argv, "-machine")[0]
+    assert machine.startswith("microvm,") and machine.endswith("accel=tcg")
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+
+
+def test_pc_uses_pci_devices_and_no_mmio_global() -> None:
+    argv = qemu_argv(_config(machine="pc"))
+    assert not _pairs(argv, "-global")
+    assert "virtio-blk-pci,drive=rootfs" in _pairs(argv, "-device")
+    assert _pairs(argv, "-machine") == ["pc,accel=tcg"]
+
+
+def test_kvm_uses_host_cpu() -> None:
+    assert _pairs(qemu_argv(_config(accel="kvm")), "-cpu") == ["host"]
+
+
+def test_shared_memory_puts_ram_in_a_shareable_memfd() -> None:
+    argv = qemu_argv(_config(shared_memory=True, memory_mib=512))
+    assert "memory-backend-memfd,id=mem,size=512M,share=on" in _pairs(argv, "-object")
+    assert _pairs(argv, "-machine")[0].endswith(",memory-backend=mem")
+
+
+def test_readonly_root_drive_and_initrd() -> None:
+    argv = qemu_argv(_config())
+    assert "file=/a/rootfs.erofs,if=none,id=rootfs,format=raw,readonly=on" in _pairs(argv, "-drive")
+    argv = qemu_argv(_config(root_image=None, initrd=Path("/a/initrd.img")))
+    assert _pairs(argv, "-initrd") == ["/a/initrd.img"] and not _pairs(argv, "-drive")
+
+
+def test_tcg_microvm_gets_the_tsc_rate() -> None:
+    line = kernel_cmdline(KernelParams("microvm", "tcg", "block", tsc_khz=2100000))
+    assert "tsc_early_khz=2100000" in line.split()
+    assert "root=/dev/vda" in line.split() and "init=/sbin/hyperstart" in line.split()
+    assert "tsc_early_khz" not in kernel_cmdline(KernelParams("microvm", "kvm", "block", 2100000))
+    assert "tsc_early_khz" not in kernel_cmdline(KernelParams("pc", "tcg", "block", 2100000))
+
+
+def test_root_kinds() -> None:
+    assert "rdinit=/sbin/hyperstart" in kernel_cmdline(KernelParams("pc", "tcg", "initrd")).split()
+    floor = kernel_cmdline(KernelParams("pc", "tcg", "floor")).split()
+    assert not [w for w in floor if "init=" in w or w.startswith("hyperstart.")]
+
+
+def test_debug_and_extra_params() -> None:
+    params = KernelParams("pc", "tcg", "block", debug=True, extra="foo=1 bar")
+    words = kernel_cmdline(params).split()
+    assert "quiet" not in words and "hyperstart.debug=1" in words
+    assert words[-2:] == ["foo=1", "bar"]

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runv_py import config
+from runv_py.errors import ConfigError
+
+
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("RUNV_CONFIG", raising=False)
+    monkeypatch.delenv("RUNV_ASSETS_DIR", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "absent.toml")
+    loaded = config.load()
+    assert loaded.hypervisor.vcpus == 1 and loaded.hypervisor.machine == "microvm"
+    assert loaded.hypervisor.accelerator == "auto"
+
+
+def test_values_are_parsed_into_types(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('state_dir = "/tmp/x"\n[hypervisor]\nmachine = "pc"\nmemory_mib = 512\n'
+                    'boot_timeout_s = 5\n[guest]\nassets_dir = "/a"\nrootfs = "initrd"\n')
+    loaded = config.load(path)
+    assert loaded.hypervisor.machine == "pc" and loaded.hypervisor.memory_mib == 512
+    assert loaded.hypervisor.boot_timeout_s == 5.0 and loaded.state_dir == Path("/tmp/x")
+    assert loaded.guest.assets_dir == Path("/a") and loaded.guest.rootfs == "initrd"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[hypervisor]\nvcpu = 2\n", "unknown key 'vcpu'"),
+    ("[hypervisor]\nvcpus = \"2\"\n", "vcpus must be an integer"),
+    ("[hypervisor]\nvcpus = 0\n", "vcpus must be between 1 and 255"),
+    ("[hypervisor]\nmachine = \"virt\"\n", "machine must be one of microvm, pc, q35"),
+    ("[hypervisor]\naccelerator = \"hvf\"\n", "accelerator must be one of auto, kvm, tcg"),
+    ("[gust]\n", "unknown key 'gust'"),
+    ("hypervisor = 3\n", "[hypervisor]: must be a table"),
+    ("[hypervisor\n", "not valid TOML"),
+])
+def test_bad_values_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_assets_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "absent.toml")
+    monkeypatch.delenv("RUNV_CONFIG", raising=False)
+    monkeypatch.setenv("RUNV_ASSETS_DIR", "/elsewhere")
+    assert config.load().guest.assets_dir == Path("/elsewhere")

@@ -1,0 +1,165 @@
+"""Real TCG guests: the agent answers over the channel, boots never hang, failures are clean."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import hyperstart_agent
+import pytest
+
+from bench.boot import floor_boot
+from runv_py import config
+from runv_py.agent.client import AgentClient
+from runv_py.errors import BootTimeout, HypervisorError
+from runv_py.sandbox.sandbox import Sandbox
+from tests.vm.conftest import processes_mentioning
+
+
+def _with(cfg: config.RuntimeConfig, **hv: object) -> config.RuntimeConfig:
+    return replace(cfg, hypervisor=replace(cfg.hypervisor, **hv))  # type: ignore[arg-type]
+
+
+async def _boot_and_version(cfg: config.RuntimeConfig) -> tuple[Sandbox, object]:
+    async with await Sandbox.boot(cfg) as sandbox:
+        assert sandbox.agent is not None
+        assert await sandbox.agent.check()
+        return sandbox, await sandbox.agent.version()
+
+
+def test_agent_reports_its_version_over_the_channel(
+        runtime_config: config.RuntimeConfig, assets_dir: Path) -> None:
+    async def body() -> None:
+        async with await Sandbox.boot(runtime_config) as sandbox:
+            assert sandbox.agent is not None
+            version = await sandbox.agent.version()
+            details = await sandbox.agent.guest_details()
+        assert version.agent_version == hyperstart_agent.__version__
+        assert version.api_version == hyperstart_agent.API_VERSION
+        assert version.kernel_release == (assets_dir / "kernel/version").read_text().strip()
+        assert version.python_version.startswith("3.11")
+        timings = version.boot_timings_ms
+        assert 0 < timings["agent_start"] <= timings["imports_done"] <= timings["server_listening"]
+        # The guest sees the memory and vCPU it was given.
+        assert 200 * 1024 < details.mem_total_kib <= 256 * 1024
+        assert details.online_cpus == 1
+        assert 0 < details.agent_rss_kib < 200 * 1024
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("machine", ["microvm", "pc"])
+def test_boots_never_hang(runtime_config: config.RuntimeConfig, machine: str) -> None:
+    """Several boots in a row; a hang fails the test with the guest console."""
+    cfg = _with(runtime_config, machine=machine, boot_timeout_s=60.0)
+    rounds = 6 if machine == "microvm" else 2
+
+    async def body() -> None:
+        for _ in range(rounds):
+            async with await Sandbox.boot(cfg) as sandbox:
+                assert sandbox.agent is not None and await sandbox.agent.check()
+
+    asyncio.run(body())
+
+
+def test_initramfs_variant_boots(runtime_config: config.RuntimeConfig) -> None:
+    cfg = replace(runtime_config, guest=replace(runtime_config.guest, rootfs="initrd"))
+    _, version = asyncio.run(_boot_and_version(cfg))
+    assert version.agent_version == hyperstart_agent.__version__  # type: ignore[attr-defined]
+
+
+def test_raw_floor_boots_reach_the_marker(runtime_config: config.RuntimeConfig) -> None:
+    async def body() -> list[float]:
+        return [await floor_boot(runtime_config) for _ in range(10)]
+
+    times = asyncio.run(body())
+    assert all(0 < t < 30 for t in times)
+
+
+def test_agent_serves_a_new_host_connection_after_the_old_one_closes(
+        runtime_config: config.RuntimeConfig) -> None:
+    async def body() -> None:
+        async with await Sandbox.boot(runtime_config) as sandbox:
+            assert sandbox.agent is not None
+            await sandbox.agent.close()
+            for _ in range(3):
+                client = AgentClient(sandbox.paths.agent_socket)
+                try:
+                    await asyncio.wait_for(client.wait_ready(30), 40)
+                    assert (await client.version()).agent_version == hyperstart_agent.__version__
+                finally:
+                    await client.close()
+
+    asyncio.run(body())
+
+
+def test_qemu_killed_during_boot_is_reported_and_cleaned(
+        runtime_config: config.RuntimeConfig) -> None:
+    async def body() -> None:
+        task = asyncio.create_task(Sandbox.boot(runtime_config, sandbox_id="victim"))
+        pid = None
+        for _ in range(500):
+            pid = next((int(p.split(":")[0]) for p in processes_mentioning(
+                str(runtime_config.state_dir / "victim") + "/qmp.sock")), None)
+            if pid:
+                break
+            await asyncio.sleep(0.01)
+        assert pid, "QEMU did not start"
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(HypervisorError, match="status -9"):
+            await asyncio.wait_for(task, 30)
+
+    asyncio.run(body())
+
+
+def test_boot_timeout_gives_the_console_and_cleans_up(
+        runtime_config: config.RuntimeConfig) -> None:
+    cfg = _with(runtime_config, boot_timeout_s=1.0)
+    with pytest.raises(BootTimeout) as info:
+        asyncio.run(Sandbox.boot(cfg))
+    assert "did not answer within 1s" in str(info.value)
+    assert "guest console" in str(info.value)
+
+
+def test_a_bad_kernel_fails_with_qemus_words(
+        runtime_config: config.RuntimeConfig, assets_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "assets"
+    shutil.copytree(assets_dir, bad, symlinks=False)
+    (bad / "kernel/vmlinux").write_bytes(b"not a kernel")
+    cfg = replace(runtime_config, guest=replace(runtime_config.guest, assets_dir=bad))
+    with pytest.raises(HypervisorError, match=r"QEMU exited with status 1"):
+        asyncio.run(Sandbox.boot(cfg))
+
+
+def test_hyperctl_version_boots_a_vm(runtime_config: config.RuntimeConfig, tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text(f'state_dir = "{runtime_config.state_dir}"\n'
+                    f'[guest]\nassets_dir = "{runtime_config.guest.assets_dir}"\n')
+    hyperctl = Path(sys.executable).parent / "hyperctl"
+    result = subprocess.run([str(hyperctl), "--config", str(conf), "version", "--format", "json"],
+                            check=False, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["agent"] == hyperstart_agent.__version__
+    assert report["accelerator"] in ("kvm", "tcg")
+    if Path("/sys/module/kvm_pvm").exists():
+        assert report["accelerator"] == "tcg"
+        assert "kvm_pvm" in result.stderr  # the one log line saying why
+
+
+def test_hyperctl_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text("[hypervisor]\nvcpus = -1\n")
+    hyperctl = Path(sys.executable).parent / "hyperctl"
+    result = subprocess.run([str(hyperctl), "--config", str(conf), "version"],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"hyperctl: error: {conf} [hypervisor]: vcpus must be between 1 and 255, not -1\n")
