@@ -81,6 +81,7 @@ async def agent_boot(cfg: config.RuntimeConfig) -> dict[str, Any]:
             "host_prepare_s": sandbox.timings["prepare"],
             "guest_ms": version.boot_timings_ms,
             "agent_rss_kib": details.agent_rss_kib,
+            "agent_rss_anon_kib": details.agent_rss_anon_kib,
             "guest_used_mib": (details.mem_total_kib - details.mem_available_kib) / 1024,
             "guest_total_mib": details.mem_total_kib / 1024,
         }
@@ -132,6 +133,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "guest_phases": {k: summary(v) for k, v in phases.items()},
         "host_prepare_s": summary([a["host_prepare_s"] for a in agents]),
         "agent_rss_kib": summary([float(a["agent_rss_kib"]) for a in agents]),
+        "agent_rss_anon_kib": summary([float(a["agent_rss_anon_kib"]) for a in agents]),
         "guest_used_mib": summary([a["guest_used_mib"] for a in agents]),
         "guest_total_mib": agents[0]["guest_total_mib"] if agents else None,
     }
@@ -140,7 +142,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def _print(result: dict[str, Any]) -> None:
     print(f"bench/boot  machine={result['machine']} accel={result['accelerator']}")
     for key in ("floor_marker_s", "agent_ready_s", "host_prepare_s", "agent_rss_kib",
-                "guest_used_mib"):
+                "agent_rss_anon_kib", "guest_used_mib"):
         s = result[key]
         print(f"  {key:<28} median {s['median']:.3f}  p90 {s['p90']:.3f}  n {s['n']}")
     for key, s in result["guest_phases"].items():

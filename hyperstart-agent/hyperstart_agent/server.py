@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import platform
+import sys
 from concurrent import futures
 from typing import Any
 
@@ -25,12 +25,14 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def _self_rss_kib() -> int:
+def _self_status_kib() -> dict[str, int]:
+    out: dict[str, int] = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+            key, _, rest = line.partition(":")
+            if rest.endswith("kB\n"):
+                out[key] = int(rest.split()[0])
+    return out
 
 
 class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
@@ -45,7 +47,7 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
             agent_version=__version__,
             api_version=API_VERSION,
             kernel_release=os.uname().release,
-            python_version=platform.python_version(),
+            python_version="%d.%d.%d" % sys.version_info[:3],
             features=list(FEATURES),
             boot_timings_ms=self.boot_timings_ms,
         )
@@ -54,10 +56,13 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         self, request: pb.GuestDetailsRequest, context: Any
     ) -> pb.GuestDetailsResponse:
         mem = _meminfo()
+        status = _self_status_kib()
         return pb.GuestDetailsResponse(
             mem_total_kib=mem.get("MemTotal", 0),
             mem_available_kib=mem.get("MemAvailable", 0),
-            agent_rss_kib=_self_rss_kib(),
+            agent_rss_kib=status.get("VmRSS", 0),
+            agent_rss_anon_kib=status.get("RssAnon", 0),
+            agent_rss_file_kib=status.get("RssFile", 0),
             online_cpus=len(os.sched_getaffinity(0)),
         )
 

@@ -17,20 +17,27 @@ from ._pb import hyperstart_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
-_CHANNEL_OPTIONS = (
-    # The channel opens before the guest has booted: retry connecting quickly.
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 500),
-    ("grpc.enable_retries", 0),
-)
+def _channel_options(handshake_timeout_s: float) -> list[tuple[str, int]]:
+    # Over virtio-serial one host connection is one guest session, and a quick reconnect can
+    # race the guest noticing the old session's end (the new HTTP/2 preface would land in the
+    # old server connection). So: one connection that waits as long as the boot may take for
+    # the guest's HTTP/2 handshake (grpc reads min_reconnect_backoff as the connect timeout),
+    # and reconnects no faster than the guest reopens its port (~50 ms).
+    return [
+        ("grpc.min_reconnect_backoff_ms", int(handshake_timeout_s * 1000)),
+        ("grpc.initial_reconnect_backoff_ms", 1000),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+        ("grpc.enable_retries", 0),
+    ]
 
 
 class AgentClient:
-    def __init__(self, socket_path: Path, call_timeout_s: float = 30.0) -> None:
+    def __init__(self, socket_path: Path, call_timeout_s: float = 30.0,
+                 handshake_timeout_s: float = 120.0) -> None:
         self.socket_path = socket_path
         self.call_timeout_s = call_timeout_s
-        self._channel = grpc.aio.insecure_channel(f"unix:{socket_path}", options=_CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(
+            f"unix:{socket_path}", options=_channel_options(handshake_timeout_s))
         self._stub: Any = pb_grpc.AgentStub(self._channel)
 
     async def _call(self, name: str, call: Awaitable[T]) -> T:
@@ -54,7 +61,7 @@ class AgentClient:
             if remaining <= 0:
                 raise TimeoutError
             try:
-                if await self.check(timeout_s=min(remaining, 5.0), wait_for_ready=True):
+                if await self.check(timeout_s=remaining, wait_for_ready=True):
                     return
             except AgentError:
                 await asyncio.sleep(0.05)

@@ -22,6 +22,8 @@ class GuestDetails:
     mem_total_kib: int
     mem_available_kib: int
     agent_rss_kib: int
+    agent_rss_anon_kib: int
+    agent_rss_file_kib: int
     online_cpus: int
 
 
@@ -41,5 +43,7 @@ def guest_details(msg: pb.GuestDetailsResponse) -> GuestDetails:
         mem_total_kib=msg.mem_total_kib,
         mem_available_kib=msg.mem_available_kib,
         agent_rss_kib=msg.agent_rss_kib,
+        agent_rss_anon_kib=msg.agent_rss_anon_kib,
+        agent_rss_file_kib=msg.agent_rss_file_kib,
         online_cpus=msg.online_cpus,
     )

@@ -20,9 +20,9 @@ from typing import Literal
 from .. import assets
 from ..agent.client import AgentClient
 from ..config import RuntimeConfig
-from ..errors import BootTimeout, ConfigError, HypervisorError
+from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError
 from ..vm import accel
-from ..vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline
+from ..vm.qemu.cmdline import AGENT_PORT_ID, KernelParams, VmConfig, kernel_cmdline
 from ..vm.qemu.machine import QemuMachine, tail
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class Sandbox:
         self._owns_dir = True
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
-        self.agent = AgentClient(self.paths.agent_socket)
+        self.agent = AgentClient(self.paths.agent_socket,
+                                 handshake_timeout_s=self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
         await self.machine.start()
         t2 = time.monotonic()
@@ -141,15 +142,35 @@ class Sandbox:
         raise HypervisorError(f"sandbox {self.id}: the VM stopped before its agent answered: "
                               + self.machine.describe_exit())
 
+    async def reconnect_agent(self, timeout_s: float = 30.0) -> AgentClient:
+        """Drop the host's agent connection and open a new one once the guest has seen the old
+        one end. Over virtio-serial a faster reconnect would race the guest: the new session's
+        bytes could reach the old session's server connection."""
+        assert self.machine is not None and self.agent is not None
+        self.machine.forget_port_events()
+        await self.agent.close()
+        try:
+            await self.machine.wait_port_open(AGENT_PORT_ID, timeout_s)
+        except TimeoutError:
+            raise AgentError(f"sandbox {self.id}: the guest did not reopen its agent port "
+                             f"within {timeout_s:g}s") from None
+        self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=timeout_s)
+        await self.agent.wait_ready(timeout_s)
+        return self.agent
+
     async def close(self) -> None:
         """Stop the VM and remove the state dir. Idempotent."""
-        if self.agent is not None:
-            await self.agent.close()
-        if self.machine is not None:
-            await self.machine.close()
-        if self._owns_dir:
-            shutil.rmtree(self.paths.root, ignore_errors=True)
-            self._owns_dir = False
+        try:
+            if self.agent is not None:
+                await self.agent.close()
+        finally:
+            try:
+                if self.machine is not None:
+                    await self.machine.close()
+            finally:
+                if self._owns_dir:
+                    shutil.rmtree(self.paths.root, ignore_errors=True)
+                    self._owns_dir = False
 
     async def __aenter__(self) -> Sandbox:
         return self

@@ -17,7 +17,6 @@ import pytest
 
 from bench.boot import floor_boot
 from runv_py import config
-from runv_py.agent.client import AgentClient
 from runv_py.errors import BootTimeout, HypervisorError
 from runv_py.sandbox.sandbox import Sandbox
 from tests.vm.conftest import processes_mentioning
@@ -87,15 +86,9 @@ def test_agent_serves_a_new_host_connection_after_the_old_one_closes(
         runtime_config: config.RuntimeConfig) -> None:
     async def body() -> None:
         async with await Sandbox.boot(runtime_config) as sandbox:
-            assert sandbox.agent is not None
-            await sandbox.agent.close()
             for _ in range(3):
-                client = AgentClient(sandbox.paths.agent_socket)
-                try:
-                    await asyncio.wait_for(client.wait_ready(30), 40)
-                    assert (await client.version()).agent_version == hyperstart_agent.__version__
-                finally:
-                    await client.close()
+                client = await asyncio.wait_for(sandbox.reconnect_agent(), 40)
+                assert (await client.version()).agent_version == hyperstart_agent.__version__
 
     asyncio.run(body())
 

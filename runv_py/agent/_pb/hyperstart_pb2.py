@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehyperstart/v1/hyperstart.proto\x12\rhyperstart.v1\"\x0e\n\x0c\x43heckRequest\"h\n\rCheckResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.hyperstart.v1.CheckResponse.Status\"\"\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\"\x10\n\x0eVersionRequest\"\x81\x02\n\x0fVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12J\n\x0f\x62oot_timings_ms\x18\x06 \x03(\x0b\x32\x31.hyperstart.v1.VersionResponse.BootTimingsMsEntry\x1a\x34\n\x12\x42ootTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x15\n\x13GuestDetailsRequest\"t\n\x14GuestDetailsResponse\x12\x15\n\rmem_total_kib\x18\x01 \x01(\x04\x12\x19\n\x11mem_available_kib\x18\x02 \x01(\x04\x12\x15\n\ragent_rss_kib\x18\x03 \x01(\x04\x12\x13\n\x0bonline_cpus\x18\x04 \x01(\r2\xf1\x01\n\x05\x41gent\x12\x42\n\x05\x43heck\x12\x1b.hyperstart.v1.CheckRequest\x1a\x1c.hyperstart.v1.CheckResponse\x12H\n\x07Version\x12\x1d.hyperstart.v1.VersionRequest\x1a\x1e.hyperstart.v1.VersionResponse\x12Z\n\x0fGetGuestDetails\x12\".hyperstart.v1.GuestDetailsRequest\x1a#.hyperstart.v1.GuestDetailsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehyperstart/v1/hyperstart.proto\x12\rhyperstart.v1\"\x0e\n\x0c\x43heckRequest\"h\n\rCheckResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.hyperstart.v1.CheckResponse.Status\"\"\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\"\x10\n\x0eVersionRequest\"\x81\x02\n\x0fVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12J\n\x0f\x62oot_timings_ms\x18\x06 \x03(\x0b\x32\x31.hyperstart.v1.VersionResponse.BootTimingsMsEntry\x1a\x34\n\x12\x42ootTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x15\n\x13GuestDetailsRequest\"\xac\x01\n\x14GuestDetailsResponse\x12\x15\n\rmem_total_kib\x18\x01 \x01(\x04\x12\x19\n\x11mem_available_kib\x18\x02 \x01(\x04\x12\x15\n\ragent_rss_kib\x18\x03 \x01(\x04\x12\x13\n\x0bonline_cpus\x18\x04 \x01(\r\x12\x1a\n\x12\x61gent_rss_anon_kib\x18\x05 \x01(\x04\x12\x1a\n\x12\x61gent_rss_file_kib\x18\x06 \x01(\x04\x32\xf1\x01\n\x05\x41gent\x12\x42\n\x05\x43heck\x12\x1b.hyperstart.v1.CheckRequest\x1a\x1c.hyperstart.v1.CheckResponse\x12H\n\x07Version\x12\x1d.hyperstart.v1.VersionRequest\x1a\x1e.hyperstart.v1.VersionResponse\x12Z\n\x0fGetGuestDetails\x12\".hyperstart.v1.GuestDetailsRequest\x1a#.hyperstart.v1.GuestDetailsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,8 +48,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONRESPONSE_BOOTTIMINGSMSENTRY']._serialized_end=447
   _globals['_GUESTDETAILSREQUEST']._serialized_start=449
   _globals['_GUESTDETAILSREQUEST']._serialized_end=470
-  _globals['_GUESTDETAILSRESPONSE']._serialized_start=472
-  _globals['_GUESTDETAILSRESPONSE']._serialized_end=588
-  _globals['_AGENT']._serialized_start=591
-  _globals['_AGENT']._serialized_end=832
+  _globals['_GUESTDETAILSRESPONSE']._serialized_start=473
+  _globals['_GUESTDETAILSRESPONSE']._serialized_end=645
+  _globals['_AGENT']._serialized_start=648
+  _globals['_AGENT']._serialized_end=889
 # @@protoc_insertion_point(module_scope)

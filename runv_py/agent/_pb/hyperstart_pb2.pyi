@@ -56,13 +56,17 @@ class GuestDetailsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GuestDetailsResponse(_message.Message):
-    __slots__ = ("mem_total_kib", "mem_available_kib", "agent_rss_kib", "online_cpus")
+    __slots__ = ("mem_total_kib", "mem_available_kib", "agent_rss_kib", "online_cpus", "agent_rss_anon_kib", "agent_rss_file_kib")
     MEM_TOTAL_KIB_FIELD_NUMBER: _ClassVar[int]
     MEM_AVAILABLE_KIB_FIELD_NUMBER: _ClassVar[int]
     AGENT_RSS_KIB_FIELD_NUMBER: _ClassVar[int]
     ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_RSS_ANON_KIB_FIELD_NUMBER: _ClassVar[int]
+    AGENT_RSS_FILE_KIB_FIELD_NUMBER: _ClassVar[int]
     mem_total_kib: int
     mem_available_kib: int
     agent_rss_kib: int
     online_cpus: int
-    def __init__(self, mem_total_kib: _Optional[int] = ..., mem_available_kib: _Optional[int] = ..., agent_rss_kib: _Optional[int] = ..., online_cpus: _Optional[int] = ...) -> None: ...
+    agent_rss_anon_kib: int
+    agent_rss_file_kib: int
+    def __init__(self, mem_total_kib: _Optional[int] = ..., mem_available_kib: _Optional[int] = ..., agent_rss_kib: _Optional[int] = ..., online_cpus: _Optional[int] = ..., agent_rss_anon_kib: _Optional[int] = ..., agent_rss_file_kib: _Optional[int] = ...) -> None: ...

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 AGENT_PORT_NAME = "agent.channel.0"
+AGENT_PORT_ID = "agent0"
 GUEST_INIT = "/sbin/hyperstart"
 
 
@@ -105,6 +106,7 @@ def qemu_argv(config: VmConfig) -> list[str]:
         argv += [
             "-device", f"virtio-serial-{bus},id=vser0",
             "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser0.0,nr=1,chardev=agent,name={AGENT_PORT_NAME}",
+            "-device", f"virtserialport,bus=vser0.0,nr=1,chardev=agent,id={AGENT_PORT_ID},"
+                       f"name={AGENT_PORT_NAME}",
         ]
     return argv

@@ -7,6 +7,9 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener
 
 from ... import child
 from ...errors import HypervisorError
@@ -37,6 +40,7 @@ class QemuMachine:
         self.child: child.Child | None = None
         self.started_at: float | None = None
         self._exited: asyncio.Task[int] | None = None
+        self._port_events = EventListener()
 
     @property
     def pid(self) -> int | None:
@@ -73,7 +77,22 @@ class QemuMachine:
                 await connect
             raise HypervisorError(self.describe_exit())
         connect.result()
+        self._port_events = self.qmp.listen("VSERPORT_CHANGE")
 
+    def forget_port_events(self) -> None:
+        self._port_events.clear()
+
+    async def wait_port_open(self, port_id: str, timeout_s: float) -> None:
+        """Until QEMU reports that the guest opened virtio-serial port `port_id` (a
+        VSERPORT_CHANGE event since the last forget_port_events()). QEMU rate-limits these
+        events per port to one a second and keeps the last, so a close followed by a quick
+        reopen shows as one open event, up to a second late."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                event: dict[str, Any] = dict(await self._port_events.get())
+                data = event.get("data", {})
+                if data.get("id") == port_id and data.get("open"):
+                    return
     async def status(self) -> str:
         result = await self.qmp.execute("query-status")
         return str(result["status"])
