@@ -26,8 +26,9 @@ venv:
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' -e ./hyperstart-agent
 
-assets:
-	scripts/assets.sh
+# The image builder installs the guest's wheels with the venv's pip (Debian's python3 has none).
+assets: venv
+	PYTHON=$(abspath $(PY)) scripts/assets.sh
 
 run: deps assets
 	$(VENV)/bin/hyperctl version

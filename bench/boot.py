@@ -48,7 +48,7 @@ async def floor_boot(cfg: config.RuntimeConfig, timeout_s: float = 30.0) -> floa
             name=state.name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel,
             vcpus=hv.vcpus, memory_mib=hv.memory_mib, kernel=floor.vmlinux,
             kernel_cmdline=kernel_cmdline(params), console_log=state / "console.log",
-            qmp_socket=state / "qmp.sock", initrd=floor.initrd)
+            qmp_socket=state / "qmp.sock", initrd=floor.initrd, cpu=hv.cpu)
         machine = QemuMachine(vm, state / "qemu.log")
         try:
             await machine.start()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -14,6 +16,19 @@ from pathlib import Path
 from typing import IO
 
 log = logging.getLogger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1
+# Resolved before any fork: the child must not dlopen between fork and exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec: SIGKILL it when its parent dies, so a killed runv-py leaves
+    no VMM behind. (The signal follows the forking thread: spawn from the event loop thread.)"""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -69,6 +84,7 @@ async def spawn(
     stderr: int | IO[bytes] | None = asyncio.subprocess.DEVNULL,
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
+    die_with_parent: bool = True,
 ) -> Child:
     argv = list(argv)
     process = await asyncio.create_subprocess_exec(
@@ -78,5 +94,6 @@ async def spawn(
         stderr=stderr,
         pass_fds=tuple(pass_fds),
         start_new_session=new_session,
+        preexec_fn=functools.partial(_die_with_parent, os.getpid()) if die_with_parent else None,
     )
     return Child(argv=argv, process=process, start_time=proc_start_time(process.pid))

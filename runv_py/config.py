@@ -31,6 +31,8 @@ class HypervisorConfig:
     memory_mib: int = 256
     boot_timeout_s: float = 60.0
     kernel_params: str = ""
+    # QEMU -cpu model; empty: "host" under KVM, "max" under TCG.
+    cpu: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .. import assets
+from .. import assets, child
 from ..agent.client import AgentClient
 from ..config import RuntimeConfig
 from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError
@@ -50,6 +51,39 @@ class StatePaths:
     def agent_socket(self) -> Path:
         return self.root / "agent.sock"
 
+    @property
+    def owner(self) -> Path:
+        return self.root / "owner"
+
+
+def _write_owner(paths: StatePaths) -> None:
+    pid = os.getpid()
+    paths.owner.write_text(f"{pid} {child.proc_start_time(pid)}\n")
+
+
+def _owner_alive(paths: StatePaths) -> bool:
+    try:
+        pid, start = paths.owner.read_text().split()
+    except (OSError, ValueError):
+        return True  # not ours to judge (being created, or not a runv-py sandbox)
+    return str(child.proc_start_time(int(pid))) == start
+
+
+def sweep_stale(state_dir: Path) -> list[str]:
+    """Remove the state of sandboxes whose owning process died without cleaning up (killed
+    with SIGKILL); their QEMU died with them (parent-death signal). Returns the ids removed."""
+    removed: list[str] = []
+    try:
+        entries = list(state_dir.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        paths = StatePaths(entry)
+        if entry.is_dir() and paths.owner.exists() and not _owner_alive(paths):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
 
 def vm_config(
     config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
@@ -67,7 +101,7 @@ def vm_config(
         console_log=paths.console_log, qmp_socket=paths.qmp_socket,
         initrd=found.initrd if root == "initrd" else None,
         root_image=found.rootfs_image if root == "block" else None,
-        agent_socket=paths.agent_socket,
+        agent_socket=paths.agent_socket, cpu=hv.cpu,
     )
 
 
@@ -101,6 +135,8 @@ class Sandbox:
         extra = {"sandbox": self.id}
         t0 = time.monotonic()
         found = assets.find(self.config.guest.assets_dir)
+        for stale in sweep_stale(self.config.state_dir):
+            log.info("removed the state of sandbox %s, whose owner died", stale, extra=extra)
         self.accel = accel.choose(self.config.hypervisor.accelerator)
         log.log(logging.INFO if self.accel.accel == "tcg" else logging.DEBUG, self.accel.reason,
                 extra=extra)
@@ -109,6 +145,7 @@ class Sandbox:
         except FileExistsError:
             raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
         self._owns_dir = True
+        _write_owner(self.paths)
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
         self.agent = AgentClient(self.paths.agent_socket,

@@ -38,8 +38,10 @@ def test_pc_uses_pci_devices_and_no_mmio_global() -> None:
     assert _pairs(argv, "-machine") == ["pc,accel=tcg"]
 
 
-def test_kvm_uses_host_cpu() -> None:
+def test_cpu_model() -> None:
     assert _pairs(qemu_argv(_config(accel="kvm")), "-cpu") == ["host"]
+    assert _pairs(qemu_argv(_config(accel="tcg")), "-cpu") == ["max"]
+    assert _pairs(qemu_argv(_config(cpu="qemu64")), "-cpu") == ["qemu64"]
 
 
 def test_shared_memory_puts_ram_in_a_shareable_memfd() -> None:

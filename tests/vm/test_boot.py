@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,3 +157,38 @@ def test_hyperctl_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr == (
         f"hyperctl: error: {conf} [hypervisor]: vcpus must be between 1 and 255, not -1\n")
+
+
+def test_killed_hyperctl_leaves_no_vm_and_its_state_is_swept(
+        runtime_config: config.RuntimeConfig, tmp_path: Path) -> None:
+    conf = tmp_path / "config.toml"
+    conf.write_text(f'state_dir = "{runtime_config.state_dir}"\n'
+                    f'[guest]\nassets_dir = "{runtime_config.guest.assets_dir}"\n')
+    hyperctl = Path(sys.executable).parent / "hyperctl"
+    proc = subprocess.Popen([str(hyperctl), "--config", str(conf), "version"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        qemu = []
+        for _ in range(1000):
+            qemu = processes_mentioning(str(runtime_config.state_dir) + "/")
+            qemu = [p for p in qemu if "qemu-system" in p]
+            if qemu:
+                break
+            time.sleep(0.01)
+        assert qemu, "QEMU did not start"
+    finally:
+        proc.kill()
+        proc.wait()
+    qemu_pid = int(qemu[0].split(":")[0])
+    for _ in range(500):
+        if not Path(f"/proc/{qemu_pid}").exists():
+            break
+        time.sleep(0.01)
+    assert not Path(f"/proc/{qemu_pid}").exists(), "QEMU outlived the killed hyperctl"
+    assert list(runtime_config.state_dir.iterdir()), "the killed run left no state to sweep"
+
+    async def next_boot() -> None:
+        async with await Sandbox.boot(runtime_config):
+            pass
+
+    asyncio.run(next_boot())  # sweeps the dead run's state; the fixture checks nothing is left

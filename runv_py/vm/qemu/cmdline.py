@@ -28,6 +28,7 @@ class VmConfig:
     agent_socket: Path | None = None
     # RAM in a shareable memfd: vhost-user devices (virtiofsd, vsock backend) map guest memory.
     shared_memory: bool = False
+    cpu: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ def qemu_argv(config: VmConfig) -> list[str]:
         config.qemu,
         "-name", f"runv-{config.name}",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-cpu", "host" if config.accel == "kvm" else "max",
+        "-cpu", config.cpu or ("host" if config.accel == "kvm" else "max"),
         "-smp", str(config.vcpus),
         "-m", f"{config.memory_mib}M",
     ]
