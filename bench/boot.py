@@ -89,7 +89,7 @@ async def agent_boot(cfg: config.RuntimeConfig) -> dict[str, Any]:
 
 def summary(samples: list[float]) -> dict[str, Any]:
     ordered = sorted(samples)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))] if ordered else None
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))] if ordered else None
     return {"median": statistics.median(ordered) if ordered else None, "p90": p90,
             "n": len(ordered), "samples": [round(s, 4) for s in samples]}
 
@@ -119,7 +119,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for a in agents:
         g = a["guest_ms"]
         phases.setdefault("kernel_to_agent_start_s", []).append(g["agent_start"] / 1000)
-        phases.setdefault("agent_imports_s", []).append((g["imports_done"] - g["agent_start"]) / 1000)
+        phases.setdefault("agent_imports_s", []).append(
+            (g["imports_done"] - g["agent_start"]) / 1000)
         phases.setdefault("agent_server_start_s", []).append(
             (g["server_listening"] - g["imports_done"]) / 1000)
     return {

@@ -47,7 +47,7 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
             agent_version=__version__,
             api_version=API_VERSION,
             kernel_release=os.uname().release,
-            python_version="%d.%d.%d" % sys.version_info[:3],
+            python_version=".".join(map(str, sys.version_info[:3])),
             features=list(FEATURES),
             boot_timings_ms=self.boot_timings_ms,
         )
