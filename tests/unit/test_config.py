@@ -17,7 +17,8 @@ def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert loaded.hypervisor.accelerator == "auto"
 
 
-def test_values_are_parsed_into_types(tmp_path: Path) -> None:
+def test_values_are_parsed_into_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RUNV_ASSETS_DIR", raising=False)
     path = tmp_path / "c.toml"
     path.write_text('state_dir = "/tmp/x"\n[hypervisor]\nmachine = "pc"\nmemory_mib = 512\n'
                     'boot_timeout_s = 5\n[guest]\nassets_dir = "/a"\nrootfs = "initrd"\n')
