@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import logging
 import os
 import signal
@@ -18,17 +16,11 @@ from typing import IO
 log = logging.getLogger(__name__)
 
 
-_PR_SET_PDEATHSIG = 1
-# Resolved before any fork: the child must not dlopen between fork and exec.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _die_with_parent(parent: int) -> None:
-    """In the child before exec: SIGKILL it when its parent dies, so a killed runv-py leaves
-    no VMM behind. (The signal follows the forking thread: spawn from the event loop thread.)"""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+# util-linux's setpriv sets the parent-death signal and execs the command: the child then dies
+# with runv-py even if runv-py is SIGKILLed. Doing it with preexec_fn instead would make Python
+# fork() (not vfork) a process that has gRPC threads. The signal follows the thread that
+# spawned the child: spawn from the event loop thread.
+SETPRIV = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -88,12 +80,11 @@ async def spawn(
 ) -> Child:
     argv = list(argv)
     process = await asyncio.create_subprocess_exec(
-        *argv,
+        *(SETPRIV if die_with_parent else ()), *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
         pass_fds=tuple(pass_fds),
         start_new_session=new_session,
-        preexec_fn=functools.partial(_die_with_parent, os.getpid()) if die_with_parent else None,
     )
     return Child(argv=argv, process=process, start_time=proc_start_time(process.pid))

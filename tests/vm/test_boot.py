@@ -192,3 +192,9 @@ def test_killed_hyperctl_leaves_no_vm_and_its_state_is_swept(
             pass
 
     asyncio.run(next_boot())  # sweeps the dead run's state; the fixture checks nothing is left
+
+
+def test_a_missing_qemu_binary_says_what_to_install(runtime_config: config.RuntimeConfig) -> None:
+    cfg = _with(runtime_config, qemu="qemu-system-nonexistent")
+    with pytest.raises(HypervisorError, match="apt-get install qemu-system-x86"):
+        asyncio.run(Sandbox.boot(cfg))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,13 @@ class QemuMachine:
 
     async def start(self) -> None:
         argv = qemu_argv(self.config)
+        if shutil.which(argv[0]) is None:
+            raise HypervisorError(f"{argv[0]} not found: apt-get install qemu-system-x86 "
+                                  "or set [hypervisor] qemu")
         log.debug("starting %s", " ".join(argv))
         with open(self.log_path, "ab") as out:
-            try:
-                self.started_at = time.monotonic()
-                self.child = await child.spawn(argv, stdout=out, stderr=out)
-            except FileNotFoundError as exc:
-                raise HypervisorError(
-                    f"{self.config.qemu} not found: apt-get install qemu-system-x86 "
-                    "or set [hypervisor] qemu") from exc
+            self.started_at = time.monotonic()
+            self.child = await child.spawn(argv, stdout=out, stderr=out)
         self._exited = asyncio.create_task(self.child.wait(), name=f"qemu-{self.config.name}")
         connect = asyncio.create_task(self.qmp.connect(self.config.qmp_socket, QMP_TIMEOUT_S))
         await asyncio.wait({connect, self._exited}, return_when=asyncio.FIRST_COMPLETED)
