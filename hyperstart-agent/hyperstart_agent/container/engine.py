@@ -1,0 +1,332 @@
+"""Containers and their processes inside the guest: create (through the init helper), start,
+exec, signal, wait. Exit statuses arrive from PID 1's reaper through on_exit()."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import spec as specmod
+
+HELPER_TIMEOUT_S = 60.0
+Stdio = Literal["pipe", "inherit", "null"]
+_LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
+              "from hyperstart_agent.container.init import main; main()")
+
+
+class EngineError(Exception):
+    """code: a gRPC status name (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Status(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Process:
+    exec_id: str
+    pid: int
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+    sync: socket.socket | None
+    exit_status: int | None = None
+    exited: threading.Event = field(default_factory=threading.Event)
+
+    def close_stdin(self) -> None:
+        if self.stdin is not None:
+            os.close(self.stdin)
+            self.stdin = None
+
+    def close(self) -> None:
+        self.close_stdin()
+        for name in ("stdout", "stderr"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
+
+
+@dataclass
+class Container:
+    id: str
+    spec: specmod.Spec
+    state_dir: str
+    init: Process
+    status: Status = Status.CREATED
+    processes: dict[str, Process] = field(default_factory=dict)
+
+
+def _high(fd: int) -> int:
+    """A CLOEXEC duplicate above the fds the helper receives, so dup2 never maps onto itself."""
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return new
+
+
+def exit_code(wait_status: int) -> int:
+    """A shell-style exit code: the status, or 128+N for death by signal N."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+class Engine:
+    def __init__(self, state_root: str = "/run/hyperstart/containers") -> None:
+        self.state_root = state_root
+        self.containers: dict[str, Container] = {}
+        self._by_pid: dict[int, Process] = {}
+        # Exits of pids nobody claimed yet: a process may die before its helper has told us
+        # its pid. Each carries the reap sequence number, and a spawn only claims exits reaped
+        # after it began (a pid reaped earlier and then reused is not its process).
+        self._unclaimed: dict[int, tuple[int, int]] = {}
+        self._seq = 0
+        self._spawns_in_flight: list[int] = []
+        self._lock = threading.Lock()
+
+    # --- reaping -------------------------------------------------------------------------
+    def on_exit(self, pid: int, wait_status: int) -> None:
+        with self._lock:
+            self._seq += 1
+            process = self._by_pid.pop(pid, None)
+            if process is None:
+                if self._spawns_in_flight:
+                    self._unclaimed[pid] = (self._seq, wait_status)
+                return
+        self._finish(process, wait_status)
+
+    def _begin_spawn(self) -> int:
+        with self._lock:
+            self._spawns_in_flight.append(self._seq)
+            return self._seq
+
+    def _end_spawn(self, began: int) -> None:
+        with self._lock:
+            self._spawns_in_flight.remove(began)
+            oldest = min(self._spawns_in_flight, default=self._seq)
+            for pid, (seq, _) in list(self._unclaimed.items()):
+                if seq <= oldest:
+                    del self._unclaimed[pid]
+
+    def _finish(self, process: Process, wait_status: int) -> None:
+        process.exit_status = exit_code(wait_status)
+        process.exited.set()
+        for container in self.containers.values():
+            if container.init is process:
+                container.status = Status.STOPPED
+
+    def _track(self, process: Process, began: int) -> None:
+        with self._lock:
+            seq, status = self._unclaimed.pop(process.pid, (0, 0))
+            if seq <= began:
+                self._by_pid[process.pid] = process
+                return
+        self._finish(process, status)
+
+    # --- helper --------------------------------------------------------------------------
+    def _spawn_helper(self, mode: str, state_dir: str, exec_id: str,
+                      stdio: Stdio) -> Process:
+        began = self._begin_spawn()
+        try:
+            return self._spawn_helper_tracked(mode, state_dir, exec_id, stdio, began)
+        finally:
+            self._end_spawn(began)
+
+    def _spawn_helper_tracked(self, mode: str, state_dir: str, exec_id: str,
+                              stdio: Stdio, began: int) -> Process:
+        parent_sync, child_sync = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        child_fds: list[int] = []
+        ours: dict[str, int | None] = {"stdin": None, "stdout": None, "stderr": None}
+        try:
+            if stdio == "inherit":
+                child_fds = [_high(os.dup(fd)) for fd in (0, 1, 2)]
+            elif stdio == "pipe":
+                r, w = os.pipe()
+                ours["stdin"], child_fds = _high(w), [_high(r)]
+                for name in ("stdout", "stderr"):
+                    r, w = os.pipe()
+                    ours[name] = _high(r)
+                    child_fds.append(_high(w))
+            else:
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                child_fds = [_high(null), _high(os.dup(null)), _high(os.dup(null))]
+            child_fds.append(_high(child_sync.detach()))
+            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)]
+            os.posix_spawn(sys.executable,
+                           [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, mode, state_dir],
+                           {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, file_actions=actions)
+        except BaseException:
+            for fd in [*child_fds, *(v for v in ours.values() if v is not None)]:
+                os.close(fd)
+            parent_sync.close()
+            raise
+        for fd in child_fds:
+            os.close(fd)
+        parent_sync.settimeout(HELPER_TIMEOUT_S)
+        pid = None
+        while True:
+            try:
+                data = parent_sync.recv(65536)
+            except TimeoutError:
+                data = b'{"error": "the init helper did not answer in time"}'
+            message = json.loads(data) if data else {"error": "the init helper died"}
+            if "error" in message:
+                parent_sync.close()
+                for fd in ours.values():
+                    if fd is not None:
+                        os.close(fd)
+                raise EngineError("FAILED_PRECONDITION", f"{mode} {exec_id}: {message['error']}")
+            if "pid" in message:
+                pid = int(message["pid"])
+            if message.get("ready"):
+                break
+        assert pid is not None
+        process = Process(exec_id=exec_id, pid=pid, sync=parent_sync, **ours)
+        self._track(process, began)
+        return process
+
+    @staticmethod
+    def _release(process: Process) -> None:
+        """Let the helper exec; waits until it did (the sync socket closes on exec)."""
+        assert process.sync is not None
+        sync, process.sync = process.sync, None
+        try:
+            sync.send(b'{"start": true}')
+            data = sync.recv(65536)
+        finally:
+            sync.close()
+        if data:
+            error = json.loads(data).get("error", "unexpected message")
+            raise EngineError("FAILED_PRECONDITION", f"start {process.exec_id}: {error}")
+
+    # --- API -----------------------------------------------------------------------------
+    def get(self, container_id: str) -> Container:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise EngineError("NOT_FOUND", f"container {container_id!r} not found") from None
+
+    def process(self, container_id: str, exec_id: str = "") -> Process:
+        container = self.get(container_id)
+        if not exec_id:
+            return container.init
+        try:
+            return container.processes[exec_id]
+        except KeyError:
+            raise EngineError("NOT_FOUND",
+                              f"process {exec_id!r} of {container_id!r} not found") from None
+
+    def create(self, container_id: str, spec_json: bytes, *,
+               stdio: Stdio = "pipe") -> Container:
+        if not container_id or "/" in container_id or container_id.startswith("."):
+            raise EngineError("INVALID_ARGUMENT", f"container id {container_id!r} is not valid")
+        if container_id in self.containers:
+            raise EngineError("ALREADY_EXISTS", f"container {container_id!r} already exists")
+        try:
+            spec = specmod.loads(spec_json)
+        except specmod.SpecError as exc:
+            raise EngineError("INVALID_ARGUMENT", f"spec: {exc}") from exc
+        if not os.path.isdir(spec.root_path):
+            raise EngineError("INVALID_ARGUMENT", f"spec: root.path: {spec.root_path} "
+                              "is not a directory in the guest")
+        state_dir = os.path.join(self.state_root, container_id)
+        os.makedirs(state_dir, mode=0o700)
+        try:
+            with open(os.path.join(state_dir, "config.json"), "wb") as f:
+                f.write(spec_json)
+            init = self._spawn_helper("create", state_dir, container_id, stdio)
+        except BaseException:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            raise
+        container = Container(container_id, spec, state_dir, init)
+        self.containers[container_id] = container
+        return container
+
+    def start(self, container_id: str) -> None:
+        container = self.get(container_id)
+        if container.status is not Status.CREATED:
+            raise EngineError("FAILED_PRECONDITION",
+                              f"container {container_id!r} is {container.status.value}")
+        self._release(container.init)
+        if container.status is Status.CREATED:
+            container.status = Status.RUNNING
+
+    def exec(self, container_id: str, exec_id: str, process_json: bytes, *,
+             stdio: Stdio = "pipe") -> Process:
+        container = self.get(container_id)
+        if container.status is not Status.RUNNING:
+            raise EngineError("FAILED_PRECONDITION",
+                              f"container {container_id!r} is {container.status.value}")
+        if not exec_id or exec_id in container.processes:
+            raise EngineError("ALREADY_EXISTS" if exec_id else "INVALID_ARGUMENT",
+                              f"exec id {exec_id!r} is taken or empty")
+        try:
+            specmod.parse_process(json.loads(process_json))
+        except (ValueError, specmod.SpecError) as exc:
+            raise EngineError("INVALID_ARGUMENT", f"process: {exc}") from exc
+        state_dir = os.path.join(container.state_dir, "exec-" + exec_id)
+        os.makedirs(state_dir, mode=0o700)
+        with open(os.path.join(state_dir, "process.json"), "wb") as f:
+            f.write(process_json)
+        with open(os.path.join(state_dir, "target_pid"), "w") as f:
+            f.write(str(container.init.pid))
+        process = self._spawn_helper("exec", state_dir, exec_id, stdio)
+        container.processes[exec_id] = process
+        self._release(process)
+        return process
+
+    def signal(self, container_id: str, exec_id: str, signum: int, *,
+               all_processes: bool = False) -> None:
+        process = self.process(container_id, exec_id)
+        if not 0 < signum < signal.NSIG:
+            raise EngineError("INVALID_ARGUMENT", f"signal {signum} is not valid")
+        targets = [process]
+        if all_processes:
+            targets = [self.get(container_id).init, *self.get(container_id).processes.values()]
+        for target in targets:
+            if target.exit_status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(target.pid, signum)
+
+    def wait(self, container_id: str, exec_id: str = "", timeout_s: float | None = None) -> int:
+        process = self.process(container_id, exec_id)
+        if not process.exited.wait(timeout_s):
+            raise EngineError("DEADLINE_EXCEEDED", f"{container_id}/{exec_id} still runs")
+        assert process.exit_status is not None
+        return process.exit_status
+
+    def remove(self, container_id: str, *, force: bool = False) -> None:
+        container = self.get(container_id)
+        running = [p for p in (container.init, *container.processes.values())
+                   if p.exit_status is None]
+        if running and not force:
+            raise EngineError("FAILED_PRECONDITION",
+                              f"container {container_id!r} still runs (use force)")
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            process.exited.wait(10)
+        for process in (container.init, *container.processes.values()):
+            process.close()
+        shutil.rmtree(container.state_dir, ignore_errors=True)
+        del self.containers[container_id]

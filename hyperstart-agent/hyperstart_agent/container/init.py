@@ -1,0 +1,232 @@
+"""The container init helper, re-exec'd by the agent for every container (like `runc init`),
+so the gRPC process never forks. It runs as
+    python -I -S -c <bootstrap> create|exec STATE_DIR
+with the process's stdio on fds 0-2 and a SOCK_SEQPACKET sync socket on fd 3, over which it
+sends JSON messages: {"pid": N} (the container process), {"ready": true} (set up, waiting),
+{"error": "..."}; it receives {"start": true}. The socket closes on exec: the agent's sign that
+the process runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+from . import spec as specmod
+from . import syscalls as sc
+
+SYNC_FD = 3
+DEFAULT_DEVICES = (  # name, major, minor
+    ("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+
+
+class Sync:
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+
+    def send(self, **message: object) -> None:
+        self.sock.send(json.dumps(message).encode())
+
+    def recv(self) -> dict[str, object]:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the agent closed the sync socket")
+        message: dict[str, object] = json.loads(data)
+        return message
+
+
+def _inside(rootfs: str, path: str) -> str:
+    return os.path.join(rootfs, path.lstrip("/"))
+
+
+def _make_target(target: str, source_is_dir: bool) -> None:
+    if os.path.lexists(target):
+        return
+    if source_is_dir:
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a"):
+            pass
+
+
+def _mount_one(rootfs: str, m: specmod.Mount) -> None:
+    flags, propagation, data = sc.parse_mount_options(m.options)
+    target = _inside(rootfs, m.destination)
+    is_bind = bool(flags & sc.MS_BIND) or m.type == "bind"
+    if is_bind:
+        source = m.source
+        _make_target(target, os.path.isdir(source))
+        sc.mount(source, target, "", sc.MS_BIND | (flags & sc.MS_REC))
+        rest = flags & ~(sc.MS_BIND | sc.MS_REC | sc.MS_REMOUNT)
+        if rest:  # a bind mount takes flags only on remount
+            sc.mount("", target, "", sc.MS_BIND | sc.MS_REMOUNT | rest)
+    else:
+        _make_target(target, True)
+        try:
+            sc.mount(m.source or m.type, target, m.type, flags, data)
+        except OSError:
+            if m.type != "sysfs":
+                raise
+            # sysfs cannot be mounted without a new network namespace: bind the guest's.
+            sc.mount("/sys", target, "", sc.MS_BIND | sc.MS_REC)
+            sc.mount("", target, "", sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | flags)
+    if propagation:
+        sc.mount("", target, "", propagation)
+
+
+def _populate_dev(rootfs: str) -> None:
+    dev = _inside(rootfs, "/dev")
+    for name, major, minor in DEFAULT_DEVICES:
+        path = os.path.join(dev, name)
+        if not os.path.lexists(path):
+            os.mknod(path, 0o666 | 0o020000, os.makedev(major, minor))
+            os.chmod(path, 0o666)
+    for name, link in DEV_LINKS:
+        path = os.path.join(dev, name)
+        if not os.path.lexists(path):
+            os.symlink(link, path)
+
+
+def _mask(path: str) -> None:
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
+    else:
+        sc.mount("/dev/null", path, "", sc.MS_BIND)
+
+
+def _readonly(path: str) -> None:
+    if not os.path.lexists(path):
+        return
+    sc.mount(path, path, "", sc.MS_BIND | sc.MS_REC)
+    sc.mount(path, path, "", sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC)
+
+
+def setup_rootfs(spec: specmod.Spec) -> None:
+    rootfs = spec.root_path
+    sc.mount("", "/", "", sc.MS_REC | sc.MS_PRIVATE)
+    sc.mount(rootfs, rootfs, "", sc.MS_BIND | sc.MS_REC)
+    dev_is_tmpfs = False
+    for m in spec.mounts:
+        _mount_one(rootfs, m)
+        dev_is_tmpfs = dev_is_tmpfs or (m.destination == "/dev" and m.type == "tmpfs")
+    if dev_is_tmpfs:
+        _populate_dev(rootfs)
+    os.chdir(rootfs)
+    sc.pivot_root(".", ".")
+    sc.umount(".", sc.MNT_DETACH)
+    os.chdir("/")
+    for path in spec.masked_paths:
+        _mask(path)
+    for path in spec.readonly_paths:
+        _readonly(path)
+    if spec.root_readonly:
+        sc.mount("", "/", "", sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
+
+
+def enter_process(process: specmod.Process) -> None:
+    """Become the process described: groups, ids, umask, cwd, no_new_privs; then exec."""
+    user = process.user
+    os.setgroups(list(user.additional_gids))
+    os.setresgid(user.gid, user.gid, user.gid)
+    os.setresuid(user.uid, user.uid, user.uid)
+    if user.umask is not None:
+        os.umask(user.umask)
+    os.chdir(process.cwd)
+    if process.no_new_privileges:
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+    env = dict(entry.split("=", 1) for entry in process.env)
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    os.set_inheritable(SYNC_FD, False)
+    os.execvpe(process.args[0], list(process.args), env)
+
+
+def _namespace_flags(spec: specmod.Spec) -> int:
+    flags = 0
+    for ns in spec.namespaces:
+        if not ns.path:
+            flags |= sc.NAMESPACE_FLAGS[ns.type]
+    return flags
+
+
+def _join_namespaces(namespaces: tuple[specmod.Namespace, ...]) -> None:
+    for ns in namespaces:
+        if ns.path:
+            fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                sc.setns(fd, sc.NAMESPACE_FLAGS[ns.type])
+            finally:
+                os.close(fd)
+
+
+def create(state_dir: str, sync: Sync) -> None:
+    with open(os.path.join(state_dir, "config.json"), "rb") as f:
+        spec = specmod.loads(f.read())
+    if spec.namespace("mount") is None or spec.namespace("mount").path:  # type: ignore[union-attr]
+        raise specmod.SpecError("linux.namespaces", "a new mount namespace is required")
+    _join_namespaces(spec.namespaces)
+    sc.unshare(_namespace_flags(spec))
+    new_pid = bool(spec.namespace("pid")) and not spec.namespace("pid").path  # type: ignore[union-attr]
+    if new_pid:
+        child = os.fork()  # the container's PID 1 is our child in the new pid namespace
+        if child:
+            sync.send(pid=child)
+            os._exit(0)
+    else:
+        sync.send(pid=os.getpid())
+    if spec.hostname and spec.namespace("uts") is not None:
+        socket.sethostname(spec.hostname)
+    setup_rootfs(spec)
+    sync.send(ready=True)
+    if not sync.recv().get("start"):
+        raise EOFError("no start message")
+    enter_process(spec.process)
+
+
+def exec_in(state_dir: str, sync: Sync) -> None:
+    """Run process.json of STATE_DIR inside the namespaces of the container whose init pid is
+    in STATE_DIR/target_pid."""
+    with open(os.path.join(state_dir, "process.json"), "rb") as f:
+        process = specmod.parse_process(json.loads(f.read()))
+    with open(os.path.join(state_dir, "target_pid")) as f:
+        target = int(f.read())
+    fds = {}
+    for kind in ("ipc", "uts", "net", "pid", "cgroup", "mnt"):
+        path = f"/proc/{target}/ns/{kind}"
+        if os.path.exists(path) and os.readlink(path) != os.readlink(f"/proc/self/ns/{kind}"):
+            fds[kind] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    for fd in fds.values():
+        sc.setns(fd, 0)
+        os.close(fd)
+    if "pid" in fds:
+        child = os.fork()
+        if child:
+            sync.send(pid=child)
+            os._exit(0)
+    else:
+        sync.send(pid=os.getpid())
+    sync.send(ready=True)
+    if not sync.recv().get("start"):
+        raise EOFError("no start message")
+    enter_process(process)
+
+
+def main() -> None:
+    mode, state_dir = sys.argv[1], sys.argv[2]
+    sync = Sync(SYNC_FD)
+    try:
+        (create if mode == "create" else exec_in)(state_dir, sync)
+        raise RuntimeError("exec returned")
+    except BaseException as exc:  # report, whatever it was, then die
+        try:
+            sync.send(error=str(exc) or type(exc).__name__)
+        finally:
+            os._exit(127)

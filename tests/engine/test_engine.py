@@ -1,0 +1,159 @@
+"""The guest's container engine, run on the host (as root) in throw-away namespaces through
+`python -m hyperstart_agent.container.run`: asserts what the process inside sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A busybox root filesystem."""
+    root = tmp_path_factory.mktemp("rootfs")
+    root.chmod(0o755)
+    for d in ("bin", "proc", "sys", "dev", "tmp", "etc", "work"):
+        (root / d).mkdir()
+    shutil.copy("/bin/busybox", root / "bin/busybox")
+    subprocess.run([str(root / "bin/busybox"), "--install", "-s", str(root / "bin")], check=True)
+    for link in (root / "bin").iterdir():
+        if link.is_symlink():
+            link.unlink()
+            link.symlink_to("busybox")
+    (root / "etc/passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    return root
+
+
+def _spec(rootfs: Path, args: list[str], **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "ociVersion": "1.1.0",
+        "process": {"args": args, "env": ["PATH=/bin"], "cwd": "/"},
+        "root": {"path": str(rootfs)},
+        "hostname": "box",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "size=1m"]},
+        ],
+        "linux": {"namespaces": [{"type": t} for t in
+                                 ("pid", "mount", "ipc", "uts", "network")]},
+    }
+    for key, value in overrides.items():
+        if key in ("env", "cwd", "user", "noNewPrivileges"):
+            spec["process"][key] = value
+        else:
+            spec[key] = value
+    return spec
+
+
+def run(tmp_path: Path, spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    agent = Path(__file__).resolve().parents[2] / "hyperstart-agent"
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+         "from hyperstart_agent.container.run import main; sys.exit(main())",
+         str(agent), str(bundle)],
+        capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_output_and_exit_status(tmp_path: Path, rootfs: Path) -> None:
+    result = run(tmp_path, _spec(rootfs, ["sh", "-c", "echo hello; echo oops >&2; exit 7"]))
+    assert (result.stdout, result.stderr, result.returncode) == ("hello\n", "oops\n", 7)
+
+
+def test_death_by_signal_is_128_plus_n(tmp_path: Path, rootfs: Path) -> None:
+    # Without its own pid namespace (PID 1 of one is immune to its own SIGKILL).
+    spec = _spec(rootfs, ["sh", "-c", "kill -9 $$"])
+    spec["linux"]["namespaces"] = [{"type": "mount"}]
+    assert run(tmp_path, spec).returncode == 137
+
+
+def test_pid_namespace_hostname_and_isolated_network(tmp_path: Path, rootfs: Path) -> None:
+    result = run(tmp_path, _spec(rootfs, [
+        "sh", "-c", "echo pid=$$; hostname; ls /sys/class/net 2>/dev/null || cat /proc/net/dev"]))
+    lines = result.stdout.splitlines()
+    assert lines[0] == "pid=1" and lines[1] == "box", result
+    assert "eth0" not in result.stdout and "lo" in result.stdout
+
+
+def test_env_cwd_and_user(tmp_path: Path, rootfs: Path) -> None:
+    result = run(tmp_path, _spec(
+        rootfs, ["sh", "-c", "echo $FOO; pwd; id -u; id -g; id -G; umask"],
+        env=["PATH=/bin", "FOO=bar"], cwd="/work",
+        user={"uid": 1000, "gid": 1001, "additionalGids": [5, 6], "umask": 0o027}))
+    assert result.stdout.split() == ["bar", "/work", "1000", "1001", "1001", "5", "6", "0027"], \
+        result
+
+
+def test_mounts_with_options_and_readonly_root(tmp_path: Path, rootfs: Path) -> None:
+    result = run(tmp_path, _spec(
+        rootfs, ["sh", "-c", "grep -E ' /(tmp|dev) ' /proc/self/mountinfo; "
+                             "touch /x 2>&1; touch /tmp/y && echo tmp-writable; ls /dev"],
+        root={"path": str(rootfs), "readonly": True}))
+    out = result.stdout
+    tmp_line = next(line for line in out.splitlines() if " /tmp " in line)
+    assert "nosuid" in tmp_line and "nodev" in tmp_line and "size=1024k" in tmp_line
+    assert "Read-only file system" in out and "tmp-writable" in out
+    for dev in ("null", "zero", "urandom", "tty", "fd"):
+        assert dev in out.split(), out
+
+
+def test_masked_and_readonly_paths(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["sh", "-c", "cat /proc/kcore | wc -c; "
+                                      "(echo 1 > /proc/sys/kernel/ns_last_pid) 2>&1; echo done"])
+    spec["linux"]["maskedPaths"] = ["/proc/kcore"]
+    spec["linux"]["readonlyPaths"] = ["/proc/sys"]
+    out = run(tmp_path, spec).stdout.split("\n")
+    assert out[0].strip() == "0"
+    assert "Read-only file system" in out[1] and out[2] == "done"
+
+
+def test_bind_mount_read_only(tmp_path: Path, rootfs: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "file").write_text("from host\n")
+    spec = _spec(rootfs, ["sh", "-c", "cat /mnt/file; (echo x > /mnt/new) 2>&1; echo end"])
+    spec["mounts"].append({"destination": "/mnt", "type": "bind", "source": str(shared),
+                           "options": ["rbind", "ro"]})
+    out = run(tmp_path, spec).stdout
+    assert out.startswith("from host\n") and "Read-only file system" in out
+    assert not (shared / "new").exists()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("process", {"args": []}, "process.args: must name the program"),
+    ("process", {"args": ["sh"], "user": {"uid": -1}}, "process.user.uid: must be an integer"),
+    ("process", {"args": ["sh"], "cwd": "rel"}, "process.cwd: must be an absolute path"),
+    ("linux", {"namespaces": [{"type": "bogus"}]}, "unknown namespace type 'bogus'"),
+    ("root", {"path": "/nonexistent-root"}, "root.path: /nonexistent-root is not a directory"),
+])
+def test_bad_specs_name_the_field(tmp_path: Path, rootfs: Path, field: str, value: Any,
+                                  message: str) -> None:
+    spec = _spec(rootfs, ["true"])
+    spec[field] = value
+    result = run(tmp_path, spec)
+    assert result.returncode == 125 and message in result.stderr, result.stderr
+
+
+def test_a_missing_program_fails_at_start(tmp_path: Path, rootfs: Path) -> None:
+    result = run(tmp_path, _spec(rootfs, ["/bin/nonexistent"]))
+    assert result.returncode == 125 and "No such file" in result.stderr, result
+
+
+def test_nothing_is_left_mounted(tmp_path: Path, rootfs: Path) -> None:
+    run(tmp_path, _spec(rootfs, ["true"]))
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(rootfs) not in mounts
+    assert not [p for p in os.listdir("/tmp") if p.startswith("hyperstart-run-")]
