@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,3 +17,21 @@ def assets_dir() -> Path:
     if not (path / "kernel" / "config").is_file():
         pytest.fail(f"guest assets not found in {path}: run `make assets` first")
     return path
+
+
+@pytest.fixture(scope="session")
+def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A container root filesystem: Debian's static busybox and its applet links."""
+    root = tmp_path_factory.mktemp("rootfs")
+    root.chmod(0o755)
+    for d in ("bin", "proc", "sys", "dev", "tmp", "etc", "work"):
+        (root / d).mkdir()
+    shutil.copy("/bin/busybox", root / "bin/busybox")
+    subprocess.run([str(root / "bin/busybox"), "--install", "-s", str(root / "bin")], check=True)
+    for link in (root / "bin").iterdir():
+        if link.is_symlink():
+            link.unlink()
+            link.symlink_to("busybox")
+    (root / "etc/passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    return root

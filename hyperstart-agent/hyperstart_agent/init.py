@@ -59,8 +59,16 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
     from . import server as server_mod  # grpc + protobuf: the bulk of start-up time
 
     timings["imports_done"] = _boottime_ms()
+    from .container import syscalls
+    from .container.engine import Engine
+
+    # Orphans come to PID 1 anyway; elsewhere (tests) the agent must be their subreaper.
+    if os.getpid() != 1:
+        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+    engine = Engine()
+    reaper.add_listener(engine.on_exit)
     # Referenced for the life of PID 1: a collected grpc.Server stops serving.
-    server = server_mod.serve("unix:" + options.SERVER_SOCKET, timings)  # noqa: F841
+    server = server_mod.serve("unix:" + options.SERVER_SOCKET, timings, engine)  # noqa: F841
     timings["server_listening"] = _boottime_ms()
     log.debug("timings %s", timings)
 

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
-from . import API_VERSION, __version__
+from . import API_VERSION, __version__, stdio
+from . import storage as storagemod
 from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
+from .container.engine import Engine, EngineError
 
-FEATURES = ("channel.serial",)
+log = logging.getLogger(__name__)
+FEATURES = ("channel.serial", "container.engine", "storage.9p", "storage.virtiofs",
+            "storage.block")
+T = TypeVar("T")
 
 
 def _meminfo() -> dict[str, int]:
@@ -35,9 +44,34 @@ def _self_status_kib() -> dict[str, int]:
     return out
 
 
+def _rpc(method: Callable[..., T]) -> Callable[..., T]:
+    """Map engine and storage errors to gRPC status codes; anything else is INTERNAL, logged,
+    and never takes the agent down."""
+
+    @functools.wraps(method)
+    def wrapper(self: AgentService, request: Any, context: Any) -> T:
+        try:
+            return method(self, request, context)
+        except EngineError as exc:
+            code, message = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), str(exc)
+        except storagemod.StorageError as exc:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            code, message = (grpc.StatusCode.INTERNAL,
+                             f"{method.__name__}: {type(exc).__name__}: {exc}")
+        context.abort(code, message)  # raises
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
 class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
-    def __init__(self, boot_timings_ms: dict[str, int]) -> None:
+    def __init__(self, boot_timings_ms: dict[str, int], engine: Engine) -> None:
         self.boot_timings_ms = boot_timings_ms
+        self.engine = engine
+        self._storages: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
 
     def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         return pb.CheckResponse(status=pb.CheckResponse.SERVING)
@@ -66,10 +100,87 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
             online_cpus=len(os.sched_getaffinity(0)),
         )
 
+    @_rpc
+    def CreateContainer(self, request: pb.CreateContainerRequest, context: Any) -> pb.Empty:
+        with self._lock:
+            if request.container_id in self._storages:
+                raise EngineError("ALREADY_EXISTS",
+                                  f"container {request.container_id!r} already exists")
+            self._storages[request.container_id] = []
+        mounted = self._storages[request.container_id]
+        try:
+            for s in request.storages:
+                storagemod.mount(storagemod.Storage(s.driver, s.source, s.mount_point,
+                                                    s.fstype, tuple(s.options)))
+                mounted.append(s.mount_point)
+            self.engine.create(request.container_id, request.oci_spec_json,
+                               stdio="null" if request.stdio == pb.STDIO_NULL else "pipe")
+        except BaseException:
+            self._release_storages(request.container_id)
+            raise
+        return pb.Empty()
 
-def serve(address: str, boot_timings_ms: dict[str, int]) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="rpc"))
-    pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms), server)
+    def _release_storages(self, container_id: str) -> None:
+        with self._lock:
+            mounted = self._storages.pop(container_id, [])
+        for mount_point in reversed(mounted):
+            storagemod.unmount(mount_point)
+
+    @_rpc
+    def StartContainer(self, request: pb.ContainerRequest, context: Any) -> pb.Empty:
+        self.engine.start(request.container_id)
+        return pb.Empty()
+
+    @_rpc
+    def RemoveContainer(self, request: pb.RemoveContainerRequest, context: Any) -> pb.Empty:
+        self.engine.remove(request.container_id, force=request.force)
+        self._release_storages(request.container_id)
+        return pb.Empty()
+
+    @_rpc
+    def ExecProcess(self, request: pb.ExecProcessRequest, context: Any) -> pb.Empty:
+        self.engine.exec(request.container_id, request.exec_id, request.process_json,
+                         stdio="null" if request.stdio == pb.STDIO_NULL else "pipe")
+        return pb.Empty()
+
+    @_rpc
+    def SignalProcess(self, request: pb.SignalProcessRequest, context: Any) -> pb.Empty:
+        self.engine.signal(request.container_id, request.exec_id, request.signal,
+                           all_processes=request.all)
+        return pb.Empty()
+
+    @_rpc
+    def WaitProcess(self, request: pb.ProcessRequest, context: Any) -> pb.WaitProcessResponse:
+        remaining = context.time_remaining()
+        code = self.engine.wait(request.container_id, request.exec_id, timeout_s=remaining)
+        return pb.WaitProcessResponse(exit_code=code)
+
+    @_rpc
+    def CloseStdin(self, request: pb.ProcessRequest, context: Any) -> pb.Empty:
+        self.engine.process(request.container_id, request.exec_id).close_stdin()
+        return pb.Empty()
+
+    def Stdio(self, requests: Iterator[pb.StdioInput], context: Any
+              ) -> Iterator[pb.StdioOutput]:
+        try:
+            first = next(requests)
+            process = self.engine.process(first.container_id, first.exec_id)
+        except StopIteration:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Stdio: no first message")
+        except EngineError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        if process.reader_attached:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"Stdio of {first.container_id}/{first.exec_id} is already attached")
+        process.reader_attached = True
+        threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
+                         name="stdin", daemon=True).start()
+        yield from stdio.read_output(process)
+
+
+def serve(address: str, boot_timings_ms: dict[str, int], engine: Engine) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"))
+    pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms, engine), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC server could not listen on {address}")
     server.start()

@@ -4,7 +4,7 @@ socket, with grpc errors mapped to AgentError at this boundary."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,6 +75,67 @@ class AgentClient:
         response = await self._call("GetGuestDetails", self._stub.GetGuestDetails(
             pb.GuestDetailsRequest(), timeout=self.call_timeout_s))
         return convert.guest_details(response)
+
+    async def create_container(self, container_id: str, spec_json: bytes, *,
+                               storages: tuple[convert.Storage, ...] = (),
+                               stdio: bool = True) -> None:
+        await self._call("CreateContainer", self._stub.CreateContainer(pb.CreateContainerRequest(
+            container_id=container_id, oci_spec_json=spec_json,
+            stdio=pb.STDIO_PIPE if stdio else pb.STDIO_NULL,
+            storages=[convert.storage(s) for s in storages]), timeout=self.call_timeout_s))
+
+    async def start_container(self, container_id: str) -> None:
+        await self._call("StartContainer", self._stub.StartContainer(
+            pb.ContainerRequest(container_id=container_id), timeout=self.call_timeout_s))
+
+    async def remove_container(self, container_id: str, *, force: bool = False) -> None:
+        await self._call("RemoveContainer", self._stub.RemoveContainer(
+            pb.RemoveContainerRequest(container_id=container_id, force=force),
+            timeout=self.call_timeout_s))
+
+    async def exec_process(self, container_id: str, exec_id: str, process_json: bytes, *,
+                           stdio: bool = True) -> None:
+        await self._call("ExecProcess", self._stub.ExecProcess(pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, process_json=process_json,
+            stdio=pb.STDIO_PIPE if stdio else pb.STDIO_NULL), timeout=self.call_timeout_s))
+
+    async def signal_process(self, container_id: str, exec_id: str, signal: int, *,
+                             all_processes: bool = False) -> None:
+        await self._call("SignalProcess", self._stub.SignalProcess(pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=signal, all=all_processes),
+            timeout=self.call_timeout_s))
+
+    async def wait_process(self, container_id: str, exec_id: str = "",
+                           timeout_s: float | None = None) -> int:
+        response = await self._call("WaitProcess", self._stub.WaitProcess(
+            pb.ProcessRequest(container_id=container_id, exec_id=exec_id), timeout=timeout_s))
+        return int(response.exit_code)
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        await self._call("CloseStdin", self._stub.CloseStdin(
+            pb.ProcessRequest(container_id=container_id, exec_id=exec_id),
+            timeout=self.call_timeout_s))
+
+    async def stdio(self, container_id: str, exec_id: str = "",
+                    stdin: AsyncIterator[bytes] | None = None
+                    ) -> AsyncIterator[convert.Output]:
+        """The process's output as it comes; `stdin` (if given) is written to the process and
+        closed when it ends, else stdin is closed at once."""
+
+        async def requests() -> AsyncIterator[pb.StdioInput]:
+            yield pb.StdioInput(container_id=container_id, exec_id=exec_id,
+                                close_stdin=stdin is None)
+            if stdin is not None:
+                async for data in stdin:
+                    yield pb.StdioInput(data=data)
+                yield pb.StdioInput(close_stdin=True)
+
+        call = self._stub.Stdio(requests())
+        try:
+            async for message in call:
+                yield convert.output(message)
+        except grpc.aio.AioRpcError as exc:
+            raise AgentError(f"agent Stdio: {exc.code().name}: {exc.details()}") from exc
 
     async def close(self) -> None:
         await self._channel.close()

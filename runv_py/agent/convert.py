@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from ._pb import hyperstart_pb2 as pb
 
@@ -47,3 +48,32 @@ def guest_details(msg: pb.GuestDetailsResponse) -> GuestDetails:
         agent_rss_file_kib=msg.agent_rss_file_kib,
         online_cpus=msg.online_cpus,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    """A filesystem for the agent to mount before a container: a 9p/virtiofs tag or a block
+    device."""
+
+    driver: Literal["9p", "virtiofs", "block"]
+    source: str
+    mount_point: str
+    fstype: str = ""
+    options: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+    eof: bool
+
+
+def storage(s: Storage) -> pb.Storage:
+    return pb.Storage(driver=s.driver, source=s.source, fstype=s.fstype, options=s.options,
+                      mount_point=s.mount_point)
+
+
+def output(msg: pb.StdioOutput) -> Output:
+    return Output("stderr" if msg.stream == pb.StdioOutput.STDERR else "stdout", msg.data,
+                  msg.eof)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,22 +13,9 @@ from typing import Any
 import pytest
 
 
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A busybox root filesystem."""
-    root = tmp_path_factory.mktemp("rootfs")
-    root.chmod(0o755)
-    for d in ("bin", "proc", "sys", "dev", "tmp", "etc", "work"):
-        (root / d).mkdir()
-    shutil.copy("/bin/busybox", root / "bin/busybox")
-    subprocess.run([str(root / "bin/busybox"), "--install", "-s", str(root / "bin")], check=True)
-    for link in (root / "bin").iterdir():
-        if link.is_symlink():
-            link.unlink()
-            link.symlink_to("busybox")
-    (root / "etc/passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\n")
-    return root
+@pytest.fixture
+def rootfs(busybox_rootfs: Path) -> Path:
+    return busybox_rootfs
 
 
 def _spec(rootfs: Path, args: list[str], **overrides: Any) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class Process:
     sync: socket.socket | None
     exit_status: int | None = None
     exited: threading.Event = field(default_factory=threading.Event)
+    # Set when an attached Stdio stream has delivered all output; wait() waits for it too.
+    drained: threading.Event = field(default_factory=threading.Event)
+    reader_attached: bool = False
 
     def close_stdin(self) -> None:
         if self.stdin is not None:
@@ -169,7 +172,8 @@ class Engine:
                     child_fds.append(_high(w))
             else:
                 null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                child_fds = [_high(null), _high(os.dup(null)), _high(os.dup(null))]
+                child_fds = [_high(os.dup(null)) for _ in range(3)]
+                os.close(null)
             child_fds.append(_high(child_sync.detach()))
             actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)]
             os.posix_spawn(sys.executable,
@@ -312,6 +316,8 @@ class Engine:
         process = self.process(container_id, exec_id)
         if not process.exited.wait(timeout_s):
             raise EngineError("DEADLINE_EXCEEDED", f"{container_id}/{exec_id} still runs")
+        if process.reader_attached and not process.drained.wait(timeout_s):
+            raise EngineError("DEADLINE_EXCEEDED", f"{container_id}/{exec_id}: output not drained")
         assert process.exit_status is not None
         return process.exit_status
 

@@ -167,6 +167,21 @@ def _join_namespaces(namespaces: tuple[specmod.Namespace, ...]) -> None:
                 os.close(fd)
 
 
+def _fork_into_pid_namespace(sync: Sync) -> None:
+    """A new or joined pid namespace takes effect for children: fork, report the child's pid
+    from the parent, and let the child go on only once that message is sent (the parent's
+    exit closes the pipe), so that the agent reads the pid before anything the child says."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(r)
+        sync.send(pid=child)
+        os._exit(0)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+
+
 def create(state_dir: str, sync: Sync) -> None:
     with open(os.path.join(state_dir, "config.json"), "rb") as f:
         spec = specmod.loads(f.read())
@@ -176,10 +191,7 @@ def create(state_dir: str, sync: Sync) -> None:
     sc.unshare(_namespace_flags(spec))
     new_pid = bool(spec.namespace("pid")) and not spec.namespace("pid").path  # type: ignore[union-attr]
     if new_pid:
-        child = os.fork()  # the container's PID 1 is our child in the new pid namespace
-        if child:
-            sync.send(pid=child)
-            os._exit(0)
+        _fork_into_pid_namespace(sync)
     else:
         sync.send(pid=os.getpid())
     if spec.hostname and spec.namespace("uts") is not None:
@@ -207,10 +219,7 @@ def exec_in(state_dir: str, sync: Sync) -> None:
         sc.setns(fd, 0)
         os.close(fd)
     if "pid" in fds:
-        child = os.fork()
-        if child:
-            sync.send(pid=child)
-            os._exit(0)
+        _fork_into_pid_namespace(sync)
     else:
         sync.send(pid=os.getpid())
     sync.send(ready=True)

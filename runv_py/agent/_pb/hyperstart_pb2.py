@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehyperstart/v1/hyperstart.proto\x12\rhyperstart.v1\"\x0e\n\x0c\x43heckRequest\"h\n\rCheckResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.hyperstart.v1.CheckResponse.Status\"\"\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\"\x10\n\x0eVersionRequest\"\x81\x02\n\x0fVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12J\n\x0f\x62oot_timings_ms\x18\x06 \x03(\x0b\x32\x31.hyperstart.v1.VersionResponse.BootTimingsMsEntry\x1a\x34\n\x12\x42ootTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x15\n\x13GuestDetailsRequest\"\xac\x01\n\x14GuestDetailsResponse\x12\x15\n\rmem_total_kib\x18\x01 \x01(\x04\x12\x19\n\x11mem_available_kib\x18\x02 \x01(\x04\x12\x15\n\ragent_rss_kib\x18\x03 \x01(\x04\x12\x13\n\x0bonline_cpus\x18\x04 \x01(\r\x12\x1a\n\x12\x61gent_rss_anon_kib\x18\x05 \x01(\x04\x12\x1a\n\x12\x61gent_rss_file_kib\x18\x06 \x01(\x04\x32\xf1\x01\n\x05\x41gent\x12\x42\n\x05\x43heck\x12\x1b.hyperstart.v1.CheckRequest\x1a\x1c.hyperstart.v1.CheckResponse\x12H\n\x07Version\x12\x1d.hyperstart.v1.VersionRequest\x1a\x1e.hyperstart.v1.VersionResponse\x12Z\n\x0fGetGuestDetails\x12\".hyperstart.v1.GuestDetailsRequest\x1a#.hyperstart.v1.GuestDetailsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehyperstart/v1/hyperstart.proto\x12\rhyperstart.v1\"\x07\n\x05\x45mpty\"\x0e\n\x0c\x43heckRequest\"h\n\rCheckResponse\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.hyperstart.v1.CheckResponse.Status\"\"\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\"\x10\n\x0eVersionRequest\"\x81\x02\n\x0fVersionResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\r\x12\x16\n\x0ekernel_release\x18\x03 \x01(\t\x12\x16\n\x0epython_version\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12J\n\x0f\x62oot_timings_ms\x18\x06 \x03(\x0b\x32\x31.hyperstart.v1.VersionResponse.BootTimingsMsEntry\x1a\x34\n\x12\x42ootTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x15\n\x13GuestDetailsRequest\"\xac\x01\n\x14GuestDetailsResponse\x12\x15\n\rmem_total_kib\x18\x01 \x01(\x04\x12\x19\n\x11mem_available_kib\x18\x02 \x01(\x04\x12\x15\n\ragent_rss_kib\x18\x03 \x01(\x04\x12\x13\n\x0bonline_cpus\x18\x04 \x01(\r\x12\x1a\n\x12\x61gent_rss_anon_kib\x18\x05 \x01(\x04\x12\x1a\n\x12\x61gent_rss_file_kib\x18\x06 \x01(\x04\"_\n\x07Storage\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06\x66stype\x18\x03 \x01(\t\x12\x0f\n\x07options\x18\x04 \x03(\t\x12\x13\n\x0bmount_point\x18\x05 \x01(\t\"\x98\x01\n\x16\x43reateContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x15\n\roci_spec_json\x18\x02 \x01(\x0c\x12\'\n\x05stdio\x18\x03 \x01(\x0e\x32\x18.hyperstart.v1.StdioMode\x12(\n\x08storages\x18\x04 \x03(\x0b\x32\x16.hyperstart.v1.Storage\"(\n\x10\x43ontainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"=\n\x16RemoveContainerRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"z\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x14\n\x0cprocess_json\x18\x03 \x01(\x0c\x12\'\n\x05stdio\x18\x04 \x01(\x0e\x32\x18.hyperstart.v1.StdioMode\"7\n\x0eProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"Z\n\x14SignalProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"(\n\x13WaitProcessResponse\x12\x11\n\texit_code\x18\x01 \x01(\x05\"V\n\nStdioInput\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63lose_stdin\x18\x04 \x01(\x08\"}\n\x0bStdioOutput\x12\x31\n\x06stream\x18\x01 \x01(\x0e\x32!.hyperstart.v1.StdioOutput.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x03 \x01(\x08\" \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01*+\n\tStdioMode\x12\x0e\n\nSTDIO_PIPE\x10\x00\x12\x0e\n\nSTDIO_NULL\x10\x01\x32\xc7\x06\n\x05\x41gent\x12\x42\n\x05\x43heck\x12\x1b.hyperstart.v1.CheckRequest\x1a\x1c.hyperstart.v1.CheckResponse\x12H\n\x07Version\x12\x1d.hyperstart.v1.VersionRequest\x1a\x1e.hyperstart.v1.VersionResponse\x12Z\n\x0fGetGuestDetails\x12\".hyperstart.v1.GuestDetailsRequest\x1a#.hyperstart.v1.GuestDetailsResponse\x12N\n\x0f\x43reateContainer\x12%.hyperstart.v1.CreateContainerRequest\x1a\x14.hyperstart.v1.Empty\x12G\n\x0eStartContainer\x12\x1f.hyperstart.v1.ContainerRequest\x1a\x14.hyperstart.v1.Empty\x12N\n\x0fRemoveContainer\x12%.hyperstart.v1.RemoveContainerRequest\x1a\x14.hyperstart.v1.Empty\x12\x46\n\x0b\x45xecProcess\x12!.hyperstart.v1.ExecProcessRequest\x1a\x14.hyperstart.v1.Empty\x12J\n\rSignalProcess\x12#.hyperstart.v1.SignalProcessRequest\x1a\x14.hyperstart.v1.Empty\x12P\n\x0bWaitProcess\x12\x1d.hyperstart.v1.ProcessRequest\x1a\".hyperstart.v1.WaitProcessResponse\x12\x41\n\nCloseStdin\x12\x1d.hyperstart.v1.ProcessRequest\x1a\x14.hyperstart.v1.Empty\x12\x42\n\x05Stdio\x12\x19.hyperstart.v1.StdioInput\x1a\x1a.hyperstart.v1.StdioOutput(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERSIONRESPONSE_BOOTTIMINGSMSENTRY']._loaded_options = None
   _globals['_VERSIONRESPONSE_BOOTTIMINGSMSENTRY']._serialized_options = b'8\001'
-  _globals['_CHECKREQUEST']._serialized_start=49
-  _globals['_CHECKREQUEST']._serialized_end=63
-  _globals['_CHECKRESPONSE']._serialized_start=65
-  _globals['_CHECKRESPONSE']._serialized_end=169
-  _globals['_CHECKRESPONSE_STATUS']._serialized_start=135
-  _globals['_CHECKRESPONSE_STATUS']._serialized_end=169
-  _globals['_VERSIONREQUEST']._serialized_start=171
-  _globals['_VERSIONREQUEST']._serialized_end=187
-  _globals['_VERSIONRESPONSE']._serialized_start=190
-  _globals['_VERSIONRESPONSE']._serialized_end=447
-  _globals['_VERSIONRESPONSE_BOOTTIMINGSMSENTRY']._serialized_start=395
-  _globals['_VERSIONRESPONSE_BOOTTIMINGSMSENTRY']._serialized_end=447
-  _globals['_GUESTDETAILSREQUEST']._serialized_start=449
-  _globals['_GUESTDETAILSREQUEST']._serialized_end=470
-  _globals['_GUESTDETAILSRESPONSE']._serialized_start=473
-  _globals['_GUESTDETAILSRESPONSE']._serialized_end=645
-  _globals['_AGENT']._serialized_start=648
-  _globals['_AGENT']._serialized_end=889
+  _globals['_STDIOMODE']._serialized_start=1543
+  _globals['_STDIOMODE']._serialized_end=1586
+  _globals['_EMPTY']._serialized_start=49
+  _globals['_EMPTY']._serialized_end=56
+  _globals['_CHECKREQUEST']._serialized_start=58
+  _globals['_CHECKREQUEST']._serialized_end=72
+  _globals['_CHECKRESPONSE']._serialized_start=74
+  _globals['_CHECKRESPONSE']._serialized_end=178
+  _globals['_CHECKRESPONSE_STATUS']._serialized_start=144
+  _globals['_CHECKRESPONSE_STATUS']._serialized_end=178
+  _globals['_VERSIONREQUEST']._serialized_start=180
+  _globals['_VERSIONREQUEST']._serialized_end=196
+  _globals['_VERSIONRESPONSE']._serialized_start=199
+  _globals['_VERSIONRESPONSE']._serialized_end=456
+  _globals['_VERSIONRESPONSE_BOOTTIMINGSMSENTRY']._serialized_start=404
+  _globals['_VERSIONRESPONSE_BOOTTIMINGSMSENTRY']._serialized_end=456
+  _globals['_GUESTDETAILSREQUEST']._serialized_start=458
+  _globals['_GUESTDETAILSREQUEST']._serialized_end=479
+  _globals['_GUESTDETAILSRESPONSE']._serialized_start=482
+  _globals['_GUESTDETAILSRESPONSE']._serialized_end=654
+  _globals['_STORAGE']._serialized_start=656
+  _globals['_STORAGE']._serialized_end=751
+  _globals['_CREATECONTAINERREQUEST']._serialized_start=754
+  _globals['_CREATECONTAINERREQUEST']._serialized_end=906
+  _globals['_CONTAINERREQUEST']._serialized_start=908
+  _globals['_CONTAINERREQUEST']._serialized_end=948
+  _globals['_REMOVECONTAINERREQUEST']._serialized_start=950
+  _globals['_REMOVECONTAINERREQUEST']._serialized_end=1011
+  _globals['_EXECPROCESSREQUEST']._serialized_start=1013
+  _globals['_EXECPROCESSREQUEST']._serialized_end=1135
+  _globals['_PROCESSREQUEST']._serialized_start=1137
+  _globals['_PROCESSREQUEST']._serialized_end=1192
+  _globals['_SIGNALPROCESSREQUEST']._serialized_start=1194
+  _globals['_SIGNALPROCESSREQUEST']._serialized_end=1284
+  _globals['_WAITPROCESSRESPONSE']._serialized_start=1286
+  _globals['_WAITPROCESSRESPONSE']._serialized_end=1326
+  _globals['_STDIOINPUT']._serialized_start=1328
+  _globals['_STDIOINPUT']._serialized_end=1414
+  _globals['_STDIOOUTPUT']._serialized_start=1416
+  _globals['_STDIOOUTPUT']._serialized_end=1541
+  _globals['_STDIOOUTPUT_STREAM']._serialized_start=1509
+  _globals['_STDIOOUTPUT_STREAM']._serialized_end=1541
+  _globals['_AGENT']._serialized_start=1589
+  _globals['_AGENT']._serialized_end=2428
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StdioMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STDIO_PIPE: _ClassVar[StdioMode]
+    STDIO_NULL: _ClassVar[StdioMode]
+STDIO_PIPE: StdioMode
+STDIO_NULL: StdioMode
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class CheckRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -70,3 +81,109 @@ class GuestDetailsResponse(_message.Message):
     agent_rss_anon_kib: int
     agent_rss_file_kib: int
     def __init__(self, mem_total_kib: _Optional[int] = ..., mem_available_kib: _Optional[int] = ..., agent_rss_kib: _Optional[int] = ..., online_cpus: _Optional[int] = ..., agent_rss_anon_kib: _Optional[int] = ..., agent_rss_file_kib: _Optional[int] = ...) -> None: ...
+
+class Storage(_message.Message):
+    __slots__ = ("driver", "source", "fstype", "options", "mount_point")
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FSTYPE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_POINT_FIELD_NUMBER: _ClassVar[int]
+    driver: str
+    source: str
+    fstype: str
+    options: _containers.RepeatedScalarFieldContainer[str]
+    mount_point: str
+    def __init__(self, driver: _Optional[str] = ..., source: _Optional[str] = ..., fstype: _Optional[str] = ..., options: _Optional[_Iterable[str]] = ..., mount_point: _Optional[str] = ...) -> None: ...
+
+class CreateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "oci_spec_json", "stdio", "storages")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    OCI_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    STDIO_FIELD_NUMBER: _ClassVar[int]
+    STORAGES_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    oci_spec_json: bytes
+    stdio: StdioMode
+    storages: _containers.RepeatedCompositeFieldContainer[Storage]
+    def __init__(self, container_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., stdio: _Optional[_Union[StdioMode, str]] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ...) -> None: ...
+
+class ContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class RemoveContainerRequest(_message.Message):
+    __slots__ = ("container_id", "force")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    force: bool
+    def __init__(self, container_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ExecProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "process_json", "stdio")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
+    STDIO_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    process_json: bytes
+    stdio: StdioMode
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process_json: _Optional[bytes] = ..., stdio: _Optional[_Union[StdioMode, str]] = ...) -> None: ...
+
+class ProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class SignalProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "signal", "all")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    signal: int
+    all: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class WaitProcessResponse(_message.Message):
+    __slots__ = ("exit_code",)
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    exit_code: int
+    def __init__(self, exit_code: _Optional[int] = ...) -> None: ...
+
+class StdioInput(_message.Message):
+    __slots__ = ("container_id", "exec_id", "data", "close_stdin")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_STDIN_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    data: bytes
+    close_stdin: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., data: _Optional[bytes] = ..., close_stdin: _Optional[bool] = ...) -> None: ...
+
+class StdioOutput(_message.Message):
+    __slots__ = ("stream", "data", "eof")
+    class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STDOUT: _ClassVar[StdioOutput.Stream]
+        STDERR: _ClassVar[StdioOutput.Stream]
+    STDOUT: StdioOutput.Stream
+    STDERR: StdioOutput.Stream
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    stream: StdioOutput.Stream
+    data: bytes
+    eof: bool
+    def __init__(self, stream: _Optional[_Union[StdioOutput.Stream, str]] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...

@@ -50,6 +50,46 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsRequest.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsResponse.FromString,
                 _registered_method=True)
+        self.CreateContainer = channel.unary_unary(
+                '/hyperstart.v1.Agent/CreateContainer',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.StartContainer = channel.unary_unary(
+                '/hyperstart.v1.Agent/StartContainer',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.RemoveContainer = channel.unary_unary(
+                '/hyperstart.v1.Agent/RemoveContainer',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.RemoveContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ExecProcess = channel.unary_unary(
+                '/hyperstart.v1.Agent/ExecProcess',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.SignalProcess = channel.unary_unary(
+                '/hyperstart.v1.Agent/SignalProcess',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.SignalProcessRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.WaitProcess = channel.unary_unary(
+                '/hyperstart.v1.Agent/WaitProcess',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.WaitProcessResponse.FromString,
+                _registered_method=True)
+        self.CloseStdin = channel.unary_unary(
+                '/hyperstart.v1.Agent/CloseStdin',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Stdio = channel.stream_stream(
+                '/hyperstart.v1.Agent/Stdio',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -76,6 +116,61 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateContainer(self, request, context):
+        """Containers. The OCI spec travels as its config.json bytes; root.path and mount sources
+        are guest paths (storages mounted first supply them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecProcess(self, request, context):
+        """Processes: the container's init (exec_id "") and exec'd processes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignalProcess(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitProcess(self, request, context):
+        """The exit code (128+N for a signal), once the process exited and an attached Stdio stream
+        has delivered all of its output.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseStdin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stdio(self, request_iterator, context):
+        """One stream per process: the first input names the process; inputs carry stdin (and its
+        close), outputs carry stdout and stderr apart, each ending with an eof message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +188,46 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetGuestDetails,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsRequest.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsResponse.SerializeToString,
+            ),
+            'CreateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateContainer,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'StartContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartContainer,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'RemoveContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveContainer,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.RemoveContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'ExecProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExecProcess,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'SignalProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignalProcess,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.SignalProcessRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'WaitProcess': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitProcess,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.WaitProcessResponse.SerializeToString,
+            ),
+            'CloseStdin': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseStdin,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'Stdio': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stdio,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +311,222 @@ class Agent:
             '/hyperstart.v1.Agent/GetGuestDetails',
             hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsRequest.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/CreateContainer',
+            hyperstart_dot_v1_dot_hyperstart__pb2.CreateContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/StartContainer',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/RemoveContainer',
+            hyperstart_dot_v1_dot_hyperstart__pb2.RemoveContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/ExecProcess',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignalProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/SignalProcess',
+            hyperstart_dot_v1_dot_hyperstart__pb2.SignalProcessRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitProcess(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/WaitProcess',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.WaitProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseStdin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/CloseStdin',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stdio(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hyperstart.v1.Agent/Stdio',
+            hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ...devices import Share
+
 AGENT_PORT_NAME = "agent.channel.0"
 AGENT_PORT_ID = "agent0"
 GUEST_INIT = "/sbin/hyperstart"
@@ -29,6 +31,7 @@ class VmConfig:
     # RAM in a shareable memfd: vhost-user devices (virtiofsd, vsock backend) map guest memory.
     shared_memory: bool = False
     cpu: str = ""
+    shares: tuple[Share, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,12 @@ def qemu_argv(config: VmConfig) -> list[str]:
         argv += [
             "-drive", f"file={config.root_image},if=none,id=rootfs,format=raw,readonly=on",
             "-device", f"virtio-blk-{bus},drive=rootfs",
+        ]
+    for i, share in enumerate(config.shares):
+        readonly = ",readonly=on" if share.readonly else ""
+        argv += [
+            "-fsdev", f"local,id=fs{i},path={share.path},security_model=passthrough{readonly}",
+            "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={share.tag}",
         ]
     if config.agent_socket is not None:
         argv += [

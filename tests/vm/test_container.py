@@ -1,0 +1,127 @@
+"""Containers in a real guest over the agent channel, rootfs shared from the host by 9p."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runv_py import config
+from runv_py.agent.client import AgentClient
+from runv_py.agent.convert import Output, Storage
+from runv_py.devices import Share
+from runv_py.errors import AgentError
+from runv_py.sandbox.sandbox import Sandbox
+
+MOUNT = "/run/hyperstart/storage/{}"
+
+
+def _spec(root: str, args: list[str]) -> bytes:
+    return json.dumps({
+        "ociVersion": "1.1.0",
+        "process": {"args": args, "env": ["PATH=/bin"], "cwd": "/"},
+        "root": {"path": root, "readonly": True},
+        "hostname": "guestbox",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["mode=755"]},
+        ],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")]},
+    }).encode()
+
+
+async def _create(agent: AgentClient, cid: str, args: list[str]) -> None:
+    mount = MOUNT.format(cid)
+    await agent.create_container(cid, _spec(mount, args),
+                                 storages=(Storage("9p", "rootfs0", mount),))
+
+
+async def _collect(stream: AsyncIterator[Output]) -> dict[str, bytes]:
+    out = {"stdout": b"", "stderr": b""}
+    async for chunk in stream:
+        out[chunk.stream] += chunk.data
+    return out
+
+
+def _run(cfg: config.RuntimeConfig, rootfs: Path, body: Any) -> None:
+    async def main() -> None:
+        shares = (Share("rootfs0", rootfs, readonly=True),)
+        async with await Sandbox.boot(cfg, shares=shares) as sandbox:
+            assert sandbox.agent is not None
+            await body(sandbox.agent)
+
+    asyncio.run(main())
+
+
+def test_run_a_container_output_and_exit_code(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        await _create(agent, "c1", ["sh", "-c", "echo hello; hostname; echo pid=$$; "
+                                                "echo oops >&2; exit 3"])
+        output = asyncio.create_task(_collect(agent.stdio("c1")))
+        await agent.start_container("c1")
+        assert await agent.wait_process("c1", timeout_s=60) == 3
+        out = await output
+        assert out["stdout"] == b"hello\nguestbox\npid=1\n" and out["stderr"] == b"oops\n"
+        await agent.remove_container("c1")
+        assert await agent.check()
+
+    _run(runtime_config, busybox_rootfs, body)
+
+
+def test_stdin_exec_and_signals(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        await _create(agent, "c2", ["sh", "-c", "read line; echo got:$line; exec sleep 600"])
+
+        async def stdin() -> AsyncIterator[bytes]:
+            yield b"ping\n"
+
+        output = asyncio.create_task(_collect(agent.stdio("c2", stdin=stdin())))
+        await agent.start_container("c2")
+        process = json.dumps({"args": ["sh", "-c", "echo pid=$$; hostname"],
+                              "env": ["PATH=/bin"], "cwd": "/"}).encode()
+        await agent.exec_process("c2", "e1", process)
+        exec_output = asyncio.create_task(_collect(agent.stdio("c2", "e1")))
+        assert await agent.wait_process("c2", "e1", timeout_s=60) == 0
+        lines = (await exec_output)["stdout"].decode().split()
+        assert lines[0].startswith("pid=") and lines[0] != "pid=1" and lines[1] == "guestbox"
+        await agent.signal_process("c2", "", signal.SIGKILL)
+        assert await agent.wait_process("c2", timeout_s=60) == 128 + signal.SIGKILL
+        assert (await output)["stdout"] == b"got:ping\n"
+        await agent.remove_container("c2")
+
+    _run(runtime_config, busybox_rootfs, body)
+
+
+def test_bad_requests_name_the_field_and_the_agent_keeps_serving(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        cases = [
+            (lambda: agent.create_container("x", b"{not json"), "INVALID_ARGUMENT", "JSON"),
+            (lambda: agent.create_container("x", b'{"root": {"path": "/"}}'),
+             "INVALID_ARGUMENT", "process: is required"),
+            (lambda: _create(agent, "x", []), "INVALID_ARGUMENT", "process.args"),
+            (lambda: agent.start_container("nope"), "NOT_FOUND", "nope"),
+            (lambda: agent.wait_process("nope", timeout_s=5), "NOT_FOUND", "nope"),
+            (lambda: agent.create_container("y", _spec("/r", ["true"]), storages=(
+                Storage("9p", "no-such-tag", "/run/hyperstart/storage/y"),)),
+             "INVALID_ARGUMENT", "no-such-tag"),
+        ]
+        for call, code, text in cases:
+            with pytest.raises(AgentError) as info:
+                await call()
+            assert code in str(info.value) and text in str(info.value)
+            assert await agent.check()
+        # The failed creates left nothing behind: the same ids work now.
+        await _create(agent, "x", ["true"])
+        await agent.start_container("x")
+        assert await agent.wait_process("x", timeout_s=60) == 0
+        await agent.remove_container("x")
+
+    _run(runtime_config, busybox_rootfs, body)
