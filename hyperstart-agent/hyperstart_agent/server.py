@@ -160,6 +160,11 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         self.engine.process(request.container_id, request.exec_id).close_stdin()
         return pb.Empty()
 
+    @_rpc
+    def TtyWinResize(self, request: pb.TtyWinResizeRequest, context: Any) -> pb.Empty:
+        self.engine.resize(request.container_id, request.exec_id, request.height, request.width)
+        return pb.Empty()
+
     def Stdio(self, requests: Iterator[pb.StdioInput], context: Any
               ) -> Iterator[pb.StdioOutput]:
         try:

@@ -5,6 +5,7 @@ process: nothing is dropped."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -48,7 +49,12 @@ def read_output(process: Process) -> Iterator[pb.StdioOutput]:
     try:
         while streams:
             for fd, _ in poller.poll():
-                data = os.read(fd, CHUNK)
+                try:
+                    data = os.read(fd, CHUNK)
+                except OSError as exc:
+                    if exc.errno != errno.EIO:  # a pty master reads EIO once the slave closed
+                        raise
+                    data = b""
                 if data:
                     yield pb.StdioOutput(stream=streams[fd], data=data)
                 else:

@@ -116,6 +116,12 @@ class AgentClient:
             pb.ProcessRequest(container_id=container_id, exec_id=exec_id),
             timeout=self.call_timeout_s))
 
+    async def resize_tty(self, container_id: str, exec_id: str, height: int,
+                         width: int) -> None:
+        await self._call("TtyWinResize", self._stub.TtyWinResize(pb.TtyWinResizeRequest(
+            container_id=container_id, exec_id=exec_id, height=height, width=width),
+            timeout=self.call_timeout_s))
+
     async def stdio(self, container_id: str, exec_id: str = "",
                     stdin: AsyncIterator[bytes] | None = None
                     ) -> AsyncIterator[convert.Output]:

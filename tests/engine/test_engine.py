@@ -35,7 +35,8 @@ def _spec(rootfs: Path, args: list[str], **overrides: Any) -> dict[str, Any]:
                                  ("pid", "mount", "ipc", "uts", "network")]},
     }
     for key, value in overrides.items():
-        if key in ("env", "cwd", "user", "noNewPrivileges"):
+        if key in ("env", "cwd", "user", "noNewPrivileges", "capabilities", "rlimits",
+                   "oomScoreAdj"):
             spec["process"][key] = value
         else:
             spec[key] = value
@@ -143,3 +144,64 @@ def test_nothing_is_left_mounted(tmp_path: Path, rootfs: Path) -> None:
     mounts = Path("/proc/self/mountinfo").read_text()
     assert str(rootfs) not in mounts
     assert not [p for p in os.listdir("/tmp") if p.startswith("hyperstart-run-")]
+
+
+def _status_field(text: str, name: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                if line.startswith(name + ":"))
+
+
+def test_capabilities_all_five_sets(tmp_path: Path, rootfs: Path) -> None:
+    caps = {"bounding": ["CAP_CHOWN", "CAP_NET_BIND_SERVICE", "CAP_KILL"],
+            "permitted": ["CAP_CHOWN", "CAP_NET_BIND_SERVICE"],
+            "effective": ["CAP_CHOWN"],
+            "inheritable": ["CAP_NET_BIND_SERVICE"],
+            "ambient": ["CAP_NET_BIND_SERVICE"]}
+    result = run(tmp_path, _spec(rootfs, ["cat", "/proc/self/status"], capabilities=caps,
+                                 user={"uid": 1000, "gid": 1000}))
+    status = result.stdout
+    # cat's own sets after exec as uid 1000: ambient caps become permitted and effective.
+    assert int(_status_field(status, "CapBnd"), 16) == (1 << 0) | (1 << 10) | (1 << 5)
+    assert int(_status_field(status, "CapInh"), 16) == 1 << 10
+    assert int(_status_field(status, "CapAmb"), 16) == 1 << 10
+    assert int(_status_field(status, "CapPrm"), 16) == 1 << 10
+    assert int(_status_field(status, "CapEff"), 16) == 1 << 10
+
+
+def test_root_without_capabilities_cannot_chown(tmp_path: Path, rootfs: Path) -> None:
+    caps: dict[str, list[str]] = {k: [] for k in
+                                  ("bounding", "permitted", "effective", "inheritable", "ambient")}
+    result = run(tmp_path, _spec(rootfs, ["sh", "-c", "touch /tmp/f; chown 5 /tmp/f; id -u"],
+                                 capabilities=caps))
+    assert "Operation not permitted" in result.stderr and result.stdout.strip() == "0"
+
+
+def test_rlimits_oom_score_and_no_new_privileges(tmp_path: Path, rootfs: Path) -> None:
+    result = run(tmp_path, _spec(
+        rootfs, ["sh", "-c", "ulimit -Sn; ulimit -Hn; cat /proc/self/oom_score_adj; "
+                             "grep NoNewPrivs /proc/self/status"],
+        rlimits=[{"type": "RLIMIT_NOFILE", "soft": 123, "hard": 456}], oomScoreAdj=500,
+        noNewPrivileges=True))
+    lines = result.stdout.split("\n")
+    assert lines[:3] == ["123", "456", "500"], result
+    assert lines[3].split() == ["NoNewPrivs:", "1"]
+
+
+def test_namespaced_sysctl(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["cat", "/proc/sys/kernel/shmmni"])
+    spec["linux"]["sysctl"] = {"kernel.shmmni": "1234"}
+    spec["linux"]["readonlyPaths"] = ["/proc/sys"]
+    assert run(tmp_path, spec).stdout.strip() == "1234"
+    assert Path("/proc/sys/kernel/shmmni").read_text().strip() != "1234"
+
+
+@pytest.mark.parametrize(("process", "message"), [
+    ({"capabilities": {"bounding": ["CAP_BOGUS"]}}, "unknown capability 'CAP_BOGUS'"),
+    ({"rlimits": [{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 5}]}, "above hard limit"),
+    ({"rlimits": [{"type": "RLIMIT_FOO", "soft": 1, "hard": 1}]}, "unknown rlimit"),
+    ({"oomScoreAdj": 5000}, "process.oomScoreAdj: must be an integer from -1000 to 1000"),
+])
+def test_bad_process_fields(tmp_path: Path, rootfs: Path, process: dict[str, Any],
+                            message: str) -> None:
+    result = run(tmp_path, _spec(rootfs, ["true"], **process))
+    assert result.returncode == 125 and message in result.stderr, result.stderr

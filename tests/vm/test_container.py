@@ -125,3 +125,69 @@ def test_bad_requests_name_the_field_and_the_agent_keeps_serving(
         await agent.remove_container("x")
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_terminal_with_size_and_resize(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        spec = json.loads(_spec(MOUNT.format("t1"), ["sh", "-c", "tty; stty size; read x; "
+                                                                 "stty size"]))
+        spec["process"].update(terminal=True, consoleSize={"height": 30, "width": 100})
+        spec["mounts"].append({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                               "options": ["newinstance", "ptmxmode=0666", "mode=0620"]})
+        await agent.create_container("t1", json.dumps(spec).encode(), storages=(
+            Storage("9p", "rootfs0", MOUNT.format("t1")),))
+        resized = asyncio.Event()
+
+        async def stdin() -> AsyncIterator[bytes]:
+            await resized.wait()
+            yield b"\n"
+
+        chunks: list[Output] = []
+
+        async def read() -> None:
+            async for chunk in agent.stdio("t1", stdin=stdin()):
+                chunks.append(chunk)
+                text = b"".join(c.data for c in chunks)
+                if b"30 100" in text and not resized.is_set():
+                    await agent.resize_tty("t1", "", 50, 132)
+                    resized.set()
+
+        reader = asyncio.create_task(read())
+        await agent.start_container("t1")
+        assert await agent.wait_process("t1", timeout_s=60) == 0
+        await reader
+        lines = [line.strip() for line in
+                 b"".join(c.data for c in chunks).decode().splitlines() if line.strip()]
+        assert lines[0] == "/dev/pts/0" and lines[1] == "30 100" and lines[-1] == "50 132"
+        assert all(c.stream == "stdout" for c in chunks)
+        await agent.remove_container("t1")
+
+    _run(runtime_config, busybox_rootfs, body)
+
+
+def test_large_output_is_delivered_whole_before_the_exit_status(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        # 64 MiB through stdout (and a marker on stderr), then exit 5 at once.
+        await _create(agent, "big", ["sh", "-c", "head -c 67108864 /dev/zero; "
+                                                 "echo done >&2; exit 5"])
+        sizes = {"stdout": 0, "stderr": 0}
+        eofs = []
+
+        async def read() -> None:
+            async for chunk in agent.stdio("big"):
+                sizes[chunk.stream] += len(chunk.data)
+                if chunk.eof:
+                    eofs.append(chunk.stream)
+
+        reader = asyncio.create_task(read())
+        await agent.start_container("big")
+        code = await agent.wait_process("big", timeout_s=600)
+        assert reader.done() or sizes["stdout"] == 64 * 1024 * 1024  # drained before exit
+        await reader
+        assert code == 5 and sizes == {"stdout": 64 * 1024 * 1024, "stderr": 5}
+        assert sorted(eofs) == ["stderr", "stdout"]
+        await agent.remove_container("big")
+
+    _run(runtime_config, busybox_rootfs, body)

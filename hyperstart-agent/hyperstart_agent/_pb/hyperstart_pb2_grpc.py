@@ -85,6 +85,11 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
                 _registered_method=True)
+        self.TtyWinResize = channel.unary_unary(
+                '/hyperstart.v1.Agent/TtyWinResize',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.TtyWinResizeRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
         self.Stdio = channel.stream_stream(
                 '/hyperstart.v1.Agent/Stdio',
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
@@ -163,6 +168,12 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TtyWinResize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stdio(self, request_iterator, context):
         """One stream per process: the first input names the process; inputs carry stdin (and its
         close), outputs carry stdout and stderr apart, each ending with an eof message.
@@ -222,6 +233,11 @@ def add_AgentServicer_to_server(servicer, server):
             'CloseStdin': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseStdin,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'TtyWinResize': grpc.unary_unary_rpc_method_handler(
+                    servicer.TtyWinResize,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.TtyWinResizeRequest.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
             ),
             'Stdio': grpc.stream_stream_rpc_method_handler(
@@ -499,6 +515,33 @@ class Agent:
             target,
             '/hyperstart.v1.Agent/CloseStdin',
             hyperstart_dot_v1_dot_hyperstart__pb2.ProcessRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TtyWinResize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/TtyWinResize',
+            hyperstart_dot_v1_dot_hyperstart__pb2.TtyWinResizeRequest.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
             options,
             channel_credentials,

@@ -7,17 +7,21 @@ import contextlib
 import enum
 import fcntl
 import json
+import logging
 import os
 import shutil
 import signal
 import socket
+import struct
 import sys
+import termios
 import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
 from . import spec as specmod
 
+log = logging.getLogger(__name__)
 HELPER_TIMEOUT_S = 60.0
 Stdio = Literal["pipe", "inherit", "null"]
 _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +51,7 @@ class Process:
     stdout: int | None
     stderr: int | None
     sync: socket.socket | None
+    terminal: bool = False
     exit_status: int | None = None
     exited: threading.Event = field(default_factory=threading.Event)
     # Set when an attached Stdio stream has delivered all output; wait() waits for it too.
@@ -188,12 +193,25 @@ class Engine:
             os.close(fd)
         parent_sync.settimeout(HELPER_TIMEOUT_S)
         pid = None
+        terminal = False
         while True:
             try:
-                data = parent_sync.recv(65536)
+                data, fds, _, _ = socket.recv_fds(parent_sync, 65536, 1)
             except TimeoutError:
-                data = b'{"error": "the init helper did not answer in time"}'
+                data, fds = b'{"error": "the init helper did not answer in time"}', []
             message = json.loads(data) if data else {"error": "the init helper died"}
+            if message.get("console") and fds:
+                master = fds[0]
+                os.set_inheritable(master, False)
+                # The terminal replaces the pipes: master for both directions, no stderr.
+                for name in ("stdin", "stdout", "stderr"):
+                    fd = ours[name]
+                    if fd is not None:
+                        os.close(fd)
+                ours = {"stdin": os.dup(master), "stdout": master, "stderr": None}
+                terminal = True
+            if "warning" in message:
+                log.warning("%s %s: %s", mode, exec_id, message["warning"])
             if "error" in message:
                 parent_sync.close()
                 for fd in ours.values():
@@ -205,7 +223,8 @@ class Engine:
             if message.get("ready"):
                 break
         assert pid is not None
-        process = Process(exec_id=exec_id, pid=pid, sync=parent_sync, **ours)
+        process = Process(exec_id=exec_id, pid=pid, sync=parent_sync, terminal=terminal,
+                          **ours)
         self._track(process, began)
         return process
 
@@ -311,6 +330,13 @@ class Engine:
             if target.exit_status is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target.pid, signum)
+
+    def resize(self, container_id: str, exec_id: str, height: int, width: int) -> None:
+        process = self.process(container_id, exec_id)
+        if not process.terminal or process.stdout is None:
+            raise EngineError("FAILED_PRECONDITION",
+                              f"{container_id}/{exec_id} has no terminal")
+        fcntl.ioctl(process.stdout, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
 
     def wait(self, container_id: str, exec_id: str = "", timeout_s: float | None = None) -> int:
         process = self.process(container_id, exec_id)

@@ -9,10 +9,15 @@ the process runs.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import resource
 import socket
+import struct
 import sys
+import termios
 
 from . import spec as specmod
 from . import syscalls as sc
@@ -124,6 +129,9 @@ def setup_rootfs(spec: specmod.Spec) -> None:
     sc.pivot_root(".", ".")
     sc.umount(".", sc.MNT_DETACH)
     os.chdir("/")
+    for key, value in spec.sysctl:  # before readonlyPaths, which usually cover /proc/sys
+        with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+            f.write(value)
     for path in spec.masked_paths:
         _mask(path)
     for path in spec.readonly_paths:
@@ -132,12 +140,57 @@ def setup_rootfs(spec: specmod.Spec) -> None:
         sc.mount("", "/", "", sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
 
 
+def _warn_unsupported(process: specmod.Process, sync: Sync) -> None:
+    if process.apparmor_profile:
+        sync.send(warning=f"process.apparmorProfile {process.apparmor_profile!r} ignored: "
+                          "the guest kernel has no AppArmor (the VM is the isolation boundary)")
+    if process.selinux_label:
+        sync.send(warning=f"process.selinuxLabel {process.selinux_label!r} ignored: "
+                          "the guest kernel has no SELinux (the VM is the isolation boundary)")
+
+
+def _open_terminal(process: specmod.Process, sync: Sync) -> None:
+    """A pty from the container's own devpts: the slave becomes our controlling terminal and
+    stdio, the master goes to the agent over the sync socket."""
+    master, slave = os.openpty()
+    if process.console_size:
+        fcntl.ioctl(master, termios.TIOCSWINSZ,
+                    struct.pack("HHHH", process.console_size[0], process.console_size[1], 0, 0))
+    os.setsid()
+    fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    os.close(slave)
+    socket.send_fds(sync.sock, [json.dumps({"console": True}).encode()], [master])
+    os.close(master)
+
+
 def enter_process(process: specmod.Process) -> None:
-    """Become the process described: groups, ids, umask, cwd, no_new_privs; then exec."""
+    """Become the process described: terminal, rlimits, OOM score, groups, ids, capabilities,
+    umask, cwd, no_new_privs; then exec."""
     user = process.user
+    for limit in process.rlimits:
+        resource.setrlimit(limit.resource, (limit.soft, limit.hard))
+    if process.oom_score_adj is not None:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(process.oom_score_adj))
+    caps = process.capabilities
+    if caps is not None:
+        sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+        for cap in range(len(specmod.CAPABILITIES)):
+            if cap not in caps.bounding:
+                try:
+                    sc.prctl(sc.PR_CAPBSET_DROP, cap)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # not known to this kernel
+                        raise
     os.setgroups(list(user.additional_gids))
     os.setresgid(user.gid, user.gid, user.gid)
     os.setresuid(user.uid, user.uid, user.uid)
+    if caps is not None:
+        sc.capset(caps.effective, caps.permitted, caps.inheritable)
+        for cap in caps.ambient:
+            sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap)
     if user.umask is not None:
         os.umask(user.umask)
     os.chdir(process.cwd)
@@ -197,6 +250,9 @@ def create(state_dir: str, sync: Sync) -> None:
     if spec.hostname and spec.namespace("uts") is not None:
         socket.sethostname(spec.hostname)
     setup_rootfs(spec)
+    _warn_unsupported(spec.process, sync)
+    if spec.process.terminal:
+        _open_terminal(spec.process, sync)
     sync.send(ready=True)
     if not sync.recv().get("start"):
         raise EOFError("no start message")
@@ -222,6 +278,9 @@ def exec_in(state_dir: str, sync: Sync) -> None:
         _fork_into_pid_namespace(sync)
     else:
         sync.send(pid=os.getpid())
+    _warn_unsupported(process, sync)
+    if process.terminal:
+        _open_terminal(process, sync)
     sync.send(ready=True)
     if not sync.recv().get("start"):
         raise EOFError("no start message")

@@ -9,6 +9,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 NAMESPACE_TYPES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN",
+    "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON",
+    "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+)  # index = capability number
+CAP_SETS = ("bounding", "effective", "inheritable", "permitted", "ambient")
+RLIMITS = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE",
+           "RLIMIT_RSS", "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS",
+           "RLIMIT_LOCKS", "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
+           "RLIMIT_RTPRIO", "RLIMIT_RTTIME")  # index = resource number
 MAX_ID = 2**32 - 1
 
 
@@ -27,13 +43,38 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class Rlimit:
+    resource: int
+    soft: int
+    hard: int
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """Each set as capability numbers."""
+
+    bounding: frozenset[int] = frozenset()
+    effective: frozenset[int] = frozenset()
+    inheritable: frozenset[int] = frozenset()
+    permitted: frozenset[int] = frozenset()
+    ambient: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Process:
     args: tuple[str, ...]
     env: tuple[str, ...] = ()
     cwd: str = "/"
     user: User = field(default_factory=User)
     terminal: bool = False
+    console_size: tuple[int, int] | None = None  # (height, width)
     no_new_privileges: bool = False
+    # None: leave the capabilities as they are (all of root's), as runc does.
+    capabilities: Capabilities | None = None
+    rlimits: tuple[Rlimit, ...] = ()
+    oom_score_adj: int | None = None
+    apparmor_profile: str = ""
+    selinux_label: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +101,7 @@ class Spec:
     namespaces: tuple[Namespace, ...] = ()
     masked_paths: tuple[str, ...] = ()
     readonly_paths: tuple[str, ...] = ()
+    sysctl: tuple[tuple[str, str], ...] = ()
 
     def namespace(self, kind: str) -> Namespace | None:
         return next((ns for ns in self.namespaces if ns.type == kind), None)
@@ -133,6 +175,48 @@ def _user(raw: Any) -> User:
     )
 
 
+def _capabilities(raw: Any, name: str) -> Capabilities | None:
+    if raw is None:
+        return None
+    obj = _obj(raw, name)
+    sets: dict[str, frozenset[int]] = {}
+    for kind in CAP_SETS:
+        numbers = set()
+        for i, cap in enumerate(_strs(obj.get(kind), f"{name}.{kind}")):
+            if cap not in CAPABILITIES:
+                raise SpecError(f"{name}.{kind}[{i}]", f"unknown capability {cap!r}")
+            numbers.add(CAPABILITIES.index(cap))
+        sets[kind] = frozenset(numbers)
+    return Capabilities(**sets)
+
+
+def _rlimits(raw: Any, name: str) -> tuple[Rlimit, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SpecError(name, "must be a list")
+    out = []
+    for i, entry in enumerate(raw):
+        obj = _obj(entry, f"{name}[{i}]")
+        kind = _str(obj.get("type"), f"{name}[{i}].type")
+        if kind not in RLIMITS:
+            raise SpecError(f"{name}[{i}].type", f"unknown rlimit {kind!r}")
+        soft = _uint(obj.get("soft"), f"{name}[{i}].soft", maximum=2**64 - 1)
+        hard = _uint(obj.get("hard"), f"{name}[{i}].hard", maximum=2**64 - 1)
+        if soft > hard:
+            raise SpecError(f"{name}[{i}].soft", f"{soft} is above hard limit {hard}")
+        out.append(Rlimit(RLIMITS.index(kind), soft, hard))
+    return tuple(out)
+
+
+def _console_size(raw: Any, name: str) -> tuple[int, int] | None:
+    if raw is None:
+        return None
+    obj = _obj(raw, name)
+    return (_uint(obj.get("height"), f"{name}.height", maximum=65535),
+            _uint(obj.get("width"), f"{name}.width", maximum=65535))
+
+
 def parse_process(raw: Any, name: str = "process") -> Process:
     obj = _obj(raw, name, required=True)
     args = _strs(obj.get("args"), f"{name}.args")
@@ -146,8 +230,21 @@ def parse_process(raw: Any, name: str = "process") -> Process:
     return Process(
         args=args, env=env, cwd=cwd, user=_user(obj.get("user")),
         terminal=_bool(obj.get("terminal"), f"{name}.terminal"),
+        console_size=_console_size(obj.get("consoleSize"), f"{name}.consoleSize"),
         no_new_privileges=_bool(obj.get("noNewPrivileges"), f"{name}.noNewPrivileges"),
+        capabilities=_capabilities(obj.get("capabilities"), f"{name}.capabilities"),
+        rlimits=_rlimits(obj.get("rlimits"), f"{name}.rlimits"),
+        oom_score_adj=None if obj.get("oomScoreAdj") is None else _int_range(
+            obj["oomScoreAdj"], f"{name}.oomScoreAdj", -1000, 1000),
+        apparmor_profile=_str(obj.get("apparmorProfile"), f"{name}.apparmorProfile"),
+        selinux_label=_str(obj.get("selinuxLabel"), f"{name}.selinuxLabel"),
     )
+
+
+def _int_range(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(name, f"must be an integer from {low} to {high}")
+    return value
 
 
 def _mounts(raw: Any) -> tuple[Mount, ...]:
@@ -208,7 +305,18 @@ def parse(raw: Any) -> Spec:
         readonly_paths=tuple(_abs_path(p, f"linux.readonlyPaths[{i}]")
                              for i, p in enumerate(_strs(linux.get("readonlyPaths"),
                                                          "linux.readonlyPaths"))),
+        sysctl=_sysctl(linux.get("sysctl")),
     )
+
+
+def _sysctl(raw: Any) -> tuple[tuple[str, str], ...]:
+    obj = _obj(raw, "linux.sysctl")
+    out = []
+    for key, value in obj.items():
+        if not key or ".." in key or "/" in key or key.startswith("."):
+            raise SpecError(f"linux.sysctl[{key!r}]", "is not a sysctl name")
+        out.append((key, _str(value, f"linux.sysctl[{key!r}]")))
+    return tuple(out)
 
 
 def loads(text: str | bytes) -> Spec:

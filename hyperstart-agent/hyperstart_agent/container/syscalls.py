@@ -43,8 +43,14 @@ MNT_DETACH = 0x2
 PROPAGATION = MS_SHARED | MS_SLAVE | MS_PRIVATE | MS_UNBINDABLE
 
 _SYS_PIVOT_ROOT = 155  # x86_64
+_SYS_CAPSET = 126
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -79,8 +85,32 @@ def pivot_root(new_root: str, put_old: str) -> None:
            f"pivot_root {new_root}")
 
 
-def prctl(option: int, arg: int) -> None:
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
+def prctl(option: int, arg: int, arg3: int = 0) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(arg), ctypes.c_ulong(arg3), 0, 0),
+           f"prctl {option}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = (("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32))
+
+
+def capset(effective: frozenset[int], permitted: frozenset[int],
+           inheritable: frozenset[int]) -> None:
+    """Set this thread's effective, permitted and inheritable capability sets."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for word in range(2):
+        def mask(caps: frozenset[int], word: int = word) -> int:
+            return sum(1 << (c - 32 * word) for c in caps if 32 * word <= c < 32 * (word + 1))
+        data[word].effective = mask(effective)
+        data[word].permitted = mask(permitted)
+        data[word].inheritable = mask(inheritable)
+    _check(_libc.syscall(_SYS_CAPSET, ctypes.byref(header), data), "capset")
 
 
 _FLAG_OPTIONS: dict[str, tuple[int, bool]] = {

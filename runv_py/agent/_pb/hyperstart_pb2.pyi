@@ -187,3 +187,15 @@ class StdioOutput(_message.Message):
     data: bytes
     eof: bool
     def __init__(self, stream: _Optional[_Union[StdioOutput.Stream, str]] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class TtyWinResizeRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "height", "width")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    height: int
+    width: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
