@@ -24,8 +24,8 @@ def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A container root filesystem: Debian's static busybox and its applet links."""
     root = tmp_path_factory.mktemp("rootfs")
     root.chmod(0o755)
-    for d in ("bin", "proc", "sys", "dev", "tmp", "etc", "work"):
-        (root / d).mkdir()
+    for d in ("bin", "proc", "sys/fs/cgroup", "dev/pts", "tmp", "etc", "work"):
+        (root / d).mkdir(parents=True)
     shutil.copy("/bin/busybox", root / "bin/busybox")
     subprocess.run([str(root / "bin/busybox"), "--install", "-s", str(root / "bin")], check=True)
     for link in (root / "bin").iterdir():

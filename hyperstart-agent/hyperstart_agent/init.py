@@ -65,7 +65,14 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
     # Orphans come to PID 1 anyway; elsewhere (tests) the agent must be their subreaper.
     if os.getpid() != 1:
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
-    engine = Engine()
+    from .container import cgroups
+
+    try:
+        cgroup_parent: str | None = cgroups.setup()
+    except (OSError, cgroups.CgroupError) as exc:
+        log.error("cgroups unavailable, containers run without limits: %s", exc)
+        cgroup_parent = None
+    engine = Engine(cgroup_parent=cgroup_parent)
     reaper.add_listener(engine.on_exit)
     # Referenced for the life of PID 1: a collected grpc.Server stops serving.
     server = server_mod.serve("unix:" + options.SERVER_SOCKET, timings, engine)  # noqa: F841

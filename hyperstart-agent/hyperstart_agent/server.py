@@ -138,6 +138,39 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         return pb.Empty()
 
     @_rpc
+    def PauseContainer(self, request: pb.ContainerRequest, context: Any) -> pb.Empty:
+        self.engine.pause(request.container_id)
+        return pb.Empty()
+
+    @_rpc
+    def ResumeContainer(self, request: pb.ContainerRequest, context: Any) -> pb.Empty:
+        self.engine.resume(request.container_id)
+        return pb.Empty()
+
+    @_rpc
+    def UpdateContainer(self, request: pb.UpdateContainerRequest, context: Any) -> pb.Empty:
+        self.engine.update(request.container_id, request.resources_json)
+        return pb.Empty()
+
+    @_rpc
+    def StatsContainer(self, request: pb.ContainerRequest, context: Any
+                       ) -> pb.StatsContainerResponse:
+        return pb.StatsContainerResponse(values=self.engine.stats(request.container_id))
+
+    @_rpc
+    def ListProcesses(self, request: pb.ContainerRequest, context: Any
+                      ) -> pb.ListProcessesResponse:
+        out = []
+        for pid in self.engine.pids(request.container_id):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+            except OSError:
+                continue  # exited meanwhile
+            out.append(pb.ProcessInfo(pid=pid, args=args))
+        return pb.ListProcessesResponse(processes=out)
+
+    @_rpc
     def ExecProcess(self, request: pb.ExecProcessRequest, context: Any) -> pb.Empty:
         self.engine.exec(request.container_id, request.exec_id, request.process_json,
                          stdio="null" if request.stdio == pb.STDIO_NULL else "pipe")

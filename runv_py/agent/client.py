@@ -93,6 +93,29 @@ class AgentClient:
             pb.RemoveContainerRequest(container_id=container_id, force=force),
             timeout=self.call_timeout_s))
 
+    async def pause_container(self, container_id: str) -> None:
+        await self._call("PauseContainer", self._stub.PauseContainer(
+            pb.ContainerRequest(container_id=container_id), timeout=self.call_timeout_s))
+
+    async def resume_container(self, container_id: str) -> None:
+        await self._call("ResumeContainer", self._stub.ResumeContainer(
+            pb.ContainerRequest(container_id=container_id), timeout=self.call_timeout_s))
+
+    async def update_container(self, container_id: str, resources_json: bytes) -> None:
+        await self._call("UpdateContainer", self._stub.UpdateContainer(
+            pb.UpdateContainerRequest(container_id=container_id, resources_json=resources_json),
+            timeout=self.call_timeout_s))
+
+    async def stats_container(self, container_id: str) -> dict[str, int]:
+        response = await self._call("StatsContainer", self._stub.StatsContainer(
+            pb.ContainerRequest(container_id=container_id), timeout=self.call_timeout_s))
+        return dict(response.values)
+
+    async def list_processes(self, container_id: str) -> list[tuple[int, tuple[str, ...]]]:
+        response = await self._call("ListProcesses", self._stub.ListProcesses(
+            pb.ContainerRequest(container_id=container_id), timeout=self.call_timeout_s))
+        return [(p.pid, tuple(p.args)) for p in response.processes]
+
     async def exec_process(self, container_id: str, exec_id: str, process_json: bytes, *,
                            stdio: bool = True) -> None:
         await self._call("ExecProcess", self._stub.ExecProcess(pb.ExecProcessRequest(

@@ -191,3 +191,61 @@ def test_large_output_is_delivered_whole_before_the_exit_status(
         await agent.remove_container("big")
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_cgroup_limits_pause_resume_update_stats_and_oom(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        spec = json.loads(_spec(MOUNT.format("cg"), [
+            "sh", "-c", "cat /proc/self/cgroup /sys/fs/cgroup/memory.max "
+                        "/sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max; exec sleep 600"]))
+        spec["linux"]["namespaces"].append({"type": "cgroup"})
+        spec["mounts"].append({"destination": "/sys/fs/cgroup", "type": "cgroup2",
+                               "source": "cgroup"})
+        spec["linux"]["resources"] = {"memory": {"limit": 64 << 20},
+                                      "pids": {"limit": 20},
+                                      "cpu": {"quota": 50000, "period": 100000}}
+        await agent.create_container("cg", json.dumps(spec).encode(), storages=(
+            Storage("9p", "rootfs0", MOUNT.format("cg")),))
+        output = asyncio.create_task(_collect(agent.stdio("cg")))
+        await agent.start_container("cg")
+        for _ in range(100):
+            if [args for _, args in await agent.list_processes("cg") if args[0] == "sleep"]:
+                break
+            await asyncio.sleep(0.1)
+        assert [args for _, args in await agent.list_processes("cg")] == [("sleep", "600")]
+        stats = await agent.stats_container("cg")
+        assert stats["memory.max"] == 64 << 20 and stats["pids.max"] == 20
+        assert stats["pids.current"] == 1 and stats["memory.current"] > 0
+
+        await agent.pause_container("cg")
+        noop = json.dumps({"args": ["true"], "env": ["PATH=/bin"], "cwd": "/"}).encode()
+        with pytest.raises(AgentError, match=r"FAILED_PRECONDITION.*paused"):
+            await agent.exec_process("cg", "e1", noop)
+        await agent.resume_container("cg")
+        await agent.exec_process("cg", "e2", noop)
+        assert await agent.wait_process("cg", "e2", timeout_s=60) == 0
+
+        await agent.update_container("cg", json.dumps({"pids": {"limit": 30}}).encode())
+        assert (await agent.stats_container("cg"))["pids.max"] == 30
+        with pytest.raises(AgentError, match=r"INVALID_ARGUMENT.*resources\.pids\.limit"):
+            await agent.update_container("cg", b'{"pids": {"limit": "x"}}')
+
+        await agent.signal_process("cg", "", signal.SIGKILL)
+        assert await agent.wait_process("cg", timeout_s=60) == 137
+        lines = (await output)["stdout"].decode().split("\n")
+        assert lines[:4] == ["0::/", str(64 << 20), "20", "50000 100000"]
+        await agent.remove_container("cg")
+
+        # A container over its memory limit is OOM-killed, and the kill shows in its stats.
+        spec = json.loads(_spec(MOUNT.format("oom"), ["sh", "-c",
+                                                      "head -c 200000000 /dev/zero | tail"]))
+        spec["linux"]["resources"] = {"memory": {"limit": 32 << 20, "swap": 32 << 20}}
+        await agent.create_container("oom", json.dumps(spec).encode(), stdio=False, storages=(
+            Storage("9p", "rootfs0", MOUNT.format("oom")),))
+        await agent.start_container("oom")
+        assert await agent.wait_process("oom", timeout_s=120) != 0
+        assert (await agent.stats_container("oom"))["memory.oom_kill"] >= 1
+        await agent.remove_container("oom")
+
+    _run(runtime_config, busybox_rootfs, body)

@@ -16,9 +16,11 @@ import struct
 import sys
 import termios
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from . import cgroups
 from . import spec as specmod
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class EngineError(Exception):
 class Status(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPED = "stopped"
 
 
@@ -83,6 +86,7 @@ class Container:
     init: Process
     status: Status = Status.CREATED
     processes: dict[str, Process] = field(default_factory=dict)
+    cgroup: cgroups.Cgroup | None = None
 
 
 def _high(fd: int) -> int:
@@ -100,8 +104,11 @@ def exit_code(wait_status: int) -> int:
 
 
 class Engine:
-    def __init__(self, state_root: str = "/run/hyperstart/containers") -> None:
+    def __init__(self, state_root: str = "/run/hyperstart/containers",
+                 cgroup_parent: str | None = None) -> None:
+        """Without cgroup_parent (engine tests on a cgroup v1 host) containers get no cgroup."""
         self.state_root = state_root
+        self.cgroup_parent = cgroup_parent
         self.containers: dict[str, Container] = {}
         self._by_pid: dict[int, Process] = {}
         # Exits of pids nobody claimed yet: a process may die before its helper has told us
@@ -152,16 +159,19 @@ class Engine:
         self._finish(process, status)
 
     # --- helper --------------------------------------------------------------------------
-    def _spawn_helper(self, mode: str, state_dir: str, exec_id: str,
-                      stdio: Stdio) -> Process:
+    def _spawn_helper(self, mode: str, state_dir: str, exec_id: str, stdio: Stdio,
+                      place: Callable[[int], None]) -> Process:
+        """Spawn the init helper; `place(pid)` runs (cgroup placement) before the process
+        goes on with its set-up."""
         began = self._begin_spawn()
         try:
-            return self._spawn_helper_tracked(mode, state_dir, exec_id, stdio, began)
+            return self._spawn_helper_tracked(mode, state_dir, exec_id, stdio=stdio,
+                                              place=place, began=began)
         finally:
             self._end_spawn(began)
 
-    def _spawn_helper_tracked(self, mode: str, state_dir: str, exec_id: str,
-                              stdio: Stdio, began: int) -> Process:
+    def _spawn_helper_tracked(self, mode: str, state_dir: str, exec_id: str, *, stdio: Stdio,
+                              place: Callable[[int], None], began: int) -> Process:
         parent_sync, child_sync = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child_fds: list[int] = []
         ours: dict[str, int | None] = {"stdin": None, "stdout": None, "stderr": None}
@@ -220,6 +230,14 @@ class Engine:
                 raise EngineError("FAILED_PRECONDITION", f"{mode} {exec_id}: {message['error']}")
             if "pid" in message:
                 pid = int(message["pid"])
+                try:
+                    place(pid)
+                except Exception as exc:
+                    message = {"error": f"cgroup: {exc}"}
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                else:
+                    parent_sync.send(b'{"placed": true}')
             if message.get("ready"):
                 break
         assert pid is not None
@@ -274,14 +292,28 @@ class Engine:
                               "is not a directory in the guest")
         state_dir = os.path.join(self.state_root, container_id)
         os.makedirs(state_dir, mode=0o700)
+        cgroup: cgroups.Cgroup | None = None
+
+        def place(pid: int) -> None:
+            nonlocal cgroup
+            if self.cgroup_parent is not None:
+                cgroup = cgroups.Cgroup.create(self.cgroup_parent,
+                                               spec.cgroups_path or container_id)
+                cgroup.apply(spec.resources)
+                cgroup.add(pid)
+
         try:
             with open(os.path.join(state_dir, "config.json"), "wb") as f:
                 f.write(spec_json)
-            init = self._spawn_helper("create", state_dir, container_id, stdio)
+            init = self._spawn_helper("create", state_dir, container_id, stdio, place)
         except BaseException:
+            if cgroup is not None:
+                cgroup.kill()
+                with contextlib.suppress(OSError):
+                    cgroup.remove()
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
-        container = Container(container_id, spec, state_dir, init)
+        container = Container(container_id, spec, state_dir, init, cgroup=cgroup)
         self.containers[container_id] = container
         return container
 
@@ -313,7 +345,11 @@ class Engine:
             f.write(process_json)
         with open(os.path.join(state_dir, "target_pid"), "w") as f:
             f.write(str(container.init.pid))
-        process = self._spawn_helper("exec", state_dir, exec_id, stdio)
+        def place(pid: int) -> None:
+            if container.cgroup is not None:
+                container.cgroup.add(pid)
+
+        process = self._spawn_helper("exec", state_dir, exec_id, stdio, place)
         container.processes[exec_id] = process
         self._release(process)
         return process
@@ -330,6 +366,45 @@ class Engine:
             if target.exit_status is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(target.pid, signum)
+
+    def _cgroup(self, container_id: str) -> tuple[Container, cgroups.Cgroup]:
+        container = self.get(container_id)
+        if container.cgroup is None:
+            raise EngineError("FAILED_PRECONDITION", f"container {container_id!r} has no cgroup")
+        return container, container.cgroup
+
+    def pause(self, container_id: str) -> None:
+        container, cgroup = self._cgroup(container_id)
+        if container.status is not Status.RUNNING:
+            raise EngineError("FAILED_PRECONDITION",
+                              f"container {container_id!r} is {container.status.value}")
+        cgroup.freeze(True)
+        container.status = Status.PAUSED
+
+    def resume(self, container_id: str) -> None:
+        container, cgroup = self._cgroup(container_id)
+        if container.status is not Status.PAUSED:
+            raise EngineError("FAILED_PRECONDITION",
+                              f"container {container_id!r} is {container.status.value}")
+        cgroup.freeze(False)
+        container.status = Status.RUNNING
+
+    def update(self, container_id: str, resources_json: bytes) -> None:
+        _, cgroup = self._cgroup(container_id)
+        try:
+            resources = specmod.parse_resources(json.loads(resources_json), "resources")
+        except (ValueError, specmod.SpecError) as exc:
+            raise EngineError("INVALID_ARGUMENT", str(exc)) from exc
+        try:
+            cgroup.apply(resources)
+        except cgroups.CgroupError as exc:
+            raise EngineError("INVALID_ARGUMENT", str(exc)) from exc
+
+    def stats(self, container_id: str) -> dict[str, int]:
+        return self._cgroup(container_id)[1].stats()
+
+    def pids(self, container_id: str) -> list[int]:
+        return self._cgroup(container_id)[1].pids()
 
     def resize(self, container_id: str, exec_id: str, height: int, width: int) -> None:
         process = self.process(container_id, exec_id)
@@ -354,10 +429,16 @@ class Engine:
         if running and not force:
             raise EngineError("FAILED_PRECONDITION",
                               f"container {container_id!r} still runs (use force)")
+        if container.cgroup is not None:
+            if container.status is Status.PAUSED:
+                container.cgroup.freeze(False)
+            container.cgroup.kill()
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGKILL)
             process.exited.wait(10)
+        if container.cgroup is not None:
+            container.cgroup.remove()
         for process in (container.init, *container.processes.values()):
             process.close()
         shutil.rmtree(container.state_dir, ignore_errors=True)

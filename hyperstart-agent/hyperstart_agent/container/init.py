@@ -203,11 +203,18 @@ def enter_process(process: specmod.Process) -> None:
 
 
 def _namespace_flags(spec: specmod.Spec) -> int:
+    """New namespaces to unshare at once; a cgroup namespace waits for the cgroup."""
     flags = 0
     for ns in spec.namespaces:
-        if not ns.path:
+        if not ns.path and ns.type != "cgroup":
             flags |= sc.NAMESPACE_FLAGS[ns.type]
     return flags
+
+
+def _wait_placed(sync: Sync) -> None:
+    """The agent moves the process into its cgroup when it learns the pid, then says so."""
+    if not sync.recv().get("placed"):
+        raise EOFError("no placement message")
 
 
 def _join_namespaces(namespaces: tuple[specmod.Namespace, ...]) -> None:
@@ -247,6 +254,10 @@ def create(state_dir: str, sync: Sync) -> None:
         _fork_into_pid_namespace(sync)
     else:
         sync.send(pid=os.getpid())
+    _wait_placed(sync)
+    cgroup_ns = spec.namespace("cgroup")
+    if cgroup_ns is not None and not cgroup_ns.path:
+        sc.unshare(sc.CLONE_NEWCGROUP)
     if spec.hostname and spec.namespace("uts") is not None:
         socket.sethostname(spec.hostname)
     setup_rootfs(spec)
@@ -278,6 +289,7 @@ def exec_in(state_dir: str, sync: Sync) -> None:
         _fork_into_pid_namespace(sync)
     else:
         sync.send(pid=os.getpid())
+    _wait_placed(sync)
     _warn_unsupported(process, sync)
     if process.terminal:
         _open_terminal(process, sync)

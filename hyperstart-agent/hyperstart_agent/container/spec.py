@@ -92,6 +92,23 @@ class Namespace:
 
 
 @dataclass(frozen=True, slots=True)
+class Resources:
+    """linux.resources; -1 means unlimited where the spec allows it."""
+
+    memory_limit: int | None = None
+    memory_reservation: int | None = None
+    memory_swap: int | None = None
+    cpu_shares: int | None = None
+    cpu_quota: int | None = None
+    cpu_period: int | None = None
+    cpuset_cpus: str = ""
+    cpuset_mems: str = ""
+    pids_limit: int | None = None
+    hugepage_limits: tuple[tuple[str, int], ...] = ()
+    unified: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Spec:
     process: Process
     root_path: str
@@ -102,6 +119,8 @@ class Spec:
     masked_paths: tuple[str, ...] = ()
     readonly_paths: tuple[str, ...] = ()
     sysctl: tuple[tuple[str, str], ...] = ()
+    resources: Resources = field(default_factory=Resources)
+    cgroups_path: str = ""
 
     def namespace(self, kind: str) -> Namespace | None:
         return next((ns for ns in self.namespaces if ns.type == kind), None)
@@ -306,6 +325,53 @@ def parse(raw: Any) -> Spec:
                              for i, p in enumerate(_strs(linux.get("readonlyPaths"),
                                                          "linux.readonlyPaths"))),
         sysctl=_sysctl(linux.get("sysctl")),
+        resources=parse_resources(linux.get("resources")),
+        cgroups_path=_str(linux.get("cgroupsPath"), "linux.cgroupsPath"),
+    )
+
+
+def _limit(value: Any, name: str) -> int | None:
+    """An integer limit where -1 means unlimited."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise SpecError(name, "must be an integer, -1 for unlimited")
+    return value
+
+
+def parse_resources(raw: Any, name: str = "linux.resources") -> Resources:
+    obj = _obj(raw, name)
+    memory = _obj(obj.get("memory"), f"{name}.memory")
+    cpu = _obj(obj.get("cpu"), f"{name}.cpu")
+    pids = _obj(obj.get("pids"), f"{name}.pids")
+    huge = obj.get("hugepageLimits") or []
+    if not isinstance(huge, list):
+        raise SpecError(f"{name}.hugepageLimits", "must be a list")
+    hugepages = []
+    for i, entry in enumerate(huge):
+        item = _obj(entry, f"{name}.hugepageLimits[{i}]")
+        hugepages.append((_str(item.get("pageSize"), f"{name}.hugepageLimits[{i}].pageSize"),
+                          _uint(item.get("limit"), f"{name}.hugepageLimits[{i}].limit",
+                                maximum=2**64 - 1)))
+    unified = _obj(obj.get("unified"), f"{name}.unified")
+    for key in unified:
+        if "/" in key or key.startswith(".") or not key:
+            raise SpecError(f"{name}.unified[{key!r}]", "is not a cgroup file name")
+    shares = _uint(cpu.get("shares"), f"{name}.cpu.shares", maximum=262144) \
+        if cpu.get("shares") is not None else None
+    return Resources(
+        memory_limit=_limit(memory.get("limit"), f"{name}.memory.limit"),
+        memory_reservation=_limit(memory.get("reservation"), f"{name}.memory.reservation"),
+        memory_swap=_limit(memory.get("swap"), f"{name}.memory.swap"),
+        cpu_shares=shares,
+        cpu_quota=_limit(cpu.get("quota"), f"{name}.cpu.quota"),
+        cpu_period=None if cpu.get("period") is None else _uint(
+            cpu["period"], f"{name}.cpu.period", maximum=1_000_000),
+        cpuset_cpus=_str(cpu.get("cpus"), f"{name}.cpu.cpus"),
+        cpuset_mems=_str(cpu.get("mems"), f"{name}.cpu.mems"),
+        pids_limit=_limit(pids.get("limit"), f"{name}.pids.limit"),
+        hugepage_limits=tuple(hugepages),
+        unified=tuple((k, _str(v, f"{name}.unified[{k!r}]")) for k, v in unified.items()),
     )
 
 

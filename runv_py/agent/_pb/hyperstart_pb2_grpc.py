@@ -65,6 +65,31 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.RemoveContainerRequest.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
                 _registered_method=True)
+        self.PauseContainer = channel.unary_unary(
+                '/hyperstart.v1.Agent/PauseContainer',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ResumeContainer = channel.unary_unary(
+                '/hyperstart.v1.Agent/ResumeContainer',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.UpdateContainer = channel.unary_unary(
+                '/hyperstart.v1.Agent/UpdateContainer',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.UpdateContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.StatsContainer = channel.unary_unary(
+                '/hyperstart.v1.Agent/StatsContainer',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StatsContainerResponse.FromString,
+                _registered_method=True)
+        self.ListProcesses = channel.unary_unary(
+                '/hyperstart.v1.Agent/ListProcesses',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ListProcessesResponse.FromString,
+                _registered_method=True)
         self.ExecProcess = channel.unary_unary(
                 '/hyperstart.v1.Agent/ExecProcess',
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessRequest.SerializeToString,
@@ -136,6 +161,38 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseContainer(self, request, context):
+        """Freeze and thaw the container's cgroup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateContainer(self, request, context):
+        """New linux.resources (OCI JSON) for the container's cgroup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StatsContainer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProcesses(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +271,31 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.RemoveContainer,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.RemoveContainerRequest.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'PauseContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseContainer,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'ResumeContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeContainer,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'UpdateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateContainer,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.UpdateContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'StatsContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.StatsContainer,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StatsContainerResponse.SerializeToString,
+            ),
+            'ListProcesses': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcesses,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ListProcessesResponse.SerializeToString,
             ),
             'ExecProcess': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecProcess,
@@ -408,6 +490,141 @@ class Agent:
             '/hyperstart.v1.Agent/RemoveContainer',
             hyperstart_dot_v1_dot_hyperstart__pb2.RemoveContainerRequest.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/PauseContainer',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/ResumeContainer',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/UpdateContainer',
+            hyperstart_dot_v1_dot_hyperstart__pb2.UpdateContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StatsContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/StatsContainer',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.StatsContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcesses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/ListProcesses',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ContainerRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.ListProcessesResponse.FromString,
             options,
             channel_credentials,
             insecure,
