@@ -11,6 +11,10 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .container.engine import Engine
 
 
 def _boottime_ms() -> int:
@@ -59,23 +63,24 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
     from . import server as server_mod  # grpc + protobuf: the bulk of start-up time
 
     timings["imports_done"] = _boottime_ms()
-    from .container import syscalls
-    from .container.engine import Engine
+    def make_engine() -> Engine:
+        """The container engine, made on the first container call (its imports and the
+        cgroup set-up are not needed to answer Check)."""
+        from .container import cgroups
+        from .container.engine import Engine
 
-    # Orphans come to PID 1 anyway; elsewhere (tests) the agent must be their subreaper.
-    if os.getpid() != 1:
-        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
-    from .container import cgroups
+        try:
+            cgroup_parent: str | None = cgroups.setup()
+        except (OSError, cgroups.CgroupError) as exc:
+            log.error("cgroups unavailable, containers run without limits: %s", exc)
+            cgroup_parent = None
+        engine = Engine(cgroup_parent=cgroup_parent)
+        reaper.add_listener(engine.on_exit)
+        return engine
 
-    try:
-        cgroup_parent: str | None = cgroups.setup()
-    except (OSError, cgroups.CgroupError) as exc:
-        log.error("cgroups unavailable, containers run without limits: %s", exc)
-        cgroup_parent = None
-    engine = Engine(cgroup_parent=cgroup_parent)
-    reaper.add_listener(engine.on_exit)
     # Referenced for the life of PID 1: a collected grpc.Server stops serving.
-    server = server_mod.serve("unix:" + options.SERVER_SOCKET, timings, engine)  # noqa: F841
+    server = server_mod.serve("unix:" + options.SERVER_SOCKET, timings,  # noqa: F841
+                              make_engine)
     timings["server_listening"] = _boottime_ms()
     log.debug("timings %s", timings)
 

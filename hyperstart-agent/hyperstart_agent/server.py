@@ -9,15 +9,20 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from . import API_VERSION, __version__, stdio
-from . import storage as storagemod
+from . import API_VERSION, __version__
 from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
-from .container.engine import Engine, EngineError
+from .errors import AgentError
+
+if TYPE_CHECKING:
+    from .container.engine import Engine
+
+# The container engine, storage and stdio modules load on the first container call: they are
+# not needed to answer Check, and under TCG every import is boot time.
 
 log = logging.getLogger(__name__)
 FEATURES = ("channel.serial", "container.engine", "storage.9p", "storage.virtiofs",
@@ -52,10 +57,8 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: AgentService, request: Any, context: Any) -> T:
         try:
             return method(self, request, context)
-        except EngineError as exc:
+        except AgentError as exc:
             code, message = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), str(exc)
-        except storagemod.StorageError as exc:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except Exception as exc:
             log.exception("%s failed", method.__name__)
             code, message = (grpc.StatusCode.INTERNAL,
@@ -67,11 +70,20 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
-    def __init__(self, boot_timings_ms: dict[str, int], engine: Engine) -> None:
+    def __init__(self, boot_timings_ms: dict[str, int],
+                 make_engine: Callable[[], Engine]) -> None:
         self.boot_timings_ms = boot_timings_ms
-        self.engine = engine
+        self._make_engine = make_engine
+        self._engine: Engine | None = None
         self._storages: dict[str, list[str]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._make_engine()
+            return self._engine
 
     def Check(self, request: pb.CheckRequest, context: Any) -> pb.CheckResponse:
         return pb.CheckResponse(status=pb.CheckResponse.SERVING)
@@ -102,9 +114,12 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     @_rpc
     def CreateContainer(self, request: pb.CreateContainerRequest, context: Any) -> pb.Empty:
+        from . import storage as storagemod
+
+        engine = self.engine
         with self._lock:
             if request.container_id in self._storages:
-                raise EngineError("ALREADY_EXISTS",
+                raise AgentError("ALREADY_EXISTS",
                                   f"container {request.container_id!r} already exists")
             self._storages[request.container_id] = []
         mounted = self._storages[request.container_id]
@@ -113,7 +128,7 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
                 storagemod.mount(storagemod.Storage(s.driver, s.source, s.mount_point,
                                                     s.fstype, tuple(s.options)))
                 mounted.append(s.mount_point)
-            self.engine.create(request.container_id, request.oci_spec_json,
+            engine.create(request.container_id, request.oci_spec_json,
                                stdio="null" if request.stdio == pb.STDIO_NULL else "pipe")
         except BaseException:
             self._release_storages(request.container_id)
@@ -121,6 +136,8 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         return pb.Empty()
 
     def _release_storages(self, container_id: str) -> None:
+        from . import storage as storagemod
+
         with self._lock:
             mounted = self._storages.pop(container_id, [])
         for mount_point in reversed(mounted):
@@ -200,12 +217,14 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     def Stdio(self, requests: Iterator[pb.StdioInput], context: Any
               ) -> Iterator[pb.StdioOutput]:
+        from . import stdio
+
         try:
             first = next(requests)
             process = self.engine.process(first.container_id, first.exec_id)
         except StopIteration:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Stdio: no first message")
-        except EngineError as exc:
+        except AgentError as exc:
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         if process.reader_attached:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -216,9 +235,10 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         yield from stdio.read_output(process)
 
 
-def serve(address: str, boot_timings_ms: dict[str, int], engine: Engine) -> grpc.Server:
+def serve(address: str, boot_timings_ms: dict[str, int],
+          make_engine: Callable[[], Engine]) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"))
-    pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms, engine), server)
+    pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms, make_engine), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC server could not listen on {address}")
     server.start()

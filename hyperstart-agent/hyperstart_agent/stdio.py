@@ -10,10 +10,12 @@ import logging
 import os
 import select
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._pb import hyperstart_pb2 as pb
-from .container.engine import Process
+
+if TYPE_CHECKING:
+    from .container.engine import Process
 
 log = logging.getLogger(__name__)
 CHUNK = 64 * 1024

@@ -7,12 +7,14 @@ import os
 from dataclasses import dataclass
 
 from .container import syscalls as sc
+from .errors import AgentError
 
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap,access=client"
 
 
-class StorageError(Exception):
-    pass
+class StorageError(AgentError):
+    def __init__(self, message: str) -> None:
+        super().__init__("INVALID_ARGUMENT", message)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..errors import AgentError
 from . import cgroups
 from . import spec as specmod
 
@@ -31,12 +32,8 @@ _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
               "from hyperstart_agent.container.init import main; main()")
 
 
-class EngineError(Exception):
+class EngineError(AgentError):
     """code: a gRPC status name (NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, ...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Status(enum.Enum):
