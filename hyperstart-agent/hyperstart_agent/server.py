@@ -215,6 +215,9 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         self.engine.resize(request.container_id, request.exec_id, request.height, request.width)
         return pb.Empty()
 
+    def Events(self, request: pb.EventsRequest, context: Any) -> Iterator[pb.Event]:
+        yield from _event_stream(self.engine, context)
+
     def Stdio(self, requests: Iterator[pb.StdioInput], context: Any
               ) -> Iterator[pb.StdioOutput]:
         from . import stdio
@@ -233,6 +236,27 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
         yield from stdio.read_output(process)
+
+
+def _event_stream(engine: Engine, context: Any) -> Iterator[pb.Event]:
+    """Engine events as protobuf, until the client leaves."""
+    import queue
+
+    events = engine.subscribe()
+    try:
+        while context.is_active():
+            try:
+                event = events.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if event.kind == "exit":
+                yield pb.Event(exit=pb.ProcessExited(
+                    container_id=event.container_id, exec_id=event.exec_id,
+                    exit_code=event.exit_code, pid=event.pid))
+            else:
+                yield pb.Event(oom=pb.OomKilled(container_id=event.container_id))
+    finally:
+        engine.unsubscribe(events)
 
 
 def serve(address: str, boot_timings_ms: dict[str, int],

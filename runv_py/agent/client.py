@@ -166,5 +166,16 @@ class AgentClient:
         except grpc.aio.AioRpcError as exc:
             raise AgentError(f"agent Stdio: {exc.code().name}: {exc.details()}") from exc
 
+    async def events(self) -> AsyncIterator[convert.Event]:
+        """Process exits and OOM kills from now on, until the caller stops iterating."""
+        call = self._stub.Events(pb.EventsRequest())
+        try:
+            async for message in call:
+                yield convert.event(message)
+        except grpc.aio.AioRpcError as exc:
+            raise AgentError(f"agent Events: {exc.code().name}: {exc.details()}") from exc
+        finally:
+            call.cancel()
+
     async def close(self) -> None:
         await self._channel.close()

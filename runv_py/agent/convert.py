@@ -77,3 +77,21 @@ def storage(s: Storage) -> pb.Storage:
 def output(msg: pb.StdioOutput) -> Output:
     return Output("stderr" if msg.stream == pb.StdioOutput.STDERR else "stdout", msg.data,
                   msg.eof)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A process exit (exit_code, 128+N for a signal) or an OOM kill in a container."""
+
+    kind: Literal["exit", "oom"]
+    container_id: str
+    exec_id: str = ""
+    exit_code: int = 0
+    pid: int = 0
+
+
+def event(msg: pb.Event) -> Event:
+    if msg.WhichOneof("kind") == "oom":
+        return Event("oom", msg.oom.container_id)
+    e = msg.exit
+    return Event("exit", e.container_id, e.exec_id, e.exit_code, e.pid)

@@ -13,7 +13,7 @@ import pytest
 
 from runv_py import config
 from runv_py.agent.client import AgentClient
-from runv_py.agent.convert import Output, Storage
+from runv_py.agent.convert import Event, Output, Storage
 from runv_py.devices import Share
 from runv_py.errors import AgentError
 from runv_py.sandbox.sandbox import Sandbox
@@ -237,15 +237,31 @@ def test_cgroup_limits_pause_resume_update_stats_and_oom(
         assert lines[:4] == ["0::/", str(64 << 20), "20", "50000 100000"]
         await agent.remove_container("cg")
 
-        # A container over its memory limit is OOM-killed, and the kill shows in its stats.
+        # A container over its memory limit is OOM-killed: an OOM event, then its exit event,
+        # and the kill shows in its stats.
+        events: list[Event] = []
+
+        async def watch() -> None:
+            async for event in agent.events():
+                if event.container_id == "oom":
+                    events.append(event)
+                    if event.kind == "exit":
+                        return
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.5)  # the stream is open
         spec = json.loads(_spec(MOUNT.format("oom"), ["sh", "-c",
                                                       "head -c 200000000 /dev/zero | tail"]))
         spec["linux"]["resources"] = {"memory": {"limit": 32 << 20, "swap": 32 << 20}}
         await agent.create_container("oom", json.dumps(spec).encode(), stdio=False, storages=(
             Storage("9p", "rootfs0", MOUNT.format("oom")),))
         await agent.start_container("oom")
-        assert await agent.wait_process("oom", timeout_s=120) != 0
+        code = await agent.wait_process("oom", timeout_s=120)
+        assert code != 0
         assert (await agent.stats_container("oom"))["memory.oom_kill"] >= 1
+        await asyncio.wait_for(watcher, 30)
+        assert events[0] == Event("oom", "oom")
+        assert events[-1].kind == "exit" and events[-1].exit_code == code
         await agent.remove_container("oom")
 
     _run(runtime_config, busybox_rootfs, body)

@@ -234,3 +234,33 @@ class ListProcessesResponse(_message.Message):
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     processes: _containers.RepeatedCompositeFieldContainer[ProcessInfo]
     def __init__(self, processes: _Optional[_Iterable[_Union[ProcessInfo, _Mapping]]] = ...) -> None: ...
+
+class EventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ProcessExited(_message.Message):
+    __slots__ = ("container_id", "exec_id", "exit_code", "pid")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    exit_code: int
+    pid: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class OomKilled(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("exit", "oom")
+    EXIT_FIELD_NUMBER: _ClassVar[int]
+    OOM_FIELD_NUMBER: _ClassVar[int]
+    exit: ProcessExited
+    oom: OomKilled
+    def __init__(self, exit: _Optional[_Union[ProcessExited, _Mapping]] = ..., oom: _Optional[_Union[OomKilled, _Mapping]] = ...) -> None: ...

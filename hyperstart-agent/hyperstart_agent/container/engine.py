@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import struct
 import sys
 import termios
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,6 +28,7 @@ from . import spec as specmod
 
 log = logging.getLogger(__name__)
 HELPER_TIMEOUT_S = 60.0
+OOM_POLL_S = 0.2
 Stdio = Literal["pipe", "inherit", "null"]
 _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
@@ -45,6 +48,7 @@ class Status(enum.Enum):
 
 @dataclass
 class Process:
+    container_id: str
     exec_id: str
     pid: int
     stdin: int | None
@@ -75,6 +79,15 @@ class Process:
             self.sync = None
 
 
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: Literal["exit", "oom"]
+    container_id: str
+    exec_id: str = ""
+    exit_code: int = 0
+    pid: int = 0
+
+
 @dataclass
 class Container:
     id: str
@@ -84,6 +97,7 @@ class Container:
     status: Status = Status.CREATED
     processes: dict[str, Process] = field(default_factory=dict)
     cgroup: cgroups.Cgroup | None = None
+    oom_kills: int = 0
 
 
 def _high(fd: int) -> int:
@@ -114,7 +128,11 @@ class Engine:
         self._unclaimed: dict[int, tuple[int, int]] = {}
         self._seq = 0
         self._spawns_in_flight: list[int] = []
+        self._subscribers: list[queue.SimpleQueue[Event]] = []
         self._lock = threading.Lock()
+        self._oom_lock = threading.Lock()
+        if cgroup_parent is not None:
+            threading.Thread(target=self._watch_oom, name="oom", daemon=True).start()
 
     # --- reaping -------------------------------------------------------------------------
     def on_exit(self, pid: int, wait_status: int) -> None:
@@ -143,9 +161,48 @@ class Engine:
     def _finish(self, process: Process, wait_status: int) -> None:
         process.exit_status = exit_code(wait_status)
         process.exited.set()
-        for container in self.containers.values():
+        container = self.containers.get(process.container_id)
+        if container is not None:
             if container.init is process:
                 container.status = Status.STOPPED
+            self._check_oom(container)  # an OOM kill is reported before the exit it caused
+        self._publish(Event("exit", process.container_id, process.exec_id,
+                            process.exit_status, process.pid))
+
+    # --- events --------------------------------------------------------------------------
+    def subscribe(self) -> queue.SimpleQueue[Event]:
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        with self._lock:
+            self._subscribers.append(events)
+        return events
+
+    def unsubscribe(self, events: queue.SimpleQueue[Event]) -> None:
+        with self._lock:
+            self._subscribers.remove(events)
+
+    def _publish(self, event: Event) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for events in subscribers:
+            events.put(event)
+
+    def _check_oom(self, container: Container) -> None:
+        """Publish an OOM event if the container's oom_kill count grew since last seen."""
+        if container.cgroup is None:
+            return
+        count = container.cgroup.stats().get("memory.oom_kill", 0)
+        with self._oom_lock:
+            grew = count > container.oom_kills
+            container.oom_kills = max(count, container.oom_kills)
+        if grew:
+            self._publish(Event("oom", container.id))
+
+    def _watch_oom(self) -> None:
+        while True:
+            for container in list(self.containers.values()):
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    self._check_oom(container)
+            time.sleep(OOM_POLL_S)
 
     def _track(self, process: Process, began: int) -> None:
         with self._lock:
@@ -156,19 +213,20 @@ class Engine:
         self._finish(process, status)
 
     # --- helper --------------------------------------------------------------------------
-    def _spawn_helper(self, mode: str, state_dir: str, exec_id: str, stdio: Stdio,
-                      place: Callable[[int], None]) -> Process:
+    def _spawn_helper(self, mode: str, state_dir: str, container_id: str, exec_id: str, *,
+                      stdio: Stdio, place: Callable[[int], None]) -> Process:
         """Spawn the init helper; `place(pid)` runs (cgroup placement) before the process
         goes on with its set-up."""
         began = self._begin_spawn()
         try:
-            return self._spawn_helper_tracked(mode, state_dir, exec_id, stdio=stdio,
-                                              place=place, began=began)
+            return self._spawn_helper_tracked(mode, state_dir, container_id, exec_id,
+                                              stdio=stdio, place=place, began=began)
         finally:
             self._end_spawn(began)
 
-    def _spawn_helper_tracked(self, mode: str, state_dir: str, exec_id: str, *, stdio: Stdio,
-                              place: Callable[[int], None], began: int) -> Process:
+    def _spawn_helper_tracked(self, mode: str, state_dir: str, container_id: str,
+                              exec_id: str, *, stdio: Stdio, place: Callable[[int], None],
+                              began: int) -> Process:
         parent_sync, child_sync = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         child_fds: list[int] = []
         ours: dict[str, int | None] = {"stdin": None, "stdout": None, "stderr": None}
@@ -238,8 +296,8 @@ class Engine:
             if message.get("ready"):
                 break
         assert pid is not None
-        process = Process(exec_id=exec_id, pid=pid, sync=parent_sync, terminal=terminal,
-                          **ours)
+        process = Process(container_id=container_id, exec_id=exec_id, pid=pid, sync=parent_sync,
+                          terminal=terminal, **ours)
         self._track(process, began)
         return process
 
@@ -302,7 +360,8 @@ class Engine:
         try:
             with open(os.path.join(state_dir, "config.json"), "wb") as f:
                 f.write(spec_json)
-            init = self._spawn_helper("create", state_dir, container_id, stdio, place)
+            init = self._spawn_helper("create", state_dir, container_id, "", stdio=stdio,
+                                      place=place)
         except BaseException:
             if cgroup is not None:
                 cgroup.kill()
@@ -346,7 +405,8 @@ class Engine:
             if container.cgroup is not None:
                 container.cgroup.add(pid)
 
-        process = self._spawn_helper("exec", state_dir, exec_id, stdio, place)
+        process = self._spawn_helper("exec", state_dir, container_id, exec_id, stdio=stdio,
+                                     place=place)
         container.processes[exec_id] = process
         self._release(process)
         return process

@@ -120,6 +120,11 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
                 _registered_method=True)
+        self.Events = channel.unary_stream(
+                '/hyperstart.v1.Agent/Events',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.EventsRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -239,6 +244,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Events(self, request, context):
+        """Process exits and OOM kills, as they happen, from the moment of the call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -326,6 +338,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Stdio,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.SerializeToString,
+            ),
+            'Events': grpc.unary_stream_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.EventsRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -787,6 +804,33 @@ class Agent:
             '/hyperstart.v1.Agent/Stdio',
             hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/hyperstart.v1.Agent/Events',
+            hyperstart_dot_v1_dot_hyperstart__pb2.EventsRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,
