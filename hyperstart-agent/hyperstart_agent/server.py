@@ -113,6 +113,63 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         )
 
     @_rpc
+    def CreateSandbox(self, request: pb.CreateSandboxRequest, context: Any
+                      ) -> pb.CreateSandboxResponse:
+        from . import guest
+
+        for kind in request.shared_namespaces:
+            if kind not in guest.SHAREABLE:
+                raise AgentError("INVALID_ARGUMENT", f"shared_namespaces: {kind!r} is not one "
+                                 f"of {', '.join(guest.SHAREABLE)}")
+        if request.hostname:
+            guest.set_hostname(request.hostname)
+        guest.set_sysctls(dict(request.sysctls))
+        if request.dns:
+            guest.write_resolv_conf(list(request.dns))
+        paths: dict[str, str] = {}
+        if request.shared_namespaces:
+            directory = os.path.join(guest.SANDBOX_DIR, "ns")
+            if os.path.exists(directory):
+                raise AgentError("ALREADY_EXISTS", "the sandbox's namespaces exist already")
+            self.engine.hold_namespaces(directory, list(request.shared_namespaces),
+                                        request.hostname)
+            paths = {kind: os.path.join(directory, kind) for kind in request.shared_namespaces}
+        return pb.CreateSandboxResponse(namespace_paths=paths)
+
+    @_rpc
+    def DestroySandbox(self, request: pb.DestroySandboxRequest, context: Any) -> pb.Empty:
+        from . import guest
+
+        engine = self.engine
+        for container_id in list(engine.containers):
+            engine.remove(container_id, force=True)
+            self._release_storages(container_id)
+        engine.release_namespaces(os.path.join(guest.SANDBOX_DIR, "ns"))
+        return pb.Empty()
+
+    @_rpc
+    def SetGuestDateTime(self, request: pb.SetGuestDateTimeRequest, context: Any) -> pb.Empty:
+        from . import guest
+
+        guest.set_time(request.seconds, request.nanoseconds)
+        return pb.Empty()
+
+    @_rpc
+    def ReseedRandomDev(self, request: pb.ReseedRandomDevRequest, context: Any) -> pb.Empty:
+        from . import guest
+
+        guest.reseed(request.data)
+        return pb.Empty()
+
+    @_rpc
+    def OnlineCPUMem(self, request: pb.OnlineCPUMemRequest, context: Any
+                     ) -> pb.OnlineCPUMemResponse:
+        from . import guest
+
+        cpus, blocks = guest.online_cpu_mem()
+        return pb.OnlineCPUMemResponse(cpus_onlined=cpus, memory_blocks_onlined=blocks)
+
+    @_rpc
     def CreateContainer(self, request: pb.CreateContainerRequest, context: Any) -> pb.Empty:
         from . import storage as storagemod
 

@@ -76,6 +76,34 @@ class AgentClient:
             pb.GuestDetailsRequest(), timeout=self.call_timeout_s))
         return convert.guest_details(response)
 
+    async def create_sandbox(self, sandbox_id: str, *, hostname: str = "",
+                             dns: tuple[str, ...] = (), sysctls: dict[str, str] | None = None,
+                             shared_namespaces: tuple[str, ...] = ()) -> dict[str, str]:
+        """Guest-wide set-up; returns the guest paths of the shared namespaces by type."""
+        response = await self._call("CreateSandbox", self._stub.CreateSandbox(
+            pb.CreateSandboxRequest(sandbox_id=sandbox_id, hostname=hostname, dns=dns,
+                                    sysctls=sysctls or {}, shared_namespaces=shared_namespaces),
+            timeout=self.call_timeout_s))
+        return dict(response.namespace_paths)
+
+    async def destroy_sandbox(self) -> None:
+        await self._call("DestroySandbox", self._stub.DestroySandbox(
+            pb.DestroySandboxRequest(), timeout=self.call_timeout_s))
+
+    async def set_guest_time(self, seconds: int, nanoseconds: int = 0) -> None:
+        await self._call("SetGuestDateTime", self._stub.SetGuestDateTime(
+            pb.SetGuestDateTimeRequest(seconds=seconds, nanoseconds=nanoseconds),
+            timeout=self.call_timeout_s))
+
+    async def reseed_random(self, data: bytes) -> None:
+        await self._call("ReseedRandomDev", self._stub.ReseedRandomDev(
+            pb.ReseedRandomDevRequest(data=data), timeout=self.call_timeout_s))
+
+    async def online_cpu_mem(self) -> tuple[int, int]:
+        response = await self._call("OnlineCPUMem", self._stub.OnlineCPUMem(
+            pb.OnlineCPUMemRequest(), timeout=self.call_timeout_s))
+        return int(response.cpus_onlined), int(response.memory_blocks_onlined)
+
     async def create_container(self, container_id: str, spec_json: bytes, *,
                                storages: tuple[convert.Storage, ...] = (),
                                stdio: bool = True) -> None:

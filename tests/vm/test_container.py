@@ -265,3 +265,45 @@ def test_cgroup_limits_pause_resume_update_stats_and_oom(
         await agent.remove_container("oom")
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_pod_sandbox_shared_namespaces_clock_and_entropy(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        paths = await agent.create_sandbox(
+            "pod1", hostname="podhost", dns=("nameserver 192.0.2.53",),
+            sysctls={"net.ipv4.ip_forward": "1"}, shared_namespaces=("network", "ipc", "uts"))
+        assert sorted(paths) == ["ipc", "network", "uts"]
+        await agent.set_guest_time(1893456000)  # 2030-01-01
+        await agent.reseed_random(bytes(range(64)))
+        assert await agent.online_cpu_mem() == (0, 0)  # nothing was hot-plugged
+        outputs = {}
+        for cid in ("a", "b"):
+            # One 9p device mounts once: b uses the root that a's storage brought.
+            spec = json.loads(_spec(MOUNT.format("a"), [
+                "sh", "-c", "hostname; for n in net uts ipc; do readlink /proc/self/ns/$n; "
+                            "done; date +%Y"]))
+            spec["linux"]["namespaces"] = [
+                {"type": "pid"}, {"type": "mount"},
+                *({"type": kind, "path": path} for kind, path in paths.items())]
+            await agent.create_container(cid, json.dumps(spec).encode(), storages=(
+                Storage("9p", "rootfs0", MOUNT.format(cid)),) if cid == "a" else ())
+            output = asyncio.create_task(_collect(agent.stdio(cid)))
+            await agent.start_container(cid)
+            assert await agent.wait_process(cid, timeout_s=60) == 0
+            outputs[cid] = (await output)["stdout"].decode().split()
+        a, b = outputs["a"], outputs["b"]
+        assert len(a) == len(b) == 5, outputs
+        assert a[0] == b[0] == "podhost"
+        assert a[1:4] == b[1:4]  # net, uts, ipc: the sandbox's, kept while no container runs
+        assert a[4] == "2030"
+        with pytest.raises(AgentError, match="INVALID_ARGUMENT"):
+            await agent.reseed_random(b"")
+        with pytest.raises(AgentError, match=r"INVALID_ARGUMENT.*'pid' is not one of"):
+            await agent.create_sandbox("pod2", shared_namespaces=("pid",))
+        await agent.destroy_sandbox()  # removes the containers and the namespaces
+        with pytest.raises(AgentError, match="NOT_FOUND"):
+            await agent.start_container("a")
+        assert await agent.check()
+
+    _run(runtime_config, busybox_rootfs, body)

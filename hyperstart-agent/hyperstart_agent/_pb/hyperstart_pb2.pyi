@@ -264,3 +264,67 @@ class Event(_message.Message):
     exit: ProcessExited
     oom: OomKilled
     def __init__(self, exit: _Optional[_Union[ProcessExited, _Mapping]] = ..., oom: _Optional[_Union[OomKilled, _Mapping]] = ...) -> None: ...
+
+class CreateSandboxRequest(_message.Message):
+    __slots__ = ("sandbox_id", "hostname", "dns", "sysctls", "shared_namespaces")
+    class SysctlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DNS_FIELD_NUMBER: _ClassVar[int]
+    SYSCTLS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    sandbox_id: str
+    hostname: str
+    dns: _containers.RepeatedScalarFieldContainer[str]
+    sysctls: _containers.ScalarMap[str, str]
+    shared_namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sandbox_id: _Optional[str] = ..., hostname: _Optional[str] = ..., dns: _Optional[_Iterable[str]] = ..., sysctls: _Optional[_Mapping[str, str]] = ..., shared_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CreateSandboxResponse(_message.Message):
+    __slots__ = ("namespace_paths",)
+    class NamespacePathsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAMESPACE_PATHS_FIELD_NUMBER: _ClassVar[int]
+    namespace_paths: _containers.ScalarMap[str, str]
+    def __init__(self, namespace_paths: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DestroySandboxRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetGuestDateTimeRequest(_message.Message):
+    __slots__ = ("seconds", "nanoseconds")
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NANOSECONDS_FIELD_NUMBER: _ClassVar[int]
+    seconds: int
+    nanoseconds: int
+    def __init__(self, seconds: _Optional[int] = ..., nanoseconds: _Optional[int] = ...) -> None: ...
+
+class ReseedRandomDevRequest(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class OnlineCPUMemRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OnlineCPUMemResponse(_message.Message):
+    __slots__ = ("cpus_onlined", "memory_blocks_onlined")
+    CPUS_ONLINED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BLOCKS_ONLINED_FIELD_NUMBER: _ClassVar[int]
+    cpus_onlined: int
+    memory_blocks_onlined: int
+    def __init__(self, cpus_onlined: _Optional[int] = ..., memory_blocks_onlined: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,31 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsRequest.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsResponse.FromString,
                 _registered_method=True)
+        self.CreateSandbox = channel.unary_unary(
+                '/hyperstart.v1.Agent/CreateSandbox',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateSandboxRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateSandboxResponse.FromString,
+                _registered_method=True)
+        self.DestroySandbox = channel.unary_unary(
+                '/hyperstart.v1.Agent/DestroySandbox',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.DestroySandboxRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.SetGuestDateTime = channel.unary_unary(
+                '/hyperstart.v1.Agent/SetGuestDateTime',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.SetGuestDateTimeRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ReseedRandomDev = channel.unary_unary(
+                '/hyperstart.v1.Agent/ReseedRandomDev',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ReseedRandomDevRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
+        self.OnlineCPUMem = channel.unary_unary(
+                '/hyperstart.v1.Agent/OnlineCPUMem',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemResponse.FromString,
+                _registered_method=True)
         self.CreateContainer = channel.unary_unary(
                 '/hyperstart.v1.Agent/CreateContainer',
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateContainerRequest.SerializeToString,
@@ -146,6 +171,39 @@ class AgentServicer:
 
     def GetGuestDetails(self, request, context):
         """Memory and CPUs as the guest sees them, and the agent's own footprint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSandbox(self, request, context):
+        """Sandbox: the guest-wide set-up of a pod, before its containers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DestroySandbox(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetGuestDateTime(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReseedRandomDev(self, request, context):
+        """Mix host-provided bytes into the guest's entropy pool and reseed its CRNG (clones).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OnlineCPUMem(self, request, context):
+        """Bring hot-plugged CPUs and memory blocks online.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -268,6 +326,31 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetGuestDetails,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsRequest.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsResponse.SerializeToString,
+            ),
+            'CreateSandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSandbox,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateSandboxRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateSandboxResponse.SerializeToString,
+            ),
+            'DestroySandbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.DestroySandbox,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.DestroySandboxRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'SetGuestDateTime': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGuestDateTime,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.SetGuestDateTimeRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'ReseedRandomDev': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReseedRandomDev,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ReseedRandomDevRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'OnlineCPUMem': grpc.unary_unary_rpc_method_handler(
+                    servicer.OnlineCPUMem,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemResponse.SerializeToString,
             ),
             'CreateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateContainer,
@@ -426,6 +509,141 @@ class Agent:
             '/hyperstart.v1.Agent/GetGuestDetails',
             hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsRequest.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.GuestDetailsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/CreateSandbox',
+            hyperstart_dot_v1_dot_hyperstart__pb2.CreateSandboxRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.CreateSandboxResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DestroySandbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/DestroySandbox',
+            hyperstart_dot_v1_dot_hyperstart__pb2.DestroySandboxRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGuestDateTime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/SetGuestDateTime',
+            hyperstart_dot_v1_dot_hyperstart__pb2.SetGuestDateTimeRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReseedRandomDev(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/ReseedRandomDev',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ReseedRandomDevRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OnlineCPUMem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/OnlineCPUMem',
+            hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemResponse.FromString,
             options,
             channel_credentials,
             insecure,

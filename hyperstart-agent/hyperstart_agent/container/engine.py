@@ -25,6 +25,7 @@ from typing import Literal
 from ..errors import AgentError
 from . import cgroups
 from . import spec as specmod
+from . import syscalls as sc
 
 log = logging.getLogger(__name__)
 HELPER_TIMEOUT_S = 60.0
@@ -166,8 +167,9 @@ class Engine:
             if container.init is process:
                 container.status = Status.STOPPED
             self._check_oom(container)  # an OOM kill is reported before the exit it caused
-        self._publish(Event("exit", process.container_id, process.exec_id,
-                            process.exit_status, process.pid))
+        if process.container_id:  # not for the sandbox's namespace holder
+            self._publish(Event("exit", process.container_id, process.exec_id,
+                                process.exit_status, process.pid))
 
     # --- events --------------------------------------------------------------------------
     def subscribe(self) -> queue.SimpleQueue[Event]:
@@ -314,6 +316,27 @@ class Engine:
         if data:
             error = json.loads(data).get("error", "unexpected message")
             raise EngineError("FAILED_PRECONDITION", f"start {process.exec_id}: {error}")
+
+    def hold_namespaces(self, directory: str, types: list[str], hostname: str) -> None:
+        """Create namespaces of `types` that outlive their creator, at directory/<type>."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "request.json"), "w") as f:
+            json.dump({"types": types, "hostname": hostname}, f)
+
+        def no_cgroup(pid: int) -> None:
+            pass
+
+        # The holder never gets "start": it exits after "ready". Its exit is reaped unclaimed.
+        holder = self._spawn_helper("namespaces", directory, "", "namespaces", stdio="null",
+                                    place=no_cgroup)
+        holder.close()
+
+    def release_namespaces(self, directory: str) -> None:
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            path = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                sc.umount(path, sc.MNT_DETACH)
+        shutil.rmtree(directory, ignore_errors=True)
 
     # --- API -----------------------------------------------------------------------------
     def get(self, container_id: str) -> Container:

@@ -258,7 +258,8 @@ def create(state_dir: str, sync: Sync) -> None:
     cgroup_ns = spec.namespace("cgroup")
     if cgroup_ns is not None and not cgroup_ns.path:
         sc.unshare(sc.CLONE_NEWCGROUP)
-    if spec.hostname and spec.namespace("uts") is not None:
+    uts = spec.namespace("uts")
+    if spec.hostname and uts is not None and not uts.path:
         socket.sethostname(spec.hostname)
     setup_rootfs(spec)
     _warn_unsupported(spec.process, sync)
@@ -299,10 +300,35 @@ def exec_in(state_dir: str, sync: Sync) -> None:
     enter_process(process)
 
 
+def hold_namespaces(directory: str, sync: Sync) -> None:
+    """New namespaces of the types in DIRECTORY/request.json, each kept alive by a bind mount
+    of ours at DIRECTORY/<type>, where containers join them by path."""
+    with open(os.path.join(directory, "request.json")) as f:
+        request = json.load(f)
+    sync.send(pid=os.getpid())
+    _wait_placed(sync)
+    flags = 0
+    for kind in request["types"]:
+        flags |= sc.NAMESPACE_FLAGS[kind]
+    sc.unshare(flags)
+    if request.get("hostname") and "uts" in request["types"]:
+        socket.sethostname(request["hostname"])
+    names = {"network": "net", "ipc": "ipc", "uts": "uts"}
+    for kind in request["types"]:
+        path = os.path.join(directory, kind)
+        with open(path, "w"):
+            pass
+        sc.mount(f"/proc/self/ns/{names[kind]}", path, "", sc.MS_BIND)
+    sync.send(ready=True)
+
+
 def main() -> None:
     mode, state_dir = sys.argv[1], sys.argv[2]
     sync = Sync(SYNC_FD)
     try:
+        if mode == "namespaces":
+            hold_namespaces(state_dir, sync)
+            os._exit(0)
         (create if mode == "create" else exec_in)(state_dir, sync)
         raise RuntimeError("exec returned")
     except BaseException as exc:  # report, whatever it was, then die
