@@ -272,6 +272,13 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         self.engine.resize(request.container_id, request.exec_id, request.height, request.width)
         return pb.Empty()
 
+    @_rpc
+    def CopyFile(self, requests: Iterator[pb.CopyFileChunk], context: Any) -> pb.Empty:
+        from . import files
+
+        files.copy_in(requests)
+        return pb.Empty()
+
     def Events(self, request: pb.EventsRequest, context: Any) -> Iterator[pb.Event]:
         yield from _event_stream(self.engine, context)
 

@@ -194,6 +194,18 @@ class AgentClient:
         except grpc.aio.AioRpcError as exc:
             raise AgentError(f"agent Stdio: {exc.code().name}: {exc.details()}") from exc
 
+    async def copy_file(self, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0,
+                        gid: int = 0, chunk_size: int = 1 << 20) -> None:
+        """Write `data` to `path` (under /run/hyperstart) in the guest."""
+
+        async def chunks() -> AsyncIterator[pb.CopyFileChunk]:
+            yield pb.CopyFileChunk(path=path, mode=mode, uid=uid, gid=gid, size=len(data),
+                                   data=data[:chunk_size])
+            for offset in range(chunk_size, len(data), chunk_size):
+                yield pb.CopyFileChunk(data=data[offset:offset + chunk_size])
+
+        await self._call("CopyFile", self._stub.CopyFile(chunks(), timeout=self.call_timeout_s))
+
     async def events(self) -> AsyncIterator[convert.Event]:
         """Process exits and OOM kills from now on, until the caller stops iterating."""
         call = self._stub.Events(pb.EventsRequest())

@@ -307,3 +307,24 @@ def test_pod_sandbox_shared_namespaces_clock_and_entropy(
         assert await agent.check()
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_copy_file_into_the_guest_and_run_it_in_a_container(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        script = b"#!/bin/sh\necho copied $(id -u)\n" + b"# padding\n" * 300_000
+        await agent.copy_file("/run/hyperstart/files/hello.sh", script, mode=0o755)
+        spec = json.loads(_spec(MOUNT.format("cp"), ["/work/hello.sh"]))
+        spec["mounts"].append({"destination": "/work", "type": "bind",
+                               "source": "/run/hyperstart/files", "options": ["bind", "ro"]})
+        await agent.create_container("cp", json.dumps(spec).encode(), storages=(
+            Storage("9p", "rootfs0", MOUNT.format("cp")),))
+        output = asyncio.create_task(_collect(agent.stdio("cp")))
+        await agent.start_container("cp")
+        assert await agent.wait_process("cp", timeout_s=60) == 0
+        assert (await output)["stdout"] == b"copied 0\n"
+        await agent.remove_container("cp")
+        with pytest.raises(AgentError, match=r"INVALID_ARGUMENT.*under /run/hyperstart"):
+            await agent.copy_file("/etc/evil", b"x")
+
+    _run(runtime_config, busybox_rootfs, body)

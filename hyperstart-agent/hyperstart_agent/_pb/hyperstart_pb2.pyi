@@ -328,3 +328,19 @@ class OnlineCPUMemResponse(_message.Message):
     cpus_onlined: int
     memory_blocks_onlined: int
     def __init__(self, cpus_onlined: _Optional[int] = ..., memory_blocks_onlined: _Optional[int] = ...) -> None: ...
+
+class CopyFileChunk(_message.Message):
+    __slots__ = ("path", "mode", "uid", "gid", "size", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    data: bytes
+    def __init__(self, path: _Optional[str] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

@@ -278,13 +278,14 @@ class Engine:
                 ours = {"stdin": os.dup(master), "stdout": master, "stderr": None}
                 terminal = True
             if "warning" in message:
-                log.warning("%s %s: %s", mode, exec_id, message["warning"])
+                log.warning("%s %s: %s", mode, exec_id or container_id, message["warning"])
             if "error" in message:
                 parent_sync.close()
                 for fd in ours.values():
                     if fd is not None:
                         os.close(fd)
-                raise EngineError("FAILED_PRECONDITION", f"{mode} {exec_id}: {message['error']}")
+                raise EngineError("FAILED_PRECONDITION",
+                                  f"{mode} {exec_id or container_id}: {message['error']}")
             if "pid" in message:
                 pid = int(message["pid"])
                 try:

@@ -145,6 +145,11 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
                 _registered_method=True)
+        self.CopyFile = channel.stream_unary(
+                '/hyperstart.v1.Agent/CopyFile',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.CopyFileChunk.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
         self.Events = channel.unary_stream(
                 '/hyperstart.v1.Agent/Events',
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.EventsRequest.SerializeToString,
@@ -302,6 +307,14 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyFile(self, request_iterator, context):
+        """A file into the guest under /run/hyperstart: the first chunk names it, the file appears
+        whole (written aside, then renamed) once all `size` bytes arrived.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Events(self, request, context):
         """Process exits and OOM kills, as they happen, from the moment of the call.
         """
@@ -421,6 +434,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Stdio,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.SerializeToString,
+            ),
+            'CopyFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.CopyFile,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.CopyFileChunk.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
             ),
             'Events': grpc.unary_stream_rpc_method_handler(
                     servicer.Events,
@@ -1022,6 +1040,33 @@ class Agent:
             '/hyperstart.v1.Agent/Stdio',
             hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/hyperstart.v1.Agent/CopyFile',
+            hyperstart_dot_v1_dot_hyperstart__pb2.CopyFileChunk.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
