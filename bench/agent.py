@@ -1,0 +1,166 @@
+"""bench/agent: the agent's exec latency, stdout throughput and memory, in a real guest, with
+the same engine on the host (no VM, no channel) as the baseline of the same run.
+
+    python bench/agent.py [--n 20] [--mib 256] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runv_py import config
+from runv_py.agent.client import AgentClient
+from runv_py.agent.convert import Storage
+from runv_py.devices import Share
+from runv_py.sandbox.sandbox import Sandbox
+
+TOP = Path(__file__).resolve().parent.parent
+TRUE = json.dumps({"args": ["true"], "env": ["PATH=/bin"], "cwd": "/"}).encode()
+
+HOST_EXEC = """
+import json, os, sys, tempfile, threading, time
+sys.path.insert(0, sys.argv[1])
+from hyperstart_agent.container import syscalls as sc
+from hyperstart_agent.container.engine import Engine
+sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+engine = Engine(state_root=tempfile.mkdtemp())
+def reap():
+    while True:
+        try:
+            engine.on_exit(*os.waitpid(-1, 0))
+        except ChildProcessError:
+            time.sleep(0.01)
+threading.Thread(target=reap, daemon=True).start()
+engine.create("c", sys.argv[2].encode(), stdio="null")
+engine.start("c")
+samples = []
+for i in range(int(sys.argv[3])):
+    t = time.monotonic()
+    engine.exec("c", f"e{i}", sys.argv[4].encode(), stdio="null")
+    engine.wait("c", f"e{i}")
+    samples.append(time.monotonic() - t)
+engine.remove("c", force=True)
+print(json.dumps(samples))
+"""
+
+
+def busybox_rootfs(root: Path) -> Path:
+    for d in ("bin", "proc", "dev", "tmp"):
+        (root / d).mkdir(parents=True)
+    root.chmod(0o755)
+    shutil.copy("/bin/busybox", root / "bin/busybox")
+    for applet in ("sh", "true", "sleep", "head"):
+        (root / "bin" / applet).symlink_to("busybox")
+    return root
+
+
+def spec(root: str, args: list[str]) -> bytes:
+    return json.dumps({
+        "process": {"args": args, "env": ["PATH=/bin"], "cwd": "/"}, "root": {"path": root},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
+                   {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"}],
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")]},
+    }).encode()
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    ordered = sorted(samples)
+    return {"median": statistics.median(ordered),
+            "p90": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
+            "n": len(ordered), "samples": [round(s, 4) for s in samples]}
+
+
+async def guest(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> dict[str, Any]:
+    mount = "/run/hyperstart/storage/{}"
+    async with await Sandbox.boot(cfg, shares=(Share("r", rootfs, readonly=True),)) as sandbox:
+        agent: AgentClient = sandbox.agent  # type: ignore[assignment]
+        idle_rss = (await agent.guest_details()).agent_rss_kib
+        await agent.create_container("s", spec(mount.format("s"), ["sleep", "600"]),
+                                     stdio=False,
+                                     storages=(Storage("9p", "r", mount.format("s")),))
+        await agent.start_container("s")
+        execs = []
+        for i in range(n):
+            t = time.monotonic()
+            await agent.exec_process("s", f"e{i}", TRUE, stdio=False)
+            await agent.wait_process("s", f"e{i}", timeout_s=60)
+            execs.append(time.monotonic() - t)
+        # stdout throughput: a container writing `mib` MiB, read on the host.
+        await agent.create_container("w", spec(mount.format("s"), [
+            "head", "-c", str(mib << 20), "/dev/zero"]))
+        total = 0
+        t = time.monotonic()
+        reader = agent.stdio("w")
+        await agent.start_container("w")
+        async for chunk in reader:
+            if chunk.stream == "stdout":
+                total += len(chunk.data)
+        await agent.wait_process("w", timeout_s=3600)
+        throughput = total / (time.monotonic() - t) / 1e6
+        for i in range(10):
+            await agent.create_container(f"c{i}", spec(mount.format("s"), ["sleep", "600"]),
+                                         stdio=False)
+            await agent.start_container(f"c{i}")
+        busy_rss = (await agent.guest_details()).agent_rss_kib
+        return {"exec_s": summary(execs), "stdout_mb_s": throughput, "stdout_bytes": total,
+                "agent_rss_idle_kib": idle_rss, "agent_rss_10_containers_kib": busy_rss}
+
+
+def host(rootfs: Path, n: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", HOST_EXEC, str(TOP / "hyperstart-agent"),
+         spec(str(rootfs), ["sleep", "600"]).decode(), str(n), TRUE.decode()],
+        check=True, capture_output=True, text=True)
+    return {"exec_s": summary(json.loads(out.stdout))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--config")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    base = config.load(args.config)
+    work = Path(tempfile.mkdtemp(prefix="runv-bench-agent-"))
+    try:
+        rootfs = busybox_rootfs(work / "rootfs")
+        cfg = replace(base, state_dir=work / "state")
+        result = {"guest": asyncio.run(guest(cfg, rootfs, args.n, args.mib)),
+                  "host": host(rootfs, args.n)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    g, h = result["guest"], result["host"]
+    print("bench/agent")
+    print(f"  exec true, guest   median {g['exec_s']['median']:.3f} s  p90 "
+          f"{g['exec_s']['p90']:.3f} s  n {g['exec_s']['n']}")
+    print(f"  exec true, host    median {h['exec_s']['median']:.3f} s  p90 "
+          f"{h['exec_s']['p90']:.3f} s  (same engine, no VM)")
+    print(f"  ratio guest/host   {g['exec_s']['median'] / h['exec_s']['median']:.1f}x")
+    print(f"  stdout             {g['stdout_mb_s']:.1f} MB/s ({g['stdout_bytes']} bytes)")
+    print(f"  agent RSS          idle {g['agent_rss_idle_kib']} KiB, with 10 containers "
+          f"{g['agent_rss_10_containers_kib']} KiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    sys.exit(main())
