@@ -102,6 +102,9 @@ def test_stdin_exec_and_signals(
 def test_bad_requests_name_the_field_and_the_agent_keeps_serving(
         runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
     async def body(agent: AgentClient) -> None:
+        bad = json.loads(_spec(MOUNT.format("z"), ["true"]))
+        bad["linux"]["resources"] = {"cpu": {"cpus": "99"}}
+        bad_cpuset = json.dumps(bad).encode()
         cases = [
             (lambda: agent.create_container("x", b"{not json"), "INVALID_ARGUMENT", "JSON"),
             (lambda: agent.create_container("x", b'{"root": {"path": "/"}}'),
@@ -112,13 +115,17 @@ def test_bad_requests_name_the_field_and_the_agent_keeps_serving(
             (lambda: agent.create_container("y", _spec("/r", ["true"]), storages=(
                 Storage("9p", "no-such-tag", "/run/hyperstart/storage/y"),)),
              "INVALID_ARGUMENT", "no-such-tag"),
+            (lambda: agent.create_container("z", bad_cpuset, storages=(
+                Storage("9p", "rootfs0", MOUNT.format("z")),)),
+             "FAILED_PRECONDITION", "cgroup: cpuset.cpus = '99'"),
         ]
         for call, code, text in cases:
             with pytest.raises(AgentError) as info:
                 await call()
             assert code in str(info.value) and text in str(info.value)
             assert await agent.check()
-        # The failed creates left nothing behind: the same ids work now.
+        # The failed creates left nothing behind (the 9p tag mounts again, so z's storage was
+        # unmounted), and the same ids work now.
         await _create(agent, "x", ["true"])
         await agent.start_container("x")
         assert await agent.wait_process("x", timeout_s=60) == 0

@@ -267,6 +267,16 @@ class Engine:
             except TimeoutError:
                 data, fds = b'{"error": "the init helper did not answer in time"}', []
             message = json.loads(data) if data else {"error": "the init helper died"}
+            if "pid" in message:
+                pid = int(message["pid"])
+                try:
+                    place(pid)
+                except Exception as exc:
+                    message = {"error": f"cgroup: {exc}"}
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                else:
+                    parent_sync.send(b'{"placed": true}')
             if message.get("console") and fds:
                 master = fds[0]
                 os.set_inheritable(master, False)
@@ -286,16 +296,6 @@ class Engine:
                         os.close(fd)
                 raise EngineError("FAILED_PRECONDITION",
                                   f"{mode} {exec_id or container_id}: {message['error']}")
-            if "pid" in message:
-                pid = int(message["pid"])
-                try:
-                    place(pid)
-                except Exception as exc:
-                    message = {"error": f"cgroup: {exc}"}
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                else:
-                    parent_sync.send(b'{"placed": true}')
             if message.get("ready"):
                 break
         assert pid is not None
