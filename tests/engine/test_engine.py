@@ -205,3 +205,26 @@ def test_bad_process_fields(tmp_path: Path, rootfs: Path, process: dict[str, Any
                             message: str) -> None:
     result = run(tmp_path, _spec(rootfs, ["true"], **process))
     assert result.returncode == 125 and message in result.stderr, result.stderr
+
+
+def test_domainname_and_devices(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["sh", "-c", "cat /proc/sys/kernel/domainname; "
+                                      "ls -ln /dev/mydev /dev/sub/fifo"])
+    spec["domainname"] = "example.org"
+    spec["linux"]["devices"] = [
+        {"path": "/dev/mydev", "type": "c", "major": 1, "minor": 3, "fileMode": 0o640,
+         "uid": 7, "gid": 8},
+        {"path": "/dev/sub/fifo", "type": "p"}]
+    lines = run(tmp_path, spec).stdout.splitlines()
+    assert lines[0] == "example.org"
+    mydev = lines[1].split()
+    assert mydev[0] == "crw-r-----" and mydev[2:6] == ["7", "8", "1,", "3"], lines
+    assert lines[2].startswith("prw-rw-rw-"), lines
+
+
+def test_devices_outside_dev_are_refused(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["true"])
+    spec["linux"]["devices"] = [{"path": "/etc/evil", "type": "c", "major": 1, "minor": 3}]
+    result = run(tmp_path, spec)
+    assert result.returncode == 125
+    assert "linux.devices[0].path: must be under /dev" in result.stderr

@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import socket
+import stat
 import struct
 import sys
 import termios
@@ -99,6 +100,17 @@ def _populate_dev(rootfs: str) -> None:
             os.symlink(link, path)
 
 
+def _make_device(rootfs: str, device: specmod.Device) -> None:
+    path = _inside(rootfs, device.path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    kind = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+    os.mknod(path, device.file_mode | kind[device.type], os.makedev(device.major, device.minor))
+    os.chmod(path, device.file_mode)
+    os.chown(path, device.uid, device.gid)
+
+
 def _mask(path: str) -> None:
     if not os.path.lexists(path):
         return
@@ -125,6 +137,8 @@ def setup_rootfs(spec: specmod.Spec) -> None:
         dev_is_tmpfs = dev_is_tmpfs or (m.destination == "/dev" and m.type == "tmpfs")
     if dev_is_tmpfs:
         _populate_dev(rootfs)
+    for device in spec.devices:
+        _make_device(rootfs, device)
     os.chdir(rootfs)
     sc.pivot_root(".", ".")
     sc.umount(".", sc.MNT_DETACH)
@@ -259,8 +273,11 @@ def create(state_dir: str, sync: Sync) -> None:
     if cgroup_ns is not None and not cgroup_ns.path:
         sc.unshare(sc.CLONE_NEWCGROUP)
     uts = spec.namespace("uts")
-    if spec.hostname and uts is not None and not uts.path:
-        socket.sethostname(spec.hostname)
+    if uts is not None and not uts.path:
+        if spec.hostname:
+            socket.sethostname(spec.hostname)
+        if spec.domainname:
+            sc.setdomainname(spec.domainname)
     setup_rootfs(spec)
     _warn_unsupported(spec.process, sync)
     if spec.process.terminal:

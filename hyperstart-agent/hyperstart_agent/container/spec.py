@@ -92,6 +92,17 @@ class Namespace:
 
 
 @dataclass(frozen=True, slots=True)
+class Device:
+    path: str
+    type: str  # c, b, u (unbuffered char), p (fifo)
+    major: int = 0
+    minor: int = 0
+    file_mode: int = 0o666
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Resources:
     """linux.resources; -1 means unlimited where the spec allows it."""
 
@@ -114,7 +125,9 @@ class Spec:
     root_path: str
     root_readonly: bool = False
     hostname: str = ""
+    domainname: str = ""
     mounts: tuple[Mount, ...] = ()
+    devices: tuple[Device, ...] = ()
     namespaces: tuple[Namespace, ...] = ()
     masked_paths: tuple[str, ...] = ()
     readonly_paths: tuple[str, ...] = ()
@@ -316,7 +329,9 @@ def parse(raw: Any) -> Spec:
         root_path=root_path,
         root_readonly=_bool(root.get("readonly"), "root.readonly"),
         hostname=_str(obj.get("hostname"), "hostname"),
+        domainname=_str(obj.get("domainname"), "domainname"),
         mounts=_mounts(obj.get("mounts")),
+        devices=_devices(linux.get("devices")),
         namespaces=_namespaces(linux.get("namespaces")),
         masked_paths=tuple(_abs_path(p, f"linux.maskedPaths[{i}]")
                            for i, p in enumerate(_strs(linux.get("maskedPaths"),
@@ -373,6 +388,33 @@ def parse_resources(raw: Any, name: str = "linux.resources") -> Resources:
         hugepage_limits=tuple(hugepages),
         unified=tuple((k, _str(v, f"{name}.unified[{k!r}]")) for k, v in unified.items()),
     )
+
+
+def _devices(raw: Any) -> tuple[Device, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SpecError("linux.devices", "must be a list")
+    out = []
+    for i, entry in enumerate(raw):
+        name = f"linux.devices[{i}]"
+        obj = _obj(entry, name)
+        path = _abs_path(obj.get("path"), f"{name}.path")
+        if not path.startswith("/dev/"):
+            raise SpecError(f"{name}.path", f"must be under /dev, not {path!r}")
+        kind = _str(obj.get("type"), f"{name}.type")
+        if kind not in ("c", "b", "u", "p"):
+            raise SpecError(f"{name}.type", f"must be one of c, b, u, p, not {kind!r}")
+        out.append(Device(
+            path=path, type=kind,
+            major=_uint(obj.get("major"), f"{name}.major", maximum=4095),
+            minor=_uint(obj.get("minor"), f"{name}.minor", maximum=2**20 - 1),
+            file_mode=_uint(obj.get("fileMode"), f"{name}.fileMode", default=0o666,
+                            maximum=0o7777),
+            uid=_uint(obj.get("uid"), f"{name}.uid"),
+            gid=_uint(obj.get("gid"), f"{name}.gid"),
+        ))
+    return tuple(out)
 
 
 def _sysctl(raw: Any) -> tuple[tuple[str, str], ...]:
