@@ -228,3 +228,23 @@ def test_devices_outside_dev_are_refused(tmp_path: Path, rootfs: Path) -> None:
     result = run(tmp_path, spec)
     assert result.returncode == 125
     assert "linux.devices[0].path: must be under /dev" in result.stderr
+
+
+def test_start_container_hooks_run_inside_before_the_process(tmp_path: Path,
+                                                            rootfs: Path) -> None:
+    spec = _spec(rootfs, ["cat", "/tmp/state"])
+    spec["hooks"] = {"startContainer": [
+        {"path": "/bin/sh", "args": ["sh", "-c",
+                                            "cat > /tmp/state; echo >> /tmp/state; "
+                                            "hostname >> /tmp/state"]}]}
+    result = run(tmp_path, spec)
+    state_line, hostname = result.stdout.splitlines()
+    assert json.loads(state_line)["id"] == "run" and hostname == "box"
+
+
+def test_a_failing_start_container_hook_fails_the_start(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["echo", "must not run"])
+    spec["hooks"] = {"startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}]}
+    result = run(tmp_path, spec)
+    assert result.returncode == 125 and "must not run" not in result.stdout
+    assert "hooks.startContainer[0] /bin/sh exited with 3" in result.stderr

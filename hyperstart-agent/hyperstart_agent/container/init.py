@@ -17,6 +17,7 @@ import resource
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import termios
 
@@ -256,6 +257,23 @@ def _fork_into_pid_namespace(sync: Sync) -> None:
     os.close(r)
 
 
+def _run_start_container_hooks(spec: specmod.Spec, container_id: str) -> None:
+    """OCI startContainer hooks: in the container's namespaces, after start, before the
+    process; each gets the state on stdin, and a failing hook fails the start."""
+    state = json.dumps({"ociVersion": "1.1.0", "id": container_id, "status": "created",
+                        "pid": os.getpid(), "bundle": "/"}).encode()
+    for i, hook in enumerate(spec.start_container_hooks):
+        try:
+            result = subprocess.run(list(hook.args) or [hook.path], executable=hook.path,
+                                    input=state, env=dict(e.split("=", 1) for e in hook.env),
+                                    timeout=hook.timeout, capture_output=True, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"hooks.startContainer[{i}] {hook.path}: {exc}") from exc
+        if result.returncode != 0:
+            raise RuntimeError(f"hooks.startContainer[{i}] {hook.path} exited with "
+                               f"{result.returncode}: {result.stderr.decode(errors='replace')}")
+
+
 def create(state_dir: str, sync: Sync) -> None:
     with open(os.path.join(state_dir, "config.json"), "rb") as f:
         spec = specmod.loads(f.read())
@@ -285,6 +303,7 @@ def create(state_dir: str, sync: Sync) -> None:
     sync.send(ready=True)
     if not sync.recv().get("start"):
         raise EOFError("no start message")
+    _run_start_container_hooks(spec, os.path.basename(state_dir))
     enter_process(spec.process)
 
 

@@ -103,6 +103,14 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
+class Hook:
+    path: str
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    timeout: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Resources:
     """linux.resources; -1 means unlimited where the spec allows it."""
 
@@ -134,6 +142,8 @@ class Spec:
     sysctl: tuple[tuple[str, str], ...] = ()
     resources: Resources = field(default_factory=Resources)
     cgroups_path: str = ""
+    # Only these hooks run in the guest; the others run in the runtime namespace (host).
+    start_container_hooks: tuple[Hook, ...] = ()
 
     def namespace(self, kind: str) -> Namespace | None:
         return next((ns for ns in self.namespaces if ns.type == kind), None)
@@ -342,7 +352,27 @@ def parse(raw: Any) -> Spec:
         sysctl=_sysctl(linux.get("sysctl")),
         resources=parse_resources(linux.get("resources")),
         cgroups_path=_str(linux.get("cgroupsPath"), "linux.cgroupsPath"),
+        start_container_hooks=_hooks(_obj(obj.get("hooks"), "hooks").get("startContainer"),
+                                     "hooks.startContainer"),
     )
+
+
+def _hooks(raw: Any, name: str) -> tuple[Hook, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SpecError(name, "must be a list")
+    out = []
+    for i, entry in enumerate(raw):
+        obj = _obj(entry, f"{name}[{i}]")
+        timeout = obj.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
+                                    or timeout <= 0):
+            raise SpecError(f"{name}[{i}].timeout", "must be a positive integer")
+        out.append(Hook(path=_abs_path(obj.get("path"), f"{name}[{i}].path"),
+                        args=_strs(obj.get("args"), f"{name}[{i}].args"),
+                        env=_strs(obj.get("env"), f"{name}[{i}].env"), timeout=timeout))
+    return tuple(out)
 
 
 def _limit(value: Any, name: str) -> int | None:
