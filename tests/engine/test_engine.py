@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +251,35 @@ def test_a_failing_start_container_hook_fails_the_start(tmp_path: Path, rootfs: 
     result = run(tmp_path, spec)
     assert result.returncode == 125 and "must not run" not in result.stdout
     assert "hooks.startContainer[0] /bin/sh exited with 3" in result.stderr
+
+
+@pytest.fixture
+def reachable_rootfs(rootfs: Path) -> Iterator[Path]:
+    """A copy of the rootfs whose parent directories the unmapped host root can traverse
+    (pytest's temp dirs are 0700): the container's root must reach its rootfs."""
+    parent = Path(tempfile.mkdtemp(prefix="runv-userns-", dir="/var/tmp"))
+    parent.chmod(0o755)
+    shutil.copytree(rootfs, parent / "rootfs", symlinks=True)
+    yield parent / "rootfs"
+    shutil.rmtree(parent)
+
+
+def test_user_namespace_with_mappings(tmp_path: Path, reachable_rootfs: Path) -> None:
+    rootfs = reachable_rootfs
+    spec = _spec(rootfs, ["sh", "-c", "id -u; id -g; cat /proc/self/uid_map /proc/self/gid_map; "
+                                      "touch /tmp/x && ls -ln /tmp/x"])
+    spec["linux"]["namespaces"].append({"type": "user"})
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    result = run(tmp_path, spec)
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert lines[0] == ["0"] and lines[1] == ["0"], result
+    assert lines[2] == ["0", "100000", "65536"] and lines[3] == ["0", "200000", "65536"]
+    assert lines[4][2:4] == ["0", "0"]  # root inside owns what it creates
+
+
+def test_a_new_user_namespace_needs_mappings(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["true"])
+    spec["linux"]["namespaces"].append({"type": "user"})
+    result = run(tmp_path, spec)
+    assert result.returncode == 125 and "linux.uidMappings: a new user namespace" in result.stderr

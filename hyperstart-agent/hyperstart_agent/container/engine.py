@@ -375,6 +375,12 @@ class Engine:
 
         def place(pid: int) -> None:
             nonlocal cgroup
+            user = spec.namespace("user")
+            if user is not None and not user.path:
+                for name, mappings in (("uid_map", spec.uid_mappings),
+                                       ("gid_map", spec.gid_mappings)):
+                    with open(f"/proc/{pid}/{name}", "w") as f:
+                        f.write("".join(f"{c} {h} {n}\n" for c, h, n in mappings))
             if self.cgroup_parent is not None:
                 cgroup = cgroups.Cgroup.create(self.cgroup_parent,
                                                spec.cgroups_path or container_id)

@@ -93,8 +93,13 @@ def _populate_dev(rootfs: str) -> None:
     for name, major, minor in DEFAULT_DEVICES:
         path = os.path.join(dev, name)
         if not os.path.lexists(path):
-            os.mknod(path, 0o666 | 0o020000, os.makedev(major, minor))
-            os.chmod(path, 0o666)
+            try:
+                os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+                os.chmod(path, 0o666)
+            except PermissionError:  # in a user namespace: bind the guest's node
+                with open(path, "w"):
+                    pass
+                sc.mount(f"/dev/{name}", path, "", sc.MS_BIND)
     for name, link in DEV_LINKS:
         path = os.path.join(dev, name)
         if not os.path.lexists(path):
@@ -287,6 +292,10 @@ def create(state_dir: str, sync: Sync) -> None:
     else:
         sync.send(pid=os.getpid())
     _wait_placed(sync)
+    user_ns = spec.namespace("user")
+    if user_ns is not None and not user_ns.path:
+        os.setresgid(0, 0, 0)  # root of the new namespace, now that the maps exist
+        os.setresuid(0, 0, 0)
     cgroup_ns = spec.namespace("cgroup")
     if cgroup_ns is not None and not cgroup_ns.path:
         sc.unshare(sc.CLONE_NEWCGROUP)

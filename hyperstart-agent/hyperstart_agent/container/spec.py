@@ -142,6 +142,9 @@ class Spec:
     sysctl: tuple[tuple[str, str], ...] = ()
     resources: Resources = field(default_factory=Resources)
     cgroups_path: str = ""
+    # (container id, host id, size) triples for a new user namespace.
+    uid_mappings: tuple[tuple[int, int, int], ...] = ()
+    gid_mappings: tuple[tuple[int, int, int], ...] = ()
     # Only these hooks run in the guest; the others run in the runtime namespace (host).
     start_container_hooks: tuple[Hook, ...] = ()
 
@@ -334,7 +337,7 @@ def parse(raw: Any) -> Spec:
     if not root_path:
         raise SpecError("root.path", "is required")
     linux = _obj(obj.get("linux"), "linux")
-    return Spec(
+    spec = Spec(
         process=parse_process(obj.get("process")),
         root_path=root_path,
         root_readonly=_bool(root.get("readonly"), "root.readonly"),
@@ -352,9 +355,31 @@ def parse(raw: Any) -> Spec:
         sysctl=_sysctl(linux.get("sysctl")),
         resources=parse_resources(linux.get("resources")),
         cgroups_path=_str(linux.get("cgroupsPath"), "linux.cgroupsPath"),
+        uid_mappings=_mappings(linux.get("uidMappings"), "linux.uidMappings"),
+        gid_mappings=_mappings(linux.get("gidMappings"), "linux.gidMappings"),
         start_container_hooks=_hooks(_obj(obj.get("hooks"), "hooks").get("startContainer"),
                                      "hooks.startContainer"),
     )
+    user = spec.namespace("user")
+    if user is not None and not user.path and not (spec.uid_mappings and spec.gid_mappings):
+        raise SpecError("linux.uidMappings", "a new user namespace needs uid and gid mappings")
+    return spec
+
+
+def _mappings(raw: Any, name: str) -> tuple[tuple[int, int, int], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SpecError(name, "must be a list")
+    out = []
+    for i, entry in enumerate(raw):
+        obj = _obj(entry, f"{name}[{i}]")
+        size = _uint(obj.get("size"), f"{name}[{i}].size")
+        if size == 0:
+            raise SpecError(f"{name}[{i}].size", "must be at least 1")
+        out.append((_uint(obj.get("containerID"), f"{name}[{i}].containerID"),
+                    _uint(obj.get("hostID"), f"{name}[{i}].hostID"), size))
+    return tuple(out)
 
 
 def _hooks(raw: Any, name: str) -> tuple[Hook, ...]:
