@@ -36,7 +36,7 @@ root=$work/root
 start=$SECONDS
 
 step "debootstrap $suite minbase + python3 (from the host's Debian mirror)"
-if ! debootstrap --variant=minbase --include=python3 "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1; then
+if ! debootstrap --variant=minbase --include=python3,libseccomp2 "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1; then
   tail -n 20 "$work/debootstrap.log" >&2
   grep -h -E 'E:|Failure' "$root/debootstrap/debootstrap.log" 2>/dev/null | tail -n 5 >&2 || true
   fail "debootstrap failed (log tail above names the package)"
@@ -96,7 +96,10 @@ for so in /usr/bin/python3.11 $(find /usr/lib/python3.11/lib-dynload /opt/hypers
   ldd "$so"
 done >/tmp/ldd.txt
 if grep 'not found' /tmp/ldd.txt; then echo "a shared library is missing" >&2; exit 1; fi
-for lib in $(grep -o '/[^ ]*' /tmp/ldd.txt | sort -u); do copy "$lib"; done
+# libseccomp is opened with dlopen (container seccomp profiles), so ldd cannot see it.
+for lib in $(grep -o '/[^ ]*' /tmp/ldd.txt | sort -u) /usr/lib/x86_64-linux-gnu/libseccomp.so.2; do
+  copy "$lib"
+done
 mkdir -p "$out"/proc "$out"/sys "$out"/dev "$out"/run "$out"/tmp
 printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$out/etc/hosts"
 SH

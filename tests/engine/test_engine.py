@@ -283,3 +283,48 @@ def test_a_new_user_namespace_needs_mappings(tmp_path: Path, rootfs: Path) -> No
     spec["linux"]["namespaces"].append({"type": "user"})
     result = run(tmp_path, spec)
     assert result.returncode == 125 and "linux.uidMappings: a new user namespace" in result.stderr
+
+
+def _seccomp(**extra: Any) -> dict[str, Any]:
+    return {"defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                {"names": ["chmod"], "action": "SCMP_ACT_ERRNO",
+                 "args": [{"index": 1, "value": 0o777, "op": "SCMP_CMP_EQ"}]},
+                {"names": ["fchmodat"], "action": "SCMP_ACT_ERRNO",
+                 "args": [{"index": 2, "value": 0o777, "op": "SCMP_CMP_EQ"}]},
+                {"names": ["not_a_syscall_anywhere"], "action": "SCMP_ACT_ERRNO"},
+            ], **extra}
+
+
+@pytest.mark.parametrize("nnp", [False, True])
+def test_seccomp_actions_and_argument_filters(tmp_path: Path, rootfs: Path, nnp: bool) -> None:
+    spec = _spec(rootfs, ["sh", "-c", "mkdir /tmp/d 2>&1; touch /tmp/f; chmod 755 /tmp/f && "
+                                      "echo chmod-755-ok; chmod 777 /tmp/f 2>&1; "
+                                      "grep Seccomp: /proc/self/status"],
+                 noNewPrivileges=nnp)
+    spec["linux"]["seccomp"] = _seccomp()
+    out = run(tmp_path, spec).stdout.splitlines()
+    assert "Operation not permitted" in out[0]
+    assert out[1] == "chmod-755-ok" and "Operation not permitted" in out[2]
+    assert out[3].split() == ["Seccomp:", "2"]  # filter mode
+
+
+def test_seccomp_kill_and_bad_profiles(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["sh", "-c", "echo before; exec mkdir /tmp/d"])
+    spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_KILL_PROCESS"}]}
+    result = run(tmp_path, spec)
+    assert result.stdout == "before\n" and result.returncode == 128 + 31  # SIGSYS
+    for profile, message in [
+        ({"defaultAction": "SCMP_ACT_BOGUS"}, "linux.seccomp.defaultAction: unknown"),
+        ({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": [],
+                                                            "action": "SCMP_ACT_ALLOW"}]},
+         "linux.seccomp.syscalls[0].names"),
+        ({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["X86"]},
+         "linux.seccomp.architectures[0]"),
+    ]:
+        spec["linux"]["seccomp"] = profile
+        result = run(tmp_path, spec)
+        assert result.returncode == 125 and message in result.stderr, result.stderr

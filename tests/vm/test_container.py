@@ -335,3 +335,29 @@ def test_copy_file_into_the_guest_and_run_it_in_a_container(
             await agent.copy_file("/etc/evil", b"x")
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_seccomp_in_the_guest_also_for_exec(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        spec = json.loads(_spec(MOUNT.format("sc"), [
+            "sh", "-c", "mkdir /dev/d 2>&1; grep Seccomp: /proc/self/status; exec sleep 600"]))
+        spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}
+        await agent.create_container("sc", json.dumps(spec).encode(), storages=(
+            Storage("9p", "rootfs0", MOUNT.format("sc")),))
+        output = asyncio.create_task(_collect(agent.stdio("sc")))
+        await agent.start_container("sc")
+        process = json.dumps({"args": ["sh", "-c", "mkdir /dev/e 2>&1; echo exec-done"],
+                              "env": ["PATH=/bin"], "cwd": "/"}).encode()
+        await agent.exec_process("sc", "e", process)
+        exec_output = asyncio.create_task(_collect(agent.stdio("sc", "e")))
+        assert await agent.wait_process("sc", "e", timeout_s=60) == 0
+        assert b"Operation not permitted" in (await exec_output)["stdout"]
+        await agent.signal_process("sc", "", signal.SIGKILL)
+        await agent.wait_process("sc", timeout_s=60)
+        out = (await output)["stdout"].decode()
+        assert "Operation not permitted" in out and "Seccomp:\t2" in out
+        await agent.remove_container("sc")
+
+    _run(runtime_config, busybox_rootfs, body)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import AgentError
-from . import cgroups
+from . import cgroups, seccomp
 from . import spec as specmod
 from . import syscalls as sc
 
@@ -364,6 +364,7 @@ class Engine:
             raise EngineError("ALREADY_EXISTS", f"container {container_id!r} already exists")
         try:
             spec = specmod.loads(spec_json)
+            seccomp.parse(json.loads(spec_json).get("linux", {}).get("seccomp"))
         except specmod.SpecError as exc:
             raise EngineError("INVALID_ARGUMENT", f"spec: {exc}") from exc
         if not os.path.isdir(spec.root_path):

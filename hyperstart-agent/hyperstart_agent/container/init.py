@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import termios
+from typing import Any
 
 from . import spec as specmod
 from . import syscalls as sc
@@ -185,10 +186,15 @@ def _open_terminal(process: specmod.Process, sync: Sync) -> None:
     os.close(master)
 
 
-def enter_process(process: specmod.Process) -> None:
-    """Become the process described: terminal, rlimits, OOM score, groups, ids, capabilities,
-    umask, cwd, no_new_privs; then exec."""
+def enter_process(process: specmod.Process, seccomp_profile: Any = None) -> None:
+    """Become the process described: rlimits, OOM score, groups, ids, capabilities, umask,
+    cwd, no_new_privs, seccomp; then exec. Without noNewPrivileges the filter is loaded while
+    still privileged (before the user switch), so those last calls must pass it."""
+    from . import seccomp
+
     user = process.user
+    if seccomp_profile is not None and not process.no_new_privileges:
+        seccomp.load(seccomp_profile)
     for limit in process.rlimits:
         resource.setrlimit(limit.resource, (limit.soft, limit.hard))
     if process.oom_score_adj is not None:
@@ -216,6 +222,8 @@ def enter_process(process: specmod.Process) -> None:
     os.chdir(process.cwd)
     if process.no_new_privileges:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        if seccomp_profile is not None:
+            seccomp.load(seccomp_profile)
     env = dict(entry.split("=", 1) for entry in process.env)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     os.set_inheritable(SYNC_FD, False)
@@ -280,8 +288,14 @@ def _run_start_container_hooks(spec: specmod.Spec, container_id: str) -> None:
 
 
 def create(state_dir: str, sync: Sync) -> None:
+    from . import seccomp
+
     with open(os.path.join(state_dir, "config.json"), "rb") as f:
-        spec = specmod.loads(f.read())
+        raw = f.read()
+    spec = specmod.loads(raw)
+    profile = seccomp.parse(json.loads(raw).get("linux", {}).get("seccomp"))
+    if profile is not None:
+        seccomp.preload()
     if spec.namespace("mount") is None or spec.namespace("mount").path:  # type: ignore[union-attr]
         raise specmod.SpecError("linux.namespaces", "a new mount namespace is required")
     _join_namespaces(spec.namespaces)
@@ -313,14 +327,21 @@ def create(state_dir: str, sync: Sync) -> None:
     if not sync.recv().get("start"):
         raise EOFError("no start message")
     _run_start_container_hooks(spec, os.path.basename(state_dir))
-    enter_process(spec.process)
+    enter_process(spec.process, profile)
 
 
 def exec_in(state_dir: str, sync: Sync) -> None:
     """Run process.json of STATE_DIR inside the namespaces of the container whose init pid is
     in STATE_DIR/target_pid."""
+    from . import seccomp
+
     with open(os.path.join(state_dir, "process.json"), "rb") as f:
         process = specmod.parse_process(json.loads(f.read()))
+    # An exec'd process gets its container's seccomp profile, as with runc.
+    with open(os.path.join(os.path.dirname(state_dir), "config.json"), "rb") as f:
+        profile = seccomp.parse(json.loads(f.read()).get("linux", {}).get("seccomp"))
+    if profile is not None:
+        seccomp.preload()
     with open(os.path.join(state_dir, "target_pid")) as f:
         target = int(f.read())
     fds = {}
@@ -342,7 +363,7 @@ def exec_in(state_dir: str, sync: Sync) -> None:
     sync.send(ready=True)
     if not sync.recv().get("start"):
         raise EOFError("no start message")
-    enter_process(process)
+    enter_process(process, profile)
 
 
 def hold_namespaces(directory: str, sync: Sync) -> None:

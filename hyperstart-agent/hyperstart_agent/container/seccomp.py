@@ -1,0 +1,158 @@
+"""OCI linux.seccomp -> a filter loaded with libseccomp (ctypes), like runc does."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from .spec import SpecError
+
+ACTIONS = {
+    "SCMP_ACT_KILL": 0x00000000, "SCMP_ACT_KILL_THREAD": 0x00000000,
+    "SCMP_ACT_KILL_PROCESS": 0x80000000, "SCMP_ACT_TRAP": 0x00030000,
+    "SCMP_ACT_ERRNO": 0x00050000, "SCMP_ACT_TRACE": 0x7FF00000,
+    "SCMP_ACT_LOG": 0x7FFC0000, "SCMP_ACT_ALLOW": 0x7FFF0000,
+}
+OPERATORS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
+             "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
+FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC": 4, "SECCOMP_FILTER_FLAG_LOG": 6,
+         "SECCOMP_FILTER_FLAG_SPEC_ALLOW": 7}  # libseccomp filter attributes
+_ATTR_NNP = 3
+_NR_SCMP_ERROR = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    index: int
+    value: int
+    value_two: int
+    op: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    names: tuple[str, ...]
+    action: int
+    args: tuple[Arg, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    default_action: int
+    architectures: tuple[str, ...] = ()
+    flags: tuple[int, ...] = ()
+    rules: tuple[Rule, ...] = ()
+
+
+def _action(obj: dict[str, Any], name: str, key: str = "action") -> int:
+    action = obj.get(key)
+    if action not in ACTIONS:
+        raise SpecError(f"{name}.{key}", f"unknown or unsupported action {action!r}")
+    value = ACTIONS[action]
+    if action in ("SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"):
+        ret = obj.get("errnoRet", errno.EPERM if action == "SCMP_ACT_ERRNO" else 0)
+        if isinstance(ret, bool) or not isinstance(ret, int) or not 0 <= ret <= 0xFFFF:
+            raise SpecError(f"{name}.errnoRet", "must be an integer from 0 to 65535")
+        value |= ret
+    return value
+
+
+def parse(raw: Any) -> Profile | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise SpecError("linux.seccomp", "must be an object")
+    name = "linux.seccomp"
+    archs = []
+    for i, arch in enumerate(raw.get("architectures") or []):
+        if not isinstance(arch, str) or not arch.startswith("SCMP_ARCH_"):
+            raise SpecError(f"{name}.architectures[{i}]", f"unknown architecture {arch!r}")
+        archs.append(arch.removeprefix("SCMP_ARCH_").lower())
+    flags = []
+    for i, flag in enumerate(raw.get("flags") or []):
+        if flag not in FLAGS:
+            raise SpecError(f"{name}.flags[{i}]", f"unknown flag {flag!r}")
+        flags.append(FLAGS[flag])
+    rules = []
+    for i, entry in enumerate(raw.get("syscalls") or []):
+        where = f"{name}.syscalls[{i}]"
+        if not isinstance(entry, dict):
+            raise SpecError(where, "must be an object")
+        names = entry.get("names")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise SpecError(f"{where}.names", "must be a non-empty list of syscall names")
+        args = []
+        for j, arg in enumerate(entry.get("args") or []):
+            if not isinstance(arg, dict) or arg.get("op") not in OPERATORS:
+                raise SpecError(f"{where}.args[{j}].op", f"unknown operator {arg!r}")
+            index = arg.get("index")
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 5:
+                raise SpecError(f"{where}.args[{j}].index", "must be 0 to 5")
+            args.append(Arg(index, int(arg.get("value", 0)), int(arg.get("valueTwo", 0)),
+                            OPERATORS[arg["op"]]))
+        rules.append(Rule(tuple(names), _action(entry, where), tuple(args)))
+    return Profile(_action(raw, name, "defaultAction"), tuple(archs), tuple(flags),
+                   tuple(rules))
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = (("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64))
+
+
+@functools.cache
+def preload() -> ctypes.CDLL:
+    """Open libseccomp now: after pivot_root or setns into the container's mount namespace the
+    guest's library is out of reach."""
+    return ctypes.CDLL("libseccomp.so.2", use_errno=True)
+
+
+def load(profile: Profile) -> None:
+    """Install the filter on this thread (inherited through exec). Syscall names libseccomp does
+    not know are skipped, as runc does; so are rules whose action is the default."""
+    lib = preload()
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = (ctypes.c_uint32,)
+    lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
+    lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+    lib.seccomp_arch_resolve_name.argtypes = (ctypes.c_char_p,)
+    lib.seccomp_rule_add_array.argtypes = (ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp))
+    for fn in ("seccomp_load", "seccomp_release"):
+        getattr(lib, fn).argtypes = (ctypes.c_void_p,)
+    lib.seccomp_arch_add.argtypes = (ctypes.c_void_p, ctypes.c_uint32)
+    lib.seccomp_attr_set.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32)
+    ctx = lib.seccomp_init(profile.default_action)
+    if not ctx:
+        raise OSError("seccomp_init failed")
+    try:
+        lib.seccomp_attr_set(ctx, _ATTR_NNP, 0)  # noNewPrivileges is the spec's decision
+        for flag in profile.flags:
+            lib.seccomp_attr_set(ctx, flag, 1)
+        for arch in profile.architectures:
+            token = lib.seccomp_arch_resolve_name(arch.encode())
+            if token == 0:
+                raise OSError(f"seccomp: architecture {arch!r} is unknown to libseccomp")
+            rc = lib.seccomp_arch_add(ctx, token)
+            if rc not in (0, -errno.EEXIST):
+                raise OSError(-rc, f"seccomp_arch_add {arch}")
+        for rule in profile.rules:
+            if rule.action == profile.default_action:
+                continue
+            cmps = (_ArgCmp * max(len(rule.args), 1))(
+                *(_ArgCmp(a.index, a.op, a.value, a.value_two) for a in rule.args))
+            for name in rule.names:
+                number = lib.seccomp_syscall_resolve_name(name.encode())
+                if number == _NR_SCMP_ERROR:
+                    continue
+                rc = lib.seccomp_rule_add_array(ctx, rule.action, number, len(rule.args), cmps)
+                if rc != 0:
+                    raise OSError(-rc, f"seccomp rule for {name}: {errno.errorcode.get(-rc)}")
+        rc = lib.seccomp_load(ctx)
+        if rc != 0:
+            raise OSError(-rc, f"seccomp_load: {errno.errorcode.get(-rc)}")
+    finally:
+        lib.seccomp_release(ctx)
