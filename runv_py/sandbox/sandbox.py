@@ -138,6 +138,9 @@ class Sandbox:
         extra = {"sandbox": self.id}
         t0 = time.monotonic()
         found = assets.find(self.config.guest.assets_dir)
+        for share in shares:
+            if not share.path.is_dir():
+                raise ConfigError(f"share {share.tag}: {share.path} is not a directory")
         for stale in sweep_stale(self.config.state_dir):
             log.info("removed the state of sandbox %s, whose owner died", stale, extra=extra)
         self.accel = accel.choose(self.config.hypervisor.accelerator)
@@ -149,9 +152,6 @@ class Sandbox:
             raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
         self._owns_dir = True
         _write_owner(self.paths)
-        for share in shares:
-            if not share.path.is_dir():
-                raise ConfigError(f"share {share.tag}: {share.path} is not a directory")
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
                        shares=shares)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
