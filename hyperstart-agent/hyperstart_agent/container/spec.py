@@ -196,6 +196,15 @@ def _strs(value: Any, name: str) -> tuple[str, ...]:
     return tuple(_str(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
+def _items(raw: Any, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """A list of objects in the spec, as (its field name, the object) pairs."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise SpecError(name, "must be a list")
+    return [(f"{name}[{i}]", _obj(entry, f"{name}[{i}]")) for i, entry in enumerate(raw)]
+
+
 def _abs_path(value: Any, name: str) -> str:
     path = _str(value, name)
     if not path.startswith("/"):
@@ -236,20 +245,15 @@ def _capabilities(raw: Any, name: str) -> Capabilities | None:
 
 
 def _rlimits(raw: Any, name: str) -> tuple[Rlimit, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise SpecError(name, "must be a list")
     out = []
-    for i, entry in enumerate(raw):
-        obj = _obj(entry, f"{name}[{i}]")
-        kind = _str(obj.get("type"), f"{name}[{i}].type")
+    for item, obj in _items(raw, name):
+        kind = _str(obj.get("type"), f"{item}.type")
         if kind not in RLIMITS:
-            raise SpecError(f"{name}[{i}].type", f"unknown rlimit {kind!r}")
-        soft = _uint(obj.get("soft"), f"{name}[{i}].soft", maximum=2**64 - 1)
-        hard = _uint(obj.get("hard"), f"{name}[{i}].hard", maximum=2**64 - 1)
+            raise SpecError(f"{item}.type", f"unknown rlimit {kind!r}")
+        soft = _uint(obj.get("soft"), f"{item}.soft", maximum=2**64 - 1)
+        hard = _uint(obj.get("hard"), f"{item}.hard", maximum=2**64 - 1)
         if soft > hard:
-            raise SpecError(f"{name}[{i}].soft", f"{soft} is above hard limit {hard}")
+            raise SpecError(f"{item}.soft", f"{soft} is above hard limit {hard}")
         out.append(Rlimit(RLIMITS.index(kind), soft, hard))
     return tuple(out)
 
@@ -293,38 +297,28 @@ def _int_range(value: Any, name: str, low: int, high: int) -> int:
 
 
 def _mounts(raw: Any) -> tuple[Mount, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise SpecError("mounts", "must be a list")
     out = []
-    for i, entry in enumerate(raw):
-        obj = _obj(entry, f"mounts[{i}]")
+    for item, obj in _items(raw, "mounts"):
         out.append(Mount(
-            destination=_abs_path(obj.get("destination"), f"mounts[{i}].destination"),
-            type=_str(obj.get("type"), f"mounts[{i}].type"),
-            source=_str(obj.get("source"), f"mounts[{i}].source"),
-            options=_strs(obj.get("options"), f"mounts[{i}].options"),
+            destination=_abs_path(obj.get("destination"), f"{item}.destination"),
+            type=_str(obj.get("type"), f"{item}.type"),
+            source=_str(obj.get("source"), f"{item}.source"),
+            options=_strs(obj.get("options"), f"{item}.options"),
         ))
     return tuple(out)
 
 
 def _namespaces(raw: Any) -> tuple[Namespace, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise SpecError("linux.namespaces", "must be a list")
     out: list[Namespace] = []
-    for i, entry in enumerate(raw):
-        obj = _obj(entry, f"linux.namespaces[{i}]")
-        kind = _str(obj.get("type"), f"linux.namespaces[{i}].type")
+    for item, obj in _items(raw, "linux.namespaces"):
+        kind = _str(obj.get("type"), f"{item}.type")
         if kind not in NAMESPACE_TYPES:
-            raise SpecError(f"linux.namespaces[{i}].type",
+            raise SpecError(f"{item}.type",
                             f"unknown namespace type {kind!r}")
         if any(ns.type == kind for ns in out):
-            raise SpecError(f"linux.namespaces[{i}].type", f"namespace {kind!r} given twice")
+            raise SpecError(f"{item}.type", f"namespace {kind!r} given twice")
         path = obj.get("path")
-        out.append(Namespace(kind, _abs_path(path, f"linux.namespaces[{i}].path")
+        out.append(Namespace(kind, _abs_path(path, f"{item}.path")
                              if path else ""))
     return tuple(out)
 
@@ -367,36 +361,26 @@ def parse(raw: Any) -> Spec:
 
 
 def _mappings(raw: Any, name: str) -> tuple[tuple[int, int, int], ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise SpecError(name, "must be a list")
     out = []
-    for i, entry in enumerate(raw):
-        obj = _obj(entry, f"{name}[{i}]")
-        size = _uint(obj.get("size"), f"{name}[{i}].size")
+    for item, obj in _items(raw, name):
+        size = _uint(obj.get("size"), f"{item}.size")
         if size == 0:
-            raise SpecError(f"{name}[{i}].size", "must be at least 1")
-        out.append((_uint(obj.get("containerID"), f"{name}[{i}].containerID"),
-                    _uint(obj.get("hostID"), f"{name}[{i}].hostID"), size))
+            raise SpecError(f"{item}.size", "must be at least 1")
+        out.append((_uint(obj.get("containerID"), f"{item}.containerID"),
+                    _uint(obj.get("hostID"), f"{item}.hostID"), size))
     return tuple(out)
 
 
 def _hooks(raw: Any, name: str) -> tuple[Hook, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise SpecError(name, "must be a list")
     out = []
-    for i, entry in enumerate(raw):
-        obj = _obj(entry, f"{name}[{i}]")
+    for item, obj in _items(raw, name):
         timeout = obj.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int)
                                     or timeout <= 0):
-            raise SpecError(f"{name}[{i}].timeout", "must be a positive integer")
-        out.append(Hook(path=_abs_path(obj.get("path"), f"{name}[{i}].path"),
-                        args=_strs(obj.get("args"), f"{name}[{i}].args"),
-                        env=_strs(obj.get("env"), f"{name}[{i}].env"), timeout=timeout))
+            raise SpecError(f"{item}.timeout", "must be a positive integer")
+        out.append(Hook(path=_abs_path(obj.get("path"), f"{item}.path"),
+                        args=_strs(obj.get("args"), f"{item}.args"),
+                        env=_strs(obj.get("env"), f"{item}.env"), timeout=timeout))
     return tuple(out)
 
 
@@ -446,14 +430,8 @@ def parse_resources(raw: Any, name: str = "linux.resources") -> Resources:
 
 
 def _devices(raw: Any) -> tuple[Device, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise SpecError("linux.devices", "must be a list")
     out = []
-    for i, entry in enumerate(raw):
-        name = f"linux.devices[{i}]"
-        obj = _obj(entry, name)
+    for name, obj in _items(raw, "linux.devices"):
         path = _abs_path(obj.get("path"), f"{name}.path")
         if not path.startswith("/dev/"):
             raise SpecError(f"{name}.path", f"must be under /dev, not {path!r}")
