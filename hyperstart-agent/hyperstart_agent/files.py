@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import posixpath
 from collections.abc import Iterable
@@ -44,7 +45,7 @@ def copy_in(chunks: Iterable[Chunk], root: str = ROOT) -> str:
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         written = 0
-        for chunk in _chain(first, it):
+        for chunk in itertools.chain([first], it):
             written += len(chunk.data)
             if written > first.size:
                 raise AgentError("INVALID_ARGUMENT",
@@ -65,8 +66,3 @@ def copy_in(chunks: Iterable[Chunk], root: str = ROOT) -> str:
             os.unlink(partial)
         raise
     return path
-
-
-def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
-    yield first
-    yield from rest

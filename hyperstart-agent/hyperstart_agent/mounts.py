@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
-    rc = _libc.mount(source.encode(), target.encode(), fstype.encode(), flags,
-                     data.encode() or None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+from .container.syscalls import MS_NODEV, MS_NOEXEC, MS_NOSUID, mount
 
 
 def is_mounted(target: str) -> bool:

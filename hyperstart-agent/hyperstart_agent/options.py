@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 DEFAULT_CHANNEL = "serial:agent.channel.0"
 SERVER_SOCKET = "/run/hyperstart/agent.sock"
@@ -37,6 +37,6 @@ def parse(cmdline: str) -> Options:
 
 
 def unknown_keys(cmdline: str) -> list[str]:
-    known = {"hyperstart.channel", "hyperstart.debug"}
+    known = {f"hyperstart.{f.name}" for f in fields(Options)}
     keys = [word.partition("=")[0] for word in cmdline.split()]
     return [key for key in keys if key.startswith("hyperstart.") and key not in known]

@@ -6,6 +6,7 @@ process: nothing is dropped."""
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -23,7 +24,7 @@ CHUNK = 64 * 1024
 
 def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
     try:
-        for message in _chain(first, requests):
+        for message in itertools.chain([first], requests):
             if message.data and process.stdin is not None:
                 view = memoryview(message.data)
                 while view:
@@ -34,11 +35,6 @@ def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
         log.debug("stdin of %s ended: %s", process.exec_id, exc)
     finally:
         process.close_stdin()
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    yield from rest
 
 
 def read_output(process: Process) -> Iterator[pb.StdioOutput]:
