@@ -9,6 +9,9 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cache=${RUNV_CACHE:-/var/cache/runv-py}
 assets=${RUNV_ASSETS_DIR:-$cache/assets}
 mkdir -p "$cache" "$assets"
+# One build at a time per cache: concurrent runs wait, then find the result cached.
+exec 9>"$cache/.lock"
+flock 9
 
 # key NAME FILE...: a short hash of the files' contents (plus extra words in $KEY_EXTRA).
 key() {
