@@ -63,15 +63,18 @@ install -m 0755 "$here/hyperstart-init" "$root/sbin/hyperstart"
 
 step "stripping what the agent does not need"
 rm -rf "$root"/usr/lib/python3.11/{test,idlelib,tkinter,turtledemo,ensurepip,lib2to3,pydoc_data,distutils/tests} \
-  "$root"/usr/lib/python3.11/{sqlite3,dbm,curses,xmlrpc} "$lib"/*.dist-info \
-  "$root"/usr/lib/python3.11/ssl.py "$root"/usr/lib/python3.11/lib-dynload/_ssl.*.so
-# No ssl: the agent needs no TLS (grpc has its own), and asyncio, which grpc imports, then skips
-# loading _ssl and libssl: 0.2 s of a TCG boot.
+  "$root"/usr/lib/python3.11/{sqlite3,dbm,curses,xmlrpc} "$lib"/*.dist-info
+# ssl off sys.path: asyncio, which grpc imports at boot, then skips loading _ssl and libssl
+# (0.2 s of a TCG boot). pyroute2 imports ssl, so hyperstart_agent.network puts this directory
+# on sys.path before its first netlink call.
+ondemand=$root/opt/hyperstart/ondemand
+mkdir -p "$ondemand"
+mv "$root"/usr/lib/python3.11/ssl.py "$root"/usr/lib/python3.11/lib-dynload/_ssl.*.so "$ondemand/"
 find "$root/usr/lib/python3.11" "$lib" -name __pycache__ -prune -exec rm -rf {} +
 
 step "byte-compiling with the guest's python (the image is read-only)"
 chroot "$root" /usr/bin/python3 -m compileall -q --invalidation-mode unchecked-hash \
-  /usr/lib/python3.11 /opt/hyperstart/lib >"$work/compile.log" 2>&1 \
+  /usr/lib/python3.11 /opt/hyperstart/lib /opt/hyperstart/ondemand >"$work/compile.log" 2>&1 \
   || { tail -n 20 "$work/compile.log" >&2; fail "byte-compiling failed"; }
 
 # The image holds only what PID 1 runs: the interpreter, its stdlib, the agent and its wheels,
@@ -92,7 +95,7 @@ for path in /usr/bin/python3.11 /usr/bin/python3 /usr/lib/python3.11 /opt/hypers
     /usr/sbin/hyperstart /etc/passwd /etc/group; do
   copy "$path"
 done
-for so in /usr/bin/python3.11 $(find /usr/lib/python3.11/lib-dynload /opt/hyperstart/lib -name '*.so*'); do
+for so in /usr/bin/python3.11 $(find /usr/lib/python3.11/lib-dynload /opt/hyperstart -name '*.so*'); do
   ldd "$so"
 done >/tmp/ldd.txt
 if grep 'not found' /tmp/ldd.txt; then echo "a shared library is missing" >&2; exit 1; fi
@@ -112,7 +115,9 @@ for node in "console c 5 1 600" "null c 1 3 666" "zero c 1 5 666" "urandom c 1 9
   set -- $node
   mknod -m "$5" "$min/dev/$1" "$2" "$3" "$4"
 done
-chroot "$min" /usr/bin/python3.11 -I -S -c 'import sys; sys.path.insert(0, "/opt/hyperstart/lib"); import hyperstart_agent.server' \
+chroot "$min" /usr/bin/python3.11 -I -S -c 'import sys; sys.path.insert(0, "/opt/hyperstart/lib"); import hyperstart_agent.server
+assert "ssl" not in sys.modules, "ssl is on the boot path"
+from hyperstart_agent import network; network.import_pyroute2()' \
   || fail "the agent does not import in the minimal tree (a file is missing from it)"
 root=$min
 

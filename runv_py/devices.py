@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import ConfigError
+
+_NIC_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,3 +19,35 @@ class Share:
     tag: str
     path: Path
     readonly: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HubPort:
+    """A port on a hub inside the hypervisor: frames reach the hub's other ports and nothing
+    outside the VM (two NICs on one hub form a private link)."""
+
+    hub: int = 0
+
+
+NicBackend = HubPort
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """A virtio-net device. `id` and `mac` go into the hypervisor's argv, so both are checked
+    here."""
+
+    id: str
+    mac: str
+    mtu: int = 0  # 0: the device offers none and the guest uses 1500
+    backend: NicBackend = HubPort()
+
+    def __post_init__(self) -> None:
+        if not _NIC_ID.match(self.id):
+            raise ConfigError(f"nic id {self.id!r}: use 1-32 letters, digits, '_', '-'")
+        if not _MAC.match(self.mac):
+            raise ConfigError(f"nic {self.id}: mac {self.mac!r} is not aa:bb:cc:dd:ee:ff")
+        if int(self.mac[:2], 16) & 1:
+            raise ConfigError(f"nic {self.id}: mac {self.mac} is a multicast address")
+        if self.mtu and not 68 <= self.mtu <= 65535:
+            raise ConfigError(f"nic {self.id}: mtu {self.mtu} is not from 68 to 65535")

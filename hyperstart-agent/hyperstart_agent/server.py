@@ -19,6 +19,7 @@ from ._pb import hyperstart_pb2_grpc as pb_grpc
 from .errors import AgentError
 
 if TYPE_CHECKING:
+    from . import network
     from .container.engine import Engine
 
 # The container engine, storage and stdio modules load on the first container call: they are
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FEATURES = ("channel.serial", "container.engine", "storage.9p", "storage.virtiofs",
-            "storage.block")
+            "storage.block", "network")
 T = TypeVar("T")
 
 
@@ -279,6 +280,41 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         files.copy_in(requests)
         return pb.Empty()
 
+    @_rpc
+    def UpdateInterface(self, request: pb.UpdateInterfaceRequest, context: Any
+                        ) -> pb.Interface:
+        from . import network
+
+        want = network.parse_interface(request.interface)
+        return _interface_pb(network.update_interface(want))
+
+    @_rpc
+    def UpdateRoutes(self, request: pb.UpdateRoutesRequest, context: Any) -> pb.Routes:
+        from . import network
+
+        routes = network.parse_routes(request.routes)
+        return pb.Routes(routes=[_route_pb(r) for r in network.update_routes(routes)])
+
+    @_rpc
+    def ListInterfaces(self, request: pb.ListInterfacesRequest, context: Any
+                       ) -> pb.Interfaces:
+        from . import network
+
+        return pb.Interfaces(interfaces=[_interface_pb(i) for i in network.list_interfaces()])
+
+    @_rpc
+    def ListRoutes(self, request: pb.ListRoutesRequest, context: Any) -> pb.Routes:
+        from . import network
+
+        return pb.Routes(routes=[_route_pb(r) for r in network.list_routes()])
+
+    @_rpc
+    def AddARPNeighbors(self, request: pb.AddARPNeighborsRequest, context: Any) -> pb.Empty:
+        from . import network
+
+        network.add_neighbors(network.parse_neighbors(request.neighbors))
+        return pb.Empty()
+
     def Events(self, request: pb.EventsRequest, context: Any) -> Iterator[pb.Event]:
         yield from _event_stream(self.engine, context)
 
@@ -300,6 +336,25 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
         yield from stdio.read_output(process)
+
+
+def _family(version: int) -> int:
+    return int(pb.IPV4 if version == 4 else pb.IPV6)
+
+
+def _interface_pb(i: network.Interface) -> pb.Interface:
+    return pb.Interface(
+        name=i.name, hw_addr=i.hw_addr, mtu=i.mtu, raw_flags=i.flags, type=i.kind,
+        ip_addresses=[pb.IPAddress(family=_family(a.ip.version), address=str(a.ip),
+                                   prefix_len=a.prefix_len) for a in i.addresses])
+
+
+def _route_pb(r: network.Route) -> pb.Route:
+    return pb.Route(
+        dest="default" if r.dest.prefixlen == 0 else str(r.dest),
+        gateway=str(r.gateway) if r.gateway else "", device=r.device,
+        source=str(r.source) if r.source else "", scope=r.scope,
+        family=_family(r.dest.version))
 
 
 def _event_stream(engine: Engine, context: Any) -> Iterator[pb.Event]:

@@ -206,6 +206,37 @@ class AgentClient:
 
         await self._call("CopyFile", self._stub.CopyFile(chunks(), timeout=self.call_timeout_s))
 
+    async def update_interface(self, interface: convert.Interface) -> convert.Interface:
+        """Configure a guest interface (see convert.Interface); returns it as it is now."""
+        response = await self._call("UpdateInterface", self._stub.UpdateInterface(
+            pb.UpdateInterfaceRequest(interface=convert.interface_pb(interface)),
+            timeout=self.call_timeout_s))
+        return convert.interface(response)
+
+    async def update_routes(self, routes: tuple[convert.Route, ...]
+                            ) -> tuple[convert.Route, ...]:
+        """Replace the guest's routes (those the kernel made for addresses stay); returns the
+        routes as they are now."""
+        response = await self._call("UpdateRoutes", self._stub.UpdateRoutes(
+            pb.UpdateRoutesRequest(routes=[convert.route_pb(r) for r in routes]),
+            timeout=self.call_timeout_s))
+        return tuple(convert.route(r) for r in response.routes)
+
+    async def list_interfaces(self) -> tuple[convert.Interface, ...]:
+        response = await self._call("ListInterfaces", self._stub.ListInterfaces(
+            pb.ListInterfacesRequest(), timeout=self.call_timeout_s))
+        return tuple(convert.interface(i) for i in response.interfaces)
+
+    async def list_routes(self) -> tuple[convert.Route, ...]:
+        response = await self._call("ListRoutes", self._stub.ListRoutes(
+            pb.ListRoutesRequest(), timeout=self.call_timeout_s))
+        return tuple(convert.route(r) for r in response.routes)
+
+    async def add_arp_neighbors(self, neighbors: tuple[convert.ARPNeighbor, ...]) -> None:
+        await self._call("AddARPNeighbors", self._stub.AddARPNeighbors(
+            pb.AddARPNeighborsRequest(neighbors=[convert.neighbor_pb(n) for n in neighbors]),
+            timeout=self.call_timeout_s))
+
     async def events(self) -> AsyncIterator[convert.Event]:
         """Process exits and OOM kills from now on, until the caller stops iterating."""
         call = self._stub.Events(pb.EventsRequest())

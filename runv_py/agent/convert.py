@@ -95,3 +95,83 @@ def event(msg: pb.Event) -> Event:
         return Event("oom", msg.oom.container_id)
     e = msg.exit
     return Event("exit", e.container_id, e.exec_id, e.exit_code, e.pid)
+
+
+IPFamily = Literal["", "ipv4", "ipv6"]  # "": taken from the address
+_FAMILY_TO_PB = {"": pb.IP_FAMILY_UNSPECIFIED, "ipv4": pb.IPV4, "ipv6": pb.IPV6}
+_FAMILY_FROM_PB: dict[int, IPFamily] = {v: k for k, v in _FAMILY_TO_PB.items()}  # type: ignore[misc]
+
+
+@dataclass(frozen=True, slots=True)
+class IPAddress:
+    address: str
+    prefix_len: int = 0
+    family: IPFamily = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """A guest network interface. In an update: found by hw_addr (else by name), renamed to
+    name, given mtu (0 keeps it) and exactly these addresses."""
+
+    name: str = ""
+    hw_addr: str = ""
+    mtu: int = 0
+    ip_addresses: tuple[IPAddress, ...] = ()
+    raw_flags: int = 0  # IFF_*, in answers
+    type: str = ""  # the link kind ("veth"; "" for a device), in answers
+
+    @property
+    def up(self) -> bool:
+        return bool(self.raw_flags & 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    dest: str = "default"  # CIDR or address
+    gateway: str = ""
+    device: str = ""
+    source: str = ""
+    scope: int = 0  # RT_SCOPE_*: 0 universe, 253 link, 254 host
+    family: IPFamily = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ARPNeighbor:
+    to_ip: str
+    device: str
+    ll_addr: str
+    state: int = 0  # NUD_*; 0 is NUD_PERMANENT
+    flags: int = 0  # NTF_*
+
+
+def _ip_address_pb(a: IPAddress) -> pb.IPAddress:
+    return pb.IPAddress(family=_FAMILY_TO_PB[a.family], address=a.address,
+                        prefix_len=a.prefix_len)
+
+
+def interface_pb(i: Interface) -> pb.Interface:
+    return pb.Interface(name=i.name, hw_addr=i.hw_addr, mtu=i.mtu,
+                        ip_addresses=[_ip_address_pb(a) for a in i.ip_addresses])
+
+
+def interface(msg: pb.Interface) -> Interface:
+    return Interface(
+        name=msg.name, hw_addr=msg.hw_addr, mtu=msg.mtu, raw_flags=msg.raw_flags, type=msg.type,
+        ip_addresses=tuple(IPAddress(a.address, a.prefix_len, _FAMILY_FROM_PB.get(a.family, ""))
+                           for a in msg.ip_addresses))
+
+
+def route_pb(r: Route) -> pb.Route:
+    return pb.Route(dest=r.dest, gateway=r.gateway, device=r.device, source=r.source,
+                    scope=r.scope, family=_FAMILY_TO_PB[r.family])
+
+
+def route(msg: pb.Route) -> Route:
+    return Route(dest=msg.dest, gateway=msg.gateway, device=msg.device, source=msg.source,
+                 scope=msg.scope, family=_FAMILY_FROM_PB.get(msg.family, ""))
+
+
+def neighbor_pb(n: ARPNeighbor) -> pb.ARPNeighbor:
+    return pb.ARPNeighbor(to_ip=pb.IPAddress(address=n.to_ip), device=n.device,
+                          ll_addr=n.ll_addr, state=n.state, flags=n.flags)

@@ -21,7 +21,7 @@ from typing import Literal
 from .. import assets, child
 from ..agent.client import AgentClient
 from ..config import RuntimeConfig
-from ..devices import Share
+from ..devices import Nic, Share
 from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError
 from ..vm import accel
 from ..vm.qemu.cmdline import AGENT_PORT_ID, KernelParams, VmConfig, kernel_cmdline
@@ -89,6 +89,7 @@ def sweep_stale(state_dir: Path) -> list[str]:
 def vm_config(
     config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool = False, shares: tuple[Share, ...] = (),
+    nics: tuple[Nic, ...] = (),
 ) -> VmConfig:
     hv = config.hypervisor
     root: Literal["block", "initrd"] = config.guest.rootfs
@@ -102,7 +103,7 @@ def vm_config(
         console_log=paths.console_log, qmp_socket=paths.qmp_socket,
         initrd=found.initrd if root == "initrd" else None,
         root_image=found.rootfs_image if root == "block" else None,
-        agent_socket=paths.agent_socket, cpu=hv.cpu, shares=shares,
+        agent_socket=paths.agent_socket, cpu=hv.cpu, shares=shares, nics=nics,
     )
 
 
@@ -123,18 +124,21 @@ class Sandbox:
 
     @classmethod
     async def boot(cls, config: RuntimeConfig, *, sandbox_id: str | None = None,
-                   debug: bool = False, shares: tuple[Share, ...] = ()) -> Sandbox:
+                   debug: bool = False, shares: tuple[Share, ...] = (),
+                   nics: tuple[Nic, ...] = ()) -> Sandbox:
         """Boot a VM to "agent ready". `shares` are host directories the guest can mount
-        (as Storage with driver "9p" and source = the share's tag)."""
+        (as Storage with driver "9p" and source = the share's tag); `nics` are its network
+        devices."""
         sandbox = cls(sandbox_id or secrets.token_hex(6), config)
         try:
-            await sandbox._boot(debug, shares)
+            await sandbox._boot(debug, shares, nics)
         except BaseException:
             await sandbox.close()
             raise
         return sandbox
 
-    async def _boot(self, debug: bool, shares: tuple[Share, ...]) -> None:
+    async def _boot(self, debug: bool, shares: tuple[Share, ...],
+                    nics: tuple[Nic, ...]) -> None:
         extra = {"sandbox": self.id}
         t0 = time.monotonic()
         found = assets.find(self.config.guest.assets_dir)
@@ -153,7 +157,7 @@ class Sandbox:
         self._owns_dir = True
         _write_owner(self.paths)
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
-                       shares=shares)
+                       shares=shares, nics=nics)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
         self.agent = AgentClient(self.paths.agent_socket,
                                  handshake_timeout_s=self.config.hypervisor.boot_timeout_s)

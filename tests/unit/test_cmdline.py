@@ -2,6 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from runv_py.devices import HubPort, Nic
+from runv_py.errors import ConfigError
 from runv_py.vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline, qemu_argv
 
 
@@ -76,3 +80,29 @@ def test_debug_and_extra_params() -> None:
     words = kernel_cmdline(params).split()
     assert "quiet" not in words and "hyperstart.debug=1" in words
     assert words[-2:] == ["foo=1", "bar"]
+
+
+def test_nics_on_a_hub() -> None:
+    nics = (Nic("n0", "02:00:00:00:00:01", mtu=1400), Nic("n1", "02:00:00:00:00:02"))
+    argv = qemu_argv(_config(nics=nics))
+    assert _pairs(argv, "-netdev") == ["hubport,id=net-n0,hubid=0", "hubport,id=net-n1,hubid=0"]
+    devices = _pairs(argv, "-device")
+    assert "virtio-net-device,netdev=net-n0,mac=02:00:00:00:00:01,host_mtu=1400" in devices
+    assert "virtio-net-device,netdev=net-n1,mac=02:00:00:00:00:02" in devices
+    argv = qemu_argv(_config(machine="q35", nics=(Nic("a", "02:00:00:00:00:03",
+                                                       backend=HubPort(7)),)))
+    assert _pairs(argv, "-netdev") == ["hubport,id=net-a,hubid=7"]
+    assert "virtio-net-pci,netdev=net-a,mac=02:00:00:00:00:03" in _pairs(argv, "-device")
+
+
+@pytest.mark.parametrize(("nic_id", "mac", "mtu", "error"), [
+    ("n0,x=1", "02:00:00:00:00:01", 0, "nic id"),
+    ("n0", "02:00:00:00:00:01,romfile=/x", 0, "is not aa:bb"),
+    ("n0", "02-00-00-00-00-01", 0, "is not aa:bb"),
+    ("n0", "03:00:00:00:00:01", 0, "multicast"),
+    ("n0", "02:00:00:00:00:01", 67, "mtu 67"),
+])
+def test_nic_fields_that_would_break_the_argv_are_refused(
+        nic_id: str, mac: str, mtu: int, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        Nic(nic_id, mac, mtu)

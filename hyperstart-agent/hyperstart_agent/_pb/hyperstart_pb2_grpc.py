@@ -155,6 +155,31 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.EventsRequest.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Event.FromString,
                 _registered_method=True)
+        self.UpdateInterface = channel.unary_unary(
+                '/hyperstart.v1.Agent/UpdateInterface',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.UpdateInterfaceRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Interface.FromString,
+                _registered_method=True)
+        self.UpdateRoutes = channel.unary_unary(
+                '/hyperstart.v1.Agent/UpdateRoutes',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.UpdateRoutesRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Routes.FromString,
+                _registered_method=True)
+        self.ListInterfaces = channel.unary_unary(
+                '/hyperstart.v1.Agent/ListInterfaces',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ListInterfacesRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Interfaces.FromString,
+                _registered_method=True)
+        self.ListRoutes = channel.unary_unary(
+                '/hyperstart.v1.Agent/ListRoutes',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ListRoutesRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Routes.FromString,
+                _registered_method=True)
+        self.AddARPNeighbors = channel.unary_unary(
+                '/hyperstart.v1.Agent/AddARPNeighbors',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.AddARPNeighborsRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -322,6 +347,45 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateInterface(self, request, context):
+        """Network of the guest's own network namespace (the agent's; containers whose spec has no
+        network namespace share it). An interface is found by hw_addr, else by name; its MTU and
+        name are set, its addresses replaced (the kernel's IPv6 link-local one stays), and it is
+        brought up. Returns the interface as it is now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRoutes(self, request, context):
+        """Replace the main table's routes of every interface but lo with these (routes the kernel
+        made for addresses stay); routes without a gateway are added before those with one.
+        Returns the routes as they are now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInterfaces(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoutes(self, request, context):
+        """The main table's unicast routes, both families.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddARPNeighbors(self, request, context):
+        """Add (or replace) static neighbor entries: ARP for IPv4, NDP for IPv6.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +508,31 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Events,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.EventsRequest.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Event.SerializeToString,
+            ),
+            'UpdateInterface': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateInterface,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.UpdateInterfaceRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Interface.SerializeToString,
+            ),
+            'UpdateRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRoutes,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.UpdateRoutesRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Routes.SerializeToString,
+            ),
+            'ListInterfaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInterfaces,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ListInterfacesRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Interfaces.SerializeToString,
+            ),
+            'ListRoutes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoutes,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ListRoutesRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Routes.SerializeToString,
+            ),
+            'AddARPNeighbors': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddARPNeighbors,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.AddARPNeighborsRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1094,6 +1183,141 @@ class Agent:
             '/hyperstart.v1.Agent/Events',
             hyperstart_dot_v1_dot_hyperstart__pb2.EventsRequest.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateInterface(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/UpdateInterface',
+            hyperstart_dot_v1_dot_hyperstart__pb2.UpdateInterfaceRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Interface.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/UpdateRoutes',
+            hyperstart_dot_v1_dot_hyperstart__pb2.UpdateRoutesRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Routes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInterfaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/ListInterfaces',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ListInterfacesRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Interfaces.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoutes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/ListRoutes',
+            hyperstart_dot_v1_dot_hyperstart__pb2.ListRoutesRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Routes.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddARPNeighbors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/AddARPNeighbors',
+            hyperstart_dot_v1_dot_hyperstart__pb2.AddARPNeighborsRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

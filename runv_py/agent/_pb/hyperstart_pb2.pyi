@@ -12,8 +12,17 @@ class StdioMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STDIO_PIPE: _ClassVar[StdioMode]
     STDIO_NULL: _ClassVar[StdioMode]
+
+class IPFamily(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IP_FAMILY_UNSPECIFIED: _ClassVar[IPFamily]
+    IPV4: _ClassVar[IPFamily]
+    IPV6: _ClassVar[IPFamily]
 STDIO_PIPE: StdioMode
 STDIO_NULL: StdioMode
+IP_FAMILY_UNSPECIFIED: IPFamily
+IPV4: IPFamily
+IPV6: IPFamily
 
 class Empty(_message.Message):
     __slots__ = ()
@@ -344,3 +353,97 @@ class CopyFileChunk(_message.Message):
     size: int
     data: bytes
     def __init__(self, path: _Optional[str] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class IPAddress(_message.Message):
+    __slots__ = ("family", "address", "prefix_len")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
+    family: IPFamily
+    address: str
+    prefix_len: int
+    def __init__(self, family: _Optional[_Union[IPFamily, str]] = ..., address: _Optional[str] = ..., prefix_len: _Optional[int] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("name", "hw_addr", "mtu", "ip_addresses", "raw_flags", "type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HW_ADDR_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    IP_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    RAW_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    hw_addr: str
+    mtu: int
+    ip_addresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
+    raw_flags: int
+    type: str
+    def __init__(self, name: _Optional[str] = ..., hw_addr: _Optional[str] = ..., mtu: _Optional[int] = ..., ip_addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., raw_flags: _Optional[int] = ..., type: _Optional[str] = ...) -> None: ...
+
+class Interfaces(_message.Message):
+    __slots__ = ("interfaces",)
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    interfaces: _containers.RepeatedCompositeFieldContainer[Interface]
+    def __init__(self, interfaces: _Optional[_Iterable[_Union[Interface, _Mapping]]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("dest", "gateway", "device", "source", "scope", "family")
+    DEST_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    dest: str
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    family: IPFamily
+    def __init__(self, dest: _Optional[str] = ..., gateway: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ..., family: _Optional[_Union[IPFamily, str]] = ...) -> None: ...
+
+class Routes(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class ARPNeighbor(_message.Message):
+    __slots__ = ("to_ip", "device", "ll_addr", "state", "flags")
+    TO_IP_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LL_ADDR_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    to_ip: IPAddress
+    device: str
+    ll_addr: str
+    state: int
+    flags: int
+    def __init__(self, to_ip: _Optional[_Union[IPAddress, _Mapping]] = ..., device: _Optional[str] = ..., ll_addr: _Optional[str] = ..., state: _Optional[int] = ..., flags: _Optional[int] = ...) -> None: ...
+
+class UpdateInterfaceRequest(_message.Message):
+    __slots__ = ("interface",)
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    interface: Interface
+    def __init__(self, interface: _Optional[_Union[Interface, _Mapping]] = ...) -> None: ...
+
+class UpdateRoutesRequest(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class ListInterfacesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRoutesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AddARPNeighborsRequest(_message.Message):
+    __slots__ = ("neighbors",)
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    neighbors: _containers.RepeatedCompositeFieldContainer[ARPNeighbor]
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[ARPNeighbor, _Mapping]]] = ...) -> None: ...

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ...devices import Share
+from ...devices import Nic, Share
 
 AGENT_PORT_NAME = "agent.channel.0"
 AGENT_PORT_ID = "agent0"
@@ -32,6 +32,7 @@ class VmConfig:
     shared_memory: bool = False
     cpu: str = ""
     shares: tuple[Share, ...] = ()
+    nics: tuple[Nic, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,12 @@ def qemu_argv(config: VmConfig) -> list[str]:
         argv += [
             "-fsdev", f"local,id=fs{i},path={share.path},security_model=passthrough{readonly}",
             "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={share.tag}",
+        ]
+    for nic in config.nics:
+        mtu = f",host_mtu={nic.mtu}" if nic.mtu else ""
+        argv += [
+            "-netdev", f"hubport,id=net-{nic.id},hubid={nic.backend.hub}",
+            "-device", f"virtio-net-{bus},netdev=net-{nic.id},mac={nic.mac}{mtu}",
         ]
     if config.agent_socket is not None:
         argv += [
