@@ -32,7 +32,7 @@ def copy_in(chunks: Iterable[Chunk], root: str = ROOT) -> str:
         raise AgentError("INVALID_ARGUMENT", "CopyFile: no chunks")
     path = posixpath.normpath(first.path)
     if not first.path.startswith("/") or ".." in first.path.split("/") or \
-            not path.startswith(root + "/"):
+            not path.startswith(root + "/") or "\0" in path:
         raise AgentError("INVALID_ARGUMENT", f"CopyFile: path {first.path!r} must be an "
                          f"absolute path under {root}")
     if first.size > MAX_SIZE:
@@ -40,9 +40,13 @@ def copy_in(chunks: Iterable[Chunk], root: str = ROOT) -> str:
                          f"CopyFile: size {first.size} is over the {MAX_SIZE} byte limit")
     if first.mode & ~0o7777:
         raise AgentError("INVALID_ARGUMENT", f"CopyFile: mode {first.mode:o} is not a mode")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.partial-{os.getpid()}-{id(first)}"
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AgentError("INVALID_ARGUMENT", f"CopyFile: path {first.path!r}: "
+                         f"{exc.strerror}") from exc
     try:
         written = 0
         for chunk in itertools.chain([first], it):
@@ -58,7 +62,11 @@ def copy_in(chunks: Iterable[Chunk], root: str = ROOT) -> str:
         os.fchmod(fd, first.mode)
         os.close(fd)
         fd = -1
-        os.rename(partial, path)
+        try:
+            os.rename(partial, path)
+        except OSError as exc:  # a directory there, say
+            raise AgentError("INVALID_ARGUMENT", f"CopyFile: path {first.path!r}: "
+                             f"{exc.strerror}") from exc
     except BaseException:
         if fd >= 0:
             os.close(fd)

@@ -27,6 +27,11 @@ class Storage:
 
 
 def mount(storage: Storage) -> None:
+    for name in ("source", "mount_point", "fstype"):
+        if "\0" in getattr(storage, name):
+            raise StorageError(f"storage {name} must not contain NUL")
+    if any("\0" in option for option in storage.options):
+        raise StorageError("storage options must not contain NUL")
     if not storage.mount_point.startswith("/") or ".." in storage.mount_point.split("/"):
         raise StorageError(f"storage mount_point {storage.mount_point!r} must be an absolute path")
     flags, _, data = sc.parse_mount_options(storage.options)
@@ -38,7 +43,11 @@ def mount(storage: Storage) -> None:
         fstype = storage.fstype or "ext4"
     else:
         raise StorageError(f"storage driver {storage.driver!r} is not one of 9p, virtiofs, block")
-    os.makedirs(storage.mount_point, exist_ok=True)
+    try:
+        os.makedirs(storage.mount_point, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"storage mount_point {storage.mount_point!r}: {exc.strerror}"
+                           ) from exc
     try:
         sc.mount(storage.source, storage.mount_point, fstype, flags, data)
     except OSError as exc:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -328,3 +329,40 @@ def test_seccomp_kill_and_bad_profiles(tmp_path: Path, rootfs: Path) -> None:
         spec["linux"]["seccomp"] = profile
         result = run(tmp_path, spec)
         assert result.returncode == 125 and message in result.stderr, result.stderr
+
+
+def test_time_namespace_offsets(tmp_path: Path, rootfs: Path) -> None:
+    year = 365 * 86400
+    spec = _spec(rootfs, ["sh", "-c", "cat /proc/uptime /proc/self/timens_offsets; "
+                                      "readlink /proc/self/ns/time"])
+    spec["linux"]["namespaces"].append({"type": "time"})
+    spec["linux"]["timeOffsets"] = {"boottime": {"secs": year, "nanosecs": 5},
+                                    "monotonic": {"secs": 1000}}
+    before = time.clock_gettime(time.CLOCK_BOOTTIME)
+    result = run(tmp_path, spec)
+    after = time.clock_gettime(time.CLOCK_BOOTTIME)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result
+    uptime = float(lines[0].split()[0])
+    assert before + year - 1 <= uptime <= after + year + 1, (before, uptime)
+    offsets = {line.split()[0]: line.split()[1:] for line in lines[1:3]}
+    assert offsets == {"monotonic": ["1000", "0"], "boottime": [str(year), "5"]}
+    assert lines[3] != os.readlink("/proc/self/ns/time")
+
+
+@pytest.mark.parametrize(("namespaces", "offsets", "message"), [
+    ([], {"boottime": {"secs": 1}}, "linux.timeOffsets: needs a new time namespace"),
+    ([{"type": "time"}], {"realtime": {"secs": 1}}, "linux.timeOffsets.realtime: is not a"),
+    ([{"type": "time"}], {"boottime": {"secs": "1"}}, "linux.timeOffsets.boottime.secs"),
+    ([{"type": "time"}], {"boottime": {"nanosecs": 10**9}},
+     "linux.timeOffsets.boottime.nanosecs"),
+    # The kernel refuses a clock that would go below zero.
+    ([{"type": "time"}], {"monotonic": {"secs": -(10**12)}}, "linux.timeOffsets: "),
+])
+def test_bad_time_offsets(tmp_path: Path, rootfs: Path, namespaces: list[dict[str, str]],
+                          offsets: dict[str, Any], message: str) -> None:
+    spec = _spec(rootfs, ["true"])
+    spec["linux"]["namespaces"] += namespaces
+    spec["linux"]["timeOffsets"] = offsets
+    result = run(tmp_path, spec)
+    assert result.returncode == 125 and message in result.stderr, result.stderr

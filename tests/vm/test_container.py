@@ -361,3 +361,38 @@ def test_seccomp_in_the_guest_also_for_exec(
         await agent.remove_container("sc")
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_pod_container_joins_another_containers_pid_namespace(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    async def body(agent: AgentClient) -> None:
+        # The first container's init is "sleep 600"; its pid namespace is found through its
+        # pid as the guest sees it.
+        await _create(agent, "first", ["sleep", "600"])
+        await agent.start_container("first")
+        [(first_pid, args)] = await agent.list_processes("first")
+        assert args == ("sleep", "600")
+        spec = json.loads(_spec(MOUNT.format("first"), [
+            "sh", "-c", "ps -o pid,args; readlink /proc/self/ns/pid"]))
+        spec["linux"]["namespaces"] = [
+            {"type": "pid", "path": f"/proc/{first_pid}/ns/pid"},
+            {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]
+        await agent.create_container("second", json.dumps(spec).encode())
+        output = asyncio.create_task(_collect(agent.stdio("second")))
+        await agent.start_container("second")
+        assert await agent.wait_process("second", timeout_s=60) == 0
+        lines = (await output)["stdout"].decode().splitlines()
+        # The second sees the first's init as pid 1 and itself in the same namespace.
+        assert lines[0].split() == ["PID", "COMMAND"]
+        assert lines[1].split() == ["1", "sleep", "600"], lines
+        assert lines[2].split()[:3] == ["2", "sh", "-c"], lines
+        process = json.dumps({"args": ["readlink", "/proc/self/ns/pid"], "env": ["PATH=/bin"],
+                              "cwd": "/"}).encode()
+        await agent.exec_process("first", "ns", process)
+        exec_output = asyncio.create_task(_collect(agent.stdio("first", "ns")))
+        assert await agent.wait_process("first", "ns", timeout_s=60) == 0
+        assert (await exec_output)["stdout"].decode().strip() == lines[-1]
+        await agent.remove_container("second")
+        await agent.remove_container("first", force=True)
+
+    _run(runtime_config, busybox_rootfs, body)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -106,6 +107,17 @@ def _high(fd: int) -> int:
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
     os.close(fd)
     return new
+
+
+# Container and exec ids name directories: runc's characters, no leading dot, a length any
+# filesystem takes.
+_ID = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_+.-]{0,127}$")
+
+
+def check_id(kind: str, value: str) -> None:
+    if not _ID.match(value):
+        raise EngineError("INVALID_ARGUMENT", f"{kind} {value[:200]!r} is not valid: use 1-128 "
+                          "letters, digits, '_', '+', '-', '.' (not first)")
 
 
 def exit_code(wait_status: int) -> int:
@@ -358,15 +370,17 @@ class Engine:
 
     def create(self, container_id: str, spec_json: bytes, *,
                stdio: Stdio = "pipe") -> Container:
-        if not container_id or "/" in container_id or container_id.startswith("."):
-            raise EngineError("INVALID_ARGUMENT", f"container id {container_id!r} is not valid")
+        check_id("container id", container_id)
         if container_id in self.containers:
             raise EngineError("ALREADY_EXISTS", f"container {container_id!r} already exists")
         try:
             spec = specmod.loads(spec_json)
-            seccomp.parse(json.loads(spec_json).get("linux", {}).get("seccomp"))
+            seccomp.parse((json.loads(spec_json).get("linux") or {}).get("seccomp"))
         except specmod.SpecError as exc:
             raise EngineError("INVALID_ARGUMENT", f"spec: {exc}") from exc
+        if not spec.root_path.startswith("/") or ".." in spec.root_path.split("/"):
+            raise EngineError("INVALID_ARGUMENT", f"spec: root.path: {spec.root_path!r} must "
+                              "be an absolute guest path without '..'")
         if not os.path.isdir(spec.root_path):
             raise EngineError("INVALID_ARGUMENT", f"spec: root.path: {spec.root_path} "
                               "is not a directory in the guest")
@@ -409,7 +423,11 @@ class Engine:
         if container.status is not Status.CREATED:
             raise EngineError("FAILED_PRECONDITION",
                               f"container {container_id!r} is {container.status.value}")
-        self._release(container.init)
+        try:
+            self._release(container.init)
+        except EngineError:
+            container.status = Status.STOPPED  # its init never ran: it cannot start again
+            raise
         if container.status is Status.CREATED:
             container.status = Status.RUNNING
 
@@ -419,27 +437,41 @@ class Engine:
         if container.status is not Status.RUNNING:
             raise EngineError("FAILED_PRECONDITION",
                               f"container {container_id!r} is {container.status.value}")
-        if not exec_id or exec_id in container.processes:
-            raise EngineError("ALREADY_EXISTS" if exec_id else "INVALID_ARGUMENT",
-                              f"exec id {exec_id!r} is taken or empty")
+        check_id("exec id", exec_id)
+        if exec_id in container.processes:
+            raise EngineError("ALREADY_EXISTS", f"exec id {exec_id!r} is taken")
         try:
-            specmod.parse_process(json.loads(process_json))
-        except (ValueError, specmod.SpecError) as exc:
-            raise EngineError("INVALID_ARGUMENT", f"process: {exc}") from exc
+            specmod.parse_process(specmod.load_json(process_json, "process"))
+        except specmod.SpecError as exc:
+            raise EngineError("INVALID_ARGUMENT", str(exc)) from exc
         state_dir = os.path.join(container.state_dir, "exec-" + exec_id)
         os.makedirs(state_dir, mode=0o700)
-        with open(os.path.join(state_dir, "process.json"), "wb") as f:
-            f.write(process_json)
-        with open(os.path.join(state_dir, "target_pid"), "w") as f:
-            f.write(str(container.init.pid))
+
         def place(pid: int) -> None:
             if container.cgroup is not None:
                 container.cgroup.add(pid)
 
-        process = self._spawn_helper("exec", state_dir, container_id, exec_id, stdio=stdio,
-                                     place=place)
+        try:
+            with open(os.path.join(state_dir, "process.json"), "wb") as f:
+                f.write(process_json)
+            with open(os.path.join(state_dir, "target_pid"), "w") as f:
+                f.write(str(container.init.pid))
+            process = self._spawn_helper("exec", state_dir, container_id, exec_id,
+                                         stdio=stdio, place=place)
+        except BaseException:
+            shutil.rmtree(state_dir, ignore_errors=True)  # the exec id can be used again
+            raise
         container.processes[exec_id] = process
-        self._release(process)
+        try:
+            self._release(process)
+        except EngineError:
+            # The process never ran: forget it, so that the exec id is free again.
+            with self._lock:
+                self._by_pid.pop(process.pid, None)
+            del container.processes[exec_id]
+            process.close()
+            shutil.rmtree(state_dir, ignore_errors=True)
+            raise
         return process
 
     def signal(self, container_id: str, exec_id: str, signum: int, *,
@@ -480,8 +512,9 @@ class Engine:
     def update(self, container_id: str, resources_json: bytes) -> None:
         _, cgroup = self._cgroup(container_id)
         try:
-            resources = specmod.parse_resources(json.loads(resources_json), "resources")
-        except (ValueError, specmod.SpecError) as exc:
+            resources = specmod.parse_resources(specmod.load_json(resources_json, "resources"),
+                                                "resources")
+        except specmod.SpecError as exc:
             raise EngineError("INVALID_ARGUMENT", str(exc)) from exc
         try:
             cgroup.apply(resources)
@@ -495,6 +528,9 @@ class Engine:
         return self._cgroup(container_id)[1].pids()
 
     def resize(self, container_id: str, exec_id: str, height: int, width: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if not 0 <= value <= 65535:
+                raise EngineError("INVALID_ARGUMENT", f"{name} {value} is over 65535")
         process = self.process(container_id, exec_id)
         if not process.terminal or process.stdout is None:
             raise EngineError("FAILED_PRECONDITION",

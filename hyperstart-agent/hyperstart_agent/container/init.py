@@ -255,8 +255,19 @@ def _join_namespaces(namespaces: tuple[specmod.Namespace, ...]) -> None:
                 os.close(fd)
 
 
-def _fork_into_pid_namespace(sync: Sync) -> None:
-    """A new or joined pid namespace takes effect for children: fork, report the child's pid
+def _set_time_offsets(offsets: tuple[specmod.TimeOffset, ...]) -> None:
+    """Offsets of the new time namespace, written before any process is in it (one write)."""
+    lines = "".join(f"{o.clock} {o.secs} {o.nanosecs}\n" for o in offsets)
+    try:
+        with open("/proc/self/timens_offsets", "w") as f:
+            f.write(lines)
+    except OSError as exc:
+        raise OSError(exc.errno, f"linux.timeOffsets: {exc.strerror}") from exc
+
+
+def _fork_into_namespaces(sync: Sync) -> None:
+    """A new or joined pid namespace (and a new time namespace) takes effect for children:
+    fork, report the child's pid
     from the parent, and let the child go on only once that message is sent (the parent's
     exit closes the pipe), so that the agent reads the pid before anything the child says."""
     r, w = os.pipe()
@@ -293,16 +304,17 @@ def create(state_dir: str, sync: Sync) -> None:
     with open(os.path.join(state_dir, "config.json"), "rb") as f:
         raw = f.read()
     spec = specmod.loads(raw)
-    profile = seccomp.parse(json.loads(raw).get("linux", {}).get("seccomp"))
+    profile = seccomp.parse((json.loads(raw).get("linux") or {}).get("seccomp"))
     if profile is not None:
         seccomp.preload()
-    if spec.namespace("mount") is None or spec.namespace("mount").path:  # type: ignore[union-attr]
-        raise specmod.SpecError("linux.namespaces", "a new mount namespace is required")
     _join_namespaces(spec.namespaces)
     sc.unshare(_namespace_flags(spec))
-    new_pid = bool(spec.namespace("pid")) and not spec.namespace("pid").path  # type: ignore[union-attr]
-    if new_pid:
-        _fork_into_pid_namespace(sync)
+    if spec.time_offsets:
+        _set_time_offsets(spec.time_offsets)
+    time_ns = spec.namespace("time")
+    # A pid namespace (new or joined) and a new time namespace are entered by children only.
+    if spec.namespace("pid") is not None or (time_ns is not None and not time_ns.path):
+        _fork_into_namespaces(sync)
     else:
         sync.send(pid=os.getpid())
     _wait_placed(sync)
@@ -339,13 +351,13 @@ def exec_in(state_dir: str, sync: Sync) -> None:
         process = specmod.parse_process(json.loads(f.read()))
     # An exec'd process gets its container's seccomp profile, as with runc.
     with open(os.path.join(os.path.dirname(state_dir), "config.json"), "rb") as f:
-        profile = seccomp.parse(json.loads(f.read()).get("linux", {}).get("seccomp"))
+        profile = seccomp.parse((json.loads(f.read()).get("linux") or {}).get("seccomp"))
     if profile is not None:
         seccomp.preload()
     with open(os.path.join(state_dir, "target_pid")) as f:
         target = int(f.read())
     fds = {}
-    for kind in ("ipc", "uts", "net", "pid", "cgroup", "mnt"):
+    for kind in ("ipc", "uts", "net", "pid", "cgroup", "time", "mnt"):
         path = f"/proc/{target}/ns/{kind}"
         if os.path.exists(path) and os.readlink(path) != os.readlink(f"/proc/self/ns/{kind}"):
             fds[kind] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -353,7 +365,7 @@ def exec_in(state_dir: str, sync: Sync) -> None:
         sc.setns(fd, 0)
         os.close(fd)
     if "pid" in fds:
-        _fork_into_pid_namespace(sync)
+        _fork_into_namespaces(sync)
     else:
         sync.send(pid=os.getpid())
     _wait_placed(sync)

@@ -26,6 +26,7 @@ RLIMITS = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_
            "RLIMIT_LOCKS", "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE",
            "RLIMIT_RTPRIO", "RLIMIT_RTTIME")  # index = resource number
 MAX_ID = 2**32 - 1
+MAX_INT64 = 2**63 - 1
 
 
 class SpecError(ValueError):
@@ -103,6 +104,15 @@ class Device:
 
 
 @dataclass(frozen=True, slots=True)
+class TimeOffset:
+    """linux.timeOffsets: a clock of a new time namespace, moved by secs and nanosecs."""
+
+    clock: str  # "monotonic" or "boottime"
+    secs: int
+    nanosecs: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Hook:
     path: str
     args: tuple[str, ...] = ()
@@ -147,6 +157,7 @@ class Spec:
     gid_mappings: tuple[tuple[int, int, int], ...] = ()
     # Only these hooks run in the guest; the others run in the runtime namespace (host).
     start_container_hooks: tuple[Hook, ...] = ()
+    time_offsets: tuple[TimeOffset, ...] = ()
 
     def namespace(self, kind: str) -> Namespace | None:
         return next((ns for ns in self.namespaces if ns.type == kind), None)
@@ -353,11 +364,32 @@ def parse(raw: Any) -> Spec:
         gid_mappings=_mappings(linux.get("gidMappings"), "linux.gidMappings"),
         start_container_hooks=_hooks(_obj(obj.get("hooks"), "hooks").get("startContainer"),
                                      "hooks.startContainer"),
+        time_offsets=_time_offsets(linux.get("timeOffsets")),
     )
+    mount = spec.namespace("mount")
+    if mount is None or mount.path:
+        raise SpecError("linux.namespaces", "a new mount namespace is required")
+    time = spec.namespace("time")
+    if spec.time_offsets and (time is None or time.path):
+        raise SpecError("linux.timeOffsets", "needs a new time namespace")
     user = spec.namespace("user")
     if user is not None and not user.path and not (spec.uid_mappings and spec.gid_mappings):
         raise SpecError("linux.uidMappings", "a new user namespace needs uid and gid mappings")
     return spec
+
+
+def _time_offsets(raw: Any) -> tuple[TimeOffset, ...]:
+    out = []
+    for clock, value in _obj(raw, "linux.timeOffsets").items():
+        name = f"linux.timeOffsets.{clock}"
+        if clock not in ("monotonic", "boottime"):
+            raise SpecError(name, "is not a clock of a time namespace (monotonic, boottime)")
+        obj = _obj(value, name)
+        out.append(TimeOffset(clock, _int_range(obj.get("secs", 0), f"{name}.secs",
+                                                -MAX_INT64 - 1, MAX_INT64),
+                              _uint(obj.get("nanosecs"), f"{name}.nanosecs",
+                                    maximum=999_999_999)))
+    return tuple(out)
 
 
 def _mappings(raw: Any, name: str) -> tuple[tuple[int, int, int], ...]:
@@ -385,11 +417,12 @@ def _hooks(raw: Any, name: str) -> tuple[Hook, ...]:
 
 
 def _limit(value: Any, name: str) -> int | None:
-    """An integer limit where -1 means unlimited."""
+    """An integer limit where -1 means unlimited. OCI's limits are int64 (the kernel would
+    silently wrap a larger value: 2**70 bytes of memory.max becomes 0)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-        raise SpecError(name, "must be an integer, -1 for unlimited")
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= MAX_INT64:
+        raise SpecError(name, f"must be an integer from 0 to {MAX_INT64}, -1 for unlimited")
     return value
 
 
@@ -460,9 +493,12 @@ def _sysctl(raw: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def loads(text: str | bytes) -> Spec:
+def load_json(text: str | bytes, name: str) -> Any:
     try:
-        raw = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SpecError("config", f"not valid JSON: {exc}") from exc
-    return parse(raw)
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise SpecError(name, f"not valid JSON: {exc}") from exc
+
+
+def loads(text: str | bytes) -> Spec:
+    return parse(load_json(text, "config"))
