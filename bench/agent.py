@@ -1,5 +1,6 @@
 """bench/agent: the agent's exec latency, stdout throughput and memory, in a real guest, with
-the same engine on the host (no VM, no channel) as the baseline of the same run.
+the same engine on the host (no VM, no channel) as the baseline of the same run, and a raw byte
+copy over a second virtio-serial port as the ceiling of the stdout figure.
 
     python bench/agent.py [--n 20] [--mib 256] [--json FILE]
 """
@@ -60,11 +61,11 @@ print(json.dumps(samples))
 
 
 def busybox_rootfs(root: Path) -> Path:
-    for d in ("bin", "proc", "dev", "tmp"):
+    for d in ("bin", "proc", "dev", "tmp", "sys", "gdev"):
         (root / d).mkdir(parents=True)
     root.chmod(0o755)
     shutil.copy("/bin/busybox", root / "bin/busybox")
-    for applet in ("sh", "true", "sleep", "head"):
+    for applet in ("sh", "true", "sleep", "head", "cat", "["):
         (root / "bin" / applet).symlink_to("busybox")
     return root
 
@@ -112,13 +113,52 @@ async def guest(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> di
                 total += len(chunk.data)
         await agent.wait_process("w", timeout_s=3600)
         throughput = total / (time.monotonic() - t) / 1e6
+        raw = await raw_copy(sandbox, agent, mount.format("s"), mib)
         for i in range(10):
             await agent.create_container(f"c{i}", spec(mount.format("s"), ["sleep", "600"]),
                                          stdio=False)
             await agent.start_container(f"c{i}")
         busy_rss = (await agent.guest_details()).agent_rss_kib
         return {"exec_s": summary(execs), "stdout_mb_s": throughput, "stdout_bytes": total,
+                "raw_copy_mb_s": raw,
                 "agent_rss_idle_kib": idle_rss, "agent_rss_10_containers_kib": busy_rss}
+
+
+async def raw_copy(sandbox: Sandbox, agent: AgentClient, root: str, mib: int) -> float:
+    """The ceiling for the stdout figure: the same writer (`head` in a container) and the same
+    kind of channel (a virtio-serial port of the same device, QEMU unix chardev, read by the
+    host with asyncio), but a raw byte copy: no gRPC, no HTTP/2, no agent in the path. The
+    port is hot-plugged over QMP; the container writes to its device node, found by name."""
+    assert sandbox.machine is not None
+    path = sandbox.paths.root / "raw.sock"
+    qmp = sandbox.machine.qmp
+    await qmp.execute("chardev-add", {"id": "raw", "backend": {"type": "socket", "data": {
+        "addr": {"type": "unix", "data": {"path": str(path)}}, "server": True, "wait": False}}})
+    await qmp.execute("device_add", {"driver": "virtserialport", "bus": "vser0.0", "nr": 2,
+                                     "chardev": "raw", "id": "raw0", "name": "raw.0"})
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    size = mib << 20
+    script = ("for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = raw.0 ] && "
+              f"exec head -c {size} /dev/zero > /gdev/${{p##*/}}; done; "
+              "echo no port >&2; exit 1")
+    body = json.loads(spec(root, ["sh", "-c", script]))
+    body["mounts"] += [{"destination": "/sys", "type": "sysfs", "source": "sysfs"},
+                       {"destination": "/gdev", "type": "bind", "source": "/dev",
+                        "options": ["rbind"]}]
+    await agent.create_container("raw", json.dumps(body).encode(), stdio=False)
+    total = 0
+    t = time.monotonic()
+    await agent.start_container("raw")
+    while total < size:
+        data = await reader.read(1 << 20)
+        if not data:
+            break
+        total += len(data)
+    elapsed = time.monotonic() - t
+    if await agent.wait_process("raw", timeout_s=3600) != 0 or total != size:
+        raise RuntimeError(f"raw copy: {total} of {size} bytes arrived")
+    writer.close()
+    return total / elapsed / 1e6
 
 
 def host(rootfs: Path, n: int) -> dict[str, Any]:
@@ -154,6 +194,8 @@ def main() -> int:
           f"{h['exec_s']['p90']:.3f} s  (same engine, no VM)")
     print(f"  ratio guest/host   {g['exec_s']['median'] / h['exec_s']['median']:.1f}x")
     print(f"  stdout             {g['stdout_mb_s']:.1f} MB/s ({g['stdout_bytes']} bytes)")
+    print(f"  raw copy ceiling   {g['raw_copy_mb_s']:.1f} MB/s (same writer, a second "
+          "virtio-serial port, no gRPC)")
     print(f"  agent RSS          idle {g['agent_rss_idle_kib']} KiB, with 10 containers "
           f"{g['agent_rss_10_containers_kib']} KiB")
     if args.json:
