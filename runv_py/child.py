@@ -8,10 +8,11 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,22 @@ def proc_start_time(pid: int) -> int | None:
         return None
     # comm (field 2) may contain spaces and parentheses: split after its closing paren.
     return int(stat.rpartition(")")[2].split()[19])
+
+
+def is_running(pid: int, start_time: int) -> bool:
+    """Whether the process that had this pid and start time still runs (not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()
+    return fields[0] != "Z" and int(fields[19]) == start_time
+
+
+def reap_if_child(pid: int) -> None:
+    """Collect the exit status of `pid` if it is our exited child (else nothing)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 @dataclass(slots=True)
@@ -88,3 +105,24 @@ async def spawn(
         start_new_session=new_session,
     )
     return Child(argv=argv, process=process, start_time=proc_start_time(process.pid))
+
+
+def spawn_detached(
+    argv: Sequence[str],
+    *,
+    stdout: IO[bytes] | None = None,
+    stdio: int | None = None,
+    pass_fds: Sequence[int] = (),
+    new_session: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start a helper that outlives the calling CLI command (a supervisor or a stand-in).
+    `stdout` receives its stdout and stderr with stdin from /dev/null; or `stdio` is one fd for
+    all three (a terminal); with neither it inherits the caller's stdio."""
+    if stdio is not None:
+        streams: dict[str, Any] = {"stdin": stdio, "stdout": stdio, "stderr": stdio}
+    elif stdout is not None:
+        streams = {"stdin": subprocess.DEVNULL, "stdout": stdout, "stderr": subprocess.STDOUT}
+    else:
+        streams = {}
+    return subprocess.Popen(list(argv), pass_fds=tuple(pass_fds),
+                            start_new_session=new_session, **streams)

@@ -57,3 +57,38 @@ class NotSupported(RunvError):
 
     grpc_code = "UNIMPLEMENTED"
     reference = "not-supported"
+
+
+class SpecError(RunvError):
+    """A bundle's config.json (or a process.json) is invalid; the message names the field."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reference = "invalid-spec"
+
+
+class ContainerNotFound(RunvError):
+    """No container with this id exists under the state root."""
+
+    grpc_code = "NOT_FOUND"
+    reference = "container-not-found"
+
+
+class ContainerExists(RunvError):
+    """A container with this id already exists."""
+
+    grpc_code = "ALREADY_EXISTS"
+    reference = "container-exists"
+
+
+class InvalidState(RunvError):
+    """The operation is not allowed in the container's current state (OCI runtime.md)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "invalid-state"
+
+
+class HookError(RunvError):
+    """An OCI hook failed or timed out."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "hook-failed"

@@ -1,37 +1,331 @@
-"""`runv`: the OCI runtime CLI (runc's command set). This build has the global flags and
---version; the container commands arrive with the runv issue and fail clearly until then."""
+"""`runv`: the OCI runtime CLI, with runc's commands and flags, so containerd's runc shim
+(BinaryName), podman --runtime and docker --runtime drive it unchanged. Every container runs in
+its own VM; the commands are short-lived clients of that VM's supervisor. Heavy modules are
+imported by the command that needs them."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
+from pathlib import Path
+from typing import Any
 
 from .. import __version__
-from ..errors import NotSupported
 from .errors import run_guarded
 
 OCI_SPEC_VERSION = "1.1.0"
-COMMANDS = ("create", "start", "run", "state", "kill", "delete", "exec", "ps", "list", "spec",
-            "features", "pause", "resume", "update", "events")
+
+DESCRIPTION = """\
+runv runs OCI bundles like runc does, but each container gets its own virtual machine with
+its own guest kernel; the hyperstart agent inside the VM applies the OCI spec. Use it as
+containerd's runc BinaryName, as podman --runtime, or directly:
+
+  runv spec                      # write a config.json template into the current directory
+  runv run -b BUNDLE ID          # create, start, wait and delete, in the foreground
+  runv create -b BUNDLE ID && runv start ID && runv state ID && runv delete ID
+"""
+
+
+def _id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("container_id", metavar="CONTAINER_ID")
+
+
+def _create_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-b", "--bundle", default=".", help="path to the bundle directory")
+    parser.add_argument("--pid-file", help="write the stand-in's pid to this file")
+    parser.add_argument("--console-socket",
+                        help="unix socket that receives the pty master (process.terminal)")
+    for flag in ("--no-pivot", "--no-new-keyring", "--no-subreaper"):
+        parser.add_argument(flag, action="store_true",
+                            help="accepted for runc compatibility (the VM always pivots)")
+    parser.add_argument("--preserve-fds", type=int, default=0,
+                        help="accepted for runc compatibility; must be 0 (fds cannot cross "
+                             "into a VM)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="runv", description="OCI runtime that runs every container in its own VM.")
+    parser = argparse.ArgumentParser(prog="runv", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--version", action="store_true", help="print the version")
-    parser.add_argument("--root", default="/run/runv", help="state directory")
-    parser.add_argument("--log", help="log file (JSON lines with --log-format json)")
+    parser.add_argument("--root", default="/run/runv",
+                        help="state directory for container records (default /run/runv)")
+    parser.add_argument("--log", help="log file (errors also go here; JSON lines with "
+                                      "--log-format json, as containerd expects)")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
-    parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--systemd-cgroup", action="store_true")
-    parser.add_argument("--rootless", default="auto")
-    parser.add_argument("command", nargs="?", choices=COMMANDS, metavar="COMMAND")
-    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parser.add_argument("--debug", action="store_true", help="log debug lines and timings")
+    parser.add_argument("--systemd-cgroup", action="store_true",
+                        help="accepted for runc compatibility (cgroups live in the guest)")
+    parser.add_argument("--rootless", default="auto", help="accepted for runc compatibility")
+    parser.add_argument("--criu", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("create", help="create a container (boots its VM; the process waits "
+                                      "for start)")
+    _create_flags(p)
+    _id(p)
+    p = sub.add_parser("run", help="create and start a container; wait for it unless -d")
+    _create_flags(p)
+    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("--keep", action="store_true", help="do not delete after exit")
+    _id(p)
+    p = sub.add_parser("start", help="start the process of a created container")
+    _id(p)
+    p = sub.add_parser("state", help="print the OCI state JSON of a container")
+    _id(p)
+    p = sub.add_parser("kill", help="send a signal (default TERM) to the container's init, "
+                                    "or with --all to all its processes")
+    p.add_argument("-a", "--all", action="store_true")
+    _id(p)
+    p.add_argument("signal", nargs="?", default="TERM", help="name (KILL, SIGKILL) or number")
+    p = sub.add_parser("delete", help="delete a stopped container and its VM")
+    p.add_argument("-f", "--force", action="store_true", help="kill it first if it runs")
+    _id(p)
+    p = sub.add_parser("exec", help="run a new process inside a running container")
+    p.add_argument("-p", "--process", help="OCI process JSON file (instead of COMMAND)")
+    p.add_argument("-d", "--detach", action="store_true")
+    p.add_argument("--pid-file")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("--console-socket")
+    p.add_argument("--cwd")
+    p.add_argument("-e", "--env", action="append", default=[])
+    p.add_argument("-u", "--user", help="UID[:GID]")
+    p.add_argument("-g", "--additional-gids", action="append", default=[])
+    p.add_argument("-c", "--cap", action="append", default=[])
+    p.add_argument("--no-new-privs", action="store_true")
+    p.add_argument("--preserve-fds", type=int, default=0)
+    p.add_argument("--apparmor", help=argparse.SUPPRESS)
+    p.add_argument("--process-label", help=argparse.SUPPRESS)
+    p.add_argument("--cgroup", help=argparse.SUPPRESS)
+    p.add_argument("--ignore-paused", action="store_true", help=argparse.SUPPRESS)
+    _id(p)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND")
+    p = sub.add_parser("ps", help="list the container's processes (guest pids)")
+    p.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    _id(p)
+    p.add_argument("ps_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p = sub.add_parser("list", help="list containers")
+    p.add_argument("-f", "--format", choices=("table", "json"), default="table")
+    p.add_argument("-q", "--quiet", action="store_true", help="print ids only")
+    p = sub.add_parser("spec", help="write a config.json template")
+    p.add_argument("-b", "--bundle", default=".")
+    p.add_argument("--rootless", action="store_true")
+    sub.add_parser("features", help="print the OCI features JSON, with what the VM adds")
+    p = sub.add_parser("pause", help="freeze all processes of the container")
+    _id(p)
+    p = sub.add_parser("resume", help="thaw a paused container")
+    _id(p)
+    p = sub.add_parser("update", help="change the container's resource limits")
+    p.add_argument("-r", "--resources", help="LinuxResources JSON file, or - for stdin")
+    p.add_argument("--memory", help="memory limit in bytes (or with k/m/g)")
+    p.add_argument("--memory-swap")
+    p.add_argument("--cpu-quota", type=int)
+    p.add_argument("--cpu-period", type=int)
+    p.add_argument("--cpu-shares", type=int)
+    p.add_argument("--cpuset-cpus")
+    p.add_argument("--cpuset-mems")
+    p.add_argument("--pids-limit", type=int)
+    _id(p)
+    p = sub.add_parser("events", help="print OOM and exit events, or --stats once")
+    p.add_argument("--stats", action="store_true")
+    p.add_argument("--interval", default="5s", help=argparse.SUPPRESS)
+    _id(p)
     return parser
 
 
+_SINGLE_DASH_LONG = re.compile(r"^-([a-z][a-z0-9]*-[a-z0-9-]+|[a-z]{3,})(=.*)?$")
+
+
+def normalize(argv: list[str]) -> list[str]:
+    """go-runc passes some long flags with one dash (`-no-subreaper`): accept both."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--" or (i > 0 and argv[i - 1] == "--"):
+            out.extend(argv[i:])
+            break
+        out.append("-" + arg if _SINGLE_DASH_LONG.match(arg) else arg)
+    return out
+
+
+def _size(text: str, field: str) -> int:
+    from ..errors import ConfigError
+
+    match = re.fullmatch(r"(\d+)([kmgKMG]?)[bB]?", text.strip())
+    if not match:
+        raise ConfigError(f"{field}: {text!r} is not a size (e.g. 512m)")
+    return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2].lower()]
+
+
+def _resources(args: argparse.Namespace) -> dict[str, Any]:
+    from ..errors import ConfigError
+
+    resources: dict[str, Any] = {}
+    if args.resources:
+        try:
+            text = sys.stdin.read() if args.resources == "-" else Path(args.resources).read_text()
+            resources = json.loads(text)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--resources {args.resources}: {exc}") from None
+        if not isinstance(resources, dict):
+            raise ConfigError(f"--resources {args.resources}: must be a JSON object")
+    memory = resources.setdefault("memory", {})
+    if args.memory:
+        memory["limit"] = _size(args.memory, "--memory")
+    if args.memory_swap:
+        memory["swap"] = _size(args.memory_swap, "--memory-swap")
+    cpu = resources.setdefault("cpu", {})
+    for key, value in (("quota", args.cpu_quota), ("period", args.cpu_period),
+                       ("shares", args.cpu_shares), ("cpus", args.cpuset_cpus),
+                       ("mems", args.cpuset_mems)):
+        if value is not None:
+            cpu[key] = value
+    if args.pids_limit is not None:
+        resources["pids"] = {"limit": args.pids_limit}
+    return {k: v for k, v in resources.items() if v != {}}
+
+
+def _exec_process(runtime: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ..errors import ConfigError, SpecError
+    from ..oci import spec as oci_spec
+
+    if args.preserve_fds:
+        raise ConfigError("--preserve-fds: file descriptors cannot be passed into a VM")
+    if args.process:
+        try:
+            process = json.loads(Path(args.process).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SpecError(f"--process {args.process}: {exc}") from None
+        if not isinstance(process, dict):
+            raise SpecError(f"--process {args.process}: must be a JSON object")
+    else:
+        if not args.cmd:
+            raise ConfigError("exec: give a COMMAND or --process FILE")
+        record = runtime.store.load(args.container_id)
+        base = oci_spec.load(Path(record.bundle)).raw.get("process") or {}
+        process = {k: v for k, v in base.items() if k not in ("terminal", "consoleSize")}
+        process["args"] = list(args.cmd)
+        process["terminal"] = args.tty
+        if args.cwd:
+            process["cwd"] = args.cwd
+        if args.env:
+            process["env"] = list(process.get("env", [])) + list(args.env)
+        if args.user:
+            uid, _, gid = args.user.partition(":")
+            try:
+                process["user"] = {"uid": int(uid), "gid": int(gid or 0),
+                                   "additionalGids": [int(g) for g in args.additional_gids]}
+            except ValueError:
+                raise ConfigError(f"--user {args.user}: use UID[:GID] numbers") from None
+        if args.no_new_privs:
+            process["noNewPrivileges"] = True
+    args_list = process.get("args")
+    if (not isinstance(args_list, list) or not args_list
+            or not all(isinstance(a, str) for a in args_list)):
+        raise SpecError("process.args: must be a non-empty array of strings")
+    return process
+
+
+def _runc_stats(container_id: str, values: dict[str, int]) -> dict[str, Any]:
+    """The agent's cgroup v2 figures in the shape of runc's `events --stats`."""
+    def limit(key: str) -> int:
+        value = values.get(key, -1)
+        return value if value >= 0 else (1 << 64) - 1
+
+    return {"type": "stats", "id": container_id, "data": {
+        "cpu": {"usage": {"total": values.get("cpu.usage_usec", 0) * 1000,
+                          "kernel": values.get("cpu.system_usec", 0) * 1000,
+                          "user": values.get("cpu.user_usec", 0) * 1000}},
+        "memory": {"usage": {"usage": values.get("memory.current", 0),
+                             "limit": limit("memory.max")},
+                   "swap": {"usage": values.get("memory.swap.current", 0)},
+                   "raw": {"oom_kill": values.get("memory.oom_kill", 0)}},
+        "pids": {"current": values.get("pids.current", 0), "limit": max(
+            0, values.get("pids.max", 0))},
+    }}
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "spec":
+        from ..oci import template
+
+        template.write(Path(args.bundle), rootless=args.rootless)
+        return 0
+    if command == "features":
+        from ..oci import features
+
+        print(json.dumps(features.document(), indent=2))
+        return 0
+    from ..sandbox.container import Runtime, parse_signal
+
+    runtime = Runtime(Path(args.root), debug=args.debug)
+    if command == "list":
+        states = runtime.list_states()
+        if args.quiet:
+            print("\n".join(s["id"] for s in states))
+        elif args.format == "json":
+            print(json.dumps(states))
+        else:
+            print(f"{'ID':<24}{'PID':<10}{'STATUS':<10}{'BUNDLE':<40}CREATED")
+            for s in states:
+                print(f"{s['id']:<24}{s['pid']:<10}{s['status']:<10}{s['bundle']:<40}"
+                      f"{s['created']}")
+        return 0
+    cid = args.container_id
+    if command in ("create", "run"):
+        from ..errors import ConfigError
+
+        if args.preserve_fds:
+            raise ConfigError("--preserve-fds: file descriptors cannot be passed into a VM")
+        bundle = Path(args.bundle)
+        if command == "create":
+            runtime.create(cid, bundle, pid_file=args.pid_file,
+                           console_socket=args.console_socket)
+            return 0
+        return runtime.run(cid, bundle, pid_file=args.pid_file,
+                           console_socket=args.console_socket, detach=args.detach)
+    if command == "start":
+        runtime.start(cid)
+    elif command == "state":
+        print(json.dumps(runtime.state(cid), indent=2))
+    elif command == "kill":
+        runtime.kill(cid, parse_signal(args.signal), all_processes=args.all)
+    elif command == "delete":
+        runtime.delete(cid, force=args.force)
+    elif command == "exec":
+        process = _exec_process(runtime, args)
+        if args.detach:
+            runtime.exec_detached(cid, process, pid_file=args.pid_file,
+                                  console_socket=args.console_socket)
+            return 0
+        return runtime.exec_foreground(cid, process)
+    elif command == "ps":
+        processes = runtime.processes(cid)
+        if args.format == "json":
+            print(json.dumps([pid for pid, _ in processes]))
+        else:
+            print("PID   CMD")
+            for pid, argv in processes:
+                print(f"{pid:<5} {' '.join(argv)}")
+    elif command == "pause":
+        runtime.pause(cid)
+    elif command == "resume":
+        runtime.resume(cid)
+    elif command == "update":
+        runtime.update(cid, _resources(args))
+    elif command == "events":
+        if args.stats:
+            print(json.dumps(_runc_stats(cid, runtime.stats(cid))))
+        else:
+            for event in runtime.events(cid):
+                print(json.dumps(event), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(normalize(sys.argv[1:] if argv is None else argv))
     from .. import log
 
     log.setup(debug=args.debug, fmt=args.log_format, path=args.log)
@@ -39,10 +333,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runv version {__version__}\nspec: {OCI_SPEC_VERSION}")
         return 0
     if args.command is None:
-        _parser().print_help(sys.stderr)
+        parser.print_help(sys.stderr)
         return 2
-
-    def unsupported() -> int:
-        raise NotSupported(f"runv {args.command} is not implemented in this build yet")
-
-    return run_guarded("runv", unsupported, log_file=args.log)
+    return run_guarded("runv", lambda: _dispatch(args), log_file=args.log)

@@ -77,8 +77,10 @@ def _mount_one(rootfs: str, m: specmod.Mount) -> None:
             sc.mount("", target, "", sc.MS_BIND | sc.MS_REMOUNT | rest)
     else:
         _make_target(target, True)
+        # The guest has only the unified hierarchy: "cgroup" means cgroup2, as runc does.
+        fstype = "cgroup2" if m.type == "cgroup" else m.type
         try:
-            sc.mount(m.source or m.type, target, m.type, flags, data)
+            sc.mount(m.source or m.type, target, fstype, flags, data)
         except OSError:
             if m.type != "sysfs":
                 raise

@@ -1,0 +1,43 @@
+"""The bundle's config.json rewritten for the guest: paths on the host become paths in the
+sandbox's shared directory as the guest mounts it, and what the host does itself is removed
+(runtime-namespace hooks, host namespace paths)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from ..oci.spec import HOST_HOOKS, Spec
+
+log = logging.getLogger(__name__)
+
+SHARED_TAG = "runvshared"
+GUEST_SHARED = "/run/hyperstart/storage/shared"
+
+
+def rewrite(spec: Spec, binds: dict[int, str]) -> dict[str, Any]:
+    """`binds` maps the index of each bind mount in spec.mounts to its name in the share."""
+    raw = copy.deepcopy(spec.raw)
+    raw["root"] = {"path": f"{GUEST_SHARED}/rootfs", "readonly": spec.readonly_root}
+    mounts = raw.get("mounts") or []
+    for index, name in binds.items():
+        mounts[index]["source"] = f"{GUEST_SHARED}/{name}"
+    hooks = raw.get("hooks")
+    if isinstance(hooks, dict):
+        for kind in HOST_HOOKS:
+            hooks.pop(kind, None)
+        if hooks.pop("createContainer", None):
+            log.warning("hooks.createContainer: not run (a VM has no host-side container "
+                        "namespace to run them in; use startContainer)")
+    linux = raw.get("linux") or {}
+    namespaces = []
+    for ns in linux.get("namespaces") or []:
+        # The guest is the sandbox: its network is the VM's; a host path names nothing there.
+        if ns.get("type") == "network":
+            continue
+        namespaces.append({"type": ns["type"]})
+    if "namespaces" in linux:
+        linux["namespaces"] = namespaces
+    linux.pop("cgroupsPath", None)
+    return raw

@@ -1,0 +1,449 @@
+"""The sandbox supervisor: one long-lived host process per sandbox (`runv create` starts it in
+its own session). It owns the VM (QEMU and its agent connection), the shared directory with its
+mounts (in a private mount namespace), and the container's lifecycle; the runv CLI and the
+stand-ins talk to it over its control socket. It exits after `delete`, or when QEMU dies and
+`delete` comes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .. import config as config_mod
+from ..agent.convert import Storage
+from ..devices import Share
+from ..errors import InvalidState, RunvError
+from ..oci import spec as oci_spec
+from ..storage.shared import SharedDir, enter_private_mount_namespace
+from . import control, guest_spec
+from .sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+MEMORY_CAP_MIB = 64 * 1024
+SIGKILL_STATUS = 128 + signal.SIGKILL
+EXIT_OUTPUT_GRACE_S = 5.0
+
+
+def sandbox_id(root: Path, container_id: str) -> str:
+    """Short and unique per (root, id): QEMU's unix socket paths must stay under 108 bytes."""
+    return hashlib.sha256(f"{root.resolve()}\0{container_id}".encode()).hexdigest()[:16]
+
+
+def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.RuntimeConfig:
+    """The VM gets what the container asked for plus the configured guest overhead."""
+    hv = config.hypervisor
+    memory = hv.memory_mib
+    if spec.memory_limit:
+        memory = min(MEMORY_CAP_MIB, memory + math.ceil(spec.memory_limit / (1 << 20)))
+    vcpus = hv.vcpus
+    if spec.cpus:
+        vcpus = min(os.cpu_count() or 1, max(vcpus, math.ceil(spec.cpus)))
+    return replace(config, hypervisor=replace(hv, memory_mib=memory, vcpus=vcpus))
+
+
+class Process:
+    """One container process (init has exec_id "") as the supervisor tracks it."""
+
+    def __init__(self, exec_id: str) -> None:
+        self.exec_id = exec_id
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.attached = False
+
+
+class Supervisor:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.root = Path(args.root)
+        self.id: str = args.id
+        self.bundle = Path(args.bundle)
+        self.config_path: str | None = args.config
+        self.debug: bool = args.debug
+        self.container_dir = self.root / self.id
+        self.status = "creating"
+        self.sandbox: Sandbox | None = None
+        self.shared = SharedDir(self.container_dir / "shared")
+        self.processes: dict[str, Process] = {}
+        self.done = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.event_listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+
+    @property
+    def extra(self) -> dict[str, str]:
+        return {"container": self.id}
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def setup(self) -> dict[str, Any]:
+        spec = oci_spec.load(self.bundle)
+        config = sized(config_mod.load(self.config_path), spec)
+        config = replace(config, state_dir=config.state_dir / "sandboxes")
+        self.shared.open()
+        self.shared.bind(spec.root, "root.path", readonly=spec.readonly_root, name="rootfs")
+        binds = {}
+        for index, mount in enumerate(spec.mounts):
+            if mount.is_bind:
+                source = Path(mount.source)
+                if not source.is_absolute():
+                    source = spec.bundle / source
+                binds[index] = self.shared.bind(source, f"mounts[{index}].source",
+                                                readonly=mount.readonly)
+        self.sandbox = await Sandbox.boot(
+            config, sandbox_id=sandbox_id(self.root, self.id), debug=self.debug,
+            shares=(Share(guest_spec.SHARED_TAG, self.shared.path),))
+        assert self.sandbox.agent is not None
+        await self.serve_control()
+        guest = guest_spec.rewrite(spec, binds)
+        await self.sandbox.agent.create_container(
+            self.id, json.dumps(guest).encode(),
+            storages=(Storage("9p", guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
+        self.status = "created"
+        self._track(Process(""))
+        self._task(self._watch_vm())
+        self._task(self._watch_events())
+        return {"ok": True, "vm_dir": str(self.sandbox.paths.root),
+                "timings": self.sandbox.timings}
+
+    def _track(self, process: Process) -> None:
+        self.processes[process.exec_id] = process
+        self._task(self._wait(process))
+
+    async def _wait(self, process: Process) -> None:
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        try:
+            code = await self.sandbox.agent.wait_process(self.id, process.exec_id)
+        except RunvError as exc:
+            if self.status == "stopped":
+                return
+            log.warning("waiting for process %r failed: %s", process.exec_id or "init", exc,
+                        extra=self.extra)
+            code = SIGKILL_STATUS
+        if not process.exited.done():
+            process.exited.set_result(code)
+        if process.exec_id == "":
+            self.status = "stopped"
+            self._publish({"type": "exit", "id": self.id, "data": {"status": code}})
+
+    async def _watch_vm(self) -> None:
+        assert self.sandbox is not None and self.sandbox.machine is not None
+        await asyncio.shield(self.sandbox.machine.exited)
+        if self.status != "stopped" and not self.done.is_set():
+            log.error("the VM stopped: %s", self.sandbox.machine.describe_exit(),
+                      extra=self.extra)
+        self.status = "stopped"
+        for process in self.processes.values():
+            if not process.exited.done():
+                process.exited.set_result(SIGKILL_STATUS)
+
+    async def _watch_events(self) -> None:
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        with contextlib.suppress(RunvError):
+            async for event in self.sandbox.agent.events():
+                if event.kind == "oom":
+                    self._publish({"type": "oom", "id": self.id})
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        for queue in self.event_listeners:
+            queue.put_nowait(event)
+
+    # -- control socket ---------------------------------------------------------------------
+
+    async def serve_control(self) -> None:
+        assert self.sandbox is not None
+        path = self.sandbox.paths.root / "ctl.sock"
+        sock = control.listen(path)
+        self._task(self._accept(sock))
+
+    async def _accept(self, sock: Any) -> None:
+        loop = asyncio.get_running_loop()
+        with sock:
+            while True:
+                conn, _ = await loop.sock_accept(sock)
+                self._task(self._serve(control.ServerConnection(conn)))
+
+    async def _serve(self, conn: control.ServerConnection) -> None:
+        try:
+            message, fds = await conn.recv()
+            if message is None:
+                return
+            op = str(message.get("op"))
+            try:
+                if op in ("attach", "exec"):
+                    await self._attach(conn, message, fds)
+                    return
+                if op == "events":
+                    await self._stream_events(conn)
+                    return
+                for fd in fds:
+                    os.close(fd)
+                reply = await self._handle(op, message)
+            except RunvError as exc:
+                reply = control.error_reply(exc)
+            except Exception as exc:
+                log.debug("control %s failed", op, exc_info=True)
+                reply = control.error_reply(exc)
+            conn.send(reply)
+            if op == "delete" and reply.get("ok"):
+                self.done.set()
+        except Exception:
+            log.debug("control connection failed", exc_info=True)
+        finally:
+            conn.close()
+
+    async def _handle(self, op: str, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        agent = self.sandbox.agent
+        init = self.processes[""]
+        if op == "state":
+            return {"ok": True, "status": self.status,
+                    "exit_code": init.exited.result() if init.exited.done() else None}
+        if op == "delete":
+            if self.status in ("running", "paused") and not message.get("force"):
+                raise InvalidState(f"cannot delete container {self.id} that is not stopped: "
+                                   f"{self.status} (use --force)")
+            return {"ok": True}
+        if self.status == "stopped":
+            raise InvalidState(f"container {self.id} is not running (stopped)")
+        if op == "start":
+            if self.status != "created":
+                raise InvalidState(f"cannot start container {self.id}: it is {self.status}")
+            await agent.start_container(self.id)
+            self.status = "running"
+        elif op == "kill":
+            await agent.signal_process(self.id, "", int(message["signal"]),
+                                       all_processes=bool(message.get("all")))
+        elif op == "pause":
+            if self.status != "running":
+                raise InvalidState(f"cannot pause container {self.id}: it is {self.status}")
+            await agent.pause_container(self.id)
+            self.status = "paused"
+        elif op == "resume":
+            if self.status != "paused":
+                raise InvalidState(f"cannot resume container {self.id}: it is not paused")
+            await agent.resume_container(self.id)
+            self.status = "running"
+        elif op == "update":
+            await agent.update_container(self.id, json.dumps(message["resources"]).encode())
+        elif op == "stats":
+            return {"ok": True, "stats": await agent.stats_container(self.id)}
+        elif op == "ps":
+            return {"ok": True, "processes": [[pid, list(args)] for pid, args in
+                                              await agent.list_processes(self.id)]}
+        else:
+            raise RunvError(f"unknown control operation {op!r}")
+        return {"ok": True}
+
+    async def _stream_events(self, conn: control.ServerConnection) -> None:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.event_listeners.add(queue)
+        try:
+            conn.send({"ok": True})
+            closed = asyncio.create_task(conn.recv())
+            try:
+                while True:
+                    get = asyncio.create_task(queue.get())
+                    await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()
+                        return
+                    conn.send(get.result())
+            finally:
+                closed.cancel()
+                await asyncio.gather(closed, return_exceptions=True)
+        finally:
+            self.event_listeners.discard(queue)
+
+    async def _attach(self, conn: control.ServerConnection, message: dict[str, Any],
+                      fds: list[int]) -> None:
+        """Connect a stand-in to a process: its stdio fds go to the process (the stand-in
+        sent stdin, stdout, stderr, or one terminal fd), its signals and window sizes are
+        forwarded, and it is told the exit status once all output is written."""
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        agent = self.sandbox.agent
+        exec_id = str(message.get("exec_id", ""))
+        try:
+            if message["op"] == "exec":
+                if self.status not in ("running", "created"):
+                    raise InvalidState(f"cannot exec in container {self.id}: it is "
+                                       f"{self.status}")
+                if not exec_id or exec_id in self.processes:
+                    raise InvalidState(f"exec id {exec_id!r} is empty or already in use")
+                await agent.exec_process(self.id, exec_id,
+                                         json.dumps(message["process"]).encode())
+                self._track(Process(exec_id))
+            process = self.processes.get(exec_id)
+            if process is None:
+                raise InvalidState(f"no process {exec_id!r} in container {self.id}")
+            if process.attached:
+                raise InvalidState(f"process {exec_id or 'init'} already has a stand-in")
+            process.attached = True
+        except BaseException as exc:
+            for fd in fds:
+                os.close(fd)
+            conn.send(control.error_reply(exc))
+            return
+        stdin_fd, out_fd, err_fd = (fds + fds[-1:] * 3)[:3] if fds else (-1, -1, -1)
+        output = asyncio.create_task(self._pump(exec_id, stdin_fd, out_fd, err_fd))
+        conn.send({"ok": True})
+        if message.get("size"):
+            height, width = message["size"]
+            with contextlib.suppress(RunvError):
+                await agent.resize_tty(self.id, exec_id, height, width)
+        incoming = asyncio.create_task(self._forward(conn, exec_id))
+        exited: asyncio.Future[Any] = process.exited
+        await asyncio.wait([exited, incoming], return_when=asyncio.FIRST_COMPLETED)
+        if not process.exited.done():
+            # The stand-in died (SIGKILL cannot be forwarded): the process goes with it.
+            with contextlib.suppress(RunvError):
+                await agent.signal_process(self.id, exec_id, signal.SIGKILL)
+        code = await process.exited
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(output), EXIT_OUTPUT_GRACE_S)
+        output.cancel()
+        incoming.cancel()
+        await asyncio.gather(output, incoming, return_exceptions=True)
+        for fd in set(fds):
+            os.close(fd)
+        conn.send({"exit": code})
+
+    async def _forward(self, conn: control.ServerConnection, exec_id: str) -> None:
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        agent = self.sandbox.agent
+        while True:
+            message, fds = await conn.recv()
+            for fd in fds:
+                os.close(fd)
+            if message is None:
+                return
+            with contextlib.suppress(RunvError):
+                if "signal" in message:
+                    await agent.signal_process(self.id, exec_id, int(message["signal"]))
+                elif "size" in message:
+                    height, width = message["size"]
+                    await agent.resize_tty(self.id, exec_id, int(height), int(width))
+
+    async def _pump(self, exec_id: str, stdin_fd: int, out_fd: int, err_fd: int) -> None:
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        loop = asyncio.get_running_loop()
+        stdin = _read_fd(stdin_fd) if stdin_fd >= 0 else None
+        broken: set[int] = set()
+        async for chunk in self.sandbox.agent.stdio(self.id, exec_id, stdin=stdin):
+            fd = err_fd if chunk.stream == "stderr" else out_fd
+            if chunk.data and fd >= 0 and fd not in broken:
+                try:
+                    await loop.run_in_executor(None, _write_all, fd, chunk.data)
+                except OSError:
+                    broken.add(fd)  # the reader went away; the process keeps running
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self.sandbox is not None:
+            if self.sandbox.agent is not None and self.status != "stopped":
+                with contextlib.suppress(RunvError, TimeoutError):
+                    await asyncio.wait_for(self.sandbox.agent.remove_container(
+                        self.id, force=True), 10)
+            self.status = "stopped"
+            for process in self.processes.values():
+                if not process.exited.done():
+                    process.exited.set_result(SIGKILL_STATUS)
+            # Let the stand-ins receive their exit status before the VM goes.
+            await asyncio.sleep(0)
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.sandbox.close()
+        self.shared.close()
+
+
+async def _read_fd(fd: int) -> AsyncIterator[bytes]:
+    """The fd's bytes until EOF, read by a daemon thread (a stdin may never end; a thread
+    blocked in read() must not keep the supervisor from exiting)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+            except Exception:
+                return
+            if not data:
+                return
+
+    threading.Thread(target=reader, daemon=True, name=f"stdin-{fd}").start()
+    while data := await queue.get():
+        yield data
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def _run(args: argparse.Namespace, status_fd: int) -> int:
+    supervisor = Supervisor(args)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, supervisor.done.set)
+    try:
+        try:
+            reply = await supervisor.setup()
+        except BaseException as exc:
+            os.write(status_fd, json.dumps(control.error_reply(exc)).encode())
+            raise
+        os.write(status_fd, json.dumps(reply).encode())
+        os.close(status_fd)
+        await supervisor.done.wait()
+        return 0
+    finally:
+        await supervisor.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runv-supervisor")
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from .. import log
+
+    # Before any thread exists: unshare(CLONE_NEWNS) refuses a process with threads.
+    enter_private_mount_namespace()
+    log.setup(debug=args.debug, fmt="json")
+    try:
+        return asyncio.run(_run(args, args.status_fd))
+    except RunvError as exc:
+        log_ = logging.getLogger(__name__)
+        log_.error("%s", exc, extra={"container": args.id})
+        return exc.exit_code
+    except Exception:
+        logging.getLogger(__name__).exception("supervisor failed", extra={"container": args.id})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

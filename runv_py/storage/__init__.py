@@ -1,0 +1,1 @@
+"""How host files reach the guest: the sandbox's shared directory (virtio-fs or 9p)."""

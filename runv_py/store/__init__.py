@@ -1,0 +1,1 @@
+"""Per-container state under the runtime root (runc's --root)."""
