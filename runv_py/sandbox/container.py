@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import child
+from ..config import load as load_config
 from ..errors import ConfigError, InvalidState, RunvError, SpecError
 from ..oci import hooks
 from ..oci import spec as oci_spec
-from ..store.state import ContainerRecord, Store
+from ..store.state import ContainerRecord, Store, vm_dir
 from . import control
 from .standin import StandIn
 
@@ -126,11 +127,10 @@ class Runtime:
     def live(self, record: ContainerRecord) -> tuple[str, int | None]:
         """(status, exit code) as the supervisor knows them; a dead supervisor means
         stopped."""
-        if record.status == "creating" and not _alive(record.supervisor_pid,
-                                                      record.supervisor_start):
-            return "stopped", None
         if not _alive(record.supervisor_pid, record.supervisor_start):
             return "stopped", record.exit_code
+        if record.status == "creating":
+            return "creating", None
         try:
             reply = control.call(self.ctl(record), {"op": "state"}, timeout_s=15)
         except (OSError, RunvError):
@@ -165,6 +165,9 @@ class Runtime:
     def create(self, container_id: str, bundle: Path, *, pid_file: str | None = None,
                console_socket: str | None = None, standin: bool = True) -> ContainerRecord:
         spec = oci_spec.load(bundle)
+        if standin and spec.terminal and not console_socket:
+            raise ConfigError("process.terminal is true: pass --console-socket (or use "
+                              "`runv run` in the foreground)")
         record = ContainerRecord(id=container_id, bundle=str(spec.bundle),
                                  rootfs=str(spec.root), created=_rfc3339_now(),
                                  annotations=spec.annotations)
@@ -206,7 +209,8 @@ class Runtime:
             os.close(status_w)
             logfile.close()
         record = record.with_(supervisor_pid=proc.pid,
-                              supervisor_start=child.proc_start_time(proc.pid) or 0)
+                              supervisor_start=child.proc_start_time(proc.pid) or 0,
+                              vm_dir=str(vm_dir(load_config().state_dir, self.root, record.id)))
         self.store.save(record)
         raw = _read_until_eof(status_r, 600)
         reply: dict[str, Any]
@@ -222,7 +226,9 @@ class Runtime:
             log.debug("sandbox ready: " + ", ".join(
                 f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
                 extra={"container": record.id})
-        return record.with_(vm_dir=str(reply["vm_dir"]), status="created")
+        record = record.with_(vm_dir=str(reply["vm_dir"]), status="created")
+        self.store.save(record)
+        return record
 
     def _spawn_standin(self, record: ContainerRecord, request: dict[str, Any],
                        terminal: Terminal) -> int:
@@ -279,10 +285,10 @@ class Runtime:
                 except InvalidState:
                     raise
                 except (OSError, RunvError) as exc:
-                    log.warning("supervisor did not answer delete (%s); killing it", exc,
+                    log.warning("supervisor did not answer delete (%s); stopping it", exc,
                                 extra={"container": container_id})
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(record.supervisor_pid, signal.SIGKILL)
+                        os.kill(record.supervisor_pid, signal.SIGTERM)
                 self._wait_gone(record.supervisor_pid, record.supervisor_start)
             child.reap_if_child(record.supervisor_pid)
             if record.vm_dir:

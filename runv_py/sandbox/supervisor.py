@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from ..devices import Share
 from ..errors import InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, enter_private_mount_namespace
+from ..store import state
 from . import control, guest_spec
 from .sandbox import Sandbox
 
@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 MEMORY_CAP_MIB = 64 * 1024
 SIGKILL_STATUS = 128 + signal.SIGKILL
 EXIT_OUTPUT_GRACE_S = 5.0
-
-
-def sandbox_id(root: Path, container_id: str) -> str:
-    """Short and unique per (root, id): QEMU's unix socket paths must stay under 108 bytes."""
-    return hashlib.sha256(f"{root.resolve()}\0{container_id}".encode()).hexdigest()[:16]
 
 
 def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.RuntimeConfig:
@@ -92,7 +87,8 @@ class Supervisor:
     async def setup(self) -> dict[str, Any]:
         spec = oci_spec.load(self.bundle)
         config = sized(config_mod.load(self.config_path), spec)
-        config = replace(config, state_dir=config.state_dir / "sandboxes")
+        vm_dir = state.vm_dir(config.state_dir, self.root, self.id)
+        config = replace(config, state_dir=vm_dir.parent)
         self.shared.open()
         self.shared.bind(spec.root, "root.path", readonly=spec.readonly_root, name="rootfs")
         binds = {}
@@ -104,7 +100,7 @@ class Supervisor:
                 binds[index] = self.shared.bind(source, f"mounts[{index}].source",
                                                 readonly=mount.readonly)
         self.sandbox = await Sandbox.boot(
-            config, sandbox_id=sandbox_id(self.root, self.id), debug=self.debug,
+            config, sandbox_id=vm_dir.name, debug=self.debug,
             shares=(Share(guest_spec.SHARED_TAG, self.shared.path),))
         assert self.sandbox.agent is not None
         await self.serve_control()
@@ -312,7 +308,7 @@ class Supervisor:
             with contextlib.suppress(RunvError):
                 await agent.signal_process(self.id, exec_id, signal.SIGKILL)
         code = await process.exited
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(TimeoutError, RunvError):  # RunvError: the VM is gone
             await asyncio.wait_for(asyncio.shield(output), EXIT_OUTPUT_GRACE_S)
         output.cancel()
         incoming.cancel()

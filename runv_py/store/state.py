@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -26,6 +27,13 @@ def check_id(container_id: str) -> str:
         raise ConfigError(f"container id {container_id!r}: use 1-128 letters, digits and "
                           "'_', '.', '+', '-', starting with a letter or digit")
     return container_id
+
+
+def vm_dir(state_dir: Path, root: Path, container_id: str) -> Path:
+    """Where the container's VM keeps its sockets and logs. Short and unique per (root, id):
+    QEMU's unix socket paths must stay under 108 bytes."""
+    name = hashlib.sha256(f"{root.resolve()}\0{container_id}".encode()).hexdigest()[:16]
+    return state_dir / "sandboxes" / name
 
 
 @dataclass(frozen=True, slots=True)

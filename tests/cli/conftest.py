@@ -3,7 +3,6 @@ root and a runtime config of the test's own, and a check that nothing outlives t
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import json
 import os
@@ -69,7 +68,7 @@ class Runv:
         shutil.copytree(self.rootfs, path / "rootfs", symlinks=True)
         spec = base_spec(args)
         if edit is not None:
-            spec = edit(copy.deepcopy(spec)) or spec
+            edit(spec)
         (path / "config.json").write_text(json.dumps(spec))
         return path
 
@@ -118,12 +117,13 @@ class Runv:
 
 def reap(pid: int, timeout_s: float = 60) -> int:
     """Wait for a process that was reparented to us (we are a subreaper, like containerd's
-    shim) and return its wait status as a shell would show it."""
+    shim) and return its status as a shell shows it (128+N for signal N)."""
     deadline = time.monotonic() + timeout_s
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
-            return os.waitstatus_to_exitcode(status) % 256
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
         assert time.monotonic() < deadline, f"pid {pid} did not exit"
         time.sleep(0.05)
 

@@ -117,7 +117,7 @@ def test_exec_ps_pause_update_stats(runv: Runv, tmp_path: Path) -> None:
     assert out.read_bytes() == b"data\ndone\n"
 
     pids = json.loads(runv("ps", "--format", "json", "c1").stdout)
-    assert pids == [1]
+    assert len(pids) == 1 and all(isinstance(p, int) for p in pids)  # guest pids
     assert b"sleep 600" in runv("ps", "c1").stdout
 
     runv("pause", "c1")

@@ -1,0 +1,92 @@
+"""kill -9 of each host process of a sandbox at a bad moment: `state` tells the truth,
+`delete` cleans everything up; and many runv processes working at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tests.vm.conftest import processes_mentioning
+
+from .conftest import Runv, reap
+
+
+def _record(runv: Runv, cid: str) -> dict[str, object]:
+    return dict(json.loads((runv.root / cid / "state.json").read_text()))
+
+
+def _qemu_pid(vm_dir: str) -> int:
+    for line in processes_mentioning(vm_dir):
+        pid, _, cmdline = line.partition(": ")
+        if cmdline.startswith("qemu-system"):
+            return int(pid)
+    raise AssertionError(f"no QEMU for {vm_dir}")
+
+
+def _running(runv: Runv, tmp_path: Path, cid: str) -> int:
+    bundle = runv.bundle(["sleep", "600"])
+    runv("run", "-d", "--bundle", str(bundle), "--pid-file", str(tmp_path / f"{cid}.pid"), cid)
+    return int((tmp_path / f"{cid}.pid").read_text())
+
+
+def test_supervisor_killed(runv: Runv, tmp_path: Path) -> None:
+    standin = _running(runv, tmp_path, "c1")
+    os.kill(int(str(_record(runv, "c1")["supervisor_pid"])), signal.SIGKILL)
+    runv.wait_status("c1", "stopped")
+    assert reap(standin) == 255  # the stand-in notices and exits
+    runv("delete", "c1")
+    assert runv.leftovers() == []
+
+
+def test_qemu_killed(runv: Runv, tmp_path: Path) -> None:
+    standin = _running(runv, tmp_path, "c1")
+    os.kill(_qemu_pid(str(_record(runv, "c1")["vm_dir"])), signal.SIGKILL)
+    runv.wait_status("c1", "stopped")
+    assert reap(standin) == 137
+    runv("delete", "c1")
+    assert runv.leftovers() == []
+
+
+def test_standin_killed(runv: Runv, tmp_path: Path) -> None:
+    standin = _running(runv, tmp_path, "c1")
+    os.kill(standin, signal.SIGKILL)
+    assert reap(standin) == 137
+    runv.wait_status("c1", "stopped")  # the container's process went with its stand-in
+    runv("delete", "c1")
+    assert runv.leftovers() == []
+
+
+def test_delete_force_while_running_and_during_create(runv: Runv, tmp_path: Path) -> None:
+    standin = _running(runv, tmp_path, "c1")
+    runv("delete", "--force", "c1")
+    assert reap(standin) == 137
+    bundle = runv.bundle(["true"])
+    create = runv.popen("create", "--bundle", str(bundle), "c2",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (runv.root / "c2" / "state.json").exists():
+        time.sleep(0.01)
+    time.sleep(1)  # the VM is booting
+    create.kill()  # containerd kills runv create when its context is cancelled
+    create.wait()
+    assert runv.state_of("c2")["status"] in ("creating", "stopped")
+    runv("delete", "--force", "c2")
+    assert runv.leftovers() == []
+
+
+def test_ten_containers_at_once(runv: Runv, tmp_path: Path) -> None:
+    ids = [f"p{i}" for i in range(10)]
+    bundles = {cid: runv.bundle(["sh", "-c", f"echo {cid}"]) for cid in ids}
+
+    def lifecycle(cid: str) -> bytes:
+        result = runv("run", "--bundle", str(bundles[cid]), cid, timeout=600)
+        return result.stdout
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        outputs = list(pool.map(lifecycle, ids))
+    assert outputs == [f"{cid}\n".encode() for cid in ids]
+    assert runv.leftovers() == []
