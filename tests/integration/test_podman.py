@@ -1,0 +1,111 @@
+"""podman --runtime runv (with conmon): run, -it with a terminal, exec, stop and kill, from an
+image loaded from an OCI archive; podman's own state under a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import RUNV
+
+from .conftest import IMAGE
+
+
+class Podman:
+    def __init__(self, top: Path, env: dict[str, str]) -> None:
+        self.top = top
+        conf = top / "containers.conf"
+        # Without default_ulimits every runtime fails to set rlimits here.
+        conf.write_text('[containers]\ndefault_ulimits = ["nofile=1024:1024", '
+                        '"nproc=4096:4096"]\n[engine]\ncgroup_manager = "cgroupfs"\n'
+                        'events_logger = "file"\n')
+        (top / "bin").mkdir()
+        runtime = top / "bin" / "runv"  # podman names the runtime after the file
+        runtime.symlink_to(RUNV)
+        self.env = dict(env, CONTAINERS_CONF=str(conf))
+        self.base = ["podman", "--root", str(top / "storage"), "--runroot", str(top / "run"),
+                     "--tmpdir", str(top / "tmp"), "--storage-driver", "overlay",
+                     "--runtime", str(runtime)]
+
+    def argv(self, *args: str) -> list[str]:
+        return [*self.base, *args]
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 300
+                 ) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(self.argv(*args), capture_output=True, env=self.env,
+                                timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args)}: exit {result.returncode}: "
+                                 f"{result.stderr.decode(errors='replace')}")
+        return result
+
+    def close(self) -> None:
+        self("rm", "--all", "--force", "--time", "0", check=False)
+        self("system", "reset", "--force", check=False)
+
+
+@pytest.fixture
+def podman(tmp_path: Path, runtime_env: dict[str, str], image_archive: Path
+           ) -> Iterator[Podman]:
+    top = Path(tempfile.mkdtemp(prefix="pm-"))  # podman refuses a runroot over 50 bytes
+    tool = Podman(top, runtime_env)
+    try:
+        tool("load", "--input", str(image_archive))
+        yield tool
+    finally:
+        tool.close()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_podman_run_exec_stop_kill(podman: Podman) -> None:
+    result = podman("run", "--rm", "--network", "none", IMAGE, "sh", "-c",
+                    "echo hi from podman; exit 4", check=False)
+    assert result.returncode == 4 and result.stdout == b"hi from podman\n", result.stderr
+
+    podman("run", "-d", "--name", "s1", "--network", "none", IMAGE, "sleep", "600")
+    exec_result = podman("exec", "s1", "sh", "-c", "echo exec ok; exit 6", check=False)
+    assert exec_result.returncode == 6 and exec_result.stdout == b"exec ok\n"
+    podman("stop", "--time", "1", "s1")  # sleep as pid 1 ignores TERM: podman kills it
+    assert b"Exited (137)" in podman("ps", "--all").stdout
+    podman("rm", "s1")
+
+    podman("run", "-d", "--name", "s2", "--network", "none", IMAGE, "sh", "-c",
+           "trap 'exit 9' TERM; while :; do sleep 0.1; done")
+    time.sleep(1)  # let the trap be installed
+    podman("kill", "--signal", "TERM", "s2")
+    assert podman("wait", "s2").stdout.strip() == b"9"
+    podman("rm", "s2")
+
+
+def test_podman_run_interactive_tty(podman: Podman) -> None:
+    master, slave = os.openpty()
+    proc = subprocess.Popen(podman.argv("run", "--rm", "-it", "--network", "none", IMAGE,
+                                        "sh", "-c", "tty; read line; echo got:$line; exit 2"),
+                            stdin=slave, stdout=slave, stderr=slave, env=podman.env,
+                            start_new_session=True)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 120
+    sent = False
+    while proc.poll() is None or output.count(b"\n") < 1:
+        assert time.monotonic() < deadline, output
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        output += chunk
+        if not sent and b"/dev/pts/" in output:
+            os.write(master, b"typed\r")
+            sent = True
+        if b"got:typed" in output:
+            break
+    assert proc.wait(timeout=60) == 2
+    os.close(master)
+    assert b"/dev/pts/" in output and b"got:typed" in output
