@@ -20,6 +20,7 @@ Accelerator = Literal["auto", "kvm", "tcg"]
 MachineType = Literal["microvm", "pc", "q35"]
 RootfsKind = Literal["block", "initrd"]
 ChannelKind = Literal["serial"]
+SharedFs = Literal["virtio-fs", "9p"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,7 @@ class HypervisorConfig:
     kernel_params: str = ""
     # QEMU -cpu model; empty: "host" under KVM, "max" under TCG.
     cpu: str = ""
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,9 @@ class GuestConfig:
     assets_dir: Path = DEFAULT_ASSETS_DIR
     rootfs: RootfsKind = "block"
     channel: ChannelKind = "serial"
+    # How container rootfs and bind mounts reach the guest (per container: the
+    # org.runv.shared-fs annotation).
+    shared_fs: SharedFs = "virtio-fs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +91,7 @@ def _convert(where: str, name: str, kind: Any, value: Any) -> Any:
 
 _KINDS: dict[str, Any] = {
     "accelerator": Accelerator, "machine": MachineType, "rootfs": RootfsKind,
-    "channel": ChannelKind,
+    "channel": ChannelKind, "shared_fs": SharedFs,
 }
 
 

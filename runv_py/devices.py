@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .errors import ConfigError
 
@@ -12,13 +13,19 @@ _NIC_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
+ShareDriver = Literal["virtiofs", "9p"]
+
+
 @dataclass(frozen=True, slots=True)
 class Share:
-    """A host directory the guest mounts by `tag` (virtio-9p now; virtio-fs later)."""
+    """A host directory the guest mounts by `tag`, over virtio-9p (QEMU serves it) or
+    virtio-fs (a virtiofsd per share serves it on the vhost-user `socket`)."""
 
     tag: str
     path: Path
     readonly: bool = False
+    driver: ShareDriver = "9p"
+    socket: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import re
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,7 @@ from ..agent.client import AgentClient
 from ..config import RuntimeConfig
 from ..devices import Nic, Share
 from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError
+from ..storage.virtiofs import Virtiofsd
 from ..vm import accel
 from ..vm.qemu.cmdline import AGENT_PORT_ID, KernelParams, VmConfig, kernel_cmdline
 from ..vm.qemu.machine import QemuMachine, tail
@@ -104,6 +105,7 @@ def vm_config(
         initrd=found.initrd if root == "initrd" else None,
         root_image=found.rootfs_image if root == "block" else None,
         agent_socket=paths.agent_socket, cpu=hv.cpu, shares=shares, nics=nics,
+        shared_memory=any(share.driver == "virtiofs" for share in shares),
     )
 
 
@@ -120,6 +122,7 @@ class Sandbox:
         # Host-side phases, in seconds: prepare (before QEMU), qemu (spawn to QMP), guest (to
         # agent ready), total.
         self.timings: dict[str, float] = {}
+        self.virtiofsds: list[Virtiofsd] = []
         self._owns_dir = False
 
     @classmethod
@@ -127,7 +130,7 @@ class Sandbox:
                    debug: bool = False, shares: tuple[Share, ...] = (),
                    nics: tuple[Nic, ...] = ()) -> Sandbox:
         """Boot a VM to "agent ready". `shares` are host directories the guest can mount
-        (as Storage with driver "9p" and source = the share's tag); `nics` are its network
+        (as Storage with the share's driver and source = its tag); `nics` are its network
         devices."""
         sandbox = cls(sandbox_id or secrets.token_hex(6), config)
         try:
@@ -156,6 +159,7 @@ class Sandbox:
             raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
         self._owns_dir = True
         _write_owner(self.paths)
+        shares = await self._start_virtiofsds(shares)
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
                        shares=shares, nics=nics)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
@@ -169,6 +173,20 @@ class Sandbox:
         self.timings = {"prepare": t1 - t0, "qemu": t2 - t1, "guest": t3 - t2, "total": t3 - t0}
         log.debug("sandbox ready: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in
                                                 self.timings.items()), extra=extra)
+
+    async def _start_virtiofsds(self, shares: tuple[Share, ...]) -> tuple[Share, ...]:
+        out = []
+        for i, share in enumerate(shares):
+            if share.driver != "virtiofs":
+                out.append(share)
+                continue
+            served = replace(share, socket=self.paths.root / f"vfs{i}.sock")
+            daemon = Virtiofsd(self.config.hypervisor.virtiofsd, served,
+                               self.paths.root / f"virtiofsd{i}.log")
+            self.virtiofsds.append(daemon)
+            await daemon.start()
+            out.append(served)
+        return tuple(out)
 
     async def _wait_agent(self) -> None:
         assert self.machine is not None and self.agent is not None
@@ -215,6 +233,8 @@ class Sandbox:
             try:
                 if self.machine is not None:
                     await self.machine.close()
+                for daemon in self.virtiofsds:
+                    await daemon.stop()
             finally:
                 if self._owns_dir:
                     shutil.rmtree(self.paths.root, ignore_errors=True)

@@ -23,8 +23,8 @@ from typing import Any
 
 from .. import config as config_mod
 from ..agent.convert import Storage
-from ..devices import Share
-from ..errors import InvalidState, RunvError
+from ..devices import Share, ShareDriver
+from ..errors import InvalidState, RunvError, SpecError
 from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, enter_private_mount_namespace
 from ..store import state
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MEMORY_CAP_MIB = 64 * 1024
 SIGKILL_STATUS = 128 + signal.SIGKILL
+SHARED_FS_ANNOTATION = "org.runv.shared-fs"
 EXIT_OUTPUT_GRACE_S = 5.0
 
 
@@ -48,6 +49,14 @@ def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.R
     if spec.cpus:
         vcpus = min(os.cpu_count() or 1, max(vcpus, math.ceil(spec.cpus)))
     return replace(config, hypervisor=replace(hv, memory_mib=memory, vcpus=vcpus))
+
+
+def shared_fs_driver(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> ShareDriver:
+    choice = spec.annotations.get(SHARED_FS_ANNOTATION, config.guest.shared_fs)
+    if choice not in ("virtio-fs", "9p"):
+        raise SpecError(f"annotations[{SHARED_FS_ANNOTATION!r}]: {choice!r} is not "
+                        "virtio-fs or 9p")
+    return "virtiofs" if choice == "virtio-fs" else "9p"
 
 
 class Process:
@@ -90,7 +99,8 @@ class Supervisor:
         vm_dir = state.vm_dir(config.state_dir, self.root, self.id)
         config = replace(config, state_dir=vm_dir.parent)
         self.shared.open()
-        self.shared.bind(spec.root, "root.path", readonly=spec.readonly_root, name="rootfs")
+        # root.readonly is applied in the guest, after the mount points have been made in it.
+        self.shared.bind(spec.root, "root.path", name="rootfs")
         binds = {}
         for index, mount in enumerate(spec.mounts):
             if mount.is_bind:
@@ -99,15 +109,16 @@ class Supervisor:
                     source = spec.bundle / source
                 binds[index] = self.shared.bind(source, f"mounts[{index}].source",
                                                 readonly=mount.readonly)
+        driver = shared_fs_driver(config, spec)
         self.sandbox = await Sandbox.boot(
             config, sandbox_id=vm_dir.name, debug=self.debug,
-            shares=(Share(guest_spec.SHARED_TAG, self.shared.path),))
+            shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver=driver),))
         assert self.sandbox.agent is not None
         await self.serve_control()
         guest = guest_spec.rewrite(spec, binds)
         await self.sandbox.agent.create_container(
             self.id, json.dumps(guest).encode(),
-            storages=(Storage("9p", guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
+            storages=(Storage(driver, guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
         self.status = "created"
         self._track(Process(""))
         self._task(self._watch_vm())

@@ -108,9 +108,19 @@ def qemu_argv(config: VmConfig) -> list[str]:
             "-device", f"virtio-blk-{bus},drive=rootfs",
         ]
     for i, share in enumerate(config.shares):
+        if share.driver == "virtiofs":
+            if share.socket is None or not config.shared_memory:
+                raise ValueError(f"share {share.tag}: virtio-fs needs a socket and shared memory")
+            argv += [
+                "-chardev", f"socket,id=vfs{i},path={share.socket}",
+                "-device", f"vhost-user-fs-{bus},chardev=vfs{i},tag={share.tag}",
+            ]
+            continue
         readonly = ",readonly=on" if share.readonly else ""
+        # multidevs=remap: the share may hold mounts of other filesystems (bind mounts).
         argv += [
-            "-fsdev", f"local,id=fs{i},path={share.path},security_model=passthrough{readonly}",
+            "-fsdev", f"local,id=fs{i},path={share.path},security_model=passthrough,"
+                      f"multidevs=remap{readonly}",
             "-device", f"virtio-9p-{bus},fsdev=fs{i},mount_tag={share.tag}",
         ]
     for nic in config.nics:
