@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from runv_py.devices import HubPort, Nic
+from runv_py.devices import HubPort, Nic, Share
 from runv_py.errors import ConfigError
 from runv_py.vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline, qemu_argv
 
@@ -106,3 +106,18 @@ def test_nic_fields_that_would_break_the_argv_are_refused(
         nic_id: str, mac: str, mtu: int, error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         Nic(nic_id, mac, mtu)
+
+
+def test_virtiofs_share_connects_to_its_daemon_and_needs_shared_memory() -> None:
+    share = Share("runvshared", Path("/s"), driver="virtiofs", socket=Path("/x/vfs0.sock"))
+    argv = qemu_argv(_config(shares=(share,), shared_memory=True))
+    assert "socket,id=vfs0,path=/x/vfs0.sock" in argv
+    assert "vhost-user-fs-device,chardev=vfs0,tag=runvshared" in argv
+    with pytest.raises(ValueError, match="shared memory"):
+        qemu_argv(_config(shares=(share,)))
+
+
+def test_9p_share_remaps_inodes_of_submounts() -> None:
+    argv = qemu_argv(_config(shares=(Share("t", Path("/s"), readonly=True),)))
+    assert ("local,id=fs0,path=/s,security_model=passthrough,multidevs=remap,readonly=on"
+            in argv)

@@ -1,0 +1,154 @@
+"""The runv CLI's logic without a VM: argv compatibility, signals, resources, stats, the
+host-side spec parser, container records, and the spec/features documents."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runv_py.cli import main as cli
+from runv_py.errors import ConfigError, ContainerExists, ContainerNotFound, SpecError
+from runv_py.oci import spec as oci_spec
+from runv_py.oci import template
+from runv_py.sandbox.container import parse_signal
+from runv_py.sandbox.guest_spec import GUEST_SHARED, rewrite
+from runv_py.store.state import ContainerRecord, Store, check_id, vm_dir
+
+
+def test_single_dash_long_flags_are_accepted() -> None:
+    assert cli.normalize(["-no-subreaper", "--root", "/r", "create", "-b", "x", "id"]) == [
+        "--no-subreaper", "--root", "/r", "create", "-b", "x", "id"]
+    assert cli.normalize(["-log-format=json", "exec", "-t", "c", "--", "-not-a-flag"]) == [
+        "--log-format=json", "exec", "-t", "c", "--", "-not-a-flag"]
+    args = cli._parser().parse_args(cli.normalize(
+        ["--root", "/r", "--log", "/l", "--log-format", "json", "--systemd-cgroup",
+         "create", "--bundle", "/b", "--pid-file", "/p", "--console-socket", "/s",
+         "--no-pivot", "--no-new-keyring", "c1"]))
+    assert (args.root, args.bundle, args.pid_file, args.console_socket, args.container_id) == (
+        "/r", "/b", "/p", "/s", "c1")
+    args = cli._parser().parse_args(["exec", "--process", "/p.json", "--detach",
+                                     "--pid-file", "/e.pid", "c1"])
+    assert args.process == "/p.json" and args.detach and args.cmd == []
+    args = cli._parser().parse_args(["exec", "-t", "c1", "sh", "-c", "ls -l"])
+    assert args.tty and args.cmd == ["sh", "-c", "ls -l"]
+
+
+def test_signals_by_number_and_name() -> None:
+    assert parse_signal("9") == parse_signal("KILL") == parse_signal("SIGKILL") == 9
+    assert parse_signal("term") == signal.SIGTERM
+    for bad in ("0x9", "BOGUS", "999"):
+        with pytest.raises(ConfigError):
+            parse_signal(bad)
+
+
+def _update_args(**kw: Any) -> argparse.Namespace:
+    base: dict[str, Any] = dict(resources=None, memory=None, memory_swap=None, cpu_quota=None,
+                                cpu_period=None, cpu_shares=None, cpuset_cpus=None,
+                                cpuset_mems=None, pids_limit=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_update_flags_become_linux_resources(tmp_path: Path) -> None:
+    assert cli._resources(_update_args(memory="64m", cpu_quota=50000, pids_limit=10)) == {
+        "memory": {"limit": 64 << 20}, "cpu": {"quota": 50000}, "pids": {"limit": 10}}
+    file = tmp_path / "r.json"
+    file.write_text(json.dumps({"memory": {"limit": 1000}}))
+    assert cli._resources(_update_args(resources=str(file))) == {"memory": {"limit": 1000}}
+    file.write_text("[1]")
+    with pytest.raises(ConfigError, match="--resources"):
+        cli._resources(_update_args(resources=str(file)))
+    with pytest.raises(ConfigError, match="--memory"):
+        cli._resources(_update_args(memory="lots"))
+
+
+def test_stats_in_runc_shape() -> None:
+    stats = cli._runc_stats("c1", {"cpu.usage_usec": 5, "memory.current": 100,
+                                   "memory.max": -1, "pids.current": 2, "pids.max": 7})
+    data = stats["data"]
+    assert stats["type"] == "stats" and stats["id"] == "c1"
+    assert data["cpu"]["usage"]["total"] == 5000
+    assert data["memory"]["usage"] == {"usage": 100, "limit": (1 << 64) - 1}
+    assert data["pids"] == {"current": 2, "limit": 7}
+
+
+def _bundle(tmp_path: Path, spec: dict[str, Any]) -> Path:
+    (tmp_path / "rootfs").mkdir(exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    return tmp_path
+
+
+def test_host_spec_parser_names_the_bad_field(tmp_path: Path) -> None:
+    good = template.document()
+    spec = oci_spec.load(_bundle(tmp_path, good))
+    assert spec.root == (tmp_path / "rootfs").resolve() and spec.terminal
+    cases = [
+        (("root", "path"), "nope", "root.path"),
+        (("process", "terminal"), "yes", "process.terminal"),
+        (("process", "args"), [], "process.args"),
+        (("mounts",), {"a": 1}, "mounts"),
+        (("linux", "resources"), {"memory": {"limit": "1g"}}, "linux.resources.memory.limit"),
+        (("hooks",), {"prestart": [{"path": "relative"}]}, "hooks.prestart[0].path"),
+        (("annotations",), {"k": 1}, "annotations['k']"),
+    ]
+    for path, value, field in cases:
+        bad = json.loads(json.dumps(good))
+        target = bad
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(SpecError) as info:
+            oci_spec.load(_bundle(tmp_path, bad))
+        assert str(info.value).startswith(field), (field, str(info.value))
+
+
+def test_guest_spec_points_at_the_share_and_drops_host_parts(tmp_path: Path) -> None:
+    doc = template.document()
+    doc["mounts"].append({"destination": "/data", "type": "bind", "source": "/srv",
+                          "options": ["rbind", "ro"]})
+    doc["hooks"] = {"prestart": [{"path": "/bin/true"}],
+                    "startContainer": [{"path": "/bin/true"}]}
+    doc["linux"]["namespaces"].append({"type": "ipc", "path": "/proc/1/ns/ipc"})
+    doc["linux"]["cgroupsPath"] = "/host/path"
+    spec = oci_spec.load(_bundle(tmp_path, doc))
+    guest = rewrite(spec, {len(doc["mounts"]) - 1: "m0"})
+    assert guest["root"]["path"] == f"{GUEST_SHARED}/rootfs"
+    assert guest["mounts"][-1]["source"] == f"{GUEST_SHARED}/m0"
+    assert set(guest["hooks"]) == {"startContainer"}
+    assert {"type": "network"} not in guest["linux"]["namespaces"]
+    assert all("path" not in ns for ns in guest["linux"]["namespaces"])
+    assert "cgroupsPath" not in guest["linux"]
+
+
+def test_container_records(tmp_path: Path) -> None:
+    store = Store(tmp_path / "root")
+    record = ContainerRecord(id="c1", bundle="/b", rootfs="/b/rootfs", created="now")
+    store.create(record)
+    with pytest.raises(ContainerExists):
+        store.create(record)
+    with store.locked("c1"):
+        store.save(record.with_(pid=42))
+    assert store.load("c1").pid == 42 and store.ids() == ["c1"]
+    store.remove("c1")
+    with pytest.raises(ContainerNotFound):
+        store.load("c1")
+    with pytest.raises(ContainerNotFound), store.locked("c1"):
+        pass
+    for bad in ("../x", "", "a/b", "-x", "x" * 200):
+        with pytest.raises(ConfigError):
+            check_id(bad)
+    short = vm_dir(Path("/run/runv"), tmp_path / ("r" * 200), "c" * 128)
+    assert len(str(short / "agent.sock")) < 108
+
+
+def test_spec_command_writes_a_loadable_template(tmp_path: Path) -> None:
+    template.write(tmp_path)
+    (tmp_path / "rootfs").mkdir()
+    assert oci_spec.load(tmp_path).raw["hostname"] == "runv"
+    with pytest.raises(ConfigError, match="already exists"):
+        template.write(tmp_path)
