@@ -92,3 +92,18 @@ class HookError(RunvError):
 
     grpc_code = "FAILED_PRECONDITION"
     reference = "hook-failed"
+
+
+class TtrpcError(RunvError):
+    """A ttrpc exchange with containerd failed: a bad frame, an error status, a closed
+    connection."""
+
+    grpc_code = "UNAVAILABLE"
+    reference = "ttrpc-error"
+
+
+class ProcessNotFound(RunvError):
+    """No such process in the container, or it has already exited."""
+
+    grpc_code = "NOT_FOUND"
+    reference = "process-not-found"
