@@ -58,14 +58,29 @@ def _wait_status(cd: Containerd, task: str, status: str | None, timeout: float =
         time.sleep(0.2)
 
 
-def test_run_rm_output_and_exit_code(cd: Containerd) -> None:
-    result = cd.ctr("run", "--rm", *RUNTIME, IMAGE, "s1", "sh", "-c",
-                    "echo hello; echo oops >&2; exit 3", check=False)
+def test_run_rm_output_exit_code_and_events(cd: Containerd, tmp_path: Path) -> None:
+    with open(tmp_path / "events", "wb") as out:
+        events = subprocess.Popen(["ctr", "--address", cd.address, "events"], stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.5)
+        result = cd.ctr("run", "--rm", *RUNTIME, IMAGE, "s1", "sh", "-c",
+                        "echo hello; echo oops >&2; exit 3", check=False)
+        time.sleep(0.5)
+    finally:
+        events.terminate()
+        events.wait()
     assert result.returncode == 3, result.stderr
     assert result.stdout == b"hello\n"
     assert result.stderr == b"oops\n"
     assert "s1" not in _tasks(cd)
     assert "s1" not in cd.ctr("container", "ls", "-q").stdout.decode().split()
+    topics = [line.split()[5] for line in (tmp_path / "events").read_text().splitlines()
+              if "/tasks/" in line and '"s1"' in line]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
+    exit_line = next(line for line in (tmp_path / "events").read_text().splitlines()
+                     if "/tasks/exit" in line)
+    assert '"exit_status":3' in exit_line.replace(" ", ""), exit_line
 
 
 def test_stdin_reaches_the_process(cd: Containerd) -> None:
@@ -148,3 +163,54 @@ def test_killed_shim_is_cleaned_up(cd: Containerd, tmp_path: Path) -> None:
     assert "cleaning up dead shim" in (tmp_path / "containerd.log").read_text()
     assert "failed to clean up" not in (tmp_path / "containerd.log").read_text()
     cd.ctr("container", "delete", "s5")
+
+
+def _doc_block(lang: str) -> str:
+    text = DOCS.read_text()
+    start = text.index(f"```{lang}\n") + len(f"```{lang}\n")
+    return text[start:text.index("```", start)]
+
+
+def test_cri_runtime_config_loads(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    """The CRI runtime handler documented in docs/shim.md, in a containerd 1.6 with the CRI
+    plugin enabled: containerd parses it and the CRI plugin loads with it."""
+    runv_config = tmp_path / "runv.toml"
+    runv_config.write_text(Path(shim_env["RUNV_CONFIG"]).read_text())
+    handler = _doc_block("toml").replace("/etc/runv/config.toml", str(runv_config))
+    config = tmp_path / "containerd.toml"
+    address = tmp_path / "cri.sock"
+    config.write_text(handler.replace("version = 2\n", f"""version = 2
+root = "{tmp_path / 'root'}"
+state = "{tmp_path / 'state'}"
+[grpc]
+  address = "{address}"
+""", 1))
+    dump = subprocess.run(["containerd", "--config", str(config), "config", "dump"],
+                          capture_output=True, check=True, timeout=60).stdout.decode()
+    assert 'runtime_type = "io.containerd.runv.v2"' in dump, dump
+    assert f'ConfigPath = "{runv_config}"' in dump, dump
+
+    with open(tmp_path / "containerd.log", "wb") as log:
+        daemon = subprocess.Popen(["containerd", "--config", str(config)], env=shim_env,
+                                  stdout=log, stderr=log)
+    try:
+        ctr = ["ctr", "--address", str(address)]
+        deadline = time.monotonic() + 30
+        while subprocess.run([*ctr, "version"], capture_output=True,
+                             check=False).returncode != 0:
+            assert daemon.poll() is None, (tmp_path / "containerd.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "containerd did not come up"
+            time.sleep(0.2)
+        plugins = subprocess.run([*ctr, "plugins", "ls"], capture_output=True, check=True,
+                                 timeout=30).stdout.decode()
+        cri = [line.split() for line in plugins.splitlines() if " cri " in f" {line} "]
+        assert cri and cri[0][-1] == "ok", plugins
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        subprocess.run(["umount", "-R", str(tmp_path / "root")], capture_output=True,
+                       check=False)
