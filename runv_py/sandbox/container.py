@@ -201,7 +201,8 @@ class Runtime:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         logfile = open(self.store.dir(record.id) / "supervisor.log", "ab")  # noqa: SIM115
         argv = [sys.executable, "-m", "runv_py.sandbox.supervisor", "--root", str(self.root),
-                "--id", record.id, "--bundle", record.bundle, "--status-fd", str(status_w)]
+                "--id", record.id, "--bundle", record.bundle, "--status-fd", str(status_w),
+                "--spawned-at", repr(time.time())]
         try:
             proc = child.spawn_detached(argv + (["--debug"] if self.debug else []),
                                         stdout=logfile, pass_fds=(status_w,))
@@ -223,7 +224,7 @@ class Runtime:
         control.raise_for(reply)
         if self.debug:
             timings: dict[str, float] = reply.get("timings") or {}
-            log.debug("sandbox ready: " + ", ".join(
+            log.debug("created: " + ", ".join(
                 f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
                 extra={"container": record.id})
         record = record.with_(vm_dir=str(reply["vm_dir"]), status="created")
@@ -254,7 +255,10 @@ class Runtime:
     def start(self, container_id: str) -> None:
         with self.store.locked(container_id):
             record = self.store.load(container_id)
+            t_start = time.monotonic()
             self._call(container_id, {"op": "start"})
+            log.debug("started: start_container %.0f ms", (time.monotonic() - t_start) * 1000,
+                      extra={"container": container_id})
             record = record.with_(status="running")
             self.store.save(record)
         spec = self._spec_or_none(record)

@@ -1,0 +1,133 @@
+"""bench/start: a cold `runv run` of a busybox bundle printing one line, against the raw boot
+of the same kernel (bench/boot's floor) and against runc and crun on the same bundle, all in
+the same run. The runv time is split into phases from its own --debug timings.
+
+    python bench/start.py [--n 5] [--floor-n 10] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from boot import floor_boot
+from bundle import RUNV, make, summary
+
+from runv_py import config
+
+# crun refuses these machines' hybrid cgroup layout unless it leaves cgroups alone.
+OCI_FLAGS = {"crun": ("--cgroup-manager=disabled",)}
+# runv --debug prints "created: supervisor_start 480 ms, prepare 5 ms, ..." and "started:
+# start_container 600 ms".
+_PHASE = re.compile(r"(\w+) (\d+) ms")
+
+
+def timed_run(argv: list[str], env: dict[str, str] | None = None
+              ) -> tuple[float, float, bytes, str]:
+    """(seconds to the first stdout line, seconds to exit, stdout, stderr)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    t_line = time.monotonic() - start
+    rest = proc.stdout.read()
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.wait() != 0:
+        raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {err[-800:]}")
+    return t_line, time.monotonic() - start, first + rest, err
+
+
+def bench_runv(top: Path, bundle: Path, n: int) -> dict[str, Any]:
+    line, total, phases = [], [], []
+    for i in range(n):
+        argv = [RUNV, "--root", str(top / "runv-root"), "--debug", "run", "--bundle",
+                str(bundle), f"bench{i}"]
+        t_line, t_exit, out, err = timed_run(argv)
+        assert out == b"bench-line\n", out
+        line.append(t_line)
+        total.append(t_exit)
+        if "created: " in err:
+            phases.append({name: int(ms) / 1000 for name, ms in _PHASE.findall(err)})
+    result = {"to_line": summary(line), "to_exit": summary(total)}
+    if phases:
+        result["phases_median_s"] = {
+            key: round(sorted(p[key] for p in phases)[len(phases) // 2], 4)
+            for key in phases[0]}
+        med_line = result["to_line"]["median"]
+        accounted = sum(result["phases_median_s"].values())
+        result["phases_median_s"]["cli_and_output"] = round(med_line - accounted, 4)
+        result["phases_median_s"]["teardown"] = round(result["to_exit"]["median"] - med_line, 4)
+    return result
+
+
+def bench_oci(binary: str, top: Path, bundle: Path, n: int) -> dict[str, Any] | str:
+    if shutil.which(binary) is None:
+        return f"{binary} not installed"
+    line, total = [], []
+    for i in range(n):
+        argv = [binary, *OCI_FLAGS.get(binary, ()), "--root", str(top / f"{binary}-root"),
+                "run", "--bundle", str(bundle), f"bench{i}"]
+        try:
+            t_line, t_exit, out, _ = timed_run(argv)
+        except RuntimeError as exc:
+            return f"not usable here: {str(exc).strip()}"
+        assert out == b"bench-line\n", out
+        line.append(t_line)
+        total.append(t_exit)
+    return {"to_line": summary(line), "to_exit": summary(total)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--floor-n", type=int, default=10)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    cfg = config.load(None)
+    top = Path(tempfile.mkdtemp(prefix="bench-start-"))
+    try:
+        bundle = make(top, ["echo", "bench-line"])
+        floor = [asyncio.run(floor_boot(cfg)) for _ in range(args.floor_n)]
+        result: dict[str, Any] = {
+            "floor_boot": summary(floor),
+            "runv": bench_runv(top, bundle, args.n),
+            "runc": bench_oci("runc", top, bundle, args.n),
+            "crun": bench_oci("crun", top, bundle, args.n),
+        }
+        floor_median = result["floor_boot"]["median"]
+        runv = result["runv"]
+        result["ratios"] = {
+            "runv_to_line_over_floor": round(runv["to_line"]["median"] / floor_median, 2),
+            "runv_to_exit_over_floor": round(runv["to_exit"]["median"] / floor_median, 2),
+        }
+        phases = runv.get("phases_median_s", {})
+        if phases:
+            result["host_overhead_s"] = round(
+                phases["supervisor_start"] + phases["prepare"] + phases["qemu"]
+                + phases["cli_and_output"] + phases["teardown"], 4)
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
