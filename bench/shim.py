@@ -1,0 +1,110 @@
+"""bench/shim: containerd 1.6 driving runv-py through containerd-shim-runv-v2, in the same run as
+the same containerd driving runc through io.containerd.runc.v2:
+
+- `ctr run --rm` until the first output line (runv VM boot included);
+- `ctr task exec` of /bin/true into a running task (through each shim), against `crun exec`
+  into a bundle on the host (bench/exec's measurement).
+
+    python bench/shim.py [--n-run 3] [--n-exec 10] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bundle import make, summary
+from exec import exec_times
+
+from tests.cli.image import build
+from tests.integration.conftest import Containerd
+
+IMAGE = "docker.io/library/runvbench:latest"
+RUNTIMES = {"runv-shim": ["--runtime", "io.containerd.runv.v2"],
+            "runc-shim": ["--runtime", "io.containerd.runc.v2"]}
+
+
+def first_line(cd: Containerd, runtime: list[str], name: str) -> float:
+    argv = ["ctr", "--address", cd.address, "--namespace", "runvtest", "run", "--rm",
+            *runtime, IMAGE, name, "sh", "-c", "echo ready"]
+    t = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    elapsed = time.monotonic() - t
+    proc.stdout.read()
+    if proc.wait() != 0 or line != b"ready\n":
+        raise RuntimeError(f"{name}: exit {proc.returncode}, first line {line!r}")
+    return elapsed
+
+
+def exec_latency(cd: Containerd, runtime: list[str], name: str, n: int) -> dict[str, Any]:
+    cd.ctr("run", "-d", *runtime, IMAGE, name, "sleep", "3600")
+    try:
+        samples = []
+        for i in range(n):
+            t = time.monotonic()
+            cd.ctr("task", "exec", "--exec-id", f"e{i}", name, "true")
+            samples.append(time.monotonic() - t)
+        return summary(samples)
+    finally:
+        cd.ctr("task", "kill", "--signal", "SIGKILL", name, check=False)
+        deadline = time.monotonic() + 60
+        while (cd.ctr("task", "delete", name, check=False).returncode != 0
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        cd.ctr("container", "delete", name, check=False)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-run", type=int, default=3)
+    parser.add_argument("--n-exec", type=int, default=10)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    top = Path(tempfile.mkdtemp(prefix="bench-shim-"))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    cd = Containerd(top, env)
+    result: dict[str, Any] = {}
+    try:
+        bundle = make(top / "img", ["sh"])
+        build(bundle / "rootfs", top / "image.tar", IMAGE, ["sh"])
+        cd.ctr("image", "import", str(top / "image.tar"))
+        for label, runtime in RUNTIMES.items():
+            result[f"run_first_line_{label}"] = summary(
+                [first_line(cd, runtime, f"r-{label}-{i}") for i in range(args.n_run)])
+            result[f"exec_{label}"] = exec_latency(cd, runtime, f"x-{label}", args.n_exec)
+        host = make(top / "host", ["sleep", "3600"])
+        result["exec_crun_direct"] = exec_times("crun", top / "crun-root", host, args.n_exec)
+        runv = result["exec_runv-shim"]["median"]
+        for base in ("exec_crun_direct", "exec_runc-shim"):
+            if isinstance(result[base], dict):
+                result[f"exec_runv_shim_over_{base[5:]}"] = round(runv / result[base]["median"],
+                                                                  1)
+        result["run_runv_over_runc"] = round(result["run_first_line_runv-shim"]["median"]
+                                             / result["run_first_line_runc-shim"]["median"], 1)
+    finally:
+        cd.close()
+        shutil.rmtree(top, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
