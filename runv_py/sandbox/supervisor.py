@@ -224,7 +224,11 @@ class Supervisor:
         agent = self.sandbox.agent
         init = self.processes[""]
         if op == "state":
-            return {"ok": True, "status": self.status,
+            vm = "gone"
+            if self.sandbox.machine is not None and not self.sandbox.machine.exited.done():
+                with contextlib.suppress(RunvError):
+                    vm = await self.sandbox.machine.status()
+            return {"ok": True, "status": self.status, "vm": vm,
                     "exit_code": init.exited.result() if init.exited.done() else None}
         if op == "delete":
             if self.status in ("running", "paused") and not message.get("force"):
@@ -233,6 +237,33 @@ class Supervisor:
             return {"ok": True}
         if self.status == "stopped":
             raise InvalidState(f"container {self.id} is not running (stopped)")
+        if op == "resume":
+            if self.status != "paused":
+                raise InvalidState(f"cannot resume container {self.id}: it is not paused")
+            await self._vm_running(True)
+            await agent.resume_container(self.id)
+            self.status = "running"
+            return {"ok": True}
+        if self.status == "paused":
+            # The VM is stopped with the container: run it for the call, then stop it again.
+            await self._vm_running(True)
+            try:
+                return await self._handle_running(op, message)
+            finally:
+                await self._vm_running(False)
+        return await self._handle_running(op, message)
+
+    async def _vm_running(self, running: bool) -> None:
+        """The sandbox holds one container, so pausing it pauses the whole VM too."""
+        assert self.sandbox is not None and self.sandbox.machine is not None
+        if running:
+            await self.sandbox.machine.resume()
+        else:
+            await self.sandbox.machine.pause()
+
+    async def _handle_running(self, op: str, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        agent = self.sandbox.agent
         if op == "start":
             if self.status != "created":
                 raise InvalidState(f"cannot start container {self.id}: it is {self.status}")
@@ -245,12 +276,8 @@ class Supervisor:
             if self.status != "running":
                 raise InvalidState(f"cannot pause container {self.id}: it is {self.status}")
             await agent.pause_container(self.id)
+            await self._vm_running(False)
             self.status = "paused"
-        elif op == "resume":
-            if self.status != "paused":
-                raise InvalidState(f"cannot resume container {self.id}: it is not paused")
-            await agent.resume_container(self.id)
-            self.status = "running"
         elif op == "update":
             await agent.update_container(self.id, json.dumps(message["resources"]).encode())
         elif op == "stats":
@@ -368,6 +395,9 @@ class Supervisor:
 
     async def close(self) -> None:
         if self.sandbox is not None:
+            if self.status == "paused":
+                with contextlib.suppress(Exception):
+                    await self._vm_running(True)
             if self.sandbox.agent is not None and self.status != "stopped":
                 with contextlib.suppress(RunvError, TimeoutError):
                     await asyncio.wait_for(self.sandbox.agent.remove_container(

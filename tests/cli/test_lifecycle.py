@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runv_py.sandbox import control
+
 from .conftest import Runv, reap
 
 
@@ -123,7 +125,11 @@ def test_exec_ps_pause_update_stats(runv: Runv, tmp_path: Path) -> None:
     runv("pause", "c1")
     assert runv.state_of("c1")["status"] == "paused"
     assert runv("pause", "c1", check=False).returncode == 1
+    vm = json.loads((runv.root / "c1" / "state.json").read_text())["vm_dir"]
+    assert _vm_status(Path(vm) / "ctl.sock") == "paused"  # one container: the VM stops too
+    assert len(json.loads(runv("ps", "--format", "json", "c1").stdout)) == 1
     runv("resume", "c1")
+    assert _vm_status(Path(vm) / "ctl.sock") == "running"
     assert runv.state_of("c1")["status"] == "running"
 
     runv("update", "--resources", "-", "c1",
@@ -140,6 +146,11 @@ def test_exec_ps_pause_update_stats(runv: Runv, tmp_path: Path) -> None:
     runv("kill", "--all", "c1", "KILL")
     assert reap(init_pid) == 137
     runv("delete", "c1")
+
+
+def _vm_status(ctl: Path) -> str:
+    """The VM's run state as QEMU reports it to the supervisor (QMP takes one client)."""
+    return str(control.call(ctl, {"op": "state"})["vm"])
 
 
 def _with_limits(spec: dict[str, Any]) -> None:

@@ -96,6 +96,13 @@ class QemuMachine:
         result = await self.qmp.execute("query-status")
         return str(result["status"])
 
+    async def pause(self) -> None:
+        """Stop the vCPUs (the guest's clock and everything in it stand still)."""
+        await self.qmp.execute("stop")
+
+    async def resume(self) -> None:
+        await self.qmp.execute("cont")
+
     async def close(self, grace_s: float = 3.0) -> None:
         """Quit over QMP, then SIGTERM, then SIGKILL. Idempotent."""
         if self.child is None:
