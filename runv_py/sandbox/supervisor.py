@@ -353,14 +353,16 @@ class Supervisor:
             with contextlib.suppress(RunvError):
                 await agent.signal_process(self.id, exec_id, signal.SIGKILL)
         code = await process.exited
-        with contextlib.suppress(TimeoutError, RunvError):  # RunvError: the VM is gone
-            await asyncio.wait_for(asyncio.shield(output), EXIT_OUTPUT_GRACE_S)
-        output.cancel()
-        incoming.cancel()
-        await asyncio.gather(output, incoming, return_exceptions=True)
-        for fd in set(fds):
-            os.close(fd)
-        conn.send({"exit": code})
+        try:
+            with contextlib.suppress(TimeoutError, RunvError):  # RunvError: the VM is gone
+                await asyncio.wait_for(asyncio.shield(output), EXIT_OUTPUT_GRACE_S)
+        finally:
+            # Also when the supervisor shuts down meanwhile: the stand-in gets its status.
+            output.cancel()
+            incoming.cancel()
+            for fd in set(fds):
+                os.close(fd)
+            conn.send({"exit": code})
 
     async def _forward(self, conn: control.ServerConnection, exec_id: str) -> None:
         assert self.sandbox is not None and self.sandbox.agent is not None

@@ -20,12 +20,12 @@ def _record(runv: Runv, cid: str) -> dict[str, object]:
     return dict(json.loads((runv.root / cid / "state.json").read_text()))
 
 
-def _qemu_pid(vm_dir: str) -> int:
+def _pid_of(program: str, vm_dir: str) -> int:
     for line in processes_mentioning(vm_dir):
         pid, _, cmdline = line.partition(": ")
-        if cmdline.startswith("qemu-system"):
+        if Path(cmdline.split(" ", 1)[0]).name.startswith(program):
             return int(pid)
-    raise AssertionError(f"no QEMU for {vm_dir}")
+    raise AssertionError(f"no {program} for {vm_dir}")
 
 
 def _running(runv: Runv, tmp_path: Path, cid: str) -> int:
@@ -45,10 +45,19 @@ def test_supervisor_killed(runv: Runv, tmp_path: Path) -> None:
 
 def test_qemu_killed(runv: Runv, tmp_path: Path) -> None:
     standin = _running(runv, tmp_path, "c1")
-    os.kill(_qemu_pid(str(_record(runv, "c1")["vm_dir"])), signal.SIGKILL)
+    os.kill(_pid_of("qemu-system", str(_record(runv, "c1")["vm_dir"])), signal.SIGKILL)
     runv.wait_status("c1", "stopped")
     assert reap(standin) == 137
     runv("delete", "c1")
+    assert runv.leftovers() == []
+
+
+def test_virtiofsd_killed(runv: Runv, tmp_path: Path) -> None:
+    standin = _running(runv, tmp_path, "c1")
+    os.kill(_pid_of("virtiofsd", str(_record(runv, "c1")["vm_dir"])), signal.SIGKILL)
+    assert runv.state_of("c1")["status"] in ("running", "stopped")
+    runv("delete", "--force", "c1")
+    assert reap(standin) == 137
     assert runv.leftovers() == []
 
 
