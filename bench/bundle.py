@@ -63,3 +63,11 @@ def summary(samples: list[float]) -> dict[str, Any]:
     return {"median": round(statistics.median(ordered), 4),
             "p90": round(ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))], 4),
             "n": len(ordered), "samples": [round(s, 4) for s in samples]}
+
+
+def report(result: dict[str, Any], json_path: str | None) -> None:
+    """Print the result; with --json also write it to that file."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text)

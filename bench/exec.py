@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -19,7 +18,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bundle import RUNV, make, runtime, summary
+from bundle import RUNV, make, report, runtime, summary
 
 # crun refuses these machines' hybrid cgroup layout unless it leaves cgroups alone.
 OCI_FLAGS = {"crun": ["--cgroup-manager=disabled"]}
@@ -63,10 +62,7 @@ def main() -> int:
                 result[f"runv_over_{base}"] = round(runv["median"] / result[base]["median"], 1)
     finally:
         shutil.rmtree(top, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    report(result, args.json)
     return 0
 
 

@@ -11,7 +11,6 @@ the same containerd driving runc through io.containerd.runc.v2:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bundle import make, summary
+from bundle import make, report, summary
 from exec import exec_times
 
 from tests.cli.image import build
@@ -99,10 +98,7 @@ def main() -> int:
     finally:
         cd.close()
         shutil.rmtree(top, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    report(result, args.json)
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot import floor_boot
-from bundle import RUNV, make, summary
+from bundle import RUNV, make, report, summary
 
 from runv_py import config
 
@@ -122,10 +121,7 @@ def main() -> int:
                 + phases["cli_and_output"] + phases["teardown"], 4)
     finally:
         shutil.rmtree(top, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    report(result, args.json)
     return 0
 
 

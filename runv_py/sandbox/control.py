@@ -118,6 +118,13 @@ class ServerConnection:
                     socket.close(fd)
                 raise
 
+    async def recv_message(self) -> dict[str, Any] | None:
+        """The next message, closing any fds that came with it; None at end of connection."""
+        message, fds = await self.recv()
+        for fd in fds:
+            os.close(fd)
+        return message
+
     async def _readable(self) -> None:
         ready: asyncio.Future[None] = self._loop.create_future()
         self._loop.add_reader(self._fd, ready.set_result, None)

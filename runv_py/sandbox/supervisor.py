@@ -368,9 +368,7 @@ class Supervisor:
         assert self.sandbox is not None and self.sandbox.agent is not None
         agent = self.sandbox.agent
         while True:
-            message, fds = await conn.recv()
-            for fd in fds:
-                os.close(fd)
+            message = await conn.recv_message()
             if message is None:
                 return
             with contextlib.suppress(RunvError):

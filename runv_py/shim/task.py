@@ -424,9 +424,7 @@ class TaskService:
         conn = control.ServerConnection(sock)
         try:
             while True:
-                message, fds = await conn.recv()
-                for fd in fds:
-                    os.close(fd)
+                message = await conn.recv_message()
                 if message is None:
                     return
                 if message.get("type") == "oom":
