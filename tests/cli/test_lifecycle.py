@@ -102,6 +102,9 @@ def test_exec_ps_pause_update_stats(runv: Runv, tmp_path: Path) -> None:
 
     result = runv("exec", "c1", "sh", "-c", "echo in:$(hostname); exit 5", check=False)
     assert result.returncode == 5 and result.stdout == b"in:runvbox\n"
+    # The VM is sized for the container: the configured 256 MiB plus its 128 MiB limit.
+    meminfo = runv("exec", "c1", "head", "-n", "1", "/proc/meminfo").stdout.split()
+    assert 300 * 1024 < int(meminfo[1]) <= 384 * 1024, meminfo
 
     process = {"args": ["sh", "-c", "cat; echo done"], "cwd": "/", "env": ["PATH=/bin"],
                "user": {"uid": 0, "gid": 0}}
