@@ -128,15 +128,27 @@ def reap(pid: int, timeout_s: float = 60) -> int:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def subreaper() -> None:
-    """Orphaned stand-ins come back to the test process, as they do to containerd's shim."""
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    """Orphaned stand-ins come back to the test process, as they do to containerd's shim.
+    Afterwards the test process stops adopting and collects what it adopted, so later tests
+    see orphans go to init as usual."""
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    yield
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) == 0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 @pytest.fixture
-def runv(tmp_path: Path, busybox_rootfs: Path, assets_dir: Path) -> Iterator[Runv]:
+def runv(tmp_path: Path, busybox_rootfs: Path, assets_dir: Path, subreaper: None
+         ) -> Iterator[Runv]:
     tool = Runv(tmp_path, busybox_rootfs)
     tool.env["RUNV_ASSETS_DIR"] = str(assets_dir)
     yield tool

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import RUNV, reap
+from tests.cli.conftest import RUNV
 from tests.cli.image import build
 from tests.vm.conftest import processes_mentioning
 
@@ -89,7 +89,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for line in processes_mentioning(self.address):
             pid = int(line.split(":", 1)[0])
             os.kill(pid, signal.SIGKILL)
-            reap(pid)
         self.log.close()
         subprocess.run(["umount", "-R", str(self.top / "root")], capture_output=True,
                        check=False)

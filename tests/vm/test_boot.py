@@ -17,7 +17,7 @@ import hyperstart_agent
 import pytest
 
 from bench.boot import floor_boot
-from runv_py import config
+from runv_py import child, config
 from runv_py.errors import BootTimeout, HypervisorError
 from runv_py.sandbox.sandbox import Sandbox
 from tests.vm.conftest import processes_mentioning
@@ -180,11 +180,12 @@ def test_killed_hyperctl_leaves_no_vm_and_its_state_is_swept(
         proc.kill()
         proc.wait()
     qemu_pid = int(qemu[0].split(":")[0])
+    start = child.proc_start_time(qemu_pid) or 0
     for _ in range(500):
-        if not Path(f"/proc/{qemu_pid}").exists():
+        if not child.is_running(qemu_pid, start):
             break
         time.sleep(0.01)
-    assert not Path(f"/proc/{qemu_pid}").exists(), "QEMU outlived the killed hyperctl"
+    assert not child.is_running(qemu_pid, start), "QEMU outlived the killed hyperctl"
     assert list(runtime_config.state_dir.iterdir()), "the killed run left no state to sweep"
 
     async def next_boot() -> None:
