@@ -85,6 +85,7 @@ class Supervisor:
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.event_listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.attachments: set[asyncio.Task[Any]] = set()
 
     @property
     def extra(self) -> dict[str, str]:
@@ -198,7 +199,13 @@ class Supervisor:
             op = str(message.get("op"))
             try:
                 if op in ("attach", "exec"):
-                    await self._attach(conn, message, fds)
+                    task = asyncio.current_task()
+                    assert task is not None
+                    self.attachments.add(task)
+                    try:
+                        await self._attach(conn, message, fds)
+                    finally:
+                        self.attachments.discard(task)
                     return
                 if op == "events":
                     await self._stream_events(conn)
@@ -406,8 +413,9 @@ class Supervisor:
             for process in self.processes.values():
                 if not process.exited.done():
                     process.exited.set_result(SIGKILL_STATUS)
-            # Let the stand-ins receive their exit status before the VM goes.
-            await asyncio.sleep(0)
+            # Let the stand-ins receive their exit status (after the output) before the VM goes.
+            if self.attachments:
+                await asyncio.wait(set(self.attachments), timeout=EXIT_OUTPUT_GRACE_S + 1)
             for task in list(self.tasks):
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
