@@ -284,7 +284,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                            console_socket=args.console_socket)
             return 0
         return runtime.run(cid, bundle, pid_file=args.pid_file,
-                           console_socket=args.console_socket, detach=args.detach)
+                           console_socket=args.console_socket, detach=args.detach,
+                           keep=args.keep)
     if command == "start":
         runtime.start(cid)
     elif command == "state":

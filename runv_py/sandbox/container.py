@@ -17,7 +17,7 @@ import sys
 import termios
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -360,7 +360,8 @@ class Runtime:
         return self.attach_foreground(record, request, bool(process.get("terminal")))
 
     def attach_foreground(self, record: ContainerRecord, request: dict[str, Any],
-                          terminal: bool, before_serve: Any = None) -> int:
+                          terminal: bool,
+                          before_serve: Callable[[], None] | None = None) -> int:
         """Act as the process's stand-in in this process, with this process's stdio."""
         if terminal and not os.isatty(0):
             raise ConfigError("process.terminal is true but stdin is not a terminal")
@@ -384,7 +385,10 @@ class Runtime:
                 termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
     def run(self, container_id: str, bundle: Path, *, pid_file: str | None = None,
-            console_socket: str | None = None, detach: bool = False) -> int:
+            console_socket: str | None = None, detach: bool = False,
+            keep: bool = False) -> int:
+        """runc run: create and start; unless detached, wait and then delete (not with
+        keep)."""
         if detach:
             self.create(container_id, bundle, pid_file=pid_file, console_socket=console_socket)
             self.start(container_id)
@@ -396,8 +400,9 @@ class Runtime:
                                           spec.terminal,
                                           before_serve=lambda: self.start(container_id))
         finally:
-            with contextlib.suppress(RunvError):
-                self.delete(container_id, force=True)
+            if not keep:
+                with contextlib.suppress(RunvError):
+                    self.delete(container_id, force=True)
         return code
 
 
