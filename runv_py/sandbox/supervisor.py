@@ -298,6 +298,9 @@ class Supervisor:
 
     async def _stream_events(self, conn: control.ServerConnection) -> None:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        if self.status == "stopped":
+            conn.send({"ok": True})
+            return
         self.event_listeners.add(queue)
         try:
             conn.send({"ok": True})
@@ -309,7 +312,10 @@ class Supervisor:
                     if not get.done():
                         get.cancel()
                         return
-                    conn.send(get.result())
+                    event = get.result()
+                    conn.send(event)
+                    if event["type"] == "exit":
+                        return  # a stopped container has nothing more to report
             finally:
                 closed.cancel()
                 await asyncio.gather(closed, return_exceptions=True)

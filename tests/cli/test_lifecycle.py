@@ -205,3 +205,35 @@ def test_bad_bundles_fail_cleanly(runv: Runv, tmp_path: Path) -> None:
     assert result.returncode == 1 and b"config.json" in result.stderr
     assert runv("create", "--bundle", str(bad_json), "../x", check=False).returncode == 1
     assert runv.leftovers() == []
+
+
+def test_events_stream_reports_oom_and_exit(runv: Runv, tmp_path: Path) -> None:
+    def limited(spec: dict[str, Any]) -> None:
+        spec["linux"]["resources"] = {"memory": {"limit": 32 << 20, "swap": 32 << 20}}
+
+    bundle = runv.bundle(["sh", "-c", "read go; head -c 200000000 /dev/zero | tail"],
+                         edit=limited)
+    r_in, w_in = os.pipe()
+    runv("create", "--bundle", str(bundle), "--pid-file", str(tmp_path / "pid"), "c1",
+         stdin=r_in)
+    os.close(r_in)
+    pid = int((tmp_path / "pid").read_text())
+    with open(tmp_path / "events", "wb") as out:
+        events = runv.popen("events", "c1", stdout=out, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+        try:
+            runv("start", "c1")
+            time.sleep(1)  # the stream is open
+            os.write(w_in, b"go\n")
+            os.close(w_in)
+            assert reap(pid) == 137  # killed by the OOM killer
+            assert events.wait(timeout=60) == 0  # the stream ends when the container does
+        finally:
+            if events.poll() is None:
+                events.kill()
+                events.wait()
+    lines = [json.loads(line) for line in (tmp_path / "events").read_text().splitlines()]
+    kinds = [e["type"] for e in lines]
+    assert "oom" in kinds and kinds[-1] == "exit", lines
+    assert lines[-1]["id"] == "c1" and lines[-1]["data"]["status"] == 137
+    runv("delete", "c1")
