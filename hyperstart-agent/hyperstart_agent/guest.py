@@ -17,6 +17,22 @@ RNDRESEEDCRNG = 0x5207
 SHAREABLE = {"network": "net", "ipc": "ipc", "uts": "uts"}
 
 
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def loopback_up() -> None:
+    """Bring up `lo`, as a new network namespace's runtime does: containers share the guest's
+    namespace, and localhost must work in them. (An ioctl: pyroute2 costs seconds to import.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = bytearray(b"lo".ljust(40, b"\0"))
+        fcntl.ioctl(sock, SIOCGIFFLAGS, request)
+        flags = int.from_bytes(request[16:18], "little") | IFF_UP
+        request[16:18] = flags.to_bytes(2, "little")
+        fcntl.ioctl(sock, SIOCSIFFLAGS, request)
+
+
 def set_hostname(name: str) -> None:
     if not name or len(name) > 64 or "/" in name:
         raise AgentError("INVALID_ARGUMENT", f"hostname {name!r} is not valid")

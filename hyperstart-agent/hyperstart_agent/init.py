@@ -48,6 +48,12 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
 
     for failure in mounts.mount_early():
         log.error("early mount failed: %s", failure)
+    from .guest import loopback_up
+
+    try:
+        loopback_up()
+    except OSError as exc:
+        log.error("cannot bring up lo: %s", exc)
     Reaper.block_sigchld()
     reaper = Reaper()
 

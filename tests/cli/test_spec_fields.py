@@ -24,6 +24,7 @@ echo tmp > /scratch/x && echo tmpfs-ok
 cat /proc/kcore 2>&1 | head -c 0; [ -s /proc/kcore ] || echo kcore-masked
 echo 1 > /proc/sys/kernel/domainname 2>/dev/null || echo procsys-readonly
 echo ipfwd=$(cat /proc/sys/net/ipv4/ip_forward)
+echo loflags=$(cat /sys/class/net/lo/flags)
 """
 
 
@@ -79,7 +80,8 @@ def test_spec_fields_seen_inside(runv: Runv, tmp_path: Path, shared_fs: str) -> 
     assert "CapEff: 0000000000000000" in out  # not root, no ambient set: none effective
     assert "NoNewPrivs: 1" in out
     for marker in ("rw-ok", "ro-refused", "from-host", "root-readonly", "tmpfs-ok",
-                   "kcore-masked", "procsys-readonly", "ipfwd=1"):
+                   "kcore-masked", "procsys-readonly", "ipfwd=1",
+                   "loflags=0x9"):  # lo is up (IFF_UP | IFF_LOOPBACK): localhost works
         assert marker in lines, (marker, out, result.stderr)
     assert (tmp_path / "rw" / "written").read_text() == "rw\n"
     assert not (tmp_path / "ro" / "written").exists()
