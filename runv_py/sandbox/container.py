@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 OCI_VERSION = "1.1.0"
 SUPERVISOR_EXIT_WAIT_S = 30.0
 STANDIN_READY_TIMEOUT_S = 60.0
+NEEDS_CONSOLE_SOCKET = ("process.terminal is true: pass --console-socket (or use `runv run` "
+                        "in the foreground)")
 
 
 def _rfc3339_now() -> str:
@@ -93,8 +95,7 @@ class Terminal:
         if not terminal:
             return cls()
         if not console_socket:
-            raise ConfigError("process.terminal is true: pass --console-socket (or use "
-                              "`runv run` in the foreground)")
+            raise ConfigError(NEEDS_CONSOLE_SOCKET)
         master, slave = os.openpty()
         try:
             tty.setraw(slave)
@@ -124,22 +125,21 @@ class Runtime:
     def ctl(self, record: ContainerRecord) -> Path:
         return Path(record.vm_dir) / "ctl.sock"
 
-    def live(self, record: ContainerRecord) -> tuple[str, int | None]:
-        """(status, exit code) as the supervisor knows them; a dead supervisor means
-        stopped."""
+    def live(self, record: ContainerRecord) -> str:
+        """The status as the supervisor knows it; a dead supervisor means stopped."""
         if not _alive(record.supervisor_pid, record.supervisor_start):
-            return "stopped", record.exit_code
+            return "stopped"
         if record.status == "creating":
-            return "creating", None
+            return "creating"
         try:
             reply = control.call(self.ctl(record), {"op": "state"}, timeout_s=15)
         except (OSError, RunvError):
-            return "stopped", None
-        return str(reply["status"]), reply.get("exit_code")
+            return "stopped"
+        return str(reply["status"])
 
     def state(self, container_id: str) -> dict[str, Any]:
         record = self.store.load(container_id)
-        status, _ = self.live(record)
+        status = self.live(record)
         return {
             "ociVersion": OCI_VERSION, "id": record.id,
             "pid": record.pid if status != "stopped" else 0,
@@ -166,8 +166,7 @@ class Runtime:
                console_socket: str | None = None, standin: bool = True) -> ContainerRecord:
         spec = oci_spec.load(bundle)
         if standin and spec.terminal and not console_socket:
-            raise ConfigError("process.terminal is true: pass --console-socket (or use "
-                              "`runv run` in the foreground)")
+            raise ConfigError(NEEDS_CONSOLE_SOCKET)
         record = ContainerRecord(id=container_id, bundle=str(spec.bundle),
                                  rootfs=str(spec.root), created=_rfc3339_now(),
                                  annotations=spec.annotations)
@@ -259,8 +258,6 @@ class Runtime:
             self._call(container_id, {"op": "start"})
             log.debug("started: start_container %.0f ms", (time.monotonic() - t_start) * 1000,
                       extra={"container": container_id})
-            record = record.with_(status="running")
-            self.store.save(record)
         spec = self._spec_or_none(record)
         if spec is not None:
             hooks.run("poststart", spec.hooks_of("poststart"),
@@ -274,7 +271,7 @@ class Runtime:
             return None
 
     def kill(self, container_id: str, signum: int, *, all_processes: bool = False) -> None:
-        status, _ = self.live(self.store.load(container_id))
+        status = self.live(self.store.load(container_id))
         if status == "stopped":
             raise InvalidState(f"container {container_id} is not running (stopped)")
         self._call(container_id, {"op": "kill", "signal": signum, "all": all_processes})

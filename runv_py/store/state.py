@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
 
-Status = Literal["creating", "created", "running", "paused", "stopped"]
+# Only whether the supervisor has reported; the live status is always the supervisor's.
+Status = Literal["creating", "created"]
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
 
@@ -47,7 +48,6 @@ class ContainerRecord:
     supervisor_pid: int = 0
     supervisor_start: int = 0
     vm_dir: str = ""
-    exit_code: int | None = None
     annotations: dict[str, str] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> ContainerRecord:
