@@ -107,3 +107,39 @@ class ProcessNotFound(RunvError):
 
     grpc_code = "NOT_FOUND"
     reference = "process-not-found"
+
+
+class ImageError(RunvError):
+    """An OCI image, manifest or archive is invalid or cannot be stored; the message names it."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    reference = "image-error"
+
+
+class ImageNotFound(ImageError):
+    """No image with this name or digest is in the local store (pull or load it first)."""
+
+    grpc_code = "NOT_FOUND"
+    reference = "image-not-found"
+
+
+class UnsafeLayer(ImageError):
+    """A layer tarball tries to write outside its root, holds a device node in an untrusted
+    image, or exceeds the unpack limits; nothing was written outside the target."""
+
+    grpc_code = "PERMISSION_DENIED"
+    reference = "unsafe-layer"
+
+
+class DigestMismatch(ImageError):
+    """Downloaded or loaded content does not match the digest (or size) that names it."""
+
+    grpc_code = "DATA_LOSS"
+    reference = "digest-mismatch"
+
+
+class RegistryError(ImageError):
+    """A registry refused a request, answered nonsense, or could not be reached."""
+
+    grpc_code = "UNAVAILABLE"
+    reference = "registry-error"

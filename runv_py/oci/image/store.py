@@ -1,0 +1,338 @@
+"""The local image store: verified blobs by digest, names (refs) to manifest digests, and
+unpacked root filesystems cached by chain id for use as read-only overlayfs lowerdirs.
+
+Layout under the root (docs/images.md):
+    blobs/sha256/<hex>   manifests, configs and layers, each checked against its digest
+    refs.json            {"busybox:latest": "sha256:<manifest digest>", ...}, replaced atomically
+    rootfs/<chain hex>/  unpacked images; a directory here is always complete (renamed into place)
+    rootfs/<chain hex>.lock  held exclusively while unpacking, shared by users of the rootfs
+    tmp/                 partial downloads (resumable) and unpacks in progress
+    refs.lock, gc.lock   flocks: refs edits; gc (exclusive) against pulls/loads/unpacks (shared)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import ImageError, ImageNotFound
+from . import builtin
+from .blobs import BlobStore
+from .model import ConfigBlob, Image, Manifest, sha256_digest
+from .progress import Progress
+from .reference import Reference
+from .unpack import LayerSource, UnpackLimits, unpack_layers
+
+if TYPE_CHECKING:
+    from .registry import Credentials
+
+log = logging.getLogger(__name__)
+_HEX_PREFIX = re.compile(r"^(?:sha256:)?[0-9a-f]{6,64}$")
+
+
+def _tree_size(path: Path, seen: set[tuple[int, int]]) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(os.path.join(dirpath, name))
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+    return total
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class ImageStore:
+    """Images on this host. Every method is safe against other processes using the same root
+    at the same time; a killed pull, load or unpack never leaves something counted complete."""
+
+    def __init__(self, root: Path, *, limits: UnpackLimits | None = None) -> None:
+        self.root = Path(root)
+        self.blobs = BlobStore(self.root)
+        self.limits = limits or UnpackLimits()
+        self._ready = False
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        if not self._ready:
+            try:
+                self.blobs.setup()
+                (self.root / "rootfs").mkdir(exist_ok=True)
+            except OSError as exc:
+                raise ImageError(f"image store {self.root}: cannot create it ({exc})") from exc
+            self._ready = True
+
+    @contextlib.contextmanager
+    def _flock(self, name: str, *, shared: bool = False) -> Iterator[None]:
+        self._setup()
+        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) while blobs or rootfs are added, so gc cannot free them half-way."""
+        return self._flock("gc.lock", shared=True)
+
+    def _refs(self) -> dict[str, str]:
+        try:
+            data = (self.root / "refs.json").read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            refs = json.loads(data)
+        except ValueError as exc:
+            raise ImageError(f"{self.root / 'refs.json'}: not valid JSON ({exc})") from exc
+        if not isinstance(refs, dict):
+            raise ImageError(f"{self.root / 'refs.json'}: expected a JSON object")
+        return {str(k): str(v) for k, v in refs.items()}
+
+    def _edit_refs(self, changes: dict[str, str | None]) -> None:
+        with self._flock("refs.lock"):
+            refs = self._refs()
+            for name, digest in changes.items():
+                if digest is None:
+                    refs.pop(name, None)
+                else:
+                    refs[name] = digest
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".refs.", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump(refs, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.root / "refs.json")
+
+    def tag(self, name: str, digest: str) -> Image:
+        """Point `name` at the stored manifest `digest` (which must be complete)."""
+        name = Reference.parse(name).name
+        image = self._image(name, digest)
+        self._edit_refs({name: digest})
+        return image
+
+    def _image(self, name: str, digest: str) -> Image:
+        what = f"image {name} ({digest[:19]})"
+        try:
+            manifest_data = self.blobs.read(digest)
+            manifest = Manifest.parse(manifest_data, f"{what} manifest")
+            config = ConfigBlob.parse(self.blobs.read(manifest.config.digest), f"{what} config")
+            size = (len(manifest_data) + manifest.config.size
+                    + sum(self.blobs.size(layer.digest) for layer in manifest.layers))
+        except FileNotFoundError as exc:
+            raise ImageError(f"{what}: blob {Path(str(exc.filename)).name} is missing from "
+                             f"{self.root}; pull or load the image again") from exc
+        if len(config.diff_ids) != len(manifest.layers):
+            raise ImageError(f"{what}: the config lists {len(config.diff_ids)} diff_ids for "
+                             f"{len(manifest.layers)} layers")
+        return Image(name=name, digest=digest, id=manifest.config.digest, config=config.config,
+                     layers=tuple(layer.digest for layer in manifest.layers), size=size,
+                     created=config.created, architecture=config.architecture, os=config.os,
+                     diff_ids=config.diff_ids)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def images(self) -> list[Image]:
+        """Every named image, sorted by name."""
+        return [self._image(name, digest) for name, digest in sorted(self._refs().items())]
+
+    def get(self, ref: str) -> Image:
+        """The image named `ref` (or whose id or manifest digest starts with it). `busybox`
+        is built from the host's busybox-static on first use."""
+        refs = self._refs()
+        if _HEX_PREFIX.match(ref) and ":" not in ref.removeprefix("sha256:"):
+            want = ref if ref.startswith("sha256:") else "sha256:" + ref
+            for name, digest in sorted(refs.items()):
+                image = self._image(name, digest)
+                if image.id.startswith(want) or image.digest.startswith(want):
+                    return image
+        try:
+            name = Reference.parse(ref).name
+        except ImageError:
+            if not _HEX_PREFIX.match(ref):
+                raise
+            name = ""
+        if name in refs:
+            return self._image(name, refs[name])
+        if name == builtin.NAME:
+            return self._add_builtin()
+        raise ImageNotFound(f"image {ref!r} is not in the local store {self.root}: pull it "
+                            f"(hyperctl pull {ref}) or load it from an archive (hyperctl load "
+                            "FILE)")
+
+    def _add_builtin(self) -> Image:
+        built = builtin.build()
+        with self.writing():
+            self.blobs.put(built.layer)
+            self.blobs.put(built.config)
+            digest = self.blobs.put(built.manifest)
+            log.info("created the built-in image %s (%s) from %s", builtin.NAME, digest,
+                     builtin.BUSYBOX)
+            return self.tag(builtin.NAME, digest)
+
+    def disk_usage(self) -> int:
+        """Bytes used by blobs, unpacked rootfs and partial downloads (hard links once)."""
+        seen: set[tuple[int, int]] = set()
+        return sum(_tree_size(self.root / d, seen) for d in ("blobs", "rootfs", "tmp")
+                   if (self.root / d).is_dir())
+
+    # -- adding and removing ---------------------------------------------------------------------
+
+    async def pull(self, ref: str, *, progress: Progress | None = None,
+                   platform: str = "linux/amd64", insecure: bool = False,
+                   ca_file: Path | None = None, credentials: Credentials | None = None) -> Image:
+        """Fetch `ref` from its registry (OCI distribution API) for `platform`, verify every
+        blob, and name it. Interrupted downloads resume on the next pull."""
+        from .registry import Puller
+
+        self._setup()
+        reference = Reference.parse(ref)
+        puller = Puller(self, reference, platform=platform, insecure=insecure, ca_file=ca_file,
+                        credentials=credentials, progress=progress)
+        digest = await puller.run()
+        return self.tag(reference.name, digest)
+
+    def load(self, archive: Path, *, progress: Progress | None = None,
+             platform: str = "linux/amd64") -> list[Image]:
+        """Add the images of an oci-archive tarball, a `docker save` tarball or an OCI image
+        layout directory; returns them as named in the store."""
+        from .archive import load
+
+        self._setup()
+        with self.writing():
+            named = load(self.blobs, Path(archive), progress=progress, platform=platform)
+            return [self.tag(name, digest) for name, digest in named]
+
+    def remove(self, ref: str) -> list[str]:
+        """Untag `ref` (a name, or an id/digest prefix: then every name of that image); the
+        blobs stay until gc(). Returns the names removed."""
+        refs = self._refs()
+        try:
+            names = [Reference.parse(ref).name]
+        except ImageError:
+            names = []
+        names = [n for n in names if n in refs]
+        if not names and _HEX_PREFIX.match(ref):
+            image = self.get(ref)
+            names = [n for n, d in refs.items() if d == image.digest]
+        if not names:
+            raise ImageNotFound(f"image {ref!r} is not in the local store {self.root} "
+                                "(hyperctl images lists what is)")
+        self._edit_refs(dict.fromkeys(names))
+        return names
+
+    def gc(self) -> int:
+        """Free blobs, unpacked rootfs and partial downloads no name uses; returns the bytes
+        freed. A rootfs whose lock a user holds (see `use()`) is kept."""
+        freed = 0
+        with self._flock("gc.lock"):
+            keep_blobs: set[str] = set()
+            keep_rootfs: set[str] = set()
+            for name, digest in self._refs().items():
+                try:
+                    image = self._image(name, digest)
+                except ImageError as exc:
+                    log.warning("gc: %s", exc)
+                    keep_blobs.add(digest)
+                    continue
+                keep_blobs.update((digest, image.id, *image.layers))
+                keep_rootfs.add(self._rootfs_key(image))
+            for digest in self.blobs.digests():
+                if digest not in keep_blobs:
+                    path = self.blobs.path(digest)
+                    freed += path.stat().st_size
+                    path.unlink()
+            for entry in list(self.blobs.tmp.iterdir()):
+                freed += _tree_size(entry, set()) if entry.is_dir() else entry.stat().st_size
+                _rmtree(entry) if entry.is_dir() else entry.unlink()
+            rootfs_dir = self.root / "rootfs"
+            for entry in list(rootfs_dir.iterdir()):
+                if entry.suffix == ".lock" or entry.name.removesuffix("-trusted") in keep_rootfs:
+                    continue
+                with self._try_lock(rootfs_dir / f"{entry.name}.lock") as free:
+                    if free:
+                        freed += _tree_size(entry, set())
+                        _rmtree(entry)
+        return freed
+
+    # -- unpacked root filesystems ---------------------------------------------------------------
+
+    @staticmethod
+    def _rootfs_key(image: Image) -> str:
+        return (image.chain_id or sha256_digest(b""))[7:]
+
+    @contextlib.contextmanager
+    def _try_lock(self, path: Path) -> Iterator[bool]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def rootfs(self, image: Image, *, progress: Progress | None = None,
+               trusted: bool = False) -> Path:
+        """The image's unpacked root filesystem, unpacking it on first use. Use it read-only
+        (an overlayfs lowerdir): it is shared by every container of the image. `trusted`
+        allows device nodes in the layers."""
+        self._setup()
+        key = self._rootfs_key(image)
+        rootfs_dir = self.root / "rootfs"
+        plain = rootfs_dir / key
+        if plain.is_dir():
+            return plain
+        final = rootfs_dir / f"{key}-trusted" if trusted else plain
+        if final.is_dir():
+            return final
+        with self.writing(), self._flock(f"rootfs/{final.name}.lock"):
+            if final.is_dir():
+                return final
+            tmp = Path(tempfile.mkdtemp(dir=self.blobs.tmp, prefix=f"rootfs-{key[:12]}-"))
+            try:
+                layers = [LayerSource(self.blobs.path(d), diff_id,
+                                      f"{i + 1}/{len(image.layers)} of {image.name}")
+                          for i, (d, diff_id) in enumerate(zip(image.layers, image.diff_ids,
+                                                               strict=True))]
+                unpack_layers(layers, tmp, trusted=trusted, limits=self.limits,
+                              progress=progress)
+                try:
+                    os.rename(tmp, final)
+                except OSError:
+                    if not final.is_dir():
+                        raise
+                    _rmtree(tmp)   # another process finished the same unpack first
+            except BaseException:
+                _rmtree(tmp)
+                raise
+        return final
+
+    @contextlib.contextmanager
+    def use(self, image: Image, *, progress: Progress | None = None,
+            trusted: bool = False) -> Iterator[Path]:
+        """The image's rootfs, protected from gc() for as long as the context is open (a
+        shared flock on its lock file: hold it while a container runs on it)."""
+        while True:
+            path = self.rootfs(image, progress=progress, trusted=trusted)
+            with self._flock(f"rootfs/{path.name}.lock", shared=True):
+                if path.is_dir():   # else gc won the race between unpack and lock
+                    yield path
+                    return
