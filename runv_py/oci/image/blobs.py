@@ -122,6 +122,7 @@ class BlobStore:
                 with contextlib.suppress(FileNotFoundError):
                     partial.unlink()
                 raise
+            os.fsync(fd)   # a name in blobs/ must mean verified content, even after a crash
             os.chmod(partial, 0o644)
             os.rename(partial, final)
         finally:
