@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import logging
 import os
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,7 +140,8 @@ class InterruptingProgress(Progress):
 
 
 def test_interrupted_pull_resumes(tmp_path: Path, store: ImageStore,
-                                  registry: Callable[..., Registry]) -> None:
+                                  registry: Callable[..., Registry],
+                                  caplog: pytest.LogCaptureFixture) -> None:
     reg = registry()
     small_layout(tmp_path / "layout", payload=os.urandom(6_000_000))
     reg.push(tmp_path / "layout", "v1", "big/tool:1")
@@ -147,8 +152,10 @@ def test_interrupted_pull_resumes(tmp_path: Path, store: ImageStore,
     partials = list((store.root / "tmp").glob("*.partial"))
     assert len(partials) == 1 and 2_000_000 < partials[0].stat().st_size < 6_100_000
     out = io.StringIO()
-    image = pull(store, ref, progress=Progress(out, tty=False))
+    with caplog.at_level(logging.INFO, logger="runv_py.oci.image"):
+        image = pull(store, ref, progress=Progress(out, tty=False))
     assert "resuming at" in out.getvalue()
+    assert "resuming at" in caplog.text and "again from the start" not in caplog.text
     assert len((store.rootfs(image) / "data/payload").read_bytes()) == 6_000_000
     assert list((store.root / "tmp").glob("*.partial")) == []
 
@@ -197,3 +204,60 @@ def test_concurrent_pulls_of_one_image(tmp_path: Path, registry: Callable[..., R
     assert sorted(p.name for p in (store.root / "rootfs").iterdir()
                   if not p.name.endswith(".lock")) == [image.chain_id[7:]]
     assert list((store.root / "tmp").iterdir()) == []
+
+
+class CuttingProxy:
+    """A TCP proxy to the registry that cuts the first response longer than `cut_after`
+    bytes in the middle (a dropped connection)."""
+
+    def __init__(self, upstream: str, cut_after: int) -> None:
+        self.upstream = upstream
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                threading.Thread(target=self.pump, args=(client,), daemon=True).start()
+
+    def pump(self, client: socket.socket) -> None:
+        host, port = self.upstream.split(":")
+        with client, socket.create_connection((host, int(port))) as server:
+            def up() -> None:
+                with contextlib.suppress(OSError):
+                    while data := client.recv(65536):
+                        server.sendall(data)
+            threading.Thread(target=up, daemon=True).start()
+            sent = 0
+            with contextlib.suppress(OSError):
+                while data := server.recv(65536):
+                    client.sendall(data)
+                    sent += len(data)
+                    if sent > self.cut_after and self.cuts == 0:
+                        self.cuts += 1
+                        client.shutdown(socket.SHUT_RDWR)
+                        return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_dropped_connection_resumes_within_the_pull(tmp_path: Path, store: ImageStore,
+                                                    registry: Callable[..., Registry],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    reg = registry()
+    small_layout(tmp_path / "layout", payload=os.urandom(4_000_000))
+    reg.push(tmp_path / "layout", "v1", "flaky/tool:1")
+    proxy = CuttingProxy(reg.host, 1_500_000)
+    try:
+        with caplog.at_level(logging.INFO, logger="runv_py.oci.image"):
+            image = pull(store, f"{proxy.host}/flaky/tool:1")
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert "resuming at" in caplog.text and "again from the start" not in caplog.text
+    assert (store.rootfs(image) / "data/payload").stat().st_size == 4_000_000

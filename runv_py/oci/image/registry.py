@@ -275,7 +275,9 @@ class RegistryClient:
                 try:
                     with contextlib.closing(conn):
                         if resp.status == 416 or (resp.status == 200 and ingest.offset):
-                            ingest.restart()   # the registry cannot do ranges
+                            log.warning("blob %s: the registry ignored the range request; "
+                                        "downloading it again from the start", desc.digest)
+                            ingest.restart()
                             if task:
                                 task.done = 0
                             if resp.status == 416:
@@ -295,7 +297,9 @@ class RegistryClient:
                     if attempt >= RETRIES:
                         raise RegistryError(f"registry {self.registry}: blob {desc.digest}: "
                                             f"the body ended at {ingest.offset} of {desc.size}"
-                                            " bytes")
+                                            " bytes (the next pull resumes there)")
+                    log.warning("blob %s: the connection ended early; resuming at %d bytes",
+                                desc.digest, ingest.offset)
             if task:
                 task.finish("pulled")
 
