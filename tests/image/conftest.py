@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ class Registry:
     log: Path
     certs: Certs | None = None
     token: TokenServer | None = None
+    basic: bool = False
     pushed: list[str] = field(default_factory=list)
 
     def push(self, layout: Path, tag: str, dest: str, *, all_platforms: bool = False) -> None:
@@ -147,7 +149,7 @@ class Registry:
             argv += ["--dest-cert-dir", str(self.certs.dir / "skopeo")]
         else:
             argv.append("--dest-tls-verify=false")
-        if self.token:
+        if self.token or self.basic:
             argv += ["--dest-creds", f"{USER}:{PASSWORD}"]
         run(*argv, f"oci:{layout}:{tag}", f"docker://{self.host}/{dest}")
         self.pushed.append(dest)
@@ -162,7 +164,7 @@ def registry(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
     """start(tls=False, token=False) runs a docker-registry on a free 127.0.0.1 port."""
     started: list[Registry] = []
 
-    def start(*, tls: bool = False, token: bool = False) -> Registry:
+    def start(*, tls: bool = False, token: bool = False, basic: bool = False) -> Registry:
         n = len(started)
         port = free_port()
         data = tmp_path / f"registry{n}"
@@ -184,12 +186,20 @@ def registry(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
             config += ["auth:", "  token:", f"    realm: {server.url}",
                        "    service: runv-py-registry", "    issuer: runv-py-test",
                        f"    rootcertbundle: {server.dir / 'token.crt'}"]
+        if basic:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import crypt
+            hashed = crypt.crypt(PASSWORD, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+            (data / "htpasswd").write_text(f"{USER}:{hashed}\n")
+            config += ["auth:", "  htpasswd:", "    realm: runv-py-test",
+                       f"    path: {data / 'htpasswd'}"]
         (data / "config.yml").write_text("\n".join(config) + "\n")
         log = tmp_path / f"registry{n}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(["docker-registry", "serve", str(data / "config.yml")],
                                        stdout=out, stderr=subprocess.STDOUT)
-        reg = Registry(f"127.0.0.1:{port}", data, process, log, certs, server)
+        reg = Registry(f"127.0.0.1:{port}", data, process, log, certs, server, basic)
         started.append(reg)
         deadline = time.monotonic() + 20
         while True:

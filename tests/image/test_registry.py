@@ -97,6 +97,21 @@ def test_bearer_token_auth(tmp_path: Path, store: ImageStore,
     assert any("scope=repository%3Aprivate%2Ftool%3Apull" in r for r in reg.token.requests)
 
 
+def test_basic_auth_over_https(tmp_path: Path, store: ImageStore,
+                               registry: Callable[..., Registry]) -> None:
+    reg = registry(tls=True, basic=True)
+    assert reg.certs is not None
+    small_layout(tmp_path / "layout")
+    reg.push(tmp_path / "layout", "v1", "basic/tool:1")
+    ref = f"{reg.host}/basic/tool:1"
+    with pytest.raises(RegistryError, match="asks for a user name and password"):
+        pull(store, ref, ca_file=reg.certs.ca)
+    with pytest.raises(RegistryError, match=r"access denied \(401\).*credentials"):
+        pull(store, ref, ca_file=reg.certs.ca, credentials=Credentials(USER, "wrong"))
+    image = pull(store, ref, ca_file=reg.certs.ca, credentials=Credentials(USER, PASSWORD))
+    assert store.rootfs(image).joinpath("etc/arch").read_text() == "amd64"
+
+
 def test_index_with_two_platforms(tmp_path: Path, store: ImageStore,
                                   registry: Callable[..., Registry]) -> None:
     reg = registry()
