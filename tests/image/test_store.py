@@ -197,3 +197,13 @@ def test_killed_unpack_is_redone(tmp_path: Path, store: ImageStore) -> None:
     assert len(list(rootfs.glob("d*/f*"))) == 1800
     assert store.gc() > 0          # the killed unpack's half tree
     assert list((store.root / "tmp").iterdir()) == []
+
+
+def test_damaged_store_is_reported_not_fatal(tmp_path: Path, store: ImageStore) -> None:
+    make_layout(tmp_path / "one")
+    (one,) = store.load(tmp_path / "one")
+    busybox = store.get("busybox")
+    store.blobs.path(one.layers[0]).unlink()
+    assert store.images() == [busybox]
+    with pytest.raises(ImageError, match="is missing.*pull or load the image again"):
+        store.get("one:1.0")

@@ -148,8 +148,14 @@ class ImageStore:
     # -- queries -------------------------------------------------------------------------------
 
     def images(self) -> list[Image]:
-        """Every named image, sorted by name."""
-        return [self._image(name, digest) for name, digest in sorted(self._refs().items())]
+        """Every named image, sorted by name (a damaged one is logged and left out)."""
+        found = []
+        for name, digest in sorted(self._refs().items()):
+            try:
+                found.append(self._image(name, digest))
+            except ImageError as exc:
+                log.warning("%s", exc)
+        return found
 
     def get(self, ref: str) -> Image:
         """The image named `ref` (or whose id or manifest digest starts with it). `busybox`
