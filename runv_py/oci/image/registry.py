@@ -282,6 +282,12 @@ class RegistryClient:
                                 task.done = 0
                             if resp.status == 416:
                                 continue
+                        if resp.status == 206 and not (resp.getheader("Content-Range") or "") \
+                                .startswith(f"bytes {ingest.offset}-"):
+                            log.warning("blob %s: the registry answered another range; "
+                                        "downloading it again from the start", desc.digest)
+                            ingest.restart()
+                            continue
                         self._stream(resp, ingest, task)
                 except (OSError, http.client.HTTPException) as exc:
                     attempt += 1
