@@ -205,5 +205,15 @@ def test_damaged_store_is_reported_not_fatal(tmp_path: Path, store: ImageStore) 
     busybox = store.get("busybox")
     store.blobs.path(one.layers[0]).unlink()
     assert store.images() == [busybox]
-    with pytest.raises(ImageError, match="is missing.*pull or load the image again"):
+    with pytest.raises(ImageError, match=r"is missing.*pull or load the image again"):
         store.get("one:1.0")
+
+
+def test_inspect_shows_names_config_and_manifest(store: ImageStore) -> None:
+    image = store.get("busybox")
+    details = store.inspect("busybox")
+    assert details["Id"] == image.id and details["RepoTags"] == ["busybox:latest"]
+    assert details["Config"]["Cmd"] == ["sh"]
+    assert details["Manifest"]["layers"][0]["digest"] == image.layers[0]
+    assert details["RootFS"]["diff_ids"] == list(image.diff_ids)
+    assert details["Size"] == image.size > 1_000_000

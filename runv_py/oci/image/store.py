@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ImageError, ImageNotFound
 from . import builtin
@@ -190,6 +190,26 @@ class ImageStore:
             log.info("created the built-in image %s (%s) from %s", builtin.NAME, digest,
                      builtin.BUSYBOX)
             return self.tag(builtin.NAME, digest)
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        """`docker image inspect`-style details of one image, for `hyperctl image inspect`:
+        the image's names, digests, sizes, and its config and manifest documents as stored."""
+        image = self.get(ref)
+        config = json.loads(self.blobs.read(image.id))
+        return {
+            "Id": image.id,
+            "RepoTags": [n for n, d in sorted(self._refs().items()) if d == image.digest],
+            "Digest": image.digest,
+            "Created": image.created,
+            "Architecture": image.architecture,
+            "Os": image.os,
+            "Size": image.size,
+            "ChainId": image.chain_id,
+            "Config": config.get("config") or {},
+            "RootFS": config.get("rootfs") or {},
+            "History": config.get("history") or [],
+            "Manifest": json.loads(self.blobs.read(image.digest)),
+        }
 
     def disk_usage(self) -> int:
         """Bytes used by blobs, unpacked rootfs and partial downloads (hard links once)."""
