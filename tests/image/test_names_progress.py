@@ -64,6 +64,6 @@ def test_progress_bars_on_a_terminal() -> None:
     b.advance(1000)
     b.finish()
     text = out.getvalue()
-    assert "[----------------------------] 0 B/1.0 kB" in text
+    assert "[--------------------] 0 B/1.0 kB" in text
     assert "\x1b[2F\x1b[J" in text       # two bars redrawn in place
     assert "pull aaa: done" in text and "pull bbb: done (1.0 kB" in text

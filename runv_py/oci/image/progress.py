@@ -42,7 +42,7 @@ class ProgressTask:
 class Progress:
     """Where progress goes. `tty=None` draws bars if `stream` is a terminal."""
 
-    WIDTH = 28
+    WIDTH = 20
 
     def __init__(self, stream: TextIO | None = None, *, tty: bool | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
@@ -114,10 +114,10 @@ class Progress:
                 frac = min(1.0, task.done / task.total)
                 filled = int(frac * self.WIDTH)
                 bar = "#" * filled + "-" * (self.WIDTH - filled)
-                lines.append(f"{task.label[:40]:<40} [{bar}] {human_size(task.done)}/"
+                lines.append(f"{task.label[:30]:<30} [{bar}] {human_size(task.done)}/"
                              f"{human_size(task.total)}")
             else:
-                lines.append(f"{task.label[:40]:<40} {human_size(task.done)}")
+                lines.append(f"{task.label[:30]:<30} {human_size(task.done)}")
         if lines:
             self._write("\n".join(lines) + "\n")
         self._drawn = len(lines)
