@@ -301,7 +301,7 @@ def unpack_layers(layers: Sequence[LayerSource], dest: Path, *, trusted: bool = 
             raw = _Reader(f, task)
             hashed = _Reader(_open_decompressed(raw, layer.path), digest=hashlib.sha256())
             try:
-                with tarfile.open(fileobj=hashed, mode="r|") as tar:  # type: ignore[call-overload]
+                with tarfile.open(fileobj=hashed, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
                     unpacker.apply(tar, label)
                 hashed.drain()
             except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
