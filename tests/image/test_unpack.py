@@ -5,12 +5,13 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from runv_py.errors import DigestMismatch, UnsafeLayer
+from runv_py.errors import DigestMismatch, ImageError, UnsafeLayer
 from runv_py.oci.image.unpack import LayerSource, UnpackLimits, unpack_layers
 
 from .builder import (
@@ -25,14 +26,19 @@ from .builder import (
 )
 
 
+def zstd(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True,
+                          timeout=60).stdout
+
+
 def apply(tmp: Path, *layers: bytes, trusted: bool = False, gz: bool = False,
-          limits: UnpackLimits | None = None) -> Path:
+          zst: bool = False, limits: UnpackLimits | None = None) -> Path:
     root = tmp / "root"
     root.mkdir()
     sources = []
     for i, layer in enumerate(layers):
         blob = tmp / f"layer{i}"
-        blob.write_bytes(gzip.compress(layer) if gz else layer)
+        blob.write_bytes(gzip.compress(layer) if gz else zstd(layer) if zst else layer)
         sources.append(LayerSource(blob, digest(layer)))
     unpack_layers(sources, root, trusted=trusted, limits=limits)
     return root
@@ -99,6 +105,17 @@ def test_xattrs_user_and_security_kept_trusted_dropped(tmp_path: Path) -> None:
         "user.note": "hello", "trusted.overlay.opaque": "y"})))
     assert os.getxattr(root / "f", "user.note") == b"hello"
     assert "trusted.overlay.opaque" not in os.listxattr(root / "f")
+
+
+def test_zstd_layers(tmp_path: Path) -> None:
+    root = apply(tmp_path, tar_layer(file("a/f", b"zstd content")),
+                 tar_layer(file("a/.wh.f"), file("a/g", b"g")), zst=True)
+    assert os.listdir(root / "a") == ["g"]
+    (tmp_path / "bad").mkdir()
+    blob = tmp_path / "bad.zst"
+    blob.write_bytes(zstd(tar_layer(file("x", b"y" * 10_000)))[:-20])
+    with pytest.raises(ImageError, match="zstd failed|not a valid tar stream"):
+        unpack_layers([LayerSource(blob, digest(b""))], tmp_path / "bad")
 
 
 def test_diff_id_mismatch_is_refused(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ created outside the target; the caller throws the half-filled target away."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -14,9 +15,10 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -78,15 +80,42 @@ class _Reader:
             pass
 
 
-def _open_decompressed(raw: _Reader, path: Path) -> _Readable:
+@contextlib.contextmanager
+def _decompressed(path: Path, task: ProgressTask | None) -> Iterator[_Readable]:
+    """The layer's tar stream: gzip in-process, zstd through zstd(1), else as stored."""
     with path.open("rb") as f:
         magic = f.read(4)
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if magic == b"\x28\xb5\x2f\xfd":
-        raise ImageError(f"layer {path.name}: zstd-compressed layers are not supported; "
-                         "convert the image with `skopeo copy --dest-compress-format gzip`")
-    return raw
+        f.seek(0)
+        if magic[:2] == b"\x1f\x8b":
+            yield gzip.GzipFile(fileobj=_Reader(f, task), mode="rb")
+        elif magic == b"\x28\xb5\x2f\xfd":
+            yield from _zstd(path, task)
+        else:
+            yield _Reader(f, task)
+
+
+def _zstd(path: Path, task: ProgressTask | None) -> Iterator[_Readable]:
+    try:
+        proc = subprocess.Popen(["zstd", "-dcq", "--", str(path)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as exc:
+        raise ImageError(f"layer {path.name} is zstd-compressed and zstd(1) cannot run "
+                         f"({exc}); install Debian's zstd") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        yield proc.stdout
+        proc.stdout.read()
+        error = proc.stderr.read().decode(errors="replace").strip()
+        if proc.wait() != 0:
+            raise ImageError(f"layer {path.name}: zstd failed: {error}")
+        if task:
+            task.advance(path.stat().st_size)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 class _Unpacker:
@@ -297,9 +326,8 @@ def unpack_layers(layers: Sequence[LayerSource], dest: Path, *, trusted: bool = 
     for i, layer in enumerate(layers):
         label = layer.label or f"{i + 1}/{len(layers)} {layer.diff_id[7:19]}"
         task = progress.task(f"unpack {label}", layer.path.stat().st_size) if progress else None
-        with layer.path.open("rb") as f:
-            raw = _Reader(f, task)
-            hashed = _Reader(_open_decompressed(raw, layer.path), digest=hashlib.sha256())
+        with _decompressed(layer.path, task) as stream:
+            hashed = _Reader(stream, digest=hashlib.sha256())
             try:
                 with tarfile.open(fileobj=hashed, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
                     unpacker.apply(tar, label)
