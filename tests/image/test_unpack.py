@@ -162,6 +162,8 @@ HOSTILE: dict[str, tuple[Callable[[str], list[bytes]], str]] = {
     "opaque-through-symlink": (lambda o: [tar_layer(symlink("d", o),
                                                     file("d/.wh..wh..opq"))],
                                "through symlinks"),
+    "root-as-symlink": (lambda o: [tar_layer(symlink("./", o), file("x", b"x"))],
+                        "root of a layer must be a directory"),
     "device": (lambda o: [tar_layer(device("dev/sda", 8, 0))], "device node"),
 }
 

@@ -233,6 +233,8 @@ class _Unpacker:
             self.remove(f"{dir_rel}/{target}" if dir_rel else target)
             return
         if not rel:
+            if not m.isdir():
+                raise self.refuse(m.name, "the root of a layer must be a directory")
             self.metadata(m, self.root, is_dir=True)
             return
         self.parent_dir(m.name, rel, create=True)
