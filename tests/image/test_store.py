@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from runv_py.errors import ImageError, ImageNotFound, UnsafeLayer
 from runv_py.oci.image import ImageStore
 from runv_py.oci.image.builtin import build
 
-from .builder import Layout, directory, file, symlink, tar_layer
+from .builder import Layout, digest, directory, file, symlink, tar_layer
 from .conftest import run
 
 
@@ -217,3 +220,40 @@ def test_inspect_shows_names_config_and_manifest(store: ImageStore) -> None:
     assert details["Manifest"]["layers"][0]["digest"] == image.layers[0]
     assert details["RootFS"]["diff_ids"] == list(image.diff_ids)
     assert details["Size"] == image.size > 1_000_000
+
+
+def docker_save_tar(path: Path, layers: list[bytes], diff_ids: list[str]) -> None:
+    """An old-style `docker save` tarball: <id>/layer.tar, <id>.json, manifest.json."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/x"]},
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    members = {"cfg.json": config, "manifest.json": json.dumps([{
+        "Config": "cfg.json", "RepoTags": ["hand:1"],
+        "Layers": [f"l{i}/layer.tar" for i in range(len(layers))]}]).encode()}
+    members |= {f"l{i}/layer.tar": layer for i, layer in enumerate(layers)}
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_load_old_docker_save_with_gzip_and_plain_layers(tmp_path: Path,
+                                                         store: ImageStore) -> None:
+    plain = tar_layer(file("a", b"plain"))
+    packed = tar_layer(file("b", b"packed"))
+    docker_save_tar(tmp_path / "hand.tar", [plain, gzip.compress(packed)],
+                    [digest(plain), digest(packed)])
+    (image,) = store.load(tmp_path / "hand.tar")
+    assert image.name == "hand:1" and image.layers[0] == digest(plain)
+    rootfs = store.rootfs(image)
+    assert (rootfs / "a").read_bytes() == b"plain" and (rootfs / "b").read_bytes() == b"packed"
+
+
+def test_load_docker_save_with_a_layer_not_matching_its_diff_id(tmp_path: Path,
+                                                                store: ImageStore) -> None:
+    layer = tar_layer(file("a", b"plain"))
+    docker_save_tar(tmp_path / "bad.tar", [layer], [digest(b"other")])
+    with pytest.raises(ImageError, match=digest(b"other")):
+        store.load(tmp_path / "bad.tar")
+    assert store.images() == []
+    assert not store.blobs.exists(digest(layer))

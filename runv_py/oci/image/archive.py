@@ -138,17 +138,14 @@ def _load_layout(blobs: BlobStore, src: _Source, path: Path, platform: Platform,
     return named
 
 
-def _hash_member(src: _Source, name: str) -> tuple[str, int, bool]:
+def _hash_member(src: _Source, name: str) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
-    gz = False
     with src.open(name) as f:
         while chunk := f.read(CHUNK):
-            if size == 0:
-                gz = chunk[:2] == b"\x1f\x8b"
             digest.update(chunk)
             size += len(chunk)
-    return "sha256:" + digest.hexdigest(), size, gz
+    return "sha256:" + digest.hexdigest(), size
 
 
 def _load_docker(blobs: BlobStore, src: _Source, path: Path,
@@ -172,11 +169,17 @@ def _load_docker(blobs: BlobStore, src: _Source, path: Path,
             raise ImageError(f"{what}: {len(layer_names)} layers but the config lists "
                              f"{len(config.diff_ids)} diff_ids")
         layers: list[dict[str, object]] = []
-        for layer_name in layer_names:
-            digest, size, gz = _hash_member(src, layer_name)
-            task = progress.task(f"load {digest[7:19]}", size) if progress else None
+        for layer_name, diff_id in zip(layer_names, config.diff_ids, strict=True):
+            with src.open(layer_name) as f:
+                gz = f.read(2) == b"\x1f\x8b"
+            if gz:   # a compressed layer: its digest is not in the config, hash it first
+                digest, size = _hash_member(src, layer_name)
+            else:    # an uncompressed layer is named by its diff id (checked while copying)
+                digest, size = diff_id, -1
+            task = progress.task(f"load {digest[7:19]}", None) if progress else None
             with src.open(layer_name) as f:
                 blobs.put_stream(f, digest, size)
+            size = blobs.size(digest)
             if task:
                 task.advance(size)
                 task.finish("loaded")
