@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import ssl
 import threading
 import urllib.parse
@@ -148,7 +149,10 @@ class RegistryClient:
             raise RegistryError(f"registry {self.registry}: TLS failed ({exc}); for a plain "
                                 "HTTP registry pass --insecure") from exc
         except OSError as exc:
-            raise RegistryError(f"registry {self.registry}: cannot connect ({exc})") from exc
+            hint = ("without network access, load the image from an archive (hyperctl load)"
+                    if isinstance(exc, socket.gaierror) else "is the registry running?")
+            raise RegistryError(f"registry {self.registry}: cannot connect ({exc}); "
+                                f"{hint}") from exc
 
     # -- auth ------------------------------------------------------------------------------------
 
@@ -373,6 +377,9 @@ class Puller:
         if len(config.diff_ids) != len(manifest.layers):
             raise ImageError(f"{what}: the config lists {len(config.diff_ids)} diff_ids for "
                              f"{len(manifest.layers)} layers")
+        if config.architecture and config.architecture != self.platform.architecture:
+            log.warning("%s is built for %s/%s, not for %s", what, config.os,
+                        config.architecture, self.platform)
         limit = asyncio.Semaphore(PARALLEL_BLOBS)
 
         async def fetch(desc: Descriptor) -> None:
