@@ -257,3 +257,17 @@ def test_load_docker_save_with_a_layer_not_matching_its_diff_id(tmp_path: Path,
         store.load(tmp_path / "bad.tar")
     assert store.images() == []
     assert not store.blobs.exists(digest(layer))
+
+
+def test_gc_waits_for_running_pulls_and_unpacks(tmp_path: Path, store: ImageStore) -> None:
+    """Blobs a pull has stored but not named yet are not freed under it."""
+    import threading
+
+    with store.writing():
+        digest_ = store.blobs.put(b"fetched, not yet named")
+        done = threading.Event()
+        threading.Thread(target=lambda: (store.gc(), done.set()), daemon=True).start()
+        assert not done.wait(0.5)
+        assert store.blobs.exists(digest_)
+    assert done.wait(10)
+    assert not store.blobs.exists(digest_)
