@@ -164,6 +164,8 @@ HOSTILE: dict[str, tuple[Callable[[str], list[bytes]], str]] = {
                                "through symlinks"),
     "root-as-symlink": (lambda o: [tar_layer(symlink("./", o), file("x", b"x"))],
                         "root of a layer must be a directory"),
+    "huge-pax-header": (lambda o: [tar_layer(file("f", xattrs={"user.x": "x" * 2_000_000}))],
+                        "header extension of"),
     "device": (lambda o: [tar_layer(device("dev/sda", 8, 0))], "device node"),
 }
 

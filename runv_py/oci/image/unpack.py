@@ -118,6 +118,27 @@ def _zstd(path: Path, task: ProgressTask | None) -> Iterator[_Readable]:
         proc.stderr.close()
 
 
+MAX_HEADER = 1 << 20
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax header or a GNU long name whole into memory before it returns the
+    member: refuse big ones (no real layer needs a megabyte of path or xattrs)."""
+
+    def _check(self) -> None:
+        if self.size > MAX_HEADER:
+            raise UnsafeLayer(f"a tar header extension of {self.size} bytes (more than "
+                              f"{MAX_HEADER}); refusing the layer (tar bomb?)")
+
+    def _proc_pax(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check()
+        return super()._proc_pax(tar)  # type: ignore[misc, no-any-return]
+
+    def _proc_gnulong(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        self._check()
+        return super()._proc_gnulong(tar)  # type: ignore[misc, no-any-return]
+
+
 class _Unpacker:
     def __init__(self, root: Path, *, trusted: bool, limits: UnpackLimits) -> None:
         self.root = str(root)
@@ -331,9 +352,14 @@ def unpack_layers(layers: Sequence[LayerSource], dest: Path, *, trusted: bool = 
         with _decompressed(layer.path, task) as stream:
             hashed = _Reader(stream, digest=hashlib.sha256())
             try:
-                with tarfile.open(fileobj=hashed, mode="r|", bufsize=CHUNK) as tar:  # type: ignore[call-overload]
+                with tarfile.open(fileobj=hashed, mode="r|", bufsize=CHUNK,
+                                  tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
                     unpacker.apply(tar, label)
                 hashed.drain()
+            except UnsafeLayer as exc:
+                if str(exc).startswith("layer "):
+                    raise
+                raise UnsafeLayer(f"layer {label}: {exc}") from exc
             except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
                 raise ImageError(f"layer {label}: not a valid tar stream ({exc})") from exc
         assert hashed.digest is not None
