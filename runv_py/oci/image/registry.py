@@ -365,7 +365,9 @@ class Puller:
     async def _run(self) -> str:
         what = f"{self.ref.registry}/{self.ref.repository}:{self.ref.reference}"
         data, media_type = await self._manifest(self.ref.reference, self.ref.digest)
-        if media_type in INDEX_TYPES:
+        for _ in range(3):   # an index may point at a nested index
+            if media_type not in INDEX_TYPES:
+                break
             desc = Index.parse(data, f"{what} index").select(self.platform, what)
             data, media_type = await self._manifest(desc.digest, desc.digest)
         if media_type not in MANIFEST_TYPES:
