@@ -271,3 +271,16 @@ def test_gc_waits_for_running_pulls_and_unpacks(tmp_path: Path, store: ImageStor
         assert store.blobs.exists(digest_)
     assert done.wait(10)
     assert not store.blobs.exists(digest_)
+
+
+def test_load_multi_platform_layout_picks_the_platform(tmp_path: Path,
+                                                       store: ImageStore) -> None:
+    layout = Layout(tmp_path / "multi")
+    amd = layout.image([tar_layer(file("arch", b"amd64"))], arch="amd64")
+    arm = layout.image([tar_layer(file("arch", b"arm64"))], arch="arm64")
+    layout.add(layout.index([amd, arm]), "1")
+    (image,) = store.load(tmp_path / "multi", platform="linux/arm64")
+    assert image.architecture == "arm64"
+    assert (store.rootfs(image) / "arch").read_text() == "arm64"
+    with pytest.raises(ImageError, match="no manifest for platform linux/s390x"):
+        store.load(tmp_path / "multi", platform="linux/s390x")

@@ -116,6 +116,9 @@ def _load_layout(blobs: BlobStore, src: _Source, path: Path, platform: Platform,
     index = Index.parse(_read(src, "index.json"), f"{src.what}: index.json")
     named: list[tuple[str, str]] = []
     for i, top in enumerate(index.manifests):
+        if top.platform is not None and not top.platform.matches(platform) \
+                and len(index.manifests) > 1:
+            continue   # another platform's manifest listed directly in index.json
         desc = top
         if desc.media_type in INDEX_TYPES:
             _copy(blobs, src, desc, progress)
@@ -124,9 +127,6 @@ def _load_layout(blobs: BlobStore, src: _Source, path: Path, platform: Platform,
         if desc.media_type not in MANIFEST_TYPES:
             raise ImageError(f"{src.what}: index.json manifests[{i}]: media type "
                              f"{desc.media_type!r} is not an image manifest")
-        if top.platform is not None and not top.platform.matches(platform) \
-                and len(index.manifests) > 1:
-            continue
         _copy(blobs, src, desc, progress)
         manifest = Manifest.parse(blobs.read(desc.digest), f"{src.what}: manifest {desc.digest}")
         _copy(blobs, src, manifest.config, progress)
