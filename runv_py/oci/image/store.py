@@ -70,6 +70,9 @@ class ImageStore:
     def _setup(self) -> None:
         if not self._ready:
             try:
+                # private by default, like /var/lib/docker: images may come from private
+                # registries; the rootfs below are still usable by root (overlayfs, virtiofsd)
+                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self.blobs.setup()
                 (self.root / "rootfs").mkdir(exist_ok=True)
             except OSError as exc:
