@@ -225,8 +225,15 @@ class ImageStore:
     async def pull(self, ref: str, *, progress: Progress | None = None,
                    platform: str = "linux/amd64", insecure: bool = False,
                    ca_file: Path | None = None, credentials: Credentials | None = None) -> Image:
-        """Fetch `ref` from its registry (OCI distribution API) for `platform`, verify every
-        blob, and name it. Interrupted downloads resume on the next pull."""
+        """Fetch `ref` from its registry (OCI distribution API), verify every blob, and name it.
+
+        `platform` (OS/ARCH[/VARIANT]) picks the manifest from an index. The registry is asked
+        over HTTPS; plain HTTP is used for loopback registries without TLS and, with
+        `insecure`, for any registry (which also skips certificate checks). `ca_file` adds a
+        CA to trust. `credentials` answer basic-auth challenges and are given to the token
+        server of bearer-auth registries; without them, anonymous tokens are asked for.
+        Interrupted downloads resume on the next pull; a blob whose digest or size does not
+        match raises DigestMismatch and is not kept."""
         from .registry import Puller
 
         self._setup()
