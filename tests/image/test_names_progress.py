@@ -7,7 +7,7 @@ import io
 import pytest
 
 from runv_py.errors import ImageError
-from runv_py.oci.image import Platform, Progress, Reference
+from runv_py.oci.image import Credentials, Platform, Progress, Reference
 
 
 @pytest.mark.parametrize(("text", "registry", "repository", "name"), [
@@ -67,3 +67,11 @@ def test_progress_bars_on_a_terminal() -> None:
     assert "[--------------------] 0 B/1.0 kB" in text
     assert "\x1b[2F\x1b[J" in text       # two bars redrawn in place
     assert "pull aaa: done" in text and "pull bbb: done (1.0 kB" in text
+
+
+def test_credentials_parse_and_hide_the_password() -> None:
+    creds = Credentials.parse("me:pa:ss")
+    assert (creds.username, creds.password) == ("me", "pa:ss")
+    assert "pa:ss" not in repr(creds)
+    with pytest.raises(ImageError, match="USER:PASSWORD"):
+        Credentials.parse("nopassword")

@@ -62,6 +62,14 @@ class Credentials:
     username: str
     password: str = field(repr=False)
 
+    @classmethod
+    def parse(cls, text: str) -> Credentials:
+        """`USER:PASSWORD`, as a --creds option takes it (the password may hold ':')."""
+        user, sep, password = text.partition(":")
+        if not user or not sep:
+            raise ImageError("credentials: use USER:PASSWORD")
+        return cls(user, password)
+
 
 class _Cancelled(Exception):
     """Raised in a download thread whose pull was cancelled or failed elsewhere."""
