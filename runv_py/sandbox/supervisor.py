@@ -38,6 +38,9 @@ MEMORY_CAP_MIB = 64 * 1024
 SIGKILL_STATUS = 128 + signal.SIGKILL
 SHARED_FS_ANNOTATION = "org.runv.shared-fs"
 EXIT_OUTPUT_GRACE_S = 5.0
+# {"lower": [dirs, topmost first], "upper": dir, "work": dir}: the rootfs is an overlayfs of
+# these, mounted in the supervisor's private mount namespace instead of binding root.path.
+ROOTFS_OVERLAY_ANNOTATION = "org.runv.rootfs-overlay"
 
 
 def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.RuntimeConfig:
@@ -104,7 +107,11 @@ class Supervisor:
         config = replace(config, state_dir=vm_dir.parent)
         self.shared.open()
         # root.readonly is applied in the guest, after the mount points have been made in it.
-        self.shared.bind(spec.root, "root.path", name="rootfs")
+        overlay = spec.annotations.get(ROOTFS_OVERLAY_ANNOTATION)
+        if overlay is not None:
+            self._mount_overlay(overlay)
+        else:
+            self.shared.bind(spec.root, "root.path", name="rootfs")
         binds = {}
         for index, mount in enumerate(spec.mounts):
             if mount.is_bind:
@@ -133,6 +140,19 @@ class Supervisor:
                    "create_container": time.monotonic() - t_create}
         timings.pop("total", None)
         return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings}
+
+    def _mount_overlay(self, value: str) -> None:
+        field = f"annotations[{ROOTFS_OVERLAY_ANNOTATION!r}]"
+        try:
+            layers = json.loads(value)
+            lower = [Path(p) for p in layers["lower"]]
+            upper, work = Path(layers["upper"]), Path(layers["work"])
+        except (ValueError, KeyError, TypeError):
+            raise SpecError(f'{field}: must be {{"lower": [dirs], "upper": dir, '
+                            '"work": dir}') from None
+        if not lower or not all(p.is_absolute() for p in (*lower, upper, work)):
+            raise SpecError(f"{field}: needs absolute lower, upper and work directories")
+        self.shared.overlay(lower, upper, work, field, name="rootfs")
 
     def _track(self, process: Process) -> None:
         self.processes[process.exec_id] = process

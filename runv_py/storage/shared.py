@@ -79,6 +79,27 @@ class SharedDir:
             raise ConfigError(f"{field}: cannot share {source}: {exc.strerror}") from None
         return name
 
+    def overlay(self, lower: list[Path], upper: Path, work: Path, field: str, *,
+                name: str) -> str:
+        """Mount an overlayfs of read-only `lower` dirs (topmost first) with a writable `upper`
+        into the share: a container's own layer over a cached image."""
+        if not self._mounted:
+            raise RunvError("shared dir is not open")
+        for path in (*lower, upper, work):
+            if not path.is_dir():
+                raise ConfigError(f"{field}: {path} is not a directory")
+            if any(c in str(path) for c in ",:\\"):
+                raise ConfigError(f"{field}: {path}: overlay paths may not contain , : or \\")
+        target = self.path / name
+        target.mkdir()
+        data = (f"lowerdir={':'.join(str(p) for p in lower)},upperdir={upper},"
+                f"workdir={work}")
+        try:
+            _mount("overlay", str(target), "overlay", 0, data)
+        except OSError as exc:
+            raise ConfigError(f"{field}: cannot mount the overlay: {exc.strerror}") from None
+        return name
+
     def close(self) -> None:
         """Detach the tmpfs and everything bound under it. Idempotent. Must run before
         anything deletes the directory: a recursive delete would descend into the binds."""

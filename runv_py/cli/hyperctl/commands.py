@@ -1,0 +1,379 @@
+"""The hyperctl commands: argument definitions and what each does, on top of
+runv_py.workload.engine.Engine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...errors import ConfigError, RunvError
+
+RUN_FAILED = 125  # docker's and podman's status for "the container could not be run"
+
+
+def add_all(sub: Any) -> None:
+    p = sub.add_parser(
+        "run", help="run a command in a new container (its own VM)",
+        description="Create a container from IMAGE with its own writable layer and VM, run "
+                    "CMD (default: the image's), and exit with its exit status. With -d it "
+                    "runs in the background and its output goes to `hyperctl logs`.")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background and print the container id")
+    p.add_argument("-t", "--tty", action="store_true", help="give the process a terminal")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    p.add_argument("--name", help="a unique name (default hc-<id prefix>)")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="NAME=VALUE lines (# comments)")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the container")
+    p.add_argument("-u", "--user", metavar="UID[:GID]", help="numbers, or names from the image")
+    p.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]",
+                   help="bind a host file or directory into the container")
+    p.add_argument("--cpus", metavar="N", help="CPU quota in CPUs (the VM gets enough vCPUs)")
+    p.add_argument("--memory", "-m", metavar="SIZE",
+                   help="memory limit, e.g. 256m (added to the VM's own memory)")
+    p.add_argument("--network", default="none", metavar="MODE",
+                   help="none (loopback only, the default) or default (not in this build)")
+    p.add_argument("-p", "--publish", action="append", default=[], metavar="HOST:GUEST",
+                   help="publish a port (needs networking: not in this build)")
+    p.add_argument("--hostname", help="the container's hostname (default its name)")
+    p.add_argument("--entrypoint", help="replace the image's entrypoint (one executable)")
+    p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    p.add_argument("--timeout", metavar="DURATION",
+                   help="kill the sandbox after this long, e.g. 30s, 10m (exit status 137)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+
+    p = sub.add_parser("ps", help="list containers (running ones; -a for all)")
+    p.add_argument("-a", "--all", action="store_true", help="include exited containers")
+    p.add_argument("-q", "--quiet", action="store_true", help="ids only")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("exec", help="run a command in a running container")
+    p.add_argument("-t", "--tty", action="store_true")
+    p.add_argument("-i", "--interactive", action="store_true")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("-w", "--workdir", metavar="DIR")
+    p.add_argument("-u", "--user", metavar="UID[:GID]")
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
+
+    p = sub.add_parser("logs", help="print a detached container's output")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until it exits")
+    p.add_argument("container", metavar="CONTAINER")
+
+    p = sub.add_parser("stop", help="stop containers: the image's stop signal (default TERM), "
+                                    "then KILL")
+    p.add_argument("-t", "--time", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds to wait before KILL (default 10)")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+
+    p = sub.add_parser("kill", help="send a signal (default KILL) to containers")
+    p.add_argument("-s", "--signal", default="KILL", help="name (TERM, SIGTERM) or number")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+
+    p = sub.add_parser("rm", help="remove containers (their writable layer and log)")
+    p.add_argument("-f", "--force", action="store_true", help="kill running ones first")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+
+    p = sub.add_parser("wait", help="wait for containers to exit; print their exit status")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+
+    p = sub.add_parser("inspect", help="print containers' details as JSON")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+
+    p = sub.add_parser("info", help="hypervisor, accelerator, guest kernel and image versions, "
+                                    "store size")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
+    p = sub.add_parser("pull", help="fetch an image from its registry")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("images", help="list the images in the store")
+    p.add_argument("-q", "--quiet", action="store_true", help="references only")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("rmi", help="remove images from the store")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+
+    p = sub.add_parser("load", help="load images from an OCI or docker archive")
+    p.add_argument("-i", "--input", required=True, metavar="FILE", help="the archive (.tar)")
+
+    version = sub.add_parser(
+        "version", help="show host and guest versions (boots a throw-away VM)",
+        description="Print the versions of hyperctl, QEMU, the accelerator in use, the guest "
+                    "kernel and image, then boot a throw-away VM and print what its agent "
+                    "reports. Exit status 0 means a VM booted and its agent answered.")
+    version.add_argument("--format", choices=("text", "json"), default="text")
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.config:
+        os.environ["RUNV_CONFIG"] = str(Path(args.config).absolute())
+    if args.command == "version":
+        return asyncio.run(_version(args))
+    from ...workload.engine import Engine
+
+    engine = Engine(Path(args.root) if args.root else None,
+                    Path(args.data_root) if args.data_root else None, debug=args.debug)
+    handler = _HANDLERS[args.command]
+    return int(handler(engine, args))
+
+
+def _run(engine: Any, args: argparse.Namespace) -> int:
+    from ...workload import options as opt
+
+    try:
+        env = [opt.parse_env(e) for e in args.env]
+        for path in args.env_file:
+            env[:0] = opt.read_env_file(path)
+        options = opt.RunOptions(
+            image=args.image, command=tuple(args.cmd), name=args.name,
+            entrypoint=(args.entrypoint,) if args.entrypoint is not None else None,
+            env=tuple(env), workdir=args.workdir, user=args.user,
+            volumes=tuple(opt.parse_volume(v) for v in args.volume),
+            cpus=opt.parse_cpus(args.cpus) if args.cpus is not None else None,
+            memory=opt.parse_size(args.memory, "--memory") if args.memory else None,
+            network=args.network, publish=tuple(args.publish), hostname=args.hostname,
+            read_only=args.read_only, tty=args.tty, interactive=args.interactive,
+            timeout_s=(opt.parse_duration(args.timeout, "--timeout")
+                       if args.timeout else None),
+            auto_remove=args.rm)
+        if args.detach and args.tty:
+            raise ConfigError("-t with -d: hyperctl has no attach, so a detached container "
+                              "cannot have a terminal (drop -t)")
+        workload = engine.prepare(options, detached=args.detach)
+        if args.detach:
+            engine.run_detached(workload)
+            print(workload.id)
+            return 0
+        code = int(engine.run_foreground(workload, interactive=args.interactive))
+    except RunvError as exc:
+        exc.exit_code = RUN_FAILED
+        raise
+    if code == 137 and engine.records.dir(workload.id).exists() and \
+            engine.records.load(workload.id).timed_out:
+        print(f"hyperctl: container {workload.name} ran longer than --timeout {args.timeout} "
+              "and was killed", file=sys.stderr)
+    return code
+
+
+def _ago(when: float | None) -> str:
+    if when is None:
+        return ""
+    seconds = max(0, int(time.time() - when))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return f"{seconds} second{'s' if seconds != 1 else ''} ago"
+
+
+def _ps(engine: Any, args: argparse.Namespace) -> int:
+    rows = engine.containers(all_=args.all)
+    if args.quiet:
+        for workload, _ in rows:
+            print(workload.id[:12])
+        return 0
+    if args.format == "json":
+        print(json.dumps([{"id": w.id, "name": w.name, "image": w.image,
+                           "command": list(w.command), "created": w.created,
+                           "status": s.state, "exit_code": s.exit_code} for w, s in rows]))
+        return 0
+    print(f"{'CONTAINER ID':<14}{'IMAGE':<16}{'COMMAND':<24}{'CREATED':<18}{'STATUS':<26}NAMES")
+    for w, s in rows:
+        if s.state == "exited":
+            code = "?" if s.exit_code is None else s.exit_code
+            status = f"Exited ({code}) {_ago(w.finished)}".strip()
+            if w.timed_out:
+                status += " timeout"
+        elif s.state == "running":
+            status = f"Up {_ago(w.started).removesuffix(' ago')}"
+        else:
+            status = s.state.capitalize()
+        command = " ".join(w.command)
+        command = command if len(command) <= 22 else command[:19] + "..."
+        print(f"{w.id[:12]:<14}{w.image[:15]:<16}{command:<24}{_ago(w.created):<18}"
+              f"{status:<26}{w.name}")
+    return 0
+
+
+def _exec(engine: Any, args: argparse.Namespace) -> int:
+    from ...workload import options as opt
+
+    if not args.cmd:
+        raise ConfigError("exec: give a command after the container")
+    workload = engine.find(args.container)
+    process = engine.exec_process(workload, list(args.cmd), tty=args.tty,
+                                  env=tuple(opt.parse_env(e) for e in args.env),
+                                  workdir=args.workdir, user=args.user)
+    return int(engine.exec_foreground(workload, process, interactive=args.interactive))
+
+
+def _logs(engine: Any, args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    for chunk in engine.logs(engine.find(args.container), follow=args.follow):
+        out.write(chunk)
+        out.flush()
+    return 0
+
+
+def _each(args: argparse.Namespace, body: Any) -> int:
+    """Act on every named container; report each failure, go on, exit 1 if any failed."""
+    failed = False
+    for key in args.containers:
+        try:
+            body(key)
+        except RunvError as exc:
+            print(f"hyperctl: error: {exc}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+def _stop(engine: Any, args: argparse.Namespace) -> int:
+    def one(key: str) -> None:
+        engine.stop(engine.find(key), args.time)
+        print(key)
+    return _each(args, one)
+
+
+def _kill(engine: Any, args: argparse.Namespace) -> int:
+    from ...sandbox.container import parse_signal
+
+    signum = parse_signal(args.signal)
+
+    def one(key: str) -> None:
+        engine.kill(engine.find(key), signum)
+        print(key)
+    return _each(args, one)
+
+
+def _rm(engine: Any, args: argparse.Namespace) -> int:
+    def one(key: str) -> None:
+        engine.remove(engine.find(key), force=args.force)
+        print(key)
+    return _each(args, one)
+
+
+def _wait(engine: Any, args: argparse.Namespace) -> int:
+    def one(key: str) -> None:
+        print(engine.wait(engine.find(key)), flush=True)
+    return _each(args, one)
+
+
+def _inspect(engine: Any, args: argparse.Namespace) -> int:
+    found = []
+
+    def one(key: str) -> None:
+        found.append(engine.inspect(engine.find(key)))
+    code = _each(args, one)
+    print(json.dumps(found, indent=2))
+    return code
+
+
+def _info(engine: Any, args: argparse.Namespace) -> int:
+    from . import info
+
+    report = asyncio.run(info.collect(engine))
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(info.text(report))
+    return 0
+
+
+def _pull(engine: Any, args: argparse.Namespace) -> int:
+    from .progress import Progress
+
+    with Progress(sys.stderr, quiet=args.quiet) as progress:
+        image = asyncio.run(engine.images.pull(args.image, progress=progress.update))
+    print(image)
+    return 0
+
+
+def _images(engine: Any, args: argparse.Namespace) -> int:
+    rows = engine.images.list()
+    if args.quiet:
+        for row in rows:
+            print(row.ref)
+    elif args.format == "json":
+        print(json.dumps([{"ref": r.ref, "id": r.id, "size": r.size} for r in rows]))
+    else:
+        print(f"{'REPOSITORY:TAG':<40}{'IMAGE ID':<16}SIZE")
+        for r in rows:
+            print(f"{r.ref:<40}{r.id.removeprefix('sha256:')[:12]:<16}{_human(r.size)}")
+    return 0
+
+
+def _rmi(engine: Any, args: argparse.Namespace) -> int:
+    in_use = {w.image for w in engine.records.all()}
+
+    def one(ref: str) -> None:
+        if ref in in_use:
+            raise ConfigError(f"image {ref} is used by a container: remove the container "
+                              "first (hyperctl ps -a)")
+        engine.images.remove(ref)
+        print(f"Untagged: {ref}")
+    args.containers = args.images
+    return _each(args, one)
+
+
+def _load(engine: Any, args: argparse.Namespace) -> int:
+    for ref in engine.images.load(Path(args.input)):
+        print(f"Loaded image: {ref}")
+    return 0
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.3g} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+_HANDLERS: dict[str, Any] = {
+    "run": _run, "ps": _ps, "exec": _exec, "logs": _logs, "stop": _stop, "kill": _kill,
+    "rm": _rm, "wait": _wait, "inspect": _inspect, "info": _info, "pull": _pull,
+    "images": _images, "rmi": _rmi, "load": _load,
+}
+
+
+async def _version(args: argparse.Namespace) -> int:
+    from ... import config as config_mod
+    from ...sandbox.sandbox import Sandbox
+
+    config = config_mod.load(args.config)
+    async with await Sandbox.boot(config, debug=args.debug) as sandbox:
+        assert sandbox.agent is not None and sandbox.accel is not None
+        agent = await sandbox.agent.version()
+        details = await sandbox.agent.guest_details()
+    report: dict[str, Any] = {
+        "hyperctl": __version__,
+        "accelerator": sandbox.accel.accel,
+        "accelerator_reason": sandbox.accel.reason,
+        "machine": config.hypervisor.machine,
+        "agent": agent.agent_version,
+        "agent_api": agent.api_version,
+        "guest_kernel": agent.kernel_release,
+        "guest_python": agent.python_version,
+        "guest_memory_mib": details.mem_total_kib // 1024,
+        "boot_ms": {k: round(v * 1000) for k, v in sandbox.timings.items()},
+    }
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(len(k) for k in report)
+        for key, value in report.items():
+            print(f"{key + ':':<{width + 1}} {value}")
+    return 0

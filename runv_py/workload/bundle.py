@@ -1,0 +1,130 @@
+"""An image plus run options -> an OCI bundle: config.json whose rootfs is an overlayfs of the
+image's unpacked rootfs (read-only, shared by every container of the image) and a writable
+layer of the container's own, mounted by the supervisor in its private mount namespace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..oci import template
+from ..sandbox.supervisor import ROOTFS_OVERLAY_ANNOTATION
+from .images import ResolvedImage
+from .network import configure_network
+from .options import RunOptions, parse_user
+
+# Docker's default capability set: the VM, not the capability list, is the security boundary.
+CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+                "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+                "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+CPU_PERIOD = 100_000
+
+
+def command(image: ResolvedImage, options: RunOptions) -> list[str]:
+    """docker's rule: ENTRYPOINT + CMD, where a given command replaces CMD and --entrypoint
+    replaces ENTRYPOINT (and drops the image's CMD)."""
+    settings = image.settings
+    if options.entrypoint is not None:
+        argv = [*options.entrypoint, *options.command]
+    else:
+        argv = [*settings.entrypoint, *(options.command or settings.cmd)]
+    if not argv:
+        raise ConfigError(f"image {image.ref} has no command: give one after the image name")
+    return argv
+
+
+def _lookup(rootfs: Path, table: str, name: str) -> int | None:
+    try:
+        lines = (rootfs / "etc" / table).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(":")
+        if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+            return int(fields[2])
+    return None
+
+
+def resolve_user(rootfs: Path, user: str, flag: str) -> tuple[int, int]:
+    """UID[:GID] numbers, or names looked up in the image's /etc/passwd and /etc/group."""
+    name, _, group = user.partition(":")
+    if name.isdigit() and (not group or group.isdigit()):
+        return parse_user(user)
+    uid = int(name) if name.isdigit() else _lookup(rootfs, "passwd", name)
+    if uid is None:
+        raise ConfigError(f"{flag} {user!r}: no user {name!r} in the image's /etc/passwd")
+    if not group:
+        gid = 0
+        for line in _read_lines(rootfs / "etc" / "passwd"):
+            fields = line.split(":")
+            if len(fields) > 3 and fields[2] == str(uid) and fields[3].isdigit():
+                gid = int(fields[3])
+                break
+        return uid, gid
+    found = int(group) if group.isdigit() else _lookup(rootfs, "group", group)
+    if found is None:
+        raise ConfigError(f"{flag} {user!r}: no group {group!r} in the image's /etc/group")
+    return uid, found
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
+def merge_env(base: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
+    """Later NAME=VALUE entries replace earlier ones of the same name; PATH always exists."""
+    merged: dict[str, str] = {}
+    for item in (DEFAULT_PATH, *base, *extra):
+        merged[item.partition("=")[0]] = item
+    return list(merged.values())
+
+
+def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, work: Path,
+                  hostname: str) -> dict[str, Any]:
+    spec = template.document()
+    process = spec["process"]
+    process["terminal"] = options.tty
+    process["args"] = command(image, options)
+    process["env"] = merge_env(image.settings.env, options.env)
+    if options.tty:
+        process["env"].append("TERM=xterm")
+    process["cwd"] = options.workdir or image.settings.working_dir or "/"
+    if not process["cwd"].startswith("/"):
+        raise ConfigError(f"--workdir {process['cwd']!r}: must be an absolute path")
+    user = options.user or image.settings.user
+    if user:
+        uid, gid = resolve_user(image.rootfs, user, "--user" if options.user else "image user")
+        process["user"] = {"uid": uid, "gid": gid}
+    process["capabilities"] = {k: list(CAPABILITIES)
+                               for k in ("bounding", "effective", "permitted")}
+    process["noNewPrivileges"] = False
+    spec["root"] = {"path": "rootfs", "readonly": options.read_only}
+    spec["hostname"] = options.hostname or hostname
+    for volume in options.volumes:
+        spec["mounts"].append({"destination": volume.guest, "type": "bind",
+                               "source": str(volume.host),
+                               "options": ["rbind", "ro" if volume.readonly else "rw"]})
+    resources = spec["linux"]["resources"]
+    if options.memory is not None:
+        resources["memory"] = {"limit": options.memory}
+    if options.cpus is not None:
+        resources["cpu"] = {"quota": round(options.cpus * CPU_PERIOD), "period": CPU_PERIOD}
+    configure_network(spec, options.network, options.publish)
+    spec["annotations"] = {
+        ROOTFS_OVERLAY_ANNOTATION: json.dumps(
+            {"lower": [str(image.rootfs)], "upper": str(upper), "work": str(work)}),
+        "org.runv.image": image.ref,
+        **{f"org.runv.label.{k}": v for k, v in options.labels.items()},
+    }
+    return spec
+
+
+def write(bundle: Path, spec: dict[str, Any]) -> None:
+    (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
+    (bundle / "config.json").write_text(json.dumps(spec, indent=2) + "\n")

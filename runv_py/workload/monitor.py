@@ -1,0 +1,61 @@
+"""The monitor of one detached container (hyperctl's conmon): boots it, sends its output to the
+container's log file, tells `hyperctl run -d` once it runs, waits for its exit, records the
+exit status, enforces --timeout and frees the VM. Its own session; if it is killed, the
+supervisor kills the container process and `ps -a` shows it exited."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import RunvError
+from .engine import Engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hyperctl-monitor")
+    parser.add_argument("--state-root", required=True)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from .. import log
+
+    log.setup(debug=args.debug, fmt="json")
+    engine = Engine(Path(args.state_root), Path(args.data_root), debug=args.debug)
+    ready_fd: int | None = args.ready_fd
+    workload = engine.records.load(args.id)
+    output = os.open(engine.records.log_path(args.id),
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), output, os.dup(output)]
+
+    def started() -> None:
+        nonlocal ready_fd
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        assert ready_fd is not None
+        os.write(ready_fd, b"ok")
+        os.close(ready_fd)
+        ready_fd = None
+
+    try:
+        engine.serve(workload, fds, on_started=started)
+        return 0
+    except Exception as exc:
+        logging.getLogger(__name__).error("%s", exc, exc_info=args.debug,
+                                          extra={"container": args.id})
+        if ready_fd is not None:
+            os.write(ready_fd, str(exc).encode() or b"the container failed to start")
+        return exc.exit_code if isinstance(exc, RunvError) else 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
