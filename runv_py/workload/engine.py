@@ -120,6 +120,27 @@ class Engine:
         self.finish(workload, code, timed_out=timed_out.is_set())
         return code
 
+    def start_held(self, workload: Workload) -> StandIn:
+        """Boot the VM and start the container's process with no stdio; the returned
+        stand-in's connection holds it: when its owner goes (closes it, or dies), the
+        supervisor kills the process. For sandboxes that live as long as their owner."""
+        record = self.runtime.create(workload.id, self.records.bundle(workload.id),
+                                     standin=False)
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                standin = StandIn(self.runtime.ctl(record), {"op": "attach", "exec_id": ""},
+                                  [null, null, null], None)
+                standin.attach()
+            finally:
+                os.close(null)
+            self.runtime.start(workload.id)
+            self.records.save(workload.with_(started=time.time()))
+        except BaseException:
+            self._free_vm(workload.id)
+            raise
+        return standin
+
     def _time_out(self, workload: Workload, flag: threading.Event) -> None:
         flag.set()
         log.warning("container %s ran longer than %gs: killing it", workload.name,
@@ -137,11 +158,12 @@ class Engine:
             self.records.remove(workload)
 
     def _free_vm(self, workload_id: str) -> None:
-        with contextlib.suppress(ContainerNotFound):
-            try:
-                self.runtime.delete(workload_id, force=True, run_hooks=False)
-            except RunvError as exc:
-                log.warning("could not delete the VM of %s: %s", workload_id, exc)
+        try:
+            self.runtime.delete(workload_id, force=True, run_hooks=False)
+        except ContainerNotFound:
+            pass
+        except RunvError as exc:
+            log.warning("could not delete the VM of %s: %s", workload_id, exc)
 
     def run_foreground(self, workload: Workload, *, interactive: bool) -> int:
         """With this process's stdio (or its terminal, in raw mode, for a tty container)."""

@@ -4,6 +4,7 @@ the overlay's lower layer and the image's run settings."""
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -52,7 +53,11 @@ class Images:
             raise ImageUnavailable(f"image {ref!r} is not in the store")
         rootfs = self.root / "busybox" / "rootfs"
         if not (rootfs / "bin" / "sh").exists():
-            self._build_busybox(rootfs)
+            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            with open(rootfs.parent / "lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (rootfs / "bin" / "sh").exists():
+                    self._build_busybox(rootfs)
         return ResolvedImage(ref="busybox", id="busybox", rootfs=rootfs,
                              settings=ImageSettings(cmd=("sh",), env=(
                                  "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"

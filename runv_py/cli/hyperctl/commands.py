@@ -189,7 +189,7 @@ def _ps(engine: Any, args: argparse.Namespace) -> int:
                            "command": list(w.command), "created": w.created,
                            "status": s.state, "exit_code": s.exit_code} for w, s in rows]))
         return 0
-    print(f"{'CONTAINER ID':<14}{'IMAGE':<16}{'COMMAND':<24}{'CREATED':<18}{'STATUS':<26}NAMES")
+    print(f"{'CONTAINER ID':<14}{'IMAGE':<16}{'COMMAND':<24}{'CREATED':<18}{'STATUS':<30}NAMES")
     for w, s in rows:
         if s.state == "exited":
             code = "?" if s.exit_code is None else s.exit_code
@@ -203,7 +203,7 @@ def _ps(engine: Any, args: argparse.Namespace) -> int:
         command = " ".join(w.command)
         command = command if len(command) <= 22 else command[:19] + "..."
         print(f"{w.id[:12]:<14}{w.image[:15]:<16}{command:<24}{_ago(w.created):<18}"
-              f"{status:<26}{w.name}")
+              f"{status:<30}{w.name}")
     return 0
 
 
