@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import child
 from ..errors import ContainerNotFound, InvalidState, RunvError
+from ..oci.image import Progress
 from ..sandbox import control
 from ..sandbox.container import Runtime, parse_signal
 from ..sandbox.standin import StandIn
@@ -67,9 +68,10 @@ class Engine:
 
     # -- creating -----------------------------------------------------------------------------
 
-    def prepare(self, options: RunOptions, *, detached: bool = False) -> Workload:
-        """Resolve the image and write the bundle; no VM yet."""
-        image = self.images.resolve(options.image)
+    def prepare(self, options: RunOptions, *, detached: bool = False,
+                progress: Progress | None = None) -> Workload:
+        """Resolve the image (pulling it if missing) and write the bundle; no VM yet."""
+        image = self.images.resolve(options.image, progress=progress)
         workload_id = secrets.token_hex(16)
         workload = Workload(
             id=workload_id, name=options.name or f"hc-{workload_id[:8]}", image=image.ref,
@@ -424,7 +426,7 @@ class Engine:
     # -- the whole store ----------------------------------------------------------------------
 
     def disk_usage(self) -> dict[str, int]:
-        return {"containers": _du(self.records.root), "images": _du(self.images.root)}
+        return {"containers": _du(self.records.root), "images": self.images.disk_usage()}
 
 
 def _du(path: Path) -> int:

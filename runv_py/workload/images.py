@@ -1,44 +1,24 @@
-"""The images a workload runs: the one adapter between hyperctl and the OCI image store
-(`runv_py.oci.image`), reduced to what running needs: an unpacked, read-only rootfs to use as
-the overlay's lower layer and the image's run settings."""
+"""The images a workload runs: the one adapter between the workload engine and the OCI image
+store (`runv_py.oci.image`), reduced to what running needs: the image's settings and its
+unpacked, read-only rootfs as the overlay's lower layer. A missing image is pulled, like
+`docker run` does."""
 
 from __future__ import annotations
 
-import fcntl
-import shutil
-import subprocess
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import RunvError
-
-
-class ImageUnavailable(RunvError):
-    """The image is not in the store and cannot be fetched."""
-
-    grpc_code = "NOT_FOUND"
-    reference = "image-not-found"
-
-
-@dataclass(frozen=True, slots=True)
-class ImageSettings:
-    entrypoint: tuple[str, ...] = ()
-    cmd: tuple[str, ...] = ()
-    env: tuple[str, ...] = ()
-    working_dir: str = ""
-    user: str = ""
-    stop_signal: str = ""
+from ..errors import ImageError, ImageNotFound
+from ..oci.image import Image, ImageConfig, ImageStore, Progress
 
 
 @dataclass(frozen=True, slots=True)
 class ResolvedImage:
-    ref: str
-    id: str
+    ref: str            # the store's normalized name, e.g. busybox:latest
+    id: str             # the config digest
     rootfs: Path
-    settings: ImageSettings
-
-
-BUSYBOX = "/bin/busybox"
+    settings: ImageConfig
 
 
 class Images:
@@ -46,36 +26,43 @@ class Images:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.store = ImageStore(root)
 
-    def resolve(self, ref: str) -> ResolvedImage:
-        name = ref.removeprefix("docker.io/library/").removesuffix(":latest")
-        if name != "busybox":
-            raise ImageUnavailable(f"image {ref!r} is not in the store")
-        rootfs = self.root / "busybox" / "rootfs"
-        if not (rootfs / "bin" / "sh").exists():
-            rootfs.parent.mkdir(parents=True, exist_ok=True)
-            with open(rootfs.parent / "lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not (rootfs / "bin" / "sh").exists():
-                    self._build_busybox(rootfs)
-        return ResolvedImage(ref="busybox", id="busybox", rootfs=rootfs,
-                             settings=ImageSettings(cmd=("sh",), env=(
-                                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
-                                 "/sbin:/bin",)))
+    def resolve(self, ref: str, *, progress: Progress | None = None,
+                pull: bool = True) -> ResolvedImage:
+        try:
+            image = self.store.get(ref)
+        except ImageNotFound:
+            if not pull:
+                raise
+            try:
+                image = self.pull(ref, progress=progress)
+            except ImageError as exc:
+                raise ImageNotFound(f"image {ref!r} is not in the local store and pulling it "
+                                    f"failed: {exc}") from exc
+        rootfs = self.store.rootfs(image, progress=progress)
+        return ResolvedImage(ref=image.name, id=image.id, rootfs=rootfs, settings=image.config)
 
-    def _build_busybox(self, rootfs: Path) -> None:
-        tmp = rootfs.with_name("rootfs.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in ("bin", "proc", "sys", "dev", "tmp", "etc", "root", "var", "home"):
-            (tmp / d).mkdir(parents=True)
-        (tmp / "tmp").chmod(0o1777)
-        shutil.copy(BUSYBOX, tmp / "bin" / "busybox")
-        applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True,
-                                 check=True).stdout.split()
-        for applet in applets:
-            if applet != "busybox":
-                (tmp / "bin" / applet).symlink_to("busybox")
-        (tmp / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
-                                            "nobody:x:65534:65534:nobody:/home:/bin/false\n")
-        (tmp / "etc" / "group").write_text("root:x:0:\nnobody:x:65534:\n")
-        tmp.rename(rootfs)
+    def pull(self, ref: str, *, progress: Progress | None = None) -> Image:
+        return asyncio.run(self.store.pull(ref, progress=progress))
+
+    def load(self, archive: Path, *, progress: Progress | None = None) -> list[Image]:
+        return self.store.load(archive, progress=progress)
+
+    def all(self) -> list[Image]:
+        return self.store.images()
+
+    def remove(self, ref: str) -> list[str]:
+        """Untag `ref` and free what no image uses any more."""
+        names = self.store.remove(ref)
+        self.store.gc()
+        return names
+
+    def name_of(self, ref: str) -> str | None:
+        try:
+            return self.store.get(ref).name
+        except ImageNotFound:
+            return None
+
+    def disk_usage(self) -> int:
+        return self.store.disk_usage() if self.root.is_dir() else 0

@@ -14,6 +14,7 @@ from typing import Any
 
 from ... import __version__
 from ...errors import ConfigError, RunvError
+from ...oci.image.progress import human_size
 
 RUN_FAILED = 125  # docker's and podman's status for "the container could not be run"
 
@@ -130,6 +131,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def _run(engine: Any, args: argparse.Namespace) -> int:
+    from ...oci.image import Progress
     from ...workload import options as opt
 
     try:
@@ -151,7 +153,7 @@ def _run(engine: Any, args: argparse.Namespace) -> int:
         if args.detach and args.tty:
             raise ConfigError("-t with -d: hyperctl has no attach, so a detached container "
                               "cannot have a terminal (drop -t)")
-        workload = engine.prepare(options, detached=args.detach)
+        workload = engine.prepare(options, detached=args.detach, progress=Progress(sys.stderr))
         if args.detach:
             engine.run_detached(workload)
             print(workload.id)
@@ -292,54 +294,48 @@ def _info(engine: Any, args: argparse.Namespace) -> int:
 
 
 def _pull(engine: Any, args: argparse.Namespace) -> int:
-    from .progress import Progress
+    from ...oci.image import Progress
 
-    with Progress(sys.stderr, quiet=args.quiet) as progress:
-        image = asyncio.run(engine.images.pull(args.image, progress=progress.update))
-    print(image)
+    image = engine.images.pull(args.image, progress=None if args.quiet else Progress(sys.stderr))
+    print(f"{image.name} {image.id}")
     return 0
 
 
 def _images(engine: Any, args: argparse.Namespace) -> int:
-    rows = engine.images.list()
+    rows = engine.images.all()
     if args.quiet:
         for row in rows:
-            print(row.ref)
+            print(row.name)
     elif args.format == "json":
-        print(json.dumps([{"ref": r.ref, "id": r.id, "size": r.size} for r in rows]))
+        print(json.dumps([{"name": r.name, "id": r.id, "digest": r.digest, "size": r.size,
+                           "created": r.created} for r in rows]))
     else:
-        print(f"{'REPOSITORY:TAG':<40}{'IMAGE ID':<16}SIZE")
+        print(f"{'IMAGE':<40}{'IMAGE ID':<16}SIZE")
         for r in rows:
-            print(f"{r.ref:<40}{r.id.removeprefix('sha256:')[:12]:<16}{_human(r.size)}")
+            print(f"{r.name:<40}{r.id.removeprefix('sha256:')[:12]:<16}{human_size(r.size)}")
     return 0
 
 
 def _rmi(engine: Any, args: argparse.Namespace) -> int:
-    in_use = {w.image for w in engine.records.all()}
+    in_use = {w.image: w.name for w in engine.records.all()}
 
     def one(ref: str) -> None:
-        if ref in in_use:
-            raise ConfigError(f"image {ref} is used by a container: remove the container "
-                              "first (hyperctl ps -a)")
-        engine.images.remove(ref)
-        print(f"Untagged: {ref}")
+        name = engine.images.name_of(ref)
+        if name in in_use:
+            raise ConfigError(f"image {name} is used by container {in_use[name]}: remove the "
+                              "container first (hyperctl rm)")
+        for removed in engine.images.remove(ref):
+            print(f"Untagged: {removed}")
     args.containers = args.images
     return _each(args, one)
 
 
 def _load(engine: Any, args: argparse.Namespace) -> int:
-    for ref in engine.images.load(Path(args.input)):
-        print(f"Loaded image: {ref}")
+    from ...oci.image import Progress
+
+    for image in engine.images.load(Path(args.input), progress=Progress(sys.stderr)):
+        print(f"Loaded image: {image.name}")
     return 0
-
-
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.3g} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 _HANDLERS: dict[str, Any] = {

@@ -46,7 +46,7 @@ async def collect(engine: Any) -> dict[str, Any]:
     report["data_root"] = str(engine.data_root)
     report["store_bytes"] = usage
     with contextlib.suppress(RunvError, OSError):
-        report["images"] = len(engine.images.list())
+        report["images"] = len(engine.images.all())
     report["containers"] = len(engine.records.ids())
     return report
 
