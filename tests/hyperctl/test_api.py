@@ -1,0 +1,82 @@
+"""The Python API as a CI system uses it: one sandbox per job, jobs in parallel, each job's
+files invisible to the others, everything removed afterwards; and the sync API's calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runv_py.api import AsyncSandbox, CommandFailed, CommandTimeout, Output, Sandbox
+from tests.hyperctl.conftest import Hyperctl
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def roots(hyperctl: Hyperctl, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hyperctl]:
+    """The API in this process, with the CLI fixture's roots and runtime config."""
+    for key in ("RUNV_CONFIG", "RUNV_ASSETS_DIR", "HYPERCTL_ROOT", "HYPERCTL_DATA_ROOT"):
+        monkeypatch.setenv(key, hyperctl.env[key])
+    yield hyperctl
+
+
+async def _job(number: int, seen: dict[int, str]) -> int:
+    async with await AsyncSandbox.create("busybox", memory="64m", cpus=1,
+                                         env={"JOB": str(number)}, timeout=600) as box:
+        await box.write_file("/work/secret.txt", f"job {number}\n".encode())
+        listing = await box.run(["sh", "-c", "cat /work/*.txt; echo JOB=$JOB"], check=True)
+        seen[number] = listing.stdout.decode()
+        return (await box.run(["sh", "-c", f"exit {number}"])).exit_code
+
+
+def test_four_parallel_ci_jobs_are_isolated(roots: Hyperctl) -> None:
+    seen: dict[int, str] = {}
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(_job(n, seen) for n in range(4)))
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+    assert seen == {n: f"job {n}\nJOB={n}\n" for n in range(4)}
+    assert roots("ps", "-a", "-q").stdout == b""
+    assert roots.leftovers() == []
+
+
+def test_sync_sandbox(roots: Hyperctl, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.txt").write_text("alpha\n")
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\necho script ran\n")
+    script.chmod(0o755)
+    with Sandbox.create("busybox") as box:
+        names = roots("ps", "--format", "json").stdout.decode()
+        assert box.name in names
+        result = box.run(["sh", "-c", "echo out; echo err >&2; exit 4"])
+        assert (result.exit_code, result.stdout, result.stderr) == (4, b"out\n", b"err\n")
+        assert not result.ok
+        assert box.run("tr a-z A-Z", input=b"shout").stdout == b"SHOUT"
+        assert box.run("pwd", workdir="/tmp", env={"X": "1"}).stdout == b"/tmp\n"
+        process = box.start(["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.3; done"])
+        chunks = list(process)
+        assert process.wait() == 0
+        assert b"".join(c.data for c in chunks) == b"1\n2\n3\n"
+        assert all(isinstance(c, Output) and c.stream == "stdout" for c in chunks)
+        with pytest.raises(CommandTimeout, match="still running after 1s"):
+            box.run(["sleep", "60"], timeout=1)
+        with pytest.raises(CommandFailed, match="exit status 1") as failed:
+            box.read_file("/no/such/file")
+        assert b"No such file" in failed.value.result.stderr
+        box.copy_in(src, "/work/src")
+        box.copy_in(script, "/usr/local/bin/job")
+        assert box.run("job").stdout == b"script ran\n"
+        box.run(["sh", "-c", "echo beta > /work/src/sub/b.txt"], check=True)
+        box.copy_out("/work/src", tmp_path / "back")
+        assert (tmp_path / "back" / "sub" / "b.txt").read_text() == "beta\n"
+        assert (tmp_path / "back" / "sub" / "a.txt").read_text() == "alpha\n"
+        box.copy_out("/work/src/sub/a.txt", tmp_path / "one.txt")
+        assert (tmp_path / "one.txt").read_text() == "alpha\n"
+    assert roots("ps", "-a", "-q").stdout == b""
+    assert roots.leftovers() == []
