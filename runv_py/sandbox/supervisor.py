@@ -38,9 +38,7 @@ MEMORY_CAP_MIB = 64 * 1024
 SIGKILL_STATUS = 128 + signal.SIGKILL
 SHARED_FS_ANNOTATION = "org.runv.shared-fs"
 EXIT_OUTPUT_GRACE_S = 5.0
-# {"lower": [dirs, topmost first], "upper": dir, "work": dir}: the rootfs is an overlayfs of
-# these, mounted in the supervisor's private mount namespace instead of binding root.path.
-ROOTFS_OVERLAY_ANNOTATION = "org.runv.rootfs-overlay"
+ROOTFS_OVERLAY_ANNOTATION = oci_spec.ROOTFS_OVERLAY_ANNOTATION
 
 
 def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.RuntimeConfig:

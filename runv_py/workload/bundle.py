@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..oci import template
-from ..sandbox.supervisor import ROOTFS_OVERLAY_ANNOTATION
+from ..oci.spec import ROOTFS_OVERLAY_ANNOTATION
 from .images import ResolvedImage
 from .network import configure_network
 from .options import RunOptions, parse_user

@@ -23,10 +23,10 @@ from typing import Any
 from .. import child
 from ..errors import ContainerNotFound, InvalidState, RunvError
 from ..oci.image import Progress
+from ..oci.spec import ROOTFS_OVERLAY_ANNOTATION
 from ..sandbox import control
 from ..sandbox.container import Runtime, parse_signal
 from ..sandbox.standin import StandIn
-from ..sandbox.supervisor import ROOTFS_OVERLAY_ANNOTATION
 from ..store.state import ContainerRecord
 from . import bundle as bundle_mod
 from .images import Images
