@@ -32,7 +32,7 @@ assets: venv
 	PYTHON=$(abspath $(PY)) scripts/assets.sh
 
 run: deps assets
-	$(VENV)/bin/hyperctl version
+	$(VENV)/bin/hyperctl run --rm busybox echo hello
 
 lint: venv
 	$(VENV)/bin/ruff check runv_py hyperstart-agent tests bench scripts/gen-proto
