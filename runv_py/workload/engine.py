@@ -71,6 +71,7 @@ class Engine:
     def prepare(self, options: RunOptions, *, detached: bool = False,
                 progress: Progress | None = None) -> Workload:
         """Resolve the image (pulling it if missing) and write the bundle; no VM yet."""
+        t_start = time.monotonic()
         image = self.images.resolve(options.image, progress=progress)
         workload_id = secrets.token_hex(16)
         workload = Workload(
@@ -87,15 +88,22 @@ class Engine:
         except BaseException:
             self.records.remove(workload)
             raise
+        log.debug("prepared: image and bundle %.0f ms", (time.monotonic() - t_start) * 1000,
+                  extra={"container": workload.id})
         return workload
 
     def serve(self, workload: Workload, fds: list[int], *, tty_fd: int | None = None,
               on_started: Callable[[], None] | None = None) -> int:
         """Boot the VM, attach `fds` (stdin, stdout, stderr; or one terminal) to the
         container's process, start it and wait for its exit; then record the status and free
-        the VM. The caller keeps ownership of `fds`."""
-        record = self.runtime.create(workload.id, self.records.bundle(workload.id),
-                                     standin=False)
+        the VM. The caller keeps ownership of `fds`. A container that never started leaves
+        no record."""
+        try:
+            record = self.runtime.create(workload.id, self.records.bundle(workload.id),
+                                         standin=False)
+        except BaseException:
+            self.records.remove(workload)
+            raise
         timer: threading.Timer | None = None
         timed_out = threading.Event()
         try:
@@ -115,6 +123,8 @@ class Engine:
             code = standin.serve()
         except BaseException:
             self._free_vm(workload.id)
+            if workload.started is None:
+                self.records.remove(workload)
             raise
         finally:
             if timer is not None:
@@ -140,6 +150,7 @@ class Engine:
             self.records.save(workload.with_(started=time.time()))
         except BaseException:
             self._free_vm(workload.id)
+            self.records.remove(workload)
             raise
         return standin
 
