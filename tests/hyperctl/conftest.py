@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,30 @@ class Hyperctl:
             raise AssertionError(f"hyperctl {' '.join(args)} exited {result.returncode}: "
                                  f"{result.stderr.decode(errors='replace')}")
         return result
+
+    def in_pty(self, *args: str, timeout_s: float = 240) -> tuple[int, bytes]:
+        """Run hyperctl on a new terminal, as a user at a shell would: (status, output)."""
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([HYPERCTL, *args], stdin=slave, stdout=slave, stderr=slave,
+                                env=self.env)
+        os.close(slave)
+        output = b""
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if select.select([master], [], [], 1)[0]:
+                    try:
+                        chunk = os.read(master, 4096)
+                    except OSError:  # EIO: every holder of the terminal closed it
+                        break
+                    if not chunk:
+                        break
+                    output += chunk
+                elif proc.poll() is not None:
+                    break
+        finally:
+            os.close(master)
+        return proc.wait(30), output
 
     def inspect(self, name: str) -> dict[str, Any]:
         return dict(json.loads(self("inspect", name).stdout)[0])

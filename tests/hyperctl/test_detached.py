@@ -63,6 +63,8 @@ def test_exec_sees_the_settings(web: tuple[Hyperctl, Path]) -> None:
     assert result.returncode == 42
     result = hc("exec", "-i", "web", "cat", input=b"piped\n")
     assert result.stdout == b"piped\n"
+    code, output = hc.in_pty("exec", "-t", "web", "sh", "-c", "tty; exit 3")
+    assert code == 3 and b"/dev/pts/" in output, output
 
 
 def test_limits_reach_the_container(web: tuple[Hyperctl, Path]) -> None:

@@ -3,17 +3,13 @@ terminals and stdin, --read-only, --entrypoint, --timeout, loaded images."""
 
 from __future__ import annotations
 
-import os
-import pty
-import select
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.cli import image as archive
-from tests.hyperctl.conftest import HYPERCTL, Hyperctl
+from tests.hyperctl.conftest import Hyperctl
 
 pytestmark = pytest.mark.vm
 
@@ -51,26 +47,8 @@ def test_writable_layer_is_per_container_and_rm_leaves_the_image_untouched(
 
 
 def test_terminal_and_stdin(hyperctl: Hyperctl) -> None:
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([HYPERCTL, "run", "--rm", "-t", "busybox", "sh", "-c",
-                             "tty; stty size; exit 7"],
-                            stdin=slave, stdout=slave, stderr=slave, env=hyperctl.env)
-    os.close(slave)
-    output = b""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if select.select([master], [], [], 1)[0]:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    assert proc.wait(30) == 7, output
+    code, output = hyperctl.in_pty("run", "--rm", "-t", "busybox", "sh", "-c", "tty; exit 7")
+    assert code == 7, output
     assert b"/dev/pts/" in output, output
 
     result = hyperctl("run", "--rm", "-i", "busybox", "sh", "-c", "tr a-z A-Z; exit 5",
