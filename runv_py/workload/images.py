@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ImageError, ImageNotFound
-from ..oci.image import Image, ImageConfig, ImageStore, Progress
+from ..oci.image import Credentials, Image, ImageConfig, ImageStore, Progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +43,12 @@ class Images:
         rootfs = self.store.rootfs(image, progress=progress)
         return ResolvedImage(ref=image.name, id=image.id, rootfs=rootfs, settings=image.config)
 
-    def pull(self, ref: str, *, progress: Progress | None = None) -> Image:
-        return asyncio.run(self.store.pull(ref, progress=progress))
+    def pull(self, ref: str, *, progress: Progress | None = None,
+             credentials: Credentials | None = None, ca_file: Path | None = None,
+             insecure: bool = False, platform: str = "linux/amd64") -> Image:
+        return asyncio.run(self.store.pull(ref, progress=progress, credentials=credentials,
+                                           ca_file=ca_file, insecure=insecure,
+                                           platform=platform))
 
     def load(self, archive: Path, *, progress: Progress | None = None) -> list[Image]:
         return self.store.load(archive, progress=progress)

@@ -95,9 +95,19 @@ def add_all(sub: Any) -> None:
                                     "store size")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
-    p = sub.add_parser("pull", help="fetch an image from its registry")
+    p = sub.add_parser("pull", help="fetch an image from its registry",
+                       description="Fetch IMAGE (e.g. registry.example/app:1, "
+                                   "127.0.0.1:5000/tool:2) over the OCI distribution API and "
+                                   "verify every blob. Progress bars on a terminal, plain "
+                                   "lines otherwise; an interrupted pull resumes.")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--creds", metavar="USER:PASSWORD", help="registry credentials")
+    p.add_argument("--ca-file", metavar="FILE", help="also trust this CA certificate")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain HTTP or unchecked TLS for any registry (loopback registries "
+                        "without TLS work without it)")
+    p.add_argument("--platform", default="linux/amd64", metavar="OS/ARCH")
 
     p = sub.add_parser("images", help="list the images in the store")
     p.add_argument("-q", "--quiet", action="store_true", help="references only")
@@ -294,9 +304,13 @@ def _info(engine: Any, args: argparse.Namespace) -> int:
 
 
 def _pull(engine: Any, args: argparse.Namespace) -> int:
-    from ...oci.image import Progress
+    from ...oci.image import Credentials, Progress
 
-    image = engine.images.pull(args.image, progress=None if args.quiet else Progress(sys.stderr))
+    image = engine.images.pull(
+        args.image, progress=None if args.quiet else Progress(sys.stderr),
+        credentials=Credentials.parse(args.creds) if args.creds else None,
+        ca_file=Path(args.ca_file) if args.ca_file else None, insecure=args.insecure,
+        platform=args.platform)
     print(f"{image.name} {image.id}")
     return 0
 
