@@ -38,3 +38,22 @@ def test_pull_images_rmi(hyperctl: Hyperctl, tmp_path: Path,
     assert hyperctl("rmi", ref).stdout.decode() == f"Untagged: {ref}\n"
     assert hyperctl("images", "-q").stdout == b""
     assert not any((hyperctl.data / "images" / "blobs" / "sha256").iterdir())
+
+
+def test_info_reports_versions_and_store_size(hyperctl: Hyperctl) -> None:
+    report = json.loads(hyperctl("info", "--format", "json").stdout)
+    assert report["hypervisor"].startswith("QEMU emulator version")
+    assert report["accelerator"] in ("kvm", "tcg") and report["accelerator_reason"]
+    assert report["guest_kernel"][0].isdigit()
+    assert report["guest_image"].startswith("agent ")
+    assert report["store_bytes"] == {"containers": 0, "images": 0}
+    hyperctl("images")   # creates nothing: the built-in image is made on first use
+    text = hyperctl("info").stdout.decode()
+    assert "guest_kernel:" in text and "store_bytes:" in text
+
+
+def test_help_lists_every_command(hyperctl: Hyperctl) -> None:
+    text = hyperctl("--help").stdout.decode()
+    for command in ("run", "ps", "exec", "logs", "stop", "kill", "rm", "wait", "inspect",
+                    "info", "pull", "images", "rmi", "load", "version"):
+        assert f"    {command} " in text or f"    {command}\n" in text, command
