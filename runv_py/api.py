@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from .errors import ConfigError, RunvError
+from .errors import ConfigError, ContainerNotFound, InvalidState, RunvError
 from .sandbox.standin import SUPERVISOR_LOST, StandIn
 from .workload import options as opt
 from .workload.engine import Engine
@@ -146,10 +146,9 @@ def _feed(fd: int, data: bytes) -> None:
 class Sandbox:
     """One container in its own VM, made from an image; blocking methods."""
 
-    def __init__(self, engine: Engine, workload: Workload, holder: StandIn) -> None:
+    def __init__(self, engine: Engine, workload: Workload) -> None:
         self._engine = engine
         self._workload = workload
-        self._holder = holder
         self._closed = False
 
     @classmethod
@@ -159,8 +158,9 @@ class Sandbox:
                timeout: float | None = None, name: str | None = None,
                state_root: Path | None = None, data_root: Path | None = None) -> Sandbox:
         """Boot a sandbox from `image`. `memory` is bytes or a size like "512m"; `volumes`
-        are "HOST:GUEST[:ro]"; `timeout` (seconds) kills the sandbox's processes when it
-        lives longer. The sandbox's first process sleeps; commands run beside it."""
+        are "HOST:GUEST[:ro]"; `timeout` (seconds) ends the sandbox when it lives longer.
+        The sandbox's first process sleeps; commands run beside it. A monitor process owns
+        it and ends it when this process ends, even by SIGKILL."""
         engine = Engine(state_root, data_root)
         options = opt.RunOptions(
             image=image, command=("sleep", "2147483647"), entrypoint=(), name=name,
@@ -169,23 +169,20 @@ class Sandbox:
             memory=opt.parse_size(memory, "memory") if isinstance(memory, str) else memory,
             timeout_s=timeout, auto_remove=True)
         workload = engine.prepare(options, detached=True)
+        engine.run_detached(workload, owner=os.getpid())
+        return cls(engine, workload)
+
+    def _current(self) -> Workload:
+        if self._closed:
+            raise InvalidState(f"sandbox {self.name} is closed")
         try:
-            holder = engine.start_held(workload)
-        except BaseException:
-            engine.records.remove(workload)
-            raise
-        box = cls(engine, workload, holder)
-        if timeout:
-            box._timer = threading.Timer(timeout, box._time_out)
-            box._timer.daemon = True
-            box._timer.start()
-        return box
-
-    _timer: threading.Timer | None = None
-
-    def _time_out(self) -> None:
-        with contextlib.suppress(RunvError, OSError):
-            self._engine.runtime.kill(self._workload.id, signal.SIGKILL, all_processes=True)
+            workload = self._engine.records.load(self._workload.id)
+        except ContainerNotFound:
+            workload = None
+        if workload is None or self._engine.status(workload).state != "running":
+            raise InvalidState(f"sandbox {self.name} has ended (its timeout passed, or it was "
+                               "killed or removed)")
+        return workload
 
     @property
     def id(self) -> str:
@@ -199,17 +196,16 @@ class Sandbox:
               env: Mapping[str, str] | None = None, workdir: str | None = None,
               user: str | None = None) -> Process:
         """Start a command; its stdout and stderr come back separately."""
-        if self._closed:
-            raise RunvError(f"sandbox {self.name} is closed")
+        workload = self._current()
         process = self._engine.exec_process(
-            self._workload, _argv(command),
+            workload, _argv(command),
             env=tuple(f"{k}={v}" for k, v in (env or {}).items()), workdir=workdir,
             user=user)
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
-            standin = self._engine.attach_exec(self._workload, process, [in_r, out_w, err_w])
+            standin = self._engine.attach_exec(workload, process, [in_r, out_w, err_w])
         except BaseException:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
@@ -289,12 +285,8 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._holder.conn is not None:
-            self._holder.conn.close()
-        self._engine.finish(self._workload, SUPERVISOR_LOST)
-        self._engine.records.remove(self._workload)
+        with contextlib.suppress(ContainerNotFound):
+            self._engine.remove(self._workload, force=True)
 
     def __enter__(self) -> Sandbox:
         return self

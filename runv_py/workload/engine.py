@@ -132,32 +132,14 @@ class Engine:
         self.finish(workload, code, timed_out=timed_out.is_set())
         return code
 
-    def start_held(self, workload: Workload) -> StandIn:
-        """Boot the VM and start the container's process with no stdio; the returned
-        stand-in's connection holds it: when its owner goes (closes it, or dies), the
-        supervisor kills the process. For sandboxes that live as long as their owner."""
-        record = self.runtime.create(workload.id, self.records.bundle(workload.id),
-                                     standin=False)
-        try:
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                standin = StandIn(self.runtime.ctl(record), {"op": "attach", "exec_id": ""},
-                                  [null, null, null], None)
-                standin.attach()
-            finally:
-                os.close(null)
-            self.runtime.start(workload.id)
-            self.records.save(workload.with_(started=time.time()))
-        except BaseException:
-            self._free_vm(workload.id)
-            self.records.remove(workload)
-            raise
-        return standin
-
     def _time_out(self, workload: Workload, flag: threading.Event) -> None:
         flag.set()
         log.warning("container %s ran longer than %gs: killing it", workload.name,
                     workload.timeout_s or 0)
+        self.kill_all(workload)
+
+    def kill_all(self, workload: Workload) -> None:
+        """SIGKILL every process of the container, if it still runs."""
         with contextlib.suppress(RunvError, OSError):
             self.runtime.kill(workload.id, signal.SIGKILL, all_processes=True)
 
@@ -207,13 +189,16 @@ class Engine:
             if saved is not None:
                 termios.tcsetattr(0, termios.TCSADRAIN, saved)
 
-    def run_detached(self, workload: Workload) -> None:
+    def run_detached(self, workload: Workload, *, owner: int | None = None) -> None:
         """Hand the container to a monitor process of its own (output to its log file); return
-        once it runs."""
+        once it runs. With `owner` (a pid of ours), the monitor kills the container when that
+        process ends, however it ends."""
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         argv = [sys.executable, "-m", "runv_py.workload.monitor",
                 "--state-root", str(self.state_root), "--data-root", str(self.data_root),
                 "--id", workload.id, "--ready-fd", str(ready_w)]
+        if owner is not None:
+            argv += ["--owner", f"{owner}:{child.proc_start_time(owner) or 0}"]
         with open(self.records.dir(workload.id) / "monitor.log", "ab") as logfile:
             try:
                 proc = child.spawn_detached(argv + (["--debug"] if self.debug else []),
@@ -329,6 +314,7 @@ class Engine:
             time.sleep(POLL_S)
 
     def remove(self, workload: Workload, *, force: bool = False) -> None:
+        workload = self.records.load(workload.id)  # the monitor's pid is saved after start
         state = self.status(workload).state
         if state != "exited" and not force:
             raise InvalidState(f"container {workload.name} is {state}: stop it first, or use "

@@ -1,7 +1,8 @@
 """The monitor of one detached container (hyperctl's conmon): boots it, sends its output to the
 container's log file, tells `hyperctl run -d` once it runs, waits for its exit, records the
 exit status, enforces --timeout and frees the VM. Its own session; if it is killed, the
-supervisor kills the container process and `ps -a` shows it exited."""
+supervisor kills the container process and `ps -a` shows it exited. For the Python API it also
+watches the owning program and kills the container when that program ends."""
 
 from __future__ import annotations
 
@@ -9,10 +10,26 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
+from .. import child
 from ..errors import RunvError
 from .engine import Engine
+from .records import Workload
+
+OWNER_POLL_S = 0.5
+
+
+def _watch_owner(engine: Engine, workload: Workload, pid: int, start: int) -> None:
+    """The container lives as long as the program that made it (the Python API's sandboxes):
+    when that process is gone, however it ended, kill the container; serve() then frees it."""
+    while child.is_running(pid, start):
+        time.sleep(OWNER_POLL_S)
+    logging.getLogger(__name__).info("owner pid %d is gone: killing the container", pid,
+                                     extra={"container": workload.id})
+    engine.kill_all(workload)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--id", required=True)
     parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--owner", metavar="PID:START",
+                        help="kill the container when this process (pid, start time) ends")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     from .. import log
@@ -43,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         os.close(ready_fd)
         ready_fd = None
 
+    if args.owner:
+        pid, _, start = args.owner.partition(":")
+        threading.Thread(target=_watch_owner, args=(engine, workload, int(pid), int(start)),
+                         daemon=True).start()
     try:
         engine.serve(workload, fds, on_started=started)
         return 0

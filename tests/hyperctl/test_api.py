@@ -4,12 +4,16 @@ files invisible to the others, everything removed afterwards; and the sync API's
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from runv_py.api import AsyncSandbox, CommandFailed, CommandTimeout, Output, Sandbox
+from runv_py.errors import InvalidState
 from tests.hyperctl.conftest import Hyperctl
 
 pytestmark = pytest.mark.vm
@@ -80,3 +84,42 @@ def test_sync_sandbox(roots: Hyperctl, tmp_path: Path) -> None:
         assert (tmp_path / "one.txt").read_text() == "alpha\n"
     assert roots("ps", "-a", "-q").stdout == b""
     assert roots.leftovers() == []
+
+
+OWNER = """
+import sys, time
+from runv_py.api import Sandbox
+box = Sandbox.create("busybox")
+print(box.id, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(hc: Hyperctl, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while hc("ps", "-a", "-q").stdout or hc.leftovers():
+        assert time.monotonic() < deadline, (hc("ps", "-a").stdout, hc.leftovers())
+        time.sleep(0.5)
+
+
+def test_sandbox_ends_with_the_program_that_made_it(roots: Hyperctl) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    sandbox_id = proc.stdout.readline().decode().strip()
+    try:
+        assert len(sandbox_id) == 32, sandbox_id
+        assert roots("ps", "-q").stdout.decode().split() == [sandbox_id[:12]]
+    finally:
+        proc.kill()
+        proc.wait()
+    _gone(roots)
+
+
+def test_sandbox_timeout(roots: Hyperctl) -> None:
+    with Sandbox.create("busybox", timeout=3) as box:
+        deadline = time.monotonic() + 60
+        with pytest.raises(InvalidState, match="has ended"):
+            while time.monotonic() < deadline:
+                box.run("true")
+                time.sleep(0.5)
+    _gone(roots)
