@@ -3,13 +3,14 @@ terminals and stdin, --read-only, --entrypoint, --timeout, loaded images."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.cli import image as archive
-from tests.hyperctl.conftest import Hyperctl
+from tests.hyperctl.conftest import HYPERCTL, Hyperctl
 
 pytestmark = pytest.mark.vm
 
@@ -88,3 +89,21 @@ def test_loaded_image_runs_its_own_command_and_rmi(hyperctl: Hyperctl, busybox_r
     assert "example.test/tools" not in hyperctl("images").stdout.decode()
     result = hyperctl("rmi", "example.test/tools:1", check=False)
     assert result.returncode == 1 and b"not in the local store" in result.stderr
+
+
+def test_killed_foreground_run_leaves_an_exited_container_that_rm_cleans(
+        hyperctl: Hyperctl) -> None:
+    proc = subprocess.Popen([HYPERCTL, "run", "--rm", "--name", "fg", "busybox", "sh", "-c",
+                             "echo up; sleep 600"], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=hyperctl.env)
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == b"up\n"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert hyperctl("wait", "fg", timeout=120).stdout == b"137\n"
+    assert "Exited (137)" in hyperctl("ps", "-a").stdout.decode()
+    hyperctl("rm", "fg")
+    assert hyperctl.leftovers() == []
