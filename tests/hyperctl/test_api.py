@@ -33,7 +33,12 @@ async def _job(number: int, seen: dict[int, str]) -> int:
         await box.write_file("/work/secret.txt", f"job {number}\n".encode())
         listing = await box.run(["sh", "-c", "cat /work/*.txt; echo JOB=$JOB"], check=True)
         seen[number] = listing.stdout.decode()
-        return (await box.run(["sh", "-c", f"exit {number}"])).exit_code
+        proc = await box.start(["sh", "-c", f"echo out{number}; echo err{number} >&2; "
+                                f"exit {number}"])
+        chunks = [chunk async for chunk in proc]
+        assert sorted((c.stream, c.data) for c in chunks) == [
+            ("stderr", f"err{number}\n".encode()), ("stdout", f"out{number}\n".encode())]
+        return await proc.wait()
 
 
 def test_four_parallel_ci_jobs_are_isolated(roots: Hyperctl) -> None:
