@@ -298,9 +298,8 @@ class Engine:
             time.sleep(POLL_S)
         return status
 
-    def wait(self, workload: Workload, timeout_s: float | None = None) -> int:
+    def wait(self, workload: Workload) -> int:
         """Wait for the container to exit; its exit status (255 when unknown)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
                 status = self.status(self.records.load(workload.id))
@@ -309,8 +308,6 @@ class Engine:
                                         "waiting for it") from None
             if status.state == "exited":
                 return UNKNOWN_EXIT if status.exit_code is None else status.exit_code
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"container {workload.name} still runs")
             time.sleep(POLL_S)
 
     def remove(self, workload: Workload, *, force: bool = False) -> None:

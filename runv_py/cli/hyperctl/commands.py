@@ -10,11 +10,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...errors import ConfigError, RunvError
 from ...oci.image.progress import human_size
+
+if TYPE_CHECKING:
+    from ...workload.engine import Engine
 
 RUN_FAILED = 125  # docker's and podman's status for "the container could not be run"
 
@@ -140,7 +143,7 @@ def dispatch(args: argparse.Namespace) -> int:
     return int(handler(engine, args))
 
 
-def _run(engine: Any, args: argparse.Namespace) -> int:
+def _run(engine: Engine, args: argparse.Namespace) -> int:
     from ...oci.image import Progress
     from ...workload import options as opt
 
@@ -190,7 +193,7 @@ def _ago(when: float | None) -> str:
     return f"{seconds} second{'s' if seconds != 1 else ''} ago"
 
 
-def _ps(engine: Any, args: argparse.Namespace) -> int:
+def _ps(engine: Engine, args: argparse.Namespace) -> int:
     rows = engine.containers(all_=args.all)
     if args.quiet:
         for workload, _ in rows:
@@ -219,7 +222,7 @@ def _ps(engine: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec(engine: Any, args: argparse.Namespace) -> int:
+def _exec(engine: Engine, args: argparse.Namespace) -> int:
     from ...workload import options as opt
 
     if not args.cmd:
@@ -231,7 +234,7 @@ def _exec(engine: Any, args: argparse.Namespace) -> int:
     return int(engine.exec_foreground(workload, process, interactive=args.interactive))
 
 
-def _logs(engine: Any, args: argparse.Namespace) -> int:
+def _logs(engine: Engine, args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     for chunk in engine.logs(engine.find(args.container), follow=args.follow):
         out.write(chunk)
@@ -251,14 +254,14 @@ def _each(args: argparse.Namespace, body: Any) -> int:
     return 1 if failed else 0
 
 
-def _stop(engine: Any, args: argparse.Namespace) -> int:
+def _stop(engine: Engine, args: argparse.Namespace) -> int:
     def one(key: str) -> None:
         engine.stop(engine.find(key), args.time)
         print(key)
     return _each(args, one)
 
 
-def _kill(engine: Any, args: argparse.Namespace) -> int:
+def _kill(engine: Engine, args: argparse.Namespace) -> int:
     from ...sandbox.container import parse_signal
 
     signum = parse_signal(args.signal)
@@ -269,20 +272,20 @@ def _kill(engine: Any, args: argparse.Namespace) -> int:
     return _each(args, one)
 
 
-def _rm(engine: Any, args: argparse.Namespace) -> int:
+def _rm(engine: Engine, args: argparse.Namespace) -> int:
     def one(key: str) -> None:
         engine.remove(engine.find(key), force=args.force)
         print(key)
     return _each(args, one)
 
 
-def _wait(engine: Any, args: argparse.Namespace) -> int:
+def _wait(engine: Engine, args: argparse.Namespace) -> int:
     def one(key: str) -> None:
         print(engine.wait(engine.find(key)), flush=True)
     return _each(args, one)
 
 
-def _inspect(engine: Any, args: argparse.Namespace) -> int:
+def _inspect(engine: Engine, args: argparse.Namespace) -> int:
     found = []
 
     def one(key: str) -> None:
@@ -292,7 +295,7 @@ def _inspect(engine: Any, args: argparse.Namespace) -> int:
     return code
 
 
-def _info(engine: Any, args: argparse.Namespace) -> int:
+def _info(engine: Engine, args: argparse.Namespace) -> int:
     from . import info
 
     report = asyncio.run(info.collect(engine))
@@ -303,7 +306,7 @@ def _info(engine: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _pull(engine: Any, args: argparse.Namespace) -> int:
+def _pull(engine: Engine, args: argparse.Namespace) -> int:
     from ...oci.image import Credentials, Progress
 
     image = engine.images.pull(
@@ -315,7 +318,7 @@ def _pull(engine: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _images(engine: Any, args: argparse.Namespace) -> int:
+def _images(engine: Engine, args: argparse.Namespace) -> int:
     rows = engine.images.all()
     if args.quiet:
         for row in rows:
@@ -330,7 +333,7 @@ def _images(engine: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _rmi(engine: Any, args: argparse.Namespace) -> int:
+def _rmi(engine: Engine, args: argparse.Namespace) -> int:
     in_use = {w.image: w.name for w in engine.records.all()}
 
     def one(ref: str) -> None:
@@ -344,7 +347,7 @@ def _rmi(engine: Any, args: argparse.Namespace) -> int:
     return _each(args, one)
 
 
-def _load(engine: Any, args: argparse.Namespace) -> int:
+def _load(engine: Engine, args: argparse.Namespace) -> int:
     from ...oci.image import Progress
 
     for image in engine.images.load(Path(args.input), progress=Progress(sys.stderr)):
