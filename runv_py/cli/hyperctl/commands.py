@@ -148,9 +148,9 @@ def _run(engine: Engine, args: argparse.Namespace) -> int:
     from ...workload import options as opt
 
     try:
-        env = [opt.parse_env(e) for e in args.env]
-        for path in args.env_file:
-            env[:0] = opt.read_env_file(path)
+        # Later entries win: the files in order, then the -e flags.
+        env = [item for path in args.env_file for item in opt.read_env_file(path)]
+        env += [opt.parse_env(e) for e in args.env]
         options = opt.RunOptions(
             image=args.image, command=tuple(args.cmd), name=args.name,
             entrypoint=(args.entrypoint,) if args.entrypoint is not None else None,
