@@ -18,7 +18,8 @@ from tests.hyperctl.conftest import HYPERCTL, Hyperctl
 
 pytestmark = pytest.mark.vm
 
-LOOP = "trap 'echo got-term; exit 9' TERM; i=0; while :; do echo tick $i; i=$((i+1)); sleep 1; done"
+LOOP = ("trap 'echo got-term; exit 9' TERM; trap 'echo got-usr1' USR1; "
+        "i=0; while :; do echo tick $i; i=$((i+1)); sleep 1; done")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,12 @@ def test_zz_kill_stop_wait_rm(web: tuple[Hyperctl, Path]) -> None:
     waiter = subprocess.Popen([HYPERCTL, "wait", "web"], env=hc.env, stdout=subprocess.PIPE)
     follow = subprocess.Popen([HYPERCTL, "logs", "-f", "web"], env=hc.env,
                               stdout=subprocess.PIPE)
+    assert hc("kill", "-s", "USR1", "web").stdout == b"web\n"
+    deadline = time.monotonic() + 30
+    while b"got-usr1" not in hc("logs", "web").stdout:
+        assert time.monotonic() < deadline, "USR1 did not reach the container"
+        time.sleep(0.5)
+    assert hc("ps", "-q").stdout.strip() != b""   # the trap kept it running
     hc("stop", "-t", "30", "web")   # the trap answers TERM with exit 9
     assert waiter.communicate(timeout=60)[0] == b"9\n"
     assert follow.communicate(timeout=60)[0].endswith(b"got-term\n")
