@@ -25,6 +25,7 @@ import shlex
 import signal
 import tarfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = ["AsyncProcess", "AsyncSandbox", "CommandFailed", "CommandTimeout", "O
            "Process", "Result", "Sandbox"]
 
 Command = Sequence[str] | str
+ENDING_GRACE_S = 0.5
 
 
 class CommandFailed(RunvError):
@@ -184,6 +186,17 @@ class Sandbox:
                                "killed or removed)")
         return workload
 
+    def _raise_if_ended(self, exc: RunvError) -> None:
+        """A command that failed to start as the sandbox ended (its timeout, a kill) reports
+        the end, not whatever the dying container answered."""
+        deadline = time.monotonic() + ENDING_GRACE_S
+        while time.monotonic() < deadline:
+            try:
+                self._current()
+            except InvalidState as ended:
+                raise ended from exc
+            time.sleep(0.1)
+
     @property
     def id(self) -> str:
         return self._workload.id
@@ -206,9 +219,11 @@ class Sandbox:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             standin = self._engine.attach_exec(workload, process, [in_r, out_w, err_w])
-        except BaseException:
+        except BaseException as exc:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
+            if isinstance(exc, RunvError):
+                self._raise_if_ended(exc)
             raise
         finally:
             for fd in (in_r, out_w, err_w):
