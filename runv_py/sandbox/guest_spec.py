@@ -16,10 +16,11 @@ SHARED_TAG = "runvshared"
 GUEST_SHARED = "/run/hyperstart/storage/shared"
 
 
-def rewrite(spec: Spec, binds: dict[int, str]) -> dict[str, Any]:
-    """`binds` maps the index of each bind mount in spec.mounts to its name in the share."""
+def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs") -> dict[str, Any]:
+    """`binds` maps the index of each bind mount in spec.mounts to its name in the share;
+    `rootfs` is the name of the container's root there."""
     raw = copy.deepcopy(spec.raw)
-    raw["root"] = {"path": f"{GUEST_SHARED}/rootfs", "readonly": spec.readonly_root}
+    raw["root"] = {"path": f"{GUEST_SHARED}/{rootfs}", "readonly": spec.readonly_root}
     mounts = raw.get("mounts") or []
     for index, name in binds.items():
         mounts[index]["source"] = f"{GUEST_SHARED}/{name}"
@@ -33,7 +34,8 @@ def rewrite(spec: Spec, binds: dict[int, str]) -> dict[str, Any]:
     linux = raw.get("linux") or {}
     namespaces = []
     for ns in linux.get("namespaces") or []:
-        # The guest is the sandbox: its network is the VM's; a host path names nothing there.
+        # The guest is the sandbox: its network is the VM's, shared by all the containers of
+        # a pod (one localhost); a host path names nothing there.
         if ns.get("type") == "network":
             continue
         namespaces.append({"type": ns["type"]})

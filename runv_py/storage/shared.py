@@ -20,6 +20,7 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
 MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -55,6 +56,9 @@ class SharedDir:
         self.path.mkdir(mode=0o755, exist_ok=True)
         _mount("runv-shared", str(self.path), "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
         self._mounted = True
+        # Shared within this namespace only: binds made after virtiofsd started (the other
+        # containers of a pod) reach its slave copy of the tmpfs.
+        _mount(None, str(self.path), None, MS_SHARED)
 
     def bind(self, source: Path, field: str, *, readonly: bool = False,
              name: str | None = None) -> str:
@@ -78,6 +82,15 @@ class SharedDir:
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share {source}: {exc.strerror}") from None
         return name
+
+    def unbind(self, name: str) -> None:
+        """Undo bind(): the name disappears from the share."""
+        target = self.path / name
+        _check(_libc.umount2(str(target).encode(), MNT_DETACH), f"umount {target}")
+        if target.is_dir():
+            target.rmdir()
+        else:
+            target.unlink()
 
     def close(self) -> None:
         """Detach the tmpfs and everything bound under it. Idempotent. Must run before
