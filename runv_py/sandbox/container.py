@@ -28,6 +28,7 @@ from ..config import load as load_config
 from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError, SpecError
 from ..oci import hooks
 from ..oci import spec as oci_spec
+from ..storage import shared
 from ..store.state import ContainerRecord, Store, vm_dir
 from . import control, pod
 from .standin import StandIn
@@ -248,8 +249,15 @@ class Runtime:
                                       supervisor_start=sandbox.supervisor_start,
                                       vm_dir=sandbox.vm_dir, sandbox=sandbox_id)
                 self.store.save(record)
-                control.call(self.ctl(record), {"op": "create", "container": record.id,
-                                                "bundle": record.bundle}, timeout_s=300)
+                # The rootfs may be a mount the sandbox's supervisor cannot see (made after it
+                # started, in a namespace it does not share): it gets a detached copy.
+                tree = shared.detached_tree(Path(record.rootfs), "root.path")
+                try:
+                    with control.Connection(self.ctl(record), timeout_s=300) as conn:
+                        conn.call({"op": "create", "container": record.id,
+                                   "bundle": record.bundle}, [tree])
+                finally:
+                    os.close(tree)
         except ContainerNotFound:
             raise ContainerNotFound(f"pod sandbox {sandbox_id} ({pod.SANDBOX_ID} of container "
                                     f"{record.id}) does not exist") from None

@@ -151,11 +151,15 @@ class Supervisor:
         timings.pop("total", None)
         return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings}
 
-    def _share(self, spec: oci_spec.Spec, rootfs: str) -> tuple[dict[int, str], list[str]]:
-        """Bind the container's rootfs and bind-mount sources into the shared directory:
-        (mount index -> name, every name)."""
+    def _share(self, spec: oci_spec.Spec, rootfs: str,
+               rootfs_tree: int | None = None) -> tuple[dict[int, str], list[str]]:
+        """Bind the container's rootfs (or attach its detached tree) and bind-mount sources
+        into the shared directory: (mount index -> name, every name)."""
         # root.readonly is applied in the guest, after the mount points have been made in it.
-        names = [self.shared.bind(spec.root, "root.path", name=rootfs)]
+        if rootfs_tree is None:
+            names = [self.shared.bind(spec.root, "root.path", name=rootfs)]
+        else:
+            names = [self.shared.attach(rootfs_tree, rootfs)]
         binds = {}
         try:
             for index, mount in enumerate(spec.mounts):
@@ -189,9 +193,19 @@ class Supervisor:
         self._track(container, Process(""))
         return container
 
-    async def _join(self, container_id: str, bundle: Path) -> dict[str, Any]:
+    async def _join(self, container_id: str, bundle: Path, fds: list[int]) -> dict[str, Any]:
         """Another container of the pod: its own rootfs and mounts in the share (under names
-        of its own), its own container in the guest, sharing the guest's network."""
+        of its own), its own container in the guest, sharing the guest's network. The
+        rootfs comes as a detached mount tree (fds[0]): this supervisor's mount namespace
+        does not see what was mounted after it started (a snapshotter's overlay)."""
+        try:
+            return await self._join_with(container_id, bundle, fds[0] if fds else None)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _join_with(self, container_id: str, bundle: Path,
+                         rootfs_tree: int | None) -> dict[str, Any]:
         async with self.creating:
             if container_id in self.containers:
                 raise ContainerExists(f"container {container_id} is already in sandbox "
@@ -203,7 +217,7 @@ class Supervisor:
                 raise SpecError(f"annotations[{SHARED_FS_ANNOTATION!r}]: the pod's VM uses "
                                 f"{self.driver_name}")
             rootfs = f"rootfs-{hashlib.sha256(container_id.encode()).hexdigest()[:12]}"
-            binds, shares = self._share(spec, rootfs)
+            binds, shares = self._share(spec, rootfs, rootfs_tree)
             try:
                 await self._vm_running(True)
                 # The share is already mounted in the guest by the sandbox container.
@@ -304,15 +318,15 @@ class Supervisor:
                     finally:
                         self.attachments.discard(task)
                     return
-                for fd in fds:
-                    os.close(fd)
-                if op == "events":
-                    await self._stream_events(conn, self._container(message))
-                    return
                 if op == "create":
                     reply = await self._join(str(message["container"]),
-                                             Path(message["bundle"]))
+                                             Path(message["bundle"]), fds)
                 else:
+                    for fd in fds:
+                        os.close(fd)
+                    if op == "events":
+                        await self._stream_events(conn, self._container(message))
+                        return
                     reply = await self._handle(op, self._container(message), message)
             except RunvError as exc:
                 reply = control.error_reply(exc)

@@ -373,7 +373,7 @@ class TaskService:
         record = self.runtime.store.load(container.id)
         conn = control.Connection(self.runtime.ctl(record), timeout_s=ATTACH_TIMEOUT_S)
         try:
-            conn.call(request, fds)
+            conn.call({**request, "container": container.id}, fds)
         except BaseException:
             conn.close()
             raise

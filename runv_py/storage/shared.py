@@ -22,6 +22,13 @@ MS_REC = 0x4000
 MS_SLAVE = 0x80000
 MS_SHARED = 0x100000
 MNT_DETACH = 0x2
+SYS_OPEN_TREE = 428  # the same number on every architecture (new syscalls are unified)
+SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -44,6 +51,18 @@ def enter_private_mount_namespace() -> None:
     propagates its own back. Call before starting any thread."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_SLAVE)
+
+
+def detached_tree(source: Path, field: str) -> int:
+    """A detached copy of the mounts at and under `source`, as an fd (open_tree(2)): it can go
+    to a process in another mount namespace, which does not see mounts made after it was
+    created, and be attached there (SharedDir.attach)."""
+    fd: int = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, str(source).encode(),
+                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise ConfigError(f"{field}: cannot share {source}: {os.strerror(err)}")
+    return fd
 
 
 class SharedDir:
@@ -81,6 +100,19 @@ class SharedDir:
                 _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share {source}: {exc.strerror}") from None
+        return name
+
+    def attach(self, tree: int, name: str, *, directory: bool = True) -> str:
+        """Put a detached_tree() into the share under `name`."""
+        if not self._mounted:
+            raise RunvError("shared dir is not open")
+        target = self.path / name
+        if directory:
+            target.mkdir()
+        else:
+            target.touch()
+        _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
+                             MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
         return name
 
     def unbind(self, name: str) -> None:

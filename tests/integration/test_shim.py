@@ -1,6 +1,6 @@
 """containerd 1.6 with runv-py's own shim (`--runtime io.containerd.runv.v2`): containerd starts
 `containerd-shim-runv-v2` from its PATH, talks ttrpc to it and receives its events; every task
-runs in its own VM."""
+runs in its own VM, except a pod's containers (CRI annotations), which share their sandbox's."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,6 +164,93 @@ def test_killed_shim_is_cleaned_up(cd: Containerd, tmp_path: Path) -> None:
     assert "cleaning up dead shim" in (tmp_path / "containerd.log").read_text()
     assert "failed to clean up" not in (tmp_path / "containerd.log").read_text()
     cd.ctr("container", "delete", "s5")
+
+
+SERVE = ("mkdir -p /tmp/www && echo pod-hello > /tmp/www/index.html && "
+         "exec httpd -f -p 127.0.0.1:8080 -h /tmp/www")
+FETCH = ("for i in $(seq 50); do wget -qO- http://127.0.0.1:8080/ && exit 0; sleep 0.2; done; "
+         "exit 1")
+
+
+def _pod(kind: str, sandbox: str) -> list[str]:
+    """What the CRI plugin puts on a pod's containers, as `ctr run` options."""
+    return ["--annotation", f"io.kubernetes.cri.container-type={kind}",
+            "--annotation", f"io.kubernetes.cri.sandbox-id={sandbox}"]
+
+
+def _qemus(env: dict[str, str]) -> list[str]:
+    state = tomllib.loads(Path(env["RUNV_CONFIG"]).read_text())["state_dir"]
+    return [line for line in processes_mentioning(state) if "qemu-system" in line]
+
+
+def _shims(cd: Containerd) -> list[str]:
+    return [line for line in processes_mentioning(cd.address)
+            if "runv_py.shim.main" in line or "containerd-shim-runv-v2" in line]
+
+
+def test_pod_shares_one_vm_and_localhost(cd: Containerd, shim_env: dict[str, str]) -> None:
+    cd.ctr("run", "-d", *RUNTIME, *_pod("sandbox", "p1"), IMAGE, "p1", "sh", "-c", SERVE)
+    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p1"), IMAGE, "c1", "sleep", "600")
+    assert _tasks(cd) == {"p1": "RUNNING", "c1": "RUNNING"}
+    assert len(_qemus(shim_env)) == 1, _qemus(shim_env)
+    assert len(_shims(cd)) == 1, _shims(cd)
+
+    # c1 reaches the server of p1 on the guest's localhost.
+    result = cd.ctr("task", "exec", "--exec-id", "w", "c1", "sh", "-c", FETCH, check=False)
+    assert (result.returncode, result.stdout) == (0, b"pod-hello\n"), result.stderr
+    metrics = cd.ctr("task", "metrics", "c1").stdout.decode()
+    assert "pids" in metrics, metrics
+
+    # Pausing one container of the pod leaves the other running.
+    cd.ctr("task", "pause", "c1")
+    assert _tasks(cd) == {"p1": "RUNNING", "c1": "PAUSED"}
+    result = cd.ctr("task", "exec", "--exec-id", "w2", "p1", "sh", "-c", FETCH, check=False)
+    assert (result.returncode, result.stdout) == (0, b"pod-hello\n"), result.stderr
+    cd.ctr("task", "resume", "c1")
+    assert _tasks(cd)["c1"] == "RUNNING"
+
+    # The pod's container leaves the VM, which stays for the sandbox; then the sandbox goes.
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "c1")
+    _wait_status(cd, "c1", "STOPPED")
+    cd.ctr("task", "delete", "c1")
+    cd.ctr("container", "delete", "c1")
+    assert _tasks(cd) == {"p1": "RUNNING"}
+    assert len(_qemus(shim_env)) == 1
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "p1")
+    _wait_status(cd, "p1", "STOPPED")
+    cd.ctr("task", "delete", "p1")
+    cd.ctr("container", "delete", "p1")
+    deadline = time.monotonic() + 30
+    while _qemus(shim_env) or _shims(cd):
+        assert time.monotonic() < deadline, _qemus(shim_env) + _shims(cd)
+        time.sleep(0.2)
+
+
+def test_pod_container_without_its_sandbox_fails(cd: Containerd) -> None:
+    result = cd.ctr("run", "--rm", *RUNTIME, *_pod("container", "nope"), IMAGE, "c9", "true",
+                    check=False)
+    assert result.returncode != 0
+    assert "pod sandbox nope" in result.stderr.decode(), result.stderr
+    cd.ctr("container", "delete", "c9", check=False)
+    assert not _shims(cd)
+
+
+def test_killed_pod_shim_is_cleaned_up(cd: Containerd, shim_env: dict[str, str],
+                                       tmp_path: Path) -> None:
+    cd.ctr("run", "-d", *RUNTIME, *_pod("sandbox", "p2"), IMAGE, "p2", "sleep", "600")
+    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p2"), IMAGE, "c2", "sleep", "600")
+    assert len(_qemus(shim_env)) == 1
+    shim_pid = int((tmp_path / "state" / "io.containerd.runtime.v2.task" / "runvtest" / "p2"
+                    / "shim.pid").read_text())
+    os.kill(shim_pid, signal.SIGKILL)
+    # containerd runs `containerd-shim-runv-v2 delete` for both tasks; the VM goes with the
+    # first.
+    deadline = time.monotonic() + 60
+    while _tasks(cd) or _qemus(shim_env):
+        assert time.monotonic() < deadline, (_tasks(cd), _qemus(shim_env))
+        time.sleep(0.2)
+    assert "failed to clean up" not in (tmp_path / "containerd.log").read_text()
+    cd.ctr("container", "delete", "c2", "p2")
 
 
 def _doc_block(lang: str) -> str:
