@@ -2,8 +2,11 @@
 the same containerd driving runc through io.containerd.runc.v2:
 
 - `ctr run --rm` until the first output line (runv VM boot included);
-- `ctr task exec` of /bin/true into a running task (through each shim), against `crun exec`
-  into a bundle on the host (bench/exec's measurement).
+- `ctr task exec` of /bin/true into a running task (through each shim), and `runc exec` into a
+  bundle on the host with no containerd in between (bench/exec's measurement). The baseline is
+  runc: crun refuses this host's hybrid cgroup layout unless cgroups are turned off.
+
+Target: exec through the runv shim <= 3x exec through the runc shim (`exec_runv_over_runc_shim`).
 
     python bench/shim.py [--n-run 3] [--n-exec 10] [--json FILE]
 """
@@ -33,6 +36,7 @@ from tests.integration.conftest import Containerd
 IMAGE = "docker.io/library/runvbench:latest"
 RUNTIMES = {"runv-shim": ["--runtime", "io.containerd.runv.v2"],
             "runc-shim": ["--runtime", "io.containerd.runc.v2"]}
+EXEC_TARGET = 3.0
 
 
 def first_line(cd: Containerd, runtime: list[str], name: str) -> float:
@@ -87,12 +91,13 @@ def main() -> int:
                 [first_line(cd, runtime, f"r-{label}-{i}") for i in range(args.n_run)])
             result[f"exec_{label}"] = exec_latency(cd, runtime, f"x-{label}", args.n_exec)
         host = make(top / "host", ["sleep", "3600"])
-        result["exec_crun_direct"] = exec_times("crun", top / "crun-root", host, args.n_exec)
+        result["exec_runc_direct"] = exec_times("runc", top / "runc-root", host, args.n_exec)
         runv = result["exec_runv-shim"]["median"]
-        for base in ("exec_crun_direct", "exec_runc-shim"):
+        for base, key in (("exec_runc-shim", "exec_runv_over_runc_shim"),
+                          ("exec_runc_direct", "exec_runv_over_runc_direct")):
             if isinstance(result[base], dict):
-                result[f"exec_runv_shim_over_{base[5:]}"] = round(runv / result[base]["median"],
-                                                                  1)
+                result[key] = round(runv / result[base]["median"], 1)
+        result["exec_target_met"] = result["exec_runv_over_runc_shim"] <= EXEC_TARGET
         result["run_runv_over_runc"] = round(result["run_first_line_runv-shim"]["median"]
                                              / result["run_first_line_runc-shim"]["median"], 1)
     finally:

@@ -4,10 +4,15 @@ runs in its own VM, except a pod's containers (CRI annotations), which share the
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import tomllib
 from collections.abc import Iterator
@@ -119,6 +124,56 @@ def test_exec_pause_resume_metrics_kill(cd: Containerd) -> None:
     cd.ctr("task", "delete", "s2")
     cd.ctr("container", "delete", "s2")
     assert "s2" not in _tasks(cd)
+
+
+def test_oom_kill_becomes_an_oom_event(cd: Containerd, tmp_path: Path) -> None:
+    with open(tmp_path / "events", "wb") as out:
+        events = subprocess.Popen(["ctr", "--address", cd.address, "events"], stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.5)
+        result = cd.ctr("run", "--rm", *RUNTIME, "--memory-limit", str(32 << 20), IMAGE, "s6",
+                        "sh", "-c", "head -c 200000000 /dev/zero | tail", check=False)
+        time.sleep(0.5)
+    finally:
+        events.terminate()
+        events.wait()
+    assert result.returncode == 137, result.stderr
+    topics = [line.split()[5] for line in (tmp_path / "events").read_text().splitlines()
+              if '"s6"' in line]
+    assert "/tasks/oom" in topics, topics
+    assert topics.index("/tasks/oom") < topics.index("/tasks/delete"), topics
+
+
+def test_terminal_size_reaches_the_process(cd: Containerd) -> None:
+    """`ctr run -t` sends its terminal's size (ResizePty) once the task has started."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    proc = subprocess.Popen(["ctr", "--address", cd.address, "--namespace", "runvtest", "run",
+                             "--rm", "-t", *RUNTIME, IMAGE, "s7", "sh", "-c",
+                             "sleep 2; stty size"],
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every holder of the slave has closed it
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(timeout=60) == 0, output
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"33 101" in output, output
 
 
 def test_log_uri_file_and_binary(cd: Containerd, tmp_path: Path) -> None:
