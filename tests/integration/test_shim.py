@@ -64,18 +64,25 @@ def _wait_status(cd: Containerd, task: str, status: str | None, timeout: float =
         time.sleep(0.2)
 
 
-def test_run_rm_output_exit_code_and_events(cd: Containerd, tmp_path: Path) -> None:
-    with open(tmp_path / "events", "wb") as out:
+def _run_watching_events(cd: Containerd, events_file: Path, *args: str
+                         ) -> subprocess.CompletedProcess[bytes]:
+    """`ctr run --rm ARGS` while `ctr events` writes containerd's events to events_file."""
+    with open(events_file, "wb") as out:
         events = subprocess.Popen(["ctr", "--address", cd.address, "events"], stdout=out,
                                   stderr=subprocess.STDOUT)
     try:
         time.sleep(0.5)
-        result = cd.ctr("run", "--rm", *RUNTIME, IMAGE, "s1", "sh", "-c",
-                        "echo hello; echo oops >&2; exit 3", check=False)
+        result = cd.ctr("run", "--rm", *RUNTIME, *args, check=False)
         time.sleep(0.5)
     finally:
         events.terminate()
         events.wait()
+    return result
+
+
+def test_run_rm_output_exit_code_and_events(cd: Containerd, tmp_path: Path) -> None:
+    result = _run_watching_events(cd, tmp_path / "events", IMAGE, "s1", "sh", "-c",
+                                  "echo hello; echo oops >&2; exit 3")
     assert result.returncode == 3, result.stderr
     assert result.stdout == b"hello\n"
     assert result.stderr == b"oops\n"
@@ -127,17 +134,8 @@ def test_exec_pause_resume_metrics_kill(cd: Containerd) -> None:
 
 
 def test_oom_kill_becomes_an_oom_event(cd: Containerd, tmp_path: Path) -> None:
-    with open(tmp_path / "events", "wb") as out:
-        events = subprocess.Popen(["ctr", "--address", cd.address, "events"], stdout=out,
-                                  stderr=subprocess.STDOUT)
-    try:
-        time.sleep(0.5)
-        result = cd.ctr("run", "--rm", *RUNTIME, "--memory-limit", str(32 << 20), IMAGE, "s6",
-                        "sh", "-c", "head -c 200000000 /dev/zero | tail", check=False)
-        time.sleep(0.5)
-    finally:
-        events.terminate()
-        events.wait()
+    result = _run_watching_events(cd, tmp_path / "events", "--memory-limit", str(32 << 20),
+                                  IMAGE, "s6", "sh", "-c", "head -c 200000000 /dev/zero | tail")
     assert result.returncode == 137, result.stderr
     topics = [line.split()[5] for line in (tmp_path / "events").read_text().splitlines()
               if '"s6"' in line]
