@@ -3,6 +3,7 @@ pod's sandbox container, where both share the guest's network."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,24 @@ def test_pod_containers_share_one_vm_and_localhost(runv: Runv, tmp_path: Path,
     runv("delete", "c1")
     assert runv.state_of("pod1")["status"] == "running"
     assert len(_qemus(runv)) == 1
+
+    # A pod's container that cannot be created leaves nothing and the pod keeps working.
+    def missing_bind(spec: dict[str, Any]) -> None:
+        annotated("container", "pod1", shared_fs)(spec)
+        spec["mounts"].append({"destination": "/data", "type": "bind",
+                               "source": str(tmp_path / "nope"), "options": ["rbind"]})
+
+    bad = runv.bundle(["true"], missing_bind)
+    result = runv("create", "--bundle", str(bad), "c3", check=False)
+    assert result.returncode != 0
+    assert b"mounts[5].source" in result.stderr, result.stderr
+    assert not (runv.root / "c3").exists()
+    # Neither c1's nor c3's storage is left in the sandbox's share (the supervisor's mounts).
+    supervisor = json.loads((runv.root / "pod1" / "state.json").read_text())["supervisor_pid"]
+    mounts = Path(f"/proc/{supervisor}/mountinfo").read_text()
+    assert "/shared/rootfs-" not in mounts and "/shared/rootfs " in mounts, mounts
+    result = runv("exec", "pod1", "sh", "-c", "wget -qO- http://127.0.0.1:8080/")
+    assert result.stdout == b"pod-hello\n"
     runv("kill", "pod1", "KILL")
     runv.wait_status("pod1", "stopped")
     runv("delete", "pod1")
