@@ -16,9 +16,12 @@ SHARED_TAG = "runvshared"
 GUEST_SHARED = "/run/hyperstart/storage/shared"
 
 
-def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs") -> dict[str, Any]:
+def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs",
+            joined: dict[str, str] | None = None) -> dict[str, Any]:
     """`binds` maps the index of each bind mount in spec.mounts to its name in the share;
-    `rootfs` is the name of the container's root there."""
+    `rootfs` is the name of the container's root there. A namespace whose type is in `joined`
+    and that the spec gives a path (a pod's shared namespace, as the CRI names it) becomes
+    the guest namespace at joined[type]; other paths are dropped (a new namespace)."""
     raw = copy.deepcopy(spec.raw)
     raw["root"] = {"path": f"{GUEST_SHARED}/{rootfs}", "readonly": spec.readonly_root}
     mounts = raw.get("mounts") or []
@@ -38,7 +41,10 @@ def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs") -> dict[s
         # a pod (one localhost); a host path names nothing there.
         if ns.get("type") == "network":
             continue
-        namespaces.append({"type": ns["type"]})
+        if ns.get("path") and ns["type"] in (joined or {}):
+            namespaces.append({"type": ns["type"], "path": (joined or {})[ns["type"]]})
+        else:
+            namespaces.append({"type": ns["type"]})
     if "namespaces" in linux:
         linux["namespaces"] = namespaces
     linux.pop("cgroupsPath", None)

@@ -13,6 +13,16 @@ CRIO_CONTAINER_TYPE = "io.kubernetes.cri-o.ContainerType"
 CRIO_SANDBOX_ID = "io.kubernetes.cri-o.SandboxID"
 
 
+# What the containers of a pod share in its VM besides the guest's network namespace (the
+# CRI gives them the sandbox's as paths).
+SHARED_NAMESPACES = ("ipc", "uts")
+
+
+def is_sandbox(annotations: Mapping[str, str]) -> bool:
+    return (annotations.get(CONTAINER_TYPE) == "sandbox"
+            or annotations.get(CRIO_CONTAINER_TYPE) == "sandbox")
+
+
 def sandbox_of(annotations: Mapping[str, str], container_id: str) -> str | None:
     """The id of the sandbox container whose VM this container joins, or None when it gets
     its own VM (it is a sandbox, or carries no pod annotations)."""

@@ -32,7 +32,7 @@ from ..errors import ContainerExists, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, enter_private_mount_namespace
 from ..store import state
-from . import control, guest_spec
+from . import control, guest_spec, pod
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class Supervisor:
         self.shared = SharedDir(self.container_dir / "shared")
         self.driver: ShareDriver = "virtiofs"
         self.containers: dict[str, GuestContainer] = {}
+        self.pod_namespaces: dict[str, str] = {}  # type -> guest path (a pod's sandbox)
         self.vm_paused = False
         self.creating = asyncio.Lock()
         self.done = asyncio.Event()
@@ -141,6 +142,14 @@ class Supervisor:
             shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver=self.driver),))
         await self.serve_control()
         t_create = time.monotonic()
+        if pod.is_sandbox(spec.annotations):
+            assert self.sandbox.agent is not None
+            self.pod_namespaces = await self.sandbox.agent.create_sandbox(
+                vm_dir.name, hostname=str(spec.raw.get("hostname") or ""),
+                shared_namespaces=pod.SHARED_NAMESPACES)
+            # The sandbox container's own namespaces are the pod's.
+            spec = replace(spec, raw={**spec.raw, "linux": _with_paths(
+                spec.raw.get("linux") or {}, self.pod_namespaces)})
         await self._create_in_guest(self.id, spec, binds, shares, storages=(
             Storage(self.driver, guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
         self._task(self._watch_vm())
@@ -184,7 +193,7 @@ class Supervisor:
                                binds: dict[int, str], shares: list[str],
                                storages: tuple[Storage, ...] = ()) -> GuestContainer:
         assert self.sandbox is not None and self.sandbox.agent is not None
-        guest = guest_spec.rewrite(spec, binds, rootfs=shares[0])
+        guest = guest_spec.rewrite(spec, binds, rootfs=shares[0], joined=self.pod_namespaces)
         await self.sandbox.agent.create_container(
             container_id, json.dumps(guest).encode(), storages=storages)
         container = GuestContainer(container_id, shares)
@@ -582,6 +591,13 @@ class Supervisor:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.sandbox.close()
         self.shared.close()
+
+
+def _with_paths(linux: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+    """linux with a path on each namespace of a type in `paths`."""
+    namespaces = [dict(ns, path=paths[ns["type"]]) if ns.get("type") in paths else ns
+                  for ns in linux.get("namespaces") or []]
+    return {**linux, "namespaces": namespaces}
 
 
 async def _read_fd(fd: int) -> AsyncIterator[bytes]:

@@ -37,9 +37,17 @@ def test_pod_containers_share_one_vm_and_localhost(runv: Runv, tmp_path: Path,
     sandbox = runv.bundle(["sh", "-c", SERVE], annotated("sandbox", "pod1", shared_fs))
     runv("create", "--bundle", str(sandbox), "pod1")
     runv("start", "pod1")
+    def member(spec: dict[str, Any]) -> None:
+        annotated("container", "pod1", shared_fs)(spec)
+        # As the CRI asks for the pod's IPC and UTS namespaces: by (host) path.
+        spec["linux"]["namespaces"] = [
+            {"type": t, "path": f"/proc/1/ns/{t}"} if t in ("ipc", "uts") else {"type": t}
+            for t in ("pid", "network", "ipc", "uts", "mount")]
+        spec["hostname"] = ""
+
     client = runv.bundle(["sh", "-c", "for i in $(seq 50); do "
-                          "wget -qO- http://127.0.0.1:8080/ && exit 0; sleep 0.2; done; exit 1"],
-                         annotated("container", "pod1", shared_fs))
+                          "wget -qO- http://127.0.0.1:8080/ && break; sleep 0.2; done; "
+                          "readlink /proc/self/ns/ipc; hostname"], member)
     out = tmp_path / "c1.out"
     with open(out, "wb") as sink:  # the stand-in of c1's process writes its output here
         runv("create", "--bundle", str(client), "c1", stdout=sink)
@@ -47,7 +55,8 @@ def test_pod_containers_share_one_vm_and_localhost(runv: Runv, tmp_path: Path,
     assert runv.state_of("c1")["status"] == "created"
     runv("start", "c1")
     runv.wait_status("c1", "stopped")
-    assert out.read_bytes() == b"pod-hello\n"
+    sandbox_ipc = runv("exec", "pod1", "readlink", "/proc/self/ns/ipc").stdout
+    assert out.read_bytes() == b"pod-hello\n" + sandbox_ipc + b"runvbox\n"
     assert runv.state_of("pod1")["status"] == "running"
 
     # The pod's container leaves the VM; the sandbox keeps it.
