@@ -243,7 +243,9 @@ def _shims(cd: Containerd) -> list[str]:
 
 def test_pod_shares_one_vm_and_localhost(cd: Containerd, shim_env: dict[str, str]) -> None:
     cd.ctr("run", "-d", *RUNTIME, *_pod("sandbox", "p1"), IMAGE, "p1", "sh", "-c", SERVE)
-    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p1"), IMAGE, "c1", "sleep", "600")
+    # As the CRI does, c1 asks for the sandbox's IPC namespace by (host) path.
+    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p1"), "--with-ns", "ipc:/proc/1/ns/ipc",
+           IMAGE, "c1", "sleep", "600")
     assert _tasks(cd) == {"p1": "RUNNING", "c1": "RUNNING"}
     assert len(_qemus(shim_env)) == 1, _qemus(shim_env)
     assert len(_shims(cd)) == 1, _shims(cd)
@@ -251,6 +253,9 @@ def test_pod_shares_one_vm_and_localhost(cd: Containerd, shim_env: dict[str, str
     # c1 reaches the server of p1 on the guest's localhost.
     result = cd.ctr("task", "exec", "--exec-id", "w", "c1", "sh", "-c", FETCH, check=False)
     assert (result.returncode, result.stdout) == (0, b"pod-hello\n"), result.stderr
+    ipc = [cd.ctr("task", "exec", "--exec-id", "ns", task, "readlink", "/proc/self/ns/ipc").stdout
+           for task in ("p1", "c1")]
+    assert ipc[0] == ipc[1] and ipc[0].startswith(b"ipc:["), ipc
     metrics = cd.ctr("task", "metrics", "c1").stdout.decode()
     assert "pids" in metrics, metrics
 
