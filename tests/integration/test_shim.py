@@ -4,7 +4,9 @@ runs in its own VM, except a pod's containers (CRI annotations), which share the
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import json
 import os
 import pty
 import select
@@ -19,7 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from google.protobuf import any_pb2
 
+from runv_py.shim import task, ttrpc
+from runv_py.shim._pb import task_pb2
 from tests.vm.conftest import processes_mentioning
 
 from .conftest import IMAGE, Containerd
@@ -172,6 +177,34 @@ def test_terminal_size_reaches_the_process(cd: Containerd) -> None:
             proc.kill()
             proc.wait()
     assert b"33 101" in output, output
+
+
+def test_update_through_the_shim(cd: Containerd, tmp_path: Path) -> None:
+    """ctr 1.6 has no `task update`: containerd's Update call, sent to the shim's ttrpc socket
+    as containerd sends it, changes the limits the guest enforces."""
+    cd.ctr("run", "-d", *RUNTIME, IMAGE, "s8", "sleep", "600")
+    bundle = tmp_path / "state" / "io.containerd.runtime.v2.task" / "runvtest" / "s8"
+    address = (bundle / "address").read_text().removeprefix("unix://")
+    resources = {"memory": {"limit": 48 << 20}, "pids": {"limit": 40}}
+
+    async def update() -> None:
+        client = await ttrpc.Client.connect(address)
+        try:
+            await client.call(task.SERVICE, "Update", task_pb2.UpdateTaskRequest(
+                id="s8", resources=any_pb2.Any(type_url=task.RESOURCES_URL,
+                                               value=json.dumps(resources).encode())
+            ).SerializeToString(), metadata={"containerd-namespace": "runvtest"})
+        finally:
+            await client.close()
+
+    asyncio.run(update())
+    metrics = json.loads(cd.ctr("task", "metrics", "--format", "json", "s8").stdout)
+    assert metrics["memory"]["usage_limit"] == 48 << 20, metrics
+    assert metrics["pids"]["limit"] == 40, metrics
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "s8")
+    _wait_status(cd, "s8", "STOPPED")
+    cd.ctr("task", "delete", "s8")
+    cd.ctr("container", "delete", "s8")
 
 
 def test_log_uri_file_and_binary(cd: Containerd, tmp_path: Path) -> None:
