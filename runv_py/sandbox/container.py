@@ -247,7 +247,7 @@ class Runtime:
                                        "stopped")
                 record = record.with_(supervisor_pid=sandbox.supervisor_pid,
                                       supervisor_start=sandbox.supervisor_start,
-                                      vm_dir=sandbox.vm_dir, sandbox=sandbox_id)
+                                      vm_dir=sandbox.vm_dir)
                 self.store.save(record)
                 # The rootfs may be a mount the sandbox's supervisor cannot see (made after it
                 # started, in a namespace it does not share): it gets a detached copy.

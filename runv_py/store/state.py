@@ -48,7 +48,6 @@ class ContainerRecord:
     supervisor_pid: int = 0
     supervisor_start: int = 0
     vm_dir: str = ""
-    sandbox: str = ""        # a pod's container: the sandbox container whose VM it is in
     annotations: dict[str, str] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> ContainerRecord:
