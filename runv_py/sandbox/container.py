@@ -1,6 +1,7 @@
 """The container operations of runc's command set, on the host: the CLI and the other front
 doors call these. Each container has a record under the state root and, while it lives, a
-supervisor process that owns its VM; these functions are short-lived clients of it."""
+supervisor process that owns its VM; these functions are short-lived clients of it. A pod's
+containers (see pod.py) share the supervisor and VM of the pod's sandbox container."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from typing import Any
 
 from .. import child
 from ..config import load as load_config
-from ..errors import ConfigError, InvalidState, RunvError, SpecError
+from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError, SpecError
 from ..oci import hooks
 from ..oci import spec as oci_spec
+from ..storage import shared
 from ..store.state import ContainerRecord, Store, vm_dir
-from . import control
+from . import control, pod
 from .standin import StandIn
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,8 @@ class Runtime:
         if record.status == "creating":
             return "creating"
         try:
-            reply = control.call(self.ctl(record), {"op": "state"}, timeout_s=15)
+            reply = control.call(self.ctl(record), {"op": "state", "container": record.id},
+                                 timeout_s=15)
         except (OSError, RunvError):
             return "stopped"
         return str(reply["status"])
@@ -158,7 +161,7 @@ class Runtime:
         record = self.store.load(container_id)
         if not _alive(record.supervisor_pid, record.supervisor_start):
             raise InvalidState(f"container {container_id} is not running (stopped)")
-        return control.call(self.ctl(record), message)
+        return control.call(self.ctl(record), {**message, "container": container_id})
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -173,7 +176,11 @@ class Runtime:
         self.store.create(record)
         try:
             with self.store.locked(container_id):
-                record = self._start_supervisor(record)
+                sandbox = pod.sandbox_of(spec.annotations, container_id)
+                if sandbox is None:
+                    record = self._start_supervisor(record)
+                else:
+                    record = self._join(record, sandbox)
                 if standin:
                     terminal = Terminal.open(console_socket, spec.terminal)
                     try:
@@ -230,9 +237,38 @@ class Runtime:
         self.store.save(record)
         return record
 
+    def _join(self, record: ContainerRecord, sandbox_id: str) -> ContainerRecord:
+        """A pod's container: created in the VM of the pod's sandbox container."""
+        try:
+            with self.store.locked(sandbox_id):
+                sandbox = self.store.load(sandbox_id)
+                if not _alive(sandbox.supervisor_pid, sandbox.supervisor_start):
+                    raise InvalidState(f"pod sandbox {sandbox_id} ({pod.SANDBOX_ID}) is "
+                                       "stopped")
+                record = record.with_(supervisor_pid=sandbox.supervisor_pid,
+                                      supervisor_start=sandbox.supervisor_start,
+                                      vm_dir=sandbox.vm_dir)
+                self.store.save(record)
+                # The rootfs may be a mount the sandbox's supervisor cannot see (made after it
+                # started, in a namespace it does not share): it gets a detached copy.
+                tree = shared.detached_tree(Path(record.rootfs), "root.path")
+                try:
+                    with control.Connection(self.ctl(record), timeout_s=300) as conn:
+                        conn.call({"op": "create", "container": record.id,
+                                   "bundle": record.bundle}, [tree])
+                finally:
+                    os.close(tree)
+        except ContainerNotFound:
+            raise ContainerNotFound(f"pod sandbox {sandbox_id} ({pod.SANDBOX_ID} of container "
+                                    f"{record.id}) does not exist") from None
+        record = record.with_(status="created")
+        self.store.save(record)
+        return record
+
     def _spawn_standin(self, record: ContainerRecord, request: dict[str, Any],
                        terminal: Terminal) -> int:
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        request = {**request, "container": record.id}
         argv = [sys.executable, "-m", "runv_py.sandbox.standin", "--ctl",
                 str(self.ctl(record)), "--request", json.dumps(request),
                 "--ready-fd", str(ready_w)]
@@ -279,21 +315,28 @@ class Runtime:
     def delete(self, container_id: str, *, force: bool = False, run_hooks: bool = True) -> None:
         with self.store.locked(container_id):
             record = self.store.load(container_id)
+            sandbox_gone = True
             if _alive(record.supervisor_pid, record.supervisor_start):
                 try:
-                    control.call(self.ctl(record), {"op": "delete", "force": force},
-                                 timeout_s=30)
+                    reply = control.call(self.ctl(record), {
+                        "op": "delete", "force": force, "container": container_id},
+                        timeout_s=30)
+                    sandbox_gone = bool(reply.get("sandbox_gone", True))
                 except InvalidState:
                     raise
+                except ContainerNotFound:
+                    sandbox_gone = False  # a pod's container that never made it into the VM
                 except (OSError, RunvError) as exc:
                     log.warning("supervisor did not answer delete (%s); stopping it", exc,
                                 extra={"container": container_id})
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(record.supervisor_pid, signal.SIGTERM)
-                self._wait_gone(record.supervisor_pid, record.supervisor_start)
-            child.reap_if_child(record.supervisor_pid)
-            if record.vm_dir:
-                shutil.rmtree(record.vm_dir, ignore_errors=True)
+                if sandbox_gone:
+                    self._wait_gone(record.supervisor_pid, record.supervisor_start)
+            if sandbox_gone:
+                child.reap_if_child(record.supervisor_pid)
+                if record.vm_dir:
+                    shutil.rmtree(record.vm_dir, ignore_errors=True)
             if run_hooks and (spec := self._spec_or_none(record)) is not None:
                 state = {"ociVersion": OCI_VERSION, "id": record.id, "pid": 0,
                          "status": "stopped", "bundle": record.bundle,
@@ -332,7 +375,7 @@ class Runtime:
     def events(self, container_id: str) -> Iterator[dict[str, Any]]:
         record = self.store.load(container_id)
         with control.Connection(self.ctl(record), timeout_s=None) as conn:
-            conn.call({"op": "events"})
+            conn.call({"op": "events", "container": container_id})
             while (event := conn.recv()) is not None:
                 yield event
 
@@ -363,7 +406,8 @@ class Runtime:
         if terminal and not os.isatty(0):
             raise ConfigError("process.terminal is true but stdin is not a terminal")
         fds = [os.dup(0)] if terminal else [os.dup(0), os.dup(1), os.dup(2)]
-        standin = StandIn(self.ctl(record), request, fds, 0 if terminal else None)
+        standin = StandIn(self.ctl(record), {**request, "container": record.id}, fds,
+                          0 if terminal else None)
         saved: list[Any] | None = None
         try:
             standin.attach()

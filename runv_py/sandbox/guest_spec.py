@@ -16,10 +16,14 @@ SHARED_TAG = "runvshared"
 GUEST_SHARED = "/run/hyperstart/storage/shared"
 
 
-def rewrite(spec: Spec, binds: dict[int, str]) -> dict[str, Any]:
-    """`binds` maps the index of each bind mount in spec.mounts to its name in the share."""
+def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs",
+            joined: dict[str, str] | None = None) -> dict[str, Any]:
+    """`binds` maps the index of each bind mount in spec.mounts to its name in the share;
+    `rootfs` is the name of the container's root there. A namespace whose type is in `joined`
+    and that the spec gives a path (a pod's shared namespace, as the CRI names it) becomes
+    the guest namespace at joined[type]; other paths are dropped (a new namespace)."""
     raw = copy.deepcopy(spec.raw)
-    raw["root"] = {"path": f"{GUEST_SHARED}/rootfs", "readonly": spec.readonly_root}
+    raw["root"] = {"path": f"{GUEST_SHARED}/{rootfs}", "readonly": spec.readonly_root}
     mounts = raw.get("mounts") or []
     for index, name in binds.items():
         mounts[index]["source"] = f"{GUEST_SHARED}/{name}"
@@ -33,10 +37,14 @@ def rewrite(spec: Spec, binds: dict[int, str]) -> dict[str, Any]:
     linux = raw.get("linux") or {}
     namespaces = []
     for ns in linux.get("namespaces") or []:
-        # The guest is the sandbox: its network is the VM's; a host path names nothing there.
+        # The guest is the sandbox: its network is the VM's, shared by all the containers of
+        # a pod (one localhost); a host path names nothing there.
         if ns.get("type") == "network":
             continue
-        namespaces.append({"type": ns["type"]})
+        if ns.get("path") and ns["type"] in (joined or {}):
+            namespaces.append({"type": ns["type"], "path": (joined or {})[ns["type"]]})
+        else:
+            namespaces.append({"type": ns["type"]})
     if "namespaces" in linux:
         linux["namespaces"] = namespaces
     linux.pop("cgroupsPath", None)

@@ -1,14 +1,17 @@
 """The sandbox supervisor: one long-lived host process per sandbox (`runv create` starts it in
 its own session). It owns the VM (QEMU and its agent connection), the shared directory with its
-mounts (in a private mount namespace), and the container's lifecycle; the runv CLI and the
-stand-ins talk to it over its control socket. It exits after `delete`, or when QEMU dies and
-`delete` comes."""
+mounts (in a private mount namespace), and the lifecycle of the sandbox's containers: the one it
+was started for (the sandbox container) and, for a pod, the others that join it later (control
+op `create`; every request names its container). The runv CLI, the shim and the stand-ins talk
+to it over its control socket. It exits when the sandbox container or the last container is
+deleted, or when QEMU dies and `delete` comes."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -25,11 +28,11 @@ from typing import Any
 from .. import config as config_mod
 from ..agent.convert import Storage
 from ..devices import Share, ShareDriver
-from ..errors import InvalidState, RunvError, SpecError
+from ..errors import ContainerExists, ContainerNotFound, InvalidState, RunvError, SpecError
 from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, enter_private_mount_namespace
 from ..store import state
-from . import control, guest_spec
+from . import control, guest_spec, pod
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,32 @@ class Process:
         self.attached = False
 
 
+class GuestContainer:
+    """One container of the sandbox: its processes, its status and its names in the shared
+    directory. The first one (the sandbox container) lives as long as the VM; a pod's other
+    containers join and leave it."""
+
+    def __init__(self, container_id: str, shares: list[str]) -> None:
+        self.id = container_id
+        self.shares = shares
+        self.status = "creating"
+        self.processes: dict[str, Process] = {}
+
+    @property
+    def extra(self) -> dict[str, str]:
+        return {"container": self.id}
+
+    @property
+    def init(self) -> Process:
+        return self.processes[""]
+
+    def stopped(self) -> None:
+        self.status = "stopped"
+        for process in self.processes.values():
+            if not process.exited.done():
+                process.exited.set_result(SIGKILL_STATUS)
+
+
 class Supervisor:
     def __init__(self, args: argparse.Namespace) -> None:
         self.root = Path(args.root)
@@ -79,10 +108,13 @@ class Supervisor:
         self.debug: bool = args.debug
         self.spawned_at: float = args.spawned_at
         self.container_dir = self.root / self.id
-        self.status = "creating"
         self.sandbox: Sandbox | None = None
         self.shared = SharedDir(self.container_dir / "shared")
-        self.processes: dict[str, Process] = {}
+        self.driver: ShareDriver = "virtiofs"
+        self.containers: dict[str, GuestContainer] = {}
+        self.pod_namespaces: dict[str, str] = {}  # type -> guest path (a pod's sandbox)
+        self.vm_paused = False
+        self.creating = asyncio.Lock()
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.event_listeners: set[asyncio.Queue[dict[str, Any]]] = set()
@@ -103,34 +135,24 @@ class Supervisor:
         config = sized(config_mod.load(self.config_path), spec)
         vm_dir = state.vm_dir(config.state_dir, self.root, self.id)
         config = replace(config, state_dir=vm_dir.parent)
+        self.driver = shared_fs_driver(config, spec)
         self.shared.open()
-        # root.readonly is applied in the guest, after the mount points have been made in it.
-        overlay = spec.annotations.get(ROOTFS_OVERLAY_ANNOTATION)
-        if overlay is not None:
-            self._mount_overlay(overlay)
-        else:
-            self.shared.bind(spec.root, "root.path", name="rootfs")
-        binds = {}
-        for index, mount in enumerate(spec.mounts):
-            if mount.is_bind:
-                source = Path(mount.source)
-                if not source.is_absolute():
-                    source = spec.bundle / source
-                binds[index] = self.shared.bind(source, f"mounts[{index}].source",
-                                                readonly=mount.readonly)
-        driver = shared_fs_driver(config, spec)
+        binds, shares = self._share(spec, "rootfs")
         self.sandbox = await Sandbox.boot(
             config, sandbox_id=vm_dir.name, debug=self.debug,
-            shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver=driver),))
-        assert self.sandbox.agent is not None
+            shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver=self.driver),))
         await self.serve_control()
-        guest = guest_spec.rewrite(spec, binds)
         t_create = time.monotonic()
-        await self.sandbox.agent.create_container(
-            self.id, json.dumps(guest).encode(),
-            storages=(Storage(driver, guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
-        self.status = "created"
-        self._track(Process(""))
+        if pod.is_sandbox(spec.annotations):
+            assert self.sandbox.agent is not None
+            self.pod_namespaces = await self.sandbox.agent.create_sandbox(
+                vm_dir.name, hostname=str(spec.raw.get("hostname") or ""),
+                shared_namespaces=pod.SHARED_NAMESPACES)
+            # The sandbox container's own namespaces are the pod's.
+            spec = replace(spec, raw={**spec.raw, "linux": _with_paths(
+                spec.raw.get("linux") or {}, self.pod_namespaces)})
+        await self._create_in_guest(self.id, spec, binds, shares, storages=(
+            Storage(self.driver, guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
         self._task(self._watch_vm())
         self._task(self._watch_events())
         timings = {"supervisor_start": max(0.0, t_setup - self.spawned_at),
@@ -139,7 +161,7 @@ class Supervisor:
         timings.pop("total", None)
         return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings}
 
-    def _mount_overlay(self, value: str) -> None:
+    def _mount_overlay(self, value: str, name: str) -> str:
         field = f"annotations[{ROOTFS_OVERLAY_ANNOTATION!r}]"
         try:
             layers = json.loads(value)
@@ -150,45 +172,133 @@ class Supervisor:
                             '"work": dir}') from None
         if not lower or not all(p.is_absolute() for p in (*lower, upper, work)):
             raise SpecError(f"{field}: needs absolute lower, upper and work directories")
-        self.shared.overlay(lower, upper, work, field, name="rootfs")
+        return self.shared.overlay(lower, upper, work, field, name=name)
 
-    def _track(self, process: Process) -> None:
-        self.processes[process.exec_id] = process
-        self._task(self._wait(process))
+    def _share(self, spec: oci_spec.Spec, rootfs: str,
+               rootfs_tree: int | None = None) -> tuple[dict[int, str], list[str]]:
+        """Bind the container's rootfs (or attach its detached tree) and bind-mount sources
+        into the shared directory: (mount index -> name, every name)."""
+        # root.readonly is applied in the guest, after the mount points have been made in it.
+        overlay = spec.annotations.get(ROOTFS_OVERLAY_ANNOTATION)
+        if rootfs_tree is not None:
+            names = [self.shared.attach(rootfs_tree, rootfs)]
+        elif overlay is not None:
+            names = [self._mount_overlay(overlay, rootfs)]
+        else:
+            names = [self.shared.bind(spec.root, "root.path", name=rootfs)]
+        binds = {}
+        try:
+            for index, mount in enumerate(spec.mounts):
+                if mount.is_bind:
+                    source = Path(mount.source)
+                    if not source.is_absolute():
+                        source = spec.bundle / source
+                    binds[index] = self.shared.bind(source, f"mounts[{index}].source",
+                                                    readonly=mount.readonly)
+                    names.append(binds[index])
+        except BaseException:
+            self._unshare(names)
+            raise
+        return binds, names
 
-    async def _wait(self, process: Process) -> None:
+    def _unshare(self, names: list[str]) -> None:
+        for name in names:
+            with contextlib.suppress(OSError):
+                self.shared.unbind(name)
+
+    async def _create_in_guest(self, container_id: str, spec: oci_spec.Spec,
+                               binds: dict[int, str], shares: list[str],
+                               storages: tuple[Storage, ...] = ()) -> GuestContainer:
+        assert self.sandbox is not None and self.sandbox.agent is not None
+        guest = guest_spec.rewrite(spec, binds, rootfs=shares[0], joined=self.pod_namespaces)
+        await self.sandbox.agent.create_container(
+            container_id, json.dumps(guest).encode(), storages=storages)
+        container = GuestContainer(container_id, shares)
+        container.status = "created"
+        self.containers[container_id] = container
+        self._track(container, Process(""))
+        return container
+
+    async def _join(self, container_id: str, bundle: Path, fds: list[int]) -> dict[str, Any]:
+        """Another container of the pod: its own rootfs and mounts in the share (under names
+        of its own), its own container in the guest, sharing the guest's network. The
+        rootfs comes as a detached mount tree (fds[0]): this supervisor's mount namespace
+        does not see what was mounted after it started (a snapshotter's overlay)."""
+        try:
+            return await self._join_with(container_id, bundle, fds[0] if fds else None)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    async def _join_with(self, container_id: str, bundle: Path,
+                         rootfs_tree: int | None) -> dict[str, Any]:
+        async with self.creating:
+            if container_id in self.containers:
+                raise ContainerExists(f"container {container_id} is already in sandbox "
+                                      f"{self.id}")
+            if self.containers[self.id].status == "stopped":
+                raise InvalidState(f"sandbox {self.id} is stopped")
+            spec = oci_spec.load(bundle)
+            if spec.annotations.get(SHARED_FS_ANNOTATION, "") not in ("", self.driver_name):
+                raise SpecError(f"annotations[{SHARED_FS_ANNOTATION!r}]: the pod's VM uses "
+                                f"{self.driver_name}")
+            rootfs = f"rootfs-{hashlib.sha256(container_id.encode()).hexdigest()[:12]}"
+            binds, shares = self._share(spec, rootfs, rootfs_tree)
+            try:
+                await self._vm_running(True)
+                # The share is already mounted in the guest by the sandbox container.
+                await self._create_in_guest(container_id, spec, binds, shares)
+            except BaseException:
+                self._unshare(shares)
+                raise
+            finally:
+                await self._vm_maybe_pause()
+        return {"ok": True, "vm_dir": str(self._sandbox().paths.root)}
+
+    @property
+    def driver_name(self) -> str:
+        return "virtio-fs" if self.driver == "virtiofs" else "9p"
+
+    def _sandbox(self) -> Sandbox:
+        assert self.sandbox is not None
+        return self.sandbox
+
+    def _track(self, container: GuestContainer, process: Process) -> None:
+        container.processes[process.exec_id] = process
+        self._task(self._wait(container, process))
+
+    async def _wait(self, container: GuestContainer, process: Process) -> None:
         assert self.sandbox is not None and self.sandbox.agent is not None
         try:
-            code = await self.sandbox.agent.wait_process(self.id, process.exec_id)
+            code = await self.sandbox.agent.wait_process(container.id, process.exec_id)
         except RunvError as exc:
-            if self.status == "stopped":
+            if container.status == "stopped":
                 return
             log.warning("waiting for process %r failed: %s", process.exec_id or "init", exc,
-                        extra=self.extra)
+                        extra=container.extra)
             code = SIGKILL_STATUS
         if not process.exited.done():
             process.exited.set_result(code)
         if process.exec_id == "":
-            self.status = "stopped"
-            self._publish({"type": "exit", "id": self.id, "data": {"status": code}})
+            container.status = "stopped"
+            self._publish({"type": "exit", "id": container.id, "data": {"status": code}})
 
     async def _watch_vm(self) -> None:
         assert self.sandbox is not None and self.sandbox.machine is not None
         await asyncio.shield(self.sandbox.machine.exited)
-        if self.status != "stopped" and not self.done.is_set():
+        if not self.done.is_set() and any(c.status != "stopped"
+                                           for c in self.containers.values()):
             log.error("the VM stopped: %s", self.sandbox.machine.describe_exit(),
                       extra=self.extra)
-        self.status = "stopped"
-        for process in self.processes.values():
-            if not process.exited.done():
-                process.exited.set_result(SIGKILL_STATUS)
+        for container in self.containers.values():
+            container.stopped()
 
     async def _watch_events(self) -> None:
         assert self.sandbox is not None and self.sandbox.agent is not None
         with contextlib.suppress(RunvError):
             async for event in self.sandbox.agent.events():
                 if event.kind == "oom":
-                    self._publish({"type": "oom", "id": self.id})
+                    self._publish({"type": "oom", "id": event.container_id or self.id})
 
     def _publish(self, event: dict[str, Any]) -> None:
         for queue in self.event_listeners:
@@ -209,6 +319,15 @@ class Supervisor:
                 conn, _ = await loop.sock_accept(sock)
                 self._task(self._serve(control.ServerConnection(conn)))
 
+    def _container(self, message: dict[str, Any]) -> GuestContainer:
+        """The container a request names ("container"; the sandbox container if none)."""
+        container_id = str(message.get("container") or self.id)
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise ContainerNotFound(f"container {container_id} is not in sandbox "
+                                    f"{self.id}") from None
+
     async def _serve(self, conn: control.ServerConnection) -> None:
         try:
             message, fds = await conn.recv()
@@ -225,98 +344,137 @@ class Supervisor:
                     finally:
                         self.attachments.discard(task)
                     return
-                if op == "events":
-                    await self._stream_events(conn)
-                    return
-                for fd in fds:
-                    os.close(fd)
-                reply = await self._handle(op, message)
+                if op == "create":
+                    reply = await self._join(str(message["container"]),
+                                             Path(message["bundle"]), fds)
+                else:
+                    for fd in fds:
+                        os.close(fd)
+                    if op == "events":
+                        await self._stream_events(conn, self._container(message))
+                        return
+                    reply = await self._handle(op, self._container(message), message)
             except RunvError as exc:
                 reply = control.error_reply(exc)
             except Exception as exc:
                 log.debug("control %s failed", op, exc_info=True)
                 reply = control.error_reply(exc)
             conn.send(reply)
-            if op == "delete" and reply.get("ok"):
+            if reply.get("sandbox_gone"):
                 self.done.set()
         except Exception:
             log.debug("control connection failed", exc_info=True)
         finally:
             conn.close()
 
-    async def _handle(self, op: str, message: dict[str, Any]) -> dict[str, Any]:
-        assert self.sandbox is not None and self.sandbox.agent is not None
-        agent = self.sandbox.agent
-        init = self.processes[""]
+    async def _handle(self, op: str, container: GuestContainer,
+                      message: dict[str, Any]) -> dict[str, Any]:
+        sandbox = self._sandbox()
+        assert sandbox.agent is not None
+        agent = sandbox.agent
+        init = container.init
         if op == "state":
             vm = "gone"
-            if self.sandbox.machine is not None and not self.sandbox.machine.exited.done():
+            if sandbox.machine is not None and not sandbox.machine.exited.done():
                 with contextlib.suppress(RunvError):
-                    vm = await self.sandbox.machine.status()
-            return {"ok": True, "status": self.status, "vm": vm,
+                    vm = await sandbox.machine.status()
+            return {"ok": True, "status": container.status, "vm": vm,
                     "exit_code": init.exited.result() if init.exited.done() else None}
         if op == "delete":
-            if self.status in ("running", "paused") and not message.get("force"):
-                raise InvalidState(f"cannot delete container {self.id} that is not stopped: "
-                                   f"{self.status} (use --force)")
-            return {"ok": True}
-        if self.status == "stopped":
-            raise InvalidState(f"container {self.id} is not running (stopped)")
+            return await self._delete(container, force=bool(message.get("force")))
+        if container.status == "stopped":
+            raise InvalidState(f"container {container.id} is not running (stopped)")
         if op == "resume":
-            if self.status != "paused":
-                raise InvalidState(f"cannot resume container {self.id}: it is not paused")
+            if container.status != "paused":
+                raise InvalidState(f"cannot resume container {container.id}: it is not paused")
             await self._vm_running(True)
-            await agent.resume_container(self.id)
-            self.status = "running"
+            await agent.resume_container(container.id)
+            container.status = "running"
             return {"ok": True}
-        if self.status == "paused":
-            # The VM is stopped with the container: run it for the call, then stop it again.
-            await self._vm_running(True)
-            try:
-                return await self._handle_running(op, message)
-            finally:
-                await self._vm_running(False)
-        return await self._handle_running(op, message)
+        if not self.vm_paused:
+            return await self._handle_running(op, container, message)
+        # The VM is stopped with its containers: run it for the call, then stop it again.
+        await self._vm_running(True)
+        try:
+            return await self._handle_running(op, container, message)
+        finally:
+            await self._vm_maybe_pause()
+
+    async def _delete(self, container: GuestContainer, *, force: bool) -> dict[str, Any]:
+        """Deleting the sandbox container, or the last one, ends the sandbox (the reply says
+        so and the supervisor exits after sending it); another container just leaves it."""
+        if container.status in ("running", "paused") and not force:
+            raise InvalidState(f"cannot delete container {container.id} that is not stopped: "
+                               f"{container.status} (use --force)")
+        if container.id == self.id or len(self.containers) == 1:
+            return {"ok": True, "sandbox_gone": True}
+        agent = self._sandbox().agent
+        assert agent is not None
+        await self._vm_running(True)
+        try:
+            with contextlib.suppress(RunvError, TimeoutError):
+                await asyncio.wait_for(agent.remove_container(container.id, force=True), 10)
+        finally:
+            await self._vm_maybe_pause()
+        container.stopped()
+        del self.containers[container.id]
+        self._unshare(container.shares)
+        return {"ok": True, "sandbox_gone": False}
 
     async def _vm_running(self, running: bool) -> None:
-        """The sandbox holds one container, so pausing it pauses the whole VM too."""
-        assert self.sandbox is not None and self.sandbox.machine is not None
-        if running:
-            await self.sandbox.machine.resume()
-        else:
-            await self.sandbox.machine.pause()
+        """The VM stops when none of its containers is running (it holds nothing else)."""
+        machine = self._sandbox().machine
+        assert machine is not None
+        if running and self.vm_paused:
+            await machine.resume()
+            self.vm_paused = False
+        elif not running and not self.vm_paused:
+            await machine.pause()
+            self.vm_paused = True
 
-    async def _handle_running(self, op: str, message: dict[str, Any]) -> dict[str, Any]:
-        assert self.sandbox is not None and self.sandbox.agent is not None
-        agent = self.sandbox.agent
+    async def _vm_maybe_pause(self) -> None:
+        """After a call that had to run the VM: stop it again if all its containers are."""
+        if any(c.status == "paused" for c in self.containers.values()) and not any(
+                c.status in ("running", "created") for c in self.containers.values()):
+            await self._vm_running(False)
+
+    async def _handle_running(self, op: str, container: GuestContainer,
+                              message: dict[str, Any]) -> dict[str, Any]:
+        agent = self._sandbox().agent
+        assert agent is not None
         if op == "start":
-            if self.status != "created":
-                raise InvalidState(f"cannot start container {self.id}: it is {self.status}")
-            await agent.start_container(self.id)
-            self.status = "running"
+            if container.status != "created":
+                raise InvalidState(f"cannot start container {container.id}: it is "
+                                   f"{container.status}")
+            await agent.start_container(container.id)
+            container.status = "running"
         elif op == "kill":
-            await agent.signal_process(self.id, "", int(message["signal"]),
+            await agent.signal_process(container.id, "", int(message["signal"]),
                                        all_processes=bool(message.get("all")))
         elif op == "pause":
-            if self.status != "running":
-                raise InvalidState(f"cannot pause container {self.id}: it is {self.status}")
-            await agent.pause_container(self.id)
-            await self._vm_running(False)
-            self.status = "paused"
+            if container.status != "running":
+                raise InvalidState(f"cannot pause container {container.id}: it is "
+                                   f"{container.status}")
+            await agent.pause_container(container.id)
+            container.status = "paused"
+            if not any(c.status in ("running", "created") for c in self.containers.values()):
+                await self._vm_running(False)
         elif op == "update":
-            await agent.update_container(self.id, json.dumps(message["resources"]).encode())
+            await agent.update_container(container.id,
+                                         json.dumps(message["resources"]).encode())
         elif op == "stats":
-            return {"ok": True, "stats": await agent.stats_container(self.id)}
+            return {"ok": True, "stats": await agent.stats_container(container.id)}
         elif op == "ps":
             return {"ok": True, "processes": [[pid, list(args)] for pid, args in
-                                              await agent.list_processes(self.id)]}
+                                              await agent.list_processes(container.id)]}
         else:
             raise RunvError(f"unknown control operation {op!r}")
         return {"ok": True}
 
-    async def _stream_events(self, conn: control.ServerConnection) -> None:
+    async def _stream_events(self, conn: control.ServerConnection,
+                             container: GuestContainer) -> None:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        if self.status == "stopped":
+        if container.status == "stopped":
             conn.send({"ok": True})
             return
         self.event_listeners.add(queue)
@@ -331,6 +489,8 @@ class Supervisor:
                         get.cancel()
                         return
                     event = get.result()
+                    if event["id"] != container.id:
+                        continue
                     conn.send(event)
                     if event["type"] == "exit":
                         return  # a stopped container has nothing more to report
@@ -345,22 +505,23 @@ class Supervisor:
         """Connect a stand-in to a process: its stdio fds go to the process (the stand-in
         sent stdin, stdout, stderr, or one terminal fd), its signals and window sizes are
         forwarded, and it is told the exit status once all output is written."""
-        assert self.sandbox is not None and self.sandbox.agent is not None
-        agent = self.sandbox.agent
+        agent = self._sandbox().agent
+        assert agent is not None
         exec_id = str(message.get("exec_id", ""))
         try:
+            container = self._container(message)
             if message["op"] == "exec":
-                if self.status not in ("running", "created"):
-                    raise InvalidState(f"cannot exec in container {self.id}: it is "
-                                       f"{self.status}")
-                if not exec_id or exec_id in self.processes:
+                if container.status not in ("running", "created"):
+                    raise InvalidState(f"cannot exec in container {container.id}: it is "
+                                       f"{container.status}")
+                if not exec_id or exec_id in container.processes:
                     raise InvalidState(f"exec id {exec_id!r} is empty or already in use")
-                await agent.exec_process(self.id, exec_id,
+                await agent.exec_process(container.id, exec_id,
                                          json.dumps(message["process"]).encode())
-                self._track(Process(exec_id))
-            process = self.processes.get(exec_id)
+                self._track(container, Process(exec_id))
+            process = container.processes.get(exec_id)
             if process is None:
-                raise InvalidState(f"no process {exec_id!r} in container {self.id}")
+                raise InvalidState(f"no process {exec_id!r} in container {container.id}")
             if process.attached:
                 raise InvalidState(f"process {exec_id or 'init'} already has a stand-in")
             process.attached = True
@@ -370,19 +531,19 @@ class Supervisor:
             conn.send(control.error_reply(exc))
             return
         stdin_fd, out_fd, err_fd = (fds + fds[-1:] * 3)[:3] if fds else (-1, -1, -1)
-        output = asyncio.create_task(self._pump(exec_id, stdin_fd, out_fd, err_fd))
+        output = asyncio.create_task(self._pump(container, exec_id, stdin_fd, out_fd, err_fd))
         conn.send({"ok": True})
         if message.get("size"):
             height, width = message["size"]
             with contextlib.suppress(RunvError):
-                await agent.resize_tty(self.id, exec_id, height, width)
-        incoming = asyncio.create_task(self._forward(conn, exec_id))
+                await agent.resize_tty(container.id, exec_id, height, width)
+        incoming = asyncio.create_task(self._forward(conn, container, exec_id))
         exited: asyncio.Future[Any] = process.exited
         await asyncio.wait([exited, incoming], return_when=asyncio.FIRST_COMPLETED)
         if not process.exited.done():
             # The stand-in died (SIGKILL cannot be forwarded): the process goes with it.
             with contextlib.suppress(RunvError):
-                await agent.signal_process(self.id, exec_id, signal.SIGKILL)
+                await agent.signal_process(container.id, exec_id, signal.SIGKILL)
         code = await process.exited
         try:
             with contextlib.suppress(TimeoutError, RunvError):  # RunvError: the VM is gone
@@ -395,26 +556,29 @@ class Supervisor:
                 os.close(fd)
             conn.send({"exit": code})
 
-    async def _forward(self, conn: control.ServerConnection, exec_id: str) -> None:
-        assert self.sandbox is not None and self.sandbox.agent is not None
-        agent = self.sandbox.agent
+    async def _forward(self, conn: control.ServerConnection, container: GuestContainer,
+                       exec_id: str) -> None:
+        agent = self._sandbox().agent
+        assert agent is not None
         while True:
             message = await conn.recv_message()
             if message is None:
                 return
             with contextlib.suppress(RunvError):
                 if "signal" in message:
-                    await agent.signal_process(self.id, exec_id, int(message["signal"]))
+                    await agent.signal_process(container.id, exec_id, int(message["signal"]))
                 elif "size" in message:
                     height, width = message["size"]
-                    await agent.resize_tty(self.id, exec_id, int(height), int(width))
+                    await agent.resize_tty(container.id, exec_id, int(height), int(width))
 
-    async def _pump(self, exec_id: str, stdin_fd: int, out_fd: int, err_fd: int) -> None:
-        assert self.sandbox is not None and self.sandbox.agent is not None
+    async def _pump(self, container: GuestContainer, exec_id: str, stdin_fd: int, out_fd: int,
+                    err_fd: int) -> None:
+        agent = self._sandbox().agent
+        assert agent is not None
         loop = asyncio.get_running_loop()
         stdin = _read_fd(stdin_fd) if stdin_fd >= 0 else None
         broken: set[int] = set()
-        async for chunk in self.sandbox.agent.stdio(self.id, exec_id, stdin=stdin):
+        async for chunk in agent.stdio(container.id, exec_id, stdin=stdin):
             fd = err_fd if chunk.stream == "stderr" else out_fd
             if chunk.data and fd >= 0 and fd not in broken:
                 try:
@@ -426,17 +590,16 @@ class Supervisor:
 
     async def close(self) -> None:
         if self.sandbox is not None:
-            if self.status == "paused":
+            if self.vm_paused:
                 with contextlib.suppress(Exception):
                     await self._vm_running(True)
-            if self.sandbox.agent is not None and self.status != "stopped":
-                with contextlib.suppress(RunvError, TimeoutError):
-                    await asyncio.wait_for(self.sandbox.agent.remove_container(
-                        self.id, force=True), 10)
-            self.status = "stopped"
-            for process in self.processes.values():
-                if not process.exited.done():
-                    process.exited.set_result(SIGKILL_STATUS)
+            agent = self.sandbox.agent
+            for container in self.containers.values():
+                if agent is not None and container.status != "stopped":
+                    with contextlib.suppress(RunvError, TimeoutError):
+                        await asyncio.wait_for(agent.remove_container(
+                            container.id, force=True), 10)
+                container.stopped()
             # Let the stand-ins receive their exit status (after the output) before the VM goes.
             if self.attachments:
                 await asyncio.wait(set(self.attachments), timeout=EXIT_OUTPUT_GRACE_S + 1)
@@ -445,6 +608,13 @@ class Supervisor:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.sandbox.close()
         self.shared.close()
+
+
+def _with_paths(linux: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+    """linux with a path on each namespace of a type in `paths`."""
+    namespaces = [dict(ns, path=paths[ns["type"]]) if ns.get("type") in paths else ns
+                  for ns in linux.get("namespaces") or []]
+    return {**linux, "namespaces": namespaces}
 
 
 async def _read_fd(fd: int) -> AsyncIterator[bytes]:

@@ -1,8 +1,9 @@
 """`containerd-shim-runv-v2`: containerd's runtime v2 entry points. `start` binds the task's ttrpc
 socket, starts the long-lived shim on it (fd 3, its own session) and prints the address;
-`delete` cleans up after a shim that is gone (its VM, its rootfs mount) and prints a
-DeleteResponse; with no action the process is that long-lived shim, serving the task service.
-Flags are containerd's, Go style (`-namespace ns`, `-id=x`)."""
+`start` for a pod's container (CRI annotations) prints the address of the pod sandbox's shim,
+which runs it in the sandbox's VM. `delete` cleans up after a shim that is gone (its VM, its
+rootfs mount) and prints a DeleteResponse; with no action the process is that long-lived
+shim, serving the task service. Flags are containerd's, Go style (`-namespace ns`, `-id=x`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from .. import __version__, child
 from .. import config as config_mod
 from .. import log as log_setup
 from ..errors import ContainerNotFound, RunvError
+from ..oci import spec as oci_spec
+from ..sandbox import pod
 from ..sandbox.container import Runtime
 from . import rootfs, ttrpc
 from ._pb import task_pb2
@@ -77,24 +80,33 @@ def _config_path_of(options: bytes) -> str | None:
         return None
 
 
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def start(args: argparse.Namespace) -> int:
     bundle = Path.cwd()
     config_path = _config_path_of(sys.stdin.buffer.read()) or os.environ.get("RUNV_CONFIG")
     if config_path:
         os.environ["RUNV_CONFIG"] = config_path  # for the shim started below
     config = config_mod.load(config_path)
+    spec = oci_spec.load(bundle)
+    sandbox = pod.sandbox_of(spec.annotations, args.id)
+    if sandbox is not None:
+        return _start_in_pod(args, config, config_path, bundle, sandbox)
     path = _socket_path(config, args)
     address = f"unix://{path}"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     if path.exists():
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()
-            else:
-                sys.stdout.write(address)
-                return 0
+        if _answers(path):
+            sys.stdout.write(address)
+            return 0
+        path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     os.chmod(path, 0o600)
@@ -111,6 +123,23 @@ def start(args: argparse.Namespace) -> int:
                                     stdout=devnull, pass_fds=(LISTEN_FD,))
     (bundle / "address").write_text(address)
     (bundle / "shim.pid").write_text(str(shim.pid))
+    sys.stdout.write(address)
+    return 0
+
+
+def _start_in_pod(args: argparse.Namespace, config: config_mod.RuntimeConfig,
+                  config_path: str | None, bundle: Path, sandbox: str) -> int:
+    """A pod's container is served by the shim of the pod's sandbox container (which runs it
+    in the sandbox's VM): its address is the answer."""
+    path = _socket_path(config, argparse.Namespace(**{**vars(args), "id": sandbox}))
+    if not _answers(path):
+        raise ContainerNotFound(f"pod sandbox {sandbox} ({pod.SANDBOX_ID} of {args.id}) has "
+                                "no shim: create the sandbox container first")
+    address = f"unix://{path}"
+    (bundle / STATE_FILE).write_text(json.dumps({
+        "root": str(_runtime_root(config, args.namespace)), "config": config_path,
+        "socket": str(path), "sandbox": sandbox}))
+    (bundle / "address").write_text(address)
     sys.stdout.write(address)
     return 0
 
@@ -139,8 +168,9 @@ def delete(args: argparse.Namespace) -> int:
     except RunvError as exc:
         print(f"runv: cleaning up {args.id}: {exc}", file=sys.stderr)
     asyncio.run(rootfs.unmount(bundle / "rootfs"))
-    with contextlib.suppress(OSError):
-        Path(state.get("socket") or _socket_path(config, args)).unlink()
+    if not state.get("sandbox"):  # the socket of a pod's container is its sandbox's
+        with contextlib.suppress(OSError):
+            Path(state.get("socket") or _socket_path(config, args)).unlink()
     reply = task_pb2.DeleteResponse(exit_status=KILLED_STATUS, exited_at=timestamp(time.time()))
     sys.stdout.buffer.write(reply.SerializeToString())
     return 0

@@ -197,7 +197,8 @@ class TaskService:
                 "op": "exec", "exec_id": process.exec_id, "process": process.spec})
             event = events_pb2.TaskExecStarted(container_id=container.id,
                                                exec_id=process.exec_id, pid=container.pid)
-        process.status = "running"
+        if not process.exited.done():  # a fast process may be gone already
+            process.status = "running"
         process.started = True
         self.publisher.publish(event)
         if process.exited.done():
@@ -373,7 +374,7 @@ class TaskService:
         record = self.runtime.store.load(container.id)
         conn = control.Connection(self.runtime.ctl(record), timeout_s=ATTACH_TIMEOUT_S)
         try:
-            conn.call(request, fds)
+            conn.call({**request, "container": container.id}, fds)
         except BaseException:
             conn.close()
             raise

@@ -20,7 +20,15 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_SLAVE = 0x80000
+MS_SHARED = 0x100000
 MNT_DETACH = 0x2
+SYS_OPEN_TREE = 428  # the same number on every architecture (new syscalls are unified)
+SYS_MOVE_MOUNT = 429
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -45,6 +53,18 @@ def enter_private_mount_namespace() -> None:
     _mount(None, "/", None, MS_REC | MS_SLAVE)
 
 
+def detached_tree(source: Path, field: str) -> int:
+    """A detached copy of the mounts at and under `source`, as an fd (open_tree(2)): it can go
+    to a process in another mount namespace, which does not see mounts made after it was
+    created, and be attached there (SharedDir.attach)."""
+    fd: int = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, str(source).encode(),
+                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise ConfigError(f"{field}: cannot share {source}: {os.strerror(err)}")
+    return fd
+
+
 class SharedDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -55,6 +75,9 @@ class SharedDir:
         self.path.mkdir(mode=0o755, exist_ok=True)
         _mount("runv-shared", str(self.path), "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
         self._mounted = True
+        # Shared within this namespace only: binds made after virtiofsd started (the other
+        # containers of a pod) reach its slave copy of the tmpfs.
+        _mount(None, str(self.path), None, MS_SHARED)
 
     def bind(self, source: Path, field: str, *, readonly: bool = False,
              name: str | None = None) -> str:
@@ -99,6 +122,28 @@ class SharedDir:
         except OSError as exc:
             raise ConfigError(f"{field}: cannot mount the overlay: {exc.strerror}") from None
         return name
+
+    def attach(self, tree: int, name: str, *, directory: bool = True) -> str:
+        """Put a detached_tree() into the share under `name`."""
+        if not self._mounted:
+            raise RunvError("shared dir is not open")
+        target = self.path / name
+        if directory:
+            target.mkdir()
+        else:
+            target.touch()
+        _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
+                             MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
+        return name
+
+    def unbind(self, name: str) -> None:
+        """Undo bind(): the name disappears from the share."""
+        target = self.path / name
+        _check(_libc.umount2(str(target).encode(), MNT_DETACH), f"umount {target}")
+        if target.is_dir():
+            target.rmdir()
+        else:
+            target.unlink()
 
     def close(self) -> None:
         """Detach the tmpfs and everything bound under it. Idempotent. Must run before

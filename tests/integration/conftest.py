@@ -46,6 +46,7 @@ class Containerd:
     def __init__(self, top: Path, env: dict[str, str]) -> None:
         self.top = top
         self.address = str(top / "containerd.sock")
+        self.env = env
         self.runc_root = top / "runc-root"
         config = top / "containerd.toml"
         config.write_text(f"""version = 2
@@ -89,6 +90,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         for line in processes_mentioning(self.address):
             pid = int(line.split(":", 1)[0])
             os.kill(pid, signal.SIGKILL)
+        # What containerd would do for those shims' tasks (runv's shim leaves runv.json in
+        # their bundles): its `delete` stops their VMs and unmounts their rootfs.
+        for bundle in (self.top / "state").glob("io.containerd.runtime.v2.task/*/*"):
+            if (bundle / "runv.json").exists():
+                subprocess.run(["containerd-shim-runv-v2", "-namespace", bundle.parent.name,
+                                "-address", self.address, "-id", bundle.name, "-bundle",
+                                str(bundle), "delete"], cwd=bundle, env=self.env,
+                               capture_output=True, timeout=60, check=False)
         self.log.close()
         subprocess.run(["umount", "-R", str(self.top / "root")], capture_output=True,
                        check=False)

@@ -1,19 +1,30 @@
 """containerd 1.6 with runv-py's own shim (`--runtime io.containerd.runv.v2`): containerd starts
 `containerd-shim-runv-v2` from its PATH, talks ttrpc to it and receives its events; every task
-runs in its own VM."""
+runs in its own VM, except a pod's containers (CRI annotations), which share their sandbox's."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import json
 import os
+import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from google.protobuf import any_pb2
 
+from runv_py.shim import task, ttrpc
+from runv_py.shim._pb import task_pb2
 from tests.vm.conftest import processes_mentioning
 
 from .conftest import IMAGE, Containerd
@@ -58,18 +69,25 @@ def _wait_status(cd: Containerd, task: str, status: str | None, timeout: float =
         time.sleep(0.2)
 
 
-def test_run_rm_output_exit_code_and_events(cd: Containerd, tmp_path: Path) -> None:
-    with open(tmp_path / "events", "wb") as out:
+def _run_watching_events(cd: Containerd, events_file: Path, *args: str
+                         ) -> subprocess.CompletedProcess[bytes]:
+    """`ctr run --rm ARGS` while `ctr events` writes containerd's events to events_file."""
+    with open(events_file, "wb") as out:
         events = subprocess.Popen(["ctr", "--address", cd.address, "events"], stdout=out,
                                   stderr=subprocess.STDOUT)
     try:
         time.sleep(0.5)
-        result = cd.ctr("run", "--rm", *RUNTIME, IMAGE, "s1", "sh", "-c",
-                        "echo hello; echo oops >&2; exit 3", check=False)
+        result = cd.ctr("run", "--rm", *RUNTIME, *args, check=False)
         time.sleep(0.5)
     finally:
         events.terminate()
         events.wait()
+    return result
+
+
+def test_run_rm_output_exit_code_and_events(cd: Containerd, tmp_path: Path) -> None:
+    result = _run_watching_events(cd, tmp_path / "events", IMAGE, "s1", "sh", "-c",
+                                  "echo hello; echo oops >&2; exit 3")
     assert result.returncode == 3, result.stderr
     assert result.stdout == b"hello\n"
     assert result.stderr == b"oops\n"
@@ -120,6 +138,75 @@ def test_exec_pause_resume_metrics_kill(cd: Containerd) -> None:
     assert "s2" not in _tasks(cd)
 
 
+def test_oom_kill_becomes_an_oom_event(cd: Containerd, tmp_path: Path) -> None:
+    result = _run_watching_events(cd, tmp_path / "events", "--memory-limit", str(32 << 20),
+                                  IMAGE, "s6", "sh", "-c", "head -c 200000000 /dev/zero | tail")
+    assert result.returncode == 137, result.stderr
+    topics = [line.split()[5] for line in (tmp_path / "events").read_text().splitlines()
+              if '"s6"' in line]
+    assert "/tasks/oom" in topics, topics
+    assert topics.index("/tasks/oom") < topics.index("/tasks/delete"), topics
+
+
+def test_terminal_size_reaches_the_process(cd: Containerd) -> None:
+    """`ctr run -t` sends its terminal's size (ResizePty) once the task has started."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    proc = subprocess.Popen(["ctr", "--address", cd.address, "--namespace", "runvtest", "run",
+                             "--rm", "-t", *RUNTIME, IMAGE, "s7", "sh", "-c",
+                             "sleep 2; stty size"],
+                            stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([master], [], [], 1)[0]:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every holder of the slave has closed it
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(timeout=60) == 0, output
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"33 101" in output, output
+
+
+def test_update_through_the_shim(cd: Containerd, tmp_path: Path) -> None:
+    """ctr 1.6 has no `task update`: containerd's Update call, sent to the shim's ttrpc socket
+    as containerd sends it, changes the limits the guest enforces."""
+    cd.ctr("run", "-d", *RUNTIME, IMAGE, "s8", "sleep", "600")
+    bundle = tmp_path / "state" / "io.containerd.runtime.v2.task" / "runvtest" / "s8"
+    address = (bundle / "address").read_text().removeprefix("unix://")
+    resources = {"memory": {"limit": 48 << 20}, "pids": {"limit": 40}}
+
+    async def update() -> None:
+        client = await ttrpc.Client.connect(address)
+        try:
+            await client.call(task.SERVICE, "Update", task_pb2.UpdateTaskRequest(
+                id="s8", resources=any_pb2.Any(type_url=task.RESOURCES_URL,
+                                               value=json.dumps(resources).encode())
+            ).SerializeToString(), metadata={"containerd-namespace": "runvtest"})
+        finally:
+            await client.close()
+
+    asyncio.run(update())
+    metrics = json.loads(cd.ctr("task", "metrics", "--format", "json", "s8").stdout)
+    assert metrics["memory"]["usage_limit"] == 48 << 20, metrics
+    assert metrics["pids"]["limit"] == 40, metrics
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "s8")
+    _wait_status(cd, "s8", "STOPPED")
+    cd.ctr("task", "delete", "s8")
+    cd.ctr("container", "delete", "s8")
+
+
 def test_log_uri_file_and_binary(cd: Containerd, tmp_path: Path) -> None:
     log_file = tmp_path / "logs" / "out.log"
     result = cd.ctr("run", "--rm", *RUNTIME, "--log-uri", f"file://{log_file}", IMAGE, "s3",
@@ -163,6 +250,98 @@ def test_killed_shim_is_cleaned_up(cd: Containerd, tmp_path: Path) -> None:
     assert "cleaning up dead shim" in (tmp_path / "containerd.log").read_text()
     assert "failed to clean up" not in (tmp_path / "containerd.log").read_text()
     cd.ctr("container", "delete", "s5")
+
+
+SERVE = ("mkdir -p /tmp/www && echo pod-hello > /tmp/www/index.html && "
+         "exec httpd -f -p 127.0.0.1:8080 -h /tmp/www")
+FETCH = ("for i in $(seq 50); do wget -qO- http://127.0.0.1:8080/ && exit 0; sleep 0.2; done; "
+         "exit 1")
+
+
+def _pod(kind: str, sandbox: str) -> list[str]:
+    """What the CRI plugin puts on a pod's containers, as `ctr run` options."""
+    return ["--annotation", f"io.kubernetes.cri.container-type={kind}",
+            "--annotation", f"io.kubernetes.cri.sandbox-id={sandbox}"]
+
+
+def _qemus(env: dict[str, str]) -> list[str]:
+    state = tomllib.loads(Path(env["RUNV_CONFIG"]).read_text())["state_dir"]
+    return [line for line in processes_mentioning(state) if "qemu-system" in line]
+
+
+def _shims(cd: Containerd) -> list[str]:
+    return [line for line in processes_mentioning(cd.address)
+            if "runv_py.shim.main" in line or "containerd-shim-runv-v2" in line]
+
+
+def test_pod_shares_one_vm_and_localhost(cd: Containerd, shim_env: dict[str, str]) -> None:
+    cd.ctr("run", "-d", *RUNTIME, *_pod("sandbox", "p1"), IMAGE, "p1", "sh", "-c", SERVE)
+    # As the CRI does, c1 asks for the sandbox's IPC namespace by (host) path.
+    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p1"), "--with-ns", "ipc:/proc/1/ns/ipc",
+           IMAGE, "c1", "sleep", "600")
+    assert _tasks(cd) == {"p1": "RUNNING", "c1": "RUNNING"}
+    assert len(_qemus(shim_env)) == 1, _qemus(shim_env)
+    assert len(_shims(cd)) == 1, _shims(cd)
+
+    # c1 reaches the server of p1 on the guest's localhost.
+    result = cd.ctr("task", "exec", "--exec-id", "w", "c1", "sh", "-c", FETCH, check=False)
+    assert (result.returncode, result.stdout) == (0, b"pod-hello\n"), result.stderr
+    ipc = [cd.ctr("task", "exec", "--exec-id", "ns", task, "readlink", "/proc/self/ns/ipc").stdout
+           for task in ("p1", "c1")]
+    assert ipc[0] == ipc[1] and ipc[0].startswith(b"ipc:["), ipc
+    metrics = cd.ctr("task", "metrics", "c1").stdout.decode()
+    assert "pids" in metrics, metrics
+
+    # Pausing one container of the pod leaves the other running.
+    cd.ctr("task", "pause", "c1")
+    assert _tasks(cd) == {"p1": "RUNNING", "c1": "PAUSED"}
+    result = cd.ctr("task", "exec", "--exec-id", "w2", "p1", "sh", "-c", FETCH, check=False)
+    assert (result.returncode, result.stdout) == (0, b"pod-hello\n"), result.stderr
+    cd.ctr("task", "resume", "c1")
+    assert _tasks(cd)["c1"] == "RUNNING"
+
+    # The pod's container leaves the VM, which stays for the sandbox; then the sandbox goes.
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "c1")
+    _wait_status(cd, "c1", "STOPPED")
+    cd.ctr("task", "delete", "c1")
+    cd.ctr("container", "delete", "c1")
+    assert _tasks(cd) == {"p1": "RUNNING"}
+    assert len(_qemus(shim_env)) == 1
+    cd.ctr("task", "kill", "--signal", "SIGKILL", "p1")
+    _wait_status(cd, "p1", "STOPPED")
+    cd.ctr("task", "delete", "p1")
+    cd.ctr("container", "delete", "p1")
+    deadline = time.monotonic() + 30
+    while _qemus(shim_env) or _shims(cd):
+        assert time.monotonic() < deadline, _qemus(shim_env) + _shims(cd)
+        time.sleep(0.2)
+
+
+def test_pod_container_without_its_sandbox_fails(cd: Containerd) -> None:
+    result = cd.ctr("run", "--rm", *RUNTIME, *_pod("container", "nope"), IMAGE, "c9", "true",
+                    check=False)
+    assert result.returncode != 0
+    assert "pod sandbox nope" in result.stderr.decode(), result.stderr
+    cd.ctr("container", "delete", "c9", check=False)
+    assert not _shims(cd)
+
+
+def test_killed_pod_shim_is_cleaned_up(cd: Containerd, shim_env: dict[str, str],
+                                       tmp_path: Path) -> None:
+    cd.ctr("run", "-d", *RUNTIME, *_pod("sandbox", "p2"), IMAGE, "p2", "sleep", "600")
+    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p2"), IMAGE, "c2", "sleep", "600")
+    assert len(_qemus(shim_env)) == 1
+    shim_pid = int((tmp_path / "state" / "io.containerd.runtime.v2.task" / "runvtest" / "p2"
+                    / "shim.pid").read_text())
+    os.kill(shim_pid, signal.SIGKILL)
+    # containerd runs `containerd-shim-runv-v2 delete` for both tasks; the VM goes with the
+    # first.
+    deadline = time.monotonic() + 60
+    while _tasks(cd) or _qemus(shim_env):
+        assert time.monotonic() < deadline, (_tasks(cd), _qemus(shim_env))
+        time.sleep(0.2)
+    assert "failed to clean up" not in (tmp_path / "containerd.log").read_text()
+    cd.ctr("container", "delete", "c2", "p2")
 
 
 def _doc_block(lang: str) -> str:

@@ -15,6 +15,7 @@ from runv_py.cli import main as cli
 from runv_py.errors import ConfigError, ContainerExists, ContainerNotFound, SpecError
 from runv_py.oci import spec as oci_spec
 from runv_py.oci import template
+from runv_py.sandbox import pod
 from runv_py.sandbox.container import parse_signal
 from runv_py.sandbox.guest_spec import GUEST_SHARED, rewrite
 from runv_py.store.state import ContainerRecord, Store, check_id, vm_dir
@@ -123,6 +124,31 @@ def test_guest_spec_points_at_the_share_and_drops_host_parts(tmp_path: Path) -> 
     assert {"type": "network"} not in guest["linux"]["namespaces"]
     assert all("path" not in ns for ns in guest["linux"]["namespaces"])
     assert "cgroupsPath" not in guest["linux"]
+
+
+def test_guest_spec_joins_the_pods_namespaces_named_by_path(tmp_path: Path) -> None:
+    doc = template.document()
+    doc["linux"]["namespaces"] = [{"type": "ipc", "path": "/proc/9/ns/ipc"}, {"type": "uts"},
+                                  {"type": "pid", "path": "/proc/9/ns/pid"}]
+    spec = oci_spec.load(_bundle(tmp_path, doc))
+    guest = rewrite(spec, {}, rootfs="rootfs-x",
+                    joined={"ipc": "/run/hyperstart/sandbox/ns/ipc",
+                            "uts": "/run/hyperstart/sandbox/ns/uts"})
+    assert guest["root"]["path"] == f"{GUEST_SHARED}/rootfs-x"
+    assert guest["linux"]["namespaces"] == [
+        {"type": "ipc", "path": "/run/hyperstart/sandbox/ns/ipc"}, {"type": "uts"},
+        {"type": "pid"}]
+
+
+def test_pod_annotations_name_the_sandbox() -> None:
+    cri = {pod.CONTAINER_TYPE: "container", pod.SANDBOX_ID: "p1"}
+    assert pod.sandbox_of(cri, "c1") == "p1"
+    assert pod.sandbox_of(cri, "p1") is None  # never its own sandbox
+    assert pod.sandbox_of({**cri, pod.CONTAINER_TYPE: "sandbox"}, "p1") is None
+    assert pod.is_sandbox({pod.CONTAINER_TYPE: "sandbox", pod.SANDBOX_ID: "p1"})
+    assert pod.sandbox_of({pod.CRIO_CONTAINER_TYPE: "container", pod.CRIO_SANDBOX_ID: "p2"},
+                          "c2") == "p2"
+    assert pod.sandbox_of({}, "c1") is None
 
 
 def test_container_records(tmp_path: Path) -> None:
