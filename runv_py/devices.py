@@ -36,7 +36,15 @@ class HubPort:
     hub: int = 0
 
 
-NicBackend = HubPort
+@dataclass(frozen=True, slots=True)
+class TapFd:
+    """An open tap device (IFF_TAP|IFF_NO_PI|IFF_VNET_HDR) the hypervisor inherits as `fd`;
+    whoever opened it keeps it and closes it."""
+
+    fd: int
+
+
+NicBackend = HubPort | TapFd
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,3 +143,11 @@ class RegistryError(ImageError):
 
     grpc_code = "UNAVAILABLE"
     reference = "registry-error"
+
+
+class NetworkError(RunvError):
+    """The sandbox's network namespace cannot be read or extended into the VM (taps, tc),
+    or a CNI plugin failed."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "network-failed"

@@ -57,6 +57,8 @@ class Spec:
     annotations: dict[str, str]
     memory_limit: int | None
     cpus: float | None
+    # linux.namespaces: the network namespace's path ("" for a new one), None without one.
+    network_ns: str | None = None
 
     def hooks_of(self, kind: str) -> tuple[Hook, ...]:
         return self.hooks.get(kind, ())
@@ -180,18 +182,24 @@ def parse(bundle: Path, raw: Any) -> Spec:
         if not args:
             raise SpecError("process.args: must name the program to run")
     linux = _obj(obj.get("linux"), "linux")
+    network_ns: str | None = None
     for i, ns in enumerate(_list(linux.get("namespaces"), "linux.namespaces")):
         kind = _str(_obj(ns, f"linux.namespaces[{i}]").get("type"),
                     f"linux.namespaces[{i}].type", required=True)
         if kind not in NAMESPACES:
             raise SpecError(f"linux.namespaces[{i}].type: unknown namespace type {kind!r}")
+        if kind == "network":
+            network_ns = _str(ns.get("path"), f"linux.namespaces[{i}].path") or ""
+            if network_ns and not network_ns.startswith("/"):
+                raise SpecError(f"linux.namespaces[{i}].path: {network_ns!r} is not absolute")
     annotations = _obj(obj.get("annotations"), "annotations")
     for key, value in annotations.items():
         _str(value, f"annotations[{key!r}]", required=True)
     memory_limit, cpus = _sizing(linux)
     return Spec(bundle=bundle, raw=obj, root=rootfs.resolve(), readonly_root=readonly,
                 terminal=terminal, mounts=_mounts(obj), hooks=_hooks(obj),
-                annotations=dict(annotations), memory_limit=memory_limit, cpus=cpus)
+                annotations=dict(annotations), memory_limit=memory_limit, cpus=cpus,
+                network_ns=network_ns)
 
 
 def load(bundle: Path) -> Spec:

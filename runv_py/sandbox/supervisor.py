@@ -33,6 +33,7 @@ from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, enter_private_mount_namespace
 from ..store import state
 from . import control, guest_spec, pod
+from .network import SandboxNetwork
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class Supervisor:
         self.spawned_at: float = args.spawned_at
         self.container_dir = self.root / self.id
         self.sandbox: Sandbox | None = None
+        self.network = SandboxNetwork(None)
         self.shared = SharedDir(self.container_dir / "shared")
         self.driver: ShareDriver = "virtiofs"
         self.containers: dict[str, GuestContainer] = {}
@@ -138,9 +140,13 @@ class Supervisor:
         self.driver = shared_fs_driver(config, spec)
         self.shared.open()
         binds, shares = self._share(spec, "rootfs")
+        self.network = SandboxNetwork(spec.network_ns)
+        nics = await self.network.prepare()
         self.sandbox = await Sandbox.boot(
-            config, sandbox_id=vm_dir.name, debug=self.debug,
+            config, sandbox_id=vm_dir.name, debug=self.debug, nics=nics,
             shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver=self.driver),))
+        assert self.sandbox.agent is not None
+        await self.network.configure(self.sandbox.agent)
         await self.serve_control()
         t_create = time.monotonic()
         if pod.is_sandbox(spec.annotations):
@@ -607,6 +613,7 @@ class Supervisor:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.sandbox.close()
+        await self.network.close()
         self.shared.close()
 
 

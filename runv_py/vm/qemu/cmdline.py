@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ...devices import Nic, Share
+from ...devices import HubPort, Nic, Share
 
 AGENT_PORT_NAME = "agent.channel.0"
 AGENT_PORT_ID = "agent0"
@@ -67,6 +67,11 @@ def kernel_cmdline(p: KernelParams) -> str:
     return " ".join(words)
 
 
+def inherited_fds(config: VmConfig) -> tuple[int, ...]:
+    """The fds QEMU must inherit (they are named in its argv)."""
+    return tuple(nic.backend.fd for nic in config.nics if not isinstance(nic.backend, HubPort))
+
+
 def _bus(config: VmConfig) -> str:
     return "device" if config.machine == "microvm" else "pci"
 
@@ -125,8 +130,13 @@ def qemu_argv(config: VmConfig) -> list[str]:
         ]
     for nic in config.nics:
         mtu = f",host_mtu={nic.mtu}" if nic.mtu else ""
+        if isinstance(nic.backend, HubPort):
+            netdev = f"hubport,id=net-{nic.id},hubid={nic.backend.hub}"
+        else:
+            # No vhost: /dev/vhost-net is not there on every host; QEMU moves the frames.
+            netdev = f"tap,id=net-{nic.id},fd={nic.backend.fd},vhost=off"
         argv += [
-            "-netdev", f"hubport,id=net-{nic.id},hubid={nic.backend.hub}",
+            "-netdev", netdev,
             "-device", f"virtio-net-{bus},netdev=net-{nic.id},mac={nic.mac}{mtu}",
         ]
     if config.agent_socket is not None:

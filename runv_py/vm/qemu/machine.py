@@ -14,7 +14,7 @@ from qemu.qmp import EventListener
 
 from ... import child
 from ...errors import HypervisorError
-from .cmdline import VmConfig, qemu_argv
+from .cmdline import VmConfig, inherited_fds, qemu_argv
 from .qmp import Qmp
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class QemuMachine:
         log.debug("starting %s", " ".join(argv))
         with open(self.log_path, "ab") as out:
             self.started_at = time.monotonic()
-            self.child = await child.spawn(argv, stdout=out, stderr=out)
+            self.child = await child.spawn(argv, stdout=out, stderr=out,
+                                           pass_fds=inherited_fds(self.config))
         self._exited = asyncio.create_task(self.child.wait(), name=f"qemu-{self.config.name}")
         connect = asyncio.create_task(self.qmp.connect(self.config.qmp_socket, QMP_TIMEOUT_S))
         await asyncio.wait({connect, self._exited}, return_when=asyncio.FIRST_COMPLETED)
