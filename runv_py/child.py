@@ -126,3 +126,27 @@ def spawn_detached(
         streams = {}
     return subprocess.Popen(list(argv), pass_fds=tuple(pass_fds),
                             start_new_session=new_session, **streams)
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def run(argv: Sequence[str], *, input: bytes = b"", env: dict[str, str] | None = None,
+              timeout_s: float = 60.0) -> Completed:
+    """Run a short-lived command to its end with `input` on stdin; killed at the timeout."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(input), timeout_s)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return Completed(process.returncode, stdout, stderr)

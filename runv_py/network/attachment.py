@@ -66,3 +66,21 @@ class Attachment:
         if self._netns is not None:
             self._netns.close()
             self._netns = None
+
+
+def sweep(path: str) -> list[str]:
+    """After a sandbox's owner died without closing (SIGKILL): its taps went with it, but the
+    redirects on the namespace's interfaces stay and would drop their traffic. Removes them;
+    the names of the interfaces cleaned. A namespace that is gone has nothing to clean."""
+    if not os.path.exists(path):
+        return []
+    netns = NetNs(path)
+    try:
+        return netns.run(_sweep)
+    finally:
+        netns.close()
+
+
+def _sweep() -> list[str]:
+    with endpoint.netlink() as ipr:
+        return endpoint.sweep(ipr)

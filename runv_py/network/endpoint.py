@@ -133,10 +133,11 @@ def _redirect_targets(ipr: Any, index: int) -> list[int]:
     return targets
 
 
-def clear_stale(ipr: Any, link: Link) -> None:
-    """Refuse an interface another live sandbox mirrors; remove what a killed one left."""
+def _stale(ipr: Any, link: Link) -> bool:
+    """Whether the link carries the mirror of a sandbox whose tap is gone (a killed runtime);
+    NetworkError if another live sandbox mirrors it or its ingress qdisc is not ours."""
     if not _ingress_qdisc(ipr, link.index):
-        return
+        return False
     name = tap_name(link)
     if ipr.link_lookup(ifname=name):
         raise NetworkError(f"interface {link.name} is already mirrored to {name}: another "
@@ -146,8 +147,28 @@ def clear_stale(ipr: Any, link: Link) -> None:
         raise NetworkError(f"interface {link.name} has an ingress qdisc of its own: "
                            "cannot mirror it into the VM (remove it with "
                            f"`tc qdisc del dev {link.name} ingress`)")
-    log.warning("removing the tc redirect a killed sandbox left on %s", link.name)
-    ipr.tc("del", "ingress", link.index)
+    return True
+
+
+def clear_stale(ipr: Any, link: Link) -> None:
+    """Refuse an interface another live sandbox mirrors; remove what a killed one left."""
+    if _stale(ipr, link):
+        log.warning("removing the tc redirect a killed sandbox left on %s", link.name)
+        _ignoring_gone(ipr, "tc", "del", "ingress", link.index)
+
+
+def sweep(ipr: Any) -> list[str]:
+    """Remove the mirrors killed sandboxes left in the namespace; the names of the links
+    cleaned. Links in use or with qdiscs not ours are left alone."""
+    cleaned = []
+    for link in snapshot(ipr).links:
+        try:
+            if _stale(ipr, link):
+                _ignoring_gone(ipr, "tc", "del", "ingress", link.index)
+                cleaned.append(link.name)
+        except NetworkError:
+            continue
+    return cleaned
 
 
 def _open_tap(name: str) -> int:

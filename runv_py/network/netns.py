@@ -43,8 +43,7 @@ class NetNs:
                     else os.strerror(code))
             raise NetworkError(f"linux.namespaces[network].path: {self.path} {what}")
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """fn() on a thread inside the namespace, awaited without blocking the loop."""
+    def _start(self, fn: Callable[[], T]) -> Future[T]:
         future: Future[T] = Future()
 
         def target() -> None:
@@ -55,7 +54,15 @@ class NetNs:
                 future.set_exception(exc)
 
         threading.Thread(target=target, name="netns", daemon=True).start()
-        return await asyncio.wrap_future(future)
+        return future
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """fn() on a thread inside the namespace; the caller waits."""
+        return self._start(fn).result()
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """fn() on a thread inside the namespace, awaited without blocking the loop."""
+        return await asyncio.wrap_future(self._start(fn))
 
     def close(self) -> None:
         if self.fd is not None:

@@ -25,7 +25,15 @@ from typing import Any
 
 from .. import child
 from ..config import load as load_config
-from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError, SpecError
+from ..errors import (
+    ConfigError,
+    ContainerNotFound,
+    InvalidState,
+    NetworkError,
+    RunvError,
+    SpecError,
+)
+from ..network import attachment as network_attachment
 from ..oci import hooks
 from ..oci import spec as oci_spec
 from ..storage import shared
@@ -337,13 +345,28 @@ class Runtime:
                 child.reap_if_child(record.supervisor_pid)
                 if record.vm_dir:
                     shutil.rmtree(record.vm_dir, ignore_errors=True)
-            if run_hooks and (spec := self._spec_or_none(record)) is not None:
+            spec = self._spec_or_none(record)
+            if sandbox_gone and spec is not None and spec.network_ns:
+                self._sweep_network(record.id, spec.network_ns)
+            if run_hooks and spec is not None:
                 state = {"ociVersion": OCI_VERSION, "id": record.id, "pid": 0,
                          "status": "stopped", "bundle": record.bundle,
                          "annotations": record.annotations}
                 hooks.run("poststop", spec.hooks_of("poststop"), json.dumps(state),
                           fatal=False)
             self.store.remove(container_id)
+
+    @staticmethod
+    def _sweep_network(container_id: str, path: str) -> None:
+        """A killed supervisor leaves tc redirects to its gone taps in the caller's netns."""
+        try:
+            cleaned = network_attachment.sweep(path)
+        except NetworkError as exc:
+            log.warning("%s", exc, extra={"container": container_id})
+            return
+        if cleaned:
+            log.warning("removed the tc redirects a killed supervisor left on %s",
+                        ", ".join(cleaned), extra={"container": container_id})
 
     @staticmethod
     def _wait_gone(pid: int, start_time: int) -> None:

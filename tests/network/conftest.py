@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,8 @@ class Lab:
 
     def __init__(self) -> None:
         self.prefix = f"rvn{os.getpid()}"
-        self.subnet = os.getpid() % 200 + 20  # 10.<subnet>.x.y, fd<subnet>::/16
+        self.subnet = os.getpid() % 200 + 20  # 10.<subnet>.x.y
+        self.v6 = f"fd{self.subnet:02x}"  # <v6>:x::y
         self.names: list[str] = []
         self.bridges: list[str] = []
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -120,11 +122,19 @@ def with_netns(path: str) -> Any:
     return edit
 
 
-def run_output(runv: Runv, cid: str, script: str, edit: Any, timeout: float = 240
+def run_output(tool: Runv, cid: str, script: str, edit: Any, timeout: float = 240
                ) -> subprocess.CompletedProcess[bytes]:
-    bundle = runv.bundle(["sh", "-c", script], edit)
-    return runv("run", "--bundle", str(bundle), cid, check=False, timeout=timeout)
+    bundle = tool.bundle(["sh", "-c", script], edit)
+    return tool("run", "--bundle", str(bundle), cid, check=False, timeout=timeout)
 
 
 def dump(value: Any) -> str:
     return json.dumps(value, indent=1)
+
+
+PEER = Path(__file__).with_name("peer.py")
+
+
+def peer_http(lab: Lab, ns: str, addr: str, port: int = 8080, size: int = 0) -> None:
+    lab.spawn(ns, sys.executable, str(PEER), "http", addr, str(port), str(size))
+    lab.wait_listening(ns, port)

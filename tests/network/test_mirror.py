@@ -3,11 +3,13 @@ podman give it) extended into the VM with a tap and tc mirroring."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 from tests.cli.conftest import Runv
 
-from .conftest import Lab, run_output, with_netns
+from .conftest import PEER, Lab, peer_http, run_output, sh, with_netns
 
 
 def test_container_fetches_a_page_from_a_peer_namespace(runv: Runv, lab: Lab,
@@ -35,3 +37,68 @@ def test_container_fetches_a_page_from_a_peer_namespace(runv: Runv, lab: Lab,
     # The caller's veth is as it was; the taps and qdiscs are gone.
     assert lab.mirror_state(container) == []
     assert lab.link_state(container, "eth0") == before
+
+
+def test_ipv6_routes_and_mtu_9000_end_to_end(runv: Runv, lab: Lab) -> None:
+    net = lab.subnet
+    container, peer = lab.netns("c"), lab.netns("p")
+    lab.veth(container, "eth0", peer, "peer0", mtu=9000,
+             addr_a=(f"10.{net}.2.2/24", f"{lab.v6}:2::2/64"),
+             addr_b=(f"10.{net}.2.1/24", f"{lab.v6}:2::1/64"))
+    # A network behind the peer, reached through a gateway route of the namespace.
+    sh("ip", "-n", peer, "addr", "add", f"10.{net}.9.1/32", "dev", "lo")
+    sh("ip", "-n", container, "route", "add", f"10.{net}.9.0/24", "via", f"10.{net}.2.1")
+    peer_http(lab, peer, "::", size=1 << 20)
+
+    script = "; ".join([
+        f"wget -q -O - 'http://[{lab.v6}:2::1]:8080/' | head -n 1",
+        f"wget -q -O - http://10.{net}.9.1:8080/ | wc -c",
+        "ip -o link show eth0", "ip -o -6 addr show eth0 scope global", "ip route"])
+    result = run_output(runv, "n6", script, with_netns(lab.path(container)))
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    lines = out.splitlines()
+    # The peer's side of the IPv6 connection agreed on a jumbo MSS: 9000 - 40 - 20 - options.
+    assert lines[0].startswith("mss=") and int(lines[0][4:]) > 8800, out
+    assert lines[1].strip() == str((1 << 20) + len(b"mss=8948\n")), out
+    assert "mtu 9000" in lines[2], out
+    assert f"{lab.v6}:2::2/64" in out
+    assert f"10.{net}.9.0/24 via 10.{net}.2.1 dev eth0" in out
+
+
+def test_dns_from_the_bundles_resolv_conf(runv: Runv, lab: Lab, tmp_path: Path) -> None:
+    net = lab.subnet
+    container, peer = lab.netns("c"), lab.netns("p")
+    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.3.2/24",),
+             addr_b=(f"10.{net}.3.1/24",))
+    lab.spawn(peer, sys.executable, str(PEER), "dns", f"10.{net}.3.1", "web.runv.test",
+              f"10.{net}.3.1")
+    peer_http(lab, peer, f"10.{net}.3.1")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver 10.{net}.3.1\n")
+
+    def edit(spec: dict[str, Any]) -> None:
+        with_netns(lab.path(container))(spec)
+        spec["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind",
+                               "source": str(resolv), "options": ["rbind", "ro"]})
+
+    result = run_output(runv, "nd", "nslookup web.runv.test; wget -q -O - "
+                        "http://web.runv.test:8080/ | head -n 1", edit)
+    out = result.stdout.decode()
+    assert f"Address: 10.{net}.3.1" in out, out + result.stderr.decode()
+    assert "mss=" in out, out + result.stderr.decode()
+
+
+def test_no_network_namespace_path_is_loopback_only(runv: Runv, lab: Lab) -> None:
+    net = lab.subnet
+    container, peer = lab.netns("c"), lab.netns("p")
+    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.4.2/24",),
+             addr_b=(f"10.{net}.4.1/24",))
+    peer_http(lab, peer, f"10.{net}.4.1")
+    script = (f"ip -o link; wget -q -T 3 -O - http://10.{net}.4.1:8080/ && echo reached; "
+              "echo done")
+    result = run_output(runv, "nn", script, None)  # a new network namespace, no path
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "link/loopback" in out and "link/ether" not in out, out  # no NIC at all
+    assert "reached" not in out and "done" in out
