@@ -1,0 +1,124 @@
+"""Sandboxes side by side: separate networks stay apart, a port published by CNI's portmap
+reaches the container from the host, and a killed supervisor does not break the caller's
+namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from runv_py.network.cni import BridgeNetwork, Cni, PortMapping
+from tests.cli.conftest import Runv
+from tests.vm.conftest import processes_mentioning
+
+from .conftest import Lab, peer_http, run_output, sh, with_netns
+
+
+def start_detached(runv: Runv, cid: str, args: list[str], edit: object,
+                   tmp_path: Path) -> Path:
+    bundle = runv.bundle(args, edit)
+    with open(tmp_path / f"{cid}.out", "wb") as out:
+        runv("create", "--bundle", str(bundle), cid, stdout=out, stderr=subprocess.STDOUT)
+    runv("start", cid)
+    return bundle
+
+
+def test_two_sandboxes_on_separate_networks_cannot_reach_each_other(
+        runv: Runv, lab: Lab, tmp_path: Path) -> None:
+    net = lab.subnet
+    # The same subnet on both sides: only a link the runtime made could join them.
+    c1, p1, c2, p2 = lab.netns("c1"), lab.netns("p1"), lab.netns("c2"), lab.netns("p2")
+    lab.veth(c1, "eth0", p1, "peer0", addr_a=(f"10.{net}.5.2/24",),
+             addr_b=(f"10.{net}.5.1/24",))
+    lab.veth(c2, "eth0", p2, "peer0", addr_a=(f"10.{net}.5.3/24",),
+             addr_b=(f"10.{net}.5.1/24",))
+    peer_http(lab, p2, f"10.{net}.5.1")
+    start_detached(runv, "s1", ["httpd", "-f", "-p", "8080", "-h", "/"],
+                   with_netns(lab.path(c1)), tmp_path)
+    script = (f"wget -q -T 3 -O - http://10.{net}.5.2:8080/etc/passwd && echo reached-s1; "
+              f"wget -q -O - http://10.{net}.5.1:8080/ | head -n 1")
+    result = run_output(runv, "s2", script, with_netns(lab.path(c2)))
+    out = result.stdout.decode()
+    assert "mss=" in out, out + result.stderr.decode()  # its own network works
+    assert "reached-s1" not in out and "root:x" not in out
+    runv("delete", "--force", "s1")
+    assert lab.mirror_state(c1) == [] and lab.mirror_state(c2) == []
+
+
+def test_published_port_through_cni_bridge_and_portmap(runv: Runv, lab: Lab,
+                                                       tmp_path: Path) -> None:
+    net = lab.subnet
+    container = lab.netns("c")
+    bridge = f"rvb{os.getpid()}"[:15]
+    lab.bridges.append(bridge)
+    network = BridgeNetwork(name=f"rvtest{os.getpid()}", bridge=bridge,
+                            subnet=f"10.{net}.6.0/24", data_dir=tmp_path / "ipam")
+    cni = Cni(network.conflist())
+    host_port = 20000 + os.getpid() % 10000
+    ports = (PortMapping(host_port, 8080),)
+    result = asyncio.run(cni.add("rvcni", lab.path(container), ports=ports))
+    try:
+        ip = result["ips"][0]["address"].split("/")[0]
+        gateway = result["ips"][0]["gateway"]
+        start_detached(runv, "pp", ["sh", "-c", "echo published > /index.html; "
+                                    "exec httpd -f -p 8080 -h /"],
+                       with_netns(lab.path(container)), tmp_path)
+        body = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{gateway}:{host_port}/index.html",
+                                            timeout=3) as response:
+                    body = response.read()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert body == b"published\n", f"no answer through {gateway}:{host_port} -> {ip}:8080"
+        runv("delete", "--force", "pp")
+        assert lab.mirror_state(container) == []
+    finally:
+        asyncio.run(cni.delete("rvcni", lab.path(container), ports=ports))
+    assert f"dport {host_port}" not in sh("iptables", "-t", "nat", "-S").replace(
+        "--dport", "dport")
+    assert not list((tmp_path / "ipam").glob(f"{network.name}/10.*"))
+
+
+def test_a_killed_supervisor_does_not_break_the_namespace(runv: Runv, lab: Lab,
+                                                          tmp_path: Path) -> None:
+    net = lab.subnet
+    container, peer = lab.netns("c"), lab.netns("p")
+    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.7.2/24",),
+             addr_b=(f"10.{net}.7.1/24",))
+    peer_http(lab, peer, f"10.{net}.7.1")
+
+    def kill_supervisor(cid: str) -> None:
+        start_detached(runv, cid, ["sleep", "1000"], with_netns(lab.path(container)),
+                       tmp_path)
+        supervisor = [line for line in processes_mentioning(str(runv.root))
+                      if "runv_py.sandbox.supervisor" in line and f"--id {cid}" in line]
+        assert len(supervisor) == 1, supervisor
+        os.kill(int(supervisor[0].split(":")[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any("tap" in s for s in lab.mirror_state(container)):
+            assert time.monotonic() < deadline, "the tap outlived QEMU"
+            time.sleep(0.2)
+        # What a killed runtime leaves: the redirect on the veth, to a tap that is gone.
+        assert [s for s in lab.mirror_state(container) if "dev eth0" in s], \
+            lab.mirror_state(container)
+
+    # Killed, then `runv delete` (what every container manager calls) cleans up.
+    kill_supervisor("k1")
+    runv("delete", "--force", "k1")
+    assert lab.mirror_state(container) == []
+    # Killed and never deleted: the next sandbox on the namespace clears it and works.
+    kill_supervisor("k2")
+    result = run_output(runv, "k3", f"wget -q -O - http://10.{net}.7.1:8080/ | head -n 1",
+                        with_netns(lab.path(container)))
+    assert b"mss=" in result.stdout, result.stdout + result.stderr
+    runv("delete", "--force", "k2")
+    assert lab.mirror_state(container) == []
