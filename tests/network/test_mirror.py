@@ -3,9 +3,12 @@ podman give it) extended into the VM with a tap and tc mirroring."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.cli.conftest import Runv
 
@@ -102,3 +105,17 @@ def test_no_network_namespace_path_is_loopback_only(runv: Runv, lab: Lab) -> Non
     assert result.returncode == 0, result.stderr.decode()
     assert "link/loopback" in out and "link/ether" not in out, out  # no NIC at all
     assert "reached" not in out and "done" in out
+
+
+@pytest.mark.parametrize(("path", "message"), [
+    ("/run/netns/rvn-missing-{pid}", b"cannot open"),
+    ("/etc/hostname", b"is not a network namespace"),
+])
+def test_a_bad_network_namespace_path_is_a_clear_error(runv: Runv, path: str,
+                                                       message: bytes) -> None:
+    bundle = runv.bundle(["true"], with_netns(path.format(pid=os.getpid())))
+    result = runv("run", "--bundle", str(bundle), "nb", check=False)
+    assert result.returncode == 1
+    assert b"linux.namespaces[network].path" in result.stderr and message in result.stderr, \
+        result.stderr
+    assert not (runv.root / "nb").exists()

@@ -4,9 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from runv_py.devices import HubPort, Nic, Share
+from runv_py.devices import HubPort, Nic, Share, TapFd
 from runv_py.errors import ConfigError
-from runv_py.vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline, qemu_argv
+from runv_py.vm.qemu.cmdline import (
+    KernelParams,
+    VmConfig,
+    inherited_fds,
+    kernel_cmdline,
+    qemu_argv,
+)
 
 
 def _config(**overrides: object) -> VmConfig:
@@ -93,6 +99,17 @@ def test_nics_on_a_hub() -> None:
                                                        backend=HubPort(7)),)))
     assert _pairs(argv, "-netdev") == ["hubport,id=net-a,hubid=7"]
     assert "virtio-net-pci,netdev=net-a,mac=02:00:00:00:00:03" in _pairs(argv, "-device")
+
+
+def test_nic_on_an_inherited_tap_fd() -> None:
+    config = _config(nics=(Nic("net0", "02:00:00:00:00:04", mtu=9000, backend=TapFd(7)),
+                           Nic("h", "02:00:00:00:00:05")))
+    argv = qemu_argv(config)
+    assert _pairs(argv, "-netdev") == ["tap,id=net-net0,fd=7,vhost=off",
+                                       "hubport,id=net-h,hubid=0"]
+    assert ("virtio-net-device,netdev=net-net0,mac=02:00:00:00:00:04,host_mtu=9000"
+            in _pairs(argv, "-device"))
+    assert inherited_fds(config) == (7,)
 
 
 @pytest.mark.parametrize(("nic_id", "mac", "mtu", "error"), [

@@ -1,0 +1,59 @@
+"""The parts of networking that are pure logic: -p parsing, CNI configuration lists and the
+spec's network namespace path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runv_py.errors import NetworkError, SpecError
+from runv_py.network.cni import BridgeNetwork, PortMapping
+from runv_py.oci import spec as oci_spec
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("8080:80", PortMapping(8080, 80)),
+    ("53:53/udp", PortMapping(53, 53, "udp")),
+    ("127.0.0.1:8080:80/tcp", PortMapping(8080, 80, "tcp", "127.0.0.1")),
+])
+def test_port_mappings(text: str, expected: PortMapping) -> None:
+    assert PortMapping.parse(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80", "a:80", "8080:80/sctp", "0:80", "8080:70000"])
+def test_bad_port_mappings_name_the_input(text: str) -> None:
+    with pytest.raises(NetworkError, match="port mapping"):
+        PortMapping.parse(text)
+
+
+def test_bridge_network_has_no_masquerade_and_no_default_route(tmp_path: Path) -> None:
+    conf = BridgeNetwork("n1", "br-n1", "10.99.0.0/24", tmp_path, mtu=9000).conflist()
+    bridge, portmap = conf["plugins"]
+    assert bridge["ipMasq"] is False and portmap["snat"] is False
+    assert "routes" not in bridge["ipam"] and bridge["mtu"] == 9000
+    assert bridge["ipam"]["dataDir"] == str(tmp_path)
+    with pytest.raises(NetworkError, match="subnet"):
+        BridgeNetwork("n1", "br-n1", "10.99.0.0/33", tmp_path)
+    with pytest.raises(NetworkError, match="bridge name"):
+        BridgeNetwork("n1", "a-bridge-name-too-long", "10.99.0.0/24", tmp_path)
+
+
+def _bundle(tmp_path: Path, namespaces: list[dict[str, Any]]) -> Path:
+    (tmp_path / "rootfs").mkdir(exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "ociVersion": "1.1.0", "root": {"path": "rootfs"},
+        "process": {"args": ["sh"], "cwd": "/"}, "linux": {"namespaces": namespaces}}))
+    return tmp_path
+
+
+def test_spec_network_namespace(tmp_path: Path) -> None:
+    load = oci_spec.load
+    assert load(_bundle(tmp_path, [{"type": "pid"}])).network_ns is None
+    assert load(_bundle(tmp_path, [{"type": "network"}])).network_ns == ""
+    assert load(_bundle(tmp_path, [{"type": "network", "path": "/run/netns/x"}])
+                ).network_ns == "/run/netns/x"
+    with pytest.raises(SpecError, match=r"linux.namespaces\[0\].path"):
+        load(_bundle(tmp_path, [{"type": "network", "path": "netns/x"}]))
