@@ -12,7 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from runv_py.network.cni import BridgeNetwork, Cni, PortMapping
+from runv_py.network import managed
+from runv_py.network.cni import BridgeNetwork, PortMapping
 from tests.cli.conftest import Runv
 from tests.vm.conftest import processes_mentioning
 
@@ -52,22 +53,23 @@ def test_two_sandboxes_on_separate_networks_cannot_reach_each_other(
 
 def test_published_port_through_cni_bridge_and_portmap(runv: Runv, lab: Lab,
                                                        tmp_path: Path) -> None:
+    """What `hyperctl run --network default -p HOST:GUEST` does, on a bridge of the test's."""
     net = lab.subnet
-    container = lab.netns("c")
     bridge = f"rvb{os.getpid()}"[:15]
     lab.bridges.append(bridge)
     network = BridgeNetwork(name=f"rvtest{os.getpid()}", bridge=bridge,
                             subnet=f"10.{net}.6.0/24", data_dir=tmp_path / "ipam")
-    cni = Cni(network.conflist())
     host_port = 20000 + os.getpid() % 10000
-    ports = (PortMapping(host_port, 8080),)
-    result = asyncio.run(cni.add("rvcni", lab.path(container), ports=ports))
+    lease = asyncio.run(managed.attach(f"rvp{os.getpid()}", network,
+                                       (PortMapping(host_port, 8080),)))
+    lab.names.append(Path(lease.netns).name)
     try:
-        ip = result["ips"][0]["address"].split("/")[0]
-        gateway = result["ips"][0]["gateway"]
+        assert managed.Lease.from_json(lease.to_json()) == lease
+        gateway = f"10.{net}.6.1"
+        assert lease.addresses[0].startswith(f"10.{net}.6.")
         start_detached(runv, "pp", ["sh", "-c", "echo published > /index.html; "
                                     "exec httpd -f -p 8080 -h /"],
-                       with_netns(lab.path(container)), tmp_path)
+                       with_netns(lease.netns), tmp_path)
         body = b""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -78,13 +80,13 @@ def test_published_port_through_cni_bridge_and_portmap(runv: Runv, lab: Lab,
                     break
             except OSError:
                 time.sleep(0.5)
-        assert body == b"published\n", f"no answer through {gateway}:{host_port} -> {ip}:8080"
+        assert body == b"published\n", f"no answer through {gateway}:{host_port}"
         runv("delete", "--force", "pp")
-        assert lab.mirror_state(container) == []
+        assert lab.mirror_state(Path(lease.netns).name) == []
     finally:
-        asyncio.run(cni.delete("rvcni", lab.path(container), ports=ports))
-    assert f"dport {host_port}" not in sh("iptables", "-t", "nat", "-S").replace(
-        "--dport", "dport")
+        asyncio.run(managed.detach(lease))
+    assert not Path(lease.netns).exists()
+    assert f"--dport {host_port}" not in sh("iptables", "-t", "nat", "-S")
     assert not list((tmp_path / "ipam").glob(f"{network.name}/10.*"))
 
 

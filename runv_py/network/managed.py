@@ -1,0 +1,82 @@
+"""A network namespace runv-py makes for a sandbox of its own (hyperctl, the Python API),
+attached to a CNI bridge network, instead of one a container manager hands over. The lease
+records what detach() needs to undo it (the CNI configuration, the published ports) and
+travels as JSON in the caller's records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import child
+from ..errors import NetworkError
+from .cni import BridgeNetwork, Cni, PortMapping
+
+NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps them
+# No masquerade and no default route (see BridgeNetwork): a sandbox reaches the host, the
+# other sandboxes of the bridge and its published ports, nothing beyond.
+DEFAULT_NETWORK = BridgeNetwork(name="runv", bridge="runv0", subnet="10.89.0.0/16",
+                                data_dir=Path("/var/lib/runv/cni"))
+IFNAME = "eth0"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    sandbox_id: str
+    netns: str
+    network: BridgeNetwork
+    ports: tuple[PortMapping, ...] = ()
+    addresses: tuple[str, ...] = ()  # CIDRs CNI gave the sandbox
+
+    def to_json(self) -> str:
+        raw = asdict(self)
+        raw["network"]["data_dir"] = str(self.network.data_dir)
+        return json.dumps(raw)
+
+    @classmethod
+    def from_json(cls, text: str) -> Lease:
+        try:
+            raw: dict[str, Any] = json.loads(text)
+            network = dict(raw["network"], data_dir=Path(raw["network"]["data_dir"]))
+            return cls(raw["sandbox_id"], raw["netns"], BridgeNetwork(**network),
+                       tuple(PortMapping(**p) for p in raw["ports"]),
+                       tuple(raw["addresses"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NetworkError(f"network lease: not readable: {exc}") from exc
+
+
+async def _ip_netns(*args: str) -> None:
+    done = await child.run(["ip", "netns", *args], timeout_s=30)
+    if done.returncode != 0:
+        raise NetworkError(f"ip netns {' '.join(args)}: "
+                           f"{done.stderr.decode(errors='replace').strip()}")
+
+
+async def attach(sandbox_id: str, network: BridgeNetwork = DEFAULT_NETWORK,
+                 ports: tuple[PortMapping, ...] = ()) -> Lease:
+    """A new network namespace for the sandbox, with an interface on `network` and `ports`
+    published. Nothing stays behind on failure."""
+    name = f"runv-{sandbox_id}"
+    await _ip_netns("add", name)
+    netns = str(NETNS_DIR / name)
+    try:
+        await _ip_netns("exec", name, "ip", "link", "set", "lo", "up")
+        result = await Cni(network.conflist()).add(sandbox_id, netns, IFNAME, ports)
+    except BaseException:
+        await _ip_netns("delete", name)
+        raise
+    addresses = tuple(str(ip.get("address", "")) for ip in result.get("ips", []))
+    return Lease(sandbox_id, netns, network, ports, addresses)
+
+
+async def detach(lease: Lease) -> None:
+    """Undo attach(): CNI DEL (addresses and port mappings released), then the namespace.
+    Idempotent."""
+    try:
+        await Cni(lease.network.conflist()).delete(lease.sandbox_id, lease.netns, IFNAME,
+                                                   lease.ports)
+    finally:
+        if Path(lease.netns).exists():
+            await _ip_netns("delete", Path(lease.netns).name)
