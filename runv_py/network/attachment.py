@@ -1,17 +1,25 @@
 """A sandbox's hold on a network namespace: the snapshot of what the guest must reproduce and
-one mirrored tap per interface. close() removes every tap and qdisc it made and leaves the
-namespace's own interfaces as they were."""
+one mirrored tap per interface. refresh() follows interfaces added to or removed from the
+namespace after start (a second CNI network); close() removes every tap and qdisc it made and
+leaves the namespace's own interfaces as they were."""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, replace
 
 from . import endpoint
 from .model import Endpoint, Snapshot
 from .netns import NetNs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    added: tuple[Endpoint, ...] = ()
+    removed: tuple[Endpoint, ...] = ()  # their links are gone; their taps stay until forget()
 
 
 class Attachment:
@@ -26,35 +34,61 @@ class Attachment:
         nothing stays behind."""
         self._netns = NetNs(self.path)
         try:
-            self.snapshot, self.endpoints = await self._netns.call(self._setup)
+            await self.refresh()
         except BaseException:
             self.close_sync()
             raise
 
-    def _setup(self) -> tuple[Snapshot, tuple[Endpoint, ...]]:
-        made: list[Endpoint] = []
+    async def refresh(self) -> Changes:
+        """Read the namespace again: new interfaces get a mirrored tap (added), endpoints of
+        interfaces that went away are returned (removed) for the caller to unplug and
+        forget()."""
+        assert self._netns is not None
+        self.snapshot, changes = await self._netns.call(self._refresh)
+        kept = [e for e in self.endpoints if e not in changes.removed]
+        self.endpoints = (*kept, *changes.added)
+        return changes
+
+    def _refresh(self) -> tuple[Snapshot, Changes]:
         with endpoint.netlink() as ipr:
             snapshot = endpoint.snapshot(ipr)
+            links = {link.index: link for link in snapshot.links}
+            removed = tuple(e for e in self.endpoints if e.link.index not in links)
+            have = {e.link.index for e in self.endpoints}
+            added: list[Endpoint] = []
             try:
                 for link in snapshot.links:
-                    made.append(endpoint.create(ipr, link))
+                    if link.index not in have:
+                        added.append(endpoint.create(ipr, link))
             except BaseException:
-                for done in made:
+                for done in added:
                     endpoint.remove(ipr, done)
                     os.close(done.tap_fd)
                 raise
-        return snapshot, tuple(made)
+        # Endpoints carry the links as they are now (addresses may have changed).
+        self.endpoints = tuple(replace(e, link=links[e.link.index]) if e.link.index in links
+                               else e for e in self.endpoints)
+        return snapshot, Changes(tuple(added), removed)
 
-    def _teardown(self) -> None:
+    async def forget(self, gone: tuple[Endpoint, ...]) -> None:
+        """Remove the taps of endpoints whose links went away (after the VM let go of them)."""
+        assert self._netns is not None
+        await self._netns.call(lambda: self._remove(gone))
+        for done in gone:
+            os.close(done.tap_fd)
+
+    @staticmethod
+    def _remove(endpoints: tuple[Endpoint, ...]) -> None:
         with endpoint.netlink() as ipr:
-            for done in self.endpoints:
+            for done in endpoints:
                 endpoint.remove(ipr, done)
 
     async def close(self) -> None:
         """Idempotent. Call after the VM is gone (QEMU holds the taps too)."""
         if self._netns is not None and self.endpoints:
+            endpoints = self.endpoints
             try:
-                await self._netns.call(self._teardown)
+                await self._netns.call(lambda: self._remove(endpoints))
             except Exception:
                 log.warning("removing the taps from %s failed", self.path, exc_info=True)
         self.close_sync()

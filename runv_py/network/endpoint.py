@@ -171,7 +171,7 @@ def sweep(ipr: Any) -> list[str]:
     return cleaned
 
 
-def _open_tap(name: str) -> int:
+def open_tap(name: str) -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
@@ -194,7 +194,7 @@ def create(ipr: Any, link: Link) -> Endpoint:
     """A tap for the link, up with its MTU, mirrored both ways. Undone on failure."""
     clear_stale(ipr, link)
     name = tap_name(link)
-    fd = _open_tap(name)
+    fd = open_tap(name)
     endpoint = None
     try:
         index = ipr.link_lookup(ifname=name)[0]
@@ -223,7 +223,8 @@ def remove(ipr: Any, endpoint: Endpoint) -> None:
     """The qdisc on the link and the tap (with its qdisc) go; the link stays as it was.
     Idempotent; the tap fd is the caller's to close."""
     link = endpoint.link
-    if ipr.link_lookup(ifname=link.name) and _ingress_qdisc(ipr, link.index):
+    # By index: a link of the same name may have come since (a re-added CNI network).
+    if link.index in ipr.link_lookup(ifname=link.name) and _ingress_qdisc(ipr, link.index):
         _ignoring_gone(ipr, "tc", "del", "ingress", link.index)
-    if ipr.link_lookup(ifname=endpoint.tap_name):
+    if endpoint.tap_index in ipr.link_lookup(ifname=endpoint.tap_name):
         _ignoring_gone(ipr, "link", "del", index=endpoint.tap_index)

@@ -379,6 +379,12 @@ class Runtime:
                 deadline = time.monotonic() + 5
             time.sleep(0.02)
 
+    def sync_network(self, container_id: str) -> dict[str, list[str]]:
+        """Hot-plug NICs for interfaces added to the container's network namespace since
+        start and unplug those of interfaces removed; the interface names either way."""
+        reply = self._call(container_id, {"op": "network-sync"})
+        return {"added": list(reply["added"]), "removed": list(reply["removed"])}
+
     def pause(self, container_id: str) -> None:
         self._call(container_id, {"op": "pause"})
 

@@ -93,12 +93,12 @@ def test_nics_on_a_hub() -> None:
     argv = qemu_argv(_config(nics=nics))
     assert _pairs(argv, "-netdev") == ["hubport,id=net-n0,hubid=0", "hubport,id=net-n1,hubid=0"]
     devices = _pairs(argv, "-device")
-    assert "virtio-net-device,netdev=net-n0,mac=02:00:00:00:00:01,host_mtu=1400" in devices
-    assert "virtio-net-device,netdev=net-n1,mac=02:00:00:00:00:02" in devices
+    assert "virtio-net-device,netdev=net-n0,mac=02:00:00:00:00:01,host_mtu=1400,id=nic-n0" in devices
+    assert "virtio-net-device,netdev=net-n1,mac=02:00:00:00:00:02,id=nic-n1" in devices
     argv = qemu_argv(_config(machine="q35", nics=(Nic("a", "02:00:00:00:00:03",
                                                        backend=HubPort(7)),)))
     assert _pairs(argv, "-netdev") == ["hubport,id=net-a,hubid=7"]
-    assert "virtio-net-pci,netdev=net-a,mac=02:00:00:00:00:03" in _pairs(argv, "-device")
+    assert "virtio-net-pci,netdev=net-a,mac=02:00:00:00:00:03,id=nic-a" in _pairs(argv, "-device")
 
 
 def test_nic_on_an_inherited_tap_fd() -> None:
@@ -107,8 +107,8 @@ def test_nic_on_an_inherited_tap_fd() -> None:
     argv = qemu_argv(config)
     assert _pairs(argv, "-netdev") == ["tap,id=net-net0,fd=7,vhost=off",
                                        "hubport,id=net-h,hubid=0"]
-    assert ("virtio-net-device,netdev=net-net0,mac=02:00:00:00:00:04,host_mtu=9000"
-            in _pairs(argv, "-device"))
+    assert ("virtio-net-device,netdev=net-net0,mac=02:00:00:00:00:04,host_mtu=9000,"
+            "id=nic-net0" in _pairs(argv, "-device"))
     assert inherited_fds(config) == (7,)
 
 

@@ -137,7 +137,7 @@ def qemu_argv(config: VmConfig) -> list[str]:
             netdev = f"tap,id=net-{nic.id},fd={nic.backend.fd},vhost=off"
         argv += [
             "-netdev", netdev,
-            "-device", f"virtio-net-{bus},netdev=net-{nic.id},mac={nic.mac}{mtu}",
+            "-device", f"virtio-net-{bus},netdev=net-{nic.id},mac={nic.mac}{mtu},id=nic-{nic.id}",
         ]
     if config.agent_socket is not None:
         argv += [

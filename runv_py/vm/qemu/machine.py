@@ -13,7 +13,8 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from ... import child
-from ...errors import HypervisorError
+from ...devices import Nic, TapFd
+from ...errors import HypervisorError, NotSupported
 from .cmdline import VmConfig, inherited_fds, qemu_argv
 from .qmp import Qmp
 
@@ -93,6 +94,50 @@ class QemuMachine:
                 data = event.get("data", {})
                 if data.get("id") == port_id and data.get("open"):
                     return
+    def check_hotplug(self) -> str:
+        """The bus hot-plugged NICs go on; NotSupported where the machine has none."""
+        if self.config.machine != "pc":
+            raise NotSupported(f"hot-plugging NICs needs [hypervisor] machine = \"pc\" (ACPI PCI "
+                               f"hotplug on its root bus); this VM is {self.config.machine}")
+        return "pci"
+
+    async def hotplug_nic(self, nic: Nic) -> None:
+        """Add a virtio-net device on a tap the guest sees appear (ACPI hotplug)."""
+        bus = self.check_hotplug()
+        if not isinstance(nic.backend, TapFd):
+            raise HypervisorError(f"nic {nic.id}: only tap NICs can be hot-plugged")
+        await self.qmp.execute_with_fd(nic.backend.fd, "getfd", {"fdname": f"fd-{nic.id}"})
+        await self.qmp.execute("netdev_add", {"type": "tap", "id": f"net-{nic.id}",
+                                              "fd": f"fd-{nic.id}", "vhost": False})
+        device: dict[str, Any] = {"driver": f"virtio-net-{bus}", "id": f"nic-{nic.id}",
+                                  "netdev": f"net-{nic.id}", "mac": nic.mac}
+        if nic.mtu:
+            device["host_mtu"] = nic.mtu
+        try:
+            await self.qmp.execute("device_add", device)
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self.qmp.execute("netdev_del", {"id": f"net-{nic.id}"})
+            raise
+
+    async def unplug_nic(self, nic_id: str, timeout_s: float = 30.0) -> None:
+        """Remove a NIC: the guest releases the device (DEVICE_DELETED), then its backend."""
+        self.check_hotplug()
+        deleted = self.qmp.listen("DEVICE_DELETED")
+        try:
+            await self.qmp.execute("device_del", {"id": f"nic-{nic_id}"})
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    event: dict[str, Any] = dict(await deleted.get())
+                    if event.get("data", {}).get("device") == f"nic-{nic_id}":
+                        break
+        except TimeoutError:
+            raise HypervisorError(f"nic {nic_id}: the guest did not release the device "
+                                  f"within {timeout_s:g}s") from None
+        finally:
+            self.qmp.unlisten(deleted)
+        await self.qmp.execute("netdev_del", {"id": f"net-{nic_id}"})
+
     async def status(self) -> str:
         result = await self.qmp.execute("query-status")
         return str(result["status"])

@@ -41,11 +41,22 @@ class Qmp:
         self._client.register_listener(listener)
         return listener
 
+    def unlisten(self, listener: EventListener) -> None:
+        self._client.remove_listener(listener)
+
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         try:
             return await self._client.execute(command, arguments)
         except (QMPError, EOFError, OSError) as exc:
             raise HypervisorError(f"QMP {command} failed: {exc or type(exc).__name__}") from exc
+
+    async def execute_with_fd(self, fd: int, command: str, arguments: dict[str, Any]) -> Any:
+        """`command` with `fd` sent along (SCM_RIGHTS), e.g. getfd."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise HypervisorError(f"QMP: sending an fd for {command} failed: {exc}") from exc
+        return await self.execute(command, arguments)
 
     async def close(self) -> None:
         with contextlib.suppress(QMPError, EOFError, OSError):
