@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -247,14 +248,18 @@ def main() -> int:
     try:
         cfg = replace(config.load(args.config or str(cfg_path)), state_dir=state)
         sub = 0
-        # Alternated rounds: the machine's load drifts; each figure is a median over rounds.
+        # The machine's load drifts: rounds alternate which VM goes first, and each figure is
+        # a median over rounds.
         for round_ in range(args.rounds):
             print(f"[bench/net] round {round_ + 1}/{args.rounds}: runv (tc mirroring), the "
                   "same VM on a direct tap, runc", file=sys.stderr)
-            runs["runv"].append(oci(RUNV, top=top, env=env, mib=args.mib, n=args.n,
-                                    sub=(sub := sub + 1), spaces=spaces))
-            runs["direct"].append(asyncio.run(direct(cfg, top=top, mib=args.mib, n=args.n,
-                                                     sub=(sub := sub + 1), spaces=spaces)))
+            vm_runs: list[tuple[str, Callable[[int], dict[str, Any]]]] = [
+                ("runv", lambda sub: oci(RUNV, top=top, env=env, mib=args.mib, n=args.n,
+                                         sub=sub, spaces=spaces)),
+                ("direct", lambda sub: asyncio.run(direct(cfg, top=top, mib=args.mib,
+                                                          n=args.n, sub=sub, spaces=spaces)))]
+            for name, measure in vm_runs[::1 if round_ % 2 == 0 else -1]:
+                runs[name].append(measure(sub := sub + 1))
             if shutil.which("runc"):
                 runs["runc"].append(oci("runc", top=top, env=env, mib=args.mib, n=args.n,
                                         sub=(sub := sub + 1), spaces=spaces))
