@@ -93,7 +93,8 @@ def test_nics_on_a_hub() -> None:
     argv = qemu_argv(_config(nics=nics))
     assert _pairs(argv, "-netdev") == ["hubport,id=net-n0,hubid=0", "hubport,id=net-n1,hubid=0"]
     devices = _pairs(argv, "-device")
-    assert "virtio-net-device,netdev=net-n0,mac=02:00:00:00:00:01,host_mtu=1400,id=nic-n0" in devices
+    assert ("virtio-net-device,netdev=net-n0,mac=02:00:00:00:00:01,host_mtu=1400,id=nic-n0"
+            in devices)
     assert "virtio-net-device,netdev=net-n1,mac=02:00:00:00:00:02,id=nic-n1" in devices
     argv = qemu_argv(_config(machine="q35", nics=(Nic("a", "02:00:00:00:00:03",
                                                        backend=HubPort(7)),)))
