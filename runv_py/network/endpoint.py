@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -154,7 +154,7 @@ def clear_stale(ipr: Any, link: Link) -> None:
     """Refuse an interface another live sandbox mirrors; remove what a killed one left."""
     if _stale(ipr, link):
         log.warning("removing the tc redirect a killed sandbox left on %s", link.name)
-        _ignoring_gone(ipr, "tc", "del", "ingress", link.index)
+        _unless_gone(ipr.tc, "del", "ingress", link.index)
 
 
 def sweep(ipr: Any) -> list[str]:
@@ -164,7 +164,7 @@ def sweep(ipr: Any) -> list[str]:
     for link in snapshot(ipr).links:
         try:
             if _stale(ipr, link):
-                _ignoring_gone(ipr, "tc", "del", "ingress", link.index)
+                _unless_gone(ipr.tc, "del", "ingress", link.index)
                 cleaned.append(link.name)
         except NetworkError:
             continue
@@ -210,10 +210,10 @@ def create(ipr: Any, link: Link) -> Endpoint:
     return endpoint
 
 
-def _ignoring_gone(ipr: Any, *args: Any, **kwargs: Any) -> None:
-    method = getattr(ipr, args[0])
+def _unless_gone(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """A netlink change whose object may already be gone (that is as good as done)."""
     try:
-        method(*args[1:], **kwargs)
+        call(*args, **kwargs)
     except Exception as exc:
         if _netlink_code(exc) not in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
             raise
@@ -225,6 +225,6 @@ def remove(ipr: Any, endpoint: Endpoint) -> None:
     link = endpoint.link
     # By index: a link of the same name may have come since (a re-added CNI network).
     if link.index in ipr.link_lookup(ifname=link.name) and _ingress_qdisc(ipr, link.index):
-        _ignoring_gone(ipr, "tc", "del", "ingress", link.index)
+        _unless_gone(ipr.tc, "del", "ingress", link.index)
     if endpoint.tap_index in ipr.link_lookup(ifname=endpoint.tap_name):
-        _ignoring_gone(ipr, "link", "del", index=endpoint.tap_index)
+        _unless_gone(ipr.link, "del", index=endpoint.tap_index)
