@@ -60,6 +60,18 @@ class Lab:
                 sh("ip", "-n", ns, "addr", "add", addr, "dev", ifname, *nodad)
             sh("ip", "-n", ns, "link", "set", ifname, "up")
 
+    def pair(self, sub: int, *, mtu: int = 1500, v6: bool = False, suffix: str = "",
+             host: int = 2) -> tuple[str, str]:
+        """A container namespace with eth0 at 10.<subnet>.<sub>.<host>/24 (and
+        <v6>:<sub>::<host>/64) and a peer namespace with peer0 at .1 on the other end."""
+        container, peer = self.netns("c" + suffix), self.netns("p" + suffix)
+        six = (f"{self.v6}:{sub}::{host}/64",) if v6 else ()
+        peer_six = (f"{self.v6}:{sub}::1/64",) if v6 else ()
+        self.veth(container, "eth0", peer, "peer0", mtu=mtu,
+                  addr_a=(f"10.{self.subnet}.{sub}.{host}/24", *six),
+                  addr_b=(f"10.{self.subnet}.{sub}.1/24", *peer_six))
+        return container, peer
+
     def spawn(self, ns: str, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
         kw.setdefault("stdout", subprocess.DEVNULL)
         kw.setdefault("stderr", subprocess.DEVNULL)

@@ -20,9 +20,8 @@ def test_a_second_network_is_hot_plugged_and_unplugged(runv: Runv, lab: Lab,
     runv.config.write_text(runv.config.read_text().replace(
         "[hypervisor]\n", '[hypervisor]\nmachine = "pc"\n'))
     net = lab.subnet
-    container, peer, second = lab.netns("c"), lab.netns("p"), lab.netns("q")
-    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.10.2/24",),
-             addr_b=(f"10.{net}.10.1/24",))
+    container, _ = lab.pair(10)
+    second = lab.netns("q")
     bundle = runv.bundle(["sleep", "1000"], with_netns(lab.path(container)))
     with open(tmp_path / "out", "wb") as out:
         runv("create", "--bundle", str(bundle), "h1", stdout=out, stderr=subprocess.STDOUT)

@@ -18,9 +18,7 @@ from .conftest import PEER, Lab, peer_http, run_output, sh, with_netns
 def test_container_fetches_a_page_from_a_peer_namespace(runv: Runv, lab: Lab,
                                                         tmp_path: Path) -> None:
     net = lab.subnet
-    container, peer = lab.netns("c"), lab.netns("p")
-    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.1.2/24",),
-             addr_b=(f"10.{net}.1.1/24",))
+    container, peer = lab.pair(1)
     before = lab.link_state(container, "eth0")
     www = tmp_path / "www"
     www.mkdir()
@@ -44,10 +42,7 @@ def test_container_fetches_a_page_from_a_peer_namespace(runv: Runv, lab: Lab,
 
 def test_ipv6_routes_and_mtu_9000_end_to_end(runv: Runv, lab: Lab) -> None:
     net = lab.subnet
-    container, peer = lab.netns("c"), lab.netns("p")
-    lab.veth(container, "eth0", peer, "peer0", mtu=9000,
-             addr_a=(f"10.{net}.2.2/24", f"{lab.v6}:2::2/64"),
-             addr_b=(f"10.{net}.2.1/24", f"{lab.v6}:2::1/64"))
+    container, peer = lab.pair(2, mtu=9000, v6=True)
     # A network behind the peer, reached through a gateway route of the namespace.
     sh("ip", "-n", peer, "addr", "add", f"10.{net}.9.1/32", "dev", "lo")
     sh("ip", "-n", container, "route", "add", f"10.{net}.9.0/24", "via", f"10.{net}.2.1")
@@ -71,9 +66,7 @@ def test_ipv6_routes_and_mtu_9000_end_to_end(runv: Runv, lab: Lab) -> None:
 
 def test_dns_from_the_bundles_resolv_conf(runv: Runv, lab: Lab, tmp_path: Path) -> None:
     net = lab.subnet
-    container, peer = lab.netns("c"), lab.netns("p")
-    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.3.2/24",),
-             addr_b=(f"10.{net}.3.1/24",))
+    container, peer = lab.pair(3)
     lab.spawn(peer, sys.executable, str(PEER), "dns", f"10.{net}.3.1", "web.runv.test",
               f"10.{net}.3.1")
     peer_http(lab, peer, f"10.{net}.3.1")
@@ -94,9 +87,7 @@ def test_dns_from_the_bundles_resolv_conf(runv: Runv, lab: Lab, tmp_path: Path) 
 
 def test_no_network_namespace_path_is_loopback_only(runv: Runv, lab: Lab) -> None:
     net = lab.subnet
-    container, peer = lab.netns("c"), lab.netns("p")
-    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.4.2/24",),
-             addr_b=(f"10.{net}.4.1/24",))
+    _, peer = lab.pair(4)
     peer_http(lab, peer, f"10.{net}.4.1")
     script = (f"ip -o link; wget -q -T 3 -O - http://10.{net}.4.1:8080/ && echo reached; "
               "echo done")

@@ -33,11 +33,8 @@ def test_two_sandboxes_on_separate_networks_cannot_reach_each_other(
         runv: Runv, lab: Lab, tmp_path: Path) -> None:
     net = lab.subnet
     # The same subnet on both sides: only a link the runtime made could join them.
-    c1, p1, c2, p2 = lab.netns("c1"), lab.netns("p1"), lab.netns("c2"), lab.netns("p2")
-    lab.veth(c1, "eth0", p1, "peer0", addr_a=(f"10.{net}.5.2/24",),
-             addr_b=(f"10.{net}.5.1/24",))
-    lab.veth(c2, "eth0", p2, "peer0", addr_a=(f"10.{net}.5.3/24",),
-             addr_b=(f"10.{net}.5.1/24",))
+    c1, _ = lab.pair(5, suffix="1")
+    c2, p2 = lab.pair(5, suffix="2", host=3)
     peer_http(lab, p2, f"10.{net}.5.1")
     start_detached(runv, "s1", ["httpd", "-f", "-p", "8080", "-h", "/"],
                    with_netns(lab.path(c1)), tmp_path)
@@ -93,9 +90,7 @@ def test_published_port_through_cni_bridge_and_portmap(runv: Runv, lab: Lab,
 def test_a_killed_supervisor_does_not_break_the_namespace(runv: Runv, lab: Lab,
                                                           tmp_path: Path) -> None:
     net = lab.subnet
-    container, peer = lab.netns("c"), lab.netns("p")
-    lab.veth(container, "eth0", peer, "peer0", addr_a=(f"10.{net}.7.2/24",),
-             addr_b=(f"10.{net}.7.1/24",))
+    container, peer = lab.pair(7)
     peer_http(lab, peer, f"10.{net}.7.1")
 
     def kill_supervisor(cid: str) -> None:
