@@ -69,30 +69,27 @@ def snapshot(ipr: Any) -> Snapshot:
     """The namespace's Ethernet interfaces (not loopback, not our taps), their addresses (not
     IPv6 link-local: the guest makes its own from the same MAC), the main table's routes
     through them and their permanent neighbours."""
-    links: list[Link] = []
-    names: dict[int, str] = {}
+    found: list[tuple[int, str, str, int, str]] = []
     for msg in ipr.get_links():
         name = msg.get_attr("IFLA_IFNAME") or ""
         if msg["flags"] & IFF_LOOPBACK or msg["ifi_type"] != ARPHRD_ETHER or _is_ours(name):
             continue
         info = msg.get_attr("IFLA_LINKINFO")
         kind = (info.get_attr("IFLA_INFO_KIND") or "") if info is not None else ""
-        if kind in ("bridge", "tun"):
-            continue
-        names[msg["index"]] = name
-        links.append(Link(msg["index"], name, msg.get_attr("IFLA_ADDRESS"),
-                          msg.get_attr("IFLA_MTU") or 1500, (), kind))
+        if kind not in ("bridge", "tun"):
+            found.append((msg["index"], name, msg.get_attr("IFLA_ADDRESS"),
+                          msg.get_attr("IFLA_MTU") or 1500, kind))
+    names = {index: name for index, name, *_ in found}
     addresses: dict[int, list[Address]] = {}
     for msg in ipr.get_addr():
         if msg["index"] not in names:
             continue
         ip = msg.get_attr("IFA_ADDRESS") if msg["family"] == AF_INET6 else (
             msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
-        if ipaddress.ip_address(ip).is_link_local:
-            continue
-        addresses.setdefault(msg["index"], []).append(Address(ip, msg["prefixlen"]))
-    links = [Link(link.index, link.name, link.mac, link.mtu,
-                  tuple(addresses.get(link.index, ())), link.kind) for link in links]
+        if not ipaddress.ip_address(ip).is_link_local:
+            addresses.setdefault(msg["index"], []).append(Address(ip, msg["prefixlen"]))
+    links = tuple(Link(index, name, mac, mtu, tuple(addresses.get(index, ())), kind)
+                  for index, name, mac, mtu, kind in found)
     routes: list[Route] = []
     for family in (AF_INET, AF_INET6):
         for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
@@ -113,7 +110,7 @@ def snapshot(ipr: Any) -> Snapshot:
         for msg in ipr.get_neighbours()
         if msg["ifindex"] in names and msg["state"] & NUD_PERMANENT
         and msg.get_attr("NDA_LLADDR"))
-    return Snapshot(tuple(links), tuple(routes), neighbors)
+    return Snapshot(links, tuple(routes), neighbors)
 
 
 def _ingress_qdisc(ipr: Any, index: int) -> bool:
