@@ -119,3 +119,22 @@ def test_a_killed_supervisor_does_not_break_the_namespace(runv: Runv, lab: Lab,
     assert b"mss=" in result.stdout, result.stdout + result.stderr
     runv("delete", "--force", "k2")
     assert lab.mirror_state(container) == []
+
+
+def test_a_namespace_in_use_by_another_sandbox_is_refused(runv: Runv, lab: Lab,
+                                                          tmp_path: Path) -> None:
+    net = lab.subnet
+    container, peer = lab.pair(15)
+    peer_http(lab, peer, f"10.{net}.15.1")
+    start_detached(runv, "u1", ["sleep", "1000"], with_netns(lab.path(container)), tmp_path)
+    mirrored = lab.mirror_state(container)
+    second = runv.bundle(["true"], with_netns(lab.path(container)))
+    result = runv("run", "--bundle", str(second), "u2", check=False)
+    assert result.returncode == 1
+    assert b"another sandbox uses this network namespace" in result.stderr, result.stderr
+    assert not (runv.root / "u2").exists()
+    assert lab.mirror_state(container) == mirrored  # the first sandbox's mirror is intact
+    out = runv("exec", "u1", "sh", "-c", f"wget -q -O - http://10.{net}.15.1:8080/ | "
+               "head -n 1").stdout
+    assert out.startswith(b"mss="), out
+    runv("delete", "--force", "u1")
