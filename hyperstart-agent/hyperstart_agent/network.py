@@ -33,6 +33,7 @@ SCOPES = {0: "universe", 200: "site", 253: "link", 254: "host"}
 NUD_PERMANENT = 0x80
 NUD_STATES = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
 IFF_UP = 0x1
+IFA_F_NODAD = 0x02
 MIN_MTU, MAX_MTU = 68, 65535
 ONDEMAND = "/opt/hyperstart/ondemand"
 
@@ -369,8 +370,12 @@ def update_interface(want: Interface) -> Interface:
             if address not in present:
                 with _kernel(f"interface.ip_addresses[{i}]",
                              f"adding {address.ip}/{address.prefix_len} to {name}"):
+                    # IPv6 without duplicate address detection: the host owns these
+                    # addresses (it did DAD on its own interface); a tentative address would
+                    # leave the container without IPv6 for a second after start.
                     ipr.addr("add", index=index, address=str(address.ip),
-                             prefixlen=address.prefix_len)
+                             prefixlen=address.prefix_len,
+                             flags=IFA_F_NODAD if address.ip.version == 6 else 0)
                 present.add(address)
         link = ipr.get_links(index)[0]
         return _interface(link, _addresses(ipr, index).get(index, []))
