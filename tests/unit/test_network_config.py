@@ -11,6 +11,7 @@ import pytest
 
 from runv_py.errors import NetworkError, SpecError
 from runv_py.network.cni import BridgeNetwork, PortMapping
+from runv_py.network.managed import Lease
 from runv_py.oci import spec as oci_spec
 
 
@@ -57,3 +58,13 @@ def test_spec_network_namespace(tmp_path: Path) -> None:
                 ).network_ns == "/run/netns/x"
     with pytest.raises(SpecError, match=r"linux.namespaces\[0\].path"):
         load(_bundle(tmp_path, [{"type": "network", "path": "netns/x"}]))
+
+
+def test_lease_round_trips_through_json(tmp_path: Path) -> None:
+    lease = Lease("s1", "/run/netns/runv-s1", BridgeNetwork("n1", "br-n1", "10.99.0.0/24",
+                                                            tmp_path),
+                  (PortMapping(8080, 80), PortMapping(53, 53, "udp", "127.0.0.1")),
+                  ("10.99.0.2/24",))
+    assert Lease.from_json(lease.to_json()) == lease
+    with pytest.raises(NetworkError, match="network lease"):
+        Lease.from_json('{"sandbox_id": "s1"}')
