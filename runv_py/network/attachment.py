@@ -5,6 +5,7 @@ leaves the namespace's own interfaces as they were."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -36,7 +37,7 @@ class Attachment:
         try:
             await self.refresh()
         except BaseException:
-            self.close_sync()
+            await self.close()
             raise
 
     async def refresh(self) -> Changes:
@@ -44,10 +45,20 @@ class Attachment:
         interfaces that went away are returned (removed) for the caller to unplug and
         forget()."""
         assert self._netns is not None
-        self.snapshot, changes = await self._netns.call(self._refresh)
+        work = asyncio.ensure_future(self._netns.call(self._refresh))
+        try:
+            self.snapshot, changes = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The thread finishes regardless: keep what it made so that close() removes it.
+            self.snapshot, changes = await work
+            self._keep(changes)
+            raise
+        self._keep(changes)
+        return changes
+
+    def _keep(self, changes: Changes) -> None:
         kept = [e for e in self.endpoints if e not in changes.removed]
         self.endpoints = (*kept, *changes.added)
-        return changes
 
     def _refresh(self) -> tuple[Snapshot, Changes]:
         with endpoint.netlink() as ipr:

@@ -40,7 +40,7 @@ class NetNs:
         if _libc.setns(self.fd, CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
             what = ("is not a network namespace" if code == errno.EINVAL
-                    else os.strerror(code))
+                    else f"cannot be entered: {os.strerror(code)}")
             raise NetworkError(f"linux.namespaces[network].path: {self.path} {what}")
 
     def _start(self, fn: Callable[[], T]) -> Future[T]:
