@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ NUD_PERMANENT = 0x80
 NUD_STATES = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
 IFF_UP = 0x1
 IFA_F_NODAD = 0x02
+LINK_READY_WAIT_S = 3.0
 MIN_MTU, MAX_MTU = 68, 65535
 ONDEMAND = "/opt/hyperstart/ondemand"
 
@@ -358,6 +360,7 @@ def update_interface(want: Interface) -> Interface:
                 ipr.link("set", index=index, mtu=want.mtu)
         with _kernel("interface", f"bringing {name} up"):
             ipr.link("set", index=index, state="up")
+        _wait_link_ready(ipr, index)
         wanted = set(want.addresses)
         for have in _addresses(ipr, index).get(index, []):
             if have not in wanted and not (have.ip.version == 6 and have.ip.is_link_local):
@@ -379,6 +382,18 @@ def update_interface(want: Interface) -> Interface:
                 present.add(address)
         link = ipr.get_links(index)[0]
         return _interface(link, _addresses(ipr, index).get(index, []))
+
+
+def _wait_link_ready(ipr: Any, index: int) -> None:
+    """Until the link brought up is operationally up (bounded). The kernel's linkwatch sets
+    that up to a second later, and IPv6 then restarts duplicate address detection on the
+    link's addresses: addresses added before would flicker back to tentative (unusable) while
+    a container is already starting."""
+    deadline = time.monotonic() + LINK_READY_WAIT_S
+    while time.monotonic() < deadline:
+        if ipr.get_links(index)[0].get("IFLA_OPERSTATE") in ("UP", "UNKNOWN"):
+            return
+        time.sleep(0.02)
 
 
 def _route_from_kernel(msg: Any, names: dict[int, str]) -> Route | None:

@@ -48,7 +48,11 @@ def test_ipv6_routes_and_mtu_9000_end_to_end(runv: Runv, lab: Lab) -> None:
     sh("ip", "-n", container, "route", "add", f"10.{net}.9.0/24", "via", f"10.{net}.2.1")
     peer_http(lab, peer, "::", size=1 << 20)
 
+    # Known issue (see docs/networking.md): right after boot the guest's first IPv6 neighbour
+    # resolution is sometimes lost; the peer must answer within 20 tries.
     script = "; ".join([
+        f"i=0; until ping6 -c 1 -W 1 {lab.v6}:2::1 >/dev/null 2>&1; do i=$((i+1)); "
+        "[ $i -ge 20 ] && break; done",
         f"wget -q -O - 'http://[{lab.v6}:2::1]:8080/' | head -n 1",
         f"wget -q -O - http://10.{net}.9.1:8080/ | wc -c",
         "ip -o link show eth0", "ip -o -6 addr show eth0 scope global", "ip route"])
