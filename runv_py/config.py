@@ -48,9 +48,20 @@ class GuestConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """The CNI bridge network of `hyperctl run --network default` (no masquerade, no default
+    route: sandboxes reach the host, each other and published ports)."""
+
+    bridge: str = "runv0"
+    subnet: str = "10.89.0.0/16"
+    cni_data_dir: Path = Path("/var/lib/runv/cni")
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     state_dir: Path = Path("/run/runv")
     source: str = "(defaults)"
 
@@ -120,11 +131,14 @@ def parse(text: str, source: str) -> RuntimeConfig:
             config = replace(config, hypervisor=section)
         elif key == "guest":
             config = replace(config, guest=_section(f"{source} [guest]", GuestConfig, value))
+        elif key == "network":
+            config = replace(config, network=_section(f"{source} [network]", NetworkConfig,
+                                                      value))
         elif key == "state_dir":
             config = replace(config, state_dir=_convert(source, key, Path, value))
         else:
             raise ConfigError(
-                f"{source}: unknown key {key!r} (known: hypervisor, guest, state_dir)")
+                f"{source}: unknown key {key!r} (known: hypervisor, guest, network, state_dir)")
     return config
 
 

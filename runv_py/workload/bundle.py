@@ -86,7 +86,7 @@ def merge_env(base: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
 
 
 def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, work: Path,
-                  hostname: str) -> dict[str, Any]:
+                  hostname: str, netns: str | None = None) -> dict[str, Any]:
     spec = template.document()
     process = spec["process"]
     process["terminal"] = options.tty
@@ -115,7 +115,7 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, wor
         resources["memory"] = {"limit": options.memory}
     if options.cpus is not None:
         resources["cpu"] = {"quota": round(options.cpus * CPU_PERIOD), "period": CPU_PERIOD}
-    configure_network(spec, options.network, options.publish)
+    configure_network(spec, options.network, options.publish, netns)
     spec["annotations"] = {
         ROOTFS_OVERLAY_ANNOTATION: json.dumps(
             {"lower": [str(image.rootfs)], "upper": str(upper), "work": str(work)}),

@@ -29,6 +29,7 @@ from ..sandbox.container import Runtime, parse_signal
 from ..sandbox.standin import StandIn
 from ..store.state import ContainerRecord
 from . import bundle as bundle_mod
+from . import network
 from .images import Images
 from .options import RunOptions
 from .records import Records, Workload
@@ -79,13 +80,17 @@ class Engine:
             command=tuple(bundle_mod.command(image, options)), created=time.time(),
             detached=detached, auto_remove=options.auto_remove, tty=options.tty,
             timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal)
+        network.check(options.network, options.publish)
         self.records.create(workload)
+        path = self.records.dir(workload_id)
         try:
-            path = self.records.dir(workload_id)
+            netns = network.attach(workload_id, options.network, options.publish, path)
             spec = bundle_mod.spec_document(image, options, upper=path / "upper",
-                                            work=path / "work", hostname=workload.name)
+                                            work=path / "work", hostname=workload.name,
+                                            netns=netns)
             bundle_mod.write(self.records.bundle(workload_id), spec)
         except BaseException:
+            self._release_network(workload_id)
             self.records.remove(workload)
             raise
         log.debug("prepared: image and bundle %.0f ms", (time.monotonic() - t_start) * 1000,
@@ -102,6 +107,7 @@ class Engine:
             record = self.runtime.create(workload.id, self.records.bundle(workload.id),
                                          standin=False)
         except BaseException:
+            self._release_network(workload.id)
             self.records.remove(workload)
             raise
         timer: threading.Timer | None = None
@@ -159,6 +165,13 @@ class Engine:
             pass
         except RunvError as exc:
             log.warning("could not delete the VM of %s: %s", workload_id, exc)
+        self._release_network(workload_id)
+
+    def _release_network(self, workload_id: str) -> None:
+        try:
+            network.release(self.records.dir(workload_id))
+        except RunvError as exc:
+            log.warning("could not release the network of %s: %s", workload_id, exc)
 
     def run_foreground(self, workload: Workload, *, interactive: bool) -> int:
         """With this process's stdio (or its terminal, in raw mode, for a tty container)."""

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from runv_py.errors import ConfigError, ContainerExists, ContainerNotFound, NotSupported
+from runv_py.errors import (
+    ConfigError,
+    ContainerExists,
+    ContainerNotFound,
+    NetworkError,
+    NotSupported,
+)
 from runv_py.oci.image import ImageConfig
 from runv_py.oci.spec import ROOTFS_OVERLAY_ANNOTATION
 from runv_py.workload import bundle, options
@@ -117,14 +124,23 @@ def test_env_file(tmp_path: Path) -> None:
         options.read_env_file(str(path))
 
 
-def test_networking_is_refused_in_one_place(tmp_path: Path) -> None:
+def test_network_modes_in_the_spec(tmp_path: Path) -> None:
     image = _image(tmp_path, cmd=("sh",))
-    with pytest.raises(NotSupported, match="networking is not available in this build"):
-        _spec(tmp_path, image, network="default")
-    with pytest.raises(NotSupported, match="-p 8080:80: networking is not available"):
+
+    def network_of(spec: dict[str, Any]) -> list[dict[str, str]]:
+        return [ns for ns in spec["linux"]["namespaces"] if ns["type"] == "network"]
+
+    assert network_of(_spec(tmp_path, image)) == [{"type": "network"}]  # loopback only
+    run = options.RunOptions(image="img", network="default", publish=("8080:80",))
+    spec = bundle.spec_document(image, run, upper=tmp_path / "u", work=tmp_path / "w",
+                                hostname="hc-1", netns="/run/netns/runv-hc-1")
+    assert network_of(spec) == [{"type": "network", "path": "/run/netns/runv-hc-1"}]
+    with pytest.raises(NotSupported, match="-p 8080:80: --network none has no ports"):
         _spec(tmp_path, image, publish=("8080:80",))
     with pytest.raises(NotSupported, match="--network 'bridge': use none or default"):
         _spec(tmp_path, image, network="bridge")
+    with pytest.raises(NetworkError, match="port mapping '80'"):
+        _spec(tmp_path, image, network="default", publish=("80",))
 
 
 def test_records_find_by_name_id_and_prefix(tmp_path: Path) -> None:
@@ -150,10 +166,10 @@ def test_records_find_by_name_id_and_prefix(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["run", "--network", "default", "busybox", "true"],
-     "hyperctl: error: --network default: networking is not available in this build"),
     (["run", "-p", "80:80", "busybox", "true"],
-     "hyperctl: error: -p 80:80: networking is not available in this build"),
+     "hyperctl: error: -p 80:80: --network none has no ports to publish"),
+    (["run", "--network", "default", "-p", "x:80", "busybox", "true"],
+     "hyperctl: error: port mapping 'x:80'"),
     (["run", "--memory", "lots", "busybox", "true"], "hyperctl: error: --memory 'lots'"),
     (["run", "-v", "/nonexistent-hc:/x", "busybox", "true"],
      "hyperctl: error: -v '/nonexistent-hc:/x': /nonexistent-hc does not exist"),

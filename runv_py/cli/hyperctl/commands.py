@@ -45,9 +45,10 @@ def add_all(sub: Any) -> None:
     p.add_argument("--memory", "-m", metavar="SIZE",
                    help="memory limit, e.g. 256m (added to the VM's own memory)")
     p.add_argument("--network", default="none", metavar="MODE",
-                   help="none (loopback only, the default) or default (not in this build)")
+                   help="none (loopback only, the default) or default (runv-py's CNI bridge "
+                        "network: [network] in config.toml)")
     p.add_argument("-p", "--publish", action="append", default=[], metavar="HOST:GUEST",
-                   help="publish a port (needs networking: not in this build)")
+                   help="publish a port of the container on the host (with --network default)")
     p.add_argument("--hostname", help="the container's hostname (default its name)")
     p.add_argument("--entrypoint", help="replace the image's entrypoint (one executable)")
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
