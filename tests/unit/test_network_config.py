@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from runv_py.errors import NetworkError, SpecError
+from runv_py import config
+from runv_py.errors import ConfigError, NetworkError, SpecError
 from runv_py.network.cni import BridgeNetwork, PortMapping
 from runv_py.network.managed import Lease
 from runv_py.oci import spec as oci_spec
@@ -68,3 +69,12 @@ def test_lease_round_trips_through_json(tmp_path: Path) -> None:
     assert Lease.from_json(lease.to_json()) == lease
     with pytest.raises(NetworkError, match="network lease"):
         Lease.from_json('{"sandbox_id": "s1"}')
+
+
+def test_network_section_of_the_runtime_config() -> None:
+    cfg = config.parse('[network]\nbridge = "br9"\nsubnet = "10.9.0.0/24"\n'
+                       'cni_data_dir = "/tmp/cni"\n', "t.toml")
+    assert cfg.network == config.NetworkConfig("br9", "10.9.0.0/24", Path("/tmp/cni"))
+    assert config.parse("", "t.toml").network.bridge == "runv0"
+    with pytest.raises(ConfigError, match=r"t.toml \[network\]: unknown key 'masquerade'"):
+        config.parse("[network]\nmasquerade = 1\n", "t.toml")
