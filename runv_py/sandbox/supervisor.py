@@ -474,8 +474,9 @@ class Supervisor:
             return {"ok": True, "processes": [[pid, list(args)] for pid, args in
                                               await agent.list_processes(container.id)]}
         elif op == "network-sync":
-            assert self.sandbox.machine is not None
-            return {"ok": True, **await self.network.sync(self.sandbox.machine, agent)}
+            machine = self._sandbox().machine
+            assert machine is not None
+            return {"ok": True, **await self.network.sync(machine, agent)}
         else:
             raise RunvError(f"unknown control operation {op!r}")
         return {"ok": True}
