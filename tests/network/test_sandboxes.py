@@ -11,6 +11,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from runv_py.network import managed
 from runv_py.network.cni import BridgeNetwork, PortMapping
@@ -138,3 +139,39 @@ def test_a_namespace_in_use_by_another_sandbox_is_refused(runv: Runv, lab: Lab,
                "head -n 1").stdout
     assert out.startswith(b"mss="), out
     runv("delete", "--force", "u1")
+
+
+def test_a_pod_shares_its_network_namespace_and_localhost(runv: Runv, lab: Lab,
+                                                          tmp_path: Path) -> None:
+    """CRI-style: the pod's sandbox and its container both name the pod's netns; the
+    container joins the sandbox's VM, reaches the peer through the pod's NIC and the sandbox
+    on localhost."""
+    net = lab.subnet
+    container, peer = lab.pair(17)
+    peer_http(lab, peer, f"10.{net}.17.1")
+
+    def pod(kind: str) -> Any:
+        def edit(spec: dict[str, Any]) -> None:
+            with_netns(lab.path(container))(spec)
+            spec["annotations"] = {"io.kubernetes.cri.container-type": kind,
+                                   "io.kubernetes.cri.sandbox-id": "pod1"}
+        return edit
+
+    start_detached(runv, "pod1", ["sh", "-c", "echo from-sandbox > /index.html; "
+                                  "exec httpd -f -p 127.0.0.1:8081 -h /"], pod("sandbox"),
+                   tmp_path)
+    member = runv.bundle(["sh", "-c", "for i in $(seq 50); do "
+                          "wget -qO- http://127.0.0.1:8081/index.html && break; sleep 0.2; "
+                          f"done; wget -qO- http://10.{net}.17.1:8080/ | head -n 1"],
+                         pod("container"))
+    out = tmp_path / "c1.out"
+    with open(out, "wb") as sink:
+        runv("create", "--bundle", str(member), "c1", stdout=sink)
+    runv("start", "c1")
+    runv.wait_status("c1", "stopped")
+    text = out.read_text()
+    assert text.startswith("from-sandbox\nmss="), text
+    assert len([s for s in lab.mirror_state(container) if s.startswith("tap")]) == 1
+    runv("delete", "c1")
+    runv("delete", "--force", "pod1")
+    assert lab.mirror_state(container) == []
