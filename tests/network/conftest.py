@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,15 @@ PEER = Path(__file__).with_name("peer.py")
 def peer_http(lab: Lab, ns: str, addr: str, port: int = 8080, size: int = 0) -> None:
     lab.spawn(ns, sys.executable, str(PEER), "http", addr, str(port), str(size))
     lab.wait_listening(ns, port)
+
+
+def fetch(url: str, timeout_s: float = 60) -> bytes:
+    """The body at `url` once something answers there (b"" if nothing did in time)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as response:
+                return bytes(response.read())
+        except OSError:
+            time.sleep(0.5)
+    return b""

@@ -5,13 +5,11 @@ config.toml), a port published on the host, all of it gone with `hyperctl rm`.""
 from __future__ import annotations
 
 import os
-import time
-import urllib.request
 from pathlib import Path
 
 from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401  (fixture)
 
-from .conftest import Lab, sh
+from .conftest import Lab, fetch, sh
 
 
 def test_hyperctl_network_default_publishes_a_port(hyperctl: Hyperctl,  # noqa: F811
@@ -29,17 +27,7 @@ def test_hyperctl_network_default_publishes_a_port(hyperctl: Hyperctl,  # noqa: 
              "echo published > /index.html; exec httpd -f -p 8080 -h /")
     made = (set(os.listdir("/run/netns")) - before)
     assert len(made) == 1, made
-    body = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://10.{net}.16.1:{host_port}/index.html",
-                                        timeout=3) as response:
-                body = response.read()
-                break
-        except OSError:
-            time.sleep(0.5)
-    assert body == b"published\n"
+    assert fetch(f"http://10.{net}.16.1:{host_port}/index.html") == b"published\n"
     hyperctl("rm", "-f", "web")
     assert not (set(os.listdir("/run/netns")) & made)
     assert f"--dport {host_port}" not in sh("iptables", "-t", "nat", "-S")

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from runv_py.network.cni import BridgeNetwork, PortMapping
 from tests.cli.conftest import Runv
 from tests.vm.conftest import processes_mentioning
 
-from .conftest import Lab, peer_http, run_output, sh, with_netns
+from .conftest import Lab, fetch, peer_http, run_output, sh, with_netns
 
 
 def start_detached(runv: Runv, cid: str, args: list[str], edit: object,
@@ -68,16 +67,7 @@ def test_published_port_through_cni_bridge_and_portmap(runv: Runv, lab: Lab,
         start_detached(runv, "pp", ["sh", "-c", "echo published > /index.html; "
                                     "exec httpd -f -p 8080 -h /"],
                        with_netns(lease.netns), tmp_path)
-        body = b""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://{gateway}:{host_port}/index.html",
-                                            timeout=3) as response:
-                    body = response.read()
-                    break
-            except OSError:
-                time.sleep(0.5)
+        body = fetch(f"http://{gateway}:{host_port}/index.html")
         assert body == b"published\n", f"no answer through {gateway}:{host_port}"
         runv("delete", "--force", "pp")
         assert lab.mirror_state(Path(lease.netns).name) == []
