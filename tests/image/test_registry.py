@@ -164,8 +164,10 @@ def test_interrupted_pull_resumes(tmp_path: Path, store: ImageStore,
     with pytest.raises(Interrupt):
         pull(store, ref, progress=InterruptingProgress())
     assert store.images() == []
-    partials = list((store.root / "tmp").glob("*.partial"))
-    assert len(partials) == 1 and 2_000_000 < partials[0].stat().st_size < 6_100_000
+    # Other blobs download concurrently and may be cut short too; the big layer's partial
+    # download holds more than a third of it.
+    sizes = [p.stat().st_size for p in (store.root / "tmp").glob("*.partial")]
+    assert any(2_000_000 < size < 6_100_000 for size in sizes), sizes
     out = io.StringIO()
     with caplog.at_level(logging.INFO, logger="runv_py.oci.image"):
         image = pull(store, ref, progress=Progress(out, tty=False))
