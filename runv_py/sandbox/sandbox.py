@@ -110,6 +110,30 @@ def vm_config(
     )
 
 
+def clone_base(
+    config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
+    choice: accel.Choice, *, debug: bool, shares: tuple[Share, ...],
+) -> tuple[template.TemplateInputs, VmConfig]:
+    """What a VM started from a template needs: the template's inputs, and the VM config
+    (machine `pc`: clones need PCI hotplug, which microvm lacks)."""
+    hv = replace(config.hypervisor, machine=template.MACHINE)
+    vm = vm_config(replace(config, hypervisor=hv), name, paths, found, choice, debug=debug,
+                   shares=shares)
+    return template.inputs_for(vm, found.agent_version, config.guest.channel), vm
+
+
+async def ensure_template(config: RuntimeConfig, share_tags: tuple[str, ...] = (), *,
+                          debug: bool = False) -> template.Template:
+    """The template sandboxes with these 9p share tags start from, built if missing."""
+    found = assets.find(config.guest.assets_dir)
+    shares = tuple(Share(tag, Path("/")) for tag in share_tags)
+    inputs, vm = clone_base(config, "template", StatePaths(config.template_dir), found,
+                            accel.choose(config.hypervisor.accelerator), debug=debug,
+                            shares=shares)
+    store = template.TemplateStore(config.template_dir)
+    return await store.ensure(inputs, vm, config.hypervisor.boot_timeout_s)
+
+
 class Sandbox:
     def __init__(self, sandbox_id: str, config: RuntimeConfig) -> None:
         if not _ID.match(sandbox_id):
@@ -206,11 +230,9 @@ class Sandbox:
         assert self.accel is not None
         timeout = self.config.hypervisor.boot_timeout_s
         shares = tuple(replace(share, driver="9p", socket=None) for share in shares)
-        hv = replace(self.config.hypervisor, machine=template.MACHINE)
-        vm = vm_config(replace(self.config, hypervisor=hv), self.id, self.paths, found,
-                       self.accel, debug=debug, shares=shares)
+        inputs, vm = clone_base(self.config, self.id, self.paths, found, self.accel,
+                                debug=debug, shares=shares)
         store = template.TemplateStore(self.config.template_dir)
-        inputs = template.inputs_for(vm, found.agent_version, self.config.guest.channel)
         self._template = store.get(inputs.key)
         self.start_path = "template"
         if self._template is None:

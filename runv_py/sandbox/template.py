@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .. import __version__
 from ..agent.client import AgentClient
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Bump when what a template holds, or how it is made, changes meaning.
 FORMAT = 1
-MACHINE = "pc"
+MACHINE: Final = "pc"
 SAVE_TIMEOUT_S = 60.0
 MEMORY = "memory"
 STATE = "state"
@@ -212,13 +212,6 @@ class TemplateStore:
             meta = {"key": key, "inputs": asdict(inputs), "created": time.time(),
                     "build_s": round(time.monotonic() - t0, 3), "state_bytes": state_size}
             (work / META).write_text(json.dumps(meta, indent=1) + "\n")
-            for name in os.listdir(work):
-                if name not in (MEMORY, STATE, META):
-                    path = work / name
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink()
             work.chmod(0o755)
             os.rename(work, self.root / key)
         except BaseException:
@@ -229,20 +222,29 @@ class TemplateStore:
 
 
 async def _boot_and_save(work: Path, vm: VmConfig, timeout_s: float) -> int:
-    """Boot `vm` (paths moved into `work`) to agent ready, let the guest's agent go back to
-    waiting for a host, then save the paused VM. Returns the device state's size."""
+    """Boot `vm` to agent ready (its sockets and logs in a short-lived directory of their own:
+    unix socket paths are short), let the guest's agent go back to waiting for a host, then
+    save the paused VM into `work`. Returns the device state's size."""
+    run = Path(tempfile.mkdtemp(prefix="runv-template-"))
+    try:
+        return await _boot_and_save_in(work, run, vm, timeout_s)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+async def _boot_and_save_in(work: Path, run: Path, vm: VmConfig, timeout_s: float) -> int:
     shares = []
     for i, share in enumerate(vm.shares):
-        placeholder = work / f"share{i}"
+        placeholder = run / f"share{i}"
         placeholder.mkdir()
         shares.append(Share(share.tag, placeholder, readonly=share.readonly))
-    vm = replace(vm, name=f"template-{work.name[-8:]}", console_log=work / "console.log",
-                 qmp_socket=work / "qmp.sock", agent_socket=work / "agent.sock",
+    vm = replace(vm, name=f"template-{work.name[-8:]}", console_log=run / "console.log",
+                 qmp_socket=run / "qmp.sock", agent_socket=run / "agent.sock",
                  shares=tuple(shares), nics=(), memory_file=work / MEMORY,
                  memory_file_shared=True, incoming=False, vmgenid=str(uuid.uuid4()))
     assert vm.agent_socket is not None
     fd = os.open(work / STATE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    machine = QemuMachine(vm, work / "qemu.log")
+    machine = QemuMachine(vm, run / "qemu.log")
     agent = AgentClient(vm.agent_socket, handshake_timeout_s=timeout_s)
     try:
         await machine.start()

@@ -102,9 +102,9 @@ def qemu_argv(config: VmConfig) -> list[str]:
     if config.memory_file is not None:
         if config.shared_memory and not config.memory_file_shared:
             raise ValueError("vhost-user devices need shared guest memory, not a private clone")
-        share = "on" if config.memory_file_shared else "off"
+        shared = "on" if config.memory_file_shared else "off"
         argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
-                            f"mem-path={config.memory_file},share={share}"]
+                            f"mem-path={config.memory_file},share={shared}"]
         machine += ",memory-backend=mem"
     elif config.shared_memory:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
