@@ -195,6 +195,8 @@ class Sandbox:
                 await self._restore(found, debug, shares, nics, t0)
                 return
             except RunvError as exc:
+                if self._killed():
+                    raise
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 log.warning("starting from a template failed, booting cold: %s", reason,
                             extra=extra)
@@ -249,7 +251,7 @@ class Sandbox:
         await self.machine.resume()
         t3 = time.monotonic()
         # A clone that does not answer soon is broken: fall back rather than wait a boot's time.
-        agent_timeout = max(10.0, timeout / 3)
+        agent_timeout = min(timeout, max(10.0, timeout / 3))
         self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=agent_timeout)
         await self._wait_agent(agent_timeout)
         t4 = time.monotonic()
@@ -275,6 +277,11 @@ class Sandbox:
         except TimeoutError:
             raise HypervisorError(f"sandbox {self.id}: hot-plugged NICs did not appear in the "
                                   f"guest within {timeout_s:g}s") from None
+
+    def _killed(self) -> bool:
+        """QEMU died of a signal: someone killed it, which is no fault of the template."""
+        code = self.machine.child.returncode if self.machine and self.machine.child else None
+        return code is not None and code < 0
 
     def _log_ready(self) -> None:
         log.debug(f"sandbox ready ({self.start_path}): " + ", ".join(
