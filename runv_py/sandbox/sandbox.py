@@ -242,7 +242,11 @@ class Sandbox:
             self._template = await store.ensure(inputs, vm, timeout)
         t1 = time.monotonic()
         self.machine = QemuMachine(template.clone_vm(self._template, vm), self.paths.qemu_log)
-        with open(self._template.state, "rb") as state:
+        try:
+            state = open(self._template.state, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise HypervisorError(f"template {self._template.key}: {exc}") from exc
+        with state:
             await self.machine.start(pass_fds=(state.fileno(),))
             t2 = time.monotonic()
             await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
@@ -255,9 +259,10 @@ class Sandbox:
         self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=agent_timeout)
         await self._wait_agent(agent_timeout)
         t4 = time.monotonic()
-        await self.agent.reseed_random(secrets.token_bytes(64))
         now = time.time_ns()
-        await self.agent.set_guest_time(now // 1_000_000_000, now % 1_000_000_000)
+        await asyncio.gather(self.agent.reseed_random(secrets.token_bytes(64)),
+                             self.agent.set_guest_time(now // 1_000_000_000,
+                                                       now % 1_000_000_000))
         if nics:
             await self._wait_nics(nics, agent_timeout)
         self.shares = shares

@@ -196,12 +196,17 @@ class TemplateStore:
         found = self.get(key)
         if found is not None:
             return found
-        async with self.lock(key):
-            found = self.get(key)
-            if found is not None:
-                return found
-            self.sweep()
-            return await self._build(inputs, vm, timeout_s)
+        try:
+            async with self.lock(key):
+                found = self.get(key)
+                if found is not None:
+                    return found
+                self.sweep()
+                return await self._build(inputs, vm, timeout_s)
+        except OSError as exc:
+            raise ConfigError(f"template store {self.root}: {exc.strerror or exc} (set "
+                              "template_dir to a writable directory, or template = \"off\")"
+                              ) from exc
 
     async def _build(self, inputs: TemplateInputs, vm: VmConfig, timeout_s: float) -> Template:
         key = inputs.key
