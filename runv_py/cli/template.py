@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                                                     debug=args.debug))
         print(built.key)
     elif action == "list":
-        described = [_describe(t) for t in store.list()]
+        described = [_describe(t) for t in store.templates()]
         if args.format == "json":
             print(json.dumps(described, indent=2))
         else:
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     elif action == "rm":
         if args.all == bool(args.keys):
             raise ConfigError("template rm: give KEY... or --all")
-        chosen = store.list() if args.all else [store.find(key) for key in args.keys]
+        chosen = store.templates() if args.all else [store.find(key) for key in args.keys]
         for found in chosen:
             store.remove(found)
             print(found.key)

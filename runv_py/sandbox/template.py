@@ -52,6 +52,15 @@ def _file_identity(path: Path) -> str:
     return f"{real}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _still(identity: str) -> bool:
+    """Whether the file a _file_identity() string names is still that file."""
+    path = identity.rsplit(":", 2)[0]
+    try:
+        return _file_identity(Path(path)) == identity
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class TemplateInputs:
     """Everything a template depends on; two VMs with equal inputs can share a template."""
@@ -137,7 +146,7 @@ class TemplateStore:
             return template
         return None
 
-    def list(self) -> list[Template]:
+    def templates(self) -> list[Template]:
         try:
             entries = sorted(self.root.iterdir())
         except FileNotFoundError:
@@ -147,7 +156,7 @@ class TemplateStore:
 
     def find(self, prefix: str) -> Template:
         """The template whose key starts with `prefix` (as `runv template` takes it)."""
-        matches = [t for t in self.list() if t.key.startswith(prefix)]
+        matches = [t for t in self.templates() if t.key.startswith(prefix)]
         if len(matches) != 1:
             what = "no template" if not matches else f"{len(matches)} templates"
             raise ConfigError(f"{what} in {self.root} with a key starting {prefix!r} "
@@ -225,7 +234,25 @@ class TemplateStore:
             shutil.rmtree(work, ignore_errors=True)
             raise
         log.info("built template %s in %.1fs", key, meta["build_s"])
+        self.prune_stale()
         return Template(key, self.root / key)
+
+    def prune_stale(self) -> list[str]:
+        """Remove the templates made from a QEMU, kernel or image that is no longer there as
+        it was (rebuilt assets, upgraded QEMU): nothing can use them again. Returns their keys."""
+        removed = []
+        for found in self.templates():
+            try:
+                inputs = found.meta().get("inputs", {})
+            except ConfigError:
+                continue
+            files = [inputs.get(name, "") for name in ("qemu", "kernel", "root_image", "initrd")]
+            if any(identity and not _still(identity) for identity in files):
+                self.remove(found)
+                removed.append(found.key)
+        if removed:
+            log.info("removed stale templates %s", ", ".join(removed))
+        return removed
 
 
 async def _boot_and_save(work: Path, vm: VmConfig, timeout_s: float) -> int:

@@ -130,7 +130,7 @@ def test_concurrent_first_use_builds_one_template(
         for sandbox in boots:
             if isinstance(sandbox, BaseException):
                 raise sandbox
-        assert len(template.TemplateStore(cfg.template_dir).list()) == 1
+        assert len(template.TemplateStore(cfg.template_dir).templates()) == 1
         assert not list(cfg.template_dir.glob(".build-*"))
 
     asyncio.run(main())

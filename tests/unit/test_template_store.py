@@ -82,18 +82,18 @@ def _publish(root: Path, key: str) -> template.Template:
 
 def test_store_lists_finds_and_removes(tmp_path: Path) -> None:
     store = template.TemplateStore(tmp_path)
-    assert store.list() == []
+    assert store.templates() == []
     first = _publish(tmp_path, "aaaa1111")
     _publish(tmp_path, "aaaa2222")
     (tmp_path / "bbbb").mkdir()  # incomplete: not a template
-    assert [t.key for t in store.list()] == ["aaaa1111", "aaaa2222"]
+    assert [t.key for t in store.templates()] == ["aaaa1111", "aaaa2222"]
     assert store.find("aaaa1").key == "aaaa1111"
     with pytest.raises(ConfigError, match="2 templates"):
         store.find("aaaa")
     with pytest.raises(ConfigError, match="no template"):
         store.find("bbbb")
     store.remove(first)
-    assert [t.key for t in store.list()] == ["aaaa2222"]
+    assert [t.key for t in store.templates()] == ["aaaa2222"]
     assert not any(p.name.startswith(".removed") for p in tmp_path.iterdir())
     store.remove(first)  # idempotent
 
@@ -148,3 +148,20 @@ def test_annotation_chooses_the_path(tmp_path: Path) -> None:
     assert supervisor.template_choice(cold, _spec(tmp_path, {})).template == "off"
     with pytest.raises(SpecError, match=r"org\.runv\.template"):
         supervisor.template_choice(base, _spec(tmp_path, {supervisor.TEMPLATE_ANNOTATION: "x"}))
+
+
+def test_prune_removes_templates_of_assets_that_changed(tmp_path: Path) -> None:
+    store = template.TemplateStore(tmp_path / "store")
+    vm = _vm(tmp_path)
+    kept = _publish(store.root, "kept0000")
+    gone = _publish(store.root, "gone0000")
+    inputs = template.inputs_for(vm, "0.1.0", "serial")
+    for saved in (kept, gone):
+        (saved.root / template.META).write_text(json.dumps({"inputs": {
+            "qemu": inputs.qemu, "kernel": inputs.kernel, "root_image": "", "initrd": ""}}))
+    (tmp_path / "vmlinux").write_bytes(b"rebuilt")
+    kernel_now = template.inputs_for(vm, "0.1.0", "serial").kernel
+    (kept.root / template.META).write_text(json.dumps({"inputs": {
+        "qemu": inputs.qemu, "kernel": kernel_now}}))
+    assert store.prune_stale() == ["gone0000"]
+    assert [t.key for t in store.templates()] == ["kept0000"]
