@@ -376,7 +376,13 @@ class Supervisor:
                     if op == "events":
                         await self._stream_events(conn, self._container(message))
                         return
-                    reply = await self._handle(op, self._container(message), message)
+                    if op == "delete" and str(message.get("container") or self.id) == self.id \
+                            and self.id not in self.containers:
+                        # Deleted while its VM was still being set up (runv create killed):
+                        # the sandbox ends once set-up returns.
+                        reply = {"ok": True, "sandbox_gone": True}
+                    else:
+                        reply = await self._handle(op, self._container(message), message)
             except RunvError as exc:
                 reply = control.error_reply(exc)
             except Exception as exc:
