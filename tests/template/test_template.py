@@ -166,5 +166,9 @@ def test_runv_template_commands(template_dir: Path, assets_dir: Path) -> None:
     assert inspected["inputs"]["machine"] == "pc"
     missing = runv("inspect", "zzzz", check=False)
     assert missing.returncode != 0 and "runv template list" in missing.stderr
+    hyperctl = subprocess.run([str(Path(sys.executable).parent / "hyperctl"), "template", "list",
+                               "--format", "json"], env=env, capture_output=True, text=True,
+                              timeout=60, check=True)
+    assert key in [t["key"] for t in json.loads(hyperctl.stdout)]
     assert runv("rm", key).stdout.strip() == key
     assert key not in runv("list").stdout
