@@ -34,7 +34,7 @@ from ..vm.qemu.machine import QemuMachine, tail
 log = logging.getLogger(__name__)
 
 # Bump when what a template holds, or how it is made, changes meaning.
-FORMAT = 2
+FORMAT = 3
 MACHINE: Final = "pc"
 SAVE_TIMEOUT_S = 60.0
 MEMORY = "memory"
@@ -316,7 +316,7 @@ async def _boot_and_save_in(work: Path, run: Path, vm: VmConfig, timeout_s: floa
 
 async def _warm_up(agent: AgentClient) -> None:
     """Do once in the template what each sandbox's first container would: the agent imports
-    its container engine, storage, stdio and network modules on first use, and the init
+    its container engine, storage and network modules on first use, and the init
     helper's files come from the (compressed) root image; clones inherit all of it in memory.
     Best effort: the container has an empty root, so its process cannot start."""
     root = f"{WARMUP_DIR}/root"
@@ -326,29 +326,18 @@ async def _warm_up(agent: AgentClient) -> None:
         "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")]},
     }
     steps: list[str] = []
-    output: asyncio.Task[None] | None = None
     try:
         await agent.copy_file(f"{root}/.keep", b"")
-        await agent.create_container(WARMUP_ID, json.dumps(spec).encode())
+        # No stdio stream: removing a container while its Stdio call streams can break the
+        # agent's channel session (seen as "Bad file descriptor" in Stdio).
+        await agent.create_container(WARMUP_ID, json.dumps(spec).encode(), stdio=False)
         steps.append("create")
-        output = asyncio.create_task(_drain(agent.stdio(WARMUP_ID)))
         with contextlib.suppress(RunvError):
             await agent.start_container(WARMUP_ID)
             await agent.wait_process(WARMUP_ID, timeout_s=30)
         await agent.remove_container(WARMUP_ID, force=True)
-        await asyncio.wait_for(asyncio.shield(output), 10)
         steps.append("run")
         await agent.list_interfaces()
         steps.append("network")
     except (RunvError, TimeoutError) as exc:
         log.info("template warm-up stopped after %s: %s", steps or "nothing", exc)
-    finally:
-        if output is not None and not output.done():
-            output.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RunvError):
-                await output
-
-
-async def _drain(stream: AsyncIterator[Any]) -> None:
-    async for _ in stream:
-        pass
