@@ -15,12 +15,14 @@ from .errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/runv/config.toml")
 DEFAULT_ASSETS_DIR = Path("/var/cache/runv-py/assets")
+DEFAULT_TEMPLATE_DIR = Path("/var/cache/runv-py/templates")
 
 Accelerator = Literal["auto", "kvm", "tcg"]
 MachineType = Literal["microvm", "pc", "q35"]
 RootfsKind = Literal["block", "initrd"]
 ChannelKind = Literal["serial"]
 SharedFs = Literal["virtio-fs", "9p"]
+TemplateMode = Literal["auto", "off"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,10 @@ class RuntimeConfig:
     guest: GuestConfig = field(default_factory=GuestConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     state_dir: Path = Path("/run/runv")
+    # auto: start VMs from a saved, agent-ready template (built on first use), cold boot if
+    # that fails; off: always cold boot (docs/templates.md).
+    template: TemplateMode = "auto"
+    template_dir: Path = DEFAULT_TEMPLATE_DIR
     source: str = "(defaults)"
 
 
@@ -102,7 +108,7 @@ def _convert(where: str, name: str, kind: Any, value: Any) -> Any:
 
 _KINDS: dict[str, Any] = {
     "accelerator": Accelerator, "machine": MachineType, "rootfs": RootfsKind,
-    "channel": ChannelKind, "shared_fs": SharedFs,
+    "channel": ChannelKind, "shared_fs": SharedFs, "template": TemplateMode,
 }
 
 
@@ -134,17 +140,20 @@ def parse(text: str, source: str) -> RuntimeConfig:
         elif key == "network":
             config = replace(config, network=_section(f"{source} [network]", NetworkConfig,
                                                       value))
-        elif key == "state_dir":
-            config = replace(config, state_dir=_convert(source, key, Path, value))
+        elif key in ("state_dir", "template_dir"):
+            config = replace(config, **{key: _convert(source, key, Path, value)})
+        elif key == "template":
+            config = replace(config, template=_convert(source, key, TemplateMode, value))
         else:
-            raise ConfigError(
-                f"{source}: unknown key {key!r} (known: hypervisor, guest, network, state_dir)")
+            raise ConfigError(f"{source}: unknown key {key!r} (known: hypervisor, guest, "
+                              "network, state_dir, template, template_dir)")
     return config
 
 
 def load(path: str | os.PathLike[str] | None = None) -> RuntimeConfig:
     """The config at `path`, else $RUNV_CONFIG, else /etc/runv/config.toml, else defaults.
-    $RUNV_ASSETS_DIR overrides [guest] assets_dir (used by tests and `make`)."""
+    $RUNV_ASSETS_DIR overrides [guest] assets_dir and $RUNV_TEMPLATE_DIR template_dir (used by
+    tests and `make`)."""
     explicit = path or os.environ.get("RUNV_CONFIG")
     candidate = Path(explicit) if explicit else DEFAULT_PATH
     try:
@@ -158,4 +167,7 @@ def load(path: str | os.PathLike[str] | None = None) -> RuntimeConfig:
     assets = os.environ.get("RUNV_ASSETS_DIR")
     if assets:
         config = replace(config, guest=replace(config.guest, assets_dir=Path(assets)))
+    templates = os.environ.get("RUNV_TEMPLATE_DIR")
+    if templates:
+        config = replace(config, template_dir=Path(templates))
     return config

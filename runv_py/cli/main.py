@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from . import template as template_cli
 from .errors import run_guarded
 
 OCI_SPEC_VERSION = "1.1.0"
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpuset-mems")
     p.add_argument("--pids-limit", type=int)
     _id(p)
+    template_cli.add_parser(sub)
     p = sub.add_parser("events", help="print OOM and exit events, or --stats once")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--interval", default="5s", help=argparse.SUPPRESS)
@@ -252,6 +254,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         template.write(Path(args.bundle), rootless=args.rootless)
         return 0
+    if command == "template":
+        return template_cli.run(args)
     if command == "features":
         from ..oci import features
 

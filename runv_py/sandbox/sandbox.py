@@ -22,11 +22,12 @@ from .. import assets, child
 from ..agent.client import AgentClient
 from ..config import RuntimeConfig
 from ..devices import Nic, Share
-from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError
+from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError, RunvError
 from ..storage.virtiofs import Virtiofsd
 from ..vm import accel
 from ..vm.qemu.cmdline import AGENT_PORT_ID, KernelParams, VmConfig, kernel_cmdline
 from ..vm.qemu.machine import QemuMachine, tail
+from . import template
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,30 @@ def vm_config(
     )
 
 
+def clone_base(
+    config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
+    choice: accel.Choice, *, debug: bool, shares: tuple[Share, ...],
+) -> tuple[template.TemplateInputs, VmConfig]:
+    """What a VM started from a template needs: the template's inputs, and the VM config
+    (machine `pc`: clones need PCI hotplug, which microvm lacks)."""
+    hv = replace(config.hypervisor, machine=template.MACHINE)
+    vm = vm_config(replace(config, hypervisor=hv), name, paths, found, choice, debug=debug,
+                   shares=shares)
+    return template.inputs_for(vm, found.agent_version, config.guest.channel), vm
+
+
+async def ensure_template(config: RuntimeConfig, share_tags: tuple[str, ...] = (), *,
+                          debug: bool = False) -> template.Template:
+    """The template sandboxes with these 9p share tags start from, built if missing."""
+    found = assets.find(config.guest.assets_dir)
+    shares = tuple(Share(tag, Path("/")) for tag in share_tags)
+    inputs, vm = clone_base(config, "template", StatePaths(config.template_dir), found,
+                            accel.choose(config.hypervisor.accelerator), debug=debug,
+                            shares=shares)
+    store = template.TemplateStore(config.template_dir)
+    return await store.ensure(inputs, vm, config.hypervisor.boot_timeout_s)
+
+
 class Sandbox:
     def __init__(self, sandbox_id: str, config: RuntimeConfig) -> None:
         if not _ID.match(sandbox_id):
@@ -123,6 +148,12 @@ class Sandbox:
         # agent ready), total.
         self.timings: dict[str, float] = {}
         self.virtiofsds: list[Virtiofsd] = []
+        # How the VM started: "cold", "template" (restored), "template-built" (the template
+        # was built first), "cold-fallback" (restoring failed); and the shares as the guest
+        # got them (the template path serves every share over 9p).
+        self.start_path = "cold"
+        self.shares: tuple[Share, ...] = ()
+        self._template: template.Template | None = None
         self._owns_dir = False
 
     @classmethod
@@ -159,7 +190,28 @@ class Sandbox:
             raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
         self._owns_dir = True
         _write_owner(self.paths)
+        if self.config.template == "auto":
+            try:
+                await self._restore(found, debug, shares, nics, t0)
+                return
+            except RunvError as exc:
+                if self._killed():
+                    raise
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("starting from a template failed, booting cold: %s", reason,
+                            extra=extra)
+                log.debug("template start failure", exc_info=True, extra=extra)
+                await self._discard_vm()
+                if self._template is not None:
+                    template.TemplateStore(self.config.template_dir).remove(self._template)
+                self.start_path = "cold-fallback"
+        await self._cold_boot(found, debug, shares, nics, t0)
+
+    async def _cold_boot(self, found: assets.GuestAssets, debug: bool,
+                         shares: tuple[Share, ...], nics: tuple[Nic, ...], t0: float) -> None:
+        assert self.accel is not None
         shares = await self._start_virtiofsds(shares)
+        self.shares = shares
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
                        shares=shares, nics=nics)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
@@ -168,11 +220,93 @@ class Sandbox:
         t1 = time.monotonic()
         await self.machine.start()
         t2 = time.monotonic()
-        await self._wait_agent()
+        await self._wait_agent(self.config.hypervisor.boot_timeout_s)
         t3 = time.monotonic()
         self.timings = {"prepare": t1 - t0, "qemu": t2 - t1, "guest": t3 - t2, "total": t3 - t0}
-        log.debug("sandbox ready: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in
-                                                self.timings.items()), extra=extra)
+        self._log_ready()
+
+    async def _restore(self, found: assets.GuestAssets, debug: bool,
+                       shares: tuple[Share, ...], nics: tuple[Nic, ...], t0: float) -> None:
+        """Start from a template: restore its saved VM, hot-plug the NICs, give the guest its
+        own identity (RNG, clock). Shares are served over 9p (docs/templates.md)."""
+        assert self.accel is not None
+        timeout = self.config.hypervisor.boot_timeout_s
+        shares = tuple(replace(share, driver="9p", socket=None) for share in shares)
+        inputs, vm = clone_base(self.config, self.id, self.paths, found, self.accel,
+                                debug=debug, shares=shares)
+        store = template.TemplateStore(self.config.template_dir)
+        self._template = store.get(inputs.key)
+        self.start_path = "template"
+        if self._template is None:
+            self.start_path = "template-built"
+            self._template = await store.ensure(inputs, vm, timeout)
+        t1 = time.monotonic()
+        self.machine = QemuMachine(template.clone_vm(self._template, vm), self.paths.qemu_log)
+        try:
+            state = open(self._template.state, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise HypervisorError(f"template {self._template.key}: {exc}") from exc
+        with state:
+            await self.machine.start(pass_fds=(state.fileno(),))
+            t2 = time.monotonic()
+            await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
+        for nic in nics:
+            await self.machine.hotplug_nic(nic)
+        await self.machine.resume()
+        t3 = time.monotonic()
+        # A clone that does not answer soon is broken: fall back rather than wait a boot's time.
+        agent_timeout = min(timeout, max(10.0, timeout / 3))
+        self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=agent_timeout)
+        await self._wait_agent(agent_timeout)
+        t4 = time.monotonic()
+        now = time.time_ns()
+        await asyncio.gather(self.agent.reseed_random(secrets.token_bytes(64)),
+                             self.agent.set_guest_time(now // 1_000_000_000,
+                                                       now % 1_000_000_000))
+        if nics:
+            await self._wait_nics(nics, agent_timeout)
+        self.shares = shares
+        t5 = time.monotonic()
+        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t3 - t2,
+                        "agent": t4 - t3, "identity": t5 - t4, "total": t5 - t0}
+        self._log_ready()
+
+    async def _wait_nics(self, nics: tuple[Nic, ...], timeout_s: float) -> None:
+        """Until the guest kernel has found every hot-plugged NIC."""
+        assert self.agent is not None
+        wanted = {nic.mac for nic in nics}
+        try:
+            async with asyncio.timeout(timeout_s):
+                while wanted - {i.hw_addr for i in await self.agent.list_interfaces()}:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise HypervisorError(f"sandbox {self.id}: hot-plugged NICs did not appear in the "
+                                  f"guest within {timeout_s:g}s") from None
+
+    def _killed(self) -> bool:
+        """QEMU died of a signal: someone killed it, which is no fault of the template."""
+        code = self.machine.child.returncode if self.machine and self.machine.child else None
+        return code is not None and code < 0
+
+    def _log_ready(self) -> None:
+        log.debug(f"sandbox ready ({self.start_path}): " + ", ".join(
+            f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items()), extra={"sandbox": self.id})
+
+    async def _discard_vm(self) -> None:
+        """Undo a failed start, keeping the state dir (owner file) for the next attempt."""
+        try:
+            if self.agent is not None:
+                await self.agent.close()
+            if self.machine is not None:
+                await self.machine.close()
+        finally:
+            self.agent = None
+            self.machine = None
+            for entry in self.paths.root.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                elif entry != self.paths.owner:
+                    entry.unlink(missing_ok=True)
 
     async def _start_virtiofsds(self, shares: tuple[Share, ...]) -> tuple[Share, ...]:
         out = []
@@ -188,9 +322,8 @@ class Sandbox:
             out.append(served)
         return tuple(out)
 
-    async def _wait_agent(self) -> None:
+    async def _wait_agent(self, timeout: float) -> None:
         assert self.machine is not None and self.agent is not None
-        timeout = self.config.hypervisor.boot_timeout_s
         ready = asyncio.create_task(self.agent.wait_ready(timeout))
         await asyncio.wait({ready, self.machine.exited}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MEMORY_CAP_MIB = 64 * 1024
 SIGKILL_STATUS = 128 + signal.SIGKILL
 SHARED_FS_ANNOTATION = "org.runv.shared-fs"
+TEMPLATE_ANNOTATION = "org.runv.template"
 EXIT_OUTPUT_GRACE_S = 5.0
 ROOTFS_OVERLAY_ANNOTATION = oci_spec.ROOTFS_OVERLAY_ANNOTATION
 
@@ -63,6 +64,18 @@ def shared_fs_driver(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> S
         raise SpecError(f"annotations[{SHARED_FS_ANNOTATION!r}]: {choice!r} is not "
                         "virtio-fs or 9p")
     return "virtiofs" if choice == "virtio-fs" else "9p"
+
+
+def template_choice(config: config_mod.RuntimeConfig,
+                    spec: oci_spec.Spec) -> config_mod.RuntimeConfig:
+    """The org.runv.template annotation overrides the config's `template`; asking for
+    virtio-fs by annotation means a cold boot (a template's clones serve shares over 9p)."""
+    choice = spec.annotations.get(TEMPLATE_ANNOTATION, config.template)
+    if choice not in ("auto", "off"):
+        raise SpecError(f"annotations[{TEMPLATE_ANNOTATION!r}]: {choice!r} is not auto or off")
+    if choice == "off" or spec.annotations.get(SHARED_FS_ANNOTATION) == "virtio-fs":
+        return replace(config, template="off")
+    return replace(config, template="auto")
 
 
 class Process:
@@ -142,11 +155,14 @@ class Supervisor:
         binds, shares = self._share(spec, "rootfs")
         self.network = SandboxNetwork(spec.network_ns)
         nics = await self.network.prepare()
+        config = template_choice(config, spec)
         self.sandbox = await Sandbox.boot(
             config, sandbox_id=vm_dir.name, debug=self.debug, nics=nics,
             shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver=self.driver),))
         assert self.sandbox.agent is not None
         await self.network.configure(self.sandbox.agent)
+        # A VM started from a template serves its share over 9p: mount what the guest got.
+        self.driver = self.sandbox.shares[0].driver
         await self.serve_control()
         t_create = time.monotonic()
         if pod.is_sandbox(spec.annotations):
@@ -165,7 +181,8 @@ class Supervisor:
                    **self.sandbox.timings,
                    "create_container": time.monotonic() - t_create}
         timings.pop("total", None)
-        return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings}
+        return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings,
+                "start_path": self.sandbox.start_path}
 
     def _mount_overlay(self, value: str, name: str) -> str:
         field = f"annotations[{ROOTFS_OVERLAY_ANNOTATION!r}]"
@@ -359,7 +376,13 @@ class Supervisor:
                     if op == "events":
                         await self._stream_events(conn, self._container(message))
                         return
-                    reply = await self._handle(op, self._container(message), message)
+                    if op == "delete" and str(message.get("container") or self.id) == self.id \
+                            and self.id not in self.containers:
+                        # Deleted while its VM was still being set up (runv create killed):
+                        # the sandbox ends once set-up returns.
+                        reply = {"ok": True, "sandbox_gone": True}
+                    else:
+                        reply = await self._handle(op, self._container(message), message)
             except RunvError as exc:
                 reply = control.error_reply(exc)
             except Exception as exc:

@@ -28,8 +28,12 @@ def _pid_of(program: str, vm_dir: str) -> int:
     raise AssertionError(f"no {program} for {vm_dir}")
 
 
-def _running(runv: Runv, tmp_path: Path, cid: str) -> int:
-    bundle = runv.bundle(["sleep", "600"])
+def _running(runv: Runv, tmp_path: Path, cid: str, annotations: dict[str, str] | None = None
+             ) -> int:
+    def edit(spec: dict[str, object]) -> None:
+        spec["annotations"] = annotations or {}
+
+    bundle = runv.bundle(["sleep", "600"], edit=edit)
     runv("run", "-d", "--bundle", str(bundle), "--pid-file", str(tmp_path / f"{cid}.pid"), cid)
     return int((tmp_path / f"{cid}.pid").read_text())
 
@@ -53,7 +57,8 @@ def test_qemu_killed(runv: Runv, tmp_path: Path) -> None:
 
 
 def test_virtiofsd_killed(runv: Runv, tmp_path: Path) -> None:
-    standin = _running(runv, tmp_path, "c1")
+    # virtio-fs asked for by annotation: a cold boot (a template's clones use 9p).
+    standin = _running(runv, tmp_path, "c1", {"org.runv.shared-fs": "virtio-fs"})
     os.kill(_pid_of("virtiofsd", str(_record(runv, "c1")["vm_dir"])), signal.SIGKILL)
     assert runv.state_of("c1")["status"] in ("running", "stopped")
     runv("delete", "--force", "c1")

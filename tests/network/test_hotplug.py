@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,13 @@ def test_a_second_network_is_hot_plugged_and_unplugged(runv: Runv, lab: Lab,
 
 def test_microvm_cannot_hot_plug(runv: Runv, lab: Lab, tmp_path: Path) -> None:
     container = lab.netns("c")
-    bundle = runv.bundle(["sleep", "1000"], with_netns(lab.path(container)))
+    netns = with_netns(lab.path(container))
+
+    def cold_microvm(spec: dict[str, Any]) -> None:
+        netns(spec)  # a VM started from a template is a pc: ask for a cold-booted microvm
+        spec["annotations"] = {"org.runv.template": "off"}
+
+    bundle = runv.bundle(["sleep", "1000"], cold_microvm)
     with open(tmp_path / "out", "wb") as out:
         runv("create", "--bundle", str(bundle), "h2", stdout=out, stderr=subprocess.STDOUT)
     with pytest.raises(NotSupported, match='machine = "pc"'):

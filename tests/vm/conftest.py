@@ -34,6 +34,9 @@ def runtime_config(assets_dir: Path) -> Iterator[config.RuntimeConfig]:
     base = config.RuntimeConfig()
     cfg = replace(base, state_dir=state, guest=replace(base.guest, assets_dir=assets_dir),
                   hypervisor=replace(base.hypervisor, boot_timeout_s=90.0))
+    # VMs start from templates by default (built on first use, kept between runs).
+    if os.environ.get("RUNV_TEMPLATE_DIR"):
+        cfg = replace(cfg, template_dir=Path(os.environ["RUNV_TEMPLATE_DIR"]))
     yield cfg
     leaked = processes_mentioning(str(state))
     left = sorted(p.name for p in state.iterdir()) if state.exists() else []

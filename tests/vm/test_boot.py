@@ -115,7 +115,7 @@ def test_qemu_killed_during_boot_is_reported_and_cleaned(
 
 def test_boot_timeout_gives_the_console_and_cleans_up(
         runtime_config: config.RuntimeConfig) -> None:
-    cfg = _with(runtime_config, boot_timeout_s=1.0)
+    cfg = replace(_with(runtime_config, boot_timeout_s=1.0), template="off")
     with pytest.raises(BootTimeout) as info:
         asyncio.run(Sandbox.boot(cfg))
     assert "did not answer within 1s" in str(info.value)

@@ -217,7 +217,7 @@ def test_cgroup_limits_pause_resume_update_stats_and_oom(
         output = asyncio.create_task(_collect(agent.stdio("cg")))
         await agent.start_container("cg")
         for _ in range(100):
-            if [args for _, args in await agent.list_processes("cg") if args[0] == "sleep"]:
+            if [a for _, a in await agent.list_processes("cg") if a[:1] == ("sleep",)]:
                 break
             await asyncio.sleep(0.1)
         assert [args for _, args in await agent.list_processes("cg")] == [("sleep", "600")]

@@ -27,6 +27,7 @@ from ..errors import AgentError
 from . import cgroups, seccomp
 from . import spec as specmod
 from . import syscalls as sc
+from .zygote import Zygote
 
 log = logging.getLogger(__name__)
 HELPER_TIMEOUT_S = 60.0
@@ -35,6 +36,7 @@ Stdio = Literal["pipe", "inherit", "null"]
 _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
               "from hyperstart_agent.container.init import main; main()")
+_HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 class EngineError(AgentError):
@@ -144,6 +146,8 @@ class Engine:
         self._subscribers: list[queue.SimpleQueue[Event]] = []
         self._lock = threading.Lock()
         self._oom_lock = threading.Lock()
+        # Helpers are forked from a pre-started one (zygote.py): no Python start-up each.
+        self._zygote = Zygote(_LIB, _HELPER_ENV)
         if cgroup_parent is not None:
             threading.Thread(target=self._watch_oom, name="oom", daemon=True).start()
 
@@ -259,10 +263,12 @@ class Engine:
                 child_fds = [_high(os.dup(null)) for _ in range(3)]
                 os.close(null)
             child_fds.append(_high(child_sync.detach()))
-            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_fds)]
-            os.posix_spawn(sys.executable,
-                           [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, mode, state_dir],
-                           {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, file_actions=actions)
+            if not self._zygote.launch([mode, state_dir], child_fds):
+                actions = [(os.POSIX_SPAWN_DUP2, fd, target)
+                           for target, fd in enumerate(child_fds)]
+                os.posix_spawn(sys.executable,
+                               [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, mode, state_dir],
+                               _HELPER_ENV, file_actions=actions)
         except BaseException:
             for fd in [*child_fds, *(v for v in ours.values() if v is not None)]:
                 os.close(fd)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ... import __version__
 from ...errors import ConfigError, RunvError
 from ...oci.image.progress import human_size
+from .. import template as template_cli
 
 if TYPE_CHECKING:
     from ...workload.engine import Engine
@@ -123,6 +124,8 @@ def add_all(sub: Any) -> None:
     p = sub.add_parser("load", help="load images from an OCI or docker archive")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="the archive (.tar)")
 
+    template_cli.add_parser(sub)
+
     version = sub.add_parser(
         "version", help="show host and guest versions (boots a throw-away VM)",
         description="Print the versions of hyperctl, QEMU, the accelerator in use, the guest "
@@ -136,6 +139,8 @@ def dispatch(args: argparse.Namespace) -> int:
         os.environ["RUNV_CONFIG"] = str(Path(args.config).absolute())
     if args.command == "version":
         return asyncio.run(_version(args))
+    if args.command == "template":
+        return template_cli.run(args)
     from ...workload.engine import Engine
 
     engine = Engine(Path(args.root) if args.root else None,

@@ -33,6 +33,15 @@ class VmConfig:
     cpu: str = ""
     shares: tuple[Share, ...] = ()
     nics: tuple[Nic, ...] = ()
+    # Templates (docs/templates.md): guest RAM in this file, mapped shared (the template writes
+    # it) or private (a clone: copy-on-write over the template's pages).
+    memory_file: Path | None = None
+    memory_file_shared: bool = False
+    # -incoming defer -S: wait for QMP migrate-incoming, stay paused after it.
+    incoming: bool = False
+    # The VM generation id (a vmgenid device); a clone gets a new one, which tells the guest
+    # kernel to reseed its RNG.
+    vmgenid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +99,14 @@ def qemu_argv(config: VmConfig) -> list[str]:
         "-smp", str(config.vcpus),
         "-m", f"{config.memory_mib}M",
     ]
-    if config.shared_memory:
+    if config.memory_file is not None:
+        if config.shared_memory and not config.memory_file_shared:
+            raise ValueError("vhost-user devices need shared guest memory, not a private clone")
+        shared = "on" if config.memory_file_shared else "off"
+        argv += ["-object", f"memory-backend-file,id=mem,size={config.memory_mib}M,"
+                            f"mem-path={config.memory_file},share={shared}"]
+        machine += ",memory-backend=mem"
+    elif config.shared_memory:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
         machine += ",memory-backend=mem"
     argv += ["-machine", machine]
@@ -105,6 +121,10 @@ def qemu_argv(config: VmConfig) -> list[str]:
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", f"virtio-rng-{bus},rng=rng0",
     ]
+    if config.vmgenid:
+        argv += ["-device", f"vmgenid,guid={config.vmgenid}"]
+    if config.incoming:
+        argv += ["-incoming", "defer", "-S"]
     if config.initrd is not None:
         argv += ["-initrd", str(config.initrd)]
     if config.root_image is not None:

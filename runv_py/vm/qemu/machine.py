@@ -59,7 +59,8 @@ class QemuMachine:
         return (f"QEMU exited with status {code}; its log ({self.log_path}):\n{tail(self.log_path)}"
                 f"\nguest console ({self.config.console_log}):\n{tail(self.config.console_log)}")
 
-    async def start(self) -> None:
+    async def start(self, pass_fds: tuple[int, ...] = ()) -> None:
+        """Spawn QEMU (handing it `pass_fds`, e.g. a migration stream) and connect QMP."""
         argv = qemu_argv(self.config)
         if shutil.which(argv[0]) is None:
             raise HypervisorError(f"{argv[0]} not found: apt-get install qemu-system-x86 "
@@ -68,7 +69,7 @@ class QemuMachine:
         with open(self.log_path, "ab") as out:
             self.started_at = time.monotonic()
             self.child = await child.spawn(argv, stdout=out, stderr=out,
-                                           pass_fds=inherited_fds(self.config))
+                                           pass_fds=(*inherited_fds(self.config), *pass_fds))
         self._exited = asyncio.create_task(self.child.wait(), name=f"qemu-{self.config.name}")
         connect = asyncio.create_task(self.qmp.connect(self.config.qmp_socket, QMP_TIMEOUT_S))
         await asyncio.wait({connect, self._exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -102,13 +103,16 @@ class QemuMachine:
         return "pci"
 
     async def hotplug_nic(self, nic: Nic) -> None:
-        """Add a virtio-net device on a tap the guest sees appear (ACPI hotplug)."""
+        """Add a virtio-net device (on a tap, or a hub port) the guest sees appear (ACPI
+        hotplug)."""
         bus = self.check_hotplug()
-        if not isinstance(nic.backend, TapFd):
-            raise HypervisorError(f"nic {nic.id}: only tap NICs can be hot-plugged")
-        await self.qmp.execute_with_fd(nic.backend.fd, "getfd", {"fdname": f"fd-{nic.id}"})
-        await self.qmp.execute("netdev_add", {"type": "tap", "id": f"net-{nic.id}",
-                                              "fd": f"fd-{nic.id}", "vhost": False})
+        if isinstance(nic.backend, TapFd):
+            await self.qmp.execute_with_fd(nic.backend.fd, "getfd", {"fdname": f"fd-{nic.id}"})
+            await self.qmp.execute("netdev_add", {"type": "tap", "id": f"net-{nic.id}",
+                                                  "fd": f"fd-{nic.id}", "vhost": False})
+        else:
+            await self.qmp.execute("netdev_add", {"type": "hubport", "id": f"net-{nic.id}",
+                                                  "hubid": nic.backend.hub})
         device: dict[str, Any] = {"driver": f"virtio-net-{bus}", "id": f"nic-{nic.id}",
                                   "netdev": f"net-{nic.id}", "mac": nic.mac}
         if nic.mtu:
@@ -137,6 +141,40 @@ class QemuMachine:
         finally:
             self.qmp.unlisten(deleted)
         await self.qmp.execute("netdev_del", {"id": f"net-{nic_id}"})
+
+    async def save_state(self, fd: int, timeout_s: float) -> None:
+        """Pause the VM and write its device state to `fd`, leaving out RAM that lives in a
+        shared memory backend (the template's memory file)."""
+        await self._ignore_shared_ram()
+        await self.qmp.execute_with_fd(fd, "getfd", {"fdname": "savestate"})
+        await self.qmp.execute("stop")
+        await self.qmp.execute("migrate", {"uri": "fd:savestate"})
+        await self._migration_done(timeout_s)
+
+    async def restore_state(self, fd: int, timeout_s: float) -> None:
+        """Load device state from `fd` into a QEMU started with `incoming`; it stays paused."""
+        await self._ignore_shared_ram()
+        await self.qmp.execute("migrate-incoming", {"uri": f"fd:{fd}"})
+        await self._migration_done(timeout_s)
+
+    async def _ignore_shared_ram(self) -> None:
+        await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+
+    async def _migration_done(self, timeout_s: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    info = await self.qmp.execute("query-migrate")
+                    status = info.get("status")
+                    if status == "completed":
+                        return
+                    if status in ("failed", "cancelled"):
+                        raise HypervisorError(
+                            f"migration {status}: {info.get('error-desc', 'no reason given')}")
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            raise HypervisorError(f"migration did not complete within {timeout_s:g}s") from None
 
     async def status(self) -> str:
         result = await self.qmp.execute("query-status")

@@ -1,0 +1,164 @@
+"""bench/template: starting sandboxes from a VM template against a cold boot, in the same run.
+
+- `runv run` of a busybox bundle printing one line, to that line: template=auto (the template
+  already built) against template=off (cold boot), and against the raw boot of the same kernel
+  (bench/boot's floor). Targets: template / cold <= 0.25, template / floor <= 1.3.
+- 10 clones started in parallel (Sandbox.boot, in one process): p99 / a single start, failures.
+- Host memory of those 10 clones, idle: PSS per QEMU, and the share of each clone's resident
+  guest RAM still shared with the template (not copied on write). Target >= 50%.
+
+    python bench/template.py [--n 5] [--floor-n 10] [--clones 10] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from boot import floor_boot
+from bundle import RUNV, make, report, summary
+from start import timed_run
+
+from runv_py import config
+from runv_py.sandbox.sandbox import Sandbox, ensure_template
+
+
+def runv_to_line(top: Path, bundle: Path, mode: str, n: int) -> dict[str, Any]:
+    cfg_file = top / f"config-{mode}.toml"
+    cfg_file.write_text(f'state_dir = "{top / "state"}"\ntemplate = "{mode}"\n')
+    env = dict(os.environ, RUNV_CONFIG=str(cfg_file))
+    line, paths = [], []
+    for i in range(n):
+        argv = [RUNV, "--root", str(top / "root"), "--debug", "run", "--bundle", str(bundle),
+                f"{mode}{i}"]
+        t_line, _, out, err = timed_run(argv, env)
+        assert out == b"bench-line\n", out
+        line.append(t_line)
+        paths += [word.strip("():") for word in err.split() if word.startswith("(")
+                  and word.strip("():") in ("cold", "template", "template-built",
+                                            "cold-fallback")]
+    return {"to_line": summary(line), "paths": sorted(set(paths))}
+
+
+def _mapping_of(pid: int, path: Path) -> dict[str, int]:
+    """smaps counters (KiB) of the process's mapping of `path`."""
+    counters: dict[str, int] = {}
+    inside = False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                inside = len(fields) >= 6 and fields[5] == str(path)
+            elif inside and line.endswith("kB\n"):
+                counters[fields[0].rstrip(":")] = counters.get(fields[0].rstrip(":"), 0) \
+                    + int(fields[1])
+    return counters
+
+
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def clones(cfg: config.RuntimeConfig, count: int) -> dict[str, Any]:
+    template = await ensure_template(cfg)
+    t0 = time.monotonic()
+    single = await Sandbox.boot(cfg)
+    single_s = time.monotonic() - t0
+    await single.close()
+
+    async def timed() -> tuple[Sandbox, float]:
+        start = time.monotonic()
+        sandbox = await Sandbox.boot(cfg)
+        return sandbox, time.monotonic() - start
+
+    results = await asyncio.gather(*(timed() for _ in range(count)), return_exceptions=True)
+    started = [r for r in results if isinstance(r, tuple)]
+    failures = [repr(r) for r in results if isinstance(r, BaseException)]
+    try:
+        await asyncio.sleep(5)  # idle
+        pss, shared = [], []
+        for sandbox, _ in started:
+            assert sandbox.machine is not None and sandbox.machine.pid is not None
+            pid = sandbox.machine.pid
+            pss.append(_pss_kib(pid))
+            ram = _mapping_of(pid, template.memory)
+            resident = ram.get("Rss", 0)
+            copied = ram.get("Anonymous", 0)
+            shared.append(1 - copied / resident if resident else 0.0)
+        times = sorted(t for _, t in started)
+        p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))] if times else None
+        paths = sorted({s.start_path for s, _ in started})
+    finally:
+        for sandbox, _ in started:
+            await sandbox.close()
+    return {
+        "single_start_s": round(single_s, 4),
+        "parallel": {"count": count, "failures": len(failures), "errors": failures[:3],
+                     "start_s": summary(times) if times else None,
+                     "p99_s": p99, "paths": paths},
+        "p99_over_single": round(p99 / single_s, 2) if p99 else None,
+        "idle_pss_kib_per_clone": summary([float(p) for p in pss]) if pss else None,
+        "guest_ram_shared_with_template": summary(shared) if shared else None,
+        "template_memory_file_on_disk_mib": template.memory.stat().st_blocks * 512 >> 20,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--floor-n", type=int, default=10)
+    parser.add_argument("--clones", type=int, default=10)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    cfg = config.load(None)
+    top = Path(tempfile.mkdtemp(prefix="bench-tmpl-"))
+    try:
+        bundle = make(top, ["echo", "bench-line"])
+        # Warm-up: builds the template `runv run` starts from, if there is none yet.
+        runv_to_line(top, bundle, "auto", 1)
+        floor = [asyncio.run(floor_boot(cfg)) for _ in range(args.floor_n)]
+        cold = runv_to_line(top, bundle, "off", args.n)
+        warm = runv_to_line(top, bundle, "auto", args.n)
+        state = top / "vms"
+        many = asyncio.run(clones(replace(cfg, state_dir=state, template="auto"), args.clones))
+        floor_median = statistics.median(floor)
+        result: dict[str, Any] = {
+            "floor_boot": summary(floor),
+            "runv_run_cold": cold,
+            "runv_run_template": warm,
+            "clones": many,
+            "ratios": {
+                "template_over_cold": round(warm["to_line"]["median"]
+                                            / cold["to_line"]["median"], 3),
+                "template_over_floor": round(warm["to_line"]["median"] / floor_median, 3),
+                "parallel_p99_over_single": many["p99_over_single"],
+            },
+            "targets": {"template_over_cold": 0.25, "template_over_floor": 1.3,
+                        "guest_ram_shared_with_template": 0.5},
+        }
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    report(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
