@@ -25,7 +25,14 @@ from ..devices import Nic, Share
 from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError
 from ..storage.virtiofs import Virtiofsd
 from ..vm import accel
-from ..vm.qemu.cmdline import AGENT_PORT_ID, KernelParams, VmConfig, kernel_cmdline
+from ..vm.qemu.cmdline import (
+    AGENT_PORT_ID,
+    AGENT_VSOCK_PORT,
+    KernelParams,
+    VmConfig,
+    kernel_cmdline,
+)
+from ..vsock.backend import VsockBackend, VsockPaths
 from ..vm.qemu.machine import QemuMachine, tail
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,16 @@ class StatePaths:
     @property
     def agent_socket(self) -> Path:
         return self.root / "agent.sock"
+
+    @property
+    def vsock(self) -> VsockPaths:
+        """The agent socket is a forward listener of the vsock backend to the agent's port."""
+        return VsockPaths(vhost=self.root / "vhost-vsock.sock", uds=self.root / "vsock.sock",
+                          forwards=((self.agent_socket, AGENT_VSOCK_PORT),))
+
+    @property
+    def vsock_log(self) -> Path:
+        return self.root / "vsock.log"
 
     @property
     def owner(self) -> Path:
@@ -94,8 +111,10 @@ def vm_config(
 ) -> VmConfig:
     hv = config.hypervisor
     root: Literal["block", "initrd"] = config.guest.rootfs
+    channel = config.guest.channel
     params = KernelParams(machine=hv.machine, accel=choice.accel, root=root,
-                          tsc_khz=accel.host_tsc_khz(), debug=debug, extra=hv.kernel_params)
+                          tsc_khz=accel.host_tsc_khz(), debug=debug, extra=hv.kernel_params,
+                          channel=channel)
     return VmConfig(
         name=name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel, vcpus=hv.vcpus,
         memory_mib=hv.memory_mib,
@@ -104,8 +123,10 @@ def vm_config(
         console_log=paths.console_log, qmp_socket=paths.qmp_socket,
         initrd=found.initrd if root == "initrd" else None,
         root_image=found.rootfs_image if root == "block" else None,
-        agent_socket=paths.agent_socket, cpu=hv.cpu, shares=shares, nics=nics,
-        shared_memory=any(share.driver == "virtiofs" for share in shares),
+        agent_socket=paths.agent_socket if channel == "serial" else None,
+        vsock_socket=paths.vsock.vhost if channel == "vsock" else None,
+        cpu=hv.cpu, shares=shares, nics=nics,
+        shared_memory=channel == "vsock" or any(share.driver == "virtiofs" for share in shares),
     )
 
 
@@ -123,6 +144,7 @@ class Sandbox:
         # agent ready), total.
         self.timings: dict[str, float] = {}
         self.virtiofsds: list[Virtiofsd] = []
+        self.vsock: VsockBackend | None = None
         self._owns_dir = False
 
     @classmethod
@@ -159,6 +181,11 @@ class Sandbox:
             raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
         self._owns_dir = True
         _write_owner(self.paths)
+        if self.config.guest.channel == "vsock":
+            self.vsock = VsockBackend(self.paths.vsock, 3, self.paths.vsock_log,
+                                      connect_wait_s=self.config.hypervisor.boot_timeout_s,
+                                      debug=debug)
+            await self.vsock.start()
         shares = await self._start_virtiofsds(shares)
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
                        shares=shares, nics=nics)
@@ -211,10 +238,15 @@ class Sandbox:
     async def reconnect_agent(self, timeout_s: float = 30.0) -> AgentClient:
         """Drop the host's agent connection and open a new one once the guest has seen the old
         one end. Over virtio-serial a faster reconnect would race the guest: the new session's
-        bytes could reach the old session's server connection."""
+        bytes could reach the old session's server connection. Over vsock each connection is
+        its own stream: no wait."""
         assert self.machine is not None and self.agent is not None
         self.machine.forget_port_events()
         await self.agent.close()
+        if self.vsock is not None:
+            self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=timeout_s)
+            await self.agent.wait_ready(timeout_s)
+            return self.agent
         try:
             await self.machine.wait_port_open(AGENT_PORT_ID, timeout_s)
         except TimeoutError:
@@ -235,6 +267,8 @@ class Sandbox:
                     await self.machine.close()
                 for daemon in self.virtiofsds:
                     await daemon.stop()
+                if self.vsock is not None:
+                    await self.vsock.stop()
             finally:
                 if self._owns_dir:
                     shutil.rmtree(self.paths.root, ignore_errors=True)

@@ -1,0 +1,3 @@
+from .keeper import main
+
+raise SystemExit(main())

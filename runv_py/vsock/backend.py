@@ -1,0 +1,59 @@
+"""The owner of one sandbox's vsock backend process (runv-vsock): started before QEMU (QEMU
+connects to its vhost-user socket), stopped by pid after QEMU; it dies with its owner
+(parent-death signal)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import child
+from ..errors import HypervisorError
+
+START_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class VsockPaths:
+    vhost: Path  # QEMU's end (vhost-user)
+    uds: Path  # hybrid vsock: CONNECT <port>; guest connections to host port P reach uds_P
+    forwards: tuple[tuple[Path, int], ...] = ()  # unix listeners bound to one guest port each
+
+
+class VsockBackend:
+    def __init__(self, paths: VsockPaths, cid: int, log_path: Path, *,
+                 connect_wait_s: float = 0.0, debug: bool = False) -> None:
+        self.paths = paths
+        self.cid = cid
+        self.log_path = log_path
+        self.connect_wait_s = connect_wait_s
+        self.debug = debug
+        self.child: child.Child | None = None
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "runv_py.vsock", f"--socket={self.paths.vhost}",
+                f"--uds={self.paths.uds}", f"--cid={self.cid}",
+                f"--connect-wait={self.connect_wait_s}"]
+        argv += [f"--forward={path}={port}" for path, port in self.paths.forwards]
+        if self.debug:
+            argv.append("--debug")
+        return argv
+
+    async def start(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.child = await child.spawn(self.argv(), stdout=log_file, stderr=log_file)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        wanted = [self.paths.vhost, self.paths.uds, *(path for path, _ in self.paths.forwards)]
+        while not all(path.exists() for path in wanted):
+            if self.child.returncode is not None or time.monotonic() > deadline:
+                await self.stop()
+                raise HypervisorError(f"the vsock backend did not start (its log: "
+                                      f"{self.log_path})")
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        if self.child is not None:
+            await self.child.stop(grace_s=2.0)
