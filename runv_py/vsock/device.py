@@ -12,6 +12,7 @@ every malformed chain or packet is dropped with one log line.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import heapq
@@ -104,6 +105,7 @@ class Device:
         self.parked: list[Conn] = []  # waiting for rx buffers
         self.next_host_port = FIRST_HOST_PORT
         self.dropped = 0
+        self.more_work = False  # a ring had more than one batch: the loop comes back to it
 
     # ---- vhost-user control messages ----
 
@@ -225,10 +227,8 @@ class Device:
 
     def on_kick(self, index: int) -> None:
         vq = self.vqs[index]
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.read(vq.kick_fd, 8)
-        except BlockingIOError:
-            pass
         if index == RX:
             self.rx_starved = False
             self._unpark()
@@ -243,6 +243,9 @@ class Device:
             self._flush_ctl()
             if not self.rx_starved:
                 self._unpark()
+        self.signal()
+
+    def signal(self) -> None:
         for vq in self.vqs:
             vq.signal()
 
@@ -255,6 +258,25 @@ class Device:
         self.ctl.clear()
         self.parked.clear()
         self.rx_starved = False
+
+    def describe(self) -> str:
+        """One line of state, for the log (SIGUSR1) and bug reports."""
+        rings = []
+        for vq in self.vqs:
+            avail = vq.avail_count() if vq.avail is not None else -1
+            raw = ""
+            if vq.avail is not None and vq.used is not None:
+                raw = (f" avail.flags/idx={struct.unpack_from('<HH', vq.avail)} "
+                       f"used.flags/idx={struct.unpack_from('<HH', vq.used)}")
+            rings.append(f"vring{vq.index}(size={vq.size} enabled={vq.enabled} "
+                         f"started={vq.started} last_avail={vq.last_avail} used={vq.used_idx} "
+                         f"pending={avail}{raw})")
+        conns = ", ".join(
+            f"{c.host_port}<->{c.guest_port} {c.state.value} backlog={len(c.backlog)} "
+            f"peer_free={c.peer_free()} shut={c.guest_shut} eof={c.host_eof} ev={c.events}"
+            for c in list(self.conns.values())[:20])
+        return (f"{' '.join(rings)} rx_starved={self.rx_starved} parked={len(self.parked)} "
+                f"ctl={len(self.ctl)} dropped={self.dropped} conns={len(self.conns)}: {conns}")
 
     def close(self) -> None:
         self.reset("backend stopping")
@@ -320,7 +342,6 @@ class Device:
             self._host_to_guest(conn)
         if conn.key in self.conns:
             self._update(conn)
-        self.vqs[RX].signal()
 
     def _read_handshake(self, conn: Conn) -> None:
         try:
@@ -408,10 +429,8 @@ class Device:
     def _after_drain(self, conn: Conn) -> None:
         if conn.guest_shut & pk.SHUTDOWN_SEND and not conn.host_wr_shut:
             conn.host_wr_shut = True
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
         self._maybe_finish(conn)
 
     def _maybe_finish(self, conn: Conn) -> None:
@@ -501,9 +520,8 @@ class Device:
             tx.push(chain.head, 0)
         # More left: come back after other sockets had their turn.
         if tx.ready and tx.avail_count():
-            self.sel_wakeup = True
+            self.more_work = True
 
-    sel_wakeup = False
 
     def _tx_packet(self, chain: Chain) -> None:
         if chain.writable:

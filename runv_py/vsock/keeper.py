@@ -124,8 +124,8 @@ class Keeper:
 
     def _serve(self, pidfd: int) -> None:
         while True:
-            ready, _, _ = select.select([self.ours, pidfd], [], [])
-            if self.ours in ready:
+            ready, _, _ = select.select([self.ours.fileno(), pidfd], [], [])
+            if self.ours.fileno() in ready:
                 self._drain()
             if pidfd in ready:
                 return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import socket
 import struct
 from dataclasses import dataclass
@@ -104,7 +105,5 @@ def reply(sock: socket.socket, request: int, payload: bytes) -> None:
 def _close(fd: int) -> None:
     import os
 
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

@@ -8,6 +8,7 @@ RingError; the caller drops it (returning it with used length 0) and logs one li
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass, field
@@ -17,7 +18,6 @@ from .memory import GuestMemory, GuestMemoryError
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
-AVAIL_F_NO_INTERRUPT = 1
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -84,7 +84,8 @@ class Virtqueue:
 
     def avail_count(self) -> int:
         assert self.avail is not None
-        return (_U16.unpack_from(self.avail, 2)[0] - self.last_avail) & 0xFFFF
+        avail_idx: int = _U16.unpack_from(self.avail, 2)[0]
+        return (avail_idx - self.last_avail) & 0xFFFF
 
     def pop(self, mem: GuestMemory) -> Chain | None:
         """The next available chain, or None. Raises RingError for a bad chain; the head, if
@@ -140,17 +141,17 @@ class Virtqueue:
         self.pending_signal = True
 
     def signal(self) -> None:
-        """Interrupt the driver if anything was pushed and it did not ask us not to."""
-        if not self.pending_signal or self.avail is None:
+        """Interrupt the driver if anything was pushed. The driver's NO_INTERRUPT hint is not
+        honoured: reading it safely after the used index store needs a full memory barrier
+        (x86 may reorder a store with a later load), which Python cannot issue; a lost
+        interrupt hangs the driver, a spurious one costs little."""
+        if not self.pending_signal:
             return
         self.pending_signal = False
-        if _U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT:
-            return
         if self.call_fd >= 0:
-            try:
+            # A saturated counter (EAGAIN) interrupts the driver anyway.
+            with contextlib.suppress(BlockingIOError):
                 os.write(self.call_fd, NOTIFY)
-            except BlockingIOError:
-                pass  # the counter is saturated: the driver will be interrupted anyway
 
     def recover_from_used(self) -> None:
         """After a backend restart: every chain we took was returned at once, so the used

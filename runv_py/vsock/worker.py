@@ -83,13 +83,13 @@ class Worker:
             self.sel.register(self.listener, selectors.EVENT_READ, ("listener", None))
         while not self.stopping:
             timeout = self.device.run_timers()
-            if self.device.sel_wakeup:
-                timeout = 0
-            self.device.sel_wakeup = False
-            for key, events in self.sel.select(timeout):
+            unfinished = self.device.more_work  # ring work left over from the last round
+            self.device.more_work = False
+            for key, events in self.sel.select(0 if unfinished else timeout):
                 self._dispatch(key, events)
-            if self.device.sel_wakeup:
+            if unfinished:
                 self.device.kick_all()
+            self.device.signal()  # one interrupt per ring per round
 
     def _dispatch(self, key: selectors.SelectorKey, events: int) -> None:
         if isinstance(key.data, Conn):
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("state: %s", device.describe()))
     try:
         worker.replay()
         worker.run()

@@ -166,12 +166,14 @@ class Driver:
 
     def pump(self, rounds: int = 3) -> None:
         for _ in range(rounds):
-            timeout = self.device.run_timers()
-            if self.device.sel_wakeup:
-                self.device.sel_wakeup = False
-                self.device.kick_all()
-            for key, events in self.sel.select(0 if timeout is None else min(timeout, 0)):
+            self.device.run_timers()
+            unfinished = self.device.more_work
+            self.device.more_work = False
+            for key, events in self.sel.select(0):
                 self.worker._dispatch(key, events)
+            if unfinished:
+                self.device.kick_all()
+            self.device.signal()
 
 
 def _listen(path: Path) -> socket.socket:
