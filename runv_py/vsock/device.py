@@ -40,6 +40,9 @@ RX, TX = 0, 1
 # ever hold for one connection when its host peer does not read.
 BUF_ALLOC = 1024 * 1024
 FIRST_HOST_PORT = 1 << 30
+# Host ports of one worker generation: a restarted worker must not reuse the 4-tuples of
+# connections the guest may still hold open from before.
+GENERATION_PORTS = 1 << 24
 LINE_MAX = 64
 # Chains taken per ring per wakeup before the loop looks at other sockets again.
 BATCH = 64
@@ -88,7 +91,7 @@ class Conn:
 
 class Device:
     def __init__(self, cid: int, uds: Path, selector: selectors.BaseSelector,
-                 connect_wait_s: float = 0.0) -> None:
+                 connect_wait_s: float = 0.0, generation: int = 0) -> None:
         self.cid = cid
         self.connect_wait_s = connect_wait_s
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -103,9 +106,11 @@ class Device:
         self.ctl: deque[bytes] = deque()
         self.rx_starved = False
         self.parked: list[Conn] = []  # waiting for rx buffers
-        self.next_host_port = FIRST_HOST_PORT
+        self.next_host_port = FIRST_HOST_PORT + (generation * GENERATION_PORTS) % (1 << 30)
         self.dropped = 0
         self.more_work = False  # a ring had more than one batch: the loop comes back to it
+        # While a journal is replayed the rings' positions are not known yet: no ring work.
+        self.replaying = False
 
     # ---- vhost-user control messages ----
 
@@ -221,9 +226,11 @@ class Device:
 
     def recover(self) -> None:
         """After a restart from the journal: resume the rings where the used index stands."""
+        self.replaying = False
         for vq in self.vqs:
             if vq.started and vq.desc is not None:
                 vq.recover_from_used()
+        self.kick_all()
 
     def on_kick(self, index: int) -> None:
         vq = self.vqs[index]
@@ -237,6 +244,8 @@ class Device:
     def kick_all(self) -> None:
         """Do all the work the rings allow (also after a ring got enabled: kicks sent before
         the enable are not repeated)."""
+        if self.replaying:
+            return
         if self.vqs[TX].ready:
             self._process_tx()
         if self.vqs[RX].ready:

@@ -79,6 +79,7 @@ class Keeper:
         self.journal = journal.Journal()
         self.worker: subprocess.Popen[bytes] | None = None
         self.deaths: list[float] = []
+        self.generation = 0
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # A replay the dead worker did not finish reading must not reach the new one.
@@ -94,6 +95,7 @@ class Keeper:
                 f"--cid={self.args.cid}", f"--uds={self.args.uds}",
                 f"--vhost-fd={self.vhost.fileno()}", f"--hybrid-fd={self.hybrid.fileno()}",
                 f"--journal-fd={self.theirs.fileno()}", f"--connect-wait={self.args.connect_wait}",
+                f"--generation={self.generation}",
                 *(f"--forward-fd={s.fileno()}:{port}" for s, port in self.forwards)]
         if self.args.debug:
             argv.append("--debug")
@@ -120,6 +122,7 @@ class Keeper:
                           len(self.deaths), RESTART_WINDOW_S)
                 return 1
             log.error("worker died (%s); starting a new one", how)
+            self.generation += 1
             self.worker = self._spawn()
 
     def _serve(self, pidfd: int) -> None:

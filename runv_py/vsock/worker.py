@@ -49,6 +49,7 @@ class Worker:
         if self.keeper is None:
             return
         count = 0
+        self.device.replaying = True
         while True:
             record = journal.recv(self.keeper)
             if record is None or record[0] == journal.END:
@@ -59,8 +60,8 @@ class Worker:
             elif kind == journal.MESSAGE:
                 self.device.handle(journal.message(data, fds), None)
                 count += 1
+        self.device.recover()
         if self.frontend is not None:
-            self.device.recover()
             log.info("took over QEMU's connection (%d set-up messages replayed)", count)
 
     def _attach(self, conn: socket.socket) -> None:
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forward-fd", action="append", default=[], metavar="FD:PORT")
     parser.add_argument("--journal-fd", type=int, default=-1)
     parser.add_argument("--connect-wait", type=float, default=0.0)
+    parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         forwards.append((_sock(int(fd)), int(port)))
     keeper = _sock(args.journal_fd) if args.journal_fd >= 0 else None
     device = Device(args.cid, args.uds, selectors.DefaultSelector(),
-                    connect_wait_s=args.connect_wait)
+                    connect_wait_s=args.connect_wait, generation=args.generation)
     worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper)
 
     def stop(signum: int, frame: object) -> None:

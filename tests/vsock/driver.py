@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from runv_py.vsock import journal
 from runv_py.vsock import packet as pk
 from runv_py.vsock import protocol as vu
 from runv_py.vsock.device import RX, TX, Device
@@ -66,33 +67,68 @@ class Driver:
         self.rings = {RX: Ring(RX), TX: Ring(TX)}
         self.kicks: dict[int, int] = {}
         self.calls: dict[int, int] = {}
+        self.journal = journal.Journal()  # what the keeper would hold
+        self.front, self.front_peer = socket.socketpair()  # stands for QEMU's connection
+        self.journal.add(journal.CONN, b"", [os.dup(self.front.fileno())])
+
+    def handle(self, message: vu.Message) -> None:
+        raw = vu.HEADER.pack(message.request, message.flags, len(message.payload))
+        self.journal.add(journal.MESSAGE, raw + message.payload,
+                         [os.dup(fd) for fd in message.fds])
+        self.device.handle(message, None)
 
     def start(self, *, enable: bool = True) -> None:
-        d = self.device
-        d.handle(msg(vu.SET_FEATURES, struct.pack("<Q", vu.F_VERSION_1 | vu.F_PROTOCOL_FEATURES)),
-                 None)
+        features = struct.pack("<Q", vu.F_VERSION_1 | vu.F_PROTOCOL_FEATURES)
+        self.handle(msg(vu.SET_FEATURES, features))
         table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, MEM_SIZE, UVA_BASE, 0)
-        d.handle(msg(vu.SET_MEM_TABLE, table, (os.dup(self.memfd),)), None)
+        self.handle(msg(vu.SET_MEM_TABLE, table, (os.dup(self.memfd),)))
         for index, ring in self.rings.items():
-            d.handle(msg(vu.SET_VRING_NUM, struct.pack("<II", index, QSIZE)), None)
-            d.handle(msg(vu.SET_VRING_BASE, struct.pack("<II", index, 0)), None)
-            d.handle(msg(vu.SET_VRING_ADDR, struct.pack(
+            self.handle(msg(vu.SET_VRING_NUM, struct.pack("<II", index, QSIZE)))
+            self.handle(msg(vu.SET_VRING_BASE, struct.pack("<II", index, 0)))
+            self.handle(msg(vu.SET_VRING_ADDR, struct.pack(
                 "<IIQQQQ", index, 0, UVA_BASE + ring.desc, UVA_BASE + ring.used,
-                UVA_BASE + ring.avail, 0)), None)
+                UVA_BASE + ring.avail, 0)))
             self.kicks[index] = os.eventfd(0, os.EFD_NONBLOCK)
             self.calls[index] = os.eventfd(0, os.EFD_NONBLOCK)
-            d.handle(msg(vu.SET_VRING_CALL, struct.pack("<Q", index),
-                         (os.dup(self.calls[index]),)), None)
-            d.handle(msg(vu.SET_VRING_KICK, struct.pack("<Q", index),
-                         (os.dup(self.kicks[index]),)), None)
+            self.handle(msg(vu.SET_VRING_CALL, struct.pack("<Q", index),
+                         (os.dup(self.calls[index]),)))
+            self.handle(msg(vu.SET_VRING_KICK, struct.pack("<Q", index),
+                         (os.dup(self.kicks[index]),)))
         if enable:
             self.enable()
 
     def enable(self) -> None:
         for index in self.rings:
-            self.device.handle(msg(vu.SET_VRING_ENABLE, struct.pack("<II", index, 1)), None)
+            self.handle(msg(vu.SET_VRING_ENABLE, struct.pack("<II", index, 1)))
+
+    def crash_and_restart(self) -> None:
+        """What a kill -9 of the worker and the keeper's restart do: the old worker's host
+        sockets and fds vanish; a new device takes over from the journal."""
+        old = self.device
+        for conn in old.conns.values():
+            conn.sock.close()
+        for vq in old.vqs:
+            vq.close_fds()
+        old.mem.close()
+        self.sel.close()
+        self.sel = selectors.DefaultSelector()
+        self.device = Device(GUEST_CID, self.uds, self.sel, generation=1)
+        self.worker = Worker(self.device, self.vhost, self.hybrid, [(self.forward, 1024)],
+                             None)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.journal.replay(ours)
+        self.worker.keeper = theirs
+        self.worker.replay()
+        self.worker.keeper = None
+        for sock in (ours, theirs):
+            sock.close()
 
     def close(self) -> None:
+        self.journal.clear()
+        if self.worker.frontend is not None:
+            self.worker.frontend.close()
+        self.front.close()
+        self.front_peer.close()
         self.device.close()
         for fd in (*self.kicks.values(), *self.calls.values()):
             os.close(fd)

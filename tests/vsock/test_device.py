@@ -251,3 +251,29 @@ def test_ring_stop_closes_connections(driver: Driver) -> None:
     assert not driver.device.conns
     for s in (ours, theirs, host, listener):
         s.close()
+
+
+def test_restart_from_the_journal_resumes_the_rings(driver: Driver) -> None:
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"{driver.uds}_5006")
+    listener.listen()
+    for port in (90, 91):
+        driver.send(pk.OP_REQUEST, port, 5006)
+        assert _ops(driver.received()) == [pk.OP_RESPONSE]
+    host, _ = listener.accept()
+    other, _ = listener.accept()
+    driver.send(pk.OP_RW, 90, 5006, b"before")
+    assert _recv_all(host, 6, driver) == b"before"
+    driver.crash_and_restart()
+    assert _recv_all(host, 1, driver) == b""  # its worker died
+    # the old connection is unknown now; a new one works, and nothing on the rings is stale
+    driver.send(pk.OP_RW, 91, 5006, b"stale")
+    assert _ops(driver.received()) == [pk.OP_RST]
+    driver.send(pk.OP_REQUEST, 92, 5006)
+    assert _ops(driver.received()) == [pk.OP_RESPONSE]
+    fresh, _ = listener.accept()
+    driver.send(pk.OP_RW, 92, 5006, b"after")
+    assert _recv_all(fresh, 5, driver) == b"after"
+    assert driver.device.dropped == 0
+    for s in (host, other, fresh, listener):
+        s.close()
