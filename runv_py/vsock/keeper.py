@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keeper = Keeper(args)
     except OSError as exc:
-        log.error("cannot listen: %s: %s", exc.filename or args.socket, exc.strerror)
+        log.error("cannot listen on %s: %s", exc.filename or args.socket, exc.strerror)
+        for path in (args.socket, args.uds, *(path for path, _ in args.forward)):
+            with contextlib.suppress(OSError):
+                path.unlink()
         return 1
 
     def stop(signum: int, frame: object) -> None:
