@@ -32,8 +32,9 @@ from ..vm.qemu.cmdline import (
     VmConfig,
     kernel_cmdline,
 )
-from ..vsock.backend import VsockBackend, VsockPaths
 from ..vm.qemu.machine import QemuMachine, tail
+from ..vsock import kernel as kernel_vsock
+from ..vsock.backend import VsockBackend, VsockPaths
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,10 @@ def sweep_stale(state_dir: Path) -> list[str]:
 def vm_config(
     config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool = False, shares: tuple[Share, ...] = (),
-    nics: tuple[Nic, ...] = (),
+    nics: tuple[Nic, ...] = (), cid_claim: kernel_vsock.CidClaim | None = None,
 ) -> VmConfig:
+    """`cid_claim`: the vsock channel uses the kernel's vhost-vsock with this CID instead of
+    our vhost-user backend."""
     hv = config.hypervisor
     root: Literal["block", "initrd"] = config.guest.rootfs
     channel = config.guest.channel
@@ -124,9 +127,12 @@ def vm_config(
         initrd=found.initrd if root == "initrd" else None,
         root_image=found.rootfs_image if root == "block" else None,
         agent_socket=paths.agent_socket if channel == "serial" else None,
-        vsock_socket=paths.vsock.vhost if channel == "vsock" else None,
+        vsock_socket=paths.vsock.vhost if channel == "vsock" and cid_claim is None else None,
+        vsock_cid=cid_claim.cid if cid_claim else None,
+        vsock_fd=cid_claim.fd if cid_claim else None,
         cpu=hv.cpu, shares=shares, nics=nics,
-        shared_memory=channel == "vsock" or any(share.driver == "virtiofs" for share in shares),
+        shared_memory=(channel == "vsock" and cid_claim is None)
+        or any(share.driver == "virtiofs" for share in shares),
     )
 
 
@@ -181,19 +187,27 @@ class Sandbox:
             raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
         self._owns_dir = True
         _write_owner(self.paths)
-        if self.config.guest.channel == "vsock":
-            self.vsock = VsockBackend(self.paths.vsock, 3, self.paths.vsock_log,
-                                      connect_wait_s=self.config.hypervisor.boot_timeout_s,
-                                      debug=debug)
-            await self.vsock.start()
-        shares = await self._start_virtiofsds(shares)
-        vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
-                       shares=shares, nics=nics)
-        self.machine = QemuMachine(vm, self.paths.qemu_log)
-        self.agent = AgentClient(self.paths.agent_socket,
-                                 handshake_timeout_s=self.config.hypervisor.boot_timeout_s)
-        t1 = time.monotonic()
-        await self.machine.start()
+        # Kernel vhost-vsock where /dev/vhost-vsock is usable, else our backend (guest CID 3:
+        # hybrid vsock has no host-global CIDs).
+        claim = kernel_vsock.claim_cid() if self.config.guest.channel == "vsock" else None
+        try:
+            if self.config.guest.channel == "vsock":
+                self.vsock = VsockBackend(self.paths.vsock, claim.cid if claim else 3,
+                                          self.paths.vsock_log, kernel=claim is not None,
+                                          connect_wait_s=self.config.hypervisor.boot_timeout_s,
+                                          debug=debug)
+                await self.vsock.start()
+            shares = await self._start_virtiofsds(shares)
+            vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
+                           shares=shares, nics=nics, cid_claim=claim)
+            self.machine = QemuMachine(vm, self.paths.qemu_log)
+            self.agent = AgentClient(self.paths.agent_socket,
+                                     handshake_timeout_s=self.config.hypervisor.boot_timeout_s)
+            t1 = time.monotonic()
+            await self.machine.start()
+        finally:
+            if claim is not None:
+                claim.close()  # QEMU holds the CID from here on
         t2 = time.monotonic()
         await self._wait_agent()
         t3 = time.monotonic()

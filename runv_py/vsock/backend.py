@@ -25,15 +25,22 @@ class VsockPaths:
 
 class VsockBackend:
     def __init__(self, paths: VsockPaths, cid: int, log_path: Path, *,
-                 connect_wait_s: float = 0.0, debug: bool = False) -> None:
+                 connect_wait_s: float = 0.0, debug: bool = False, kernel: bool = False) -> None:
+        """`kernel`: the guest's vsock is the kernel's vhost-vsock with CID `cid`; only the
+        forward listeners run (runv_py.vsock.forward)."""
         self.paths = paths
         self.cid = cid
+        self.kernel = kernel
         self.log_path = log_path
         self.connect_wait_s = connect_wait_s
         self.debug = debug
         self.child: child.Child | None = None
 
     def argv(self) -> list[str]:
+        if self.kernel:
+            return [sys.executable, "-m", "runv_py.vsock.forward", f"--cid={self.cid}",
+                    f"--connect-wait={self.connect_wait_s}",
+                    *(f"--forward={path}={port}" for path, port in self.paths.forwards)]
         argv = [sys.executable, "-m", "runv_py.vsock", f"--socket={self.paths.vhost}",
                 f"--uds={self.paths.uds}", f"--cid={self.cid}",
                 f"--connect-wait={self.connect_wait_s}"]
@@ -46,7 +53,9 @@ class VsockBackend:
         with open(self.log_path, "ab") as log_file:
             self.child = await child.spawn(self.argv(), stdout=log_file, stderr=log_file)
         deadline = time.monotonic() + START_TIMEOUT_S
-        wanted = [self.paths.vhost, self.paths.uds, *(path for path, _ in self.paths.forwards)]
+        wanted = [path for path, _ in self.paths.forwards]
+        if not self.kernel:
+            wanted += [self.paths.vhost, self.paths.uds]
         while not all(path.exists() for path in wanted):
             if self.child.returncode is not None or time.monotonic() > deadline:
                 await self.stop()

@@ -26,7 +26,7 @@ RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5
 
 
-def _listen(path: Path) -> socket.socket:
+def listen(path: Path) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -35,7 +35,7 @@ def _listen(path: Path) -> socket.socket:
     return sock
 
 
-def _forward(spec: str) -> tuple[Path, int]:
+def forward_spec(spec: str) -> tuple[Path, int]:
     path, sep, port = spec.rpartition("=")
     if not sep or not path or not port.isdigit() or not 0 <= int(port) <= 0xFFFFFFFF:
         raise argparse.ArgumentTypeError(f"--forward {spec!r}: want PATH=PORT")
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="vhost-user socket QEMU connects to (-chardev socket,path=...)")
     parser.add_argument("--uds", type=Path, required=True, help="the hybrid vsock socket")
     parser.add_argument("--cid", type=int, default=3, help="the guest's CID (>= 3)")
-    parser.add_argument("--forward", type=_forward, action="append", default=[],
+    parser.add_argument("--forward", type=forward_spec, action="append", default=[],
                         metavar="PATH=PORT",
                         help="also listen on PATH; each connection goes to guest port PORT "
                              "with no handshake (for clients such as grpc's unix: dialer)")
@@ -72,9 +72,9 @@ class Keeper:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.paths = [args.socket, args.uds, *(path for path, _ in args.forward)]
-        self.vhost = _listen(args.socket)
-        self.hybrid = _listen(args.uds)
-        self.forwards = [(_listen(path), port) for path, port in args.forward]
+        self.vhost = listen(args.socket)
+        self.hybrid = listen(args.uds)
+        self.forwards = [(listen(path), port) for path, port in args.forward]
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.journal = journal.Journal()
         self.worker: subprocess.Popen[bytes] | None = None

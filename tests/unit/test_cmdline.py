@@ -151,8 +151,8 @@ def test_vsock_channel_devices_and_kernel_option() -> None:
     assert any(o.startswith("memory-backend-memfd,") for o in _pairs(argv, "-object"))
     pci = qemu_argv(_config(machine="q35", vsock_socket=Path("/v"), shared_memory=True))
     assert "vhost-user-vsock-pci,chardev=vsock" in _pairs(pci, "-device")
-    kernel = qemu_argv(_config(vsock_cid=7))
-    assert "vhost-vsock-device,guest-cid=7" in _pairs(kernel, "-device")
+    kernel = qemu_argv(_config(vsock_cid=7, vsock_fd=9))
+    assert "vhost-vsock-device,guest-cid=7,vhostfd=9" in _pairs(kernel, "-device")
     with pytest.raises(ValueError, match="shared memory"):
         qemu_argv(_config(vsock_socket=Path("/v")))
     words = kernel_cmdline(KernelParams(machine="microvm", accel="tcg", root="block",

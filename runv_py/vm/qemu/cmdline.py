@@ -33,6 +33,7 @@ class VmConfig:
     # a host-unique CID (vsock_socket None, vsock_cid set).
     vsock_socket: Path | None = None
     vsock_cid: int | None = None
+    vsock_fd: int | None = None  # an open /dev/vhost-vsock holding vsock_cid, passed to QEMU
     # RAM in a shareable memfd: vhost-user devices (virtiofsd, vsock backend) map guest memory.
     shared_memory: bool = False
     cpu: str = ""
@@ -78,7 +79,8 @@ def kernel_cmdline(p: KernelParams) -> str:
 
 def inherited_fds(config: VmConfig) -> tuple[int, ...]:
     """The fds QEMU must inherit (they are named in its argv)."""
-    return tuple(nic.backend.fd for nic in config.nics if not isinstance(nic.backend, HubPort))
+    fds = tuple(nic.backend.fd for nic in config.nics if not isinstance(nic.backend, HubPort))
+    return fds if config.vsock_fd is None else (*fds, config.vsock_fd)
 
 
 def _bus(config: VmConfig) -> str:
@@ -156,7 +158,8 @@ def qemu_argv(config: VmConfig) -> list[str]:
             "-device", f"vhost-user-vsock-{bus},chardev=vsock",
         ]
     elif config.vsock_cid is not None:
-        argv += ["-device", f"vhost-vsock-{bus},guest-cid={config.vsock_cid}"]
+        fd = f",vhostfd={config.vsock_fd}" if config.vsock_fd is not None else ""
+        argv += ["-device", f"vhost-vsock-{bus},guest-cid={config.vsock_cid}{fd}"]
     if config.agent_socket is not None:
         argv += [
             "-device", f"virtio-serial-{bus},id=vser0",
