@@ -416,6 +416,8 @@ class Device:
             self._fill_header(conn, header, pk.OP_RW, 0, n)
             conn.tx_cnt = (conn.tx_cnt + n) & 0xFFFFFFFF
             rx.push(chain.head, pk.HEADER_SIZE + n)
+            if n < min(len(payload), free):
+                return  # a short read: the socket is drained (no second recv, no second pop)
 
     def _drain_backlog(self, conn: Conn) -> None:
         if conn.backlog:
