@@ -292,3 +292,43 @@ def test_backend_killed_and_restarted_without_the_vm_dying(
         assert log.count("starting a new one") == 2 and "took over QEMU's connection" in log
 
     _run(runtime_config, vsock_rootfs, body)
+
+
+def test_guest_resets_the_device_then_the_backend_restarts(
+        runtime_config: config.RuntimeConfig, vsock_rootfs: Path) -> None:
+    """The guest unbinds and rebinds its vsock driver (a device reset: QEMU stops the rings and
+    sets them up again); connections work again, also after a backend restart that has to
+    replay that history."""
+    async def body(sandbox: Sandbox, agent: AgentClient) -> None:
+        assert sandbox.vsock is not None and sandbox.vsock.child is not None
+        uds = sandbox.paths.vsock.uds
+        await _guest_program(agent, "srv", "serve", "5000")
+        await asyncio.to_thread(wait_listening, uds, 5000)
+        drv = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport"
+        spec = json.loads(_spec(["sh", "-c", f"d=$(basename {drv}/virtio*); "
+                                             f"echo $d > {drv}/unbind && echo $d > {drv}/bind"]))
+        spec["mounts"].append({"destination": "/sys", "type": "sysfs", "source": "sysfs"})
+        await agent.create_container("reset", json.dumps(spec).encode(), stdio=False)
+        await agent.start_container("reset")
+        # the agent's own connection goes down with the driver: once the rings have stopped,
+        # reconnect to see the result
+        deadline = time.monotonic() + 60
+        while "stopped: closing" not in sandbox.paths.vsock_log.read_text():
+            assert time.monotonic() < deadline, "the guest did not reset its vsock device"
+            await asyncio.sleep(0.1)
+        agent = await sandbox.reconnect_agent(timeout_s=60)
+        assert await agent.wait_process("reset", timeout_s=60) == 0
+        assert await asyncio.to_thread(echo, uds, 5000, b"after reset") == b"after reset"
+        [worker] = _children(sandbox.vsock.child.pid)
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _children(sandbox.vsock.child.pid) in ([], [worker]):
+            assert time.monotonic() < deadline, "no new worker"
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(echo, uds, 5000, b"and restart") == b"and restart"
+        agent = await sandbox.reconnect_agent()
+        assert await agent.check()
+        log = sandbox.paths.vsock_log.read_text()
+        assert "stopped: closing" in log and "dropped from the guest" not in log
+
+    _run(runtime_config, vsock_rootfs, body)
