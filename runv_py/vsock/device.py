@@ -47,6 +47,7 @@ LINE_MAX = 64
 # Chains taken per ring per wakeup before the loop looks at other sockets again.
 BATCH = 64
 RETRY_S = 0.02
+REQUEST_TIMEOUT_S = 2.0
 
 _MEM_HEADER = struct.Struct("<II")
 _MEM_REGION = struct.Struct("<QQQQ")
@@ -77,6 +78,7 @@ class Conn:
     peer_fwd_cnt: int = 0
     guest_shut: int = 0
     retry_until: float = 0.0  # a REQUEST refused before then is sent again
+    attempt: int = 0  # REQUESTs sent
     host_eof: bool = False
     host_wr_shut: bool = False
     events: int = 0
@@ -321,18 +323,43 @@ class Device:
             heapq.heappop(self.timers)[2]()
         return max(0.0, self.timers[0][0] - now) if self.timers else None
 
-    def _retry_request(self, conn: Conn) -> None:
-        if self.conns.get(conn.key) is conn and conn.state is State.CONNECTING:
-            self._send(conn, pk.OP_REQUEST)
-            self.vqs[RX].signal()
-
     def _connect_guest(self, conn: Conn, guest_port: int) -> None:
         conn.guest_port = guest_port
-        conn.host_port = self._alloc_port(guest_port)
         conn.state = State.CONNECTING
-        self.conns[conn.key] = conn
         self._interest(conn, 0)
+        self._request(conn)
+
+    def _request(self, conn: Conn) -> None:
+        """Send REQUEST from a fresh host port, and watch for an answer."""
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        conn.host_port = self._alloc_port(conn.guest_port)
+        self.conns[conn.key] = conn
+        conn.attempt += 1
+        attempt = conn.attempt
         self._send(conn, pk.OP_REQUEST)
+        self.later(REQUEST_TIMEOUT_S, lambda: self._request_timeout(conn, attempt))
+
+    def _retry_request(self, conn: Conn) -> None:
+        if self.conns.get(conn.key) is conn and conn.state is State.CONNECTING:
+            self._request(conn)
+
+    def _request_timeout(self, conn: Conn, attempt: int) -> None:
+        """A REQUEST the guest never answered: a guest whose transport is still coming up
+        drops packets without a RST. Ask again from a new port (after resetting the old one)
+        while the connection may wait, else give up."""
+        if (self.conns.get(conn.key) is not conn or conn.state is not State.CONNECTING
+                or conn.attempt != attempt):
+            return
+        if not self.vqs[RX].ready or self.rx_starved or self.ctl:
+            if time.monotonic() < conn.retry_until:  # not delivered yet: not the guest's fault
+                self.later(REQUEST_TIMEOUT_S, lambda: self._request_timeout(conn, attempt))
+                return
+        elif time.monotonic() < conn.retry_until:
+            self._send(conn, pk.OP_RST)
+            self._request(conn)
+            return
+        self._close(conn, rst=True, why="no answer to REQUEST")
 
     def _alloc_port(self, guest_port: int) -> int:
         while True:

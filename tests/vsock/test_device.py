@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from runv_py.vsock import device as device_mod
 from runv_py.vsock import packet as pk
 from runv_py.vsock import protocol as vu
 from runv_py.vsock.device import BUF_ALLOC, RX
@@ -154,8 +155,8 @@ def test_forward_waits_for_a_guest_listener(tmp_path: Path) -> None:
         time.sleep(0.05)
         driver.pump()
         [(again, _)] = driver.received()
-        assert again.op == pk.OP_REQUEST and again.src_port == req.src_port
-        driver.send(pk.OP_RESPONSE, 1024, req.src_port)
+        assert again.op == pk.OP_REQUEST and again.dst_port == 1024
+        driver.send(pk.OP_RESPONSE, 1024, again.src_port)
         host.sendall(b"ping")
         driver.pump()
         assert [d for _, d in driver.received()] == [b"ping"]
@@ -277,3 +278,40 @@ def test_restart_from_the_journal_resumes_the_rings(driver: Driver) -> None:
     assert driver.device.dropped == 0
     for s in (host, other, fresh, listener):
         s.close()
+
+
+def test_unanswered_request_is_sent_again_or_given_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest whose transport is still coming up drops a REQUEST without a RST."""
+    monkeypatch.setattr(device_mod, "REQUEST_TIMEOUT_S", 0.05)
+    driver = Driver(tmp_path, connect_wait_s=5.0)
+    try:
+        driver.start()
+        driver.post_rx()
+        waiting = socket.socket(socket.AF_UNIX)
+        waiting.connect(str(tmp_path / "fwd.sock"))
+        hybrid = socket.socket(socket.AF_UNIX)
+        hybrid.connect(str(driver.uds))
+        hybrid.sendall(b"CONNECT 77\n")
+        driver.pump()
+        first = {h.dst_port: h for h, _ in driver.received()}
+        assert {h.op for h in first.values()} == {pk.OP_REQUEST}
+        import time
+        time.sleep(0.1)
+        driver.pump()
+        later = [(h.op, h.src_port, h.dst_port) for h, _ in driver.received()]
+        # the forward connection resets its old port and asks from a new one ...
+        assert (pk.OP_RST, first[1024].src_port, 1024) in later
+        [again] = [p for op, p, d in later if op == pk.OP_REQUEST and d == 1024]
+        assert again != first[1024].src_port
+        # ... the hybrid client, which may not wait, is refused
+        assert (pk.OP_RST, first[77].src_port, 77) in later
+        assert _recv_all(hybrid, 1, driver) == b""
+        driver.send(pk.OP_RESPONSE, 1024, again)
+        waiting.sendall(b"late but fine")
+        driver.pump()
+        assert [d for _, d in driver.received()] == [b"late but fine"]
+        waiting.close()
+        hybrid.close()
+    finally:
+        driver.close()
