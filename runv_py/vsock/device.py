@@ -47,6 +47,9 @@ LINE_MAX = 64
 # Chains taken per ring per wakeup before the loop looks at other sockets again.
 BATCH = 64
 RETRY_S = 0.02
+# An unanswered REQUEST is asked again after 0.2 s, 0.4 s, ... up to 2 s (a duplicate that the
+# guest answers late is reset: cheap).
+FIRST_REQUEST_TIMEOUT_S = 0.2
 REQUEST_TIMEOUT_S = 2.0
 
 _MEM_HEADER = struct.Struct("<II")
@@ -329,8 +332,9 @@ class Device:
         self._interest(conn, 0)
         self._request(conn)
 
-    def _request(self, conn: Conn) -> None:
-        """Send REQUEST from a fresh host port, and watch for an answer."""
+    def _request(self, conn: Conn, delay: float | None = None) -> None:
+        """Send REQUEST from a fresh host port, and watch for an answer for `delay` s."""
+        wait = FIRST_REQUEST_TIMEOUT_S if delay is None else delay
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
         conn.host_port = self._alloc_port(conn.guest_port)
@@ -338,13 +342,13 @@ class Device:
         conn.attempt += 1
         attempt = conn.attempt
         self._send(conn, pk.OP_REQUEST)
-        self.later(REQUEST_TIMEOUT_S, lambda: self._request_timeout(conn, attempt))
+        self.later(wait, lambda: self._request_timeout(conn, attempt, wait))
 
     def _retry_request(self, conn: Conn) -> None:
         if self.conns.get(conn.key) is conn and conn.state is State.CONNECTING:
             self._request(conn)
 
-    def _request_timeout(self, conn: Conn, attempt: int) -> None:
+    def _request_timeout(self, conn: Conn, attempt: int, delay: float) -> None:
         """A REQUEST the guest never answered: a guest whose transport is still coming up
         drops packets without a RST. Ask again from a new port (after resetting the old one)
         while the connection may wait, else give up."""
@@ -353,11 +357,13 @@ class Device:
             return
         if not self.vqs[RX].ready or self.rx_starved or self.ctl:
             if time.monotonic() < conn.retry_until:  # not delivered yet: not the guest's fault
-                self.later(REQUEST_TIMEOUT_S, lambda: self._request_timeout(conn, attempt))
+                self.later(delay, lambda: self._request_timeout(conn, attempt, delay))
                 return
         elif time.monotonic() < conn.retry_until:
+            log.debug("guest port %d: no answer to REQUEST %d; asking again", conn.guest_port,
+                      attempt)
             self._send(conn, pk.OP_RST)
-            self._request(conn)
+            self._request(conn, delay=min(2 * delay, REQUEST_TIMEOUT_S))
             return
         self._close(conn, rst=True, why="no answer to REQUEST")
 

@@ -283,7 +283,7 @@ def test_restart_from_the_journal_resumes_the_rings(driver: Driver) -> None:
 def test_unanswered_request_is_sent_again_or_given_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A guest whose transport is still coming up drops a REQUEST without a RST."""
-    monkeypatch.setattr(device_mod, "REQUEST_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(device_mod, "FIRST_REQUEST_TIMEOUT_S", 0.05)
     driver = Driver(tmp_path, connect_wait_s=5.0)
     try:
         driver.start()
