@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from .. import child
 from . import journal
 
 log = logging.getLogger("runv-vsock")
@@ -82,6 +81,10 @@ class Keeper:
         self.generation = 0
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        # Imported here: child imports asyncio (0.1 s), and the sockets, which the owner waits
+        # for before it starts QEMU, exist already.
+        from .. import child
+
         # A replay the dead worker did not finish reading must not reach the new one.
         self.theirs.setblocking(False)
         with contextlib.suppress(BlockingIOError):
