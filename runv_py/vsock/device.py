@@ -168,7 +168,9 @@ class Device:
                 vq.resolve(self.mem)
         elif req == vu.SET_VRING_NUM:
             index, num = _VRING_STATE.unpack_from(data)
-            self._ring(index).size = num
+            vq = self._ring(index)
+            vq.size = num
+            vq.resolve(self.mem)  # the ring areas' sizes follow
         elif req == vu.SET_VRING_BASE:
             index, num = _VRING_STATE.unpack_from(data)
             self._ring(index).last_avail = num & 0xFFFF

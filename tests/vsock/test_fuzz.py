@@ -176,3 +176,13 @@ def test_front_end_framing_random_bytes() -> None:
         except (vu.ProtocolError, ConnectionResetError):
             pass
         ours.close()
+
+
+@pytest.mark.parametrize("size", [0, 3, 1 << 16])
+def test_ring_resized_under_the_device(driver: Driver, size: int) -> None:
+    driver.device.handle(msg(vu.SET_VRING_NUM, struct.pack("<II", TX, size)), None)
+    driver.send(pk.OP_REQUEST, 1, 2)  # kicked: the ring is not usable, nothing breaks
+    assert not driver.device.vqs[TX].ready
+    _restart(driver)
+    driver.post_rx()
+    _works(driver, 7996)
