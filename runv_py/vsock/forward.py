@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from .keeper import forward_spec, listen
+from .keeper import forward_spec, listen_all, remove
 
 log = logging.getLogger("runv-vsock")
 RETRY_S = 0.02
@@ -79,13 +79,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s runv-vsock[%(process)d] %(levelname)s %(message)s")
     paths: list[Path] = [path for path, _ in args.forward]
     try:
-        listeners = [(listen(path), port) for path, port in args.forward]
+        sockets = listen_all(paths)
     except OSError as exc:
         log.error("cannot listen on %s: %s", exc.filename, exc.strerror)
-        for path in paths:
-            with contextlib.suppress(OSError):
-                path.unlink()
         return 1
+    listeners = [(sock, port) for sock, (_, port) in zip(sockets, args.forward, strict=True)]
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)
@@ -99,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             signal.pause()
     finally:
-        for path in paths:
-            with contextlib.suppress(OSError):
-                path.unlink()
+        remove(paths)
 
 
 if __name__ == "__main__":

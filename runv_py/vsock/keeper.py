@@ -25,13 +25,30 @@ RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5
 
 
-def listen(path: Path) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    sock.listen(128)
-    return sock
+def listen_all(paths: list[Path]) -> list[socket.socket]:
+    """Unix listeners on `paths`. On failure none is left behind and the OSError names the
+    path that failed."""
+    made: list[socket.socket] = []
+    for path in paths:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            made.append(sock)
+            sock.bind(str(path))
+            sock.listen(128)
+        except OSError as exc:
+            for sock in made:
+                sock.close()
+            remove(paths)
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    return made
+
+
+def remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def forward_spec(spec: str) -> tuple[Path, int]:
@@ -71,9 +88,9 @@ class Keeper:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.paths = [args.socket, args.uds, *(path for path, _ in args.forward)]
-        self.vhost = listen(args.socket)
-        self.hybrid = listen(args.uds)
-        self.forwards = [(listen(path), port) for path, port in args.forward]
+        self.vhost, self.hybrid, *forwards = listen_all(self.paths)
+        self.forwards = [(sock, port) for sock, (_, port) in zip(forwards, args.forward,
+                                                                  strict=True)]
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.journal = journal.Journal()
         self.worker: subprocess.Popen[bytes] | None = None
@@ -155,9 +172,7 @@ class Keeper:
                 self.worker.kill()
                 self.worker.wait()
         self.journal.clear()
-        for path in self.paths:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        remove(self.paths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,10 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keeper = Keeper(args)
     except OSError as exc:
-        log.error("cannot listen on %s: %s", exc.filename or args.socket, exc.strerror)
-        for path in (args.socket, args.uds, *(path for path, _ in args.forward)):
-            with contextlib.suppress(OSError):
-                path.unlink()
+        log.error("cannot listen on %s: %s", exc.filename, exc.strerror)
         return 1
 
     def stop(signum: int, frame: object) -> None:

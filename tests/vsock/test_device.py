@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from runv_py.vsock import protocol as vu
 from runv_py.vsock.device import BUF_ALLOC, RX
 
 from .driver import GUEST_CID, Driver, msg
-
-
-@pytest.fixture
-def driver(tmp_path: Path) -> Iterator[Driver]:
-    d = Driver(tmp_path)
-    d.start()
-    d.post_rx()
-    yield d
-    d.close()
 
 
 def _ops(packets: list[tuple[pk.Header, bytes]]) -> list[int]:

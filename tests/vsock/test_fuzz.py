@@ -8,8 +8,6 @@ import os
 import random
 import socket
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,15 +18,6 @@ from runv_py.vsock.device import RX, TX
 from .driver import GUEST_CID, MEM_SIZE, QSIZE, Driver, msg
 
 SEED = int(os.environ.get("VSOCK_FUZZ_SEED", "1234"))
-
-
-@pytest.fixture
-def driver(tmp_path: Path) -> Iterator[Driver]:
-    d = Driver(tmp_path)
-    d.start()
-    d.post_rx()
-    yield d
-    d.close()
 
 
 def _works(driver: Driver, port: int) -> None:
