@@ -145,12 +145,18 @@ def test_agent_runs_over_vsock_by_default(runtime_config: config.RuntimeConfig) 
             assert "hyperstart.channel=vsock:1024" in sandbox.machine.config.kernel_cmdline
             assert "vhost-user-vsock-device" in " ".join(sandbox.machine.child.argv)
             # many independent gRPC connections, unlike the one virtio-serial session
-            clients = [AgentClient(sandbox.paths.agent_socket) for _ in range(5)]
+            clients = [AgentClient(sandbox.paths.agent_socket) for _ in range(50)]
             try:
                 assert all(await asyncio.gather(*(c.check() for c in clients)))
             finally:
                 for c in clients:
                     await c.close()
+            for _ in range(100):
+                client = AgentClient(sandbox.paths.agent_socket)
+                try:
+                    assert await client.check()
+                finally:
+                    await client.close()
             assert await sandbox.agent.check()
 
     asyncio.run(main())
