@@ -184,7 +184,10 @@ class Device:
             vq = self._ring(index)
             vq.started = False
             self._set_kick(vq, -1)
-            self.reset(f"vring {index} stopped")
+            # Connections stay: QEMU stops the rings for a VM pause too (and after a guest
+            # driver reset, the guest answers a stale connection's next packet with RST).
+            log.info("vring %d stopped at %d (%d connection(s) kept)", index, vq.last_avail,
+                     len(self.conns))
             return _VRING_STATE.pack(index, vq.last_avail)
         elif req in (vu.SET_VRING_KICK, vu.SET_VRING_CALL, vu.SET_VRING_ERR):
             value = _U64.unpack_from(data)[0]

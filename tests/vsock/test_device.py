@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from runv_py.vsock import device as device_mod
 from runv_py.vsock import packet as pk
 from runv_py.vsock import protocol as vu
-from runv_py.vsock.device import BUF_ALLOC, RX
+from runv_py.vsock.device import BUF_ALLOC, RX, TX
 
 from .driver import GUEST_CID, Driver, msg
 
@@ -228,18 +229,32 @@ def test_split_rx_buffers(tmp_path: Path) -> None:
         driver.close()
 
 
-def test_ring_stop_closes_connections(driver: Driver) -> None:
+def test_ring_stop_keeps_connections(driver: Driver) -> None:
+    """QEMU stops the rings when the VM is paused and starts them at the same place."""
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(f"{driver.uds}_5005")
     listener.listen()
     driver.send(pk.OP_REQUEST, 83, 5005)
+    assert _ops(driver.received()) == [pk.OP_RESPONSE]
     host, _ = listener.accept()
     ours, theirs = socket.socketpair()
-    driver.device.handle(msg(vu.GET_VRING_BASE, struct.pack("<II", RX, 0)), ours)
-    # one rx buffer was taken (for the RESPONSE): the ring resumes after it
-    assert struct.unpack_from("<II", theirs.recv(100), 12) == (RX, 1)
-    assert _recv_all(host, 1, driver) == b""
-    assert not driver.device.conns
+    bases = {}
+    for index in (RX, TX):
+        driver.device.handle(msg(vu.GET_VRING_BASE, struct.pack("<II", index, 0)), ours)
+        bases[index] = struct.unpack_from("<II", theirs.recv(100), 12)[1]
+    # one rx buffer was taken (for the RESPONSE), one tx chain (the REQUEST)
+    assert bases == {RX: 1, TX: 1}
+    host.sendall(b"while paused")
+    driver.pump()
+    assert driver.received() == []
+    for index in (RX, TX):  # cont: QEMU sets the rings up again where they stopped
+        driver.device.handle(msg(vu.SET_VRING_BASE, struct.pack("<II", index, bases[index])),
+                             None)
+        driver.device.handle(msg(vu.SET_VRING_KICK, struct.pack("<Q", index),
+                                 (os.dup(driver.kicks[index]),)), None)
+    assert [d for _, d in driver.received()] == [b"while paused"]
+    driver.send(pk.OP_RW, 83, 5005, b"resumed")
+    assert _recv_all(host, 7, driver) == b"resumed"
     for s in (ours, theirs, host, listener):
         s.close()
 

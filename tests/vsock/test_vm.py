@@ -319,7 +319,7 @@ def test_guest_resets_the_device_then_the_backend_restarts(
         # the agent's own connection goes down with the driver: once the rings have stopped,
         # reconnect to see the result
         deadline = time.monotonic() + 60
-        while "stopped: closing" not in sandbox.paths.vsock_log.read_text():
+        while "vring 0 stopped" not in sandbox.paths.vsock_log.read_text():
             assert time.monotonic() < deadline, "the guest did not reset its vsock device"
             await asyncio.sleep(0.1)
         agent = await sandbox.reconnect_agent(timeout_s=60)
@@ -335,6 +335,6 @@ def test_guest_resets_the_device_then_the_backend_restarts(
         agent = await sandbox.reconnect_agent()
         assert await agent.check()
         log = sandbox.paths.vsock_log.read_text()
-        assert "stopped: closing" in log and "dropped from the guest" not in log
+        assert "dropped from the guest" not in log
 
     _run(runtime_config, vsock_rootfs, body)
