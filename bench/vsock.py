@@ -211,7 +211,7 @@ async def transports(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int
     """One VM with the vsock device (the agent's channel) and a virtio-serial port."""
     paths = StatePaths(cfg.state_dir / "bench")
     paths.root.mkdir(parents=True)
-    backend = VsockBackend(paths.vsock, 3, paths.vsock_log,
+    backend = VsockBackend(paths.vsock, paths.vsock_log,
                            connect_wait_s=cfg.hypervisor.boot_timeout_s)
     vm = vm_config(cfg, "bench-vsock", paths, assets.find(cfg.guest.assets_dir),
                    accel.choose(cfg.hypervisor.accelerator),

@@ -33,8 +33,8 @@ from ..vm.qemu.cmdline import (
     kernel_cmdline,
 )
 from ..vm.qemu.machine import QemuMachine, tail
-from ..vsock import kernel as kernel_vsock
 from ..vsock.backend import VsockBackend, VsockPaths
+from ..vsock.kernel import CidClaim
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def sweep_stale(state_dir: Path) -> list[str]:
 def vm_config(
     config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool = False, shares: tuple[Share, ...] = (),
-    nics: tuple[Nic, ...] = (), cid_claim: kernel_vsock.CidClaim | None = None,
+    nics: tuple[Nic, ...] = (), cid_claim: CidClaim | None = None,
 ) -> VmConfig:
     """`cid_claim`: the vsock channel uses the kernel's vhost-vsock with this CID instead of
     our vhost-user backend."""
@@ -187,27 +187,22 @@ class Sandbox:
             raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
         self._owns_dir = True
         _write_owner(self.paths)
-        # Kernel vhost-vsock where /dev/vhost-vsock is usable, else our backend (guest CID 3:
-        # hybrid vsock has no host-global CIDs).
-        claim = kernel_vsock.claim_cid() if self.config.guest.channel == "vsock" else None
-        try:
-            if self.config.guest.channel == "vsock":
-                self.vsock = VsockBackend(self.paths.vsock, claim.cid if claim else 3,
-                                          self.paths.vsock_log, kernel=claim is not None,
-                                          connect_wait_s=self.config.hypervisor.boot_timeout_s,
-                                          debug=debug)
-                await self.vsock.start()
-            shares = await self._start_virtiofsds(shares)
-            vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
-                           shares=shares, nics=nics, cid_claim=claim)
-            self.machine = QemuMachine(vm, self.paths.qemu_log)
-            self.agent = AgentClient(self.paths.agent_socket,
-                                     handshake_timeout_s=self.config.hypervisor.boot_timeout_s)
-            t1 = time.monotonic()
-            await self.machine.start()
-        finally:
-            if claim is not None:
-                claim.close()  # QEMU holds the CID from here on
+        if self.config.guest.channel == "vsock":
+            self.vsock = VsockBackend.for_host(
+                self.paths.vsock, self.paths.vsock_log, debug=debug,
+                connect_wait_s=self.config.hypervisor.boot_timeout_s)
+            await self.vsock.start()
+        shares = await self._start_virtiofsds(shares)
+        vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
+                       shares=shares, nics=nics,
+                       cid_claim=self.vsock.claim if self.vsock else None)
+        self.machine = QemuMachine(vm, self.paths.qemu_log)
+        self.agent = AgentClient(self.paths.agent_socket,
+                                 handshake_timeout_s=self.config.hypervisor.boot_timeout_s)
+        t1 = time.monotonic()
+        await self.machine.start()
+        if self.vsock is not None:
+            self.vsock.release_cid()
         t2 = time.monotonic()
         await self._wait_agent()
         t3 = time.monotonic()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import child
 from ..errors import HypervisorError
+from .kernel import CidClaim, claim_cid
 
 START_TIMEOUT_S = 10.0
 
@@ -24,13 +25,16 @@ class VsockPaths:
 
 
 class VsockBackend:
-    def __init__(self, paths: VsockPaths, cid: int, log_path: Path, *,
-                 connect_wait_s: float = 0.0, debug: bool = False, kernel: bool = False) -> None:
-        """`kernel`: the guest's vsock is the kernel's vhost-vsock with CID `cid`; only the
-        forward listeners run (runv_py.vsock.forward)."""
+    def __init__(self, paths: VsockPaths, log_path: Path, *, connect_wait_s: float = 0.0,
+                 debug: bool = False, claim: CidClaim | None = None) -> None:
+        """With `claim` the guest's vsock is the kernel's vhost-vsock with the claimed CID
+        (QEMU gets the claim's fd) and only the forward listeners run (runv_py.vsock.forward);
+        without, our vhost-user backend serves guest CID 3 (hybrid vsock has no host-global
+        CIDs)."""
         self.paths = paths
-        self.cid = cid
-        self.kernel = kernel
+        self.claim = claim
+        self.cid = claim.cid if claim else 3
+        self.kernel = claim is not None
         self.log_path = log_path
         self.connect_wait_s = connect_wait_s
         self.debug = debug
@@ -63,6 +67,19 @@ class VsockBackend:
                                       f"{self.log_path})")
             await asyncio.sleep(0.005)
 
+    @classmethod
+    def for_host(cls, paths: VsockPaths, log_path: Path, *, connect_wait_s: float = 0.0,
+                 debug: bool = False) -> VsockBackend:
+        """Kernel vhost-vsock where /dev/vhost-vsock is usable, else ours."""
+        return cls(paths, log_path, connect_wait_s=connect_wait_s, debug=debug,
+                   claim=claim_cid())
+
+    def release_cid(self) -> None:
+        """Once QEMU runs it holds the CID (its copy of the fd): close ours. Idempotent."""
+        if self.claim is not None:
+            self.claim.close()
+
     async def stop(self) -> None:
+        self.release_cid()
         if self.child is not None:
             await self.child.stop(grace_s=2.0)

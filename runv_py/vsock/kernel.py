@@ -21,14 +21,17 @@ FIRST_CID = 3
 TRIES = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CidClaim:
     fd: int
     cid: int
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        """Idempotent."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 def claim_cid(device: Path = DEVICE, hint: int | None = None) -> CidClaim | None:
