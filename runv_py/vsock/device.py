@@ -173,7 +173,9 @@ class Device:
             vq.resolve(self.mem)  # the ring areas' sizes follow
         elif req == vu.SET_VRING_BASE:
             index, num = _VRING_STATE.unpack_from(data)
-            self._ring(index).last_avail = num & 0xFFFF
+            vq = self._ring(index)
+            vq.last_avail = num & 0xFFFF
+            vq.inflight.clear()
         elif req == vu.SET_VRING_ADDR:
             index, _flags, desc, used, avail, _log = _VRING_ADDR.unpack_from(data)
             vq = self._ring(index)
@@ -439,10 +441,10 @@ class Device:
             try:
                 n = conn.sock.recv_into(payload, min(len(payload), free))
             except BlockingIOError:
-                rx.unpop()
+                rx.unpop(chain.head)
                 return
             except OSError as exc:
-                rx.unpop()
+                rx.unpop(chain.head)
                 self._close(conn, rst=True, why=f"host read: {exc.strerror}")
                 return
             if n == 0:

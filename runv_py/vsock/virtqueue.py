@@ -9,11 +9,14 @@ RingError; the caller drops it (returning it with used length 0) and logs one li
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
 
 from .memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -60,6 +63,9 @@ class Virtqueue:
     used: memoryview | None = None
     used_idx: int = 0
     pending_signal: bool = False
+    # Heads taken and not yet returned: a guest offering one again is refused, and the device
+    # can never return a head twice (the guest would mark the ring broken).
+    inflight: set[int] = field(default_factory=set)
 
     def resolve(self, mem: GuestMemory) -> bool:
         """Map the ring areas; False (and nothing mapped) when not set up or not in memory."""
@@ -103,6 +109,9 @@ class Virtqueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.size:
             raise RingError(f"vring {self.index}: head {head} >= queue size {self.size}")
+        if head in self.inflight:
+            raise RingError(f"vring {self.index}: head {head} offered again while in use")
+        self.inflight.add(head)  # a bad chain is returned too (ChainError.head)
         chain = Chain(head)
         index = head
         for _ in range(self.size):
@@ -127,12 +136,18 @@ class Virtqueue:
             index = nxt
         raise ChainError(head, f"vring {self.index}: descriptor chain loops")
 
-    def unpop(self) -> None:
+    def unpop(self, head: int) -> None:
         """Give back the chain pop() returned last (nothing was written to it)."""
+        self.inflight.discard(head)
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
     def push(self, head: int, length: int) -> None:
         assert self.used is not None
+        if head not in self.inflight:
+            log.error("vring %d: not returning head %d: it is not in use (a device bug)",
+                      self.index, head)
+            return
+        self.inflight.discard(head)
         slot = self.used_idx % self.size
         _USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
         # x86 is TSO: the element is visible before the index that publishes it.
@@ -159,6 +174,7 @@ class Virtqueue:
         assert self.used is not None
         self.used_idx = _U16.unpack_from(self.used, 2)[0]
         self.last_avail = self.used_idx
+        self.inflight.clear()
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd"):
