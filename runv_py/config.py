@@ -20,7 +20,7 @@ DEFAULT_TEMPLATE_DIR = Path("/var/cache/runv-py/templates")
 Accelerator = Literal["auto", "kvm", "tcg"]
 MachineType = Literal["microvm", "pc", "q35"]
 RootfsKind = Literal["block", "initrd"]
-ChannelKind = Literal["serial"]
+ChannelKind = Literal["vsock", "serial"]
 SharedFs = Literal["virtio-fs", "9p"]
 TemplateMode = Literal["auto", "off"]
 
@@ -43,7 +43,9 @@ class HypervisorConfig:
 class GuestConfig:
     assets_dir: Path = DEFAULT_ASSETS_DIR
     rootfs: RootfsKind = "block"
-    channel: ChannelKind = "serial"
+    # The agent channel: vsock (kernel vhost-vsock where /dev/vhost-vsock is usable, else
+    # runv-py's own vhost-user backend) or virtio-serial.
+    channel: ChannelKind = "vsock"
     # How container rootfs and bind mounts reach the guest (per container: the
     # org.runv.shared-fs annotation).
     shared_fs: SharedFs = "virtio-fs"

@@ -1,9 +1,12 @@
-"""The agent channel, guest side: splices the host's byte stream into the local gRPC socket.
+"""The agent channel, guest side: splices the host's byte streams into the local gRPC socket.
 
 grpcio cannot serve on a character device or AF_VSOCK, so the gRPC server listens on a unix
-socket and this module copies bytes between it and the channel. One host session maps to one
-connection to the server; when the host goes away both are closed and the channel is reopened,
-which also discards stale bytes of the old session.
+socket and this module copies bytes between it and the channel.
+
+- serial: one host session maps to one connection to the server; when the host goes away both
+  are closed and the port is reopened, which also discards stale bytes of the old session.
+- vsock: a listener on a vsock port; every connection the host opens gets its own connection
+  to the server, spliced by its own thread.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import select
 import socket
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -81,26 +85,12 @@ class SerialSplice:
                 return
             time.sleep(HOST_WAIT_S)
 
-    def _connect_server(self) -> socket.socket:
-        deadline = time.monotonic() + 30
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            try:
-                sock.connect(self.server_path)
-                sock.setblocking(False)
-                return sock
-            except OSError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
     def _one_session(self) -> None:
         port = self._open_port()
         sock: socket.socket | None = None
         try:
             self._wait_host(port)
-            sock = self._connect_server()
+            sock = _connect_unix(self.server_path)
             self.sessions += 1
             log.debug("channel session %d started", self.sessions)
             _pump(port, sock)
@@ -108,6 +98,77 @@ class SerialSplice:
             if sock is not None:
                 sock.close()
             os.close(port)
+
+
+class VsockSplice:
+    """Owns the vsock listener; each accepted connection is spliced by a daemon thread."""
+
+    def __init__(self, port: int, server_path: str) -> None:
+        self.port = port
+        self.server_path = server_path
+        self.sessions = 0
+
+    def run_forever(self) -> None:
+        while True:
+            try:
+                listener = self._listen()
+            except OSError as exc:
+                log.error("cannot listen on vsock port %d: %s; retrying", self.port, exc)
+                time.sleep(1)
+                continue
+            try:
+                self._accept_loop(listener)
+            except Exception:
+                log.exception("vsock listener failed; listening again")
+                time.sleep(0.2)
+            finally:
+                listener.close()
+
+    def _listen(self) -> socket.socket:
+        listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind((socket.VMADDR_CID_ANY, self.port))
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            raise
+        return listener
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            conn, peer = listener.accept()
+            self.sessions += 1
+            log.debug("vsock connection %d from %s", self.sessions, peer)
+            threading.Thread(target=self._splice, args=(conn,), name="vsock-splice",
+                             daemon=True).start()
+
+    def _splice(self, conn: socket.socket) -> None:
+        server: socket.socket | None = None
+        try:
+            conn.setblocking(False)
+            server = _connect_unix(self.server_path)
+            _pump(conn.fileno(), server)
+        except Exception:
+            log.exception("vsock splice failed")
+        finally:
+            if server is not None:
+                server.close()
+            conn.close()
+
+
+def _connect_unix(path: str) -> socket.socket:
+    deadline = time.monotonic() + 30
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+            sock.setblocking(False)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _pump(port: int, sock: socket.socket) -> None:

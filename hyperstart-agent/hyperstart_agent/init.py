@@ -95,6 +95,11 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
 
         splice = SerialSplice(opts.channel_name, options.SERVER_SOCKET)
         threading.Thread(target=splice.run_forever, name="channel", daemon=True).start()
+    elif opts.channel_kind == "vsock" and opts.channel_name.isdigit():
+        from .channel import VsockSplice
+
+        vsock = VsockSplice(int(opts.channel_name), options.SERVER_SOCKET)
+        threading.Thread(target=vsock.run_forever, name="channel", daemon=True).start()
     else:
         log.error("unsupported channel %r; serving on %s only", opts.channel,
                   options.SERVER_SOCKET)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # not needed to answer Check, and under TCG every import is boot time.
 
 log = logging.getLogger(__name__)
-FEATURES = ("channel.serial", "container.engine", "storage.9p", "storage.virtiofs",
+FEATURES = ("channel.serial", "channel.vsock", "container.engine", "storage.9p", "storage.virtiofs",
             "storage.block", "network")
 T = TypeVar("T")
 

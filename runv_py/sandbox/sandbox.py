@@ -25,8 +25,16 @@ from ..devices import Nic, Share
 from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError, RunvError
 from ..storage.virtiofs import Virtiofsd
 from ..vm import accel
-from ..vm.qemu.cmdline import AGENT_PORT_ID, KernelParams, VmConfig, kernel_cmdline
+from ..vm.qemu.cmdline import (
+    AGENT_PORT_ID,
+    AGENT_VSOCK_PORT,
+    KernelParams,
+    VmConfig,
+    kernel_cmdline,
+)
 from ..vm.qemu.machine import QemuMachine, tail
+from ..vsock.backend import VsockBackend, VsockPaths
+from ..vsock.kernel import CidClaim
 from . import template
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,16 @@ class StatePaths:
     @property
     def agent_socket(self) -> Path:
         return self.root / "agent.sock"
+
+    @property
+    def vsock(self) -> VsockPaths:
+        """The agent socket is a forward listener of the vsock backend to the agent's port."""
+        return VsockPaths(vhost=self.root / "vhost-vsock.sock", uds=self.root / "vsock.sock",
+                          forwards=((self.agent_socket, AGENT_VSOCK_PORT),))
+
+    @property
+    def vsock_log(self) -> Path:
+        return self.root / "vsock.log"
 
     @property
     def owner(self) -> Path:
@@ -91,12 +109,16 @@ def sweep_stale(state_dir: Path) -> list[str]:
 def vm_config(
     config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool = False, shares: tuple[Share, ...] = (),
-    nics: tuple[Nic, ...] = (),
+    nics: tuple[Nic, ...] = (), cid_claim: CidClaim | None = None,
 ) -> VmConfig:
+    """`cid_claim`: the vsock channel uses the kernel's vhost-vsock with this CID instead of
+    our vhost-user backend."""
     hv = config.hypervisor
     root: Literal["block", "initrd"] = config.guest.rootfs
+    channel = config.guest.channel
     params = KernelParams(machine=hv.machine, accel=choice.accel, root=root,
-                          tsc_khz=accel.host_tsc_khz(), debug=debug, extra=hv.kernel_params)
+                          tsc_khz=accel.host_tsc_khz(), debug=debug, extra=hv.kernel_params,
+                          channel=channel)
     return VmConfig(
         name=name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel, vcpus=hv.vcpus,
         memory_mib=hv.memory_mib,
@@ -105,8 +127,13 @@ def vm_config(
         console_log=paths.console_log, qmp_socket=paths.qmp_socket,
         initrd=found.initrd if root == "initrd" else None,
         root_image=found.rootfs_image if root == "block" else None,
-        agent_socket=paths.agent_socket, cpu=hv.cpu, shares=shares, nics=nics,
-        shared_memory=any(share.driver == "virtiofs" for share in shares),
+        agent_socket=paths.agent_socket if channel == "serial" else None,
+        vsock_socket=paths.vsock.vhost if channel == "vsock" and cid_claim is None else None,
+        vsock_cid=cid_claim.cid if cid_claim else None,
+        vsock_fd=cid_claim.fd if cid_claim else None,
+        cpu=hv.cpu, shares=shares, nics=nics,
+        shared_memory=(channel == "vsock" and cid_claim is None)
+        or any(share.driver == "virtiofs" for share in shares),
     )
 
 
@@ -116,9 +143,10 @@ def clone_base(
 ) -> tuple[template.TemplateInputs, VmConfig]:
     """What a VM started from a template needs: the template's inputs, and the VM config
     (machine `pc`: clones need PCI hotplug, which microvm lacks)."""
-    hv = replace(config.hypervisor, machine=template.MACHINE)
-    vm = vm_config(replace(config, hypervisor=hv), name, paths, found, choice, debug=debug,
-                   shares=shares)
+    # vhost-user devices (the vsock backend) cannot be migrated: clones talk virtio-serial.
+    config = replace(config, hypervisor=replace(config.hypervisor, machine=template.MACHINE),
+                     guest=replace(config.guest, channel="serial"))
+    vm = vm_config(config, name, paths, found, choice, debug=debug, shares=shares)
     return template.inputs_for(vm, found.agent_version, config.guest.channel), vm
 
 
@@ -154,6 +182,7 @@ class Sandbox:
         self.start_path = "cold"
         self.shares: tuple[Share, ...] = ()
         self._template: template.Template | None = None
+        self.vsock: VsockBackend | None = None
         self._owns_dir = False
 
     @classmethod
@@ -210,15 +239,23 @@ class Sandbox:
     async def _cold_boot(self, found: assets.GuestAssets, debug: bool,
                          shares: tuple[Share, ...], nics: tuple[Nic, ...], t0: float) -> None:
         assert self.accel is not None
+        if self.config.guest.channel == "vsock":
+            self.vsock = VsockBackend.for_host(
+                self.paths.vsock, self.paths.vsock_log, debug=debug,
+                connect_wait_s=self.config.hypervisor.boot_timeout_s)
+            await self.vsock.start()
         shares = await self._start_virtiofsds(shares)
         self.shares = shares
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
-                       shares=shares, nics=nics)
+                       shares=shares, nics=nics,
+                       cid_claim=self.vsock.claim if self.vsock else None)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
         self.agent = AgentClient(self.paths.agent_socket,
                                  handshake_timeout_s=self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
         await self.machine.start()
+        if self.vsock is not None:
+            self.vsock.release_cid()
         t2 = time.monotonic()
         await self._wait_agent(self.config.hypervisor.boot_timeout_s)
         t3 = time.monotonic()
@@ -344,10 +381,15 @@ class Sandbox:
     async def reconnect_agent(self, timeout_s: float = 30.0) -> AgentClient:
         """Drop the host's agent connection and open a new one once the guest has seen the old
         one end. Over virtio-serial a faster reconnect would race the guest: the new session's
-        bytes could reach the old session's server connection."""
+        bytes could reach the old session's server connection. Over vsock each connection is
+        its own stream: no wait."""
         assert self.machine is not None and self.agent is not None
         self.machine.forget_port_events()
         await self.agent.close()
+        if self.vsock is not None:
+            self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=timeout_s)
+            await self.agent.wait_ready(timeout_s)
+            return self.agent
         try:
             await self.machine.wait_port_open(AGENT_PORT_ID, timeout_s)
         except TimeoutError:
@@ -368,6 +410,8 @@ class Sandbox:
                     await self.machine.close()
                 for daemon in self.virtiofsds:
                     await daemon.stop()
+                if self.vsock is not None:
+                    await self.vsock.stop()
             finally:
                 if self._owns_dir:
                     shutil.rmtree(self.paths.root, ignore_errors=True)

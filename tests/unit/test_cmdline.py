@@ -139,3 +139,24 @@ def test_9p_share_remaps_inodes_of_submounts() -> None:
     argv = qemu_argv(_config(shares=(Share("t", Path("/s"), readonly=True),)))
     assert ("local,id=fs0,path=/s,security_model=passthrough,multidevs=remap,readonly=on"
             in argv)
+
+
+def test_vsock_channel_devices_and_kernel_option() -> None:
+    argv = qemu_argv(_config(agent_socket=None, vsock_socket=Path("/s/vhost-vsock.sock"),
+                             shared_memory=True))
+    devices = _pairs(argv, "-device")
+    assert "vhost-user-vsock-device,chardev=vsock" in devices
+    assert not any(d.startswith("virtserialport") for d in devices)
+    assert "socket,id=vsock,path=/s/vhost-vsock.sock" in _pairs(argv, "-chardev")
+    assert any(o.startswith("memory-backend-memfd,") for o in _pairs(argv, "-object"))
+    pci = qemu_argv(_config(machine="q35", vsock_socket=Path("/v"), shared_memory=True))
+    assert "vhost-user-vsock-pci,chardev=vsock" in _pairs(pci, "-device")
+    kernel = qemu_argv(_config(vsock_cid=7, vsock_fd=9))
+    assert "vhost-vsock-device,guest-cid=7,vhostfd=9" in _pairs(kernel, "-device")
+    with pytest.raises(ValueError, match="shared memory"):
+        qemu_argv(_config(vsock_socket=Path("/v")))
+    words = kernel_cmdline(KernelParams(machine="microvm", accel="tcg", root="block",
+                                        channel="vsock")).split()
+    assert "hyperstart.channel=vsock:1024" in words
+    words = kernel_cmdline(KernelParams(machine="microvm", accel="tcg", root="block")).split()
+    assert "hyperstart.channel=serial:agent.channel.0" in words

@@ -57,3 +57,11 @@ def test_assets_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.delenv("RUNV_CONFIG", raising=False)
     monkeypatch.setenv("RUNV_ASSETS_DIR", "/elsewhere")
     assert config.load().guest.assets_dir == Path("/elsewhere")
+
+
+def test_agent_channel_is_vsock_by_default_and_serial_on_request(tmp_path: Path) -> None:
+    assert config.RuntimeConfig().guest.channel == "vsock"
+    assert config.parse('[guest]\nchannel = "serial"\n', "c.toml").guest.channel == "serial"
+    with pytest.raises(ConfigError, match=r"c.toml \[guest\]: channel must be one of vsock, "
+                                          r"serial, not 'virtio'"):
+        config.parse('[guest]\nchannel = "virtio"\n', "c.toml")

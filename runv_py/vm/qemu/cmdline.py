@@ -9,6 +9,7 @@ from typing import Literal
 from ...devices import HubPort, Nic, Share
 
 AGENT_PORT_NAME = "agent.channel.0"
+AGENT_VSOCK_PORT = 1024
 AGENT_PORT_ID = "agent0"
 GUEST_INIT = "/sbin/hyperstart"
 
@@ -28,6 +29,11 @@ class VmConfig:
     initrd: Path | None = None
     root_image: Path | None = None
     agent_socket: Path | None = None
+    # vsock: our vhost-user backend's socket (hybrid vsock), or the kernel's vhost-vsock with
+    # a host-unique CID (vsock_socket None, vsock_cid set).
+    vsock_socket: Path | None = None
+    vsock_cid: int | None = None
+    vsock_fd: int | None = None  # an open /dev/vhost-vsock holding vsock_cid, passed to QEMU
     # RAM in a shareable memfd: vhost-user devices (virtiofsd, vsock backend) map guest memory.
     shared_memory: bool = False
     cpu: str = ""
@@ -52,6 +58,7 @@ class KernelParams:
     tsc_khz: int | None = None
     debug: bool = False
     extra: str = ""
+    channel: Literal["serial", "vsock"] = "serial"
 
 
 def kernel_cmdline(p: KernelParams) -> str:
@@ -68,7 +75,10 @@ def kernel_cmdline(p: KernelParams) -> str:
     elif p.root == "initrd":
         words.append(f"rdinit={GUEST_INIT}")
     if p.root != "floor":
-        words.append(f"hyperstart.channel=serial:{AGENT_PORT_NAME}")
+        if p.channel == "vsock":
+            words.append(f"hyperstart.channel=vsock:{AGENT_VSOCK_PORT}")
+        else:
+            words.append(f"hyperstart.channel=serial:{AGENT_PORT_NAME}")
         if p.debug:
             words.append("hyperstart.debug=1")
     if p.extra:
@@ -78,7 +88,8 @@ def kernel_cmdline(p: KernelParams) -> str:
 
 def inherited_fds(config: VmConfig) -> tuple[int, ...]:
     """The fds QEMU must inherit (they are named in its argv)."""
-    return tuple(nic.backend.fd for nic in config.nics if not isinstance(nic.backend, HubPort))
+    fds = tuple(nic.backend.fd for nic in config.nics if not isinstance(nic.backend, HubPort))
+    return fds if config.vsock_fd is None else (*fds, config.vsock_fd)
 
 
 def _bus(config: VmConfig) -> str:
@@ -159,6 +170,16 @@ def qemu_argv(config: VmConfig) -> list[str]:
             "-netdev", netdev,
             "-device", f"virtio-net-{bus},netdev=net-{nic.id},mac={nic.mac}{mtu},id=nic-{nic.id}",
         ]
+    if config.vsock_socket is not None:
+        if not config.shared_memory:
+            raise ValueError("the vhost-user vsock device needs shared memory")
+        argv += [
+            "-chardev", f"socket,id=vsock,path={config.vsock_socket}",
+            "-device", f"vhost-user-vsock-{bus},chardev=vsock",
+        ]
+    elif config.vsock_cid is not None:
+        fd = f",vhostfd={config.vsock_fd}" if config.vsock_fd is not None else ""
+        argv += ["-device", f"vhost-vsock-{bus},guest-cid={config.vsock_cid}{fd}"]
     if config.agent_socket is not None:
         argv += [
             "-device", f"virtio-serial-{bus},id=vser0",

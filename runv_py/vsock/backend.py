@@ -1,0 +1,85 @@
+"""The owner of one sandbox's vsock backend process (runv-vsock): started before QEMU (QEMU
+connects to its vhost-user socket), stopped by pid after QEMU; it dies with its owner
+(parent-death signal)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import child
+from ..errors import HypervisorError
+from .kernel import CidClaim, claim_cid
+
+START_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class VsockPaths:
+    vhost: Path  # QEMU's end (vhost-user)
+    uds: Path  # hybrid vsock: CONNECT <port>; guest connections to host port P reach uds_P
+    forwards: tuple[tuple[Path, int], ...] = ()  # unix listeners bound to one guest port each
+
+
+class VsockBackend:
+    def __init__(self, paths: VsockPaths, log_path: Path, *, connect_wait_s: float = 0.0,
+                 debug: bool = False, claim: CidClaim | None = None) -> None:
+        """With `claim` the guest's vsock is the kernel's vhost-vsock with the claimed CID
+        (QEMU gets the claim's fd) and only the forward listeners run (runv_py.vsock.forward);
+        without, our vhost-user backend serves guest CID 3 (hybrid vsock has no host-global
+        CIDs)."""
+        self.paths = paths
+        self.claim = claim
+        self.cid = claim.cid if claim else 3
+        self.kernel = claim is not None
+        self.log_path = log_path
+        self.connect_wait_s = connect_wait_s
+        self.debug = debug
+        self.child: child.Child | None = None
+
+    def argv(self) -> list[str]:
+        if self.kernel:
+            return [sys.executable, "-m", "runv_py.vsock.forward", f"--cid={self.cid}",
+                    f"--connect-wait={self.connect_wait_s}",
+                    *(f"--forward={path}={port}" for path, port in self.paths.forwards)]
+        argv = [sys.executable, "-m", "runv_py.vsock", f"--socket={self.paths.vhost}",
+                f"--uds={self.paths.uds}", f"--cid={self.cid}",
+                f"--connect-wait={self.connect_wait_s}"]
+        argv += [f"--forward={path}={port}" for path, port in self.paths.forwards]
+        if self.debug:
+            argv.append("--debug")
+        return argv
+
+    async def start(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.child = await child.spawn(self.argv(), stdout=log_file, stderr=log_file)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        wanted = [path for path, _ in self.paths.forwards]
+        if not self.kernel:
+            wanted += [self.paths.vhost, self.paths.uds]
+        while not all(path.exists() for path in wanted):
+            if self.child.returncode is not None or time.monotonic() > deadline:
+                await self.stop()
+                raise HypervisorError(f"the vsock backend did not start (its log: "
+                                      f"{self.log_path})")
+            await asyncio.sleep(0.005)
+
+    @classmethod
+    def for_host(cls, paths: VsockPaths, log_path: Path, *, connect_wait_s: float = 0.0,
+                 debug: bool = False) -> VsockBackend:
+        """Kernel vhost-vsock where /dev/vhost-vsock is usable, else ours."""
+        return cls(paths, log_path, connect_wait_s=connect_wait_s, debug=debug,
+                   claim=claim_cid())
+
+    def release_cid(self) -> None:
+        """Once QEMU runs it holds the CID (its copy of the fd): close ours. Idempotent."""
+        if self.claim is not None:
+            self.claim.close()
+
+    async def stop(self) -> None:
+        self.release_cid()
+        if self.child is not None:
+            await self.child.stop(grace_s=2.0)

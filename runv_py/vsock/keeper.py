@@ -1,0 +1,196 @@
+"""runv-vsock, the process its owner starts: it creates the listening sockets (so they outlive
+a worker), runs the worker that does the work, and keeps the worker's journal; when the worker
+dies (a crash, kill -9) it starts a new one that takes over QEMU's connection from the journal.
+The guest loses its open vsock connections; new ones work again."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import journal
+
+log = logging.getLogger("runv-vsock")
+
+RESTART_WINDOW_S = 10.0
+MAX_RESTARTS = 5
+
+
+def listen_all(paths: list[Path]) -> list[socket.socket]:
+    """Unix listeners on `paths`. On failure none is left behind and the OSError names the
+    path that failed."""
+    made: list[socket.socket] = []
+    for path in paths:
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            made.append(sock)
+            sock.bind(str(path))
+            sock.listen(128)
+        except OSError as exc:
+            for sock in made:
+                sock.close()
+            remove(paths)
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    return made
+
+
+def remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def forward_spec(spec: str) -> tuple[Path, int]:
+    path, sep, port = spec.rpartition("=")
+    if not sep or not path or not port.isdigit() or not 0 <= int(port) <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"--forward {spec!r}: want PATH=PORT")
+    return Path(path), int(port)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m runv_py.vsock",
+        description="A vhost-user-vsock backend for QEMU (hybrid vsock): guest vsock ports are "
+                    "reached through unix sockets on the host. A client of --uds writes "
+                    "'CONNECT <port>\\n', reads 'OK <n>\\n' and then talks to the guest's "
+                    "listener on <port>; a guest connecting to host (CID 2) port P reaches the "
+                    "unix socket '<uds>_P'.")
+    parser.add_argument("--socket", type=Path, required=True,
+                        help="vhost-user socket QEMU connects to (-chardev socket,path=...)")
+    parser.add_argument("--uds", type=Path, required=True, help="the hybrid vsock socket")
+    parser.add_argument("--cid", type=int, default=3, help="the guest's CID (>= 3)")
+    parser.add_argument("--forward", type=forward_spec, action="append", default=[],
+                        metavar="PATH=PORT",
+                        help="also listen on PATH; each connection goes to guest port PORT "
+                             "with no handshake (for clients such as grpc's unix: dialer)")
+    parser.add_argument("--connect-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="a --forward connection refused by the guest (no listener yet) "
+                             "is retried for this long before it is closed")
+    parser.add_argument("--debug", action="store_true", help="log every connection")
+    args = parser.parse_args(argv)
+    if not 3 <= args.cid < 0xFFFFFFFF:
+        parser.error(f"--cid {args.cid}: use 3 to 4294967294")
+    return args
+
+
+class Keeper:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.paths = [args.socket, args.uds, *(path for path, _ in args.forward)]
+        self.vhost, self.hybrid, *forwards = listen_all(self.paths)
+        self.forwards = [(sock, port) for sock, (_, port) in zip(forwards, args.forward,
+                                                                  strict=True)]
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.journal = journal.Journal()
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.deaths: list[float] = []
+        self.generation = 0
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # Imported here: child imports asyncio (0.1 s), and the sockets, which the owner waits
+        # for before it starts QEMU, exist already.
+        from .. import child
+
+        # A replay the dead worker did not finish reading must not reach the new one.
+        self.theirs.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while (record := journal.recv(self.theirs)) is not None:
+                for fd in record[2]:
+                    os.close(fd)
+        self.theirs.setblocking(True)
+        fds = [self.vhost.fileno(), self.hybrid.fileno(), self.theirs.fileno(),
+               *(s.fileno() for s, _ in self.forwards)]
+        argv = [*child.SETPRIV, sys.executable, "-m", "runv_py.vsock.worker",
+                f"--cid={self.args.cid}", f"--uds={self.args.uds}",
+                f"--vhost-fd={self.vhost.fileno()}", f"--hybrid-fd={self.hybrid.fileno()}",
+                f"--journal-fd={self.theirs.fileno()}", f"--connect-wait={self.args.connect_wait}",
+                f"--generation={self.generation}",
+                *(f"--forward-fd={s.fileno()}:{port}" for s, port in self.forwards)]
+        if self.args.debug:
+            argv.append("--debug")
+        worker = child.spawn_detached(argv, pass_fds=fds, new_session=False)
+        self.journal.replay(self.ours)
+        return worker
+
+    def run(self) -> int:
+        self.worker = self._spawn()
+        log.info("listening on %s (worker pid %d)", self.args.socket, self.worker.pid)
+        while True:
+            pidfd = os.pidfd_open(self.worker.pid)
+            try:
+                self._serve(pidfd)
+            finally:
+                os.close(pidfd)
+            status = self.worker.wait()
+            self._drain()
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW_S] + [now]
+            how = f"signal {-status}" if status < 0 else f"status {status}"
+            if len(self.deaths) > MAX_RESTARTS:
+                log.error("worker died (%s), %d times in %gs: giving up", how,
+                          len(self.deaths), RESTART_WINDOW_S)
+                return 1
+            log.error("worker died (%s); starting a new one", how)
+            self.generation += 1
+            self.worker = self._spawn()
+
+    def _serve(self, pidfd: int) -> None:
+        while True:
+            ready, _, _ = select.select([self.ours.fileno(), pidfd], [], [])
+            if self.ours.fileno() in ready:
+                self._drain()
+            if pidfd in ready:
+                return
+
+    def _drain(self) -> None:
+        while True:
+            ready, _, _ = select.select([self.ours], [], [], 0)
+            if not ready:
+                return
+            record = journal.recv(self.ours)
+            if record is None:
+                return
+            self.journal.add(*record)
+
+    def stop(self) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(3)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        self.journal.clear()
+        remove(self.paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s runv-vsock[%(process)d] %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        keeper = Keeper(args)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", exc.filename, exc.strerror)
+        return 1
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        return keeper.run()
+    finally:
+        keeper.stop()

@@ -1,0 +1,190 @@
+"""A split virtqueue as seen by the device: walk the driver's descriptor chains, return them
+through the used ring, notify the driver.
+
+The guest is untrusted: a chain that loops, is too long, points outside guest memory, uses
+indirect descriptors (not negotiated) or puts readable after writable buffers raises
+RingError; the caller drops it (returning it with used length 0) and logs one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+MAX_QUEUE_SIZE = 32768
+NOTIFY = (1).to_bytes(8, "little")
+
+
+class RingError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Chain:
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(seg) for seg in self.writable)
+
+
+@dataclass(slots=True)
+class Virtqueue:
+    index: int
+    size: int = 0
+    desc_uva: int = 0
+    avail_uva: int = 0
+    used_uva: int = 0
+    addr_set: bool = False
+    last_avail: int = 0
+    enabled: bool = False
+    started: bool = False
+    kick_fd: int = -1
+    call_fd: int = -1
+    # Resolved views of the rings (None until ready()).
+    desc: memoryview | None = None
+    avail: memoryview | None = None
+    used: memoryview | None = None
+    used_idx: int = 0
+    pending_signal: bool = False
+    # Heads taken and not yet returned: a guest offering one again is refused, and the device
+    # can never return a head twice (the guest would mark the ring broken).
+    inflight: set[int] = field(default_factory=set)
+
+    def resolve(self, mem: GuestMemory) -> bool:
+        """Map the ring areas; False (and nothing mapped) when not set up or not in memory."""
+        self.desc = self.avail = self.used = None
+        if not (self.addr_set and self.size and mem.regions):
+            return False
+        if self.size > MAX_QUEUE_SIZE or self.size & (self.size - 1):
+            raise RingError(f"vring {self.index}: bad size {self.size}")
+        try:
+            self.desc = mem.user(self.desc_uva, 16 * self.size)
+            self.avail = mem.user(self.avail_uva, 4 + 2 * self.size)
+            self.used = mem.user(self.used_uva, 4 + 8 * self.size)
+        except GuestMemoryError as exc:
+            self.desc = self.avail = self.used = None
+            raise RingError(f"vring {self.index}: {exc}") from None
+        self.used_idx = _U16.unpack_from(self.used, 2)[0]
+        return True
+
+    @property
+    def ready(self) -> bool:
+        return self.enabled and self.started and self.desc is not None
+
+    def avail_count(self) -> int:
+        assert self.avail is not None
+        avail_idx: int = _U16.unpack_from(self.avail, 2)[0]
+        return (avail_idx - self.last_avail) & 0xFFFF
+
+    def pop(self, mem: GuestMemory) -> Chain | None:
+        """The next available chain, or None. Raises RingError for a bad chain; the head, if
+        known, is in the exception's `head` attribute so the caller can return it."""
+        assert self.avail is not None and self.desc is not None
+        avail_idx = _U16.unpack_from(self.avail, 2)[0]
+        pending = (avail_idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise RingError(f"vring {self.index}: avail idx {avail_idx} is {pending} ahead of "
+                            f"{self.last_avail} (queue size {self.size})")
+        slot = self.last_avail % self.size
+        head = _U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= self.size:
+            raise RingError(f"vring {self.index}: head {head} >= queue size {self.size}")
+        if head in self.inflight:
+            raise RingError(f"vring {self.index}: head {head} offered again while in use")
+        self.inflight.add(head)  # a bad chain is returned too (ChainError.head)
+        chain = Chain(head)
+        index = head
+        for _ in range(self.size):
+            addr, length, flags, nxt = _DESC.unpack_from(self.desc, 16 * index)
+            if flags & DESC_F_INDIRECT:
+                raise ChainError(head, f"vring {self.index}: indirect descriptor (not offered)")
+            try:
+                view = mem.guest(addr, length)
+            except GuestMemoryError as exc:
+                raise ChainError(head, f"vring {self.index}: descriptor {index}: {exc}") from None
+            if flags & DESC_F_WRITE:
+                chain.writable.append(view)
+            elif chain.writable:
+                raise ChainError(head, f"vring {self.index}: readable descriptor after a "
+                                       "writable one")
+            else:
+                chain.readable.append(view)
+            if not flags & DESC_F_NEXT:
+                return chain
+            if nxt >= self.size:
+                raise ChainError(head, f"vring {self.index}: next {nxt} >= queue size")
+            index = nxt
+        raise ChainError(head, f"vring {self.index}: descriptor chain loops")
+
+    def unpop(self, head: int) -> None:
+        """Give back the chain pop() returned last (nothing was written to it)."""
+        self.inflight.discard(head)
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
+    def push(self, head: int, length: int) -> None:
+        assert self.used is not None
+        if head not in self.inflight:
+            log.error("vring %d: not returning head %d: it is not in use (a device bug)",
+                      self.index, head)
+            return
+        self.inflight.discard(head)
+        slot = self.used_idx % self.size
+        _USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
+        # x86 is TSO: the element is visible before the index that publishes it.
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _U16.pack_into(self.used, 2, self.used_idx)
+        self.pending_signal = True
+
+    def signal(self) -> None:
+        """Interrupt the driver if anything was pushed. The driver's NO_INTERRUPT hint is not
+        honoured: reading it safely after the used index store needs a full memory barrier
+        (x86 may reorder a store with a later load), which Python cannot issue; a lost
+        interrupt hangs the driver, a spurious one costs little."""
+        if not self.pending_signal:
+            return
+        self.pending_signal = False
+        if self.call_fd >= 0:
+            # A saturated counter (EAGAIN) interrupts the driver anyway.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.call_fd, NOTIFY)
+
+    def recover_from_used(self) -> None:
+        """After a backend restart: every chain we took was returned at once, so the used
+        index is where the avail walk stands."""
+        assert self.used is not None
+        self.used_idx = _U16.unpack_from(self.used, 2)[0]
+        self.last_avail = self.used_idx
+        self.inflight.clear()
+
+    def close_fds(self) -> None:
+        for name in ("kick_fd", "call_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+class ChainError(RingError):
+    def __init__(self, head: int, message: str) -> None:
+        super().__init__(message)
+        self.head = head

@@ -1,0 +1,188 @@
+"""The backend's data plane: one thread, one selector over QEMU's vhost-user connection, the
+rings' kick eventfds and every host socket. Started (and restarted) by the keeper, which hands
+it the listening sockets and, after a restart, the journal to take over QEMU's connection."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from . import journal
+from . import protocol as vu
+from .device import Conn, Device
+
+log = logging.getLogger("runv-vsock")
+PRIORITY = -5
+
+
+class Worker:
+    def __init__(self, device: Device, vhost_listener: socket.socket, hybrid: socket.socket,
+                 forwards: list[tuple[socket.socket, int]], keeper: socket.socket | None) -> None:
+        self.device = device
+        self.sel = device.sel
+        self.listener = vhost_listener
+        self.keeper = keeper
+        self.frontend: socket.socket | None = None
+        self.stopping = False
+        for sock in (vhost_listener, hybrid, *(s for s, _ in forwards)):
+            sock.setblocking(False)
+        self.sel.register(hybrid, selectors.EVENT_READ, ("hybrid", hybrid))
+        for sock, port in forwards:
+            self.sel.register(sock, selectors.EVENT_READ, ("forward", (sock, port)))
+
+    def _journal(self, kind: bytes, data: bytes = b"", fds: tuple[int, ...] = ()) -> None:
+        if self.keeper is None:
+            return
+        try:
+            journal.send(self.keeper, kind, data, fds)
+        except OSError as exc:
+            log.error("the keeper is gone (%s): a crash of this worker would now be fatal",
+                      exc.strerror)
+            self.keeper = None
+
+    def replay(self) -> None:
+        """Take over from a previous worker: its QEMU connection and device set-up."""
+        if self.keeper is None:
+            return
+        count = 0
+        self.device.replaying = True
+        while True:
+            record = journal.recv(self.keeper)
+            if record is None or record[0] == journal.END:
+                break
+            kind, data, fds = record
+            if kind == journal.CONN and fds:
+                self._attach(socket.socket(fileno=fds[0]))
+            elif kind == journal.MESSAGE:
+                self.device.handle(journal.message(data, fds), None)
+                count += 1
+        self.device.recover()
+        if self.frontend is not None:
+            log.info("took over QEMU's connection (%d set-up messages replayed)", count)
+
+    def _attach(self, conn: socket.socket) -> None:
+        conn.setblocking(True)
+        conn.settimeout(10.0)  # a message arrives whole; never hang on a broken front-end
+        self.frontend = conn
+        self.sel.register(conn, selectors.EVENT_READ, ("frontend", conn))
+
+    def _detach(self) -> None:
+        assert self.frontend is not None
+        self.sel.unregister(self.frontend)
+        self.frontend.close()
+        self.frontend = None
+        self.device.close()
+        self._journal(journal.FORGET)
+        self.sel.register(self.listener, selectors.EVENT_READ, ("listener", None))
+
+    def run(self) -> None:
+        if self.frontend is None:
+            self.sel.register(self.listener, selectors.EVENT_READ, ("listener", None))
+        while not self.stopping:
+            timeout = self.device.run_timers()
+            unfinished = self.device.more_work  # ring work left over from the last round
+            self.device.more_work = False
+            for key, events in self.sel.select(0 if unfinished else timeout):
+                self._dispatch(key, events)
+            if unfinished:
+                self.device.kick_all()
+            self.device.signal()  # one interrupt per ring per round
+
+    def _dispatch(self, key: selectors.SelectorKey, events: int) -> None:
+        if isinstance(key.data, Conn):
+            self.device.on_host(key.data, events)
+            return
+        kind, what = key.data
+        if kind == "kick":
+            self.device.on_kick(what)
+        elif kind == "frontend":
+            self._on_frontend()
+        elif kind == "hybrid":
+            self.device.accept_hybrid(what)
+        elif kind == "forward":
+            self.device.accept_forward(*what)
+        elif kind == "listener":
+            self._accept_frontend()
+
+    def _accept_frontend(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        self.sel.unregister(self.listener)
+        log.info("front-end connected")
+        self._journal(journal.CONN, fds=(conn.fileno(),))
+        self._attach(conn)
+
+    def _on_frontend(self) -> None:
+        assert self.frontend is not None
+        try:
+            msg = vu.recv(self.frontend)
+        except (OSError, vu.ProtocolError) as exc:
+            log.error("front-end connection: %s", exc)
+            msg = None
+        if msg is None:
+            log.info("front-end disconnected")
+            self._detach()
+            return
+        if msg.request not in (vu.GET_FEATURES, vu.GET_PROTOCOL_FEATURES, vu.GET_QUEUE_NUM,
+                               vu.GET_CONFIG):
+            self._journal(journal.MESSAGE, msg.raw, msg.fds)
+        self.device.handle(msg, self.frontend)
+
+
+def _sock(fd: int) -> socket.socket:
+    return socket.socket(fileno=fd)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runv_py.vsock.worker",
+                                     description="data plane of runv-vsock (started by it)")
+    parser.add_argument("--cid", type=int, required=True)
+    parser.add_argument("--uds", type=Path, required=True)
+    parser.add_argument("--vhost-fd", type=int, required=True)
+    parser.add_argument("--hybrid-fd", type=int, required=True)
+    parser.add_argument("--forward-fd", action="append", default=[], metavar="FD:PORT")
+    parser.add_argument("--journal-fd", type=int, default=-1)
+    parser.add_argument("--connect-wait", type=float, default=0.0)
+    parser.add_argument("--generation", type=int, default=0)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s runv-vsock[worker %(process)d] %(levelname)s "
+                               "%(message)s")
+    forwards = []
+    for spec in args.forward_fd:
+        fd, _, port = spec.partition(":")
+        forwards.append((_sock(int(fd)), int(port)))
+    keeper = _sock(args.journal_fd) if args.journal_fd >= 0 else None
+    device = Device(args.cid, args.uds, selectors.DefaultSelector(),
+                    connect_wait_s=args.connect_wait, generation=args.generation)
+    worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper)
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # Every packet of the agent's channel waits for this process to be scheduled: on a busy
+    # host (TCG guests saturate the CPUs) a small boost keeps the round trip near QEMU's own
+    # virtio-serial path. Without the privilege it runs at the default priority.
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, PRIORITY)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: log.info("state: %s", device.describe()))
+    try:
+        worker.replay()
+        worker.run()
+    finally:
+        device.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import runtime_config  # noqa: F401  (the VM fixture, for vsock tests)
+
+from .driver import Driver
+
+
+@pytest.fixture
+def driver(tmp_path: Path) -> Iterator[Driver]:
+    """A modelled guest driver with both rings set up and rx buffers posted."""
+    d = Driver(tmp_path)
+    d.start()
+    d.post_rx()
+    yield d
+    d.close()

@@ -1,0 +1,50 @@
+"""runv-vsock's command line: bad input is one clear line and a non-zero exit, nothing left."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cid", "2"], "--cid 2: use 3 to 4294967294"),
+    (["--forward", "nowhere"], "--forward 'nowhere': want PATH=PORT"),
+    (["--forward", "/x=port"], "--forward '/x=port': want PATH=PORT"),
+])
+def test_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runv_py.vsock", f"--socket={tmp_path}/v.sock",
+         f"--uds={tmp_path}/u.sock", *args],
+        check=False, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_socket_path(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runv_py.vsock", f"--socket={tmp_path}/no/such/v.sock",
+         f"--uds={tmp_path}/u.sock"], check=False, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"cannot listen on {tmp_path}/no/such/v.sock: No such file or directory" in result.stderr
+
+
+def test_a_later_unusable_path_removes_the_earlier_sockets(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "runv_py.vsock", f"--socket={tmp_path}/v.sock",
+         f"--uds={tmp_path}/u.sock", f"--forward={tmp_path}/no/such/a.sock=1024"],
+        check=False, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and f"cannot listen on {tmp_path}/no/such/a.sock" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_vsock_is_not_chosen_without_a_usable_device(tmp_path: Path) -> None:
+    from runv_py.vsock import kernel
+
+    assert kernel.claim_cid(tmp_path / "vhost-vsock") is None  # missing
+    (tmp_path / "not-a-device").write_bytes(b"")
+    assert kernel.claim_cid(tmp_path / "not-a-device") is None  # the ioctl fails
+    if not kernel.DEVICE.exists():
+        assert kernel.claim_cid() is None  # these hosts: our backend serves vsock
