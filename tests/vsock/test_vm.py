@@ -42,6 +42,13 @@ def vsock_rootfs(busybox_rootfs: Path, tmp_path_factory: pytest.TempPathFactory)
 ROOT = MOUNT.format("vsockroot")
 
 
+@pytest.fixture
+def runtime_config(runtime_config: config.RuntimeConfig) -> config.RuntimeConfig:
+    """Cold boots: template clones talk virtio-serial (vhost-user devices cannot be
+    migrated), and these tests are about the vsock channel."""
+    return replace(runtime_config, template="off")
+
+
 def _spec(args: list[str]) -> bytes:
     ro = ["rbind", "ro"]
     return json.dumps({
