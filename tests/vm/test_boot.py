@@ -57,8 +57,9 @@ def test_agent_reports_its_version_over_the_channel(
 
 @pytest.mark.parametrize("machine", ["microvm", "pc"])
 def test_boots_never_hang(runtime_config: config.RuntimeConfig, machine: str) -> None:
-    """Several boots in a row; a hang fails the test with the guest console."""
-    cfg = _with(runtime_config, machine=machine, boot_timeout_s=60.0)
+    """Several cold boots in a row (a template start would skip the kernel boot this guards);
+    a hang fails the test with the guest console."""
+    cfg = replace(_with(runtime_config, machine=machine, boot_timeout_s=60.0), template="off")
     rounds = 6 if machine == "microvm" else 2
 
     async def body() -> None:
@@ -70,7 +71,8 @@ def test_boots_never_hang(runtime_config: config.RuntimeConfig, machine: str) ->
 
 
 def test_initramfs_variant_boots(runtime_config: config.RuntimeConfig) -> None:
-    cfg = replace(runtime_config, guest=replace(runtime_config.guest, rootfs="initrd"))
+    cfg = replace(runtime_config, guest=replace(runtime_config.guest, rootfs="initrd"),
+                  template="off")
     _, version = asyncio.run(_boot_and_version(cfg))
     assert version.agent_version == hyperstart_agent.__version__  # type: ignore[attr-defined]
 
