@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ... import __version__
 from ...errors import ConfigError, RunvError
 from ...oci.image.progress import human_size
+from .. import pool as pool_cli
 from .. import template as template_cli
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ def add_all(sub: Any) -> None:
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="the archive (.tar)")
 
     template_cli.add_parser(sub)
+    pool_cli.add_parser(sub)
 
     version = sub.add_parser(
         "version", help="show host and guest versions (boots a throw-away VM)",
@@ -141,6 +143,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_version(args))
     if args.command == "template":
         return template_cli.run(args)
+    if args.command == "pool":
+        return pool_cli.run(args)
     from ...workload.engine import Engine
 
     engine = Engine(Path(args.root) if args.root else None,
