@@ -18,7 +18,7 @@ from typing import Any
 from ..config import RuntimeConfig
 from ..errors import RunvError
 
-ADOPT_WAIT_S = 30.0
+ADOPT_WAIT_S = 15.0
 MAX_PACKET = 65536
 
 

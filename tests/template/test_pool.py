@@ -1,0 +1,202 @@
+"""The warm pool (`runv pool serve`): idle supervisors whose VMs were restored from the template
+before the container asked; `runv run` claims one, the pool refills, nothing outlives the
+service. Real VMs, pool size 1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runv_py.sandbox import control
+from runv_py.storage import shared
+from tests.cli.conftest import RUNV, Runv, runv, subreaper  # noqa: F401
+from tests.vm.conftest import processes_mentioning
+
+READY_S = 240
+
+
+class Pool:
+    """A `runv pool serve` of the test's own (its state_dir is the Runv's)."""
+
+    def __init__(self, tool: Runv, extra_config: str) -> None:
+        self.tool = tool
+        with tool.config.open("a") as config:
+            config.write(extra_config)
+        self.log = tool.top / "pool.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen([RUNV, "--debug", "pool", "serve"], env=tool.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        self.socket = tool.state / "pool" / "pool.sock"
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.tool("pool", "status", "--format", "json").stdout))
+
+    def wait(self, what: Callable[[dict[str, Any]], bool], timeout_s: float = READY_S
+             ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, f"pool serve exited: {self.log.read_text()[-3000:]}"
+            if self.socket.exists():
+                status = self.status()
+                if what(status):
+                    return status
+            assert time.monotonic() < deadline, \
+                f"pool never got there: {self.log.read_text()[-3000:]}"
+            time.sleep(0.3)
+
+    def idle(self, count: int = 1) -> dict[str, Any]:
+        return self.wait(lambda s: sum(k["idle"] for k in s["keys"].values()) == count
+                         and not any(k["starting"] for k in s["keys"].values()))
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def leftovers(self) -> list[str]:
+        """Processes and state of pooled VMs (their supervisors name the config file)."""
+        found = processes_mentioning(str(self.tool.config))
+        found += processes_mentioning(str(self.tool.state))
+        for base in (self.tool.state / "sandboxes", self.tool.state / "pool" / "shares"):
+            if base.exists():
+                found += [f"state: {p}" for p in base.iterdir()]
+        if self.socket.exists():
+            found.append(f"socket: {self.socket}")
+        return found
+
+
+@pytest.fixture
+def pool(runv: Runv) -> Iterator[Callable[[str], Pool]]:  # noqa: F811
+    started: list[Pool] = []
+
+    def start(extra_config: str = "[pool]\nsize = 1\n") -> Pool:
+        started.append(Pool(runv, extra_config))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.stop(signal.SIGKILL if each.proc.poll() is None else 0)
+
+
+def _members(status: dict[str, Any], state: str) -> list[dict[str, Any]]:
+    return [m for m in status["members"] if m["state"] == state]
+
+
+def _running(pid: int) -> bool:
+    """Not a zombie either: orphans come to this test process (a subreaper), which reaps."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pids: list[int], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_running(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running: {pids}"
+        time.sleep(0.2)
+
+
+def test_run_takes_a_pooled_vm_the_pool_refills_and_each_tenant_gets_its_own(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """size 2 under a 400 MiB ceiling holds one 256 MiB VM. `runv run` takes it (its QEMU
+    was running before the run), the pool starts another, the next run gets that one: its
+    own random bytes, none of the first tenant's files, the first VM gone."""
+    service = pool("[pool]\nsize = 2\nmemory_mib = 400\n")
+    status = service.idle(1)
+    time.sleep(3)  # the ceiling, not the size, holds it at one
+    status = service.status()
+    assert len(_members(status, "idle")) == 1 and status["memory_mib"] == 256, status
+    first_qemu = _members(status, "idle")[0]["qemu_pid"]
+    assert first_qemu and _running(first_qemu)
+
+    script = "od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'; echo; ls /tmp; echo x > /tmp/{}"
+    one = runv.bundle(["sh", "-c", script.format("tenant1")])
+    result = runv("--debug", "run", "--bundle", str(one), "p1")
+    log = (runv.top / "log.json").read_text()
+    assert f"created (pool, sandbox {_members(status, 'idle')[0]['sandbox']}, QEMU pid " \
+           f"{first_qemu})" in log, log[-2000:]
+    random1, listing1 = result.stdout.decode().split("\n", 1)
+    assert listing1 == ""
+
+    status = service.idle(1)
+    second = _members(status, "idle")[0]
+    assert second["qemu_pid"] != first_qemu
+    _gone([first_qemu])  # used once, destroyed with its container
+    two = runv.bundle(["sh", "-c", script.format("tenant2")])
+    result = runv("--debug", "run", "--bundle", str(two), "p2")
+    assert f"QEMU pid {second['qemu_pid']})" in (runv.top / "log.json").read_text()
+    random2, listing2 = result.stdout.decode().split("\n", 1)
+    assert listing2 == "" and len(random1) == len(random2) == 32 and random1 != random2
+    assert (one / "rootfs/tmp/tenant1").exists() and not (two / "rootfs/tmp/tenant1").exists()
+
+    service.idle(1)
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
+def test_sigterm_destroys_idle_vms_and_kill_9_makes_them_destroy_themselves(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    service = pool("[pool]\nsize = 1\nidle = \"running\"\n")
+    status = service.idle(1)
+    idle = _members(status, "idle")[0]
+    assert service.stop(signal.SIGTERM) == 0
+    assert service.leftovers() == [], "SIGTERM left things behind"
+    assert not _running(idle["qemu_pid"])
+
+    service = pool("")  # the same [pool] section
+    status = service.idle(1)
+    idle = _members(status, "idle")[0]
+    service.stop(signal.SIGKILL)
+    _gone([idle["pid"], idle["qemu_pid"]], 30)
+    assert [p for p in service.leftovers() if not p.startswith("socket")] == []
+
+
+def test_a_claim_without_adopt_or_an_abandoned_adopt_leaks_nothing(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """A claimant that dies after the claim (no adopt comes) or in the middle of the adopt:
+    the pooled supervisor destroys its VM; an empty pool answers a claim with no VM."""
+    service = pool("[pool]\nsize = 1\n")
+    status = service.idle(1)
+    key = next(iter(status["keys"]))
+    claim = control.call(service.socket, {"op": "claim", "key": key})
+    assert claim["ctl"] and claim["pid"] == _members(status, "idle")[0]["pid"]
+    again = control.call(service.socket, {"op": "claim", "key": key})
+    assert again["ctl"] is None and again["why"] == "empty"
+    _gone([claim["pid"], claim["qemu_pid"]], 60)  # no adopt within ADOPT_WAIT_S
+
+    status = service.idle(1)
+    claim = control.call(service.socket, {"op": "claim", "key": key})
+    bundle = runv.bundle(["true"])
+    fds = [os.dup(2), shared.detached_tree(bundle / "rootfs", "root.path")]
+    try:
+        with control.Connection(Path(claim["ctl"])) as conn:
+            conn.send({"op": "adopt", "id": "abandoned", "root": str(runv.root),
+                       "bundle": str(bundle)}, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    _gone([claim["pid"], claim["qemu_pid"]], 60)
+    service.idle(1)
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
+def test_a_pool_miss_falls_back_to_the_template_path(runv: Runv) -> None:  # noqa: F811
+    bundle = runv.bundle(["echo", "fallback"])
+    result = runv("--debug", "run", "--bundle", str(bundle), "m1")
+    assert result.stdout == b"fallback\n"
+    log = (runv.top / "log.json").read_text()
+    assert "warm pool: not used (no pool service)" in log and "created (template" in log
+    assert runv.leftovers() == []
