@@ -19,6 +19,7 @@ import pytest
 from runv_py.sandbox import control
 from runv_py.storage import shared
 from tests.cli.conftest import RUNV, Runv, runv, subreaper  # noqa: F401
+from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401
 from tests.vm.conftest import processes_mentioning
 
 READY_S = 240
@@ -27,7 +28,7 @@ READY_S = 240
 class Pool:
     """A `runv pool serve` of the test's own (its state_dir is the Runv's)."""
 
-    def __init__(self, tool: Runv, extra_config: str) -> None:
+    def __init__(self, tool: Runv | Hyperctl, extra_config: str) -> None:
         self.tool = tool
         with tool.config.open("a") as config:
             config.write(extra_config)
@@ -200,3 +201,26 @@ def test_a_pool_miss_falls_back_to_the_template_path(runv: Runv) -> None:  # noq
     log = (runv.top / "log.json").read_text()
     assert "warm pool: not used (no pool service)" in log and "created (template" in log
     assert runv.leftovers() == []
+
+
+def test_hyperctl_run_rm_takes_a_pooled_vm_and_template_off_bypasses_the_pool(
+        hyperctl: Hyperctl) -> None:  # noqa: F811
+    service = Pool(hyperctl, "[pool]\nsize = 1\n")
+    try:
+        status = service.idle(1)
+        idle = _members(status, "idle")[0]
+        result = hyperctl("--debug", "run", "--rm", "busybox", "echo", "pooled")
+        assert result.stdout == b"pooled\n"
+        assert f"QEMU pid {idle['qemu_pid']})" in result.stderr.decode(), result.stderr
+        status = service.idle(1)
+        idle = _members(status, "idle")[0]
+        result = hyperctl("--debug", "run", "--rm", "--template", "off", "busybox", "echo",
+                          "cold")
+        assert result.stdout == b"cold\n"
+        err = result.stderr.decode()
+        assert "warm pool: not used (template is off)" in err and "created (cold)" in err, err
+        assert _members(service.status(), "idle")[0]["pid"] == idle["pid"]
+        assert service.stop() == 0
+        assert service.leftovers() == []
+    finally:
+        service.stop(signal.SIGKILL)
