@@ -59,6 +59,15 @@ def _alive(pid: int, start_time: int) -> bool:
     return pid > 0 and child.is_running(pid, start_time)
 
 
+def _own_cgroup() -> str:
+    """This process's cgroup v2 path ("" on a v1 or hybrid host)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    return ""
+
+
 def _write_pid_file(path: str, pid: int) -> None:
     """go-runc parses the file with Atoi: the decimal pid and nothing else."""
     target = Path(path)
@@ -278,7 +287,7 @@ class Runtime:
             with control.Connection(Path(reply["ctl"]), timeout_s=300) as conn:
                 result = conn.call({"op": "adopt", "id": record.id, "root": str(self.root),
                                     "bundle": record.bundle, "debug": self.debug,
-                                    "spawned_at": t0}, fds)
+                                    "spawned_at": t0, "cgroup": _own_cgroup()}, fds)
         except (OSError, RunvError) as exc:
             # The pooled supervisor drops its VM when the hand-over fails.
             log.debug("warm pool: hand-over to pooled sandbox %s failed (%s); starting a "

@@ -44,6 +44,7 @@ SHARED_FS_ANNOTATION = "org.runv.shared-fs"
 TEMPLATE_ANNOTATION = "org.runv.template"
 EXIT_OUTPUT_GRACE_S = 5.0
 ROOTFS_OVERLAY_ANNOTATION = oci_spec.ROOTFS_OVERLAY_ANNOTATION
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.RuntimeConfig:
@@ -269,6 +270,7 @@ class Supervisor:
         finally:
             if tree >= 0:
                 os.close(tree)
+        _join_cgroup(str(message.get("cgroup") or ""), self._pids())
         self.network = SandboxNetwork(spec.network_ns)
         nics = await self.network.prepare()
         await self.sandbox.unpark(nics, parked=self.pool.parked)
@@ -369,6 +371,11 @@ class Supervisor:
             finally:
                 await self._vm_maybe_pause()
         return {"ok": True, "vm_dir": str(self._sandbox().paths.root)}
+
+    def _pids(self) -> list[int]:
+        """This supervisor and its VM's processes."""
+        machine = self._sandbox().machine
+        return [os.getpid(), *([machine.pid] if machine and machine.pid else [])]
 
     @property
     def driver_name(self) -> str:
@@ -741,6 +748,20 @@ class Supervisor:
         if self.pool is not None:
             with contextlib.suppress(OSError):
                 self.shared.path.rmdir()
+
+
+def _join_cgroup(path: str, pids: list[int]) -> None:
+    """Move a claimed pooled sandbox into its claimant's cgroup (v2), where a supervisor the
+    claimant started would have been: its CPU and memory count there, not in the pool's."""
+    if not path.startswith("/") or not (CGROUP_ROOT / "cgroup.controllers").exists():
+        return  # not a cgroup v2 host (v1 or hybrid: the sandbox stays where it is)
+    procs = CGROUP_ROOT / path.lstrip("/") / "cgroup.procs"
+    try:
+        for pid in pids:
+            procs.write_text(f"{pid}\n")
+    except OSError as exc:
+        log.warning("could not move the sandbox into cgroup %s: %s", path,
+                    exc.strerror or exc)
 
 
 def _with_paths(linux: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
