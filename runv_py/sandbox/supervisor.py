@@ -32,7 +32,7 @@ from ..errors import ContainerExists, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, enter_private_mount_namespace
 from ..store import state
-from . import control, guest_spec, pod, pool_member
+from . import control, guest_spec, pod, pool_member, template
 from .network import SandboxNetwork
 from .sandbox import Sandbox
 
@@ -216,6 +216,9 @@ class Supervisor:
         if self.sandbox.start_path not in ("template", "template-built"):
             raise RunvError(f"the pool's VM did not start from a template "
                             f"({self.sandbox.start_path}); see the log above")
+        assert self.sandbox.agent is not None
+        # Translate the container set-up code in this QEMU now (TCG's cache is per process).
+        await template.warm_up(self.sandbox.agent)
         if config.pool.idle == "paused":
             await self.sandbox.park()
         await self.serve_control()
