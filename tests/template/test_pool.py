@@ -19,6 +19,7 @@ import pytest
 from runv_py.sandbox import control
 from runv_py.storage import shared
 from tests.cli.conftest import RUNV, Runv, runv, subreaper  # noqa: F401
+from tests.cli.test_pod import SERVE, annotated
 from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401
 from tests.vm.conftest import processes_mentioning
 
@@ -224,3 +225,34 @@ def test_hyperctl_run_rm_takes_a_pooled_vm_and_template_off_bypasses_the_pool(
         assert service.leftovers() == []
     finally:
         service.stop(signal.SIGKILL)
+
+
+def test_a_pods_sandbox_from_the_pool_takes_the_pods_other_containers(
+        runv: Runv, pool: Callable[[str], Pool], tmp_path: Path) -> None:  # noqa: F811
+    """A pooled supervisor, once claimed, is a pod's like any other: the second container
+    joins its VM (rootfs as a detached tree into the member's share) and reaches localhost."""
+    service = pool("[pool]\nsize = 1\n")
+    idle = _members(service.idle(1), "idle")[0]
+    sandbox = runv.bundle(["sh", "-c", SERVE], annotated("sandbox", "pod1", "9p"))
+    runv("--debug", "create", "--bundle", str(sandbox), "pod1")
+    assert f"QEMU pid {idle['qemu_pid']})" in (runv.top / "log.json").read_text()
+    runv("start", "pod1")
+
+    def member(spec: dict[str, Any]) -> None:
+        annotated("container", "pod1", "9p")(spec)
+        spec["hostname"] = ""
+
+    client = runv.bundle(["sh", "-c", "for i in $(seq 50); do wget -qO- "
+                          "http://127.0.0.1:8080/ && break; sleep 0.2; done"], member)
+    out = tmp_path / "c1.out"
+    with open(out, "wb") as sink:
+        runv("create", "--bundle", str(client), "c1", stdout=sink)
+    runv("start", "c1")
+    runv.wait_status("c1", "stopped")
+    assert out.read_bytes() == b"pod-hello\n"
+    runv("delete", "c1")
+    runv("delete", "--force", "pod1")
+    _gone([idle["pid"], idle["qemu_pid"]])
+    service.idle(1)
+    assert service.stop() == 0
+    assert service.leftovers() == []
