@@ -21,6 +21,9 @@ from runv_py.storage import shared
 from tests.cli.conftest import RUNV, Runv, runv, subreaper  # noqa: F401
 from tests.cli.test_pod import SERVE, annotated
 from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401
+from tests.integration.conftest import IMAGE, Containerd, image_archive, runtime_env  # noqa: F401
+from tests.integration.test_shim import RUNTIME as SHIM_RUNTIME
+from tests.integration.test_shim import cd, shim_env  # noqa: F401
 from tests.vm.conftest import processes_mentioning
 
 READY_S = 240
@@ -29,18 +32,25 @@ READY_S = 240
 class Pool:
     """A `runv pool serve` of the test's own (its state_dir is the Runv's)."""
 
-    def __init__(self, tool: Runv | Hyperctl, extra_config: str) -> None:
-        self.tool = tool
-        with tool.config.open("a") as config:
-            config.write(extra_config)
-        self.log = tool.top / "pool.log"
+    def __init__(self, env: dict[str, str], config: Path, state: Path, top: Path,
+                 extra_config: str) -> None:
+        self.env, self.config, self.state = env, config, state
+        with config.open("a") as out:
+            out.write(extra_config)
+        self.log = top / "pool.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([RUNV, "--debug", "pool", "serve"], env=tool.env,
+            self.proc = subprocess.Popen([RUNV, "--debug", "pool", "serve"], env=env,
                                          stdout=out, stderr=subprocess.STDOUT)
-        self.socket = tool.state / "pool" / "pool.sock"
+        self.socket = state / "pool" / "pool.sock"
+
+    @classmethod
+    def of(cls, tool: Runv | Hyperctl, extra_config: str) -> Pool:
+        return cls(tool.env, tool.config, tool.state, tool.top, extra_config)
 
     def status(self) -> dict[str, Any]:
-        return dict(json.loads(self.tool("pool", "status", "--format", "json").stdout))
+        done = subprocess.run([RUNV, "pool", "status", "--format", "json"], env=self.env,
+                              capture_output=True, check=True, timeout=60)
+        return dict(json.loads(done.stdout))
 
     def wait(self, what: Callable[[dict[str, Any]], bool], timeout_s: float = READY_S
              ) -> dict[str, Any]:
@@ -66,9 +76,9 @@ class Pool:
 
     def leftovers(self) -> list[str]:
         """Processes and state of pooled VMs (their supervisors name the config file)."""
-        found = processes_mentioning(str(self.tool.config))
-        found += processes_mentioning(str(self.tool.state))
-        for base in (self.tool.state / "sandboxes", self.tool.state / "pool" / "shares"):
+        found = processes_mentioning(str(self.config))
+        found += processes_mentioning(str(self.state))
+        for base in (self.state / "sandboxes", self.state / "pool" / "shares"):
             if base.exists():
                 found += [f"state: {p}" for p in base.iterdir()]
         if self.socket.exists():
@@ -81,7 +91,7 @@ def pool(runv: Runv) -> Iterator[Callable[[str], Pool]]:  # noqa: F811
     started: list[Pool] = []
 
     def start(extra_config: str = "[pool]\nsize = 1\n") -> Pool:
-        started.append(Pool(runv, extra_config))
+        started.append(Pool.of(runv, extra_config))
         return started[-1]
 
     yield start
@@ -206,7 +216,7 @@ def test_a_pool_miss_falls_back_to_the_template_path(runv: Runv) -> None:  # noq
 
 def test_hyperctl_run_rm_takes_a_pooled_vm_and_template_off_bypasses_the_pool(
         hyperctl: Hyperctl) -> None:  # noqa: F811
-    service = Pool(hyperctl, "[pool]\nsize = 1\n")
+    service = Pool.of(hyperctl, "[pool]\nsize = 1\n")
     try:
         status = service.idle(1)
         idle = _members(status, "idle")[0]
@@ -256,3 +266,25 @@ def test_a_pods_sandbox_from_the_pool_takes_the_pods_other_containers(
     service.idle(1)
     assert service.stop() == 0
     assert service.leftovers() == []
+
+
+def test_the_containerd_shim_takes_a_pooled_vm(
+        cd: Containerd, runtime_env: dict[str, str]) -> None:  # noqa: F811
+    """containerd mounts the snapshot in its own namespace; the shim hands the claimed
+    supervisor a detached tree of it."""
+    config = Path(runtime_env["RUNV_CONFIG"])
+    state = Path(config.read_text().split('"')[1])
+    service = Pool(runtime_env, config, state, config.parent, "[pool]\nsize = 1\n")
+    try:
+        idle = _members(service.idle(1), "idle")[0]
+        result = cd.ctr("run", "--rm", *SHIM_RUNTIME, IMAGE, "p1", "sh", "-c",
+                        "echo from-the-pool; ls /", check=False)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(b"from-the-pool\n") and b"bin" in result.stdout
+        assert service.status()["claims"] == 1
+        _gone([idle["pid"], idle["qemu_pid"]])  # the container's VM, gone with it
+        service.idle(1)
+        assert service.stop() == 0
+        assert service.leftovers() == []
+    finally:
+        service.stop(signal.SIGKILL)
