@@ -119,6 +119,13 @@ class PoolService:
                 raise ConfigError(f"another `runv pool serve` runs for state_dir "
                                   f"{self.config.state_dir}") from None
             await self._serve_locked(stop)
+            # Nothing left behind. The lock file goes while still held: a service starting
+            # meanwhile either fails to lock it (this one still runs) or makes a new one.
+            with contextlib.suppress(OSError):
+                shares_dir(self.config.state_dir).rmdir()
+            (self.root / "lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
         finally:
             os.close(lock)
 

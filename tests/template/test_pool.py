@@ -83,6 +83,8 @@ class Pool:
                 found += [f"state: {p}" for p in base.iterdir()]
         if self.socket.exists():
             found.append(f"socket: {self.socket}")
+        if self.proc.poll() == 0 and (self.state / "pool").exists():
+            found += [f"pool state: {p}" for p in (self.state / "pool").rglob("*")]
         return found
 
 
