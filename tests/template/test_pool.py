@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from runv_py.api import Sandbox as ApiSandbox
 from runv_py.sandbox import control
 from runv_py.storage import shared
 from tests.cli.conftest import RUNV, Runv, runv, subreaper  # noqa: F401
@@ -286,6 +287,28 @@ def test_the_containerd_shim_takes_a_pooled_vm(
         assert service.status()["claims"] == 1
         _gone([idle["pid"], idle["qemu_pid"]])  # the container's VM, gone with it
         service.idle(1)
+        assert service.stop() == 0
+        assert service.leftovers() == []
+    finally:
+        service.stop(signal.SIGKILL)
+
+
+def test_the_api_takes_a_pooled_vm_of_its_size(hyperctl: Hyperctl,  # noqa: F811
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CI job's sandbox (64 MiB for the job: a 320 MiB VM) comes from the pool when that
+    size is kept warm ([pool] sizes)."""
+    for key in ("RUNV_CONFIG", "RUNV_ASSETS_DIR", "HYPERCTL_ROOT", "HYPERCTL_DATA_ROOT"):
+        monkeypatch.setenv(key, hyperctl.env[key])
+    service = Pool.of(hyperctl, "[pool]\nsize = 1\nsizes = [[320, 1]]\n")
+    try:
+        status = service.idle(2)
+        key = next(k for k, v in status["keys"].items() if v["memory_mib"] == 320)
+        with ApiSandbox.create("busybox", memory="64m", cpus=1, timeout=600) as box:
+            assert box.run(["sh", "-c", "echo api-pooled"], check=True).stdout \
+                == b"api-pooled\n"
+            status = service.status()
+            assert status["claims"] == 1 and status["keys"][key]["claimed_running"] == 1
+        service.idle(2)
         assert service.stop() == 0
         assert service.leftovers() == []
     finally:
