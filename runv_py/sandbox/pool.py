@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
@@ -75,7 +76,7 @@ class Pooled:
     key: str
     proc: child.Child
     link: socket.socket
-    state: str = "starting"  # idle, claimed
+    state: str = "starting"  # idle, claimed; retired (its key is stale), gone
     info: dict[str, Any] = field(default_factory=dict)
     since: float = field(default_factory=time.monotonic)
 
@@ -131,9 +132,7 @@ class PoolService:
 
     async def _serve_locked(self, stop: asyncio.Event) -> None:
         self._sweep()
-        for size in sizes(self.config):
-            key = key_of(size.config(self.config))
-            self.keys.setdefault(key, size)
+        self.keys = self._keys()
         path = socket_path(self.config.state_dir)
         path.unlink(missing_ok=True)
         listener = control.listen(path)
@@ -153,6 +152,31 @@ class PoolService:
             listener.close()
             path.unlink(missing_ok=True)
             await self._destroy_idle()
+
+    def _keys(self) -> dict[str, Size]:
+        keys: dict[str, Size] = {}
+        for size in sizes(self.config):
+            keys.setdefault(key_of(size.config(self.config)), size)
+        return keys
+
+    def _rekey(self) -> None:
+        """Follow rebuilt assets or an upgraded QEMU (new template keys): the idle VMs of keys
+        that no sandbox can ask for any more are destroyed, and the pool fills anew."""
+        try:
+            keys = self._keys()
+        except (RunvError, OSError) as exc:
+            log.warning("cannot compute the pool's template keys: %s", exc)
+            return
+        if keys == self.keys:
+            return
+        log.info("template keys changed (%s -> %s): replacing the idle VMs",
+                 ", ".join(self.keys), ", ".join(keys))
+        self.keys = keys
+        for member in self.members:
+            if member.key not in keys and member.state in ("starting", "idle"):
+                member.state = "retired"
+                member.proc.signal(signal.SIGTERM)
+        self.wake.set()
 
     def _sweep(self) -> None:
         """Shared-dir mount points of pooled supervisors that died without removing them (the
@@ -236,6 +260,10 @@ class PoolService:
             reply = json.loads(data) if data else {"ok": False, "error": "exited"}
         except (OSError, ValueError, TimeoutError) as exc:
             reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+        if member.state == "retired":
+            ours.close()
+            await proc.stop()
+            return True
         if not reply.get("ok") or member.state != "starting":
             log.warning("a pooled VM failed to start: %s", reply.get("error"))
             ours.close()  # a member that is still starting ends with its link
@@ -292,6 +320,8 @@ class PoolService:
         """Hand out an idle member of `key`: it leaves the pool before anyone else can see it
         and acknowledges the claim; one that does not (dying) is dropped and the next tried."""
         loop = asyncio.get_running_loop()
+        if key not in self.keys:
+            self._rekey()
         while True:
             member = next((m for m in self.members if m.key == key and m.state == "idle"), None)
             if member is None:
@@ -315,7 +345,7 @@ class PoolService:
                         "sandbox": member.sandbox_id}
             log.warning("pooled supervisor %d did not take its claim; dropping it",
                         member.proc.pid)
-            member.proc.signal(15)
+            member.proc.signal(signal.SIGTERM)
 
     def status(self) -> dict[str, Any]:
         keys = {key: {"memory_mib": size.memory_mib, "vcpus": size.vcpus,

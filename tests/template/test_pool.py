@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,8 +17,9 @@ from typing import Any
 
 import pytest
 
+from runv_py import config
 from runv_py.api import Sandbox as ApiSandbox
-from runv_py.sandbox import control
+from runv_py.sandbox import control, template
 from runv_py.storage import shared
 from tests.cli.conftest import RUNV, Runv, runv, subreaper  # noqa: F401
 from tests.cli.test_pod import SERVE, annotated
@@ -313,3 +315,40 @@ def test_the_api_takes_a_pooled_vm_of_its_size(hyperctl: Hyperctl,  # noqa: F811
         assert service.leftovers() == []
     finally:
         service.stop(signal.SIGKILL)
+
+
+def test_the_pool_follows_rebuilt_assets(runv: Runv, pool: Callable[[str], Pool],  # noqa: F811
+                                         tmp_path: Path, assets_dir: Path) -> None:
+    """A rebuilt kernel means new template keys: the first claim that misses because of it
+    makes the pool drop its stale idle VMs and fill with the new key's."""
+    assets = tmp_path / "assets"
+    (assets / "kernel").mkdir(parents=True)
+    real = (assets_dir / "kernel").resolve()
+    shutil.copy(real / "vmlinux", assets / "kernel" / "vmlinux")
+    for name in ("bzImage", "config", "version"):
+        (assets / "kernel" / name).symlink_to(real / name)
+    (assets / "rootfs").symlink_to((assets_dir / "rootfs").resolve())
+    runv.env["RUNV_ASSETS_DIR"] = str(assets)
+    store = template.TemplateStore(config.load(runv.config).template_dir)
+    try:
+        service = pool("[pool]\nsize = 1\n")
+        status = service.idle(1)
+        old = _members(status, "idle")[0]
+        os.utime(assets / "kernel" / "vmlinux")  # as a rebuild would
+        result = runv("--debug", "run", "--bundle", str(runv.bundle(["echo", "rebuilt"])),
+                      "r1")
+        assert result.stdout == b"rebuilt\n"
+        status = service.idle(1)
+        (new_key,) = status["keys"]
+        assert new_key != old["key"]
+        # The claim taught the pool the new key (so it found it empty), then fell back.
+        assert f"warm pool: not used (empty (key {new_key}))" in \
+            (runv.top / "log.json").read_text()
+        _gone([old["pid"], old["qemu_pid"]])
+        assert _members(status, "idle")[0]["key"] in status["keys"]
+        assert service.stop() == 0
+        assert service.leftovers() == []
+    finally:
+        for made in store.templates():
+            if str(assets) in str(made.meta().get("inputs", {}).get("kernel", "")):
+                store.remove(made)
