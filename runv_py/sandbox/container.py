@@ -260,17 +260,34 @@ class Runtime:
     def _claim_pooled(self, record: ContainerRecord) -> ContainerRecord | None:
         """Take an idle supervisor from the warm pool (pool.py) and hand it the container, or
         None (one debug line) when there is none or the hand-over fails: start one then."""
+        fds: list[int] = []
+        try:
+            return self._claim_pooled_with(record, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _claim_pooled_with(self, record: ContainerRecord,
+                           fds: list[int]) -> ContainerRecord | None:
         from . import pool
         from .supervisor import sized, template_choice
 
         t0 = time.time()
         extra = {"container": record.id}
+        reply: dict[str, Any] | None = None
         try:
             spec = oci_spec.load(Path(record.bundle))
-            config = load_config()
-            reply, why = pool.claim(template_choice(sized(config, spec), spec))
-        except RunvError as exc:
-            reply, why = None, str(exc)
+            config = template_choice(sized(load_config(), spec), spec)
+            why = pool.unavailable(config)
+            if why is None:
+                # What goes to the pooled supervisor, made before a VM is taken for it.
+                with open(self.store.dir(record.id) / "supervisor.log", "ab") as logfile:
+                    fds.append(os.dup(logfile.fileno()))
+                if oci_spec.ROOTFS_OVERLAY_ANNOTATION not in spec.annotations:
+                    fds.append(shared.detached_tree(spec.root, "root.path"))
+                reply, why = pool.claim(config)
+        except (OSError, RunvError) as exc:
+            why = str(exc)
         if reply is None:
             log.debug("warm pool: not used (%s)", why, extra=extra)
             return None
@@ -278,12 +295,7 @@ class Runtime:
         saved = record.with_(supervisor_pid=pid, supervisor_start=start,
                              vm_dir=str(reply["vm_dir"]))
         self.store.save(saved)
-        fds: list[int] = []
         try:
-            with open(self.store.dir(record.id) / "supervisor.log", "ab") as logfile:
-                fds.append(os.dup(logfile.fileno()))
-            if oci_spec.ROOTFS_OVERLAY_ANNOTATION not in spec.annotations:
-                fds.append(shared.detached_tree(spec.root, "root.path"))
             with control.Connection(Path(reply["ctl"]), timeout_s=300) as conn:
                 result = conn.call({"op": "adopt", "id": record.id, "root": str(self.root),
                                     "bundle": record.bundle, "debug": self.debug,
@@ -298,9 +310,6 @@ class Runtime:
             self._wait_gone(pid, start)
             self.store.save(record)
             return None
-        finally:
-            for fd in fds:
-                os.close(fd)
         if self.debug:
             timings: dict[str, float] = result.get("timings") or {}
             log.debug(f"created (pool, sandbox {reply.get('sandbox')}, QEMU pid "

@@ -133,6 +133,11 @@ class PoolService:
     async def _serve_locked(self, stop: asyncio.Event) -> None:
         self._sweep()
         self.keys = self._keys()
+        for size in self.keys.values():
+            if size.memory_mib > self.config.pool.memory_mib:
+                log.warning("a %d MiB VM does not fit under the pool's memory ceiling of %d "
+                            "MiB ([pool] memory_mib): none will be kept", size.memory_mib,
+                            self.config.pool.memory_mib)
         path = socket_path(self.config.state_dir)
         path.unlink(missing_ok=True)
         listener = control.listen(path)
@@ -373,12 +378,20 @@ def request(state_dir: Path, message: dict[str, Any],
     return control.call(path, message, timeout_s=timeout_s)
 
 
+def unavailable(config: RuntimeConfig) -> str | None:
+    """Why a sandbox of this config cannot come from the pool, if that is known up front."""
+    if config.template == "off":
+        return "template is off"
+    if not socket_path(config.state_dir).exists():
+        return "no pool service"
+    return None
+
+
 def claim(config: RuntimeConfig) -> tuple[dict[str, Any] | None, str]:
     """An idle pooled supervisor for a sandbox of this (sized) config, or (None, why)."""
-    if config.template == "off":
-        return None, "template is off"
-    if not socket_path(config.state_dir).exists():
-        return None, "no pool service"
+    why = unavailable(config)
+    if why is not None:
+        return None, why
     try:
         key = key_of(config)
         reply = request(config.state_dir, {"op": "claim", "key": key})

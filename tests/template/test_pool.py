@@ -352,3 +352,17 @@ def test_the_pool_follows_rebuilt_assets(runv: Runv, pool: Callable[[str], Pool]
         for made in store.templates():
             if str(assets) in str(made.meta().get("inputs", {}).get("kernel", "")):
                 store.remove(made)
+
+
+def test_a_bad_bundle_fails_as_without_the_pool_and_costs_no_pooled_vm(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    service = pool("[pool]\nsize = 1\n")
+    idle = _members(service.idle(1), "idle")[0]
+    bundle = runv.bundle(["true"])
+    shutil.rmtree(bundle / "rootfs")
+    result = runv("run", "--bundle", str(bundle), "bad", check=False)
+    assert result.returncode != 0 and b"root.path" in result.stderr, result.stderr
+    status = service.status()
+    assert status["claims"] == 0 and _members(status, "idle")[0]["pid"] == idle["pid"]
+    assert service.stop() == 0
+    assert service.leftovers() == []
