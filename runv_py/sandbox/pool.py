@@ -375,7 +375,11 @@ def request(state_dir: Path, message: dict[str, Any],
     path = socket_path(state_dir)
     if not path.exists():
         raise ConnectionError(f"no warm pool service ({path} does not exist)")
-    return control.call(path, message, timeout_s=timeout_s)
+    try:
+        return control.call(path, message, timeout_s=timeout_s)
+    except ConnectionError:
+        raise ConnectionError(f"no warm pool service answers on {path} (it was killed?)"
+                              ) from None
 
 
 def unavailable(config: RuntimeConfig) -> str | None:
