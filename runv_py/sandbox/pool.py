@@ -293,6 +293,9 @@ class PoolService:
         with contextlib.suppress(ValueError):
             self.members.remove(member)
         member.link.close()
+        # Its shared dir's mount point, if it could not remove it (SIGKILLed).
+        with contextlib.suppress(OSError):
+            (shares_dir(self.config.state_dir) / member.sandbox_id).rmdir()
         self.wake.set()
 
     # -- claims -------------------------------------------------------------------------------

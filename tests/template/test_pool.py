@@ -366,3 +366,18 @@ def test_a_bad_bundle_fails_as_without_the_pool_and_costs_no_pooled_vm(
     assert status["claims"] == 0 and _members(status, "idle")[0]["pid"] == idle["pid"]
     assert service.stop() == 0
     assert service.leftovers() == []
+
+
+def test_a_claimed_supervisor_killed_with_sigkill_leaves_nothing_once_deleted(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    service = pool("[pool]\nsize = 1\n")
+    idle = _members(service.idle(1), "idle")[0]
+    runv("create", "--bundle", str(runv.bundle(["sleep", "60"])), "k1")
+    record = json.loads((runv.root / "k1" / "state.json").read_text())
+    assert record["supervisor_pid"] == idle["pid"]
+    os.kill(idle["pid"], signal.SIGKILL)
+    _gone([idle["pid"], idle["qemu_pid"]], 30)
+    runv("delete", "--force", "k1")
+    service.idle(1)
+    assert service.stop() == 0
+    assert service.leftovers() == []
