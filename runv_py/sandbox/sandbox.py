@@ -316,12 +316,13 @@ class Sandbox:
         timeout = self.config.hypervisor.boot_timeout_s
         return min(timeout, max(10.0, timeout / 3))
 
-    async def _plug_and_run(self, nics: tuple[Nic, ...]) -> None:
+    async def _plug_and_run(self, nics: tuple[Nic, ...], *, resume: bool = True) -> None:
         """Hot-plug NICs into the stopped clone, then run it."""
         assert self.machine is not None
         for nic in nics:
             await self.machine.hotplug_nic(nic)
-        await self.machine.resume()
+        if resume:
+            await self.machine.resume()
 
     async def _take_identity(self, nics: tuple[Nic, ...]) -> None:
         """What makes a clone its own guest: a reseeded RNG, the host's clock, its NICs."""
@@ -342,12 +343,7 @@ class Sandbox:
         """Hand an idle clone to its container: NICs, run, a fresh identity (the clone's RNG
         and clock as when it was restored, again)."""
         t0 = time.monotonic()
-        if parked:
-            await self._plug_and_run(nics)
-        else:
-            assert self.machine is not None
-            for nic in nics:
-                await self.machine.hotplug_nic(nic)
+        await self._plug_and_run(nics, resume=parked)
         await self._take_identity(nics)
         self.start_path = "pool"
         self.timings = {"unpark": time.monotonic() - t0}
