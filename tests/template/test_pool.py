@@ -27,6 +27,7 @@ from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401
 from tests.integration.conftest import IMAGE, Containerd, image_archive, runtime_env  # noqa: F401
 from tests.integration.test_shim import RUNTIME as SHIM_RUNTIME
 from tests.integration.test_shim import cd, shim_env  # noqa: F401
+from tests.network.conftest import Lab, lab, peer_http, with_netns  # noqa: F401
 from tests.vm.conftest import processes_mentioning
 
 READY_S = 240
@@ -378,6 +379,27 @@ def test_a_claimed_supervisor_killed_with_sigkill_leaves_nothing_once_deleted(
     os.kill(idle["pid"], signal.SIGKILL)
     _gone([idle["pid"], idle["qemu_pid"]], 30)
     runv("delete", "--force", "k1")
+    service.idle(1)
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
+@pytest.mark.parametrize("idle", ["paused", "running"])
+def test_a_pooled_vm_gets_the_containers_network(runv: Runv, pool: Callable[[str], Pool],  # noqa: F811
+                                                 lab: Lab, idle: str) -> None:  # noqa: F811
+    """The claimed VM hot-plugs the NICs of the container's network namespace (into a
+    stopped VM, or a running one)."""
+    net = lab.subnet
+    container, peer = lab.pair(9)
+    peer_http(lab, peer, f"10.{net}.9.1")
+    service = pool(f'[pool]\nsize = 1\nidle = "{idle}"\n')
+    member = _members(service.idle(1), "idle")[0]
+    bundle = runv.bundle(["sh", "-c", f"wget -q -O - http://10.{net}.9.1:8080/ | head -n 1"],
+                         with_netns(lab.path(container)))
+    result = runv("--debug", "run", "--bundle", str(bundle), "n1")
+    assert f"QEMU pid {member['qemu_pid']})" in (runv.top / "log.json").read_text()
+    assert "mss=" in result.stdout.decode(), result.stdout + result.stderr
+    assert lab.mirror_state(container) == []
     service.idle(1)
     assert service.stop() == 0
     assert service.leftovers() == []
