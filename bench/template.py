@@ -6,6 +6,9 @@
 - 10 clones started in parallel (Sandbox.boot, in one process): p99 / a single start, failures.
 - Host memory of those 10 clones, idle: PSS per QEMU, and the share of each clone's resident
   guest RAM still shared with the template (not copied on write). Target >= 50%.
+- The warm pool (`runv pool serve`, size 1): `runv run` to the first line when it takes a
+  pooled VM, over the cold boot; with idle VMs paused and running: the CPU an idle pooled
+  sandbox (supervisor + QEMU) uses, and the hand-over ("unpark") time.
 
     python bench/template.py [--n 5] [--floor-n 10] [--clones 10] [--json FILE]
 """
@@ -14,9 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +58,59 @@ def runv_to_line(top: Path, bundle: Path, mode: str, n: int) -> dict[str, Any]:
                   and word.strip("():") in ("cold", "template", "template-built",
                                             "cold-fallback")]
     return {"to_line": summary(line), "paths": sorted(set(paths))}
+
+
+def _cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total
+
+
+def _pool_status(env: dict[str, str], timeout_s: float = 300) -> dict[str, Any]:
+    """The pool's status once it holds one idle VM and starts none."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = subprocess.run([RUNV, "pool", "status", "--format", "json"], env=env,
+                              capture_output=True, check=False)
+        if done.returncode == 0:
+            status: dict[str, Any] = json.loads(done.stdout)
+            idle = [m for m in status["members"] if m["state"] == "idle"]
+            if idle and not any(m["state"] == "starting" for m in status["members"]):
+                return status
+        time.sleep(0.2)
+    raise RuntimeError("the warm pool did not fill")
+
+
+def pool_to_line(top: Path, bundle: Path, idle: str, n: int) -> dict[str, Any]:
+    cfg_file = top / f"config-pool-{idle}.toml"
+    cfg_file.write_text(f'state_dir = "{top / ("state-pool-" + idle)}"\ntemplate = "auto"\n'
+                        f'[pool]\nsize = 1\nidle = "{idle}"\n')
+    env = dict(os.environ, RUNV_CONFIG=str(cfg_file))
+    with open(top / f"pool-{idle}.log", "wb") as log:
+        serve = subprocess.Popen([RUNV, "pool", "serve"], env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    try:
+        member = next(m for m in _pool_status(env)["members"] if m["state"] == "idle")
+        pids = [member["pid"], member["qemu_pid"]]
+        ticks, t0 = _cpu_ticks(pids), time.monotonic()
+        time.sleep(10)
+        cpu = (_cpu_ticks(pids) - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
+        line, unpark = [], []
+        for i in range(n):
+            _pool_status(env)
+            argv = [RUNV, "--root", str(top / "root"), "--debug", "run", "--bundle",
+                    str(bundle), f"pool-{idle}{i}"]
+            t_line, _, out, err = timed_run(argv, env)
+            assert out == b"bench-line\n" and "created (pool" in err, err[-500:]
+            line.append(t_line)
+            unpark += [int(ms) / 1000 for ms in re.findall(r"unpark (\d+) ms", err)]
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(120)
+    return {"to_line": summary(line), "unpark_s": summary(unpark) if unpark else None,
+            "idle_cpu_per_s": round(cpu, 4)}
 
 
 def _mapping_of(pid: int, path: Path) -> dict[str, int]:
@@ -126,6 +186,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--floor-n", type=int, default=10)
     parser.add_argument("--clones", type=int, default=10)
+    parser.add_argument("--pool-n", type=int, help="runs from the warm pool (default --n)")
     parser.add_argument("--json")
     args = parser.parse_args()
     cfg = config.load(None)
@@ -137,6 +198,8 @@ def main() -> int:
         floor = [asyncio.run(floor_boot(cfg)) for _ in range(args.floor_n)]
         cold = runv_to_line(top, bundle, "off", args.n)
         warm = runv_to_line(top, bundle, "auto", args.n)
+        pooled = {idle: pool_to_line(top, bundle, idle, args.pool_n or args.n)
+                  for idle in ("paused", "running")}
         state = top / "vms"
         many = asyncio.run(clones(replace(cfg, state_dir=state, template="auto"), args.clones))
         floor_median = statistics.median(floor)
@@ -144,11 +207,15 @@ def main() -> int:
             "floor_boot": summary(floor),
             "runv_run_cold": cold,
             "runv_run_template": warm,
+            "runv_run_pool": pooled,
             "clones": many,
             "ratios": {
                 "template_over_cold": round(warm["to_line"]["median"]
                                             / cold["to_line"]["median"], 3),
                 "template_over_floor": round(warm["to_line"]["median"] / floor_median, 3),
+                **{f"pool_{idle}_over_cold": round(pooled[idle]["to_line"]["median"]
+                                                    / cold["to_line"]["median"], 3)
+                   for idle in pooled},
                 "parallel_p99_over_single": many["p99_over_single"],
             },
             "targets": {"template_over_cold": 0.25, "template_over_floor": 1.3,

@@ -158,9 +158,12 @@ class Sandbox:
                memory: int | str | None = None, env: Mapping[str, str] | None = None,
                workdir: str | None = None, volumes: Sequence[str] = (),
                timeout: float | None = None, name: str | None = None,
-               state_root: Path | None = None, data_root: Path | None = None) -> Sandbox:
+               state_root: Path | None = None, data_root: Path | None = None,
+               template: str | None = None) -> Sandbox:
         """Boot a sandbox from `image`. `memory` is bytes or a size like "512m"; `volumes`
-        are "HOST:GUEST[:ro]"; `timeout` (seconds) ends the sandbox when it lives longer.
+        are "HOST:GUEST[:ro]"; `timeout` (seconds) ends the sandbox when it lives longer;
+        `template` "auto" (a VM from the warm pool or a template) or "off" (a cold boot)
+        overrides the runtime config's `template`.
         The sandbox's first process sleeps; commands run beside it. A monitor process owns
         it and ends it when this process ends, even by SIGKILL."""
         engine = Engine(state_root, data_root)
@@ -169,7 +172,7 @@ class Sandbox:
             env=tuple(f"{k}={v}" for k, v in (env or {}).items()), workdir=workdir,
             volumes=tuple(opt.parse_volume(v) for v in volumes), cpus=cpus,
             memory=opt.parse_size(memory, "memory") if isinstance(memory, str) else memory,
-            timeout_s=timeout, auto_remove=True)
+            timeout_s=timeout, auto_remove=True, template=template)
         workload = engine.prepare(options, detached=True)
         engine.run_detached(workload, owner=os.getpid())
         return cls(engine, workload)
@@ -350,12 +353,12 @@ class AsyncSandbox:
                      memory: int | str | None = None, env: Mapping[str, str] | None = None,
                      workdir: str | None = None, volumes: Sequence[str] = (),
                      timeout: float | None = None, name: str | None = None,
-                     state_root: Path | None = None,
-                     data_root: Path | None = None) -> AsyncSandbox:
+                     state_root: Path | None = None, data_root: Path | None = None,
+                     template: str | None = None) -> AsyncSandbox:
         box = await asyncio.to_thread(
             Sandbox.create, image, cpus=cpus, memory=memory, env=env, workdir=workdir,
             volumes=volumes, timeout=timeout, name=name, state_root=state_root,
-            data_root=data_root)
+            data_root=data_root, template=template)
         return cls(box)
 
     @property

@@ -23,6 +23,7 @@ RootfsKind = Literal["block", "initrd"]
 ChannelKind = Literal["vsock", "serial"]
 SharedFs = Literal["virtio-fs", "9p"]
 TemplateMode = Literal["auto", "off"]
+PoolIdle = Literal["paused", "running"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,21 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """The warm pool `runv pool serve` keeps (docs/templates.md, Warm pool)."""
+
+    # Idle VMs per size.
+    size: int = 2
+    # Ceiling over the guest memory of all idle (and starting) pooled VMs.
+    memory_mib: int = 2048
+    # VM sizes kept warm besides the default sandbox's ([hypervisor] memory_mib, vcpus), as
+    # [memory_mib, vcpus] pairs.
+    sizes: tuple[tuple[int, int], ...] = ()
+    # Idle VMs stopped (no CPU) or running.
+    idle: PoolIdle = "paused"
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
@@ -71,6 +87,7 @@ class RuntimeConfig:
     # that fails; off: always cold boot (docs/templates.md).
     template: TemplateMode = "auto"
     template_dir: Path = DEFAULT_TEMPLATE_DIR
+    pool: PoolConfig = field(default_factory=PoolConfig)
     source: str = "(defaults)"
 
 
@@ -78,6 +95,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "vcpus": (1, 255),
     "memory_mib": (64, 1024 * 1024),
     "boot_timeout_s": (1, 3600),
+    "size": (0, 64),
 }
 
 
@@ -111,7 +129,26 @@ def _convert(where: str, name: str, kind: Any, value: Any) -> Any:
 _KINDS: dict[str, Any] = {
     "accelerator": Accelerator, "machine": MachineType, "rootfs": RootfsKind,
     "channel": ChannelKind, "shared_fs": SharedFs, "template": TemplateMode,
+    "idle": PoolIdle,
 }
+
+
+def _pool_section(where: str, raw: Any) -> PoolConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table")
+    sizes = raw.get("sizes", [])
+    pairs = []
+    if not isinstance(sizes, list):
+        raise ConfigError(f"{where}: sizes must be a list of [memory_mib, vcpus] pairs")
+    for i, pair in enumerate(sizes):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ConfigError(f"{where}: sizes[{i}] must be a [memory_mib, vcpus] pair, "
+                              f"not {pair!r}")
+        pairs.append((_convert(f"{where} sizes[{i}]", "memory_mib", int, pair[0]),
+                      _convert(f"{where} sizes[{i}]", "vcpus", int, pair[1])))
+    section: PoolConfig = _section(where, PoolConfig,
+                                   {k: v for k, v in raw.items() if k != "sizes"})
+    return replace(section, sizes=tuple(pairs))
 
 
 def _section(where: str, cls: Any, raw: Any) -> Any:
@@ -142,13 +179,15 @@ def parse(text: str, source: str) -> RuntimeConfig:
         elif key == "network":
             config = replace(config, network=_section(f"{source} [network]", NetworkConfig,
                                                       value))
+        elif key == "pool":
+            config = replace(config, pool=_pool_section(f"{source} [pool]", value))
         elif key in ("state_dir", "template_dir"):
             config = replace(config, **{key: _convert(source, key, Path, value)})
         elif key == "template":
             config = replace(config, template=_convert(source, key, TemplateMode, value))
         else:
             raise ConfigError(f"{source}: unknown key {key!r} (known: hypervisor, guest, "
-                              "network, state_dir, template, template_dir)")
+                              "network, pool, state_dir, template, template_dir)")
     return config
 
 

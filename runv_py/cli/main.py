@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from . import pool as pool_cli
 from . import template as template_cli
 from .errors import run_guarded
 
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pids-limit", type=int)
     _id(p)
     template_cli.add_parser(sub)
+    pool_cli.add_parser(sub)
     p = sub.add_parser("events", help="print OOM and exit events, or --stats once")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--interval", default="5s", help=argparse.SUPPRESS)
@@ -256,6 +258,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if command == "template":
         return template_cli.run(args)
+    if command == "pool":
+        return pool_cli.run(args)
     if command == "features":
         from ..oci import features
 

@@ -59,6 +59,15 @@ def _alive(pid: int, start_time: int) -> bool:
     return pid > 0 and child.is_running(pid, start_time)
 
 
+def _own_cgroup() -> str:
+    """This process's cgroup v2 path ("" on a v1 or hybrid host)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    return ""
+
+
 def _write_pid_file(path: str, pid: int) -> None:
     """go-runc parses the file with Atoi: the decimal pid and nothing else."""
     target = Path(path)
@@ -212,6 +221,9 @@ class Runtime:
         return record
 
     def _start_supervisor(self, record: ContainerRecord) -> ContainerRecord:
+        pooled = self._claim_pooled(record)
+        if pooled is not None:
+            return pooled
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         logfile = open(self.store.dir(record.id) / "supervisor.log", "ab")  # noqa: SIM115
         argv = [sys.executable, "-m", "runv_py.sandbox.supervisor", "--root", str(self.root),
@@ -242,6 +254,68 @@ class Runtime:
                 f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
                 extra={"container": record.id})
         record = record.with_(vm_dir=str(reply["vm_dir"]), status="created")
+        self.store.save(record)
+        return record
+
+    def _claim_pooled(self, record: ContainerRecord) -> ContainerRecord | None:
+        """Take an idle supervisor from the warm pool (pool.py) and hand it the container, or
+        None (one debug line) when there is none or the hand-over fails: start one then."""
+        fds: list[int] = []
+        try:
+            return self._claim_pooled_with(record, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _claim_pooled_with(self, record: ContainerRecord,
+                           fds: list[int]) -> ContainerRecord | None:
+        from . import pool
+        from .supervisor import sized, template_choice
+
+        t0 = time.time()
+        extra = {"container": record.id}
+        reply: dict[str, Any] | None = None
+        try:
+            spec = oci_spec.load(Path(record.bundle))
+            config = template_choice(sized(load_config(), spec), spec)
+            why = pool.unavailable(config)
+            if why is None:
+                # What goes to the pooled supervisor, made before a VM is taken for it.
+                with open(self.store.dir(record.id) / "supervisor.log", "ab") as logfile:
+                    fds.append(os.dup(logfile.fileno()))
+                if oci_spec.ROOTFS_OVERLAY_ANNOTATION not in spec.annotations:
+                    fds.append(shared.detached_tree(spec.root, "root.path"))
+                reply, why = pool.claim(config)
+        except (OSError, RunvError) as exc:
+            why = str(exc)
+        if reply is None:
+            log.debug("warm pool: not used (%s)", why, extra=extra)
+            return None
+        pid, start = int(reply["pid"]), int(reply["start"])
+        saved = record.with_(supervisor_pid=pid, supervisor_start=start,
+                             vm_dir=str(reply["vm_dir"]))
+        self.store.save(saved)
+        try:
+            with control.Connection(Path(reply["ctl"]), timeout_s=300) as conn:
+                result = conn.call({"op": "adopt", "id": record.id, "root": str(self.root),
+                                    "bundle": record.bundle, "debug": self.debug,
+                                    "spawned_at": t0, "cgroup": _own_cgroup()}, fds)
+        except (OSError, RunvError) as exc:
+            # The pooled supervisor drops its VM when the hand-over fails.
+            log.debug("warm pool: hand-over to pooled sandbox %s failed (%s); starting a "
+                      "sandbox instead", reply.get("sandbox"), exc, extra=extra)
+            if _alive(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            self._wait_gone(pid, start)
+            self.store.save(record)
+            return None
+        if self.debug:
+            timings: dict[str, float] = result.get("timings") or {}
+            log.debug(f"created (pool, sandbox {reply.get('sandbox')}, QEMU pid "
+                      f"{reply.get('qemu_pid')}): " + ", ".join(
+                          f"{k} {v * 1000:.0f} ms" for k, v in timings.items()), extra=extra)
+        record = saved.with_(status="created")
         self.store.save(record)
         return record
 

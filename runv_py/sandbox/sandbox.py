@@ -162,6 +162,17 @@ async def ensure_template(config: RuntimeConfig, share_tags: tuple[str, ...] = (
     return await store.ensure(inputs, vm, config.hypervisor.boot_timeout_s)
 
 
+def clone_key(config: RuntimeConfig, share_tags: tuple[str, ...] = ()) -> str:
+    """The template key a sandbox of this config with these 9p share tags restores from
+    (non-debug guest): what a warm pool keeps its idle VMs under."""
+    shares = tuple(Share(tag, Path("/")) for tag in share_tags)
+    inputs, _ = clone_base(config, "key", StatePaths(config.template_dir),
+                           assets.find(config.guest.assets_dir),
+                           accel.choose(config.hypervisor.accelerator), debug=False,
+                           shares=shares)
+    return inputs.key
+
+
 class Sandbox:
     def __init__(self, sandbox_id: str, config: RuntimeConfig) -> None:
         if not _ID.match(sandbox_id):
@@ -287,25 +298,55 @@ class Sandbox:
             await self.machine.start(pass_fds=(state.fileno(),))
             t2 = time.monotonic()
             await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
-        for nic in nics:
-            await self.machine.hotplug_nic(nic)
-        await self.machine.resume()
+        await self._plug_and_run(nics)
         t3 = time.monotonic()
         # A clone that does not answer soon is broken: fall back rather than wait a boot's time.
-        agent_timeout = min(timeout, max(10.0, timeout / 3))
+        agent_timeout = self._clone_agent_timeout()
         self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=agent_timeout)
         await self._wait_agent(agent_timeout)
         t4 = time.monotonic()
+        await self._take_identity(nics)
+        self.shares = shares
+        t5 = time.monotonic()
+        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t3 - t2,
+                        "agent": t4 - t3, "identity": t5 - t4, "total": t5 - t0}
+        self._log_ready()
+
+    def _clone_agent_timeout(self) -> float:
+        timeout = self.config.hypervisor.boot_timeout_s
+        return min(timeout, max(10.0, timeout / 3))
+
+    async def _plug_and_run(self, nics: tuple[Nic, ...], *, resume: bool = True) -> None:
+        """Hot-plug NICs into the stopped clone, then run it."""
+        assert self.machine is not None
+        for nic in nics:
+            await self.machine.hotplug_nic(nic)
+        if resume:
+            await self.machine.resume()
+
+    async def _take_identity(self, nics: tuple[Nic, ...]) -> None:
+        """What makes a clone its own guest: a reseeded RNG, the host's clock, its NICs."""
+        assert self.agent is not None
         now = time.time_ns()
         await asyncio.gather(self.agent.reseed_random(secrets.token_bytes(64)),
                              self.agent.set_guest_time(now // 1_000_000_000,
                                                        now % 1_000_000_000))
         if nics:
-            await self._wait_nics(nics, agent_timeout)
-        self.shares = shares
-        t5 = time.monotonic()
-        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t3 - t2,
-                        "agent": t4 - t3, "identity": t5 - t4, "total": t5 - t0}
+            await self._wait_nics(nics, self._clone_agent_timeout())
+
+    async def park(self) -> None:
+        """Stop a clone's vCPUs until unpark() (a warm pool's idle VM)."""
+        assert self.machine is not None
+        await self.machine.pause()
+
+    async def unpark(self, nics: tuple[Nic, ...], *, parked: bool = True) -> None:
+        """Hand an idle clone to its container: NICs, run, a fresh identity (the clone's RNG
+        and clock as when it was restored, again)."""
+        t0 = time.monotonic()
+        await self._plug_and_run(nics, resume=parked)
+        await self._take_identity(nics)
+        self.start_path = "pool"
+        self.timings = {"unpark": time.monotonic() - t0}
         self._log_ready()
 
     async def _wait_nics(self, nics: tuple[Nic, ...], timeout_s: float) -> None:

@@ -32,7 +32,7 @@ from ..errors import ContainerExists, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, enter_private_mount_namespace
 from ..store import state
-from . import control, guest_spec, pod
+from . import control, guest_spec, pod, pool_member, template
 from .network import SandboxNetwork
 from .sandbox import Sandbox
 
@@ -44,6 +44,7 @@ SHARED_FS_ANNOTATION = "org.runv.shared-fs"
 TEMPLATE_ANNOTATION = "org.runv.template"
 EXIT_OUTPUT_GRACE_S = 5.0
 ROOTFS_OVERLAY_ANNOTATION = oci_spec.ROOTFS_OVERLAY_ANNOTATION
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.RuntimeConfig:
@@ -115,16 +116,26 @@ class GuestContainer:
 
 class Supervisor:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.root = Path(args.root)
-        self.id: str = args.id
-        self.bundle = Path(args.bundle)
+        """A supervisor started for a container (--root, --id, --bundle), or a warm pool's
+        idle one (`pool` set), which learns its container when claimed (adopt())."""
         self.config_path: str | None = args.config
         self.debug: bool = args.debug
         self.spawned_at: float = args.spawned_at
-        self.container_dir = self.root / self.id
+        self.pool: pool_member.Member | None = None
+        if args.pool_fd is not None:
+            self.pool = pool_member.Member(args.pool_fd)
+            self.root = Path("/")
+            self.id = self.pool.sandbox_id
+            self.bundle = Path("/")
+            shared = self.pool.shared_dir(config_mod.load(self.config_path).state_dir)
+        else:
+            self.root = Path(args.root)
+            self.id = args.id
+            self.bundle = Path(args.bundle)
+            shared = self.root / self.id / "shared"
         self.sandbox: Sandbox | None = None
         self.network = SandboxNetwork(None)
-        self.shared = SharedDir(self.container_dir / "shared")
+        self.shared = SharedDir(shared)
         self.driver: ShareDriver = "virtiofs"
         self.containers: dict[str, GuestContainer] = {}
         self.pod_namespaces: dict[str, str] = {}  # type -> guest path (a pod's sandbox)
@@ -164,11 +175,16 @@ class Supervisor:
         # A VM started from a template serves its share over 9p: mount what the guest got.
         self.driver = self.sandbox.shares[0].driver
         await self.serve_control()
+        return await self._create_first(spec, binds, shares, t_setup)
+
+    async def _create_first(self, spec: oci_spec.Spec, binds: dict[int, str],
+                            shares: list[str], t_setup: float) -> dict[str, Any]:
+        """The sandbox container (or a pod's sandbox) in the running VM."""
+        assert self.sandbox is not None and self.sandbox.agent is not None
         t_create = time.monotonic()
         if pod.is_sandbox(spec.annotations):
-            assert self.sandbox.agent is not None
             self.pod_namespaces = await self.sandbox.agent.create_sandbox(
-                vm_dir.name, hostname=str(spec.raw.get("hostname") or ""),
+                self.sandbox.id, hostname=str(spec.raw.get("hostname") or ""),
                 shared_namespaces=pod.SHARED_NAMESPACES)
             # The sandbox container's own namespaces are the pod's.
             spec = replace(spec, raw={**spec.raw, "linux": _with_paths(
@@ -183,6 +199,87 @@ class Supervisor:
         timings.pop("total", None)
         return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings,
                 "start_path": self.sandbox.start_path}
+
+    # -- warm pool ----------------------------------------------------------------------------
+
+    async def prefill(self) -> dict[str, Any]:
+        """A pool's idle supervisor: its shared dir mounted, its VM restored from the template
+        (9p share), the agent connected, the VM parked."""
+        assert self.pool is not None
+        config = self.pool.config(config_mod.load(self.config_path))
+        self.driver = "9p"
+        self.shared.path.parent.mkdir(parents=True, exist_ok=True)
+        self.shared.open()
+        self.sandbox = await Sandbox.boot(
+            config, sandbox_id=self.id, debug=False,
+            shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver="9p"),))
+        if self.sandbox.start_path not in ("template", "template-built"):
+            raise RunvError(f"the pool's VM did not start from a template "
+                            f"({self.sandbox.start_path}); see the log above")
+        assert self.sandbox.agent is not None
+        # Translate the container set-up code in this QEMU now (TCG's cache is per process).
+        await template.warm_up(self.sandbox.agent)
+        if config.pool.idle == "paused":
+            await self.sandbox.park()
+        await self.serve_control()
+        assert self.sandbox.machine is not None
+        return {"ok": True, "vm_dir": str(self.sandbox.paths.root),
+                "qemu_pid": self.sandbox.machine.pid}
+
+    async def adopt(self, conn: control.ServerConnection, message: dict[str, Any],
+                    fds: list[int]) -> dict[str, Any]:
+        """Become the supervisor of the container a claimant names: fds are the container's
+        supervisor.log and, unless the rootfs is an overlay this supervisor mounts, a detached
+        tree of the rootfs. If the claimant goes away before the answer, the VM is dropped."""
+        assert self.pool is not None and self.sandbox is not None
+        t_setup = time.time()
+        self.pool.adopting()
+        work = asyncio.create_task(self._adopt(message, fds))
+        gone = asyncio.create_task(conn.recv())
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            log.warning("the claimant went away while taking this pooled VM: destroying it",
+                        extra=self.extra)
+            self.done.set()
+            return {"ok": False, "error": "claim abandoned"}
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        try:
+            spec, binds, shares = work.result()
+            return await self._create_first(spec, binds, shares, t_setup)
+        except BaseException:
+            self.done.set()  # a half-adopted VM is never reused
+            raise
+
+    async def _adopt(self, message: dict[str, Any], fds: list[int]
+                     ) -> tuple[oci_spec.Spec, dict[int, str], list[str]]:
+        assert self.pool is not None and self.sandbox is not None
+        logfile, tree = [*fds, -1, -1][:2]
+        if logfile >= 0:
+            os.dup2(logfile, 1)
+            os.dup2(logfile, 2)
+            os.close(logfile)
+        try:
+            self.root = Path(str(message["root"]))
+            self.id = state.check_id(str(message["id"]))
+            self.bundle = Path(str(message["bundle"]))
+            self.spawned_at = float(message.get("spawned_at") or time.time())
+            if message.get("debug"):
+                logging.getLogger().setLevel(logging.DEBUG)
+            spec = oci_spec.load(self.bundle)
+            binds, shares = self._share(spec, "rootfs", tree if tree >= 0 else None)
+        finally:
+            if tree >= 0:
+                os.close(tree)
+        _join_cgroup(str(message.get("cgroup") or ""), self._pids())
+        self.network = SandboxNetwork(spec.network_ns)
+        nics = await self.network.prepare()
+        await self.sandbox.unpark(nics, parked=self.pool.parked)
+        assert self.sandbox.agent is not None
+        await self.network.configure(self.sandbox.agent)
+        return spec, binds, shares
 
     def _mount_overlay(self, value: str, name: str) -> str:
         field = f"annotations[{ROOTFS_OVERLAY_ANNOTATION!r}]"
@@ -278,6 +375,11 @@ class Supervisor:
                 await self._vm_maybe_pause()
         return {"ok": True, "vm_dir": str(self._sandbox().paths.root)}
 
+    def _pids(self) -> list[int]:
+        """This supervisor and its VM's processes."""
+        machine = self._sandbox().machine
+        return [os.getpid(), *([machine.pid] if machine and machine.pid else [])]
+
     @property
     def driver_name(self) -> str:
         return "virtio-fs" if self.driver == "virtiofs" else "9p"
@@ -367,7 +469,11 @@ class Supervisor:
                     finally:
                         self.attachments.discard(task)
                     return
-                if op == "create":
+                if op == "adopt":
+                    if self.pool is None or not self.pool.claimed or self.containers:
+                        raise InvalidState("this supervisor is not a claimed pooled one")
+                    reply = await self.adopt(conn, message, fds)
+                elif op == "create":
                     reply = await self._join(str(message["container"]),
                                              Path(message["bundle"]), fds)
                 else:
@@ -642,6 +748,23 @@ class Supervisor:
             await self.sandbox.close()
         await self.network.close()
         self.shared.close()
+        if self.pool is not None:
+            with contextlib.suppress(OSError):
+                self.shared.path.rmdir()
+
+
+def _join_cgroup(path: str, pids: list[int]) -> None:
+    """Move a claimed pooled sandbox into its claimant's cgroup (v2), where a supervisor the
+    claimant started would have been: its CPU and memory count there, not in the pool's."""
+    if not path.startswith("/") or not (CGROUP_ROOT / "cgroup.controllers").exists():
+        return  # not a cgroup v2 host (v1 or hybrid: the sandbox stays where it is)
+    procs = CGROUP_ROOT / path.lstrip("/") / "cgroup.procs"
+    try:
+        for pid in pids:
+            procs.write_text(f"{pid}\n")
+    except OSError as exc:
+        log.warning("could not move the sandbox into cgroup %s: %s", path,
+                    exc.strerror or exc)
 
 
 def _with_paths(linux: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
@@ -681,6 +804,38 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+async def _run_pooled(args: argparse.Namespace) -> int:
+    """A warm pool's supervisor: report ready over the pool's link, then wait to be claimed.
+    Idle, it ends when the pool goes (the link's end); claimed, when its container does."""
+    supervisor = Supervisor(args)
+    member = supervisor.pool
+    assert member is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, supervisor.done.set)
+    watch = asyncio.create_task(member.watch(supervisor.done))
+    try:
+        boot = asyncio.create_task(supervisor.prefill())
+        done = asyncio.create_task(supervisor.done.wait())
+        await asyncio.wait({boot, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not boot.done():
+            boot.cancel()
+        done.cancel()
+        try:
+            reply = await boot
+        except asyncio.CancelledError:
+            return 0
+        except BaseException as exc:
+            member.report(control.error_reply(exc))
+            raise
+        member.report(reply)
+        await supervisor.done.wait()
+        return 0
+    finally:
+        watch.cancel()
+        await supervisor.close()
+
+
 async def _run(args: argparse.Namespace, status_fd: int) -> int:
     supervisor = Supervisor(args)
     loop = asyncio.get_running_loop()
@@ -702,20 +857,26 @@ async def _run(args: argparse.Namespace, status_fd: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="runv-supervisor")
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--id", required=True)
-    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--root")
+    parser.add_argument("--id")
+    parser.add_argument("--bundle")
     parser.add_argument("--config")
-    parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--status-fd", type=int)
+    parser.add_argument("--pool-fd", type=int,
+                        help="a warm pool's idle supervisor: its link to `runv pool serve`")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--spawned-at", type=float, default=time.time())
     args = parser.parse_args(argv)
+    if args.pool_fd is None and None in (args.root, args.id, args.bundle, args.status_fd):
+        parser.error("--root, --id, --bundle and --status-fd are required (or --pool-fd)")
     from .. import log
 
     # Before any thread exists: unshare(CLONE_NEWNS) refuses a process with threads.
     enter_private_mount_namespace()
     log.setup(debug=args.debug, fmt="json")
     try:
+        if args.pool_fd is not None:
+            return asyncio.run(_run_pooled(args))
         return asyncio.run(_run(args, args.status_fd))
     except RunvError as exc:
         log_ = logging.getLogger(__name__)

@@ -295,7 +295,7 @@ async def _boot_and_save_in(work: Path, run: Path, vm: VmConfig, timeout_s: floa
         except TimeoutError:
             raise BootTimeout(f"template VM: the agent did not answer within {timeout_s:g}s; "
                               "guest console:\n" + tail(vm.console_log)) from None
-        await _warm_up(agent)
+        await warm_up(agent)
         # The agent must be waiting for a host session when saved, so that each clone's
         # first connection is a fresh session.
         machine.forget_port_events()
@@ -314,7 +314,7 @@ async def _boot_and_save_in(work: Path, run: Path, vm: VmConfig, timeout_s: floa
     return (work / STATE).stat().st_size
 
 
-async def _warm_up(agent: AgentClient) -> None:
+async def warm_up(agent: AgentClient) -> None:
     """Do once in the template what each sandbox's first container would: the agent imports
     its container engine, storage and network modules on first use, and the init
     helper's files come from the (compressed) root image; clones inherit all of it in memory.

@@ -122,6 +122,8 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, wor
         "org.runv.image": image.ref,
         **{f"org.runv.label.{k}": v for k, v in options.labels.items()},
     }
+    if options.template is not None:
+        spec["annotations"]["org.runv.template"] = options.template
     return spec
 
 

@@ -45,6 +45,8 @@ class RunOptions:
     timeout_s: float | None = None
     auto_remove: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    # auto / off: the org.runv.template annotation (None: the runtime config's `template`).
+    template: str | None = None
 
 
 def parse_size(text: str, flag: str) -> int:

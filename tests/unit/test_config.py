@@ -65,3 +65,27 @@ def test_agent_channel_is_vsock_by_default_and_serial_on_request(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"c.toml \[guest\]: channel must be one of vsock, "
                                           r"serial, not 'virtio'"):
         config.parse('[guest]\nchannel = "virtio"\n', "c.toml")
+
+
+def test_pool_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[pool]\nsize = 3\nmemory_mib = 1024\nsizes = [[512, 2]]\nidle = "running"\n')
+    pool = config.load(path).pool
+    assert (pool.size, pool.memory_mib, pool.sizes, pool.idle) == (3, 1024, ((512, 2),),
+                                                                   "running")
+    assert config.RuntimeConfig().pool.size == 2 and config.RuntimeConfig().pool.idle == "paused"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[pool]\nsizes = [[512]]\n', "sizes[0] must be a [memory_mib, vcpus] pair"),
+    ('[pool]\nsizes = [[32, 1]]\n', "memory_mib must be between"),
+    ('[pool]\nidle = "asleep"\n', "idle must be one of paused, running"),
+    ('[pool]\nsize = -1\n', "size must be between 0 and 64"),
+    ('[pool]\nwarm = 1\n', "unknown key 'warm'"),
+])
+def test_bad_pool_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"\[pool\]") as info:
+        config.load(path)
+    assert message in str(info.value)

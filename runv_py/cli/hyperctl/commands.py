@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ... import __version__
 from ...errors import ConfigError, RunvError
 from ...oci.image.progress import human_size
+from .. import pool as pool_cli
 from .. import template as template_cli
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ def add_all(sub: Any) -> None:
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("--timeout", metavar="DURATION",
                    help="kill the sandbox after this long, e.g. 30s, 10m (exit status 137)")
+    p.add_argument("--template", choices=("auto", "off"),
+                   help="start the VM from a template or the warm pool (auto), or boot it "
+                        "cold (off); default: the runtime config's `template`")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
 
@@ -125,6 +129,7 @@ def add_all(sub: Any) -> None:
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="the archive (.tar)")
 
     template_cli.add_parser(sub)
+    pool_cli.add_parser(sub)
 
     version = sub.add_parser(
         "version", help="show host and guest versions (boots a throw-away VM)",
@@ -141,6 +146,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_version(args))
     if args.command == "template":
         return template_cli.run(args)
+    if args.command == "pool":
+        return pool_cli.run(args)
     from ...workload.engine import Engine
 
     engine = Engine(Path(args.root) if args.root else None,
@@ -168,7 +175,7 @@ def _run(engine: Engine, args: argparse.Namespace) -> int:
             read_only=args.read_only, tty=args.tty, interactive=args.interactive,
             timeout_s=(opt.parse_duration(args.timeout, "--timeout")
                        if args.timeout else None),
-            auto_remove=args.rm)
+            auto_remove=args.rm, template=args.template)
         if args.detach and args.tty:
             raise ConfigError("-t with -d: hyperctl has no attach, so a detached container "
                               "cannot have a terminal (drop -t)")

@@ -1,0 +1,72 @@
+"""`runv pool`: the warm pool of idle sandboxes restored from templates (serve it, show it)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+HELP = """\
+The warm pool keeps idle sandboxes ready: each is a supervisor whose VM is already restored
+from the template, with its agent connected (docs/templates.md, Warm pool). `runv create`/`run`,
+the containerd shim and hyperctl take one from the pool when `runv pool serve` runs for their
+state_dir and the sandbox's size is kept warm; otherwise they start a sandbox as usual. A pooled
+VM serves one container and is destroyed with it; the pool starts another in the background.
+Configure it in the [pool] section of the runtime config (size, memory_mib, sizes, idle).
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("pool", help="serve or show the warm pool of idle sandboxes",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = p.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
+    actions.add_parser(
+        "serve", help="run the pool service in the foreground (SIGTERM destroys idle VMs)",
+        description="Keep [pool] size idle sandboxes per size until SIGTERM/SIGINT, which "
+                    "destroys the idle ones (claimed ones live on with their containers). "
+                    "One service per state_dir; see contrib/runv-pool.service.")
+    status = actions.add_parser("status", help="idle/starting/claimed counts and memory")
+    status.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import config as config_mod
+    from ..errors import RunvError
+    from ..sandbox import pool
+
+    config = config_mod.load()
+    if args.pool_command == "serve":
+        return asyncio.run(_serve(config, bool(args.debug)))
+    try:
+        reply = pool.request(config.state_dir, {"op": "status"})
+    except ConnectionError as exc:
+        raise RunvError(f"{exc}: start it with `runv pool serve`") from None
+    if args.format == "json":
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(f"memory {reply['memory_mib']} of {reply['memory_ceiling_mib']} MiB, "
+          f"{reply['size']} per size, idle VMs {reply['idle_state']}, "
+          f"{reply['claims']} claimed since start")
+    print(f"{'KEY':<18}{'MEMORY':<8}{'VCPUS':<7}{'IDLE':<6}{'STARTING':<10}CLAIMED")
+    for key, row in reply["keys"].items():
+        print(f"{key:<18}{str(row['memory_mib']) + 'M':<8}{row['vcpus']!s:<7}"
+              f"{row['idle']!s:<6}{row['starting']!s:<10}{row['claimed_running']}")
+    return 0
+
+
+async def _serve(config: Any, debug: bool) -> int:
+    from ..sandbox import pool
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"warm pool for state_dir {config.state_dir} (SIGTERM stops it)", file=sys.stderr,
+          flush=True)
+    service = pool.PoolService(config, os.environ.get("RUNV_CONFIG"), debug=debug)
+    await service.serve(stop)
+    return 0

@@ -1,0 +1,409 @@
+"""The warm pool: `runv pool serve` keeps idle sandbox supervisors, each with its VM restored
+from the template and its shared dir mounted, and a container's create claims one instead of
+starting a supervisor (docs/templates.md, Warm pool).
+
+The pool is a service on `<state_dir>/pool/pool.sock` (the control protocol of control.py):
+{"op": "claim", "key": K} hands out one idle supervisor for template key K (removed from the
+pool before the answer; the claimant then sends it `adopt` on its own control socket), and
+{"op": "status"} counts. Pooled VMs are never returned: a claimed supervisor ends with its
+container, and the pool starts another."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .. import child
+from ..config import RuntimeConfig
+from ..errors import ConfigError, RunvError
+from . import control, guest_spec
+from .pool_member import MAX_PACKET, shares_dir
+from .sandbox import StatePaths, clone_key
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 300.0
+CLAIM_TIMEOUT_S = 10.0
+RETRY_S = (2.0, 60.0)  # back-off after a member failed to start: first, most
+
+
+def socket_path(state_dir: Path) -> Path:
+    return state_dir / "pool" / "pool.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    memory_mib: int
+    vcpus: int
+
+    def config(self, config: RuntimeConfig) -> RuntimeConfig:
+        return replace(config, hypervisor=replace(config.hypervisor, memory_mib=self.memory_mib,
+                                                  vcpus=self.vcpus))
+
+
+def sizes(config: RuntimeConfig) -> list[Size]:
+    """The default sandbox size first, then [pool] sizes, without repeats."""
+    out = [Size(config.hypervisor.memory_mib, config.hypervisor.vcpus)]
+    for memory_mib, vcpus in config.pool.sizes:
+        if Size(memory_mib, vcpus) not in out:
+            out.append(Size(memory_mib, vcpus))
+    return out
+
+
+def key_of(config: RuntimeConfig) -> str:
+    """The pool key of a sandbox with this (sized) config: its template's key."""
+    return clone_key(config, (guest_spec.SHARED_TAG,))
+
+
+@dataclass(slots=True)
+class Pooled:
+    """One supervisor the pool started."""
+
+    sandbox_id: str
+    size: Size
+    key: str
+    proc: child.Child
+    link: socket.socket
+    state: str = "starting"  # idle, claimed; retired (its key is stale), gone
+    info: dict[str, Any] = field(default_factory=dict)
+    since: float = field(default_factory=time.monotonic)
+
+
+class PoolService:
+    def __init__(self, config: RuntimeConfig, config_path: str | None, *,
+                 debug: bool = False) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.debug = debug
+        self.root = config.state_dir / "pool"
+        self.keys: dict[str, Size] = {}
+        self.members: list[Pooled] = []
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.failures = 0
+        self.claims = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _pooled_memory(self) -> int:
+        return sum(m.size.memory_mib for m in self.members if m.state != "claimed")
+
+    def _count(self, key: str, *states: str) -> int:
+        return sum(1 for m in self.members if m.key == key and m.state in states)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Until `stop`: keep the pool full, answer claims. Then destroy every idle VM."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"another `runv pool serve` runs for state_dir "
+                                  f"{self.config.state_dir}") from None
+            await self._serve_locked(stop)
+            # Nothing left behind. The lock file goes while still held: a service starting
+            # meanwhile either fails to lock it (this one still runs) or makes a new one.
+            with contextlib.suppress(OSError):
+                shares_dir(self.config.state_dir).rmdir()
+            (self.root / "lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
+        finally:
+            os.close(lock)
+
+    async def _serve_locked(self, stop: asyncio.Event) -> None:
+        self._sweep()
+        self.keys = self._keys()
+        for size in self.keys.values():
+            if size.memory_mib > self.config.pool.memory_mib:
+                log.warning("a %d MiB VM does not fit under the pool's memory ceiling of %d "
+                            "MiB ([pool] memory_mib): none will be kept", size.memory_mib,
+                            self.config.pool.memory_mib)
+        path = socket_path(self.config.state_dir)
+        path.unlink(missing_ok=True)
+        listener = control.listen(path)
+        log.info("warm pool on %s: %d per size, ceiling %d MiB, sizes %s", path,
+                 self.config.pool.size, self.config.pool.memory_mib,
+                 ", ".join(f"{s.memory_mib} MiB/{s.vcpus} vCPU (key {k})"
+                           for k, s in self.keys.items()))
+        tasks = [asyncio.create_task(self._accept(listener)),
+                 asyncio.create_task(self._refill())]
+        try:
+            await stop.wait()
+        finally:
+            self.stopping = True
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            listener.close()
+            path.unlink(missing_ok=True)
+            await self._destroy_idle()
+
+    def _keys(self) -> dict[str, Size]:
+        keys: dict[str, Size] = {}
+        for size in sizes(self.config):
+            keys.setdefault(key_of(size.config(self.config)), size)
+        return keys
+
+    def _rekey(self) -> None:
+        """Follow rebuilt assets or an upgraded QEMU (new template keys): the idle VMs of keys
+        that no sandbox can ask for any more are destroyed, and the pool fills anew."""
+        try:
+            keys = self._keys()
+        except (RunvError, OSError) as exc:
+            log.warning("cannot compute the pool's template keys: %s", exc)
+            return
+        if keys == self.keys:
+            return
+        log.info("template keys changed (%s -> %s): replacing the idle VMs",
+                 ", ".join(self.keys), ", ".join(keys))
+        self.keys = keys
+        for member in self.members:
+            if member.key not in keys and member.state in ("starting", "idle"):
+                member.state = "retired"
+                member.proc.signal(signal.SIGTERM)
+        self.wake.set()
+
+    def _sweep(self) -> None:
+        """Shared-dir mount points of pooled supervisors that died without removing them (the
+        mounts themselves were in their private mount namespaces)."""
+        sandboxes = self.config.state_dir / "sandboxes"
+        for entry in list(shares_dir(self.config.state_dir).glob("*")):
+            owner = StatePaths(sandboxes / entry.name).owner
+            try:
+                pid, start = owner.read_text().split()
+                if child.is_running(int(pid), int(start)):
+                    continue
+            except (OSError, ValueError):
+                pass
+            with contextlib.suppress(OSError):
+                entry.rmdir()
+
+    async def _destroy_idle(self) -> None:
+        pending = [m for m in self.members if m.state != "claimed"]
+        for member in pending:
+            member.link.close()  # an idle member ends when its link does
+        results = await asyncio.gather(*(m.proc.stop(grace_s=20) for m in pending),
+                                       return_exceptions=True)
+        for member, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("pooled supervisor %d did not stop: %s", member.proc.pid, result)
+        log.info("warm pool stopped: %d idle VMs destroyed", len(pending))
+
+    # -- filling ------------------------------------------------------------------------------
+
+    def _wanted(self) -> Size | None:
+        """The next size to start a VM of, or None (all full, or the ceiling is reached)."""
+        if any(m.state == "starting" for m in self.members):
+            return None  # one at a time: a restore is CPU-heavy under TCG
+        for key, size in self.keys.items():
+            if self._count(key, "starting", "idle") < self.config.pool.size \
+                    and self._pooled_memory() + size.memory_mib <= self.config.pool.memory_mib:
+                return size
+        return None
+
+    async def _refill(self) -> None:
+        while True:
+            size = self._wanted()
+            if size is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            ok = await self._start_member(size)
+            if ok:
+                self.failures = 0
+            else:
+                self.failures += 1
+                await asyncio.sleep(min(RETRY_S[1], RETRY_S[0] * 2 ** (self.failures - 1)))
+
+    async def _start_member(self, size: Size) -> bool:
+        config = size.config(self.config)
+        sandbox_id = f"pool-{secrets.token_hex(6)}"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argv = [sys.executable, "-m", "runv_py.sandbox.supervisor",
+                "--pool-fd", str(theirs.fileno())]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        if self.debug:
+            argv.append("--debug")
+        try:
+            # Its own session, not killed with the pool: once claimed it is a container's.
+            proc = await child.spawn(argv, stdout=None, stderr=None,
+                                     pass_fds=(theirs.fileno(),), new_session=True,
+                                     die_with_parent=False)
+        finally:
+            theirs.close()
+        member = Pooled(sandbox_id, size, key_of(config), proc, ours)
+        self.members.append(member)
+        self._task(self._reap(member))
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            ours.send(json.dumps({"id": sandbox_id, "memory_mib": size.memory_mib,
+                                  "vcpus": size.vcpus,
+                                  "idle": self.config.pool.idle}).encode())
+            data = await asyncio.wait_for(loop.sock_recv(ours, MAX_PACKET), READY_TIMEOUT_S)
+            reply = json.loads(data) if data else {"ok": False, "error": "exited"}
+        except (OSError, ValueError, TimeoutError) as exc:
+            reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+        if member.state == "retired":
+            ours.close()
+            await proc.stop()
+            return True
+        if not reply.get("ok") or member.state != "starting":
+            log.warning("a pooled VM failed to start: %s", reply.get("error"))
+            ours.close()  # a member that is still starting ends with its link
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), 10)
+            await proc.stop()
+            return False
+        member.state = "idle"
+        member.info = {**reply, "pid": proc.pid, "start": proc.start_time}
+        log.info("pooled VM %s ready (key %s, QEMU pid %s) in %.1fs", sandbox_id, member.key,
+                 reply.get("qemu_pid"), time.monotonic() - member.since)
+        return True
+
+    async def _reap(self, member: Pooled) -> None:
+        """The pool is the members' parent: collect each one's exit, idle or claimed."""
+        code = await member.proc.wait()
+        if member.state == "idle" and not self.stopping:
+            log.warning("idle pooled supervisor %d exited (%d); replacing it",
+                        member.proc.pid, code)
+        if member.state == "starting":
+            member.state = "gone"
+        with contextlib.suppress(ValueError):
+            self.members.remove(member)
+        member.link.close()
+        # Its shared dir's mount point, if it could not remove it (SIGKILLed).
+        with contextlib.suppress(OSError):
+            (shares_dir(self.config.state_dir) / member.sandbox_id).rmdir()
+        self.wake.set()
+
+    # -- claims -------------------------------------------------------------------------------
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            self._task(self._answer(control.ServerConnection(conn)))
+
+    async def _answer(self, conn: control.ServerConnection) -> None:
+        try:
+            message = await conn.recv_message()
+            if message is None:
+                return
+            op = message.get("op")
+            if op == "claim":
+                conn.send(await self.claim(str(message.get("key"))))
+            elif op == "status":
+                conn.send(self.status())
+            else:
+                conn.send({"ok": False, "error": f"unknown pool operation {op!r}"})
+        except Exception as exc:
+            log.debug("pool request failed", exc_info=True)
+            conn.send(control.error_reply(exc))
+        finally:
+            conn.close()
+
+    async def claim(self, key: str) -> dict[str, Any]:
+        """Hand out an idle member of `key`: it leaves the pool before anyone else can see it
+        and acknowledges the claim; one that does not (dying) is dropped and the next tried."""
+        loop = asyncio.get_running_loop()
+        if key not in self.keys:
+            self._rekey()
+        while True:
+            member = next((m for m in self.members if m.key == key and m.state == "idle"), None)
+            if member is None:
+                why = "no such size in the pool" if key not in self.keys else "empty"
+                return {"ok": True, "ctl": None, "why": why}
+            member.state = "claimed"
+            self.wake.set()
+            try:
+                member.link.send(json.dumps({"op": "claimed"}).encode())
+                data = await asyncio.wait_for(loop.sock_recv(member.link, MAX_PACKET),
+                                              CLAIM_TIMEOUT_S)
+                acked = bool(data) and json.loads(data).get("ok") is True
+            except (OSError, ValueError, TimeoutError):
+                acked = False
+            member.link.close()
+            if acked:
+                self.claims += 1
+                return {"ok": True, "ctl": str(Path(member.info["vm_dir"]) / "ctl.sock"),
+                        "vm_dir": member.info["vm_dir"], "pid": member.info["pid"],
+                        "start": member.info["start"], "qemu_pid": member.info.get("qemu_pid"),
+                        "sandbox": member.sandbox_id}
+            log.warning("pooled supervisor %d did not take its claim; dropping it",
+                        member.proc.pid)
+            member.proc.signal(signal.SIGTERM)
+
+    def status(self) -> dict[str, Any]:
+        keys = {key: {"memory_mib": size.memory_mib, "vcpus": size.vcpus,
+                      "idle": self._count(key, "idle"),
+                      "starting": self._count(key, "starting"),
+                      "claimed_running": self._count(key, "claimed")}
+                for key, size in self.keys.items()}
+        return {"ok": True, "size": self.config.pool.size, "idle_state": self.config.pool.idle,
+                "memory_mib": self._pooled_memory(),
+                "memory_ceiling_mib": self.config.pool.memory_mib,
+                "claims": self.claims, "keys": keys,
+                "members": [{"sandbox": m.sandbox_id, "key": m.key, "state": m.state,
+                             "pid": m.proc.pid, "qemu_pid": m.info.get("qemu_pid")}
+                            for m in self.members]}
+
+
+# -- clients ----------------------------------------------------------------------------------
+
+def request(state_dir: Path, message: dict[str, Any],
+            timeout_s: float = CLAIM_TIMEOUT_S + 5) -> dict[str, Any]:
+    """Ask the pool service; ConnectionError if none runs."""
+    path = socket_path(state_dir)
+    if not path.exists():
+        raise ConnectionError(f"no warm pool service ({path} does not exist)")
+    try:
+        return control.call(path, message, timeout_s=timeout_s)
+    except ConnectionError:
+        raise ConnectionError(f"no warm pool service answers on {path} (it was killed?)"
+                              ) from None
+
+
+def unavailable(config: RuntimeConfig) -> str | None:
+    """Why a sandbox of this config cannot come from the pool, if that is known up front."""
+    if config.template == "off":
+        return "template is off"
+    if not socket_path(config.state_dir).exists():
+        return "no pool service"
+    return None
+
+
+def claim(config: RuntimeConfig) -> tuple[dict[str, Any] | None, str]:
+    """An idle pooled supervisor for a sandbox of this (sized) config, or (None, why)."""
+    why = unavailable(config)
+    if why is not None:
+        return None, why
+    try:
+        key = key_of(config)
+        reply = request(config.state_dir, {"op": "claim", "key": key})
+    except (OSError, RunvError) as exc:
+        return None, str(exc)
+    if not reply.get("ctl"):
+        return None, f"{reply.get('why', 'empty')} (key {key})"
+    return reply, "claimed"
