@@ -330,13 +330,13 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Stdio: no first message")
         except AgentError as exc:
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        if process.reader_attached:
+        fds = process.attach_reader()
+        if fds is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"Stdio of {first.container_id}/{first.exec_id} is already attached")
-        process.reader_attached = True
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
-        yield from stdio.read_output(process)
+        yield from stdio.read_output(process, fds)
 
 
 def _family(version: int) -> int:
