@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
-HOST_WAIT_S = 0.05
+HOST_WAIT_S = 0.01
 
 
 class ChannelError(Exception):
