@@ -73,27 +73,41 @@ class SerialSplice:
                     raise
                 time.sleep(0.05)
 
-    def _wait_host(self, fd: int) -> None:
+    def _wait_host(self, port: int, sock: socket.socket, from_server: bytearray) -> bool:
+        """Until a host is attached to the port (True), keeping what the server sends
+        meanwhile; False if the server dropped the connection first."""
         # While no host client is attached the port polls POLLIN|POLLHUP (reads give EOF) and
         # stays so (level-triggered): back off until POLLHUP clears. Bytes left from an earlier
         # session are not worth waiting for: that session is gone.
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        poller.register(port, select.POLLIN)
+        poller.register(sock.fileno(), select.POLLIN)
         while True:
-            events = poller.poll(1000)
-            if not events or not events[0][1] & select.POLLHUP:
-                return
-            time.sleep(HOST_WAIT_S)
+            events = dict(poller.poll(1000))
+            if sock.fileno() in events and not _read_into(sock.fileno(), from_server):
+                return False
+            if not events or (port in events and not events[port] & select.POLLHUP):
+                return True
+            if port in events:
+                time.sleep(HOST_WAIT_S)
 
     def _one_session(self) -> None:
         port = self._open_port()
         sock: socket.socket | None = None
         try:
-            self._wait_host(port)
-            sock = _connect_unix(self.server_path)
+            # The server connection is made before the host comes, so that its set-up is done
+            # while nobody waits: in a template VM, before it is saved (clones skip it).
+            from_server = bytearray()
+            while True:
+                sock = _connect_unix(self.server_path)
+                if self._wait_host(port, sock, from_server):
+                    break
+                sock.close()
+                sock = None
+                from_server.clear()
             self.sessions += 1
             log.debug("channel session %d started", self.sessions)
-            _pump(port, sock)
+            _pump(port, sock, from_server)
         finally:
             if sock is not None:
                 sock.close()
@@ -171,11 +185,12 @@ def _connect_unix(path: str) -> socket.socket:
             time.sleep(0.02)
 
 
-def _pump(port: int, sock: socket.socket) -> None:
-    """Copy both ways until either side ends. Non-blocking, one thread (see protocols.md §2.2)."""
+def _pump(port: int, sock: socket.socket, to_port: bytearray | None = None) -> None:
+    """Copy both ways until either side ends. Non-blocking, one thread (see protocols.md §2.2).
+    `to_port`: what the server sent before the session began."""
     sfd = sock.fileno()
     to_sock = bytearray()
-    to_port = bytearray()
+    to_port = bytearray() if to_port is None else to_port
     poller = select.poll()
     while True:
         port_mask = (select.POLLIN if len(to_sock) < HIGH_WATER else 0) | (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,4 +53,27 @@ def test_pump_copies_both_ways_and_ends_when_the_host_leaves() -> None:
     host.close()
     assert done.wait(5), "pump did not notice the host going away"
     for s in (port, server, inner):
+        s.close()
+
+
+def test_wait_host_keeps_what_the_server_sent_first_and_notices_it_leaving() -> None:
+    splice = channel.SerialSplice("agent.channel.0", "/nonexistent")
+    host, port = socket.socketpair()       # a host that is attached
+    server, inner = socket.socketpair()    # the agent's connection to its gRPC server
+    server.sendall(b"server-preface")
+    early = bytearray()
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(
+        splice._wait_host(port.fileno(), inner, early)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive(), "returned before the host sent anything"
+    host.sendall(b"client-preface")
+    waiter.join(5)
+    assert result == [True] and bytes(early) == b"server-preface"
+
+    server.close()  # the server drops the connection while no host is there yet
+    host.close()    # the port now polls POLLHUP, as a virtio port without a host
+    assert splice._wait_host(port.fileno(), inner, bytearray()) is False
+    for s in (port, inner):
         s.close()

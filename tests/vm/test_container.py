@@ -411,11 +411,11 @@ def test_force_remove_while_streaming_keeps_the_agent_serving(
             await _create(agent, cid, ["sh", "-c", "while :; do echo tick-tick-tick; done"])
             stdin_open = asyncio.Event()
 
-            async def stdin() -> AsyncIterator[bytes]:
+            async def stdin(until: asyncio.Event) -> AsyncIterator[bytes]:
                 yield b"x\n"
-                await stdin_open.wait()
+                await until.wait()
 
-            stream = agent.stdio(cid, stdin=stdin())
+            stream = agent.stdio(cid, stdin=stdin(stdin_open))
             await agent.start_container(cid)
             received = 0
             async for chunk in stream:
