@@ -149,25 +149,45 @@ class VsockSplice:
         return listener
 
     def _accept_loop(self, listener: socket.socket) -> None:
-        while True:
-            conn, peer = listener.accept()
-            self.sessions += 1
-            log.debug("vsock connection %d from %s", self.sessions, peer)
-            threading.Thread(target=self._splice, args=(conn,), name="vsock-splice",
-                             daemon=True).start()
+        # Each host connection finds its server connection made already (as on serial: in a
+        # template VM, before it is saved).
+        spare: socket.socket | None = _connect_unix(self.server_path)
+        try:
+            while True:
+                conn, peer = listener.accept()
+                self.sessions += 1
+                log.debug("vsock connection %d from %s", self.sessions, peer)
+                server, spare = spare, None
+                if server is None or not _usable(server):
+                    if server is not None:
+                        server.close()
+                    server = _connect_unix(self.server_path)
+                threading.Thread(target=self._splice, args=(conn, server), name="vsock-splice",
+                                 daemon=True).start()
+                spare = _connect_unix(self.server_path)
+        finally:
+            if spare is not None:
+                spare.close()
 
-    def _splice(self, conn: socket.socket) -> None:
-        server: socket.socket | None = None
+    def _splice(self, conn: socket.socket, server: socket.socket) -> None:
         try:
             conn.setblocking(False)
-            server = _connect_unix(self.server_path)
             _pump(conn.fileno(), server)
         except Exception:
             log.exception("vsock splice failed")
         finally:
-            if server is not None:
-                server.close()
+            server.close()
             conn.close()
+
+
+def _usable(sock: socket.socket) -> bool:
+    """Whether a server connection made ahead of use is still open."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _connect_unix(path: str) -> socket.socket:

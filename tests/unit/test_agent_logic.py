@@ -77,3 +77,28 @@ def test_wait_host_keeps_what_the_server_sent_first_and_notices_it_leaving() -> 
     assert splice._wait_host(port.fileno(), inner, bytearray()) is False
     for s in (port, inner):
         s.close()
+
+
+def test_vsock_connections_find_their_server_connection_made_already(tmp_path: Path) -> None:
+    server_path = str(tmp_path / "server.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(server_path)
+    server.listen(8)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # stands in for AF_VSOCK
+    listener.bind(str(tmp_path / "vsock.sock"))
+    listener.listen(8)
+    splice = channel.VsockSplice(1024, server_path)
+    threading.Thread(target=splice._accept_loop, args=(listener,), daemon=True).start()
+    server.settimeout(5)
+    first, _ = server.accept()  # before any host connection
+    first.sendall(b"server-preface")
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.connect(str(tmp_path / "vsock.sock"))
+    host.settimeout(5)
+    assert host.recv(64) == b"server-preface"
+    host.sendall(b"request")
+    first.settimeout(5)
+    assert first.recv(64) == b"request"
+    second, _ = server.accept()  # the next connection's, made ahead again
+    for s in (host, first, second, server, listener):
+        s.close()
