@@ -167,7 +167,6 @@ class Supervisor:
         self.network = SandboxNetwork(spec.network_ns)
         nics = await self.network.prepare()
         config = template_choice(config, spec)
-        t_boot = time.time()
         self.sandbox = await Sandbox.boot(
             config, sandbox_id=vm_dir.name, debug=self.debug, nics=nics,
             shares=(Share(guest_spec.SHARED_TAG, self.shared.path, driver=self.driver),))
@@ -195,7 +194,7 @@ class Supervisor:
         self._task(self._watch_vm())
         self._task(self._watch_events())
         timings = {"supervisor_start": max(0.0, t_setup - self.spawned_at),
-                   "prepare": t_boot - t_setup, **self.sandbox.timings,
+                   **self.sandbox.timings,
                    "create_container": time.monotonic() - t_create}
         timings.pop("total", None)
         return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings,
