@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,18 +60,29 @@ def bench_runv(top: Path, bundle: Path, n: int) -> dict[str, Any]:
         assert out == b"bench-line\n", out
         line.append(t_line)
         total.append(t_exit)
-        if "created: " in err:
-            phases.append({name: int(ms) / 1000 for name, ms in _PHASE.findall(err)})
+        if phases_of(err):
+            phases.append(phases_of(err))
     result = {"to_line": summary(line), "to_exit": summary(total)}
     if phases:
-        result["phases_median_s"] = {
-            key: round(sorted(p[key] for p in phases)[len(phases) // 2], 4)
-            for key in phases[0]}
-        med_line = result["to_line"]["median"]
-        accounted = sum(result["phases_median_s"].values())
-        result["phases_median_s"]["cli_and_output"] = round(med_line - accounted, 4)
-        result["phases_median_s"]["teardown"] = round(result["to_exit"]["median"] - med_line, 4)
+        result["phases_median_s"] = median_phases(phases, result["to_line"]["median"],
+                                                  result["to_exit"]["median"])
     return result
+
+
+def phases_of(err: str) -> dict[str, float]:
+    """The phases (seconds) in a `runv --debug run`'s "created ..." and "started ..." lines."""
+    return {name: int(ms) / 1000 for line in err.splitlines()
+            if "created" in line or "started:" in line for name, ms in _PHASE.findall(line)}
+
+
+def median_phases(phases: list[dict[str, float]], to_line: float, to_exit: float
+                  ) -> dict[str, float]:
+    """The median of each phase, and what they leave unaccounted (the CLI, the output)."""
+    medians = {key: round(statistics.median(p.get(key, 0.0) for p in phases), 4)
+               for key in phases[0]}
+    medians["cli_and_output"] = round(to_line - sum(medians.values()), 4)
+    medians["teardown"] = round(to_exit - to_line, 4)
+    return medians
 
 
 def bench_oci(binary: str, top: Path, bundle: Path, n: int) -> dict[str, Any] | str:

@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 from boot import floor_boot
 from bundle import RUNV, make, report, summary
-from start import timed_run
+from start import median_phases, phases_of, timed_run
 
 from runv_py import config
 from runv_py.sandbox.sandbox import Sandbox, ensure_template
@@ -47,17 +47,21 @@ def runv_to_line(top: Path, bundle: Path, mode: str, n: int) -> dict[str, Any]:
     cfg_file = top / f"config-{mode}.toml"
     cfg_file.write_text(f'state_dir = "{top / "state"}"\ntemplate = "{mode}"\n')
     env = dict(os.environ, RUNV_CONFIG=str(cfg_file))
-    line, paths = [], []
+    line, total, paths, phases = [], [], [], []
     for i in range(n):
         argv = [RUNV, "--root", str(top / "root"), "--debug", "run", "--bundle", str(bundle),
                 f"{mode}{i}"]
-        t_line, _, out, err = timed_run(argv, env)
+        t_line, t_exit, out, err = timed_run(argv, env)
         assert out == b"bench-line\n", out
         line.append(t_line)
+        total.append(t_exit)
+        phases.append(phases_of(err))
         paths += [word.strip("():") for word in err.split() if word.startswith("(")
                   and word.strip("():") in ("cold", "template", "template-built",
                                             "cold-fallback")]
-    return {"to_line": summary(line), "paths": sorted(set(paths))}
+    return {"to_line": summary(line), "paths": sorted(set(paths)),
+            "phases_median_s": median_phases(phases, statistics.median(line),
+                                             statistics.median(total))}
 
 
 def _cpu_ticks(pids: list[int]) -> int:

@@ -3,7 +3,6 @@ by pid plus start time (pid reuse), and stops them with escalation (SIGTERM, the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -12,7 +11,10 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class Child:
         """Ask politely, then kill; returns the exit status. Idempotent."""
         if self.process.returncode is not None:
             return self.process.returncode
+        import asyncio  # the CLI imports this module and has no event loop
+
         self.signal(signal.SIGTERM)
         try:
             return await asyncio.wait_for(self.process.wait(), grace_s)
@@ -89,16 +93,18 @@ class Child:
 async def spawn(
     argv: Sequence[str],
     *,
-    stdout: int | IO[bytes] | None = asyncio.subprocess.DEVNULL,
-    stderr: int | IO[bytes] | None = asyncio.subprocess.DEVNULL,
+    stdout: int | IO[bytes] | None = subprocess.DEVNULL,
+    stderr: int | IO[bytes] | None = subprocess.DEVNULL,
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
     die_with_parent: bool = True,
 ) -> Child:
+    import asyncio
+
     argv = list(argv)
     process = await asyncio.create_subprocess_exec(
         *(SETPRIV if die_with_parent else ()), *argv,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
         pass_fds=tuple(pass_fds),
@@ -138,9 +144,11 @@ class Completed:
 async def run(argv: Sequence[str], *, input: bytes = b"", env: dict[str, str] | None = None,
               timeout_s: float = 60.0) -> Completed:
     """Run a short-lived command to its end with `input` on stdin; killed at the timeout."""
+    import asyncio
+
     process = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env)
+        *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env)
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(input), timeout_s)
     except BaseException:

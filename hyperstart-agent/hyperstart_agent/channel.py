@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
-HOST_WAIT_S = 0.05
+HOST_WAIT_S = 0.01
 
 
 class ChannelError(Exception):
@@ -73,27 +73,41 @@ class SerialSplice:
                     raise
                 time.sleep(0.05)
 
-    def _wait_host(self, fd: int) -> None:
+    def _wait_host(self, port: int, sock: socket.socket, from_server: bytearray) -> bool:
+        """Until a host is attached to the port (True), keeping what the server sends
+        meanwhile; False if the server dropped the connection first."""
         # While no host client is attached the port polls POLLIN|POLLHUP (reads give EOF) and
         # stays so (level-triggered): back off until POLLHUP clears. Bytes left from an earlier
         # session are not worth waiting for: that session is gone.
         poller = select.poll()
-        poller.register(fd, select.POLLIN)
+        poller.register(port, select.POLLIN)
+        poller.register(sock.fileno(), select.POLLIN)
         while True:
-            events = poller.poll(1000)
-            if not events or not events[0][1] & select.POLLHUP:
-                return
-            time.sleep(HOST_WAIT_S)
+            events = dict(poller.poll(1000))
+            if sock.fileno() in events and not _read_into(sock.fileno(), from_server):
+                return False
+            if not events or (port in events and not events[port] & select.POLLHUP):
+                return True
+            if port in events:
+                time.sleep(HOST_WAIT_S)
 
     def _one_session(self) -> None:
         port = self._open_port()
         sock: socket.socket | None = None
         try:
-            self._wait_host(port)
-            sock = _connect_unix(self.server_path)
+            # The server connection is made before the host comes, so that its set-up is done
+            # while nobody waits: in a template VM, before it is saved (clones skip it).
+            from_server = bytearray()
+            while True:
+                sock = _connect_unix(self.server_path)
+                if self._wait_host(port, sock, from_server):
+                    break
+                sock.close()
+                sock = None
+                from_server.clear()
             self.sessions += 1
             log.debug("channel session %d started", self.sessions)
-            _pump(port, sock)
+            _pump(port, sock, from_server)
         finally:
             if sock is not None:
                 sock.close()
@@ -135,25 +149,45 @@ class VsockSplice:
         return listener
 
     def _accept_loop(self, listener: socket.socket) -> None:
-        while True:
-            conn, peer = listener.accept()
-            self.sessions += 1
-            log.debug("vsock connection %d from %s", self.sessions, peer)
-            threading.Thread(target=self._splice, args=(conn,), name="vsock-splice",
-                             daemon=True).start()
+        # Each host connection finds its server connection made already (as on serial: in a
+        # template VM, before it is saved).
+        spare: socket.socket | None = _connect_unix(self.server_path)
+        try:
+            while True:
+                conn, peer = listener.accept()
+                self.sessions += 1
+                log.debug("vsock connection %d from %s", self.sessions, peer)
+                server, spare = spare, None
+                if server is None or not _usable(server):
+                    if server is not None:
+                        server.close()
+                    server = _connect_unix(self.server_path)
+                threading.Thread(target=self._splice, args=(conn, server), name="vsock-splice",
+                                 daemon=True).start()
+                spare = _connect_unix(self.server_path)
+        finally:
+            if spare is not None:
+                spare.close()
 
-    def _splice(self, conn: socket.socket) -> None:
-        server: socket.socket | None = None
+    def _splice(self, conn: socket.socket, server: socket.socket) -> None:
         try:
             conn.setblocking(False)
-            server = _connect_unix(self.server_path)
             _pump(conn.fileno(), server)
         except Exception:
             log.exception("vsock splice failed")
         finally:
-            if server is not None:
-                server.close()
+            server.close()
             conn.close()
+
+
+def _usable(sock: socket.socket) -> bool:
+    """Whether a server connection made ahead of use is still open."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _connect_unix(path: str) -> socket.socket:
@@ -171,11 +205,12 @@ def _connect_unix(path: str) -> socket.socket:
             time.sleep(0.02)
 
 
-def _pump(port: int, sock: socket.socket) -> None:
-    """Copy both ways until either side ends. Non-blocking, one thread (see protocols.md §2.2)."""
+def _pump(port: int, sock: socket.socket, to_port: bytearray | None = None) -> None:
+    """Copy both ways until either side ends. Non-blocking, one thread (see protocols.md §2.2).
+    `to_port`: what the server sent before the session began."""
     sfd = sock.fileno()
     to_sock = bytearray()
-    to_port = bytearray()
+    to_port = bytearray() if to_port is None else to_port
     poller = select.poll()
     while True:
         port_mask = (select.POLLIN if len(to_sock) < HIGH_WATER else 0) | (

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 FEATURES = ("channel.serial", "channel.vsock", "container.engine", "storage.9p", "storage.virtiofs",
             "storage.block", "network")
 T = TypeVar("T")
+HANDSHAKE_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
 
 def _meminfo() -> dict[str, int]:
@@ -330,13 +331,13 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Stdio: no first message")
         except AgentError as exc:
             context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        if process.reader_attached:
+        fds = process.attach_reader()
+        if fds is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"Stdio of {first.container_id}/{first.exec_id} is already attached")
-        process.reader_attached = True
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
-        yield from stdio.read_output(process)
+        yield from stdio.read_output(process, fds)
 
 
 def _family(version: int) -> int:
@@ -381,7 +382,10 @@ def _event_stream(engine: Engine, context: Any) -> Iterator[pb.Event]:
 
 def serve(address: str, boot_timings_ms: dict[str, int],
           make_engine: Callable[[], Engine]) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"))
+    # The channel connects to the server before a host comes (channel.py) and may wait long
+    # for it: no handshake deadline on that connection.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
+                         options=[("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)])
     pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms, make_engine), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC server could not listen on {address}")

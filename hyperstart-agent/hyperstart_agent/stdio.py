@@ -20,15 +20,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
+IDLE_CHECK_MS = 1000
 
 
 def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
     try:
         for message in itertools.chain([first], requests):
-            if message.data and process.stdin is not None:
-                view = memoryview(message.data)
-                while view:
-                    view = view[os.write(process.stdin, view):]
+            if message.data:
+                process.write_stdin(message.data)
             if message.close_stdin:
                 process.close_stdin()
     except Exception as exc:  # the client went away or the process closed its stdin
@@ -37,16 +36,25 @@ def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
         process.close_stdin()
 
 
-def read_output(process: Process) -> Iterator[pb.StdioOutput]:
-    streams = {fd: kind for fd, kind in ((process.stdout, pb.StdioOutput.STDOUT),
-                                         (process.stderr, pb.StdioOutput.STDERR))
+def read_output(process: Process, fds: tuple[int | None, int | None]
+                ) -> Iterator[pb.StdioOutput]:
+    """Stream the process's (stdout, stderr), handed over by attach_reader, to their ends,
+    then give them back to be closed. A process removed by force normally ends them (its
+    writers are killed); if a stray process still holds one, the stream ends once the
+    process is closed and nothing more comes."""
+    streams = {fd: kind for fd, kind in zip(fds, (pb.StdioOutput.STDOUT,
+                                                  pb.StdioOutput.STDERR), strict=True)
                if fd is not None}
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)
     try:
         while streams:
-            for fd, _ in poller.poll():
+            ready = poller.poll(IDLE_CHECK_MS)
+            if not ready and process.closed:
+                for fd in list(streams):
+                    yield pb.StdioOutput(stream=streams.pop(fd), eof=True)
+            for fd, _ in ready:
                 try:
                     data = os.read(fd, CHUNK)
                 except OSError as exc:
@@ -59,4 +67,5 @@ def read_output(process: Process) -> Iterator[pb.StdioOutput]:
                     poller.unregister(fd)
                     yield pb.StdioOutput(stream=streams.pop(fd), eof=True)
     finally:
+        process.release_output()
         process.drained.set()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -77,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         tags = () if args.bare else (guest_spec.SHARED_TAG,)
         print("preparing the template (building one boots a VM once)...", file=sys.stderr,
               flush=True)
+        import asyncio
+
         built = asyncio.run(sandbox.ensure_template(replace(config, hypervisor=hv), tags,
                                                     debug=args.debug))
         print(built.key)

@@ -33,7 +33,6 @@ from ..errors import (
     RunvError,
     SpecError,
 )
-from ..network import attachment as network_attachment
 from ..oci import hooks
 from ..oci import spec as oci_spec
 from ..storage import shared
@@ -433,6 +432,8 @@ class Runtime:
     @staticmethod
     def _sweep_network(container_id: str, path: str) -> None:
         """A killed supervisor leaves tc redirects to its gone taps in the caller's netns."""
+        from ..network import attachment as network_attachment  # rare: no import time
+
         try:
             cleaned = network_attachment.sweep(path)
         except NetworkError as exc:

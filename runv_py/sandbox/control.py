@@ -5,17 +5,19 @@ clients (blocking); the supervisor serves it (asyncio). Replies are {"ok": true,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..errors import RunvError
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_PACKET = 1 << 20
 MAX_FDS = 4
@@ -92,6 +94,8 @@ class ServerConnection:
     """The supervisor's side of one client connection."""
 
     def __init__(self, sock: socket.socket) -> None:
+        import asyncio  # the clients (CLI, stand-ins) block and do without its import time
+
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()

@@ -328,8 +328,9 @@ async def warm_up(agent: AgentClient) -> None:
     steps: list[str] = []
     try:
         await agent.copy_file(f"{root}/.keep", b"")
-        # No stdio stream: removing a container while its Stdio call streams can break the
-        # agent's channel session (seen as "Bad file descriptor" in Stdio).
+        # No stdio stream, and no process that runs: a warm-up that also ran a real process
+        # with its output streamed made clones' agent connection ~80 ms slower and their first
+        # container no faster (docs/templates.md, Measured).
         await agent.create_container(WARMUP_ID, json.dumps(spec).encode(), stdio=False)
         steps.append("create")
         with contextlib.suppress(RunvError):

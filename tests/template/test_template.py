@@ -53,8 +53,9 @@ async def _run_in(agent: AgentClient, script: str) -> str:
 
 def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
                                         busybox_rootfs: Path) -> None:
-    """Two clones of one template, alive at once: their RNGs differ (vmgenid + reseed), their
-    clocks are the host's (not the template's), each has its own hot-plugged NIC."""
+    """Two clones of one template, alive at once: their RNGs and boot ids differ (vmgenid +
+    reseed), their clocks are the host's (not the template's), each has its own hot-plugged
+    NIC."""
     shares = (Share("rootfs0", busybox_rootfs, readonly=True),)
 
     async def clone(index: int) -> tuple[Sandbox, str, tuple[str, ...]]:
@@ -62,7 +63,8 @@ def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
         sandbox = await Sandbox.boot(template_config, shares=shares, nics=(Nic("n0", mac),))
         assert sandbox.agent is not None
         out = await _run_in(sandbox.agent, "od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; "
-                                           "echo; date +%s")
+                                           "echo; date +%s; "
+                                           "cat /proc/sys/kernel/random/boot_id")
         macs = tuple(i.hw_addr for i in await sandbox.agent.list_interfaces())
         return sandbox, out, macs
 
@@ -78,9 +80,10 @@ def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
                     raise result
             (a, out_a, macs_a), (b, out_b, macs_b) = results  # type: ignore[misc]
             assert a.start_path == b.start_path == "template"
-            random_a, clock_a = out_a.split()
-            random_b, clock_b = out_b.split()
+            random_a, clock_a, boot_id_a = out_a.split()
+            random_b, clock_b, boot_id_b = out_b.split()
             assert len(random_a) == 64 and random_a != random_b
+            assert len(boot_id_a) == 36 and boot_id_a != boot_id_b
             for clock in (clock_a, clock_b):
                 assert abs(int(clock) - time.time()) < 4, (clock, time.time())
             assert "02:00:00:00:00:10" in macs_a and "02:00:00:00:00:10" not in macs_b

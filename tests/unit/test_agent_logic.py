@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -52,4 +53,52 @@ def test_pump_copies_both_ways_and_ends_when_the_host_leaves() -> None:
     host.close()
     assert done.wait(5), "pump did not notice the host going away"
     for s in (port, server, inner):
+        s.close()
+
+
+def test_wait_host_keeps_what_the_server_sent_first_and_notices_it_leaving() -> None:
+    splice = channel.SerialSplice("agent.channel.0", "/nonexistent")
+    host, port = socket.socketpair()       # a host that is attached
+    server, inner = socket.socketpair()    # the agent's connection to its gRPC server
+    server.sendall(b"server-preface")
+    early = bytearray()
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(
+        splice._wait_host(port.fileno(), inner, early)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive(), "returned before the host sent anything"
+    host.sendall(b"client-preface")
+    waiter.join(5)
+    assert result == [True] and bytes(early) == b"server-preface"
+
+    server.close()  # the server drops the connection while no host is there yet
+    host.close()    # the port now polls POLLHUP, as a virtio port without a host
+    assert splice._wait_host(port.fileno(), inner, bytearray()) is False
+    for s in (port, inner):
+        s.close()
+
+
+def test_vsock_connections_find_their_server_connection_made_already(tmp_path: Path) -> None:
+    server_path = str(tmp_path / "server.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(server_path)
+    server.listen(8)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # stands in for AF_VSOCK
+    listener.bind(str(tmp_path / "vsock.sock"))
+    listener.listen(8)
+    splice = channel.VsockSplice(1024, server_path)
+    threading.Thread(target=splice._accept_loop, args=(listener,), daemon=True).start()
+    server.settimeout(5)
+    first, _ = server.accept()  # before any host connection
+    first.sendall(b"server-preface")
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.connect(str(tmp_path / "vsock.sock"))
+    host.settimeout(5)
+    assert host.recv(64) == b"server-preface"
+    host.sendall(b"request")
+    first.settimeout(5)
+    assert first.recv(64) == b"request"
+    second, _ = server.accept()  # the next connection's, made ahead again
+    for s in (host, first, second, server, listener):
         s.close()

@@ -396,3 +396,46 @@ def test_pod_container_joins_another_containers_pid_namespace(
         await agent.remove_container("first", force=True)
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_force_remove_while_streaming_keeps_the_agent_serving(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    """Force-removing a container whose output (and stdin) is being streamed ends that stream,
+    and the same sandbox goes on serving: the agent must not close the process's pipes under
+    the thread reading them (its fd numbers would be reused by whatever opens next)."""
+
+    async def body(agent: AgentClient) -> None:
+        for round_ in range(3):
+            cid = f"flood{round_}"
+            await _create(agent, cid, ["yes", "tick-tick-tick"])
+            stdin_open = asyncio.Event()
+
+            async def stdin(until: asyncio.Event) -> AsyncIterator[bytes]:
+                yield b"x\n"
+                await until.wait()
+
+            stream = agent.stdio(cid, stdin=stdin(stdin_open))
+            await agent.start_container(cid)
+            received = 0
+            async for chunk in stream:
+                received += len(chunk.data)
+                if received > 64 * 1024:
+                    break
+            # Stall the stream until flow control holds the agent's reader mid-stream; the
+            # container goes and the next one opens its pipes; only then is the old stream
+            # read to its end.
+            await asyncio.sleep(4)
+            await agent.remove_container(cid, force=True)
+            await _create(agent, f"after{round_}", ["sh", "-c", "sleep 1; echo still-here; "
+                                                                "exit 7"])
+            output = asyncio.create_task(_collect(agent.stdio(f"after{round_}")))
+            await agent.start_container(f"after{round_}")
+            stdin_open.set()
+            async for _ in stream:  # to its end, without an error
+                pass
+            assert await agent.check()
+            assert await agent.wait_process(f"after{round_}", timeout_s=60) == 7
+            assert (await asyncio.wait_for(output, 60))["stdout"] == b"still-here\n"
+            await agent.remove_container(f"after{round_}")
+
+    _run(runtime_config, busybox_rootfs, body)

@@ -132,6 +132,7 @@ class Cgroup:
                 out[name] = -1 if value == "max" else int(value)
         for name, keys in (("cpu.stat", ("usage_usec", "user_usec", "system_usec")),
                            ("memory.events", ("oom", "oom_kill"))):
+            fields: dict[str, str] = {}
             with contextlib.suppress(OSError), open(self.file(name)) as f:
                 fields = dict(line.split() for line in f if line.strip())
             for key in keys:

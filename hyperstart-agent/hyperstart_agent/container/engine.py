@@ -65,19 +65,70 @@ class Process:
     # Set when an attached Stdio stream has delivered all output; wait() waits for it too.
     drained: threading.Event = field(default_factory=threading.Event)
     reader_attached: bool = False
+    # The pipe fds are used by the Stdio threads while other RPCs (CloseStdin, a forced
+    # RemoveContainer) end the process: an fd closed under a thread still using it would be
+    # reused by whatever opens next (another container's pipe, the agent channel), and that
+    # thread would read or write it. So an attached reader owns stdout/stderr (and closes
+    # them), and stdin is closed by whoever uses it last.
+    closed: bool = False
+    _fd_lock: threading.Lock = field(default_factory=threading.Lock)
+    _stdin_writing: bool = False
+    _stdin_retired: int | None = None
+
+    def attach_reader(self) -> tuple[int | None, int | None] | None:
+        """Hand (stdout, stderr) to the caller, who gives them back with release_output();
+        None if a reader is attached already."""
+        with self._fd_lock:
+            if self.reader_attached:
+                return None
+            self.reader_attached = True
+            return self.stdout, self.stderr
+
+    def release_output(self) -> None:
+        """The attached reader is done with stdout and stderr."""
+        with self._fd_lock:
+            fds, self.stdout, self.stderr = (self.stdout, self.stderr), None, None
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+
+    def write_stdin(self, data: bytes) -> None:
+        """Write all of `data`; BrokenPipeError once stdin is closed."""
+        with self._fd_lock:
+            fd = self.stdin
+            if fd is None:
+                raise BrokenPipeError(f"stdin of {self.container_id}/{self.exec_id} is closed")
+            self._stdin_writing = True
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            with self._fd_lock:
+                self._stdin_writing = False
+                retired, self._stdin_retired = self._stdin_retired, None
+            if retired is not None:
+                os.close(retired)
 
     def close_stdin(self) -> None:
-        if self.stdin is not None:
-            os.close(self.stdin)
-            self.stdin = None
+        with self._fd_lock:
+            fd, self.stdin = self.stdin, None
+            if fd is not None and self._stdin_writing:
+                self._stdin_retired, fd = fd, None  # the writer closes it when its write ends
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         self.close_stdin()
-        for name in ("stdout", "stderr"):
-            fd = getattr(self, name)
+        with self._fd_lock:
+            self.closed = True
+            if self.reader_attached:
+                owned: tuple[int | None, ...] = ()
+            else:
+                owned, self.stdout, self.stderr = (self.stdout, self.stderr), None, None
+        for fd in owned:
             if fd is not None:
                 os.close(fd)
-                setattr(self, name, None)
         if self.sync is not None:
             self.sync.close()
             self.sync = None
