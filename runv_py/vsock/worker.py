@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--journal-fd", type=int, default=-1)
     parser.add_argument("--connect-wait", type=float, default=0.0)
     parser.add_argument("--generation", type=int, default=0)
+    parser.add_argument("--qemu-pid", type=int, default=None)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         forwards.append((_sock(int(fd)), int(port)))
     keeper = _sock(args.journal_fd) if args.journal_fd >= 0 else None
     device = Device(args.cid, args.uds, selectors.DefaultSelector(),
-                    connect_wait_s=args.connect_wait, generation=args.generation)
+                    connect_wait_s=args.connect_wait, generation=args.generation,
+                    qemu_pid=args.qemu_pid)
     worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper)
 
     def stop(signum: int, frame: object) -> None:

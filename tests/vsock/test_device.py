@@ -320,3 +320,27 @@ def test_unanswered_request_is_sent_again_or_given_up(
         hybrid.close()
     finally:
         driver.close()
+
+
+def test_process_memory_never_writes_the_memory_file(tmp_path: Path) -> None:
+    """A template clone's RAM is a private mapping of the template's file: the device writes
+    into the guest (here this process's private mapping of a memfd) and never into the file."""
+    driver = Driver(tmp_path, process=True)
+    try:
+        driver.start()
+        driver.post_rx()
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(f"{driver.uds}_5000")
+        listener.listen()
+        driver.send(pk.OP_REQUEST, 77, 5000)
+        assert _ops(driver.received()) == [pk.OP_RESPONSE]
+        host, _ = listener.accept()
+        payload = os.urandom(3000)
+        host.sendall(payload)
+        driver.pump()
+        assert [d for _, d in driver.received()] == [payload]
+        assert os.pread(driver.memfd, 8 << 20, 0) == bytes(8 << 20)
+        host.close()
+        listener.close()
+    finally:
+        driver.close()
