@@ -96,7 +96,7 @@ class Conn:
 
 
 class Device:
-    def __init__(self, cid: int, uds: Path, selector: selectors.BaseSelector,
+    def __init__(self, cid: int, uds: Path, selector: selectors.BaseSelector, *,
                  connect_wait_s: float = 0.0, generation: int = 0,
                  qemu_pid: int | None = None) -> None:
         """`qemu_pid`: reach guest memory through that process (a template clone's private

@@ -185,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s runv-vsock[%(process)d] %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.qemu_pid is not None:
+        # Checked before any socket exists, so that the owner sees a failed start at once.
+        try:
+            os.close(os.open(f"/proc/{args.qemu_pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            log.error("cannot reach the memory of QEMU (pid %d): %s", args.qemu_pid,
+                      exc.strerror)
+            return 1
     try:
         keeper = Keeper(args)
     except OSError as exc:
