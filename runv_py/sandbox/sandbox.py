@@ -317,6 +317,7 @@ class Sandbox:
             await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
         # A clone that does not answer soon is broken: fall back rather than wait a boot's time.
         agent_timeout = self._clone_agent_timeout()
+        t_vsock = time.monotonic()
         if self.config.guest.channel == "vsock":
             await self._hotplug_vsock(debug, agent_timeout)
         await self._plug_and_run(nics)
@@ -327,8 +328,9 @@ class Sandbox:
         await self._take_identity(nics)
         self.shares = shares
         t5 = time.monotonic()
-        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t3 - t2,
-                        "agent": t4 - t3, "identity": t5 - t4, "total": t5 - t0}
+        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t_vsock - t2,
+                        "vsock": t3 - t_vsock, "agent": t4 - t3, "identity": t5 - t4,
+                        "total": t5 - t0}
         self._log_ready()
 
     def _clone_agent_timeout(self) -> float:
