@@ -329,8 +329,8 @@ class Sandbox:
         self.shares = shares
         t5 = time.monotonic()
         self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t_vsock - t2,
-                        "vsock": t3 - t_vsock, "agent": t4 - t3, "identity": t5 - t4,
-                        "total": t5 - t0}
+                        **({"vsock": t3 - t_vsock} if self.vsock else {}), "agent": t4 - t3,
+                        "identity": t5 - t4, "total": t5 - t0}
         self._log_ready()
 
     def _clone_agent_timeout(self) -> float:
