@@ -72,18 +72,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def recv(sock: socket.socket) -> Message | None:
     """One message, or None when the front-end has gone (EOF)."""
-    fds = array.array("i")
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    data, fds, truncated = _recv_fds(sock, HEADER.size, 0)
     if not data:
         for fd in fds:
             _close(fd)
         return None
     try:
-        if msg_flags & socket.MSG_CTRUNC:
+        if truncated:
             raise ProtocolError("too many fds in one message")
         if len(data) < HEADER.size:
             data += _recv_exact(sock, HEADER.size - len(data))
