@@ -166,6 +166,12 @@ class ProcessArea:
         _pwrite(self.fd, fmt.pack(*values), self.uva + offset)
 
 
+# The longest buffer copied in or out of a clone's memory: a guest's vsock packets are at
+# most 64 KiB of payload, and a longer descriptor would only make us allocate what the
+# guest asks for.
+MAX_COPY = 128 * 1024
+
+
 class ProcessMemory:
     """Guest RAM through /proc/<pid>/mem of QEMU (pread/pwrite at QEMU's virtual addresses).
     Measured faster than process_vm_readv through ctypes for ring-sized accesses, and the same
@@ -216,12 +222,17 @@ class ProcessMemory:
 
     def readable(self, gpa: int, length: int) -> memoryview:
         """A copy of the bytes at guest-physical `gpa`."""
-        return memoryview(_pread(self.fd, length, self._uva(gpa, length, user=False)))
+        return memoryview(_pread(self.fd, length, self._buffer(gpa, length)))
 
     def writable(self, gpa: int, length: int) -> memoryview:
         """A scratch buffer for the bytes at `gpa`, written to the guest by commit()."""
-        self._uva(gpa, length, user=False)
+        self._buffer(gpa, length)
         return memoryview(bytearray(length))
+
+    def _buffer(self, gpa: int, length: int) -> int:
+        if length > MAX_COPY:
+            raise GuestMemoryError(f"a buffer of {length} bytes (at most {MAX_COPY})")
+        return self._uva(gpa, length, user=False)
 
     def commit(self, gpas: list[int], views: list[memoryview], length: int) -> None:
         for gpa, view in zip(gpas, views, strict=True):

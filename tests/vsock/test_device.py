@@ -13,6 +13,7 @@ from runv_py.vsock import device as device_mod
 from runv_py.vsock import packet as pk
 from runv_py.vsock import protocol as vu
 from runv_py.vsock.device import BUF_ALLOC, RX, TX
+from runv_py.vsock.memory import GuestMemoryError
 
 from .driver import GUEST_CID, Driver, msg
 
@@ -342,5 +343,21 @@ def test_process_memory_never_writes_the_memory_file(tmp_path: Path) -> None:
         assert os.pread(driver.memfd, 8 << 20, 0) == bytes(8 << 20)
         host.close()
         listener.close()
+    finally:
+        driver.close()
+
+
+def test_process_memory_refuses_huge_buffers(tmp_path: Path) -> None:
+    """Through /proc/<pid>/mem a buffer is copied: a guest's descriptor of many MiB is dropped
+    rather than allocated."""
+    driver = Driver(tmp_path, process=True)
+    try:
+        driver.start()
+        mem = driver.device.mem
+        assert len(mem.readable(0x200000, 4096)) == 4096
+        with pytest.raises(GuestMemoryError, match="at most"):
+            mem.readable(0x200000, 4 << 20)
+        with pytest.raises(GuestMemoryError, match="at most"):
+            mem.writable(0x200000, 4 << 20)
     finally:
         driver.close()
