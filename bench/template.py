@@ -60,9 +60,7 @@ def runv_to_line(top: Path, bundle: Path, mode: str, n: int,
         line.append(t_line)
         total.append(t_exit)
         phases.append(phases_of(err))
-        paths += [word.strip("():,") for word in err.split() if word.startswith("(")
-                  and word.strip("():,") in ("cold", "template", "template-built",
-                                             "cold-fallback")]
+        paths += re.findall(r"created \(([a-z-]+)", err)
     return {"to_line": summary(line), "paths": sorted(set(paths)),
             "phases_median_s": median_phases(phases, statistics.median(line),
                                              statistics.median(total))}
