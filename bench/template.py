@@ -2,7 +2,9 @@
 
 - `runv run` of a busybox bundle printing one line, to that line: template=auto (the template
   already built) against template=off (cold boot), and against the raw boot of the same kernel
-  (bench/boot's floor). Targets: template / cold <= 0.25, template / floor <= 1.3.
+  (bench/boot's floor). Targets: template / cold <= 0.25, template / floor <= 1.3. The clone
+  path runs with the default agent channel (vsock, hot-plugged after restore) and with
+  `channel = "serial"`: vsock / serial shows what the hot-plug costs.
 - 10 clones started in parallel (Sandbox.boot, in one process): p99 / a single start, failures.
 - Host memory of those 10 clones, idle: PSS per QEMU, and the share of each clone's resident
   guest RAM still shared with the template (not copied on write). Target >= 50%.
@@ -43,22 +45,22 @@ from runv_py import config
 from runv_py.sandbox.sandbox import Sandbox, ensure_template
 
 
-def runv_to_line(top: Path, bundle: Path, mode: str, n: int) -> dict[str, Any]:
-    cfg_file = top / f"config-{mode}.toml"
-    cfg_file.write_text(f'state_dir = "{top / "state"}"\ntemplate = "{mode}"\n')
+def runv_to_line(top: Path, bundle: Path, mode: str, n: int,
+                 channel: str = "vsock") -> dict[str, Any]:
+    cfg_file = top / f"config-{mode}-{channel}.toml"
+    cfg_file.write_text(f'state_dir = "{top / "state"}"\ntemplate = "{mode}"\n'
+                        f'[guest]\nchannel = "{channel}"\n')
     env = dict(os.environ, RUNV_CONFIG=str(cfg_file))
     line, total, paths, phases = [], [], [], []
     for i in range(n):
         argv = [RUNV, "--root", str(top / "root"), "--debug", "run", "--bundle", str(bundle),
-                f"{mode}{i}"]
+                f"{mode}-{channel}{i}"]
         t_line, t_exit, out, err = timed_run(argv, env)
         assert out == b"bench-line\n", out
         line.append(t_line)
         total.append(t_exit)
         phases.append(phases_of(err))
-        paths += [word.strip("():") for word in err.split() if word.startswith("(")
-                  and word.strip("():") in ("cold", "template", "template-built",
-                                            "cold-fallback")]
+        paths += re.findall(r"created \(([a-z-]+)", err)
     return {"to_line": summary(line), "paths": sorted(set(paths)),
             "phases_median_s": median_phases(phases, statistics.median(line),
                                              statistics.median(total))}
@@ -197,13 +199,16 @@ def main() -> int:
     top = Path(tempfile.mkdtemp(prefix="bench-tmpl-"))
     try:
         bundle = make(top, ["echo", "bench-line"])
-        # Warm-up: builds the template `runv run` starts from, if there is none yet.
+        # Warm-up: builds the templates `runv run` starts from, if there are none yet.
         runv_to_line(top, bundle, "auto", 1)
+        runv_to_line(top, bundle, "auto", 1, channel="serial")
         floor = [asyncio.run(floor_boot(cfg)) for _ in range(args.floor_n)]
         cold = runv_to_line(top, bundle, "off", args.n)
         warm = runv_to_line(top, bundle, "auto", args.n)
         pooled = {idle: pool_to_line(top, bundle, idle, args.pool_n or args.n)
                   for idle in ("paused", "running")}
+        # The clone path with the agent on virtio-serial instead of a hot-plugged vsock device.
+        warm_serial = runv_to_line(top, bundle, "auto", args.n, channel="serial")
         state = top / "vms"
         many = asyncio.run(clones(replace(cfg, state_dir=state, template="auto"), args.clones))
         floor_median = statistics.median(floor)
@@ -212,10 +217,15 @@ def main() -> int:
             "runv_run_cold": cold,
             "runv_run_template": warm,
             "runv_run_pool": pooled,
+            "runv_run_template_serial": warm_serial,
             "clones": many,
             "ratios": {
                 "template_over_cold": round(warm["to_line"]["median"]
                                             / cold["to_line"]["median"], 3),
+                "template_serial_over_cold": round(warm_serial["to_line"]["median"]
+                                                   / cold["to_line"]["median"], 3),
+                "template_vsock_over_serial": round(warm["to_line"]["median"]
+                                                    / warm_serial["to_line"]["median"], 3),
                 "template_over_floor": round(warm["to_line"]["median"] / floor_median, 3),
                 **{f"pool_{idle}_over_cold": round(pooled[idle]["to_line"]["median"]
                                                     / cold["to_line"]["median"], 3)

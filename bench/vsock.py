@@ -1,7 +1,9 @@
-"""bench/vsock: the agent channel's transports in one guest and one run: a 1-byte round trip
-and bulk throughput both ways over vsock (runv-py's vhost-user backend) and over a
-virtio-serial port of the same VM, with the same guest program on both; then the agent's gRPC
-Check round trip over each channel (a second VM boots with the serial channel).
+"""bench/vsock: the agent channel's transports in one run: a 1-byte round trip and bulk
+throughput both ways over vsock (runv-py's vhost-user backend mapping the guest's shared
+memory, a cold boot) and over a virtio-serial port of the same VM, with the same guest program
+on both; the same over vsock in a template clone (the backend reaches the clone's private
+memory through QEMU's /proc/<pid>/mem); then the agent's gRPC Check round trip over each
+channel (another VM boots with the serial channel).
 
     python bench/vsock.py [--n 500] [--mib 64] [--json FILE]
 """
@@ -102,6 +104,8 @@ def serial(name):
             if f.read().strip() == name:
                 fd = os.open(f"/gdev/{entry}", os.O_RDWR)
                 break
+    else:
+        return  # no such port (a clone: the agent's port is the agent's)
     while True:
         try:
             serve(lambda n: os.read(fd, n), writer(fd))
@@ -244,6 +248,28 @@ async def transports(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int
         await backend.stop()
 
 
+async def clone(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> dict[str, Any]:
+    """A template clone (the template is built first if missing): vsock only."""
+    async with await Sandbox.boot(replace(cfg, template="auto"),
+                                  shares=(Share("r", rootfs, readonly=True),)) as sandbox:
+        assert sandbox.agent is not None and sandbox.channel == "vsock"
+        if not sandbox.start_path.startswith("template"):
+            raise RuntimeError(f"the clone booted {sandbox.start_path}: see its log")
+        agent = sandbox.agent
+        await agent.copy_file("/run/hyperstart/files/bench.py", GUEST.encode())
+        await agent.create_container("g", guest_spec(
+            ["python3", "/work/bench.py", str(PORT), "none"]), stdio=False,
+            storages=(Storage("9p", "r", MOUNT),))
+        await agent.start_container("g")
+        vsock = await asyncio.to_thread(connect_vsock, sandbox.paths.vsock.uds, PORT)
+        try:
+            result = await asyncio.to_thread(measure, vsock, n, mib)
+        finally:
+            vsock.close()
+        result["grpc_check_s"] = await check_rtt(agent, n)
+        return result
+
+
 async def serial_check(cfg: config.RuntimeConfig, n: int) -> float:
     serial_cfg = replace(cfg, guest=replace(cfg.guest, channel="serial"))
     async with await Sandbox.boot(serial_cfg) as sandbox:
@@ -266,21 +292,26 @@ def main() -> int:
         cfg = replace(base, state_dir=work / "state")
         print("bench/vsock: one VM with both transports ...", flush=True)
         result = asyncio.run(transports(cfg, rootfs, args.n, args.mib))
-        print("bench/vsock: a second VM with the serial agent channel ...", flush=True)
+        print("bench/vsock: a template clone, vsock through /proc/<pid>/mem ...", flush=True)
+        result["vsock_clone"] = asyncio.run(clone(cfg, rootfs, args.n, args.mib))
+        print("bench/vsock: a VM with the serial agent channel ...", flush=True)
         result["grpc_check_serial_s"] = asyncio.run(serial_check(cfg, args.n))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    v, s = result["vsock"], result["serial"]
-    print("bench/vsock")
+    v, c, s = result["vsock"], result["vsock_clone"], result["serial"]
+    print("bench/vsock            vsock cold (mmap)  vsock clone (/proc/pid/mem)  serial"
+          "           clone/cold  cold/serial")
     for name, key, unit, scale in (("1-byte round trip", "rtt_median_s", "ms", 1000),
                                    ("  p90", "rtt_p90_s", "ms", 1000),
                                    ("host -> guest", "to_guest_mb_s", "MB/s", 1),
                                    ("guest -> host", "from_guest_mb_s", "MB/s", 1)):
-        print(f"  {name:18} vsock {v[key] * scale:8.2f} {unit:5} serial {s[key] * scale:8.2f} "
-              f"{unit:5} ratio vsock/serial {v[key] / s[key]:.2f}")
-    gv, gs = result["grpc_check_vsock_s"], result["grpc_check_serial_s"]
-    print(f"  gRPC Check         vsock {gv * 1000:8.2f} ms    serial {gs * 1000:8.2f} ms    "
-          f"ratio vsock/serial {gv / gs:.2f}")
+        print(f"  {name:18} {v[key] * scale:8.2f} {unit:5}      {c[key] * scale:8.2f} {unit:5}"
+              f"                 {s[key] * scale:8.2f} {unit:5}   {c[key] / v[key]:8.2f}"
+              f"  {v[key] / s[key]:8.2f}")
+    gv, gc, gs = (result["grpc_check_vsock_s"], c["grpc_check_s"],
+                  result["grpc_check_serial_s"])
+    print(f"  {'gRPC Check':18} {gv * 1000:8.2f} ms         {gc * 1000:8.2f} ms"
+          f"                    {gs * 1000:8.2f} ms      {gc / gv:8.2f}  {gv / gs:8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

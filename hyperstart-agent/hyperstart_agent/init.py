@@ -90,19 +90,22 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
     timings["server_listening"] = _boottime_ms()
     log.debug("timings %s", timings)
 
-    if opts.channel_kind == "serial":
-        from .channel import SerialSplice
+    for kind, name in opts.channels:
+        if kind == "serial":
+            from .channel import SerialSplice
 
-        splice = SerialSplice(opts.channel_name, options.SERVER_SOCKET)
-        threading.Thread(target=splice.run_forever, name="channel", daemon=True).start()
-    elif opts.channel_kind == "vsock" and opts.channel_name.isdigit():
-        from .channel import VsockSplice
+            splice = SerialSplice(name, options.SERVER_SOCKET)
+            threading.Thread(target=splice.run_forever, name="channel", daemon=True).start()
+        elif kind == "vsock" and name.isdigit():
+            # Listening needs no vsock device yet (Linux >= 5.5): a template's clone hot-plugs
+            # it after restore, and the listener then takes connections.
+            from .channel import VsockSplice
 
-        vsock = VsockSplice(int(opts.channel_name), options.SERVER_SOCKET)
-        threading.Thread(target=vsock.run_forever, name="channel", daemon=True).start()
-    else:
-        log.error("unsupported channel %r; serving on %s only", opts.channel,
-                  options.SERVER_SOCKET)
+            vsock = VsockSplice(int(name), options.SERVER_SOCKET)
+            threading.Thread(target=vsock.run_forever, name="channel", daemon=True).start()
+        else:
+            log.error("unsupported channel %r; serving on %s only", f"{kind}:{name}",
+                      options.SERVER_SOCKET)
 
     log.info("agent ready (%d ms after boot)", timings["server_listening"])
     reaper.run_forever()

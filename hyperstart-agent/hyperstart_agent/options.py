@@ -14,12 +14,20 @@ class Options:
     debug: bool = False
 
     @property
+    def channels(self) -> list[tuple[str, str]]:
+        """(kind, name) of each channel, e.g. `serial:agent.channel.0,vsock:1024` serves both
+        (a template VM: serial while it is built, vsock in its clones, which hot-plug the
+        device)."""
+        return [(kind, name) for kind, _, name in
+                (spec.partition(":") for spec in self.channel.split(",") if spec)]
+
+    @property
     def channel_kind(self) -> str:
-        return self.channel.partition(":")[0]
+        return self.channels[0][0] if self.channels else ""
 
     @property
     def channel_name(self) -> str:
-        return self.channel.partition(":")[2]
+        return self.channels[0][1] if self.channels else ""
 
 
 def parse(cmdline: str) -> Options:

@@ -249,7 +249,8 @@ class Runtime:
         control.raise_for(reply)
         if self.debug:
             timings: dict[str, float] = reply.get("timings") or {}
-            log.debug(f"created ({reply.get('start_path', 'cold')}): " + ", ".join(
+            log.debug(f"created ({reply.get('start_path', 'cold')}, agent over "
+                      f"{reply.get('channel', 'serial')}): " + ", ".join(
                 f"{k} {v * 1000:.0f} ms" for k, v in timings.items()),
                 extra={"container": record.id})
         record = record.with_(vm_dir=str(reply["vm_dir"]), status="created")

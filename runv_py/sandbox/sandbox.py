@@ -63,6 +63,12 @@ class StatePaths:
         return self.root / "agent.sock"
 
     @property
+    def serial_socket(self) -> Path:
+        """The virtio-serial port's chardev of a template clone whose agent talks vsock: the
+        port is part of the template; nothing connects to it."""
+        return self.root / "serial.sock"
+
+    @property
     def vsock(self) -> VsockPaths:
         """The agent socket is a forward listener of the vsock backend to the agent's port."""
         return VsockPaths(vhost=self.root / "vhost-vsock.sock", uds=self.root / "vsock.sock",
@@ -109,16 +115,22 @@ def sweep_stale(state_dir: Path) -> list[str]:
 def vm_config(
     config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool = False, shares: tuple[Share, ...] = (),
-    nics: tuple[Nic, ...] = (), cid_claim: CidClaim | None = None,
+    nics: tuple[Nic, ...] = (), cid_claim: CidClaim | None = None, template: bool = False,
 ) -> VmConfig:
     """`cid_claim`: the vsock channel uses the kernel's vhost-vsock with this CID instead of
-    our vhost-user backend."""
+    our vhost-user backend. `template`: the VM of a template or a clone, which has no vsock
+    device (vhost-user devices cannot be migrated): with the vsock channel the agent serves
+    the serial port too (the template's build talks over it) and a clone hot-plugs vsock."""
     hv = config.hypervisor
     root: Literal["block", "initrd"] = config.guest.rootfs
     channel = config.guest.channel
+    vsock_device = channel == "vsock" and not template
+    agent_socket = paths.agent_socket if channel == "serial" else None
+    if template and channel == "vsock":
+        agent_socket = paths.serial_socket
     params = KernelParams(machine=hv.machine, accel=choice.accel, root=root,
                           tsc_khz=accel.host_tsc_khz(), debug=debug, extra=hv.kernel_params,
-                          channel=channel)
+                          channel="serial+vsock" if template and channel == "vsock" else channel)
     return VmConfig(
         name=name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel, vcpus=hv.vcpus,
         memory_mib=hv.memory_mib,
@@ -127,12 +139,12 @@ def vm_config(
         console_log=paths.console_log, qmp_socket=paths.qmp_socket,
         initrd=found.initrd if root == "initrd" else None,
         root_image=found.rootfs_image if root == "block" else None,
-        agent_socket=paths.agent_socket if channel == "serial" else None,
-        vsock_socket=paths.vsock.vhost if channel == "vsock" and cid_claim is None else None,
+        agent_socket=agent_socket,
+        vsock_socket=paths.vsock.vhost if vsock_device and cid_claim is None else None,
         vsock_cid=cid_claim.cid if cid_claim else None,
         vsock_fd=cid_claim.fd if cid_claim else None,
         cpu=hv.cpu, shares=shares, nics=nics,
-        shared_memory=(channel == "vsock" and cid_claim is None)
+        shared_memory=(vsock_device and cid_claim is None)
         or any(share.driver == "virtiofs" for share in shares),
     )
 
@@ -142,11 +154,11 @@ def clone_base(
     choice: accel.Choice, *, debug: bool, shares: tuple[Share, ...],
 ) -> tuple[template.TemplateInputs, VmConfig]:
     """What a VM started from a template needs: the template's inputs, and the VM config
-    (machine `pc`: clones need PCI hotplug, which microvm lacks)."""
-    # vhost-user devices (the vsock backend) cannot be migrated: clones talk virtio-serial.
-    config = replace(config, hypervisor=replace(config.hypervisor, machine=template.MACHINE),
-                     guest=replace(config.guest, channel="serial"))
-    vm = vm_config(config, name, paths, found, choice, debug=debug, shares=shares)
+    (machine `pc`: clones need PCI hotplug, which microvm lacks). With the vsock channel a
+    clone hot-plugs the vsock device after restore (`Sandbox._hotplug_vsock`)."""
+    config = replace(config, hypervisor=replace(config.hypervisor, machine=template.MACHINE))
+    vm = vm_config(config, name, paths, found, choice, debug=debug, shares=shares,
+                   template=True)
     return template.inputs_for(vm, found.agent_version, config.guest.channel), vm
 
 
@@ -171,6 +183,10 @@ def clone_key(config: RuntimeConfig, share_tags: tuple[str, ...] = ()) -> str:
                            accel.choose(config.hypervisor.accelerator), debug=False,
                            shares=shares)
     return inputs.key
+
+
+class VsockStartError(HypervisorError):
+    """A template clone's vsock backend did not start or its device was refused."""
 
 
 class Sandbox:
@@ -242,7 +258,8 @@ class Sandbox:
                             extra=extra)
                 log.debug("template start failure", exc_info=True, extra=extra)
                 await self._discard_vm()
-                if self._template is not None:
+                # A vsock backend that did not start is no fault of the template: keep it.
+                if self._template is not None and not isinstance(exc, VsockStartError):
                     template.TemplateStore(self.config.template_dir).remove(self._template)
                 self.start_path = "cold-fallback"
         await self._cold_boot(found, debug, shares, nics, t0)
@@ -298,18 +315,22 @@ class Sandbox:
             await self.machine.start(pass_fds=(state.fileno(),))
             t2 = time.monotonic()
             await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
-        await self._plug_and_run(nics)
-        t3 = time.monotonic()
         # A clone that does not answer soon is broken: fall back rather than wait a boot's time.
         agent_timeout = self._clone_agent_timeout()
+        t_vsock = time.monotonic()
+        if self.config.guest.channel == "vsock":
+            await self._hotplug_vsock(debug, agent_timeout)
+        await self._plug_and_run(nics)
+        t3 = time.monotonic()
         self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=agent_timeout)
         await self._wait_agent(agent_timeout)
         t4 = time.monotonic()
         await self._take_identity(nics)
         self.shares = shares
         t5 = time.monotonic()
-        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t3 - t2,
-                        "agent": t4 - t3, "identity": t5 - t4, "total": t5 - t0}
+        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t_vsock - t2,
+                        **({"vsock": t3 - t_vsock} if self.vsock else {}), "agent": t4 - t3,
+                        "identity": t5 - t4, "total": t5 - t0}
         self._log_ready()
 
     def _clone_agent_timeout(self) -> float:
@@ -349,6 +370,18 @@ class Sandbox:
         self.timings = {"unpark": time.monotonic() - t0}
         self._log_ready()
 
+    async def _hotplug_vsock(self, debug: bool, connect_wait_s: float) -> None:
+        """The agent channel of a clone: our vsock backend, reaching the clone's private RAM
+        through QEMU's address space, and its device hot-plugged while the VM is paused."""
+        assert self.machine is not None and self.machine.pid is not None
+        self.vsock = VsockBackend(self.paths.vsock, self.paths.vsock_log, debug=debug,
+                                  connect_wait_s=connect_wait_s, qemu_pid=self.machine.pid)
+        try:
+            await self.vsock.start()
+            await self.machine.hotplug_vsock(self.paths.vsock.vhost)
+        except RunvError as exc:
+            raise VsockStartError(f"sandbox {self.id}: vsock: {exc}") from exc
+
     async def _wait_nics(self, nics: tuple[Nic, ...], timeout_s: float) -> None:
         """Until the guest kernel has found every hot-plugged NIC."""
         assert self.agent is not None
@@ -366,8 +399,13 @@ class Sandbox:
         code = self.machine.child.returncode if self.machine and self.machine.child else None
         return code is not None and code < 0
 
+    @property
+    def channel(self) -> str:
+        """How the host reaches the agent: "vsock" or "serial"."""
+        return "vsock" if self.vsock is not None else "serial"
+
     def _log_ready(self) -> None:
-        log.debug(f"sandbox ready ({self.start_path}): " + ", ".join(
+        log.debug(f"sandbox ready ({self.start_path}, agent over {self.channel}): " + ", ".join(
             f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items()), extra={"sandbox": self.id})
 
     async def _discard_vm(self) -> None:
@@ -377,9 +415,12 @@ class Sandbox:
                 await self.agent.close()
             if self.machine is not None:
                 await self.machine.close()
+            if self.vsock is not None:
+                await self.vsock.stop()
         finally:
             self.agent = None
             self.machine = None
+            self.vsock = None
             for entry in self.paths.root.iterdir():
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)

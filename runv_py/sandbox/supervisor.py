@@ -198,7 +198,7 @@ class Supervisor:
                    "create_container": time.monotonic() - t_create}
         timings.pop("total", None)
         return {"ok": True, "vm_dir": str(self.sandbox.paths.root), "timings": timings,
-                "start_path": self.sandbox.start_path}
+                "start_path": self.sandbox.start_path, "channel": self.sandbox.channel}
 
     # -- warm pool ----------------------------------------------------------------------------
 

@@ -26,11 +26,13 @@ class VsockPaths:
 
 class VsockBackend:
     def __init__(self, paths: VsockPaths, log_path: Path, *, connect_wait_s: float = 0.0,
-                 debug: bool = False, claim: CidClaim | None = None) -> None:
+                 debug: bool = False, claim: CidClaim | None = None,
+                 qemu_pid: int | None = None) -> None:
         """With `claim` the guest's vsock is the kernel's vhost-vsock with the claimed CID
         (QEMU gets the claim's fd) and only the forward listeners run (runv_py.vsock.forward);
         without, our vhost-user backend serves guest CID 3 (hybrid vsock has no host-global
-        CIDs)."""
+        CIDs). With `qemu_pid` our backend reaches guest memory through that QEMU's address
+        space instead of mapping it (a template clone's RAM is private to its QEMU)."""
         self.paths = paths
         self.claim = claim
         self.cid = claim.cid if claim else 3
@@ -38,6 +40,7 @@ class VsockBackend:
         self.log_path = log_path
         self.connect_wait_s = connect_wait_s
         self.debug = debug
+        self.qemu_pid = qemu_pid
         self.child: child.Child | None = None
 
     def argv(self) -> list[str]:
@@ -49,6 +52,8 @@ class VsockBackend:
                 f"--uds={self.paths.uds}", f"--cid={self.cid}",
                 f"--connect-wait={self.connect_wait_s}"]
         argv += [f"--forward={path}={port}" for path, port in self.paths.forwards]
+        if self.qemu_pid is not None:
+            argv.append(f"--qemu-pid={self.qemu_pid}")
         if self.debug:
             argv.append("--debug")
         return argv

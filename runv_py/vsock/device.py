@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import packet as pk
 from . import protocol as vu
-from .memory import GuestMemory, GuestMemoryError
+from .memory import GuestMemory, GuestMemoryError, Memory, ProcessMemory
 from .virtqueue import Chain, ChainError, RingError, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ _VRING_STATE = struct.Struct("<II")
 _VRING_ADDR = struct.Struct("<IIQQQQ")
 _U64 = struct.Struct("<Q")
 _CONFIG_HEADER = struct.Struct("<III")
+_FLAGS_IDX = struct.Struct("<HH")
 
 
 class State(enum.Enum):
@@ -95,15 +96,18 @@ class Conn:
 
 
 class Device:
-    def __init__(self, cid: int, uds: Path, selector: selectors.BaseSelector,
-                 connect_wait_s: float = 0.0, generation: int = 0) -> None:
+    def __init__(self, cid: int, uds: Path, selector: selectors.BaseSelector, *,
+                 connect_wait_s: float = 0.0, generation: int = 0,
+                 qemu_pid: int | None = None) -> None:
+        """`qemu_pid`: reach guest memory through that process (a template clone's private
+        memory, see memory.py) instead of mapping the fds of SET_MEM_TABLE."""
         self.cid = cid
         self.connect_wait_s = connect_wait_s
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self.uds = uds
         self.sel = selector
-        self.mem = GuestMemory()
+        self.mem: Memory = GuestMemory() if qemu_pid is None else ProcessMemory(qemu_pid)
         self.vqs = [Virtqueue(RX), Virtqueue(TX)]
         self.features = 0
         self.protocol_features = 0
@@ -287,8 +291,8 @@ class Device:
             avail = vq.avail_count() if vq.avail is not None else -1
             raw = ""
             if vq.avail is not None and vq.used is not None:
-                raw = (f" avail.flags/idx={struct.unpack_from('<HH', vq.avail)} "
-                       f"used.flags/idx={struct.unpack_from('<HH', vq.used)}")
+                raw = (f" avail.flags/idx={vq.avail.unpack(_FLAGS_IDX, 0)} "
+                       f"used.flags/idx={vq.used.unpack(_FLAGS_IDX, 0)}")
             rings.append(f"vring{vq.index}(size={vq.size} enabled={vq.enabled} "
                          f"started={vq.started} last_avail={vq.last_avail} used={vq.used_idx} "
                          f"pending={avail}{raw})")
@@ -541,8 +545,9 @@ class Device:
             except ChainError as exc:
                 self._drop(str(exc))
                 vq.push(exc.head, 0)
-            except RingError as exc:
-                # The avail index itself is garbage: nothing on this ring can be trusted.
+            except (RingError, GuestMemoryError) as exc:
+                # The avail index itself is garbage (or QEMU's memory is gone): nothing on
+                # this ring can be trusted.
                 self._drop(f"{exc}; stopping the ring until the next start")
                 vq.started = False
                 return None

@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connect-wait", type=float, default=0.0, metavar="SECONDS",
                         help="a --forward connection refused by the guest (no listener yet) "
                              "is retried for this long before it is closed")
+    parser.add_argument("--qemu-pid", type=int, default=None, metavar="PID",
+                        help="reach guest memory through /proc/PID/mem of this QEMU instead of "
+                             "mapping the memory fds it sends (a VM whose RAM is a private "
+                             "mapping, such as a template clone); the fds are never mapped")
     parser.add_argument("--debug", action="store_true", help="log every connection")
     args = parser.parse_args(argv)
     if not 3 <= args.cid < 0xFFFFFFFF:
@@ -117,6 +121,8 @@ class Keeper:
                 f"--journal-fd={self.theirs.fileno()}", f"--connect-wait={self.args.connect_wait}",
                 f"--generation={self.generation}",
                 *(f"--forward-fd={s.fileno()}:{port}" for s, port in self.forwards)]
+        if self.args.qemu_pid is not None:
+            argv.append(f"--qemu-pid={self.args.qemu_pid}")
         if self.args.debug:
             argv.append("--debug")
         worker = child.spawn_detached(argv, pass_fds=fds, new_session=False)
@@ -179,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s runv-vsock[%(process)d] %(levelname)s %(message)s")
     args = parse_args(argv)
+    if args.qemu_pid is not None:
+        # Checked before any socket exists, so that the owner sees a failed start at once.
+        try:
+            os.close(os.open(f"/proc/{args.qemu_pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            log.error("cannot reach the memory of QEMU (pid %d): %s", args.qemu_pid,
+                      exc.strerror)
+            return 1
     try:
         keeper = Keeper(args)
     except OSError as exc:

@@ -72,18 +72,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 def recv(sock: socket.socket) -> Message | None:
     """One message, or None when the front-end has gone (EOF)."""
-    fds = array.array("i")
-    data, ancdata, msg_flags, _ = sock.recvmsg(
-        HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
-    for level, kind, cdata in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    data, fds, truncated = _recv_fds(sock, HEADER.size, 0)
     if not data:
         for fd in fds:
             _close(fd)
         return None
     try:
-        if msg_flags & socket.MSG_CTRUNC:
+        if truncated:
             raise ProtocolError("too many fds in one message")
         if len(data) < HEADER.size:
             data += _recv_exact(sock, HEADER.size - len(data))
@@ -96,6 +91,45 @@ def recv(sock: socket.socket) -> Message | None:
             _close(fd)
         raise
     return Message(request, flags, payload, tuple(fds), data + payload)
+
+
+def peek(sock: socket.socket) -> Message | None:
+    """The next message, left in the socket, or None when the front-end has gone or the
+    message is not all there yet (then use recv()). The fds are duplicates the caller owns,
+    and they may be the next message's: Linux's peek on a stream socket picks up the fds of
+    the following packet when it is queued already. take() gives the message's own."""
+    header = sock.recv(HEADER.size, socket.MSG_PEEK)
+    if len(header) < HEADER.size:
+        return None
+    request, flags, size = HEADER.unpack(header)
+    if size > MAX_PAYLOAD:
+        return None
+    raw, fds, truncated = _recv_fds(sock, HEADER.size + size, socket.MSG_PEEK)
+    if truncated or len(raw) != HEADER.size + size:
+        for fd in fds:
+            _close(fd)
+        return None
+    return Message(request, flags, raw[HEADER.size:], tuple(fds), raw)
+
+
+def take(sock: socket.socket, peeked: Message) -> Message:
+    """Consume the message peek() returned: the same bytes, with the message's own fds."""
+    raw, fds, _ = _recv_fds(sock, len(peeked.raw), 0)
+    if raw != peeked.raw:
+        for fd in fds:
+            _close(fd)
+        raise ProtocolError("the front-end's stream changed under a peek")
+    return Message(peeked.request, peeked.flags, peeked.payload, tuple(fds), raw)
+
+
+def _recv_fds(sock: socket.socket, size: int, flags: int) -> tuple[bytes, list[int], bool]:
+    fds = array.array("i")
+    data, ancdata, msg_flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize),
+                                               flags)
+    for level, kind, cdata in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(cdata[:len(cdata) - len(cdata) % fds.itemsize])
+    return data, list(fds), bool(msg_flags & socket.MSG_CTRUNC)
 
 
 def reply(sock: socket.socket, request: int, payload: bytes) -> None:

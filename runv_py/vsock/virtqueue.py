@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
-from .memory import GuestMemory, GuestMemoryError
+from .memory import Area, GuestMemoryError, Memory
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Chain:
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
+    writable_gpa: list[int] = field(default_factory=list)
 
     @property
     def writable_len(self) -> int:
@@ -57,31 +58,34 @@ class Virtqueue:
     started: bool = False
     kick_fd: int = -1
     call_fd: int = -1
-    # Resolved views of the rings (None until ready()).
-    desc: memoryview | None = None
-    avail: memoryview | None = None
-    used: memoryview | None = None
+    # The rings' areas (None until ready()).
+    desc: Area | None = None
+    avail: Area | None = None
+    used: Area | None = None
+    mem: Memory | None = None
     used_idx: int = 0
     pending_signal: bool = False
-    # Heads taken and not yet returned: a guest offering one again is refused, and the device
-    # can never return a head twice (the guest would mark the ring broken).
-    inflight: set[int] = field(default_factory=set)
+    # Heads taken and not yet returned (with their chain, None for a bad one): a guest offering
+    # one again is refused, and the device can never return a head twice (the guest would mark
+    # the ring broken).
+    inflight: dict[int, Chain | None] = field(default_factory=dict)
 
-    def resolve(self, mem: GuestMemory) -> bool:
-        """Map the ring areas; False (and nothing mapped) when not set up or not in memory."""
+    def resolve(self, mem: Memory) -> bool:
+        """Find the ring areas; False (and none found) when not set up or not in memory."""
         self.desc = self.avail = self.used = None
-        if not (self.addr_set and self.size and mem.regions):
+        self.mem = mem
+        if not (self.addr_set and self.size and mem.mapped):
             return False
         if self.size > MAX_QUEUE_SIZE or self.size & (self.size - 1):
             raise RingError(f"vring {self.index}: bad size {self.size}")
         try:
-            self.desc = mem.user(self.desc_uva, 16 * self.size)
-            self.avail = mem.user(self.avail_uva, 4 + 2 * self.size)
-            self.used = mem.user(self.used_uva, 4 + 8 * self.size)
+            self.desc = mem.area(self.desc_uva, 16 * self.size)
+            self.avail = mem.area(self.avail_uva, 4 + 2 * self.size)
+            self.used = mem.area(self.used_uva, 4 + 8 * self.size)
+            self.used_idx = self.used.unpack(_U16, 2)[0]
         except GuestMemoryError as exc:
             self.desc = self.avail = self.used = None
             raise RingError(f"vring {self.index}: {exc}") from None
-        self.used_idx = _U16.unpack_from(self.used, 2)[0]
         return True
 
     @property
@@ -90,14 +94,14 @@ class Virtqueue:
 
     def avail_count(self) -> int:
         assert self.avail is not None
-        avail_idx: int = _U16.unpack_from(self.avail, 2)[0]
+        avail_idx: int = self.avail.unpack(_U16, 2)[0]
         return (avail_idx - self.last_avail) & 0xFFFF
 
-    def pop(self, mem: GuestMemory) -> Chain | None:
+    def pop(self, mem: Memory) -> Chain | None:
         """The next available chain, or None. Raises RingError for a bad chain; the head, if
         known, is in the exception's `head` attribute so the caller can return it."""
         assert self.avail is not None and self.desc is not None
-        avail_idx = _U16.unpack_from(self.avail, 2)[0]
+        avail_idx = self.avail.unpack(_U16, 2)[0]
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending == 0:
             return None
@@ -105,31 +109,32 @@ class Virtqueue:
             raise RingError(f"vring {self.index}: avail idx {avail_idx} is {pending} ahead of "
                             f"{self.last_avail} (queue size {self.size})")
         slot = self.last_avail % self.size
-        head = _U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        head = self.avail.unpack(_U16, 4 + 2 * slot)[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.size:
             raise RingError(f"vring {self.index}: head {head} >= queue size {self.size}")
         if head in self.inflight:
             raise RingError(f"vring {self.index}: head {head} offered again while in use")
-        self.inflight.add(head)  # a bad chain is returned too (ChainError.head)
+        self.inflight[head] = None  # a bad chain is returned too (ChainError.head)
         chain = Chain(head)
         index = head
         for _ in range(self.size):
-            addr, length, flags, nxt = _DESC.unpack_from(self.desc, 16 * index)
+            addr, length, flags, nxt = self.desc.unpack(_DESC, 16 * index)
             if flags & DESC_F_INDIRECT:
                 raise ChainError(head, f"vring {self.index}: indirect descriptor (not offered)")
-            try:
-                view = mem.guest(addr, length)
-            except GuestMemoryError as exc:
-                raise ChainError(head, f"vring {self.index}: descriptor {index}: {exc}") from None
-            if flags & DESC_F_WRITE:
-                chain.writable.append(view)
-            elif chain.writable:
+            if not flags & DESC_F_WRITE and chain.writable:
                 raise ChainError(head, f"vring {self.index}: readable descriptor after a "
                                        "writable one")
-            else:
-                chain.readable.append(view)
+            try:
+                if flags & DESC_F_WRITE:
+                    chain.writable.append(mem.writable(addr, length))
+                    chain.writable_gpa.append(addr)
+                else:
+                    chain.readable.append(mem.readable(addr, length))
+            except GuestMemoryError as exc:
+                raise ChainError(head, f"vring {self.index}: descriptor {index}: {exc}") from None
             if not flags & DESC_F_NEXT:
+                self.inflight[head] = chain
                 return chain
             if nxt >= self.size:
                 raise ChainError(head, f"vring {self.index}: next {nxt} >= queue size")
@@ -138,21 +143,28 @@ class Virtqueue:
 
     def unpop(self, head: int) -> None:
         """Give back the chain pop() returned last (nothing was written to it)."""
-        self.inflight.discard(head)
+        self.inflight.pop(head, None)
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
     def push(self, head: int, length: int) -> None:
-        assert self.used is not None
+        """Return a chain whose writable buffers hold `length` bytes from the device."""
+        assert self.used is not None and self.mem is not None
         if head not in self.inflight:
             log.error("vring %d: not returning head %d: it is not in use (a device bug)",
                       self.index, head)
             return
-        self.inflight.discard(head)
+        chain = self.inflight.pop(head)
+        if chain is not None and length:
+            try:
+                self.mem.commit(chain.writable_gpa, chain.writable, length)
+            except GuestMemoryError as exc:
+                log.error("vring %d: head %d: %s", self.index, head, exc)
+                length = 0
         slot = self.used_idx % self.size
-        _USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
+        self.used.pack(_USED_ELEM, 4 + 8 * slot, head, length)
         # x86 is TSO: the element is visible before the index that publishes it.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _U16.pack_into(self.used, 2, self.used_idx)
+        self.used.pack(_U16, 2, self.used_idx)
         self.pending_signal = True
 
     def signal(self) -> None:
@@ -172,7 +184,7 @@ class Virtqueue:
         """After a backend restart: every chain we took was returned at once, so the used
         index is where the avail walk stands."""
         assert self.used is not None
-        self.used_idx = _U16.unpack_from(self.used, 2)[0]
+        self.used_idx = self.used.unpack(_U16, 2)[0]
         self.last_avail = self.used_idx
         self.inflight.clear()
 

@@ -122,9 +122,25 @@ class Worker:
         self._attach(conn)
 
     def _on_frontend(self) -> None:
+        """A message is journaled before it is taken off QEMU's connection: a worker killed
+        in between leaves it both in the journal and in the socket, and the next worker
+        applies it twice (harmless: set-up messages set state), never zero times."""
         assert self.frontend is not None
         try:
-            msg = vu.recv(self.frontend)
+            peeked = vu.peek(self.frontend) if self.keeper is not None else None
+            if peeked is None:
+                msg = vu.recv(self.frontend)
+                if msg is not None and _kept(msg):
+                    self._journal(journal.MESSAGE, msg.raw, msg.fds)
+            else:
+                if _kept(peeked):
+                    self._journal(journal.MESSAGE, peeked.raw, peeked.fds)
+                for fd in peeked.fds:
+                    os.close(fd)
+                msg = vu.take(self.frontend, peeked)
+                if _kept(msg) and len(msg.fds) != len(peeked.fds):
+                    # the peek picked up the next message's fds: journal the right ones
+                    self._journal(journal.MESSAGE, msg.raw, msg.fds)
         except (OSError, vu.ProtocolError) as exc:
             log.error("front-end connection: %s", exc)
             msg = None
@@ -132,10 +148,12 @@ class Worker:
             log.info("front-end disconnected")
             self._detach()
             return
-        if msg.request not in (vu.GET_FEATURES, vu.GET_PROTOCOL_FEATURES, vu.GET_QUEUE_NUM,
-                               vu.GET_CONFIG):
-            self._journal(journal.MESSAGE, msg.raw, msg.fds)
         self.device.handle(msg, self.frontend)
+
+
+def _kept(msg: vu.Message) -> bool:
+    return msg.request not in (vu.GET_FEATURES, vu.GET_PROTOCOL_FEATURES, vu.GET_QUEUE_NUM,
+                               vu.GET_CONFIG)
 
 
 def _sock(fd: int) -> socket.socket:
@@ -153,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--journal-fd", type=int, default=-1)
     parser.add_argument("--connect-wait", type=float, default=0.0)
     parser.add_argument("--generation", type=int, default=0)
+    parser.add_argument("--qemu-pid", type=int, default=None)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
@@ -164,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         forwards.append((_sock(int(fd)), int(port)))
     keeper = _sock(args.journal_fd) if args.journal_fd >= 0 else None
     device = Device(args.cid, args.uds, selectors.DefaultSelector(),
-                    connect_wait_s=args.connect_wait, generation=args.generation)
+                    connect_wait_s=args.connect_wait, generation=args.generation,
+                    qemu_pid=args.qemu_pid)
     worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper)
 
     def stop(signum: int, frame: object) -> None:

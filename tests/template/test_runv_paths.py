@@ -16,6 +16,8 @@ def test_runv_run_takes_the_template_path_and_the_annotation_turns_it_off(
     log = (runv.top / "log.json").read_text()
     assert "created (template" in log, log[-2000:]
     assert "restore" in log and "identity" in log
+    # the default channel, vsock, also in a clone (hot-plugged after restore)
+    assert "agent over vsock" in log and "vsock " in log
 
     def off(spec: dict[str, Any]) -> None:
         spec["annotations"] = {"org.runv.template": "off"}
@@ -23,5 +25,5 @@ def test_runv_run_takes_the_template_path_and_the_annotation_turns_it_off(
     cold = runv.bundle(["echo", "cold"], edit=off)
     result = runv("--debug", "run", "--bundle", str(cold), "t2")
     assert result.stdout == b"cold\n"
-    assert "created (cold)" in (runv.top / "log.json").read_text()
+    assert "created (cold, agent over vsock)" in (runv.top / "log.json").read_text()
     assert runv.leftovers() == []

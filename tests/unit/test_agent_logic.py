@@ -15,6 +15,8 @@ from hyperstart_agent import channel, options
 def test_options_from_kernel_cmdline() -> None:
     opts = options.parse("console=ttyS0 hyperstart.channel=serial:foo.0 hyperstart.debug=1 quiet")
     assert opts.channel_kind == "serial" and opts.channel_name == "foo.0" and opts.debug
+    both = options.parse("hyperstart.channel=serial:agent.channel.0,vsock:1024")
+    assert both.channels == [("serial", "agent.channel.0"), ("vsock", "1024")]
     assert options.parse("quiet") == options.Options()
     assert options.unknown_keys("hyperstart.channel=x hyperstart.bogus=1") == ["hyperstart.bogus"]
 

@@ -1,8 +1,12 @@
 """A guest driver model for unit tests: guest RAM in a memfd, split rings laid out in it, and
-the device driven through the same entry points the worker uses (no VM, no QEMU)."""
+the device driven through the same entry points the worker uses (no VM, no QEMU).
+
+With `process=True` the device reaches the RAM as it does a template clone's: through this
+process's /proc/<pid>/mem at the real address of a private mapping of the memfd."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import selectors
@@ -10,6 +14,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runv_py.vsock import journal
 from runv_py.vsock import packet as pk
@@ -52,14 +57,23 @@ class Ring:
 
 
 class Driver:
-    def __init__(self, tmp: Path, *, connect_wait_s: float = 0.0) -> None:
+    def __init__(self, tmp: Path, *, connect_wait_s: float = 0.0, process: bool = False) -> None:
         self.tmp = tmp
         self.memfd = os.memfd_create("guest-ram")
         os.ftruncate(self.memfd, MEM_SIZE)
-        self.mem = mmap.mmap(self.memfd, MEM_SIZE)
+        self.process = process
+        if process:
+            self.mem = mmap.mmap(self.memfd, MEM_SIZE, mmap.MAP_PRIVATE,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            anchor = ctypes.c_char.from_buffer(self.mem)
+            self.uva_base = ctypes.addressof(anchor)
+            del anchor
+        else:
+            self.mem = mmap.mmap(self.memfd, MEM_SIZE)
+            self.uva_base = UVA_BASE
         self.uds = tmp / "v.sock"
         self.sel = selectors.DefaultSelector()
-        self.device = Device(GUEST_CID, self.uds, self.sel, connect_wait_s=connect_wait_s)
+        self.device = self._device(connect_wait_s=connect_wait_s)
         self.hybrid = _listen(self.uds)
         self.forward = _listen(tmp / "fwd.sock")
         self.vhost = _listen(tmp / "vhost.sock")
@@ -71,6 +85,10 @@ class Driver:
         self.front, self.front_peer = socket.socketpair()  # stands for QEMU's connection
         self.journal.add(journal.CONN, b"", [os.dup(self.front.fileno())])
 
+    def _device(self, **kwargs: Any) -> Device:
+        return Device(GUEST_CID, self.uds, self.sel,
+                      qemu_pid=os.getpid() if self.process else None, **kwargs)
+
     def handle(self, message: vu.Message) -> None:
         raw = vu.HEADER.pack(message.request, message.flags, len(message.payload))
         self.journal.add(journal.MESSAGE, raw + message.payload,
@@ -80,14 +98,14 @@ class Driver:
     def start(self, *, enable: bool = True) -> None:
         features = struct.pack("<Q", vu.F_VERSION_1 | vu.F_PROTOCOL_FEATURES)
         self.handle(msg(vu.SET_FEATURES, features))
-        table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, MEM_SIZE, UVA_BASE, 0)
+        table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, MEM_SIZE, self.uva_base, 0)
         self.handle(msg(vu.SET_MEM_TABLE, table, (os.dup(self.memfd),)))
         for index, ring in self.rings.items():
             self.handle(msg(vu.SET_VRING_NUM, struct.pack("<II", index, QSIZE)))
             self.handle(msg(vu.SET_VRING_BASE, struct.pack("<II", index, 0)))
             self.handle(msg(vu.SET_VRING_ADDR, struct.pack(
-                "<IIQQQQ", index, 0, UVA_BASE + ring.desc, UVA_BASE + ring.used,
-                UVA_BASE + ring.avail, 0)))
+                "<IIQQQQ", index, 0, self.uva_base + ring.desc, self.uva_base + ring.used,
+                self.uva_base + ring.avail, 0)))
             self.kicks[index] = os.eventfd(0, os.EFD_NONBLOCK)
             self.calls[index] = os.eventfd(0, os.EFD_NONBLOCK)
             self.handle(msg(vu.SET_VRING_CALL, struct.pack("<Q", index),
@@ -112,7 +130,7 @@ class Driver:
         old.mem.close()
         self.sel.close()
         self.sel = selectors.DefaultSelector()
-        self.device = Device(GUEST_CID, self.uds, self.sel, generation=1)
+        self.device = self._device(generation=1)
         self.worker = Worker(self.device, self.vhost, self.hybrid, [(self.forward, 1024)],
                              None)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -13,6 +13,7 @@ from runv_py.vsock import device as device_mod
 from runv_py.vsock import packet as pk
 from runv_py.vsock import protocol as vu
 from runv_py.vsock.device import BUF_ALLOC, RX, TX
+from runv_py.vsock.memory import GuestMemoryError
 
 from .driver import GUEST_CID, Driver, msg
 
@@ -318,5 +319,45 @@ def test_unanswered_request_is_sent_again_or_given_up(
         assert [d for _, d in driver.received()] == [b"late but fine"]
         waiting.close()
         hybrid.close()
+    finally:
+        driver.close()
+
+
+def test_process_memory_never_writes_the_memory_file(tmp_path: Path) -> None:
+    """A template clone's RAM is a private mapping of the template's file: the device writes
+    into the guest (here this process's private mapping of a memfd) and never into the file."""
+    driver = Driver(tmp_path, process=True)
+    try:
+        driver.start()
+        driver.post_rx()
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(f"{driver.uds}_5000")
+        listener.listen()
+        driver.send(pk.OP_REQUEST, 77, 5000)
+        assert _ops(driver.received()) == [pk.OP_RESPONSE]
+        host, _ = listener.accept()
+        payload = os.urandom(3000)
+        host.sendall(payload)
+        driver.pump()
+        assert [d for _, d in driver.received()] == [payload]
+        assert os.pread(driver.memfd, 8 << 20, 0) == bytes(8 << 20)
+        host.close()
+        listener.close()
+    finally:
+        driver.close()
+
+
+def test_process_memory_refuses_huge_buffers(tmp_path: Path) -> None:
+    """Through /proc/<pid>/mem a buffer is copied: a guest's descriptor of many MiB is dropped
+    rather than allocated."""
+    driver = Driver(tmp_path, process=True)
+    try:
+        driver.start()
+        mem = driver.device.mem
+        assert len(mem.readable(0x200000, 4096)) == 4096
+        with pytest.raises(GuestMemoryError, match="at most"):
+            mem.readable(0x200000, 4 << 20)
+        with pytest.raises(GuestMemoryError, match="at most"):
+            mem.writable(0x200000, 4 << 20)
     finally:
         driver.close()

@@ -4,6 +4,7 @@ guest's, and a well-formed connection works afterwards."""
 
 from __future__ import annotations
 
+import array
 import os
 import random
 import socket
@@ -175,3 +176,34 @@ def test_ring_resized_under_the_device(driver: Driver, size: int) -> None:
     _restart(driver)
     driver.post_rx()
     _works(driver, 7996)
+
+
+def test_peek_then_take_gives_each_message_its_own_fds() -> None:
+    """The worker journals a message before taking it off QEMU's connection (so that a kill
+    in between cannot lose it): the message taken has exactly its own bytes and fds, even where
+    the peek picked up the next message's fds."""
+    ours, theirs = socket.socketpair()
+    event = os.eventfd(0)
+    try:
+        first = vu.HEADER.pack(vu.SET_VRING_NUM, vu.VERSION, 8) + struct.pack("<II", 0, 64)
+        second = vu.HEADER.pack(vu.SET_VRING_KICK, vu.VERSION, 8) + struct.pack("<Q", 0)
+        theirs.sendall(first)
+        theirs.sendmsg([second], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   array.array("i", [event]))])
+        for raw, nfds in ((first, 0), (second, 1)):
+            peeked = vu.peek(ours)
+            assert peeked is not None and peeked.raw == raw
+            again = vu.peek(ours)  # still there
+            assert again is not None and again.raw == raw
+            for fd in (*peeked.fds, *again.fds):
+                os.close(fd)
+            taken = vu.take(ours, peeked)
+            assert taken.raw == raw and len(taken.fds) == nfds
+            for fd in taken.fds:
+                os.close(fd)
+        theirs.close()
+        assert vu.peek(ours) is None and vu.recv(ours) is None
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(event)

@@ -1,5 +1,9 @@
 """vsock in a real guest over runv-py's vhost-user backend: the agent's channel, a guest
-program's connections both ways, bulk transfers with checksums, half-close, backend restart."""
+program's connections both ways, bulk transfers with checksums, half-close, backend restart.
+
+`cold` boots map the guest's shared memory; `clone`s (the default start path) hot-plug the
+device after restoring a template and reach their private memory through QEMU's
+/proc/<pid>/mem."""
 
 from __future__ import annotations
 
@@ -42,11 +46,12 @@ def vsock_rootfs(busybox_rootfs: Path, tmp_path_factory: pytest.TempPathFactory)
 ROOT = MOUNT.format("vsockroot")
 
 
-@pytest.fixture
-def runtime_config(runtime_config: config.RuntimeConfig) -> config.RuntimeConfig:
-    """Cold boots: template clones talk virtio-serial (vhost-user devices cannot be
-    migrated), and these tests are about the vsock channel."""
-    return replace(runtime_config, template="off")
+def cold(cfg: config.RuntimeConfig) -> config.RuntimeConfig:
+    return replace(cfg, template="off")
+
+
+def started(cfg: config.RuntimeConfig, start: str) -> config.RuntimeConfig:
+    return cold(cfg) if start == "cold" else replace(cfg, template="auto")
 
 
 def _spec(args: list[str]) -> bytes:
@@ -135,7 +140,9 @@ def _run(cfg: config.RuntimeConfig, rootfs: Path,
     async def main() -> None:
         shares = (Share("rootfs0", rootfs, readonly=True),)
         async with await Sandbox.boot(cfg, shares=shares) as sandbox:
-            assert sandbox.agent is not None
+            assert sandbox.agent is not None and sandbox.channel == "vsock"
+            clone = sandbox.start_path in ("template", "template-built")
+            assert clone == (cfg.template == "auto"), sandbox.start_path
             await body(sandbox, sandbox.agent)
 
     asyncio.run(main())
@@ -143,6 +150,7 @@ def _run(cfg: config.RuntimeConfig, rootfs: Path,
 
 def test_agent_runs_over_vsock_by_default(runtime_config: config.RuntimeConfig) -> None:
     assert runtime_config.guest.channel == "vsock"
+    runtime_config = cold(runtime_config)
 
     async def main() -> None:
         async with await Sandbox.boot(runtime_config) as sandbox:
@@ -170,7 +178,7 @@ def test_agent_runs_over_vsock_by_default(runtime_config: config.RuntimeConfig) 
 
 
 def test_serial_channel_still_works(runtime_config: config.RuntimeConfig) -> None:
-    cfg = replace(runtime_config, guest=replace(runtime_config.guest, channel="serial"))
+    cfg = replace(cold(runtime_config), guest=replace(runtime_config.guest, channel="serial"))
 
     async def main() -> None:
         async with await Sandbox.boot(cfg) as sandbox:
@@ -183,8 +191,10 @@ def test_serial_channel_still_works(runtime_config: config.RuntimeConfig) -> Non
     asyncio.run(main())
 
 
+@pytest.mark.parametrize(("start", "bulk"), [("cold", BULK), ("clone", 64 << 20)])
 def test_many_connections_half_close_and_bulk_both_ways(
-        runtime_config: config.RuntimeConfig, vsock_rootfs: Path) -> None:
+        runtime_config: config.RuntimeConfig, vsock_rootfs: Path, start: str,
+        bulk: int) -> None:
     async def body(sandbox: Sandbox, agent: AgentClient) -> None:
         uds = sandbox.paths.vsock.uds
         server = await _guest_program(agent, "srv", "serve", "5000")
@@ -222,13 +232,13 @@ def test_many_connections_half_close_and_bulk_both_ways(
             block = hashlib.sha256(b"host").digest() * (1 << 15)  # 1 MiB
             digest = hashlib.sha256()
             with hybrid_connect(uds, 5000, timeout=600) as sock:
-                sock.sendall(f"SUM {BULK}\n".encode())
-                for _ in range(BULK // len(block)):
+                sock.sendall(f"SUM {bulk}\n".encode())
+                for _ in range(bulk // len(block)):
                     sock.sendall(block)
                     digest.update(block)
                 sock.shutdown(socket.SHUT_WR)  # half-close: the answer still comes back
                 reply = sock.makefile("rb").readline().decode().split()
-            assert reply == [str(BULK), digest.hexdigest()]
+            assert reply == [str(bulk), digest.hexdigest()]
 
         t0 = time.monotonic()
         await asyncio.to_thread(host_to_guest)
@@ -253,22 +263,23 @@ def test_many_connections_half_close_and_bulk_both_ways(
 
         receiving = asyncio.create_task(asyncio.to_thread(guest_to_host))
         t0 = time.monotonic()
-        sender = await _guest_program(agent, "snd", "send", "6000", str(BULK), first=False)
+        sender = await _guest_program(agent, "snd", "send", "6000", str(bulk), first=False)
         assert await agent.wait_process("snd", timeout_s=900) == 0
         g2h_s = time.monotonic() - t0
         host_digest = await receiving
         listener.close()
         guest_digest, *reply = (await sender).decode().split()
-        assert guest_digest == host_digest and reply == ["got", str(BULK)]
-        print(f"\n1000 sequential connections: {seq_s:.1f}s; 256 MiB host->guest "
-              f"{BULK / h2g_s / 1e6:.1f} MB/s, guest->host {BULK / g2h_s / 1e6:.1f} MB/s")
+        assert guest_digest == host_digest and reply == ["got", str(bulk)]
+        print(f"\n{start}: 1000 sequential connections: {seq_s:.1f}s; {bulk >> 20} MiB "
+              f"host->guest {bulk / h2g_s / 1e6:.1f} MB/s, guest->host "
+              f"{bulk / g2h_s / 1e6:.1f} MB/s")
         await agent.signal_process("srv", "", signal.SIGKILL)
         await agent.wait_process("srv", timeout_s=60)
         server.cancel()
         assert await agent.check()
         _rings_sound(sandbox)
 
-    _run(runtime_config, vsock_rootfs, body)
+    _run(started(runtime_config, start), vsock_rootfs, body)
 
 
 def _rings_sound(sandbox: Sandbox) -> None:
@@ -283,8 +294,9 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+@pytest.mark.parametrize("start", ["cold", "clone"])
 def test_backend_killed_and_restarted_without_the_vm_dying(
-        runtime_config: config.RuntimeConfig, vsock_rootfs: Path) -> None:
+        runtime_config: config.RuntimeConfig, vsock_rootfs: Path, start: str) -> None:
     async def body(sandbox: Sandbox, agent: AgentClient) -> None:
         assert sandbox.vsock is not None and sandbox.vsock.child is not None
         uds = sandbox.paths.vsock.uds
@@ -313,7 +325,7 @@ def test_backend_killed_and_restarted_without_the_vm_dying(
         assert log.count("starting a new one") == 2 and "took over QEMU's connection" in log
         _rings_sound(sandbox)
 
-    _run(runtime_config, vsock_rootfs, body)
+    _run(started(runtime_config, start), vsock_rootfs, body)
 
 
 def test_guest_resets_the_device_then_the_backend_restarts(
@@ -352,4 +364,4 @@ def test_guest_resets_the_device_then_the_backend_restarts(
         assert await agent.check()
         _rings_sound(sandbox)
 
-    _run(runtime_config, vsock_rootfs, body)
+    _run(cold(runtime_config), vsock_rootfs, body)

@@ -58,7 +58,8 @@ class KernelParams:
     tsc_khz: int | None = None
     debug: bool = False
     extra: str = ""
-    channel: Literal["serial", "vsock"] = "serial"
+    # serial+vsock: a template VM (serial while it is built; its clones hot-plug vsock)
+    channel: Literal["serial", "vsock", "serial+vsock"] = "serial"
 
 
 def kernel_cmdline(p: KernelParams) -> str:
@@ -75,10 +76,9 @@ def kernel_cmdline(p: KernelParams) -> str:
     elif p.root == "initrd":
         words.append(f"rdinit={GUEST_INIT}")
     if p.root != "floor":
-        if p.channel == "vsock":
-            words.append(f"hyperstart.channel=vsock:{AGENT_VSOCK_PORT}")
-        else:
-            words.append(f"hyperstart.channel=serial:{AGENT_PORT_NAME}")
+        channels = {"serial": f"serial:{AGENT_PORT_NAME}", "vsock": f"vsock:{AGENT_VSOCK_PORT}"}
+        words.append("hyperstart.channel="
+                     + ",".join(channels[kind] for kind in p.channel.split("+")))
         if p.debug:
             words.append("hyperstart.debug=1")
     if p.extra:

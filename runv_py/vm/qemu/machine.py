@@ -124,6 +124,21 @@ class QemuMachine:
                 await self.qmp.execute("netdev_del", {"id": f"net-{nic.id}"})
             raise
 
+    async def hotplug_vsock(self, socket_path: Path) -> None:
+        """Add a vhost-user-vsock device whose backend listens on `socket_path` (a template
+        clone: vhost-user devices cannot be in a template)."""
+        bus = self.check_hotplug()
+        await self.qmp.execute("chardev-add", {"id": "vsock", "backend": {
+            "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": str(socket_path)}},
+                                       "server": False}}})
+        try:
+            await self.qmp.execute("device_add", {"driver": f"vhost-user-vsock-{bus}",
+                                                  "id": "vsock0", "chardev": "vsock"})
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self.qmp.execute("chardev-remove", {"id": "vsock"})
+            raise
+
     async def unplug_nic(self, nic_id: str, timeout_s: float = 30.0) -> None:
         """Remove a NIC: the guest releases the device (DEVICE_DELETED), then its backend."""
         self.check_hotplug()

@@ -1,0 +1,124 @@
+"""The agent over vsock in template clones (the default start path): the device is hot-plugged
+after restore and the backend reaches the clone's private, copy-on-write RAM through QEMU's
+/proc/<pid>/mem, never writing the template's memory file."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from runv_py import config
+from runv_py.sandbox import template
+from runv_py.sandbox.sandbox import Sandbox, ensure_template
+from runv_py.vsock.backend import VsockBackend
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _argv(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def test_two_clones_talk_vsock_each_with_its_own_backend_and_leave_the_template_alone(
+        runtime_config: config.RuntimeConfig) -> None:
+    cfg = replace(runtime_config, template="auto")
+
+    async def traffic(sandbox: Sandbox, index: int) -> None:
+        assert sandbox.agent is not None and sandbox.machine is not None
+        data = os.urandom(4 << 20)
+        await sandbox.agent.copy_file(f"/run/hyperstart/files/blob{index}", data)
+        assert all(await asyncio.gather(*(sandbox.agent.check() for _ in range(50))))
+        agent = await sandbox.reconnect_agent()
+        assert await agent.check()
+
+    async def main() -> None:
+        built = await ensure_template(cfg)
+        before = _sha256(built.memory)
+        sandboxes = await asyncio.gather(Sandbox.boot(cfg), Sandbox.boot(cfg),
+                                         return_exceptions=True)
+        try:
+            for result in sandboxes:
+                if isinstance(result, BaseException):
+                    raise result
+            a, b = sandboxes
+            assert isinstance(a, Sandbox) and isinstance(b, Sandbox)
+            for sandbox in (a, b):
+                assert sandbox.start_path == "template"
+                assert sandbox.channel == "vsock" and "vsock" in sandbox.timings
+                assert sandbox.machine is not None and sandbox.machine.pid is not None
+                assert sandbox.vsock is not None and sandbox.vsock.child is not None
+                # its own backend, reaching its own QEMU's memory
+                assert f"--qemu-pid={sandbox.machine.pid}" in _argv(sandbox.vsock.child.pid)
+                # the template's serial port is still there, and nobody is connected to it
+                chardevs = {c["label"]: c["filename"] for c in
+                            await sandbox.machine.qmp.execute("query-chardev")}
+                assert chardevs["agent"].startswith("disconnected:"), chardevs
+                assert chardevs["vsock"].startswith("unix:"), chardevs  # connected
+            assert a.vsock.child.pid != b.vsock.child.pid  # type: ignore[union-attr]
+            await asyncio.gather(traffic(a, 0), traffic(b, 1))
+            for sandbox in (a, b):
+                assert "not a head" not in sandbox.paths.console_log.read_text()
+                assert "dropped from the guest" not in sandbox.paths.vsock_log.read_text()
+        finally:
+            for result in sandboxes:
+                if isinstance(result, Sandbox):
+                    await result.close()
+        assert _sha256(built.memory) == before
+
+    asyncio.run(main())
+
+
+def test_clone_whose_backend_fails_boots_cold_and_leaks_nothing(
+        runtime_config: config.RuntimeConfig, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The clone's backend cannot reach QEMU's memory (here: pointed at a pid that does not
+    exist): one warning, a cold boot (over vsock, mapping shared memory), the template kept."""
+    cfg = replace(runtime_config, template="auto")
+    argv = VsockBackend.argv
+
+    def broken(self: VsockBackend) -> list[str]:
+        return [*argv(self), "--qemu-pid=0"] if self.qemu_pid is not None else argv(self)
+
+    async def main() -> None:
+        built = await ensure_template(cfg)
+        monkeypatch.setattr(VsockBackend, "argv", broken)
+        caplog.set_level(logging.WARNING)
+        async with await Sandbox.boot(cfg) as sandbox:
+            assert sandbox.start_path == "cold-fallback" and sandbox.channel == "vsock"
+            assert sandbox.agent is not None and await sandbox.agent.check()
+            assert sandbox.vsock is not None and sandbox.vsock.qemu_pid is None
+            assert not (sandbox.paths.root / "serial.sock").exists()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "booting cold" in warnings[0], warnings
+        assert "vsock" in warnings[0]
+        assert template.TemplateStore(cfg.template_dir).get(built.key) is not None
+
+    asyncio.run(main())
+
+
+def test_serial_channel_clones_talk_serial(runtime_config: config.RuntimeConfig) -> None:
+    cfg = replace(runtime_config, template="auto",
+                  guest=replace(runtime_config.guest, channel="serial"))
+
+    async def main() -> None:
+        async with await Sandbox.boot(cfg) as sandbox:
+            assert sandbox.start_path.startswith("template") and sandbox.channel == "serial"
+            assert sandbox.agent is not None and await sandbox.agent.check()
+            assert not sandbox.paths.vsock.vhost.exists()
+            agent = await sandbox.reconnect_agent()
+            assert await agent.check()
+
+    asyncio.run(main())
+
