@@ -81,10 +81,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="reach guest memory through /proc/PID/mem of this QEMU instead of "
                              "mapping the memory fds it sends (a VM whose RAM is a private "
                              "mapping, such as a template clone); the fds are never mapped")
+    parser.add_argument("--qemu-pid-file", type=Path, default=None, metavar="PATH",
+                        help="like --qemu-pid, for a backend started before its QEMU: the "
+                             "pid is that of the front-end's connection (SO_PEERCRED), which "
+                             "must be the one the owner wrote to PATH before QEMU connects")
     parser.add_argument("--debug", action="store_true", help="log every connection")
     args = parser.parse_args(argv)
     if not 3 <= args.cid < 0xFFFFFFFF:
         parser.error(f"--cid {args.cid}: use 3 to 4294967294")
+    if args.qemu_pid is not None and args.qemu_pid_file is not None:
+        parser.error("--qemu-pid and --qemu-pid-file exclude each other")
     return args
 
 
@@ -123,6 +129,8 @@ class Keeper:
                 *(f"--forward-fd={s.fileno()}:{port}" for s, port in self.forwards)]
         if self.args.qemu_pid is not None:
             argv.append(f"--qemu-pid={self.args.qemu_pid}")
+        if self.args.qemu_pid_file is not None:
+            argv.append(f"--qemu-pid-file={self.args.qemu_pid_file}")
         if self.args.debug:
             argv.append("--debug")
         worker = child.spawn_detached(argv, pass_fds=fds, new_session=False)
