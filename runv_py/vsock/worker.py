@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s runv-vsock[worker %(process)d] %(levelname)s "
-                               "%(message)s")
+                               "%(message)s", force=True)
     forwards = []
     for spec in args.forward_fd:
         fd, _, port = spec.partition(":")
