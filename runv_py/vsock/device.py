@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import packet as pk
 from . import protocol as vu
-from .memory import GuestMemory, GuestMemoryError, Memory, ProcessMemory
+from .memory import GuestMemory, GuestMemoryError, Memory, ProcessMemory, check_reachable
 from .virtqueue import Chain, ChainError, RingError, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class Device:
     def reach(self, pid: int) -> None:
         """Guest memory is that of QEMU `pid` from now on (checked readable at once)."""
         assert isinstance(self.mem, ProcessMemory), "reach() needs private memory"
-        os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+        check_reachable(pid)
         self.mem.close()
         self.mem = ProcessMemory(pid)
 

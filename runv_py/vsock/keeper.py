@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import journal, worker
+from .memory import check_reachable
 
 log = logging.getLogger("runv-vsock")
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.qemu_pid is not None:
         # Checked before any socket exists, so that the owner sees a failed start at once.
         try:
-            os.close(os.open(f"/proc/{args.qemu_pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+            check_reachable(args.qemu_pid)
         except OSError as exc:
             log.error("cannot reach the memory of QEMU (pid %d): %s", args.qemu_pid,
                       exc.strerror)
