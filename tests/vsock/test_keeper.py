@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,6 +54,15 @@ def test_kernel_vsock_is_not_chosen_without_a_usable_device(tmp_path: Path) -> N
         assert kernel.claim_cid() is None  # these hosts: our backend serves vsock
 
 
+def _sockets(pid: str) -> int:
+    """How many sockets `pid` holds beside stdio."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            count += int(fd.name) > 2 and os.readlink(fd).startswith("socket:")
+    return count
+
+
 def test_the_worker_dies_with_its_keeper(tmp_path: Path) -> None:
     keeper = subprocess.Popen(
         [sys.executable, "-m", "runv_py.vsock", f"--socket={tmp_path}/v.sock",
@@ -64,11 +74,11 @@ def test_the_worker_dies_with_its_keeper(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "no worker"
             time.sleep(0.01)
         [worker] = children.read_text().split()
-        # the worker holds the sockets it serves, not the keeper's end of the journal
-        fds = Path(f"/proc/{worker}/fd")
-        sockets = [fd for fd in fds.iterdir()
-                   if int(fd.name) > 2 and os.readlink(fd).startswith("socket:")]
-        assert len(sockets) == 3  # vhost-user and hybrid listeners, the journal
+        # once started, the worker holds the sockets it serves, not the keeper's end of the
+        # journal: vhost-user and hybrid listeners, its end of the journal
+        while _sockets(worker) != 3:
+            assert time.monotonic() < deadline, "the worker holds other sockets"
+            time.sleep(0.01)
     finally:
         keeper.kill()
         keeper.wait()
