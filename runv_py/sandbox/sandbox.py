@@ -75,6 +75,11 @@ class StatePaths:
                           forwards=((self.agent_socket, AGENT_VSOCK_PORT),))
 
     @property
+    def qemu_pid(self) -> Path:
+        """A clone's QEMU pid, for its vsock backend (started before QEMU)."""
+        return self.root / "qemu.pid"
+
+    @property
     def vsock_log(self) -> Path:
         return self.root / "vsock.log"
 
@@ -295,33 +300,21 @@ class Sandbox:
         """Start from a template: restore its saved VM, hot-plug the NICs, give the guest its
         own identity (RNG, clock). Shares are served over 9p (docs/templates.md)."""
         assert self.accel is not None
-        timeout = self.config.hypervisor.boot_timeout_s
         shares = tuple(replace(share, driver="9p", socket=None) for share in shares)
         inputs, vm = clone_base(self.config, self.id, self.paths, found, self.accel,
                                 debug=debug, shares=shares)
-        store = template.TemplateStore(self.config.template_dir)
-        self._template = store.get(inputs.key)
-        self.start_path = "template"
-        if self._template is None:
-            self.start_path = "template-built"
-            self._template = await store.ensure(inputs, vm, timeout)
-        t1 = time.monotonic()
-        self.machine = QemuMachine(template.clone_vm(self._template, vm), self.paths.qemu_log)
-        try:
-            state = open(self._template.state, "rb")  # noqa: SIM115
-        except OSError as exc:
-            raise HypervisorError(f"template {self._template.key}: {exc}") from exc
-        with state:
-            await self.machine.start(pass_fds=(state.fileno(),))
-            t2 = time.monotonic()
-            await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
         # A clone that does not answer soon is broken: fall back rather than wait a boot's time.
         agent_timeout = self._clone_agent_timeout()
-        t_vsock = time.monotonic()
-        if self.config.guest.channel == "vsock":
-            await self._hotplug_vsock(debug, agent_timeout)
-        await self._plug_and_run(nics)
-        t3 = time.monotonic()
+        # The vsock backend (two Python start-ups) starts while QEMU starts and restores.
+        backend = (asyncio.create_task(self._start_vsock(debug, agent_timeout))
+                   if self.config.guest.channel == "vsock" else None)
+        try:
+            t1, t2, t_vsock, t3 = await self._restore_vm(inputs, vm, nics, backend)
+        except BaseException:
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    await backend
+            raise
         self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=agent_timeout)
         await self._wait_agent(agent_timeout)
         t4 = time.monotonic()
@@ -332,6 +325,33 @@ class Sandbox:
                         **({"vsock": t3 - t_vsock} if self.vsock else {}), "agent": t4 - t3,
                         "identity": t5 - t4, "total": t5 - t0}
         self._log_ready()
+
+    async def _restore_vm(self, inputs: template.TemplateInputs, vm: VmConfig,
+                          nics: tuple[Nic, ...],
+                          backend: asyncio.Task[None] | None) -> tuple[float, ...]:
+        """The template's VM restored, its vsock device and NICs plugged, running; the times
+        QEMU starts, restores, plugs and runs."""
+        store = template.TemplateStore(self.config.template_dir)
+        self._template = store.get(inputs.key)
+        self.start_path = "template"
+        if self._template is None:
+            self.start_path = "template-built"
+            self._template = await store.ensure(inputs, vm, self.config.hypervisor.boot_timeout_s)
+        t1 = time.monotonic()
+        self.machine = QemuMachine(template.clone_vm(self._template, vm), self.paths.qemu_log)
+        try:
+            state = open(self._template.state, "rb")  # noqa: SIM115
+        except OSError as exc:
+            raise HypervisorError(f"template {self._template.key}: {exc}") from exc
+        with state:
+            await self.machine.start(pass_fds=(state.fileno(),))
+            t2 = time.monotonic()
+            await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
+        t_vsock = time.monotonic()
+        if backend is not None:
+            await self._hotplug_vsock(backend)
+        await self._plug_and_run(nics)
+        return t1, t2, t_vsock, time.monotonic()
 
     def _clone_agent_timeout(self) -> float:
         timeout = self.config.hypervisor.boot_timeout_s
@@ -370,15 +390,29 @@ class Sandbox:
         self.timings = {"unpark": time.monotonic() - t0}
         self._log_ready()
 
-    async def _hotplug_vsock(self, debug: bool, connect_wait_s: float) -> None:
-        """The agent channel of a clone: our vsock backend, reaching the clone's private RAM
-        through QEMU's address space, and its device hot-plugged while the VM is paused."""
-        assert self.machine is not None and self.machine.pid is not None
+    async def _start_vsock(self, debug: bool, connect_wait_s: float) -> None:
+        """A clone's vsock backend, started before its QEMU: it reaches the clone's private
+        RAM through the address space of the QEMU whose pid _hotplug_vsock writes."""
         self.vsock = VsockBackend(self.paths.vsock, self.paths.vsock_log, debug=debug,
-                                  connect_wait_s=connect_wait_s, qemu_pid=self.machine.pid)
+                                  connect_wait_s=connect_wait_s,
+                                  qemu_pid_file=self.paths.qemu_pid)
         try:
             await self.vsock.start()
+        except RunvError as exc:
+            raise VsockStartError(f"sandbox {self.id}: vsock: {exc}") from exc
+
+    async def _hotplug_vsock(self, backend: asyncio.Task[None]) -> None:
+        """The agent channel of a clone: the backend started by _start_vsock, told QEMU's
+        pid, and its device hot-plugged while the VM is paused."""
+        assert self.machine is not None and self.machine.pid is not None
+        await backend
+        assert self.vsock is not None
+        try:
+            self.vsock.write_qemu_pid(self.machine.pid)
             await self.machine.hotplug_vsock(self.paths.vsock.vhost)
+        except OSError as exc:
+            raise VsockStartError(f"sandbox {self.id}: vsock: {self.paths.qemu_pid}: "
+                                  f"{exc.strerror}") from exc
         except RunvError as exc:
             raise VsockStartError(f"sandbox {self.id}: vsock: {exc}") from exc
 

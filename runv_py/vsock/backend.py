@@ -27,12 +27,14 @@ class VsockPaths:
 class VsockBackend:
     def __init__(self, paths: VsockPaths, log_path: Path, *, connect_wait_s: float = 0.0,
                  debug: bool = False, claim: CidClaim | None = None,
-                 qemu_pid: int | None = None) -> None:
+                 qemu_pid: int | None = None, qemu_pid_file: Path | None = None) -> None:
         """With `claim` the guest's vsock is the kernel's vhost-vsock with the claimed CID
         (QEMU gets the claim's fd) and only the forward listeners run (runv_py.vsock.forward);
         without, our vhost-user backend serves guest CID 3 (hybrid vsock has no host-global
         CIDs). With `qemu_pid` our backend reaches guest memory through that QEMU's address
-        space instead of mapping it (a template clone's RAM is private to its QEMU)."""
+        space instead of mapping it (a template clone's RAM is private to its QEMU);
+        `qemu_pid_file` is the same for a backend started before its QEMU: the owner writes
+        QEMU's pid there (write_qemu_pid) before QEMU connects, and only that process may."""
         self.paths = paths
         self.claim = claim
         self.cid = claim.cid if claim else 3
@@ -41,6 +43,7 @@ class VsockBackend:
         self.connect_wait_s = connect_wait_s
         self.debug = debug
         self.qemu_pid = qemu_pid
+        self.qemu_pid_file = qemu_pid_file
         self.child: child.Child | None = None
 
     def argv(self) -> list[str]:
@@ -54,6 +57,8 @@ class VsockBackend:
         argv += [f"--forward={path}={port}" for path, port in self.paths.forwards]
         if self.qemu_pid is not None:
             argv.append(f"--qemu-pid={self.qemu_pid}")
+        if self.qemu_pid_file is not None:
+            argv.append(f"--qemu-pid-file={self.qemu_pid_file}")
         if self.debug:
             argv.append("--debug")
         return argv
@@ -71,6 +76,12 @@ class VsockBackend:
                 raise HypervisorError(f"the vsock backend did not start (its log: "
                                       f"{self.log_path})")
             await asyncio.sleep(0.005)
+
+    def write_qemu_pid(self, pid: int) -> None:
+        assert self.qemu_pid_file is not None
+        temp = self.qemu_pid_file.with_name(self.qemu_pid_file.name + ".tmp")
+        temp.write_text(str(pid))
+        temp.replace(self.qemu_pid_file)
 
     @classmethod
     def for_host(cls, paths: VsockPaths, log_path: Path, *, connect_wait_s: float = 0.0,

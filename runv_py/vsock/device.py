@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import packet as pk
 from . import protocol as vu
-from .memory import GuestMemory, GuestMemoryError, Memory, ProcessMemory
+from .memory import GuestMemory, GuestMemoryError, Memory, ProcessMemory, check_reachable
 from .virtqueue import Chain, ChainError, RingError, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,18 @@ class Conn:
 class Device:
     def __init__(self, cid: int, uds: Path, selector: selectors.BaseSelector, *,
                  connect_wait_s: float = 0.0, generation: int = 0,
-                 qemu_pid: int | None = None) -> None:
+                 qemu_pid: int | None = None, private_memory: bool = False) -> None:
         """`qemu_pid`: reach guest memory through that process (a template clone's private
-        memory, see memory.py) instead of mapping the fds of SET_MEM_TABLE."""
+        memory, see memory.py) instead of mapping the fds of SET_MEM_TABLE. `private_memory`:
+        the same, through the process given later to reach()."""
         self.cid = cid
         self.connect_wait_s = connect_wait_s
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self.uds = uds
         self.sel = selector
-        self.mem: Memory = GuestMemory() if qemu_pid is None else ProcessMemory(qemu_pid)
+        self.mem: Memory = (ProcessMemory(qemu_pid or 0) if qemu_pid is not None or private_memory
+                            else GuestMemory())
         self.vqs = [Virtqueue(RX), Virtqueue(TX)]
         self.features = 0
         self.protocol_features = 0
@@ -120,6 +122,13 @@ class Device:
         self.more_work = False  # a ring had more than one batch: the loop comes back to it
         # While a journal is replayed the rings' positions are not known yet: no ring work.
         self.replaying = False
+
+    def reach(self, pid: int) -> None:
+        """Guest memory is that of QEMU `pid` from now on (checked readable at once)."""
+        assert isinstance(self.mem, ProcessMemory), "reach() needs private memory"
+        check_reachable(pid)
+        self.mem.close()
+        self.mem = ProcessMemory(pid)
 
     # ---- vhost-user control messages ----
 

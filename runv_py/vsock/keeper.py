@@ -7,22 +7,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from . import journal
+from . import journal, worker
+from .memory import check_reachable
 
 log = logging.getLogger("runv-vsock")
 
 RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5
+PR_SET_PDEATHSIG = 1
 
 
 def listen_all(paths: list[Path]) -> list[socket.socket]:
@@ -81,10 +84,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="reach guest memory through /proc/PID/mem of this QEMU instead of "
                              "mapping the memory fds it sends (a VM whose RAM is a private "
                              "mapping, such as a template clone); the fds are never mapped")
+    parser.add_argument("--qemu-pid-file", type=Path, default=None, metavar="PATH",
+                        help="like --qemu-pid, for a backend started before its QEMU: the "
+                             "pid is that of the front-end's connection (SO_PEERCRED), which "
+                             "must be the one the owner wrote to PATH before QEMU connects")
     parser.add_argument("--debug", action="store_true", help="log every connection")
     args = parser.parse_args(argv)
     if not 3 <= args.cid < 0xFFFFFFFF:
         parser.error(f"--cid {args.cid}: use 3 to 4294967294")
+    if args.qemu_pid is not None and args.qemu_pid_file is not None:
+        parser.error("--qemu-pid and --qemu-pid-file exclude each other")
     return args
 
 
@@ -97,15 +106,13 @@ class Keeper:
                                                                   strict=True)]
         self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.journal = journal.Journal()
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: int | None = None  # its pid, until reaped
         self.deaths: list[float] = []
         self.generation = 0
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        # Imported here: child imports asyncio (0.1 s), and the sockets, which the owner waits
-        # for before it starts QEMU, exist already.
-        from .. import child
-
+    def _spawn(self) -> int:
+        """A worker forked from this process (no second interpreter start-up on the path of
+        QEMU's first message); it holds only the sockets it serves and dies with us."""
         # A replay the dead worker did not finish reading must not reach the new one.
         self.theirs.setblocking(False)
         with contextlib.suppress(BlockingIOError):
@@ -113,32 +120,37 @@ class Keeper:
                 for fd in record[2]:
                     os.close(fd)
         self.theirs.setblocking(True)
-        fds = [self.vhost.fileno(), self.hybrid.fileno(), self.theirs.fileno(),
-               *(s.fileno() for s, _ in self.forwards)]
-        argv = [*child.SETPRIV, sys.executable, "-m", "runv_py.vsock.worker",
-                f"--cid={self.args.cid}", f"--uds={self.args.uds}",
+        fds = {self.vhost.fileno(), self.hybrid.fileno(), self.theirs.fileno(),
+               *(s.fileno() for s, _ in self.forwards)}
+        argv = [f"--cid={self.args.cid}", f"--uds={self.args.uds}",
                 f"--vhost-fd={self.vhost.fileno()}", f"--hybrid-fd={self.hybrid.fileno()}",
                 f"--journal-fd={self.theirs.fileno()}", f"--connect-wait={self.args.connect_wait}",
                 f"--generation={self.generation}",
                 *(f"--forward-fd={s.fileno()}:{port}" for s, port in self.forwards)]
         if self.args.qemu_pid is not None:
             argv.append(f"--qemu-pid={self.args.qemu_pid}")
+        if self.args.qemu_pid_file is not None:
+            argv.append(f"--qemu-pid-file={self.args.qemu_pid_file}")
         if self.args.debug:
             argv.append("--debug")
-        worker = child.spawn_detached(argv, pass_fds=fds, new_session=False)
+        keeper = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            _run_worker(argv, fds, keeper)
         self.journal.replay(self.ours)
-        return worker
+        return pid
 
     def run(self) -> int:
-        self.worker = self._spawn()
-        log.info("listening on %s (worker pid %d)", self.args.socket, self.worker.pid)
+        pid = self.worker = self._spawn()
+        log.info("listening on %s (worker pid %d)", self.args.socket, pid)
         while True:
-            pidfd = os.pidfd_open(self.worker.pid)
+            pidfd = os.pidfd_open(pid)
             try:
                 self._serve(pidfd)
             finally:
                 os.close(pidfd)
-            status = self.worker.wait()
+            status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            self.worker = None
             self._drain()
             now = time.monotonic()
             self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW_S] + [now]
@@ -149,7 +161,7 @@ class Keeper:
                 return 1
             log.error("worker died (%s); starting a new one", how)
             self.generation += 1
-            self.worker = self._spawn()
+            pid = self.worker = self._spawn()
 
     def _serve(self, pidfd: int) -> None:
         while True:
@@ -170,15 +182,49 @@ class Keeper:
             self.journal.add(*record)
 
     def stop(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()
+        if self.worker is not None:
+            pidfd = os.pidfd_open(self.worker)
             try:
-                self.worker.wait(3)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+                os.kill(self.worker, signal.SIGTERM)
+                if not select.select([pidfd], [], [], 3)[0]:
+                    os.kill(self.worker, signal.SIGKILL)
+            finally:
+                os.close(pidfd)
+            os.waitpid(self.worker, 0)
+            self.worker = None
         self.journal.clear()
         remove(self.paths)
+
+
+def _run_worker(argv: list[str], keep: set[int], keeper: int) -> NoReturn:
+    """The forked child: drop every descriptor but the worker's (and stdio), then be the
+    worker until it ends; never return into the keeper's code."""
+    code = 1
+    try:
+        _die_with(keeper)
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd > 2 and fd not in keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        worker.main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        log.exception("worker failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _die_with(keeper: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != keeper:  # the keeper died before the prctl
+        os._exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.qemu_pid is not None:
         # Checked before any socket exists, so that the owner sees a failed start at once.
         try:
-            os.close(os.open(f"/proc/{args.qemu_pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+            check_reachable(args.qemu_pid)
         except OSError as exc:
             log.error("cannot reach the memory of QEMU (pid %d): %s", args.qemu_pid,
                       exc.strerror)

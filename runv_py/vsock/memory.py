@@ -172,6 +172,11 @@ class ProcessArea:
 MAX_COPY = 128 * 1024
 
 
+def check_reachable(pid: int) -> None:
+    """OSError unless this process may open QEMU `pid`'s memory (ProcessMemory's way in)."""
+    os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+
+
 class ProcessMemory:
     """Guest RAM through /proc/<pid>/mem of QEMU (pread/pwrite at QEMU's virtual addresses).
     Measured faster than process_vm_readv through ctypes for ring-sized accesses, and the same

@@ -11,6 +11,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 from pathlib import Path
 
@@ -24,8 +25,12 @@ PRIORITY = -5
 
 class Worker:
     def __init__(self, device: Device, vhost_listener: socket.socket, hybrid: socket.socket,
-                 forwards: list[tuple[socket.socket, int]], keeper: socket.socket | None) -> None:
+                 forwards: list[tuple[socket.socket, int]], keeper: socket.socket | None,
+                 *, qemu_pid_file: Path | None = None) -> None:
+        """With `qemu_pid_file` the front-end must be the QEMU whose pid the owner wrote
+        there, and the device reaches guest memory through that QEMU."""
         self.device = device
+        self.qemu_pid_file = qemu_pid_file
         self.sel = device.sel
         self.listener = vhost_listener
         self.keeper = keeper
@@ -59,13 +64,41 @@ class Worker:
                 break
             kind, data, fds = record
             if kind == journal.CONN and fds:
-                self._attach(socket.socket(fileno=fds[0]))
+                conn = socket.socket(fileno=fds[0])
+                if self._admit(conn):
+                    self._attach(conn)
+                else:
+                    conn.close()
             elif kind == journal.MESSAGE:
                 self.device.handle(journal.message(data, fds), None)
                 count += 1
         self.device.recover()
         if self.frontend is not None:
             log.info("took over QEMU's connection (%d set-up messages replayed)", count)
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """Whether `conn` is the QEMU of --qemu-pid-file (always, without one); its memory is
+        then the device's."""
+        if self.qemu_pid_file is None:
+            return True
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        try:
+            wanted = int(self.qemu_pid_file.read_text())
+        except (OSError, ValueError) as exc:
+            log.error("refused a front-end (pid %d): no QEMU pid in %s (%s)", pid,
+                      self.qemu_pid_file, exc)
+            return False
+        if pid != wanted:
+            log.error("refused a front-end: its pid %d is not QEMU's (%d)", pid, wanted)
+            return False
+        try:
+            self.device.reach(pid)
+        except OSError as exc:
+            log.error("refused a front-end: cannot reach the memory of QEMU (pid %d): %s", pid,
+                      exc.strerror)
+            return False
+        return True
 
     def _attach(self, conn: socket.socket) -> None:
         conn.setblocking(True)
@@ -115,6 +148,9 @@ class Worker:
         try:
             conn, _ = self.listener.accept()
         except BlockingIOError:
+            return
+        if not self._admit(conn):
+            conn.close()
             return
         self.sel.unregister(self.listener)
         log.info("front-end connected")
@@ -172,11 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connect-wait", type=float, default=0.0)
     parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--qemu-pid", type=int, default=None)
+    parser.add_argument("--qemu-pid-file", type=Path, default=None)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s runv-vsock[worker %(process)d] %(levelname)s "
-                               "%(message)s")
+                               "%(message)s", force=True)
     forwards = []
     for spec in args.forward_fd:
         fd, _, port = spec.partition(":")
@@ -184,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     keeper = _sock(args.journal_fd) if args.journal_fd >= 0 else None
     device = Device(args.cid, args.uds, selectors.DefaultSelector(),
                     connect_wait_s=args.connect_wait, generation=args.generation,
-                    qemu_pid=args.qemu_pid)
-    worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper)
+                    qemu_pid=args.qemu_pid, private_memory=args.qemu_pid_file is not None)
+    worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper,
+                    qemu_pid_file=args.qemu_pid_file)
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)

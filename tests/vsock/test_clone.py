@@ -31,6 +31,13 @@ def _argv(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
+def _mem_fds(keeper: int) -> list[str]:
+    """The /proc/<pid>/mem files the keeper's worker holds open."""
+    [worker] = Path(f"/proc/{keeper}/task/{keeper}/children").read_text().split()
+    links = [os.readlink(fd) for fd in Path(f"/proc/{worker}/fd").iterdir()]
+    return [link for link in links if link.startswith("/proc/") and link.endswith("/mem")]
+
+
 def test_two_clones_talk_vsock_each_with_its_own_backend_and_leave_the_template_alone(
         runtime_config: config.RuntimeConfig) -> None:
     cfg = replace(runtime_config, template="auto")
@@ -59,8 +66,10 @@ def test_two_clones_talk_vsock_each_with_its_own_backend_and_leave_the_template_
                 assert sandbox.channel == "vsock" and "vsock" in sandbox.timings
                 assert sandbox.machine is not None and sandbox.machine.pid is not None
                 assert sandbox.vsock is not None and sandbox.vsock.child is not None
-                # its own backend, reaching its own QEMU's memory
-                assert f"--qemu-pid={sandbox.machine.pid}" in _argv(sandbox.vsock.child.pid)
+                # its own backend, started before its QEMU, reaching that QEMU's memory
+                assert (f"--qemu-pid-file={sandbox.paths.qemu_pid}"
+                        in _argv(sandbox.vsock.child.pid))
+                assert _mem_fds(sandbox.vsock.child.pid) == [f"/proc/{sandbox.machine.pid}/mem"]
                 # the template's serial port is still there, and nobody is connected to it
                 chardevs = {c["label"]: c["filename"] for c in
                             await sandbox.machine.qmp.execute("query-chardev")}
@@ -83,22 +92,22 @@ def test_two_clones_talk_vsock_each_with_its_own_backend_and_leave_the_template_
 def test_clone_whose_backend_fails_boots_cold_and_leaks_nothing(
         runtime_config: config.RuntimeConfig, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """The clone's backend cannot reach QEMU's memory (here: pointed at a pid that does not
-    exist): one warning, a cold boot (over vsock, mapping shared memory), the template kept."""
+    """The clone's backend refuses the QEMU that connects (here: told another pid than that
+    QEMU's): one warning, a cold boot (over vsock, mapping shared memory), the template kept."""
     cfg = replace(runtime_config, template="auto")
-    argv = VsockBackend.argv
+    write = VsockBackend.write_qemu_pid
 
-    def broken(self: VsockBackend) -> list[str]:
-        return [*argv(self), "--qemu-pid=0"] if self.qemu_pid is not None else argv(self)
+    def wrong(self: VsockBackend, pid: int) -> None:
+        write(self, os.getpid())
 
     async def main() -> None:
         built = await ensure_template(cfg)
-        monkeypatch.setattr(VsockBackend, "argv", broken)
+        monkeypatch.setattr(VsockBackend, "write_qemu_pid", wrong)
         caplog.set_level(logging.WARNING)
         async with await Sandbox.boot(cfg) as sandbox:
             assert sandbox.start_path == "cold-fallback" and sandbox.channel == "vsock"
             assert sandbox.agent is not None and await sandbox.agent.check()
-            assert sandbox.vsock is not None and sandbox.vsock.qemu_pid is None
+            assert sandbox.vsock is not None and sandbox.vsock.qemu_pid_file is None
             assert not (sandbox.paths.root / "serial.sock").exists()
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1 and "booting cold" in warnings[0], warnings

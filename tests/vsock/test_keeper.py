@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import pytest
     (["--cid", "2"], "--cid 2: use 3 to 4294967294"),
     (["--forward", "nowhere"], "--forward 'nowhere': want PATH=PORT"),
     (["--forward", "/x=port"], "--forward '/x=port': want PATH=PORT"),
+    (["--qemu-pid=1", "--qemu-pid-file=/x"], "--qemu-pid and --qemu-pid-file exclude each other"),
 ])
 def test_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
     result = subprocess.run(
@@ -48,3 +52,37 @@ def test_kernel_vsock_is_not_chosen_without_a_usable_device(tmp_path: Path) -> N
     assert kernel.claim_cid(tmp_path / "not-a-device") is None  # the ioctl fails
     if not kernel.DEVICE.exists():
         assert kernel.claim_cid() is None  # these hosts: our backend serves vsock
+
+
+def _sockets(pid: str) -> int:
+    """How many sockets `pid` holds beside stdio."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            count += int(fd.name) > 2 and os.readlink(fd).startswith("socket:")
+    return count
+
+
+def test_the_worker_dies_with_its_keeper(tmp_path: Path) -> None:
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "runv_py.vsock", f"--socket={tmp_path}/v.sock",
+         f"--uds={tmp_path}/u.sock"], stderr=subprocess.DEVNULL)
+    try:
+        children = Path(f"/proc/{keeper.pid}/task/{keeper.pid}/children")
+        deadline = time.monotonic() + 30
+        while not children.read_text().split():
+            assert time.monotonic() < deadline, "no worker"
+            time.sleep(0.01)
+        [worker] = children.read_text().split()
+        # once started, the worker holds the sockets it serves, not the keeper's end of the
+        # journal: vhost-user and hybrid listeners, its end of the journal
+        while _sockets(worker) != 3:
+            assert time.monotonic() < deadline, "the worker holds other sockets"
+            time.sleep(0.01)
+    finally:
+        keeper.kill()
+        keeper.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists():
+        assert time.monotonic() < deadline, "the worker outlived its keeper"
+        time.sleep(0.01)
