@@ -37,7 +37,7 @@ from ..oci import hooks
 from ..oci import spec as oci_spec
 from ..storage import shared
 from ..store.state import ContainerRecord, Store, vm_dir
-from . import control, pod
+from . import control, pod, pool_member
 from .standin import StandIn
 
 log = logging.getLogger(__name__)
@@ -269,13 +269,16 @@ class Runtime:
 
     def _claim_pooled_with(self, record: ContainerRecord,
                            fds: list[int]) -> ContainerRecord | None:
-        from . import pool
-        from .supervisor import sized, template_choice
-
         t0 = time.time()
         extra = {"container": record.id}
         reply: dict[str, Any] | None = None
         try:
+            if not pool_member.socket_path(load_config().state_dir).exists():
+                log.debug("warm pool: not used (no pool service)", extra=extra)
+                return None
+            from . import pool
+            from .supervisor import sized, template_choice
+
             spec = oci_spec.load(Path(record.bundle))
             config = template_choice(sized(load_config(), spec), spec)
             why = pool.unavailable(config)

@@ -29,7 +29,7 @@ from .. import child
 from ..config import RuntimeConfig
 from ..errors import ConfigError, RunvError
 from . import control, guest_spec
-from .pool_member import MAX_PACKET, shares_dir
+from .pool_member import MAX_PACKET, shares_dir, socket_path
 from .sandbox import StatePaths, clone_key
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 300.0
 CLAIM_TIMEOUT_S = 10.0
 RETRY_S = (2.0, 60.0)  # back-off after a member failed to start: first, most
-
-
-def socket_path(state_dir: Path) -> Path:
-    return state_dir / "pool" / "pool.sock"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,12 @@ ADOPT_WAIT_S = 15.0
 MAX_PACKET = 65536
 
 
+def socket_path(state_dir: Path) -> Path:
+    """The pool service's socket (here, not in pool.py: a create that finds no pool must not
+    pay pool.py's imports)."""
+    return state_dir / "pool" / "pool.sock"
+
+
 def shares_dir(state_dir: Path) -> Path:
     """Where pooled supervisors mount their shared dirs (mount points named by sandbox id)."""
     return state_dir / "pool" / "shares"

@@ -22,6 +22,14 @@ def _ops(packets: list[tuple[pk.Header, bytes]]) -> list[int]:
     return [h.op for h, _ in packets]
 
 
+def _host_port(driver: Driver, port: int) -> socket.socket:
+    """A host listener on `port`: where guest connections to that port go."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"{driver.uds}_{port}")
+    listener.listen()
+    return listener
+
+
 def _recv_all(sock: socket.socket, n: int, driver: Driver) -> bytes:
     data = b""
     sock.settimeout(0.01)
@@ -57,9 +65,7 @@ def test_config_and_features(driver: Driver) -> None:
 
 
 def test_guest_connects_to_host_port(driver: Driver, tmp_path: Path) -> None:
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(f"{driver.uds}_5000")
-    listener.listen()
+    listener = _host_port(driver, 5000)
     driver.send(pk.OP_REQUEST, 77, 5000)
     [(resp, _)] = driver.received()
     assert (resp.op, resp.src_port, resp.dst_port, resp.dst_cid) == (pk.OP_RESPONSE, 5000, 77,
@@ -171,9 +177,7 @@ def test_rings_enabled_late_see_earlier_kicks(tmp_path: Path) -> None:
 
 
 def test_host_to_guest_respects_guest_credit(driver: Driver) -> None:
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(f"{driver.uds}_5002")
-    listener.listen()
+    listener = _host_port(driver, 5002)
     driver.send(pk.OP_REQUEST, 80, 5002, buf_alloc=1000)
     driver.received()
     host, _ = listener.accept()
@@ -190,9 +194,7 @@ def test_host_to_guest_respects_guest_credit(driver: Driver) -> None:
 
 
 def test_guest_exceeding_our_credit_is_dropped(driver: Driver) -> None:
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(f"{driver.uds}_5003")
-    listener.listen()
+    listener = _host_port(driver, 5003)
     driver.send(pk.OP_REQUEST, 81, 5003)
     driver.received()
     host, _ = listener.accept()  # never reads: everything backs up in the device
@@ -213,9 +215,7 @@ def test_split_rx_buffers(tmp_path: Path) -> None:
     try:
         driver.start()
         driver.post_rx(16, split=True)
-        listener = socket.socket(socket.AF_UNIX)
-        listener.bind(f"{driver.uds}_5004")
-        listener.listen()
+        listener = _host_port(driver, 5004)
         driver.send(pk.OP_REQUEST, 82, 5004)
         assert _ops(driver.received()) == [pk.OP_RESPONSE]
         host, _ = listener.accept()
@@ -232,9 +232,7 @@ def test_split_rx_buffers(tmp_path: Path) -> None:
 
 def test_ring_stop_keeps_connections(driver: Driver) -> None:
     """QEMU stops the rings when the VM is paused and starts them at the same place."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(f"{driver.uds}_5005")
-    listener.listen()
+    listener = _host_port(driver, 5005)
     driver.send(pk.OP_REQUEST, 83, 5005)
     assert _ops(driver.received()) == [pk.OP_RESPONSE]
     host, _ = listener.accept()
@@ -261,9 +259,7 @@ def test_ring_stop_keeps_connections(driver: Driver) -> None:
 
 
 def test_restart_from_the_journal_resumes_the_rings(driver: Driver) -> None:
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(f"{driver.uds}_5006")
-    listener.listen()
+    listener = _host_port(driver, 5006)
     for port in (90, 91):
         driver.send(pk.OP_REQUEST, port, 5006)
         assert _ops(driver.received()) == [pk.OP_RESPONSE]
@@ -330,9 +326,7 @@ def test_process_memory_never_writes_the_memory_file(tmp_path: Path) -> None:
     try:
         driver.start()
         driver.post_rx()
-        listener = socket.socket(socket.AF_UNIX)
-        listener.bind(f"{driver.uds}_5000")
-        listener.listen()
+        listener = _host_port(driver, 5000)
         driver.send(pk.OP_REQUEST, 77, 5000)
         assert _ops(driver.received()) == [pk.OP_RESPONSE]
         host, _ = listener.accept()
