@@ -236,14 +236,23 @@ class Engine:
     def status(self, workload: Workload) -> Status:
         if workload.exit_code is not None:
             return Status("exited", workload.exit_code)
+        # The monitor saves the exit status before it deletes the VM, so once the VM is found
+        # gone, the record read again has the status (unless the monitor was killed).
         try:
             record = self.runtime.store.load(workload.id)
         except ContainerNotFound:
-            return Status("exited" if workload.started else "created")
+            workload = self._reload(workload)
+            return Status("exited", workload.exit_code) if workload.started else Status("created")
         live = self.runtime.live(record)
         if live != "stopped":
             return Status("created" if live == "creating" else live)
-        return Status("exited", self._supervisor_exit_code(record))
+        code = self._supervisor_exit_code(record)
+        return Status("exited", self._reload(workload).exit_code if code is None else code)
+
+    def _reload(self, workload: Workload) -> Workload:
+        with contextlib.suppress(ContainerNotFound):
+            return self.records.load(workload.id)
+        return workload
 
     def _supervisor_exit_code(self, record: ContainerRecord) -> int | None:
         with contextlib.suppress(OSError, RunvError):
