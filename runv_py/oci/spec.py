@@ -60,6 +60,11 @@ class Spec:
     # linux.namespaces: the network namespace's path ("" for a new one), None without one.
     network_ns: str | None = None
 
+    def bind_sources(self) -> dict[int, Path]:
+        """Each bind mount's source by its index in mounts; a relative one is in the bundle."""
+        return {index: self.bundle / mount.source for index, mount in enumerate(self.mounts)
+                if mount.is_bind}
+
     def hooks_of(self, kind: str) -> tuple[Hook, ...]:
         return self.hooks.get(kind, ())
 

@@ -67,6 +67,17 @@ def _own_cgroup() -> str:
     return ""
 
 
+def _trees(spec: oci_spec.Spec, rootfs: Path | None) -> shared.Trees:
+    """Detached trees of the rootfs and the bind sources, for a supervisor whose mount
+    namespace is older than they may be; bind sources go by path when a control message
+    cannot carry them all."""
+    binds = spec.bind_sources()
+    if len(binds) + 2 > control.MAX_FDS:
+        log.debug("%d bind mounts: their sources go by path", len(binds))
+        binds = {}
+    return shared.Trees.of(rootfs, binds)
+
+
 def _write_pid_file(path: str, pid: int) -> None:
     """go-runc parses the file with Atoi: the decimal pid and nothing else."""
     target = Path(path)
@@ -272,6 +283,7 @@ class Runtime:
         t0 = time.time()
         extra = {"container": record.id}
         reply: dict[str, Any] | None = None
+        tree_names: list[Any] = []
         try:
             if not pool_member.socket_path(load_config().state_dir).exists():
                 log.debug("warm pool: not used (no pool service)", extra=extra)
@@ -286,8 +298,10 @@ class Runtime:
                 # What goes to the pooled supervisor, made before a VM is taken for it.
                 with open(self.store.dir(record.id) / "supervisor.log", "ab") as logfile:
                     fds.append(os.dup(logfile.fileno()))
-                if oci_spec.ROOTFS_OVERLAY_ANNOTATION not in spec.annotations:
-                    fds.append(shared.detached_tree(spec.root, "root.path"))
+                overlay = oci_spec.ROOTFS_OVERLAY_ANNOTATION in spec.annotations
+                trees = _trees(spec, None if overlay else spec.root)
+                tree_names, tree_fds = trees.wire()
+                fds += tree_fds
                 reply, why = pool.claim(config)
         except (OSError, RunvError) as exc:
             why = str(exc)
@@ -302,7 +316,8 @@ class Runtime:
             with control.Connection(Path(reply["ctl"]), timeout_s=300) as conn:
                 result = conn.call({"op": "adopt", "id": record.id, "root": str(self.root),
                                     "bundle": record.bundle, "debug": self.debug,
-                                    "spawned_at": t0, "cgroup": _own_cgroup()}, fds)
+                                    "spawned_at": t0, "cgroup": _own_cgroup(),
+                                    "trees": tree_names}, fds)
         except (OSError, RunvError) as exc:
             # The pooled supervisor drops its VM when the hand-over fails.
             log.debug("warm pool: hand-over to pooled sandbox %s failed (%s); starting a "
@@ -334,15 +349,17 @@ class Runtime:
                                       supervisor_start=sandbox.supervisor_start,
                                       vm_dir=sandbox.vm_dir)
                 self.store.save(record)
-                # The rootfs may be a mount the sandbox's supervisor cannot see (made after it
-                # started, in a namespace it does not share): it gets a detached copy.
-                tree = shared.detached_tree(Path(record.rootfs), "root.path")
+                # The rootfs and bind sources may be mounts the sandbox's supervisor cannot
+                # see (made after it started, in a namespace it does not share): it gets
+                # detached copies.
+                trees = _trees(oci_spec.load(Path(record.bundle)), Path(record.rootfs))
                 try:
+                    names, fds = trees.wire()
                     with control.Connection(self.ctl(record), timeout_s=300) as conn:
                         conn.call({"op": "create", "container": record.id,
-                                   "bundle": record.bundle}, [tree])
+                                   "bundle": record.bundle, "trees": names}, fds)
                 finally:
-                    os.close(tree)
+                    trees.close()
         except ContainerNotFound:
             raise ContainerNotFound(f"pod sandbox {sandbox_id} ({pod.SANDBOX_ID} of container "
                                     f"{record.id}) does not exist") from None

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import asyncio
 
 MAX_PACKET = 1 << 20
-MAX_FDS = 4
+MAX_FDS = 64  # a log, a rootfs and bind-mount sources (shared.Trees)
 
 
 def _encode(message: dict[str, Any]) -> bytes:

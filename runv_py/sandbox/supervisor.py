@@ -30,7 +30,7 @@ from ..agent.convert import Storage
 from ..devices import Share, ShareDriver
 from ..errors import ContainerExists, ContainerNotFound, InvalidState, RunvError, SpecError
 from ..oci import spec as oci_spec
-from ..storage.shared import SharedDir, enter_private_mount_namespace
+from ..storage.shared import SharedDir, Trees, enter_private_mount_namespace
 from ..store import state
 from . import control, guest_spec, pod, pool_member, template
 from .network import SandboxNetwork
@@ -229,8 +229,9 @@ class Supervisor:
     async def adopt(self, conn: control.ServerConnection, message: dict[str, Any],
                     fds: list[int]) -> dict[str, Any]:
         """Become the supervisor of the container a claimant names: fds are the container's
-        supervisor.log and, unless the rootfs is an overlay this supervisor mounts, a detached
-        tree of the rootfs. If the claimant goes away before the answer, the VM is dropped."""
+        supervisor.log, then the detached trees the message's "trees" names (the rootfs,
+        unless it is an overlay this supervisor mounts, and bind sources). If the claimant
+        goes away before the answer, the VM is dropped."""
         assert self.pool is not None and self.sandbox is not None
         t_setup = time.time()
         self.pool.adopting()
@@ -256,11 +257,13 @@ class Supervisor:
     async def _adopt(self, message: dict[str, Any], fds: list[int]
                      ) -> tuple[oci_spec.Spec, dict[int, str], list[str]]:
         assert self.pool is not None and self.sandbox is not None
-        logfile, tree = [*fds, -1, -1][:2]
-        if logfile >= 0:
-            os.dup2(logfile, 1)
-            os.dup2(logfile, 2)
-            os.close(logfile)
+        if not fds:
+            raise RunvError("adopt: no supervisor.log came with the request")
+        logfile, *rest = fds
+        os.dup2(logfile, 1)
+        os.dup2(logfile, 2)
+        os.close(logfile)
+        trees = Trees.from_wire(message.get("trees") or [], rest)
         try:
             self.root = Path(str(message["root"]))
             self.id = state.check_id(str(message["id"]))
@@ -269,10 +272,9 @@ class Supervisor:
             if message.get("debug"):
                 logging.getLogger().setLevel(logging.DEBUG)
             spec = oci_spec.load(self.bundle)
-            binds, shares = self._share(spec, "rootfs", tree if tree >= 0 else None)
+            binds, shares = self._share(spec, "rootfs", trees)
         finally:
-            if tree >= 0:
-                os.close(tree)
+            trees.close()
         _join_cgroup(str(message.get("cgroup") or ""), self._pids())
         self.network = SandboxNetwork(spec.network_ns)
         nics = await self.network.prepare()
@@ -294,28 +296,28 @@ class Supervisor:
             raise SpecError(f"{field}: needs absolute lower, upper and work directories")
         return self.shared.overlay(lower, upper, work, field, name=name)
 
-    def _share(self, spec: oci_spec.Spec, rootfs: str,
-               rootfs_tree: int | None = None) -> tuple[dict[int, str], list[str]]:
-        """Bind the container's rootfs (or attach its detached tree) and bind-mount sources
-        into the shared directory: (mount index -> name, every name)."""
+    def _share(self, spec: oci_spec.Spec, rootfs: str, trees: Trees | None = None
+               ) -> tuple[dict[int, str], list[str]]:
+        """Bind the container's rootfs and bind-mount sources into the shared directory, or
+        attach their detached trees where given: (mount index -> name, every name)."""
         # root.readonly is applied in the guest, after the mount points have been made in it.
+        trees = trees or Trees()
         overlay = spec.annotations.get(ROOTFS_OVERLAY_ANNOTATION)
-        if rootfs_tree is not None:
-            names = [self.shared.attach(rootfs_tree, rootfs)]
+        if trees.rootfs is not None:
+            names = [self.shared.attach(trees.rootfs, "root.path", name=rootfs)]
         elif overlay is not None:
             names = [self._mount_overlay(overlay, rootfs)]
         else:
             names = [self.shared.bind(spec.root, "root.path", name=rootfs)]
         binds = {}
         try:
-            for index, mount in enumerate(spec.mounts):
-                if mount.is_bind:
-                    source = Path(mount.source)
-                    if not source.is_absolute():
-                        source = spec.bundle / source
-                    binds[index] = self.shared.bind(source, f"mounts[{index}].source",
-                                                    readonly=mount.readonly)
-                    names.append(binds[index])
+            for index, source in spec.bind_sources().items():
+                field, readonly = f"mounts[{index}].source", spec.mounts[index].readonly
+                tree = trees.binds.get(index)
+                binds[index] = (self.shared.bind(source, field, readonly=readonly)
+                                if tree is None else
+                                self.shared.attach(tree, field, readonly=readonly))
+                names.append(binds[index])
         except BaseException:
             self._unshare(names)
             raise
@@ -339,19 +341,18 @@ class Supervisor:
         self._track(container, Process(""))
         return container
 
-    async def _join(self, container_id: str, bundle: Path, fds: list[int]) -> dict[str, Any]:
+    async def _join(self, container_id: str, bundle: Path, trees: Trees) -> dict[str, Any]:
         """Another container of the pod: its own rootfs and mounts in the share (under names
         of its own), its own container in the guest, sharing the guest's network. The
-        rootfs comes as a detached mount tree (fds[0]): this supervisor's mount namespace
-        does not see what was mounted after it started (a snapshotter's overlay)."""
+        rootfs and bind sources come as detached mount trees: this supervisor's mount
+        namespace does not see what was mounted after it started (a snapshotter's overlay)."""
         try:
-            return await self._join_with(container_id, bundle, fds[0] if fds else None)
+            return await self._join_with(container_id, bundle, trees)
         finally:
-            for fd in fds:
-                os.close(fd)
+            trees.close()
 
     async def _join_with(self, container_id: str, bundle: Path,
-                         rootfs_tree: int | None) -> dict[str, Any]:
+                         trees: Trees) -> dict[str, Any]:
         async with self.creating:
             if container_id in self.containers:
                 raise ContainerExists(f"container {container_id} is already in sandbox "
@@ -363,7 +364,7 @@ class Supervisor:
                 raise SpecError(f"annotations[{SHARED_FS_ANNOTATION!r}]: the pod's VM uses "
                                 f"{self.driver_name}")
             rootfs = f"rootfs-{hashlib.sha256(container_id.encode()).hexdigest()[:12]}"
-            binds, shares = self._share(spec, rootfs, rootfs_tree)
+            binds, shares = self._share(spec, rootfs, trees)
             try:
                 await self._vm_running(True)
                 # The share is already mounted in the guest by the sandbox container.
@@ -475,7 +476,8 @@ class Supervisor:
                     reply = await self.adopt(conn, message, fds)
                 elif op == "create":
                     reply = await self._join(str(message["container"]),
-                                             Path(message["bundle"]), fds)
+                                             Path(message["bundle"]),
+                                             Trees.from_wire(message.get("trees") or [], fds))
                 else:
                     for fd in fds:
                         os.close(fd)

@@ -7,8 +7,13 @@ the host's mount table."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, RunvError
 
@@ -61,8 +66,56 @@ def detached_tree(source: Path, field: str) -> int:
                             OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)
     if fd < 0:
         err = ctypes.get_errno()
+        if err in (errno.ENOENT, errno.ENOTDIR):
+            raise ConfigError(f"{field}: {source} does not exist")
         raise ConfigError(f"{field}: cannot share {source}: {os.strerror(err)}")
     return fd
+
+
+@dataclass(frozen=True, slots=True)
+class Trees:
+    """Detached trees for a supervisor that may not see the sources by path (a pod's, or a
+    pooled one: its mount namespace is older than mounts made since): the rootfs, and each
+    bind-mount source by its index in the spec's mounts."""
+    rootfs: int | None = None
+    binds: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rootfs: Path | None, binds: dict[int, Path]) -> Trees:
+        """detached_tree() of each source; all of them, or an error and none."""
+        trees = cls(detached_tree(rootfs, "root.path") if rootfs is not None else None)
+        try:
+            for index, source in binds.items():
+                trees.binds[index] = detached_tree(source, f"mounts[{index}].source")
+        except BaseException:
+            trees.close()
+            raise
+        return trees
+
+    def _pairs(self) -> list[tuple[Any, int]]:
+        root = [] if self.rootfs is None else [("root", self.rootfs)]
+        return root + list(self.binds.items())
+
+    def wire(self) -> tuple[list[Any], list[int]]:
+        """(names, fds) for a control message: "root" or a mount index per fd."""
+        pairs = self._pairs()
+        return [name for name, _ in pairs], [fd for _, fd in pairs]
+
+    @classmethod
+    def from_wire(cls, names: Sequence[Any], fds: Sequence[int]) -> Trees:
+        try:
+            if len(names) != len(fds):
+                raise ValueError
+            by_name = dict(zip(names, fds, strict=True))
+            return cls(by_name.pop("root", None), {int(k): v for k, v in by_name.items()})
+        except (ValueError, TypeError):
+            for fd in fds:
+                os.close(fd)
+            raise RunvError(f"{len(fds)} mount trees came for the names {names!r}") from None
+
+    def close(self) -> None:
+        for _, fd in self._pairs():
+            os.close(fd)
 
 
 class SharedDir:
@@ -84,23 +137,18 @@ class SharedDir:
         """Bind `source` (a directory or a file) into the share; returns its name there."""
         if not self._mounted:
             raise RunvError("shared dir is not open")
-        if not source.exists():
-            raise ConfigError(f"{field}: {source} does not exist")
-        if name is None:
-            name = f"m{self._count}"
-            self._count += 1
-        target = self.path / name
-        if source.is_dir():
-            target.mkdir()
-        else:
-            target.touch()
+        try:
+            mode = source.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise ConfigError(f"{field}: {source} does not exist") from None
+        target = self._target(mode, name)
         try:
             _mount(str(source), str(target), None, MS_BIND | MS_REC)
             if readonly:
                 _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share {source}: {exc.strerror}") from None
-        return name
+        return target.name
 
     def overlay(self, lower: list[Path], upper: Path, work: Path, field: str, *,
                 name: str) -> str:
@@ -123,18 +171,32 @@ class SharedDir:
             raise ConfigError(f"{field}: cannot mount the overlay: {exc.strerror}") from None
         return name
 
-    def attach(self, tree: int, name: str, *, directory: bool = True) -> str:
-        """Put a detached_tree() into the share under `name`."""
+    def attach(self, tree: int, field: str, *, readonly: bool = False,
+               name: str | None = None) -> str:
+        """Put a detached_tree() (a directory or a file) into the share; returns its name."""
         if not self._mounted:
             raise RunvError("shared dir is not open")
+        target = self._target(os.fstat(tree).st_mode, name)
+        try:
+            _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
+                                 MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+            if readonly:
+                _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        except OSError as exc:
+            raise ConfigError(f"{field}: cannot share it: {exc.strerror}") from None
+        return target.name
+
+    def _target(self, mode: int, name: str | None) -> Path:
+        """A new mount point in the share: a directory, or a file for anything else."""
+        if name is None:
+            name = f"m{self._count}"
+            self._count += 1
         target = self.path / name
-        if directory:
+        if stat.S_ISDIR(mode):
             target.mkdir()
         else:
             target.touch()
-        _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
-                             MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}")
-        return name
+        return target
 
     def unbind(self, name: str) -> None:
         """Undo bind(): the name disappears from the share."""

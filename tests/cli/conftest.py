@@ -3,6 +3,7 @@ root and a runtime config of the test's own, and a check that nothing outlives t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,43 @@ def reap(pid: int, timeout_s: float = 60) -> int:
             return 128 - code if code < 0 else code
         assert time.monotonic() < deadline, f"pid {pid} did not exit"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def tmpfs_at(path: Path) -> Iterator[Path]:
+    """A tmpfs mounted at `path` now, in the test's (the host's) mount namespace: a mount
+    younger than any supervisor started before, which such a supervisor does not see by path
+    where `/` is private."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "late", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def late_binds(top: Path) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Bind sources on a tmpfs mounted from here on: a directory (read-write, at /late) and a
+    file (read-only, at /etc/late.txt). Yields the spec edit that adds them; the command
+    LATE_CHECK prints what the container sees of them."""
+    with tmpfs_at(top / "late") as late:
+        (late / "dir").mkdir()
+        (late / "dir" / "in.txt").write_text("late dir\n")
+        (late / "file.txt").write_text("late file\n")
+
+        def edit(spec: dict[str, Any]) -> None:
+            spec["mounts"] += [
+                {"destination": "/late", "type": "bind", "source": str(late / "dir"),
+                 "options": ["rbind", "rw"]},
+                {"destination": "/etc/late.txt", "type": "bind",
+                 "source": str(late / "file.txt"), "options": ["bind", "ro"]}]
+        yield edit
+
+
+LATE_CHECK = ("cat /late/in.txt /etc/late.txt; echo out > /late/out.txt; "
+              "echo no 2>/dev/null > /etc/late.txt || echo read-only")
+LATE_SEEN = b"late dir\nlate file\nread-only\n"
 
 
 @pytest.fixture

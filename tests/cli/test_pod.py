@@ -11,7 +11,7 @@ import pytest
 
 from tests.vm.conftest import processes_mentioning
 
-from .conftest import Runv
+from .conftest import LATE_CHECK, LATE_SEEN, Runv, late_binds
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -45,18 +45,22 @@ def test_pod_containers_share_one_vm_and_localhost(runv: Runv, tmp_path: Path,
             for t in ("pid", "network", "ipc", "uts", "mount")]
         spec["hostname"] = ""
 
-    client = runv.bundle(["sh", "-c", "for i in $(seq 50); do "
-                          "wget -qO- http://127.0.0.1:8080/ && break; sleep 0.2; done; "
-                          "readlink /proc/self/ns/ipc; hostname"], member)
     out = tmp_path / "c1.out"
-    with open(out, "wb") as sink:  # the stand-in of c1's process writes its output here
-        runv("create", "--bundle", str(client), "c1", stdout=sink)
-    assert len(_qemus(runv)) == 1, _qemus(runv)
-    assert runv.state_of("c1")["status"] == "created"
-    runv("start", "c1")
-    runv.wait_status("c1", "stopped")
+    # Its bind sources are on a mount younger than the pod's supervisor.
+    with late_binds(tmp_path) as late:
+        client = runv.bundle(["sh", "-c", "for i in $(seq 50); do "
+                              "wget -qO- http://127.0.0.1:8080/ && break; sleep 0.2; done; "
+                              f"readlink /proc/self/ns/ipc; hostname; {LATE_CHECK}"],
+                             lambda spec: (member(spec), late(spec)))
+        with open(out, "wb") as sink:  # the stand-in of c1's process writes its output here
+            runv("create", "--bundle", str(client), "c1", stdout=sink)
+        assert len(_qemus(runv)) == 1, _qemus(runv)
+        assert runv.state_of("c1")["status"] == "created"
+        runv("start", "c1")
+        runv.wait_status("c1", "stopped")
+        assert (tmp_path / "late" / "dir" / "out.txt").read_text() == "out\n"
     sandbox_ipc = runv("exec", "pod1", "readlink", "/proc/self/ns/ipc").stdout
-    assert out.read_bytes() == b"pod-hello\n" + sandbox_ipc + b"runvbox\n"
+    assert out.read_bytes() == b"pod-hello\n" + sandbox_ipc + b"runvbox\n" + LATE_SEEN
     assert runv.state_of("pod1")["status"] == "running"
 
     # The pod's container leaves the VM; the sandbox keeps it.

@@ -21,7 +21,7 @@ from runv_py import config
 from runv_py.api import Sandbox as ApiSandbox
 from runv_py.sandbox import control, template
 from runv_py.storage import shared
-from tests.cli.conftest import RUNV, Runv, runv, subreaper  # noqa: F401
+from tests.cli.conftest import LATE_CHECK, LATE_SEEN, RUNV, Runv, late_binds, runv, subreaper  # noqa: F401
 from tests.cli.test_pod import SERVE, annotated
 from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401
 from tests.integration.conftest import IMAGE, Containerd, image_archive, runtime_env  # noqa: F401
@@ -201,7 +201,7 @@ def test_a_claim_without_adopt_or_an_abandoned_adopt_leaks_nothing(
     try:
         with control.Connection(Path(claim["ctl"])) as conn:
             conn.send({"op": "adopt", "id": "abandoned", "root": str(runv.root),
-                       "bundle": str(bundle)}, fds)
+                       "bundle": str(bundle), "trees": ["root"]}, fds)
     finally:
         for fd in fds:
             os.close(fd)
@@ -366,6 +366,23 @@ def test_a_bad_bundle_fails_as_without_the_pool_and_costs_no_pooled_vm(
     assert result.returncode != 0 and b"root.path" in result.stderr, result.stderr
     status = service.status()
     assert status["claims"] == 0 and _members(status, "idle")[0]["pid"] == idle["pid"]
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
+def test_bind_sources_mounted_after_the_pool_started_reach_the_container(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """The pooled supervisor's mount namespace is older than the tmpfs the sources are on:
+    they come as detached trees, read-only where asked."""
+    service = pool("[pool]\nsize = 1\n")
+    idle = _members(service.idle(1), "idle")[0]
+    with late_binds(runv.top) as late:
+        bundle = runv.bundle(["sh", "-c", LATE_CHECK], late)
+        result = runv("--debug", "run", "--bundle", str(bundle), "late")
+        assert f"QEMU pid {idle['qemu_pid']})" in (runv.top / "log.json").read_text()
+        assert result.stdout == LATE_SEEN
+        assert (runv.top / "late" / "dir" / "out.txt").read_text() == "out\n"
+    service.idle(1)
     assert service.stop() == 0
     assert service.leftovers() == []
 
