@@ -28,7 +28,9 @@ def add_parser(sub: Any) -> None:
         "serve", help="run the pool service in the foreground (SIGTERM destroys idle VMs)",
         description="Keep [pool] size idle sandboxes per size until SIGTERM/SIGINT, which "
                     "destroys the idle ones (claimed ones live on with their containers). "
-                    "One service per state_dir; see contrib/runv-pool.service.")
+                    "SIGHUP reads the config again: idle sandboxes it no longer wants are "
+                    "destroyed and the pool refills. One service per state_dir; see "
+                    "contrib/runv-pool.service.")
     status = actions.add_parser("status", help="idle/starting/claimed counts and memory")
     status.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -63,10 +65,11 @@ async def _serve(config: Any, debug: bool) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    service = pool.PoolService(config, os.environ.get("RUNV_CONFIG"), debug=debug)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"warm pool for state_dir {config.state_dir} (SIGTERM stops it)", file=sys.stderr,
-          flush=True)
-    service = pool.PoolService(config, os.environ.get("RUNV_CONFIG"), debug=debug)
+    loop.add_signal_handler(signal.SIGHUP, service.reload)
+    print(f"warm pool for state_dir {config.state_dir} (SIGTERM stops it, SIGHUP reloads "
+          "the config)", file=sys.stderr, flush=True)
     await service.serve(stop)
     return 0

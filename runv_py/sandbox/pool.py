@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import child
 from ..config import RuntimeConfig
+from ..config import load as load_config
 from ..errors import ConfigError, RunvError
 from . import control, guest_spec
 from .pool_member import MAX_PACKET, shares_dir, socket_path
@@ -175,9 +176,46 @@ class PoolService:
         self.keys = keys
         for member in self.members:
             if member.key not in keys and member.state in ("starting", "idle"):
-                member.state = "retired"
-                member.proc.signal(signal.SIGTERM)
+                self._retire(member)
         self.wake.set()
+
+    def reload(self) -> None:
+        """SIGHUP: read the config file again. Idle VMs it no longer wants (a size or VM
+        setting changed, fewer per size, a lower ceiling, the other idle mode) are destroyed
+        and the pool fills anew; a config that does not load changes nothing."""
+        try:
+            config = load_config(self.config_path)
+        except RunvError as exc:
+            log.error("config not reloaded, the pool keeps the one it has: %s", exc)
+            return
+        if config.state_dir != self.config.state_dir:
+            log.error("config not reloaded: state_dir changed (%s -> %s), which needs a "
+                      "restart of the pool service", self.config.state_dir, config.state_dir)
+            return
+        old, self.config = self.config, config
+        log.info("config reloaded: %d per size, ceiling %d MiB, idle VMs %s", config.pool.size,
+                 config.pool.memory_mib, config.pool.idle)
+        live = [m for m in self.members if m.state in ("starting", "idle")]
+        if config.pool.idle != old.pool.idle:
+            for member in live:
+                self._retire(member)
+        self._rekey()
+        for key in self.keys:
+            extra = max(0, self._count(key, "starting", "idle") - config.pool.size)
+            for member in [m for m in live if m.key == key and m.state == "idle"][:extra]:
+                self._retire(member)
+        over = sum(m.size.memory_mib for m in live if m.state == "idle") - config.pool.memory_mib
+        for member in reversed([m for m in live if m.state == "idle"]):
+            if over <= 0:
+                break
+            self._retire(member)
+            over -= member.size.memory_mib
+        self.wake.set()
+
+    @staticmethod
+    def _retire(member: Pooled) -> None:
+        member.state = "retired"
+        member.proc.signal(signal.SIGTERM)
 
     def _sweep(self) -> None:
         """Shared-dir mount points of pooled supervisors that died without removing them (the

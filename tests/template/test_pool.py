@@ -387,6 +387,37 @@ def test_bind_sources_mounted_after_the_pool_started_reach_the_container(
     assert service.leftovers() == []
 
 
+def test_sighup_reloads_the_config(runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """More VMs per size, then a config that does not load (nothing changes), then a lower
+    ceiling: the VM over it is destroyed."""
+    service = pool("[pool]\nsize = 1\n")
+    first = _members(service.idle(1), "idle")[0]
+    base = service.config.read_text().partition("[pool]")[0]
+
+    def reload(pool_section: str) -> None:
+        service.config.write_text(base + pool_section)
+        service.proc.send_signal(signal.SIGHUP)
+
+    reload("[pool]\nsize = 2\n")
+    idle = _members(service.idle(2), "idle")
+    assert first["pid"] in [m["pid"] for m in idle] and service.status()["size"] == 2
+    reload("[pool]\nsize = [2\n")
+    deadline = time.monotonic() + 30
+    while "config not reloaded" not in service.log.read_text():
+        assert time.monotonic() < deadline, service.log.read_text()[-2000:]
+        time.sleep(0.3)
+    status = control.call(service.socket, {"op": "status"})  # `runv` reads that file too
+    assert status["size"] == 2 and len(_members(status, "idle")) == 2
+    reload("[pool]\nsize = 2\nmemory_mib = 300\n")
+    status = service.idle(1)
+    assert status["memory_ceiling_mib"] == 300
+    gone = [m for m in idle if m["pid"] not in [k["pid"] for k in _members(status, "idle")]]
+    assert len(gone) == 1
+    _gone([gone[0]["pid"], gone[0]["qemu_pid"]])
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
 def test_a_claimed_supervisor_killed_with_sigkill_leaves_nothing_once_deleted(
         runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
     service = pool("[pool]\nsize = 1\n")
