@@ -46,6 +46,17 @@ def is_running(pid: int, start_time: int) -> bool:
     return fields[0] != "Z" and int(fields[19]) == start_time
 
 
+def with_descendants(pid: int) -> list[int]:
+    """`pid` and every process below it now (children of all its threads, recursively)."""
+    found, index = [pid], 0
+    while index < len(found):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{found[index]}/task").iterdir():
+                found += [int(p) for p in (task / "children").read_text().split()]
+        index += 1
+    return found
+
+
 def reap_if_child(pid: int) -> None:
     """Collect the exit status of `pid` if it is our exited child (else nothing)."""
     with contextlib.suppress(ChildProcessError):

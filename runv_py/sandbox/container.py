@@ -37,7 +37,7 @@ from ..oci import hooks
 from ..oci import spec as oci_spec
 from ..storage import shared
 from ..store.state import ContainerRecord, Store, vm_dir
-from . import control, pod, pool_member
+from . import cgroup, control, pod, pool_member
 from .standin import StandIn
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,6 @@ def _rfc3339_now() -> str:
 
 def _alive(pid: int, start_time: int) -> bool:
     return pid > 0 and child.is_running(pid, start_time)
-
-
-def _own_cgroup() -> str:
-    """This process's cgroup v2 path ("" on a v1 or hybrid host)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return line[3:]
-    return ""
 
 
 def _trees(spec: oci_spec.Spec, rootfs: Path | None) -> shared.Trees:
@@ -316,7 +307,7 @@ class Runtime:
             with control.Connection(Path(reply["ctl"]), timeout_s=300) as conn:
                 result = conn.call({"op": "adopt", "id": record.id, "root": str(self.root),
                                     "bundle": record.bundle, "debug": self.debug,
-                                    "spawned_at": t0, "cgroup": _own_cgroup(),
+                                    "spawned_at": t0, "cgroups": cgroup.memberships(),
                                     "trees": tree_names}, fds)
         except (OSError, RunvError) as exc:
             # The pooled supervisor drops its VM when the hand-over fails.

@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .. import child
 from .. import config as config_mod
 from ..agent.convert import Storage
 from ..devices import Share, ShareDriver
@@ -32,7 +33,7 @@ from ..errors import ContainerExists, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..storage.shared import SharedDir, Trees, enter_private_mount_namespace
 from ..store import state
-from . import control, guest_spec, pod, pool_member, template
+from . import cgroup, control, guest_spec, pod, pool_member, template
 from .network import SandboxNetwork
 from .sandbox import Sandbox
 
@@ -44,7 +45,6 @@ SHARED_FS_ANNOTATION = "org.runv.shared-fs"
 TEMPLATE_ANNOTATION = "org.runv.template"
 EXIT_OUTPUT_GRACE_S = 5.0
 ROOTFS_OVERLAY_ANNOTATION = oci_spec.ROOTFS_OVERLAY_ANNOTATION
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def sized(config: config_mod.RuntimeConfig, spec: oci_spec.Spec) -> config_mod.RuntimeConfig:
@@ -275,7 +275,8 @@ class Supervisor:
             binds, shares = self._share(spec, "rootfs", trees)
         finally:
             trees.close()
-        _join_cgroup(str(message.get("cgroup") or ""), self._pids())
+        # Where a supervisor the claimant started would be: its CPU and memory count there.
+        cgroup.join(dict(message.get("cgroups") or {}), child.with_descendants(os.getpid()))
         self.network = SandboxNetwork(spec.network_ns)
         nics = await self.network.prepare()
         await self.sandbox.unpark(nics, parked=self.pool.parked)
@@ -375,11 +376,6 @@ class Supervisor:
             finally:
                 await self._vm_maybe_pause()
         return {"ok": True, "vm_dir": str(self._sandbox().paths.root)}
-
-    def _pids(self) -> list[int]:
-        """This supervisor and its VM's processes."""
-        machine = self._sandbox().machine
-        return [os.getpid(), *([machine.pid] if machine and machine.pid else [])]
 
     @property
     def driver_name(self) -> str:
@@ -753,20 +749,6 @@ class Supervisor:
         if self.pool is not None:
             with contextlib.suppress(OSError):
                 self.shared.path.rmdir()
-
-
-def _join_cgroup(path: str, pids: list[int]) -> None:
-    """Move a claimed pooled sandbox into its claimant's cgroup (v2), where a supervisor the
-    claimant started would have been: its CPU and memory count there, not in the pool's."""
-    if not path.startswith("/") or not (CGROUP_ROOT / "cgroup.controllers").exists():
-        return  # not a cgroup v2 host (v1 or hybrid: the sandbox stays where it is)
-    procs = CGROUP_ROOT / path.lstrip("/") / "cgroup.procs"
-    try:
-        for pid in pids:
-            procs.write_text(f"{pid}\n")
-    except OSError as exc:
-        log.warning("could not move the sandbox into cgroup %s: %s", path,
-                    exc.strerror or exc)
 
 
 def _with_paths(linux: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:

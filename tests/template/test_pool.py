@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from runv_py import config
+from runv_py import child, config
 from runv_py.api import Sandbox as ApiSandbox
-from runv_py.sandbox import control, template
+from runv_py.sandbox import cgroup, control, template
 from runv_py.storage import shared
 from tests.cli.conftest import LATE_CHECK, LATE_SEEN, RUNV, Runv, late_binds, runv, subreaper  # noqa: F401
 from tests.cli.test_pod import SERVE, annotated
@@ -382,6 +382,50 @@ def test_bind_sources_mounted_after_the_pool_started_reach_the_container(
         assert f"QEMU pid {idle['qemu_pid']})" in (runv.top / "log.json").read_text()
         assert result.stdout == LATE_SEEN
         assert (runv.top / "late" / "dir" / "out.txt").read_text() == "out\n"
+    service.idle(1)
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
+def test_a_claimed_sandbox_joins_the_claimants_cgroups(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """As a supervisor `runv create` starts inherits its creator's cgroups, a pooled one moves
+    into its claimant's on the claim, with its QEMU and vsock backend: here two v1
+    hierarchies and the v2 one (this host is hybrid)."""
+    service = pool("[pool]\nsize = 1\n")
+    idle = _members(service.idle(1), "idle")[0]
+    mine = cgroup.memberships()
+    wanted = {c: f"{mine[c].rstrip('/')}/runv-claimant-{os.getpid()}"
+              for c in ("memory", "pids", "") if c in mine}
+    dirs = [root / wanted[c].lstrip("/") for c, root in cgroup.roots(wanted).items()]
+    assert len(dirs) == 3, dirs
+    for path in dirs:
+        path.mkdir()
+    try:
+        def enter() -> None:
+            for path in dirs:
+                (path / "cgroup.procs").write_text(str(os.getpid()))
+
+        bundle = runv.bundle(["sleep", "60"])
+        # Not pipes: the container's stand-in keeps its stdio.
+        subprocess.run(runv.argv("create", "--bundle", str(bundle), "cg"), env=runv.env,
+                       preexec_fn=enter, check=True, timeout=180, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sandbox = child.with_descendants(idle["pid"])
+        assert idle["qemu_pid"] in sandbox and len(sandbox) >= 4, sandbox  # + vsock backend
+        for pid in sandbox:
+            assert {c: p for c, p in cgroup.memberships(pid).items() if c in wanted} == wanted
+        runv("delete", "--force", "cg")
+        _gone(sandbox)
+    finally:
+        for path in dirs:
+            deadline = time.monotonic() + 30
+            while path.exists():
+                try:
+                    path.rmdir()
+                except OSError:
+                    assert time.monotonic() < deadline, (path / "cgroup.procs").read_text()
+                    time.sleep(0.2)
     service.idle(1)
     assert service.stop() == 0
     assert service.leftovers() == []
