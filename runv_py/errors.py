@@ -52,6 +52,20 @@ class AgentError(RunvError):
     reference = "agent-error"
 
 
+class CommandNotFound(AgentError):
+    """The container's program does not exist (hyperctl exits 127, as podman does)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "command-not-found"
+
+
+class CommandNotExecutable(AgentError):
+    """The container's program exists but cannot be run (hyperctl exits 126, as podman)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "command-not-executable"
+
+
 class NotSupported(RunvError):
     """The operation exists in the interface but this build of runv-py cannot do it."""
 

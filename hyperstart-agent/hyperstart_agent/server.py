@@ -16,7 +16,7 @@ import grpc
 from . import API_VERSION, __version__
 from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
-from .errors import AgentError
+from .errors import REASON_KEY, AgentError
 
 if TYPE_CHECKING:
     from . import network
@@ -61,6 +61,8 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
             return method(self, request, context)
         except AgentError as exc:
             code, message = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNKNOWN), str(exc)
+            if exc.reason:
+                context.set_trailing_metadata(((REASON_KEY, exc.reason),))
         except Exception as exc:
             log.exception("%s failed", method.__name__)
             code, message = (grpc.StatusCode.INTERNAL,

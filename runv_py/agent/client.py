@@ -10,12 +10,17 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ..errors import AgentError
+from ..errors import AgentError, CommandNotExecutable, CommandNotFound
 from . import convert
 from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+
+# The agent's `runv-reason` trailing metadata: errors that share a gRPC status code.
+REASON_KEY = "runv-reason"
+_REASONS: dict[str, type[AgentError]] = {"command-not-found": CommandNotFound,
+                                         "command-not-executable": CommandNotExecutable}
 
 def _channel_options(handshake_timeout_s: float) -> list[tuple[str, int]]:
     # Over virtio-serial one host connection is one guest session, and a quick reconnect can
@@ -44,7 +49,9 @@ class AgentClient:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
-            raise AgentError(f"agent {name}: {exc.code().name}: {exc.details()}") from exc
+            reason = dict(exc.trailing_metadata() or ()).get(REASON_KEY, "")
+            cls = _REASONS.get(str(reason), AgentError)
+            raise cls(f"agent {name}: {exc.code().name}: {exc.details()}") from exc
 
     async def check(self, timeout_s: float | None = None, wait_for_ready: bool = False) -> bool:
         response = await self._call("Check", self._stub.Check(

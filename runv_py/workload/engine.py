@@ -228,8 +228,11 @@ class Engine:
             proc.wait()
             self._free_vm(workload.id)
             self.records.remove(workload)
-            raise RunvError(answer.decode(errors="replace").strip()
-                            or "the container's monitor process failed")
+            try:
+                reply = json.loads(answer)
+            except ValueError:
+                reply = {"error": "the container's monitor process failed"}
+            control.raise_for({**reply, "ok": False})
 
     # -- reading state ------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ watches the owning program and kills the container when that program ends."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from .. import child
 from ..errors import RunvError
+from ..sandbox import control
 from .engine import Engine
 from .records import Workload
 
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         logging.getLogger(__name__).error("%s", exc, exc_info=args.debug,
                                           extra={"container": args.id})
-        if ready_fd is not None:
-            os.write(ready_fd, str(exc).encode() or b"the container failed to start")
+        if ready_fd is not None:  # the error, as the supervisor's control replies carry one
+            os.write(ready_fd, json.dumps(control.error_reply(exc)).encode())
         return exc.exit_code if isinstance(exc, RunvError) else 1
     finally:
         for fd in fds:

@@ -62,6 +62,9 @@ def test_exec_sees_the_settings(web: tuple[Hyperctl, Path]) -> None:
               'echo "$(id -u) $(pwd) $X"').stdout == b"0 / 1\n"
     result = hc("exec", "web", "sh", "-c", "exit 42", check=False)
     assert result.returncode == 42
+    for program, code in (("nosuch", 127), ("/etc/passwd", 126)):
+        result = hc("exec", "web", program, check=False)
+        assert result.returncode == code and f"exec {program}: ".encode() in result.stderr
     result = hc("exec", "-i", "web", "cat", input=b"piped\n")
     assert result.stdout == b"piped\n"
     code, output = hc.in_pty("exec", "-t", "web", "sh", "-c", "tty; exit 3")

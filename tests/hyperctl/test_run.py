@@ -64,6 +64,18 @@ def test_read_only_root_and_entrypoint(hyperctl: Hyperctl) -> None:
     assert result.stdout.endswith(b"status 1\n")
 
 
+def test_a_command_that_cannot_run_exits_127_or_126_as_with_podman(hyperctl: Hyperctl) -> None:
+    for args, code, why in ((["nosuch"], 127, b"exec nosuch: No such file or directory"),
+                            (["-d", "busybox", "nosuch"], 127, b"No such file or directory"),
+                            (["/etc/passwd"], 126, b"exec /etc/passwd: Permission denied")):
+        argv = args if args[0] == "-d" else ["--rm", "busybox", *args]
+        result = hyperctl("run", *argv, check=False)
+        assert result.returncode == code and why in result.stderr, result
+        errors = [line for line in result.stderr.splitlines() if b"error" in line]
+        assert len(errors) == 1, result.stderr
+    assert hyperctl("ps", "-a", "-q").stdout == b""  # -d removed it too
+
+
 def test_timeout_kills_the_sandbox(hyperctl: Hyperctl) -> None:
     started = time.monotonic()
     result = hyperctl("run", "--name", "slow", "--timeout", "3s", "busybox", "sleep", "600",

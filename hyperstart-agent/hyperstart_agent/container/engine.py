@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import logging
@@ -37,6 +38,12 @@ _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
               "from hyperstart_agent.container.init import main; main()")
 _HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+# Why a program could not be exec'd, as the host reports it (podman's 127 and 126).
+_EXEC_REASONS = {errno.ENOENT: "command-not-found", errno.ENOTDIR: "command-not-found",
+                 errno.EACCES: "command-not-executable", errno.EPERM: "command-not-executable",
+                 errno.ENOEXEC: "command-not-executable", errno.EISDIR: "command-not-executable"}
 
 
 class EngineError(AgentError):
@@ -384,8 +391,10 @@ class Engine:
         finally:
             sync.close()
         if data:
-            error = json.loads(data).get("error", "unexpected message")
-            raise EngineError("FAILED_PRECONDITION", f"start {process.exec_id}: {error}")
+            message = json.loads(data)
+            raise EngineError("FAILED_PRECONDITION", f"start {process.exec_id or 'init'}: "
+                              f"{message.get('error', 'unexpected message')}",
+                              _EXEC_REASONS.get(message.get("exec_errno"), ""))
 
     def hold_namespaces(self, directory: str, types: list[str], hostname: str) -> None:
         """Create namespaces of `types` that outlive their creator, at directory/<type>."""

@@ -34,6 +34,15 @@ DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
 
 
+class ExecFailed(Exception):
+    """The program could not be run: its errno tells the agent why (not found, not
+    executable), as the exit status 127 or 126 tells a shell user."""
+
+    def __init__(self, errno_: int | None, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
 class Sync:
     def __init__(self, fd: int) -> None:
         self.sock = socket.socket(fileno=fd)
@@ -229,7 +238,10 @@ def enter_process(process: specmod.Process, seccomp_profile: Any = None) -> None
     env = dict(entry.split("=", 1) for entry in process.env)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     os.set_inheritable(SYNC_FD, False)
-    os.execvpe(process.args[0], list(process.args), env)
+    try:
+        os.execvpe(process.args[0], list(process.args), env)
+    except OSError as exc:
+        raise ExecFailed(exc.errno, f"exec {process.args[0]}: {exc.strerror}") from None
 
 
 def _namespace_flags(spec: specmod.Spec) -> int:
@@ -413,6 +425,7 @@ def main() -> None:
         raise RuntimeError("exec returned")
     except BaseException as exc:  # report, whatever it was, then die
         try:
-            sync.send(error=str(exc) or type(exc).__name__)
+            sync.send(error=str(exc) or type(exc).__name__,
+                      exec_errno=exc.errno if isinstance(exc, ExecFailed) else None)
         finally:
             os._exit(127)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ... import __version__
-from ...errors import ConfigError, RunvError
+from ...errors import CommandNotExecutable, CommandNotFound, ConfigError, RunvError
 from ...oci.image.progress import human_size
 from .. import pool as pool_cli
 from .. import template as template_cli
@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from ...workload.engine import Engine
 
 RUN_FAILED = 125  # docker's and podman's status for "the container could not be run"
+
+
+def _run_failed(exc: RunvError) -> int:
+    """podman's exit status when a container's command could not be run."""
+    if isinstance(exc, CommandNotFound):
+        return 127
+    if isinstance(exc, CommandNotExecutable):
+        return 126
+    return RUN_FAILED
 
 
 def add_all(sub: Any) -> None:
@@ -186,7 +195,7 @@ def _run(engine: Engine, args: argparse.Namespace) -> int:
             return 0
         code = int(engine.run_foreground(workload, interactive=args.interactive))
     except RunvError as exc:
-        exc.exit_code = RUN_FAILED
+        exc.exit_code = _run_failed(exc)
         raise
     if code == 137 and engine.records.dir(workload.id).exists() and \
             engine.records.load(workload.id).timed_out:
@@ -244,7 +253,11 @@ def _exec(engine: Engine, args: argparse.Namespace) -> int:
     process = engine.exec_process(workload, list(args.cmd), tty=args.tty,
                                   env=tuple(opt.parse_env(e) for e in args.env),
                                   workdir=args.workdir, user=args.user)
-    return int(engine.exec_foreground(workload, process, interactive=args.interactive))
+    try:
+        return int(engine.exec_foreground(workload, process, interactive=args.interactive))
+    except (CommandNotFound, CommandNotExecutable) as exc:
+        exc.exit_code = _run_failed(exc)
+        raise
 
 
 def _logs(engine: Engine, args: argparse.Namespace) -> int:
