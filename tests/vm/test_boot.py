@@ -96,6 +96,25 @@ def test_agent_serves_a_new_host_connection_after_the_old_one_closes(
     asyncio.run(body())
 
 
+def test_a_qemu_too_busy_to_answer_quit_is_still_stopped(
+        runtime_config: config.RuntimeConfig) -> None:
+    """Teardown of a VM whose QEMU does not answer QMP (frozen here with SIGSTOP; under load,
+    busy): no error, and QEMU and its vsock backend are gone."""
+    async def body() -> list[int]:
+        sandbox = await Sandbox.boot(runtime_config, sandbox_id="frozen")
+        assert sandbox.machine is not None and sandbox.machine.pid is not None
+        pids = [sandbox.machine.pid]
+        if sandbox.vsock is not None and sandbox.vsock.child is not None:
+            pids = child.with_descendants(sandbox.vsock.child.pid) + pids
+        os.kill(sandbox.machine.pid, signal.SIGSTOP)
+        await asyncio.wait_for(sandbox.close(), 60)
+        return pids
+
+    pids = asyncio.run(body())
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert not processes_mentioning(str(runtime_config.state_dir / "frozen"))
+
+
 def test_qemu_killed_during_boot_is_reported_and_cleaned(
         runtime_config: config.RuntimeConfig) -> None:
     async def body() -> None:

@@ -207,7 +207,8 @@ class QemuMachine:
         if self.child is None:
             return
         if self.child.returncode is None:
-            with contextlib.suppress(HypervisorError):
+            # A QEMU too busy to answer within the second gets SIGTERM and SIGKILL below.
+            with contextlib.suppress(HypervisorError, TimeoutError):
                 await asyncio.wait_for(self.qmp.execute("quit"), 1.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
