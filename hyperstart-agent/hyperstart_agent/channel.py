@@ -155,6 +155,10 @@ class VsockSplice:
         try:
             while True:
                 conn, peer = listener.accept()
+                if peer[0] != socket.VMADDR_CID_HOST:  # a container's socket, by loopback
+                    log.warning("vsock channel: refused a connection from CID %d", peer[0])
+                    conn.close()
+                    continue
                 self.sessions += 1
                 log.debug("vsock connection %d from %s", self.sessions, peer)
                 server, spare = spare, None
