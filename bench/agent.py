@@ -1,8 +1,8 @@
 """bench/agent: the agent's exec latency, stdout throughput and memory, in a real guest, with
 the same engine on the host (no VM, no channel) as the baseline of the same run, and a raw byte
-copy over a second virtio-serial port as the ceiling of the stdout figure. With the vsock
-channel, the stdout and stdin figures through `Stdio` are compared with the same bytes through
-a dedicated vsock stream per direction (a relay in the guest copying pipe <-> stream).
+copy over a second virtio-serial port as the ceiling of the stdout figure (serial channel).
+stdout and stdin throughput go through the Stdio RPC and, with the vsock channel, also
+through the process's own vsock stream (StdioStream), in the same guest.
 
     python bench/agent.py [--n 20] [--mib 256] [--json FILE]
 """
@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ if __package__ in (None, ""):
 
 from runv_py import config
 from runv_py.agent.client import AgentClient
-from runv_py.agent.convert import Output, Storage
+from runv_py.agent.convert import Storage
 from runv_py.devices import Share
 from runv_py.sandbox.sandbox import Sandbox
 
@@ -65,11 +64,11 @@ print(json.dumps(samples))
 
 
 def busybox_rootfs(root: Path) -> Path:
-    for d in ("bin", "proc", "dev", "tmp", "sys", "gdev", "usr", "lib", "lib64", "work"):
+    for d in ("bin", "proc", "dev", "tmp", "sys", "gdev"):
         (root / d).mkdir(parents=True)
     root.chmod(0o755)
     shutil.copy("/bin/busybox", root / "bin/busybox")
-    for applet in ("sh", "true", "sleep", "head", "cat", "dd", "["):
+    for applet in ("sh", "true", "sleep", "cat", "dd", "["):
         (root / "bin" / applet).symlink_to("busybox")
     return root
 
@@ -112,32 +111,29 @@ async def guest(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> di
             await agent.exec_process("s", f"e{i}", TRUE, stdio=False)
             await agent.wait_process("s", f"e{i}", timeout_s=60)
             execs.append(time.monotonic() - t)
-        # stdout throughput: a container writing `mib` MiB, read on the host.
-        await agent.create_container("w", spec(mount.format("s"), ["sh", "-c", writer(mib)]))
-        total = 0
-        t = time.monotonic()
-        reader = agent.stdio("w")
-        await agent.start_container("w")
-        async for chunk in reader:
-            if chunk.stream == "stdout":
-                total += len(chunk.data)
-        await agent.wait_process("w", timeout_s=3600)
-        throughput = total / (time.monotonic() - t) / 1e6
-        raw = await raw_copy(sandbox, agent, mount.format("s"), mib)
-        streams = (await stream_copy(sandbox, agent, mount.format("s"), mib)
-                   if sandbox.vsock is not None else None)
+        # stdio throughput: `mib` MiB out of (and into) a container, through the Stdio RPC;
+        # with the vsock channel also through the process's own vsock stream.
+        root = mount.format("s")
+        rpc_client = AgentClient(sandbox.paths.agent_socket)  # no dial: the Stdio RPC
+        try:
+            stdio: dict[str, dict[str, float]] = {
+                "rpc": await stdio_throughput(agent, rpc_client, root, mib, "r")}
+        finally:
+            await rpc_client.close()
+        if agent.dial is not None:
+            stdio["stream"] = await stdio_throughput(agent, agent, root, mib, "v")
+        raw = await raw_copy(sandbox, agent, root, mib)
         for i in range(10):
             await agent.create_container(f"c{i}", spec(mount.format("s"), ["sleep", "600"]),
                                          stdio=False)
             await agent.start_container(f"c{i}")
         busy_rss = (await agent.guest_details()).agent_rss_kib
-        return {"exec_s": summary(execs), "stdout_mb_s": throughput, "stdout_bytes": total,
-                "raw_copy_mb_s": raw, "vsock_streams": streams,
+        return {"exec_s": summary(execs), "stdio_mb_s": stdio, "raw_copy_mb_s": raw,
                 "agent_rss_idle_kib": idle_rss, "agent_rss_10_containers_kib": busy_rss}
 
 
 async def raw_copy(sandbox: Sandbox, agent: AgentClient, root: str, mib: int) -> float | None:
-    """The ceiling for the stdout figure: the same writer (`head` in a container) and the same
+    """The ceiling for the stdout figure: the same writer (dd in a container) and the same
     kind of channel (a virtio-serial port of the same device, QEMU unix chardev, read by the
     host with asyncio), but a raw byte copy: no gRPC, no HTTP/2, no agent in the path. The
     port is hot-plugged over QMP; the container writes to its device node, found by name."""
@@ -153,7 +149,7 @@ async def raw_copy(sandbox: Sandbox, agent: AgentClient, root: str, mib: int) ->
     reader, writer = await asyncio.open_unix_connection(str(path))
     size = mib << 20
     script = ("for p in /sys/class/virtio-ports/*; do [ \"$(cat $p/name)\" = raw.0 ] && "
-              f"exec head -c {size} /dev/zero > /gdev/${{p##*/}}; done; "
+              f"exec {writer(mib)} > /gdev/${{p##*/}}; done; "
               "echo no port >&2; exit 1")
     body = json.loads(spec(root, ["sh", "-c", script]))
     body["mounts"] += [{"destination": "/sys", "type": "sysfs", "source": "sysfs"},
@@ -175,127 +171,37 @@ async def raw_copy(sandbox: Sandbox, agent: AgentClient, root: str, mib: int) ->
     return total / elapsed / 1e6
 
 
-# The dedicated-stream prototype: the agent's job (a pipe on the process's side, a vsock stream
-# to the host, the host connecting to a guest listener) done by a relay in the container, fed by
-# (or feeding) the same busybox process as the Stdio figure, through a pipe.
-RELAY = r'''
-import os, socket, sys
-mode, port = sys.argv[1], int(sys.argv[2])
-listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-listener.bind((socket.VMADDR_CID_ANY, port))
-listener.listen(1)
-conn, _ = listener.accept()
-if mode == "out":
-    while data := os.read(0, 1 << 16):
-        conn.sendall(data)
-else:
-    while data := conn.recv(1 << 16):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(1, view):]
-if mode == "out":
-    conn.shutdown(socket.SHUT_WR)
-conn.close()
-'''
-
-
 READER = "dd of=/dev/null bs=65536 iflag=fullblock"  # it reports (stderr) the blocks it read
 
 
-def collect(output: AsyncIterator[Output]) -> asyncio.Task[bytes]:
-    async def run() -> bytes:
-        return b"".join([chunk.data async for chunk in output])
-    return asyncio.create_task(run())
-
-
-async def check_read(agent: AgentClient, container_id: str, report: bytes, size: int) -> None:
-    if await agent.wait_process(container_id, timeout_s=3600) != 0 or (
-            f"{size >> 16}+0 records in".encode() not in report):
-        raise RuntimeError(f"stdin of {container_id}: {report!r}, expected {size} bytes")
-
-
-def relay_spec(root: str, script: str) -> bytes:
-    body = json.loads(spec(root, ["sh", "-c", script]))
-    body["process"]["env"] = ["PATH=/bin:/usr/bin"]
-    body["mounts"] += [{"destination": "/work", "type": "bind", "source": "/run/hyperstart/files",
-                        "options": ["rbind", "ro"]},
-                       *({"destination": d, "type": "bind", "source": d,
-                          "options": ["rbind", "ro"]} for d in ("/usr", "/lib", "/lib64"))]
-    return json.dumps(body).encode()
-
-
-def connect_stream(uds: Path, port: int) -> socket.socket:
-    deadline = time.monotonic() + 120
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(600)
-        sock.connect(str(uds))
-        sock.sendall(f"CONNECT {port}\n".encode())
-        line = sock.makefile("rb", buffering=0).readline()
-        if line.startswith(b"OK"):
-            return sock
-        sock.close()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"guest port {port} never listened")
-        time.sleep(0.05)
-
-
-def drain(sock: socket.socket) -> int:
-    total = 0
-    while data := sock.recv(1 << 20):
-        total += len(data)
-    return total
-
-
-def feed(sock: socket.socket, size: int) -> None:
-    block = b"y" * (1 << 20)
-    for _ in range(size >> 20):
-        sock.sendall(block)
-    sock.shutdown(socket.SHUT_WR)
-
-
-async def stream_copy(sandbox: Sandbox, agent: AgentClient, root: str, mib: int
-                      ) -> dict[str, float]:
-    """stdout and stdin of `mib` MiB through a dedicated vsock stream (host connects to the
-    guest's listener through the hybrid socket), and stdin through `Stdio` for comparison. The
-    stream timers start once the relay accepted (the agent would not pay the relay's Python
-    start-up); the writer is held by its full pipe until then."""
+async def stdio_throughput(agent: AgentClient, client: AgentClient, root: str, mib: int,
+                           tag: str) -> dict[str, float]:
+    """stdout then stdin of `mib` MiB, the stdio through `client`, timed from the container's
+    start to its exit status (all output read)."""
     size = mib << 20
-    uds = sandbox.paths.vsock.uds
-    await agent.copy_file("/run/hyperstart/files/relay.py", RELAY.encode())
-    await agent.create_container("so", relay_spec(
-        root, f"{writer(mib)} | python3 /work/relay.py out 6001"), stdio=False)
-    await agent.start_container("so")
-    sock = await asyncio.to_thread(connect_stream, uds, 6001)
+    await agent.create_container(f"{tag}o", spec(root, ["sh", "-c", writer(mib)]))
     t = time.monotonic()
-    total = await asyncio.to_thread(drain, sock)
-    sock.close()
-    out = total / (time.monotonic() - t) / 1e6
-    if await agent.wait_process("so", timeout_s=3600) != 0 or total != size:
-        raise RuntimeError(f"stdout stream: {total} of {size} bytes arrived")
-    await agent.create_container("si", relay_spec(
-        root, f"python3 /work/relay.py in 6002 | {READER}"))
-    report = collect(agent.stdio("si"))
-    await agent.start_container("si")
-    sock = await asyncio.to_thread(connect_stream, uds, 6002)
-    t = time.monotonic()
-    await asyncio.to_thread(feed, sock, size)
-    await check_read(agent, "si", await report, size)
-    stream_in = size / (time.monotonic() - t) / 1e6
-    sock.close()
+    output = client.stdio(f"{tag}o")
+    await agent.start_container(f"{tag}o")
+    total = sum([len(chunk.data) async for chunk in output if chunk.stream == "stdout"])
+    if await agent.wait_process(f"{tag}o", timeout_s=3600) != 0 or total != size:
+        raise RuntimeError(f"stdout: {total} of {size} bytes arrived")
+    out = size / (time.monotonic() - t) / 1e6
 
     async def blocks() -> AsyncIterator[bytes]:
         block = b"y" * (1 << 20)
         for _ in range(mib):
             yield block
 
-    await agent.create_container("gi", spec(root, ["sh", "-c", READER]))
+    await agent.create_container(f"{tag}i", spec(root, ["sh", "-c", READER]))
     t = time.monotonic()
-    report = collect(agent.stdio("gi", stdin=blocks()))
-    await agent.start_container("gi")
-    await check_read(agent, "gi", await report, size)
-    grpc_in = size / (time.monotonic() - t) / 1e6
-    return {"stdout_mb_s": out, "stdin_mb_s": stream_in, "grpc_stdin_mb_s": grpc_in}
+    output = client.stdio(f"{tag}i", stdin=blocks())
+    await agent.start_container(f"{tag}i")
+    report = b"".join([chunk.data async for chunk in output])
+    if await agent.wait_process(f"{tag}i", timeout_s=3600) != 0 or (
+            f"{size >> 16}+0 records in".encode() not in report):
+        raise RuntimeError(f"stdin: the reader said {report!r}, expected {size} bytes")
+    return {"stdout": out, "stdin": size / (time.monotonic() - t) / 1e6}
 
 
 def host(rootfs: Path, n: int) -> dict[str, Any]:
@@ -330,19 +236,19 @@ def main() -> int:
     print(f"  exec true, host    median {h['exec_s']['median']:.3f} s  p90 "
           f"{h['exec_s']['p90']:.3f} s  (same engine, no VM)")
     print(f"  ratio guest/host   {g['exec_s']['median'] / h['exec_s']['median']:.1f}x")
-    print(f"  stdout             {g['stdout_mb_s']:.1f} MB/s ({g['stdout_bytes']} bytes)")
+    rpc, stream = g["stdio_mb_s"]["rpc"], g["stdio_mb_s"].get("stream")
+    print(f"  stdout, Stdio RPC  {rpc['stdout']:.1f} MB/s")
+    print(f"  stdin,  Stdio RPC  {rpc['stdin']:.1f} MB/s")
+    if stream is not None:
+        print(f"  stdout, vsock stream {stream['stdout']:.1f} MB/s "
+              f"({stream['stdout'] / rpc['stdout']:.1f}x the RPC)")
+        print(f"  stdin,  vsock stream {stream['stdin']:.1f} MB/s "
+              f"({stream['stdin'] / rpc['stdin']:.1f}x the RPC)")
     if g["raw_copy_mb_s"] is None:
         print("  raw copy ceiling   n/a with the vsock channel (see bench/vsock.py)")
     else:
         print(f"  raw copy ceiling   {g['raw_copy_mb_s']:.1f} MB/s (same writer, a second "
               "virtio-serial port, no gRPC)")
-    if g["vsock_streams"] is not None:
-        vs = g["vsock_streams"]
-        print(f"  stdout, vsock stream {vs['stdout_mb_s']:.1f} MB/s "
-              f"({vs['stdout_mb_s'] / g['stdout_mb_s']:.1f}x Stdio; dedicated stream, relay)")
-        print(f"  stdin, Stdio         {vs['grpc_stdin_mb_s']:.1f} MB/s")
-        print(f"  stdin, vsock stream  {vs['stdin_mb_s']:.1f} MB/s "
-              f"({vs['stdin_mb_s'] / vs['grpc_stdin_mb_s']:.1f}x Stdio)")
     print(f"  agent RSS          idle {g['agent_rss_idle_kib']} KiB, with 10 containers "
           f"{g['agent_rss_10_containers_kib']} KiB")
     if args.json:

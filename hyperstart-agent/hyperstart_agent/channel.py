@@ -155,7 +155,8 @@ class VsockSplice:
         try:
             while True:
                 conn, peer = listener.accept()
-                if peer[0] != socket.VMADDR_CID_HOST:  # a container's socket, by loopback
+                # Only the host: a container's vsock socket comes by loopback (CID 1 or ours).
+                if listener.family == socket.AF_VSOCK and peer[0] != socket.VMADDR_CID_HOST:
                     log.warning("vsock channel: refused a connection from CID %d", peer[0])
                     conn.close()
                     continue
