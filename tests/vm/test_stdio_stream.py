@@ -1,5 +1,6 @@
 """Process stdio over a vsock stream of its own (StdioStream, the vsock channel): who may
-connect to the agent's stream listener, and what a wrong token gets."""
+connect to the agent's stream listener, and what a wrong token gets; the serial channel keeps
+the Stdio RPC."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import asyncio
 import json
 import secrets
 import shutil
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
 
 from runv_py import config
 from runv_py.agent._pb import hyperstart_pb2 as pb
@@ -49,7 +56,7 @@ print(json.dumps(seen))
 
 
 def _spec(root: str, args: list[str], guest_python: bool = False) -> bytes:
-    spec = {
+    spec: dict[str, Any] = {
         "ociVersion": "1.1.0",
         "process": {"args": args, "env": ["PATH=/bin:/usr/bin"], "cwd": "/"},
         "root": {"path": root, "readonly": True},
@@ -120,3 +127,37 @@ def test_containers_cannot_reach_the_stream_listener_or_agent_and_a_wrong_token_
 
     asyncio.run(main())
 
+
+
+def test_serial_channel_keeps_the_stdio_rpc(runtime_config: config.RuntimeConfig,
+                                            busybox_rootfs: Path) -> None:
+    cfg = replace(runtime_config, template="off",
+                  guest=replace(runtime_config.guest, channel="serial"))
+
+    async def main() -> None:
+        async with await Sandbox.boot(cfg, shares=(Share("r", busybox_rootfs, readonly=True),)
+                                      ) as sandbox:
+            agent = sandbox.agent
+            assert agent is not None and agent.dial is None
+            # The agent has no stream listener without a vsock channel.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agent._stub.StdioStream(pb.StdioStreamRequest(
+                    container_id="c", token=bytes(32)))
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            await agent.create_container("c", _spec(MOUNT.format("c"), [
+                "sh", "-c", "read x; echo out:$x; echo err >&2; exit 3"]),
+                storages=(Storage("9p", "r", MOUNT.format("c")),))
+
+            async def stdin() -> AsyncIterator[bytes]:
+                yield b"over-serial\n"
+
+            stream = agent.stdio("c", stdin=stdin())
+            await agent.start_container("c")
+            output = {"stdout": b"", "stderr": b""}
+            async for chunk in stream:
+                output[chunk.stream] += chunk.data
+            assert output == {"stdout": b"out:over-serial\n", "stderr": b"err\n"}
+            assert await agent.wait_process("c", timeout_s=60) == 3
+            await agent.remove_container("c")
+
+    asyncio.run(main())
