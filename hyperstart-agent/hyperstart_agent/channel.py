@@ -155,6 +155,11 @@ class VsockSplice:
         try:
             while True:
                 conn, peer = listener.accept()
+                # Only the host: a container's vsock socket comes by loopback (CID 1 or ours).
+                if listener.family == socket.AF_VSOCK and peer[0] != socket.VMADDR_CID_HOST:
+                    log.warning("vsock channel: refused a connection from CID %d", peer[0])
+                    conn.close()
+                    continue
                 self.sessions += 1
                 log.debug("vsock connection %d from %s", self.sessions, peer)
                 server, spare = spare, None

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .container.engine import Engine
+    from .options import Options
+    from .stdio import StreamListener
 
 
 def _boottime_ms() -> int:
@@ -86,7 +88,7 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
 
     # Referenced for the life of PID 1: a collected grpc.Server stops serving.
     server = server_mod.serve("unix:" + options.SERVER_SOCKET, timings,  # noqa: F841
-                              make_engine)
+                              make_engine, _stdio_streams(opts))
     timings["server_listening"] = _boottime_ms()
     log.debug("timings %s", timings)
 
@@ -109,3 +111,22 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
 
     log.info("agent ready (%d ms after boot)", timings["server_listening"])
     reaper.run_forever()
+
+
+def _stdio_streams(opts: Options) -> StreamListener | None:
+    """With a vsock channel on port P, processes' stdio streams are served on P + 1 (bound
+    now, before any container exists; listening needs no device yet, as for the channel)."""
+    port = next((int(name) for kind, name in opts.channels
+                 if kind == "vsock" and name.isdigit()), None)
+    if port is None:
+        return None
+    from .stdio import StreamListener
+
+    try:
+        streams = StreamListener(port + 1)
+    except OSError as exc:
+        logging.getLogger(__name__).error(
+            "cannot listen on vsock port %d for stdio streams (Stdio only): %s", port + 1, exc)
+        return None
+    threading.Thread(target=streams.run_forever, name="stdio-streams", daemon=True).start()
+    return streams

@@ -21,9 +21,11 @@ from .errors import REASON_KEY, AgentError
 if TYPE_CHECKING:
     from . import network
     from .container.engine import Engine
+    from .stdio import StreamListener
 
-# The container engine, storage and stdio modules load on the first container call: they are
-# not needed to answer Check, and under TCG every import is boot time.
+# The container engine, storage and stdio modules load on the first container call (stdio at
+# boot with a vsock channel, for its stream listener): they are not needed to answer Check,
+# and under TCG every import is boot time.
 
 log = logging.getLogger(__name__)
 FEATURES = ("channel.serial", "channel.vsock", "container.engine", "storage.9p", "storage.virtiofs",
@@ -75,8 +77,10 @@ def _rpc(method: Callable[..., T]) -> Callable[..., T]:
 
 class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
     def __init__(self, boot_timings_ms: dict[str, int],
-                 make_engine: Callable[[], Engine]) -> None:
+                 make_engine: Callable[[], Engine],
+                 streams: StreamListener | None = None) -> None:
         self.boot_timings_ms = boot_timings_ms
+        self.streams = streams
         self._make_engine = make_engine
         self._engine: Engine | None = None
         self._storages: dict[str, list[str]] = {}
@@ -341,6 +345,15 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
                          name="stdin", daemon=True).start()
         yield from stdio.read_output(process, fds)
 
+    @_rpc
+    def StdioStream(self, request: pb.StdioStreamRequest, context: Any
+                    ) -> pb.StdioStreamResponse:
+        if self.streams is None:
+            raise AgentError("UNIMPLEMENTED", "StdioStream: the agent has no vsock channel")
+        process = self.engine.process(request.container_id, request.exec_id)
+        self.streams.expect(process, request.token)
+        return pb.StdioStreamResponse(port=self.streams.port)
+
 
 def _family(version: int) -> int:
     return int(pb.IPV4 if version == 4 else pb.IPV6)
@@ -383,12 +396,13 @@ def _event_stream(engine: Engine, context: Any) -> Iterator[pb.Event]:
 
 
 def serve(address: str, boot_timings_ms: dict[str, int],
-          make_engine: Callable[[], Engine]) -> grpc.Server:
+          make_engine: Callable[[], Engine],
+          streams: StreamListener | None = None) -> grpc.Server:
     # The channel connects to the server before a host comes (channel.py) and may wait long
     # for it: no handshake deadline on that connection.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
                          options=[("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)])
-    pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms, make_engine), server)
+    pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms, make_engine, streams), server)
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC server could not listen on {address}")
     server.start()

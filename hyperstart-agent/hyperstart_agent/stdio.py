@@ -1,19 +1,27 @@
-"""Stdio of one container process over the Stdio stream: stdin from the host into the process's
-pipe, stdout and stderr out to the host, kept apart, each closed with an eof message. Writing
-to the stream blocks while gRPC's flow control holds it, and the pipe then fills and holds the
+"""Stdio of one container process, over the Stdio gRPC stream or over a vsock stream of its
+own (StdioStream): stdin from the host into the process's pipe, stdout and stderr out to the
+host, kept apart, each closed with an eof. Writing to the host blocks while it does not read
+(gRPC flow control, or a full vsock connection), and the pipe then fills and holds the
 process: nothing is dropped."""
 
 from __future__ import annotations
 
 import errno
+import hmac
 import itertools
 import logging
 import os
 import select
+import socket
+import struct
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 from ._pb import hyperstart_pb2 as pb
+from .errors import AgentError
 
 if TYPE_CHECKING:
     from .container.engine import Process
@@ -21,6 +29,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 IDLE_CHECK_MS = 1000
+STDOUT, STDERR = 0, 1
+FRAME = struct.Struct(">BI")  # stream, length (0: that stream's eof)
+TOKEN_BYTES = 32
+TOKEN_WAIT_S = 10.0
+# A registration whose host never connects gives the process's output back after this long.
+CONNECT_WAIT_S = 60.0
+CLOSED_STALL_S = 30.0
 
 
 def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
@@ -36,14 +51,14 @@ def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
         process.close_stdin()
 
 
-def read_output(process: Process, fds: tuple[int | None, int | None]
-                ) -> Iterator[pb.StdioOutput]:
-    """Stream the process's (stdout, stderr), handed over by attach_reader, to their ends,
-    then give them back to be closed. A process removed by force normally ends them (its
-    writers are killed); if a stray process still holds one, the stream ends once the
-    process is closed and nothing more comes."""
-    streams = {fd: kind for fd, kind in zip(fds, (pb.StdioOutput.STDOUT,
-                                                  pb.StdioOutput.STDERR), strict=True)
+def outputs(process: Process, fds: tuple[int | None, int | None]
+            ) -> Iterator[tuple[int, bytes]]:
+    """(STDOUT or STDERR, data) of the process's (stdout, stderr), handed over by
+    attach_reader, b"" once for each at its end; then gives them back to be closed and marks
+    the output drained. A process removed by force normally ends them (its writers are
+    killed); if a stray process still holds one, they end once the process is closed and
+    nothing more comes."""
+    streams = {fd: kind for fd, kind in zip(fds, (STDOUT, STDERR), strict=True)
                if fd is not None}
     poller = select.poll()
     for fd in streams:
@@ -53,7 +68,7 @@ def read_output(process: Process, fds: tuple[int | None, int | None]
             ready = poller.poll(IDLE_CHECK_MS)
             if not ready and process.closed:
                 for fd in list(streams):
-                    yield pb.StdioOutput(stream=streams.pop(fd), eof=True)
+                    yield streams.pop(fd), b""
             for fd, _ in ready:
                 try:
                     data = os.read(fd, CHUNK)
@@ -62,10 +77,156 @@ def read_output(process: Process, fds: tuple[int | None, int | None]
                         raise
                     data = b""
                 if data:
-                    yield pb.StdioOutput(stream=streams[fd], data=data)
+                    yield streams[fd], data
                 else:
                     poller.unregister(fd)
-                    yield pb.StdioOutput(stream=streams.pop(fd), eof=True)
+                    yield streams.pop(fd), b""
     finally:
         process.release_output()
         process.drained.set()
+
+
+def read_output(process: Process, fds: tuple[int | None, int | None]
+                ) -> Iterator[pb.StdioOutput]:
+    kinds = (pb.StdioOutput.STDOUT, pb.StdioOutput.STDERR)
+    for kind, data in outputs(process, fds):
+        yield pb.StdioOutput(stream=kinds[kind], data=data, eof=not data)
+
+
+class StreamListener:
+    """The vsock listener of StdioStream. Only the host (peer CID 2) is served: a container's
+    own vsock socket reaches it from the guest's CID (or the local CID 1) and is closed at
+    once. A host connection must first send the 32-byte token of a registered process (each
+    token is good for one connection), else it is closed. The port is bound at boot, before
+    any container runs, so no container can take it first."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._listener.bind((socket.VMADDR_CID_ANY, port))
+            self._listener.listen(64)
+        except OSError:
+            self._listener.close()
+            raise
+        self._listener.settimeout(IDLE_CHECK_MS / 1000)
+        self._lock = threading.Lock()
+        self._expected: dict[bytes, tuple[Process, tuple[int | None, int | None], float]] = {}
+
+    def expect(self, process: Process, token: bytes) -> None:
+        """The process's output now belongs to the connection that brings `token`."""
+        if len(token) != TOKEN_BYTES:
+            raise AgentError("INVALID_ARGUMENT", f"StdioStream: the token must be "
+                             f"{TOKEN_BYTES} bytes, not {len(token)}")
+        fds = process.attach_reader()
+        if fds is None:
+            raise AgentError("FAILED_PRECONDITION", f"Stdio of {process.container_id}/"
+                             f"{process.exec_id} is already attached")
+        with self._lock:
+            self._expected[token] = (process, fds, time.monotonic() + CONNECT_WAIT_S)
+
+    def run_forever(self) -> None:
+        while True:
+            try:
+                conn, (cid, _) = self._listener.accept()
+            except TimeoutError:
+                self._expire()
+                continue
+            except OSError as exc:
+                log.warning("stdio stream listener: %s", exc)
+                time.sleep(0.1)
+                continue
+            if cid != socket.VMADDR_CID_HOST:
+                log.warning("stdio stream: refused a connection from CID %d", cid)
+                conn.close()
+                continue
+            threading.Thread(target=self._admit, args=(conn,), name="stdio-admit",
+                             daemon=True).start()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            gone = [token for token, (process, _, deadline) in self._expected.items()
+                    if process.closed or now > deadline]
+            dropped = [self._expected.pop(token) for token in gone]
+        for process, _, _ in dropped:
+            log.warning("stdio stream of %s/%s: the host never connected",
+                        process.container_id, process.exec_id)
+            process.close_stdin()
+            process.release_output()
+            process.drained.set()
+
+    def _admit(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(TOKEN_WAIT_S)
+            token = b""
+            while len(token) < TOKEN_BYTES:
+                chunk = conn.recv(TOKEN_BYTES - len(token))
+                if not chunk:
+                    break
+                token += chunk
+        except OSError:
+            token = b""
+        with self._lock:
+            found = next((t for t in self._expected if hmac.compare_digest(t, token)), None)
+            entry = self._expected.pop(found) if found is not None else None
+        if entry is None:
+            log.warning("stdio stream: a connection with a wrong token, closed")
+            conn.close()
+            return
+        process, fds, _ = entry
+        conn.settimeout(IDLE_CHECK_MS / 1000)
+        stdin = conn.dup()
+        threading.Thread(target=_stream_stdin, args=(process, stdin), name="stdin",
+                         daemon=True).start()
+        _stream_output(process, fds, conn)
+
+
+def _stream_stdin(process: Process, conn: socket.socket) -> None:
+    """Host bytes into the process's stdin until the host half-closes (its EOF) or goes, or
+    the process is closed."""
+    with conn:
+        try:
+            while True:
+                try:
+                    data = conn.recv(CHUNK)
+                except TimeoutError:
+                    if process.closed:
+                        return
+                    continue
+                if not data:
+                    return
+                process.write_stdin(data)
+        except OSError as exc:  # the host went away or the process closed its stdin
+            log.debug("stdin of %s ended: %s", process.exec_id, exc)
+        finally:
+            process.close_stdin()
+
+
+def _stream_output(process: Process, fds: tuple[int | None, int | None],
+                   conn: socket.socket) -> None:
+    with conn, closing(outputs(process, fds)) as chunks:
+        try:
+            for kind, data in chunks:
+                _send_all(process, conn, FRAME.pack(kind, len(data)) + data)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # the host went away; the process's pipes are closed below
+            log.debug("output of %s ended: %s", process.exec_id, exc)
+
+
+def _send_all(process: Process, conn: socket.socket, data: bytes) -> None:
+    """A host that goes away fails the send; one that stays but does not read holds it, as
+    gRPC flow control would, but no longer than CLOSED_STALL_S once the process is removed."""
+    view = memoryview(data)
+    stalled_since: float | None = None
+    while view:
+        try:
+            view = view[conn.send(view):]
+            stalled_since = None
+        except TimeoutError:
+            if not process.closed:
+                continue
+            now = time.monotonic()
+            stalled_since = stalled_since or now
+            if now - stalled_since > CLOSED_STALL_S:
+                raise ConnectionAbortedError("removed, and the host does not read") from None

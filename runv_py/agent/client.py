@@ -4,7 +4,10 @@ socket, with grpc errors mapped to AgentError at this boundary."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import contextlib
+import secrets
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +19,9 @@ from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+Dial = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+FRAME = struct.Struct(">BI")  # StdioStream's output frames: stream, length (0: eof)
+MAX_FRAME = 1 << 20
 
 # The agent's `runv-reason` trailing metadata: errors that share a gRPC status code.
 REASON_KEY = "runv-reason"
@@ -38,9 +44,12 @@ def _channel_options(handshake_timeout_s: float) -> list[tuple[str, int]]:
 
 class AgentClient:
     def __init__(self, socket_path: Path, call_timeout_s: float = 30.0,
-                 handshake_timeout_s: float = 120.0) -> None:
+                 handshake_timeout_s: float = 120.0, dial: Dial | None = None) -> None:
+        """`dial`: opens a stream to a guest vsock port (the vsock channel); with it, stdio
+        goes over a vsock stream per process (StdioStream) instead of the Stdio RPC."""
         self.socket_path = socket_path
         self.call_timeout_s = call_timeout_s
+        self.dial = dial
         self._channel = grpc.aio.insecure_channel(
             f"unix:{socket_path}", options=_channel_options(handshake_timeout_s))
         self._stub: Any = pb_grpc.AgentStub(self._channel)
@@ -184,8 +193,27 @@ class AgentClient:
                     stdin: AsyncIterator[bytes] | None = None
                     ) -> AsyncIterator[convert.Output]:
         """The process's output as it comes; `stdin` (if given) is written to the process and
-        closed when it ends, else stdin is closed at once."""
+        closed when it ends, else stdin is closed at once. Over a vsock stream of its own when
+        the client can dial one and the agent serves it, else over the Stdio RPC."""
+        if self.dial is not None:
+            token = secrets.token_bytes(32)
+            try:
+                response = await self._stub.StdioStream(pb.StdioStreamRequest(
+                    container_id=container_id, exec_id=exec_id, token=token),
+                    timeout=self.call_timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # else: an older agent
+                    raise AgentError(f"agent StdioStream: {exc.code().name}: "
+                                     f"{exc.details()}") from exc
+            else:
+                async for output in self._stdio_stream(int(response.port), token, stdin):
+                    yield output
+                return
+        async for output in self._stdio_rpc(container_id, exec_id, stdin):
+            yield output
 
+    async def _stdio_rpc(self, container_id: str, exec_id: str,
+                         stdin: AsyncIterator[bytes] | None) -> AsyncIterator[convert.Output]:
         async def requests() -> AsyncIterator[pb.StdioInput]:
             yield pb.StdioInput(container_id=container_id, exec_id=exec_id,
                                 close_stdin=stdin is None)
@@ -200,6 +228,35 @@ class AgentClient:
                 yield convert.output(message)
         except grpc.aio.AioRpcError as exc:
             raise AgentError(f"agent Stdio: {exc.code().name}: {exc.details()}") from exc
+
+    async def _stdio_stream(self, port: int, token: bytes, stdin: AsyncIterator[bytes] | None
+                            ) -> AsyncIterator[convert.Output]:
+        """The token first, then stdin out (a half-close is its EOF) while output frames come
+        in, until the agent closes its side after the last one."""
+        assert self.dial is not None
+        reader, writer = await self.dial(port)
+        writer.write(token)
+        feeder = asyncio.create_task(_feed(writer, stdin))
+        try:
+            while True:
+                try:
+                    header = await reader.read(FRAME.size)
+                    if not header:
+                        return
+                    header += await reader.readexactly(FRAME.size - len(header))
+                    kind, length = FRAME.unpack(header)
+                    if length > MAX_FRAME:
+                        raise AgentError(f"agent stdio stream: a frame of {length} bytes")
+                    data = await reader.readexactly(length)
+                except asyncio.IncompleteReadError as exc:
+                    raise AgentError("agent stdio stream: cut off inside a frame") from exc
+                except OSError as exc:
+                    raise AgentError(f"agent stdio stream: {exc}") from exc
+                yield convert.Output("stderr" if kind == 1 else "stdout", data, not length)
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            writer.close()
 
     async def copy_file(self, path: str, data: bytes, *, mode: int = 0o644, uid: int = 0,
                         gid: int = 0, chunk_size: int = 1 << 20) -> None:
@@ -257,3 +314,12 @@ class AgentClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+async def _feed(writer: asyncio.StreamWriter, stdin: AsyncIterator[bytes] | None) -> None:
+    with contextlib.suppress(OSError):  # the agent closed the stream: the process is gone
+        if stdin is not None:
+            async for data in stdin:
+                writer.write(data)
+                await writer.drain()
+        writer.write_eof()

@@ -283,8 +283,7 @@ class Sandbox:
                        shares=shares, nics=nics,
                        cid_claim=self.vsock.claim if self.vsock else None)
         self.machine = QemuMachine(vm, self.paths.qemu_log)
-        self.agent = AgentClient(self.paths.agent_socket,
-                                 handshake_timeout_s=self.config.hypervisor.boot_timeout_s)
+        self.agent = self._agent_client(self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
         await self.machine.start()
         if self.vsock is not None:
@@ -315,7 +314,7 @@ class Sandbox:
                 with contextlib.suppress(Exception):
                     await backend
             raise
-        self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=agent_timeout)
+        self.agent = self._agent_client(agent_timeout)
         await self._wait_agent(agent_timeout)
         t4 = time.monotonic()
         await self._take_identity(nics)
@@ -494,6 +493,11 @@ class Sandbox:
         raise HypervisorError(f"sandbox {self.id}: the VM stopped before its agent answered: "
                               + self.machine.describe_exit())
 
+    def _agent_client(self, handshake_timeout_s: float) -> AgentClient:
+        """With the vsock channel, processes' stdio goes over vsock streams of their own."""
+        return AgentClient(self.paths.agent_socket, handshake_timeout_s=handshake_timeout_s,
+                           dial=self.vsock.connect if self.vsock is not None else None)
+
     async def reconnect_agent(self, timeout_s: float = 30.0) -> AgentClient:
         """Drop the host's agent connection and open a new one once the guest has seen the old
         one end. Over virtio-serial a faster reconnect would race the guest: the new session's
@@ -503,7 +507,7 @@ class Sandbox:
         self.machine.forget_port_events()
         await self.agent.close()
         if self.vsock is not None:
-            self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=timeout_s)
+            self.agent = self._agent_client(timeout_s)
             await self.agent.wait_ready(timeout_s)
             return self.agent
         try:
@@ -511,7 +515,7 @@ class Sandbox:
         except TimeoutError:
             raise AgentError(f"sandbox {self.id}: the guest did not reopen its agent port "
                              f"within {timeout_s:g}s") from None
-        self.agent = AgentClient(self.paths.agent_socket, handshake_timeout_s=timeout_s)
+        self.agent = self._agent_client(timeout_s)
         await self.agent.wait_ready(timeout_s)
         return self.agent
 

@@ -5,6 +5,7 @@ connects to its vhost-user socket), stopped by pid after QEMU; it dies with its 
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from ..errors import HypervisorError
 from .kernel import CidClaim, claim_cid
 
 START_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,35 @@ class VsockBackend:
         """Kernel vhost-vsock where /dev/vhost-vsock is usable, else ours."""
         return cls(paths, log_path, connect_wait_s=connect_wait_s, debug=debug,
                    claim=claim_cid())
+
+    async def connect(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A stream to the guest's listener on `port`: through the hybrid socket (CONNECT,
+        answered OK), or with the kernel's vhost-vsock a vsock socket to the claimed CID."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                if self.kernel:
+                    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                    sock.setblocking(False)
+                    try:
+                        await asyncio.get_running_loop().sock_connect(sock, (self.cid, port))
+                    except BaseException:
+                        sock.close()
+                        raise
+                    return await asyncio.open_connection(sock=sock)
+                reader, writer = await asyncio.open_unix_connection(str(self.paths.uds))
+                try:
+                    writer.write(f"CONNECT {port}\n".encode())
+                    answer = await reader.readline()
+                except BaseException:
+                    writer.close()
+                    raise
+                if not answer.startswith(b"OK "):
+                    writer.close()
+                    raise ConnectionRefusedError(f"the guest refused port {port}")
+                return reader, writer
+        except (OSError, TimeoutError) as exc:
+            raise HypervisorError(f"vsock: cannot connect to guest port {port}: "
+                                  f"{exc or type(exc).__name__}") from exc
 
     def release_cid(self) -> None:
         """Once QEMU runs it holds the CID (its copy of the fd): close ours. Idempotent."""

@@ -197,6 +197,22 @@ class StdioOutput(_message.Message):
     eof: bool
     def __init__(self, stream: _Optional[_Union[StdioOutput.Stream, str]] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
 
+class StdioStreamRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "token")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    token: bytes
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class StdioStreamResponse(_message.Message):
+    __slots__ = ("port",)
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    def __init__(self, port: _Optional[int] = ...) -> None: ...
+
 class TtyWinResizeRequest(_message.Message):
     __slots__ = ("container_id", "exec_id", "height", "width")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]

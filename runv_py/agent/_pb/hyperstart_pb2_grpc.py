@@ -145,6 +145,11 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
                 _registered_method=True)
+        self.StdioStream = channel.unary_unary(
+                '/hyperstart.v1.Agent/StdioStream',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioStreamRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioStreamResponse.FromString,
+                _registered_method=True)
         self.CopyFile = channel.stream_unary(
                 '/hyperstart.v1.Agent/CopyFile',
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.CopyFileChunk.SerializeToString,
@@ -332,6 +337,17 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StdioStream(self, request, context):
+        """The same over a vsock stream of its own (agent channel vsock): the agent expects one
+        connection from the host (CID 2) on the returned port, whose first bytes are `token`.
+        The host then writes stdin (a half-close is its EOF) and reads frames of output: a
+        1-byte stream (0 stdout, 1 stderr), a u32 big-endian length, that many bytes; length 0
+        is that stream's EOF. Attaches the process's output like Stdio does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CopyFile(self, request_iterator, context):
         """A file into the guest under /run/hyperstart: the first chunk names it, the file appears
         whole (written aside, then renamed) once all `size` bytes arrived.
@@ -498,6 +514,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Stdio,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.SerializeToString,
+            ),
+            'StdioStream': grpc.unary_unary_rpc_method_handler(
+                    servicer.StdioStream,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioStreamRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.StdioStreamResponse.SerializeToString,
             ),
             'CopyFile': grpc.stream_unary_rpc_method_handler(
                     servicer.CopyFile,
@@ -1129,6 +1150,33 @@ class Agent:
             '/hyperstart.v1.Agent/Stdio',
             hyperstart_dot_v1_dot_hyperstart__pb2.StdioInput.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.StdioOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StdioStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/StdioStream',
+            hyperstart_dot_v1_dot_hyperstart__pb2.StdioStreamRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.StdioStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
