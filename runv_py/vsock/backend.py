@@ -129,4 +129,5 @@ class VsockBackend:
     async def stop(self) -> None:
         self.release_cid()
         if self.child is not None:
-            await self.child.stop(grace_s=2.0)
+            # More than the keeper's own wait for its worker (keeper.WORKER_STOP_S).
+            await self.child.stop(grace_s=5.0)

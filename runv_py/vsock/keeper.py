@@ -25,6 +25,7 @@ log = logging.getLogger("runv-vsock")
 
 RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5
+WORKER_STOP_S = 3.0  # a stopping worker closes its connections; then SIGKILL
 PR_SET_PDEATHSIG = 1
 
 
@@ -186,7 +187,9 @@ class Keeper:
             pidfd = os.pidfd_open(self.worker)
             try:
                 os.kill(self.worker, signal.SIGTERM)
-                if not select.select([pidfd], [], [], 3)[0]:
+                if not select.select([pidfd], [], [], WORKER_STOP_S)[0]:
+                    log.warning("worker %d did not stop within %gs: killing it", self.worker,
+                                WORKER_STOP_S)
                     os.kill(self.worker, signal.SIGKILL)
             finally:
                 os.close(pidfd)
