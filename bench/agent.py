@@ -31,7 +31,7 @@ from runv_py import config
 from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import Storage
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 
 TOP = Path(__file__).resolve().parent.parent
 TRUE = json.dumps({"args": ["true"], "env": ["PATH=/bin"], "cwd": "/"}).encode()
@@ -98,7 +98,7 @@ def summary(samples: list[float]) -> dict[str, Any]:
 
 async def guest(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> dict[str, Any]:
     mount = "/run/hyperstart/storage/{}"
-    async with await Sandbox.boot(cfg, shares=(Share("r", rootfs, readonly=True),)) as sandbox:
+    async with await GuestVm.boot(cfg, shares=(Share("r", rootfs, readonly=True),)) as sandbox:
         agent: AgentClient = sandbox.agent  # type: ignore[assignment]
         idle_rss = (await agent.guest_details()).agent_rss_kib
         await agent.create_container("s", spec(mount.format("s"), ["sleep", "600"]),
@@ -132,7 +132,7 @@ async def guest(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> di
                 "agent_rss_idle_kib": idle_rss, "agent_rss_10_containers_kib": busy_rss}
 
 
-async def raw_copy(sandbox: Sandbox, agent: AgentClient, root: str, mib: int) -> float | None:
+async def raw_copy(sandbox: GuestVm, agent: AgentClient, root: str, mib: int) -> float | None:
     """The ceiling for the stdout figure: the same writer (dd in a container) and the same
     kind of channel (a virtio-serial port of the same device, QEMU unix chardev, read by the
     host with asyncio), but a raw byte copy: no gRPC, no HTTP/2, no agent in the path. The

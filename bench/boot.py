@@ -25,7 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runv_py import assets, config
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from runv_py.vm import accel
 from runv_py.vm.qemu.cmdline import KernelParams, VmConfig, kernel_cmdline
 from runv_py.vm.qemu.machine import QemuMachine, tail
@@ -72,7 +72,7 @@ async def floor_boot(cfg: config.RuntimeConfig, timeout_s: float = 30.0) -> floa
 
 
 async def agent_boot(cfg: config.RuntimeConfig) -> dict[str, Any]:
-    async with await Sandbox.boot(cfg) as sandbox:
+    async with await GuestVm.boot(cfg) as sandbox:
         assert sandbox.agent is not None
         version = await sandbox.agent.version()
         details = await sandbox.agent.guest_details()

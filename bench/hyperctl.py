@@ -11,6 +11,7 @@ result says so.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -27,8 +28,9 @@ if __package__ in (None, ""):
 
 from bundle import RUNV, report, summary
 
-from runv_py.oci.spec import ROOTFS_OVERLAY_ANNOTATION
-from runv_py.workload.engine import Engine
+from runv_py import config
+from runv_py.sandbox.policy import ROOTFS_OVERLAY_ANNOTATION
+from runv_py.workload.manager import WorkloadManager
 from runv_py.workload.options import RunOptions
 from tests.cli import image as archive
 
@@ -53,10 +55,11 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 def same_bundle(top: Path, env: dict[str, str]) -> Path:
     """The bundle hyperctl makes for `busybox true`, with the image's unpacked rootfs bound
     read-only instead of the overlay: what runv runs without any image work."""
-    engine = Engine(Path(env["HYPERCTL_ROOT"]), Path(env["HYPERCTL_DATA_ROOT"]))
-    workload = engine.prepare(RunOptions(image="busybox", command=("true",)))
-    spec = json.loads((engine.records.bundle(workload.id) / "config.json").read_text())
-    engine.records.remove(workload)
+    manager = WorkloadManager(config.load(), Path(env["HYPERCTL_ROOT"]),
+                              Path(env["HYPERCTL_DATA_ROOT"]))
+    workload = asyncio.run(manager.prepare(RunOptions(image="busybox", command=("true",))))
+    spec = json.loads((manager.records.bundle(workload.id) / "config.json").read_text())
+    manager.records.remove(workload)
     overlay = json.loads(spec["annotations"].pop(ROOTFS_OVERLAY_ANNOTATION))
     spec["root"] = {"path": overlay["lower"][0], "readonly": True}
     bundle = top / "runv-bundle"

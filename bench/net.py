@@ -39,7 +39,7 @@ from runv_py.agent.convert import Interface, IPAddress, Storage
 from runv_py.devices import Nic, Share, TapFd
 from runv_py.network import endpoint
 from runv_py.network.netns import NetNs
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 
 RUNV = str(Path(sys.executable).parent / "runv")
 SINK_PORT, ECHO_PORT = 5001, 5002
@@ -204,7 +204,7 @@ async def direct(cfg: config.RuntimeConfig, *, top: Path, mib: int, n: int, sub:
     server = peer_server(peer, sub, mib, n)
     mount = "/run/hyperstart/storage/b"
     try:
-        async with await Sandbox.boot(
+        async with await GuestVm.boot(
                 cfg, shares=(Share("r", rootfs, readonly=True),),
                 nics=(Nic("net0", DIRECT_MAC, backend=TapFd(tap)),)) as sandbox:
             agent: AgentClient = sandbox.agent  # type: ignore[assignment]

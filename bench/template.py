@@ -5,7 +5,7 @@
   (bench/boot's floor). Targets: template / cold <= 0.25, template / floor <= 1.3. The clone
   path runs with the default agent channel (vsock, hot-plugged after restore) and with
   `channel = "serial"`: vsock / serial shows what the hot-plug costs.
-- 10 clones started in parallel (Sandbox.boot, in one process): p99 / a single start, failures.
+- 10 clones started in parallel (GuestVm.boot, in one process): p99 / a single start, failures.
 - Host memory of those 10 clones, idle: PSS per QEMU, and the share of each clone's resident
   guest RAM still shared with the template (not copied on write). Target >= 50%.
 - The warm pool (`runv pool serve`, size 1): `runv run` to the first line when it takes a
@@ -42,7 +42,7 @@ from bundle import RUNV, make, report, summary
 from start import median_phases, phases_of, timed_run
 
 from runv_py import config
-from runv_py.sandbox.sandbox import Sandbox, ensure_template
+from runv_py.sandbox.guest_vm import GuestVm, ensure_template
 
 
 def runv_to_line(top: Path, bundle: Path, mode: str, n: int,
@@ -145,13 +145,13 @@ def _pss_kib(pid: int) -> int:
 async def clones(cfg: config.RuntimeConfig, count: int) -> dict[str, Any]:
     template = await ensure_template(cfg)
     t0 = time.monotonic()
-    single = await Sandbox.boot(cfg)
+    single = await GuestVm.boot(cfg)
     single_s = time.monotonic() - t0
     await single.close()
 
-    async def timed() -> tuple[Sandbox, float]:
+    async def timed() -> tuple[GuestVm, float]:
         start = time.monotonic()
-        sandbox = await Sandbox.boot(cfg)
+        sandbox = await GuestVm.boot(cfg)
         return sandbox, time.monotonic() - start
 
     results = await asyncio.gather(*(timed() for _ in range(count)), return_exceptions=True)

@@ -32,7 +32,7 @@ from runv_py import assets, config
 from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import Storage
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox, StatePaths, vm_config
+from runv_py.sandbox.guest_vm import GuestVm, VmPaths, vm_config
 from runv_py.vm import accel
 from runv_py.vm.qemu.cmdline import AGENT_PORT_NAME
 from runv_py.vm.qemu.machine import QemuMachine
@@ -213,7 +213,7 @@ async def check_rtt(agent: AgentClient, n: int) -> float:
 async def transports(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int
                      ) -> dict[str, Any]:
     """One VM with the vsock device (the agent's channel) and a virtio-serial port."""
-    paths = StatePaths(cfg.state_dir / "bench")
+    paths = VmPaths(cfg.state_dir / "bench")
     paths.root.mkdir(parents=True)
     backend = VsockBackend(paths.vsock, paths.vsock_log,
                            connect_wait_s=cfg.hypervisor.boot_timeout_s)
@@ -250,7 +250,7 @@ async def transports(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int
 
 async def clone(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> dict[str, Any]:
     """A template clone (the template is built first if missing): vsock only."""
-    async with await Sandbox.boot(replace(cfg, template="auto"),
+    async with await GuestVm.boot(replace(cfg, template="auto"),
                                   shares=(Share("r", rootfs, readonly=True),)) as sandbox:
         assert sandbox.agent is not None and sandbox.channel == "vsock"
         if not sandbox.start_path.startswith("template"):
@@ -272,7 +272,7 @@ async def clone(cfg: config.RuntimeConfig, rootfs: Path, n: int, mib: int) -> di
 
 async def serial_check(cfg: config.RuntimeConfig, n: int) -> float:
     serial_cfg = replace(cfg, guest=replace(cfg.guest, channel="serial"))
-    async with await Sandbox.boot(serial_cfg) as sandbox:
+    async with await GuestVm.boot(serial_cfg) as sandbox:
         assert sandbox.agent is not None
         return await check_rtt(sandbox.agent, n)
 

@@ -20,22 +20,23 @@ import asyncio
 import contextlib
 import io
 import os
-import selectors
 import shlex
 import signal
 import tarfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeVar
 
+from . import config as config_mod
 from .errors import ConfigError, ContainerNotFound, InvalidState, RunvError
-from .sandbox.standin import SUPERVISOR_LOST, StandIn
+from .sandbox.client import AttachedProcess
+from .sandbox.status import ContainerStatus
 from .workload import options as opt
-from .workload.engine import Engine
+from .workload.manager import WorkloadManager
 from .workload.records import Workload
 
 __all__ = ["AsyncProcess", "AsyncSandbox", "CommandFailed", "CommandTimeout", "Output",
@@ -43,6 +44,7 @@ __all__ = ["AsyncProcess", "AsyncSandbox", "CommandFailed", "CommandTimeout", "O
 
 Command = Sequence[str] | str
 ENDING_GRACE_S = 0.5
+T = TypeVar("T")
 
 
 class CommandFailed(RunvError):
@@ -84,121 +86,152 @@ def _argv(command: Command) -> list[str]:
     return argv
 
 
-class Process:
+class AsyncProcess:
     """A command running in a sandbox. Iterate it for its output (read it: a full pipe stops
     the command), then `wait()` for its exit status."""
 
-    def __init__(self, standin: StandIn, stdin: int, stdout: int, stderr: int,
+    def __init__(self, attached: AttachedProcess, stdin: int, stdout: int, stderr: int,
                  input: bytes | None) -> None:
-        self._standin = standin
-        self._out = {stdout: "stdout", stderr: "stderr"}
+        self._attached = attached
+        self._pipes = {"stdout": stdout, "stderr": stderr}
         self._exit: int | None = None
-        self._lock = threading.Lock()
-        self._feeder = threading.Thread(target=_feed, args=(stdin, input or b""), daemon=True)
-        self._feeder.start()
+        self._feeder = asyncio.ensure_future(_feed(stdin, input or b""))
 
-    def __iter__(self) -> Iterator[Output]:
+    async def __aiter__(self) -> AsyncGenerator[Output, None]:
         """Output chunks in the order they arrive, until both streams end."""
-        with selectors.DefaultSelector() as selector:
-            for fd in self._out:
-                selector.register(fd, selectors.EVENT_READ)
-            while selector.get_map():
-                for key, _ in selector.select():
-                    fd = int(key.fd)
-                    data = os.read(fd, 65536)
-                    if not data:
-                        selector.unregister(fd)
-                        os.close(fd)
-                        continue
-                    yield Output("stderr" if self._out[fd] == "stderr" else "stdout", data)
+        queue: asyncio.Queue[Output | None] = asyncio.Queue(maxsize=16)
+        readers = [asyncio.ensure_future(_read_pipe(fd, name, queue))
+                   for name, fd in self._pipes.items()]
+        self._pipes = {}
+        try:
+            ended = 0
+            while ended < len(readers):
+                chunk = await queue.get()
+                if chunk is None:
+                    ended += 1
+                else:
+                    yield chunk
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
 
-    def wait(self) -> int:
+    async def wait(self) -> int:
         """The exit status (128+N when signal N killed it; 255 if the sandbox went away)."""
-        with self._lock:
-            if self._exit is None:
-                conn = self._standin.conn
-                assert conn is not None
-                code = SUPERVISOR_LOST
-                while (message := conn.recv()) is not None:
-                    if "exit" in message:
-                        code = int(message["exit"])
-                        break
-                conn.close()
-                self._exit = code
-            return self._exit
+        if self._exit is None:
+            self._exit = await self._attached.wait()
+            self._attached.close()
+            await asyncio.gather(self._feeder, return_exceptions=True)
+            for fd in self._pipes.values():
+                os.close(fd)
+            self._pipes = {}
+        return self._exit
 
     def kill(self, signum: int = signal.SIGKILL) -> None:
-        conn = self._standin.conn
-        if conn is not None and self._exit is None:
-            with contextlib.suppress(OSError):
-                conn.send({"signal": int(signum)})
+        if self._exit is None:
+            self._attached.signal(int(signum))
 
 
-def _feed(fd: int, data: bytes) -> None:
+async def _feed(fd: int, data: bytes) -> None:
+    """Write `data` to the pipe `fd`, then close it (the command's stdin ends)."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    view = memoryview(data)
     try:
-        view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                await _writable(loop, fd)
     except OSError:
-        pass
+        pass  # the command is gone, or closed its stdin
     finally:
         os.close(fd)
 
 
-class Sandbox:
-    """One container in its own VM, made from an image; blocking methods."""
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
 
-    def __init__(self, engine: Engine, workload: Workload) -> None:
-        self._engine = engine
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+async def _read_pipe(fd: int, name: str, queue: asyncio.Queue[Output | None]) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                os.fdopen(fd, "rb", 0))
+    try:
+        while data := await reader.read(65536):
+            await queue.put(Output("stderr" if name == "stderr" else "stdout", data))
+    finally:
+        transport.close()
+        await queue.put(None)
+
+
+class AsyncSandbox:
+    """One container in its own VM, made from an image; awaitable methods, so many sandboxes
+    can be driven from one event loop."""
+
+    def __init__(self, manager: WorkloadManager, workload: Workload) -> None:
+        self._manager = manager
         self._workload = workload
         self._closed = False
 
     @classmethod
-    def create(cls, image: str = "busybox", *, cpus: float | None = None,
-               memory: int | str | None = None, env: Mapping[str, str] | None = None,
-               workdir: str | None = None, volumes: Sequence[str] = (),
-               timeout: float | None = None, name: str | None = None,
-               state_root: Path | None = None, data_root: Path | None = None,
-               template: str | None = None) -> Sandbox:
+    async def create(cls, image: str = "busybox", *, cpus: float | None = None,
+                     memory: int | str | None = None, env: Mapping[str, str] | None = None,
+                     workdir: str | None = None, volumes: Sequence[str] = (),
+                     timeout: float | None = None, name: str | None = None,
+                     state_root: Path | None = None, data_root: Path | None = None,
+                     template: str | None = None) -> AsyncSandbox:
         """Boot a sandbox from `image`. `memory` is bytes or a size like "512m"; `volumes`
         are "HOST:GUEST[:ro]"; `timeout` (seconds) ends the sandbox when it lives longer;
         `template` "auto" (a VM from the warm pool or a template) or "off" (a cold boot)
         overrides the runtime config's `template`.
         The sandbox's first process sleeps; commands run beside it. A monitor process owns
         it and ends it when this process ends, even by SIGKILL."""
-        engine = Engine(state_root, data_root)
+        manager = WorkloadManager(config_mod.load(), state_root, data_root)
         options = opt.RunOptions(
             image=image, command=("sleep", "2147483647"), entrypoint=(), name=name,
             env=tuple(f"{k}={v}" for k, v in (env or {}).items()), workdir=workdir,
             volumes=tuple(opt.parse_volume(v) for v in volumes), cpus=cpus,
             memory=opt.parse_size(memory, "memory") if isinstance(memory, str) else memory,
             timeout_s=timeout, auto_remove=True, template=template)
-        workload = engine.prepare(options, detached=True)
-        engine.run_detached(workload, owner=os.getpid())
-        return cls(engine, workload)
+        workload = await manager.prepare(options, detached=True)
+        await manager.run_detached(workload, owner=os.getpid())
+        return cls(manager, workload)
 
-    def _current(self) -> Workload:
+    async def _current(self) -> Workload:
         if self._closed:
             raise InvalidState(f"sandbox {self.name} is closed")
         try:
-            workload = self._engine.records.load(self._workload.id)
+            workload: Workload | None = self._manager.records.load(self._workload.id)
         except ContainerNotFound:
             workload = None
-        if workload is None or self._engine.status(workload).state != "running":
+        if workload is None or (await self._manager.status(workload)).status \
+                is not ContainerStatus.RUNNING:
             raise InvalidState(f"sandbox {self.name} has ended (its timeout passed, or it was "
                                "killed or removed)")
         return workload
 
-    def _raise_if_ended(self, exc: RunvError) -> None:
+    async def _raise_if_ended(self, exc: RunvError) -> None:
         """A command that failed to start as the sandbox ended (its timeout, a kill) reports
         the end, not whatever the dying container answered."""
         deadline = time.monotonic() + ENDING_GRACE_S
         while time.monotonic() < deadline:
             try:
-                self._current()
+                await self._current()
             except InvalidState as ended:
                 raise ended from exc
-            time.sleep(0.1)
+            await asyncio.sleep(0.1)
 
     @property
     def id(self) -> str:
@@ -208,12 +241,12 @@ class Sandbox:
     def name(self) -> str:
         return self._workload.name
 
-    def start(self, command: Command, *, input: bytes | None = None,
-              env: Mapping[str, str] | None = None, workdir: str | None = None,
-              user: str | None = None) -> Process:
+    async def start(self, command: Command, *, input: bytes | None = None,
+                    env: Mapping[str, str] | None = None, workdir: str | None = None,
+                    user: str | None = None) -> AsyncProcess:
         """Start a command; its stdout and stderr come back separately."""
-        workload = self._current()
-        process = self._engine.exec_process(
+        workload = await self._current()
+        process = self._manager.exec_process(
             workload, _argv(command),
             env=tuple(f"{k}={v}" for k, v in (env or {}).items()), workdir=workdir,
             user=user)
@@ -221,44 +254,40 @@ class Sandbox:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
-            standin = self._engine.attach_exec(workload, process, [in_r, out_w, err_w])
+            attached = await self._manager.attach_exec(workload, process, [in_r, out_w, err_w])
         except BaseException as exc:
             for fd in (in_w, out_r, err_r):
                 os.close(fd)
             if isinstance(exc, RunvError):
-                self._raise_if_ended(exc)
+                await self._raise_if_ended(exc)
             raise
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
-        return Process(standin, in_w, out_r, err_r, input)
+        return AsyncProcess(attached, in_w, out_r, err_r, input)
 
-    def run(self, command: Command, *, input: bytes | None = None,
-            env: Mapping[str, str] | None = None, workdir: str | None = None,
-            user: str | None = None, timeout: float | None = None,
-            check: bool = False) -> Result:
+    async def run(self, command: Command, *, input: bytes | None = None,
+                  env: Mapping[str, str] | None = None, workdir: str | None = None,
+                  user: str | None = None, timeout: float | None = None,
+                  check: bool = False) -> Result:
         """Run a command to its end: exit status, stdout, stderr. `timeout` (seconds) kills
         it and raises CommandTimeout; `check` raises CommandFailed on a non-zero status."""
-        proc = self.start(command, input=input, env=env, workdir=workdir, user=user)
+        proc = await self.start(command, input=input, env=env, workdir=workdir, user=user)
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        timer = None
-        timed_out = threading.Event()
-        if timeout is not None:
-            def expire() -> None:
-                timed_out.set()
-                proc.kill()
-            timer = threading.Timer(timeout, expire)
-            timer.daemon = True
-            timer.start()
-        try:
-            for chunk in proc:
+
+        async def collect() -> int:
+            async for chunk in proc:
                 chunks[chunk.stream].append(chunk.data)
-            code = proc.wait()
-        finally:
-            if timer is not None:
-                timer.cancel()
+            return await proc.wait()
+
+        work = asyncio.ensure_future(collect())
+        done, _ = await asyncio.wait({work}, timeout=timeout)
+        timed_out = not done
+        if timed_out:
+            proc.kill()
+        code = await work
         result = Result(code, b"".join(chunks["stdout"]), b"".join(chunks["stderr"]))
-        if timed_out.is_set():
+        if timed_out:
             raise CommandTimeout(f"{_argv(command)[0]}: still running after {timeout:g}s; "
                                  "killed")
         if check and code != 0:
@@ -267,99 +296,118 @@ class Sandbox:
                                 result)
         return result
 
-    def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         """Create or replace a file in the sandbox (parent directories are made)."""
-        self.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" "$1"',
-                  "sh", path, f"{mode:o}"], input=data, check=True)
+        await self.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" '
+                        '"$1"', "sh", path, f"{mode:o}"], input=data, check=True)
 
-    def read_file(self, path: str) -> bytes:
-        return self.run(["cat", path], check=True).stdout
+    async def read_file(self, path: str) -> bytes:
+        return (await self.run(["cat", path], check=True)).stdout
 
-    def copy_in(self, host: Path | str, path: str) -> None:
+    async def copy_in(self, host: Path | str, path: str) -> None:
         """Copy a host file or directory tree into the sandbox at `path`."""
         host = Path(host)
         if host.is_dir():
             buffer = io.BytesIO()
             with tarfile.open(fileobj=buffer, mode="w") as archive:
                 archive.add(host, arcname=".")
-            self.run(["sh", "-c", 'mkdir -p "$1" && tar -x -f - -C "$1"', "sh", path],
-                     input=buffer.getvalue(), check=True)
+            await self.run(["sh", "-c", 'mkdir -p "$1" && tar -x -f - -C "$1"', "sh", path],
+                           input=buffer.getvalue(), check=True)
         else:
-            self.write_file(path, host.read_bytes(), mode=host.stat().st_mode & 0o7777)
+            await self.write_file(path, host.read_bytes(), mode=host.stat().st_mode & 0o7777)
 
-    def copy_out(self, path: str, host: Path | str) -> None:
+    async def copy_out(self, path: str, host: Path | str) -> None:
         """Copy a file or directory tree from the sandbox to the host path `host`."""
         host = Path(host)
-        if self.run(["test", "-d", path]).exit_code == 0:
-            data = self.run(["tar", "-c", "-f", "-", "-C", path, "."], check=True).stdout
+        if (await self.run(["test", "-d", path])).exit_code == 0:
+            data = (await self.run(["tar", "-c", "-f", "-", "-C", path, "."], check=True)).stdout
             host.mkdir(parents=True, exist_ok=True)
             with tarfile.open(fileobj=io.BytesIO(data)) as archive:
                 archive.extractall(host, filter="data")
         else:
-            host.write_bytes(self.read_file(path))
+            host.write_bytes(await self.read_file(path))
 
-    def close(self) -> None:
-        """Kill everything in the sandbox and remove it. Idempotent."""
+    async def close(self) -> None:
+        """Kill everything in the sandbox and remove it. Idempotent. Shielded: a cancelled
+        job must still free its VM."""
         if self._closed:
             return
         self._closed = True
         with contextlib.suppress(ContainerNotFound):
-            self._engine.remove(self._workload, force=True)
+            await asyncio.shield(self._manager.remove(self._workload, force=True))
 
-    def __enter__(self) -> Sandbox:
+    async def __aenter__(self) -> AsyncSandbox:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
 
 
-class AsyncProcess:
-    def __init__(self, process: Process) -> None:
+class _Loop:
+    """The event loop the blocking API runs its sandboxes on: one daemon thread per
+    program."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def run(cls, work: Awaitable[T]) -> T:
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, daemon=True,
+                                 name="runv-api").start()
+                cls._loop = loop
+
+        async def awaited() -> T:
+            return await work
+
+        return asyncio.run_coroutine_threadsafe(awaited(), cls._loop).result()
+
+
+class Process:
+    """AsyncProcess for a blocking program."""
+
+    def __init__(self, process: AsyncProcess) -> None:
         self._process = process
 
-    async def __aiter__(self) -> AsyncIterator[Output]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Output | None] = asyncio.Queue()
+    def __iter__(self) -> Iterator[Output]:
+        chunks = self._process.__aiter__()
+        try:
+            while True:
+                try:
+                    yield _Loop.run(anext(chunks))
+                except StopAsyncIteration:
+                    return
+        finally:
+            _Loop.run(chunks.aclose())
 
-        def pump() -> None:
-            try:
-                for chunk in self._process:
-                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        thread = threading.Thread(target=pump, daemon=True)
-        thread.start()
-        while (chunk := await queue.get()) is not None:
-            yield chunk
-
-    async def wait(self) -> int:
-        return await asyncio.to_thread(self._process.wait)
+    def wait(self) -> int:
+        return _Loop.run(self._process.wait())
 
     def kill(self, signum: int = signal.SIGKILL) -> None:
         self._process.kill(signum)
 
 
-class AsyncSandbox:
-    """`Sandbox` for asyncio programs: the same methods, awaited; the blocking work runs in
-    worker threads, so many sandboxes can be driven from one event loop."""
+class Sandbox:
+    """AsyncSandbox for a blocking program: the same methods, each returning when done."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
     @classmethod
-    async def create(cls, image: str = "busybox", *, cpus: float | None = None,
-                     memory: int | str | None = None, env: Mapping[str, str] | None = None,
-                     workdir: str | None = None, volumes: Sequence[str] = (),
-                     timeout: float | None = None, name: str | None = None,
-                     state_root: Path | None = None, data_root: Path | None = None,
-                     template: str | None = None) -> AsyncSandbox:
-        box = await asyncio.to_thread(
-            Sandbox.create, image, cpus=cpus, memory=memory, env=env, workdir=workdir,
-            volumes=volumes, timeout=timeout, name=name, state_root=state_root,
-            data_root=data_root, template=template)
-        return cls(box)
+    def create(cls, image: str = "busybox", *, cpus: float | None = None,
+               memory: int | str | None = None, env: Mapping[str, str] | None = None,
+               workdir: str | None = None, volumes: Sequence[str] = (),
+               timeout: float | None = None, name: str | None = None,
+               state_root: Path | None = None, data_root: Path | None = None,
+               template: str | None = None) -> Sandbox:
+        """As AsyncSandbox.create."""
+        return cls(_Loop.run(AsyncSandbox.create(
+            image, cpus=cpus, memory=memory, env=env, workdir=workdir, volumes=volumes,
+            timeout=timeout, name=name, state_root=state_root, data_root=data_root,
+            template=template)))
 
     @property
     def id(self) -> str:
@@ -369,41 +417,38 @@ class AsyncSandbox:
     def name(self) -> str:
         return self._sandbox.name
 
-    async def start(self, command: Command, *, input: bytes | None = None,
-                    env: Mapping[str, str] | None = None, workdir: str | None = None,
-                    user: str | None = None) -> AsyncProcess:
-        process = await asyncio.to_thread(self._sandbox.start, command, input=input, env=env,
-                                          workdir=workdir, user=user)
-        return AsyncProcess(process)
+    def start(self, command: Command, *, input: bytes | None = None,
+              env: Mapping[str, str] | None = None, workdir: str | None = None,
+              user: str | None = None) -> Process:
+        return Process(_Loop.run(self._sandbox.start(command, input=input, env=env,
+                                                     workdir=workdir, user=user)))
 
-    async def run(self, command: Command, *, input: bytes | None = None,
-                  env: Mapping[str, str] | None = None, workdir: str | None = None,
-                  user: str | None = None, timeout: float | None = None,
-                  check: bool = False) -> Result:
-        return await asyncio.to_thread(self._sandbox.run, command, input=input, env=env,
-                                       workdir=workdir, user=user, timeout=timeout,
-                                       check=check)
+    def run(self, command: Command, *, input: bytes | None = None,
+            env: Mapping[str, str] | None = None, workdir: str | None = None,
+            user: str | None = None, timeout: float | None = None,
+            check: bool = False) -> Result:
+        return _Loop.run(self._sandbox.run(command, input=input, env=env, workdir=workdir,
+                                           user=user, timeout=timeout, check=check))
 
-    async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        await asyncio.to_thread(self._sandbox.write_file, path, data, mode=mode)
+    def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        _Loop.run(self._sandbox.write_file(path, data, mode=mode))
 
-    async def read_file(self, path: str) -> bytes:
-        return await asyncio.to_thread(self._sandbox.read_file, path)
+    def read_file(self, path: str) -> bytes:
+        return _Loop.run(self._sandbox.read_file(path))
 
-    async def copy_in(self, host: Path | str, path: str) -> None:
-        await asyncio.to_thread(self._sandbox.copy_in, host, path)
+    def copy_in(self, host: Path | str, path: str) -> None:
+        _Loop.run(self._sandbox.copy_in(host, path))
 
-    async def copy_out(self, path: str, host: Path | str) -> None:
-        await asyncio.to_thread(self._sandbox.copy_out, path, host)
+    def copy_out(self, path: str, host: Path | str) -> None:
+        _Loop.run(self._sandbox.copy_out(path, host))
 
-    async def close(self) -> None:
-        # Shielded: a cancelled job must still free its VM.
-        await asyncio.shield(asyncio.to_thread(self._sandbox.close))
+    def close(self) -> None:
+        """Kill everything in the sandbox and remove it. Idempotent."""
+        _Loop.run(self._sandbox.close())
 
-    async def __aenter__(self) -> AsyncSandbox:
+    def __enter__(self) -> Sandbox:
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.close()
-
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

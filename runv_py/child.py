@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from .errors import RunvError
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -169,3 +171,21 @@ async def run(argv: Sequence[str], *, input: bytes = b"", env: dict[str, str] | 
         raise
     assert process.returncode is not None
     return Completed(process.returncode, stdout, stderr)
+
+
+async def read_report(fd: int, timeout_s: float) -> bytes:
+    """What a helper process writes on the pipe `fd` (closed here) until it closes its end:
+    its report that it is ready (or why not)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(loop=loop)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), os.fdopen(fd, "rb", 0))
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await reader.read()
+    except TimeoutError:
+        raise RunvError("timed out waiting for a runv helper process to report") from None
+    finally:
+        transport.close()

@@ -16,6 +16,7 @@ from .errors import ConfigError
 DEFAULT_PATH = Path("/etc/runv/config.toml")
 DEFAULT_ASSETS_DIR = Path("/var/cache/runv-py/assets")
 DEFAULT_TEMPLATE_DIR = Path("/var/cache/runv-py/templates")
+DEFAULTS_SOURCE = "(defaults)"
 
 Accelerator = Literal["auto", "kvm", "tcg"]
 MachineType = Literal["microvm", "pc", "q35"]
@@ -88,7 +89,13 @@ class RuntimeConfig:
     template: TemplateMode = "auto"
     template_dir: Path = DEFAULT_TEMPLATE_DIR
     pool: PoolConfig = field(default_factory=PoolConfig)
-    source: str = "(defaults)"
+    source: str = DEFAULTS_SOURCE
+
+    @property
+    def file(self) -> str | None:
+        """The file this config was read from (a child process loads the same); None for the
+        built-in defaults."""
+        return None if self.source == DEFAULTS_SOURCE else os.path.abspath(self.source)
 
 
 _LIMITS: dict[str, tuple[float, float]] = {

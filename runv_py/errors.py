@@ -46,10 +46,16 @@ class BootTimeout(HypervisorError):
 
 
 class AgentError(RunvError):
-    """The agent answered with an error or the channel to it broke."""
+    """The agent answered with an error or the channel to it broke. `code` is the gRPC status
+    name the agent answered with ("NOT_FOUND", ...), or "UNAVAILABLE" when the channel itself
+    failed: callers branch on it, never on the message."""
 
     grpc_code = "UNAVAILABLE"
     reference = "agent-error"
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class CommandNotFound(AgentError):
@@ -157,6 +163,13 @@ class RegistryError(ImageError):
 
     grpc_code = "UNAVAILABLE"
     reference = "registry-error"
+
+
+class ProtocolError(RunvError):
+    """A control message (supervisor, pool) is malformed: the message names the field."""
+
+    grpc_code = "INTERNAL"
+    reference = "protocol-error"
 
 
 class NetworkError(RunvError):

@@ -60,7 +60,8 @@ class AgentClient:
         except grpc.aio.AioRpcError as exc:
             reason = dict(exc.trailing_metadata() or ()).get(REASON_KEY, "")
             cls = _REASONS.get(str(reason), AgentError)
-            raise cls(f"agent {name}: {exc.code().name}: {exc.details()}") from exc
+            raise cls(f"agent {name}: {exc.code().name}: {exc.details()}",
+                      exc.code().name) from exc
 
     async def check(self, timeout_s: float | None = None, wait_for_ready: bool = False) -> bool:
         response = await self._call("Check", self._stub.Check(
@@ -204,7 +205,7 @@ class AgentClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # else: an older agent
                     raise AgentError(f"agent StdioStream: {exc.code().name}: "
-                                     f"{exc.details()}") from exc
+                                     f"{exc.details()}", exc.code().name) from exc
             else:
                 async for output in self._stdio_stream(int(response.port), token, stdin):
                     yield output
@@ -227,7 +228,8 @@ class AgentClient:
             async for message in call:
                 yield convert.output(message)
         except grpc.aio.AioRpcError as exc:
-            raise AgentError(f"agent Stdio: {exc.code().name}: {exc.details()}") from exc
+            raise AgentError(f"agent Stdio: {exc.code().name}: {exc.details()}",
+                             exc.code().name) from exc
 
     async def _stdio_stream(self, port: int, token: bytes, stdin: AsyncIterator[bytes] | None
                             ) -> AsyncIterator[convert.Output]:
@@ -308,7 +310,8 @@ class AgentClient:
             async for message in call:
                 yield convert.event(message)
         except grpc.aio.AioRpcError as exc:
-            raise AgentError(f"agent Events: {exc.code().name}: {exc.details()}") from exc
+            raise AgentError(f"agent Events: {exc.code().name}: {exc.details()}",
+                             exc.code().name) from exc
         finally:
             call.cancel()
 

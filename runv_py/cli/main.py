@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from . import pool as pool_cli
-from . import template as template_cli
+from . import pool_command, template_command
 from .errors import run_guarded
 
 OCI_SPEC_VERSION = "1.1.0"
@@ -129,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpuset-mems")
     p.add_argument("--pids-limit", type=int)
     _id(p)
-    template_cli.add_parser(sub)
-    pool_cli.add_parser(sub)
+    template_command.add_parser(sub)
+    pool_command.add_parser(sub)
     p = sub.add_parser("events", help="print OOM and exit events, or --stats once")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--interval", default="5s", help=argparse.SUPPRESS)
@@ -189,7 +188,7 @@ def _resources(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in resources.items() if v != {}}
 
 
-def _exec_process(runtime: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _exec_process(record: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ..errors import ConfigError, SpecError
     from ..oci import spec as oci_spec
 
@@ -205,7 +204,6 @@ def _exec_process(runtime: Any, args: argparse.Namespace) -> dict[str, Any]:
     else:
         if not args.cmd:
             raise ConfigError("exec: give a COMMAND or --process FILE")
-        record = runtime.store.load(args.container_id)
         base = oci_spec.load(Path(record.bundle)).raw.get("process") or {}
         process = {k: v for k, v in base.items() if k not in ("terminal", "consoleSize")}
         process["args"] = list(args.cmd)
@@ -252,24 +250,61 @@ def _runc_stats(container_id: str, values: dict[str, int]) -> dict[str, Any]:
 def _dispatch(args: argparse.Namespace) -> int:
     command = args.command
     if command == "spec":
-        from ..oci import template
+        from ..oci import default_spec
 
-        template.write(Path(args.bundle), rootless=args.rootless)
+        default_spec.write(Path(args.bundle), rootless=args.rootless)
         return 0
+    from .. import config as config_mod
+
     if command == "template":
-        return template_cli.run(args)
+        return template_command.run(args, config_mod.load())
     if command == "pool":
-        return pool_cli.run(args)
+        return pool_command.run(args, config_mod.load())
     if command == "features":
         from ..oci import features
 
         print(json.dumps(features.document(), indent=2))
         return 0
-    from ..sandbox.container import Runtime, parse_signal
+    from ..sandbox.runtime import Runtime
 
-    runtime = Runtime(Path(args.root), debug=args.debug)
+    runtime = Runtime(Path(args.root), config_mod.load(), debug=args.debug)
+    if command == "exec" and not args.detach:
+        return _exec_foreground(runtime, args)
+    if command == "run":
+        from ..errors import ConfigError
+        from . import foreground
+
+        if args.preserve_fds:
+            raise ConfigError("--preserve-fds: file descriptors cannot be passed into a VM")
+        return foreground.run(runtime, args.container_id, Path(args.bundle),
+                              pid_file=args.pid_file, console_socket=args.console_socket,
+                              detach=args.detach, keep=args.keep)
+    import asyncio
+
+    return asyncio.run(_dispatch_async(runtime, args))
+
+
+def _exec_foreground(runtime: Any, args: argparse.Namespace) -> int:
+    """The quick path: no event loop; this process is the new process's stand-in."""
+    import secrets
+
+    from ..sandbox.protocol import Exec
+    from . import foreground
+
+    record = runtime.store.load(args.container_id)
+    process = _exec_process(record, args)
+    request = Exec(container=record.id, exec_id=secrets.token_hex(8), process=process)
+    return foreground.attach(runtime.blocking_client(record), request,
+                             bool(process.get("terminal")))
+
+
+async def _dispatch_async(runtime: Any, args: argparse.Namespace) -> int:
+    from ..sandbox import protocol
+    from ..sandbox.runtime import parse_signal
+
+    command = args.command
     if command == "list":
-        states = runtime.list_states()
+        states = await runtime.list_states()
         if args.quiet:
             print("\n".join(s["id"] for s in states))
         elif args.format == "json":
@@ -281,36 +316,35 @@ def _dispatch(args: argparse.Namespace) -> int:
                       f"{s['created']}")
         return 0
     cid = args.container_id
-    if command in ("create", "run"):
+    if command == "create":
         from ..errors import ConfigError
+        from ..oci import spec as oci_spec
 
         if args.preserve_fds:
             raise ConfigError("--preserve-fds: file descriptors cannot be passed into a VM")
-        bundle = Path(args.bundle)
-        if command == "create":
-            runtime.create(cid, bundle, pid_file=args.pid_file,
-                           console_socket=args.console_socket)
-            return 0
-        return runtime.run(cid, bundle, pid_file=args.pid_file,
-                           console_socket=args.console_socket, detach=args.detach,
-                           keep=args.keep)
+        await runtime.create(cid, oci_spec.load(Path(args.bundle)), pid_file=args.pid_file,
+                             console_socket=args.console_socket)
+        return 0
     if command == "start":
-        runtime.start(cid)
-    elif command == "state":
-        print(json.dumps(runtime.state(cid), indent=2))
-    elif command == "kill":
-        runtime.kill(cid, parse_signal(args.signal), all_processes=args.all)
-    elif command == "delete":
-        runtime.delete(cid, force=args.force)
-    elif command == "exec":
-        process = _exec_process(runtime, args)
-        if args.detach:
-            runtime.exec_detached(cid, process, pid_file=args.pid_file,
-                                  console_socket=args.console_socket)
-            return 0
-        return runtime.exec_foreground(cid, process)
-    elif command == "ps":
-        processes = runtime.processes(cid)
+        await runtime.start(cid)
+        return 0
+    if command == "state":
+        print(json.dumps(await runtime.state(cid), indent=2))
+        return 0
+    if command == "kill":
+        await runtime.kill(cid, parse_signal(args.signal), all_processes=args.all)
+        return 0
+    if command == "delete":
+        await runtime.delete(cid, force=args.force)
+        return 0
+    if command == "exec":
+        record = runtime.store.load(cid)
+        await runtime.exec_detached(cid, _exec_process(record, args), pid_file=args.pid_file,
+                                    console_socket=args.console_socket)
+        return 0
+    client = runtime.client(runtime.store.load(cid))
+    if command == "ps":
+        processes = (await client.call(protocol.Ps(container=cid))).processes
         if args.format == "json":
             print(json.dumps([pid for pid, _ in processes]))
         else:
@@ -318,17 +352,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             for pid, argv in processes:
                 print(f"{pid:<5} {' '.join(argv)}")
     elif command == "pause":
-        runtime.pause(cid)
+        await client.call(protocol.Pause(container=cid))
     elif command == "resume":
-        runtime.resume(cid)
+        await client.call(protocol.Resume(container=cid))
     elif command == "update":
-        runtime.update(cid, _resources(args))
+        await client.call(protocol.Update(container=cid, resources=_resources(args)))
     elif command == "events":
         if args.stats:
-            print(json.dumps(_runc_stats(cid, runtime.stats(cid))))
+            stats = (await client.call(protocol.Stats(container=cid))).stats
+            print(json.dumps(_runc_stats(cid, stats)))
         else:
-            for event in runtime.events(cid):
-                print(json.dumps(event), flush=True)
+            async for event in client.events(cid):
+                print(json.dumps(protocol.to_wire(event)), flush=True)
     return 0
 
 

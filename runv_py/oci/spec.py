@@ -14,10 +14,6 @@ from ..errors import SpecError
 
 HOST_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
 GUEST_HOOKS = ("createContainer", "startContainer")
-# {"lower": [dirs, topmost first], "upper": dir, "work": dir}: the container's rootfs is an
-# overlayfs of these (hyperctl: a writable layer over an image), mounted by the supervisor in
-# its private mount namespace instead of binding root.path.
-ROOTFS_OVERLAY_ANNOTATION = "org.runv.rootfs-overlay"
 NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
 
 

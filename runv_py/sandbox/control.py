@@ -1,155 +1,153 @@
-"""The supervisor's control socket: a unix SOCK_SEQPACKET socket carrying one JSON object per
-packet, optionally with file descriptors (SCM_RIGHTS). The CLI and the stand-ins are its
-clients (blocking); the supervisor serves it (asyncio). Replies are {"ok": true, ...} or
-{"ok": false, "error": "...", "kind": "<RunvError class name>"}."""
+"""How control messages travel: unix SOCK_SEQPACKET sockets carrying one JSON object
+(protocol.py) per packet, with file descriptors as SCM_RIGHTS. A `BlockingChannel` for the
+processes that block (the runv CLI's quick commands, the stand-ins), an `AsyncChannel` for the
+event loops (supervisor, pool service, shim, hyperctl). client.py opens them; servers accept
+them from listen(). This module knows packets, not message keys."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import errors
-from ..errors import RunvError
+from .protocol import MAX_FDS, MAX_PACKET, decode, encode
 
 if TYPE_CHECKING:
     import asyncio
 
-MAX_PACKET = 1 << 20
-MAX_FDS = 64  # a log, a rootfs and bind-mount sources (shared.Trees)
+
+def _connect(path: Path, timeout_s: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConnectionError(f"cannot reach {path}: {exc.strerror or exc}") from None
+    return sock
 
 
-def _encode(message: dict[str, Any]) -> bytes:
-    data = json.dumps(message).encode()
-    if len(data) > MAX_PACKET:
-        raise RunvError(f"control message of {len(data)} bytes is too large")
-    return data
+def _take(data: bytes, fds: list[int]) -> tuple[dict[str, Any] | None, list[int]]:
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    try:
+        return decode(data), fds
+    except Exception:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
-def _decode(data: bytes) -> dict[str, Any]:
-    message = json.loads(data)
-    if not isinstance(message, dict):
-        raise ValueError("control message is not an object")
-    return message
+class BlockingChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
 
+    @classmethod
+    def connect(cls, path: Path, timeout_s: float | None) -> BlockingChannel:
+        return cls(_connect(path, timeout_s))
 
-def raise_for(reply: dict[str, Any]) -> dict[str, Any]:
-    """Turn an error reply back into the RunvError the supervisor raised."""
-    if reply.get("ok"):
-        return reply
-    cls = getattr(errors, str(reply.get("kind")), RunvError)
-    if not (isinstance(cls, type) and issubclass(cls, RunvError)):
-        cls = RunvError
-    raise cls(str(reply.get("error", "the supervisor failed")))
-
-
-class Connection:
-    """A blocking client connection."""
-
-    def __init__(self, path: Path, timeout_s: float | None = 120.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout_s)
-        try:
-            self.sock.connect(str(path))
-        except OSError as exc:
-            self.sock.close()
-            raise ConnectionError(f"cannot reach the sandbox supervisor at {path}: "
-                                  f"{exc.strerror or exc}") from None
-
-    def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        socket.send_fds(self.sock, [_encode(message)], list(fds))
+    def send(self, wire: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        socket.send_fds(self.sock, [encode(wire)], list(fds))
 
     def recv(self) -> dict[str, Any] | None:
-        """The next message, or None when the supervisor closed the connection."""
-        data = self.sock.recv(MAX_PACKET)
-        return _decode(data) if data else None
+        """The next message (fds that came with it closed); None at end of connection."""
+        wire, fds = self.recv_with_fds()
+        for fd in fds:
+            os.close(fd)
+        return wire
 
-    def call(self, message: dict[str, Any], fds: Sequence[int] = ()) -> dict[str, Any]:
-        self.send(message, fds)
-        reply = self.recv()
-        if reply is None:
-            raise RunvError("the sandbox supervisor closed the connection without answering")
-        return raise_for(reply)
+    def recv_with_fds(self) -> tuple[dict[str, Any] | None, list[int]]:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, MAX_FDS)
+        except ConnectionResetError:
+            return None, []
+        return _take(data, fds)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> Connection:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def call(path: Path, message: dict[str, Any], timeout_s: float | None = 120.0) -> dict[str, Any]:
-    with Connection(path, timeout_s) as conn:
-        return conn.call(message)
-
-
-class ServerConnection:
-    """The supervisor's side of one client connection."""
-
+class AsyncChannel:
     def __init__(self, sock: socket.socket) -> None:
-        import asyncio  # the clients (CLI, stand-ins) block and do without its import time
+        import asyncio  # the blocking clients do without its import time
 
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
         self._loop = asyncio.get_running_loop()
 
-    async def recv(self) -> tuple[dict[str, Any] | None, list[int]]:
+    @classmethod
+    async def connect(cls, path: Path, timeout_s: float | None) -> AsyncChannel:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        import asyncio
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.get_running_loop().sock_connect(sock, str(path))
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            reason = exc.strerror if isinstance(exc, OSError) else "timed out"
+            raise ConnectionError(f"cannot reach {path}: {reason or exc}") from None
+        return cls(sock)
+
+    async def recv_with_fds(self) -> tuple[dict[str, Any] | None, list[int]]:
         """(message, fds), or (None, []) at end of connection."""
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, MAX_FDS)
             except BlockingIOError:
-                await self._readable()
+                await self._ready(self._loop.add_reader, self._loop.remove_reader)
                 continue
             except ConnectionResetError:
                 return None, []
-            if not data:
-                for fd in fds:
-                    socket.close(fd)
-                return None, []
-            try:
-                return _decode(data), fds
-            except ValueError:
-                for fd in fds:
-                    socket.close(fd)
-                raise
+            return _take(data, fds)
 
-    async def recv_message(self) -> dict[str, Any] | None:
+    async def recv(self) -> dict[str, Any] | None:
         """The next message, closing any fds that came with it; None at end of connection."""
-        message, fds = await self.recv()
+        wire, fds = await self.recv_with_fds()
         for fd in fds:
             os.close(fd)
-        return message
+        return wire
 
-    async def _readable(self) -> None:
-        ready: asyncio.Future[None] = self._loop.create_future()
-        self._loop.add_reader(self._fd, ready.set_result, None)
-        try:
-            await ready
-        finally:
-            self._loop.remove_reader(self._fd)
+    async def send(self, wire: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = encode(wire)
+        while True:
+            try:
+                socket.send_fds(self.sock, [data], list(fds))
+                return
+            except BlockingIOError:
+                await self._ready(self._loop.add_writer, self._loop.remove_writer)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send_nowait(self, wire: dict[str, Any]) -> None:
         """Packets are small and the peer reads them promptly; a peer that has gone or does
         not read is dropped rather than waited for."""
         with contextlib.suppress(OSError):
-            self.sock.send(_encode(message))
+            self.sock.send(encode(wire))
+
+    async def _ready(self, add: Any, remove: Any) -> None:
+        ready: asyncio.Future[None] = self._loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        add(self._fd, wake)
+        try:
+            await ready
+        finally:
+            remove(self._fd)
 
     def close(self) -> None:
         self.sock.close()
-
-
-def error_reply(exc: BaseException) -> dict[str, Any]:
-    kind = type(exc).__name__ if isinstance(exc, RunvError) else "RunvError"
-    return {"ok": False, "error": str(exc), "kind": kind}
 
 
 def listen(path: Path) -> socket.socket:
@@ -159,3 +157,13 @@ def listen(path: Path) -> socket.socket:
     sock.listen(64)
     sock.setblocking(False)
     return sock
+
+
+def peer_pid(channel: AsyncChannel) -> int:
+    """The pid of the process at the other end (SO_PEERCRED)."""
+    import struct
+
+    creds = channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid)

@@ -5,6 +5,7 @@ VM, sharing the guest's network (one localhost per pod)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
@@ -32,3 +33,10 @@ def sandbox_of(annotations: Mapping[str, str], container_id: str) -> str | None:
             if sandbox and sandbox != container_id:
                 return sandbox
     return None
+
+
+def with_namespace_paths(linux: dict[str, Any], paths: Mapping[str, str]) -> dict[str, Any]:
+    """`linux` with a path on each namespace of a type in `paths` (the pod's, in the guest)."""
+    namespaces = [dict(ns, path=paths[ns["type"]]) if ns.get("type") in paths else ns
+                  for ns in linux.get("namespaces") or []]
+    return {**linux, "namespaces": namespaces}

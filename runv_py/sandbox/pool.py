@@ -2,18 +2,16 @@
 from the template and its shared dir mounted, and a container's create claims one instead of
 starting a supervisor (docs/templates.md, Warm pool).
 
-The pool is a service on `<state_dir>/pool/pool.sock` (the control protocol of control.py):
-{"op": "claim", "key": K} hands out one idle supervisor for template key K (removed from the
-pool before the answer; the claimant then sends it `adopt` on its own control socket), and
-{"op": "status"} counts. Pooled VMs are never returned: a claimed supervisor ends with its
-container, and the pool starts another."""
+The pool is a service on `<state_dir>/pool/pool.sock` (protocol.py): Claim hands out one idle
+supervisor for a template key (removed from the pool before the answer; the claimant then sends
+it Adopt on its own control socket), and PoolStatus counts. Pooled VMs are never returned: a
+claimed supervisor ends with its container, and the pool starts another."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -29,9 +27,22 @@ from .. import child
 from ..config import RuntimeConfig
 from ..config import load as load_config
 from ..errors import ConfigError, RunvError
-from . import control, guest_spec
-from .pool_member import MAX_PACKET, shares_dir, socket_path
-from .sandbox import StatePaths, clone_key
+from . import guest_spec, protocol, vm_dir
+from .client import pool_call
+from .control import AsyncChannel, listen
+from .guest_vm import clone_key
+from .pool_member import shares_dir, socket_path
+from .protocol import (
+    MAX_PACKET,
+    POOL_REQUESTS,
+    Claim,
+    Claimed,
+    ClaimReply,
+    CreateReply,
+    MemberHello,
+    PoolStatus,
+    PoolStatusReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +85,7 @@ class Pooled:
     proc: child.Child
     link: socket.socket
     state: str = "starting"  # idle, claimed; retired (its key is stale), gone
-    info: dict[str, Any] = field(default_factory=dict)
+    ready: CreateReply | None = None
     since: float = field(default_factory=time.monotonic)
 
 
@@ -137,7 +148,7 @@ class PoolService:
                             self.config.pool.memory_mib)
         path = socket_path(self.config.state_dir)
         path.unlink(missing_ok=True)
-        listener = control.listen(path)
+        listener = listen(path)
         log.info("warm pool on %s: %d per size, ceiling %d MiB, sizes %s", path,
                  self.config.pool.size, self.config.pool.memory_mib,
                  ", ".join(f"{s.memory_mib} MiB/{s.vcpus} vCPU (key {k})"
@@ -218,19 +229,13 @@ class PoolService:
         member.proc.signal(signal.SIGTERM)
 
     def _sweep(self) -> None:
-        """Shared-dir mount points of pooled supervisors that died without removing them (the
+        """Shared-dir mount points of supervisors that died without removing them (the
         mounts themselves were in their private mount namespaces)."""
         sandboxes = self.config.state_dir / "sandboxes"
         for entry in list(shares_dir(self.config.state_dir).glob("*")):
-            owner = StatePaths(sandboxes / entry.name).owner
-            try:
-                pid, start = owner.read_text().split()
-                if child.is_running(int(pid), int(start)):
-                    continue
-            except (OSError, ValueError):
-                pass
-            with contextlib.suppress(OSError):
-                entry.rmdir()
+            if not vm_dir.owner_alive(sandboxes / entry.name):
+                with contextlib.suppress(OSError):
+                    entry.rmdir()
 
     async def _destroy_idle(self) -> None:
         pending = [m for m in self.members if m.state != "claimed"]
@@ -291,29 +296,34 @@ class PoolService:
         self._task(self._reap(member))
         ours.setblocking(False)
         loop = asyncio.get_running_loop()
+        ready: CreateReply | None = None
+        error = ""
         try:
-            ours.send(json.dumps({"id": sandbox_id, "memory_mib": size.memory_mib,
-                                  "vcpus": size.vcpus,
-                                  "idle": self.config.pool.idle}).encode())
+            hello = MemberHello(id=sandbox_id, memory_mib=size.memory_mib, vcpus=size.vcpus,
+                                idle=self.config.pool.idle)
+            ours.send(protocol.encode(protocol.to_wire(hello)))
             data = await asyncio.wait_for(loop.sock_recv(ours, MAX_PACKET), READY_TIMEOUT_S)
-            reply = json.loads(data) if data else {"ok": False, "error": "exited"}
-        except (OSError, ValueError, TimeoutError) as exc:
-            reply = {"ok": False, "error": str(exc) or type(exc).__name__}
+            if not data:
+                raise RunvError("exited")
+            ready = CreateReply.from_fields(protocol.raise_for(protocol.decode(data)),
+                                            "pooled supervisor report")
+        except (OSError, RunvError, TimeoutError) as exc:
+            error = str(exc) or type(exc).__name__
         if member.state == "retired":
             ours.close()
             await proc.stop()
             return True
-        if not reply.get("ok") or member.state != "starting":
-            log.warning("a pooled VM failed to start: %s", reply.get("error"))
+        if ready is None or member.state != "starting":
+            log.warning("a pooled VM failed to start: %s", error if ready is None else "retired")
             ours.close()  # a member that is still starting ends with its link
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(proc.wait()), 10)
             await proc.stop()
             return False
         member.state = "idle"
-        member.info = {**reply, "pid": proc.pid, "start": proc.start_time}
+        member.ready = ready
         log.info("pooled VM %s ready (key %s, QEMU pid %s) in %.1fs", sandbox_id, member.key,
-                 reply.get("qemu_pid"), time.monotonic() - member.since)
+                 ready.qemu_pid, time.monotonic() - member.since)
         return True
 
     async def _reap(self, member: Pooled) -> None:
@@ -338,27 +348,24 @@ class PoolService:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(listener)
-            self._task(self._answer(control.ServerConnection(conn)))
+            self._task(self._answer(AsyncChannel(conn)))
 
-    async def _answer(self, conn: control.ServerConnection) -> None:
+    async def _answer(self, channel: AsyncChannel) -> None:
         try:
-            message = await conn.recv_message()
-            if message is None:
+            wire = await channel.recv()
+            if wire is None:
                 return
-            op = message.get("op")
-            if op == "claim":
-                conn.send(await self.claim(str(message.get("key"))))
-            elif op == "status":
-                conn.send(self.status())
-            else:
-                conn.send({"ok": False, "error": f"unknown pool operation {op!r}"})
+            request = protocol.decode_request(wire, POOL_REQUESTS)
+            reply = (await self.claim(request.key) if isinstance(request, Claim)
+                     else self.status())
+            channel.send_nowait(reply.to_wire())
         except Exception as exc:
             log.debug("pool request failed", exc_info=True)
-            conn.send(control.error_reply(exc))
+            channel.send_nowait(protocol.error_reply(exc))
         finally:
-            conn.close()
+            channel.close()
 
-    async def claim(self, key: str) -> dict[str, Any]:
+    async def claim(self, key: str) -> ClaimReply:
         """Hand out an idle member of `key`: it leaves the pool before anyone else can see it
         and acknowledges the claim; one that does not (dying) is dropped and the next tried."""
         loop = asyncio.get_running_loop()
@@ -368,55 +375,48 @@ class PoolService:
             member = next((m for m in self.members if m.key == key and m.state == "idle"), None)
             if member is None:
                 why = "no such size in the pool" if key not in self.keys else "empty"
-                return {"ok": True, "ctl": None, "why": why}
+                return ClaimReply(why=why)
             member.state = "claimed"
             self.wake.set()
             try:
-                member.link.send(json.dumps({"op": "claimed"}).encode())
+                member.link.send(protocol.encode(protocol.to_wire(Claimed())))
                 data = await asyncio.wait_for(loop.sock_recv(member.link, MAX_PACKET),
                                               CLAIM_TIMEOUT_S)
-                acked = bool(data) and json.loads(data).get("ok") is True
-            except (OSError, ValueError, TimeoutError):
+                acked = bool(data) and protocol.is_ok(protocol.decode(data))
+            except (OSError, RunvError, TimeoutError):
                 acked = False
             member.link.close()
-            if acked:
+            if acked and member.ready is not None:
                 self.claims += 1
-                return {"ok": True, "ctl": str(Path(member.info["vm_dir"]) / "ctl.sock"),
-                        "vm_dir": member.info["vm_dir"], "pid": member.info["pid"],
-                        "start": member.info["start"], "qemu_pid": member.info.get("qemu_pid"),
-                        "sandbox": member.sandbox_id}
+                return ClaimReply(
+                    ctl=str(Path(member.ready.vm_dir) / vm_dir.CONTROL_SOCKET),
+                    vm_dir=member.ready.vm_dir, pid=member.proc.pid,
+                    start=member.proc.start_time or 0, qemu_pid=member.ready.qemu_pid,
+                    sandbox=member.sandbox_id)
             log.warning("pooled supervisor %d did not take its claim; dropping it",
                         member.proc.pid)
             member.proc.signal(signal.SIGTERM)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PoolStatusReply:
         keys = {key: {"memory_mib": size.memory_mib, "vcpus": size.vcpus,
                       "idle": self._count(key, "idle"),
                       "starting": self._count(key, "starting"),
                       "claimed_running": self._count(key, "claimed")}
                 for key, size in self.keys.items()}
-        return {"ok": True, "size": self.config.pool.size, "idle_state": self.config.pool.idle,
-                "memory_mib": self._pooled_memory(),
-                "memory_ceiling_mib": self.config.pool.memory_mib,
-                "claims": self.claims, "keys": keys,
-                "members": [{"sandbox": m.sandbox_id, "key": m.key, "state": m.state,
-                             "pid": m.proc.pid, "qemu_pid": m.info.get("qemu_pid")}
-                            for m in self.members]}
+        return PoolStatusReply(
+            size=self.config.pool.size, idle_state=self.config.pool.idle,
+            memory_mib=self._pooled_memory(), memory_ceiling_mib=self.config.pool.memory_mib,
+            claims=self.claims, keys=keys,
+            members=tuple({"sandbox": m.sandbox_id, "key": m.key, "state": m.state,
+                           "pid": m.proc.pid, "qemu_pid": m.ready.qemu_pid if m.ready else None}
+                          for m in self.members))
 
 
 # -- clients ----------------------------------------------------------------------------------
 
-def request(state_dir: Path, message: dict[str, Any],
-            timeout_s: float = CLAIM_TIMEOUT_S + 5) -> dict[str, Any]:
-    """Ask the pool service; ConnectionError if none runs."""
-    path = socket_path(state_dir)
-    if not path.exists():
-        raise ConnectionError(f"no warm pool service ({path} does not exist)")
-    try:
-        return control.call(path, message, timeout_s=timeout_s)
-    except ConnectionError:
-        raise ConnectionError(f"no warm pool service answers on {path} (it was killed?)"
-                              ) from None
+async def status(state_dir: Path) -> PoolStatusReply:
+    """The pool service's counts; ConnectionError if none runs."""
+    return await pool_call(socket_path(state_dir), PoolStatus(), CLAIM_TIMEOUT_S + 5)
 
 
 def unavailable(config: RuntimeConfig) -> str | None:
@@ -428,16 +428,17 @@ def unavailable(config: RuntimeConfig) -> str | None:
     return None
 
 
-def claim(config: RuntimeConfig) -> tuple[dict[str, Any] | None, str]:
+async def claim(config: RuntimeConfig) -> tuple[ClaimReply | None, str]:
     """An idle pooled supervisor for a sandbox of this (sized) config, or (None, why)."""
     why = unavailable(config)
     if why is not None:
         return None, why
     try:
         key = key_of(config)
-        reply = request(config.state_dir, {"op": "claim", "key": key})
+        reply = await pool_call(socket_path(config.state_dir), Claim(key=key),
+                                CLAIM_TIMEOUT_S + 5)
     except (OSError, RunvError) as exc:
         return None, str(exc)
-    if not reply.get("ctl"):
-        return None, f"{reply.get('why', 'empty')} (key {key})"
+    if reply.ctl is None:
+        return None, f"{reply.why or 'empty'} (key {key})"
     return reply, "claimed"

@@ -1,15 +1,14 @@
 """A warm pool's idle supervisor, its side of the link to `runv pool serve` (pool.py): a
-SOCK_SEQPACKET socketpair, one JSON object per packet. The pool sends who the member is
-({"id", "memory_mib", "vcpus", "idle"}) first; the member answers once its VM is ready (or
-failed), then waits for {"op": "claimed"}, which it acknowledges. Idle, the member ends when the
-link ends (the pool stopped or was killed); claimed, it waits at most ADOPT_WAIT_S for its
-claimant's `adopt` (the claimant may have died), then it belongs to its container."""
+SOCK_SEQPACKET socketpair carrying protocol.py messages. The pool sends MemberHello first; the
+member answers with its CreateReply once its VM is ready (or an error), then waits for
+Claimed, which it acknowledges with Ok. Idle, the member ends when the link ends (the pool
+stopped or was killed); claimed, it waits at most ADOPT_WAIT_S for its claimant's Adopt (the
+claimant may have died), then it belongs to its container."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import Any
 
 from ..config import RuntimeConfig
 from ..errors import RunvError
+from . import protocol
+from .protocol import MAX_PACKET, Ok
 
 ADOPT_WAIT_S = 15.0
-MAX_PACKET = 65536
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -29,8 +29,8 @@ def socket_path(state_dir: Path) -> Path:
 
 
 def shares_dir(state_dir: Path) -> Path:
-    """Where pooled supervisors mount their shared dirs (mount points named by sandbox id)."""
-    return state_dir / "pool" / "shares"
+    """Where supervisors mount their shared dirs (mount points named as their VM dirs)."""
+    return state_dir / "shares"
 
 
 class Member:
@@ -38,29 +38,30 @@ class Member:
         self.link = socket.socket(fileno=fd)
         self.link.settimeout(30)
         try:
-            hello = json.loads(self.link.recv(MAX_PACKET))
-            self.sandbox_id = str(hello["id"])
-            self.memory_mib = int(hello["memory_mib"])
-            self.vcpus = int(hello["vcpus"])
-            self.parked = hello.get("idle", "paused") == "paused"
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.hello = protocol.decode_hello(protocol.decode(self.link.recv(MAX_PACKET)))
+        except (OSError, RunvError) as exc:
             raise RunvError(f"no valid hello from the pool on fd {fd}: {exc}") from exc
         self.link.setblocking(False)
         self.claimed = False
         self._adopting = asyncio.Event()
 
-    def shared_dir(self, state_dir: Path) -> Path:
-        return shares_dir(state_dir) / self.sandbox_id
+    @property
+    def sandbox_id(self) -> str:
+        return self.hello.id
+
+    @property
+    def parked(self) -> bool:
+        return self.hello.idle == "paused"
 
     def config(self, config: RuntimeConfig) -> RuntimeConfig:
         """The runtime config with this member's VM size; VM dirs where runv's are."""
-        hv = replace(config.hypervisor, memory_mib=self.memory_mib, vcpus=self.vcpus)
+        hv = replace(config.hypervisor, memory_mib=self.hello.memory_mib, vcpus=self.hello.vcpus)
         return replace(config, hypervisor=hv, template="auto",
                        state_dir=config.state_dir / "sandboxes")
 
-    def report(self, message: dict[str, Any]) -> None:
+    def report(self, wire: dict[str, Any]) -> None:
         with contextlib.suppress(OSError):
-            self.link.send(json.dumps(message).encode())
+            self.link.send(protocol.encode(wire))
 
     def adopting(self) -> None:
         self._adopting.set()
@@ -76,10 +77,10 @@ class Member:
                 data = b""
             if not data:
                 break
-            with contextlib.suppress(ValueError):
-                if json.loads(data).get("op") == "claimed" and not done.is_set():
+            with contextlib.suppress(RunvError):
+                if protocol.is_claimed(protocol.decode(data)) and not done.is_set():
                     self.claimed = True
-                    self.report({"ok": True})
+                    self.report(Ok().to_wire())
                     break
         self.link.close()
         if not self.claimed:

@@ -2,7 +2,7 @@
 conmon see in --pid-file. It hands its stdio (or its terminal) to the supervisor, forwards every
 signal it receives into the VM (SIGWINCH as a window size), and exits with the container
 process's status (128+N when a signal killed it). If it is SIGKILLed, the supervisor kills the
-process in the VM."""
+process in the VM. `runv exec` and `runv run` in the foreground are their own stand-in."""
 
 from __future__ import annotations
 
@@ -13,19 +13,24 @@ import json
 import os
 import select
 import signal
-import socket
 import struct
 import sys
 import termios
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from . import control
+from ..errors import ProtocolError
+from . import protocol
+from .client import SUPERVISOR_LOST, BlockingAttachedProcess, BlockingSupervisorClient
+from .protocol import Attach, Exec
 
-# Signals that stay with the stand-in: job control of its own terminal, SIGCHLD, SIGPIPE.
+# Signals that stay with the stand-in: job control of its own terminal, SIGCHLD, SIGPIPE
+# (SIGWINCH becomes a window size).
 _NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGTTIN, signal.SIGTTOU, signal.SIGPIPE,
                   signal.SIGKILL, signal.SIGSTOP}
-SUPERVISOR_LOST = 255
+FORWARDED_SIGNALS = tuple(sorted(s for s in signal.valid_signals() if s not in _NOT_FORWARDED))
+__all__ = ["FORWARDED_SIGNALS", "SUPERVISOR_LOST", "StandIn", "window_size"]
 
 
 def window_size(fd: int) -> tuple[int, int] | None:
@@ -38,57 +43,46 @@ def window_size(fd: int) -> tuple[int, int] | None:
 
 
 class StandIn:
-    def __init__(self, ctl: Path, request: dict[str, Any], fds: list[int],
-                 tty_fd: int | None) -> None:
-        self.ctl = ctl
-        self.request = request
-        self.fds = fds
-        self.tty_fd = tty_fd
-        self.conn: control.Connection | None = None
+    """A process attached through the supervisor at `ctl`, with this process as its stand-in."""
 
-    def attach(self) -> None:
-        """Connect and hand over the stdio; raises the supervisor's error."""
-        request = dict(self.request)
-        if self.tty_fd is not None and (size := window_size(self.tty_fd)):
-            request["size"] = list(size)
-        self.conn = control.Connection(self.ctl, timeout_s=None)
-        self.conn.call(request, self.fds)
+    def __init__(self, process: BlockingAttachedProcess, tty_fd: int | None) -> None:
+        self.process = process
+        self.tty_fd = tty_fd
+
+    @classmethod
+    def attach(cls, client: BlockingSupervisorClient, request: Attach | Exec,
+               fds: Sequence[int], tty_fd: int | None) -> StandIn:
+        """Hand `fds` over (stdin, stdout, stderr; or one terminal); raises the supervisor's
+        error. The caller keeps its copies of `fds`."""
+        if tty_fd is not None and (size := window_size(tty_fd)):
+            request = replace(request, size=size)
+        return cls(client.attach(request, fds), tty_fd)
 
     def serve(self) -> int:
         """Forward signals until the process exits; returns its exit status."""
-        assert self.conn is not None
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in signal.valid_signals():
-            if sig not in _NOT_FORWARDED or sig == signal.SIGWINCH:
-                with contextlib.suppress(OSError, ValueError):
-                    signal.signal(sig, lambda *_: None)
-        sock: socket.socket = self.conn.sock
-        while True:
-            readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
-            if wake_r in readable:
-                for signum in os.read(wake_r, 256):
-                    self._forward(signum)
-            if sock.fileno() in readable:
-                try:
-                    message = self.conn.recv()
-                except OSError:
-                    message = None
-                if message is None:
-                    return SUPERVISOR_LOST
-                if "exit" in message:
-                    return int(message["exit"])
+        for sig in (*FORWARDED_SIGNALS, signal.SIGWINCH):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, lambda *_: None)
+        try:
+            while True:
+                readable, _, _ = select.select([self.process.fileno(), wake_r], [], [])
+                if wake_r in readable:
+                    for signum in os.read(wake_r, 256):
+                        self._forward(signum)
+                if self.process.fileno() in readable and \
+                        (code := self.process.poll()) is not None:
+                    return code
+        finally:
+            self.process.close()
 
     def _forward(self, signum: int) -> None:
-        assert self.conn is not None
-        try:
-            if signum == signal.SIGWINCH:
-                if self.tty_fd is not None and (size := window_size(self.tty_fd)):
-                    self.conn.send({"size": list(size)})
-            elif signum not in _NOT_FORWARDED:
-                self.conn.send({"signal": signum})
-        except OSError:
-            pass
+        if signum == signal.SIGWINCH:
+            if self.tty_fd is not None and (size := window_size(self.tty_fd)):
+                self.process.resize(*size)
+        elif signum not in _NOT_FORWARDED:
+            self.process.signal(signum)
 
 
 def _detach_stdio(keep_tty: bool) -> int | None:
@@ -105,7 +99,7 @@ def _detach_stdio(keep_tty: bool) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="runv-standin")
     parser.add_argument("--ctl", required=True)
-    parser.add_argument("--request", required=True, help="JSON attach or exec request")
+    parser.add_argument("--request", required=True, help="the JSON attach or exec request")
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--tty", action="store_true")
     args = parser.parse_args(argv)
@@ -116,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fds = [os.dup(0), os.dup(1), os.dup(2)]
     tty_fd = _detach_stdio(args.tty)
-    standin = StandIn(Path(args.ctl), json.loads(args.request), fds, tty_fd)
     try:
-        standin.attach()
+        request = protocol.decode_request(json.loads(args.request),
+                                          protocol.SUPERVISOR_REQUESTS)
+        if not isinstance(request, Attach | Exec):
+            raise ProtocolError(f"a stand-in cannot serve {request.OP}")
+        standin = StandIn.attach(BlockingSupervisorClient(Path(args.ctl)), request, fds,
+                                 tty_fd)
     except Exception as exc:
         os.write(args.ready_fd, str(exc).encode() or b"attach failed")
         return 1

@@ -25,8 +25,8 @@ from .. import config as config_mod
 from .. import log as log_setup
 from ..errors import ContainerNotFound, RunvError
 from ..oci import spec as oci_spec
-from ..sandbox import pod
-from ..sandbox.container import Runtime
+from ..sandbox import pod, vm_dir
+from ..sandbox.runtime import Runtime
 from . import rootfs, ttrpc
 from ._pb import task_pb2
 from .events import Publisher, timestamp
@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("namespace", "address", "publish-binary", "id", "bundle", "socket"):
         parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), default="")
     parser.add_argument("-debug", "--debug", action="store_true")
+    parser.add_argument("--runv-config", dest="runv_config", default=None,
+                        help=argparse.SUPPRESS)  # the long-lived shim's: from `start`
     parser.add_argument("-v", "--version", action="store_true")
     parser.add_argument("action", nargs="?", choices=("start", "delete"))
     return parser
@@ -91,10 +93,8 @@ def _answers(path: Path) -> bool:
 
 def start(args: argparse.Namespace) -> int:
     bundle = Path.cwd()
-    config_path = _config_path_of(sys.stdin.buffer.read()) or os.environ.get("RUNV_CONFIG")
-    if config_path:
-        os.environ["RUNV_CONFIG"] = config_path  # for the shim started below
-    config = config_mod.load(config_path)
+    config = config_mod.load(_config_path_of(sys.stdin.buffer.read()))
+    config_path = config.file
     spec = oci_spec.load(bundle)
     sandbox = pod.sandbox_of(spec.annotations, args.id)
     if sandbox is not None:
@@ -118,6 +118,8 @@ def start(args: argparse.Namespace) -> int:
         "socket": str(path)}))
     argv = [sys.executable, "-m", "runv_py.shim.main", "-namespace", args.namespace,
             "-address", args.address, "-publish-binary", args.publish_binary, "-id", args.id]
+    if config_path:
+        argv += ["--runv-config", config_path]
     with open(os.devnull, "wb") as devnull:
         shim = child.spawn_detached(argv + (["-debug"] if args.debug else []),
                                     stdout=devnull, pass_fds=(LISTEN_FD,))
@@ -150,19 +152,20 @@ def delete(args: argparse.Namespace) -> int:
         state = json.loads((bundle / STATE_FILE).read_text())
     except (OSError, ValueError):
         state = {}
-    if state.get("config"):
-        os.environ["RUNV_CONFIG"] = state["config"]
-    config = config_mod.load()
+    config = config_mod.load(state.get("config"))
     root = Path(state.get("root") or _runtime_root(config, args.namespace))
-    runtime = Runtime(root)
+    runtime = Runtime(root, config)
     try:
         record = runtime.store.load(args.id)
         # containerd gives this 5 s: no graceful VM shutdown. QEMU and virtiofsd die with
-        # their supervisor, the shares with its mount namespace.
-        if child.is_running(record.supervisor_pid, record.supervisor_start):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.supervisor_pid, signal.SIGKILL)
-        runtime.delete(args.id, force=True)
+        # their supervisor, the shares with its mount namespace. (A pod's container leaves
+        # the pod's sandbox to its own delete.)
+        if pod.sandbox_of(record.annotations, record.id) is None:
+            owner = vm_dir.owner(runtime.sandbox_path(record.id, record.annotations))
+            if owner is not None and child.is_running(*owner):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(owner[0], signal.SIGKILL)
+        asyncio.run(runtime.delete(args.id, force=True))
     except ContainerNotFound:
         pass
     except RunvError as exc:
@@ -189,8 +192,8 @@ def _log_stream() -> int:
 async def serve(args: argparse.Namespace) -> int:
     listener = socket.socket(fileno=LISTEN_FD)
     socket_path = listener.getsockname()
-    config = config_mod.load()
-    runtime = Runtime(_runtime_root(config, args.namespace), debug=args.debug)
+    config = config_mod.load(args.runv_config)
+    runtime = Runtime(_runtime_root(config, args.namespace), config, debug=args.debug)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS") or f"{args.address}.ttrpc",
                           args.namespace)
     done = asyncio.Event()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -28,8 +28,12 @@ from ..errors import (
     RunvError,
     SpecError,
 )
-from ..sandbox import control
-from ..sandbox.container import Runtime
+from ..oci import spec as oci_spec
+from ..sandbox import protocol
+from ..sandbox.client import SUPERVISOR_LOST, AttachedProcess
+from ..sandbox.protocol import Attach, Exec
+from ..sandbox.runtime import Runtime
+from ..sandbox.status import ContainerStatus, Transition
 from . import rootfs
 from ._pb import events_pb2, metrics_pb2, task_pb2
 from .events import Publisher, pack, timestamp
@@ -39,15 +43,12 @@ from .ttrpc import Call
 log = logging.getLogger(__name__)
 
 SERVICE = "containerd.task.v2.Task"
-ATTACH_TIMEOUT_S = 120.0
-SUPERVISOR_LOST = 255
 EXIT_AFTER_DELETE_S = 30.0
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
-Status = Literal["created", "running", "stopped"]
-STATUS = {"created": task_pb2.CREATED, "running": task_pb2.RUNNING,
-          "stopped": task_pb2.STOPPED, "paused": task_pb2.PAUSED}
+STATUS = {ContainerStatus.CREATED: task_pb2.CREATED, ContainerStatus.RUNNING: task_pb2.RUNNING,
+          ContainerStatus.STOPPED: task_pb2.STOPPED, ContainerStatus.PAUSED: task_pb2.PAUSED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,35 +59,39 @@ class Stdio:
     terminal: bool
 
 
-class Process:
-    """One process of a task (init has exec_id ""), from the shim's side."""
+class TaskProcess:
+    """One process of a task (init has exec_id ""), from the shim's side. The init process's
+    status is the task's: it is paused with it."""
 
     def __init__(self, exec_id: str, stdio: Stdio, spec: dict[str, Any] | None = None) -> None:
         self.exec_id = exec_id
         self.stdio = stdio
         self.spec = spec
-        self.status: Status = "created"
+        self.status = ContainerStatus.CREATED
         self.io: ProcessIO | None = None
-        self.conn: control.ServerConnection | None = None
+        self.attached: AttachedProcess | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.exited_at = 0.0
         self.started = False
         self.exit_published = False
         self.watcher: asyncio.Task[None] | None = None
 
+    @property
+    def name(self) -> str:
+        return self.exec_id or "init"
+
 
 @dataclass(slots=True)
-class Container:
+class TaskContainer:
     id: str
     bundle: Path
     pid: int
     rootfs_mounted: bool
-    processes: dict[str, Process] = field(default_factory=dict)
-    paused: bool = False
+    processes: dict[str, TaskProcess] = field(default_factory=dict)
     events: asyncio.Task[None] | None = None
 
     @property
-    def init(self) -> Process:
+    def init(self) -> TaskProcess:
         return self.processes[""]
 
 
@@ -96,7 +101,7 @@ class TaskService:
         self.runtime = runtime
         self.publisher = publisher
         self.on_shutdown = on_shutdown
-        self.containers: dict[str, Container] = {}
+        self.containers: dict[str, TaskContainer] = {}
         self.methods: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
             "State": (task_pb2.StateRequest, self.state),
             "Create": (task_pb2.CreateTaskRequest, self.create),
@@ -132,13 +137,13 @@ class TaskService:
 
     # -- lookups ----------------------------------------------------------------------------
 
-    def _container(self, container_id: str) -> Container:
+    def _container(self, container_id: str) -> TaskContainer:
         try:
             return self.containers[container_id]
         except KeyError:
             raise ContainerNotFound(f"container {container_id} does not exist") from None
 
-    def _process(self, container_id: str, exec_id: str) -> tuple[Container, Process]:
+    def _process(self, container_id: str, exec_id: str) -> tuple[TaskContainer, TaskProcess]:
         container = self._container(container_id)
         try:
             return container, container.processes[exec_id]
@@ -157,19 +162,18 @@ class TaskService:
         mounted = await rootfs.mount(request.rootfs, bundle / "rootfs")
         created = False
         try:
-            record = await asyncio.to_thread(self.runtime.create, request.id, bundle,
-                                             standin=False)
+            spec = oci_spec.load(bundle)
+            record = await self.runtime.create(request.id, spec, standin=False)
             created = True
-            container = Container(request.id, bundle, record.supervisor_pid, mounted)
-            init = Process("", Stdio(request.stdin, request.stdout, request.stderr,
-                                     request.terminal))
+            container = TaskContainer(request.id, bundle, record.pid, mounted)
+            init = TaskProcess("", Stdio(request.stdin, request.stdout, request.stderr,
+                                         request.terminal))
             container.processes[""] = init
-            await self._attach(container, init, {"op": "attach", "exec_id": ""})
+            await self._attach(container, init, Attach(container=container.id))
         except BaseException:
             if created:
                 with contextlib.suppress(RunvError, OSError):
-                    await asyncio.to_thread(self.runtime.delete, request.id, force=True,
-                                            run_hooks=False)
+                    await self.runtime.delete(request.id, force=True, run_hooks=False)
             if mounted:
                 with contextlib.suppress(RunvError):
                     await rootfs.unmount(bundle / "rootfs")
@@ -185,20 +189,19 @@ class TaskService:
 
     async def start(self, request: task_pb2.StartRequest) -> Message:
         container, process = self._process(request.id, request.exec_id)
-        if process.status != "created":
-            raise InvalidState(f"process {request.exec_id or request.id} is {process.status}")
+        process.status.transition(Transition.START, process.exec_id or container.id)
         if process.exec_id == "":
-            await asyncio.to_thread(self.runtime.start, container.id)
+            await self.runtime.start(container.id)
             event: Message = events_pb2.TaskStart(container_id=container.id, pid=container.pid)
         else:
-            if container.init.status != "running":
-                raise InvalidState(f"container {container.id} is {container.init.status}")
-            await self._attach(container, process, {
-                "op": "exec", "exec_id": process.exec_id, "process": process.spec})
+            container.init.status.require((ContainerStatus.RUNNING,), "exec", container.id)
+            assert process.spec is not None
+            await self._attach(container, process, Exec(
+                container=container.id, exec_id=process.exec_id, process=process.spec))
             event = events_pb2.TaskExecStarted(container_id=container.id,
                                                exec_id=process.exec_id, pid=container.pid)
-        if not process.exited.done():  # a fast process may be gone already
-            process.status = "running"
+        if process.status.live:  # a fast process may be gone already
+            process.status = process.status.transition(Transition.START, process.name)
         process.started = True
         self.publisher.publish(event)
         if process.exited.done():
@@ -208,13 +211,13 @@ class TaskService:
     async def delete(self, request: task_pb2.DeleteRequest) -> Message:
         container, process = self._process(request.id, request.exec_id)
         if process.exec_id:
-            if process.status == "running":
+            if process.status is ContainerStatus.RUNNING:
                 raise InvalidState(f"cannot delete exec {process.exec_id}: it is running")
             del container.processes[process.exec_id]
             return self._delete_response(container, process)
-        if process.status == "running":
-            raise InvalidState(f"cannot delete task {container.id}: it is running")
-        await asyncio.to_thread(self.runtime.delete, container.id, force=True)
+        if process.status in (ContainerStatus.RUNNING, ContainerStatus.PAUSED):
+            raise InvalidState(f"cannot delete task {container.id}: it is {process.status}")
+        await self.runtime.delete(container.id, force=True)
         for each in container.processes.values():
             if each.watcher is not None:
                 with contextlib.suppress(TimeoutError):
@@ -232,15 +235,15 @@ class TaskService:
         return reply
 
     @staticmethod
-    def _delete_response(container: Container, process: Process) -> task_pb2.DeleteResponse:
+    def _delete_response(container: TaskContainer, process: TaskProcess
+                         ) -> task_pb2.DeleteResponse:
         code = process.exited.result() if process.exited.done() else 0
         return task_pb2.DeleteResponse(pid=container.pid, exit_status=code,
                                        exited_at=timestamp(process.exited_at or time.time()))
 
     async def exec(self, request: task_pb2.ExecProcessRequest) -> Message:
         container = self._container(request.id)
-        if container.init.status != "running":
-            raise InvalidState(f"container {container.id} is {container.init.status}")
+        container.init.status.require((ContainerStatus.RUNNING,), "exec", container.id)
         if not request.exec_id or request.exec_id in container.processes:
             raise ContainerExists(f"exec {request.exec_id!r} is empty or already exists")
         if request.spec.type_url != PROCESS_SPEC_URL:
@@ -249,7 +252,7 @@ class TaskService:
             spec = json.loads(request.spec.value)
         except ValueError as exc:
             raise SpecError(f"exec spec: {exc}") from None
-        container.processes[request.exec_id] = Process(
+        container.processes[request.exec_id] = TaskProcess(
             request.exec_id, Stdio(request.stdin, request.stdout, request.stderr,
                                    request.terminal), spec)
         self.publisher.publish(events_pb2.TaskExecAdded(container_id=container.id,
@@ -261,12 +264,11 @@ class TaskService:
         if process.exited.done():
             raise ProcessNotFound(f"process {request.exec_id or request.id} already finished")
         if process.exec_id == "":
-            await asyncio.to_thread(self.runtime.kill, container.id, request.signal,
-                                    all_processes=request.all)
-        elif process.conn is None:
+            await self.runtime.kill(container.id, request.signal, all_processes=request.all)
+        elif process.attached is None:
             raise InvalidState(f"exec {process.exec_id} has not been started")
         else:
-            process.conn.send({"signal": request.signal})
+            process.attached.signal(request.signal)
         return empty_pb2.Empty()
 
     async def wait(self, request: task_pb2.WaitRequest) -> Message:
@@ -276,8 +278,9 @@ class TaskService:
 
     async def state(self, request: task_pb2.StateRequest) -> Message:
         container, process = self._process(request.id, request.exec_id)
-        status = "paused" if container.paused and process.status == "running" else \
-            process.status
+        status = process.status
+        if container.init.status is ContainerStatus.PAUSED and status.live:
+            status = ContainerStatus.PAUSED
         reply = task_pb2.StateResponse(
             id=process.exec_id or container.id, exec_id=process.exec_id,
             bundle=str(container.bundle), pid=container.pid, status=STATUS[status],
@@ -292,23 +295,29 @@ class TaskService:
 
     async def pause(self, request: task_pb2.PauseRequest) -> Message:
         container = self._container(request.id)
-        await asyncio.to_thread(self.runtime.pause, container.id)
-        container.paused = True
+        init = container.init
+        init.status.transition(Transition.PAUSE, container.id)
+        await self._call(container, protocol.Pause(container=container.id))
+        if init.status.live:
+            init.status = init.status.transition(Transition.PAUSE, container.id)
         self.publisher.publish(events_pb2.TaskPaused(container_id=container.id))
         return empty_pb2.Empty()
 
     async def resume(self, request: task_pb2.ResumeRequest) -> Message:
         container = self._container(request.id)
-        await asyncio.to_thread(self.runtime.resume, container.id)
-        container.paused = False
+        init = container.init
+        init.status.transition(Transition.RESUME, container.id)
+        await self._call(container, protocol.Resume(container=container.id))
+        if init.status.live:
+            init.status = init.status.transition(Transition.RESUME, container.id)
         self.publisher.publish(events_pb2.TaskResumed(container_id=container.id))
         return empty_pb2.Empty()
 
     async def pids(self, request: task_pb2.PidsRequest) -> Message:
         container = self._container(request.id)
-        processes = await asyncio.to_thread(self.runtime.processes, container.id)
+        reply = await self._call(container, protocol.Ps(container=container.id))
         return task_pb2.PidsResponse(
-            processes=[task_pb2.ProcessInfo(pid=pid) for pid, _args in processes])
+            processes=[task_pb2.ProcessInfo(pid=pid) for pid, _args in reply.processes])
 
     async def update(self, request: task_pb2.UpdateTaskRequest) -> Message:
         container = self._container(request.id)
@@ -318,18 +327,23 @@ class TaskService:
             resources = json.loads(request.resources.value)
         except ValueError as exc:
             raise SpecError(f"resources: {exc}") from None
-        await asyncio.to_thread(self.runtime.update, container.id, resources)
+        await self._call(container, protocol.Update(container=container.id,
+                                                    resources=resources))
         return empty_pb2.Empty()
 
     async def stats(self, request: task_pb2.StatsRequest) -> Message:
         container = self._container(request.id)
-        values = await asyncio.to_thread(self.runtime.stats, container.id)
-        return task_pb2.StatsResponse(stats=pack(metrics(values)))
+        reply = await self._call(container, protocol.Stats(container=container.id))
+        return task_pb2.StatsResponse(stats=pack(metrics(reply.stats)))
+
+    async def _call(self, container: TaskContainer, request: protocol.Request[protocol.R]
+                    ) -> protocol.R:
+        return await self.runtime.client(self.runtime.store.load(container.id)).call(request)
 
     async def resize_pty(self, request: task_pb2.ResizePtyRequest) -> Message:
         _, process = self._process(request.id, request.exec_id)
-        if process.conn is not None and not process.exited.done():
-            process.conn.send({"size": [request.height, request.width]})
+        if process.attached is not None and not process.exited.done():
+            process.attached.resize(request.height, request.width)
         return empty_pb2.Empty()
 
     async def close_io(self, request: task_pb2.CloseIORequest) -> Message:
@@ -354,60 +368,39 @@ class TaskService:
 
     # -- the processes' control connections ---------------------------------------------------
 
-    async def _attach(self, container: Container, process: Process,
-                      request: dict[str, Any]) -> None:
+    async def _attach(self, container: TaskContainer, process: TaskProcess,
+                      request: Attach | Exec) -> None:
         namespace = self.publisher.namespace
         process.io = await ProcessIO.open(
             process.stdio.stdin, process.stdio.stdout, process.stdio.stderr,
             process.stdio.terminal, container_id=container.id, namespace=namespace)
         try:
-            sock = await asyncio.to_thread(self._connect, container, request,
-                                           process.io.outgoing)
+            record = self.runtime.store.load(container.id)
+            process.attached = await self.runtime.client(record).attach(request,
+                                                                        process.io.outgoing)
         except BaseException:
             await process.io.close()
             raise
         process.io.handed_over()
-        process.conn = control.ServerConnection(sock)
         process.watcher = asyncio.create_task(self._watch(container, process))
 
-    def _connect(self, container: Container, request: dict[str, Any], fds: list[int]) -> Any:
-        record = self.runtime.store.load(container.id)
-        conn = control.Connection(self.runtime.ctl(record), timeout_s=ATTACH_TIMEOUT_S)
-        try:
-            conn.call({**request, "container": container.id}, fds)
-        except BaseException:
-            conn.close()
-            raise
-        return conn.sock
-
-    async def _watch(self, container: Container, process: Process) -> None:
-        assert process.conn is not None
-        code = SUPERVISOR_LOST
-        try:
-            while True:
-                message, fds = await process.conn.recv()
-                for fd in fds:
-                    os.close(fd)
-                if message is None:
-                    log.warning("the supervisor went away before %s exited",
-                                process.exec_id or "init", extra={"container": container.id})
-                    break
-                if "exit" in message:
-                    code = int(message["exit"])
-                    break
-        except (OSError, ValueError) as exc:
-            log.warning("lost the control connection of %s: %s", process.exec_id or "init",
-                        exc, extra={"container": container.id})
-        process.conn.close()
+    async def _watch(self, container: TaskContainer, process: TaskProcess) -> None:
+        assert process.attached is not None
+        code = await process.attached.wait()
+        if code == SUPERVISOR_LOST:
+            log.warning("the supervisor went away before %s exited", process.name,
+                        extra={"container": container.id})
+        process.attached.close()
         process.exited_at = time.time()
-        process.status = "stopped"
+        if process.status.live:
+            process.status = process.status.transition(Transition.STOP, process.name)
         if process.io is not None:
             await process.io.close()
         process.exited.set_result(code)
         if process.started:
             self._publish_exit(container, process)
 
-    def _publish_exit(self, container: Container, process: Process) -> None:
+    def _publish_exit(self, container: TaskContainer, process: TaskProcess) -> None:
         if process.exit_published:
             return
         process.exit_published = True
@@ -415,32 +408,22 @@ class TaskService:
             container_id=container.id, id=process.exec_id or container.id, pid=container.pid,
             exit_status=process.exited.result(), exited_at=timestamp(process.exited_at)))
 
-    async def _watch_events(self, container: Container) -> None:
+    async def _watch_events(self, container: TaskContainer) -> None:
         """OOM kills as the supervisor reports them."""
         try:
-            sock = await asyncio.to_thread(self._connect, container, {"op": "events"}, [])
+            client = self.runtime.client(self.runtime.store.load(container.id), None)
+            async for event in client.events(container.id):
+                if event.type == "oom":
+                    self.publisher.publish(events_pb2.TaskOOM(container_id=container.id))
         except (OSError, RunvError) as exc:
             log.warning("no OOM events: %s", exc, extra={"container": container.id})
-            return
-        conn = control.ServerConnection(sock)
-        try:
-            while True:
-                message = await conn.recv_message()
-                if message is None:
-                    return
-                if message.get("type") == "oom":
-                    self.publisher.publish(events_pb2.TaskOOM(container_id=container.id))
-        except (OSError, ValueError):
-            return
-        finally:
-            conn.close()
 
     async def close(self) -> None:
         """The shim is going: stop the tasks it still has (containerd asked it to, or lost
         it), so no VM outlives its shim."""
         for container in list(self.containers.values()):
             with contextlib.suppress(RunvError, OSError):
-                await asyncio.to_thread(self.runtime.delete, container.id, force=True)
+                await self.runtime.delete(container.id, force=True)
             for process in container.processes.values():
                 if process.watcher is not None:
                     process.watcher.cancel()

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..oci import template
-from ..oci.spec import ROOTFS_OVERLAY_ANNOTATION
+from ..oci import default_spec
+from ..sandbox import policy
 from .images import ResolvedImage
-from .network import configure_network
+from .network_mode import configure_network
 from .options import RunOptions, parse_user
 
 # Docker's default capability set: the VM, not the capability list, is the security boundary.
@@ -87,7 +87,7 @@ def merge_env(base: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
 
 def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, work: Path,
                   hostname: str, netns: str | None = None) -> dict[str, Any]:
-    spec = template.document()
+    spec = default_spec.document()
     process = spec["process"]
     process["terminal"] = options.tty
     process["args"] = command(image, options)
@@ -117,13 +117,13 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, wor
         resources["cpu"] = {"quota": round(options.cpus * CPU_PERIOD), "period": CPU_PERIOD}
     configure_network(spec, options.network, options.publish, netns)
     spec["annotations"] = {
-        ROOTFS_OVERLAY_ANNOTATION: json.dumps(
+        policy.ROOTFS_OVERLAY_ANNOTATION: json.dumps(
             {"lower": [str(image.rootfs)], "upper": str(upper), "work": str(work)}),
-        "org.runv.image": image.ref,
-        **{f"org.runv.label.{k}": v for k, v in options.labels.items()},
+        policy.IMAGE_ANNOTATION: image.ref,
+        **{f"{policy.LABEL_ANNOTATION_PREFIX}{k}": v for k, v in options.labels.items()},
     }
     if options.template is not None:
-        spec["annotations"]["org.runv.template"] = options.template
+        spec["annotations"][policy.TEMPLATE_ANNOTATION] = options.template
     return spec
 
 

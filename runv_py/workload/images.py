@@ -28,27 +28,27 @@ class Images:
         self.root = root
         self.store = ImageStore(root)
 
-    def resolve(self, ref: str, *, progress: Progress | None = None,
-                pull: bool = True) -> ResolvedImage:
+    async def resolve(self, ref: str, *, progress: Progress | None = None,
+                      pull: bool = True) -> ResolvedImage:
         try:
             image = self.store.get(ref)
         except ImageNotFound:
             if not pull:
                 raise
             try:
-                image = self.pull(ref, progress=progress)
+                image = await self.pull(ref, progress=progress)
             except ImageError as exc:
                 raise ImageNotFound(f"image {ref!r} is not in the local store and pulling it "
                                     f"failed: {exc}") from exc
-        rootfs = self.store.rootfs(image, progress=progress)
+        # Unpacking is blocking file work: off the event loop, which may serve other sandboxes.
+        rootfs = await asyncio.to_thread(self.store.rootfs, image, progress=progress)
         return ResolvedImage(ref=image.name, id=image.id, rootfs=rootfs, settings=image.config)
 
-    def pull(self, ref: str, *, progress: Progress | None = None,
-             credentials: Credentials | None = None, ca_file: Path | None = None,
-             insecure: bool = False, platform: str = "linux/amd64") -> Image:
-        return asyncio.run(self.store.pull(ref, progress=progress, credentials=credentials,
-                                           ca_file=ca_file, insecure=insecure,
-                                           platform=platform))
+    async def pull(self, ref: str, *, progress: Progress | None = None,
+                   credentials: Credentials | None = None, ca_file: Path | None = None,
+                   insecure: bool = False, platform: str = "linux/amd64") -> Image:
+        return await self.store.pull(ref, progress=progress, credentials=credentials,
+                                     ca_file=ca_file, insecure=insecure, platform=platform)
 
     def load(self, archive: Path, *, progress: Progress | None = None) -> list[Image]:
         return self.store.load(archive, progress=progress)

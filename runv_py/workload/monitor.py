@@ -7,50 +7,40 @@ watches the owning program and kills the container when that program ends."""
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import logging
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 from .. import child
+from .. import config as config_mod
 from ..errors import RunvError
-from ..sandbox import control
-from .engine import Engine
+from ..sandbox import protocol
+from .manager import WorkloadManager
 from .records import Workload
 
 OWNER_POLL_S = 0.5
+log = logging.getLogger(__name__)
 
 
-def _watch_owner(engine: Engine, workload: Workload, pid: int, start: int) -> None:
+async def _watch_owner(manager: WorkloadManager, workload: Workload, pid: int,
+                       start: int) -> None:
     """The container lives as long as the program that made it (the Python API's sandboxes):
     when that process is gone, however it ended, kill the container; serve() then frees it."""
     while child.is_running(pid, start):
-        time.sleep(OWNER_POLL_S)
-    logging.getLogger(__name__).info("owner pid %d is gone: killing the container", pid,
-                                     extra={"container": workload.id})
-    engine.kill_all(workload)
+        await asyncio.sleep(OWNER_POLL_S)
+    log.info("owner pid %d is gone: killing the container", pid,
+             extra={"container": workload.id})
+    await manager.kill_all(workload)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hyperctl-monitor")
-    parser.add_argument("--state-root", required=True)
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--id", required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--owner", metavar="PID:START",
-                        help="kill the container when this process (pid, start time) ends")
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    from .. import log
-
-    log.setup(debug=args.debug, fmt="json")
-    engine = Engine(Path(args.state_root), Path(args.data_root), debug=args.debug)
+async def _monitor(args: argparse.Namespace) -> int:
+    manager = WorkloadManager(config_mod.load(args.config), Path(args.state_root),
+                              Path(args.data_root), debug=args.debug)
     ready_fd: int | None = args.ready_fd
-    workload = engine.records.load(args.id)
-    output = os.open(engine.records.log_path(args.id),
+    workload = manager.records.load(args.id)
+    output = os.open(manager.records.output_path(args.id),
                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), output, os.dup(output)]
 
@@ -64,22 +54,40 @@ def main(argv: list[str] | None = None) -> int:
         os.close(ready_fd)
         ready_fd = None
 
+    watcher = None
     if args.owner:
         pid, _, start = args.owner.partition(":")
-        threading.Thread(target=_watch_owner, args=(engine, workload, int(pid), int(start)),
-                         daemon=True).start()
+        watcher = asyncio.create_task(_watch_owner(manager, workload, int(pid), int(start)))
     try:
-        engine.serve(workload, fds, on_started=started)
+        await manager.serve(workload, fds, on_started=started)
         return 0
     except Exception as exc:
-        logging.getLogger(__name__).error("%s", exc, exc_info=args.debug,
-                                          extra={"container": args.id})
+        log.error("%s", exc, exc_info=args.debug, extra={"container": args.id})
         if ready_fd is not None:  # the error, as the supervisor's control replies carry one
-            os.write(ready_fd, json.dumps(control.error_reply(exc)).encode())
+            os.write(ready_fd, protocol.encode(protocol.error_reply(exc)))
         return exc.exit_code if isinstance(exc, RunvError) else 1
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for fd in fds:
             os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hyperctl-monitor")
+    parser.add_argument("--state-root", required=True)
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--owner", metavar="PID:START",
+                        help="kill the container when this process (pid, start time) ends")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    from .. import log as log_setup
+
+    log_setup.setup(debug=args.debug, fmt="json")
+    return asyncio.run(_monitor(args))
 
 
 if __name__ == "__main__":

@@ -1,31 +1,40 @@
-"""hyperctl's own record of each container under `<data root>/containers/<id>/`: what was run
-(image, command, name), how it ended (exit status, timeout), and its files (bundle, writable
-layer, output log). The runtime record under the state root exists only while a VM does; this
-one stays until `rm`. Names are unique through `<data root>/names/<name>` symlinks."""
+"""hyperctl's record of each container under `<data root>/containers/<id>/`: the runtime's
+container record (store/state.py) extended with what was run (image, command, name), how it
+ended (exit status, timeout), and its files (bundle, writable layer, output log). It is the
+only record of the container: the runtime keeps nothing of its own for it (`Records` is the
+runtime's store for hyperctl), and it stays until `rm`. Names are unique through
+`<data root>/names/<name>` symlinks."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, replace
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
+from ..store.state import ContainerRecord
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
-@dataclass(frozen=True, slots=True)
-class Workload:
-    id: str
+def rfc3339(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f"{when % 1:.3f}"[1:] + "Z"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Workload(ContainerRecord):
     name: str
     image: str
     command: tuple[str, ...]
-    created: float
+    created_at: float
     detached: bool = False
     auto_remove: bool = False
     tty: bool = False
@@ -43,6 +52,8 @@ class Workload:
 
 
 class Records:
+    """The workloads under a data root; also the runtime's record store for them."""
+
     def __init__(self, data_root: Path) -> None:
         self.root = data_root / "containers"
         self.names = data_root / "names"
@@ -54,9 +65,16 @@ class Records:
         return self.dir(workload_id) / "bundle"
 
     def log_path(self, workload_id: str) -> Path:
+        """The runtime's: where the container's supervisor logs."""
+        return self.dir(workload_id) / "supervisor.log"
+
+    def output_path(self, workload_id: str) -> Path:
+        """A detached container's output."""
         return self.dir(workload_id) / "output.log"
 
     def create(self, workload: Workload) -> None:
+        """The workload's name, directories and its record (written here, the only time the
+        record is written before the container starts)."""
         if not _NAME.match(workload.name):
             raise ConfigError(f"--name {workload.name!r}: use 1-63 letters, digits, '_', '.', "
                               "'-', starting with a letter or digit")
@@ -70,6 +88,7 @@ class Records:
         path = self.dir(workload.id)
         for sub in ("upper", "work", "bundle/rootfs"):
             (path / sub).mkdir(parents=True, mode=0o755)
+        (path / "lock").touch()
         self.save(workload)
 
     def save(self, workload: Workload) -> None:
@@ -83,6 +102,13 @@ class Records:
             raw = json.loads((self.dir(workload_id) / "meta.json").read_text())
         except FileNotFoundError:
             raise ContainerNotFound(f"no such container: {workload_id}") from None
+        if not isinstance(raw.get("created"), str):  # written before the runtime record
+            raw["created_at"] = float(raw.pop("created", 0.0))
+            raw["created"] = rfc3339(raw["created_at"])
+            raw.setdefault("bundle", str(self.bundle(workload_id)))
+            raw.setdefault("rootfs", str(self.bundle(workload_id) / "rootfs"))
+        known = {f.name for f in fields(Workload)}
+        raw = {k: v for k, v in raw.items() if k in known}
         raw["command"] = tuple(raw["command"])
         return Workload(**raw)
 
@@ -109,7 +135,7 @@ class Records:
         for workload_id in self.ids():
             with contextlib.suppress(ContainerNotFound, ValueError, TypeError, KeyError):
                 out.append(self.load(workload_id))
-        return sorted(out, key=lambda w: w.created, reverse=True)
+        return sorted(out, key=lambda w: w.created_at, reverse=True)
 
     def remove(self, workload: Workload) -> None:
         link = self.names / workload.name
@@ -117,3 +143,27 @@ class Records:
             if os.readlink(link) == workload.id:
                 link.unlink()
         shutil.rmtree(self.dir(workload.id), ignore_errors=True)
+
+    # -- the runtime's record store (store.state.RecordStore) -------------------------------
+
+    def reserve(self, container_id: str) -> None:
+        """hyperctl made the workload (create()) before it asks for its container."""
+        self.load(container_id)
+
+    @contextlib.contextmanager
+    def locked(self, container_id: str) -> Iterator[None]:
+        try:
+            fd = os.open(self.dir(container_id) / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ContainerNotFound(f"no such container: {container_id}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def commit(self, record: ContainerRecord) -> None:
+        """The workload, written by create(), is the record already."""
+
+    def release(self, container_id: str) -> None:
+        """The workload outlives its container (until `rm`)."""

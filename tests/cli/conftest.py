@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from runv_py.sandbox import vm_dir
 from tests.vm.conftest import processes_mentioning
 
 RUNV = str(Path(sys.executable).parent / "runv")
@@ -108,9 +109,18 @@ class Runv:
             assert time.monotonic() < deadline, f"{cid} stayed {current}, wanted {status}"
             time.sleep(0.2)
 
+    def sandbox_dir(self, cid: str) -> Path:
+        """The VM directory of the sandbox container `cid` (through a pooled one's link)."""
+        return vm_dir.path_for(self.state, self.root, cid).resolve()
+
+    def supervisor_pid(self, cid: str) -> int:
+        owner = vm_dir.owner(self.sandbox_dir(cid))
+        assert owner is not None, f"{cid} has no supervisor"
+        return owner[0]
+
     def leftovers(self) -> list[str]:
         found = processes_mentioning(str(self.root)) + processes_mentioning(str(self.state))
-        for base in (self.root, self.state / "sandboxes"):
+        for base in (self.root, self.state / "sandboxes", self.state / "shares"):
             if base.exists():
                 found += [f"state: {p}" for p in base.iterdir()]
         return found

@@ -4,6 +4,7 @@ signals, and the host left clean."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runv_py.sandbox import control
+from runv_py.sandbox.client import SupervisorClient
+from runv_py.sandbox.protocol import State
 
 from .conftest import Runv, reap
 
@@ -128,11 +130,11 @@ def test_exec_ps_pause_update_stats(runv: Runv, tmp_path: Path) -> None:
     runv("pause", "c1")
     assert runv.state_of("c1")["status"] == "paused"
     assert runv("pause", "c1", check=False).returncode == 1
-    vm = json.loads((runv.root / "c1" / "state.json").read_text())["vm_dir"]
-    assert _vm_status(Path(vm) / "ctl.sock") == "paused"  # one container: the VM stops too
+    ctl = runv.sandbox_dir("c1") / "ctl.sock"
+    assert _vm_status(ctl) == "paused"  # one container: the VM stops too
     assert len(json.loads(runv("ps", "--format", "json", "c1").stdout)) == 1
     runv("resume", "c1")
-    assert _vm_status(Path(vm) / "ctl.sock") == "running"
+    assert _vm_status(ctl) == "running"
     assert runv.state_of("c1")["status"] == "running"
 
     runv("update", "--resources", "-", "c1",
@@ -153,7 +155,7 @@ def test_exec_ps_pause_update_stats(runv: Runv, tmp_path: Path) -> None:
 
 def _vm_status(ctl: Path) -> str:
     """The VM's run state as QEMU reports it to the supervisor (QMP takes one client)."""
-    return str(control.call(ctl, {"op": "state"})["vm"])
+    return asyncio.run(SupervisorClient(ctl).call(State(container="c1"))).vm
 
 
 def _with_limits(spec: dict[str, Any]) -> None:

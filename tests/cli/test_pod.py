@@ -3,7 +3,6 @@ pod's sandbox container, where both share the guest's network."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +79,10 @@ def test_pod_containers_share_one_vm_and_localhost(runv: Runv, tmp_path: Path,
     assert b"mounts[5].source" in result.stderr, result.stderr
     assert not (runv.root / "c3").exists()
     # Neither c1's nor c3's storage is left in the sandbox's share (the supervisor's mounts).
-    supervisor = json.loads((runv.root / "pod1" / "state.json").read_text())["supervisor_pid"]
+    supervisor = runv.supervisor_pid("pod1")
     mounts = Path(f"/proc/{supervisor}/mountinfo").read_text()
-    assert "/shared/rootfs-" not in mounts and "/shared/rootfs " in mounts, mounts
+    share = runv.state / "shares" / runv.sandbox_dir("pod1").name
+    assert f"{share}/rootfs-" not in mounts and f"{share}/rootfs " in mounts, mounts
     result = runv("exec", "pod1", "sh", "-c", "wget -qO- http://127.0.0.1:8080/")
     assert result.stdout == b"pod-hello\n"
     runv("kill", "pod1", "KILL")

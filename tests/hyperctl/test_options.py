@@ -16,7 +16,7 @@ from runv_py.errors import (
     NotSupported,
 )
 from runv_py.oci.image import ImageConfig
-from runv_py.oci.spec import ROOTFS_OVERLAY_ANNOTATION
+from runv_py.sandbox.policy import ROOTFS_OVERLAY_ANNOTATION
 from runv_py.workload import bundle, options
 from runv_py.workload.images import ResolvedImage
 from runv_py.workload.records import Records, Workload

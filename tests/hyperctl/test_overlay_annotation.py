@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from runv_py.oci.spec import ROOTFS_OVERLAY_ANNOTATION
+from runv_py.sandbox.policy import ROOTFS_OVERLAY_ANNOTATION
 from tests.cli.conftest import Runv, runv, subreaper  # noqa: F401 (fixtures)
 
 

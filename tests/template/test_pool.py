@@ -4,6 +4,7 @@ service. Real VMs, pool size 1."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,7 +20,10 @@ import pytest
 
 from runv_py import child, config
 from runv_py.api import Sandbox as ApiSandbox
-from runv_py.sandbox import cgroup, control, template
+from runv_py.sandbox import cgroup, vm_template
+from runv_py.sandbox.client import pool_call
+from runv_py.sandbox.control import BlockingChannel
+from runv_py.sandbox.protocol import Adopt, Claim, PoolStatus
 from runv_py.storage import shared
 from tests.cli.conftest import LATE_CHECK, LATE_SEEN, RUNV, Runv, late_binds, runv, subreaper  # noqa: F401
 from tests.cli.test_pod import SERVE, annotated
@@ -188,24 +192,26 @@ def test_a_claim_without_adopt_or_an_abandoned_adopt_leaks_nothing(
     service = pool("[pool]\nsize = 1\n")
     status = service.idle(1)
     key = next(iter(status["keys"]))
-    claim = control.call(service.socket, {"op": "claim", "key": key})
-    assert claim["ctl"] and claim["pid"] == _members(status, "idle")[0]["pid"]
-    again = control.call(service.socket, {"op": "claim", "key": key})
-    assert again["ctl"] is None and again["why"] == "empty"
-    _gone([claim["pid"], claim["qemu_pid"]], 60)  # no adopt within ADOPT_WAIT_S
+    claim = asyncio.run(pool_call(service.socket, Claim(key=key)))
+    assert claim.ctl and claim.pid == _members(status, "idle")[0]["pid"]
+    again = asyncio.run(pool_call(service.socket, Claim(key=key)))
+    assert again.ctl is None and again.why == "empty"
+    _gone([claim.pid, claim.qemu_pid], 60)  # no adopt within ADOPT_WAIT_S
 
     status = service.idle(1)
-    claim = control.call(service.socket, {"op": "claim", "key": key})
+    claim = asyncio.run(pool_call(service.socket, Claim(key=key)))
+    assert claim.ctl is not None
     bundle = runv.bundle(["true"])
     fds = [os.dup(2), shared.detached_tree(bundle / "rootfs", "root.path")]
+    channel = BlockingChannel.connect(Path(claim.ctl), 60)
     try:
-        with control.Connection(Path(claim["ctl"])) as conn:
-            conn.send({"op": "adopt", "id": "abandoned", "root": str(runv.root),
-                       "bundle": str(bundle), "trees": ["root"]}, fds)
+        channel.send(Adopt(id="abandoned", root=str(runv.root), bundle=str(bundle),
+                           trees=("root",)).to_wire(), fds)
     finally:
+        channel.close()
         for fd in fds:
             os.close(fd)
-    _gone([claim["pid"], claim["qemu_pid"]], 60)
+    _gone([claim.pid, claim.qemu_pid], 60)
     service.idle(1)
     assert service.stop() == 0
     assert service.leftovers() == []
@@ -331,7 +337,7 @@ def test_the_pool_follows_rebuilt_assets(runv: Runv, pool: Callable[[str], Pool]
         (assets / "kernel" / name).symlink_to(real / name)
     (assets / "rootfs").symlink_to((assets_dir / "rootfs").resolve())
     runv.env["RUNV_ASSETS_DIR"] = str(assets)
-    store = template.TemplateStore(config.load(runv.config).template_dir)
+    store = vm_template.TemplateStore(config.load(runv.config).template_dir)
     try:
         service = pool("[pool]\nsize = 1\n")
         status = service.idle(1)
@@ -450,7 +456,7 @@ def test_sighup_reloads_the_config(runv: Runv, pool: Callable[[str], Pool]) -> N
     while "config not reloaded" not in service.log.read_text():
         assert time.monotonic() < deadline, service.log.read_text()[-2000:]
         time.sleep(0.3)
-    status = control.call(service.socket, {"op": "status"})  # `runv` reads that file too
+    status = asyncio.run(pool_call(service.socket, PoolStatus())).fields()  # as `runv` does
     assert status["size"] == 2 and len(_members(status, "idle")) == 2
     reload("[pool]\nsize = 2\nmemory_mib = 300\n")
     status = service.idle(1)
@@ -467,8 +473,7 @@ def test_a_claimed_supervisor_killed_with_sigkill_leaves_nothing_once_deleted(
     service = pool("[pool]\nsize = 1\n")
     idle = _members(service.idle(1), "idle")[0]
     runv("create", "--bundle", str(runv.bundle(["sleep", "60"])), "k1")
-    record = json.loads((runv.root / "k1" / "state.json").read_text())
-    assert record["supervisor_pid"] == idle["pid"]
+    assert runv.supervisor_pid("k1") == idle["pid"]
     os.kill(idle["pid"], signal.SIGKILL)
     _gone([idle["pid"], idle["qemu_pid"]], 30)
     runv("delete", "--force", "k1")

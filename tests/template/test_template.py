@@ -19,8 +19,8 @@ from runv_py import config
 from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import Output, Storage
 from runv_py.devices import Nic, Share
-from runv_py.sandbox import template
-from runv_py.sandbox.sandbox import Sandbox, ensure_template
+from runv_py.sandbox import vm_template
+from runv_py.sandbox.guest_vm import GuestVm, ensure_template
 
 MOUNT = "/run/hyperstart/storage/c"
 RUNV = str(Path(sys.executable).parent / "runv")
@@ -58,9 +58,9 @@ def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
     NIC."""
     shares = (Share("rootfs0", busybox_rootfs, readonly=True),)
 
-    async def clone(index: int) -> tuple[Sandbox, str, tuple[str, ...]]:
+    async def clone(index: int) -> tuple[GuestVm, str, tuple[str, ...]]:
         mac = f"02:00:00:00:00:1{index}"
-        sandbox = await Sandbox.boot(template_config, shares=shares, nics=(Nic("n0", mac),))
+        sandbox = await GuestVm.boot(template_config, shares=shares, nics=(Nic("n0", mac),))
         assert sandbox.agent is not None
         out = await _run_in(sandbox.agent, "od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; "
                                            "echo; date +%s; "
@@ -98,21 +98,21 @@ def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
 
 def test_broken_template_falls_back_to_a_cold_boot_and_is_rebuilt(
         template_config: config.RuntimeConfig, caplog: pytest.LogCaptureFixture) -> None:
-    store = template.TemplateStore(template_config.template_dir)
+    store = vm_template.TemplateStore(template_config.template_dir)
 
     async def main() -> None:
         built = await ensure_template(template_config)
         built.state.write_bytes(b"not a QEMU migration stream" * 100)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            async with await Sandbox.boot(template_config) as sandbox:
+            async with await GuestVm.boot(template_config) as sandbox:
                 assert sandbox.start_path == "cold-fallback"
                 assert sandbox.agent is not None and await sandbox.agent.check()
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
         assert "booting cold" in warnings[0].getMessage()
         assert store.get(built.key) is None
-        async with await Sandbox.boot(template_config) as sandbox:
+        async with await GuestVm.boot(template_config) as sandbox:
             assert sandbox.start_path == "template-built"
         assert store.get(built.key) is not None
 
@@ -124,16 +124,16 @@ def test_concurrent_first_use_builds_one_template(
     cfg = replace(runtime_config, template="auto", template_dir=tmp_path / "templates")
 
     async def main() -> None:
-        boots = await asyncio.gather(Sandbox.boot(cfg), Sandbox.boot(cfg),
+        boots = await asyncio.gather(GuestVm.boot(cfg), GuestVm.boot(cfg),
                                      return_exceptions=True)
         for sandbox in boots:
-            if isinstance(sandbox, Sandbox):
+            if isinstance(sandbox, GuestVm):
                 assert sandbox.start_path == "template-built"
                 await sandbox.close()
         for sandbox in boots:
             if isinstance(sandbox, BaseException):
                 raise sandbox
-        assert len(template.TemplateStore(cfg.template_dir).templates()) == 1
+        assert len(vm_template.TemplateStore(cfg.template_dir).templates()) == 1
         assert not list(cfg.template_dir.glob(".build-*"))
 
     asyncio.run(main())
@@ -143,7 +143,7 @@ def test_template_off_boots_cold(runtime_config: config.RuntimeConfig, tmp_path:
     cfg = replace(runtime_config, template="off", template_dir=tmp_path / "templates")
 
     async def main() -> None:
-        async with await Sandbox.boot(cfg) as sandbox:
+        async with await GuestVm.boot(cfg) as sandbox:
             assert sandbox.start_path == "cold"
         assert not cfg.template_dir.exists()
 

@@ -13,12 +13,12 @@ import pytest
 
 from runv_py.cli import main as cli
 from runv_py.errors import ConfigError, ContainerExists, ContainerNotFound, SpecError
+from runv_py.oci import default_spec
 from runv_py.oci import spec as oci_spec
-from runv_py.oci import template
-from runv_py.sandbox import pod
-from runv_py.sandbox.container import parse_signal
+from runv_py.sandbox import pod, vm_dir
 from runv_py.sandbox.guest_spec import GUEST_SHARED, rewrite
-from runv_py.store.state import ContainerRecord, Store, check_id, vm_dir
+from runv_py.sandbox.runtime import parse_signal
+from runv_py.store.state import ContainerRecord, Store, check_id
 
 
 def test_single_dash_long_flags_are_accepted() -> None:
@@ -85,7 +85,7 @@ def _bundle(tmp_path: Path, spec: dict[str, Any]) -> Path:
 
 
 def test_host_spec_parser_names_the_bad_field(tmp_path: Path) -> None:
-    good = template.document()
+    good = default_spec.document()
     spec = oci_spec.load(_bundle(tmp_path, good))
     assert spec.root == (tmp_path / "rootfs").resolve() and spec.terminal
     cases = [
@@ -109,7 +109,7 @@ def test_host_spec_parser_names_the_bad_field(tmp_path: Path) -> None:
 
 
 def test_guest_spec_points_at_the_share_and_drops_host_parts(tmp_path: Path) -> None:
-    doc = template.document()
+    doc = default_spec.document()
     doc["mounts"].append({"destination": "/data", "type": "bind", "source": "/srv",
                           "options": ["rbind", "ro"]})
     doc["hooks"] = {"prestart": [{"path": "/bin/true"}],
@@ -127,7 +127,7 @@ def test_guest_spec_points_at_the_share_and_drops_host_parts(tmp_path: Path) -> 
 
 
 def test_guest_spec_joins_the_pods_namespaces_named_by_path(tmp_path: Path) -> None:
-    doc = template.document()
+    doc = default_spec.document()
     doc["linux"]["namespaces"] = [{"type": "ipc", "path": "/proc/9/ns/ipc"}, {"type": "uts"},
                                   {"type": "pid", "path": "/proc/9/ns/pid"}]
     spec = oci_spec.load(_bundle(tmp_path, doc))
@@ -153,14 +153,16 @@ def test_pod_annotations_name_the_sandbox() -> None:
 
 def test_container_records(tmp_path: Path) -> None:
     store = Store(tmp_path / "root")
-    record = ContainerRecord(id="c1", bundle="/b", rootfs="/b/rootfs", created="now")
-    store.create(record)
+    record = ContainerRecord(id="c1", bundle="/b", rootfs="/b/rootfs", created="now", pid=42)
+    store.reserve("c1")
     with pytest.raises(ContainerExists):
-        store.create(record)
+        store.reserve("c1")
     with store.locked("c1"):
-        store.save(record.with_(pid=42))
+        with pytest.raises(ContainerNotFound):
+            store.load("c1")  # reserved, not yet created
+        store.commit(record)
     assert store.load("c1").pid == 42 and store.ids() == ["c1"]
-    store.remove("c1")
+    store.release("c1")
     with pytest.raises(ContainerNotFound):
         store.load("c1")
     with pytest.raises(ContainerNotFound), store.locked("c1"):
@@ -168,13 +170,13 @@ def test_container_records(tmp_path: Path) -> None:
     for bad in ("../x", "", "a/b", "-x", "x" * 200):
         with pytest.raises(ConfigError):
             check_id(bad)
-    short = vm_dir(Path("/run/runv"), tmp_path / ("r" * 200), "c" * 128)
+    short = vm_dir.path_for(Path("/run/runv"), tmp_path / ("r" * 200), "c" * 128)
     assert len(str(short / "agent.sock")) < 108
 
 
 def test_spec_command_writes_a_loadable_template(tmp_path: Path) -> None:
-    template.write(tmp_path)
+    default_spec.write(tmp_path)
     (tmp_path / "rootfs").mkdir()
     assert oci_spec.load(tmp_path).raw["hostname"] == "runv"
     with pytest.raises(ConfigError, match="already exists"):
-        template.write(tmp_path)
+        default_spec.write(tmp_path)

@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 from runv_py.child import proc_start_time
-from runv_py.sandbox.sandbox import sweep_stale
+from runv_py.sandbox.vm_dir import sweep_stale
 
 
 def test_only_sandboxes_of_dead_owners_are_removed(tmp_path: Path) -> None:

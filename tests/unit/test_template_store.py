@@ -14,7 +14,7 @@ from runv_py import config
 from runv_py.devices import Share
 from runv_py.errors import ConfigError, SpecError
 from runv_py.oci import spec as oci_spec
-from runv_py.sandbox import supervisor, template
+from runv_py.sandbox import policy, vm_template
 from runv_py.vm.qemu.cmdline import VmConfig, qemu_argv
 
 
@@ -35,30 +35,30 @@ def _pairs(argv: list[str], flag: str) -> list[str]:
 
 def test_key_follows_every_input(tmp_path: Path) -> None:
     vm = _vm(tmp_path)
-    key = template.inputs_for(vm, "0.1.0", "serial").key
-    assert template.inputs_for(vm, "0.1.0", "serial").key == key
-    assert template.inputs_for(replace(vm, memory_mib=512), "0.1.0", "serial").key != key
-    assert template.inputs_for(replace(vm, vcpus=2), "0.1.0", "serial").key != key
-    assert template.inputs_for(vm, "0.2.0", "serial").key != key
+    key = vm_template.inputs_for(vm, "0.1.0", "serial").key
+    assert vm_template.inputs_for(vm, "0.1.0", "serial").key == key
+    assert vm_template.inputs_for(replace(vm, memory_mib=512), "0.1.0", "serial").key != key
+    assert vm_template.inputs_for(replace(vm, vcpus=2), "0.1.0", "serial").key != key
+    assert vm_template.inputs_for(vm, "0.2.0", "serial").key != key
     shared = replace(vm, shares=(Share("runvshared", Path("/elsewhere")),))
-    assert template.inputs_for(shared, "0.1.0", "serial").key != key
+    assert vm_template.inputs_for(shared, "0.1.0", "serial").key != key
     # The directory behind a share is the clone's own: it is not an input.
     moved = replace(vm, shares=(Share("runvshared", Path("/other")),))
-    assert template.inputs_for(moved, "0.1.0", "serial").key == \
-        template.inputs_for(shared, "0.1.0", "serial").key
+    assert vm_template.inputs_for(moved, "0.1.0", "serial").key == \
+        vm_template.inputs_for(shared, "0.1.0", "serial").key
     (tmp_path / "vmlinux").write_bytes(b"rebuilt kernel")
-    assert template.inputs_for(vm, "0.1.0", "serial").key != key
+    assert vm_template.inputs_for(vm, "0.1.0", "serial").key != key
 
 
 def test_clone_argv_maps_the_template_privately_and_waits_for_its_state(tmp_path: Path) -> None:
-    saved = template.Template("abc", tmp_path / "abc")
-    clone = qemu_argv(template.clone_vm(saved, _vm(tmp_path)))
+    saved = vm_template.Template("abc", tmp_path / "abc")
+    clone = qemu_argv(vm_template.clone_vm(saved, _vm(tmp_path)))
     assert (f"memory-backend-file,id=mem,size=256M,mem-path={saved.memory},share=off"
             in _pairs(clone, "-object"))
     assert "memory-backend=mem" in _pairs(clone, "-machine")[0]
     assert clone[clone.index("-incoming") + 1] == "defer" and "-S" in clone
     vmgenid = [d for d in _pairs(clone, "-device") if d.startswith("vmgenid,guid=")]
-    again = qemu_argv(template.clone_vm(saved, _vm(tmp_path)))
+    again = qemu_argv(vm_template.clone_vm(saved, _vm(tmp_path)))
     assert len(vmgenid) == 1 and vmgenid[0] not in _pairs(again, "-device")
     source = _vm(tmp_path, memory_file=tmp_path / "m", memory_file_shared=True)
     assert f"memory-backend-file,id=mem,size=256M,mem-path={tmp_path / 'm'},share=on" \
@@ -71,17 +71,17 @@ def test_a_private_clone_cannot_carry_vhost_user_devices(tmp_path: Path) -> None
         qemu_argv(vm)
 
 
-def _publish(root: Path, key: str) -> template.Template:
+def _publish(root: Path, key: str) -> vm_template.Template:
     path = root / key
     path.mkdir(parents=True)
-    for name in (template.MEMORY, template.STATE):
+    for name in (vm_template.MEMORY, vm_template.STATE):
         (path / name).write_bytes(b"x")
-    (path / template.META).write_text(json.dumps({"key": key, "inputs": {}}))
-    return template.Template(key, path)
+    (path / vm_template.META).write_text(json.dumps({"key": key, "inputs": {}}))
+    return vm_template.Template(key, path)
 
 
 def test_store_lists_finds_and_removes(tmp_path: Path) -> None:
-    store = template.TemplateStore(tmp_path)
+    store = vm_template.TemplateStore(tmp_path)
     assert store.templates() == []
     first = _publish(tmp_path, "aaaa1111")
     _publish(tmp_path, "aaaa2222")
@@ -99,7 +99,7 @@ def test_store_lists_finds_and_removes(tmp_path: Path) -> None:
 
 
 def test_sweep_removes_dead_builders_work_but_not_a_live_one(tmp_path: Path) -> None:
-    store = template.TemplateStore(tmp_path)
+    store = vm_template.TemplateStore(tmp_path)
     dead = tmp_path / ".build-dead0000-x1"
     live = tmp_path / ".build-live0000-x2"
     dead.mkdir()
@@ -107,7 +107,7 @@ def test_sweep_removes_dead_builders_work_but_not_a_live_one(tmp_path: Path) -> 
 
     async def main() -> None:
         async with store.lock("live0000"):
-            other = template.TemplateStore(tmp_path)
+            other = vm_template.TemplateStore(tmp_path)
             other.sweep()
 
     asyncio.run(main())
@@ -139,29 +139,29 @@ def _spec(tmp_path: Path, annotations: dict[str, str]) -> oci_spec.Spec:
 
 def test_annotation_chooses_the_path(tmp_path: Path) -> None:
     base = config.RuntimeConfig()
-    assert supervisor.template_choice(base, _spec(tmp_path, {})).template == "auto"
-    off = {supervisor.TEMPLATE_ANNOTATION: "off"}
-    assert supervisor.template_choice(base, _spec(tmp_path, off)).template == "off"
-    virtiofs = {supervisor.SHARED_FS_ANNOTATION: "virtio-fs"}
-    assert supervisor.template_choice(base, _spec(tmp_path, virtiofs)).template == "off"
+    assert policy.template_choice(base, _spec(tmp_path, {})).template == "auto"
+    off = {policy.TEMPLATE_ANNOTATION: "off"}
+    assert policy.template_choice(base, _spec(tmp_path, off)).template == "off"
+    virtiofs = {policy.SHARED_FS_ANNOTATION: "virtio-fs"}
+    assert policy.template_choice(base, _spec(tmp_path, virtiofs)).template == "off"
     cold = replace(base, template="off")
-    assert supervisor.template_choice(cold, _spec(tmp_path, {})).template == "off"
+    assert policy.template_choice(cold, _spec(tmp_path, {})).template == "off"
     with pytest.raises(SpecError, match=r"org\.runv\.template"):
-        supervisor.template_choice(base, _spec(tmp_path, {supervisor.TEMPLATE_ANNOTATION: "x"}))
+        policy.template_choice(base, _spec(tmp_path, {policy.TEMPLATE_ANNOTATION: "x"}))
 
 
 def test_prune_removes_templates_of_assets_that_changed(tmp_path: Path) -> None:
-    store = template.TemplateStore(tmp_path / "store")
+    store = vm_template.TemplateStore(tmp_path / "store")
     vm = _vm(tmp_path)
     kept = _publish(store.root, "kept0000")
     gone = _publish(store.root, "gone0000")
-    inputs = template.inputs_for(vm, "0.1.0", "serial")
+    inputs = vm_template.inputs_for(vm, "0.1.0", "serial")
     for saved in (kept, gone):
-        (saved.root / template.META).write_text(json.dumps({"inputs": {
+        (saved.root / vm_template.META).write_text(json.dumps({"inputs": {
             "qemu": inputs.qemu, "kernel": inputs.kernel, "root_image": "", "initrd": ""}}))
     (tmp_path / "vmlinux").write_bytes(b"rebuilt")
-    kernel_now = template.inputs_for(vm, "0.1.0", "serial").kernel
-    (kept.root / template.META).write_text(json.dumps({"inputs": {
+    kernel_now = vm_template.inputs_for(vm, "0.1.0", "serial").kernel
+    (kept.root / vm_template.META).write_text(json.dumps({"inputs": {
         "qemu": inputs.qemu, "kernel": kernel_now}}))
     assert store.prune_stale() == ["gone0000"]
     assert [t.key for t in store.templates()] == ["kept0000"]

@@ -3,62 +3,54 @@ reader that saw the VM still there must not report the status as unknown."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from runv_py.errors import ContainerNotFound
-from runv_py.workload.engine import Engine
+from runv_py.config import RuntimeConfig
+from runv_py.sandbox.protocol import StateReply
+from runv_py.sandbox.status import ContainerStatus
+from runv_py.workload.manager import WorkloadManager
 from runv_py.workload.records import Workload
 
 
 class MonitorFinishesMidway:
     """A runtime whose VM vanishes while being asked about it, as the monitor's `finish` does
-    it: the exit status is saved first, then the VM and its control socket are gone."""
+    it: the exit status is saved first, then the VM and its control socket are gone (or the
+    supervisor answers "stopped" without the status)."""
 
-    def __init__(self, engine: Engine, workload: Workload, *, record_gone: bool) -> None:
-        self.engine, self.workload, self.record_gone = engine, workload, record_gone
-        self.store = SimpleNamespace(load=self._load)
+    def __init__(self, manager: WorkloadManager, workload: Workload, *, vm_gone: bool) -> None:
+        self.manager, self.workload, self.vm_gone = manager, workload, vm_gone
+        self.store = SimpleNamespace(load=manager.records.load)
 
-    def _finish(self) -> None:
-        self.engine.records.save(self.workload.with_(exit_code=9, finished=time.time()))
-
-    def _load(self, workload_id: str) -> Any:
-        if self.record_gone:
-            self._finish()
-            raise ContainerNotFound(workload_id)
-        return SimpleNamespace(id=workload_id)
-
-    def live(self, record: Any) -> str:
-        self._finish()
-        return "stopped"
-
-    def ctl(self, record: Any) -> Path:
-        return self.engine.data_root / "no-such-ctl.sock"
+    async def state_reply(self, record: Any) -> StateReply | None:
+        self.manager.records.save(self.workload.with_(exit_code=9, finished=time.time()))
+        return None if self.vm_gone else StateReply(status=ContainerStatus.STOPPED)
 
 
-def _started(engine: Engine) -> Workload:
-    workload = Workload(id="a" * 32, name="web", image="busybox:latest", command=("sh",),
-                        created=time.time(), detached=True, started=time.time())
-    engine.records.create(workload)
+def _workload(manager: WorkloadManager, workload_id: str, **changes: Any) -> Workload:
+    workload = Workload(id=workload_id, bundle="/b", rootfs="/b/rootfs", created="now",
+                        name=workload_id[:8], image="busybox:latest", command=("sh",),
+                        created_at=time.time(), detached=True, **changes)
+    manager.records.create(workload)
     return workload
 
 
 def test_a_vm_deleted_while_asked_leaves_the_saved_exit_status(tmp_path: Path) -> None:
-    for record_gone in (False, True):
-        engine = Engine(tmp_path / f"state-{record_gone}", tmp_path / f"data-{record_gone}")
-        workload = _started(engine)
-        engine.runtime = MonitorFinishesMidway(engine, workload,  # type: ignore[assignment]
-                                               record_gone=record_gone)
-        status = engine.status(workload)
-        assert (status.state, status.exit_code) == ("exited", 9), record_gone
-        assert engine.wait(workload) == 9
+    for vm_gone in (False, True):
+        manager = WorkloadManager(RuntimeConfig(), tmp_path / f"state-{vm_gone}",
+                                  tmp_path / f"data-{vm_gone}")
+        workload = _workload(manager, "a" * 32, started=time.time())
+        manager.runtime = MonitorFinishesMidway(manager, workload,  # type: ignore[assignment]
+                                                vm_gone=vm_gone)
+        status = asyncio.run(manager.status(workload))
+        assert (status.state, status.exit_code) == ("exited", 9), vm_gone
+        assert asyncio.run(manager.wait(workload)) == 9
 
 
 def test_a_created_container_without_a_vm_is_created(tmp_path: Path) -> None:
-    engine = Engine(tmp_path / "state", tmp_path / "data")
-    workload = Workload(id="b" * 32, name="new", image="busybox:latest", command=("sh",),
-                        created=time.time())
-    engine.records.create(workload)
-    assert engine.status(workload).state == "created"
+    manager = WorkloadManager(RuntimeConfig(), tmp_path / "state", tmp_path / "data")
+    workload = _workload(manager, "b" * 32)
+    assert asyncio.run(manager.status(workload)).state == "created"

@@ -19,7 +19,7 @@ import pytest
 from bench.boot import floor_boot
 from runv_py import child, config
 from runv_py.errors import BootTimeout, HypervisorError
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from tests.vm.conftest import processes_mentioning
 
 
@@ -27,8 +27,8 @@ def _with(cfg: config.RuntimeConfig, **hv: object) -> config.RuntimeConfig:
     return replace(cfg, hypervisor=replace(cfg.hypervisor, **hv))  # type: ignore[arg-type]
 
 
-async def _boot_and_version(cfg: config.RuntimeConfig) -> tuple[Sandbox, object]:
-    async with await Sandbox.boot(cfg) as sandbox:
+async def _boot_and_version(cfg: config.RuntimeConfig) -> tuple[GuestVm, object]:
+    async with await GuestVm.boot(cfg) as sandbox:
         assert sandbox.agent is not None
         assert await sandbox.agent.check()
         return sandbox, await sandbox.agent.version()
@@ -37,7 +37,7 @@ async def _boot_and_version(cfg: config.RuntimeConfig) -> tuple[Sandbox, object]
 def test_agent_reports_its_version_over_the_channel(
         runtime_config: config.RuntimeConfig, assets_dir: Path) -> None:
     async def body() -> None:
-        async with await Sandbox.boot(runtime_config) as sandbox:
+        async with await GuestVm.boot(runtime_config) as sandbox:
             assert sandbox.agent is not None
             version = await sandbox.agent.version()
             details = await sandbox.agent.guest_details()
@@ -64,7 +64,7 @@ def test_boots_never_hang(runtime_config: config.RuntimeConfig, machine: str) ->
 
     async def body() -> None:
         for _ in range(rounds):
-            async with await Sandbox.boot(cfg) as sandbox:
+            async with await GuestVm.boot(cfg) as sandbox:
                 assert sandbox.agent is not None and await sandbox.agent.check()
 
     asyncio.run(body())
@@ -88,7 +88,7 @@ def test_raw_floor_boots_reach_the_marker(runtime_config: config.RuntimeConfig) 
 def test_agent_serves_a_new_host_connection_after_the_old_one_closes(
         runtime_config: config.RuntimeConfig) -> None:
     async def body() -> None:
-        async with await Sandbox.boot(runtime_config) as sandbox:
+        async with await GuestVm.boot(runtime_config) as sandbox:
             for _ in range(3):
                 client = await asyncio.wait_for(sandbox.reconnect_agent(), 40)
                 assert (await client.version()).agent_version == hyperstart_agent.__version__
@@ -101,7 +101,7 @@ def test_a_qemu_too_busy_to_answer_quit_is_still_stopped(
     """Teardown of a VM whose QEMU does not answer QMP (frozen here with SIGSTOP; under load,
     busy): no error, and QEMU and its vsock backend are gone."""
     async def body() -> list[int]:
-        sandbox = await Sandbox.boot(runtime_config, sandbox_id="frozen")
+        sandbox = await GuestVm.boot(runtime_config, sandbox_id="frozen")
         assert sandbox.machine is not None and sandbox.machine.pid is not None
         pids = [sandbox.machine.pid]
         if sandbox.vsock is not None and sandbox.vsock.child is not None:
@@ -118,7 +118,7 @@ def test_a_qemu_too_busy_to_answer_quit_is_still_stopped(
 def test_qemu_killed_during_boot_is_reported_and_cleaned(
         runtime_config: config.RuntimeConfig) -> None:
     async def body() -> None:
-        task = asyncio.create_task(Sandbox.boot(runtime_config, sandbox_id="victim"))
+        task = asyncio.create_task(GuestVm.boot(runtime_config, sandbox_id="victim"))
         pid = None
         for _ in range(500):
             pid = next((int(p.split(":")[0]) for p in processes_mentioning(
@@ -138,7 +138,7 @@ def test_boot_timeout_gives_the_console_and_cleans_up(
         runtime_config: config.RuntimeConfig) -> None:
     cfg = replace(_with(runtime_config, boot_timeout_s=1.0), template="off")
     with pytest.raises(BootTimeout) as info:
-        asyncio.run(Sandbox.boot(cfg))
+        asyncio.run(GuestVm.boot(cfg))
     assert "did not answer within 1s" in str(info.value)
     assert "guest console" in str(info.value)
 
@@ -150,7 +150,7 @@ def test_a_bad_kernel_fails_with_qemus_words(
     (bad / "kernel/vmlinux").write_bytes(b"not a kernel")
     cfg = replace(runtime_config, guest=replace(runtime_config.guest, assets_dir=bad))
     with pytest.raises(HypervisorError, match=r"QEMU exited with status 1"):
-        asyncio.run(Sandbox.boot(cfg))
+        asyncio.run(GuestVm.boot(cfg))
 
 
 def test_hyperctl_version_boots_a_vm(runtime_config: config.RuntimeConfig, tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_killed_hyperctl_leaves_no_vm_and_its_state_is_swept(
     assert list(runtime_config.state_dir.iterdir()), "the killed run left no state to sweep"
 
     async def next_boot() -> None:
-        async with await Sandbox.boot(runtime_config):
+        async with await GuestVm.boot(runtime_config):
             pass
 
     asyncio.run(next_boot())  # sweeps the dead run's state; the fixture checks nothing is left
@@ -219,4 +219,4 @@ def test_killed_hyperctl_leaves_no_vm_and_its_state_is_swept(
 def test_a_missing_qemu_binary_says_what_to_install(runtime_config: config.RuntimeConfig) -> None:
     cfg = _with(runtime_config, qemu="qemu-system-nonexistent")
     with pytest.raises(HypervisorError, match="apt-get install qemu-system-x86"):
-        asyncio.run(Sandbox.boot(cfg))
+        asyncio.run(GuestVm.boot(cfg))

@@ -16,7 +16,7 @@ from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import Event, Output, Storage
 from runv_py.devices import Share
 from runv_py.errors import AgentError
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 
 MOUNT = "/run/hyperstart/storage/{}"
 
@@ -51,7 +51,7 @@ async def _collect(stream: AsyncIterator[Output]) -> dict[str, bytes]:
 def _run(cfg: config.RuntimeConfig, rootfs: Path, body: Any) -> None:
     async def main() -> None:
         shares = (Share("rootfs0", rootfs, readonly=True),)
-        async with await Sandbox.boot(cfg, shares=shares) as sandbox:
+        async with await GuestVm.boot(cfg, shares=shares) as sandbox:
             assert sandbox.agent is not None
             await body(sandbox.agent)
 

@@ -18,7 +18,7 @@ from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import ARPNeighbor, Interface, IPAddress, Route, Storage
 from runv_py.devices import Share
 from runv_py.errors import AgentError
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from tests.vm.test_container import MOUNT, _collect, _spec
 
 DELETE = object()
@@ -324,7 +324,7 @@ def test_malformed_requests_get_their_status_and_the_agent_keeps_working(
 
     async def main() -> None:
         shares = (Share("rootfs0", busybox_rootfs, readonly=True),)
-        async with await Sandbox.boot(runtime_config, shares=shares) as sandbox:
+        async with await GuestVm.boot(runtime_config, shares=shares) as sandbox:
             assert sandbox.agent is not None
             await body(sandbox.agent)
 

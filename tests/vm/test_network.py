@@ -16,7 +16,7 @@ from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import ARPNeighbor, Interface, IPAddress, Route, Storage
 from runv_py.devices import Nic, Share
 from runv_py.errors import AgentError
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from tests.vm.test_container import MOUNT, _collect, _spec
 
 MAC0, MAC1, GATEWAY_MAC = "02:52:56:00:00:01", "02:52:56:00:00:02", "02:52:56:00:00:fe"
@@ -160,7 +160,7 @@ def test_interfaces_routes_and_neighbors_in_the_guest_and_a_container(
 
     async def main() -> None:
         nics = (Nic("n0", MAC0, mtu=1500), Nic("n1", MAC1))
-        async with await Sandbox.boot(
+        async with await GuestVm.boot(
                 runtime_config, shares=(Share("rootfs0", busybox_rootfs, readonly=True),),
                 nics=nics) as sandbox:
             assert sandbox.agent is not None

@@ -21,7 +21,7 @@ from runv_py.agent._pb import hyperstart_pb2 as pb
 from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import Storage
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 
 MOUNT = "/run/hyperstart/storage/{}"
 
@@ -81,7 +81,7 @@ def test_containers_cannot_reach_the_stream_listener_or_agent_and_a_wrong_token_
         (rootfs / d).mkdir()
 
     async def main() -> None:
-        async with await Sandbox.boot(runtime_config,
+        async with await GuestVm.boot(runtime_config,
                                       shares=(Share("r", rootfs, readonly=True),)) as sandbox:
             agent = sandbox.agent
             assert isinstance(agent, AgentClient) and agent.dial is not None
@@ -135,7 +135,7 @@ def test_serial_channel_keeps_the_stdio_rpc(runtime_config: config.RuntimeConfig
                   guest=replace(runtime_config.guest, channel="serial"))
 
     async def main() -> None:
-        async with await Sandbox.boot(cfg, shares=(Share("r", busybox_rootfs, readonly=True),)
+        async with await GuestVm.boot(cfg, shares=(Share("r", busybox_rootfs, readonly=True),)
                                       ) as sandbox:
             agent = sandbox.agent
             assert agent is not None and agent.dial is None

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from runv_py import config
-from runv_py.sandbox import template
-from runv_py.sandbox.sandbox import Sandbox, ensure_template
+from runv_py.sandbox import vm_template
+from runv_py.sandbox.guest_vm import GuestVm, ensure_template
 from runv_py.vsock.backend import VsockBackend
 
 
@@ -42,7 +42,7 @@ def test_two_clones_talk_vsock_each_with_its_own_backend_and_leave_the_template_
         runtime_config: config.RuntimeConfig) -> None:
     cfg = replace(runtime_config, template="auto")
 
-    async def traffic(sandbox: Sandbox, index: int) -> None:
+    async def traffic(sandbox: GuestVm, index: int) -> None:
         assert sandbox.agent is not None and sandbox.machine is not None
         data = os.urandom(4 << 20)
         await sandbox.agent.copy_file(f"/run/hyperstart/files/blob{index}", data)
@@ -53,14 +53,14 @@ def test_two_clones_talk_vsock_each_with_its_own_backend_and_leave_the_template_
     async def main() -> None:
         built = await ensure_template(cfg)
         before = _sha256(built.memory)
-        sandboxes = await asyncio.gather(Sandbox.boot(cfg), Sandbox.boot(cfg),
+        sandboxes = await asyncio.gather(GuestVm.boot(cfg), GuestVm.boot(cfg),
                                          return_exceptions=True)
         try:
             for result in sandboxes:
                 if isinstance(result, BaseException):
                     raise result
             a, b = sandboxes
-            assert isinstance(a, Sandbox) and isinstance(b, Sandbox)
+            assert isinstance(a, GuestVm) and isinstance(b, GuestVm)
             for sandbox in (a, b):
                 assert sandbox.start_path == "template"
                 assert sandbox.channel == "vsock" and "vsock" in sandbox.timings
@@ -82,7 +82,7 @@ def test_two_clones_talk_vsock_each_with_its_own_backend_and_leave_the_template_
                 assert "dropped from the guest" not in sandbox.paths.vsock_log.read_text()
         finally:
             for result in sandboxes:
-                if isinstance(result, Sandbox):
+                if isinstance(result, GuestVm):
                     await result.close()
         assert _sha256(built.memory) == before
 
@@ -104,7 +104,7 @@ def test_clone_whose_backend_fails_boots_cold_and_leaks_nothing(
         built = await ensure_template(cfg)
         monkeypatch.setattr(VsockBackend, "write_qemu_pid", wrong)
         caplog.set_level(logging.WARNING)
-        async with await Sandbox.boot(cfg) as sandbox:
+        async with await GuestVm.boot(cfg) as sandbox:
             assert sandbox.start_path == "cold-fallback" and sandbox.channel == "vsock"
             assert sandbox.agent is not None and await sandbox.agent.check()
             assert sandbox.vsock is not None and sandbox.vsock.qemu_pid_file is None
@@ -112,7 +112,7 @@ def test_clone_whose_backend_fails_boots_cold_and_leaks_nothing(
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1 and "booting cold" in warnings[0], warnings
         assert "vsock" in warnings[0]
-        assert template.TemplateStore(cfg.template_dir).get(built.key) is not None
+        assert vm_template.TemplateStore(cfg.template_dir).get(built.key) is not None
 
     asyncio.run(main())
 
@@ -122,7 +122,7 @@ def test_serial_channel_clones_talk_serial(runtime_config: config.RuntimeConfig)
                   guest=replace(runtime_config.guest, channel="serial"))
 
     async def main() -> None:
-        async with await Sandbox.boot(cfg) as sandbox:
+        async with await GuestVm.boot(cfg) as sandbox:
             assert sandbox.start_path.startswith("template") and sandbox.channel == "serial"
             assert sandbox.agent is not None and await sandbox.agent.check()
             assert not sandbox.paths.vsock.vhost.exists()

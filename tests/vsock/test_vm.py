@@ -26,7 +26,7 @@ from runv_py import config
 from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import Output, Storage
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 
 PROG = Path(__file__).parent / "guest" / "vsockprog.py"
 MOUNT = "/run/hyperstart/storage/{}"
@@ -136,10 +136,10 @@ def echo(uds: Path, port: int, data: bytes) -> bytes:
 
 
 def _run(cfg: config.RuntimeConfig, rootfs: Path,
-         body: Callable[[Sandbox, AgentClient], Awaitable[None]]) -> None:
+         body: Callable[[GuestVm, AgentClient], Awaitable[None]]) -> None:
     async def main() -> None:
         shares = (Share("rootfs0", rootfs, readonly=True),)
-        async with await Sandbox.boot(cfg, shares=shares) as sandbox:
+        async with await GuestVm.boot(cfg, shares=shares) as sandbox:
             assert sandbox.agent is not None and sandbox.channel == "vsock"
             clone = sandbox.start_path in ("template", "template-built")
             assert clone == (cfg.template == "auto"), sandbox.start_path
@@ -153,7 +153,7 @@ def test_agent_runs_over_vsock_by_default(runtime_config: config.RuntimeConfig) 
     runtime_config = cold(runtime_config)
 
     async def main() -> None:
-        async with await Sandbox.boot(runtime_config) as sandbox:
+        async with await GuestVm.boot(runtime_config) as sandbox:
             assert sandbox.agent is not None and sandbox.vsock is not None
             version = await sandbox.agent.version()
             assert "channel.vsock" in version.features
@@ -181,7 +181,7 @@ def test_serial_channel_still_works(runtime_config: config.RuntimeConfig) -> Non
     cfg = replace(cold(runtime_config), guest=replace(runtime_config.guest, channel="serial"))
 
     async def main() -> None:
-        async with await Sandbox.boot(cfg) as sandbox:
+        async with await GuestVm.boot(cfg) as sandbox:
             assert sandbox.agent is not None and sandbox.vsock is None
             assert "hyperstart.channel=serial:" in sandbox.machine.config.kernel_cmdline
             assert await sandbox.agent.check()
@@ -195,7 +195,7 @@ def test_serial_channel_still_works(runtime_config: config.RuntimeConfig) -> Non
 def test_many_connections_half_close_and_bulk_both_ways(
         runtime_config: config.RuntimeConfig, vsock_rootfs: Path, start: str,
         bulk: int) -> None:
-    async def body(sandbox: Sandbox, agent: AgentClient) -> None:
+    async def body(sandbox: GuestVm, agent: AgentClient) -> None:
         uds = sandbox.paths.vsock.uds
         server = await _guest_program(agent, "srv", "serve", "5000")
         await asyncio.to_thread(wait_listening, uds, 5000)
@@ -282,7 +282,7 @@ def test_many_connections_half_close_and_bulk_both_ways(
     _run(started(runtime_config, start), vsock_rootfs, body)
 
 
-def _rings_sound(sandbox: Sandbox) -> None:
+def _rings_sound(sandbox: GuestVm) -> None:
     """Neither side saw the other break the ring protocol."""
     assert "not a head" not in sandbox.paths.console_log.read_text()
     log = sandbox.paths.vsock_log.read_text()
@@ -297,7 +297,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize("start", ["cold", "clone"])
 def test_backend_killed_and_restarted_without_the_vm_dying(
         runtime_config: config.RuntimeConfig, vsock_rootfs: Path, start: str) -> None:
-    async def body(sandbox: Sandbox, agent: AgentClient) -> None:
+    async def body(sandbox: GuestVm, agent: AgentClient) -> None:
         assert sandbox.vsock is not None and sandbox.vsock.child is not None
         uds = sandbox.paths.vsock.uds
         await _guest_program(agent, "srv", "serve", "5000")
@@ -333,7 +333,7 @@ def test_guest_resets_the_device_then_the_backend_restarts(
     """The guest unbinds and rebinds its vsock driver (a device reset: QEMU stops the rings and
     sets them up again); connections work again, also after a backend restart that has to
     replay that history."""
-    async def body(sandbox: Sandbox, agent: AgentClient) -> None:
+    async def body(sandbox: GuestVm, agent: AgentClient) -> None:
         assert sandbox.vsock is not None and sandbox.vsock.child is not None
         uds = sandbox.paths.vsock.uds
         await _guest_program(agent, "srv", "serve", "5000")

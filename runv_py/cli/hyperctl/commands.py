@@ -1,25 +1,26 @@
 """The hyperctl commands: argument definitions and what each does, on top of
-runv_py.workload.engine.Engine."""
+runv_py.workload.manager.WorkloadManager (in one event loop per command)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...errors import CommandNotExecutable, CommandNotFound, ConfigError, RunvError
 from ...oci.image.progress import human_size
-from .. import pool as pool_cli
-from .. import template as template_cli
+from .. import pool_command, template_command
+from . import foreground
 
 if TYPE_CHECKING:
-    from ...workload.engine import Engine
+    from ...config import RuntimeConfig
+    from ...workload.manager import WorkloadManager
 
 RUN_FAILED = 125  # docker's and podman's status for "the container could not be run"
 
@@ -137,8 +138,8 @@ def add_all(sub: Any) -> None:
     p = sub.add_parser("load", help="load images from an OCI or docker archive")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="the archive (.tar)")
 
-    template_cli.add_parser(sub)
-    pool_cli.add_parser(sub)
+    template_command.add_parser(sub)
+    pool_command.add_parser(sub)
 
     version = sub.add_parser(
         "version", help="show host and guest versions (boots a throw-away VM)",
@@ -149,23 +150,25 @@ def add_all(sub: Any) -> None:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    if args.config:
-        os.environ["RUNV_CONFIG"] = str(Path(args.config).absolute())
+    from ... import config as config_mod
+
+    config = config_mod.load(args.config)
     if args.command == "version":
-        return asyncio.run(_version(args))
+        return asyncio.run(_version(args, config))
     if args.command == "template":
-        return template_cli.run(args)
+        return template_command.run(args, config)
     if args.command == "pool":
-        return pool_cli.run(args)
-    from ...workload.engine import Engine
+        return pool_command.run(args, config)
+    from ...workload.manager import WorkloadManager
 
-    engine = Engine(Path(args.root) if args.root else None,
-                    Path(args.data_root) if args.data_root else None, debug=args.debug)
+    manager = WorkloadManager(config, Path(args.root) if args.root else None,
+                              Path(args.data_root) if args.data_root else None,
+                              debug=args.debug)
     handler = _HANDLERS[args.command]
-    return int(handler(engine, args))
+    return int(asyncio.run(handler(manager, args)))
 
 
-def _run(engine: Engine, args: argparse.Namespace) -> int:
+async def _run(manager: WorkloadManager, args: argparse.Namespace) -> int:
     from ...oci.image import Progress
     from ...workload import options as opt
 
@@ -188,17 +191,18 @@ def _run(engine: Engine, args: argparse.Namespace) -> int:
         if args.detach and args.tty:
             raise ConfigError("-t with -d: hyperctl has no attach, so a detached container "
                               "cannot have a terminal (drop -t)")
-        workload = engine.prepare(options, detached=args.detach, progress=Progress(sys.stderr))
+        workload = await manager.prepare(options, detached=args.detach,
+                                         progress=Progress(sys.stderr))
         if args.detach:
-            engine.run_detached(workload)
+            await manager.run_detached(workload)
             print(workload.id)
             return 0
-        code = int(engine.run_foreground(workload, interactive=args.interactive))
+        code = await foreground.run(manager, workload, interactive=args.interactive)
     except RunvError as exc:
         exc.exit_code = _run_failed(exc)
         raise
-    if code == 137 and engine.records.dir(workload.id).exists() and \
-            engine.records.load(workload.id).timed_out:
+    if code == 137 and manager.records.dir(workload.id).exists() and \
+            manager.records.load(workload.id).timed_out:
         print(f"hyperctl: container {workload.name} ran longer than --timeout {args.timeout} "
               "and was killed", file=sys.stderr)
     return code
@@ -215,15 +219,15 @@ def _ago(when: float | None) -> str:
     return f"{seconds} second{'s' if seconds != 1 else ''} ago"
 
 
-def _ps(engine: Engine, args: argparse.Namespace) -> int:
-    rows = engine.containers(all_=args.all)
+async def _ps(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    rows = await manager.containers(all_=args.all)
     if args.quiet:
         for workload, _ in rows:
             print(workload.id[:12])
         return 0
     if args.format == "json":
         print(json.dumps([{"id": w.id, "name": w.name, "image": w.image,
-                           "command": list(w.command), "created": w.created,
+                           "command": list(w.command), "created": w.created_at,
                            "status": s.state, "exit_code": s.exit_code} for w, s in rows]))
         return 0
     print(f"{'CONTAINER ID':<14}{'IMAGE':<16}{'COMMAND':<24}{'CREATED':<18}{'STATUS':<30}NAMES")
@@ -239,92 +243,93 @@ def _ps(engine: Engine, args: argparse.Namespace) -> int:
             status = s.state.capitalize()
         command = " ".join(w.command)
         command = command if len(command) <= 22 else command[:19] + "..."
-        print(f"{w.id[:12]:<14}{w.image[:15]:<16}{command:<24}{_ago(w.created):<18}"
+        print(f"{w.id[:12]:<14}{w.image[:15]:<16}{command:<24}{_ago(w.created_at):<18}"
               f"{status:<30}{w.name}")
     return 0
 
 
-def _exec(engine: Engine, args: argparse.Namespace) -> int:
+async def _exec(manager: WorkloadManager, args: argparse.Namespace) -> int:
     from ...workload import options as opt
 
     if not args.cmd:
         raise ConfigError("exec: give a command after the container")
-    workload = engine.find(args.container)
-    process = engine.exec_process(workload, list(args.cmd), tty=args.tty,
-                                  env=tuple(opt.parse_env(e) for e in args.env),
-                                  workdir=args.workdir, user=args.user)
+    workload = manager.find(args.container)
+    process = manager.exec_process(workload, list(args.cmd), tty=args.tty,
+                                   env=tuple(opt.parse_env(e) for e in args.env),
+                                   workdir=args.workdir, user=args.user)
     try:
-        return int(engine.exec_foreground(workload, process, interactive=args.interactive))
+        return await foreground.exec(manager, workload, process,
+                                     interactive=args.interactive)
     except (CommandNotFound, CommandNotExecutable) as exc:
         exc.exit_code = _run_failed(exc)
         raise
 
 
-def _logs(engine: Engine, args: argparse.Namespace) -> int:
+async def _logs(manager: WorkloadManager, args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
-    for chunk in engine.logs(engine.find(args.container), follow=args.follow):
+    async for chunk in manager.logs(manager.find(args.container), follow=args.follow):
         out.write(chunk)
         out.flush()
     return 0
 
 
-def _each(args: argparse.Namespace, body: Any) -> int:
+async def _each(args: argparse.Namespace, body: Callable[[str], Awaitable[None]]) -> int:
     """Act on every named container; report each failure, go on, exit 1 if any failed."""
     failed = False
     for key in args.containers:
         try:
-            body(key)
+            await body(key)
         except RunvError as exc:
             print(f"hyperctl: error: {exc}", file=sys.stderr)
             failed = True
     return 1 if failed else 0
 
 
-def _stop(engine: Engine, args: argparse.Namespace) -> int:
-    def one(key: str) -> None:
-        engine.stop(engine.find(key), args.time)
+async def _stop(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    async def one(key: str) -> None:
+        await manager.stop(manager.find(key), args.time)
         print(key)
-    return _each(args, one)
+    return await _each(args, one)
 
 
-def _kill(engine: Engine, args: argparse.Namespace) -> int:
-    from ...sandbox.container import parse_signal
+async def _kill(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    from ...sandbox.runtime import parse_signal
 
     signum = parse_signal(args.signal)
 
-    def one(key: str) -> None:
-        engine.kill(engine.find(key), signum)
+    async def one(key: str) -> None:
+        await manager.kill(manager.find(key), signum)
         print(key)
-    return _each(args, one)
+    return await _each(args, one)
 
 
-def _rm(engine: Engine, args: argparse.Namespace) -> int:
-    def one(key: str) -> None:
-        engine.remove(engine.find(key), force=args.force)
+async def _rm(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    async def one(key: str) -> None:
+        await manager.remove(manager.find(key), force=args.force)
         print(key)
-    return _each(args, one)
+    return await _each(args, one)
 
 
-def _wait(engine: Engine, args: argparse.Namespace) -> int:
-    def one(key: str) -> None:
-        print(engine.wait(engine.find(key)), flush=True)
-    return _each(args, one)
+async def _wait(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    async def one(key: str) -> None:
+        print(await manager.wait(manager.find(key)), flush=True)
+    return await _each(args, one)
 
 
-def _inspect(engine: Engine, args: argparse.Namespace) -> int:
+async def _inspect(manager: WorkloadManager, args: argparse.Namespace) -> int:
     found = []
 
-    def one(key: str) -> None:
-        found.append(engine.inspect(engine.find(key)))
-    code = _each(args, one)
+    async def one(key: str) -> None:
+        found.append(await manager.inspect(manager.find(key)))
+    code = await _each(args, one)
     print(json.dumps(found, indent=2))
     return code
 
 
-def _info(engine: Engine, args: argparse.Namespace) -> int:
+async def _info(manager: WorkloadManager, args: argparse.Namespace) -> int:
     from . import info
 
-    report = asyncio.run(info.collect(engine))
+    report = await info.collect(manager)
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:
@@ -332,10 +337,10 @@ def _info(engine: Engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def _pull(engine: Engine, args: argparse.Namespace) -> int:
+async def _pull(manager: WorkloadManager, args: argparse.Namespace) -> int:
     from ...oci.image import Credentials, Progress
 
-    image = engine.images.pull(
+    image = await manager.images.pull(
         args.image, progress=None if args.quiet else Progress(sys.stderr),
         credentials=Credentials.parse(args.creds) if args.creds else None,
         ca_file=Path(args.ca_file) if args.ca_file else None, insecure=args.insecure,
@@ -344,8 +349,8 @@ def _pull(engine: Engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def _images(engine: Engine, args: argparse.Namespace) -> int:
-    rows = engine.images.all()
+async def _images(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    rows = manager.images.all()
     if args.quiet:
         for row in rows:
             print(row.name)
@@ -359,24 +364,24 @@ def _images(engine: Engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def _rmi(engine: Engine, args: argparse.Namespace) -> int:
-    in_use = {w.image: w.name for w in engine.records.all()}
+async def _rmi(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    in_use = {w.image: w.name for w in manager.records.all()}
 
-    def one(ref: str) -> None:
-        name = engine.images.name_of(ref)
+    async def one(ref: str) -> None:
+        name = manager.images.name_of(ref)
         if name in in_use:
             raise ConfigError(f"image {name} is used by container {in_use[name]}: remove the "
                               "container first (hyperctl rm)")
-        for removed in engine.images.remove(ref):
+        for removed in manager.images.remove(ref):
             print(f"Untagged: {removed}")
     args.containers = args.images
-    return _each(args, one)
+    return await _each(args, one)
 
 
-def _load(engine: Engine, args: argparse.Namespace) -> int:
+async def _load(manager: WorkloadManager, args: argparse.Namespace) -> int:
     from ...oci.image import Progress
 
-    for image in engine.images.load(Path(args.input), progress=Progress(sys.stderr)):
+    for image in manager.images.load(Path(args.input), progress=Progress(sys.stderr)):
         print(f"Loaded image: {image.name}")
     return 0
 
@@ -388,26 +393,24 @@ _HANDLERS: dict[str, Any] = {
 }
 
 
-async def _version(args: argparse.Namespace) -> int:
-    from ... import config as config_mod
-    from ...sandbox.sandbox import Sandbox
+async def _version(args: argparse.Namespace, config: RuntimeConfig) -> int:
+    from ...sandbox.guest_vm import GuestVm
 
-    config = config_mod.load(args.config)
-    async with await Sandbox.boot(config, debug=args.debug) as sandbox:
-        assert sandbox.agent is not None and sandbox.accel is not None
-        agent = await sandbox.agent.version()
-        details = await sandbox.agent.guest_details()
+    async with await GuestVm.boot(config, debug=args.debug) as vm:
+        assert vm.accel is not None
+        agent = await vm.agent.version()
+        details = await vm.agent.guest_details()
     report: dict[str, Any] = {
         "hyperctl": __version__,
-        "accelerator": sandbox.accel.accel,
-        "accelerator_reason": sandbox.accel.reason,
+        "accelerator": vm.accel.accel,
+        "accelerator_reason": vm.accel.reason,
         "machine": config.hypervisor.machine,
         "agent": agent.agent_version,
         "agent_api": agent.api_version,
         "guest_kernel": agent.kernel_release,
         "guest_python": agent.python_version,
         "guest_memory_mib": details.mem_total_kib // 1024,
-        "boot_ms": {k: round(v * 1000) for k, v in sandbox.timings.items()},
+        "boot_ms": {k: round(v * 1000) for k, v in vm.timings.items()},
     }
     if args.format == "json":
         print(json.dumps(report, indent=2))

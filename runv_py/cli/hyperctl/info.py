@@ -7,7 +7,6 @@ import contextlib
 from typing import Any
 
 from ... import __version__, assets, child
-from ... import config as config_mod
 from ...errors import RunvError
 from ...vm import accel
 
@@ -24,8 +23,8 @@ async def _qemu_version(binary: str) -> str:
     return out.decode(errors="replace").splitlines()[0] if out else "unknown"
 
 
-async def collect(engine: Any) -> dict[str, Any]:
-    config = config_mod.load()
+async def collect(manager: Any) -> dict[str, Any]:
+    config = manager.config
     choice = accel.choose(config.hypervisor.accelerator)
     report: dict[str, Any] = {
         "hyperctl": __version__,
@@ -41,13 +40,13 @@ async def collect(engine: Any) -> dict[str, Any]:
         report["guest_image"] = f"agent {found.agent_version} ({found.rootfs_image})"
     except RunvError as exc:
         report["guest_kernel"] = report["guest_image"] = f"missing: {exc}"
-    usage = engine.disk_usage()
-    report["state_root"] = str(engine.state_root)
-    report["data_root"] = str(engine.data_root)
+    usage = manager.disk_usage()
+    report["state_root"] = str(manager.state_root)
+    report["data_root"] = str(manager.data_root)
     report["store_bytes"] = usage
     with contextlib.suppress(RunvError, OSError):
-        report["images"] = len(engine.images.all())
-    report["containers"] = len(engine.records.ids())
+        report["images"] = len(manager.images.all())
+    report["containers"] = len(manager.records.ids())
     return report
 
 

@@ -9,12 +9,8 @@ lease goes to the container's record directory), release() when the VM is freed.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .. import config as config_mod
 from ..errors import NotSupported
@@ -23,7 +19,6 @@ from ..network.cni import BridgeNetwork, PortMapping
 
 NETWORK_MODES = ("none", "default")
 LEASE_FILE = "network.json"
-T = TypeVar("T")
 
 
 def check(mode: str, publish: tuple[str, ...]) -> tuple[PortMapping, ...]:
@@ -51,49 +46,30 @@ def configure_network(spec: dict[str, Any], mode: str, publish: tuple[str, ...],
     namespaces.append({"type": "network", **({"path": netns} if netns else {})})
 
 
-def _blocking(run: Callable[[], Awaitable[T]]) -> T:
-    """An async network call from the engine's synchronous code, on a loop of its own (the
-    caller may be inside another event loop)."""
-    future: Future[T] = Future()
-
-    def target() -> None:
-        try:
-            future.set_result(asyncio.run(run()))  # type: ignore[arg-type]
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    thread = threading.Thread(target=target, name="network")
-    thread.start()
-    thread.join()
-    return future.result()
-
-
-def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_dir: Path
-           ) -> str | None:
+async def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_dir: Path,
+                 settings: config_mod.NetworkConfig) -> str | None:
     """For --network default: the namespace path for the spec, its lease saved in
     record_dir. None for --network none."""
     ports = check(mode, publish)
     if mode == "none":
         return None
-    settings = config_mod.load().network
     network = BridgeNetwork(name="runv", bridge=settings.bridge, subnet=settings.subnet,
                             data_dir=settings.cni_data_dir)
-    lease = _blocking(lambda: managed.attach(f"hc-{workload_id[:12]}", network, ports))
+    lease = await managed.attach(f"hc-{workload_id[:12]}", network, ports)
     try:
         (record_dir / LEASE_FILE).write_text(lease.to_json())
     except BaseException:
-        _blocking(lambda: managed.detach(lease))
+        await managed.detach(lease)
         raise
     return lease.netns
 
 
-def release(record_dir: Path) -> None:
+async def release(record_dir: Path) -> None:
     """Undo attach() (CNI DEL, the namespace); nothing to do without a lease. Idempotent."""
     path = record_dir / LEASE_FILE
     try:
         text = path.read_text()
     except FileNotFoundError:
         return
-    lease = managed.Lease.from_json(text)
-    _blocking(lambda: managed.detach(lease))
+    await managed.detach(managed.Lease.from_json(text))
     path.unlink(missing_ok=True)

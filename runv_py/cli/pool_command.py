@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import RuntimeConfig
 
 HELP = """\
 The warm pool keeps idle sandboxes ready: each is a supervisor whose VM is already restored
@@ -35,37 +37,35 @@ def add_parser(sub: Any) -> None:
     status.add_argument("--format", choices=("table", "json"), default="table")
 
 
-def run(args: argparse.Namespace) -> int:
-    from .. import config as config_mod
+def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
     from ..errors import RunvError
     from ..sandbox import pool
 
-    config = config_mod.load()
     if args.pool_command == "serve":
         return asyncio.run(_serve(config, bool(args.debug)))
     try:
-        reply = pool.request(config.state_dir, {"op": "status"})
+        reply = asyncio.run(pool.status(config.state_dir))
     except ConnectionError as exc:
         raise RunvError(f"{exc}: start it with `runv pool serve`") from None
     if args.format == "json":
-        print(json.dumps(reply, indent=2))
+        print(json.dumps(reply.fields(), indent=2))
         return 0
-    print(f"memory {reply['memory_mib']} of {reply['memory_ceiling_mib']} MiB, "
-          f"{reply['size']} per size, idle VMs {reply['idle_state']}, "
-          f"{reply['claims']} claimed since start")
+    print(f"memory {reply.memory_mib} of {reply.memory_ceiling_mib} MiB, "
+          f"{reply.size} per size, idle VMs {reply.idle_state}, "
+          f"{reply.claims} claimed since start")
     print(f"{'KEY':<18}{'MEMORY':<8}{'VCPUS':<7}{'IDLE':<6}{'STARTING':<10}CLAIMED")
-    for key, row in reply["keys"].items():
+    for key, row in reply.keys.items():
         print(f"{key:<18}{str(row['memory_mib']) + 'M':<8}{row['vcpus']!s:<7}"
               f"{row['idle']!s:<6}{row['starting']!s:<10}{row['claimed_running']}")
     return 0
 
 
-async def _serve(config: Any, debug: bool) -> int:
+async def _serve(config: RuntimeConfig, debug: bool) -> int:
     from ..sandbox import pool
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    service = pool.PoolService(config, os.environ.get("RUNV_CONFIG"), debug=debug)
+    service = pool.PoolService(config, config.file, debug=debug)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload)

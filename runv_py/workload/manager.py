@@ -1,9 +1,10 @@
-"""The workload engine: runs images as containers in their own VMs through `Runtime` (the
+"""The workload manager: runs images as containers in their own VMs through `Runtime` (the
 machinery of `runv`), and answers for them afterwards (status, logs, exit status) until they
-are removed. Blocking; the CLI calls it directly and the async API from worker threads."""
+are removed. hyperctl runs it in one event loop per command, the async API in the caller's."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -11,28 +12,28 @@ import os
 import secrets
 import signal
 import sys
-import termios
-import threading
 import time
-import tty
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import child
+from ..config import RuntimeConfig
 from ..errors import ContainerNotFound, InvalidState, RunvError
+from ..oci import spec as oci_spec
 from ..oci.image import Progress
-from ..oci.spec import ROOTFS_OVERLAY_ANNOTATION
-from ..sandbox import control
-from ..sandbox.container import Runtime, parse_signal
-from ..sandbox.standin import StandIn
-from ..store.state import ContainerRecord
+from ..sandbox import policy, protocol
+from ..sandbox.client import AttachedProcess
+from ..sandbox.protocol import Attach, Exec
+from ..sandbox.runtime import Runtime, parse_signal
+from ..sandbox.standin import FORWARDED_SIGNALS, window_size
+from ..sandbox.status import ContainerStatus
 from . import bundle as bundle_mod
-from . import network
+from . import network_mode
 from .images import Images
 from .options import RunOptions
-from .records import Records, Workload
+from .records import Records, Workload, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -53,156 +54,136 @@ def default_data_root() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Status:
-    state: str                  # created | running | paused | exited
+    status: ContainerStatus
     exit_code: int | None = None
 
+    @property
+    def state(self) -> str:
+        """As docker and podman say it: created, running, paused or exited."""
+        return "exited" if self.status is ContainerStatus.STOPPED else self.status.value
 
-class Engine:
-    def __init__(self, state_root: Path | None = None, data_root: Path | None = None, *,
-                 debug: bool = False) -> None:
+
+class WorkloadManager:
+    def __init__(self, config: RuntimeConfig, state_root: Path | None = None,
+                 data_root: Path | None = None, *, debug: bool = False) -> None:
+        self.config = config
         self.state_root = state_root or default_state_root()
         self.data_root = data_root or default_data_root()
         self.debug = debug
-        self.runtime = Runtime(self.state_root, debug=debug)
         self.records = Records(self.data_root)
+        self.runtime = Runtime(self.state_root, config, store=self.records, debug=debug)
         self.images = Images(self.data_root / "images")
 
     # -- creating -----------------------------------------------------------------------------
 
-    def prepare(self, options: RunOptions, *, detached: bool = False,
-                progress: Progress | None = None) -> Workload:
+    async def prepare(self, options: RunOptions, *, detached: bool = False,
+                      progress: Progress | None = None) -> Workload:
         """Resolve the image (pulling it if missing) and write the bundle; no VM yet."""
         t_start = time.monotonic()
-        image = self.images.resolve(options.image, progress=progress)
+        image = await self.images.resolve(options.image, progress=progress)
         workload_id = secrets.token_hex(16)
+        network_mode.check(options.network, options.publish)
+        path = self.records.dir(workload_id)
+        now = time.time()
         workload = Workload(
-            id=workload_id, name=options.name or f"hc-{workload_id[:8]}", image=image.ref,
-            command=tuple(bundle_mod.command(image, options)), created=time.time(),
+            id=workload_id, bundle=str(self.records.bundle(workload_id)),
+            rootfs=str(self.records.bundle(workload_id) / "rootfs"), created=rfc3339(now),
+            name=options.name or f"hc-{workload_id[:8]}", image=image.ref,
+            command=tuple(bundle_mod.command(image, options)), created_at=now,
             detached=detached, auto_remove=options.auto_remove, tty=options.tty,
             timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal)
-        network.check(options.network, options.publish)
         self.records.create(workload)
-        path = self.records.dir(workload_id)
         try:
-            netns = network.attach(workload_id, options.network, options.publish, path)
+            netns = await network_mode.attach(workload_id, options.network, options.publish,
+                                              path, self.config.network)
             spec = bundle_mod.spec_document(image, options, upper=path / "upper",
                                             work=path / "work", hostname=workload.name,
                                             netns=netns)
             bundle_mod.write(self.records.bundle(workload_id), spec)
+            workload = workload.with_(annotations=dict(spec["annotations"]))
+            self.records.save(workload)
         except BaseException:
-            self._release_network(workload_id)
+            await self._release_network(workload_id)
             self.records.remove(workload)
             raise
         log.debug("prepared: image and bundle %.0f ms", (time.monotonic() - t_start) * 1000,
                   extra={"container": workload.id})
         return workload
 
-    def serve(self, workload: Workload, fds: list[int], *, tty_fd: int | None = None,
-              on_started: Callable[[], None] | None = None) -> int:
+    async def serve(self, workload: Workload, fds: list[int], *, tty_fd: int | None = None,
+                    on_started: Callable[[], None] | None = None,
+                    forward_signals: bool = False) -> int:
         """Boot the VM, attach `fds` (stdin, stdout, stderr; or one terminal) to the
         container's process, start it and wait for its exit; then record the status and free
-        the VM. The caller keeps ownership of `fds`. A container that never started leaves
-        no record."""
+        the VM. The caller keeps ownership of `fds`. With `forward_signals`, this process's
+        signals go to the container's process (a foreground run). A container that never
+        started leaves no record."""
         try:
-            record = self.runtime.create(workload.id, self.records.bundle(workload.id),
-                                         standin=False)
+            spec = oci_spec.load(Path(workload.bundle))
+            await self.runtime.create(workload.id, spec, standin=False, record=workload)
         except BaseException:
-            self._release_network(workload.id)
+            await self._release_network(workload.id)
             self.records.remove(workload)
             raise
-        timer: threading.Timer | None = None
-        timed_out = threading.Event()
+        timed_out = False
         try:
-            standin = StandIn(self.runtime.ctl(record), {"op": "attach", "exec_id": ""},
-                              fds, tty_fd)
-            standin.attach()
-            self.runtime.start(workload.id)
-            workload = workload.with_(started=time.time())
-            self.records.save(workload)
-            if workload.timeout_s:
-                timer = threading.Timer(workload.timeout_s, self._time_out,
-                                        (workload, timed_out))
-                timer.daemon = True
-                timer.start()
-            if on_started is not None:
-                on_started()
-            code = standin.serve()
+            size = window_size(tty_fd) if tty_fd is not None else None
+            attached = await self.runtime.client(workload).attach(
+                Attach(container=workload.id, size=size), fds)
+            forward = forwarding(attached, tty_fd) if forward_signals else contextlib.nullcontext()
+            with forward:
+                await self.runtime.start(workload.id)
+                workload = workload.with_(started=time.time())
+                self.records.save(workload)
+                if on_started is not None:
+                    on_started()
+                waiting = asyncio.ensure_future(attached.wait())
+                done, _ = await asyncio.wait({waiting}, timeout=workload.timeout_s)
+                if not done:
+                    timed_out = True
+                    log.warning("container %s ran longer than %gs: killing it", workload.name,
+                                workload.timeout_s or 0)
+                    await self.kill_all(workload)
+                code = await waiting
+            attached.close()
         except BaseException:
-            self._free_vm(workload.id)
+            await self._free_vm(workload.id)
             if workload.started is None:
                 self.records.remove(workload)
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
-        self.finish(workload, code, timed_out=timed_out.is_set())
+        await self.finish(workload, code, timed_out=timed_out)
         return code
 
-    def _time_out(self, workload: Workload, flag: threading.Event) -> None:
-        flag.set()
-        log.warning("container %s ran longer than %gs: killing it", workload.name,
-                    workload.timeout_s or 0)
-        self.kill_all(workload)
-
-    def kill_all(self, workload: Workload) -> None:
+    async def kill_all(self, workload: Workload) -> None:
         """SIGKILL every process of the container, if it still runs."""
         with contextlib.suppress(RunvError, OSError):
-            self.runtime.kill(workload.id, signal.SIGKILL, all_processes=True)
+            await self.runtime.kill(workload.id, signal.SIGKILL, all_processes=True)
 
-    def finish(self, workload: Workload, code: int, *, timed_out: bool = False) -> None:
+    async def finish(self, workload: Workload, code: int, *, timed_out: bool = False) -> None:
         """Record how the container ended, free its VM, and with --rm remove it."""
         with contextlib.suppress(OSError):
             self.records.save(workload.with_(exit_code=code, finished=time.time(),
                                              timed_out=timed_out))
-        self._free_vm(workload.id)
+        await self._free_vm(workload.id)
         if workload.auto_remove:
             self.records.remove(workload)
 
-    def _free_vm(self, workload_id: str) -> None:
+    async def _free_vm(self, workload_id: str) -> None:
         try:
-            self.runtime.delete(workload_id, force=True, run_hooks=False)
+            await self.runtime.delete(workload_id, force=True, run_hooks=False)
         except ContainerNotFound:
             pass
         except RunvError as exc:
             log.warning("could not delete the VM of %s: %s", workload_id, exc)
-        self._release_network(workload_id)
+        await self._release_network(workload_id)
 
-    def _release_network(self, workload_id: str) -> None:
+    async def _release_network(self, workload_id: str) -> None:
         try:
-            network.release(self.records.dir(workload_id))
+            await network_mode.release(self.records.dir(workload_id))
         except RunvError as exc:
             log.warning("could not release the network of %s: %s", workload_id, exc)
 
-    def run_foreground(self, workload: Workload, *, interactive: bool) -> int:
-        """With this process's stdio (or its terminal, in raw mode, for a tty container)."""
-        if workload.tty:
-            if not os.isatty(0):
-                raise InvalidState("-t needs a terminal on stdin (drop -t, or run from one)")
-            fds = [os.dup(0)]
-        else:
-            stdin = os.dup(0) if interactive else os.open(os.devnull, os.O_RDONLY)
-            fds = [stdin, os.dup(1), os.dup(2)]
-        saved: list[Any] | None = None
-
-        def started() -> None:
-            nonlocal saved
-            for fd in fds:
-                os.close(fd)
-            fds.clear()
-            if workload.tty:
-                saved = termios.tcgetattr(0)
-                tty.setraw(0)
-
-        try:
-            return self.serve(workload, fds, tty_fd=0 if workload.tty else None,
-                              on_started=started)
-        finally:
-            for fd in fds:
-                os.close(fd)
-            if saved is not None:
-                termios.tcsetattr(0, termios.TCSADRAIN, saved)
-
-    def run_detached(self, workload: Workload, *, owner: int | None = None) -> None:
+    async def run_detached(self, workload: Workload, *, owner: int | None = None) -> None:
         """Hand the container to a monitor process of its own (output to its log file); return
         once it runs. With `owner` (a pid of ours), the monitor kills the container when that
         process ends, however it ends."""
@@ -210,6 +191,8 @@ class Engine:
         argv = [sys.executable, "-m", "runv_py.workload.monitor",
                 "--state-root", str(self.state_root), "--data-root", str(self.data_root),
                 "--id", workload.id, "--ready-fd", str(ready_w)]
+        if self.config.file:
+            argv += ["--config", self.config.file]
         if owner is not None:
             argv += ["--owner", f"{owner}:{child.proc_start_time(owner) or 0}"]
         with open(self.records.dir(workload.id) / "monitor.log", "ab") as logfile:
@@ -221,64 +204,59 @@ class Engine:
         with contextlib.suppress(OSError):
             self.records.save(workload.with_(
                 monitor_pid=proc.pid, monitor_start=child.proc_start_time(proc.pid) or 0))
-        answer = _read_all(ready_r, MONITOR_READY_TIMEOUT_S)
+        answer = await child.read_report(ready_r, MONITOR_READY_TIMEOUT_S)
         if answer != b"ok":
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            self._free_vm(workload.id)
+            await self._free_vm(workload.id)
             self.records.remove(workload)
             try:
-                reply = json.loads(answer)
-            except ValueError:
-                reply = {"error": "the container's monitor process failed"}
-            control.raise_for({**reply, "ok": False})
+                wire = protocol.decode(answer)
+            except RunvError:
+                wire = {"error": "the container's monitor process failed"}
+            protocol.raise_for({**wire, "ok": False})
 
     # -- reading state ------------------------------------------------------------------------
 
-    def status(self, workload: Workload) -> Status:
+    async def status(self, workload: Workload) -> Status:
         if workload.exit_code is not None:
-            return Status("exited", workload.exit_code)
+            return Status(ContainerStatus.STOPPED, workload.exit_code)
+        reply = await self.runtime.state_reply(workload)
+        if reply is not None and reply.status.live:
+            return Status(reply.status)
         # The monitor saves the exit status before it deletes the VM, so once the VM is found
-        # gone, the record read again has the status (unless the monitor was killed).
-        try:
-            record = self.runtime.store.load(workload.id)
-        except ContainerNotFound:
-            workload = self._reload(workload)
-            return Status("exited", workload.exit_code) if workload.started else Status("created")
-        live = self.runtime.live(record)
-        if live != "stopped":
-            return Status("created" if live == "creating" else live)
-        code = self._supervisor_exit_code(record)
-        return Status("exited", self._reload(workload).exit_code if code is None else code)
+        # stopped or gone, the record read again has the status (unless the monitor was
+        # killed).
+        workload = self._reload(workload)
+        if workload.exit_code is not None:
+            return Status(ContainerStatus.STOPPED, workload.exit_code)
+        if reply is not None:
+            return Status(ContainerStatus.STOPPED, reply.exit_code)
+        if workload.started is None:
+            return Status(ContainerStatus.CREATED)
+        return Status(ContainerStatus.STOPPED)
 
     def _reload(self, workload: Workload) -> Workload:
         with contextlib.suppress(ContainerNotFound):
             return self.records.load(workload.id)
         return workload
 
-    def _supervisor_exit_code(self, record: ContainerRecord) -> int | None:
-        with contextlib.suppress(OSError, RunvError):
-            code = control.call(self.runtime.ctl(record), {"op": "state"},
-                                timeout_s=10).get("exit_code")
-            return int(code) if code is not None else None
-        return None
-
     def find(self, key: str) -> Workload:
         return self.records.find(key)
 
-    def containers(self, *, all_: bool = False) -> list[tuple[Workload, Status]]:
-        out = [(w, self.status(w)) for w in self.records.all()]
-        return out if all_ else [(w, s) for w, s in out if s.state != "exited"]
+    async def containers(self, *, all_: bool = False) -> list[tuple[Workload, Status]]:
+        out = [(w, await self.status(w)) for w in self.records.all()]
+        return out if all_ else [(w, s) for w, s in out if s.status.live]
 
-    def inspect(self, workload: Workload) -> dict[str, Any]:
-        status = self.status(workload)
+    async def inspect(self, workload: Workload) -> dict[str, Any]:
+        status = await self.status(workload)
         path = self.records.dir(workload.id)
         spec = json.loads((self.records.bundle(workload.id) / "config.json").read_text())
         return {
             "id": workload.id, "name": workload.name, "image": workload.image,
             "command": list(workload.command),
-            "created": _rfc3339(workload.created),
+            "created": workload.created,
             "state": {"status": status.state, "exit_code": status.exit_code,
                       "started": _rfc3339(workload.started),
                       "finished": _rfc3339(workload.finished),
@@ -290,63 +268,64 @@ class Engine:
                        "read_only": spec["root"]["readonly"],
                        "mounts": [m for m in spec["mounts"] if m["type"] == "bind"],
                        "resources": spec["linux"].get("resources", {})},
-            "log_path": str(self.records.log_path(workload.id)),
-            "bundle": str(self.records.bundle(workload.id)),
+            "log_path": str(self.records.output_path(workload.id)),
+            "bundle": workload.bundle,
             "upper_dir": str(path / "upper"),
         }
 
     # -- acting on a container ----------------------------------------------------------------
 
-    def _require_running(self, workload: Workload) -> Status:
-        status = self.status(workload)
-        if status.state not in ("running", "paused"):
+    async def _require_running(self, workload: Workload) -> Status:
+        status = await self.status(workload)
+        if status.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED):
             raise InvalidState(f"container {workload.name} is not running ({status.state})")
         return status
 
-    def kill(self, workload: Workload, signum: int = signal.SIGKILL) -> None:
-        self._require_running(workload)
-        self.runtime.kill(workload.id, signum)
+    async def kill(self, workload: Workload, signum: int = signal.SIGKILL) -> None:
+        await self._require_running(workload)
+        await self.runtime.kill(workload.id, signum)
 
-    def stop(self, workload: Workload, grace_s: float = 10.0) -> Status:
+    async def stop(self, workload: Workload, grace_s: float = 10.0) -> Status:
         """The image's stop signal (default TERM), then KILL after `grace_s`."""
-        if self.status(workload).state not in ("running", "paused"):
-            return self.status(workload)
+        status = await self.status(workload)
+        if status.status not in (ContainerStatus.RUNNING, ContainerStatus.PAUSED):
+            return status
         signum = parse_signal(workload.stop_signal or "TERM")
         with contextlib.suppress(InvalidState):
-            self.runtime.kill(workload.id, signum)
+            await self.runtime.kill(workload.id, signum)
         deadline = time.monotonic() + grace_s
-        while (status := self.status(self.records.load(workload.id))).state != "exited":
+        while (status := await self.status(self.records.load(workload.id))).status.live:
             if time.monotonic() > deadline:
                 with contextlib.suppress(InvalidState):
-                    self.runtime.kill(workload.id, signal.SIGKILL, all_processes=True)
+                    await self.runtime.kill(workload.id, signal.SIGKILL, all_processes=True)
                 deadline = float("inf")
-            time.sleep(POLL_S)
+            await asyncio.sleep(POLL_S)
         return status
 
-    def wait(self, workload: Workload) -> int:
+    async def wait(self, workload: Workload) -> int:
         """Wait for the container to exit; its exit status (255 when unknown)."""
         while True:
             try:
-                status = self.status(self.records.load(workload.id))
+                status = await self.status(self.records.load(workload.id))
             except ContainerNotFound:
                 raise ContainerNotFound(f"container {workload.name} was removed while "
                                         "waiting for it") from None
-            if status.state == "exited":
+            if not status.status.live:
                 return UNKNOWN_EXIT if status.exit_code is None else status.exit_code
-            time.sleep(POLL_S)
+            await asyncio.sleep(POLL_S)
 
-    def remove(self, workload: Workload, *, force: bool = False) -> None:
+    async def remove(self, workload: Workload, *, force: bool = False) -> None:
         workload = self.records.load(workload.id)  # the monitor's pid is saved after start
-        state = self.status(workload).state
-        if state != "exited" and not force:
-            raise InvalidState(f"container {workload.name} is {state}: stop it first, or use "
-                               "rm -f")
-        self._free_vm(workload.id)
-        self._wait_monitor(workload)
+        status = await self.status(workload)
+        if status.status.live and not force:
+            raise InvalidState(f"container {workload.name} is {status.state}: stop it first, "
+                               "or use rm -f")
+        await self._free_vm(workload.id)
+        await self._wait_monitor(workload)
         self.records.remove(workload)
 
     @staticmethod
-    def _wait_monitor(workload: Workload) -> None:
+    async def _wait_monitor(workload: Workload) -> None:
         if not workload.monitor_pid:
             return
         deadline = time.monotonic() + 10
@@ -356,11 +335,11 @@ class Engine:
                     os.kill(workload.monitor_pid, signal.SIGKILL)
                 deadline = float("inf")
             child.reap_if_child(workload.monitor_pid)
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
 
-    def logs(self, workload: Workload, *, follow: bool = False) -> Iterator[bytes]:
+    async def logs(self, workload: Workload, *, follow: bool = False) -> AsyncIterator[bytes]:
         """The detached container's output so far; with `follow`, until it exits."""
-        path = self.records.log_path(workload.id)
+        path = self.records.output_path(workload.id)
         try:
             stream = open(path, "rb")  # noqa: SIM115
         except FileNotFoundError:
@@ -377,13 +356,13 @@ class Engine:
                 if not follow:
                     return
                 try:
-                    done = self.status(self.records.load(workload.id)).state == "exited"
+                    done = not (await self.status(self.records.load(workload.id))).status.live
                 except ContainerNotFound:
                     done = True
                 if done:
                     yield stream.read()
                     return
-                time.sleep(POLL_S)
+                await asyncio.sleep(POLL_S)
 
     # -- processes in a running container -----------------------------------------------------
 
@@ -401,51 +380,48 @@ class Engine:
             process["cwd"] = workdir
         if user:
             lower = Path(json.loads(spec["annotations"][
-                ROOTFS_OVERLAY_ANNOTATION])["lower"][0])
+                policy.ROOTFS_OVERLAY_ANNOTATION])["lower"][0])
             uid, gid = bundle_mod.resolve_user(lower, user, "--user")
             process["user"] = {"uid": uid, "gid": gid}
         return process
 
-    def attach_exec(self, workload: Workload, process: dict[str, Any], fds: list[int],
-                    tty_fd: int | None = None) -> StandIn:
-        """Start `process` with `fds` as its stdio; the returned stand-in's `serve()` waits
-        for its exit status. The caller keeps ownership of `fds`."""
-        self._require_running(workload)
-        record = self.runtime.store.load(workload.id)
-        request = {"op": "exec", "exec_id": secrets.token_hex(8), "process": process}
-        standin = StandIn(self.runtime.ctl(record), request, fds, tty_fd)
-        standin.attach()
-        return standin
-
-    def exec_foreground(self, workload: Workload, process: dict[str, Any], *,
-                        interactive: bool) -> int:
-        terminal = bool(process.get("terminal"))
-        if terminal and not os.isatty(0):
-            raise InvalidState("-t needs a terminal on stdin (drop -t, or run from one)")
-        if terminal:
-            fds = [os.dup(0)]
-        else:
-            stdin = os.dup(0) if interactive else os.open(os.devnull, os.O_RDONLY)
-            fds = [stdin, os.dup(1), os.dup(2)]
-        try:
-            standin = self.attach_exec(workload, process, fds, 0 if terminal else None)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        saved = None
-        if terminal:
-            saved = termios.tcgetattr(0)
-            tty.setraw(0)
-        try:
-            return standin.serve()
-        finally:
-            if saved is not None:
-                termios.tcsetattr(0, termios.TCSADRAIN, saved)
+    async def attach_exec(self, workload: Workload, process: dict[str, Any], fds: list[int],
+                          tty_fd: int | None = None) -> AttachedProcess:
+        """Start `process` with `fds` as its stdio; the returned process's `wait()` gives its
+        exit status. The caller keeps ownership of `fds`."""
+        await self._require_running(workload)
+        size = window_size(tty_fd) if tty_fd is not None else None
+        request = Exec(container=workload.id, exec_id=secrets.token_hex(8), process=process,
+                       size=size)
+        return await self.runtime.client(workload).attach(request, fds)
 
     # -- the whole store ----------------------------------------------------------------------
 
     def disk_usage(self) -> dict[str, int]:
         return {"containers": _du(self.records.root), "images": self.images.disk_usage()}
+
+
+@contextlib.contextmanager
+def forwarding(attached: AttachedProcess, tty_fd: int | None) -> Iterator[None]:
+    """While in the block, the signals a stand-in forwards go to `attached` (a terminal's
+    size changes with SIGWINCH)."""
+    loop = asyncio.get_running_loop()
+
+    def winch() -> None:
+        if tty_fd is not None and (size := window_size(tty_fd)):
+            attached.resize(*size)
+
+    handled = []
+    for sig in FORWARDED_SIGNALS:
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            loop.add_signal_handler(sig, attached.signal, sig)
+            handled.append(sig)
+    loop.add_signal_handler(signal.SIGWINCH, winch)
+    try:
+        yield
+    finally:
+        for sig in (*handled, signal.SIGWINCH):
+            loop.remove_signal_handler(sig)
 
 
 def _du(path: Path) -> int:
@@ -458,22 +434,4 @@ def _du(path: Path) -> int:
 
 
 def _rfc3339(when: float | None) -> str | None:
-    if when is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f"{when % 1:.3f}"[1:] + "Z"
-
-
-def _read_all(fd: int, timeout_s: float) -> bytes:
-    import select
-
-    data = b""
-    deadline = time.monotonic() + timeout_s
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
-        while time.monotonic() < deadline:
-            if not select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                continue
-            chunk = pipe.read(65536)
-            if not chunk:
-                return data
-            data += chunk
-    raise RunvError("timed out waiting for the container's monitor to report")
+    return None if when is None else rfc3339(when)

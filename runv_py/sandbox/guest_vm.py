@@ -1,6 +1,6 @@
-"""A sandbox: one guest VM booted to "agent ready", with its state dir, QEMU and agent client.
+"""A guest VM booted to "agent ready", with its state dir, QEMU and agent client.
 
-The Sandbox owns everything it creates (state dir, QEMU, agent channel) and close() removes all
+A GuestVm owns everything it creates (state dir, QEMU, agent channel) and close() removes all
 of it, also after a failed boot.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -18,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from .. import assets, child
+from .. import assets
 from ..agent.client import AgentClient
 from ..config import RuntimeConfig
 from ..devices import Nic, Share
@@ -35,7 +34,7 @@ from ..vm.qemu.cmdline import (
 from ..vm.qemu.machine import QemuMachine, tail
 from ..vsock.backend import VsockBackend, VsockPaths
 from ..vsock.kernel import CidClaim
-from . import template
+from . import vm_dir, vm_template
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True)
-class StatePaths:
+class VmPaths:
     root: Path
 
     @property
@@ -85,40 +84,15 @@ class StatePaths:
 
     @property
     def owner(self) -> Path:
-        return self.root / "owner"
+        return self.root / vm_dir.OWNER
 
-
-def _write_owner(paths: StatePaths) -> None:
-    pid = os.getpid()
-    paths.owner.write_text(f"{pid} {child.proc_start_time(pid)}\n")
-
-
-def _owner_alive(paths: StatePaths) -> bool:
-    try:
-        pid, start = paths.owner.read_text().split()
-    except (OSError, ValueError):
-        return True  # not ours to judge (being created, or not a runv-py sandbox)
-    return str(child.proc_start_time(int(pid))) == start
-
-
-def sweep_stale(state_dir: Path) -> list[str]:
-    """Remove the state of sandboxes whose owning process died without cleaning up (killed
-    with SIGKILL); their QEMU died with them (parent-death signal). Returns the ids removed."""
-    removed: list[str] = []
-    try:
-        entries = list(state_dir.iterdir())
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        paths = StatePaths(entry)
-        if entry.is_dir() and paths.owner.exists() and not _owner_alive(paths):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry.name)
-    return removed
+    @property
+    def control_socket(self) -> Path:
+        return self.root / vm_dir.CONTROL_SOCKET
 
 
 def vm_config(
-    config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
+    config: RuntimeConfig, name: str, paths: VmPaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool = False, shares: tuple[Share, ...] = (),
     nics: tuple[Nic, ...] = (), cid_claim: CidClaim | None = None, template: bool = False,
 ) -> VmConfig:
@@ -155,27 +129,27 @@ def vm_config(
 
 
 def clone_base(
-    config: RuntimeConfig, name: str, paths: StatePaths, found: assets.GuestAssets,
+    config: RuntimeConfig, name: str, paths: VmPaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool, shares: tuple[Share, ...],
-) -> tuple[template.TemplateInputs, VmConfig]:
+) -> tuple[vm_template.TemplateInputs, VmConfig]:
     """What a VM started from a template needs: the template's inputs, and the VM config
     (machine `pc`: clones need PCI hotplug, which microvm lacks). With the vsock channel a
-    clone hot-plugs the vsock device after restore (`Sandbox._hotplug_vsock`)."""
-    config = replace(config, hypervisor=replace(config.hypervisor, machine=template.MACHINE))
+    clone hot-plugs the vsock device after restore (`GuestVm._hotplug_vsock`)."""
+    config = replace(config, hypervisor=replace(config.hypervisor, machine=vm_template.MACHINE))
     vm = vm_config(config, name, paths, found, choice, debug=debug, shares=shares,
                    template=True)
-    return template.inputs_for(vm, found.agent_version, config.guest.channel), vm
+    return vm_template.inputs_for(vm, found.agent_version, config.guest.channel), vm
 
 
 async def ensure_template(config: RuntimeConfig, share_tags: tuple[str, ...] = (), *,
-                          debug: bool = False) -> template.Template:
+                          debug: bool = False) -> vm_template.Template:
     """The template sandboxes with these 9p share tags start from, built if missing."""
     found = assets.find(config.guest.assets_dir)
     shares = tuple(Share(tag, Path("/")) for tag in share_tags)
-    inputs, vm = clone_base(config, "template", StatePaths(config.template_dir), found,
+    inputs, vm = clone_base(config, "template", VmPaths(config.template_dir), found,
                             accel.choose(config.hypervisor.accelerator), debug=debug,
                             shares=shares)
-    store = template.TemplateStore(config.template_dir)
+    store = vm_template.TemplateStore(config.template_dir)
     return await store.ensure(inputs, vm, config.hypervisor.boot_timeout_s)
 
 
@@ -183,7 +157,7 @@ def clone_key(config: RuntimeConfig, share_tags: tuple[str, ...] = ()) -> str:
     """The template key a sandbox of this config with these 9p share tags restores from
     (non-debug guest): what a warm pool keeps its idle VMs under."""
     shares = tuple(Share(tag, Path("/")) for tag in share_tags)
-    inputs, _ = clone_base(config, "key", StatePaths(config.template_dir),
+    inputs, _ = clone_base(config, "key", VmPaths(config.template_dir),
                            assets.find(config.guest.assets_dir),
                            accel.choose(config.hypervisor.accelerator), debug=False,
                            shares=shares)
@@ -194,15 +168,15 @@ class VsockStartError(HypervisorError):
     """A template clone's vsock backend did not start or its device was refused."""
 
 
-class Sandbox:
+class GuestVm:
     def __init__(self, sandbox_id: str, config: RuntimeConfig) -> None:
         if not _ID.match(sandbox_id):
             raise ConfigError(f"sandbox id {sandbox_id!r}: use 1-64 letters, digits, '_', '.', '-'")
         self.id = sandbox_id
         self.config = config
-        self.paths = StatePaths(config.state_dir / sandbox_id)
-        self.machine: QemuMachine | None = None
-        self.agent: AgentClient | None = None
+        self.paths = VmPaths(config.state_dir / sandbox_id)
+        self._machine: QemuMachine | None = None
+        self._agent: AgentClient | None = None
         self.accel: accel.Choice | None = None
         # Host-side phases, in seconds: prepare (before QEMU), qemu (spawn to QMP), guest (to
         # agent ready), total.
@@ -213,18 +187,37 @@ class Sandbox:
         # got them (the template path serves every share over 9p).
         self.start_path = "cold"
         self.shares: tuple[Share, ...] = ()
-        self._template: template.Template | None = None
+        self._template: vm_template.Template | None = None
         self.vsock: VsockBackend | None = None
         self._owns_dir = False
+
+    @property
+    def root(self) -> Path:
+        return self.paths.root
+
+    @property
+    def agent(self) -> AgentClient:
+        """The client of the guest's agent (from boot() to close())."""
+        if self._agent is None:
+            raise HypervisorError(f"sandbox {self.id} has no agent connection")
+        return self._agent
+
+    @property
+    def machine(self) -> QemuMachine:
+        """The VM's QEMU (from boot() to close())."""
+        if self._machine is None:
+            raise HypervisorError(f"sandbox {self.id} has no QEMU")
+        return self._machine
 
     @classmethod
     async def boot(cls, config: RuntimeConfig, *, sandbox_id: str | None = None,
                    debug: bool = False, shares: tuple[Share, ...] = (),
-                   nics: tuple[Nic, ...] = ()) -> Sandbox:
+                   nics: tuple[Nic, ...] = (), claimed: bool = False) -> GuestVm:
         """Boot a VM to "agent ready". `shares` are host directories the guest can mount
         (as Storage with the share's driver and source = its tag); `nics` are its network
-        devices."""
+        devices. `claimed`: this process made the VM's directory already (vm_dir.claim)."""
         sandbox = cls(sandbox_id or secrets.token_hex(6), config)
+        sandbox._owns_dir = claimed
         try:
             await sandbox._boot(debug, shares, nics)
         except BaseException:
@@ -240,17 +233,14 @@ class Sandbox:
         for share in shares:
             if not share.path.is_dir():
                 raise ConfigError(f"share {share.tag}: {share.path} is not a directory")
-        for stale in sweep_stale(self.config.state_dir):
+        for stale in vm_dir.sweep_stale(self.config.state_dir):
             log.info("removed the state of sandbox %s, whose owner died", stale, extra=extra)
         self.accel = accel.choose(self.config.hypervisor.accelerator)
         log.log(logging.INFO if self.accel.accel == "tcg" else logging.DEBUG, self.accel.reason,
                 extra=extra)
-        try:
-            self.paths.root.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            raise ConfigError(f"sandbox {self.id} already exists ({self.paths.root})") from None
-        self._owns_dir = True
-        _write_owner(self.paths)
+        if not self._owns_dir:
+            vm_dir.claim(self.paths.root)
+            self._owns_dir = True
         if self.config.template == "auto":
             try:
                 await self._restore(found, debug, shares, nics, t0)
@@ -265,7 +255,7 @@ class Sandbox:
                 await self._discard_vm()
                 # A vsock backend that did not start is no fault of the template: keep it.
                 if self._template is not None and not isinstance(exc, VsockStartError):
-                    template.TemplateStore(self.config.template_dir).remove(self._template)
+                    vm_template.TemplateStore(self.config.template_dir).remove(self._template)
                 self.start_path = "cold-fallback"
         await self._cold_boot(found, debug, shares, nics, t0)
 
@@ -282,10 +272,10 @@ class Sandbox:
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
                        shares=shares, nics=nics,
                        cid_claim=self.vsock.claim if self.vsock else None)
-        self.machine = QemuMachine(vm, self.paths.qemu_log)
-        self.agent = self._agent_client(self.config.hypervisor.boot_timeout_s)
+        self._machine = QemuMachine(vm, self.paths.qemu_log)
+        self._agent = self._agent_client(self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
-        await self.machine.start()
+        await self._machine.start()
         if self.vsock is not None:
             self.vsock.release_cid()
         t2 = time.monotonic()
@@ -314,7 +304,7 @@ class Sandbox:
                 with contextlib.suppress(Exception):
                     await backend
             raise
-        self.agent = self._agent_client(agent_timeout)
+        self._agent = self._agent_client(agent_timeout)
         await self._wait_agent(agent_timeout)
         t4 = time.monotonic()
         await self._take_identity(nics)
@@ -325,27 +315,27 @@ class Sandbox:
                         "identity": t5 - t4, "total": t5 - t0}
         self._log_ready()
 
-    async def _restore_vm(self, inputs: template.TemplateInputs, vm: VmConfig,
+    async def _restore_vm(self, inputs: vm_template.TemplateInputs, vm: VmConfig,
                           nics: tuple[Nic, ...],
                           backend: asyncio.Task[None] | None) -> tuple[float, ...]:
         """The template's VM restored, its vsock device and NICs plugged, running; the times
         QEMU starts, restores, plugs and runs."""
-        store = template.TemplateStore(self.config.template_dir)
+        store = vm_template.TemplateStore(self.config.template_dir)
         self._template = store.get(inputs.key)
         self.start_path = "template"
         if self._template is None:
             self.start_path = "template-built"
             self._template = await store.ensure(inputs, vm, self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
-        self.machine = QemuMachine(template.clone_vm(self._template, vm), self.paths.qemu_log)
+        self._machine = QemuMachine(vm_template.clone_vm(self._template, vm), self.paths.qemu_log)
         try:
             state = open(self._template.state, "rb")  # noqa: SIM115
         except OSError as exc:
             raise HypervisorError(f"template {self._template.key}: {exc}") from exc
         with state:
-            await self.machine.start(pass_fds=(state.fileno(),))
+            await self._machine.start(pass_fds=(state.fileno(),))
             t2 = time.monotonic()
-            await self.machine.restore_state(state.fileno(), template.SAVE_TIMEOUT_S)
+            await self._machine.restore_state(state.fileno(), vm_template.SAVE_TIMEOUT_S)
         t_vsock = time.monotonic()
         if backend is not None:
             await self._hotplug_vsock(backend)
@@ -358,7 +348,6 @@ class Sandbox:
 
     async def _plug_and_run(self, nics: tuple[Nic, ...], *, resume: bool = True) -> None:
         """Hot-plug NICs into the stopped clone, then run it."""
-        assert self.machine is not None
         for nic in nics:
             await self.machine.hotplug_nic(nic)
         if resume:
@@ -366,17 +355,15 @@ class Sandbox:
 
     async def _take_identity(self, nics: tuple[Nic, ...]) -> None:
         """What makes a clone its own guest: a reseeded RNG, the host's clock, its NICs."""
-        assert self.agent is not None
         now = time.time_ns()
         await asyncio.gather(self.agent.reseed_random(secrets.token_bytes(64)),
                              self.agent.set_guest_time(now // 1_000_000_000,
-                                                       now % 1_000_000_000))
+                                                      now % 1_000_000_000))
         if nics:
             await self._wait_nics(nics, self._clone_agent_timeout())
 
     async def park(self) -> None:
         """Stop a clone's vCPUs until unpark() (a warm pool's idle VM)."""
-        assert self.machine is not None
         await self.machine.pause()
 
     async def unpark(self, nics: tuple[Nic, ...], *, parked: bool = True) -> None:
@@ -403,9 +390,8 @@ class Sandbox:
     async def _hotplug_vsock(self, backend: asyncio.Task[None]) -> None:
         """The agent channel of a clone: the backend started by _start_vsock, told QEMU's
         pid, and its device hot-plugged while the VM is paused."""
-        assert self.machine is not None and self.machine.pid is not None
         await backend
-        assert self.vsock is not None
+        assert self.vsock is not None and self.machine.pid is not None
         try:
             self.vsock.write_qemu_pid(self.machine.pid)
             await self.machine.hotplug_vsock(self.paths.vsock.vhost)
@@ -417,7 +403,6 @@ class Sandbox:
 
     async def _wait_nics(self, nics: tuple[Nic, ...], timeout_s: float) -> None:
         """Until the guest kernel has found every hot-plugged NIC."""
-        assert self.agent is not None
         wanted = {nic.mac for nic in nics}
         try:
             async with asyncio.timeout(timeout_s):
@@ -429,7 +414,7 @@ class Sandbox:
 
     def _killed(self) -> bool:
         """QEMU died of a signal: someone killed it, which is no fault of the template."""
-        code = self.machine.child.returncode if self.machine and self.machine.child else None
+        code = self._machine.child.returncode if self._machine and self._machine.child else None
         return code is not None and code < 0
 
     @property
@@ -444,15 +429,15 @@ class Sandbox:
     async def _discard_vm(self) -> None:
         """Undo a failed start, keeping the state dir (owner file) for the next attempt."""
         try:
-            if self.agent is not None:
-                await self.agent.close()
-            if self.machine is not None:
-                await self.machine.close()
+            if self._agent is not None:
+                await self._agent.close()
+            if self._machine is not None:
+                await self._machine.close()
             if self.vsock is not None:
                 await self.vsock.stop()
         finally:
-            self.agent = None
-            self.machine = None
+            self._agent = None
+            self._machine = None
             self.vsock = None
             for entry in self.paths.root.iterdir():
                 if entry.is_dir():
@@ -475,7 +460,6 @@ class Sandbox:
         return tuple(out)
 
     async def _wait_agent(self, timeout: float) -> None:
-        assert self.machine is not None and self.agent is not None
         ready = asyncio.create_task(self.agent.wait_ready(timeout))
         await asyncio.wait({ready, self.machine.exited}, return_when=asyncio.FIRST_COMPLETED)
         if ready.done():
@@ -503,31 +487,30 @@ class Sandbox:
         one end. Over virtio-serial a faster reconnect would race the guest: the new session's
         bytes could reach the old session's server connection. Over vsock each connection is
         its own stream: no wait."""
-        assert self.machine is not None and self.agent is not None
         self.machine.forget_port_events()
         await self.agent.close()
         if self.vsock is not None:
-            self.agent = self._agent_client(timeout_s)
-            await self.agent.wait_ready(timeout_s)
-            return self.agent
+            self._agent = self._agent_client(timeout_s)
+            await self._agent.wait_ready(timeout_s)
+            return self._agent
         try:
             await self.machine.wait_port_open(AGENT_PORT_ID, timeout_s)
         except TimeoutError:
             raise AgentError(f"sandbox {self.id}: the guest did not reopen its agent port "
                              f"within {timeout_s:g}s") from None
-        self.agent = self._agent_client(timeout_s)
-        await self.agent.wait_ready(timeout_s)
-        return self.agent
+        self._agent = self._agent_client(timeout_s)
+        await self._agent.wait_ready(timeout_s)
+        return self._agent
 
     async def close(self) -> None:
         """Stop the VM and remove the state dir. Idempotent."""
         try:
-            if self.agent is not None:
-                await self.agent.close()
+            if self._agent is not None:
+                await self._agent.close()
         finally:
             try:
-                if self.machine is not None:
-                    await self.machine.close()
+                if self._machine is not None:
+                    await self._machine.close()
                 for daemon in self.virtiofsds:
                     await daemon.stop()
                 if self.vsock is not None:
@@ -537,7 +520,7 @@ class Sandbox:
                     shutil.rmtree(self.paths.root, ignore_errors=True)
                     self._owns_dir = False
 
-    async def __aenter__(self) -> Sandbox:
+    async def __aenter__(self) -> GuestVm:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

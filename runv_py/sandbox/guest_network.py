@@ -1,4 +1,4 @@
-"""The sandbox's network as the supervisor owns it: the caller's network namespace (from
+"""The guest's network as the supervisor owns it: the caller's network namespace (from
 config.json) attached before the VM boots (taps become the VM's NICs), its addresses, routes
 and neighbours applied in the guest once the agent answers, interfaces added to or removed
 from the namespace later hot-plugged (machine "pc"), and all of it removed at close. Without a
@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from ..agent import convert
-from ..agent.client import AgentClient
 from ..devices import Nic, TapFd
 from ..errors import AgentError, NetworkError
 from ..network.attachment import Attachment
 from ..network.model import Endpoint
-from ..vm.qemu.machine import QemuMachine
+from .guest_api import GuestAgent, GuestMachine
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +25,7 @@ def nic(e: Endpoint) -> Nic:
     return Nic(f"net{e.link.index}", e.link.mac, mtu=e.link.mtu, backend=TapFd(e.tap_fd))
 
 
-class SandboxNetwork:
+class GuestNetwork:
     def __init__(self, netns_path: str | None) -> None:
         self.attachment = Attachment(netns_path) if netns_path else None
 
@@ -38,7 +36,7 @@ class SandboxNetwork:
         await self.attachment.open()
         return tuple(nic(e) for e in self.attachment.endpoints)
 
-    async def configure(self, agent: AgentClient, *, wait_s: float = 0.0) -> None:
+    async def configure(self, agent: GuestAgent, *, wait_s: float = 0.0) -> None:
         """Give the guest's NICs the namespace's names, addresses, routes and neighbours.
         wait_s: how long a NIC may take to show up in the guest (hot-plugged)."""
         if self.attachment is None or not self.attachment.endpoints:
@@ -58,7 +56,7 @@ class SandboxNetwork:
                 convert.ARPNeighbor(n.ip, n.device, n.mac) for n in snapshot.neighbors))
 
     @staticmethod
-    async def _update_interface(agent: AgentClient, interface: convert.Interface,
+    async def _update_interface(agent: GuestAgent, interface: convert.Interface,
                                 wait_s: float) -> None:
         deadline = asyncio.get_running_loop().time() + wait_s
         while True:
@@ -67,13 +65,15 @@ class SandboxNetwork:
                 return
             except AgentError as exc:
                 # NOT_FOUND until the guest kernel has probed a hot-plugged device.
-                if "NOT_FOUND" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                if exc.code != "NOT_FOUND" or asyncio.get_running_loop().time() > deadline:
                     raise
             await asyncio.sleep(0.5)
 
-    async def sync(self, machine: QemuMachine, agent: AgentClient) -> dict[str, Any]:
+    async def sync(self, machine: GuestMachine, agent: GuestAgent
+                   ) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Follow the namespace: hot-plug NICs for its new interfaces, unplug those of the
-        interfaces that went away, and apply its addresses and routes again."""
+        interfaces that went away, and apply its addresses and routes again. Returns the
+        names of the interfaces added and removed."""
         if self.attachment is None:
             raise NetworkError("the sandbox has no network namespace to follow (its config.json "
                                "names no linux.namespaces[network].path)")
@@ -89,8 +89,8 @@ class SandboxNetwork:
                 await self.attachment.forget(changes.added[i:])
                 raise
         await self.configure(agent, wait_s=HOTPLUG_APPEAR_S)
-        return {"added": [e.link.name for e in changes.added],
-                "removed": [e.link.name for e in changes.removed]}
+        return (tuple(e.link.name for e in changes.added),
+                tuple(e.link.name for e in changes.removed))
 
     async def close(self) -> None:
         if self.attachment is not None:

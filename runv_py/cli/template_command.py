@@ -6,7 +6,10 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import RuntimeConfig
 
 HELP = """\
 A template is a VM booted once to "agent ready" and saved; runv starts sandboxes by restoring
@@ -57,15 +60,13 @@ def _describe(template: Any) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
     from dataclasses import replace
 
-    from .. import config as config_mod
     from ..errors import ConfigError
-    from ..sandbox import guest_spec, sandbox, template
+    from ..sandbox import guest_spec, guest_vm, vm_template
 
-    config = config_mod.load()
-    store = template.TemplateStore(config.template_dir)
+    store = vm_template.TemplateStore(config.template_dir)
     action = args.template_command
     if action == "create":
         hv = config.hypervisor
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         import asyncio
 
-        built = asyncio.run(sandbox.ensure_template(replace(config, hypervisor=hv), tags,
+        built = asyncio.run(guest_vm.ensure_template(replace(config, hypervisor=hv), tags,
                                                     debug=args.debug))
         print(built.key)
     elif action == "list":

@@ -1,0 +1,76 @@
+"""What a sandbox gets from its container's spec and the runtime config: the VM's size, whether
+it starts from a template, how shares reach the guest, and the `org.runv.*` annotations that
+change these. Both the supervisor's clients (which claim pooled VMs by size) and the supervisor
+(which boots them) decide with these functions, so they always agree."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+
+from ..config import RuntimeConfig
+from ..devices import ShareDriver
+from ..errors import SpecError
+from ..oci.spec import Spec
+
+# virtio-fs or 9p for this container's shares (virtio-fs means a cold boot: template clones
+# serve shares over 9p).
+SHARED_FS_ANNOTATION = "org.runv.shared-fs"
+# auto or off: overrides the runtime config's `template`.
+TEMPLATE_ANNOTATION = "org.runv.template"
+# {"lower": [dirs, topmost first], "upper": dir, "work": dir}: the container's rootfs is an
+# overlayfs of these (hyperctl: a writable layer over an image), mounted by the supervisor in
+# its private mount namespace instead of binding root.path.
+ROOTFS_OVERLAY_ANNOTATION = "org.runv.rootfs-overlay"
+# Informational, written by hyperctl: the image a container runs, and its labels.
+IMAGE_ANNOTATION = "org.runv.image"
+LABEL_ANNOTATION_PREFIX = "org.runv.label."
+
+MEMORY_CAP_MIB = 64 * 1024
+
+
+def sized(config: RuntimeConfig, spec: Spec) -> RuntimeConfig:
+    """The VM gets what the container asked for plus the configured guest overhead."""
+    hv = config.hypervisor
+    memory = hv.memory_mib
+    if spec.memory_limit:
+        memory = min(MEMORY_CAP_MIB, memory + math.ceil(spec.memory_limit / (1 << 20)))
+    vcpus = hv.vcpus
+    if spec.cpus:
+        vcpus = min(os.cpu_count() or 1, max(vcpus, math.ceil(spec.cpus)))
+    return replace(config, hypervisor=replace(hv, memory_mib=memory, vcpus=vcpus))
+
+
+def shared_fs_name(config: RuntimeConfig, spec: Spec) -> str:
+    """"virtio-fs" or "9p": the annotation, else the config's [guest] shared_fs."""
+    choice = spec.annotations.get(SHARED_FS_ANNOTATION, config.guest.shared_fs)
+    if choice not in ("virtio-fs", "9p"):
+        raise SpecError(f"annotations[{SHARED_FS_ANNOTATION!r}]: {choice!r} is not "
+                        "virtio-fs or 9p")
+    return choice
+
+
+def shared_fs_driver(config: RuntimeConfig, spec: Spec) -> ShareDriver:
+    return "virtiofs" if shared_fs_name(config, spec) == "virtio-fs" else "9p"
+
+
+def driver_name(driver: ShareDriver) -> str:
+    """The annotation's spelling of a share driver."""
+    return "virtio-fs" if driver == "virtiofs" else "9p"
+
+
+def template_choice(config: RuntimeConfig, spec: Spec) -> RuntimeConfig:
+    """The org.runv.template annotation overrides the config's `template`; asking for
+    virtio-fs by annotation means a cold boot (a template's clones serve shares over 9p)."""
+    choice = spec.annotations.get(TEMPLATE_ANNOTATION, config.template)
+    if choice not in ("auto", "off"):
+        raise SpecError(f"annotations[{TEMPLATE_ANNOTATION!r}]: {choice!r} is not auto or off")
+    if choice == "off" or spec.annotations.get(SHARED_FS_ANNOTATION) == "virtio-fs":
+        return replace(config, template="off")
+    return replace(config, template="auto")
+
+
+def sandbox_config(config: RuntimeConfig, spec: Spec) -> RuntimeConfig:
+    """The config a sandbox for this container boots with: sized, template chosen."""
+    return template_choice(sized(config, spec), spec)

@@ -1,0 +1,522 @@
+"""The containers under one state root (runc's --root), as their front doors see them: runv,
+the shim and hyperctl create, start, kill and delete them here. A container is a record
+(written once, when its create succeeds) plus, while it lives, a supervisor process that owns
+its VM; these operations are short-lived clients of that supervisor. A pod's containers (pod.py)
+share the supervisor and VM of the pod's sandbox container."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+import tty
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import child
+from ..config import RuntimeConfig
+from ..errors import (
+    ConfigError,
+    ContainerNotFound,
+    InvalidState,
+    NetworkError,
+    RunvError,
+    SpecError,
+)
+from ..oci import hooks
+from ..oci import spec as oci_spec
+from ..storage import shared
+from ..store.state import ContainerRecord, RecordStore, Store
+from . import cgroup, pod, pool_member, protocol, vm_dir
+from .client import BlockingSupervisorClient, SupervisorClient
+from .protocol import Attach, Create, CreateReply, Delete, Exec, Kill, Start, State
+from .status import ContainerStatus
+
+log = logging.getLogger(__name__)
+
+OCI_VERSION = "1.1.0"
+SUPERVISOR_EXIT_WAIT_S = 30.0
+SUPERVISOR_REPORT_TIMEOUT_S = 600.0
+STANDIN_READY_TIMEOUT_S = 60.0
+NEEDS_CONSOLE_SOCKET = ("process.terminal is true: pass --console-socket (or use `runv run` "
+                        "in the foreground)")
+
+
+def rfc3339_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f"{now % 1:.9f}"[1:] + "Z"
+
+
+def _trees(spec: oci_spec.Spec, rootfs: Path | None) -> shared.Trees:
+    """Detached trees of the rootfs and the bind sources, for a supervisor whose mount
+    namespace is older than they may be; bind sources go by path when a control message
+    cannot carry them all."""
+    binds = spec.bind_sources()
+    if len(binds) + 2 > protocol.MAX_FDS:
+        log.debug("%d bind mounts: their sources go by path", len(binds))
+        binds = {}
+    return shared.Trees.of(rootfs, binds)
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """go-runc parses the file with Atoi: the decimal pid and nothing else."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text(str(pid))
+    os.replace(tmp, target)
+
+
+def _send_console(socket_path: str, master: int, name: str) -> None:
+    """Hand the pty master to whoever listens on --console-socket (one SCM_RIGHTS fd)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(socket_path)
+        except OSError as exc:
+            raise ConfigError(f"--console-socket {socket_path}: {exc.strerror}") from None
+        socket.send_fds(sock, [name.encode()], [master])
+
+
+@dataclass(frozen=True, slots=True)
+class Terminal:
+    """Where a process's stdio comes from: the caller's fds, or a new host pty whose master
+    went to --console-socket."""
+
+    slave: int | None = None
+
+    @classmethod
+    def open(cls, console_socket: str | None, terminal: bool) -> Terminal:
+        if not terminal:
+            return cls()
+        if not console_socket:
+            raise ConfigError(NEEDS_CONSOLE_SOCKET)
+        master, slave = os.openpty()
+        try:
+            tty.setraw(slave)
+            _send_console(console_socket, master, os.ttyname(slave))
+        except BaseException:
+            os.close(slave)
+            raise
+        finally:
+            os.close(master)
+        return cls(slave)
+
+    def close(self) -> None:
+        if self.slave is not None:
+            os.close(self.slave)
+
+
+def oci_state(record: ContainerRecord, status: ContainerStatus) -> dict[str, Any]:
+    """The OCI state document of a container in this status."""
+    return {
+        "ociVersion": OCI_VERSION, "id": record.id,
+        "pid": record.pid if status.live else 0,
+        "status": status.value, "bundle": record.bundle, "rootfs": record.rootfs,
+        "created": record.created, "owner": "", "annotations": record.annotations,
+    }
+
+
+class Runtime:
+    def __init__(self, root: Path, config: RuntimeConfig, *, store: RecordStore | None = None,
+                 debug: bool = False) -> None:
+        self.root = root
+        self.config = config
+        self.store: RecordStore = store if store is not None else Store(root)
+        self.debug = debug
+
+    # -- finding a container's supervisor -----------------------------------------------------
+
+    def sandbox_path(self, container_id: str, annotations: dict[str, str]) -> Path:
+        """The VM directory of the sandbox the container runs in (a pod's, or its own)."""
+        sandbox = pod.sandbox_of(annotations, container_id) or container_id
+        return vm_dir.path_for(self.config.state_dir, self.root, sandbox)
+
+    def control_socket(self, record: ContainerRecord) -> Path:
+        return self.sandbox_path(record.id, record.annotations) / vm_dir.CONTROL_SOCKET
+
+    def client(self, record: ContainerRecord, timeout_s: float | None = 120.0
+               ) -> SupervisorClient:
+        """The container's supervisor; InvalidState if it is gone."""
+        self._require_supervisor(record)
+        return SupervisorClient(self.control_socket(record), timeout_s)
+
+    def blocking_client(self, record: ContainerRecord, timeout_s: float | None = 120.0
+                        ) -> BlockingSupervisorClient:
+        self._require_supervisor(record)
+        return BlockingSupervisorClient(self.control_socket(record), timeout_s)
+
+    def supervisor_alive(self, record: ContainerRecord) -> bool:
+        return vm_dir.owner_alive(self.sandbox_path(record.id, record.annotations))
+
+    def _require_supervisor(self, record: ContainerRecord) -> None:
+        if not self.supervisor_alive(record):
+            raise InvalidState(f"container {record.id} is not running (stopped)")
+
+    async def status(self, record: ContainerRecord) -> ContainerStatus:
+        """As the supervisor knows it; stopped if the supervisor is gone."""
+        reply = await self.state_reply(record)
+        return ContainerStatus.STOPPED if reply is None else reply.status
+
+    async def state_reply(self, record: ContainerRecord) -> protocol.StateReply | None:
+        """The supervisor's answer about the container; None if it is gone or does not
+        answer."""
+        if not self.supervisor_alive(record):
+            return None
+        try:
+            return await SupervisorClient(self.control_socket(record), 15).call(
+                State(container=record.id))
+        except (OSError, RunvError):
+            return None
+
+    async def state(self, container_id: str) -> dict[str, Any]:
+        record = self.store.load(container_id)
+        return oci_state(record, await self.status(record))
+
+    async def list_states(self) -> list[dict[str, Any]]:
+        out = []
+        for container_id in self.store.ids():
+            with contextlib.suppress(RunvError, OSError, ValueError, TypeError):
+                out.append(await self.state(container_id))
+        return out
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def create(self, container_id: str, spec: oci_spec.Spec, *,
+                     pid_file: str | None = None, console_socket: str | None = None,
+                     standin: bool = True, record: ContainerRecord | None = None
+                     ) -> ContainerRecord:
+        """Boot the container's sandbox (or join its pod's) and create it there from its
+        bundle's `spec`. With `standin`, a stand-in process takes its stdio (pid_file names
+        it); without, the caller attaches itself and is the pid. `record`: the one to keep
+        (hyperctl's, which it wrote itself; the store then adds nothing)."""
+        if standin and spec.terminal and not console_socket:
+            raise ConfigError(NEEDS_CONSOLE_SOCKET)
+        if record is None:
+            self.store.reserve(container_id)
+        try:
+            with self.store.locked(container_id):
+                record = await self._create_locked(
+                    container_id, spec, record, pid_file=pid_file,
+                    console_socket=console_socket, standin=standin)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._discard(container_id, spec.annotations)
+            raise
+        return record
+
+    async def _create_locked(self, container_id: str, spec: oci_spec.Spec,
+                             record: ContainerRecord | None, *, pid_file: str | None,
+                             console_socket: str | None, standin: bool) -> ContainerRecord:
+        sandbox = pod.sandbox_of(spec.annotations, container_id)
+        if sandbox is None:
+            reply = await self._launch(container_id, spec)
+        else:
+            reply = await self._join(container_id, spec, sandbox)
+        if self.debug:
+            log.debug(f"created ({reply.start_path or 'pod'}, agent over "
+                      f"{reply.channel or '-'}): " + ", ".join(
+                          f"{k} {v * 1000:.0f} ms" for k, v in reply.timings.items()),
+                      extra={"container": container_id})
+        ctl = self.sandbox_path(container_id, spec.annotations) / vm_dir.CONTROL_SOCKET
+        pid = os.getpid()
+        if standin:
+            terminal = Terminal.open(console_socket, spec.terminal)
+            try:
+                pid = await spawn_standin(ctl, Attach(container=container_id), terminal)
+            finally:
+                terminal.close()
+        if record is None:
+            record = ContainerRecord(id=container_id, bundle=str(spec.bundle),
+                                     rootfs=str(spec.root), created=rfc3339_now(),
+                                     annotations=spec.annotations, pid=pid)
+            self.store.commit(record)
+        if pid_file:
+            write_pid_file(pid_file, pid)
+        state = json.dumps(oci_state(record, ContainerStatus.CREATED))
+        await hooks.run("prestart", spec.hooks_of("prestart"), state)
+        await hooks.run("createRuntime", spec.hooks_of("createRuntime"), state)
+        return record
+
+    async def _launch(self, container_id: str, spec: oci_spec.Spec) -> CreateReply:
+        """A sandbox of the container's own: a pooled supervisor if the warm pool has one,
+        else a new supervisor process."""
+        pooled = await self._claim_pooled(container_id, spec)
+        if pooled is not None:
+            return pooled
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        argv = [sys.executable, "-m", "runv_py.sandbox.supervisor", "--root", str(self.root),
+                "--id", container_id, "--bundle", str(spec.bundle),
+                "--status-fd", str(status_w), "--spawned-at", repr(time.time())]
+        if self.config.file:
+            argv += ["--config", self.config.file]
+        log_path = self.store.log_path(container_id)
+        try:
+            with open(log_path, "ab") as logfile:
+                child.spawn_detached(argv + (["--debug"] if self.debug else []),
+                                     stdout=logfile, pass_fds=(status_w,))
+        finally:
+            os.close(status_w)
+        raw = await child.read_report(status_r, SUPERVISOR_REPORT_TIMEOUT_S)
+        if not raw:
+            raise RunvError(f"the sandbox supervisor exited before reporting; its log: "
+                            f"{log_path}")
+        return CreateReply.from_fields(protocol.raise_for(protocol.decode(raw)),
+                                       "supervisor report")
+
+    async def _claim_pooled(self, container_id: str, spec: oci_spec.Spec
+                            ) -> CreateReply | None:
+        """Take an idle supervisor from the warm pool (pool.py) and hand it the container, or
+        None (one debug line) when there is none or the hand-over fails: start one then."""
+        extra = {"container": container_id}
+        if not pool_member.socket_path(self.config.state_dir).exists():
+            log.debug("warm pool: not used (no pool service)", extra=extra)
+            return None
+        from . import policy, pool  # only a host with a pool service pays these imports
+
+        t0 = time.time()
+        fds: list[int] = []
+        try:
+            config = policy.sandbox_config(self.config, spec)
+            claim, why = await pool.claim(config)
+            if claim is not None and claim.ctl is not None:
+                # What goes to the pooled supervisor: its log, the rootfs (unless the
+                # supervisor mounts an overlay) and bind sources as detached trees.
+                with open(self.store.log_path(container_id), "ab") as logfile:
+                    fds.append(os.dup(logfile.fileno()))
+                overlay = policy.ROOTFS_OVERLAY_ANNOTATION in spec.annotations
+                trees = _trees(spec, None if overlay else spec.root)
+                names, tree_fds = trees.wire()
+                fds += tree_fds
+                return await self._adopt(container_id, spec, claim, trees=names, fds=fds,
+                                         t0=t0)
+        except (OSError, RunvError) as exc:
+            why = str(exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        log.debug("warm pool: not used (%s)", why, extra=extra)
+        return None
+
+    async def _adopt(self, container_id: str, spec: oci_spec.Spec, claim: protocol.ClaimReply,
+                     *, trees: list[Any], fds: list[int], t0: float) -> CreateReply | None:
+        """Hand the container to a claimed pooled supervisor: its VM directory becomes the
+        container's sandbox (a link at the container's path), then Adopt."""
+        link = self.sandbox_path(container_id, spec.annotations)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(claim.vm_dir)
+        try:
+            assert claim.ctl is not None
+            return await SupervisorClient(Path(claim.ctl), 300).call(protocol.Adopt(
+                id=container_id, root=str(self.root), bundle=str(spec.bundle),
+                debug=self.debug, spawned_at=t0, cgroups=cgroup.memberships(),
+                trees=tuple(trees)), fds)
+        except (OSError, RunvError) as exc:
+            # The pooled supervisor drops its VM when the hand-over fails.
+            log.debug("warm pool: hand-over to pooled sandbox %s failed (%s); starting a "
+                      "sandbox instead", claim.sandbox, exc, extra={"container": container_id})
+            if child.is_running(claim.pid, claim.start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(claim.pid, signal.SIGTERM)
+            await _wait_gone(claim.pid, claim.start)
+            link.unlink(missing_ok=True)
+            return None
+
+    async def _join(self, container_id: str, spec: oci_spec.Spec, sandbox_id: str
+                    ) -> CreateReply:
+        """A pod's container: created in the VM of the pod's sandbox container."""
+        try:
+            with self.store.locked(sandbox_id):
+                sandbox = self.store.load(sandbox_id)
+        except ContainerNotFound:
+            raise ContainerNotFound(f"pod sandbox {sandbox_id} ({pod.SANDBOX_ID} of container "
+                                    f"{container_id}) does not exist") from None
+        if not self.supervisor_alive(sandbox):
+            raise InvalidState(f"pod sandbox {sandbox_id} ({pod.SANDBOX_ID}) is stopped")
+        # The rootfs and bind sources may be mounts the sandbox's supervisor cannot see (made
+        # after it started, in a namespace it does not share): it gets detached copies.
+        trees = _trees(spec, spec.root)
+        try:
+            names, fds = trees.wire()
+            return await SupervisorClient(self.control_socket(sandbox), 300).call(
+                Create(container=container_id, bundle=str(spec.bundle), trees=tuple(names)),
+                fds)
+        finally:
+            trees.close()
+
+    async def start(self, container_id: str) -> None:
+        with self.store.locked(container_id):
+            record = self.store.load(container_id)
+            t_start = time.monotonic()
+            await self.client(record).call(Start(container=container_id))
+            log.debug("started: start_container %.0f ms", (time.monotonic() - t_start) * 1000,
+                      extra={"container": container_id})
+        spec = self._spec_or_none(record)
+        if spec is not None:
+            await hooks.run("poststart", spec.hooks_of("poststart"),
+                            json.dumps(oci_state(record, ContainerStatus.RUNNING)),
+                            fatal=False)
+
+    def _spec_or_none(self, record: ContainerRecord) -> oci_spec.Spec | None:
+        try:
+            return oci_spec.load(Path(record.bundle))
+        except SpecError as exc:
+            log.warning("hooks not run: %s", exc, extra={"container": record.id})
+            return None
+
+    async def kill(self, container_id: str, signum: int, *, all_processes: bool = False
+                   ) -> None:
+        record = self.store.load(container_id)
+        await self.client(record).call(Kill(container=container_id, signal=signum,
+                                            all=all_processes))
+
+    async def delete(self, container_id: str, *, force: bool = False,
+                     run_hooks: bool = True) -> None:
+        with self.store.locked(container_id):
+            try:
+                record = self.store.load(container_id)
+            except ContainerNotFound:
+                # Reserved by a create that was killed before it finished.
+                await self._discard(container_id, {})
+                raise
+            await self._end(record.id, record.annotations, force=force)
+            spec = self._spec_or_none(record)
+            if spec is not None and spec.network_ns and self._sandbox_gone(record):
+                self._sweep_network(record.id, spec.network_ns)
+            if run_hooks and spec is not None:
+                await hooks.run("poststop", spec.hooks_of("poststop"), json.dumps(
+                    oci_state(record, ContainerStatus.STOPPED)), fatal=False)
+            self.store.release(container_id)
+
+    def _sandbox_gone(self, record: ContainerRecord) -> bool:
+        return not self.sandbox_path(record.id, record.annotations).exists()
+
+    async def _end(self, container_id: str, annotations: dict[str, str], *,
+                   force: bool) -> None:
+        """Delete the container in its supervisor; if that ended the sandbox (its own, or
+        the pod's last container), wait for the supervisor to go and remove what it left."""
+        path = self.sandbox_path(container_id, annotations)
+        owner = vm_dir.owner(path)
+        gone = True
+        if owner is not None and child.is_running(*owner):
+            try:
+                reply = await SupervisorClient(path / vm_dir.CONTROL_SOCKET, 30).call(
+                    Delete(container=container_id, force=force))
+                gone = reply.sandbox_gone
+            except InvalidState:
+                raise
+            except ContainerNotFound:
+                gone = False  # a pod's container that never made it into the VM
+            except (OSError, RunvError) as exc:
+                log.warning("supervisor did not answer delete (%s); stopping it", exc,
+                            extra={"container": container_id})
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(owner[0], signal.SIGTERM)
+            if gone:
+                await _wait_gone(*owner)
+        if gone:
+            remove_sandbox(path)
+
+    async def _discard(self, container_id: str, annotations: dict[str, str]) -> None:
+        """Undo a create that did not finish: its container (and the sandbox it started) go,
+        and its id is free again."""
+        with contextlib.suppress(InvalidState, RunvError, OSError):
+            await self._end(container_id, annotations, force=True)
+        self.store.release(container_id)
+
+    @staticmethod
+    def _sweep_network(container_id: str, path: str) -> None:
+        """A killed supervisor leaves tc redirects to its gone taps in the caller's netns."""
+        from ..network import attachment as network_attachment  # rare: no import time
+
+        try:
+            cleaned = network_attachment.sweep(path)
+        except NetworkError as exc:
+            log.warning("%s", exc, extra={"container": container_id})
+            return
+        if cleaned:
+            log.warning("removed the tc redirects a killed supervisor left on %s",
+                        ", ".join(cleaned), extra={"container": container_id})
+
+    # -- processes ----------------------------------------------------------------------------
+
+    async def exec_detached(self, container_id: str, process: dict[str, Any], *,
+                            pid_file: str | None, console_socket: str | None) -> int:
+        record = self.store.load(container_id)
+        self._require_supervisor(record)
+        request = Exec(container=container_id, exec_id=secrets.token_hex(8), process=process)
+        terminal = Terminal.open(console_socket, bool(process.get("terminal")))
+        try:
+            pid = await spawn_standin(self.control_socket(record), request, terminal)
+        finally:
+            terminal.close()
+        if pid_file:
+            write_pid_file(pid_file, pid)
+        return pid
+
+
+def remove_sandbox(path: Path) -> None:
+    """What a sandbox's supervisor leaves when it is SIGKILLed: its VM directory (through the
+    link a pooled one has at the container's path) and its shared dir's mount point (the mounts
+    died with the supervisor's mount namespace)."""
+    real = path.resolve()
+    shutil.rmtree(real, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        (pool_member.shares_dir(real.parent.parent) / real.name).rmdir()
+
+
+async def _wait_gone(pid: int, start_time: int) -> None:
+    deadline = time.monotonic() + SUPERVISOR_EXIT_WAIT_S
+    while child.is_running(pid, start_time):
+        child.reap_if_child(pid)
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+        await asyncio.sleep(0.02)
+    child.reap_if_child(pid)
+
+
+async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal) -> int:
+    """A stand-in process attached to the process `request` names; its pid once attached."""
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    argv = [sys.executable, "-m", "runv_py.sandbox.standin", "--ctl", str(ctl),
+            "--request", json.dumps(request.to_wire()), "--ready-fd", str(ready_w)]
+    if terminal.slave is not None:
+        argv.append("--tty")
+    try:
+        proc = child.spawn_detached(argv, stdio=terminal.slave, pass_fds=(ready_w,),
+                                    new_session=False)
+    finally:
+        os.close(ready_w)
+    answer = await child.read_report(ready_r, STANDIN_READY_TIMEOUT_S)
+    if answer != b"ok":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise RunvError(answer.decode(errors="replace") or "the stand-in process failed")
+    return proc.pid
+
+
+def parse_signal(text: str) -> int:
+    """runc accepts 9, KILL and SIGKILL."""
+    if text.isdigit():
+        number = int(text)
+        if number not in {int(s) for s in signal.valid_signals()}:
+            raise ConfigError(f"signal {text}: not a valid signal number")
+        return number
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ConfigError(f"signal {text!r}: unknown signal name") from None

@@ -1,0 +1,365 @@
+"""How a supervisor process comes to own its sandbox, and gives it up. Two strategies:
+
+- `for_container`: `runv create` (or the shim, or hyperctl) started it for one container: boot
+  the VM (from a template, or cold), create the container, report on the status fd.
+- `pooled`: a warm pool started it idle: restore a VM, park it, report over the pool's link,
+  then wait for a claimant's Adopt and take its container as the first strategy would.
+
+Either way the Supervisor is built only once its VM runs; the launcher owns the shared
+directory, the network attachment and the VM, and releases them in reverse order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ... import child
+from ... import config as config_mod
+from ...devices import Share
+from ...errors import InvalidState, RunvError
+from ...oci import spec as oci_spec
+from ...storage.shared import SharedDir, Trees
+from ...store.state import check_id
+from .. import cgroup, guest_spec, policy, pool_member, protocol, vm_dir, vm_template
+from ..control import AsyncChannel, listen
+from ..guest_network import GuestNetwork
+from ..guest_vm import GuestVm
+from ..protocol import SUPERVISOR_REQUESTS, Adopt, CreateReply, Request
+from .server import Supervisor
+from .shares import ContainerShares, share
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[AsyncChannel, Request[Any], list[int]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Args:
+    config: str | None
+    debug: bool
+    spawned_at: float
+    root: Path = Path("/")
+    container_id: str = ""
+    bundle: Path = Path("/")
+    pool_fd: int | None = None
+
+
+def shared_path(vm_path: Path) -> Path:
+    """The mount point of a sandbox's shared directory: beside its VM directory, never in it
+    (a failed template start empties the VM directory)."""
+    return pool_member.shares_dir(vm_path.parent.parent) / vm_path.name
+
+
+class ControlServer:
+    """The supervisor's control socket: each connection's request goes to `dispatch`, which a
+    pooled supervisor replaces once it has its container."""
+
+    def __init__(self, path: Path, dispatch: Dispatch) -> None:
+        self.dispatch = dispatch
+        self._listener = listen(path)
+        self._task = asyncio.create_task(self._accept())
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._listener:
+            while True:
+                sock, _ = await loop.sock_accept(self._listener)
+                task = asyncio.create_task(self._serve(AsyncChannel(sock)))
+                self._connections.add(task)
+                task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, channel: AsyncChannel) -> None:
+        try:
+            wire, fds = await channel.recv_with_fds()
+            if wire is None:
+                return
+            try:
+                request = protocol.decode_request(wire, SUPERVISOR_REQUESTS)
+            except RunvError as exc:
+                for fd in fds:
+                    os.close(fd)
+                await channel.send(protocol.error_reply(exc))
+                return
+            await self.dispatch(channel, request, fds)
+        except Exception:
+            log.debug("control connection failed", exc_info=True)
+        finally:
+            channel.close()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(self._task, *self._connections, return_exceptions=True)
+
+
+class Sandbox:
+    """What a supervisor process owns, in the order it releases it: the supervisor (its
+    containers), the control socket, the VM, the network, the shared directory."""
+
+    def __init__(self, vm_path: Path) -> None:
+        self.vm_path = vm_path
+        self.claimed = False
+        self.shared = SharedDir(shared_path(vm_path))
+        self.network = GuestNetwork(None)
+        self.vm: GuestVm | None = None
+        self.control: ControlServer | None = None
+        self.supervisor: Supervisor | None = None
+
+    def claim(self) -> None:
+        """The VM directory, with this process as its owner, before anything else."""
+        vm_dir.claim(self.vm_path)
+        self.claimed = True
+
+    async def close(self) -> None:
+        try:
+            if self.supervisor is not None:
+                await self.supervisor.close()
+            if self.control is not None:
+                await self.control.close()
+            if self.vm is not None:
+                await self.vm.close()  # removes the VM directory
+            elif self.claimed:
+                shutil.rmtree(self.vm_path, ignore_errors=True)
+        finally:
+            await self.network.close()
+            self.shared.close()
+            with contextlib.suppress(OSError):
+                self.shared.path.rmdir()
+
+
+def _stop_on_signals(done: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, done.set)
+
+
+async def _first_container(owned: Sandbox, container_id: str, spec: oci_spec.Spec,
+                           shares: ContainerShares, timings: dict[str, float]) -> CreateReply:
+    """The supervisor of the running VM, serving, with its first container created."""
+    vm = owned.vm
+    assert vm is not None
+    supervisor = Supervisor(container_id, vm, owned.shared, owned.network, vm.shares[0].driver)
+    owned.supervisor = supervisor
+    if owned.control is None:
+        owned.control = ControlServer(vm.paths.control_socket, _serving(supervisor))
+    else:
+        owned.control.dispatch = _serving(supervisor)
+    t_create = time.monotonic()
+    await supervisor.create_first(spec, shares)
+    timings = {**timings, **vm.timings, "create_container": time.monotonic() - t_create}
+    timings.pop("total", None)
+    return CreateReply(vm_dir=str(vm.root), timings=timings, start_path=vm.start_path,
+                       channel=vm.channel, qemu_pid=vm.machine.pid or 0)
+
+
+def _serving(supervisor: Supervisor) -> Dispatch:
+    async def dispatch(channel: AsyncChannel, request: Request[Any], fds: list[int]) -> None:
+        await supervisor.serve(channel, request, fds)
+    return dispatch
+
+
+# -- a supervisor started for its container -------------------------------------------------------
+
+async def for_container(args: Args, status_fd: int) -> int:
+    """Boot the sandbox of `args.container_id`, report on `status_fd`, serve until the sandbox
+    ends (deleted, or a signal)."""
+    done = asyncio.Event()
+    _stop_on_signals(done)
+    config = config_mod.load(args.config)
+    owned = Sandbox(vm_dir.path_for(config.state_dir, args.root, args.container_id))
+    try:
+        try:
+            reply = await _boot_for(owned, args, config)
+        except BaseException as exc:
+            os.write(status_fd, protocol.encode(protocol.error_reply(exc)))
+            raise
+        os.write(status_fd, protocol.encode(reply.to_wire()))
+        os.close(status_fd)
+        assert owned.supervisor is not None
+        await _until(done, owned.supervisor.done)
+        return 0
+    finally:
+        await owned.close()
+
+
+async def _boot_for(owned: Sandbox, args: Args, config: config_mod.RuntimeConfig
+                    ) -> CreateReply:
+    t_setup = time.time()
+    owned.claim()
+    spec = oci_spec.load(args.bundle)
+    config = replace(policy.sandbox_config(config, spec), state_dir=owned.vm_path.parent)
+    owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owned.shared.open()
+    shares = share(owned.shared, spec, "rootfs")
+    owned.network = GuestNetwork(spec.network_ns)
+    nics = await owned.network.prepare()
+    driver = policy.shared_fs_driver(config, spec)
+    owned.vm = await GuestVm.boot(
+        config, sandbox_id=owned.vm_path.name, debug=args.debug, nics=nics, claimed=True,
+        shares=(Share(guest_spec.SHARED_TAG, owned.shared.path, driver=driver),))
+    await owned.network.configure(owned.vm.agent)
+    return await _first_container(owned, args.container_id, spec, shares,
+                                  {"supervisor_start": max(0.0, t_setup - args.spawned_at)})
+
+
+async def _until(*events: asyncio.Event) -> None:
+    waits = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+# -- a warm pool's supervisor ---------------------------------------------------------------------
+
+class _Pooled:
+    """An idle supervisor of the warm pool, until its claimant's Adopt makes it a container's."""
+
+    def __init__(self, args: Args, member: pool_member.Member, owned: Sandbox,
+                 done: asyncio.Event) -> None:
+        self.args = args
+        self.member = member
+        self.owned = owned
+        self.done = done
+        self.adopted = asyncio.Event()
+
+    async def prefill(self, config: config_mod.RuntimeConfig) -> CreateReply:
+        """Its shared dir mounted, its VM restored from the template (9p share), the agent
+        connected, the VM parked."""
+        self.owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.owned.shared.open()
+        vm = await GuestVm.boot(
+            config, sandbox_id=self.owned.vm_path.name, debug=False, claimed=True,
+            shares=(Share(guest_spec.SHARED_TAG, self.owned.shared.path, driver="9p"),))
+        self.owned.vm = vm
+        if vm.start_path not in ("template", "template-built"):
+            raise RunvError(f"the pool's VM did not start from a template ({vm.start_path}); "
+                            "see the log above")
+        # Translate the container set-up code in this QEMU now (TCG's cache is per process).
+        await vm_template.warm_up(vm.agent)
+        if config.pool.idle == "paused":
+            await vm.park()
+        self.owned.control = ControlServer(vm.paths.control_socket, self.dispatch)
+        return CreateReply(vm_dir=str(vm.root), qemu_pid=vm.machine.pid or 0)
+
+    async def dispatch(self, channel: AsyncChannel, request: Request[Any],
+                       fds: list[int]) -> None:
+        """Before its container: only the claimant's Adopt."""
+        if not isinstance(request, Adopt) or not self.member.claimed \
+                or self.owned.supervisor is not None:
+            for fd in fds:
+                os.close(fd)
+            await channel.send(protocol.error_reply(InvalidState(
+                "this supervisor is not a claimed pooled one")))
+            return
+        try:
+            reply = await self.adopt(channel, request, fds)
+            wire = reply.to_wire()
+        except Exception as exc:
+            wire = protocol.error_reply(exc)
+        await channel.send(wire)
+
+    async def adopt(self, channel: AsyncChannel, request: Adopt,
+                    fds: list[int]) -> CreateReply:
+        """Become the supervisor of the container the claimant names: fds are the
+        container's supervisor.log, then the detached trees `trees` names (the rootfs, unless
+        it is an overlay this supervisor mounts, and bind sources). If the claimant goes away
+        before the answer, the VM is dropped."""
+        t_setup = time.time()
+        self.member.adopting()
+        work = asyncio.create_task(self._adopt(request, fds))
+        gone = asyncio.create_task(channel.recv())
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            log.warning("the claimant went away while taking this pooled VM: destroying it",
+                        extra={"container": request.id})
+            self.done.set()
+            raise RunvError("claim abandoned")
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        try:
+            spec, shares = work.result()
+            reply = await _first_container(
+                self.owned, request.id, spec, shares,
+                {"supervisor_start": max(0.0, t_setup - (request.spawned_at or t_setup))})
+            self.adopted.set()
+            return reply
+        except BaseException:
+            self.done.set()  # a half-adopted VM is never reused
+            raise
+
+    async def _adopt(self, request: Adopt, fds: list[int]
+                     ) -> tuple[oci_spec.Spec, ContainerShares]:
+        vm = self.owned.vm
+        assert vm is not None
+        if not fds:
+            raise RunvError("adopt: no supervisor.log came with the request")
+        logfile, *rest = fds
+        os.dup2(logfile, 1)
+        os.dup2(logfile, 2)
+        os.close(logfile)
+        trees = Trees.from_wire(request.trees, rest)
+        try:
+            check_id(request.id)
+            if request.debug:
+                logging.getLogger().setLevel(logging.DEBUG)
+            spec = oci_spec.load(Path(request.bundle))
+            shares = share(self.owned.shared, spec, "rootfs", trees)
+        finally:
+            trees.close()
+        # Where a supervisor the claimant started would be: its CPU and memory count there.
+        cgroup.join(dict(request.cgroups), child.with_descendants(os.getpid()))
+        self.owned.network = GuestNetwork(spec.network_ns)
+        nics = await self.owned.network.prepare()
+        await vm.unpark(nics, parked=self.member.parked)
+        await self.owned.network.configure(vm.agent)
+        return spec, shares
+
+
+async def pooled(args: Args) -> int:
+    """A warm pool's supervisor: report ready over the pool's link, then wait to be claimed.
+    Idle, it ends when the pool goes (the link's end); claimed, when its container does."""
+    assert args.pool_fd is not None
+    done = asyncio.Event()
+    _stop_on_signals(done)
+    member = pool_member.Member(args.pool_fd)
+    config = member.config(config_mod.load(args.config))
+    owned = Sandbox(config.state_dir / member.sandbox_id)
+    pooled = _Pooled(args, member, owned, done)
+    watch = asyncio.create_task(member.watch(done))
+    try:
+        owned.claim()
+        boot = asyncio.create_task(pooled.prefill(config))
+        await asyncio.wait({boot, asyncio.create_task(done.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not boot.done():
+            boot.cancel()
+        try:
+            reply = await boot
+        except asyncio.CancelledError:
+            return 0
+        except BaseException as exc:
+            member.report(protocol.error_reply(exc))
+            raise
+        member.report(reply.to_wire())
+        await _until(done, pooled.adopted)
+        if owned.supervisor is not None:
+            await _until(done, owned.supervisor.done)
+        return 0
+    finally:
+        watch.cancel()
+        await owned.close()

@@ -1,0 +1,440 @@
+"""The supervisor of one sandbox, once its VM runs: the containers in that VM and the control
+requests about them, one handler per operation (protocol.Op). It is built by a launch strategy
+(launch.py) with everything it owns: the VM, the shared directory and the network."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ...agent.convert import Storage
+from ...devices import ShareDriver
+from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvError, SpecError
+from ...oci import spec as oci_spec
+from ...storage.shared import Trees
+from .. import guest_spec, pod, policy, protocol
+from ..control import AsyncChannel
+from ..guest_api import SandboxVm
+from ..guest_network import GuestNetwork
+from ..protocol import (
+    Attach,
+    ContainerRequest,
+    Create,
+    CreateReply,
+    Delete,
+    DeleteReply,
+    Events,
+    Exec,
+    Kill,
+    NetworkSync,
+    NetworkSyncReply,
+    Ok,
+    Op,
+    Pause,
+    Ps,
+    PsReply,
+    Reply,
+    Request,
+    Resume,
+    Start,
+    State,
+    StateReply,
+    Stats,
+    StatsReply,
+    Update,
+)
+from ..status import ContainerStatus, Transition
+from .containers import SIGKILL_STATUS, GuestContainer, GuestProcess
+from .shares import ContainerShares, Shared, share, unshare
+from .stdio import EXIT_OUTPUT_GRACE_S, serve_attached
+
+log = logging.getLogger(__name__)
+
+REMOVE_TIMEOUT_S = 10.0
+Handler = Callable[[Any], Awaitable[Reply]]
+SessionHandler = Callable[[Any, AsyncChannel, list[int]], Awaitable[None]]
+
+
+class Supervisor:
+    def __init__(self, sandbox_id: str, vm: SandboxVm, shared: Shared,
+                 network: GuestNetwork, driver: ShareDriver) -> None:
+        """`sandbox_id`: the sandbox container's id; `driver`: how the guest mounts the
+        shared directory."""
+        self.id = sandbox_id
+        self.vm = vm
+        self.shared = shared
+        self.network = network
+        self.driver = driver
+        self.containers: dict[str, GuestContainer] = {}
+        self.pod_namespaces: dict[str, str] = {}  # type -> guest path (a pod's sandbox)
+        self.vm_paused = False
+        self.creating = asyncio.Lock()
+        self.done = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.event_listeners: set[asyncio.Queue[protocol.Event]] = set()
+        self.attachments: set[asyncio.Task[Any]] = set()
+        self.handlers: dict[Op, Handler] = {
+            Op.START: self._start, Op.KILL: self._kill, Op.DELETE: self._delete,
+            Op.STATE: self._state, Op.PAUSE: self._pause, Op.RESUME: self._resume,
+            Op.UPDATE: self._update, Op.STATS: self._stats, Op.PS: self._ps,
+            Op.NETWORK_SYNC: self._network_sync,
+        }
+        self.sessions: dict[Op, SessionHandler] = {
+            Op.ATTACH: self._attach, Op.EXEC: self._attach, Op.EVENTS: self._events,
+            Op.CREATE: self._join,
+        }
+
+    @property
+    def extra(self) -> dict[str, str]:
+        return {"container": self.id}
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- the sandbox container --------------------------------------------------------------
+
+    async def create_first(self, spec: oci_spec.Spec, shares: ContainerShares) -> None:
+        """The sandbox container (a pod's sandbox, or a lone container) in the running VM;
+        the shared directory gets mounted in the guest with it."""
+        if pod.is_sandbox(spec.annotations):
+            self.pod_namespaces = await self.vm.agent.create_sandbox(
+                self.id, hostname=str(spec.raw.get("hostname") or ""),
+                shared_namespaces=pod.SHARED_NAMESPACES)
+            # The sandbox container's own namespaces are the pod's.
+            spec = replace(spec, raw={**spec.raw, "linux": pod.with_namespace_paths(
+                spec.raw.get("linux") or {}, self.pod_namespaces)})
+        await self._create_in_guest(self.id, spec, shares, storages=(
+            Storage(self.driver, guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
+        self._task(self._watch_vm())
+        self._task(self._watch_events())
+
+    async def _create_in_guest(self, container_id: str, spec: oci_spec.Spec,
+                               shares: ContainerShares,
+                               storages: tuple[Storage, ...] = ()) -> None:
+        guest = guest_spec.rewrite(spec, shares.binds, rootfs=shares.rootfs,
+                                   joined=self.pod_namespaces)
+        await self.vm.agent.create_container(container_id, json.dumps(guest).encode(),
+                                             storages=storages)
+        container = GuestContainer(container_id, shares.names)
+        self.containers[container_id] = container
+        self._task(self._wait(container, container.init))
+
+    # -- control requests -------------------------------------------------------------------
+
+    async def serve(self, channel: AsyncChannel, request: Request[Any], fds: list[int]) -> None:
+        """Answer one request on its connection (a session keeps it until it ends)."""
+        session = self.sessions.get(request.OP)
+        if session is not None:
+            await session(request, channel, fds)
+            return
+        for fd in fds:
+            os.close(fd)
+        try:
+            reply = await self._answer(request)
+        except Exception as exc:
+            if not isinstance(exc, RunvError):
+                log.debug("control %s failed", request.OP, exc_info=True)
+            await channel.send(protocol.error_reply(exc))
+            return
+        await channel.send(reply.to_wire())
+        if isinstance(reply, DeleteReply) and reply.sandbox_gone:
+            self.done.set()
+
+    async def _answer(self, request: Request[Any]) -> Reply:
+        if isinstance(request, Delete) and request.container == self.id \
+                and self.id not in self.containers:
+            # Deleted while its VM was still being set up (runv create killed): the
+            # sandbox ends once set-up returns.
+            return DeleteReply(sandbox_gone=True)
+        handler = self.handlers.get(request.OP)
+        if handler is None or not isinstance(request, ContainerRequest):
+            raise InvalidState(f"{request.OP} is not for this supervisor")
+        container = self._container(request.container)
+        if container.status is ContainerStatus.STOPPED and not isinstance(request,
+                                                                          State | Delete):
+            raise InvalidState(f"container {container.id} is not running (stopped)")
+        if not self.vm_paused or isinstance(request, State | Delete | Resume):
+            return await handler(request)
+        # The VM is stopped with its containers: run it for the call, then stop it again.
+        await self._vm_running(True)
+        try:
+            return await handler(request)
+        finally:
+            await self._vm_maybe_pause()
+
+    def _container(self, container_id: str) -> GuestContainer:
+        try:
+            return self.containers[container_id or self.id]
+        except KeyError:
+            raise ContainerNotFound(f"container {container_id} is not in sandbox "
+                                    f"{self.id}") from None
+
+    async def _state(self, request: State) -> StateReply:
+        container = self._container(request.container)
+        vm = "gone"
+        if not self.vm.machine.exited.done():
+            with contextlib.suppress(RunvError):
+                vm = await self.vm.machine.status()
+        init = container.init
+        return StateReply(status=container.status, vm=vm,
+                          exit_code=init.exited.result() if init.exited.done() else None)
+
+    async def _start(self, request: Start) -> Ok:
+        container = self._container(request.container)
+        container.check(Transition.START)
+        await self.vm.agent.start_container(container.id)
+        container.moved(Transition.START)
+        return Ok()
+
+    async def _kill(self, request: Kill) -> Ok:
+        container = self._container(request.container)
+        await self.vm.agent.signal_process(container.id, "", request.signal,
+                                           all_processes=request.all)
+        return Ok()
+
+    async def _pause(self, request: Pause) -> Ok:
+        container = self._container(request.container)
+        container.check(Transition.PAUSE)
+        await self.vm.agent.pause_container(container.id)
+        container.moved(Transition.PAUSE)
+        if not any(c.status in (ContainerStatus.RUNNING, ContainerStatus.CREATED)
+                   for c in self.containers.values()):
+            await self._vm_running(False)
+        return Ok()
+
+    async def _resume(self, request: Resume) -> Ok:
+        container = self._container(request.container)
+        container.check(Transition.RESUME)
+        await self._vm_running(True)
+        await self.vm.agent.resume_container(container.id)
+        container.moved(Transition.RESUME)
+        return Ok()
+
+    async def _update(self, request: Update) -> Ok:
+        container = self._container(request.container)
+        await self.vm.agent.update_container(container.id,
+                                             json.dumps(request.resources).encode())
+        return Ok()
+
+    async def _stats(self, request: Stats) -> StatsReply:
+        container = self._container(request.container)
+        return StatsReply(stats=await self.vm.agent.stats_container(container.id))
+
+    async def _ps(self, request: Ps) -> PsReply:
+        container = self._container(request.container)
+        return PsReply(processes=tuple(await self.vm.agent.list_processes(container.id)))
+
+    async def _network_sync(self, request: NetworkSync) -> NetworkSyncReply:
+        added, removed = await self.network.sync(self.vm.machine, self.vm.agent)
+        return NetworkSyncReply(added=added, removed=removed)
+
+    async def _delete(self, request: Delete) -> DeleteReply:
+        """Deleting the sandbox container, or the last one, ends the sandbox (the reply says
+        so and the supervisor exits after sending it); another container just leaves it."""
+        container = self._container(request.container)
+        if container.status in (ContainerStatus.RUNNING, ContainerStatus.PAUSED) \
+                and not request.force:
+            raise InvalidState(f"cannot delete container {container.id} that is not stopped: "
+                               f"{container.status} (use --force)")
+        if container.id == self.id or len(self.containers) == 1:
+            return DeleteReply(sandbox_gone=True)
+        await self._vm_running(True)
+        try:
+            with contextlib.suppress(RunvError, TimeoutError):
+                await asyncio.wait_for(self.vm.agent.remove_container(container.id, force=True),
+                                       REMOVE_TIMEOUT_S)
+        finally:
+            await self._vm_maybe_pause()
+        container.stopped()
+        del self.containers[container.id]
+        unshare(self.shared, container.shares)
+        return DeleteReply(sandbox_gone=False)
+
+    # -- requests that keep their connection ------------------------------------------------
+
+    async def _attach(self, request: Attach | Exec, channel: AsyncChannel,
+                      fds: list[int]) -> None:
+        """Connect a stand-in to a process (a new one for exec): see stdio.serve_attached."""
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            container = self._container(request.container)
+            if isinstance(request, Exec):
+                container.status.require((ContainerStatus.RUNNING, ContainerStatus.CREATED),
+                                         "exec", container.id)
+                if not container.exec_id_free(request.exec_id):
+                    raise InvalidState(f"exec id {request.exec_id!r} is empty or already in "
+                                       "use")
+                await self.vm.agent.exec_process(container.id, request.exec_id,
+                                                 json.dumps(request.process).encode())
+                container.processes[request.exec_id] = GuestProcess(request.exec_id)
+                self._task(self._wait(container, container.processes[request.exec_id]))
+            process = container.processes.get(request.exec_id)
+            if process is None:
+                raise InvalidState(f"no process {request.exec_id!r} in container "
+                                   f"{container.id}")
+            if process.attached:
+                raise InvalidState(f"process {process.name} already has a stand-in")
+            process.attached = True
+        except Exception as exc:
+            for fd in fds:
+                os.close(fd)
+            await channel.send(protocol.error_reply(exc))
+            return
+        self.attachments.add(task)
+        try:
+            await serve_attached(self.vm.agent, container, process, channel, fds=fds,
+                                 size=request.size)
+        finally:
+            self.attachments.discard(task)
+
+    async def _events(self, request: Events, channel: AsyncChannel, fds: list[int]) -> None:
+        container = self._container(request.container)
+        await channel.send(Ok().to_wire())
+        if container.status is ContainerStatus.STOPPED:
+            return
+        queue: asyncio.Queue[protocol.Event] = asyncio.Queue()
+        self.event_listeners.add(queue)
+        closed = asyncio.create_task(channel.recv())
+        try:
+            while True:
+                get = asyncio.create_task(queue.get())
+                await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                event = get.result()
+                if event.id != container.id:
+                    continue
+                channel.send_nowait(protocol.to_wire(event))
+                if event.type == "exit":
+                    return  # a stopped container has nothing more to report
+        finally:
+            closed.cancel()
+            await asyncio.gather(closed, return_exceptions=True)
+            self.event_listeners.discard(queue)
+
+    async def _join(self, request: Create, channel: AsyncChannel, fds: list[int]) -> None:
+        """Another container of the pod: its own rootfs and mounts in the share (under names
+        of its own), its own container in the guest, sharing the guest's network. The rootfs
+        and bind sources come as detached mount trees: this supervisor's mount namespace does
+        not see what was mounted after it started (a snapshotter's overlay)."""
+        try:
+            trees = Trees.from_wire(request.trees, fds)
+        except RunvError as exc:
+            await channel.send(protocol.error_reply(exc))
+            return
+        try:
+            await self._join_with(request, trees)
+            reply: dict[str, Any] = CreateReply(vm_dir=str(self.vm.root)).to_wire()
+        except Exception as exc:
+            reply = protocol.error_reply(exc)
+        finally:
+            trees.close()
+        await channel.send(reply)
+
+    async def _join_with(self, request: Create, trees: Trees) -> None:
+        async with self.creating:
+            if request.container in self.containers:
+                raise ContainerExists(f"container {request.container} is already in sandbox "
+                                      f"{self.id}")
+            if not self.containers[self.id].status.live:
+                raise InvalidState(f"sandbox {self.id} is stopped")
+            spec = oci_spec.load(Path(request.bundle))
+            name = policy.driver_name(self.driver)
+            if spec.annotations.get(policy.SHARED_FS_ANNOTATION, "") not in ("", name):
+                raise SpecError(f"annotations[{policy.SHARED_FS_ANNOTATION!r}]: the pod's VM "
+                                f"uses {name}")
+            rootfs = f"rootfs-{hashlib.sha256(request.container.encode()).hexdigest()[:12]}"
+            shares = share(self.shared, spec, rootfs, trees)
+            try:
+                await self._vm_running(True)
+                # The share is already mounted in the guest by the sandbox container.
+                await self._create_in_guest(request.container, spec, shares)
+            except BaseException:
+                unshare(self.shared, shares.names)
+                raise
+            finally:
+                await self._vm_maybe_pause()
+
+    # -- the VM and its containers ----------------------------------------------------------
+
+    async def _vm_running(self, running: bool) -> None:
+        """The VM stops when none of its containers is running (it holds nothing else)."""
+        if running and self.vm_paused:
+            await self.vm.machine.resume()
+            self.vm_paused = False
+        elif not running and not self.vm_paused:
+            await self.vm.machine.pause()
+            self.vm_paused = True
+
+    async def _vm_maybe_pause(self) -> None:
+        """After a call that had to run the VM: stop it again if all its containers are."""
+        statuses = [c.status for c in self.containers.values()]
+        if ContainerStatus.PAUSED in statuses and not any(
+                s in (ContainerStatus.RUNNING, ContainerStatus.CREATED) for s in statuses):
+            await self._vm_running(False)
+
+    async def _wait(self, container: GuestContainer, process: GuestProcess) -> None:
+        try:
+            code = await self.vm.agent.wait_process(container.id, process.exec_id)
+        except RunvError as exc:
+            if not container.status.live:
+                return
+            log.warning("waiting for process %s failed: %s", process.name, exc,
+                        extra=container.extra)
+            code = SIGKILL_STATUS
+        process.exit(code)
+        if process.exec_id == "":
+            container.stopped(code)
+            self._publish(protocol.Event(type="exit", id=container.id, data={"status": code}))
+
+    async def _watch_vm(self) -> None:
+        machine = self.vm.machine
+        await asyncio.shield(machine.exited)
+        if not self.done.is_set() and any(c.status.live for c in self.containers.values()):
+            log.error("the VM stopped: %s", machine.describe_exit(), extra=self.extra)
+        for container in self.containers.values():
+            container.stopped()
+
+    async def _watch_events(self) -> None:
+        with contextlib.suppress(RunvError):
+            async for event in self.vm.agent.events():
+                if event.kind == "oom":
+                    self._publish(protocol.Event(type="oom",
+                                                 id=event.container_id or self.id))
+
+    def _publish(self, event: protocol.Event) -> None:
+        for queue in self.event_listeners:
+            queue.put_nowait(event)
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Remove the containers from the guest, let the stand-ins have their exit status,
+        then stop the VM. The shared directory and the network are the launcher's."""
+        if self.vm_paused:
+            with contextlib.suppress(Exception):
+                await self._vm_running(True)
+        for container in self.containers.values():
+            if container.status.live:
+                with contextlib.suppress(RunvError, TimeoutError):
+                    await asyncio.wait_for(self.vm.agent.remove_container(
+                        container.id, force=True), REMOVE_TIMEOUT_S)
+            container.stopped()
+        # Let the stand-ins receive their exit status (after the output) before the VM goes.
+        if self.attachments:
+            await asyncio.wait(set(self.attachments), timeout=EXIT_OUTPUT_GRACE_S + 1)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

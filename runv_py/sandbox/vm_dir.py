@@ -1,0 +1,65 @@
+"""A sandbox's VM directory under the runtime's state dir: QEMU's sockets and logs, the
+supervisor's control socket, and the `owner` file (the pid and start time of the process that
+owns the VM). The path of a container's sandbox is a function of the state root and the
+sandbox's id, so any runv process finds the supervisor of any container without a record."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from .. import child
+from ..errors import ConfigError
+
+OWNER = "owner"
+CONTROL_SOCKET = "ctl.sock"
+
+
+def path_for(state_dir: Path, root: Path, sandbox_id: str) -> Path:
+    """Short and unique per (state root, sandbox id): QEMU's unix socket paths must stay under
+    108 bytes."""
+    name = hashlib.sha256(f"{root.resolve()}\0{sandbox_id}".encode()).hexdigest()[:16]
+    return state_dir / "sandboxes" / name
+
+
+def claim(path: Path) -> None:
+    """Make the directory, owned by this process (ConfigError if it exists)."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        raise ConfigError(f"sandbox {path.name} already exists ({path})") from None
+    pid = os.getpid()
+    (path / OWNER).write_text(f"{pid} {child.proc_start_time(pid)}\n")
+
+
+def owner(path: Path) -> tuple[int, int] | None:
+    """(pid, start time) of the process that owns the directory, if it says."""
+    try:
+        pid, start = (path / OWNER).read_text().split()
+        return int(pid), int(start)
+    except (OSError, ValueError):
+        return None
+
+
+def owner_alive(path: Path) -> bool:
+    """Whether the directory's owner runs (False without an owner file)."""
+    found = owner(path)
+    return found is not None and child.is_running(*found)
+
+
+def sweep_stale(state_dir: Path) -> list[str]:
+    """Remove the VM directories whose owner died without cleaning up (SIGKILLed; its QEMU
+    died with it: parent-death signal). Returns the names removed."""
+    removed: list[str] = []
+    try:
+        entries = list(state_dir.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink() and (entry / OWNER).exists() \
+                and owner(entry) is not None and not owner_alive(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
