@@ -228,6 +228,14 @@ def _exec_process(record: Any, args: argparse.Namespace) -> dict[str, Any]:
     return process
 
 
+def _runc_event(event: Any) -> dict[str, Any]:
+    """An OOM kill or an exit as `runc events` prints them."""
+    printed: dict[str, Any] = {"type": event.type, "id": event.id}
+    if event.exit_status is not None:
+        printed["data"] = {"status": event.exit_status}
+    return printed
+
+
 def _runc_stats(container_id: str, values: dict[str, int]) -> dict[str, Any]:
     """The agent's cgroup v2 figures in the shape of runc's `events --stats`."""
     def limit(key: str) -> int:
@@ -261,7 +269,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "pool":
         return pool_command.run(args, config_mod.load())
     if command == "features":
-        from ..oci import features
+        from . import features
 
         print(json.dumps(features.document(), indent=2))
         return 0
@@ -363,7 +371,7 @@ async def _dispatch_async(runtime: Any, args: argparse.Namespace) -> int:
             print(json.dumps(_runc_stats(cid, stats)))
         else:
             async for event in client.events(cid):
-                print(json.dumps(protocol.to_wire(event)), flush=True)
+                print(json.dumps(_runc_event(event)), flush=True)
     return 0
 
 

@@ -39,12 +39,12 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
     from ..errors import RunvError
-    from ..sandbox import pool
+    from ..sandbox import pool_claim
 
     if args.pool_command == "serve":
         return asyncio.run(_serve(config, bool(args.debug)))
     try:
-        reply = asyncio.run(pool.status(config.state_dir))
+        reply = asyncio.run(pool_claim.status(config.state_dir))
     except ConnectionError as exc:
         raise RunvError(f"{exc}: start it with `runv pool serve`") from None
     if args.format == "json":
@@ -55,8 +55,8 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
           f"{reply.claims} claimed since start")
     print(f"{'KEY':<18}{'MEMORY':<8}{'VCPUS':<7}{'IDLE':<6}{'STARTING':<10}CLAIMED")
     for key, row in reply.keys.items():
-        print(f"{key:<18}{str(row['memory_mib']) + 'M':<8}{row['vcpus']!s:<7}"
-              f"{row['idle']!s:<6}{row['starting']!s:<10}{row['claimed_running']}")
+        print(f"{key:<18}{str(row.memory_mib) + 'M':<8}{row.vcpus!s:<7}"
+              f"{row.idle!s:<6}{row.starting!s:<10}{row.claimed_running}")
     return 0
 
 

@@ -27,10 +27,9 @@ from .. import child
 from ..config import RuntimeConfig
 from ..config import load as load_config
 from ..errors import ConfigError, RunvError
-from . import guest_spec, protocol, vm_dir
-from .client import pool_call
+from . import protocol, vm_dir
 from .control import AsyncChannel, listen
-from .guest_vm import clone_key
+from .pool_claim import CLAIM_TIMEOUT_S, key_of
 from .pool_member import shares_dir, socket_path
 from .protocol import (
     MAX_PACKET,
@@ -40,14 +39,14 @@ from .protocol import (
     ClaimReply,
     CreateReply,
     MemberHello,
-    PoolStatus,
+    PoolKeyStatus,
+    PoolMemberStatus,
     PoolStatusReply,
 )
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 300.0
-CLAIM_TIMEOUT_S = 10.0
 RETRY_S = (2.0, 60.0)  # back-off after a member failed to start: first, most
 
 
@@ -68,11 +67,6 @@ def sizes(config: RuntimeConfig) -> list[Size]:
         if Size(memory_mib, vcpus) not in out:
             out.append(Size(memory_mib, vcpus))
     return out
-
-
-def key_of(config: RuntimeConfig) -> str:
-    """The pool key of a sandbox with this (sized) config: its template's key."""
-    return clone_key(config, (guest_spec.SHARED_TAG,))
 
 
 @dataclass(slots=True)
@@ -398,47 +392,16 @@ class PoolService:
             member.proc.signal(signal.SIGTERM)
 
     def status(self) -> PoolStatusReply:
-        keys = {key: {"memory_mib": size.memory_mib, "vcpus": size.vcpus,
-                      "idle": self._count(key, "idle"),
-                      "starting": self._count(key, "starting"),
-                      "claimed_running": self._count(key, "claimed")}
+        keys = {key: PoolKeyStatus(memory_mib=size.memory_mib, vcpus=size.vcpus,
+                                   idle=self._count(key, "idle"),
+                                   starting=self._count(key, "starting"),
+                                   claimed_running=self._count(key, "claimed"))
                 for key, size in self.keys.items()}
         return PoolStatusReply(
             size=self.config.pool.size, idle_state=self.config.pool.idle,
             memory_mib=self._pooled_memory(), memory_ceiling_mib=self.config.pool.memory_mib,
             claims=self.claims, keys=keys,
-            members=tuple({"sandbox": m.sandbox_id, "key": m.key, "state": m.state,
-                           "pid": m.proc.pid, "qemu_pid": m.ready.qemu_pid if m.ready else None}
+            members=tuple(PoolMemberStatus(sandbox=m.sandbox_id, key=m.key, state=m.state,
+                                           pid=m.proc.pid,
+                                           qemu_pid=m.ready.qemu_pid if m.ready else None)
                           for m in self.members))
-
-
-# -- clients ----------------------------------------------------------------------------------
-
-async def status(state_dir: Path) -> PoolStatusReply:
-    """The pool service's counts; ConnectionError if none runs."""
-    return await pool_call(socket_path(state_dir), PoolStatus(), CLAIM_TIMEOUT_S + 5)
-
-
-def unavailable(config: RuntimeConfig) -> str | None:
-    """Why a sandbox of this config cannot come from the pool, if that is known up front."""
-    if config.template == "off":
-        return "template is off"
-    if not socket_path(config.state_dir).exists():
-        return "no pool service"
-    return None
-
-
-async def claim(config: RuntimeConfig) -> tuple[ClaimReply | None, str]:
-    """An idle pooled supervisor for a sandbox of this (sized) config, or (None, why)."""
-    why = unavailable(config)
-    if why is not None:
-        return None, why
-    try:
-        key = key_of(config)
-        reply = await pool_call(socket_path(config.state_dir), Claim(key=key),
-                                CLAIM_TIMEOUT_S + 5)
-    except (OSError, RunvError) as exc:
-        return None, str(exc)
-    if reply.ctl is None:
-        return None, f"{reply.why or 'empty'} (key {key})"
-    return reply, "claimed"

@@ -78,6 +78,8 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
             except ProtocolError:
                 continue
         raise ProtocolError(f"{where}: expected {hint}, got {value!r:.80}")
+    if isinstance(hint, type) and issubclass(hint, Message) and isinstance(value, dict):
+        return hint.from_fields(value, where)
     if isinstance(hint, type) and issubclass(hint, StrEnum):
         try:
             return hint(value)
@@ -103,6 +105,8 @@ def _decode(value: Any, hint: Any, where: str) -> Any:
 
 
 def _encode(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.fields()
     if isinstance(value, tuple):
         return [_encode(v) for v in value]
     if isinstance(value, dict):
@@ -212,14 +216,34 @@ class ClaimReply(Reply):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PoolKeyStatus(Message):
+    """The pool's VMs of one template key (one VM size)."""
+
+    memory_mib: int
+    vcpus: int
+    idle: int
+    starting: int
+    claimed_running: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolMemberStatus(Message):
+    sandbox: str
+    key: str
+    state: str   # starting, idle, claimed, retired, gone
+    pid: int
+    qemu_pid: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PoolStatusReply(Reply):
     size: int
     idle_state: str
     memory_mib: int
     memory_ceiling_mib: int
     claims: int
-    keys: dict[str, dict[str, Any]]    # template key -> size and counts
-    members: tuple[dict[str, Any], ...]
+    keys: dict[str, PoolKeyStatus]   # template key -> its VMs
+    members: tuple[PoolMemberStatus, ...]
 
 
 # -- requests to a supervisor -------------------------------------------------------------------
@@ -400,9 +424,9 @@ class Exit(Message):
 class Event(Message):
     """Supervisor -> client on `events`."""
 
-    type: str               # "oom" or "exit"
-    id: str                 # the container
-    data: dict[str, int] = field(default_factory=dict)   # exit: {"status": N}
+    type: str                       # "oom" or "exit"
+    id: str                         # the container
+    exit_status: int | None = None  # of an exit
 
 
 def decode_client_message(wire: Mapping[str, Any]) -> Signal | Resize:

@@ -279,13 +279,13 @@ class Runtime:
         if not pool_member.socket_path(self.config.state_dir).exists():
             log.debug("warm pool: not used (no pool service)", extra=extra)
             return None
-        from . import policy, pool  # only a host with a pool service pays these imports
+        from . import policy, pool_claim  # only a host with a pool service pays these
 
         t0 = time.time()
         fds: list[int] = []
         try:
             config = policy.sandbox_config(self.config, spec)
-            claim, why = await pool.claim(config)
+            claim, why = await pool_claim.claim(config)
             if claim is not None and claim.ctl is not None:
                 # What goes to the pooled supervisor: its log, the rootfs (unless the
                 # supervisor mounts an overlay) and bind sources as detached trees.

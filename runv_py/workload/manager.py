@@ -211,11 +211,8 @@ class WorkloadManager:
             proc.wait()
             await self._free_vm(workload.id)
             self.records.remove(workload)
-            try:
-                wire = protocol.decode(answer)
-            except RunvError:
-                wire = {"error": "the container's monitor process failed"}
-            protocol.raise_for({**wire, "ok": False})
+            protocol.raise_for(protocol.decode(answer) if answer else protocol.error_reply(
+                RunvError("the container's monitor process exited before it reported")))
 
     # -- reading state ------------------------------------------------------------------------
 

@@ -143,10 +143,15 @@ def test_network_modes_in_the_spec(tmp_path: Path) -> None:
         _spec(tmp_path, image, network="default", publish=("80",))
 
 
+def _workload(workload_id: str, name: str, created_at: float) -> Workload:
+    return Workload(id=workload_id, bundle="/b", rootfs="/b/rootfs", created="then", name=name,
+                    image="i", command=("x",), created_at=created_at)
+
+
 def test_records_find_by_name_id_and_prefix(tmp_path: Path) -> None:
     records = Records(tmp_path)
-    one = Workload(id="ab12" + "0" * 28, name="one", image="i", command=("x",), created=1.0)
-    two = Workload(id="ab34" + "0" * 28, name="two", image="i", command=("x",), created=2.0)
+    one = _workload("ab12" + "0" * 28, "one", 1.0)
+    two = _workload("ab34" + "0" * 28, "two", 2.0)
     records.create(one)
     records.create(two)
     assert records.find("one") == one
@@ -157,8 +162,7 @@ def test_records_find_by_name_id_and_prefix(tmp_path: Path) -> None:
     with pytest.raises(ContainerNotFound, match="no such container: zz"):
         records.find("zz")
     with pytest.raises(ContainerExists, match="the name 'one' is already in use"):
-        records.create(Workload(id="cd" + "0" * 30, name="one", image="i", command=("x",),
-                                created=3.0))
+        records.create(_workload("cd" + "0" * 30, "one", 3.0))
     records.remove(one)
     with pytest.raises(ContainerNotFound):
         records.find("one")

@@ -152,21 +152,15 @@ async def _first_container(owned: Sandbox, container_id: str, spec: oci_spec.Spe
     supervisor = Supervisor(container_id, vm, owned.shared, owned.network, vm.shares[0].driver)
     owned.supervisor = supervisor
     if owned.control is None:
-        owned.control = ControlServer(vm.paths.control_socket, _serving(supervisor))
+        owned.control = ControlServer(vm.paths.control_socket, supervisor.serve)
     else:
-        owned.control.dispatch = _serving(supervisor)
+        owned.control.dispatch = supervisor.serve
     t_create = time.monotonic()
     await supervisor.create_first(spec, shares)
     timings = {**timings, **vm.timings, "create_container": time.monotonic() - t_create}
     timings.pop("total", None)
     return CreateReply(vm_dir=str(vm.root), timings=timings, start_path=vm.start_path,
                        channel=vm.channel, qemu_pid=vm.machine.pid or 0)
-
-
-def _serving(supervisor: Supervisor) -> Dispatch:
-    async def dispatch(channel: AsyncChannel, request: Request[Any], fds: list[int]) -> None:
-        await supervisor.serve(channel, request, fds)
-    return dispatch
 
 
 # -- a supervisor started for its container -------------------------------------------------------

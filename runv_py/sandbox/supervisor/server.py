@@ -397,7 +397,7 @@ class Supervisor:
         process.exit(code)
         if process.exec_id == "":
             container.stopped(code)
-            self._publish(protocol.Event(type="exit", id=container.id, data={"status": code}))
+            self._publish(protocol.Event(type="exit", id=container.id, exit_status=code))
 
     async def _watch_vm(self) -> None:
         machine = self.vm.machine

@@ -93,9 +93,11 @@ async def _read_fd(fd: int) -> AsyncIterator[bytes]:
                 data = os.read(fd, 65536)
             except OSError:
                 data = b""
+            put = queue.put(data)
             try:
-                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
-            except Exception:
+                asyncio.run_coroutine_threadsafe(put, loop).result()
+            except Exception:  # the loop is gone: the supervisor is exiting
+                put.close()
                 return
             if not data:
                 return

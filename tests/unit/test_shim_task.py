@@ -1,0 +1,160 @@
+"""The shim's task service as containerd drives it, over in-process supervisors with a fake
+agent (tests/fakes.py): the task and exec lifecycles, the events containerd gets, the errors it
+sees, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from runv_py.config import RuntimeConfig
+from runv_py.errors import ContainerExists, ContainerNotFound, InvalidState, ProcessNotFound
+from runv_py.sandbox.runtime import Runtime
+from runv_py.shim import task
+from runv_py.shim._pb import task_pb2
+from tests.fakes import InProcessLauncher
+
+
+class RecordingPublisher:
+    namespace = "test"
+
+    def __init__(self) -> None:
+        self.events: list[Message] = []
+
+    def publish(self, event: Message) -> None:
+        self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [type(e).__name__ for e in self.events]
+
+    async def close(self) -> None:
+        pass
+
+
+def _bundle(path: Path) -> Path:
+    (path / "rootfs").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({
+        "ociVersion": "1.1.0", "root": {"path": "rootfs"},
+        "process": {"args": ["sleep", "60"], "cwd": "/"}}))
+    return path
+
+
+def _run(test: Callable[[Path], Awaitable[None]], tmp_path: Path) -> None:
+    asyncio.run(asyncio.wait_for(test(tmp_path), 60))
+
+
+async def _service(tmp_path: Path) -> tuple[task.TaskService, RecordingPublisher,
+                                            InProcessLauncher]:
+    config = RuntimeConfig(state_dir=tmp_path / "state")
+    runtime = Runtime(tmp_path / "root", config)
+    launcher = InProcessLauncher(runtime)
+    publisher = RecordingPublisher()
+    return task.TaskService(runtime, publisher, lambda: None), publisher, launcher  # type: ignore[arg-type]
+
+
+def test_task_and_exec_lifecycle(tmp_path: Path) -> None:
+    async def test(tmp_path: Path) -> None:
+        service, publisher, launcher = await _service(tmp_path)
+        bundle = _bundle(tmp_path / "bundle")
+        out = tmp_path / "out"
+        created = await service.create(task_pb2.CreateTaskRequest(
+            id="t1", bundle=str(bundle), stdout=f"file://{out}", stderr=f"file://{out}"))
+        assert created.pid > 0
+        with pytest.raises(ContainerExists):
+            await service.create(task_pb2.CreateTaskRequest(id="t1", bundle=str(bundle)))
+        agent = launcher.supervisors["t1"].vm.agent  # type: ignore[attr-defined]
+
+        state = await service.state(task_pb2.StateRequest(id="t1"))
+        assert state.status == task_pb2.CREATED
+        await service.start(task_pb2.StartRequest(id="t1"))
+        with pytest.raises(InvalidState, match="it is running"):
+            await service.start(task_pb2.StartRequest(id="t1"))
+        assert (await service.state(task_pb2.StateRequest(id="t1"))).status == task_pb2.RUNNING
+
+        spec = any_pb2.Any(type_url=task.PROCESS_SPEC_URL,
+                           value=json.dumps({"args": ["true"], "cwd": "/"}).encode())
+        await service.exec(task_pb2.ExecProcessRequest(id="t1", exec_id="e1", spec=spec))
+        await service.start(task_pb2.StartRequest(id="t1", exec_id="e1"))
+        await service.pause(task_pb2.PauseRequest(id="t1"))
+        for exec_id in ("", "e1"):
+            reply = await service.state(task_pb2.StateRequest(id="t1", exec_id=exec_id))
+            assert reply.status == task_pb2.PAUSED
+        await service.resume(task_pb2.ResumeRequest(id="t1"))
+        agent.exit("t1", "e1", 4)
+        waited = await service.wait(task_pb2.WaitRequest(id="t1", exec_id="e1"))
+        assert waited.exit_status == 4
+        await service.delete(task_pb2.DeleteRequest(id="t1", exec_id="e1"))
+        with pytest.raises(ProcessNotFound):
+            await service.state(task_pb2.StateRequest(id="t1", exec_id="e1"))
+
+        pids = await service.pids(task_pb2.PidsRequest(id="t1"))
+        assert [p.pid for p in pids.processes] == [1]
+        with pytest.raises(InvalidState, match="it is running"):
+            await service.delete(task_pb2.DeleteRequest(id="t1"))
+        await service.kill(task_pb2.KillRequest(id="t1", signal=signal.SIGTERM))
+        waited = await service.wait(task_pb2.WaitRequest(id="t1"))
+        assert waited.exit_status == 128 + signal.SIGTERM
+        with pytest.raises(ProcessNotFound, match="already finished"):
+            await service.kill(task_pb2.KillRequest(id="t1", signal=signal.SIGKILL))
+        deleted = await service.delete(task_pb2.DeleteRequest(id="t1"))
+        assert deleted.exit_status == 128 + signal.SIGTERM
+        with pytest.raises(ContainerNotFound):
+            await service.state(task_pb2.StateRequest(id="t1"))
+
+        assert publisher.kinds() == [
+            "TaskCreate", "TaskStart", "TaskExecAdded", "TaskExecStarted", "TaskPaused",
+            "TaskResumed", "TaskExit", "TaskExit", "TaskDelete"]
+        await launcher.close()
+        assert not (tmp_path / "root" / "t1").exists()
+        assert not any((tmp_path / "state" / "sandboxes").iterdir())
+
+    _run(test, tmp_path)
+
+
+def test_a_process_that_exits_during_start_reports_its_exit_after_start(
+        tmp_path: Path) -> None:
+    async def test(tmp_path: Path) -> None:
+        service, publisher, launcher = await _service(tmp_path)
+        await service.create(task_pb2.CreateTaskRequest(
+            id="t2", bundle=str(_bundle(tmp_path / "bundle"))))
+        agent = launcher.supervisors["t2"].vm.agent  # type: ignore[attr-defined]
+        original = agent.start_container
+
+        async def start_and_exit(container_id: str) -> None:
+            await original(container_id)
+            agent.exit(container_id, code=0)
+            await asyncio.sleep(0.1)  # the shim sees the exit before Start returns
+
+        agent.start_container = start_and_exit
+        await service.start(task_pb2.StartRequest(id="t2"))
+        assert (await service.wait(task_pb2.WaitRequest(id="t2"))).exit_status == 0
+        # containerd wants /tasks/start before /tasks/exit, and the task is not "running".
+        assert publisher.kinds()[-2:] == ["TaskStart", "TaskExit"]
+        state = await service.state(task_pb2.StateRequest(id="t2"))
+        assert state.status == task_pb2.STOPPED
+        await service.delete(task_pb2.DeleteRequest(id="t2"))
+        await launcher.close()
+
+    _run(test, tmp_path)
+
+
+def test_close_deletes_every_task_so_no_vm_outlives_the_shim(tmp_path: Path) -> None:
+    async def test(tmp_path: Path) -> None:
+        service, _, launcher = await _service(tmp_path)
+        for cid in ("a", "b"):
+            await service.create(task_pb2.CreateTaskRequest(
+                id=cid, bundle=str(_bundle(tmp_path / cid))))
+            await service.start(task_pb2.StartRequest(id=cid))
+        await service.close()
+        assert all(s.done.is_set() for s in launcher.supervisors.values())
+        assert not any((tmp_path / "state" / "sandboxes").iterdir())
+        await launcher.close()
+
+    _run(test, tmp_path)
