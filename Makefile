@@ -38,6 +38,7 @@ run: deps assets
 lint: venv
 	$(VENV)/bin/ruff check runv_py hyperstart-agent tests bench scripts/gen-proto
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 unit: venv
 	$(PY) -m pytest tests/unit -q

@@ -70,3 +70,4 @@ def setup(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("asyncio").setLevel(logging.INFO)  # "Using selector: ..." per loop

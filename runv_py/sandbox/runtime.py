@@ -221,10 +221,12 @@ class Runtime:
         else:
             reply = await self._join(container_id, spec, sandbox)
         if self.debug:
-            log.debug(f"created ({reply.start_path or 'pod'}, agent over "
-                      f"{reply.channel or '-'}): " + ", ".join(
-                          f"{k} {v * 1000:.0f} ms" for k, v in reply.timings.items()),
-                      extra={"container": container_id})
+            how = (f"pool, sandbox {Path(reply.vm_dir).name}, QEMU pid {reply.qemu_pid}"
+                   if reply.start_path == "pool" else
+                   f"{reply.start_path or 'in pod'}, agent over {reply.channel or '-'}")
+            log.debug(f"created ({how}): " + ", ".join(
+                f"{k} {v * 1000:.0f} ms" for k, v in reply.timings.items()),
+                extra={"container": container_id})
         ctl = self.sandbox_path(container_id, spec.annotations) / vm_dir.CONTROL_SOCKET
         pid = os.getpid()
         if standin:

@@ -103,7 +103,7 @@ class ControlServer:
         await asyncio.gather(self._task, *self._connections, return_exceptions=True)
 
 
-class Sandbox:
+class Resources:
     """What a supervisor process owns, in the order it releases it: the supervisor (its
     containers), the control socket, the VM, the network, the shared directory."""
 
@@ -144,7 +144,7 @@ def _stop_on_signals(done: asyncio.Event) -> None:
         loop.add_signal_handler(sig, done.set)
 
 
-async def _first_container(owned: Sandbox, container_id: str, spec: oci_spec.Spec,
+async def _first_container(owned: Resources, container_id: str, spec: oci_spec.Spec,
                            shares: ContainerShares, timings: dict[str, float]) -> CreateReply:
     """The supervisor of the running VM, serving, with its first container created."""
     vm = owned.vm
@@ -171,7 +171,7 @@ async def for_container(args: Args, status_fd: int) -> int:
     done = asyncio.Event()
     _stop_on_signals(done)
     config = config_mod.load(args.config)
-    owned = Sandbox(vm_dir.path_for(config.state_dir, args.root, args.container_id))
+    owned = Resources(vm_dir.path_for(config.state_dir, args.root, args.container_id))
     try:
         try:
             reply = await _boot_for(owned, args, config)
@@ -187,7 +187,7 @@ async def for_container(args: Args, status_fd: int) -> int:
         await owned.close()
 
 
-async def _boot_for(owned: Sandbox, args: Args, config: config_mod.RuntimeConfig
+async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConfig
                     ) -> CreateReply:
     t_setup = time.time()
     owned.claim()
@@ -221,7 +221,7 @@ async def _until(*events: asyncio.Event) -> None:
 class _Pooled:
     """An idle supervisor of the warm pool, until its claimant's Adopt makes it a container's."""
 
-    def __init__(self, args: Args, member: pool_member.Member, owned: Sandbox,
+    def __init__(self, args: Args, member: pool_member.Member, owned: Resources,
                  done: asyncio.Event) -> None:
         self.args = args
         self.member = member
@@ -332,7 +332,7 @@ async def pooled(args: Args) -> int:
     _stop_on_signals(done)
     member = pool_member.Member(args.pool_fd)
     config = member.config(config_mod.load(args.config))
-    owned = Sandbox(config.state_dir / member.sandbox_id)
+    owned = Resources(config.state_dir / member.sandbox_id)
     pooled = _Pooled(args, member, owned, done)
     watch = asyncio.create_task(member.watch(done))
     try:
