@@ -30,7 +30,7 @@ from ..errors import ConfigError, RunvError
 from . import protocol, vm_dir
 from .control import AsyncChannel, listen
 from .pool_claim import CLAIM_TIMEOUT_S, key_of
-from .pool_member import shares_dir, socket_path
+from .pool_member import socket_path
 from .protocol import (
     MAX_PACKET,
     POOL_REQUESTS,
@@ -125,7 +125,7 @@ class PoolService:
             # Nothing left behind. The lock file goes while still held: a service starting
             # meanwhile either fails to lock it (this one still runs) or makes a new one.
             with contextlib.suppress(OSError):
-                shares_dir(self.config.state_dir).rmdir()
+                vm_dir.shares_root(self.config.state_dir).rmdir()
             (self.root / "lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.root.rmdir()
@@ -226,7 +226,7 @@ class PoolService:
         """Shared-dir mount points of supervisors that died without removing them (the
         mounts themselves were in their private mount namespaces)."""
         sandboxes = self.config.state_dir / "sandboxes"
-        for entry in list(shares_dir(self.config.state_dir).glob("*")):
+        for entry in list(vm_dir.shares_root(self.config.state_dir).glob("*")):
             if not vm_dir.owner_alive(sandboxes / entry.name):
                 with contextlib.suppress(OSError):
                     entry.rmdir()
@@ -333,7 +333,7 @@ class PoolService:
         member.link.close()
         # Its shared dir's mount point, if it could not remove it (SIGKILLed).
         with contextlib.suppress(OSError):
-            (shares_dir(self.config.state_dir) / member.sandbox_id).rmdir()
+            (vm_dir.shares_root(self.config.state_dir) / member.sandbox_id).rmdir()
         self.wake.set()
 
     # -- claims -------------------------------------------------------------------------------

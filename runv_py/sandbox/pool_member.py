@@ -28,11 +28,6 @@ def socket_path(state_dir: Path) -> Path:
     return state_dir / "pool" / "pool.sock"
 
 
-def shares_dir(state_dir: Path) -> Path:
-    """Where supervisors mount their shared dirs (mount points named as their VM dirs)."""
-    return state_dir / "shares"
-
-
 class Member:
     def __init__(self, fd: int) -> None:
         self.link = socket.socket(fileno=fd)

@@ -473,7 +473,7 @@ def remove_sandbox(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
     with contextlib.suppress(OSError):
-        (pool_member.shares_dir(real.parent.parent) / real.name).rmdir()
+        vm_dir.shared_mount_point(real).rmdir()
 
 
 async def _wait_gone(pid: int, start_time: int) -> None:

@@ -24,6 +24,16 @@ def path_for(state_dir: Path, root: Path, sandbox_id: str) -> Path:
     return state_dir / "sandboxes" / name
 
 
+def shares_root(state_dir: Path) -> Path:
+    return state_dir / "shares"
+
+
+def shared_mount_point(path: Path) -> Path:
+    """Where the supervisor of the VM directory `path` mounts its shared directory: under
+    `<state_dir>/shares`, never in the VM directory (a failed template start empties that)."""
+    return shares_root(path.parent.parent) / path.name
+
+
 def claim(path: Path) -> None:
     """Make the directory, owned by this process (ConfigError if it exists)."""
     try:

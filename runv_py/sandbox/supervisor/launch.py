@@ -53,12 +53,6 @@ class Args:
     pool_fd: int | None = None
 
 
-def shared_path(vm_path: Path) -> Path:
-    """The mount point of a sandbox's shared directory: beside its VM directory, never in it
-    (a failed template start empties the VM directory)."""
-    return pool_member.shares_dir(vm_path.parent.parent) / vm_path.name
-
-
 class ControlServer:
     """The supervisor's control socket: each connection's request goes to `dispatch`, which a
     pooled supervisor replaces once it has its container."""
@@ -110,7 +104,7 @@ class Resources:
     def __init__(self, vm_path: Path) -> None:
         self.vm_path = vm_path
         self.claimed = False
-        self.shared = SharedDir(shared_path(vm_path))
+        self.shared = SharedDir(vm_dir.shared_mount_point(vm_path))
         self.network = GuestNetwork(None)
         self.vm: GuestVm | None = None
         self.control: ControlServer | None = None
