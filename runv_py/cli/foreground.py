@@ -3,21 +3,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import termios
 import tty
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, RunvError
 from ..oci import spec as oci_spec
 from ..sandbox.client import BlockingSupervisorClient
 from ..sandbox.protocol import Attach, Exec
-from ..sandbox.runtime import Runtime
 from ..sandbox.standin import StandIn
+
+if TYPE_CHECKING:
+    from ..sandbox.runtime import Runtime
 
 
 def attach(client: BlockingSupervisorClient, request: Attach | Exec, terminal: bool,
@@ -48,6 +49,8 @@ def attach(client: BlockingSupervisorClient, request: Attach | Exec, terminal: b
 def run(runtime: Runtime, container_id: str, bundle: Path, *, pid_file: str | None,
         console_socket: str | None, detach: bool, keep: bool) -> int:
     """runc run: create and start; unless detached, wait and then delete (not with keep)."""
+    import asyncio
+
     spec = oci_spec.load(bundle)
     if detach:
         async def create_and_start() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 import sys
@@ -38,6 +37,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
+    import asyncio
+
     from ..errors import RunvError
     from ..sandbox import pool_claim
 
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
 
 
 async def _serve(config: RuntimeConfig, debug: bool) -> int:
+    import asyncio
+
     from ..sandbox import pool
 
     stop = asyncio.Event()

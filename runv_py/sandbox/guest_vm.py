@@ -190,6 +190,7 @@ class GuestVm:
         self._template: vm_template.Template | None = None
         self.vsock: VsockBackend | None = None
         self._owns_dir = False
+        self._claimed = False
 
     @property
     def root(self) -> Path:
@@ -215,9 +216,10 @@ class GuestVm:
                    nics: tuple[Nic, ...] = (), claimed: bool = False) -> GuestVm:
         """Boot a VM to "agent ready". `shares` are host directories the guest can mount
         (as Storage with the share's driver and source = its tag); `nics` are its network
-        devices. `claimed`: this process made the VM's directory already (vm_dir.claim)."""
+        devices. `claimed`: the caller made the VM's directory (vm_dir.claim) and removes it;
+        close() leaves it with its owner file."""
         sandbox = cls(sandbox_id or secrets.token_hex(6), config)
-        sandbox._owns_dir = claimed
+        sandbox._claimed = claimed
         try:
             await sandbox._boot(debug, shares, nics)
         except BaseException:
@@ -238,7 +240,7 @@ class GuestVm:
         self.accel = accel.choose(self.config.hypervisor.accelerator)
         log.log(logging.INFO if self.accel.accel == "tcg" else logging.DEBUG, self.accel.reason,
                 extra=extra)
-        if not self._owns_dir:
+        if not self._claimed:
             vm_dir.claim(self.paths.root)
             self._owns_dir = True
         if self.config.template == "auto":
@@ -439,11 +441,7 @@ class GuestVm:
             self._agent = None
             self._machine = None
             self.vsock = None
-            for entry in self.paths.root.iterdir():
-                if entry.is_dir():
-                    shutil.rmtree(entry, ignore_errors=True)
-                elif entry != self.paths.owner:
-                    entry.unlink(missing_ok=True)
+            vm_dir.empty(self.paths.root)
 
     async def _start_virtiofsds(self, shares: tuple[Share, ...]) -> tuple[Share, ...]:
         out = []
@@ -519,6 +517,8 @@ class GuestVm:
                 if self._owns_dir:
                     shutil.rmtree(self.paths.root, ignore_errors=True)
                     self._owns_dir = False
+                elif self._claimed:
+                    vm_dir.empty(self.paths.root)
 
     async def __aenter__(self) -> GuestVm:
         return self

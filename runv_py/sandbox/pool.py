@@ -331,9 +331,10 @@ class PoolService:
         with contextlib.suppress(ValueError):
             self.members.remove(member)
         member.link.close()
-        # Its shared dir's mount point, if it could not remove it (SIGKILLed).
-        with contextlib.suppress(OSError):
-            (vm_dir.shares_root(self.config.state_dir) / member.sandbox_id).rmdir()
+        # What it leaves: its VM directory (with its owner file) and its shared dir's mount
+        # point. A claimed one's container may be deleting them too: it found the same dead
+        # owner.
+        vm_dir.remove(self.config.state_dir / "sandboxes" / member.sandbox_id)
         self.wake.set()
 
     # -- claims -------------------------------------------------------------------------------

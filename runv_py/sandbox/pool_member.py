@@ -7,24 +7,26 @@ claimant may have died), then it belongs to its container."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import RuntimeConfig
 from ..errors import RunvError
 from . import protocol
 from .protocol import MAX_PACKET, Ok
 
+if TYPE_CHECKING:
+    import asyncio
+
 ADOPT_WAIT_S = 15.0
 
 
 def socket_path(state_dir: Path) -> Path:
     """The pool service's socket (here, not in pool.py: a create that finds no pool must not
-    pay pool.py's imports)."""
+    pay pool.py's imports; and this module imports asyncio only where a member runs)."""
     return state_dir / "pool" / "pool.sock"
 
 
@@ -37,6 +39,8 @@ class Member:
         except (OSError, RunvError) as exc:
             raise RunvError(f"no valid hello from the pool on fd {fd}: {exc}") from exc
         self.link.setblocking(False)
+        import asyncio
+
         self.claimed = False
         self._adopting = asyncio.Event()
 
@@ -64,6 +68,8 @@ class Member:
     async def watch(self, done: asyncio.Event) -> None:
         """Follow the link: end the supervisor if the pool goes while idle, or if a claim is
         not followed by the claimant's adopt in time."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         while True:
             try:

@@ -114,9 +114,11 @@ def _encode(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Message:
-    """Fields on the wire under their own names."""
+    """Fields on the wire under their own names. Messages are never compared (eq=False):
+    every runv command and stand-in imports this module, and the generated __eq__ and
+    __hash__ of 40 classes cost a fifth of its import time."""
 
     def fields(self) -> dict[str, Any]:
         return {f.name: _encode(getattr(self, f.name)) for f in fields(self)}
@@ -134,7 +136,7 @@ class Message:
             raise ProtocolError(f"{what}: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Reply(Message):
     def to_wire(self) -> dict[str, Any]:
         return {"ok": True, **self.fields()}
@@ -143,7 +145,7 @@ class Reply(Message):
 R = TypeVar("R", bound=Reply)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Request(Message, Generic[R]):
     OP: ClassVar[Op]
     REPLY: ClassVar[type[Reply]]
@@ -158,12 +160,12 @@ class Request(Message, Generic[R]):
 
 # -- replies ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Ok(Reply):
     pass
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class CreateReply(Reply):
     """A sandbox's (or a pod container's) VM is ready and its container created in it."""
 
@@ -174,35 +176,35 @@ class CreateReply(Reply):
     qemu_pid: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class StateReply(Reply):
     status: ContainerStatus
     vm: str = "gone"               # QEMU's run state
     exit_code: int | None = None   # of the init process, once stopped
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class DeleteReply(Reply):
     sandbox_gone: bool   # the supervisor exits: its VM and the sandbox's state go with it
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class StatsReply(Reply):
     stats: dict[str, int]   # the container's cgroup v2 counters in the guest
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class PsReply(Reply):
     processes: tuple[tuple[int, tuple[str, ...]], ...]   # guest pid, argv
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class NetworkSyncReply(Reply):
     added: tuple[str, ...]
     removed: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class ClaimReply(Reply):
     """An idle pooled supervisor, already out of the pool; `ctl` None when there is none."""
 
@@ -215,7 +217,7 @@ class ClaimReply(Reply):
     sandbox: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class PoolKeyStatus(Message):
     """The pool's VMs of one template key (one VM size)."""
 
@@ -226,7 +228,7 @@ class PoolKeyStatus(Message):
     claimed_running: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class PoolMemberStatus(Message):
     sandbox: str
     key: str
@@ -235,7 +237,7 @@ class PoolMemberStatus(Message):
     qemu_pid: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class PoolStatusReply(Reply):
     size: int
     idle_state: str
@@ -248,12 +250,12 @@ class PoolStatusReply(Reply):
 
 # -- requests to a supervisor -------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class ContainerRequest(Request[R]):
     container: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Create(ContainerRequest[CreateReply]):
     """Fds: the detached trees `trees` names ("root" or a mount index per fd)."""
 
@@ -263,7 +265,7 @@ class Create(ContainerRequest[CreateReply]):
     trees: tuple[str | int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Attach(ContainerRequest[Ok]):
     """Fds: the process's stdin, stdout and stderr, or one terminal fd."""
 
@@ -273,7 +275,7 @@ class Attach(ContainerRequest[Ok]):
     size: tuple[int, int] | None = None   # the terminal's rows, columns
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Exec(ContainerRequest[Ok]):
     OP = Op.EXEC
     REPLY = Ok
@@ -282,13 +284,13 @@ class Exec(ContainerRequest[Ok]):
     size: tuple[int, int] | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Start(ContainerRequest[Ok]):
     OP = Op.START
     REPLY = Ok
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Kill(ContainerRequest[Ok]):
     OP = Op.KILL
     REPLY = Ok
@@ -296,63 +298,63 @@ class Kill(ContainerRequest[Ok]):
     all: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Delete(ContainerRequest[DeleteReply]):
     OP = Op.DELETE
     REPLY = DeleteReply
     force: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class State(ContainerRequest[StateReply]):
     OP = Op.STATE
     REPLY = StateReply
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Pause(ContainerRequest[Ok]):
     OP = Op.PAUSE
     REPLY = Ok
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Resume(ContainerRequest[Ok]):
     OP = Op.RESUME
     REPLY = Ok
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Update(ContainerRequest[Ok]):
     OP = Op.UPDATE
     REPLY = Ok
     resources: dict[str, Any]   # OCI LinuxResources
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Stats(ContainerRequest[StatsReply]):
     OP = Op.STATS
     REPLY = StatsReply
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Ps(ContainerRequest[PsReply]):
     OP = Op.PS
     REPLY = PsReply
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Events(ContainerRequest[Ok]):
     OP = Op.EVENTS
     REPLY = Ok
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class NetworkSync(ContainerRequest[NetworkSyncReply]):
     OP = Op.NETWORK_SYNC
     REPLY = NetworkSyncReply
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Adopt(Request[CreateReply]):
     """Fds: the container's supervisor.log, then the detached trees `trees` names."""
 
@@ -367,14 +369,14 @@ class Adopt(Request[CreateReply]):
     trees: tuple[str | int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Claim(Request[ClaimReply]):
     OP = Op.CLAIM
     REPLY = ClaimReply
     key: str   # the template key of the sandbox's size
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class PoolStatus(Request[PoolStatusReply]):
     OP = Op.POOL_STATUS
     REPLY = PoolStatusReply
@@ -398,21 +400,21 @@ def decode_request(wire: Mapping[str, Any],
 
 # -- what flows on a kept connection ------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Signal(Message):
     """Client -> supervisor on an attach: deliver this signal to the process."""
 
     signal: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Resize(Message):
     """Client -> supervisor on an attach: the terminal's new size."""
 
     size: tuple[int, int]   # rows, columns
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Exit(Message):
     """Supervisor -> client on an attach: the process's exit status (128+N for signal N), sent
     after all its output."""
@@ -420,7 +422,7 @@ class Exit(Message):
     exit: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Event(Message):
     """Supervisor -> client on `events`."""
 
@@ -450,7 +452,7 @@ def to_wire(message: Message) -> dict[str, Any]:
 
 # -- the pool service's link to a pooled supervisor ---------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class MemberHello(Message):
     """Pool -> member, first: who it is and its VM's size."""
 
@@ -460,7 +462,7 @@ class MemberHello(Message):
     idle: str = "paused"   # paused or running
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Claimed(Message):
     """Pool -> member: you are taken; acknowledge (Ok) and wait for your claimant's Adopt."""
 

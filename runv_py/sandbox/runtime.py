@@ -6,13 +6,11 @@ share the supervisor and VM of the pod's sandbox container."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import sys
@@ -20,7 +18,7 @@ import time
 import tty
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import child
 from ..config import RuntimeConfig
@@ -32,14 +30,15 @@ from ..errors import (
     RunvError,
     SpecError,
 )
-from ..oci import hooks
 from ..oci import spec as oci_spec
-from ..storage import shared
 from ..store.state import ContainerRecord, RecordStore, Store
 from . import cgroup, pod, pool_member, protocol, vm_dir
 from .client import BlockingSupervisorClient, SupervisorClient
 from .protocol import Attach, Create, CreateReply, Delete, Exec, Kill, Start, State
 from .status import ContainerStatus
+
+if TYPE_CHECKING:
+    from ..storage.shared import Trees
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +55,12 @@ def rfc3339_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f"{now % 1:.9f}"[1:] + "Z"
 
 
-def _trees(spec: oci_spec.Spec, rootfs: Path | None) -> shared.Trees:
+def _trees(spec: oci_spec.Spec, rootfs: Path | None) -> Trees:
     """Detached trees of the rootfs and the bind sources, for a supervisor whose mount
     namespace is older than they may be; bind sources go by path when a control message
     cannot carry them all."""
+    from ..storage import shared
+
     binds = spec.bind_sources()
     if len(binds) + 2 > protocol.MAX_FDS:
         log.debug("%d bind mounts: their sources go by path", len(binds))
@@ -112,6 +113,15 @@ class Terminal:
     def close(self) -> None:
         if self.slave is not None:
             os.close(self.slave)
+
+
+async def _run_hooks(kind: str, spec: oci_spec.Spec, record: ContainerRecord,
+                     status: ContainerStatus, *, fatal: bool = True) -> None:
+    """The spec's `kind` hooks, given the container's state in `status`."""
+    if hooks := spec.hooks_of(kind):
+        from ..oci import hooks as runner  # runv's quick commands do without asyncio
+
+        await runner.run(kind, hooks, json.dumps(oci_state(record, status)), fatal=fatal)
 
 
 def oci_state(record: ContainerRecord, status: ContainerStatus) -> dict[str, Any]:
@@ -242,9 +252,8 @@ class Runtime:
             self.store.commit(record)
         if pid_file:
             write_pid_file(pid_file, pid)
-        state = json.dumps(oci_state(record, ContainerStatus.CREATED))
-        await hooks.run("prestart", spec.hooks_of("prestart"), state)
-        await hooks.run("createRuntime", spec.hooks_of("createRuntime"), state)
+        await _run_hooks("prestart", spec, record, ContainerStatus.CREATED)
+        await _run_hooks("createRuntime", spec, record, ContainerStatus.CREATED)
         return record
 
     async def _launch(self, container_id: str, spec: oci_spec.Spec) -> CreateReply:
@@ -362,9 +371,7 @@ class Runtime:
                       extra={"container": container_id})
         spec = self._spec_or_none(record)
         if spec is not None:
-            await hooks.run("poststart", spec.hooks_of("poststart"),
-                            json.dumps(oci_state(record, ContainerStatus.RUNNING)),
-                            fatal=False)
+            await _run_hooks("poststart", spec, record, ContainerStatus.RUNNING, fatal=False)
 
     def _spec_or_none(self, record: ContainerRecord) -> oci_spec.Spec | None:
         try:
@@ -393,8 +400,7 @@ class Runtime:
             if spec is not None and spec.network_ns and self._sandbox_gone(record):
                 self._sweep_network(record.id, spec.network_ns)
             if run_hooks and spec is not None:
-                await hooks.run("poststop", spec.hooks_of("poststop"), json.dumps(
-                    oci_state(record, ContainerStatus.STOPPED)), fatal=False)
+                await _run_hooks("poststop", spec, record, ContainerStatus.STOPPED, fatal=False)
             self.store.release(container_id)
 
     def _sandbox_gone(self, record: ContainerRecord) -> bool:
@@ -424,7 +430,7 @@ class Runtime:
             if gone:
                 await _wait_gone(*owner)
         if gone:
-            remove_sandbox(path)
+            vm_dir.remove(path)
 
     async def _discard(self, container_id: str, annotations: dict[str, str]) -> None:
         """Undo a create that did not finish: its container (and the sandbox it started) go,
@@ -464,19 +470,9 @@ class Runtime:
         return pid
 
 
-def remove_sandbox(path: Path) -> None:
-    """What a sandbox's supervisor leaves when it is SIGKILLed: its VM directory (through the
-    link a pooled one has at the container's path) and its shared dir's mount point (the mounts
-    died with the supervisor's mount namespace)."""
-    real = path.resolve()
-    shutil.rmtree(real, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        path.unlink()
-    with contextlib.suppress(OSError):
-        vm_dir.shared_mount_point(real).rmdir()
-
-
 async def _wait_gone(pid: int, start_time: int) -> None:
+    import asyncio
+
     deadline = time.monotonic() + SUPERVISOR_EXIT_WAIT_S
     while child.is_running(pid, start_time):
         child.reap_if_child(pid)

@@ -5,6 +5,7 @@ sandbox's id, so any runv process finds the supervisor of any container without 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -44,6 +45,29 @@ def claim(path: Path) -> None:
     (path / OWNER).write_text(f"{pid} {child.proc_start_time(pid)}\n")
 
 
+def empty(path: Path) -> None:
+    """Everything in the directory but its owner file: what its owner leaves when it ends, so
+    that whoever waits for it (runv delete) still knows which process to wait for."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name != OWNER:
+                entry.unlink(missing_ok=True)
+
+
+def remove(path: Path) -> None:
+    """A VM directory whose owner is gone (through the link a pooled one has at its
+    container's path), and its shared dir's mount point (the mounts died with the owner's
+    mount namespace)."""
+    real = path.resolve()
+    shutil.rmtree(real, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        shared_mount_point(real).rmdir()
+
+
 def owner(path: Path) -> tuple[int, int] | None:
     """(pid, start time) of the process that owns the directory, if it says."""
     try:
@@ -70,6 +94,6 @@ def sweep_stale(state_dir: Path) -> list[str]:
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink() and (entry / OWNER).exists() \
                 and owner(entry) is not None and not owner_alive(entry):
-            shutil.rmtree(entry, ignore_errors=True)
+            remove(entry)
             removed.append(entry.name)
     return removed

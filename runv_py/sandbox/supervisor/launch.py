@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -99,7 +98,9 @@ class ControlServer:
 
 class Resources:
     """What a supervisor process owns, in the order it releases it: the supervisor (its
-    containers), the control socket, the VM, the network, the shared directory."""
+    containers), the control socket, the VM, the network, the shared directory. The VM
+    directory stays, empty but for its owner file, until the process is gone: whoever deletes
+    the sandbox waits for that process, then removes the directory."""
 
     def __init__(self, vm_path: Path) -> None:
         self.vm_path = vm_path
@@ -122,9 +123,9 @@ class Resources:
             if self.control is not None:
                 await self.control.close()
             if self.vm is not None:
-                await self.vm.close()  # removes the VM directory
+                await self.vm.close()
             elif self.claimed:
-                shutil.rmtree(self.vm_path, ignore_errors=True)
+                vm_dir.empty(self.vm_path)
         finally:
             await self.network.close()
             self.shared.close()
