@@ -6,9 +6,7 @@ service run without QEMU. Never a stand-in for a feature: tests of features boot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -289,8 +287,7 @@ class InProcessLauncher:
                 await control.close()
                 await vm.close()
                 identity.kill()
-                with contextlib.suppress(OSError):
-                    os.waitpid(identity.pid, 0)
+                identity.wait()  # or the runtime reaped it already
 
         self.tasks.append(asyncio.create_task(lifetime()))
         return CreateReply(vm_dir=str(path))

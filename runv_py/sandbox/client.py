@@ -8,15 +8,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import RunvError
 from . import protocol
 from .control import AsyncChannel, BlockingChannel
 from .protocol import Attach, Event, Events, Exec, R, Request, Resize, Signal
-
-if TYPE_CHECKING:
-    pass
 
 CALL_TIMEOUT_S = 120.0
 SUPERVISOR_LOST = 255  # the exit status reported when the supervisor went away first

@@ -157,13 +157,3 @@ def listen(path: Path) -> socket.socket:
     sock.listen(64)
     sock.setblocking(False)
     return sock
-
-
-def peer_pid(channel: AsyncChannel) -> int:
-    """The pid of the process at the other end (SO_PEERCRED)."""
-    import struct
-
-    creds = channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                    struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid)

@@ -70,6 +70,21 @@ class RecordStore(Protocol):
         """The containers with a record."""
 
 
+@contextlib.contextmanager
+def flocked(lock: Path, missing: str) -> Iterator[None]:
+    """Hold an exclusive flock on the file `lock`; ContainerNotFound(`missing`) if it does
+    not exist."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ContainerNotFound(missing) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Store:
     """runv's records under its --root."""
 
@@ -94,18 +109,9 @@ class Store:
             raise ContainerExists(f"container {container_id} already exists") from None
         (path / "lock").touch()
 
-    @contextlib.contextmanager
-    def locked(self, container_id: str) -> Iterator[None]:
-        path = self.dir(container_id)
-        try:
-            fd = os.open(path / "lock", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ContainerNotFound(f"container {container_id} does not exist") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self, container_id: str) -> contextlib.AbstractContextManager[None]:
+        return flocked(self.dir(container_id) / "lock",
+                       f"container {container_id} does not exist")
 
     def commit(self, record: ContainerRecord) -> None:
         path = self.dir(record.id)

@@ -8,19 +8,17 @@ runtime's store for hyperctl), and it stays until `rm`. Names are unique through
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
-from ..store.state import ContainerRecord
+from ..store.state import ContainerRecord, flocked
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -150,17 +148,8 @@ class Records:
         """hyperctl made the workload (create()) before it asks for its container."""
         self.load(container_id)
 
-    @contextlib.contextmanager
-    def locked(self, container_id: str) -> Iterator[None]:
-        try:
-            fd = os.open(self.dir(container_id) / "lock", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ContainerNotFound(f"no such container: {container_id}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def locked(self, container_id: str) -> contextlib.AbstractContextManager[None]:
+        return flocked(self.dir(container_id) / "lock", f"no such container: {container_id}")
 
     def commit(self, record: ContainerRecord) -> None:
         """The workload, written by create(), is the record already."""

@@ -81,7 +81,7 @@ class ControlServer:
             except RunvError as exc:
                 for fd in fds:
                     os.close(fd)
-                await channel.send(protocol.error_reply(exc))
+                channel.send_nowait(protocol.error_reply(exc))
                 return
             await self.dispatch(channel, request, fds)
         except Exception:
@@ -250,7 +250,7 @@ class _Pooled:
                 or self.owned.supervisor is not None:
             for fd in fds:
                 os.close(fd)
-            await channel.send(protocol.error_reply(InvalidState(
+            channel.send_nowait(protocol.error_reply(InvalidState(
                 "this supervisor is not a claimed pooled one")))
             return
         try:
@@ -258,7 +258,7 @@ class _Pooled:
             wire = reply.to_wire()
         except Exception as exc:
             wire = protocol.error_reply(exc)
-        await channel.send(wire)
+        channel.send_nowait(wire)
 
     async def adopt(self, channel: AsyncChannel, request: Adopt,
                     fds: list[int]) -> CreateReply:

@@ -144,9 +144,9 @@ class Supervisor:
         except Exception as exc:
             if not isinstance(exc, RunvError):
                 log.debug("control %s failed", request.OP, exc_info=True)
-            await channel.send(protocol.error_reply(exc))
+            channel.send_nowait(protocol.error_reply(exc))
             return
-        await channel.send(reply.to_wire())
+        channel.send_nowait(reply.to_wire())
         if isinstance(reply, DeleteReply) and reply.sandbox_gone:
             self.done.set()
 
@@ -289,7 +289,7 @@ class Supervisor:
         except Exception as exc:
             for fd in fds:
                 os.close(fd)
-            await channel.send(protocol.error_reply(exc))
+            channel.send_nowait(protocol.error_reply(exc))
             return
         self.attachments.add(task)
         try:
@@ -300,7 +300,7 @@ class Supervisor:
 
     async def _events(self, request: Events, channel: AsyncChannel, fds: list[int]) -> None:
         container = self._container(request.container)
-        await channel.send(Ok().to_wire())
+        channel.send_nowait(Ok().to_wire())
         if container.status is ContainerStatus.STOPPED:
             return
         queue: asyncio.Queue[protocol.Event] = asyncio.Queue()
@@ -332,7 +332,7 @@ class Supervisor:
         try:
             trees = Trees.from_wire(request.trees, fds)
         except RunvError as exc:
-            await channel.send(protocol.error_reply(exc))
+            channel.send_nowait(protocol.error_reply(exc))
             return
         try:
             await self._join_with(request, trees)
@@ -341,7 +341,7 @@ class Supervisor:
             reply = protocol.error_reply(exc)
         finally:
             trees.close()
-        await channel.send(reply)
+        channel.send_nowait(reply)
 
     async def _join_with(self, request: Create, trees: Trees) -> None:
         async with self.creating:

@@ -30,7 +30,7 @@ async def serve_attached(agent: GuestAgent, container: GuestContainer, process: 
     stdin_fd, out_fd, err_fd = (fds + fds[-1:] * 3)[:3] if fds else (-1, -1, -1)
     output = asyncio.create_task(_pump(agent, container.id, process.exec_id,
                                        fds=(stdin_fd, out_fd, err_fd)))
-    await channel.send(Ok().to_wire())
+    channel.send_nowait(Ok().to_wire())
     if size:
         with contextlib.suppress(RunvError):
             await agent.resize_tty(container.id, process.exec_id, *size)
