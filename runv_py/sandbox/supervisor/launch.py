@@ -105,6 +105,9 @@ class Resources:
     def __init__(self, vm_path: Path) -> None:
         self.vm_path = vm_path
         self.claimed = False
+        # Whether anyone will wait for this process and remove the VM directory: a container
+        # has a deleter; a pooled supervisor that never got one is its own.
+        self.awaited = True
         self.shared = SharedDir(vm_dir.shared_mount_point(vm_path))
         self.network = GuestNetwork(None)
         self.vm: GuestVm | None = None
@@ -129,6 +132,8 @@ class Resources:
         finally:
             await self.network.close()
             self.shared.close()
+            if self.claimed and not self.awaited:
+                vm_dir.remove(self.vm_path)
             with contextlib.suppress(OSError):
                 self.shared.path.rmdir()
 
@@ -351,4 +356,5 @@ async def pooled(args: Args) -> int:
         return 0
     finally:
         watch.cancel()
+        owned.awaited = pooled.adopted.is_set()
         await owned.close()
