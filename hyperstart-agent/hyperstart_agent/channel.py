@@ -129,7 +129,10 @@ class VsockSplice:
         self.sessions = 0
 
     def run_forever(self) -> None:
-        listener = self._listen_until_bound()
+        self.serve(self._listen_until_bound())
+
+    def serve(self, listener: socket.socket) -> None:
+        """Accept on `listener` for ever; it is never closed."""
         spare: socket.socket | None = None
         failures = FailureLog(f"vsock channel (port {self.port})")
         while True:
@@ -140,7 +143,7 @@ class VsockSplice:
                     spare = _connect_unix(self.server_path)
                 conn, peer = listener.accept()
                 # Only the host: a container's vsock socket comes by loopback (CID 1 or ours).
-                if peer[0] != socket.VMADDR_CID_HOST:
+                if listener.family == socket.AF_VSOCK and peer[0] != socket.VMADDR_CID_HOST:
                     log.warning("vsock channel: refused a connection from CID %d", peer[0])
                     conn.close()
                     continue

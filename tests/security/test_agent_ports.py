@@ -11,11 +11,16 @@ next accept fails with EMFILE."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hyperstart_agent import channel
 
 from runv_py import config
 from runv_py.agent.client import AgentClient
@@ -23,8 +28,6 @@ from runv_py.devices import Share
 from runv_py.sandbox.sandbox import Sandbox
 from tests.security.guest import SHARE_TAG, python_rootfs, python_spec, storages  # noqa: F401
 from tests.vm.conftest import runtime_config  # noqa: F401
-
-pytestmark = pytest.mark.vm
 
 TAKE_THE_PORT = r'''
 import errno, json, resource, socket, sys, time
@@ -68,6 +71,49 @@ print(json.dumps(seen), flush=True)
 '''
 
 
+class FailingListener:
+    """A listening socket whose first accepts fail as they do when the agent is out of fds."""
+
+    def __init__(self, sock: socket.socket, failures: int) -> None:
+        self.sock = sock
+        self.family = sock.family
+        self.failures = failures
+        self.closed = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_accept_errors_leave_the_listener_open(tmp_path: Path) -> None:
+    server_path = str(tmp_path / "server.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(server_path)
+    server.listen(8)
+    inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # stands in for AF_VSOCK
+    inner.bind(str(tmp_path / "channel.sock"))
+    inner.listen(8)
+    listener = FailingListener(inner, failures=5)
+    splice = channel.VsockSplice(1024, server_path)
+    threading.Thread(target=splice.serve, args=(listener,), daemon=True).start()
+    server.settimeout(10)
+    spare, _ = server.accept()
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.connect(str(tmp_path / "channel.sock"))
+    host.sendall(b"after-the-errors")
+    spare.settimeout(10)
+    assert spare.recv(64) == b"after-the-errors"
+    assert listener.failures == 0 and not listener.closed
+    for s in (host, spare, server, inner):
+        s.close()
+
+
+@pytest.mark.vm
 def test_a_container_cannot_take_the_agents_ports_after_an_accept_error(
         runtime_config: config.RuntimeConfig, python_rootfs: Path) -> None:  # noqa: F811
     async def main() -> None:
