@@ -266,6 +266,13 @@ def test_spec_rules_apply_to_every_process_and_update_replaces_them(
                 Share(SHARE_TAG, busybox_rootfs, readonly=True),)) as sandbox:
             agent = sandbox.agent
             assert agent is not None
+            # A rule list cgroup v1 could not honour is refused, naming the field.
+            with pytest.raises(AgentError, match=r"linux\.resources\.devices: cannot deny"):
+                await agent.create_container("bad", _busybox_spec("bad", ["true"], [
+                    {"allow": False, "access": "rwm"}, {"allow": True, "type": "c",
+                                                        "access": "rwm"},
+                    {"allow": False, "type": "c", "major": 1, "minor": 11, "access": "w"}]),
+                    storages=storages("bad"))
             rules = [{"allow": False, "access": "rwm"},
                      {"allow": True, "type": "c", "major": 1, "minor": 11, "access": "r"}]
             await agent.create_container("c", _busybox_spec("c", ["sleep", "600"], rules),
@@ -277,13 +284,6 @@ def test_spec_rules_apply_to_every_process_and_update_replaces_them(
             assert await opens(agent, "e2") == ["r", "w"]
             await agent.update_container("c", json.dumps({"devices": []}).encode())
             assert await opens(agent, "e3") == []
-            # A rule list cgroup v1 could not honour is refused, naming the field.
-            with pytest.raises(AgentError, match=r"linux\.resources\.devices: cannot deny"):
-                await agent.create_container("bad", _busybox_spec("bad", ["true"], [
-                    {"allow": False, "access": "rwm"}, {"allow": True, "type": "c",
-                                                        "access": "rwm"},
-                    {"allow": False, "type": "c", "major": 1, "minor": 11, "access": "w"}]),
-                    storages=storages("bad"))
             await agent.remove_container("c", force=True)
 
     asyncio.run(main())
