@@ -23,6 +23,9 @@ HARDENING = {
     "CONFIG_SLAB_FREELIST_RANDOM": "y", "CONFIG_SLAB_FREELIST_HARDENED": "y",
     "CONFIG_SECURITY_DMESG_RESTRICT": "y", "CONFIG_DEVPORT": "n", "CONFIG_DEVMEM": "n",
     "CONFIG_BPF_SYSCALL": "y", "CONFIG_CGROUP_BPF": "y",  # the device cgroup
+    # Only the 64-bit ABI: the seccomp profile covers that one alone, and 32-bit programs
+    # cannot go around its socket rule through socketcall(2).
+    "CONFIG_IA32_EMULATION": "n", "CONFIG_X86_X32_ABI": "n",
 }
 
 
