@@ -41,7 +41,7 @@ from bundle import summary
 from runv_py import config
 from runv_py.agent.convert import Storage
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox, ensure_template
+from runv_py.sandbox.guest_vm import GuestVm, ensure_template
 from runv_py.workload import seccomp_profile
 from runv_py.workload.bundle import CAPABILITIES
 
@@ -58,7 +58,7 @@ def _variant_assets(top: Path, name: str, kernel: Path, current: Path) -> Path:
     return directory
 
 
-def _qemu_memory_mib(sandbox: Sandbox, field: str) -> float:
+def _qemu_memory_mib(sandbox: GuestVm, field: str) -> float:
     """A field of QEMU's smaps_rollup (Rss, Private_Dirty...), in MiB."""
     assert sandbox.machine is not None and sandbox.machine.pid is not None
     for line in Path(f"/proc/{sandbox.machine.pid}/smaps_rollup").read_text().splitlines():
@@ -73,10 +73,10 @@ def _disk_mib(path: Path) -> float:
 
 async def _kernel_round(cfg: config.RuntimeConfig, out: dict[str, list[float]]) -> None:
     out.setdefault("floor_s", []).append(await floor_boot(cfg))
-    async with await Sandbox.boot(replace(cfg, template="off")) as sandbox:
+    async with await GuestVm.boot(replace(cfg, template="off")) as sandbox:
         out.setdefault("cold_ready_s", []).append(sandbox.timings["total"])
         out.setdefault("cold_qemu_rss_mib", []).append(_qemu_memory_mib(sandbox, "Rss"))
-    async with await Sandbox.boot(replace(cfg, template="auto")) as sandbox:
+    async with await GuestVm.boot(replace(cfg, template="auto")) as sandbox:
         assert sandbox.start_path == "template", sandbox.start_path
         out.setdefault("template_ready_s", []).append(sandbox.timings["total"])
         # What a clone holds of its own (copied on write from the template's RAM).
@@ -142,7 +142,7 @@ async def bench_seccomp_in_guest(cfg: config.RuntimeConfig, top: Path, n: int
                                  ) -> dict[str, Any]:
     profile = seccomp_profile.default_profile(CAPABILITIES)
     samples: dict[str, list[float]] = {"default": [], "none": []}
-    async with await Sandbox.boot(cfg, shares=(Share("r", _busybox_rootfs(top), readonly=True),)
+    async with await GuestVm.boot(cfg, shares=(Share("r", _busybox_rootfs(top), readonly=True),)
                                   ) as sandbox:
         agent = sandbox.agent
         assert agent is not None

@@ -25,7 +25,7 @@ from hyperstart_agent import channel
 from runv_py import config
 from runv_py.agent.client import AgentClient
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from tests.security.guest import SHARE_TAG, python_rootfs, python_spec, storages  # noqa: F401
 from tests.vm.conftest import runtime_config  # noqa: F401
 
@@ -117,7 +117,7 @@ def test_accept_errors_leave_the_listener_open(tmp_path: Path) -> None:
 def test_a_container_cannot_take_the_agents_ports_after_an_accept_error(
         runtime_config: config.RuntimeConfig, python_rootfs: Path) -> None:  # noqa: F811
     async def main() -> None:
-        async with await Sandbox.boot(runtime_config, shares=(
+        async with await GuestVm.boot(runtime_config, shares=(
                 Share(SHARE_TAG, python_rootfs, readonly=True),)) as sandbox:
             agent = sandbox.agent
             assert agent is not None and agent.dial is not None

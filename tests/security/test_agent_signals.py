@@ -13,7 +13,7 @@ import pytest
 
 from runv_py import config
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from tests.security.guest import SHARE_TAG, python_rootfs, run_script  # noqa: F401
 from tests.vm.conftest import runtime_config  # noqa: F401
 
@@ -36,7 +36,7 @@ print("sent", flush=True)
 def test_pid1_ignores_signals_from_a_container_in_its_pid_namespace(
         runtime_config: config.RuntimeConfig, python_rootfs: Path) -> None:  # noqa: F811
     async def main() -> None:
-        async with await Sandbox.boot(runtime_config, shares=(
+        async with await GuestVm.boot(runtime_config, shares=(
                 Share(SHARE_TAG, python_rootfs, readonly=True),)) as sandbox:
             agent = sandbox.agent
             assert agent is not None

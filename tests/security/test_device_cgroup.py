@@ -34,7 +34,7 @@ from runv_py import config
 from runv_py.agent.client import AgentClient
 from runv_py.devices import Share
 from runv_py.errors import AgentError
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401
 from tests.security.guest import MOUNT, SHARE_TAG, collect, storages
 from tests.vm.conftest import runtime_config  # noqa: F401
@@ -262,7 +262,7 @@ def test_spec_rules_apply_to_every_process_and_update_replaces_them(
         return (await output)["stdout"].decode().split()
 
     async def main() -> None:
-        async with await Sandbox.boot(runtime_config, shares=(
+        async with await GuestVm.boot(runtime_config, shares=(
                 Share(SHARE_TAG, busybox_rootfs, readonly=True),)) as sandbox:
             agent = sandbox.agent
             assert agent is not None

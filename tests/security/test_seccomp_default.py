@@ -27,7 +27,7 @@ from runv_py import config
 from runv_py.api import Sandbox as ApiSandbox
 from runv_py.devices import Share
 from runv_py.errors import ConfigError
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from runv_py.workload import options as opt
 from runv_py.workload import seccomp_profile
 from runv_py.workload.bundle import CAPABILITIES
@@ -157,7 +157,7 @@ def test_a_container_under_the_default_profile_in_a_real_guest(
                           "seccomp.load(seccomp.parse(json.loads(sys.argv[1])))\n", "")
 
     async def main() -> None:
-        async with await Sandbox.boot(runtime_config, shares=(
+        async with await GuestVm.boot(runtime_config, shares=(
                 Share(SHARE_TAG, python_rootfs, readonly=True),)) as sandbox:
             assert sandbox.agent is not None
             status, output = await run_script(
