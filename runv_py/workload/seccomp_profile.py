@@ -176,7 +176,8 @@ class _Rule:
 
 
 def _arg(index: int, op: str, value: int, value_two: int = 0) -> dict[str, int | str]:
-    return {"index": index, "value": value, "valueTwo": value_two, "op": op}
+    """An OCI LinuxSeccompArg (its keys are the spec's, not a control message's)."""
+    return dict(index=index, value=value, valueTwo=value_two, op=op)
 
 
 _RULES = (
