@@ -100,9 +100,11 @@ async def bench_kernels(base: config.RuntimeConfig, top: Path, baseline: Path, n
     template_disk = {name: round(_disk_mib(cfg.template_dir), 1)
                      for name, cfg in variants.items()}
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in variants}
+    names = list(variants)
     for i in range(n):
-        for name, cfg in variants.items():
-            await _kernel_round(cfg, samples[name])
+        # Each round starts with another variant, so that none always follows the same one.
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            await _kernel_round(variants[name], samples[name])
         print(f"[bench/hardening] kernels {i + 1}/{n}", file=sys.stderr)
     result: dict[str, Any] = {name: {k: summary(v) for k, v in s.items()}
                               for name, s in samples.items()}
@@ -146,8 +148,9 @@ async def bench_seccomp_in_guest(cfg: config.RuntimeConfig, top: Path, n: int
                                   ) as sandbox:
         agent = sandbox.agent
         assert agent is not None
+        kinds: list[tuple[str, dict[str, Any] | None]] = [("default", profile), ("none", None)]
         for i in range(n + 1):  # the first pair warms up (TCG translates the path once)
-            for kind, seccomp in (("default", profile), ("none", None)):
+            for kind, seccomp in kinds if i % 2 else kinds[::-1]:
                 cid = f"{kind}{i}"
                 t0 = time.monotonic()
                 await agent.create_container(cid, _spec(cid, seccomp), storages=(
@@ -170,7 +173,7 @@ def bench_seccomp_hyperctl(cfg: config.RuntimeConfig, top: Path, n: int) -> dict
                RUNV_ASSETS_DIR=str(cfg.guest.assets_dir))
     samples: dict[str, list[float]] = {"default": [], "unconfined": []}
     for i in range(n + 1):
-        for kind, taken in samples.items():
+        for kind, taken in list(samples.items())[::1 if i % 2 else -1]:
             t0 = time.monotonic()
             subprocess.run([HYPERCTL, "run", "--rm", "--security-opt", f"seccomp={kind}",
                             "busybox", "true"], env=env, check=True, stdin=subprocess.DEVNULL,
