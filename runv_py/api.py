@@ -191,11 +191,12 @@ class AsyncSandbox:
                      workdir: str | None = None, volumes: Sequence[str] = (),
                      timeout: float | None = None, name: str | None = None,
                      state_root: Path | None = None, data_root: Path | None = None,
-                     template: str | None = None) -> AsyncSandbox:
+                     template: str | None = None, seccomp: str = "default") -> AsyncSandbox:
         """Boot a sandbox from `image`. `memory` is bytes or a size like "512m"; `volumes`
         are "HOST:GUEST[:ro]"; `timeout` (seconds) ends the sandbox when it lives longer;
         `template` "auto" (a VM from the warm pool or a template) or "off" (a cold boot)
-        overrides the runtime config's `template`.
+        overrides the runtime config's `template`; `seccomp` is "default" (docker's
+        profile), "unconfined" or the path of a profile file.
         The sandbox's first process sleeps; commands run beside it. A monitor process owns
         it and ends it when this process ends, even by SIGKILL."""
         manager = WorkloadManager(config_mod.load(), state_root, data_root)
@@ -204,7 +205,8 @@ class AsyncSandbox:
             env=tuple(f"{k}={v}" for k, v in (env or {}).items()), workdir=workdir,
             volumes=tuple(opt.parse_volume(v) for v in volumes), cpus=cpus,
             memory=opt.parse_size(memory, "memory") if isinstance(memory, str) else memory,
-            timeout_s=timeout, auto_remove=True, template=template)
+            timeout_s=timeout, auto_remove=True, template=template,
+            seccomp=opt.parse_seccomp(seccomp, "seccomp"))
         workload = await manager.prepare(options, detached=True)
         await manager.run_detached(workload, owner=os.getpid())
         return cls(manager, workload)
@@ -402,12 +404,12 @@ class Sandbox:
                workdir: str | None = None, volumes: Sequence[str] = (),
                timeout: float | None = None, name: str | None = None,
                state_root: Path | None = None, data_root: Path | None = None,
-               template: str | None = None) -> Sandbox:
+               template: str | None = None, seccomp: str = "default") -> Sandbox:
         """As AsyncSandbox.create."""
         return cls(_Loop.run(AsyncSandbox.create(
             image, cpus=cpus, memory=memory, env=env, workdir=workdir, volumes=volumes,
             timeout=timeout, name=name, state_root=state_root, data_root=data_root,
-            template=template)))
+            template=template, seccomp=seccomp)))
 
     @property
     def id(self) -> str:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
 HOST_WAIT_S = 0.01
+ACCEPT_RETRY_S = 0.1
 
 
 class ChannelError(Exception):
@@ -115,7 +116,12 @@ class SerialSplice:
 
 
 class VsockSplice:
-    """Owns the vsock listener; each accepted connection is spliced by a daemon thread."""
+    """Owns the vsock listener; each accepted connection is spliced by a daemon thread.
+
+    The port is bound once, at boot before any container exists, and kept for the agent's
+    life: were it ever closed and bound again, a container's own AF_VSOCK socket could take
+    it in between and be the agent the host talks to. Errors of accept and of the splice
+    set-up are logged and retried on the same listener."""
 
     def __init__(self, port: int, server_path: str) -> None:
         self.port = port
@@ -123,20 +129,39 @@ class VsockSplice:
         self.sessions = 0
 
     def run_forever(self) -> None:
+        self.serve(self._listen_until_bound())
+
+    def serve(self, listener: socket.socket) -> None:
+        """Accept on `listener` for ever; it is never closed."""
+        spare: socket.socket | None = None
+        failures = FailureLog(f"vsock channel (port {self.port})")
         while True:
             try:
-                listener = self._listen()
+                # Each host connection finds its server connection made already (as on
+                # serial: in a template VM, before it is saved).
+                if spare is None:
+                    spare = _connect_unix(self.server_path)
+                conn, peer = listener.accept()
+                # Only the host: a container's vsock socket comes by loopback (CID 1 or ours).
+                if listener.family == socket.AF_VSOCK and peer[0] != socket.VMADDR_CID_HOST:
+                    log.warning("vsock channel: refused a connection from CID %d", peer[0])
+                    conn.close()
+                    continue
+                self.sessions += 1
+                log.debug("vsock connection %d from %s", self.sessions, peer)
+                server, spare = spare, None
+                self._start_splice(conn, server)
+            except Exception as exc:
+                failures.note(exc)
+                time.sleep(ACCEPT_RETRY_S)
+
+    def _listen_until_bound(self) -> socket.socket:
+        while True:
+            try:
+                return self._listen()
             except OSError as exc:
                 log.error("cannot listen on vsock port %d: %s; retrying", self.port, exc)
                 time.sleep(1)
-                continue
-            try:
-                self._accept_loop(listener)
-            except Exception:
-                log.exception("vsock listener failed; listening again")
-                time.sleep(0.2)
-            finally:
-                listener.close()
 
     def _listen(self) -> socket.socket:
         listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -148,31 +173,18 @@ class VsockSplice:
             raise
         return listener
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        # Each host connection finds its server connection made already (as on serial: in a
-        # template VM, before it is saved).
-        spare: socket.socket | None = _connect_unix(self.server_path)
+    def _start_splice(self, conn: socket.socket, server: socket.socket) -> None:
+        """Hand both to a splice thread; on failure, close both."""
         try:
-            while True:
-                conn, peer = listener.accept()
-                # Only the host: a container's vsock socket comes by loopback (CID 1 or ours).
-                if listener.family == socket.AF_VSOCK and peer[0] != socket.VMADDR_CID_HOST:
-                    log.warning("vsock channel: refused a connection from CID %d", peer[0])
-                    conn.close()
-                    continue
-                self.sessions += 1
-                log.debug("vsock connection %d from %s", self.sessions, peer)
-                server, spare = spare, None
-                if server is None or not _usable(server):
-                    if server is not None:
-                        server.close()
-                    server = _connect_unix(self.server_path)
-                threading.Thread(target=self._splice, args=(conn, server), name="vsock-splice",
-                                 daemon=True).start()
-                spare = _connect_unix(self.server_path)
-        finally:
-            if spare is not None:
-                spare.close()
+            if not _usable(server):
+                server.close()
+                server = _connect_unix(self.server_path)
+            threading.Thread(target=self._splice, args=(conn, server), name="vsock-splice",
+                             daemon=True).start()
+        except BaseException:
+            conn.close()
+            server.close()
+            raise
 
     def _splice(self, conn: socket.socket, server: socket.socket) -> None:
         try:
@@ -183,6 +195,26 @@ class VsockSplice:
         finally:
             server.close()
             conn.close()
+
+
+class FailureLog:
+    """Logs a failure that repeats (an accept that keeps failing) once per interval, with the
+    count, so that a loop retrying it does not flood the console."""
+
+    INTERVAL_S = 10.0
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._since = 0
+        self._logged_at: float | None = None
+
+    def note(self, exc: BaseException) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= self.INTERVAL_S:
+            log.error("%s: %s (%d times since the last report); still listening",
+                      self.what, exc or type(exc).__name__, self._since)
+            self._logged_at, self._since = now, 0
 
 
 def _usable(sock: socket.socket) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ def _boottime_ms() -> int:
 
 def main() -> None:
     timings = {"agent_start": _boottime_ms()}
+    _no_signal_handlers()
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO,
         format="hyperstart[%(relativeCreated)d]: %(levelname)s %(name)s: %(message)s",
@@ -42,6 +44,18 @@ def main() -> None:
             time.sleep(3600)
         except BaseException:
             time.sleep(1)
+
+
+def _no_signal_handlers() -> None:
+    """Catch no signal. The kernel drops a signal to PID 1 from its own pid namespace (where a
+    container that shares the guest's lives) unless PID 1 handles it; Python handles SIGINT
+    (KeyboardInterrupt), which would end the reaper. SIGCHLD stays blocked for sigwaitinfo and
+    ignored signals (Python's SIGPIPE) stay ignored."""
+    for signum in signal.valid_signals():
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        if signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def _run(log: logging.Logger, timings: dict[str, int]) -> None:

@@ -21,6 +21,7 @@ from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 from ._pb import hyperstart_pb2 as pb
+from .channel import FailureLog
 from .errors import AgentError
 
 if TYPE_CHECKING:
@@ -126,22 +127,32 @@ class StreamListener:
             self._expected[token] = (process, fds, time.monotonic() + CONNECT_WAIT_S)
 
     def run_forever(self) -> None:
+        """Serve until the agent ends: the listener is never closed nor bound again (a
+        container could take the port in between), whatever fails."""
+        failures = FailureLog(f"stdio stream listener (port {self.port})")
         while True:
             try:
-                conn, (cid, _) = self._listener.accept()
-            except TimeoutError:
-                self._expire()
-                continue
-            except OSError as exc:
-                log.warning("stdio stream listener: %s", exc)
+                self._accept_one()
+            except Exception as exc:
+                failures.note(exc)
                 time.sleep(0.1)
-                continue
-            if cid != socket.VMADDR_CID_HOST:
-                log.warning("stdio stream: refused a connection from CID %d", cid)
-                conn.close()
-                continue
+
+    def _accept_one(self) -> None:
+        try:
+            conn, (cid, _) = self._listener.accept()
+        except TimeoutError:
+            self._expire()
+            return
+        if cid != socket.VMADDR_CID_HOST:
+            log.warning("stdio stream: refused a connection from CID %d", cid)
+            conn.close()
+            return
+        try:
             threading.Thread(target=self._admit, args=(conn,), name="stdio-admit",
                              daemon=True).start()
+        except BaseException:
+            conn.close()
+            raise
 
     def _expire(self) -> None:
         now = time.monotonic()

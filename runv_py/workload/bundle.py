@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..oci import default_spec
 from ..sandbox import policy
+from . import seccomp_profile
 from .images import ResolvedImage
 from .network_mode import configure_network
 from .options import RunOptions, parse_user
@@ -104,6 +105,10 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, wor
     process["capabilities"] = {k: list(CAPABILITIES)
                                for k in ("bounding", "effective", "permitted")}
     process["noNewPrivileges"] = False
+    if options.seccomp == "default":
+        spec["linux"]["seccomp"] = seccomp_profile.default_profile(CAPABILITIES)
+    elif options.seccomp != "unconfined":
+        spec["linux"]["seccomp"] = seccomp_profile.load(Path(options.seccomp), CAPABILITIES)
     spec["root"] = {"path": "rootfs", "readonly": options.read_only}
     spec["hostname"] = options.hostname or hostname
     for volume in options.volumes:

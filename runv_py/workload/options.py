@@ -47,6 +47,8 @@ class RunOptions:
     labels: dict[str, str] = field(default_factory=dict)
     # auto / off: the org.runv.template annotation (None: the runtime config's `template`).
     template: str | None = None
+    # "default" (docker's profile, seccomp_profile.py), "unconfined", or a profile file's path.
+    seccomp: str = "default"
 
 
 def parse_size(text: str, flag: str) -> int:
@@ -122,3 +124,30 @@ def parse_user(text: str) -> tuple[int, int]:
         return int(uid), int(gid or 0)
     except ValueError:
         raise ConfigError(f"--user {text!r}: use UID[:GID] numbers") from None
+
+
+def parse_seccomp(value: str, flag: str = "--security-opt seccomp") -> str:
+    """default, unconfined, or the absolute path of an existing profile file."""
+    if value in ("default", "unconfined"):
+        return value
+    if not value:
+        raise ConfigError(f"{flag}=: give a profile file, default or unconfined")
+    path = Path(value).absolute()
+    if not path.is_file():
+        raise ConfigError(f"{flag}={value}: no such profile file")
+    return str(path)
+
+
+def parse_security_opts(items: list[str]) -> str:
+    """`--security-opt` values (docker's spelling: seccomp=PROFILE or seccomp:PROFILE); the
+    seccomp choice, the last one winning."""
+    choice = "default"
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, sep, value = item.partition(":")
+        if key != "seccomp" or not sep:
+            raise ConfigError(f"--security-opt {item!r}: only seccomp=PATH, seccomp=default "
+                              "and seccomp=unconfined are supported")
+        choice = parse_seccomp(value)
+    return choice

@@ -90,7 +90,7 @@ def test_vsock_connections_find_their_server_connection_made_already(tmp_path: P
     listener.bind(str(tmp_path / "vsock.sock"))
     listener.listen(8)
     splice = channel.VsockSplice(1024, server_path)
-    threading.Thread(target=splice._accept_loop, args=(listener,), daemon=True).start()
+    threading.Thread(target=splice.serve, args=(listener,), daemon=True).start()
     server.settimeout(5)
     first, _ = server.accept()  # before any host connection
     first.sendall(b"server-preface")

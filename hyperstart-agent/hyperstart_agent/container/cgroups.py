@@ -7,6 +7,7 @@ import contextlib
 import os
 import time
 
+from . import device_cgroup
 from . import spec as specmod
 from . import syscalls as sc
 
@@ -59,6 +60,7 @@ def _max(value: int) -> str:
 class Cgroup:
     def __init__(self, path: str) -> None:
         self.path = path
+        self._device_program: int | None = None  # fd of the attached device program
 
     @classmethod
     def create(cls, parent: str, name: str) -> Cgroup:
@@ -105,6 +107,32 @@ class Cgroup:
         for name, value in writes:
             _write(self.file(name), value)
 
+    def set_devices(self, rules: tuple[specmod.DeviceRule, ...]) -> None:
+        """Attach the device program of `rules`, then detach the one it replaces (for a
+        moment both apply: never neither)."""
+        try:
+            program = device_cgroup.compile_program(device_cgroup.Policy.of(rules))
+        except device_cgroup.DeviceRuleError as exc:
+            raise CgroupError(f"linux.resources.devices: {exc}") from exc
+        try:
+            new = device_cgroup.load(program)
+        except OSError as exc:
+            raise CgroupError(f"device program: {exc.strerror}") from exc
+        try:
+            directory = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                device_cgroup.attach(directory, new)
+                if self._device_program is not None:
+                    device_cgroup.detach(directory, self._device_program)
+            finally:
+                os.close(directory)
+        except OSError as exc:
+            os.close(new)
+            raise CgroupError(f"device program: {exc.strerror}") from exc
+        old, self._device_program = self._device_program, new
+        if old is not None:
+            os.close(old)
+
     def _events(self) -> dict[str, str]:
         with open(self.file("cgroup.events")) as f:
             return dict(line.split() for line in f if line.strip())
@@ -144,14 +172,18 @@ class Cgroup:
             _write(self.file("cgroup.kill"), "1")
 
     def remove(self, timeout_s: float = 10.0) -> None:
+        """Remove the cgroup (its device program goes with it)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 os.rmdir(self.path)
-                return
+                break
             except FileNotFoundError:
-                return
+                break
             except OSError:  # EBUSY until the last process is reaped
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.02)
+        if self._device_program is not None:
+            os.close(self._device_program)
+            self._device_program = None

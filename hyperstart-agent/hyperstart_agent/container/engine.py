@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import AgentError
-from . import cgroups, seccomp
+from . import cgroups, device_cgroup, seccomp
 from . import spec as specmod
 from . import syscalls as sc
 from .zygote import Zygote
@@ -444,6 +444,12 @@ class Engine:
             seccomp.parse((json.loads(spec_json).get("linux") or {}).get("seccomp"))
         except specmod.SpecError as exc:
             raise EngineError("INVALID_ARGUMENT", f"spec: {exc}") from exc
+        device_rules = device_cgroup.container_rules(spec.resources.devices, spec.devices)
+        try:
+            device_cgroup.Policy.of(device_rules)
+        except device_cgroup.DeviceRuleError as exc:
+            raise EngineError("INVALID_ARGUMENT",
+                              f"spec: linux.resources.devices: {exc}") from exc
         if not spec.root_path.startswith("/") or ".." in spec.root_path.split("/"):
             raise EngineError("INVALID_ARGUMENT", f"spec: root.path: {spec.root_path!r} must "
                               "be an absolute guest path without '..'")
@@ -466,6 +472,7 @@ class Engine:
                 cgroup = cgroups.Cgroup.create(self.cgroup_parent,
                                                spec.cgroups_path or container_id)
                 cgroup.apply(spec.resources)
+                cgroup.set_devices(device_rules)
                 cgroup.add(pid)
 
         try:
@@ -576,14 +583,20 @@ class Engine:
         container.status = Status.RUNNING
 
     def update(self, container_id: str, resources_json: bytes) -> None:
-        _, cgroup = self._cgroup(container_id)
+        container, cgroup = self._cgroup(container_id)
         try:
             resources = specmod.parse_resources(specmod.load_json(resources_json, "resources"),
                                                 "resources")
-        except specmod.SpecError as exc:
+            device_rules = None if resources.devices is None else \
+                device_cgroup.container_rules(resources.devices, container.spec.devices)
+            if device_rules is not None:
+                device_cgroup.Policy.of(device_rules)
+        except (specmod.SpecError, device_cgroup.DeviceRuleError) as exc:
             raise EngineError("INVALID_ARGUMENT", str(exc)) from exc
         try:
             cgroup.apply(resources)
+            if device_rules is not None:
+                cgroup.set_devices(device_rules)
         except cgroups.CgroupError as exc:
             raise EngineError("INVALID_ARGUMENT", str(exc)) from exc
 

@@ -121,8 +121,21 @@ class Hook:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceRule:
+    """An entry of linux.resources.devices, in cgroup v1's terms: type a (every device), b or
+    c; major and minor None for any; access a subset of "rwm"."""
+
+    allow: bool
+    type: str = "a"
+    major: int | None = None
+    minor: int | None = None
+    access: str = "rwm"
+
+
+@dataclass(frozen=True, slots=True)
 class Resources:
-    """linux.resources; -1 means unlimited where the spec allows it."""
+    """linux.resources; -1 means unlimited where the spec allows it. `devices` is None when
+    the spec gives no device rules (an update then leaves them as they are)."""
 
     memory_limit: int | None = None
     memory_reservation: int | None = None
@@ -135,6 +148,7 @@ class Resources:
     pids_limit: int | None = None
     hugepage_limits: tuple[tuple[str, int], ...] = ()
     unified: tuple[tuple[str, str], ...] = ()
+    devices: tuple[DeviceRule, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,7 +473,35 @@ def parse_resources(raw: Any, name: str = "linux.resources") -> Resources:
         pids_limit=_limit(pids.get("limit"), f"{name}.pids.limit"),
         hugepage_limits=tuple(hugepages),
         unified=tuple((k, _str(v, f"{name}.unified[{k!r}]")) for k, v in unified.items()),
+        devices=_device_rules(obj.get("devices"), f"{name}.devices"),
     )
+
+
+def _device_number(value: Any, name: str) -> int | None:
+    """A major or minor of a device rule: absent or -1 is any."""
+    if value is None or value == -1:
+        return None
+    return _uint(value, name)
+
+
+def _device_rules(raw: Any, name: str) -> tuple[DeviceRule, ...] | None:
+    if raw is None:
+        return None
+    out = []
+    for item, obj in _items(raw, name):
+        if not isinstance(obj.get("allow"), bool):
+            raise SpecError(f"{item}.allow", "must be true or false")
+        kind = _str(obj.get("type"), f"{item}.type", default="a") or "a"
+        if kind not in ("a", "b", "c"):
+            raise SpecError(f"{item}.type", f"must be one of a, b, c, not {kind!r}")
+        access = _str(obj.get("access"), f"{item}.access", default="rwm")
+        if not access or set(access) - set("rwm"):
+            raise SpecError(f"{item}.access", f"must be letters of rwm, not {access!r}")
+        out.append(DeviceRule(allow=obj["allow"], type=kind,
+                              major=_device_number(obj.get("major"), f"{item}.major"),
+                              minor=_device_number(obj.get("minor"), f"{item}.minor"),
+                              access="".join(sorted(set(access), key="rwm".index))))
+    return tuple(out)
 
 
 def _devices(raw: Any) -> tuple[Device, ...]:

@@ -64,6 +64,10 @@ def add_all(sub: Any) -> None:
     p.add_argument("--hostname", help="the container's hostname (default its name)")
     p.add_argument("--entrypoint", help="replace the image's entrypoint (one executable)")
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    p.add_argument("--security-opt", action="append", default=[], metavar="seccomp=PROFILE",
+                   help="seccomp=PATH (a profile file, OCI or docker format), "
+                        "seccomp=unconfined, or seccomp=default (docker's profile: the "
+                        "default)")
     p.add_argument("--timeout", metavar="DURATION",
                    help="kill the sandbox after this long, e.g. 30s, 10m (exit status 137)")
     p.add_argument("--template", choices=("auto", "off"),
@@ -187,7 +191,8 @@ async def _run(manager: WorkloadManager, args: argparse.Namespace) -> int:
             read_only=args.read_only, tty=args.tty, interactive=args.interactive,
             timeout_s=(opt.parse_duration(args.timeout, "--timeout")
                        if args.timeout else None),
-            auto_remove=args.rm, template=args.template)
+            auto_remove=args.rm, template=args.template,
+            seccomp=opt.parse_security_opts(args.security_opt))
         if args.detach and args.tty:
             raise ConfigError("-t with -d: hyperctl has no attach, so a detached container "
                               "cannot have a terminal (drop -t)")
