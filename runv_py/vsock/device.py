@@ -44,8 +44,11 @@ FIRST_HOST_PORT = 1 << 30
 # connections the guest may still hold open from before.
 GENERATION_PORTS = 1 << 24
 LINE_MAX = 64
-# Chains taken per ring per wakeup before the loop looks at other sockets again.
+# Chains taken per ring per wakeup before the loop looks at other sockets again; a chain the
+# guest got wrong counts as one.
 BATCH = 64
+# The most bytes one chain may span, either way: a header and the longest payload.
+CHAIN_MAX = pk.HEADER_SIZE + pk.MAX_PAYLOAD
 RETRY_S = 0.02
 # An unanswered REQUEST is asked again after 0.2 s, 0.4 s, ... up to 2 s (a duplicate that the
 # guest answers late is reset: cheap).
@@ -59,6 +62,13 @@ _VRING_ADDR = struct.Struct("<IIQQQQ")
 _U64 = struct.Struct("<Q")
 _CONFIG_HEADER = struct.Struct("<III")
 _FLAGS_IDX = struct.Struct("<HH")
+
+
+class _Dropped:
+    """What _pop() gives for a bad chain it returned to the guest: work done, nothing to use."""
+
+
+DROPPED = _Dropped()
 
 
 class State(enum.Enum):
@@ -114,7 +124,11 @@ class Device:
         self.features = 0
         self.protocol_features = 0
         self.conns: dict[tuple[int, int], Conn] = {}
+        # Packets for the guest that need no payload (replies, credit, connection control).
+        # At most an rx ring's worth is queued for the guest's packets: with more, its tx ring
+        # waits (tx_held) until the guest takes them.
         self.ctl: deque[bytes] = deque()
+        self.tx_held = False
         self.rx_starved = False
         self.parked: list[Conn] = []  # waiting for rx buffers
         self.next_host_port = FIRST_HOST_PORT + (generation * GENERATION_PORTS) % (1 << 30)
@@ -271,6 +285,8 @@ class Device:
         the enable are not repeated)."""
         if self.replaying:
             return
+        if self.vqs[RX].ready:
+            self._flush_ctl()
         if self.vqs[TX].ready:
             self._process_tx()
         if self.vqs[RX].ready:
@@ -290,6 +306,7 @@ class Device:
         for conn in list(self.conns.values()):
             self._close(conn, rst=False)
         self.ctl.clear()
+        self.tx_held = False
         self.parked.clear()
         self.rx_starved = False
 
@@ -447,6 +464,8 @@ class Device:
                 self.rx_starved = True
                 self._park(conn)
                 return
+            if isinstance(chain, _Dropped):
+                continue
             header, payload = _rx_layout(chain)
             if header is None or payload is None:
                 self._bad_rx(chain)
@@ -547,19 +566,21 @@ class Device:
 
     # ---- guest -> device ----
 
-    def _pop(self, vq: Virtqueue) -> Chain | None:
-        while True:
-            try:
-                return vq.pop(self.mem)
-            except ChainError as exc:
-                self._drop(str(exc))
-                vq.push(exc.head, 0)
-            except (RingError, GuestMemoryError) as exc:
-                # The avail index itself is garbage (or QEMU's memory is gone): nothing on
-                # this ring can be trusted.
-                self._drop(f"{exc}; stopping the ring until the next start")
-                vq.started = False
-                return None
+    def _pop(self, vq: Virtqueue) -> Chain | _Dropped | None:
+        """The next chain; DROPPED for a bad one (returned to the guest, counted against the
+        caller's batch); None when there is none or the ring stopped."""
+        try:
+            return vq.pop(self.mem, CHAIN_MAX)
+        except ChainError as exc:
+            self._drop(str(exc))
+            vq.push(exc.head, 0)
+            return DROPPED
+        except (RingError, GuestMemoryError) as exc:
+            # The avail index itself is garbage (or QEMU's memory is gone): nothing on
+            # this ring can be trusted.
+            self._drop(f"{exc}; stopping the ring until the next start")
+            vq.started = False
+            return None
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
@@ -570,14 +591,22 @@ class Device:
                    "or readable parts")
         self.vqs[RX].push(chain.head, 0)
 
+    def _replies_full(self) -> bool:
+        return len(self.ctl) >= max(1, self.vqs[RX].size)
+
     def _process_tx(self) -> None:
         tx = self.vqs[TX]
         for _ in range(BATCH * 4):
             if not tx.ready:
                 return
+            if self._replies_full():
+                self.tx_held = True   # _flush_ctl comes back once the guest took replies
+                return
             chain = self._pop(tx)
             if chain is None:
                 return
+            if isinstance(chain, _Dropped):
+                continue
             try:
                 self._tx_packet(chain)
             except (pk.PacketError, ValueError) as exc:
@@ -591,15 +620,15 @@ class Device:
     def _tx_packet(self, chain: Chain) -> None:
         if chain.writable:
             raise ValueError("device-writable buffer on the tx ring")
-        segments = chain.readable
-        if segments and len(segments[0]) >= pk.HEADER_SIZE:
-            first = segments[0]
-            header = pk.parse(first[:pk.HEADER_SIZE])
-            rest = [first[pk.HEADER_SIZE:], *segments[1:]]
-        else:
-            raw = b"".join(segments)
-            header = pk.parse(raw)
-            rest = [memoryview(raw)[pk.HEADER_SIZE:]]
+        # The header may span descriptors: only its 44 bytes are gathered, never the rest.
+        head = bytearray()
+        rest: list[memoryview] = []
+        for seg in chain.readable:
+            need = max(0, pk.HEADER_SIZE - len(head))
+            head += seg[:need]
+            if len(seg) > need:
+                rest.append(seg[need:])
+        header = pk.parse(bytes(head))
         payload: list[memoryview] = []
         need = header.len
         for seg in rest:
@@ -740,16 +769,26 @@ class Device:
 
     def _flush_ctl(self) -> None:
         rx = self.vqs[RX]
-        while self.ctl and rx.ready and not self.rx_starved:
+        for _ in range(BATCH * 4):
+            if not (self.ctl and rx.ready and not self.rx_starved):
+                break
             chain = self._pop(rx)
             if chain is None:
                 self.rx_starved = True
-                return
+                break
+            if isinstance(chain, _Dropped):
+                continue
             if chain.readable or chain.writable_len < pk.HEADER_SIZE:
                 self._bad_rx(chain)
                 continue
             _scatter(chain.writable, self.ctl.popleft())
             rx.push(chain.head, pk.HEADER_SIZE)
+        else:
+            if self.ctl and rx.ready and not self.rx_starved:
+                self.more_work = True   # the loop comes back after other sockets
+        if self.tx_held and not self._replies_full():
+            self.tx_held = False
+            self.more_work = True
 
 
 def _accept(listener: socket.socket) -> socket.socket | None:

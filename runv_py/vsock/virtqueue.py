@@ -97,9 +97,11 @@ class Virtqueue:
         avail_idx: int = self.avail.unpack(_U16, 2)[0]
         return (avail_idx - self.last_avail) & 0xFFFF
 
-    def pop(self, mem: Memory) -> Chain | None:
+    def pop(self, mem: Memory, max_bytes: int) -> Chain | None:
         """The next available chain, or None. Raises RingError for a bad chain; the head, if
-        known, is in the exception's `head` attribute so the caller can return it."""
+        known, is in the exception's `head` attribute so the caller can return it. A chain
+        whose buffers add up to more than `max_bytes` is bad: its buffers are not read (with
+        a clone's memory, reading is copying)."""
         assert self.avail is not None and self.desc is not None
         avail_idx = self.avail.unpack(_U16, 2)[0]
         pending = (avail_idx - self.last_avail) & 0xFFFF
@@ -118,8 +120,13 @@ class Virtqueue:
         self.inflight[head] = None  # a bad chain is returned too (ChainError.head)
         chain = Chain(head)
         index = head
+        total = 0
         for _ in range(self.size):
             addr, length, flags, nxt = self.desc.unpack(_DESC, 16 * index)
+            total += length
+            if total > max_bytes:
+                raise ChainError(head, f"vring {self.index}: a chain of more than {max_bytes} "
+                                       "bytes")
             if flags & DESC_F_INDIRECT:
                 raise ChainError(head, f"vring {self.index}: indirect descriptor (not offered)")
             if not flags & DESC_F_WRITE and chain.writable:
