@@ -1,6 +1,12 @@
 """Pulling from a registry over the OCI distribution API (HTTP or HTTPS; anonymous, basic or
 bearer-token auth; image indexes with platform selection; resumable, digest-verified blobs).
 
+The registry is not trusted (docs/security.md): a redirect may not turn HTTPS into plain HTTP,
+credentials go only to the registry's own origin and to an HTTPS token realm, no request goes
+to a loopback or link-local address unless the registry itself is one (checked on the
+resolved addresses, and the connection is made to exactly those), and the sizes a manifest
+announces are capped before anything is fetched.
+
 The HTTP exchanges are blocking http.client calls run in worker threads (at most three blobs
 at once); a cancelled pull stops its threads at the next chunk and keeps the partial blobs
 for the next pull to resume."""
@@ -52,6 +58,9 @@ ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 TIMEOUT_S = 60.0
 CHUNK = 1 << 20
 MAX_MANIFEST = 4 << 20
+MAX_CONFIG = 8 << 20
+MAX_LAYER = 16 << 30
+MAX_IMAGE = 64 << 30   # all layers together (as the unpacker's UnpackLimits.max_bytes)
 PARALLEL_BLOBS = 3
 RETRIES = 3
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
@@ -85,6 +94,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _special_kind(address: str) -> str:
+    """"loopback", "link-local" or "" for an IP address (IPv4-mapped IPv6 as its IPv4)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_unspecified:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local"
+    return ""
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to (an OSError when it does not)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _connect_to(addresses: list[str], port: int, timeout: float | None) -> socket.socket:
+    """A connection to the first of `addresses` that answers (the ones that were checked,
+    not whatever the name resolves to by now)."""
+    error: OSError = OSError(f"no address to connect to on port {port}")
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as exc:
+            error = exc
+    raise error
+
+
 class RegistryClient:
     """One registry, one repository's worth of requests (tokens are scoped to it)."""
 
@@ -99,6 +138,7 @@ class RegistryClient:
         self.allow_http = insecure or _is_loopback(self.host)
         self.scheme = ""
         self.auth = ""       # the Authorization header value once we have one
+        self._home_kinds: frozenset[str] | None = None   # _special_kind() of the registry
         self.cancel = threading.Event()
         self._scheme_lock = threading.Lock()
 
@@ -115,16 +155,45 @@ class RegistryClient:
         except (OSError, ssl.SSLError) as exc:
             raise RegistryError(f"CA file {self.ca_file}: cannot use it ({exc})") from exc
 
+    def _home(self) -> frozenset[str]:
+        """What kinds of special address the registry itself has ("loopback", ...)."""
+        if self._home_kinds is None:
+            parts = urllib.parse.urlsplit(f"//{self.host}")
+            addresses = _resolve(parts.hostname or self.host, parts.port or 443)
+            self._home_kinds = frozenset(_special_kind(a) for a in addresses) - {""}
+        return self._home_kinds
+
+    def _addresses(self, url: str, parts: urllib.parse.SplitResult, port: int) -> list[str]:
+        """Where `url` may be fetched from: its host's addresses, unless one of them is a
+        loopback or link-local address and the registry is not one (a redirect or a token
+        realm that leads to a service on this host or a cloud's metadata address)."""
+        home = self._home()
+        addresses = _resolve(parts.hostname or "", port)
+        for address in addresses:
+            kind = _special_kind(address)
+            if kind and kind not in home:
+                raise RegistryError(f"registry {self.registry}: refusing {url}: "
+                                    f"{parts.hostname} is a {kind} address ({address}) and "
+                                    "the registry is not")
+        return addresses
+
     def _open(self, url: str, method: str, headers: dict[str, str]
               ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RegistryError(f"registry {self.registry}: unsupported URL {url!r}")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise RegistryError(f"registry {self.registry}: bad port in {url!r}") from None
+        addresses = self._addresses(url, parts, port)
         if parts.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 parts.netloc, timeout=TIMEOUT_S, context=self._ssl_context())
-        elif parts.scheme == "http":
-            conn = http.client.HTTPConnection(parts.netloc, timeout=TIMEOUT_S)
         else:
-            raise RegistryError(f"registry {self.registry}: unsupported URL {url!r}")
+            conn = http.client.HTTPConnection(parts.netloc, timeout=TIMEOUT_S)
+        conn._create_connection = (  # type: ignore[attr-defined]
+            lambda _address, timeout, _source=None: _connect_to(addresses, port, timeout))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         try:
             conn.request(method, target or "/", headers={"User-Agent": "runv-py", **headers})
@@ -176,6 +245,14 @@ class RegistryClient:
         if kind.lower() != "bearer" or "realm" not in params:
             raise RegistryError(f"registry {self.registry}: unsupported auth challenge "
                                 f"{challenge!r}")
+        realm = urllib.parse.urlsplit(params["realm"])
+        own_host = urllib.parse.urlsplit(f"//{self.host}").hostname
+        if self.credentials and realm.scheme != "https" and not (
+                self.scheme == "http" and realm.hostname == own_host):
+            raise RegistryError(f"registry {self.registry}: its token realm {params['realm']} "
+                                "is not HTTPS; refusing to send credentials to a plain-HTTP "
+                                "token realm (only a plain-HTTP registry's own host may have "
+                                "one)")
         query = {"service": params.get("service", ""),
                  "scope": params.get("scope", f"repository:{self.repository}:pull")}
         url = params["realm"] + "?" + urllib.parse.urlencode(
@@ -214,7 +291,8 @@ class RegistryClient:
         authed = False
         for _ in range(10):
             send = dict(headers or {})
-            same_host = urllib.parse.urlsplit(url).netloc == self.host
+            parts = urllib.parse.urlsplit(url)
+            same_host = parts.scheme == self.scheme and parts.netloc == self.host
             if self.auth and same_host:
                 send["Authorization"] = self.auth
             try:
@@ -228,8 +306,14 @@ class RegistryClient:
                 authed = True
                 continue
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                url = urllib.parse.urljoin(url, resp.getheader("Location", ""))
                 conn.close()
+                target = urllib.parse.urljoin(url, resp.getheader("Location", ""))
+                scheme = urllib.parse.urlsplit(target).scheme
+                if parts.scheme == "https" and scheme != "https":
+                    raise RegistryError(f"registry {self.registry}: GET {path}: redirected "
+                                        f"from https to {scheme or 'nothing'} ({target}); "
+                                        "refusing the downgrade")
+                url = target
                 continue
             if 200 <= resp.status < 300 or resp.status == 416:
                 return conn, resp
@@ -381,6 +465,7 @@ class Puller:
         if media_type not in MANIFEST_TYPES:
             raise ImageError(f"{what}: media type {media_type!r} is not an image manifest")
         manifest = Manifest.parse(data, f"{what} manifest")
+        _check_sizes(manifest, f"{what} manifest")
         await asyncio.to_thread(self.client.fetch_blob, self.store, manifest.config, None)
         config = ConfigBlob.parse(self.store.blobs.read(manifest.config.digest),
                                   f"{what} config")
@@ -407,3 +492,18 @@ class Puller:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         return await asyncio.to_thread(self.store.blobs.put, data)
+
+
+def _check_sizes(manifest: Manifest, what: str) -> None:
+    """The sizes the manifest announces, against the caps, before anything is fetched."""
+    if manifest.config.size > MAX_CONFIG:
+        raise ImageError(f"{what}: config of {manifest.config.size} bytes is larger than "
+                         f"the limit of {MAX_CONFIG}")
+    for i, layer in enumerate(manifest.layers):
+        if layer.size > MAX_LAYER:
+            raise ImageError(f"{what}: layers[{i}] of {layer.size} bytes is larger than the "
+                             f"limit of {MAX_LAYER}")
+    total = sum(layer.size for layer in manifest.layers)
+    if total > MAX_IMAGE:
+        raise ImageError(f"{what}: its layers add up to {total} bytes, more than the limit "
+                         f"of {MAX_IMAGE}")
