@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import openat2
 from ..errors import ConfigError
 from ..oci import default_spec
 from ..sandbox import policy
@@ -37,11 +38,30 @@ def command(image: ResolvedImage, options: RunOptions) -> list[str]:
     return argv
 
 
-def _lookup(rootfs: Path, table: str, name: str) -> int | None:
+# An image's etc/passwd or etc/group is read on the host: a bigger one is refused.
+MAX_TABLE_BYTES = 4 << 20
+
+
+def _table(rootfs: Path, table: str, flag: str, user: str) -> list[str]:
+    """The lines of the image's etc/<table>, resolved inside the rootfs as the guest would
+    (docs/security.md); no lines when the image has none."""
     try:
-        lines = (rootfs / "etc" / table).read_text().splitlines()
-    except OSError:
-        return None
+        data = openat2.read_in_root(rootfs, f"etc/{table}", MAX_TABLE_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except openat2.NotRegular:
+        raise ConfigError(f"{flag} {user!r}: the image's /etc/{table} is not a regular "
+                          "file") from None
+    except openat2.TooLarge:
+        raise ConfigError(f"{flag} {user!r}: the image's /etc/{table} is larger than "
+                          f"{MAX_TABLE_BYTES} bytes") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag} {user!r}: cannot read the image's /etc/{table}: "
+                          f"{exc.strerror}") from None
+    return data.decode("utf-8", "replace").splitlines()
+
+
+def _lookup(lines: list[str], name: str) -> int | None:
     for line in lines:
         fields = line.split(":")
         if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
@@ -54,28 +74,23 @@ def resolve_user(rootfs: Path, user: str, flag: str) -> tuple[int, int]:
     name, _, group = user.partition(":")
     if name.isdigit() and (not group or group.isdigit()):
         return parse_user(user)
-    uid = int(name) if name.isdigit() else _lookup(rootfs, "passwd", name)
+    passwd = [] if name.isdigit() and group else _table(rootfs, "passwd", flag, user)
+    uid = int(name) if name.isdigit() else _lookup(passwd, name)
     if uid is None:
         raise ConfigError(f"{flag} {user!r}: no user {name!r} in the image's /etc/passwd")
     if not group:
         gid = 0
-        for line in _read_lines(rootfs / "etc" / "passwd"):
+        for line in passwd:
             fields = line.split(":")
             if len(fields) > 3 and fields[2] == str(uid) and fields[3].isdigit():
                 gid = int(fields[3])
                 break
         return uid, gid
-    found = int(group) if group.isdigit() else _lookup(rootfs, "group", group)
+    found = int(group) if group.isdigit() else _lookup(_table(rootfs, "group", flag, user),
+                                                        group)
     if found is None:
         raise ConfigError(f"{flag} {user!r}: no group {group!r} in the image's /etc/group")
     return uid, found
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except OSError:
-        return []
 
 
 def merge_env(base: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
