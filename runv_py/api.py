@@ -32,7 +32,8 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from . import config as config_mod
-from .errors import ConfigError, ContainerNotFound, InvalidState, RunvError
+from .errors import ConfigError, ContainerNotFound, InvalidState, RunvError, UnsafeArchive
+from .oci.image.unpack import extract_foreign
 from .sandbox.client import AttachedProcess
 from .sandbox.status import ContainerStatus
 from .workload import options as opt
@@ -44,6 +45,7 @@ __all__ = ["AsyncProcess", "AsyncSandbox", "CommandFailed", "CommandTimeout", "O
 
 Command = Sequence[str] | str
 ENDING_GRACE_S = 0.5
+COPY_OUT_MAX = 4 << 30
 T = TypeVar("T")
 
 
@@ -130,6 +132,52 @@ class AsyncProcess:
     def kill(self, signum: int = signal.SIGKILL) -> None:
         if self._exit is None:
             self._attached.signal(int(signum))
+
+    def take_stdout(self) -> int:
+        """The stdout pipe, for the caller to read itself (iterating gives stderr only)."""
+        return self._pipes.pop("stdout")
+
+
+class _CappedStream:
+    """A pipe read as a file, raising UnsafeArchive past `max_bytes` (from a worker thread)."""
+
+    def __init__(self, fd: int, what: str, max_bytes: int) -> None:
+        self._fd = fd
+        self._what = what
+        self._left = max_bytes
+        self._max = max_bytes
+
+    def read(self, size: int = -1, /) -> bytes:
+        want = 1 << 20 if size < 0 else size
+        data = os.read(self._fd, min(want, self._left + 1)) if want else b""
+        self._left -= len(data)
+        if self._left < 0:
+            raise UnsafeArchive(f"{self._what}: more than {self._max} bytes from the "
+                                "container; copy stopped")
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _receive(fd: int, host: Path, what: str, max_bytes: int, *, archive: bool) -> None:
+    """Worker thread of copy_out: the container's tar stream (or file) into `host`."""
+    stream = _CappedStream(fd, what, max_bytes)
+    try:
+        if archive:
+            extract_foreign(stream, host, f"the archive of {what}")
+        else:
+            try:
+                with host.open("wb") as out:
+                    while chunk := stream.read(1 << 20):
+                        out.write(chunk)
+            except BaseException:
+                host.unlink(missing_ok=True)
+                raise
+        stream.drain()   # what follows the archive's end, still counted
+    finally:
+        os.close(fd)
 
 
 async def _feed(fd: int, data: bytes) -> None:
@@ -318,16 +366,43 @@ class AsyncSandbox:
         else:
             await self.write_file(path, host.read_bytes(), mode=host.stat().st_mode & 0o7777)
 
-    async def copy_out(self, path: str, host: Path | str) -> None:
-        """Copy a file or directory tree from the sandbox to the host path `host`."""
+    async def copy_out(self, path: str, host: Path | str, *,
+                       max_bytes: int = COPY_OUT_MAX) -> None:
+        """Copy a file or directory tree from the sandbox to the host path `host`. The
+        container makes the archive (with its own `tar`), so it is extracted as untrusted
+        (docs/security.md): nothing outside `host`, no owners, setuid bits, devices or links
+        leading out of it. More than `max_bytes` from the container stops the copy
+        (UnsafeArchive)."""
         host = Path(host)
-        if (await self.run(["test", "-d", path])).exit_code == 0:
-            data = (await self.run(["tar", "-c", "-f", "-", "-C", path, "."], check=True)).stdout
+        archive = (await self.run(["test", "-d", path])).exit_code == 0
+        if archive:
             host.mkdir(parents=True, exist_ok=True)
-            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-                archive.extractall(host, filter="data")
-        else:
-            host.write_bytes(await self.read_file(path))
+        argv = ["tar", "-c", "-f", "-", "-C", path, "."] if archive else ["cat", path]
+        proc = await self.start(argv)
+        stdout = proc.take_stdout()
+        stderr: list[bytes] = []
+
+        async def errors() -> None:
+            async for chunk in proc:
+                if sum(map(len, stderr)) < 65536:
+                    stderr.append(chunk.data)
+
+        reader = asyncio.ensure_future(errors())
+        try:
+            await asyncio.to_thread(_receive, stdout, host, path, max_bytes, archive=archive)
+        except BaseException:
+            proc.kill()
+            reader.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.gather(reader, proc.wait()), 10)
+            raise
+        await reader
+        code = await proc.wait()
+        if code != 0:
+            result = Result(code, b"", b"".join(stderr))
+            raise CommandFailed(f"{' '.join(argv)}: exit status {code}: "
+                                f"{result.stderr.decode(errors='replace').strip()[:200]}",
+                                result)
 
     async def close(self) -> None:
         """Kill everything in the sandbox and remove it. Idempotent. Shielded: a cancelled
@@ -441,8 +516,8 @@ class Sandbox:
     def copy_in(self, host: Path | str, path: str) -> None:
         _Loop.run(self._sandbox.copy_in(host, path))
 
-    def copy_out(self, path: str, host: Path | str) -> None:
-        _Loop.run(self._sandbox.copy_out(path, host))
+    def copy_out(self, path: str, host: Path | str, *, max_bytes: int = COPY_OUT_MAX) -> None:
+        _Loop.run(self._sandbox.copy_out(path, host, max_bytes=max_bytes))
 
     def close(self) -> None:
         """Kill everything in the sandbox and remove it. Idempotent."""

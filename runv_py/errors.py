@@ -151,6 +151,14 @@ class UnsafeLayer(ImageError):
     reference = "unsafe-layer"
 
 
+class UnsafeArchive(UnsafeLayer):
+    """An archive made in a guest (Sandbox.copy_out) tries to write outside its destination,
+    holds a device node or a link leading out, or is larger than the cap; nothing was written
+    outside the destination."""
+
+    reference = "unsafe-archive"
+
+
 class DigestMismatch(ImageError):
     """Downloaded or loaded content does not match the digest (or size) that names it."""
 
