@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from .errors import ConfigError
+from .errors import ConfigError, SpecError
+from .runtime_annotations import DEFAULT_ENABLED, check_enable_list
 
 DEFAULT_PATH = Path("/etc/runv/config.toml")
 DEFAULT_ASSETS_DIR = Path("/var/cache/runv-py/assets")
@@ -89,6 +90,8 @@ class RuntimeConfig:
     template: TemplateMode = "auto"
     template_dir: Path = DEFAULT_TEMPLATE_DIR
     pool: PoolConfig = field(default_factory=PoolConfig)
+    # The org.runv.* annotations a container's spec may set (runv_py/runtime_annotations.py).
+    enable_annotations: tuple[str, ...] = DEFAULT_ENABLED
     source: str = DEFAULTS_SOURCE
 
     @property
@@ -192,9 +195,16 @@ def parse(text: str, source: str) -> RuntimeConfig:
             config = replace(config, **{key: _convert(source, key, Path, value)})
         elif key == "template":
             config = replace(config, template=_convert(source, key, TemplateMode, value))
+        elif key == "enable_annotations":
+            try:
+                enabled = check_enable_list(value, source)
+            except SpecError as exc:
+                raise ConfigError(str(exc)) from None
+            config = replace(config, enable_annotations=enabled)
         else:
-            raise ConfigError(f"{source}: unknown key {key!r} (known: hypervisor, guest, "
-                              "network, pool, state_dir, template, template_dir)")
+            raise ConfigError(f"{source}: unknown key {key!r} (known: enable_annotations, "
+                              "hypervisor, guest, network, pool, state_dir, template, "
+                              "template_dir)")
     return config
 
 

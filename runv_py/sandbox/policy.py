@@ -9,20 +9,22 @@ import math
 import os
 from dataclasses import replace
 
+from .. import runtime_annotations
 from ..config import RuntimeConfig
 from ..devices import ShareDriver
 from ..errors import SpecError
 from ..oci.spec import Spec
+from ..runtime_annotations import check as check_annotations
 
 # virtio-fs or 9p for this container's shares (virtio-fs means a cold boot: template clones
 # serve shares over 9p).
-SHARED_FS_ANNOTATION = "org.runv.shared-fs"
+SHARED_FS_ANNOTATION = runtime_annotations.SHARED_FS
 # auto or off: overrides the runtime config's `template`.
-TEMPLATE_ANNOTATION = "org.runv.template"
+TEMPLATE_ANNOTATION = runtime_annotations.TEMPLATE
 # {"lower": [dirs, topmost first], "upper": dir, "work": dir}: the container's rootfs is an
 # overlayfs of these (hyperctl: a writable layer over an image), mounted by the supervisor in
 # its private mount namespace instead of binding root.path.
-ROOTFS_OVERLAY_ANNOTATION = "org.runv.rootfs-overlay"
+ROOTFS_OVERLAY_ANNOTATION = runtime_annotations.ROOTFS_OVERLAY
 # Informational, written by hyperctl: the image a container runs, and its labels.
 IMAGE_ANNOTATION = "org.runv.image"
 LABEL_ANNOTATION_PREFIX = "org.runv.label."
@@ -74,3 +76,10 @@ def template_choice(config: RuntimeConfig, spec: Spec) -> RuntimeConfig:
 def sandbox_config(config: RuntimeConfig, spec: Spec) -> RuntimeConfig:
     """The config a sandbox for this container boots with: sized, template chosen."""
     return template_choice(sized(config, spec), spec)
+
+
+def admit(enabled: tuple[str, ...], spec: Spec, source: str = "config.toml") -> None:
+    """SpecError unless the spec's runtime-changing annotations are ones `enabled` (the
+    config's enable_annotations) names, and a rootfs overlay is in a bundle hyperctl wrote
+    (runv_py/runtime_annotations.py). The supervisor calls it for every spec it is handed."""
+    check_annotations(spec.annotations, enabled, spec.bundle, source)

@@ -11,6 +11,7 @@ from typing import Any
 from .. import openat2
 from ..errors import ConfigError
 from ..oci import default_spec
+from ..runtime_annotations import write_overlay_marker
 from ..sandbox import policy
 from . import seccomp_profile
 from .images import ResolvedImage
@@ -149,4 +150,7 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, wor
 
 def write(bundle: Path, spec: dict[str, Any]) -> None:
     (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
+    overlay = spec.get("annotations", {}).get(policy.ROOTFS_OVERLAY_ANNOTATION)
+    if overlay is not None:
+        write_overlay_marker(bundle, overlay)
     (bundle / "config.json").write_text(json.dumps(spec, indent=2) + "\n")

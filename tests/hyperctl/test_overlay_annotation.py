@@ -1,5 +1,7 @@
 """The supervisor's rootfs overlay (the annotation hyperctl's bundles carry), refused with a
-clear error when it is malformed, before any VM boots, leaving nothing behind."""
+clear error when it is malformed, before any VM boots, leaving nothing behind. The bundles are
+written as hyperctl writes them (the overlay marker beside config.json); without the marker
+the overlay is refused outright (tests/security/test_runtime_annotations.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from runv_py.runtime_annotations import write_overlay_marker
 from runv_py.sandbox.policy import ROOTFS_OVERLAY_ANNOTATION
 from tests.cli.conftest import Runv, runv, subreaper  # noqa: F401 (fixtures)
 
@@ -26,6 +29,7 @@ def test_bad_overlay_annotation(runv: Runv, tmp_path: Path, value: str,  # noqa:
         spec["annotations"] = {ROOTFS_OVERLAY_ANNOTATION: value}
 
     bundle = runv.bundle(["true"], edit)
+    write_overlay_marker(bundle, value)
     result = runv("run", "--bundle", str(bundle), "ov", check=False)
     assert result.returncode == 1
     err = result.stderr.decode()

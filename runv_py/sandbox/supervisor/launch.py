@@ -145,11 +145,13 @@ def _stop_on_signals(done: asyncio.Event) -> None:
 
 
 async def _first_container(owned: Resources, container_id: str, spec: oci_spec.Spec,
-                           shares: ContainerShares, timings: dict[str, float]) -> CreateReply:
+                           shares: ContainerShares, timings: dict[str, float], *,
+                           config: config_mod.RuntimeConfig) -> CreateReply:
     """The supervisor of the running VM, serving, with its first container created."""
     vm = owned.vm
     assert vm is not None
-    supervisor = Supervisor(container_id, vm, owned.shared, owned.network, vm.shares[0].driver)
+    supervisor = Supervisor(container_id, vm, owned.shared, owned.network, vm.shares[0].driver,
+                            enabled_annotations=config.enable_annotations)
     owned.supervisor = supervisor
     if owned.control is None:
         owned.control = ControlServer(vm.paths.control_socket, supervisor.serve)
@@ -192,6 +194,7 @@ async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConf
     t_setup = time.time()
     owned.claim()
     spec = oci_spec.load(args.bundle)
+    policy.admit(config.enable_annotations, spec, config.source)
     config = replace(policy.sandbox_config(config, spec), state_dir=owned.vm_path.parent)
     owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     owned.shared.open()
@@ -204,7 +207,8 @@ async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConf
         shares=(Share(guest_spec.SHARED_TAG, owned.shared.path, driver=driver),))
     await owned.network.configure(owned.vm.agent)
     return await _first_container(owned, args.container_id, spec, shares,
-                                  {"supervisor_start": max(0.0, t_setup - args.spawned_at)})
+                                  {"supervisor_start": max(0.0, t_setup - args.spawned_at)},
+                                  config=config)
 
 
 async def _until(*events: asyncio.Event) -> None:
@@ -289,7 +293,8 @@ class _Pooled:
             spec, shares = work.result()
             reply = await _first_container(
                 self.owned, request.id, spec, shares,
-                {"supervisor_start": max(0.0, t_setup - (request.spawned_at or t_setup))})
+                {"supervisor_start": max(0.0, t_setup - (request.spawned_at or t_setup))},
+                config=config_mod.load(self.args.config))
             self.adopted.set()
             return reply
         except BaseException:
@@ -312,6 +317,8 @@ class _Pooled:
             if request.debug:
                 logging.getLogger().setLevel(logging.DEBUG)
             spec = oci_spec.load(Path(request.bundle))
+            config = config_mod.load(self.args.config)
+            policy.admit(config.enable_annotations, spec, config.source)
             shares = share(self.owned.shared, spec, "rootfs", trees)
         finally:
             trees.close()

@@ -19,6 +19,7 @@ from ...agent.convert import Storage
 from ...devices import ShareDriver
 from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvError, SpecError
 from ...oci import spec as oci_spec
+from ...runtime_annotations import DEFAULT_ENABLED
 from ...storage.shared import Trees
 from .. import guest_spec, pod, policy, protocol
 from ..control import AsyncChannel
@@ -65,10 +66,13 @@ SessionHandler = Callable[[Any, AsyncChannel, list[int]], Awaitable[None]]
 
 class Supervisor:
     def __init__(self, sandbox_id: str, vm: SandboxVm, shared: Shared,
-                 network: GuestNetwork, driver: ShareDriver) -> None:
+                 network: GuestNetwork, driver: ShareDriver, *,
+                 enabled_annotations: tuple[str, ...] = DEFAULT_ENABLED) -> None:
         """`sandbox_id`: the sandbox container's id; `driver`: how the guest mounts the
-        shared directory."""
+        shared directory; `enabled_annotations`: the config's (for a pod's other
+        containers)."""
         self.id = sandbox_id
+        self.enabled_annotations = enabled_annotations
         self.vm = vm
         self.shared = shared
         self.network = network
@@ -351,6 +355,7 @@ class Supervisor:
             if not self.containers[self.id].status.live:
                 raise InvalidState(f"sandbox {self.id} is stopped")
             spec = oci_spec.load(Path(request.bundle))
+            policy.admit(self.enabled_annotations, spec)
             name = policy.driver_name(self.driver)
             if spec.annotations.get(policy.SHARED_FS_ANNOTATION, "") not in ("", name):
                 raise SpecError(f"annotations[{policy.SHARED_FS_ANNOTATION!r}]: the pod's VM "

@@ -1,0 +1,83 @@
+"""The org.runv.* annotations that change how a sandbox runs. Whoever writes a container's OCI
+spec sets them (a Kubernetes pod's author, when the operator lets pod annotations through), so
+they are accepted only when config.toml's `enable_annotations` names them (Kata's
+enable_annotations); the rootfs overlay, which names host directories, is never enabled: it is
+honoured only in a bundle hyperctl wrote, recognised by a file beside config.json that only the
+bundle's writer can create (docs/security.md)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .errors import SpecError
+
+PREFIX = "org.runv."
+TEMPLATE = "org.runv.template"
+SHARED_FS = "org.runv.shared-fs"
+ROOTFS_OVERLAY = "org.runv.rootfs-overlay"
+# What `enable_annotations` may name (without the prefix), and what it names by default: both
+# choose between two supported start paths and name nothing on the host.
+ENABLEABLE = ("template", "shared-fs")
+DEFAULT_ENABLED = ("template", "shared-fs")
+# hyperctl writes the overlay annotation's value here too, in the bundle directory.
+OVERLAY_MARKER = "runv-rootfs-overlay.json"
+MAX_MARKER_BYTES = 64 * 1024
+
+
+def check_enable_list(value: object, where: str) -> tuple[str, ...]:
+    """The config's `enable_annotations`, checked."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{where}: enable_annotations must be a list of annotation names "
+                        f"(of {', '.join(ENABLEABLE)})")
+    for name in value:
+        if name == ROOTFS_OVERLAY.removeprefix(PREFIX):
+            raise SpecError(f"{where}: enable_annotations: rootfs-overlay cannot be enabled "
+                            "(it names host directories; only hyperctl's own bundles carry "
+                            "it)")
+        if name not in ENABLEABLE:
+            raise SpecError(f"{where}: enable_annotations: unknown annotation {name!r} "
+                            f"(known: {', '.join(ENABLEABLE)})")
+    return tuple(dict.fromkeys(value))
+
+
+def check(annotations: Mapping[str, str], enabled: Sequence[str], bundle: Path,
+          source: str = "config.toml") -> None:
+    """SpecError for a runtime-changing annotation `enabled` does not name, and for the
+    rootfs overlay in a bundle hyperctl did not write."""
+    for key, value in annotations.items():
+        if key == ROOTFS_OVERLAY:
+            _check_overlay(value, bundle)
+            continue
+        name = key.removeprefix(PREFIX)
+        if key.startswith(PREFIX) and name in ENABLEABLE and name not in enabled:
+            raise SpecError(f"annotations[{key!r}]: not enabled by the runtime config (add "
+                            f"{name!r} to enable_annotations in {source})")
+
+
+def write_overlay_marker(bundle: Path, value: str) -> None:
+    """What hyperctl writes beside config.json when its spec carries the overlay."""
+    fd = os.open(bundle / OVERLAY_MARKER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(value)
+
+
+def _check_overlay(value: str, bundle: Path) -> None:
+    field = f"annotations[{ROOTFS_OVERLAY!r}]"
+    try:
+        fd = os.open(bundle / OVERLAY_MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except OSError:
+        raise SpecError(f"{field}: only bundles written by hyperctl may carry it (it names "
+                        "host directories to mount)") from None
+    try:
+        st = os.fstat(fd)
+        marker = os.read(fd, MAX_MARKER_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
+    finally:
+        os.close(fd)
+    if st.st_uid != os.geteuid() or marker.decode("utf-8", "replace") != value:
+        raise SpecError(f"{field}: does not match the bundle's {OVERLAY_MARKER}; only "
+                        "bundles written by hyperctl may carry it")
