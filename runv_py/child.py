@@ -111,12 +111,16 @@ async def spawn(
     pass_fds: Sequence[int] = (),
     new_session: bool = False,
     die_with_parent: bool = True,
+    privileges: Sequence[str] = (),
 ) -> Child:
+    """`privileges`: more setpriv options (another uid, fewer capabilities) for the child."""
     import asyncio
 
     argv = list(argv)
+    prefix = (*SETPRIV[:-1], *privileges, "--") if die_with_parent else (
+        ("setpriv", *privileges, "--") if privileges else ())
     process = await asyncio.create_subprocess_exec(
-        *(SETPRIV if die_with_parent else ()), *argv,
+        *prefix, *argv,
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,

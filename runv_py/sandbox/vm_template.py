@@ -34,7 +34,7 @@ from ..vm.qemu.machine import QemuMachine, tail
 log = logging.getLogger(__name__)
 
 # Bump when what a template holds, or how it is made, changes meaning.
-FORMAT = 3
+FORMAT = 4
 MACHINE: Final = "pc"
 SAVE_TIMEOUT_S = 60.0
 MEMORY = "memory"

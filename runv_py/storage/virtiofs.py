@@ -1,6 +1,8 @@
 """virtiofsd: one daemon per virtio-fs share, started before QEMU (QEMU connects to its
 vhost-user socket at start) and stopped after it. It dies with its owner (parent-death signal)
-and runs with its own sandboxing (namespaces, pivot_root into the shared directory)."""
+and runs with its own sandboxing (namespaces, pivot_root into the shared directory, seccomp),
+as root (it acts as the guest's users on the share) without CAP_MKNOD, CAP_SETFCAP and
+CAP_FSETID."""
 
 from __future__ import annotations
 
@@ -27,7 +29,10 @@ class Virtiofsd:
         assert self.share.socket is not None
         argv = [self.binary, f"--socket-path={self.share.socket}",
                 "-o", f"source={self.share.path}", "-o", "cache=auto",
-                "-o", "announce_submounts", "-o", "xattr"]
+                "-o", "announce_submounts", "-o", "xattr",
+                # No device nodes, no file capabilities, no setgid kept across a write or a
+                # chown made for the guest (docs/security.md).
+                "-o", "modcaps=-mknod:-setfcap:-fsetid"]
         with open(self.log_path, "ab") as log_file:
             try:
                 self.child = await child.spawn(argv, stdout=log_file, stderr=log_file)

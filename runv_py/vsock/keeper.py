@@ -87,8 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "mapping, such as a template clone); the fds are never mapped")
     parser.add_argument("--qemu-pid-file", type=Path, default=None, metavar="PATH",
                         help="like --qemu-pid, for a backend started before its QEMU: the "
-                             "pid is that of the front-end's connection (SO_PEERCRED), which "
-                             "must be the one the owner wrote to PATH before QEMU connects")
+                             "owner writes QEMU's pid to PATH before the front-end connects, "
+                             "and the front-end (SO_PEERCRED) must be that QEMU or the owner "
+                             "(this process's parent) connecting for it")
     parser.add_argument("--debug", action="store_true", help="log every connection")
     args = parser.parse_args(argv)
     if not 3 <= args.cid < 0xFFFFFFFF:
@@ -110,6 +111,7 @@ class Keeper:
         self.worker: int | None = None  # its pid, until reaped
         self.deaths: list[float] = []
         self.generation = 0
+        self.owner_pid = os.getppid()  # who started us (it writes --qemu-pid-file)
 
     def _spawn(self) -> int:
         """A worker forked from this process (no second interpreter start-up on the path of
@@ -131,7 +133,8 @@ class Keeper:
         if self.args.qemu_pid is not None:
             argv.append(f"--qemu-pid={self.args.qemu_pid}")
         if self.args.qemu_pid_file is not None:
-            argv.append(f"--qemu-pid-file={self.args.qemu_pid_file}")
+            argv += [f"--qemu-pid-file={self.args.qemu_pid_file}",
+                     f"--owner-pid={self.owner_pid}"]
         if self.args.debug:
             argv.append("--debug")
         keeper = os.getpid()

@@ -26,11 +26,13 @@ PRIORITY = -5
 class Worker:
     def __init__(self, device: Device, vhost_listener: socket.socket, hybrid: socket.socket,
                  forwards: list[tuple[socket.socket, int]], keeper: socket.socket | None,
-                 *, qemu_pid_file: Path | None = None) -> None:
+                 *, qemu_pid_file: Path | None = None, owner_pid: int = 0) -> None:
         """With `qemu_pid_file` the front-end must be the QEMU whose pid the owner wrote
-        there, and the device reaches guest memory through that QEMU."""
+        there, or the owner (`owner_pid`) connecting on that QEMU's behalf, and the device
+        reaches guest memory through that QEMU."""
         self.device = device
         self.qemu_pid_file = qemu_pid_file
+        self.owner_pid = owner_pid
         self.sel = device.sel
         self.listener = vhost_listener
         self.keeper = keeper
@@ -77,8 +79,8 @@ class Worker:
             log.info("took over QEMU's connection (%d set-up messages replayed)", count)
 
     def _admit(self, conn: socket.socket) -> bool:
-        """Whether `conn` is the QEMU of --qemu-pid-file (always, without one); its memory is
-        then the device's."""
+        """Whether `conn` comes from the QEMU of --qemu-pid-file or from the owner that
+        writes the file (always, without one); that QEMU's memory is then the device's."""
         if self.qemu_pid_file is None:
             return True
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -89,14 +91,18 @@ class Worker:
             log.error("refused a front-end (pid %d): no QEMU pid in %s (%s)", pid,
                       self.qemu_pid_file, exc)
             return False
-        if pid != wanted:
-            log.error("refused a front-end: its pid %d is not QEMU's (%d)", pid, wanted)
+        if pid not in (wanted, self.owner_pid) or (
+                self.owner_pid and _parent_of(wanted) != self.owner_pid):
+            log.error("refused a front-end (pid %d): the memory to reach must be that of a "
+                      "QEMU (pid %d in %s) the owner (pid %d) started, and the front-end that "
+                      "QEMU or the owner", pid, wanted, self.qemu_pid_file.name,
+                      self.owner_pid)
             return False
         try:
-            self.device.reach(pid)
+            self.device.reach(wanted)
         except OSError as exc:
-            log.error("refused a front-end: cannot reach the memory of QEMU (pid %d): %s", pid,
-                      exc.strerror)
+            log.error("refused a front-end: cannot reach the memory of QEMU (pid %d): %s",
+                      wanted, exc.strerror)
             return False
         return True
 
@@ -187,6 +193,14 @@ class Worker:
         self.device.handle(msg, self.frontend)
 
 
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])
+
+
 def _kept(msg: vu.Message) -> bool:
     return msg.request not in (vu.GET_FEATURES, vu.GET_PROTOCOL_FEATURES, vu.GET_QUEUE_NUM,
                                vu.GET_CONFIG)
@@ -209,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation", type=int, default=0)
     parser.add_argument("--qemu-pid", type=int, default=None)
     parser.add_argument("--qemu-pid-file", type=Path, default=None)
+    parser.add_argument("--owner-pid", type=int, default=0)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                     connect_wait_s=args.connect_wait, generation=args.generation,
                     qemu_pid=args.qemu_pid, private_memory=args.qemu_pid_file is not None)
     worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper,
-                    qemu_pid_file=args.qemu_pid_file)
+                    qemu_pid_file=args.qemu_pid_file, owner_pid=args.owner_pid)
 
     def stop(signum: int, frame: object) -> None:
         raise SystemExit(0)

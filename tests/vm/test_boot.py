@@ -122,7 +122,7 @@ def test_qemu_killed_during_boot_is_reported_and_cleaned(
         pid = None
         for _ in range(500):
             pid = next((int(p.split(":")[0]) for p in processes_mentioning(
-                str(runtime_config.state_dir / "victim") + "/qmp.sock")), None)
+                f"runv-victim {runtime_config.state_dir / 'victim'}")), None)
             if pid:
                 break
             await asyncio.sleep(0.01)

@@ -8,6 +8,8 @@ from typing import Literal
 
 from ...devices import HubPort, Nic, Share
 
+# QEMU's own seccomp filter (it runs without root either way: privileges.py).
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 AGENT_PORT_NAME = "agent.channel.0"
 AGENT_VSOCK_PORT = 1024
 AGENT_PORT_ID = "agent0"
@@ -48,6 +50,24 @@ class VmConfig:
     # The VM generation id (a vmgenid device); a clone gets a new one, which tells the guest
     # kernel to reseed its RNG.
     vmgenid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InheritedEnds:
+    """Sockets the owner opened for QEMU, which then opens no path for them: the console's
+    (connected: the owner reads and bounds the log), QMP's and the agent port's (listening),
+    the vhost-user vsock backend's and each virtio-fs share's (connected)."""
+
+    console: int
+    qmp: int
+    agent: int | None = None
+    vsock: int | None = None
+    shares: tuple[int, ...] = ()   # one per virtio-fs share, in the config's order
+
+    @property
+    def fds(self) -> tuple[int, ...]:
+        optional = tuple(fd for fd in (self.agent, self.vsock) if fd is not None)
+        return (self.console, self.qmp, *optional, *self.shares)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +120,9 @@ def _bus(config: VmConfig) -> str:
     return "device" if config.machine == "microvm" else "pci"
 
 
-def qemu_argv(config: VmConfig) -> list[str]:
+def qemu_argv(config: VmConfig, ends: InheritedEnds | None = None) -> list[str]:
+    """`ends`: the sockets QEMU inherits instead of the config's paths (QemuMachine always
+    gives them)."""
     bus = _bus(config)
     machine: str = config.machine
     if config.machine == "microvm":
@@ -108,7 +130,9 @@ def qemu_argv(config: VmConfig) -> list[str]:
     machine += f",accel={config.accel}"
     argv = [
         config.qemu,
-        "-name", f"runv-{config.name}",
+        # The state dir in the name: QEMU's argv names no path of it otherwise (it inherits
+        # its sockets), and ps should still say which sandbox a QEMU is.
+        "-name", f"runv-{config.name} {config.qmp_socket.parent}".replace(",", ",,"),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-cpu", config.cpu or ("host" if config.accel == "kvm" else "max"),
         "-smp", str(config.vcpus),
@@ -127,12 +151,17 @@ def qemu_argv(config: VmConfig) -> list[str]:
     argv += ["-machine", machine]
     if config.machine == "microvm":
         argv += ["-global", "virtio-mmio.force-legacy=false"]
+    argv += ["-kernel", str(config.kernel), "-append", config.kernel_cmdline]
+    if ends is None:
+        argv += ["-chardev", f"file,id=console,path={config.console_log}",
+                 "-qmp", f"unix:{config.qmp_socket},server=on,wait=off"]
+    else:
+        argv += ["-chardev", f"socket,id=console,fd={ends.console}",
+                 "-chardev", f"socket,id=qmp,fd={ends.qmp},server=on,wait=off",
+                 "-mon", "chardev=qmp,mode=control"]
     argv += [
-        "-kernel", str(config.kernel),
-        "-append", config.kernel_cmdline,
-        "-chardev", f"file,id=console,path={config.console_log}",
         "-serial", "chardev:console",
-        "-qmp", f"unix:{config.qmp_socket},server=on,wait=off",
+        "-sandbox", SECCOMP,
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", f"virtio-rng-{bus},rng=rng0",
     ]
@@ -147,12 +176,15 @@ def qemu_argv(config: VmConfig) -> list[str]:
             "-drive", f"file={config.root_image},if=none,id=rootfs,format=raw,readonly=on",
             "-device", f"virtio-blk-{bus},drive=rootfs",
         ]
+    virtiofs = 0
     for i, share in enumerate(config.shares):
         if share.driver == "virtiofs":
             if share.socket is None or not config.shared_memory:
                 raise ValueError(f"share {share.tag}: virtio-fs needs a socket and shared memory")
+            where = f"path={share.socket}" if ends is None else f"fd={ends.shares[virtiofs]}"
+            virtiofs += 1
             argv += [
-                "-chardev", f"socket,id=vfs{i},path={share.socket}",
+                "-chardev", f"socket,id=vfs{i},{where}",
                 "-device", f"vhost-user-fs-{bus},chardev=vfs{i},tag={share.tag}",
             ]
             continue
@@ -177,17 +209,21 @@ def qemu_argv(config: VmConfig) -> list[str]:
     if config.vsock_socket is not None:
         if not config.shared_memory:
             raise ValueError("the vhost-user vsock device needs shared memory")
+        where = (f"fd={ends.vsock}" if ends is not None and ends.vsock is not None
+                 else f"path={config.vsock_socket}")
         argv += [
-            "-chardev", f"socket,id=vsock,path={config.vsock_socket}",
+            "-chardev", f"socket,id=vsock,{where}",
             "-device", f"vhost-user-vsock-{bus},chardev=vsock",
         ]
     elif config.vsock_cid is not None:
         fd = f",vhostfd={config.vsock_fd}" if config.vsock_fd is not None else ""
         argv += ["-device", f"vhost-vsock-{bus},guest-cid={config.vsock_cid}{fd}"]
     if config.agent_socket is not None:
+        where = (f"fd={ends.agent}" if ends is not None and ends.agent is not None
+                 else f"path={config.agent_socket}")
         argv += [
             "-device", f"virtio-serial-{bus},id=vser0",
-            "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
+            "-chardev", f"socket,id=agent,{where},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,nr=1,chardev=agent,id={AGENT_PORT_ID},"
                        f"name={AGENT_PORT_NAME}",
         ]

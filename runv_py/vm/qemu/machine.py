@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -15,21 +17,41 @@ from qemu.qmp import EventListener
 from ... import child
 from ...devices import Nic, TapFd
 from ...errors import HypervisorError, NotSupported
-from .cmdline import VmConfig, inherited_fds, qemu_argv
+from . import privileges
+from .cmdline import InheritedEnds, VmConfig, inherited_fds, qemu_argv
+from .console import ConsoleLog, tail
 from .qmp import Qmp
+
+__all__ = ["QemuMachine", "tail"]
 
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT_S = 10.0
 
 
-def tail(path: Path, lines: int = 25) -> str:
+def _connected(path: Path) -> int:
+    """A connection to the unix listener at `path` (a vhost-user backend), for QEMU."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no output)"
-    kept = text.splitlines()[-lines:]
-    return "\n".join(kept) if kept else "(empty)"
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise HypervisorError(f"cannot connect to {path}: {exc.strerror}") from None
+    return sock.detach()
+
+
+def _listening(path: Path) -> int:
+    """A unix listener at `path` (replacing a stale one) whose fd QEMU accepts on."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(4)
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
 
 
 class QemuMachine:
@@ -43,6 +65,7 @@ class QemuMachine:
         self.started_at: float | None = None
         self._exited: asyncio.Task[int] | None = None
         self._port_events = EventListener()
+        self.console = ConsoleLog(config.console_log)
 
     @property
     def pid(self) -> int | None:
@@ -55,21 +78,53 @@ class QemuMachine:
         return self._exited
 
     def describe_exit(self) -> str:
+        self.console.drain()
         code = self.child.returncode if self.child else None
         return (f"QEMU exited with status {code}; its log ({self.log_path}):\n{tail(self.log_path)}"
                 f"\nguest console ({self.config.console_log}):\n{tail(self.config.console_log)}")
 
+    def _open_ends(self) -> InheritedEnds:
+        config = self.config
+        made: list[int] = []
+
+        def keep(fd: int) -> int:
+            made.append(fd)
+            return fd
+
+        try:
+            return InheritedEnds(
+                console=keep(self.console.open()), qmp=keep(_listening(config.qmp_socket)),
+                agent=(keep(_listening(config.agent_socket))
+                       if config.agent_socket is not None else None),
+                vsock=(keep(_connected(config.vsock_socket))
+                       if config.vsock_socket is not None else None),
+                shares=tuple(keep(_connected(share.socket)) for share in config.shares
+                             if share.driver == "virtiofs" and share.socket is not None))
+        except BaseException:
+            for fd in made:
+                os.close(fd)
+            raise
+
     async def start(self, pass_fds: tuple[int, ...] = ()) -> None:
-        """Spawn QEMU (handing it `pass_fds`, e.g. a migration stream) and connect QMP."""
-        argv = qemu_argv(self.config)
-        if shutil.which(argv[0]) is None:
-            raise HypervisorError(f"{argv[0]} not found: apt-get install qemu-system-x86 "
-                                  "or set [hypervisor] qemu")
-        log.debug("starting %s", " ".join(argv))
-        with open(self.log_path, "ab") as out:
-            self.started_at = time.monotonic()
-            self.child = await child.spawn(argv, stdout=out, stderr=out,
-                                           pass_fds=(*inherited_fds(self.config), *pass_fds))
+        """Spawn QEMU (handing it `pass_fds`, e.g. a migration stream) as its own unprivileged
+        user (privileges.py) and connect QMP."""
+        if shutil.which(self.config.qemu) is None:
+            raise HypervisorError(f"{self.config.qemu} not found: apt-get install "
+                                  "qemu-system-x86 or set [hypervisor] qemu")
+        ends = self._open_ends()
+        try:
+            argv = qemu_argv(self.config, ends)
+            who = privileges.identity(self.config)
+            log.debug("starting %s as uid %d", " ".join(argv), who.uid)
+            with open(self.log_path, "ab") as out:
+                self.started_at = time.monotonic()
+                self.child = await child.spawn(
+                    argv, stdout=out, stderr=out, privileges=who.setpriv_args(),
+                    pass_fds=(*inherited_fds(self.config), *ends.fds, *pass_fds))
+        finally:
+            for fd in ends.fds:
+                os.close(fd)
+        self.console.start()
         self._exited = asyncio.create_task(self.child.wait(), name=f"qemu-{self.config.name}")
         connect = asyncio.create_task(self.qmp.connect(self.config.qmp_socket, QMP_TIMEOUT_S))
         await asyncio.wait({connect, self._exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -126,10 +181,16 @@ class QemuMachine:
 
     async def hotplug_vsock(self, socket_path: Path) -> None:
         """Add a vhost-user-vsock device whose backend listens on `socket_path` (a template
-        clone: vhost-user devices cannot be in a template)."""
+        clone: vhost-user devices cannot be in a template). The owner connects and QEMU gets
+        the connection (it opens no path of the state dir)."""
         bus = self.check_hotplug()
+        fd = _connected(socket_path)
+        try:
+            await self.qmp.execute_with_fd(fd, "getfd", {"fdname": "vsock"})
+        finally:
+            os.close(fd)
         await self.qmp.execute("chardev-add", {"id": "vsock", "backend": {
-            "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": str(socket_path)}},
+            "type": "socket", "data": {"addr": {"type": "fd", "data": {"str": "vsock"}},
                                        "server": False}}})
         try:
             await self.qmp.execute("device_add", {"driver": f"vhost-user-vsock-{bus}",
@@ -205,6 +266,7 @@ class QemuMachine:
     async def close(self, grace_s: float = 3.0) -> None:
         """Quit over QMP, then SIGTERM, then SIGKILL. Idempotent."""
         if self.child is None:
+            await self.console.close()
             return
         if self.child.returncode is None:
             # A QEMU too busy to answer within the second gets SIGTERM and SIGKILL below.
@@ -217,3 +279,4 @@ class QemuMachine:
         if self._exited is not None:
             with contextlib.suppress(Exception):
                 await self._exited
+        await self.console.close()
