@@ -118,6 +118,11 @@ class Trees:
             os.close(fd)
 
 
+# The tmpfs holds mount points only, but the guest can write to it (it is the share's root):
+# a bound (host RAM) it cannot go past.
+TMPFS_OPTIONS = "mode=755,size=1m,nr_inodes=4096"
+
+
 class SharedDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -126,7 +131,7 @@ class SharedDir:
 
     def open(self) -> None:
         self.path.mkdir(mode=0o755, exist_ok=True)
-        _mount("runv-shared", str(self.path), "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
+        _mount("runv-shared", str(self.path), "tmpfs", MS_NOSUID | MS_NODEV, TMPFS_OPTIONS)
         self._mounted = True
         # Shared within this namespace only: binds made after virtiofsd started (the other
         # containers of a pod) reach its slave copy of the tmpfs.

@@ -61,6 +61,7 @@ class VsockBackend:
             argv.append(f"--qemu-pid={self.qemu_pid}")
         if self.qemu_pid_file is not None:
             argv.append(f"--qemu-pid-file={self.qemu_pid_file}")
+        argv.append(f"--log={self.log_path}")
         if self.debug:
             argv.append("--debug")
         return argv

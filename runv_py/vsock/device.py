@@ -49,6 +49,10 @@ LINE_MAX = 64
 BATCH = 64
 # The most bytes one chain may span, either way: a header and the longest payload.
 CHAIN_MAX = pk.HEADER_SIZE + pk.MAX_PAYLOAD
+# What the guest got wrong is logged one line each for the first DROP_LOG_BURST in a window of
+# DROP_LOG_WINDOW_S, then counted in one line: a guest cannot flood the log.
+DROP_LOG_BURST = 10
+DROP_LOG_WINDOW_S = 10.0
 RETRY_S = 0.02
 # An unanswered REQUEST is asked again after 0.2 s, 0.4 s, ... up to 2 s (a duplicate that the
 # guest answers late is reset: cheap).
@@ -133,6 +137,8 @@ class Device:
         self.parked: list[Conn] = []  # waiting for rx buffers
         self.next_host_port = FIRST_HOST_PORT + (generation * GENERATION_PORTS) % (1 << 30)
         self.dropped = 0
+        self._drop_window = (0.0, 0)   # (start, drops logged one by one in it)
+        self._unlogged = 0
         self.more_work = False  # a ring had more than one batch: the loop comes back to it
         # While a journal is replayed the rings' positions are not known yet: no ring work.
         self.replaying = False
@@ -584,7 +590,19 @@ class Device:
 
     def _drop(self, why: str) -> None:
         self.dropped += 1
-        log.warning("dropped from the guest: %s", why)
+        start, logged = self._drop_window
+        now = time.monotonic()
+        if now - start >= DROP_LOG_WINDOW_S:
+            if self._unlogged:
+                log.warning("dropped %d more from the guest in %gs (not logged one by one)",
+                            self._unlogged, DROP_LOG_WINDOW_S)
+            start, logged, self._unlogged = now, 0, 0
+        if logged < DROP_LOG_BURST:
+            log.warning("dropped from the guest: %s", why)
+            logged += 1
+        else:
+            self._unlogged += 1
+        self._drop_window = (start, logged)
 
     def _bad_rx(self, chain: Chain) -> None:
         self._drop(f"rx buffer {chain.head}: fewer than {pk.HEADER_SIZE + 1} writable bytes "

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from . import journal, worker
+from . import journal, logfile, worker
 from .memory import check_reachable
 
 log = logging.getLogger("runv-vsock")
@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "owner writes QEMU's pid to PATH before the front-end connects, "
                              "and the front-end (SO_PEERCRED) must be that QEMU or the owner "
                              "(this process's parent) connecting for it")
+    parser.add_argument("--log", type=Path, default=None, metavar="FILE",
+                        help=f"log to FILE, at most {logfile.LOG_MAX_BYTES} bytes and one "
+                             "rotated FILE.1 (default: stderr)")
     parser.add_argument("--debug", action="store_true", help="log every connection")
     args = parser.parse_args(argv)
     if not 3 <= args.cid < 0xFFFFFFFF:
@@ -124,7 +127,7 @@ class Keeper:
                     os.close(fd)
         self.theirs.setblocking(True)
         fds = {self.vhost.fileno(), self.hybrid.fileno(), self.theirs.fileno(),
-               *(s.fileno() for s, _ in self.forwards)}
+               *(s.fileno() for s, _ in self.forwards), *logfile.file_fds()}
         argv = [f"--cid={self.args.cid}", f"--uds={self.args.uds}",
                 f"--vhost-fd={self.vhost.fileno()}", f"--hybrid-fd={self.hybrid.fileno()}",
                 f"--journal-fd={self.theirs.fileno()}", f"--connect-wait={self.args.connect_wait}",
@@ -137,6 +140,8 @@ class Keeper:
                      f"--owner-pid={self.owner_pid}"]
         if self.args.debug:
             argv.append("--debug")
+        if self.args.log is not None:
+            argv.append(f"--log={self.args.log}")
         keeper = os.getpid()
         pid = os.fork()
         if pid == 0:
@@ -237,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s runv-vsock[%(process)d] %(levelname)s %(message)s")
     args = parse_args(argv)
+    logfile.setup(args.log, "%(asctime)s runv-vsock[%(process)d] %(levelname)s %(message)s")
     if args.qemu_pid is not None:
         # Checked before any socket exists, so that the owner sees a failed start at once.
         try:

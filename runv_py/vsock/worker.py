@@ -12,10 +12,9 @@ import selectors
 import signal
 import socket
 import struct
-import sys
 from pathlib import Path
 
-from . import journal
+from . import journal, logfile
 from . import protocol as vu
 from .device import Conn, Device
 
@@ -224,11 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--qemu-pid", type=int, default=None)
     parser.add_argument("--qemu-pid-file", type=Path, default=None)
     parser.add_argument("--owner-pid", type=int, default=0)
+    parser.add_argument("--log", type=Path, default=None)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s runv-vsock[worker %(process)d] %(levelname)s "
-                               "%(message)s", force=True)
+    logfile.setup(args.log, "%(asctime)s runv-vsock[worker %(process)d] %(levelname)s "
+                            "%(message)s", debug=args.debug)
     forwards = []
     for spec in args.forward_fd:
         fd, _, port = spec.partition(":")

@@ -15,7 +15,7 @@ import pytest
 
 from runv_py import child, config
 from runv_py.devices import Share
-from runv_py.sandbox.sandbox import Sandbox
+from runv_py.sandbox.guest_vm import GuestVm
 from tests.hyperctl.conftest import Hyperctl
 from tests.vm.conftest import processes_mentioning, runtime_config  # noqa: F401 (fixture)
 
@@ -71,7 +71,7 @@ def test_a_cold_booted_qemu_without_9p_has_no_capabilities(
 
     async def main() -> None:
         share = Share("vol", share_dir, driver="virtiofs")
-        async with await Sandbox.boot(cfg, shares=(share,)) as sandbox:
+        async with await GuestVm.boot(cfg, shares=(share,)) as sandbox:
             assert sandbox.machine is not None and sandbox.machine.pid is not None
             _assert_confined(sandbox.machine.pid, 0)
             assert sandbox.virtiofsds and sandbox.virtiofsds[0].child is not None
