@@ -65,19 +65,32 @@ def write_overlay_marker(bundle: Path, value: str) -> None:
         out.write(value)
 
 
-def _check_overlay(value: str, bundle: Path) -> None:
-    field = f"annotations[{ROOTFS_OVERLAY!r}]"
+def _marker(bundle: Path) -> str | None:
+    """The overlay marker's content, if the bundle has one that this user wrote."""
     try:
         fd = os.open(bundle / OVERLAY_MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
                      | os.O_CLOEXEC)
     except OSError:
-        raise SpecError(f"{field}: only bundles written by hyperctl may carry it (it names "
-                        "host directories to mount)") from None
+        return None
     try:
         st = os.fstat(fd)
-        marker = os.read(fd, MAX_MARKER_BYTES + 1) if stat.S_ISREG(st.st_mode) else b""
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        return os.read(fd, MAX_MARKER_BYTES + 1).decode("utf-8", "replace")
     finally:
         os.close(fd)
-    if st.st_uid != os.geteuid() or marker.decode("utf-8", "replace") != value:
+
+
+def written_by_hyperctl(bundle: Path) -> bool:
+    return _marker(bundle) is not None
+
+
+def _check_overlay(value: str, bundle: Path) -> None:
+    field = f"annotations[{ROOTFS_OVERLAY!r}]"
+    marker = _marker(bundle)
+    if marker is None:
+        raise SpecError(f"{field}: only bundles written by hyperctl may carry it (it names "
+                        "host directories to mount)")
+    if marker != value:
         raise SpecError(f"{field}: does not match the bundle's {OVERLAY_MARKER}; only "
                         "bundles written by hyperctl may carry it")

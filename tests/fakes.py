@@ -240,7 +240,7 @@ class FakeShared:
         return name
 
     def bind(self, source: Path, field: str, *, readonly: bool = False,
-             name: str | None = None) -> str:
+             name: str | None = None, volume: bool = False) -> str:
         return self._add(name)
 
     def overlay(self, lower: list[Path], upper: Path, work: Path, field: str, *,
@@ -248,7 +248,7 @@ class FakeShared:
         return self._add(name)
 
     def attach(self, tree: int, field: str, *, readonly: bool = False,
-               name: str | None = None) -> str:
+               name: str | None = None, volume: bool = False) -> str:
         return self._add(name)
 
     def unbind(self, name: str) -> None:

@@ -10,6 +10,8 @@ import ctypes
 import errno
 import os
 import stat
+import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +31,24 @@ MS_SHARED = 0x100000
 MNT_DETACH = 0x2
 SYS_OPEN_TREE = 428  # the same number on every architecture (new syscalls are unified)
 SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
 OPEN_TREE_CLONE = 0x1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
 AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x100000
+NOBODY = 65534
+# A volume's id mapping. An id-mapped mount maps an on-disk id as an "inside" id of this map to
+# the "outside" id the file server sees: on-disk `nobody` is root to the guest, so what guest
+# root makes is nobody's on the host; the host's root maps to nothing, so its files show as
+# nobody's and nobody may write to them (the kernel's rule for unmapped ids: not even the file
+# server's capabilities apply); every other id is itself.
+VOLUME_ID_MAP = f"{NOBODY} 0 1\n1 1 {NOBODY - 1}\n65536 65536 {(1 << 32) - 1 - 65536}\n"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -123,6 +138,51 @@ class Trees:
 TMPFS_OPTIONS = "mode=755,size=1m,nr_inodes=4096"
 
 
+class _MountAttr(ctypes.Structure):
+    _fields_ = (("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64))
+
+
+_volume_userns: list[int] = []   # its fd, once made
+
+
+def volume_userns() -> int:
+    """A user namespace with VOLUME_ID_MAP (made once per process; its fd is kept)."""
+    if _volume_userns:
+        return _volume_userns[0]
+    holder = subprocess.Popen(["unshare", "--user", "--", "sleep", "30"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        ours = os.stat("/proc/self/ns/user").st_ino
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{holder.pid}/ns/user").st_ino == ours:
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise RunvError("cannot make the user namespace of volume id mappings "
+                                "(unshare --user)")
+            time.sleep(0.001)
+        for kind in ("uid_map", "gid_map"):
+            with open(f"/proc/{holder.pid}/{kind}", "w") as out:
+                out.write(VOLUME_ID_MAP)
+        _volume_userns.append(os.open(f"/proc/{holder.pid}/ns/user",
+                                      os.O_RDONLY | os.O_CLOEXEC))
+    finally:
+        holder.kill()
+        holder.wait()
+    return _volume_userns[0]
+
+
+def _share_volume(tree: int, target: Path, readonly: bool) -> None:
+    """Id-map the detached `tree` (VOLUME_ID_MAP), nosuid, nodev (and read-only), and
+    attach it at `target`."""
+    attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+                      | (MOUNT_ATTR_RDONLY if readonly else 0), 0, 0, volume_userns())
+    _check(_libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(tree), b"",
+                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+    _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
+                         MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+
+
 class SharedDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -138,14 +198,23 @@ class SharedDir:
         _mount(None, str(self.path), None, MS_SHARED)
 
     def bind(self, source: Path, field: str, *, readonly: bool = False,
-             name: str | None = None) -> str:
-        """Bind `source` (a directory or a file) into the share; returns its name there."""
+             name: str | None = None, volume: bool = False) -> str:
+        """Bind `source` (a directory or a file) into the share; returns its name there.
+        `volume`: a host directory or file the container uses (not its root filesystem):
+        id-mapped so that guest root is not host root on it (VOLUME_ID_MAP), nosuid, nodev."""
         if not self._mounted:
             raise RunvError("shared dir is not open")
         try:
             mode = source.stat().st_mode
         except (FileNotFoundError, NotADirectoryError):
             raise ConfigError(f"{field}: {source} does not exist") from None
+        if volume:
+            tree = detached_tree(source, field)
+            try:
+                return self._attach_volume(tree, mode, field, name, str(source),
+                                           readonly=readonly)
+            finally:
+                os.close(tree)
         target = self._target(mode, name)
         try:
             _mount(str(source), str(target), None, MS_BIND | MS_REC)
@@ -153,6 +222,20 @@ class SharedDir:
                 _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share {source}: {exc.strerror}") from None
+        return target.name
+
+    def _attach_volume(self, tree: int, mode: int, field: str, name: str | None, what: str,
+                       *, readonly: bool) -> str:
+        target = self._target(mode, name)
+        try:
+            _share_volume(tree, target, readonly)
+        except OSError as exc:
+            self._drop_target(target)
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise ConfigError(f"{field}: cannot share {what}: its filesystem cannot be "
+                                  "id-mapped, and without that guest root would be host root "
+                                  "on it (docs/security.md)") from None
+            raise ConfigError(f"{field}: cannot share {what}: {exc.strerror}") from None
         return target.name
 
     def overlay(self, lower: list[Path], upper: Path, work: Path, field: str, *,
@@ -177,10 +260,14 @@ class SharedDir:
         return name
 
     def attach(self, tree: int, field: str, *, readonly: bool = False,
-               name: str | None = None) -> str:
-        """Put a detached_tree() (a directory or a file) into the share; returns its name."""
+               name: str | None = None, volume: bool = False) -> str:
+        """Put a detached_tree() (a directory or a file) into the share; returns its name.
+        `volume`: as for bind()."""
         if not self._mounted:
             raise RunvError("shared dir is not open")
+        if volume:
+            return self._attach_volume(tree, os.fstat(tree).st_mode, field, name, "it",
+                                       readonly=readonly)
         target = self._target(os.fstat(tree).st_mode, name)
         try:
             _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
@@ -202,6 +289,13 @@ class SharedDir:
         else:
             target.touch()
         return target
+
+    @staticmethod
+    def _drop_target(target: Path) -> None:
+        if target.is_dir():
+            target.rmdir()
+        else:
+            target.unlink()
 
     def unbind(self, name: str) -> None:
         """Undo bind(): the name disappears from the share."""

@@ -27,6 +27,7 @@ def web(shared_hyperctl: Hyperctl, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[tuple[Hyperctl, Path]]:
     vols = tmp_path_factory.mktemp("vols")
     (vols / "rw").mkdir()
+    os.chown(vols / "rw", 65534, 65534)   # guest root is the host's nobody on volumes
     (vols / "ro").mkdir()
     (vols / "ro" / "given.txt").write_text("from host\n")
     env_file = vols / "env"
@@ -81,6 +82,7 @@ def test_volumes(web: tuple[Hyperctl, Path]) -> None:
     hc, vols = web
     hc("exec", "-u", "0", "web", "sh", "-c", "echo from guest > /rw/out.txt")
     assert (vols / "rw" / "out.txt").read_text() == "from guest\n"
+    assert (vols / "rw" / "out.txt").stat().st_uid == 65534
     assert hc("exec", "web", "cat", "/ro/given.txt").stdout == b"from host\n"
     result = hc("exec", "-u", "0", "web", "touch", "/ro/nope", check=False)
     assert result.returncode != 0 and not (vols / "ro" / "nope").exists()

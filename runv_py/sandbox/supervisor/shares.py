@@ -11,6 +11,7 @@ from typing import Protocol
 
 from ...errors import SpecError
 from ...oci.spec import Spec
+from ...runtime_annotations import written_by_hyperctl
 from ...storage.shared import Trees
 from ..policy import ROOTFS_OVERLAY_ANNOTATION
 
@@ -19,11 +20,11 @@ class Shared(Protocol):
     """storage.shared.SharedDir, as the supervisor uses it."""
 
     def bind(self, source: Path, field: str, *, readonly: bool = False,
-             name: str | None = None) -> str: ...
+             name: str | None = None, volume: bool = False) -> str: ...
     def overlay(self, lower: list[Path], upper: Path, work: Path, field: str, *,
                 name: str) -> str: ...
     def attach(self, tree: int, field: str, *, readonly: bool = False,
-               name: str | None = None) -> str: ...
+               name: str | None = None, volume: bool = False) -> str: ...
     def unbind(self, name: str) -> None: ...
 
 
@@ -57,6 +58,9 @@ def share(shared: Shared, spec: Spec, rootfs: str, trees: Trees | None = None
     their detached trees where given. root.readonly is applied in the guest, after the mount
     points have been made in it."""
     trees = trees or Trees()
+    # hyperctl's and the API's volumes are host directories their user names: guest root is
+    # the host's nobody there (docs/security.md).
+    volumes = written_by_hyperctl(spec.bundle)
     overlay = spec.annotations.get(ROOTFS_OVERLAY_ANNOTATION)
     if trees.rootfs is not None:
         root = shared.attach(trees.rootfs, "root.path", name=rootfs)
@@ -69,8 +73,9 @@ def share(shared: Shared, spec: Spec, rootfs: str, trees: Trees | None = None
         for index, source in spec.bind_sources().items():
             field, readonly = f"mounts[{index}].source", spec.mounts[index].readonly
             tree = trees.binds.get(index)
-            binds[index] = (shared.bind(source, field, readonly=readonly) if tree is None
-                            else shared.attach(tree, field, readonly=readonly))
+            binds[index] = (shared.bind(source, field, readonly=readonly, volume=volumes)
+                            if tree is None else
+                            shared.attach(tree, field, readonly=readonly, volume=volumes))
     except BaseException:
         unshare(shared, [root, *binds.values()])
         raise
