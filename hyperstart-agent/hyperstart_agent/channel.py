@@ -132,7 +132,7 @@ class VsockSplice:
         self.serve(self._listen_until_bound())
 
     def serve(self, listener: socket.socket) -> None:
-        """Accept on `listener` for ever; it is never closed."""
+        """Accept on `listener` until it is closed (the agent never closes it)."""
         spare: socket.socket | None = None
         failures = FailureLog(f"vsock channel (port {self.port})")
         while True:
@@ -152,6 +152,8 @@ class VsockSplice:
                 server, spare = spare, None
                 self._start_splice(conn, server)
             except Exception as exc:
+                if listener.fileno() < 0:
+                    return
                 failures.note(exc)
                 time.sleep(ACCEPT_RETRY_S)
 

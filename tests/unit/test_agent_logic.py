@@ -90,7 +90,8 @@ def test_vsock_connections_find_their_server_connection_made_already(tmp_path: P
     listener.bind(str(tmp_path / "vsock.sock"))
     listener.listen(8)
     splice = channel.VsockSplice(1024, server_path)
-    threading.Thread(target=splice.serve, args=(listener,), daemon=True).start()
+    serving = threading.Thread(target=splice.serve, args=(listener,), daemon=True)
+    serving.start()
     server.settimeout(5)
     first, _ = server.accept()  # before any host connection
     first.sendall(b"server-preface")
@@ -102,5 +103,8 @@ def test_vsock_connections_find_their_server_connection_made_already(tmp_path: P
     first.settimeout(5)
     assert first.recv(64) == b"request"
     second, _ = server.accept()  # the next connection's, made ahead again
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() the splice waits in
     for s in (host, first, second, server, listener):
         s.close()
+    serving.join(5)
+    assert not serving.is_alive(), "the splice kept serving a closed listener"
