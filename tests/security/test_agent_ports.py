@@ -86,6 +86,9 @@ class FailingListener:
             raise OSError(errno.EMFILE, "Too many open files")
         return self.sock.accept()
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
     def close(self) -> None:
         self.closed = True
 
