@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot import floor_boot
-from bundle import summary
+from bundle import report, summary
 
 from runv_py import config
 from runv_py.agent.convert import Storage
@@ -214,11 +214,7 @@ def main() -> int:
     args = parser.parse_args()
     if not args.skip_kernels and not args.baseline_kernel:
         parser.error("--baseline-kernel is required (or --skip-kernels)")
-    result = asyncio.run(run(args))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
+    report(asyncio.run(run(args)), args.json)
     return 0
 
 

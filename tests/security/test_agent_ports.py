@@ -103,7 +103,8 @@ def test_accept_errors_leave_the_listener_open(tmp_path: Path) -> None:
     inner.listen(8)
     listener = FailingListener(inner, failures=5)
     splice = channel.VsockSplice(1024, server_path)
-    threading.Thread(target=splice.serve, args=(listener,), daemon=True).start()
+    serving = threading.Thread(target=splice.serve, args=(listener,), daemon=True)
+    serving.start()
     server.settimeout(10)
     spare, _ = server.accept()
     host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -112,8 +113,12 @@ def test_accept_errors_leave_the_listener_open(tmp_path: Path) -> None:
     spare.settimeout(10)
     assert spare.recv(64) == b"after-the-errors"
     assert listener.failures == 0 and not listener.closed
-    for s in (host, spare, server, inner):
+    second, _ = server.accept()  # the next connection's, made ahead again
+    inner.shutdown(socket.SHUT_RDWR)
+    for s in (host, spare, second, server, inner):
         s.close()
+    serving.join(5)
+    assert not serving.is_alive(), "the splice kept serving a closed listener"
 
 
 @pytest.mark.vm
