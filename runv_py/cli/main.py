@@ -273,11 +273,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(json.dumps(features.document(), indent=2))
         return 0
-    from ..sandbox.runtime import Runtime
+    from ..sandbox.runtime import Runtime, parse_signal
 
     runtime = Runtime(Path(args.root), config_mod.load(), debug=args.debug)
     if command == "exec" and not args.detach:
         return _exec_foreground(runtime, args)
+    if command == "state":
+        print(json.dumps(runtime.state_now(args.container_id), indent=2))
+        return 0
+    if command == "kill":
+        runtime.kill_now(args.container_id, parse_signal(args.signal), all_processes=args.all)
+        return 0
+    if command == "start" and runtime.start_now(args.container_id):
+        return 0
     if command == "run":
         from ..errors import ConfigError
         from . import foreground
@@ -308,7 +316,6 @@ def _exec_foreground(runtime: Any, args: argparse.Namespace) -> int:
 
 async def _dispatch_async(runtime: Any, args: argparse.Namespace) -> int:
     from ..sandbox import protocol
-    from ..sandbox.runtime import parse_signal
 
     command = args.command
     if command == "list":
@@ -333,14 +340,8 @@ async def _dispatch_async(runtime: Any, args: argparse.Namespace) -> int:
         await runtime.create(cid, oci_spec.load(Path(args.bundle)), pid_file=args.pid_file,
                              console_socket=args.console_socket)
         return 0
-    if command == "start":
+    if command == "start":  # poststart hooks
         await runtime.start(cid)
-        return 0
-    if command == "state":
-        print(json.dumps(await runtime.state(cid), indent=2))
-        return 0
-    if command == "kill":
-        await runtime.kill(cid, parse_signal(args.signal), all_processes=args.all)
         return 0
     if command == "delete":
         await runtime.delete(cid, force=args.force)

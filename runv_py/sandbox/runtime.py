@@ -46,6 +46,7 @@ OCI_VERSION = "1.1.0"
 SUPERVISOR_EXIT_WAIT_S = 30.0
 SUPERVISOR_REPORT_TIMEOUT_S = 600.0
 STANDIN_READY_TIMEOUT_S = 60.0
+STATE_TIMEOUT_S = 15.0
 NEEDS_CONSOLE_SOCKET = ("process.terminal is true: pass --console-socket (or use `runv run` "
                         "in the foreground)")
 
@@ -181,7 +182,7 @@ class Runtime:
         if not self.supervisor_alive(record):
             return None
         try:
-            return await SupervisorClient(self.control_socket(record), 15).call(
+            return await SupervisorClient(self.control_socket(record), STATE_TIMEOUT_S).call(
                 State(container=record.id))
         except (OSError, RunvError):
             return None
@@ -189,6 +190,37 @@ class Runtime:
     async def state(self, container_id: str) -> dict[str, Any]:
         record = self.store.load(container_id)
         return oci_state(record, await self.status(record))
+
+    # -- runv's quick commands: no event loop (podman and containerd's runc shim call `state`
+    # and `kill` often, and asyncio's import is a third of such a command's CPU)
+
+    def state_now(self, container_id: str) -> dict[str, Any]:
+        record = self.store.load(container_id)
+        reply = None
+        if self.supervisor_alive(record):
+            with contextlib.suppress(OSError, RunvError):
+                reply = BlockingSupervisorClient(self.control_socket(record), STATE_TIMEOUT_S
+                                                 ).call(State(container=record.id))
+        return oci_state(record, ContainerStatus.STOPPED if reply is None else reply.status)
+
+    def kill_now(self, container_id: str, signum: int, *, all_processes: bool = False) -> None:
+        record = self.store.load(container_id)
+        self.blocking_client(record).call(Kill(container=container_id, signal=signum,
+                                               all=all_processes))
+
+    def start_now(self, container_id: str) -> bool:
+        """Start a container whose spec has no poststart hooks (they run on the event loop);
+        False, having done nothing, if it has some."""
+        with self.store.locked(container_id):
+            record = self.store.load(container_id)
+            spec = self._spec_or_none(record)
+            if spec is not None and spec.hooks_of("poststart"):
+                return False
+            t_start = time.monotonic()
+            self.blocking_client(record).call(Start(container=container_id))
+            log.debug("started: start_container %.0f ms", (time.monotonic() - t_start) * 1000,
+                      extra={"container": container_id})
+        return True
 
     async def list_states(self) -> list[dict[str, Any]]:
         out = []
