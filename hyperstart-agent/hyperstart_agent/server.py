@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FEATURES = ("channel.serial", "channel.vsock", "container.engine", "storage.9p", "storage.virtiofs",
-            "storage.block", "network")
+            "storage.block", "storage.virtio-blk", "storage.overlay", "network")
 T = TypeVar("T")
 HANDSHAKE_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
