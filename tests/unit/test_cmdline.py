@@ -170,7 +170,7 @@ def test_disks_by_serial_with_a_fixed_slot_on_pci_only() -> None:
     argv = qemu_argv(_config(machine="pc", disks=disks))
     drives = _pairs(argv, "-drive")
     assert "file=/i/a.erofs,if=none,id=drive-img-1,format=raw,readonly=on" in drives
-    assert "file=/c/disk.img,if=none,id=drive-rw-1,format=raw" in drives
+    assert "file=/c/disk.img,if=none,id=drive-rw-1,format=raw,cache=unsafe" in drives
     devices = _pairs(argv, "-device")
     assert "virtio-blk-pci,drive=drive-img-1,id=disk-img-1,serial=rv-1-i" in devices
     assert "virtio-blk-pci,drive=drive-rw-1,id=disk-rw-1,serial=rv-1-w,addr=0x10" in devices

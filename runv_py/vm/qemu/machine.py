@@ -226,6 +226,7 @@ class QemuMachine:
         try:
             await self.qmp.execute("blockdev-add", {
                 "driver": "raw", "node-name": node, "read-only": disk.readonly,
+                "cache": {"direct": False, "no-flush": not disk.readonly},
                 "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}",
                          "read-only": disk.readonly}})
         except HypervisorError:
