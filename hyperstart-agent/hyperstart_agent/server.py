@@ -170,6 +170,14 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         return pb.Empty()
 
     @_rpc
+    def SetHostname(self, request: pb.SetHostnameRequest, context: Any) -> pb.Empty:
+        from . import guest
+
+        process = self.engine.process(request.container_id, "")
+        guest.set_container_hostname(process.pid, request.hostname)
+        return pb.Empty()
+
+    @_rpc
     def OnlineCPUMem(self, request: pb.OnlineCPUMemRequest, context: Any
                      ) -> pb.OnlineCPUMemResponse:
         from . import guest

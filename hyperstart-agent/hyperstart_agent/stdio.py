@@ -58,7 +58,8 @@ def outputs(process: Process, fds: tuple[int | None, int | None]
     attach_reader, b"" once for each at its end; then gives them back to be closed and marks
     the output drained. A process removed by force normally ends them (its writers are
     killed); if a stray process still holds one, they end once the process is closed and
-    nothing more comes."""
+    nothing more comes. Closed before its end (the host went away: a checkpoint), it leaves
+    what did not end to the next reader."""
     streams = {fd: kind for fd, kind in zip(fds, (STDOUT, STDERR), strict=True)
                if fd is not None}
     poller = select.poll()
@@ -83,8 +84,13 @@ def outputs(process: Process, fds: tuple[int | None, int | None]
                     poller.unregister(fd)
                     yield streams.pop(fd), b""
     finally:
-        process.release_output()
-        process.drained.set()
+        if streams and not process.closed:
+            out, err = fds
+            process.detach_reader((out if out in streams else None,
+                                   err if err in streams else None))
+        else:
+            process.release_output()
+            process.drained.set()
 
 
 def read_output(process: Process, fds: tuple[int | None, int | None]
@@ -194,8 +200,10 @@ class StreamListener:
 
 
 def _stream_stdin(process: Process, conn: socket.socket) -> None:
-    """Host bytes into the process's stdin until the host half-closes (its EOF) or goes, or
-    the process is closed."""
+    """Host bytes into the process's stdin until the host half-closes (its EOF), or the
+    process is closed. A connection reset (the host's vsock device was removed: a
+    checkpoint) leaves stdin open for the next host."""
+    lost = False
     with conn:
         try:
             while True:
@@ -208,10 +216,14 @@ def _stream_stdin(process: Process, conn: socket.socket) -> None:
                 if not data:
                     return
                 process.write_stdin(data)
-        except OSError as exc:  # the host went away or the process closed its stdin
+        except (ConnectionResetError, ConnectionAbortedError) as exc:
+            lost = not process.closed
+            log.debug("stdin of %s: the host went away: %s", process.exec_id, exc)
+        except OSError as exc:  # the process closed its stdin
             log.debug("stdin of %s ended: %s", process.exec_id, exc)
         finally:
-            process.close_stdin()
+            if not lost:
+                process.close_stdin()
 
 
 def _stream_output(process: Process, fds: tuple[int | None, int | None],
