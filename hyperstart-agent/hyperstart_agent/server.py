@@ -351,7 +351,7 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
                           f"Stdio of {first.container_id}/{first.exec_id} is already attached")
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
-        yield from stdio.read_output(process, fds)
+        yield from stdio.read_output(process, fds, lambda: not context.is_active())
 
     @_rpc
     def StdioStream(self, request: pb.StdioStreamRequest, context: Any
