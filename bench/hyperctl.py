@@ -57,7 +57,8 @@ def same_bundle(top: Path, env: dict[str, str]) -> Path:
     read-only instead of the overlay: what runv runs without any image work."""
     manager = WorkloadManager(config.load(), Path(env["HYPERCTL_ROOT"]),
                               Path(env["HYPERCTL_DATA_ROOT"]))
-    workload = asyncio.run(manager.prepare(RunOptions(image="busybox", command=("true",))))
+    workload = asyncio.run(manager.prepare(RunOptions(image="busybox", command=("true",),
+                                                      rootfs="shared")))
     spec = json.loads((manager.records.bundle(workload.id) / "config.json").read_text())
     manager.records.remove(workload)
     overlay = json.loads(spec["annotations"].pop(ROOTFS_OVERLAY_ANNOTATION))

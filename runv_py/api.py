@@ -239,12 +239,16 @@ class AsyncSandbox:
                      workdir: str | None = None, volumes: Sequence[str] = (),
                      timeout: float | None = None, name: str | None = None,
                      state_root: Path | None = None, data_root: Path | None = None,
-                     template: str | None = None, seccomp: str = "default") -> AsyncSandbox:
+                     template: str | None = None, seccomp: str = "default",
+                     rootfs: str | None = None, disk: int | str | None = None
+                     ) -> AsyncSandbox:
         """Boot a sandbox from `image`. `memory` is bytes or a size like "512m"; `volumes`
         are "HOST:GUEST[:ro]"; `timeout` (seconds) ends the sandbox when it lives longer;
         `template` "auto" (a VM from the warm pool or a template) or "off" (a cold boot)
         overrides the runtime config's `template`; `seccomp` is "default" (docker's
-        profile), "unconfined" or the path of a profile file.
+        profile), "unconfined" or the path of a profile file; `rootfs` "block" or "shared"
+        overrides [guest] rootfs_source, and `disk` (bytes or "2g") sizes a block rootfs's
+        writable layer.
         The sandbox's first process sleeps; commands run beside it. A monitor process owns
         it and ends it when this process ends, even by SIGKILL."""
         manager = WorkloadManager(config_mod.load(), state_root, data_root)
@@ -254,7 +258,9 @@ class AsyncSandbox:
             volumes=tuple(opt.parse_volume(v) for v in volumes), cpus=cpus,
             memory=opt.parse_size(memory, "memory") if isinstance(memory, str) else memory,
             timeout_s=timeout, auto_remove=True, template=template,
-            seccomp=opt.parse_seccomp(seccomp, "seccomp"))
+            seccomp=opt.parse_seccomp(seccomp, "seccomp"),
+            rootfs=opt.parse_rootfs(rootfs, "rootfs") if rootfs is not None else None,
+            disk=opt.parse_size(disk, "disk") if isinstance(disk, str) else disk)
         workload = await manager.prepare(options, detached=True)
         await manager.run_detached(workload, owner=os.getpid())
         return cls(manager, workload)
@@ -479,12 +485,13 @@ class Sandbox:
                workdir: str | None = None, volumes: Sequence[str] = (),
                timeout: float | None = None, name: str | None = None,
                state_root: Path | None = None, data_root: Path | None = None,
-               template: str | None = None, seccomp: str = "default") -> Sandbox:
+               template: str | None = None, seccomp: str = "default",
+               rootfs: str | None = None, disk: int | str | None = None) -> Sandbox:
         """As AsyncSandbox.create."""
         return cls(_Loop.run(AsyncSandbox.create(
             image, cpus=cpus, memory=memory, env=env, workdir=workdir, volumes=volumes,
             timeout=timeout, name=name, state_root=state_root, data_root=data_root,
-            template=template, seccomp=seccomp)))
+            template=template, seccomp=seccomp, rootfs=rootfs, disk=disk)))
 
     @property
     def id(self) -> str:

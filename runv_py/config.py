@@ -24,6 +24,7 @@ MachineType = Literal["microvm", "pc", "q35"]
 RootfsKind = Literal["block", "initrd"]
 ChannelKind = Literal["vsock", "serial"]
 SharedFs = Literal["virtio-fs", "9p"]
+RootfsSource = Literal["block", "shared"]
 TemplateMode = Literal["auto", "off"]
 PoolIdle = Literal["paused", "running"]
 
@@ -52,6 +53,14 @@ class GuestConfig:
     # How container rootfs and bind mounts reach the guest (per container: the
     # org.runv.shared-fs annotation).
     shared_fs: SharedFs = "virtio-fs"
+    # How hyperctl's and the API's containers get their image (docs/block-rootfs.md): "block"
+    # (the image as a read-only erofs plus a writable ext4 of the container's own, as
+    # virtio-blk disks joined by overlayfs in the guest) or "shared" (an overlayfs on the
+    # host, shared into the guest like a bundle's rootfs).
+    rootfs_source: RootfsSource = "block"
+    # The size of a block rootfs's writable layer when `--disk` does not say (a sparse file:
+    # it takes what the container writes; the container gets ENOSPC at this size).
+    disk_mib: int = 10240
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +115,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "memory_mib": (64, 1024 * 1024),
     "boot_timeout_s": (1, 3600),
     "size": (0, 64),
+    "disk_mib": (16, 16 * 1024 * 1024),
 }
 
 
@@ -139,7 +149,7 @@ def _convert(where: str, name: str, kind: Any, value: Any) -> Any:
 _KINDS: dict[str, Any] = {
     "accelerator": Accelerator, "machine": MachineType, "rootfs": RootfsKind,
     "channel": ChannelKind, "shared_fs": SharedFs, "template": TemplateMode,
-    "idle": PoolIdle,
+    "idle": PoolIdle, "rootfs_source": RootfsSource,
 }
 
 

@@ -8,6 +8,7 @@ import fcntl
 import glob
 import os
 import socket
+import threading
 import time
 
 from .errors import AgentError
@@ -37,6 +38,36 @@ def set_hostname(name: str) -> None:
     if not name or len(name) > 64 or "/" in name:
         raise AgentError("INVALID_ARGUMENT", f"hostname {name!r} is not valid")
     socket.sethostname(name)
+
+
+def set_container_hostname(pid: int, name: str) -> None:
+    """Set the hostname in the UTS namespace of process `pid`, from a short-lived thread that
+    joins it (a thread's UTS namespace is its own; the agent's stays the guest's)."""
+    if not name or len(name) > 64 or "/" in name or "\0" in name:
+        raise AgentError("INVALID_ARGUMENT", f"hostname {name!r} is not valid")
+    from .container import syscalls as sc
+
+    try:
+        fd = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise AgentError("NOT_FOUND", f"process {pid}: {exc.strerror}") from exc
+    failed: list[OSError] = []
+
+    def run() -> None:
+        try:
+            sc.setns(fd, sc.CLONE_NEWUTS)
+            socket.sethostname(name)
+        except OSError as exc:
+            failed.append(exc)
+
+    try:
+        thread = threading.Thread(target=run, name="sethostname")
+        thread.start()
+        thread.join()
+    finally:
+        os.close(fd)
+    if failed:
+        raise AgentError("INTERNAL", f"sethostname {name!r}: {failed[0]}")
 
 
 def set_sysctls(sysctls: dict[str, str]) -> None:

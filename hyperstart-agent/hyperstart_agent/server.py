@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FEATURES = ("channel.serial", "channel.vsock", "container.engine", "storage.9p", "storage.virtiofs",
-            "storage.block", "network")
+            "storage.block", "storage.virtio-blk", "storage.overlay", "network")
 T = TypeVar("T")
 HANDSHAKE_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
@@ -167,6 +167,14 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         from . import guest
 
         guest.reseed(request.data)
+        return pb.Empty()
+
+    @_rpc
+    def SetHostname(self, request: pb.SetHostnameRequest, context: Any) -> pb.Empty:
+        from . import guest
+
+        process = self.engine.process(request.container_id, "")
+        guest.set_container_hostname(process.pid, request.hostname)
         return pb.Empty()
 
     @_rpc
@@ -343,7 +351,7 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
                           f"Stdio of {first.container_id}/{first.exec_id} is already attached")
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
-        yield from stdio.read_output(process, fds)
+        yield from stdio.read_output(process, fds, lambda: not context.is_active())
 
     @_rpc
     def StdioStream(self, request: pb.StdioStreamRequest, context: Any

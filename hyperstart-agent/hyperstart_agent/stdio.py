@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
@@ -52,13 +52,15 @@ def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
         process.close_stdin()
 
 
-def outputs(process: Process, fds: tuple[int | None, int | None]
-            ) -> Iterator[tuple[int, bytes]]:
+def outputs(process: Process, fds: tuple[int | None, int | None],
+            host_gone: Callable[[], bool] | None = None) -> Iterator[tuple[int, bytes]]:
     """(STDOUT or STDERR, data) of the process's (stdout, stderr), handed over by
     attach_reader, b"" once for each at its end; then gives them back to be closed and marks
     the output drained. A process removed by force normally ends them (its writers are
     killed); if a stray process still holds one, they end once the process is closed and
-    nothing more comes."""
+    nothing more comes. Closed before its end (the host went away: a checkpoint), it leaves
+    what did not end to the next reader; `host_gone` says so while the process is quiet (else
+    the next host could not attach until the process wrote again)."""
     streams = {fd: kind for fd, kind in zip(fds, (STDOUT, STDERR), strict=True)
                if fd is not None}
     poller = select.poll()
@@ -70,6 +72,8 @@ def outputs(process: Process, fds: tuple[int | None, int | None]
             if not ready and process.closed:
                 for fd in list(streams):
                     yield streams.pop(fd), b""
+            if not ready and host_gone is not None and host_gone():
+                return
             for fd, _ in ready:
                 try:
                     data = os.read(fd, CHUNK)
@@ -83,14 +87,19 @@ def outputs(process: Process, fds: tuple[int | None, int | None]
                     poller.unregister(fd)
                     yield streams.pop(fd), b""
     finally:
-        process.release_output()
-        process.drained.set()
+        if streams and not process.closed:
+            out, err = fds
+            process.detach_reader((out if out in streams else None,
+                                   err if err in streams else None))
+        else:
+            process.release_output()
+            process.drained.set()
 
 
-def read_output(process: Process, fds: tuple[int | None, int | None]
-                ) -> Iterator[pb.StdioOutput]:
+def read_output(process: Process, fds: tuple[int | None, int | None],
+                host_gone: Callable[[], bool] | None = None) -> Iterator[pb.StdioOutput]:
     kinds = (pb.StdioOutput.STDOUT, pb.StdioOutput.STDERR)
-    for kind, data in outputs(process, fds):
+    for kind, data in outputs(process, fds, host_gone):
         yield pb.StdioOutput(stream=kinds[kind], data=data, eof=not data)
 
 
@@ -194,8 +203,10 @@ class StreamListener:
 
 
 def _stream_stdin(process: Process, conn: socket.socket) -> None:
-    """Host bytes into the process's stdin until the host half-closes (its EOF) or goes, or
-    the process is closed."""
+    """Host bytes into the process's stdin until the host half-closes (its EOF), or the
+    process is closed. A connection reset (the host's vsock device was removed: a
+    checkpoint) leaves stdin open for the next host."""
+    lost = False
     with conn:
         try:
             while True:
@@ -208,15 +219,26 @@ def _stream_stdin(process: Process, conn: socket.socket) -> None:
                 if not data:
                     return
                 process.write_stdin(data)
-        except OSError as exc:  # the host went away or the process closed its stdin
+        except (ConnectionResetError, ConnectionAbortedError) as exc:
+            lost = not process.closed
+            log.debug("stdin of %s: the host went away: %s", process.exec_id, exc)
+        except OSError as exc:  # the process closed its stdin
             log.debug("stdin of %s ended: %s", process.exec_id, exc)
         finally:
-            process.close_stdin()
+            if not lost:
+                process.close_stdin()
+
+
+def _reset(conn: socket.socket) -> bool:
+    """Whether the host's connection is reset (the host's end gone, not a half-close)."""
+    poller = select.poll()
+    poller.register(conn, 0)  # POLLHUP and POLLERR are always reported
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def _stream_output(process: Process, fds: tuple[int | None, int | None],
                    conn: socket.socket) -> None:
-    with conn, closing(outputs(process, fds)) as chunks:
+    with conn, closing(outputs(process, fds, lambda: _reset(conn))) as chunks:
         try:
             for kind, data in chunks:
                 _send_all(process, conn, FRAME.pack(kind, len(data)) + data)

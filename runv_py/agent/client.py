@@ -116,6 +116,10 @@ class AgentClient:
         await self._call("ReseedRandomDev", self._stub.ReseedRandomDev(
             pb.ReseedRandomDevRequest(data=data), timeout=self.call_timeout_s))
 
+    async def set_hostname(self, container_id: str, hostname: str) -> None:
+        await self._call("SetHostname", self._stub.SetHostname(pb.SetHostnameRequest(
+            container_id=container_id, hostname=hostname), timeout=self.call_timeout_s))
+
     async def online_cpu_mem(self) -> tuple[int, int]:
         response = await self._call("OnlineCPUMem", self._stub.OnlineCPUMem(
             pb.OnlineCPUMemRequest(), timeout=self.call_timeout_s))

@@ -52,10 +52,11 @@ def guest_details(msg: pb.GuestDetailsResponse) -> GuestDetails:
 
 @dataclass(frozen=True, slots=True)
 class Storage:
-    """A filesystem for the agent to mount before a container: a 9p/virtiofs tag or a block
-    device."""
+    """A filesystem for the agent to mount before a container: a 9p/virtiofs tag, a block
+    device by path or by virtio-blk serial, or an overlay (options lowerdir=, upperdir=,
+    workdir=; the agent makes the last two)."""
 
-    driver: Literal["9p", "virtiofs", "block"]
+    driver: Literal["9p", "virtiofs", "block", "virtio-blk", "overlay"]
     source: str
     mount_point: str
     fstype: str = ""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..agent import convert
-from ..devices import Nic
+from ..devices import Disk, Nic
 
 
 class GuestAgent(Protocol):
@@ -54,6 +54,7 @@ class GuestMachine(Protocol):
     def check_hotplug(self) -> str: ...
     async def hotplug_nic(self, nic: Nic) -> None: ...
     async def unplug_nic(self, nic_id: str, timeout_s: float = 30.0) -> None: ...
+    async def hotplug_disk(self, disk: Disk) -> None: ...
 
 
 class SandboxVm(Protocol):

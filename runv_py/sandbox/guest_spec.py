@@ -17,13 +17,15 @@ GUEST_SHARED = "/run/hyperstart/storage/shared"
 
 
 def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs",
-            joined: dict[str, str] | None = None) -> dict[str, Any]:
+            joined: dict[str, str] | None = None, root_path: str = "") -> dict[str, Any]:
     """`binds` maps the index of each bind mount in spec.mounts to its name in the share;
-    `rootfs` is the name of the container's root there. A namespace whose type is in `joined`
+    `rootfs` is the name of the container's root there, unless `root_path` gives the root's
+    guest path (a block rootfs). A namespace whose type is in `joined`
     and that the spec gives a path (a pod's shared namespace, as the CRI names it) becomes
     the guest namespace at joined[type]; other paths are dropped (a new namespace)."""
     raw = copy.deepcopy(spec.raw)
-    raw["root"] = {"path": f"{GUEST_SHARED}/{rootfs}", "readonly": spec.readonly_root}
+    raw["root"] = {"path": root_path or f"{GUEST_SHARED}/{rootfs}",
+                   "readonly": spec.readonly_root}
     mounts = raw.get("mounts") or []
     for index, name in binds.items():
         mounts[index]["source"] = f"{GUEST_SHARED}/{name}"

@@ -20,7 +20,7 @@ from typing import Literal
 from .. import assets
 from ..agent.client import AgentClient
 from ..config import RuntimeConfig
-from ..devices import Nic, Share
+from ..devices import Disk, Nic, Share
 from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError, RunvError
 from ..storage.virtiofs import Virtiofsd
 from ..vm import accel
@@ -95,6 +95,7 @@ def vm_config(
     config: RuntimeConfig, name: str, paths: VmPaths, found: assets.GuestAssets,
     choice: accel.Choice, *, debug: bool = False, shares: tuple[Share, ...] = (),
     nics: tuple[Nic, ...] = (), cid_claim: CidClaim | None = None, template: bool = False,
+    disks: tuple[Disk, ...] = (),
 ) -> VmConfig:
     """`cid_claim`: the vsock channel uses the kernel's vhost-vsock with this CID instead of
     our vhost-user backend. `template`: the VM of a template or a clone, which has no vsock
@@ -122,7 +123,7 @@ def vm_config(
         vsock_socket=paths.vsock.vhost if vsock_device and cid_claim is None else None,
         vsock_cid=cid_claim.cid if cid_claim else None,
         vsock_fd=cid_claim.fd if cid_claim else None,
-        cpu=hv.cpu, shares=shares, nics=nics,
+        cpu=hv.cpu, shares=shares, nics=nics, disks=disks,
         shared_memory=(vsock_device and cid_claim is None)
         or any(share.driver == "virtiofs" for share in shares),
     )
@@ -189,6 +190,10 @@ class GuestVm:
         self.shares: tuple[Share, ...] = ()
         self._template: vm_template.Template | None = None
         self.vsock: VsockBackend | None = None
+        # What the VM has attached besides its template's devices: its disks (at boot and
+        # hot-plugged) and NICs.
+        self.disks: list[Disk] = []
+        self.nics: list[Nic] = []
         self._owns_dir = False
         self._claimed = False
 
@@ -213,22 +218,24 @@ class GuestVm:
     @classmethod
     async def boot(cls, config: RuntimeConfig, *, sandbox_id: str | None = None,
                    debug: bool = False, shares: tuple[Share, ...] = (),
-                   nics: tuple[Nic, ...] = (), claimed: bool = False) -> GuestVm:
+                   nics: tuple[Nic, ...] = (), claimed: bool = False,
+                   disks: tuple[Disk, ...] = ()) -> GuestVm:
         """Boot a VM to "agent ready". `shares` are host directories the guest can mount
         (as Storage with the share's driver and source = its tag); `nics` are its network
-        devices. `claimed`: the caller made the VM's directory (vm_dir.claim) and removes it;
-        close() leaves it with its owner file."""
+        devices, `disks` its image files (virtio-blk, found by serial). `claimed`: the caller
+        made the VM's directory (vm_dir.claim) and removes it; close() leaves it with its
+        owner file."""
         sandbox = cls(sandbox_id or secrets.token_hex(6), config)
         sandbox._claimed = claimed
         try:
-            await sandbox._boot(debug, shares, nics)
+            await sandbox._boot(debug, shares, nics, disks)
         except BaseException:
             await sandbox.close()
             raise
         return sandbox
 
     async def _boot(self, debug: bool, shares: tuple[Share, ...],
-                    nics: tuple[Nic, ...]) -> None:
+                    nics: tuple[Nic, ...], disks: tuple[Disk, ...]) -> None:
         extra = {"sandbox": self.id}
         t0 = time.monotonic()
         found = assets.find(self.config.guest.assets_dir)
@@ -245,7 +252,7 @@ class GuestVm:
             self._owns_dir = True
         if self.config.template == "auto":
             try:
-                await self._restore(found, debug, shares, nics, t0)
+                await self._restore(found, debug, shares, nics, disks=disks, t0=t0)
                 return
             except RunvError as exc:
                 if self._killed():
@@ -259,10 +266,11 @@ class GuestVm:
                 if self._template is not None and not isinstance(exc, VsockStartError):
                     vm_template.TemplateStore(self.config.template_dir).remove(self._template)
                 self.start_path = "cold-fallback"
-        await self._cold_boot(found, debug, shares, nics, t0)
+        await self._cold_boot(found, debug, shares, nics, disks=disks, t0=t0)
 
     async def _cold_boot(self, found: assets.GuestAssets, debug: bool,
-                         shares: tuple[Share, ...], nics: tuple[Nic, ...], t0: float) -> None:
+                         shares: tuple[Share, ...], nics: tuple[Nic, ...], *,
+                         disks: tuple[Disk, ...], t0: float) -> None:
         assert self.accel is not None
         if self.config.guest.channel == "vsock":
             self.vsock = VsockBackend.for_host(
@@ -272,9 +280,10 @@ class GuestVm:
         shares = await self._start_virtiofsds(shares)
         self.shares = shares
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
-                       shares=shares, nics=nics,
+                       shares=shares, nics=nics, disks=disks,
                        cid_claim=self.vsock.claim if self.vsock else None)
         self._machine = QemuMachine(vm, self.paths.qemu_log)
+        self.disks, self.nics = list(disks), list(nics)
         self._agent = self._agent_client(self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
         await self._machine.start()
@@ -287,9 +296,10 @@ class GuestVm:
         self._log_ready()
 
     async def _restore(self, found: assets.GuestAssets, debug: bool,
-                       shares: tuple[Share, ...], nics: tuple[Nic, ...], t0: float) -> None:
-        """Start from a template: restore its saved VM, hot-plug the NICs, give the guest its
-        own identity (RNG, clock). Shares are served over 9p (docs/templates.md)."""
+                       shares: tuple[Share, ...], nics: tuple[Nic, ...], *,
+                       disks: tuple[Disk, ...], t0: float) -> None:
+        """Start from a template: restore its saved VM, hot-plug the NICs and disks, give the
+        guest its own identity (RNG, clock). Shares are served over 9p (docs/templates.md)."""
         assert self.accel is not None
         shares = tuple(replace(share, driver="9p", socket=None) for share in shares)
         inputs, vm = clone_base(self.config, self.id, self.paths, found, self.accel,
@@ -300,7 +310,7 @@ class GuestVm:
         backend = (asyncio.create_task(self._start_vsock(debug, agent_timeout))
                    if self.config.guest.channel == "vsock" else None)
         try:
-            t1, t2, t_vsock, t3 = await self._restore_vm(inputs, vm, nics, backend)
+            t1, t2, t_vsock, t3 = await self._restore_vm(inputs, vm, nics, disks, backend)
         except BaseException:
             if backend is not None:
                 with contextlib.suppress(Exception):
@@ -318,10 +328,10 @@ class GuestVm:
         self._log_ready()
 
     async def _restore_vm(self, inputs: vm_template.TemplateInputs, vm: VmConfig,
-                          nics: tuple[Nic, ...],
+                          nics: tuple[Nic, ...], disks: tuple[Disk, ...],
                           backend: asyncio.Task[None] | None) -> tuple[float, ...]:
-        """The template's VM restored, its vsock device and NICs plugged, running; the times
-        QEMU starts, restores, plugs and runs."""
+        """The template's VM restored, its vsock device, NICs and disks plugged, running; the
+        times QEMU starts, restores, plugs and runs."""
         store = vm_template.TemplateStore(self.config.template_dir)
         self._template = store.get(inputs.key)
         self.start_path = "template"
@@ -341,17 +351,21 @@ class GuestVm:
         t_vsock = time.monotonic()
         if backend is not None:
             await self._hotplug_vsock(backend)
-        await self._plug_and_run(nics)
+        await self._plug_and_run(nics, disks)
         return t1, t2, t_vsock, time.monotonic()
 
     def _clone_agent_timeout(self) -> float:
         timeout = self.config.hypervisor.boot_timeout_s
         return min(timeout, max(10.0, timeout / 3))
 
-    async def _plug_and_run(self, nics: tuple[Nic, ...], *, resume: bool = True) -> None:
-        """Hot-plug NICs into the stopped clone, then run it."""
+    async def _plug_and_run(self, nics: tuple[Nic, ...], disks: tuple[Disk, ...] = (), *,
+                            resume: bool = True) -> None:
+        """Hot-plug NICs and disks into the stopped clone, then run it."""
         for nic in nics:
             await self.machine.hotplug_nic(nic)
+            self.nics.append(nic)
+        for disk in disks:
+            await self.hotplug_disk(disk)
         if resume:
             await self.machine.resume()
 
@@ -364,15 +378,20 @@ class GuestVm:
         if nics:
             await self._wait_nics(nics, self._clone_agent_timeout())
 
+    async def hotplug_disk(self, disk: Disk) -> None:
+        await self.machine.hotplug_disk(disk)
+        self.disks.append(disk)
+
     async def park(self) -> None:
         """Stop a clone's vCPUs until unpark() (a warm pool's idle VM)."""
         await self.machine.pause()
 
-    async def unpark(self, nics: tuple[Nic, ...], *, parked: bool = True) -> None:
-        """Hand an idle clone to its container: NICs, run, a fresh identity (the clone's RNG
-        and clock as when it was restored, again)."""
+    async def unpark(self, nics: tuple[Nic, ...], *, disks: tuple[Disk, ...] = (),
+                     parked: bool = True) -> None:
+        """Hand an idle clone to its container: NICs, disks, run, a fresh identity (the
+        clone's RNG and clock as when it was restored, again)."""
         t0 = time.monotonic()
-        await self._plug_and_run(nics, resume=parked)
+        await self._plug_and_run(nics, disks, resume=parked)
         await self._take_identity(nics)
         self.start_path = "pool"
         self.timings = {"unpark": time.monotonic() - t0}

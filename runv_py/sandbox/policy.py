@@ -25,6 +25,10 @@ TEMPLATE_ANNOTATION = runtime_annotations.TEMPLATE
 # overlayfs of these (hyperctl: a writable layer over an image), mounted by the supervisor in
 # its private mount namespace instead of binding root.path.
 ROOTFS_OVERLAY_ANNOTATION = runtime_annotations.ROOTFS_OVERLAY
+# {"image": file, "disk": file[, "image_fstype": "erofs"]}: the container's rootfs is an
+# overlayfs, in the guest, of the image file (read-only) under the disk file (an ext4: the
+# writable layer), both virtio-blk devices (docs/block-rootfs.md); root.path is not used.
+ROOTFS_BLOCK_ANNOTATION = runtime_annotations.ROOTFS_BLOCK
 # Informational, written by hyperctl: the image a container runs, and its labels.
 IMAGE_ANNOTATION = "org.runv.image"
 LABEL_ANNOTATION_PREFIX = "org.runv.label."

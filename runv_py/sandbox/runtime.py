@@ -331,11 +331,12 @@ class Runtime:
             claim, why = await pool_claim.claim(config)
             if claim is not None and claim.ctl is not None:
                 # What goes to the pooled supervisor: its log, the rootfs (unless the
-                # supervisor mounts an overlay) and bind sources as detached trees.
+                # supervisor mounts an overlay or it is a block rootfs) and bind sources as
+                # detached trees.
                 with open(self.store.log_path(container_id), "ab") as logfile:
                     fds.append(os.dup(logfile.fileno()))
-                overlay = policy.ROOTFS_OVERLAY_ANNOTATION in spec.annotations
-                trees = _trees(spec, None if overlay else spec.root)
+                elsewhere = {policy.ROOTFS_OVERLAY_ANNOTATION, policy.ROOTFS_BLOCK_ANNOTATION}
+                trees = _trees(spec, None if elsewhere & spec.annotations.keys() else spec.root)
                 names, tree_fds = trees.wire()
                 fds += tree_fds
                 return await self._adopt(container_id, spec, claim, trees=names, fds=fds,

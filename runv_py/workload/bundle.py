@@ -1,6 +1,7 @@
-"""An image plus run options -> an OCI bundle: config.json whose rootfs is an overlayfs of the
-image's unpacked rootfs (read-only, shared by every container of the image) and a writable
-layer of the container's own, mounted by the supervisor in its private mount namespace."""
+"""An image plus run options -> an OCI bundle: config.json whose rootfs is the image (read-only,
+shared by every container of the image) under a writable layer of the container's own: either
+block devices joined by overlayfs in the guest (storage/block.py), or an overlayfs of the
+image's unpacked rootfs the supervisor mounts in its private mount namespace."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from typing import Any
 from .. import openat2
 from ..errors import ConfigError
 from ..oci import default_spec
-from ..runtime_annotations import write_overlay_marker
+from ..runtime_annotations import MARKERS, write_marker
 from ..sandbox import policy
+from ..storage.block import BlockRootfs
 from . import seccomp_profile
 from .images import ResolvedImage
 from .network_mode import configure_network
@@ -102,8 +104,21 @@ def merge_env(base: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
     return list(merged.values())
 
 
-def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, work: Path,
+def overlay_rootfs(image: ResolvedImage, upper: Path, work: Path) -> dict[str, str]:
+    """The annotation of a rootfs the supervisor mounts as an overlayfs on the host."""
+    return {policy.ROOTFS_OVERLAY_ANNOTATION: json.dumps(
+        {"lower": [str(image.rootfs)], "upper": str(upper), "work": str(work)})}
+
+
+def block_rootfs(rootfs: BlockRootfs) -> dict[str, str]:
+    """The annotation of a rootfs that reaches the guest as two disks."""
+    return {policy.ROOTFS_BLOCK_ANNOTATION: rootfs.to_json()}
+
+
+def spec_document(image: ResolvedImage, options: RunOptions, *, rootfs: dict[str, str],
                   hostname: str, netns: str | None = None) -> dict[str, Any]:
+    """`rootfs`: the annotation saying how the container's root reaches the guest
+    (overlay_rootfs or block_rootfs)."""
     spec = default_spec.document()
     process = spec["process"]
     process["terminal"] = options.tty
@@ -138,8 +153,7 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, wor
         resources["cpu"] = {"quota": round(options.cpus * CPU_PERIOD), "period": CPU_PERIOD}
     configure_network(spec, options.network, options.publish, netns)
     spec["annotations"] = {
-        policy.ROOTFS_OVERLAY_ANNOTATION: json.dumps(
-            {"lower": [str(image.rootfs)], "upper": str(upper), "work": str(work)}),
+        **rootfs,
         policy.IMAGE_ANNOTATION: image.ref,
         **{f"{policy.LABEL_ANNOTATION_PREFIX}{k}": v for k, v in options.labels.items()},
     }
@@ -150,7 +164,8 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, upper: Path, wor
 
 def write(bundle: Path, spec: dict[str, Any]) -> None:
     (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
-    overlay = spec.get("annotations", {}).get(policy.ROOTFS_OVERLAY_ANNOTATION)
-    if overlay is not None:
-        write_overlay_marker(bundle, overlay)
+    annotations = spec.get("annotations", {})
+    for annotation in MARKERS:
+        if annotation in annotations:
+            write_marker(bundle, annotation, annotations[annotation])
     (bundle / "config.json").write_text(json.dumps(spec, indent=2) + "\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import ImageError, ImageNotFound
 from ..oci.image import Credentials, Image, ImageConfig, ImageStore, Progress
+from ..storage import block
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,13 @@ class Images:
         # Unpacking is blocking file work: off the event loop, which may serve other sandboxes.
         rootfs = await asyncio.to_thread(self.store.rootfs, image, progress=progress)
         return ResolvedImage(ref=image.name, id=image.id, rootfs=rootfs, settings=image.config)
+
+    async def block_image(self, image: ResolvedImage) -> Path:
+        """The image's layers as one read-only erofs file, made once per chain id and shared
+        by every container of the image (a block rootfs's lower layer)."""
+        found = self.store.get(image.id)
+        return await asyncio.to_thread(self.store.derived, found, "." + block.IMAGE_FSTYPE,
+                                       block.build_image)
 
     async def pull(self, ref: str, *, progress: Progress | None = None,
                    credentials: Credentials | None = None, ca_file: Path | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import child
 from ..config import RuntimeConfig
-from ..errors import ContainerNotFound, InvalidState, RunvError
+from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..oci.image import Progress
 from ..sandbox import policy, protocol
@@ -29,9 +29,10 @@ from ..sandbox.protocol import Attach, Exec
 from ..sandbox.runtime import Runtime, parse_signal
 from ..sandbox.standin import FORWARDED_SIGNALS, window_size
 from ..sandbox.status import ContainerStatus
+from ..storage import block
 from . import bundle as bundle_mod
 from . import network_mode
-from .images import Images
+from .images import Images, ResolvedImage
 from .options import RunOptions
 from .records import Records, Workload, rfc3339
 
@@ -42,6 +43,7 @@ DEFAULT_DATA_ROOT = Path("/var/lib/hyperctl")
 MONITOR_READY_TIMEOUT_S = 600.0
 POLL_S = 0.1
 UNKNOWN_EXIT = 255
+DISK_FILE = "disk.img"
 
 
 def default_state_root() -> Path:
@@ -94,11 +96,11 @@ class WorkloadManager:
             timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal)
         self.records.create(workload)
         try:
+            rootfs = await self._rootfs(image, options, path)
             netns = await network_mode.attach(workload_id, options.network, options.publish,
                                               path, self.config.network)
-            spec = bundle_mod.spec_document(image, options, upper=path / "upper",
-                                            work=path / "work", hostname=workload.name,
-                                            netns=netns)
+            spec = bundle_mod.spec_document(image, options, rootfs=rootfs,
+                                            hostname=workload.name, netns=netns)
             bundle_mod.write(self.records.bundle(workload_id), spec)
             workload = workload.with_(annotations=dict(spec["annotations"]))
             self.records.save(workload)
@@ -109,6 +111,23 @@ class WorkloadManager:
         log.debug("prepared: image and bundle %.0f ms", (time.monotonic() - t_start) * 1000,
                   extra={"container": workload.id})
         return workload
+
+    async def _rootfs(self, image: ResolvedImage, options: RunOptions, path: Path
+                      ) -> dict[str, str]:
+        """The container's writable layer over the image: a disk of its own over the image's
+        erofs file (block), or directories over its unpacked rootfs (shared)."""
+        source = options.rootfs or self.config.guest.rootfs_source
+        if source == "shared":
+            if options.disk is not None:
+                raise ConfigError("--disk: the writable layer has a size only with a block "
+                                  "rootfs (--rootfs block)")
+            return bundle_mod.overlay_rootfs(image, path / "upper", path / "work")
+        size = options.disk if options.disk is not None else self.config.guest.disk_mib << 20
+        block.check_disk_size(size, "--disk")
+        image_file = await self.images.block_image(image)
+        disk = path / DISK_FILE
+        await asyncio.to_thread(block.create_disk, disk, size)
+        return bundle_mod.block_rootfs(block.BlockRootfs(image_file, disk))
 
     async def serve(self, workload: Workload, fds: list[int], *, tty_fd: int | None = None,
                     on_started: Callable[[], None] | None = None,
@@ -268,6 +287,7 @@ class WorkloadManager:
             "log_path": str(self.records.output_path(workload.id)),
             "bundle": workload.bundle,
             "upper_dir": str(path / "upper"),
+            **({"disk": str(path / DISK_FILE)} if (path / DISK_FILE).exists() else {}),
         }
 
     # -- acting on a container ----------------------------------------------------------------
@@ -376,11 +396,19 @@ class WorkloadManager:
         if workdir:
             process["cwd"] = workdir
         if user:
-            lower = Path(json.loads(spec["annotations"][
-                policy.ROOTFS_OVERLAY_ANNOTATION])["lower"][0])
-            uid, gid = bundle_mod.resolve_user(lower, user, "--user")
+            uid, gid = bundle_mod.resolve_user(self._image_rootfs(spec), user, "--user")
             process["user"] = {"uid": uid, "gid": gid}
         return process
+
+    def _image_rootfs(self, spec: dict[str, Any]) -> Path:
+        """The unpacked image of a container (its /etc/passwd names the users)."""
+        annotations = spec["annotations"]
+        overlay = annotations.get(policy.ROOTFS_OVERLAY_ANNOTATION)
+        if overlay is not None:
+            return Path(json.loads(overlay)["lower"][0])
+        # The image file is kept beside the unpacked rootfs it was made from.
+        image_file = Path(json.loads(annotations[policy.ROOTFS_BLOCK_ANNOTATION])["image"])
+        return image_file.with_name(image_file.name.removesuffix("." + block.IMAGE_FSTYPE))
 
     async def attach_exec(self, workload: Workload, process: dict[str, Any], fds: list[int],
                           tty_fd: int | None = None) -> AttachedProcess:

@@ -49,6 +49,10 @@ class RunOptions:
     template: str | None = None
     # "default" (docker's profile, seccomp_profile.py), "unconfined", or a profile file's path.
     seccomp: str = "default"
+    # "block" or "shared" (None: the runtime config's [guest] rootfs_source); the writable
+    # layer's size in bytes for a block rootfs (None: [guest] disk_mib).
+    rootfs: str | None = None
+    disk: int | None = None
 
 
 def parse_size(text: str, flag: str) -> int:
@@ -124,6 +128,12 @@ def parse_user(text: str) -> tuple[int, int]:
         return int(uid), int(gid or 0)
     except ValueError:
         raise ConfigError(f"--user {text!r}: use UID[:GID] numbers") from None
+
+
+def parse_rootfs(value: str, flag: str = "--rootfs") -> str:
+    if value not in ("block", "shared"):
+        raise ConfigError(f"{flag} {value!r}: must be block or shared")
+    return value
 
 
 def parse_seccomp(value: str, flag: str = "--security-opt seccomp") -> str:

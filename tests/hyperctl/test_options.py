@@ -33,7 +33,8 @@ def _image(tmp_path: Path, **config: object) -> ResolvedImage:
 
 def _spec(tmp_path: Path, image: ResolvedImage, **opts: object) -> dict[str, object]:
     run = options.RunOptions(image="img", **opts)  # type: ignore[arg-type]
-    return bundle.spec_document(image, run, upper=tmp_path / "u", work=tmp_path / "w",
+    return bundle.spec_document(image, run,
+                                rootfs=bundle.overlay_rootfs(image, tmp_path / "u", tmp_path / "w"),
                                 hostname="hc-1")
 
 
@@ -132,7 +133,8 @@ def test_network_modes_in_the_spec(tmp_path: Path) -> None:
 
     assert network_of(_spec(tmp_path, image)) == [{"type": "network"}]  # loopback only
     run = options.RunOptions(image="img", network="default", publish=("8080:80",))
-    spec = bundle.spec_document(image, run, upper=tmp_path / "u", work=tmp_path / "w",
+    spec = bundle.spec_document(image, run,
+                                rootfs=bundle.overlay_rootfs(image, tmp_path / "u", tmp_path / "w"),
                                 hostname="hc-1", netns="/run/netns/runv-hc-1")
     assert network_of(spec) == [{"type": "network", "path": "/run/netns/runv-hc-1"}]
     with pytest.raises(NotSupported, match="-p 8080:80: --network none has no ports"):

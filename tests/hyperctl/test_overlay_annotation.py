@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from runv_py.runtime_annotations import write_overlay_marker
+from runv_py.runtime_annotations import ROOTFS_OVERLAY, write_marker
 from runv_py.sandbox.policy import ROOTFS_OVERLAY_ANNOTATION
 from tests.cli.conftest import Runv, runv, subreaper  # noqa: F401 (fixtures)
 
@@ -29,7 +29,7 @@ def test_bad_overlay_annotation(runv: Runv, tmp_path: Path, value: str,  # noqa:
         spec["annotations"] = {ROOTFS_OVERLAY_ANNOTATION: value}
 
     bundle = runv.bundle(["true"], edit)
-    write_overlay_marker(bundle, value)
+    write_marker(bundle, ROOTFS_OVERLAY, value)
     result = runv("run", "--bundle", str(bundle), "ov", check=False)
     assert result.returncode == 1
     err = result.stderr.decode()

@@ -21,7 +21,7 @@ def _tree(path: Path) -> dict[str, int]:
 
 def test_writable_layer_is_per_container_and_rm_leaves_the_image_untouched(
         hyperctl: Hyperctl) -> None:
-    result = hyperctl("run", "--name", "writer", "busybox", "sh", "-c",
+    result = hyperctl("run", "--rootfs", "shared", "--name", "writer", "busybox", "sh", "-c",
                       "echo changed > /etc/passwd; echo new > /made; rm /bin/ls; "
                       "cat /made; exit 3", check=False)
     assert (result.returncode, result.stdout) == (3, b"new\n"), result.stderr

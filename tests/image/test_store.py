@@ -284,3 +284,36 @@ def test_load_multi_platform_layout_picks_the_platform(tmp_path: Path,
     assert (store.rootfs(image) / "arch").read_text() == "arm64"
     with pytest.raises(ImageError, match="no manifest for platform linux/s390x"):
         store.load(tmp_path / "multi", platform="linux/s390x")
+
+
+def test_derived_files_are_made_once_and_freed_with_their_rootfs(tmp_path: Path,
+                                                                 store: ImageStore) -> None:
+    make_layout(tmp_path / "one")
+    (one,) = store.load(tmp_path / "one")
+    busybox = store.get("busybox")
+    built: list[Path] = []
+
+    def build(rootfs: Path, target: Path) -> None:
+        built.append(rootfs)
+        target.write_bytes(b"made from " + str(rootfs).encode())
+
+    first = store.derived(busybox, ".img", build)
+    assert store.derived(busybox, ".img", build) == first and len(built) == 1
+    assert first.name == store.rootfs(busybox).name + ".img"
+    assert first.read_bytes() == b"made from " + str(store.rootfs(busybox)).encode()
+    assert not first.stat().st_mode & 0o222   # read-only: every container shares it
+
+    def fail(rootfs: Path, target: Path) -> None:
+        target.write_bytes(b"half")
+        raise ImageError("mkfs failed")
+
+    with pytest.raises(ImageError):
+        store.derived(one, ".img", fail)
+    assert not (store.root / "rootfs" / (one.chain_id[7:] + ".img")).exists()
+    assert not list(store.blobs.tmp.iterdir())
+    kept = store.derived(one, ".img", build)
+    assert store.gc() == 0 and kept.is_file() and first.is_file()
+    store.remove("busybox")
+    assert store.gc() > 0
+    assert not first.exists() and not store.rootfs(one).with_name(first.name).exists()
+    assert kept.is_file()

@@ -160,3 +160,49 @@ def test_vsock_channel_devices_and_kernel_option() -> None:
     assert "hyperstart.channel=vsock:1024" in words
     words = kernel_cmdline(KernelParams(machine="microvm", accel="tcg", root="block")).split()
     assert "hyperstart.channel=serial:agent.channel.0" in words
+
+
+def test_disks_by_serial_with_a_fixed_slot_on_pci_only() -> None:
+    from runv_py.devices import Disk
+
+    disks = (Disk("img-1", Path("/i/a.erofs"), "rv-1-i", readonly=True),
+             Disk("rw-1", Path("/c/disk.img"), "rv-1-w", slot=0x10))
+    argv = qemu_argv(_config(machine="pc", disks=disks))
+    drives = _pairs(argv, "-drive")
+    assert "file=/i/a.erofs,if=none,id=drive-img-1,format=raw,readonly=on" in drives
+    assert "file=/c/disk.img,if=none,id=drive-rw-1,format=raw,cache=unsafe" in drives
+    devices = _pairs(argv, "-device")
+    assert "virtio-blk-pci,drive=drive-img-1,id=disk-img-1,serial=rv-1-i" in devices
+    assert "virtio-blk-pci,drive=drive-rw-1,id=disk-rw-1,serial=rv-1-w,addr=0x10" in devices
+    microvm = _pairs(qemu_argv(_config(disks=disks)), "-device")
+    assert "virtio-blk-device,drive=drive-rw-1,id=disk-rw-1,serial=rv-1-w" in microvm
+
+
+def test_disks_come_as_inherited_files_in_fd_sets() -> None:
+    """QEMU (unprivileged) opens no disk path: each disk is an fd the owner opened."""
+    from runv_py.devices import Disk
+    from runv_py.vm.qemu.cmdline import InheritedEnds
+
+    disks = (Disk("img-1", Path("/i/a.erofs"), "rv-1-i", readonly=True),
+             Disk("rw-1", Path("/c/disk.img"), "rv-1-w"))
+    ends = InheritedEnds(console=3, qmp=4, disks=(7, 8))
+    argv = qemu_argv(_config(machine="pc", disks=disks), ends)
+    assert _pairs(argv, "-add-fd") == ["fd=7,set=1", "fd=8,set=2"]
+    drives = _pairs(argv, "-drive")
+    assert "file=/dev/fdset/1,if=none,id=drive-img-1,format=raw,readonly=on" in drives
+    assert "file=/dev/fdset/2,if=none,id=drive-rw-1,format=raw,cache=unsafe,auto-read-only=off" \
+        in drives
+    assert not any("/i/a.erofs" in word or "/c/disk.img" in word for word in argv)
+    assert {7, 8} <= set(ends.fds)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"id": "a b"}, "disk id"), ({"serial": "x" * 21}, "serial"),
+    ({"path": Path("/a,b")}, "cannot be given to QEMU"), ({"slot": 2}, "PCI slot 2"),
+])
+def test_bad_disks(kwargs: dict[str, object], message: str) -> None:
+    from runv_py.devices import Disk
+
+    base: dict[str, object] = {"id": "d", "path": Path("/d"), "serial": "s"}
+    with pytest.raises(ConfigError, match=message):
+        Disk(**{**base, **kwargs})  # type: ignore[arg-type]

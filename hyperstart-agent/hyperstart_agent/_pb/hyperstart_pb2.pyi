@@ -342,6 +342,14 @@ class ReseedRandomDevRequest(_message.Message):
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
+class SetHostnameRequest(_message.Message):
+    __slots__ = ("container_id", "hostname")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    hostname: str
+    def __init__(self, container_id: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+
 class OnlineCPUMemRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -91,6 +91,21 @@ class Process:
             self.reader_attached = True
             return self.stdout, self.stderr
 
+    def detach_reader(self, kept: tuple[int | None, int | None]) -> None:
+        """The attached reader lost its host before the output ended (a checkpoint took the
+        host's connections away): the fds in `kept` (None where that stream ended) wait for
+        the next reader, e.g. the host of a sandbox restored from the checkpoint; the others
+        are closed. Once the process is closed, nothing is kept."""
+        with self._fd_lock:
+            held = {fd for fd in (self.stdout, self.stderr) if fd is not None}
+            if self.closed:
+                kept = (None, None)
+            self.stdout, self.stderr = kept
+            self.reader_attached = False
+        for fd in held - set(kept):
+            if fd is not None:
+                os.close(fd)
+
     def release_output(self) -> None:
         """The attached reader is done with stdout and stderr."""
         with self._fd_lock:

@@ -75,6 +75,11 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemRequest.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemResponse.FromString,
                 _registered_method=True)
+        self.SetHostname = channel.unary_unary(
+                '/hyperstart.v1.Agent/SetHostname',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.SetHostnameRequest.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                _registered_method=True)
         self.CreateContainer = channel.unary_unary(
                 '/hyperstart.v1.Agent/CreateContainer',
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.CreateContainerRequest.SerializeToString,
@@ -239,6 +244,14 @@ class AgentServicer:
 
     def OnlineCPUMem(self, request, context):
         """Bring hot-plugged CPUs and memory blocks online.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetHostname(self, request, context):
+        """The hostname of a container's UTS namespace (the guest's, for a container without one
+        of its own): a sandbox restored from a snapshot gets its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -444,6 +457,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.OnlineCPUMem,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemRequest.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemResponse.SerializeToString,
+            ),
+            'SetHostname': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHostname,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.SetHostnameRequest.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
             ),
             'CreateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateContainer,
@@ -772,6 +790,33 @@ class Agent:
             '/hyperstart.v1.Agent/OnlineCPUMem',
             hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemRequest.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.OnlineCPUMemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetHostname(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hyperstart.v1.Agent/SetHostname',
+            hyperstart_dot_v1_dot_hyperstart__pb2.SetHostnameRequest.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

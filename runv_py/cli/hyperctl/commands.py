@@ -73,6 +73,13 @@ def add_all(sub: Any) -> None:
     p.add_argument("--template", choices=("auto", "off"),
                    help="start the VM from a template or the warm pool (auto), or boot it "
                         "cold (off); default: the runtime config's `template`")
+    p.add_argument("--rootfs", choices=("block", "shared"),
+                   help="the image and the writable layer as disks (block) or as host "
+                        "directories shared into the VM (shared); default: [guest] "
+                        "rootfs_source")
+    p.add_argument("--disk", metavar="SIZE",
+                   help="the writable layer's size with a block rootfs, e.g. 2g (writes "
+                        "past it fail with ENOSPC); default: [guest] disk_mib")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
 
@@ -192,7 +199,8 @@ async def _run(manager: WorkloadManager, args: argparse.Namespace) -> int:
             timeout_s=(opt.parse_duration(args.timeout, "--timeout")
                        if args.timeout else None),
             auto_remove=args.rm, template=args.template,
-            seccomp=opt.parse_security_opts(args.security_opt))
+            seccomp=opt.parse_security_opts(args.security_opt), rootfs=args.rootfs,
+            disk=opt.parse_size(args.disk, "--disk") if args.disk else None)
         if args.detach and args.tty:
             raise ConfigError("-t with -d: hyperctl has no attach, so a detached container "
                               "cannot have a terminal (drop -t)")

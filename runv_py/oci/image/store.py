@@ -6,6 +6,8 @@ Layout under the root (docs/images.md):
     refs.json            {"busybox:latest": "sha256:<manifest digest>", ...}, replaced atomically
     rootfs/<chain hex>/  unpacked images; a directory here is always complete (renamed into place)
     rootfs/<chain hex>.lock  held exclusively while unpacking, shared by users of the rootfs
+    rootfs/<chain hex><suffix>  files made from an unpacked rootfs (derived(): the erofs
+                         image of a block rootfs), renamed into place when complete
     tmp/                 partial downloads (resumable) and unpacks in progress
     refs.lock, gc.lock   flocks: refs edits; gc (exclusive) against pulls/loads/unpacks (shared)
 """
@@ -20,7 +22,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -298,12 +300,16 @@ class ImageStore:
                 _rmtree(entry) if entry.is_dir() else entry.unlink()
             rootfs_dir = self.root / "rootfs"
             for entry in list(rootfs_dir.iterdir()):
-                if entry.suffix == ".lock" or entry.name.removesuffix("-trusted") in keep_rootfs:
+                key = entry.name.split(".", 1)[0].removesuffix("-trusted")
+                if entry.suffix == ".lock" or key in keep_rootfs:
                     continue
                 with self._try_lock(rootfs_dir / f"{entry.name}.lock") as free:
-                    if free:
+                    if free and entry.is_dir():
                         freed += _tree_size(entry, set())
                         _rmtree(entry)
+                    elif free:
+                        freed += entry.stat().st_blocks * 512
+                        entry.unlink()
         return freed
 
     # -- unpacked root filesystems ---------------------------------------------------------------
@@ -358,6 +364,31 @@ class ImageStore:
                     _rmtree(tmp)   # another process finished the same unpack first
             except BaseException:
                 _rmtree(tmp)
+                raise
+        return final
+
+    def derived(self, image: Image, suffix: str, build: Callable[[Path, Path], None], *,
+                progress: Progress | None = None) -> Path:
+        """A file made from the image's unpacked rootfs by `build(rootfs, target)` (e.g. its
+        erofs image, suffix ".erofs"), made once per chain id and kept beside the rootfs
+        (gc frees both together). Use it read-only: every container of the image shares it."""
+        rootfs = self.rootfs(image, progress=progress)
+        final = rootfs.with_name(rootfs.name + suffix)
+        if final.is_file():
+            return final
+        with self.writing(), self._flock(f"rootfs/{final.name}.lock"):
+            if final.is_file():
+                return final
+            fd, name = tempfile.mkstemp(dir=self.blobs.tmp, prefix=f"{final.name[:12]}-")
+            os.close(fd)
+            tmp = Path(name)
+            try:
+                tmp.unlink()
+                build(rootfs, tmp)
+                tmp.chmod(0o444)
+                os.rename(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
                 raise
         return final
 

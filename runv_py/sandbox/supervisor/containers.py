@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from ..block_rootfs import BlockContainer
 from ..status import ContainerStatus, Transition
 
 SIGKILL_STATUS = 128 + signal.SIGKILL
@@ -32,9 +33,11 @@ class GuestContainer:
     """One container of the sandbox. The first (the sandbox container) lives as long as the
     VM; a pod's other containers join and leave it."""
 
-    def __init__(self, container_id: str, shares: list[str]) -> None:
+    def __init__(self, container_id: str, shares: list[str],
+                 block: BlockContainer | None = None) -> None:
         self.id = container_id
         self.shares = shares   # its names in the shared directory
+        self.block = block     # its block rootfs's disks
         self.status = ContainerStatus.CREATED
         self.processes: dict[str, GuestProcess] = {"": GuestProcess("")}
 

@@ -28,7 +28,8 @@ from ...errors import InvalidState, RunvError
 from ...oci import spec as oci_spec
 from ...storage.shared import SharedDir, Trees
 from ...store.state import check_id
-from .. import cgroup, guest_spec, policy, pool_member, protocol, vm_dir, vm_template
+from .. import block_rootfs, cgroup, guest_spec, policy, pool_member, protocol, vm_dir, vm_template
+from ..block_rootfs import BlockContainer
 from ..control import AsyncChannel, listen
 from ..guest_network import GuestNetwork
 from ..guest_vm import GuestVm
@@ -146,7 +147,8 @@ def _stop_on_signals(done: asyncio.Event) -> None:
 
 async def _first_container(owned: Resources, container_id: str, spec: oci_spec.Spec,
                            shares: ContainerShares, timings: dict[str, float], *,
-                           config: config_mod.RuntimeConfig) -> CreateReply:
+                           config: config_mod.RuntimeConfig,
+                           block: BlockContainer | None) -> CreateReply:
     """The supervisor of the running VM, serving, with its first container created."""
     vm = owned.vm
     assert vm is not None
@@ -158,7 +160,7 @@ async def _first_container(owned: Resources, container_id: str, spec: oci_spec.S
     else:
         owned.control.dispatch = supervisor.serve
     t_create = time.monotonic()
-    await supervisor.create_first(spec, shares)
+    await supervisor.create_first(spec, shares, block)
     timings = {**timings, **vm.timings, "create_container": time.monotonic() - t_create}
     timings.pop("total", None)
     return CreateReply(vm_dir=str(vm.root), timings=timings, start_path=vm.start_path,
@@ -198,17 +200,19 @@ async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConf
     config = replace(policy.sandbox_config(config, spec), state_dir=owned.vm_path.parent)
     owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     owned.shared.open()
-    shares = share(owned.shared, spec, "rootfs")
+    block = block_rootfs.for_container(spec, args.container_id)
+    shares = share(owned.shared, spec, None if block else "rootfs")
     owned.network = GuestNetwork(spec.network_ns)
     nics = await owned.network.prepare()
     driver = policy.shared_fs_driver(config, spec)
     owned.vm = await GuestVm.boot(
         config, sandbox_id=owned.vm_path.name, debug=args.debug, nics=nics, claimed=True,
-        shares=(Share(guest_spec.SHARED_TAG, owned.shared.path, driver=driver),))
+        shares=(Share(guest_spec.SHARED_TAG, owned.shared.path, driver=driver),),
+        disks=block.disks if block else ())
     await owned.network.configure(owned.vm.agent)
     return await _first_container(owned, args.container_id, spec, shares,
                                   {"supervisor_start": max(0.0, t_setup - args.spawned_at)},
-                                  config=config)
+                                  config=config, block=block)
 
 
 async def _until(*events: asyncio.Event) -> None:
@@ -290,11 +294,11 @@ class _Pooled:
         gone.cancel()
         await asyncio.gather(gone, return_exceptions=True)
         try:
-            spec, shares = work.result()
+            spec, shares, block = work.result()
             reply = await _first_container(
                 self.owned, request.id, spec, shares,
                 {"supervisor_start": max(0.0, t_setup - (request.spawned_at or t_setup))},
-                config=config_mod.load(self.args.config))
+                config=config_mod.load(self.args.config), block=block)
             self.adopted.set()
             return reply
         except BaseException:
@@ -302,7 +306,7 @@ class _Pooled:
             raise
 
     async def _adopt(self, request: Adopt, fds: list[int]
-                     ) -> tuple[oci_spec.Spec, ContainerShares]:
+                     ) -> tuple[oci_spec.Spec, ContainerShares, BlockContainer | None]:
         vm = self.owned.vm
         assert vm is not None
         if not fds:
@@ -319,16 +323,17 @@ class _Pooled:
             spec = oci_spec.load(Path(request.bundle))
             config = config_mod.load(self.args.config)
             policy.admit(config.enable_annotations, spec, config.source)
-            shares = share(self.owned.shared, spec, "rootfs", trees)
+            block = block_rootfs.for_container(spec, request.id)
+            shares = share(self.owned.shared, spec, None if block else "rootfs", trees)
         finally:
             trees.close()
         # Where a supervisor the claimant started would be: its CPU and memory count there.
         cgroup.join(dict(request.cgroups), child.with_descendants(os.getpid()))
         self.owned.network = GuestNetwork(spec.network_ns)
         nics = await self.owned.network.prepare()
-        await vm.unpark(nics, parked=self.member.parked)
+        await vm.unpark(nics, disks=block.disks if block else (), parked=self.member.parked)
         await self.owned.network.configure(vm.agent)
-        return spec, shares
+        return spec, shares, block
 
 
 async def pooled(args: Args) -> int:

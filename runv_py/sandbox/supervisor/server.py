@@ -21,7 +21,8 @@ from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvErro
 from ...oci import spec as oci_spec
 from ...runtime_annotations import DEFAULT_ENABLED
 from ...storage.shared import Trees
-from .. import guest_spec, pod, policy, protocol
+from .. import block_rootfs, guest_spec, pod, policy, protocol
+from ..block_rootfs import BlockContainer
 from ..control import AsyncChannel
 from ..guest_api import SandboxVm
 from ..guest_network import GuestNetwork
@@ -79,6 +80,9 @@ class Supervisor:
         self.driver = driver
         self.containers: dict[str, GuestContainer] = {}
         self.pod_namespaces: dict[str, str] = {}  # type -> guest path (a pod's sandbox)
+        # The container whose storages mounted the shared directory in the guest (a block
+        # rootfs without volumes needs none: nothing 9p is mounted, the VM can be saved).
+        self.share_holder: str | None = None
         self.vm_paused = False
         self.creating = asyncio.Lock()
         self.done = asyncio.Event()
@@ -107,9 +111,11 @@ class Supervisor:
 
     # -- the sandbox container --------------------------------------------------------------
 
-    async def create_first(self, spec: oci_spec.Spec, shares: ContainerShares) -> None:
-        """The sandbox container (a pod's sandbox, or a lone container) in the running VM;
-        the shared directory gets mounted in the guest with it."""
+    async def create_first(self, spec: oci_spec.Spec, shares: ContainerShares,
+                           block: BlockContainer | None = None) -> None:
+        """The sandbox container (a pod's sandbox, or a lone container) in the running VM
+        (with its block rootfs's disks attached); the shared directory gets mounted in the
+        guest with it, unless it has nothing there."""
         if pod.is_sandbox(spec.annotations):
             self.pod_namespaces = await self.vm.agent.create_sandbox(
                 self.id, hostname=str(spec.raw.get("hostname") or ""),
@@ -117,19 +123,26 @@ class Supervisor:
             # The sandbox container's own namespaces are the pod's.
             spec = replace(spec, raw={**spec.raw, "linux": pod.with_namespace_paths(
                 spec.raw.get("linux") or {}, self.pod_namespaces)})
-        await self._create_in_guest(self.id, spec, shares, storages=(
-            Storage(self.driver, guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),))
+        await self._create_in_guest(self.id, spec, shares, block)
         self._task(self._watch_vm())
         self._task(self._watch_events())
 
     async def _create_in_guest(self, container_id: str, spec: oci_spec.Spec,
-                               shares: ContainerShares,
-                               storages: tuple[Storage, ...] = ()) -> None:
+                               shares: ContainerShares, block: BlockContainer | None) -> None:
         guest = guest_spec.rewrite(spec, shares.binds, rootfs=shares.rootfs,
-                                   joined=self.pod_namespaces)
+                                   joined=self.pod_namespaces,
+                                   root_path=block.root if block else "")
+        storages: tuple[Storage, ...] = ()
+        holds_share = bool(shares.names) and self.share_holder is None
+        if holds_share:
+            storages = (Storage(self.driver, guest_spec.SHARED_TAG, guest_spec.GUEST_SHARED),)
+        if block is not None:
+            storages += block.storages()
         await self.vm.agent.create_container(container_id, json.dumps(guest).encode(),
                                              storages=storages)
-        container = GuestContainer(container_id, shares.names)
+        if holds_share:
+            self.share_holder = container_id
+        container = GuestContainer(container_id, shares.names, block)
         self.containers[container_id] = container
         self._task(self._wait(container, container.init))
 
@@ -262,6 +275,8 @@ class Supervisor:
         container.stopped()
         del self.containers[container.id]
         unshare(self.shared, container.shares)
+        if self.share_holder == container.id:
+            self.share_holder = None
         return DeleteReply(sandbox_gone=False)
 
     # -- requests that keep their connection ------------------------------------------------
@@ -360,12 +375,16 @@ class Supervisor:
             if spec.annotations.get(policy.SHARED_FS_ANNOTATION, "") not in ("", name):
                 raise SpecError(f"annotations[{policy.SHARED_FS_ANNOTATION!r}]: the pod's VM "
                                 f"uses {name}")
-            rootfs = f"rootfs-{hashlib.sha256(request.container.encode()).hexdigest()[:12]}"
+            block = block_rootfs.for_container(spec, request.container)
+            rootfs = (None if block else
+                      f"rootfs-{hashlib.sha256(request.container.encode()).hexdigest()[:12]}")
             shares = share(self.shared, spec, rootfs, trees)
             try:
                 await self._vm_running(True)
-                # The share is already mounted in the guest by the sandbox container.
-                await self._create_in_guest(request.container, spec, shares)
+                if block is not None:
+                    for disk in block.disks:
+                        await self.vm.machine.hotplug_disk(disk)
+                await self._create_in_guest(request.container, spec, shares, block)
             except BaseException:
                 unshare(self.shared, shares.names)
                 raise

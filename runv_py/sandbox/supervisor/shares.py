@@ -30,12 +30,12 @@ class Shared(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ContainerShares:
-    rootfs: str                # the rootfs's name
+    rootfs: str                # the rootfs's name ("": it is not shared, a block rootfs)
     binds: dict[int, str]      # mount index -> its source's name
 
     @property
     def names(self) -> list[str]:
-        return [self.rootfs, *self.binds.values()]
+        return [name for name in (self.rootfs, *self.binds.values()) if name]
 
 
 def _overlay(shared: Shared, value: str, name: str) -> str:
@@ -52,17 +52,20 @@ def _overlay(shared: Shared, value: str, name: str) -> str:
     return shared.overlay(lower, upper, work, field, name=name)
 
 
-def share(shared: Shared, spec: Spec, rootfs: str, trees: Trees | None = None
+def share(shared: Shared, spec: Spec, rootfs: str | None, trees: Trees | None = None
           ) -> ContainerShares:
-    """Bind the container's rootfs and bind-mount sources into the shared directory, or attach
-    their detached trees where given. root.readonly is applied in the guest, after the mount
-    points have been made in it."""
+    """Bind the container's rootfs (under the name `rootfs`; None: it comes another way, a
+    block rootfs) and bind-mount sources into the shared directory, or attach their detached
+    trees where given. root.readonly is applied in the guest, after the mount points have
+    been made in it."""
     trees = trees or Trees()
     # hyperctl's and the API's volumes are host directories their user names: guest root is
     # the host's nobody there (docs/security.md).
     volumes = written_by_hyperctl(spec.bundle)
     overlay = spec.annotations.get(ROOTFS_OVERLAY_ANNOTATION)
-    if trees.rootfs is not None:
+    if rootfs is None:
+        root = ""
+    elif trees.rootfs is not None:
         root = shared.attach(trees.rootfs, "root.path", name=rootfs)
     elif overlay is not None:
         root = _overlay(shared, overlay, rootfs)
@@ -77,7 +80,7 @@ def share(shared: Shared, spec: Spec, rootfs: str, trees: Trees | None = None
                             if tree is None else
                             shared.attach(tree, field, readonly=readonly, volume=volumes))
     except BaseException:
-        unshare(shared, [root, *binds.values()])
+        unshare(shared, [name for name in (root, *binds.values()) if name])
         raise
     return ContainerShares(root, binds)
 

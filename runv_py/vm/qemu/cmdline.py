@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ...devices import HubPort, Nic, Share
+from ...devices import Disk, HubPort, Nic, Share
 
 # QEMU's own seccomp filter (it runs without root either way: privileges.py).
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -41,6 +41,7 @@ class VmConfig:
     cpu: str = ""
     shares: tuple[Share, ...] = ()
     nics: tuple[Nic, ...] = ()
+    disks: tuple[Disk, ...] = ()
     # Templates (docs/templates.md): guest RAM in this file, mapped shared (the template writes
     # it) or private (a clone: copy-on-write over the template's pages).
     memory_file: Path | None = None
@@ -56,18 +57,20 @@ class VmConfig:
 class InheritedEnds:
     """Sockets the owner opened for QEMU, which then opens no path for them: the console's
     (connected: the owner reads and bounds the log), QMP's and the agent port's (listening),
-    the vhost-user vsock backend's and each virtio-fs share's (connected)."""
+    the vhost-user vsock backend's and each virtio-fs share's (connected); each disk's file,
+    opened for reading or for reading and writing as the disk is."""
 
     console: int
     qmp: int
     agent: int | None = None
     vsock: int | None = None
     shares: tuple[int, ...] = ()   # one per virtio-fs share, in the config's order
+    disks: tuple[int, ...] = ()    # one per disk, in the config's order
 
     @property
     def fds(self) -> tuple[int, ...]:
         optional = tuple(fd for fd in (self.agent, self.vsock) if fd is not None)
-        return (self.console, self.qmp, *optional, *self.shares)
+        return (self.console, self.qmp, *optional, *self.shares, *self.disks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +123,29 @@ def _bus(config: VmConfig) -> str:
     return "device" if config.machine == "microvm" else "pci"
 
 
+def disk_argv(disk: Disk, bus: str, fd: int | None = None, fdset: int = 0) -> list[str]:
+    """`fd`: the disk file the owner opened (read-only or read-write as the disk is), which
+    QEMU gets as fd set `fdset` instead of opening the path."""
+    # A writable disk ignores the guest's flushes (cache=unsafe): it is a container's layer,
+    # which does not outlive the host's page cache in any case that keeps the container.
+    readonly = ",readonly=on" if disk.readonly else ",cache=unsafe"
+    if fd is not None and not disk.readonly:
+        # -drive would open the file read-only first (auto-read-only), which its one fd,
+        # opened read-write, cannot serve.
+        readonly += ",auto-read-only=off"
+    addr = f",addr={disk.slot:#x}" if disk.slot and bus == "pci" else ""
+    added = [] if fd is None else ["-add-fd", f"fd={fd},set={fdset}"]
+    path = disk.path if fd is None else f"/dev/fdset/{fdset}"
+    return [
+        *added,
+        "-drive", f"file={path},if=none,id=drive-{disk.id},format=raw{readonly}",
+        "-device", f"virtio-blk-{bus},drive=drive-{disk.id},id=disk-{disk.id},"
+                   f"serial={disk.serial}{addr}"]
+
+
 def qemu_argv(config: VmConfig, ends: InheritedEnds | None = None) -> list[str]:
-    """`ends`: the sockets QEMU inherits instead of the config's paths (QemuMachine always
-    gives them)."""
+    """`ends`: the sockets and files QEMU inherits instead of the config's paths (QemuMachine
+    always gives them)."""
     bus = _bus(config)
     machine: str = config.machine
     if config.machine == "microvm":
@@ -176,6 +199,8 @@ def qemu_argv(config: VmConfig, ends: InheritedEnds | None = None) -> list[str]:
             "-drive", f"file={config.root_image},if=none,id=rootfs,format=raw,readonly=on",
             "-device", f"virtio-blk-{bus},drive=rootfs",
         ]
+    for n, disk in enumerate(config.disks):
+        argv += disk_argv(disk, bus, None if ends is None else ends.disks[n], n + 1)
     virtiofs = 0
     for i, share in enumerate(config.shares):
         if share.driver == "virtiofs":

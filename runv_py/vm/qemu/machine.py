@@ -15,7 +15,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from ... import child
-from ...devices import Nic, TapFd
+from ...devices import Disk, Nic, TapFd
 from ...errors import HypervisorError, NotSupported
 from . import privileges
 from .cmdline import InheritedEnds, VmConfig, inherited_fds, qemu_argv
@@ -38,6 +38,15 @@ def _connected(path: Path) -> int:
         sock.close()
         raise HypervisorError(f"cannot connect to {path}: {exc.strerror}") from None
     return sock.detach()
+
+
+def _disk_file(disk: Disk) -> int:
+    """The disk's image file opened as QEMU is to use it (it opens no path itself)."""
+    try:
+        return os.open(disk.path, (os.O_RDONLY if disk.readonly else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HypervisorError(f"disk {disk.id}: cannot open {disk.path}: {exc.strerror}"
+                              ) from None
 
 
 def _listening(path: Path) -> int:
@@ -99,7 +108,8 @@ class QemuMachine:
                 vsock=(keep(_connected(config.vsock_socket))
                        if config.vsock_socket is not None else None),
                 shares=tuple(keep(_connected(share.socket)) for share in config.shares
-                             if share.driver == "virtiofs" and share.socket is not None))
+                             if share.driver == "virtiofs" and share.socket is not None),
+                disks=tuple(keep(_disk_file(disk)) for disk in config.disks))
         except BaseException:
             for fd in made:
                 os.close(fd)
@@ -198,6 +208,41 @@ class QemuMachine:
         except HypervisorError:
             with contextlib.suppress(HypervisorError):
                 await self.qmp.execute("chardev-remove", {"id": "vsock"})
+            raise
+
+    async def hotplug_disk(self, disk: Disk) -> None:
+        """Add a virtio-blk device on the image file `disk.path` (ACPI hotplug); the guest
+        finds it by its serial."""
+        if self.config.machine != "pc":
+            raise NotSupported(f"hot-plugging disks needs [hypervisor] machine = \"pc\"; this "
+                               f"VM is {self.config.machine}")
+        fd = _disk_file(disk)
+        try:
+            added = await self.qmp.execute_with_fd(fd, "add-fd", {"opaque": f"disk-{disk.id}"})
+        finally:
+            os.close(fd)
+        fdset = int(added["fdset-id"])
+        node = f"drive-{disk.id}"
+        try:
+            await self.qmp.execute("blockdev-add", {
+                "driver": "raw", "node-name": node, "read-only": disk.readonly,
+                "cache": {"direct": False, "no-flush": not disk.readonly},
+                "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}",
+                         "read-only": disk.readonly}})
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self.qmp.execute("remove-fd", {"fdset-id": fdset})
+            raise
+        device: dict[str, Any] = {"driver": "virtio-blk-pci", "id": f"disk-{disk.id}",
+                                  "drive": node, "serial": disk.serial}
+        if disk.slot:
+            device["addr"] = f"{disk.slot:#x}"
+        try:
+            await self.qmp.execute("device_add", device)
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self.qmp.execute("blockdev-del", {"node-name": node})
+                await self.qmp.execute("remove-fd", {"fdset-id": fdset})
             raise
 
     async def unplug_nic(self, nic_id: str, timeout_s: float = 30.0) -> None:
