@@ -1,7 +1,8 @@
-"""Block rootfs (`[guest] rootfs_source = "block"`, the default) end to end in real VMs: the
-image as one read-only erofs shared by every container of it, a writable ext4 of the
-container's own joined to it by overlayfs in the guest, ENOSPC at --disk, volumes beside it,
-on the template path, a cold boot, and refused with one line when its files are not right."""
+"""Block rootfs (`[guest] rootfs_source = "block"`, set in the config here) end to end in
+real VMs: the image as one read-only erofs shared by every container of it, a writable ext4
+of the container's own joined to it by overlayfs in the guest, ENOSPC at --disk, volumes
+beside it, on the template path, a cold boot, and refused with one line when its files are
+not right."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ from tests.cli.conftest import Runv, runv, subreaper  # noqa: F401 (fixtures)
 from tests.hyperctl.conftest import Hyperctl
 
 pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(autouse=True)
+def block_by_config(hyperctl: Hyperctl) -> None:
+    """The operator's choice in config.toml (the default is "shared")."""
+    with hyperctl.config.open("a") as config:
+        config.write('[guest]\nrootfs_source = "block"\n')
 
 
 def _block(hyperctl: Hyperctl, name: str) -> dict[str, str]:
