@@ -1,7 +1,10 @@
 """A private libvirtd for tests and benchmarks: no system service, its own config, socket and
 state. A root libvirtd reads /etc/libvirt and keeps its state in fixed places (/run/libvirt,
 /var/lib/libvirt, ...), so it runs in a mount namespace of its own where a temporary directory
-is bound over each of them; its socket is in that directory, where clients see it. The domain
+is bound over each of them; its socket is in that directory, where clients see it. It
+daemonizes (its parent is init, not the test: libvirt's QEMUs are orphans, reaped by init; a
+test process that is a child subreaper would adopt them and never reap them, and libvirtd
+then waits for a zombie QEMU to die). The domain
 user the QEMU driver resolves at start-up (Debian's libvirt-qemu, which only the
 libvirt-daemon-system package would create) is in a private copy of /etc/passwd and
 /etc/group bound in that namespace too. Domains run as root (qemu.conf).
@@ -11,6 +14,7 @@ libvirt-daemon-system package would create) is in a private copy of /etc/passwd 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,7 +47,8 @@ class PrivateLibvirtd:
         self.socket = self.top / "sock" / "libvirt-sock"
         self.uri = f"qemu:///system?socket={self.socket}"
         self.log = self.top / "libvirtd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid_file = self.top / "libvirtd.pid"
+        self.pid: int | None = None
 
     def _write_config(self) -> None:
         for name in (*STATE_DIRS, "sock"):
@@ -67,16 +72,17 @@ class PrivateLibvirtd:
             raise RuntimeError("libvirtd not found: `make deps` installs libvirt-daemon")
         self._write_config()
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
+            # libvirtd --daemon returns once it serves (or failed to start).
+            started = subprocess.run(
                 ["unshare", "--mount", "--propagation", "slave", "--",
                  sys.executable, "-m", "tests.libvirtd", "serve", str(self.top)],
-                cwd=TOP, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while self.virsh("version", check=False).returncode != 0:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"libvirtd did not come up: {self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
+                cwd=TOP, stdout=out, stderr=out, stdin=subprocess.DEVNULL, timeout=timeout_s,
+                check=False)
+        with contextlib.suppress(OSError, ValueError):
+            self.pid = int(self.pid_file.read_text())
+        if started.returncode != 0 or self.virsh("version", check=False).returncode != 0:
+            self.stop()
+            raise RuntimeError(f"libvirtd did not come up: {self.log.read_text()[-2000:]}")
         return self
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -95,16 +101,24 @@ class PrivateLibvirtd:
     def stop(self) -> None:
         """Destroy what domains are left (a stopping libvirtd leaves them running), stop the
         daemon, remove its directory."""
-        if self.proc is not None and self.proc.poll() is None:
+        if self.pid is not None and _alive(self.pid):
             for name in self.domains():
                 self.virsh("destroy", name, check=False)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while _alive(self.pid):
+                if time.monotonic() > deadline:
+                    os.kill(self.pid, signal.SIGKILL)
+                time.sleep(0.1)
         shutil.rmtree(self.top, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (not our child: init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _serve(top: Path) -> None:
@@ -116,7 +130,7 @@ def _serve(top: Path) -> None:
         if source.is_dir():
             target.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
-    os.execvp("libvirtd", ["libvirtd", "--config", str(top / "etc" / "libvirtd.conf"),
+    os.execvp("libvirtd", ["libvirtd", "--daemon", "--config", str(top / "etc" / "libvirtd.conf"),
                            "--pid-file", str(top / "libvirtd.pid")])
 
 
