@@ -9,6 +9,8 @@ import pytest
 
 from tests.cli.conftest import runv, subreaper  # noqa: F401 (their fixtures, here too)
 from tests.hyperctl.conftest import hyperctl  # noqa: F401
+from tests.integration.conftest import image_archive, runtime_env  # noqa: F401
+from tests.integration.test_shim import cd, shim_env  # noqa: F401
 from tests.libvirtd import PrivateLibvirtd
 
 
