@@ -12,6 +12,7 @@ from tests.hyperctl.conftest import hyperctl  # noqa: F401
 from tests.integration.conftest import image_archive, runtime_env  # noqa: F401
 from tests.integration.test_shim import cd, shim_env  # noqa: F401
 from tests.libvirtd import PrivateLibvirtd
+from tests.network.conftest import lab  # noqa: F401
 
 
 @pytest.fixture(scope="session")
