@@ -13,6 +13,7 @@ from tests.integration.conftest import image_archive, runtime_env  # noqa: F401
 from tests.integration.test_shim import cd, shim_env  # noqa: F401
 from tests.libvirtd import PrivateLibvirtd
 from tests.network.conftest import lab  # noqa: F401
+from tests.vm.conftest import runtime_config  # noqa: F401
 
 
 @pytest.fixture(scope="session")
