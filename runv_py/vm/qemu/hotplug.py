@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from qemu.qmp import EventListener
 
 from ...devices import Nic, TapFd
-from ...errors import HypervisorError
+from ...errors import HypervisorError, NotSupported
 
 
 class Monitor(Protocol):
@@ -19,6 +19,14 @@ class Monitor(Protocol):
     def unlisten(self, listener: EventListener) -> None: ...
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any: ...
     async def execute_with_fd(self, fd: int, command: str, arguments: dict[str, Any]) -> Any: ...
+
+
+def nic_bus(machine: str) -> str:
+    """The bus hot-plugged NICs go on; NotSupported where the machine has none."""
+    if machine != "pc":
+        raise NotSupported(f"hot-plugging NICs needs [hypervisor] machine = \"pc\" (ACPI PCI "
+                           f"hotplug on its root bus); this VM is {machine}")
+    return "pci"
 
 
 async def add_nic(monitor: Monitor, nic: Nic, bus: str) -> None:

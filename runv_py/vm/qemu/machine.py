@@ -15,7 +15,7 @@ from qemu.qmp import EventListener
 
 from ... import child
 from ...devices import Nic
-from ...errors import HypervisorError, NotSupported
+from ...errors import HypervisorError
 from . import hotplug, privileges
 from .cmdline import InheritedEnds, VmConfig, inherited_fds, qemu_argv
 from .console import ConsoleLog, tail
@@ -151,10 +151,7 @@ class QemuMachine:
 
     def check_hotplug(self) -> str:
         """The bus hot-plugged NICs go on; NotSupported where the machine has none."""
-        if self.config.machine != "pc":
-            raise NotSupported(f"hot-plugging NICs needs [hypervisor] machine = \"pc\" (ACPI PCI "
-                               f"hotplug on its root bus); this VM is {self.config.machine}")
-        return "pci"
+        return hotplug.nic_bus(self.config.machine)
 
     async def hotplug_nic(self, nic: Nic) -> None:
         """Add a virtio-net device (on a tap, or a hub port) the guest sees appear (ACPI
