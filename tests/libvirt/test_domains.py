@@ -28,6 +28,9 @@ from tests.cli.test_robustness import (  # noqa: F401 (collected here again)
 )
 from tests.hyperctl.conftest import Hyperctl
 from tests.libvirtd import PrivateLibvirtd
+from tests.security.test_guest_log_bounds import (  # noqa: F401 (collected here again)
+    test_a_console_flood_keeps_the_newest_output_in_bounded_files,
+)
 
 pytestmark = pytest.mark.vm
 

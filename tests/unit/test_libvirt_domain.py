@@ -38,6 +38,10 @@ def _xml(config: VmConfig, share_root: str = "") -> ET.Element:
     return ET.fromstring(domain_xml(config, OWNER, share_root=share_root))
 
 
+def _xml_with_console(config: VmConfig) -> ET.Element:
+    return ET.fromstring(domain_xml(config, OWNER, console_socket=Path("/s/console.sock")))
+
+
 def test_the_kernel_boot_memory_cpu_and_identity() -> None:
     root = _xml(_config(vmgenid="3f94b7f9-1f2e-4448-bc5d-0cb8e0d5adc5"))
     assert root.get("type") == "qemu" and root.findtext("name") == "runv-sb1"
@@ -67,7 +71,10 @@ def test_devices_read_only_root_console_agent_port_rng() -> None:
     assert disk.find("source").get("file") == "/a/rootfs.erofs"
     assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}
     assert disk.find("readonly") is not None
-    assert devices.find("serial/source").get("path") == "/s/console.log"
+    assert devices.find("serial").get("type") == "null"  # no owner's socket: nowhere
+    console = _xml_with_console(_config()).find("devices/serial")
+    assert console.get("type") == "unix"  # to the owner, who bounds the log
+    assert console.find("source").attrib == {"mode": "connect", "path": "/s/console.sock"}
     channel = devices.find("channel")
     assert channel.find("source").attrib == {"mode": "bind", "path": "/s/agent.sock"}
     assert channel.find("target").get("name") == "agent.channel.0"
@@ -135,7 +142,8 @@ def test_libvirt_schema_accepts_the_xml(tmp_path: Path) -> None:
                      shares=(Share("a", Path("/a")),
                              Share("b", Path("/b"), driver="virtiofs", socket=Path("/s/b"))))
     path = tmp_path / "domain.xml"
-    path.write_text(domain_xml(config, OWNER, share_root="/proc/1/root"))
+    path.write_text(domain_xml(config, OWNER, share_root="/proc/1/root",
+                               console_socket=Path("/s/console.sock")))
     result = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0, result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from pathlib import Path
 
 from ...devices import Share
 from ...errors import ConfigError, HypervisorError
@@ -105,7 +106,8 @@ def _filesystem(devices: ET.Element, share: Share, config: VmConfig, root: str) 
         _sub(fs, "readonly")
 
 
-def _devices(domain: ET.Element, config: VmConfig, share_root: str) -> None:
+def _devices(domain: ET.Element, config: VmConfig, share_root: str,
+             console_socket: Path | None) -> None:
     devices = _sub(domain, "devices")
     _sub(devices, "emulator", emulator(config))
     if config.root_image is not None:
@@ -116,8 +118,11 @@ def _devices(domain: ET.Element, config: VmConfig, share_root: str) -> None:
         _sub(disk, "readonly")
     for share in config.shares:
         _filesystem(devices, share, config, share_root)
-    console = _sub(devices, "serial", type="file")
-    _sub(console, "source", path=str(config.console_log), append="on")
+    # The guest writes the console: QEMU connects to the owner's socket, and the owner bounds
+    # the log (vm/qemu/console.py). Without one, the console goes nowhere.
+    console = _sub(devices, "serial", type="null" if console_socket is None else "unix")
+    if console_socket is not None:
+        _sub(console, "source", mode="connect", path=str(console_socket))
     _sub(console, "target", port="0")
     if config.agent_socket is not None:
         channel = _sub(devices, "channel", type="unix")
@@ -149,10 +154,12 @@ def _qemu_args(domain: ET.Element, config: VmConfig) -> None:
         _sub(extra, f"{{{QEMU_NS}}}arg", value=arg)
 
 
-def domain_xml(config: VmConfig, owner: DomainOwner, *, share_root: str = "") -> str:
+def domain_xml(config: VmConfig, owner: DomainOwner, *, share_root: str = "",
+               console_socket: Path | None = None) -> str:
     """The transient domain of `config`. `share_root` prefixes 9p share paths: libvirt's QEMU
     is not a child of the owner and does not see the owner's private mounts by their paths, but
-    it does through /proc/<owner pid>/root."""
+    it does through /proc/<owner pid>/root. `console_socket`: where the owner listens for the
+    serial console."""
     if config.incoming:
         raise ConfigError("restoring a template clone (a bare QEMU migration stream) cannot be "
                           "expressed as a libvirt domain: templates need [hypervisor] backend "
@@ -174,7 +181,7 @@ def domain_xml(config: VmConfig, owner: DomainOwner, *, share_root: str = "") ->
     _sub(domain, "clock", offset="utc")
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(domain, event, "destroy")
-    _devices(domain, config, share_root)
+    _devices(domain, config, share_root, console_socket)
     _qemu_args(domain, config)
     return ET.tostring(domain, encoding="unicode")
 

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
@@ -29,7 +31,7 @@ from ...devices import Nic
 from ...errors import ConfigError, HypervisorError, NotSupported
 from ..qemu import hotplug
 from ..qemu.cmdline import VmConfig
-from ..qemu.machine import tail
+from ..qemu.console import ConsoleLog, tail
 from . import events
 from .domain import NAME_PREFIX, DomainOwner, domain_name, domain_xml, owner_of
 from .monitor import LibvirtMonitor, libvirt_message
@@ -70,6 +72,23 @@ def reconcile(conn: libvirt.virConnect) -> list[str]:
     return destroyed
 
 
+@contextlib.contextmanager
+def _listening(path: Path) -> Iterator[socket.socket]:
+    """A unix listener at `path` while the block runs (replacing a stale socket)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(1)
+        listener.setblocking(False)
+        yield listener
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def _owner() -> DomainOwner:
     pid = os.getpid()
     return DomainOwner(pid, child.proc_start_time(pid) or 0)
@@ -94,6 +113,12 @@ class LibvirtMachine:
         self._pid: int | None = None
         self._returncode: int | None = None
         self._port_events = EventListener()
+        self.console = ConsoleLog(config.console_log)
+
+    @property
+    def console_socket(self) -> Path:
+        """Where libvirt's QEMU connects its serial console (to us: console.log is bounded)."""
+        return self.config.console_log.with_name("console.sock")
 
     @property
     def pid(self) -> int | None:
@@ -116,6 +141,7 @@ class LibvirtMachine:
         return self._monitor
 
     def describe_exit(self) -> str:
+        self.console.drain()
         return (f"libvirt domain {self.name} {self._why or 'stopped'} (libvirtd at {self.uri} "
                 f"keeps QEMU's own log as qemu/{self.name}.log in its log directory); "
                 f"runv's log of it ({self.log_path}):\n{tail(self.log_path)}\n"
@@ -132,7 +158,8 @@ class LibvirtMachine:
         if self.config.machine == "microvm":
             raise ConfigError('[hypervisor] machine = "microvm" with backend = "libvirt": '
                               "libvirt places devices on PCI only; use pc or q35")
-        xml = domain_xml(self.config, _owner(), share_root=f"/proc/{os.getpid()}/root")
+        xml = domain_xml(self.config, _owner(), share_root=f"/proc/{os.getpid()}/root",
+                         console_socket=self.console_socket)
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
         self._exited = asyncio.create_task(self._wait_stopped(), name=f"domain-{self.name}")
@@ -154,13 +181,22 @@ class LibvirtMachine:
         self._port_events = self._monitor.listen("VSERPORT_CHANGE")
         self.started_at = time.monotonic()
         flags = libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_PAUSED
-        try:
-            self._monitor.domain = await asyncio.to_thread(conn.createXML, xml, flags)
-        except libvirt.libvirtError as exc:
-            self._stop(1, "did not start")
-            self._note(f"libvirt refused domain {self.name}: {libvirt_message(exc)}")
-            raise HypervisorError(f"libvirt did not start domain {self.name}: "
-                                  f"{libvirt_message(exc)}") from exc
+        with _listening(self.console_socket) as listener:
+            try:
+                self._monitor.domain = await asyncio.to_thread(conn.createXML, xml, flags)
+            except libvirt.libvirtError as exc:
+                self._stop(1, "did not start")
+                self._note(f"libvirt refused domain {self.name}: {libvirt_message(exc)}")
+                raise HypervisorError(f"libvirt did not start domain {self.name}: "
+                                      f"{libvirt_message(exc)}") from exc
+            # QEMU connected while it started; a QEMU that did not is not one we started.
+            try:
+                ours, _ = await asyncio.wait_for(loop.sock_accept(listener), 10)
+            except TimeoutError:
+                raise HypervisorError(f"domain {self.name}: QEMU did not connect its console "
+                                      f"to {self.console_socket}") from None
+        self.console.take(ours)
+        self.console.start()
         self._pid = await self._qemu_pid()
         self._note(f"domain {self.name} started by libvirtd at {self.uri}, QEMU pid {self._pid}")
         for nic in self.config.nics:
@@ -259,6 +295,7 @@ class LibvirtMachine:
                 self._stop(1, "did not start")
                 with contextlib.suppress(Exception):
                     await self._exited
+            await self.console.close()
             return
         domain = monitor.domain if monitor is not None else None
         if domain is not None and not self.exited.done():
@@ -278,3 +315,4 @@ class LibvirtMachine:
             await asyncio.to_thread(conn.close)
         with contextlib.suppress(Exception):
             await self._exited  # type: ignore[misc]
+        await self.console.close()
