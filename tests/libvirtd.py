@@ -7,7 +7,7 @@ test process that is a child subreaper would adopt them and never reap them, and
 then waits for a zombie QEMU to die). The domain
 user the QEMU driver resolves at start-up (Debian's libvirt-qemu, which only the
 libvirt-daemon-system package would create) is in a private copy of /etc/passwd and
-/etc/group bound in that namespace too. Domains run as root (qemu.conf).
+/etc/group bound in that namespace too.
 
     python -m tests.libvirtd serve TOP    # what start() runs inside `unshare --mount`
 """
@@ -29,14 +29,11 @@ TOP = Path(__file__).resolve().parent.parent
 STATE_DIRS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
               "log": "/var/log/libvirt", "etc": "/etc/libvirt"}
 QEMU_USER = "libvirt-qemu"
+# Debian's defaults otherwise (QEMU as libvirt-qemu: runv-py's domains ask for root themselves).
 QEMU_CONF = """\
-user = "root"
-group = "root"
-# no ownership xattrs on the shared, cached guest assets
-remember_owner = 0
 # QEMU's output to a file in the log directory (no virtlogd here)
 stdio_handler = "file"
-# root QEMU serves 9p shares with passthrough: files of any owner
+# root QEMU keeps its capabilities: it serves 9p shares with passthrough (files of any owner)
 clear_emulator_capabilities = 0
 """
 

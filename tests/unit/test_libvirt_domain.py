@@ -56,6 +56,9 @@ def test_the_kernel_boot_memory_cpu_and_identity() -> None:
     assert root.find("cpu").get("mode") == "maximum"  # -cpu max under TCG
     assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
     assert root.find("memoryBacking") is None
+    seclabel = root.find("seclabel")  # root, whatever qemu.conf says; none of our files chowned
+    assert seclabel.attrib == {"type": "static", "model": "dac", "relabel": "no"}
+    assert seclabel.findtext("label") == "+0:+0"
     kvm = _xml(_config(accel="kvm"))
     assert kvm.get("type") == "kvm" and kvm.find("cpu").get("mode") == "host-passthrough"
     model = _xml(_config(cpu="Skylake-Server", initrd=Path("/a/initrd")))

@@ -182,6 +182,11 @@ def domain_xml(config: VmConfig, owner: DomainOwner, *, share_root: str = "",
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         _sub(domain, event, "destroy")
     _devices(domain, config, share_root, console_socket)
+    # QEMU runs as root, whatever qemu.conf's user: it reaches the sandbox's sockets in the
+    # root-only VM directory and the 9p share through the owner's /proc/<pid>/root. relabel=no:
+    # libvirt chowns none of our files (the guest assets are shared by every sandbox).
+    seclabel = _sub(domain, "seclabel", type="static", model="dac", relabel="no")
+    _sub(seclabel, "label", "+0:+0")
     _qemu_args(domain, config)
     return ET.tostring(domain, encoding="unicode")
 
