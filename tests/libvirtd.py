@@ -29,8 +29,12 @@ TOP = Path(__file__).resolve().parent.parent
 STATE_DIRS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
               "log": "/var/log/libvirt", "etc": "/etc/libvirt"}
 QEMU_USER = "libvirt-qemu"
-# Debian's defaults otherwise (QEMU as libvirt-qemu: runv-py's domains ask for root themselves).
+# runv-py's domains ask for root themselves (their DAC seclabel); user root here is for
+# libvirtd's capability probes, which run as this user: as libvirt-qemu, libvirtd probed again
+# mid-session and its probe QEMU hung, blocking every later createXML.
 QEMU_CONF = """\
+user = "root"
+group = "root"
 # QEMU's output to a file in the log directory (no virtlogd here)
 stdio_handler = "file"
 # root QEMU keeps its capabilities: it serves 9p shares with passthrough (files of any owner)
