@@ -27,10 +27,15 @@ SharedFs = Literal["virtio-fs", "9p"]
 RootfsSource = Literal["block", "shared"]
 TemplateMode = Literal["auto", "off"]
 PoolIdle = Literal["paused", "running"]
+Backend = Literal["qemu", "libvirt"]
 
 
 @dataclass(frozen=True, slots=True)
 class HypervisorConfig:
+    # Who starts QEMU: runv-py itself, or libvirtd (a transient domain per sandbox, at
+    # libvirt_uri). With libvirt, machine defaults to "pc" and template to "off".
+    backend: Backend = "qemu"
+    libvirt_uri: str = "qemu:///system"
     qemu: str = "qemu-system-x86_64"
     accelerator: Accelerator = "auto"
     machine: MachineType = "microvm"
@@ -150,7 +155,7 @@ def _convert(where: str, name: str, kind: Any, value: Any) -> Any:
 _KINDS: dict[str, Any] = {
     "accelerator": Accelerator, "machine": MachineType, "rootfs": RootfsKind,
     "channel": ChannelKind, "shared_fs": SharedFs, "template": TemplateMode,
-    "idle": PoolIdle, "rootfs_source": RootfsSource,
+    "idle": PoolIdle, "rootfs_source": RootfsSource, "backend": Backend,
 }
 
 
@@ -185,6 +190,32 @@ def _section(where: str, cls: Any, raw: Any) -> Any:
     return cls(**values)
 
 
+def _for_backend(source: str, config: RuntimeConfig, raw: dict[str, Any]) -> RuntimeConfig:
+    """libvirt cannot run a microvm (it puts every device on PCI) nor restore a template
+    clone: with it, machine defaults to "pc" and template to "off", and asking for either
+    is refused."""
+    if config.hypervisor.backend != "libvirt":
+        return config
+    given = raw.get("hypervisor", {})
+    if "machine" not in given:
+        config = replace(config, hypervisor=replace(config.hypervisor, machine="pc"))
+    elif config.hypervisor.machine == "microvm":
+        raise ConfigError(f'{source} [hypervisor]: machine = "microvm" with backend = "libvirt": '
+                          "libvirt places devices on PCI only; use pc or q35")
+    if "template" not in raw:
+        config = replace(config, template="off")
+    elif config.template == "auto":
+        raise ConfigError(f'{source}: template = "auto" with [hypervisor] backend = "libvirt": '
+                          f"{TEMPLATES_NEED_QEMU}")
+    return config
+
+
+# Why templates (and the warm pool of template clones) exist only with the qemu backend.
+TEMPLATES_NEED_QEMU = ("a template clone maps the template's RAM file copy-on-write and restores "
+                       "a bare QEMU migration stream into it, which a libvirt domain cannot "
+                       "express (libvirt's own save and restore copy all of guest RAM)")
+
+
 def parse(text: str, source: str) -> RuntimeConfig:
     try:
         raw = tomllib.loads(text)
@@ -216,7 +247,7 @@ def parse(text: str, source: str) -> RuntimeConfig:
             raise ConfigError(f"{source}: unknown key {key!r} (known: enable_annotations, "
                               "hypervisor, guest, network, pool, state_dir, template, "
                               "template_dir)")
-    return config
+    return _for_backend(source, config, raw)
 
 
 def load(path: str | os.PathLike[str] | None = None) -> RuntimeConfig:

@@ -20,6 +20,13 @@ def assets_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def hypervisor_toml() -> str:
+    """Lines the runtime configs of the CLI, hyperctl and shim tests add to their [hypervisor]
+    table: none here; tests/libvirt runs those tests again with the libvirt backend."""
+    return ""
+
+
+@pytest.fixture(scope="session")
 def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A container root filesystem: Debian's static busybox and its applet links."""
     root = tmp_path_factory.mktemp("rootfs")

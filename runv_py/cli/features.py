@@ -52,7 +52,7 @@ def document() -> dict[str, Any]:
         },
         "annotations": {
             "org.runv.version": __version__,
-            "org.runv.hypervisor": "qemu",
+            "org.runv.hypervisor": config.hypervisor.backend,
             "org.runv.accelerator": choice.accel,
             "org.runv.machine": config.hypervisor.machine,
             "org.runv.shared-fs": "virtio-9p",

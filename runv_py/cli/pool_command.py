@@ -43,6 +43,9 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
     from ..sandbox import pool_claim
 
     if args.pool_command == "serve":
+        from ..vm.hypervisor import check_templates
+
+        check_templates(config.hypervisor)  # the pool is made of template clones
         return asyncio.run(_serve(config, bool(args.debug)))
     try:
         reply = asyncio.run(pool_claim.status(config.state_dir))

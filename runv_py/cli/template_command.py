@@ -65,6 +65,7 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
 
     from ..errors import ConfigError
     from ..sandbox import guest_spec, guest_vm, vm_template
+    from ..vm.hypervisor import check_templates
 
     store = vm_template.TemplateStore(config.template_dir)
     action = args.template_command
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
         if args.vcpus is not None:
             hv = replace(hv, vcpus=args.vcpus)
         tags = () if args.bare else (guest_spec.SHARED_TAG,)
+        check_templates(config.hypervisor)
         print("preparing the template (building one boots a VM once)...", file=sys.stderr,
               flush=True)
         import asyncio

@@ -23,7 +23,8 @@ from ..config import RuntimeConfig
 from ..devices import Disk, Nic, Share
 from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError, RunvError
 from ..storage.virtiofs import Virtiofsd
-from ..vm import accel
+from ..vm import accel, hypervisor
+from ..vm.hypervisor import Machine
 from ..vm.qemu.cmdline import (
     AGENT_PORT_ID,
     AGENT_VSOCK_PORT,
@@ -31,7 +32,7 @@ from ..vm.qemu.cmdline import (
     VmConfig,
     kernel_cmdline,
 )
-from ..vm.qemu.machine import QemuMachine, tail
+from ..vm.qemu.machine import tail
 from ..vsock.backend import VsockBackend, VsockPaths
 from ..vsock.kernel import CidClaim
 from . import vm_dir, vm_template
@@ -145,6 +146,7 @@ def clone_base(
 async def ensure_template(config: RuntimeConfig, share_tags: tuple[str, ...] = (), *,
                           debug: bool = False) -> vm_template.Template:
     """The template sandboxes with these 9p share tags start from, built if missing."""
+    hypervisor.check_templates(config.hypervisor)
     found = assets.find(config.guest.assets_dir)
     shares = tuple(Share(tag, Path("/")) for tag in share_tags)
     inputs, vm = clone_base(config, "template", VmPaths(config.template_dir), found,
@@ -176,7 +178,7 @@ class GuestVm:
         self.id = sandbox_id
         self.config = config
         self.paths = VmPaths(config.state_dir / sandbox_id)
-        self._machine: QemuMachine | None = None
+        self._machine: Machine | None = None
         self._agent: AgentClient | None = None
         self.accel: accel.Choice | None = None
         # Host-side phases, in seconds: prepare (before QEMU), qemu (spawn to QMP), guest (to
@@ -209,8 +211,8 @@ class GuestVm:
         return self._agent
 
     @property
-    def machine(self) -> QemuMachine:
-        """The VM's QEMU (from boot() to close())."""
+    def machine(self) -> Machine:
+        """The VM's QEMU, or libvirt's domain of it (from boot() to close())."""
         if self._machine is None:
             raise HypervisorError(f"sandbox {self.id} has no QEMU")
         return self._machine
@@ -251,6 +253,7 @@ class GuestVm:
             vm_dir.claim(self.paths.root)
             self._owns_dir = True
         if self.config.template == "auto":
+            hypervisor.check_templates(self.config.hypervisor)
             try:
                 await self._restore(found, debug, shares, nics, disks=disks, t0=t0)
                 return
@@ -282,10 +285,12 @@ class GuestVm:
         vm = vm_config(self.config, self.id, self.paths, found, self.accel, debug=debug,
                        shares=shares, nics=nics, disks=disks,
                        cid_claim=self.vsock.claim if self.vsock else None)
-        self._machine = QemuMachine(vm, self.paths.qemu_log)
+        self._machine = hypervisor.new_machine(self.config.hypervisor, vm, self.paths.qemu_log)
         self.disks, self.nics = list(disks), list(nics)
         self._agent = self._agent_client(self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
+        if self.vsock is not None and self.config.hypervisor.backend == "libvirt":
+            self.vsock.release_cid()  # libvirt opens /dev/vhost-vsock and claims the CID itself
         await self._machine.start()
         if self.vsock is not None:
             self.vsock.release_cid()
@@ -339,7 +344,9 @@ class GuestVm:
             self.start_path = "template-built"
             self._template = await store.ensure(inputs, vm, self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
-        self._machine = QemuMachine(vm_template.clone_vm(self._template, vm), self.paths.qemu_log)
+        self._machine = hypervisor.new_machine(self.config.hypervisor,
+                                               vm_template.clone_vm(self._template, vm),
+                                               self.paths.qemu_log)
         try:
             state = open(self._template.state, "rb")  # noqa: SIM115
         except OSError as exc:
@@ -435,7 +442,7 @@ class GuestVm:
 
     def _killed(self) -> bool:
         """QEMU died of a signal: someone killed it, which is no fault of the template."""
-        code = self._machine.child.returncode if self._machine and self._machine.child else None
+        code = self._machine.returncode if self._machine else None
         return code is not None and code < 0
 
     @property

@@ -51,12 +51,13 @@ def base_spec(args: list[str]) -> dict[str, Any]:
 class Runv:
     """One state root and runtime config; runs `runv` like a container manager would."""
 
-    def __init__(self, top: Path, rootfs: Path) -> None:
+    def __init__(self, top: Path, rootfs: Path, hypervisor_toml: str = "") -> None:
         self.top = top
         self.root = top / "root"
         self.state = Path(tempfile.mkdtemp(prefix="runv-c-"))
         self.config = top / "config.toml"
-        self.config.write_text(f'state_dir = "{self.state}"\n[hypervisor]\nboot_timeout_s = 90\n')
+        self.config.write_text(f'state_dir = "{self.state}"\n[hypervisor]\nboot_timeout_s = 90\n'
+                               + hypervisor_toml)
         self.rootfs = rootfs
         self.env = dict(os.environ, RUNV_CONFIG=str(self.config))
         self.env.pop("NOTIFY_SOCKET", None)
@@ -195,9 +196,9 @@ def subreaper() -> Iterator[None]:
 
 
 @pytest.fixture
-def runv(tmp_path: Path, busybox_rootfs: Path, assets_dir: Path, subreaper: None
-         ) -> Iterator[Runv]:
-    tool = Runv(tmp_path, busybox_rootfs)
+def runv(tmp_path: Path, busybox_rootfs: Path, assets_dir: Path, subreaper: None,
+         hypervisor_toml: str) -> Iterator[Runv]:
+    tool = Runv(tmp_path, busybox_rootfs, hypervisor_toml)
     tool.env["RUNV_ASSETS_DIR"] = str(assets_dir)
     yield tool
     for cid in (p.name for p in tool.root.iterdir()) if tool.root.exists() else ():

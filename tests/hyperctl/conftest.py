@@ -24,13 +24,14 @@ HYPERCTL = str(Path(sys.executable).parent / "hyperctl")
 
 
 class Hyperctl:
-    def __init__(self, top: Path, assets_dir: Path) -> None:
+    def __init__(self, top: Path, assets_dir: Path, hypervisor_toml: str = "") -> None:
         self.top = top
         self.root = Path(tempfile.mkdtemp(prefix="hc-r-"))
         self.data = top / "data"
         self.state = Path(tempfile.mkdtemp(prefix="hc-s-"))
         self.config = top / "config.toml"
-        self.config.write_text(f'state_dir = "{self.state}"\n[hypervisor]\nboot_timeout_s = 90\n')
+        self.config.write_text(f'state_dir = "{self.state}"\n[hypervisor]\nboot_timeout_s = 90\n'
+                               + hypervisor_toml)
         self.env = dict(os.environ, RUNV_CONFIG=str(self.config), HYPERCTL_ROOT=str(self.root),
                         HYPERCTL_DATA_ROOT=str(self.data), RUNV_ASSETS_DIR=str(assets_dir))
         self.env.pop("NOTIFY_SOCKET", None)
@@ -101,18 +102,18 @@ class Hyperctl:
 
 
 @pytest.fixture
-def hyperctl(tmp_path: Path, assets_dir: Path) -> Iterator[Hyperctl]:
-    tool = Hyperctl(tmp_path, assets_dir)
+def hyperctl(tmp_path: Path, assets_dir: Path, hypervisor_toml: str) -> Iterator[Hyperctl]:
+    tool = Hyperctl(tmp_path, assets_dir, hypervisor_toml)
     yield tool
     left = tool.clean()
     assert not left, f"left behind: {left}"
 
 
 @pytest.fixture(scope="module")
-def shared_hyperctl(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path
-                    ) -> Iterator[Hyperctl]:
+def shared_hyperctl(tmp_path_factory: pytest.TempPathFactory, assets_dir: Path,
+                    hypervisor_toml: str) -> Iterator[Hyperctl]:
     """One set of roots for a module's tests that share a detached container."""
-    tool = Hyperctl(tmp_path_factory.mktemp("hyperctl"), assets_dir)
+    tool = Hyperctl(tmp_path_factory.mktemp("hyperctl"), assets_dir, hypervisor_toml)
     yield tool
     left = tool.clean()
     assert not left, f"left behind: {left}"

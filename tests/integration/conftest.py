@@ -22,11 +22,13 @@ IMAGE = "docker.io/library/runvtest:latest"
 
 
 @pytest.fixture
-def runtime_env(tmp_path: Path, assets_dir: Path) -> Iterator[dict[str, str]]:
+def runtime_env(tmp_path: Path, assets_dir: Path, hypervisor_toml: str
+                ) -> Iterator[dict[str, str]]:
     """RUNV_CONFIG for runv as the managers start it (they pass their environment on)."""
     state = Path(tempfile.mkdtemp(prefix="runv-i-"))
     config = tmp_path / "runv.toml"
-    config.write_text(f'state_dir = "{state}"\n[hypervisor]\nboot_timeout_s = 90\n')
+    config.write_text(f'state_dir = "{state}"\n[hypervisor]\nboot_timeout_s = 90\n'
+                      + hypervisor_toml)
     env = dict(os.environ, RUNV_CONFIG=str(config), RUNV_ASSETS_DIR=str(assets_dir))
     yield env
     left = processes_mentioning(str(state))

@@ -89,3 +89,25 @@ def test_bad_pool_values_name_the_key(tmp_path: Path, text: str, message: str) -
     with pytest.raises(ConfigError, match=r"\[pool\]") as info:
         config.load(path)
     assert message in str(info.value)
+
+
+def test_the_libvirt_backend_brings_its_own_defaults_and_refuses_what_it_cannot_run() -> None:
+    default = config.parse("", "c.toml")
+    assert default.hypervisor.backend == "qemu" and default.template == "auto"
+    chosen = config.parse('[hypervisor]\nbackend = "libvirt"\nlibvirt_uri = "qemu:///x"\n',
+                          "c.toml")
+    assert chosen.hypervisor.backend == "libvirt" and chosen.hypervisor.libvirt_uri == "qemu:///x"
+    assert chosen.hypervisor.machine == "pc" and chosen.template == "off"
+    q35 = config.parse('template = "off"\n[hypervisor]\nbackend = "libvirt"\nmachine = "q35"\n',
+                       "c.toml")
+    assert q35.hypervisor.machine == "q35"
+    for text, words in (('[hypervisor]\nbackend = "libvirt"\nmachine = "microvm"\n',
+                         ('c.toml [hypervisor]: machine = "microvm"', "PCI")),
+                        ('template = "auto"\n[hypervisor]\nbackend = "libvirt"\n',
+                         ('c.toml: template = "auto"', "migration stream")),
+                        ('[hypervisor]\nbackend = "xen"\n',
+                         ("backend must be one of qemu, libvirt",))):
+        with pytest.raises(ConfigError) as info:
+            config.parse(text, "c.toml")
+        assert all(word in str(info.value) for word in words), info.value
+        assert "\n" not in str(info.value)

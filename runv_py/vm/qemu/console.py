@@ -55,11 +55,16 @@ class ConsoleLog:
     def open(self) -> int:
         """QEMU's end of a new socket pair: the caller hands it to QEMU and closes it."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.take(ours)
+        return theirs.detach()
+
+    def take(self, ours: socket.socket) -> None:
+        """Read the console from `ours`, connected to QEMU otherwise (a QEMU that libvirt
+        started connects to a listener of ours)."""
         ours.setblocking(False)
         self._sock = ours
         self._file = self.path.open("ab")
         self._size = self._file.tell()
-        return theirs.detach()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump(), name=f"console {self.path}")

@@ -15,9 +15,9 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from ... import child
-from ...devices import Disk, Nic, TapFd
+from ...devices import Disk, Nic
 from ...errors import HypervisorError, NotSupported
-from . import privileges
+from . import hotplug, privileges
 from .cmdline import InheritedEnds, VmConfig, inherited_fds, qemu_argv
 from .console import ConsoleLog, tail
 from .qmp import Qmp
@@ -79,6 +79,10 @@ class QemuMachine:
     @property
     def pid(self) -> int | None:
         return self.child.pid if self.child else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.child.returncode if self.child else None
 
     @property
     def exited(self) -> asyncio.Task[int]:
@@ -154,40 +158,16 @@ class QemuMachine:
         VSERPORT_CHANGE event since the last forget_port_events()). QEMU rate-limits these
         events per port to one a second and keeps the last, so a close followed by a quick
         reopen shows as one open event, up to a second late."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                event: dict[str, Any] = dict(await self._port_events.get())
-                data = event.get("data", {})
-                if data.get("id") == port_id and data.get("open"):
-                    return
+        await hotplug.port_opened(self._port_events, port_id, timeout_s)
+
     def check_hotplug(self) -> str:
         """The bus hot-plugged NICs go on; NotSupported where the machine has none."""
-        if self.config.machine != "pc":
-            raise NotSupported(f"hot-plugging NICs needs [hypervisor] machine = \"pc\" (ACPI PCI "
-                               f"hotplug on its root bus); this VM is {self.config.machine}")
-        return "pci"
+        return hotplug.nic_bus(self.config.machine)
 
     async def hotplug_nic(self, nic: Nic) -> None:
         """Add a virtio-net device (on a tap, or a hub port) the guest sees appear (ACPI
         hotplug)."""
-        bus = self.check_hotplug()
-        if isinstance(nic.backend, TapFd):
-            await self.qmp.execute_with_fd(nic.backend.fd, "getfd", {"fdname": f"fd-{nic.id}"})
-            await self.qmp.execute("netdev_add", {"type": "tap", "id": f"net-{nic.id}",
-                                                  "fd": f"fd-{nic.id}", "vhost": False})
-        else:
-            await self.qmp.execute("netdev_add", {"type": "hubport", "id": f"net-{nic.id}",
-                                                  "hubid": nic.backend.hub})
-        device: dict[str, Any] = {"driver": f"virtio-net-{bus}", "id": f"nic-{nic.id}",
-                                  "netdev": f"net-{nic.id}", "mac": nic.mac}
-        if nic.mtu:
-            device["host_mtu"] = nic.mtu
-        try:
-            await self.qmp.execute("device_add", device)
-        except HypervisorError:
-            with contextlib.suppress(HypervisorError):
-                await self.qmp.execute("netdev_del", {"id": f"net-{nic.id}"})
-            raise
+        await hotplug.add_nic(self.qmp, nic, self.check_hotplug())
 
     async def hotplug_vsock(self, socket_path: Path) -> None:
         """Add a vhost-user-vsock device whose backend listens on `socket_path` (a template
@@ -248,20 +228,7 @@ class QemuMachine:
     async def unplug_nic(self, nic_id: str, timeout_s: float = 30.0) -> None:
         """Remove a NIC: the guest releases the device (DEVICE_DELETED), then its backend."""
         self.check_hotplug()
-        deleted = self.qmp.listen("DEVICE_DELETED")
-        try:
-            await self.qmp.execute("device_del", {"id": f"nic-{nic_id}"})
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    event: dict[str, Any] = dict(await deleted.get())
-                    if event.get("data", {}).get("device") == f"nic-{nic_id}":
-                        break
-        except TimeoutError:
-            raise HypervisorError(f"nic {nic_id}: the guest did not release the device "
-                                  f"within {timeout_s:g}s") from None
-        finally:
-            self.qmp.unlisten(deleted)
-        await self.qmp.execute("netdev_del", {"id": f"net-{nic_id}"})
+        await hotplug.remove_nic(self.qmp, nic_id, timeout_s)
 
     async def save_state(self, fd: int, timeout_s: float) -> None:
         """Pause the VM and write its device state to `fd`, leaving out RAM that lives in a
