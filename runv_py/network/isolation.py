@@ -12,7 +12,8 @@ inet), made before its VM starts and deleted with its network lease:
   is refused (TCP reset, ICMP administratively prohibited) so that a denied connection fails
   at once. The host's own addresses are reached only through published ports or a rule
   naming them. Connections routed to the sandbox from elsewhere must be answers or published
-  ports too.
+  ports too. A connection to a published port of a sandbox on the same bridge leaves the
+  host masqueraded, so that the answer comes back through the host.
 
 Each table's rules match only the sandbox's port and address: two sandboxes' tables never
 decide about each other's traffic, and deleting one touches nothing else."""
@@ -33,6 +34,9 @@ NFT = "nft"
 TABLE_PREFIX = "runv-"
 FAMILIES = ("bridge", "inet")
 DNS_PORT = 53
+# The packet mark bit of connections from a sandbox to a published port, for the bridge rules
+# (a host with br_netfilter bridges them; the bridge family has no conntrack to ask).
+PUBLISHED_MARK = 0x10000000
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +113,19 @@ def ruleset(port: SandboxPort, policy: EgressPolicy, resolvers: tuple[str, ...] 
              "  }",
              "  chain isolate {",
              "    type filter hook forward priority 0; policy accept;",
+             # A host with br_netfilter bridges a connection DNATed to a sandbox on the same
+             # bridge (a published port) instead of routing it: the inet table marked it.
+             f"    iifname {veth} meta mark & {PUBLISHED_MARK:#x} != 0 accept",
+             f"    oifname {veth} meta mark & {PUBLISHED_MARK:#x} != 0 accept",
              f"    iifname {veth} drop",
              f"    oifname {veth} drop",
              "  }",
              "}",
              f"table inet {port.table} {{",
+             "  chain published {",
+             "    type filter hook prerouting priority dstnat + 1; policy accept;",
+             f"    {sent} ct status dnat meta mark set meta mark | {PUBLISHED_MARK:#x}",
+             "  }",
              "  chain to_host {",
              "    type filter hook input priority 0; policy accept;",
              f"    {sent} ct state established,related accept",
@@ -140,7 +152,15 @@ def ruleset(port: SandboxPort, policy: EgressPolicy, resolvers: tuple[str, ...] 
                f"{received} ct status dnat accept",
                f"{received} reject with icmpx type admin-prohibited"]
     lines += [f"    {rule}" for rule in beyond]
-    lines += ["  }", "}"]
+    lines += ["  }",
+              # Another sandbox's published port is this one's neighbour on the bridge: its
+              # answer would go straight back (and be dropped above) unless the connection
+              # comes from the host's address.
+              "  chain hairpin {",
+              "    type nat hook postrouting priority srcnat; policy accept;",
+              f"    oifname {bridge} ip saddr {addr} ct status dnat masquerade",
+              "  }",
+              "}"]
     return "\n".join(lines) + "\n"
 
 
