@@ -33,10 +33,12 @@ from typing import Literal, TypeVar
 
 from . import config as config_mod
 from .errors import ConfigError, ContainerNotFound, InvalidState, RunvError, UnsafeArchive
+from .network import egress as egress_mod
 from .oci.image.unpack import extract_foreign
 from .sandbox.client import AttachedProcess
 from .sandbox.status import ContainerStatus
 from .workload import options as opt
+from .workload import tenants
 from .workload.manager import WorkloadManager
 from .workload.records import Workload
 
@@ -46,6 +48,8 @@ __all__ = ["AsyncProcess", "AsyncSandbox", "CommandFailed", "CommandTimeout", "O
 Command = Sequence[str] | str
 ENDING_GRACE_S = 0.5
 COPY_OUT_MAX = 4 << 30
+# What run() keeps of each of a command's streams, unless the call or the sandbox says.
+MAX_OUTPUT = 64 << 20
 T = TypeVar("T")
 
 
@@ -66,9 +70,13 @@ class CommandTimeout(RunvError):
 
 @dataclass(frozen=True, slots=True)
 class Result:
+    """A command's exit status and output; `truncated` when a stream said more than the
+    call's `max_output` (the rest was read and dropped)."""
+
     exit_code: int
     stdout: bytes
     stderr: bytes
+    truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -228,10 +236,12 @@ class AsyncSandbox:
     """One container in its own VM, made from an image; awaitable methods, so many sandboxes
     can be driven from one event loop."""
 
-    def __init__(self, manager: WorkloadManager, workload: Workload) -> None:
+    def __init__(self, manager: WorkloadManager, workload: Workload, *,
+                 max_output: int = MAX_OUTPUT) -> None:
         self._manager = manager
         self._workload = workload
         self._closed = False
+        self.max_output = max_output
 
     @classmethod
     async def create(cls, image: str = "busybox", *, cpus: float | None = None,
@@ -240,8 +250,13 @@ class AsyncSandbox:
                      timeout: float | None = None, name: str | None = None,
                      state_root: Path | None = None, data_root: Path | None = None,
                      template: str | None = None, seccomp: str = "default",
-                     rootfs: str | None = None, disk: int | str | None = None
-                     ) -> AsyncSandbox:
+                     rootfs: str | None = None, disk: int | str | None = None,
+                     tenant: str | None = None, network: str = "none",
+                     publish: Sequence[str] = (), egress: str | None = None,
+                     dns: Sequence[str] = (), pids_limit: int | None = None,
+                     io_weight: int | None = None, cap_add: Sequence[str] = (),
+                     cap_drop: Sequence[str] = (),
+                     max_output: int = MAX_OUTPUT) -> AsyncSandbox:
         """Boot a sandbox from `image`. `memory` is bytes or a size like "512m"; `volumes`
         are "HOST:GUEST[:ro]"; `timeout` (seconds) ends the sandbox when it lives longer;
         `template` "auto" (a VM from the warm pool or a template) or "off" (a cold boot)
@@ -249,9 +264,16 @@ class AsyncSandbox:
         profile), "unconfined" or the path of a profile file; `rootfs` "block" or "shared"
         overrides [guest] rootfs_source, and `disk` (bytes or "2g") sizes a block rootfs's
         writable layer.
+        `tenant` (default $RUNV_TENANT) scopes the sandbox, its name and images
+        (hyperctl --tenant); `network` "default" puts it on the isolated bridge network
+        with `publish`ed ports ("HOST:GUEST"), an `egress` policy ("none", "all",
+        "CIDR[:PORT],HOST[:PORT],...") and `dns` servers; `pids_limit`, `io_weight`
+        (10-1000), `cap_add`/`cap_drop` as hyperctl run's flags; `max_output`: what run()
+        keeps of each stream by default.
         The sandbox's first process sleeps; commands run beside it. A monitor process owns
         it and ends it when this process ends, even by SIGKILL."""
-        manager = WorkloadManager(config_mod.load(), state_root, data_root)
+        manager = WorkloadManager(config_mod.load(), state_root, data_root,
+                                  tenant=tenants.from_environment(tenant, "tenant"))
         options = opt.RunOptions(
             image=image, command=("sleep", "2147483647"), entrypoint=(), name=name,
             env=tuple(f"{k}={v}" for k, v in (env or {}).items()), workdir=workdir,
@@ -260,10 +282,22 @@ class AsyncSandbox:
             timeout_s=timeout, auto_remove=True, template=template,
             seccomp=opt.parse_seccomp(seccomp, "seccomp"),
             rootfs=opt.parse_rootfs(rootfs, "rootfs") if rootfs is not None else None,
-            disk=opt.parse_size(disk, "disk") if isinstance(disk, str) else disk)
+            disk=opt.parse_size(disk, "disk") if isinstance(disk, str) else disk,
+            network=network,
+            publish=tuple(publish),
+            egress=egress_mod.parse(egress, "egress") if egress is not None else None,
+            dns=egress_mod.parse_servers(list(dns), "dns"),
+            pids_limit=(opt.parse_int(str(pids_limit), "pids_limit", 1, 1 << 22)
+                        if pids_limit is not None else None),
+            io_weight=(opt.parse_int(str(io_weight), "io_weight", 10, 1000)
+                       if io_weight is not None else None),
+            cap_add=opt.parse_capabilities(list(cap_add), "cap_add"),
+            cap_drop=opt.parse_capabilities(list(cap_drop), "cap_drop"))
+        if max_output < 0:
+            raise ConfigError("max_output: must be 0 or more bytes")
         workload = await manager.prepare(options, detached=True)
         await manager.run_detached(workload, owner=os.getpid())
-        return cls(manager, workload)
+        return cls(manager, workload, max_output=max_output)
 
     async def _current(self) -> Workload:
         if self._closed:
@@ -325,15 +359,28 @@ class AsyncSandbox:
     async def run(self, command: Command, *, input: bytes | None = None,
                   env: Mapping[str, str] | None = None, workdir: str | None = None,
                   user: str | None = None, timeout: float | None = None,
-                  check: bool = False) -> Result:
+                  check: bool = False, max_output: int | None = None) -> Result:
         """Run a command to its end: exit status, stdout, stderr. `timeout` (seconds) kills
-        it and raises CommandTimeout; `check` raises CommandFailed on a non-zero status."""
+        it and raises CommandTimeout; `check` raises CommandFailed on a non-zero status.
+        Of each stream the first `max_output` bytes are kept (default: the sandbox's), the
+        rest is read and dropped (`Result.truncated`)."""
+        limit = self.max_output if max_output is None else max_output
+        if limit < 0:
+            raise ConfigError("max_output: must be 0 or more bytes")
         proc = await self.start(command, input=input, env=env, workdir=workdir, user=user)
         chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        kept = {"stdout": 0, "stderr": 0}
+        truncated = False
 
         async def collect() -> int:
+            nonlocal truncated
             async for chunk in proc:
-                chunks[chunk.stream].append(chunk.data)
+                room = limit - kept[chunk.stream]
+                if len(chunk.data) > room:
+                    truncated = True
+                if room > 0:
+                    chunks[chunk.stream].append(chunk.data[:room])
+                    kept[chunk.stream] += min(room, len(chunk.data))
             return await proc.wait()
 
         work = asyncio.ensure_future(collect())
@@ -342,7 +389,8 @@ class AsyncSandbox:
         if timed_out:
             proc.kill()
         code = await work
-        result = Result(code, b"".join(chunks["stdout"]), b"".join(chunks["stderr"]))
+        result = Result(code, b"".join(chunks["stdout"]), b"".join(chunks["stderr"]),
+                        truncated)
         if timed_out:
             raise CommandTimeout(f"{_argv(command)[0]}: still running after {timeout:g}s; "
                                  "killed")
@@ -357,8 +405,14 @@ class AsyncSandbox:
         await self.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" '
                         '"$1"', "sh", path, f"{mode:o}"], input=data, check=True)
 
-    async def read_file(self, path: str) -> bytes:
-        return (await self.run(["cat", path], check=True)).stdout
+    async def read_file(self, path: str, *, max_bytes: int | None = None) -> bytes:
+        """The file's content; more than `max_bytes` (default the sandbox's `max_output`)
+        raises CommandFailed."""
+        result = await self.run(["cat", path], check=True, max_output=max_bytes)
+        if result.truncated:
+            raise CommandFailed(f"{path}: larger than {max_bytes or self.max_output} bytes "
+                                "(read_file's max_bytes)", result)
+        return result.stdout
 
     async def copy_in(self, host: Path | str, path: str) -> None:
         """Copy a host file or directory tree into the sandbox at `path`."""
@@ -486,12 +540,21 @@ class Sandbox:
                timeout: float | None = None, name: str | None = None,
                state_root: Path | None = None, data_root: Path | None = None,
                template: str | None = None, seccomp: str = "default",
-               rootfs: str | None = None, disk: int | str | None = None) -> Sandbox:
+               rootfs: str | None = None, disk: int | str | None = None,
+               tenant: str | None = None, network: str = "none",
+               publish: Sequence[str] = (), egress: str | None = None,
+               dns: Sequence[str] = (), pids_limit: int | None = None,
+               io_weight: int | None = None, cap_add: Sequence[str] = (),
+               cap_drop: Sequence[str] = (), max_output: int = MAX_OUTPUT) -> Sandbox:
         """As AsyncSandbox.create."""
         return cls(_Loop.run(AsyncSandbox.create(
             image, cpus=cpus, memory=memory, env=env, workdir=workdir, volumes=volumes,
             timeout=timeout, name=name, state_root=state_root, data_root=data_root,
-            template=template, seccomp=seccomp, rootfs=rootfs, disk=disk)))
+            template=template, seccomp=seccomp, rootfs=rootfs, disk=disk,
+            tenant=tenant, network=network,
+            publish=publish, egress=egress, dns=dns, pids_limit=pids_limit,
+            io_weight=io_weight, cap_add=cap_add, cap_drop=cap_drop,
+            max_output=max_output)))
 
     @property
     def id(self) -> str:
@@ -510,15 +573,16 @@ class Sandbox:
     def run(self, command: Command, *, input: bytes | None = None,
             env: Mapping[str, str] | None = None, workdir: str | None = None,
             user: str | None = None, timeout: float | None = None,
-            check: bool = False) -> Result:
+            check: bool = False, max_output: int | None = None) -> Result:
         return _Loop.run(self._sandbox.run(command, input=input, env=env, workdir=workdir,
-                                           user=user, timeout=timeout, check=check))
+                                           user=user, timeout=timeout, check=check,
+                                           max_output=max_output))
 
     def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         _Loop.run(self._sandbox.write_file(path, data, mode=mode))
 
-    def read_file(self, path: str) -> bytes:
-        return _Loop.run(self._sandbox.read_file(path))
+    def read_file(self, path: str, *, max_bytes: int | None = None) -> bytes:
+        return _Loop.run(self._sandbox.read_file(path, max_bytes=max_bytes))
 
     def copy_in(self, host: Path | str, path: str) -> None:
         _Loop.run(self._sandbox.copy_in(host, path))

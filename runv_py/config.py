@@ -71,12 +71,19 @@ class GuestConfig:
 
 @dataclass(frozen=True, slots=True)
 class NetworkConfig:
-    """The CNI bridge network of `hyperctl run --network default` (no masquerade, no default
-    route: sandboxes reach the host, each other and published ports)."""
+    """The CNI bridge network of `hyperctl run --network default`: each sandbox isolated from
+    the others and from the host but for published ports (runv_py/network/isolation.py)."""
 
     bridge: str = "runv0"
     subnet: str = "10.89.0.0/16"
     cni_data_dir: Path = Path("/var/lib/runv/cni")
+    # The egress policy of sandboxes that give none (runv_py/network/egress.py): none, all,
+    # or CIDR[:PORT],HOST[:PORT],...
+    egress: str = "all"
+    # DNS servers a sandbox gets in its /etc/resolv.conf, the only ones it may ask.
+    dns: tuple[str, ...] = ()
+    # Masquerade what sandboxes send beyond the host (for egress to the outside).
+    ip_masq: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,13 @@ def _convert(where: str, name: str, kind: Any, value: Any) -> Any:
     elif kind in ("str", str):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {name} must be a string, not {value!r}")
+    elif kind in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be true or false, not {value!r}")
+    elif kind == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of strings, not {value!r}")
+        value = tuple(value)
     elif kind in ("Path", Path):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: {name} must be a path string, not {value!r}")

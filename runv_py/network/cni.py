@@ -75,6 +75,7 @@ class BridgeNetwork:
     data_dir: Path
     mtu: int = 0
     ip_masq: bool = False
+    default_route: bool = False  # a default route via the bridge's address
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -94,6 +95,8 @@ class BridgeNetwork:
                      "dataDir": str(self.data_dir)}}
         if self.mtu:
             bridge["mtu"] = self.mtu
+        if self.default_route:
+            bridge["isDefaultGateway"] = True
         portmap = {"type": "portmap", "capabilities": {"portMappings": True},
                    "snat": self.ip_masq}
         return {"cniVersion": CNI_VERSION, "name": self.name, "plugins": [bridge, portmap]}

@@ -29,6 +29,8 @@ class Lease:
     network: BridgeNetwork
     ports: tuple[PortMapping, ...] = ()
     addresses: tuple[str, ...] = ()  # CIDRs CNI gave the sandbox
+    host_interface: str = ""  # the host end of its veth, on the bridge
+    mac: str = ""             # its interface's, in the namespace
 
     def to_json(self) -> str:
         raw = asdict(self)
@@ -42,7 +44,8 @@ class Lease:
             network = dict(raw["network"], data_dir=Path(raw["network"]["data_dir"]))
             return cls(raw["sandbox_id"], raw["netns"], BridgeNetwork(**network),
                        tuple(PortMapping(**p) for p in raw["ports"]),
-                       tuple(raw["addresses"]))
+                       tuple(raw["addresses"]), str(raw.get("host_interface", "")),
+                       str(raw.get("mac", "")))
         except (ValueError, KeyError, TypeError) as exc:
             raise NetworkError(f"network lease: not readable: {exc}") from exc
 
@@ -68,7 +71,12 @@ async def attach(sandbox_id: str, network: BridgeNetwork = DEFAULT_NETWORK,
         await _ip_netns("delete", name)
         raise
     addresses = tuple(str(ip.get("address", "")) for ip in result.get("ips", []))
-    return Lease(sandbox_id, netns, network, ports, addresses)
+    interfaces = [i for i in result.get("interfaces", []) if isinstance(i, dict)]
+    host = next((i for i in interfaces if not i.get("sandbox") and i.get("name") !=
+                 network.bridge), {})
+    own = next((i for i in interfaces if i.get("sandbox")), {})
+    return Lease(sandbox_id, netns, network, ports, addresses, str(host.get("name", "")),
+                 str(own.get("mac", "")))
 
 
 async def detach(lease: Lease) -> None:

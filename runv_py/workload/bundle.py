@@ -96,6 +96,12 @@ def resolve_user(rootfs: Path, user: str, flag: str) -> tuple[int, int]:
     return uid, found
 
 
+def capabilities(options: RunOptions) -> tuple[str, ...]:
+    """docker's default set, plus --cap-add, minus --cap-drop."""
+    drop = set(options.cap_drop)
+    return tuple(c for c in dict.fromkeys((*CAPABILITIES, *options.cap_add)) if c not in drop)
+
+
 def merge_env(base: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
     """Later NAME=VALUE entries replace earlier ones of the same name; PATH always exists."""
     merged: dict[str, str] = {}
@@ -116,9 +122,12 @@ def block_rootfs(rootfs: BlockRootfs) -> dict[str, str]:
 
 
 def spec_document(image: ResolvedImage, options: RunOptions, *, rootfs: dict[str, str],
-                  hostname: str, netns: str | None = None) -> dict[str, Any]:
+                  hostname: str, netns: str | None = None, cgroups_path: str = "",
+                  resolv_conf: Path | None = None) -> dict[str, Any]:
     """`rootfs`: the annotation saying how the container's root reaches the guest
-    (overlay_rootfs or block_rootfs)."""
+    (overlay_rootfs or block_rootfs); `cgroups_path`: the sandbox's host cgroup (its limits:
+    the VM's memory, the CPU quota, pids and io weight below); `resolv_conf`: a file bound
+    read-only to /etc/resolv.conf."""
     spec = default_spec.document()
     process = spec["process"]
     process["terminal"] = options.tty
@@ -133,24 +142,33 @@ def spec_document(image: ResolvedImage, options: RunOptions, *, rootfs: dict[str
     if user:
         uid, gid = resolve_user(image.rootfs, user, "--user" if options.user else "image user")
         process["user"] = {"uid": uid, "gid": gid}
-    process["capabilities"] = {k: list(CAPABILITIES)
-                               for k in ("bounding", "effective", "permitted")}
+    caps = capabilities(options)
+    process["capabilities"] = {k: list(caps) for k in ("bounding", "effective", "permitted")}
     process["noNewPrivileges"] = False
     if options.seccomp == "default":
-        spec["linux"]["seccomp"] = seccomp_profile.default_profile(CAPABILITIES)
+        spec["linux"]["seccomp"] = seccomp_profile.default_profile(caps)
     elif options.seccomp != "unconfined":
-        spec["linux"]["seccomp"] = seccomp_profile.load(Path(options.seccomp), CAPABILITIES)
+        spec["linux"]["seccomp"] = seccomp_profile.load(Path(options.seccomp), caps)
     spec["root"] = {"path": "rootfs", "readonly": options.read_only}
     spec["hostname"] = options.hostname or hostname
     for volume in options.volumes:
         spec["mounts"].append({"destination": volume.guest, "type": "bind",
                                "source": str(volume.host),
                                "options": ["rbind", "ro" if volume.readonly else "rw"]})
+    if resolv_conf is not None:
+        spec["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind",
+                               "source": str(resolv_conf), "options": ["rbind", "ro"]})
     resources = spec["linux"]["resources"]
     if options.memory is not None:
         resources["memory"] = {"limit": options.memory}
     if options.cpus is not None:
         resources["cpu"] = {"quota": round(options.cpus * CPU_PERIOD), "period": CPU_PERIOD}
+    if options.pids_limit is not None:
+        resources["pids"] = {"limit": options.pids_limit}
+    if options.io_weight is not None:
+        resources["blockIO"] = {"weight": options.io_weight}
+    if cgroups_path:
+        spec["linux"]["cgroupsPath"] = cgroups_path
     configure_network(spec, options.network, options.publish, netns)
     spec["annotations"] = {
         **rootfs,

@@ -23,11 +23,11 @@ class ResolvedImage:
 
 
 class Images:
-    """The image store under `<data root>/images`."""
+    """The image store under `<data root>/images`, with a tenant's names (tenants.py)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tenant: str | None = None) -> None:
         self.root = root
-        self.store = ImageStore(root)
+        self.store = ImageStore(root, tenant=tenant)
 
     async def resolve(self, ref: str, *, progress: Progress | None = None,
                       pull: bool = True) -> ResolvedImage:

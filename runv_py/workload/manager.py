@@ -31,7 +31,7 @@ from ..sandbox.standin import FORWARDED_SIGNALS, window_size
 from ..sandbox.status import ContainerStatus
 from ..storage import block
 from . import bundle as bundle_mod
-from . import network_mode
+from . import network_mode, output_log
 from .images import Images, ResolvedImage
 from .options import RunOptions
 from .records import Records, Workload, rfc3339
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_ROOT = Path("/run/hyperctl")
 DEFAULT_DATA_ROOT = Path("/var/lib/hyperctl")
 MONITOR_READY_TIMEOUT_S = 600.0
+CGROUP_PARENT = "/hyperctl"
+# A detached container's output.log: this size, then one rotation (output.log.1).
+LOG_MAX_SIZE = 64 << 20
 POLL_S = 0.1
 UNKNOWN_EXIT = 255
 DISK_FILE = "disk.img"
@@ -67,14 +70,18 @@ class Status:
 
 class WorkloadManager:
     def __init__(self, config: RuntimeConfig, state_root: Path | None = None,
-                 data_root: Path | None = None, *, debug: bool = False) -> None:
+                 data_root: Path | None = None, *, debug: bool = False,
+                 tenant: str | None = None) -> None:
+        """`tenant`: the scope of every container, name, log and image tag this manager
+        sees and makes (tenants.py); None is the operator's."""
         self.config = config
         self.state_root = state_root or default_state_root()
         self.data_root = data_root or default_data_root()
         self.debug = debug
-        self.records = Records(self.data_root)
+        self.tenant = tenant
+        self.records = Records(self.data_root, tenant)
         self.runtime = Runtime(self.state_root, config, store=self.records, debug=debug)
-        self.images = Images(self.data_root / "images")
+        self.images = Images(self.data_root / "images", tenant)
 
     # -- creating -----------------------------------------------------------------------------
 
@@ -82,9 +89,12 @@ class WorkloadManager:
                       progress: Progress | None = None) -> Workload:
         """Resolve the image (pulling it if missing) and write the bundle; no VM yet."""
         t_start = time.monotonic()
+        network_mode.check(options.network, options.publish)
+        if options.network == "none" and (options.egress is not None or options.dns):
+            raise ConfigError(f"--{'egress' if options.egress is not None else 'dns'}: "
+                              "applies to --network default only")
         image = await self.images.resolve(options.image, progress=progress)
         workload_id = secrets.token_hex(16)
-        network_mode.check(options.network, options.publish)
         path = self.records.dir(workload_id)
         now = time.time()
         workload = Workload(
@@ -93,14 +103,23 @@ class WorkloadManager:
             name=options.name or f"hc-{workload_id[:8]}", image=image.ref,
             command=tuple(bundle_mod.command(image, options)), created_at=now,
             detached=detached, auto_remove=options.auto_remove, tty=options.tty,
-            timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal)
+            timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal,
+            tenant=self.tenant or "", log_max_size=options.log_max_size or LOG_MAX_SIZE)
         self.records.create(workload)
         try:
             rootfs = await self._rootfs(image, options, path)
             netns = await network_mode.attach(workload_id, options.network, options.publish,
-                                              path, self.config.network)
+                                              path, self.config.network,
+                                              egress=options.egress, dns=options.dns)
+            resolv_conf = None
+            if netns is not None and (servers := network_mode.dns_servers(
+                    options.dns, self.config.network)):
+                resolv_conf = path / "resolv.conf"
+                resolv_conf.write_text(network_mode.resolv_conf(servers))
             spec = bundle_mod.spec_document(image, options, rootfs=rootfs,
-                                            hostname=workload.name, netns=netns)
+                                            hostname=workload.name,
+                                            netns=netns, cgroups_path=self.cgroups_path(
+                                                workload_id), resolv_conf=resolv_conf)
             bundle_mod.write(self.records.bundle(workload_id), spec)
             workload = workload.with_(annotations=dict(spec["annotations"]))
             self.records.save(workload)
@@ -129,14 +148,21 @@ class WorkloadManager:
         await asyncio.to_thread(block.create_disk, disk, size)
         return bundle_mod.block_rootfs(block.BlockRootfs(image_file, disk))
 
+    def cgroups_path(self, workload_id: str) -> str:
+        """The sandbox's host cgroup (in every hierarchy): one directory per tenant, so that
+        an operator can also limit a tenant as a whole there."""
+        return f"{CGROUP_PARENT}/{self.records.scope.label}/{workload_id[:16]}"
+
     async def serve(self, workload: Workload, fds: list[int], *, tty_fd: int | None = None,
                     on_started: Callable[[], None] | None = None,
+                    on_exited: Callable[[], None] | None = None,
                     forward_signals: bool = False) -> int:
         """Boot the VM, attach `fds` (stdin, stdout, stderr; or one terminal) to the
         container's process, start it and wait for its exit; then record the status and free
         the VM. The caller keeps ownership of `fds`. With `forward_signals`, this process's
-        signals go to the container's process (a foreground run). A container that never
-        started leaves no record."""
+        signals go to the container's process (a foreground run). `on_exited` runs once the
+        exit status (and so all output) arrived, before it is recorded. A container that
+        never started leaves no record."""
         try:
             spec = oci_spec.load(Path(workload.bundle))
             await self.runtime.create(workload.id, spec, standin=False, record=workload)
@@ -165,6 +191,8 @@ class WorkloadManager:
                     await self.kill_all(workload)
                 code = await waiting
             attached.close()
+            if on_exited is not None:
+                on_exited()
         except BaseException:
             await self._free_vm(workload.id)
             if workload.started is None:
@@ -210,6 +238,8 @@ class WorkloadManager:
         argv = [sys.executable, "-m", "runv_py.workload.monitor",
                 "--state-root", str(self.state_root), "--data-root", str(self.data_root),
                 "--id", workload.id, "--ready-fd", str(ready_w)]
+        if self.tenant is not None:
+            argv += ["--tenant", self.tenant]
         if self.config.file:
             argv += ["--config", self.config.file]
         if owner is not None:
@@ -355,31 +385,23 @@ class WorkloadManager:
             await asyncio.sleep(0.02)
 
     async def logs(self, workload: Workload, *, follow: bool = False) -> AsyncIterator[bytes]:
-        """The detached container's output so far; with `follow`, until it exits."""
+        """The detached container's output so far (its rotated log first); with `follow`,
+        until it exits."""
         path = self.records.output_path(workload.id)
-        try:
-            stream = open(path, "rb")  # noqa: SIM115
-        except FileNotFoundError:
+        if not path.exists():
             if not workload.detached:
                 raise InvalidState(f"container {workload.name} ran in the foreground: its "
-                                   "output went to the terminal, not to a log") from None
+                                   "output went to the terminal, not to a log")
             return
-        with stream:
-            while True:
-                chunk = stream.read(65536)
-                if chunk:
-                    yield chunk
-                    continue
-                if not follow:
-                    return
-                try:
-                    done = not (await self.status(self.records.load(workload.id))).status.live
-                except ContainerNotFound:
-                    done = True
-                if done:
-                    yield stream.read()
-                    return
-                await asyncio.sleep(POLL_S)
+
+        async def done() -> bool:
+            try:
+                return not (await self.status(self.records.load(workload.id))).status.live
+            except ContainerNotFound:
+                return True
+
+        async for chunk in output_log.follow(path, done, follow=follow):
+            yield chunk
 
     # -- processes in a running container -----------------------------------------------------
 

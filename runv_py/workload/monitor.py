@@ -17,6 +17,7 @@ from .. import child
 from .. import config as config_mod
 from ..errors import RunvError
 from ..sandbox import protocol
+from . import output_log
 from .manager import WorkloadManager
 from .records import Workload
 
@@ -37,12 +38,14 @@ async def _watch_owner(manager: WorkloadManager, workload: Workload, pid: int,
 
 async def _monitor(args: argparse.Namespace) -> int:
     manager = WorkloadManager(config_mod.load(args.config), Path(args.state_root),
-                              Path(args.data_root), debug=args.debug)
+                              Path(args.data_root), debug=args.debug, tenant=args.tenant)
     ready_fd: int | None = args.ready_fd
     workload = manager.records.load(args.id)
-    output = os.open(manager.records.output_path(args.id),
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-    fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), output, os.dup(output)]
+    # The output goes through a pipe of ours into the bounded log (output_log.py).
+    output_r, output_w = os.pipe2(os.O_CLOEXEC)
+    copier = output_log.Copier(output_r, output_log.RotatingLog(
+        manager.records.output_path(args.id), workload.log_max_size))
+    fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), output_w, os.dup(output_w)]
 
     def started() -> None:
         nonlocal ready_fd
@@ -59,7 +62,7 @@ async def _monitor(args: argparse.Namespace) -> int:
         pid, _, start = args.owner.partition(":")
         watcher = asyncio.create_task(_watch_owner(manager, workload, int(pid), int(start)))
     try:
-        await manager.serve(workload, fds, on_started=started)
+        await manager.serve(workload, fds, on_started=started, on_exited=copier.drain)
         return 0
     except Exception as exc:
         log.error("%s", exc, exc_info=args.debug, extra={"container": args.id})
@@ -71,6 +74,7 @@ async def _monitor(args: argparse.Namespace) -> int:
             watcher.cancel()
         for fd in fds:
             os.close(fd)
+        copier.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config")
     parser.add_argument("--owner", metavar="PID:START",
                         help="kill the container when this process (pid, start time) ends")
+    parser.add_argument("--tenant")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     from .. import log as log_setup

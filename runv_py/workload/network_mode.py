@@ -2,20 +2,26 @@
 
   none     a spec without a namespace path: the VM has loopback only (the default);
   default  a network namespace of the container's own on runv-py's CNI bridge network
-           ([network] in config.toml; bridge + host-local + portmap), with -p ports published.
+           ([network] in config.toml; bridge + host-local + portmap), with -p ports published,
+           isolated on the host from the other sandboxes and the host, its egress limited by
+           its policy (runv_py/network/isolation.py, egress.py).
 
 The namespace lives as long as the container's VM: attach() before the bundle is written (the
-lease goes to the container's record directory), release() when the VM is freed."""
+lease goes to the container's record directory, then the isolation is made), release() when
+the VM is freed (isolation, CNI DEL, the namespace)."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
-from ..errors import NotSupported
-from ..network import managed
+from ..errors import NetworkError, NotSupported
+from ..network import egress as egress_mod
+from ..network import isolation, managed
 from ..network.cni import BridgeNetwork, PortMapping
+from ..network.egress import EgressPolicy
 
 NETWORK_MODES = ("none", "default")
 LEASE_FILE = "network.json"
@@ -46,30 +52,67 @@ def configure_network(spec: dict[str, Any], mode: str, publish: tuple[str, ...],
     namespaces.append({"type": "network", **({"path": netns} if netns else {})})
 
 
+def policy(given: EgressPolicy | None, settings: config_mod.NetworkConfig) -> EgressPolicy:
+    """The sandbox's egress policy: its own, else the config's `egress`."""
+    return given if given is not None else egress_mod.parse(settings.egress,
+                                                            "[network] egress")
+
+
+def dns_servers(given: tuple[str, ...], settings: config_mod.NetworkConfig) -> tuple[str, ...]:
+    """The sandbox's DNS servers: its own (--dns), else the config's `dns`."""
+    return given or egress_mod.parse_servers(settings.dns, "[network] dns")
+
+
+def resolv_conf(servers: tuple[str, ...]) -> str:
+    return "".join(f"nameserver {server}\n" for server in servers)
+
+
 async def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_dir: Path,
-                 settings: config_mod.NetworkConfig) -> str | None:
+                 settings: config_mod.NetworkConfig, *, egress: EgressPolicy | None = None,
+                 dns: tuple[str, ...] = ()) -> str | None:
     """For --network default: the namespace path for the spec, its lease saved in
-    record_dir. None for --network none."""
+    record_dir, the sandbox isolated with its egress policy (host names resolved now). None
+    for --network none."""
     ports = check(mode, publish)
     if mode == "none":
         return None
+    servers = dns_servers(dns, settings)
+    wanted = await egress_mod.resolve(policy(egress, settings), servers)
     network = BridgeNetwork(name="runv", bridge=settings.bridge, subnet=settings.subnet,
-                            data_dir=settings.cni_data_dir)
+                            data_dir=settings.cni_data_dir, ip_masq=settings.ip_masq,
+                            default_route=wanted.mode != "none")
     lease = await managed.attach(f"hc-{workload_id[:12]}", network, ports)
     try:
         (record_dir / LEASE_FILE).write_text(lease.to_json())
+        await isolation.apply(_port(lease), wanted, servers)
     except BaseException:
-        await managed.detach(lease)
+        await release(record_dir, lease)
         raise
     return lease.netns
 
 
-async def release(record_dir: Path) -> None:
-    """Undo attach() (CNI DEL, the namespace); nothing to do without a lease. Idempotent."""
+def _port(lease: managed.Lease) -> isolation.SandboxPort:
+    addresses = [a.partition("/")[0] for a in lease.addresses]
+    v4 = [a for a in addresses if ipaddress.ip_address(a).version == 4]
+    if not (v4 and lease.host_interface and lease.mac):
+        raise NetworkError(f"CNI gave sandbox {lease.sandbox_id} no IPv4 address, host "
+                           "interface or MAC: it cannot be isolated")
+    return isolation.SandboxPort(lease.sandbox_id, lease.network.bridge, lease.host_interface,
+                                 lease.mac, v4[0], lease.network.subnet)
+
+
+async def release(record_dir: Path, lease: managed.Lease | None = None) -> None:
+    """Undo attach() (the isolation, CNI DEL, the namespace); nothing to do without a lease.
+    Idempotent."""
     path = record_dir / LEASE_FILE
+    if lease is None:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return
+        lease = managed.Lease.from_json(text)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return
-    await managed.detach(managed.Lease.from_json(text))
+        await isolation.remove(lease.sandbox_id)
+    finally:
+        await managed.detach(lease)
     path.unlink(missing_ok=True)

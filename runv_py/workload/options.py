@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..network.egress import EgressPolicy
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
@@ -53,6 +54,18 @@ class RunOptions:
     # layer's size in bytes for a block rootfs (None: [guest] disk_mib).
     rootfs: str | None = None
     disk: int | None = None
+    # --network default: the egress policy (None: [network] egress) and DNS servers (empty:
+    # [network] dns).
+    egress: EgressPolicy | None = None
+    dns: tuple[str, ...] = ()
+    # Quotas: processes in the container, the output log's size (then one rotation), the
+    # host cgroup's io weight (10-1000).
+    pids_limit: int | None = None
+    log_max_size: int | None = None
+    io_weight: int | None = None
+    # Capabilities added to and dropped from docker's default set (CAP_ names).
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
 
 
 def parse_size(text: str, flag: str) -> int:
@@ -161,3 +174,36 @@ def parse_security_opts(items: list[str]) -> str:
                               "and seccomp=unconfined are supported")
         choice = parse_seccomp(value)
     return choice
+
+
+def parse_int(text: str, flag: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: not a whole number") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{flag} {text!r}: must be from {low} to {high}")
+    return value
+
+
+CAPABILITY_NAMES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE")
+
+
+def parse_capabilities(items: list[str], flag: str) -> tuple[str, ...]:
+    """NET_ADMIN, cap_net_admin, CAP_NET_ADMIN or ALL -> CAP_ names."""
+    out: list[str] = []
+    for item in items:
+        name = item.strip().upper().removeprefix("CAP_")
+        if name == "ALL":
+            out += [f"CAP_{n}" for n in CAPABILITY_NAMES]
+        elif name in CAPABILITY_NAMES:
+            out.append(f"CAP_{name}")
+        else:
+            raise ConfigError(f"{flag} {item!r}: not a Linux capability (e.g. NET_ADMIN)")
+    return tuple(dict.fromkeys(out))

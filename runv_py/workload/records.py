@@ -3,7 +3,8 @@ container record (store/state.py) extended with what was run (image, command, na
 ended (exit status, timeout), and its files (bundle, writable layer, output log). It is the
 only record of the container: the runtime keeps nothing of its own for it (`Records` is the
 runtime's store for hyperctl), and it stays until `rm`. Names are unique through
-`<data root>/names/<name>` symlinks."""
+`<data root>/names/<name>` symlinks. A tenant's containers and names live under its own
+directory (tenants.py) and no other tenant's `Records` sees them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
 from ..store.state import ContainerRecord, flocked
+from .tenants import Scope
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -44,17 +46,20 @@ class Workload(ContainerRecord):
     timed_out: bool = False
     monitor_pid: int = 0
     monitor_start: int = 0
+    tenant: str = ""
+    log_max_size: int = 0    # output.log's rotation size (0: never rotated, older records)
 
     def with_(self, **changes: Any) -> Workload:
         return replace(self, **changes)
 
 
 class Records:
-    """The workloads under a data root; also the runtime's record store for them."""
+    """One tenant's workloads under a data root; also the runtime's record store for them."""
 
-    def __init__(self, data_root: Path) -> None:
-        self.root = data_root / "containers"
-        self.names = data_root / "names"
+    def __init__(self, data_root: Path, tenant: str | None = None) -> None:
+        self.scope = Scope(data_root, tenant)
+        self.root = self.scope.containers
+        self.names = self.scope.names
 
     def dir(self, workload_id: str) -> Path:
         return self.root / workload_id

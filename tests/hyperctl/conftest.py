@@ -81,20 +81,28 @@ class Hyperctl:
     def inspect(self, name: str) -> dict[str, Any]:
         return dict(json.loads(self("inspect", name).stdout)[0])
 
+    def tenants(self) -> list[str]:
+        return sorted(os.listdir(self.data / "tenants")) if (self.data / "tenants").is_dir() \
+            else []
+
     def leftovers(self) -> list[str]:
         found = []
         for text in (str(self.root), str(self.state), str(self.data)):
             found += processes_mentioning(text)
-        for base in (self.root, self.state / "sandboxes", self.data / "containers"):
+        for base in (self.root, self.state / "sandboxes", self.data / "containers",
+                     *(self.data / "tenants" / t / "containers" for t in self.tenants())):
             if base.exists():
                 found += [f"state: {p}" for p in base.iterdir()]
         return found
 
     def clean(self) -> list[str]:
-        """Remove every container; what is left afterwards."""
-        if (self.data / "containers").exists():
-            for cid in os.listdir(self.data / "containers"):
-                self("rm", "-f", cid, check=False)
+        """Remove every container (of every tenant); what is left afterwards."""
+        for tenant, containers in ((None, self.data / "containers"), *(
+                (t, self.data / "tenants" / t / "containers") for t in self.tenants())):
+            if containers.exists():
+                for cid in os.listdir(containers):
+                    self(*(("--tenant", tenant) if tenant else ()), "rm", "-f", cid,
+                         check=False)
         left = self.leftovers()
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.state, ignore_errors=True)

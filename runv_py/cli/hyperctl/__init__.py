@@ -21,7 +21,7 @@ and a hyperstart agent, so the host kernel is never shared with the workload.
 """
 EPILOG = """\
 environment: HYPERCTL_ROOT and HYPERCTL_DATA_ROOT set the default roots; RUNV_CONFIG the
-runtime config. docs/hyperctl.md has every command with examples."""
+runtime config; RUNV_TENANT the tenant. docs/hyperctl.md has every command with examples."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", metavar="DIR",
                         help="containers, logs and images (default $HYPERCTL_DATA_ROOT or "
                              "/var/lib/hyperctl)")
+    parser.add_argument("--tenant", metavar="NAME",
+                        help="act in this tenant's scope: its containers, names, logs, audit "
+                             "events and image tags only (default $RUNV_TENANT, else the "
+                             "operator's scope)")
     commands.add_all(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return parser
 

@@ -80,6 +80,22 @@ def add_all(sub: Any) -> None:
     p.add_argument("--disk", metavar="SIZE",
                    help="the writable layer's size with a block rootfs, e.g. 2g (writes "
                         "past it fail with ENOSPC); default: [guest] disk_mib")
+    p.add_argument("--egress", metavar="POLICY",
+                   help="with --network default: none, all, or CIDR[:PORT],HOST[:PORT],... "
+                        "(host names resolved once at start); default: [network] egress")
+    p.add_argument("--dns", action="append", default=[], metavar="IP",
+                   help="DNS server of the container (its resolv.conf; the only DNS it may "
+                        "reach); default: [network] dns")
+    p.add_argument("--pids-limit", metavar="N", help="most processes in the container")
+    p.add_argument("--log-max-size", metavar="SIZE",
+                   help="with -d: rotate the output log at this size, keeping one older file "
+                        "(default 64m)")
+    p.add_argument("--blkio-weight", metavar="WEIGHT",
+                   help="io weight of the sandbox's host cgroup, 10-1000")
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP",
+                   help="add a capability to docker's default set (e.g. NET_ADMIN)")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP",
+                   help="drop a capability (ALL drops every one)")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD")
 
@@ -149,6 +165,12 @@ def add_all(sub: Any) -> None:
     p = sub.add_parser("load", help="load images from an OCI or docker archive")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="the archive (.tar)")
 
+    # `--tenant` also after the command (hyperctl ps --tenant a); absent, the global one.
+    for command in _HANDLERS:
+        sub.choices[command].add_argument("--tenant", metavar="NAME",
+                                          default=argparse.SUPPRESS,
+                                          help="the tenant whose objects to act on")
+
     template_command.add_parser(sub)
     pool_command.add_parser(sub)
 
@@ -170,16 +192,18 @@ def dispatch(args: argparse.Namespace) -> int:
         return template_command.run(args, config)
     if args.command == "pool":
         return pool_command.run(args, config)
+    from ...workload import tenants
     from ...workload.manager import WorkloadManager
 
     manager = WorkloadManager(config, Path(args.root) if args.root else None,
                               Path(args.data_root) if args.data_root else None,
-                              debug=args.debug)
+                              debug=args.debug, tenant=tenants.from_environment(args.tenant))
     handler = _HANDLERS[args.command]
     return int(asyncio.run(handler(manager, args)))
 
 
 async def _run(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    from ...network import egress
     from ...oci.image import Progress
     from ...workload import options as opt
 
@@ -200,7 +224,17 @@ async def _run(manager: WorkloadManager, args: argparse.Namespace) -> int:
                        if args.timeout else None),
             auto_remove=args.rm, template=args.template,
             seccomp=opt.parse_security_opts(args.security_opt), rootfs=args.rootfs,
-            disk=opt.parse_size(args.disk, "--disk") if args.disk else None)
+            disk=opt.parse_size(args.disk, "--disk") if args.disk else None,
+            egress=egress.parse(args.egress) if args.egress is not None else None,
+            dns=egress.parse_servers(args.dns),
+            pids_limit=(opt.parse_int(args.pids_limit, "--pids-limit", 1, 1 << 22)
+                        if args.pids_limit is not None else None),
+            log_max_size=(opt.parse_size(args.log_max_size, "--log-max-size")
+                          if args.log_max_size is not None else None),
+            io_weight=(opt.parse_int(args.blkio_weight, "--blkio-weight", 10, 1000)
+                       if args.blkio_weight is not None else None),
+            cap_add=opt.parse_capabilities(args.cap_add, "--cap-add"),
+            cap_drop=opt.parse_capabilities(args.cap_drop, "--cap-drop"))
         if args.detach and args.tty:
             raise ConfigError("-t with -d: hyperctl has no attach, so a detached container "
                               "cannot have a terminal (drop -t)")

@@ -10,6 +10,11 @@ Layout under the root (docs/images.md):
                          image of a block rootfs), renamed into place when complete
     tmp/                 partial downloads (resumable) and unpacks in progress
     refs.lock, gc.lock   flocks: refs edits; gc (exclusive) against pulls/loads/unpacks (shared)
+    tenants/<t>/refs.json, refs.lock   a tenant's own names (a store opened with `tenant=`)
+
+A store opened for a tenant names images in the tenant's own refs and also finds the shared
+names (refs.json, the operator's), which it may use but not retag or remove; blobs and unpacked
+rootfs are shared by everyone, so a layer is stored and unpacked once whoever pulled it.
 """
 
 from __future__ import annotations
@@ -61,10 +66,14 @@ class ImageStore:
     """Images on this host. Every method is safe against other processes using the same root
     at the same time; a killed pull, load or unpack never leaves something counted complete."""
 
-    def __init__(self, root: Path, *, limits: UnpackLimits | None = None) -> None:
+    def __init__(self, root: Path, *, limits: UnpackLimits | None = None,
+                 tenant: str | None = None) -> None:
         self.root = Path(root)
         self.blobs = BlobStore(self.root)
         self.limits = limits or UnpackLimits()
+        self.tenant = tenant
+        # Where this store's own names live (the shared ones: refs.json at the root).
+        self.refs_dir = self.root if tenant is None else self.root / "tenants" / tenant
         self._ready = False
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -77,6 +86,7 @@ class ImageStore:
                 self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self.blobs.setup()
                 (self.root / "rootfs").mkdir(exist_ok=True)
+                self.refs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
                 raise ImageError(f"image store {self.root}: cannot create it ({exc})") from exc
             self._ready = True
@@ -95,39 +105,68 @@ class ImageStore:
         """Held (shared) while blobs or rootfs are added, so gc cannot free them half-way."""
         return self._flock("gc.lock", shared=True)
 
-    def _refs(self) -> dict[str, str]:
+    @staticmethod
+    def _read_refs(path: Path) -> dict[str, str]:
         try:
-            data = (self.root / "refs.json").read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             return {}
         try:
             refs = json.loads(data)
         except ValueError as exc:
-            raise ImageError(f"{self.root / 'refs.json'}: not valid JSON ({exc})") from exc
+            raise ImageError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(refs, dict):
-            raise ImageError(f"{self.root / 'refs.json'}: expected a JSON object")
+            raise ImageError(f"{path}: expected a JSON object")
         return {str(k): str(v) for k, v in refs.items()}
 
-    def _edit_refs(self, changes: dict[str, str | None]) -> None:
-        with self._flock("refs.lock"):
-            refs = self._refs()
+    def _own_refs(self) -> dict[str, str]:
+        """The names this store may change (a tenant's own, or the shared ones)."""
+        return self._read_refs(self.refs_dir / "refs.json")
+
+    def _shared_refs(self) -> dict[str, str]:
+        """The operator's names, which a tenant's store finds but may not change."""
+        return {} if self.tenant is None else self._read_refs(self.root / "refs.json")
+
+    def _refs(self) -> dict[str, str]:
+        """Every name this store finds: its own, then the shared ones."""
+        return {**self._shared_refs(), **self._own_refs()}
+
+    def _all_refs(self) -> list[dict[str, str]]:
+        """The names of every tenant and the shared ones: what gc must keep."""
+        found = [self._read_refs(self.root / "refs.json")]
+        with contextlib.suppress(FileNotFoundError):
+            for tenant_dir in sorted((self.root / "tenants").iterdir()):
+                found.append(self._read_refs(tenant_dir / "refs.json"))
+        return found
+
+    def _edit_refs(self, changes: dict[str, str | None], *, shared: bool = False) -> None:
+        directory = self.root if shared else self.refs_dir
+        with self._flock(str((directory / "refs.lock").relative_to(self.root))):
+            refs = self._read_refs(directory / "refs.json")
             for name, digest in changes.items():
                 if digest is None:
                     refs.pop(name, None)
                 else:
                     refs[name] = digest
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".refs.", suffix=".json")
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".refs.", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump(refs, f, indent=1, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
-            os.replace(tmp, self.root / "refs.json")
+            os.replace(tmp, directory / "refs.json")
 
     def tag(self, name: str, digest: str) -> Image:
-        """Point `name` at the stored manifest `digest` (which must be complete)."""
+        """Point `name` at the stored manifest `digest` (which must be complete). A tenant's
+        store may not retag a shared name (to the same manifest it is a no-op)."""
         name = Reference.parse(name).name
         image = self._image(name, digest)
+        shared = self._shared_refs().get(name)
+        if shared == digest:
+            return image
+        if shared is not None:
+            raise ImageError(f"image name {name} is a shared image of this host: tenant "
+                             f"{self.tenant} cannot retag it (use a name of its own)")
         self._edit_refs({name: digest})
         return image
 
@@ -194,7 +233,9 @@ class ImageStore:
             digest = self.blobs.put(built.manifest)
             log.info("created the built-in image %s (%s) from %s", builtin.NAME, digest,
                      builtin.BUSYBOX)
-            return self.tag(builtin.NAME, digest)
+            image = self._image(builtin.NAME, digest)
+            self._edit_refs({builtin.NAME: digest}, shared=True)
+            return image
 
     def inspect(self, ref: str) -> dict[str, Any]:
         """`docker image inspect`-style details of one image, for `hyperctl image inspect`:
@@ -240,6 +281,10 @@ class ImageStore:
 
         self._setup()
         reference = Reference.parse(ref)
+        if reference.name in self._shared_refs() and reference.name not in self._own_refs():
+            raise ImageError(f"image name {reference.name} is a shared image of this host: "
+                             f"tenant {self.tenant} cannot pull over it (run it as it is, or "
+                             "pull it under a name of its own)")
         puller = Puller(self, reference, platform=platform, insecure=insecure, ca_file=ca_file,
                         credentials=credentials, progress=progress)
         digest = await puller.run()
@@ -259,11 +304,15 @@ class ImageStore:
     def remove(self, ref: str) -> list[str]:
         """Untag `ref` (a name, or an id/digest prefix: then every name of that image); the
         blobs stay until gc(). Returns the names removed."""
-        refs = self._refs()
+        refs = self._own_refs()
         try:
             names = [Reference.parse(ref).name]
         except ImageError:
             names = []
+        if self.tenant is not None and not any(n in refs for n in names) and \
+                any(n in self._shared_refs() for n in names):
+            raise ImageError(f"image {names[0]} is a shared image of this host: tenant "
+                             f"{self.tenant} cannot remove it")
         names = [n for n in names if n in refs]
         if not names and _HEX_PREFIX.match(ref):
             image = self.get(ref)
@@ -281,7 +330,7 @@ class ImageStore:
         with self._flock("gc.lock"):
             keep_blobs: set[str] = set()
             keep_rootfs: set[str] = set()
-            for name, digest in self._refs().items():
+            for name, digest in (item for refs in self._all_refs() for item in refs.items()):
                 try:
                     image = self._image(name, digest)
                 except ImageError as exc:
