@@ -15,6 +15,14 @@ from ..errors import SpecError
 HOST_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
 GUEST_HOOKS = ("createContainer", "startContainer")
 NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+CAPABILITIES = tuple("CAP_" + name for name in (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE",
+    "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME",
+    "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+    "PERFMON", "BPF", "CHECKPOINT_RESTORE"))  # in capability number order
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +46,9 @@ class Mount:
 
     @property
     def readonly(self) -> bool:
-        return "ro" in self.options
+        """Read-only as the last of ro/rw says, or recursively read-only (rro)."""
+        last = next((o for o in reversed(self.options) if o in ("ro", "rw")), "rw")
+        return last == "ro" or "rro" in self.options
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,3 +224,25 @@ def load(bundle: Path) -> Spec:
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: not valid JSON: {exc}") from None
     return parse(bundle.resolve(), raw)
+
+
+def added_capabilities(capabilities: Any, names: list[str]) -> dict[str, list[str]]:
+    """`runv exec --cap NAME`: process.capabilities with NAME added to the bounding,
+    effective and permitted sets, and to the ambient set where there is an inheritable set to
+    raise it from (what runc does since 1.1.2). NAME may omit the CAP_ prefix."""
+    caps = _obj(capabilities, "process.capabilities")
+    out: dict[str, list[str]] = {
+        kind: list(_strings(caps.get(kind), f"process.capabilities.{kind}"))
+        for kind in ("bounding", "effective", "inheritable", "permitted", "ambient")
+        if kind in caps}
+    kinds = ["bounding", "effective", "permitted"]
+    if caps.get("inheritable") is not None:
+        kinds.append("ambient")
+    for name in names:
+        cap = name.upper() if name.upper().startswith("CAP_") else "CAP_" + name.upper()
+        if cap not in CAPABILITIES:
+            raise SpecError(f"--cap {name}: unknown capability")
+        for kind in kinds:
+            if cap not in out.setdefault(kind, []):
+                out[kind].append(cap)
+    return out

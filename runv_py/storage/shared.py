@@ -171,6 +171,16 @@ def volume_userns() -> int:
     return _volume_userns[0]
 
 
+def _readonly_recursive(target: Path) -> None:
+    """`target` and every mount below it read-only (mount_setattr(2), AT_RECURSIVE): a bind
+    with MS_REC copies the source's submounts, and a remount would make only the top one
+    read-only, leaving the others writable to the guest."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, str(target).encode(),
+                         ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.sizeof(attr)),
+           "mount_setattr")
+
+
 def _share_volume(tree: int, target: Path, readonly: bool) -> None:
     """Id-map the detached `tree` (VOLUME_ID_MAP), nosuid, nodev (and read-only), and
     attach it at `target`."""
@@ -219,7 +229,7 @@ class SharedDir:
         try:
             _mount(str(source), str(target), None, MS_BIND | MS_REC)
             if readonly:
-                _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+                _readonly_recursive(target)
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share {source}: {exc.strerror}") from None
         return target.name
@@ -273,7 +283,7 @@ class SharedDir:
             _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
                                  MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
             if readonly:
-                _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+                _readonly_recursive(target)
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share it: {exc.strerror}") from None
         return target.name
