@@ -278,12 +278,23 @@ class HostCgroup:
         first; processes still in it are moved to its parent first. Idempotent."""
         if self.origin:
             cgroup.join(self.origin, [os.getpid()])
-        for path in reversed(self.created):
-            _remove_dir(path)
+        _remove_created(self.created, set(self.dirs.values()))
         self.created.clear()
         if self.record is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.record.unlink()
+
+
+def _remove_created(created: list[Path], leaves: set[Path]) -> None:
+    """Remove the directories this made, deepest first. A leaf (the sandbox's own cgroup) is
+    waited for; a parent it made is left if another sandbox's cgroup is in it meanwhile (as
+    runc leaves the parents of its cgroups)."""
+    for path in reversed(created):
+        if path in leaves:
+            _remove_dir(path)
+        else:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _remove_dir(path: Path) -> None:
@@ -347,8 +358,8 @@ def remove_recorded(record: Path) -> None:
         data = json.loads(record.read_text())
     except (OSError, ValueError):
         return
-    for path in reversed(data.get("created") or []):
-        _remove_dir(Path(path))
+    _remove_created([Path(p) for p in data.get("created") or []],
+                    {Path(p) for p in (data.get("dirs") or {}).values()})
     with contextlib.suppress(FileNotFoundError):
         record.unlink()
 
