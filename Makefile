@@ -11,7 +11,8 @@ DEBIAN_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential b
 	libelf-dev libssl-dev debootstrap debian-archive-keyring gpgv erofs-utils busybox-static cpio \
 	zstd xz-utils e2fsprogs util-linux libseccomp2 python3 python3-venv python3-dev \
 	containerd runc crun podman conmon docker-registry skopeo openssl \
-	containernetworking-plugins iproute2 iptables
+	containernetworking-plugins iproute2 iptables \
+	golang-go golang-github-opencontainers-runtime-tools-dev golang-github-google-uuid-dev
 
 .PHONY: deps debian-deps venv assets run test lint unit vm bench-boot clean
 

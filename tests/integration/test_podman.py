@@ -109,3 +109,40 @@ def test_podman_run_interactive_tty(podman: Podman) -> None:
     assert proc.wait(timeout=60) == 2
     os.close(master)
     assert b"/dev/pts/" in output and b"got:typed" in output
+
+
+def test_podman_tmpfs_privileged_and_limits(podman: Podman) -> None:
+    """What podman hands a runtime for --tmpfs (tmpcopyup), --privileged (every capability,
+    the host's devices listed with their type bits in fileMode) and --memory/--pids-limit
+    (no cgroup namespace on a cgroup v1 host: /sys/fs/cgroup must still be the container's)."""
+    tmpfs = podman("run", "--rm", "--network", "none", "--tmpfs", "/etc", "--tmpfs", "/scratch",
+                   IMAGE, "sh", "-c", "cat /etc/group; touch /etc/new /scratch/x && "
+                   "awk '$5 == \"/etc\" || $5 == \"/scratch\" {print $5, $9}' "
+                   "/proc/self/mountinfo")
+    assert tmpfs.stdout == b"root:x:0:\n/etc tmpfs\n/scratch tmpfs\n"
+
+    privileged = podman("run", "--rm", "--network", "none", "--privileged", IMAGE, "sh", "-c",
+                        "grep CapEff /proc/self/status")
+    assert privileged.stdout == b"CapEff:\t000001ffffffffff\n"
+
+    limits = podman("run", "--rm", "--network", "none", "--memory", "32m", "--pids-limit", "77",
+                    IMAGE, "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/pids.max")
+    assert limits.stdout == b"33554432\n77\n"
+
+
+def test_podman_container_host_cgroup(podman: Podman) -> None:
+    """podman gives cgroupsPath /libpod_parent/libpod-ID: the container's host processes are
+    there, the VM's memory bounded, and the cgroup goes with the container."""
+    from runv_py.sandbox import cgroup, host_cgroup
+
+    cid = podman("run", "-d", "--network", "none", "--memory", "32m", IMAGE, "sleep",
+                 "600").stdout.decode().strip()
+    pid = int(podman("inspect", "--format", "{{.State.Pid}}", cid).stdout)
+    path = f"/libpod_parent/libpod-{cid}"
+    roots = cgroup.roots(cgroup.memberships())
+    assert cgroup.memberships(pid)["memory"] == path
+    memory = int((roots["memory"] / path.lstrip("/") / "memory.limit_in_bytes").read_text())
+    assert memory == (256 + 32 + host_cgroup.HOST_OVERHEAD_MIB
+                      + host_cgroup.TCG_CODE_CACHE_MIB) << 20
+    podman("rm", "--force", "--time", "0", cid)
+    assert not (roots["memory"] / path.lstrip("/")).exists()
