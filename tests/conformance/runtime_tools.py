@@ -82,7 +82,7 @@ def programs(suite: Path) -> list[str]:
     return sorted(p.name.removesuffix(".t") for p in (suite / "validation").glob("*.t"))
 
 
-def run(suite: Path, program: str, runtime: Path, env: dict[str, str], workdir: Path,
+def run(suite: Path, program: str, runtime: Path, env: dict[str, str], *, workdir: Path,
         timeout_s: float) -> Verdict:
     """Run validation/PROGRAM.t with RUNTIME in WORKDIR (which gets the suite's runtimetest and
     rootfs tarball, as the programs expect them in their working directory)."""
