@@ -3,11 +3,13 @@ adds under the `org.runv.*` annotations."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .. import __version__
+from ..config import RuntimeConfig
 from ..errors import RunvError
-from .spec import CAPABILITIES
+from ..oci.spec import CAPABILITIES
 
 NAMESPACES = ["cgroup", "ipc", "mount", "network", "pid", "user", "uts", "time"]
 MOUNT_OPTIONS = sorted([
@@ -23,37 +25,36 @@ MOUNT_OPTIONS = sorted([
 HOOKS = ["prestart", "createRuntime", "startContainer", "poststart", "poststop"]
 
 
-def _template_state(config: Any) -> str:
+def _template_state(config: RuntimeConfig) -> str:
     """Whether sandboxes of the default size start from a template, and if one is ready."""
     if config.template == "off":
         return "off (cold boot)"
-    from ..sandbox import guest_spec, sandbox, template
+    from ..sandbox import guest_spec, guest_vm, vm_template
 
     try:
-        key = sandbox.clone_key(config, (guest_spec.SHARED_TAG,))
+        key = guest_vm.clone_key(config, (guest_spec.SHARED_TAG,))
     except Exception as exc:  # no assets, KVM asked for but unusable: say so, do not fail
         return f"unavailable: {exc}"
-    found = template.TemplateStore(config.template_dir).get(key) is not None
+    found = vm_template.TemplateStore(config.template_dir).get(key) is not None
     return f"auto ({'ready' if found else 'built on first use'}, key {key})"
 
 
-def _pool_state(config: Any) -> str:
-    from ..sandbox import pool
+def _pool_state(config: RuntimeConfig) -> str:
+    from ..sandbox import pool_claim, pool_member
 
-    try:
-        reply = pool.request(config.state_dir, {"op": "status"}, timeout_s=5)
-    except (OSError, RunvError):
+    if not pool_member.socket_path(config.state_dir).exists():
         return "not running"
-    idle = sum(int(row.get("idle", 0)) for row in (reply.get("keys") or {}).values())
-    return f"running ({idle} idle)"
+    try:
+        reply = asyncio.run(asyncio.wait_for(pool_claim.status(config.state_dir), 5))
+    except (OSError, RunvError, TimeoutError):
+        return "not running"
+    return f"running ({sum(row.idle for row in reply.keys.values())} idle)"
 
 
-def document() -> dict[str, Any]:
+def document(config: RuntimeConfig) -> dict[str, Any]:
     """What this runtime, with its configuration, does here (not what it could do)."""
-    from ..config import load
     from ..vm import accel
 
-    config = load(None)
     hv = config.hypervisor
     accelerator: str
     try:

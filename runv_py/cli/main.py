@@ -274,7 +274,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "features":
         from . import features
 
-        print(json.dumps(features.document(), indent=2))
+        print(json.dumps(features.document(config_mod.load()), indent=2))
         return 0
     from ..sandbox.runtime import Runtime, parse_signal
 
