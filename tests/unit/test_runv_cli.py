@@ -137,7 +137,7 @@ def test_guest_spec_joins_the_pods_namespaces_named_by_path(tmp_path: Path) -> N
     assert guest["root"]["path"] == f"{GUEST_SHARED}/rootfs-x"
     assert guest["linux"]["namespaces"] == [
         {"type": "ipc", "path": "/run/hyperstart/sandbox/ns/ipc"}, {"type": "uts"},
-        {"type": "pid"}]
+        {"type": "pid"}, {"type": "mount"}]  # a mount namespace always, in the guest
 
 
 def test_pod_annotations_name_the_sandbox() -> None:
