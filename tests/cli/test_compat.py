@@ -127,15 +127,10 @@ def test_mounts_in_the_spec_order(runv: Runv, tmp_path: Path) -> None:
     assert result.stdout == b"from the volume\n/a\n/a/b\n/a/b/c\n/a/d\n2048\n3072\n"
 
 
-def _record(runv: Runv, cid: str) -> dict[str, Any]:
-    return dict(json.loads((runv.root / cid / "state.json").read_text()))
-
-
 def _sandbox_pids(runv: Runv, cid: str) -> list[int]:
     """The supervisor, everything below it (QEMU, virtiofsd, the vsock backend) and the
     stand-in."""
-    record = _record(runv, cid)
-    return [*child.with_descendants(record["supervisor_pid"]), record["pid"]]
+    return [*child.with_descendants(runv.supervisor_pid(cid)), runv.state_of(cid)["pid"]]
 
 
 @pytest.mark.parametrize("form", ["absolute", "relative", "systemd"])
@@ -194,11 +189,11 @@ def test_cgroup_of_a_killed_supervisor_is_removed_by_delete(runv: Runv) -> None:
     def edit(spec: dict[str, Any]) -> None:
         spec["linux"]["cgroupsPath"] = f"/{name}"
     runv("create", "--bundle", str(runv.bundle(["sleep", "600"], edit=edit)), "c1")
-    record = _record(runv, "c1")
+    standin = runv.state_of("c1")["pid"]
     roots = cgroup.roots(cgroup.memberships())
     assert all((root / name).is_dir() for root in roots.values())
-    os.kill(record["supervisor_pid"], signal.SIGKILL)
-    reap(record["pid"])  # the stand-in loses its supervisor
+    os.kill(runv.supervisor_pid("c1"), signal.SIGKILL)
+    reap(standin)  # the stand-in loses its supervisor
     runv.wait_status("c1", "stopped")
     assert all((root / name).is_dir() for root in roots.values())
     runv("delete", "c1")
