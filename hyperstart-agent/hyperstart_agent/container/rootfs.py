@@ -9,18 +9,16 @@ pivot_root, inside the container, and cannot point a mount or a device node at t
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 
 from . import spec as specmod
 from . import syscalls as sc
 
 CGROUP_ROOT = "/sys/fs/cgroup"
-STAGING_DIR = "/run/hyperstart"
 DEFAULT_DEVICES = (  # name, major, minor
     ("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
     ("tty", 5, 0),
@@ -62,28 +60,34 @@ class Root:
     def opened(self, path: str, flags: int = os.O_PATH) -> contextlib.AbstractContextManager[int]:
         return _closing(self.open(path, flags))
 
-    def mkdirs(self, path: str) -> int:
-        """The directory `path`, made (mode 0755) where missing: an O_PATH fd of it."""
+    def mkdirs(self, path: str, _links: int = 0) -> int:
+        """The directory `path`, made (mode 0755) where missing: an O_PATH fd of it. A
+        dangling symlink on the way is followed, its target made (inside the rootfs)."""
+        parts = [p for p in path.split("/") if p and p != "."]
         fd = os.dup(self.fd)
-        done: list[str] = []
         try:
-            for part in (p for p in path.split("/") if p and p != "."):
-                done.append(part)
-                prefix = "/".join(done)
+            for i, part in enumerate(parts):
+                prefix = "/".join(parts[:i + 1])
                 try:
                     next_fd = self.open(prefix, os.O_PATH | os.O_DIRECTORY)
                 except FileNotFoundError:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, 0o755, dir_fd=fd)
                     try:
-                        next_fd = self.open(prefix, os.O_PATH | os.O_DIRECTORY)
-                    except FileNotFoundError:  # a symlink whose target's parent is missing
-                        raise OSError(f"{'/' + prefix}: a dangling symlink in the image "
-                                      "(its target's directory does not exist)") from None
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        link = os.readlink(part, dir_fd=fd)  # OSError if not a symlink
+                        if _links >= 40:
+                            raise OSError(errno.ELOOP, f"/{prefix}: too many symlinks") from None
+                        rest = "/".join([link if link.startswith("/") else
+                                         "/".join([*parts[:i], link]), *parts[i + 1:]])
+                        os.close(fd)
+                        fd = -1
+                        return self.mkdirs(rest, _links + 1)
+                    next_fd = self.open(prefix, os.O_PATH | os.O_DIRECTORY)
                 os.close(fd)
                 fd = next_fd
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
         return fd
 
@@ -115,48 +119,52 @@ def _own_cgroup() -> str:
     raise OSError("no cgroup v2 membership in /proc/self/cgroup")
 
 
-def _copy_tree(source: str, target: str) -> None:
-    """Copy the directory `source` into the existing directory `target`: symlinks as they
-    are, files with their mode, owner and times (tmpcopyup)."""
+def _copy_tree(source: int, target: int) -> None:
+    """Copy the directory open as `source` into the directory open as `target`, by fd only
+    (no path is walked): symlinks as they are, the rest with its mode, owner and times."""
     for entry in os.scandir(source):
-        src, dst = entry.path, os.path.join(target, entry.name)
-        info = entry.stat(follow_symlinks=False)
-        if entry.is_symlink():
-            os.symlink(os.readlink(src), dst)
-        elif entry.is_dir(follow_symlinks=False):
-            os.mkdir(dst)
-            _copy_tree(src, dst)
-        elif entry.is_file(follow_symlinks=False):
-            shutil.copyfile(src, dst, follow_symlinks=False)
+        name = entry.name
+        info = os.stat(name, dir_fd=source, follow_symlinks=False)
+        if stat.S_ISLNK(info.st_mode):
+            os.symlink(os.readlink(name, dir_fd=source), name, dir_fd=target)
+        elif stat.S_ISDIR(info.st_mode):
+            os.mkdir(name, 0o700, dir_fd=target)
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            with _closing(os.open(name, flags, dir_fd=source)) as sub_source, \
+                    _closing(os.open(name, flags, dir_fd=target)) as sub_target:
+                _copy_tree(sub_source, sub_target)
+        elif stat.S_ISREG(info.st_mode):
+            with _closing(os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=source)) as src, \
+                    _closing(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                     0o600, dir_fd=target)) as dst:
+                while os.sendfile(dst, src, None, 1 << 20):
+                    pass
         else:
-            os.mknod(dst, info.st_mode, info.st_rdev)
-        os.chown(dst, info.st_uid, info.st_gid, follow_symlinks=False)
-        if not entry.is_symlink():
-            os.chmod(dst, stat.S_IMODE(info.st_mode))
-            os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns))
+            os.mknod(name, info.st_mode, info.st_rdev, dir_fd=target)
+        os.chown(name, info.st_uid, info.st_gid, dir_fd=target, follow_symlinks=False)
+        if not stat.S_ISLNK(info.st_mode):
+            os.chmod(name, stat.S_IMODE(info.st_mode), dir_fd=target)
+            os.utime(name, ns=(info.st_atime_ns, info.st_mtime_ns), dir_fd=target)
 
 
-def _tmpfs_copied_up(target: int, flags: int, data: str) -> None:
-    """A tmpfs on `target` that starts with a copy of what the image has there (podman's
-    --tmpfs): made on a staging directory, filled, then moved onto the target."""
-    staging = tempfile.mkdtemp(prefix="tmpcopyup-", dir=STAGING_DIR)
-    try:
-        sc.mount("tmpfs", staging, "tmpfs", flags & ~sc.MS_RDONLY, data)
-        try:
-            _copy_tree(proc_path(target), staging)
-            original = os.fstat(target)
-            if "mode=" not in data:
-                os.chmod(staging, stat.S_IMODE(original.st_mode))
-            os.chown(staging, original.st_uid, original.st_gid)
-            if flags & sc.MS_RDONLY:
-                sc.mount("", staging, "", sc.MS_REMOUNT | flags, data)
-            sc.mount(staging, proc_path(target), "", sc.MS_MOVE)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                sc.umount(staging, sc.MNT_DETACH)
-            raise
-    finally:
-        os.rmdir(staging)
+def _tmpfs_copied_up(root: Root, destination: str, flags: int, data: str) -> None:
+    """A tmpfs at `destination` that starts with a copy of what the image has there (podman's
+    --tmpfs): the image's directory stays reachable through an fd opened before the tmpfs
+    covers it."""
+    with _closing(root.mkdirs(destination)) as target:
+        original = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=target)
+        with _closing(original):
+            sc.mount("tmpfs", proc_path(target), "tmpfs", flags & ~sc.MS_RDONLY, data)
+            with root.opened(destination, os.O_RDONLY | os.O_DIRECTORY) as fresh:
+                _copy_tree(original, fresh)
+                info = os.fstat(original)
+                if "mode=" not in data:
+                    os.fchmod(fresh, stat.S_IMODE(info.st_mode))
+                os.fchown(fresh, info.st_uid, info.st_gid)
+    if flags & sc.MS_RDONLY:
+        with root.opened(destination) as mounted:
+            sc.mount("", proc_path(mounted), "", sc.MS_REMOUNT | flags, data)
 
 
 def mount_one(root: Root, m: specmod.Mount, *, new_cgroup_ns: bool) -> None:
@@ -183,15 +191,16 @@ def mount_one(root: Root, m: specmod.Mount, *, new_cgroup_ns: bool) -> None:
         # runc binds the container's cgroup of each v1 hierarchy).
         with _closing(root.mkdirs(m.destination)) as target:
             sc.mount(CGROUP_ROOT + _own_cgroup(), proc_path(target), "", sc.MS_BIND)
-            if flags & ~sc.MS_REMOUNT:
-                sc.mount("", proc_path(target), "", sc.MS_BIND | sc.MS_REMOUNT | flags)
+        if flags & ~sc.MS_REMOUNT:
+            with root.opened(m.destination) as mounted:  # the bind, not what it covers
+                sc.mount("", proc_path(mounted), "", sc.MS_BIND | sc.MS_REMOUNT | flags)
     else:
         # The guest has only the unified hierarchy: "cgroup" means cgroup2, as runc does.
         fstype = "cgroup2" if m.type == "cgroup" else m.type
-        with _closing(root.mkdirs(m.destination)) as target:
-            if options.tmpcopyup and fstype == "tmpfs":
-                _tmpfs_copied_up(target, flags, options.data)
-            else:
+        if options.tmpcopyup and fstype == "tmpfs":
+            _tmpfs_copied_up(root, m.destination, flags, options.data)
+        else:
+            with _closing(root.mkdirs(m.destination)) as target:
                 try:
                     sc.mount(m.source or m.type, proc_path(target), fstype, flags, options.data)
                 except OSError:
