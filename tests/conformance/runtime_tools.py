@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -84,16 +85,22 @@ def programs(suite: Path) -> list[str]:
 
 def run(suite: Path, program: str, runtime: Path, env: dict[str, str], *, workdir: Path,
         timeout_s: float) -> Verdict:
-    """Run validation/PROGRAM.t with RUNTIME in WORKDIR (which gets the suite's runtimetest and
-    rootfs tarball, as the programs expect them in their working directory)."""
+    """Run validation/PROGRAM.t with RUNTIME in WORKDIR, which gets copies of the suite's
+    runtimetest and rootfs tarball (the programs copy them from their working directory
+    into each bundle: a symlink would be copied as one). PROGRAM.out keeps its output."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("runtimetest", "rootfs-amd64.tar.gz"):
         if not (workdir / name).exists():
-            os.symlink(suite / name, workdir / name)
-    tmp = workdir / "tmp"  # the bundles the program unpacks (it removes them)
-    tmp.mkdir(exist_ok=True)
+            shutil.copy2(suite / name, workdir / name)
+    tmp = workdir / "tmp" / program  # the bundles the program unpacks (it removes them)
+    tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    proc = subprocess.Popen([str(suite / "validation" / f"{program}.t")], cwd=workdir,
+    # In a mount namespace of its own: a container without one (linux_ns_itype) makes its
+    # mounts (/proc, /dev, /sys on the bundle) in its runtime's, and under runc that would be
+    # the host's, left behind (and the program's clean-up then recurses into that /proc).
+    argv = ["unshare", "--mount", "--propagation", "private", "--",
+            str(suite / "validation" / f"{program}.t")]
+    proc = subprocess.Popen(argv, cwd=workdir,
                             env={**env, "RUNTIME": str(runtime), "TMPDIR": str(tmp)},
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)

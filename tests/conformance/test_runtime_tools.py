@@ -27,6 +27,8 @@ EXCEPTIONS_HEADING = "### runtime-tools programs no VM runtime can pass"
 def vm_exceptions() -> dict[str, str]:
     """The programs docs/runv.md names as impossible for any VM runtime, with the reason."""
     text = (TOP / "docs" / "runv.md").read_text()
+    if EXCEPTIONS_HEADING not in text:
+        pytest.fail(f"docs/runv.md has no section {EXCEPTIONS_HEADING!r}")
     section = text.split(EXCEPTIONS_HEADING, 1)[1].split("\n#", 1)[0]
     return dict(re.findall(r"^- `([a-z0-9_]+)`: (.+)$", section, re.MULTILINE))
 
@@ -71,7 +73,7 @@ def test_runtime_tools_runv_against_runc(runv: Runv, assets_dir: Path,  # noqa: 
 
     def run_runc() -> None:
         for name in names:
-            runc[name] = run(suite, name, runc_rt, runv.env, workdir=tmp_path / "runc" / name,
+            runc[name] = run(suite, name, runc_rt, runv.env, workdir=tmp_path / "runc",
                              timeout_s=PROGRAM_TIMEOUT_S)
 
     runc_thread = threading.Thread(target=run_runc, name="runc")
@@ -82,8 +84,8 @@ def test_runtime_tools_runv_against_runc(runv: Runv, assets_dir: Path,  # noqa: 
         for name in ordered:
             if CGROUP_PROGRAMS.match(name):
                 runc_thread.join()
-            ran_runv[name] = run(suite, name, runv_rt, runv.env,
-                                 workdir=tmp_path / "runv" / name, timeout_s=PROGRAM_TIMEOUT_S)
+            ran_runv[name] = run(suite, name, runv_rt, runv.env, workdir=tmp_path / "runv",
+                                 timeout_s=PROGRAM_TIMEOUT_S)
     finally:
         runc_thread.join()
     elapsed = time.monotonic() - t0
