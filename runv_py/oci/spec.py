@@ -5,7 +5,9 @@ keys are ignored (the spec allows extensions); wrong values are refused naming t
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +175,31 @@ def _sizing(linux: dict[str, Any]) -> tuple[int | None, float | None]:
     return memory_limit, cpus
 
 
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type
+_NAMESPACE_FLAGS = {"mount": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000,
+                    "ipc": 0x08000000, "user": 0x10000000, "pid": 0x20000000,
+                    "network": 0x40000000, "time": 0x00000080}
+
+
+def _check_namespace_path(path: str, kind: str, field: str) -> None:
+    """A namespace named by path must be one, of the type it is given as."""
+    if not path.startswith("/"):
+        raise SpecError(f"{field}: {path!r} is not absolute")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpecError(f"{field}: {path}: {exc.strerror}") from None
+    try:
+        actual = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        raise SpecError(f"{field}: {path} is not a namespace") from None
+    finally:
+        os.close(fd)
+    if actual != _NAMESPACE_FLAGS[kind]:
+        named = next((k for k, v in _NAMESPACE_FLAGS.items() if v == actual), hex(actual))
+        raise SpecError(f"{field}: {path} is not a {kind} namespace (it is {named})")
+
+
 def parse(bundle: Path, raw: Any) -> Spec:
     obj = _obj(raw, "config.json")
     _str(obj.get("ociVersion"), "ociVersion", required=True)
@@ -199,10 +226,11 @@ def parse(bundle: Path, raw: Any) -> Spec:
                     f"linux.namespaces[{i}].type", required=True)
         if kind not in NAMESPACES:
             raise SpecError(f"linux.namespaces[{i}].type: unknown namespace type {kind!r}")
+        path = _str(ns.get("path"), f"linux.namespaces[{i}].path")
+        if path:
+            _check_namespace_path(path, kind, f"linux.namespaces[{i}].path")
         if kind == "network":
-            network_ns = _str(ns.get("path"), f"linux.namespaces[{i}].path") or ""
-            if network_ns and not network_ns.startswith("/"):
-                raise SpecError(f"linux.namespaces[{i}].path: {network_ns!r} is not absolute")
+            network_ns = path
     annotations = _obj(obj.get("annotations"), "annotations")
     for key, value in annotations.items():
         _str(value, f"annotations[{key!r}]", required=True)

@@ -54,6 +54,12 @@ def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs",
     # The host applies cgroupsPath to the sandbox's host processes (host_cgroup.py); in the
     # guest the container's cgroup is the agent's choice.
     linux.pop("cgroupsPath", None)
+    # cpuset cpus and mems name the host's CPUs and memory nodes: they pin the VM there (the
+    # host cgroup); in the guest, numbers mean vCPUs, of which the VM may have fewer.
+    cpu = (linux.get("resources") or {}).get("cpu")
+    if isinstance(cpu, dict):
+        cpu.pop("cpus", None)
+        cpu.pop("mems", None)
     _warn_differences(raw)
     return raw
 

@@ -535,15 +535,23 @@ async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal,
     finally:
         os.close(ready_w)
     answer = await child.read_report(ready_r, STANDIN_READY_TIMEOUT_S)
+    # A stand-in in a new pid namespace is the child of the process spawned here, which
+    # reports its pid first and exits (standin_namespaces.fork_into).
+    pid = proc.pid
+    if answer.startswith(b"pid "):
+        first, _, answer = answer.partition(b"\n")
+        pid = int(first[4:])
+        proc.wait()
     if answer != b"ok":
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
+        for stray in {pid, proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stray, signal.SIGKILL)
         proc.wait()
         raise RunvError(answer.decode(errors="replace") or "the stand-in process failed")
     owner = vm_dir.owner(ctl.parent)
     if owner is not None:
-        cgroup.follow(owner[0], [proc.pid])  # a host process of the sandbox
-    return proc.pid
+        cgroup.follow(owner[0], [pid])  # a host process of the sandbox
+    return pid
 
 
 def parse_signal(text: str) -> int:

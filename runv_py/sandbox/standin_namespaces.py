@@ -3,15 +3,16 @@ namespaces by pid (`nsenter -t PID`, `ip netns identify PID`, CNI plugins, the r
 suite) land in namespaces of the container's own rather than in the host's.
 
 The container's processes live in the guest, so these are host namespaces standing in for the
-guest's: the stand-in of a container's init is in new mount, UTS, IPC, cgroup and user
-namespaces where the spec asks for new ones, and in the caller's network namespace where the
-spec names one by path (the VM's network is that namespace's, mirrored in). What stays as the
-runtime's:
-- pid and time: a new one of these applies to a process's children, and the stand-in must be
-  the caller's direct child to be reaped (containerd's shim and conmon wait for it);
-- ipc, uts, mount named by path: the guest cannot join a host namespace (its own namespaces
-  for a pod's shared ones are in the guest); the stand-in keeps the runtime's.
-A stand-in of an exec'd process joins the namespaces of its container's stand-in."""
+guest's: the stand-in of a container's init is in new mount, UTS, IPC, cgroup, user, pid and
+time namespaces where the spec asks for new ones, and in the caller's network namespace where
+the spec names one by path (the VM's network is that namespace's, mirrored in). A new pid or
+time namespace applies to a process's children: the stand-in process then forks first
+(fork_into()), the child is the stand-in (pid 1 of its pid namespace, as runc's init is) and
+its parent reports the child's pid and exits, so that the child is reaped by the caller's
+subreaper (containerd's shim, conmon), as runc's init is. What stays as the runtime's: ipc,
+uts, mount, pid or user named by path (the guest cannot join a host namespace; a pod's shared
+ones are guest namespaces). A stand-in of an exec'd process joins the namespaces of its
+container's stand-in."""
 
 from __future__ import annotations
 
@@ -20,12 +21,15 @@ import json
 import os
 from typing import Any
 
+CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+FOR_CHILDREN = {"pid": CLONE_NEWPID, "time": CLONE_NEWTIME}  # entered by children only
 NEW_FLAGS = {"mount": CLONE_NEWNS, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC,
              "network": CLONE_NEWNET, "cgroup": CLONE_NEWCGROUP, "user": CLONE_NEWUSER}
 _PROC_NAMES = {"mount": "mnt", "uts": "uts", "ipc": "ipc", "network": "net",
@@ -40,7 +44,7 @@ def for_spec(raw: dict[str, Any]) -> str:
     new: list[str] = []
     net = ""
     for ns in (linux or {}).get("namespaces") or []:
-        if not isinstance(ns, dict) or ns.get("type") not in NEW_FLAGS:
+        if not isinstance(ns, dict) or ns.get("type") not in (*NEW_FLAGS, *FOR_CHILDREN):
             continue
         if not ns.get("path"):
             new.append(str(ns["type"]))
@@ -60,16 +64,20 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _join_pid(pid: int) -> None:
+def _differing(pid: int, names: dict[str, str]) -> int | None:
+    """The CLONE_NEW* flags of the namespaces (of `names`) that `pid` is in and we are not;
+    None if `pid` is gone."""
     flags = 0
-    for kind, name in _PROC_NAMES.items():
+    for kind, name in names.items():
         try:
             if os.readlink(f"/proc/{pid}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}"):
-                flags |= NEW_FLAGS[kind]
+                flags |= {**NEW_FLAGS, **FOR_CHILDREN}[kind]
         except OSError:
-            return  # the container's stand-in is gone: stay where we are
-    if not flags:
-        return
+            return None
+    return flags
+
+
+def _setns_pid(pid: int, flags: int) -> None:
     pidfd = os.pidfd_open(pid)
     try:
         _check(_libc.setns(pidfd, flags), f"setns into the namespaces of pid {pid}")
@@ -77,8 +85,35 @@ def _join_pid(pid: int) -> None:
         os.close(pidfd)
 
 
+def fork_into(request: dict[str, Any]) -> int | None:
+    """Enter the pid and time namespaces `request` asks for, which only children can be in:
+    fork, and return the child's pid in the parent (which reports it and exits); None in the
+    child, and where there was nothing to enter."""
+    flags = 0
+    if "join" in request:
+        joined = _differing(int(request["join"]), {"pid": "pid", "time": "time"})
+        if joined:
+            _setns_pid(int(request["join"]), joined)
+            flags = joined
+    else:
+        for kind in request.get("new") or []:
+            flags |= FOR_CHILDREN.get(kind, 0)
+        if flags:
+            _check(_libc.unshare(flags), "unshare")
+    if not flags:
+        return None
+    return os.fork() or None
+
+
+def _join_pid(pid: int) -> None:
+    flags = _differing(pid, _PROC_NAMES)
+    if flags:  # None: the container's stand-in is gone; stay where we are
+        _setns_pid(pid, flags)
+
+
 def enter(request: dict[str, Any]) -> None:
-    """Carry out a request of for_spec() or for_exec() in this (single-threaded) process."""
+    """Carry out the rest of a request of for_spec() or for_exec() (all but fork_into()'s)
+    in this single-threaded process, after it attached."""
     if "join" in request:
         _join_pid(int(request["join"]))
         return
@@ -90,6 +125,6 @@ def enter(request: dict[str, Any]) -> None:
             os.close(fd)
     flags = 0
     for kind in request.get("new") or []:
-        flags |= NEW_FLAGS[kind]
+        flags |= NEW_FLAGS.get(kind, 0)
     if flags:
         _check(_libc.unshare(flags), "unshare")

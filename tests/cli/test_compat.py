@@ -220,16 +220,18 @@ def test_the_standin_is_in_the_new_namespaces_of_the_spec(runv: Runv, tmp_path: 
              "--pid-file", str(pid_file), "c1")
         pid = int(pid_file.read_text())
         assert _ns(pid, "net") == f"net:[{os.stat(f'/run/netns/{netns}').st_ino}]"
-        for kind in ("ipc", "uts", "mnt", "cgroup"):
+        for kind in ("ipc", "uts", "mnt", "cgroup", "pid"):
             assert _ns(pid, kind) != _ns("self", kind), kind
-        # What a new namespace of these kinds cannot give the stand-in (docs/runv.md).
-        for kind in ("pid", "user"):
-            assert _ns(pid, kind) == _ns("self", kind), kind
+        assert _ns(pid, "user") == _ns("self", "user")  # not asked for
+        # In its new pid namespace the stand-in is pid 1 (as runc's init is).
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert next(line for line in status.splitlines()
+                    if line.startswith("NSpid:")).split()[-1] == "1"
         runv("start", "c1")
         exec_pid_file = tmp_path / "exec.pid"
         runv("exec", "--detach", "--pid-file", str(exec_pid_file), "c1", "sleep", "600")
         exec_pid = int(exec_pid_file.read_text())
-        for kind in ("net", "ipc", "uts", "mnt", "cgroup"):
+        for kind in ("net", "ipc", "uts", "mnt", "cgroup", "pid"):
             assert _ns(exec_pid, kind) == _ns(pid, kind), kind
         runv("delete", "--force", "c1")
         reap(exec_pid)

@@ -20,7 +20,7 @@ from .runtime_tools import Verdict, programs, run
 TOP = Path(__file__).resolve().parents[2]
 PROGRAM_TIMEOUT_S = 900.0
 # They make and remove the same cgroups (/cgrouptest) under either runtime: never both at once.
-CGROUP_PROGRAMS = re.compile(r"^linux_cgroups_")
+CGROUP_PROGRAMS = re.compile(r"^(linux_cgroups_.*|delete_resources|delete_only_create_resources)$")
 EXCEPTIONS_HEADING = "### runtime-tools programs no VM runtime can pass"
 
 

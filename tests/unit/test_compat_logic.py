@@ -29,13 +29,15 @@ def test_mount_options_sorted_by_what_applies_them() -> None:
     assert rro.recursive_set == sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOATIME
     assert rro.recursive_clear == sc.MOUNT_ATTR__ATIME  # the kernel wants the whole mask
     assert sc.parse_mount_options(("rro", "rrw"), bind=True).recursive_set == 0
+    # Filesystem data means nothing to a bind (runtime-tools' mounts program passes some).
+    assert sc.parse_mount_options(("bind", "mode=755", "size=1k")).data == ""
     tmpfs = sc.parse_mount_options(("nosuid", "tmpcopyup", "size=1m", "mode=755"))
     assert tmpfs.tmpcopyup and tmpfs.data == "size=1m,mode=755" and not tmpfs.is_bind
 
 
 @pytest.mark.parametrize(("options", "bind", "message"), [
     (("rbind", "bogus"), False, "'bogus' is not known for a bind mount"),
-    (("size=1m",), True, "'size=1m' is not known for a bind mount"),
+    (("nosuid", "size=1m", "rro2"), True, "'rro2' is not known for a bind mount"),
     (("idmap",), True, "'idmap': id-mapped mounts are not supported"),
 ])
 def test_options_that_cannot_be_honoured_are_refused(options: tuple[str, ...], bind: bool,
@@ -94,17 +96,20 @@ def test_standin_namespaces_for_a_spec() -> None:
         {"type": "uts", "path": "/proc/1/ns/uts"}, {"type": "mount"}, {"type": "time"},
         {"type": "user"}, {"type": "cgroup"}]}}
     assert json.loads(standin_namespaces.for_spec(raw)) == {
-        "new": ["ipc", "mount", "user", "cgroup"], "network": "/run/netns/x"}
+        "new": ["pid", "ipc", "mount", "time", "user", "cgroup"], "network": "/run/netns/x"}
     assert json.loads(standin_namespaces.for_spec({})) == {"new": [], "network": ""}
     assert json.loads(standin_namespaces.for_exec(42)) == {"join": 42}
 
 
-def test_guest_spec_always_has_a_mount_namespace(tmp_path: Path) -> None:
+def test_guest_spec_mount_namespace_and_host_parts(tmp_path: Path) -> None:
     (tmp_path / "rootfs").mkdir()
     raw = {"ociVersion": "1.1.0", "root": {"path": "rootfs"}, "process": {"args": ["sh"]},
-           "linux": {"cgroupsPath": "/x"}}
+           "linux": {"cgroupsPath": "/x", "resources": {"cpu": {"cpus": "0-7", "mems": "0",
+                                                               "shares": 2}}}}
     guest = guest_spec.rewrite(oci_spec.parse(tmp_path, raw), {})
-    assert guest["linux"] == {"namespaces": [{"type": "mount"}]}
+    # cgroupsPath and the cpuset are the host's (host_cgroup.py); the rest goes in.
+    assert guest["linux"] == {"namespaces": [{"type": "mount"}],
+                              "resources": {"cpu": {"shares": 2}}}
 
 
 TAP_PASS = """TAP version 13

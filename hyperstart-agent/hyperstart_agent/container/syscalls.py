@@ -236,9 +236,10 @@ class MountOptions:
 
 
 def parse_mount_options(options: tuple[str, ...], *, bind: bool = False) -> MountOptions:
-    """OCI mount options -> MountOptions. A bind mount takes no filesystem data, so an option
-    that is none of the known ones is an error for it; for other mounts it goes to the
-    filesystem, which refuses what it does not know."""
+    """OCI mount options -> MountOptions. A bind mount takes no filesystem data: key=value
+    options are dropped for it (as the kernel would), and any other option that is none of
+    the known ones is an error (it would be ignored: `rro` was, leaving the volume writable);
+    for other mounts it goes to the filesystem, which refuses what it does not know."""
     flags = propagation = rset = rclear = 0
     tmpcopyup = False
     data: list[str] = []
@@ -260,7 +261,12 @@ def parse_mount_options(options: tuple[str, ...], *, bind: bool = False) -> Moun
         else:
             data.append(option)
     is_bind = bind or bool(flags & MS_BIND)
-    if is_bind and data:
-        raise MountOptionError(f"mount option {data[0]!r} is not known for a bind mount")
+    if is_bind:
+        # The kernel ignores filesystem data for a bind (runc passes `mode=755,size=1k` on
+        # and nothing happens); a word that is not data is a flag this runtime does not know.
+        unknown = [option for option in data if "=" not in option]
+        if unknown:
+            raise MountOptionError(f"mount option {unknown[0]!r} is not known for a bind mount")
+        data = []
     return MountOptions(flags | (MS_BIND if bind else 0), propagation, ",".join(data),
                         rset, rclear, tmpcopyup)
