@@ -78,11 +78,20 @@ def _differing(pid: int, names: dict[str, str]) -> int | None:
 
 
 def _setns_pid(pid: int, flags: int) -> None:
-    pidfd = os.pidfd_open(pid)
-    try:
-        _check(_libc.setns(pidfd, flags), f"setns into the namespaces of pid {pid}")
-    finally:
-        os.close(pidfd)
+    """Join the namespaces of `pid` that `flags` names, user first. By /proc paths, not a
+    pidfd: after joining its pid namespace for children, a forked child would not find the
+    host pid there (the host's /proc still does)."""
+    order = ("user", "mount", "ipc", "uts", "network", "cgroup", "pid", "time")
+    names = {**_PROC_NAMES, "pid": "pid", "time": "time"}
+    every = {**NEW_FLAGS, **FOR_CHILDREN}
+    for kind in order:
+        if flags & every[kind]:
+            fd = os.open(f"/proc/{pid}/ns/{names[kind]}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _check(_libc.setns(fd, every[kind]), f"setns into the {kind} namespace of "
+                                                     f"pid {pid}")
+            finally:
+                os.close(fd)
 
 
 def fork_into(request: dict[str, Any]) -> int | None:
