@@ -173,9 +173,9 @@ def resolve(cgroups_path: str, base: dict[str, str], controllers: str) -> str:
         if not name:
             raise SpecError("linux.cgroupsPath: the systemd form is slice:prefix:name")
         parent = expand_slice(slice_name or _SYSTEMD_DEFAULT_SLICE)
-        if name.endswith(".slice"):
-            return expand_slice(name)
-        unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
+        # A name that is a slice is the unit itself (as runc's systemd driver joins them).
+        unit = name if name.endswith(".slice") else (
+            f"{prefix}-{name}.scope" if prefix else f"{name}.scope")
         path = parent.rstrip("/") + "/" + unit
     elif cgroups_path.startswith("/"):
         path = cgroups_path

@@ -84,15 +84,17 @@ def programs(suite: Path) -> list[str]:
 
 
 def run(suite: Path, program: str, runtime: Path, env: dict[str, str], *, workdir: Path,
-        timeout_s: float) -> Verdict:
+        bundles: Path, timeout_s: float) -> Verdict:
     """Run validation/PROGRAM.t with RUNTIME in WORKDIR, which gets copies of the suite's
     runtimetest and rootfs tarball (the programs copy them from their working directory
-    into each bundle: a symlink would be copied as one). PROGRAM.out keeps its output."""
+    into each bundle: a symlink would be copied as one). PROGRAM.out keeps its output. The
+    bundles go under BUNDLES, which a container's unmapped user (linux_ns_nopath maps ids to
+    1000) must be able to reach: every directory above it world-searchable."""
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("runtimetest", "rootfs-amd64.tar.gz"):
         if not (workdir / name).exists():
             shutil.copy2(suite / name, workdir / name)
-    tmp = workdir / "tmp" / program  # the bundles the program unpacks (it removes them)
+    tmp = bundles / program  # the bundles the program unpacks (it removes them)
     tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     # In a mount namespace of its own: a container without one (linux_ns_itype) makes its

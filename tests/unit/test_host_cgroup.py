@@ -70,7 +70,7 @@ def test_cgroups_path_forms() -> None:
         "/machine.slice/machine-pods.slice/libpod-abc.scope"
     assert resolve(":cri:abc", base, "") == "/system.slice/cri-abc.scope"
     assert resolve("-.slice::abc", base, "") == "/abc.scope"
-    assert resolve("system.slice:p:sub-x.slice", base, "") == "/sub.slice/sub-x.slice"
+    assert resolve("system.slice:p:sub-x.slice", base, "") == "/system.slice/sub-x.slice"
     for bad in ("/a/../b", "a-.slice:p:n", "x:p:", "bad:p:n"):
         with pytest.raises(SpecError, match=r"^linux\.cgroupsPath"):
             resolve(bad, base, "")
