@@ -141,7 +141,7 @@ def test_podman_tmpfs_privileged_and_limits(podman: Podman) -> None:
 def test_podman_container_host_cgroup(podman: Podman) -> None:
     """podman gives cgroupsPath /libpod_parent/libpod-ID: the container's host processes are
     there, the VM's memory bounded, and the cgroup goes with the container."""
-    from runv_py.sandbox import cgroup, host_cgroup
+    from runv_py.sandbox import cgroup
 
     cid = podman("run", "-d", "--network", "none", "--memory", "32m", IMAGE, "sleep",
                  "600").stdout.decode().strip()
@@ -149,6 +149,8 @@ def test_podman_container_host_cgroup(podman: Podman) -> None:
     path = f"/libpod_parent/libpod-{cid}"
     roots = cgroup.roots(cgroup.memberships())
     assert cgroup.memberships(pid)["memory"] == path
+    from runv_py.sandbox import host_cgroup
+
     memory = int((roots["memory"] / path.lstrip("/") / "memory.limit_in_bytes").read_text())
     assert memory == (256 + 32 + host_cgroup.HOST_OVERHEAD_MIB
                       + host_cgroup.TCG_CODE_CACHE_MIB) << 20
