@@ -12,7 +12,8 @@ DEBIAN_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential b
 	zstd xz-utils e2fsprogs util-linux libseccomp2 python3 python3-venv python3-dev \
 	containerd runc crun podman conmon docker-registry skopeo openssl \
 	containernetworking-plugins iproute2 iptables nftables \
-	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils libvirt-dev pkg-config
+	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils libvirt-dev pkg-config \
+	golang-go golang-github-opencontainers-runtime-tools-dev golang-github-google-uuid-dev docker.io
 
 .PHONY: deps debian-deps venv assets run test lint unit vm bench-boot clean
 

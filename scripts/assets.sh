@@ -40,4 +40,18 @@ build rootfs "$(cd "$top" && key rootfs images/build-rootfs.sh images/hyperstart
   "$top/images/build-rootfs.sh"
 
 build floor "$(key floor "$top/images/build-floor.sh" /bin/busybox)" "$top/images/build-floor.sh"
+
+# The OCI runtime-tools validation suite (tests/conformance): upstream sources from ../shared,
+# built with Debian's Go and Go packages.
+rt_src=${RUNTIME_TOOLS_SRC:-$top/../shared/third_party/runtime-tools}
+if [ -d "$rt_src/validation" ]; then
+  rt_files=$(cd "$rt_src" && find cmd validation tap-go -type f | LC_ALL=C sort)
+  rt_debs=$(dpkg-query -W -f='${Package} ${Version}\n' golang-go \
+    golang-github-opencontainers-runtime-tools-dev golang-github-google-uuid-dev 2>/dev/null || true)
+  build runtime-tools "$(cd "$rt_src" && KEY_EXTRA="$rt_debs" key runtime-tools \
+    "$top/scripts/build-runtime-tools.sh" /bin/busybox $rt_files)" \
+    "$top/scripts/build-runtime-tools.sh"
+else
+  printf '[assets] runtime-tools: no sources in %s (tests/conformance will fail)\n' "$rt_src" >&2
+fi
 printf '[assets] ready in %s\n' "$assets" >&2

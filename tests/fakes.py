@@ -248,7 +248,7 @@ class FakeShared:
         return self._add(name)
 
     def attach(self, tree: int, field: str, *, readonly: bool = False,
-               name: str | None = None, volume: bool = False) -> str:
+               name: str | None = None, volume: bool = False, label: str = "") -> str:
         return self._add(name)
 
     def unbind(self, name: str) -> None:

@@ -40,7 +40,11 @@ def mount(storage: Storage) -> None:
         raise StorageError("storage options must not contain NUL")
     if not storage.mount_point.startswith("/") or ".." in storage.mount_point.split("/"):
         raise StorageError(f"storage mount_point {storage.mount_point!r} must be an absolute path")
-    flags, _, data = sc.parse_mount_options(storage.options)
+    try:
+        options = sc.parse_mount_options(storage.options)
+    except sc.MountOptionError as exc:
+        raise StorageError(str(exc)) from None
+    flags, data = options.flags, options.data
     source = storage.source
     if storage.driver == "9p":
         fstype, data = "9p", ",".join(filter(None, [NINEP_OPTIONS, data]))

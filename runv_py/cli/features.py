@@ -3,36 +3,66 @@ adds under the `org.runv.*` annotations."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .. import __version__
+from ..config import RuntimeConfig
+from ..errors import RunvError
+from ..oci.spec import CAPABILITIES
 
 NAMESPACES = ["cgroup", "ipc", "mount", "network", "pid", "user", "uts", "time"]
-MOUNT_OPTIONS = ["async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec",
-                 "mand", "noatime", "nodev", "nodiratime", "noexec", "nostrictatime",
-                 "nosuid", "private", "rbind", "relatime", "remount", "ro", "rprivate",
-                 "rshared", "rslave", "runbindable", "rw", "shared", "slave",
-                 "strictatime", "sync", "unbindable"]
+MOUNT_OPTIONS = sorted([
+    "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec", "mand",
+    "noatime", "nodev", "nodiratime", "noexec", "nomand", "norelatime", "nostrictatime",
+    "nosuid", "nosymfollow", "private", "rbind", "relatime", "remount", "ro", "rprivate",
+    "rshared", "rslave", "runbindable", "rw", "shared", "slave", "strictatime", "suid",
+    "symfollow", "sync", "unbindable",
+    # recursive attributes (mount_setattr), and tmpfs content copied from the image
+    "ratime", "rdev", "rdiratime", "rexec", "rnoatime", "rnodev", "rnodiratime", "rnoexec",
+    "rnorelatime", "rnostrictatime", "rnosuid", "rnosymfollow", "rrelatime", "rro", "rrw",
+    "rstrictatime", "rsuid", "rsymfollow", "tmpcopyup", "notmpcopyup"])
 HOOKS = ["prestart", "createRuntime", "startContainer", "poststart", "poststop"]
 
 
-def _capabilities() -> list[str]:
-    names = ["CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
-             "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
-             "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
-             "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
-             "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
-             "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
-             "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"]
-    return ["CAP_" + n for n in names]
+def _template_state(config: RuntimeConfig) -> str:
+    """Whether sandboxes of the default size start from a template, and if one is ready."""
+    if config.template == "off":
+        return "off (cold boot)"
+    from ..sandbox import guest_spec, guest_vm, vm_template
+
+    try:
+        key = guest_vm.clone_key(config, (guest_spec.SHARED_TAG,))
+    except Exception as exc:  # no assets, KVM asked for but unusable: say so, do not fail
+        return f"unavailable: {exc}"
+    found = vm_template.TemplateStore(config.template_dir).get(key) is not None
+    return f"auto ({'ready' if found else 'built on first use'}, key {key})"
 
 
-def document() -> dict[str, Any]:
-    from ..config import load
+def _pool_state(config: RuntimeConfig) -> str:
+    from ..sandbox import pool_claim, pool_member
+
+    if not pool_member.socket_path(config.state_dir).exists():
+        return "not running"
+    try:
+        reply = asyncio.run(asyncio.wait_for(pool_claim.status(config.state_dir), 5))
+    except (OSError, RunvError, TimeoutError):
+        return "not running"
+    return f"running ({sum(row.idle for row in reply.keys.values())} idle)"
+
+
+def document(config: RuntimeConfig) -> dict[str, Any]:
+    """What this runtime, with its configuration, does here (not what it could do)."""
     from ..vm import accel
 
-    config = load(None)
-    choice = accel.choose(config.hypervisor.accelerator)
+    hv = config.hypervisor
+    accelerator: str
+    try:
+        accelerator = accel.choose(hv.accelerator).accel
+    except RunvError as exc:
+        accelerator = f"unusable: {exc}"
+    templates = _template_state(config)
+    template_on = templates.startswith("auto (")
     return {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.1.0",
@@ -40,8 +70,10 @@ def document() -> dict[str, Any]:
         "mountOptions": MOUNT_OPTIONS,
         "linux": {
             "namespaces": NAMESPACES,
-            "capabilities": _capabilities(),
-            "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
+            "capabilities": list(CAPABILITIES),
+            # cgroupsPath is honoured on the host (the sandbox's host processes) in v1 and v2
+            # hierarchies; systemd's slice:prefix:name form becomes the same directories.
+            "cgroup": {"v1": True, "v2": True, "systemd": False, "systemdUser": False},
             "seccomp": {"enabled": True,
                         "actions": ["SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL",
                                     "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD",
@@ -52,12 +84,22 @@ def document() -> dict[str, Any]:
         },
         "annotations": {
             "org.runv.version": __version__,
-            "org.runv.hypervisor": config.hypervisor.backend,
-            "org.runv.accelerator": choice.accel,
-            "org.runv.machine": config.hypervisor.machine,
-            "org.runv.shared-fs": "virtio-9p",
+            "org.runv.config": config.source,
+            "org.runv.hypervisor": hv.backend,
+            "org.runv.accelerator": accelerator,
+            # A template's clones use machine pc and 9p (docs/templates.md); a cold boot
+            # uses the configured machine and shared fs.
+            "org.runv.machine": "pc" if template_on else hv.machine,
+            "org.runv.machine.cold-boot": hv.machine,
+            "org.runv.shared-fs": "9p" if template_on else config.guest.shared_fs,
+            "org.runv.shared-fs.cold-boot": config.guest.shared_fs,
             "org.runv.agent-channel": config.guest.channel,
+            "org.runv.vcpus": str(hv.vcpus),
+            "org.runv.memory-mib": str(hv.memory_mib),
+            "org.runv.template": templates,
+            "org.runv.pool": _pool_state(config),
             "org.runv.note": "containers run in their own VM; hooks.createContainer is not "
-                             "supported; process fds cannot be preserved into the VM",
+                             "supported; process fds cannot be preserved into the VM; host "
+                             "devices are not passed into the VM",
         },
     }

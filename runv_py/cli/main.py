@@ -221,6 +221,9 @@ def _exec_process(record: Any, args: argparse.Namespace) -> dict[str, Any]:
                 raise ConfigError(f"--user {args.user}: use UID[:GID] numbers") from None
         if args.no_new_privs:
             process["noNewPrivileges"] = True
+        if args.cap:
+            process["capabilities"] = oci_spec.added_capabilities(
+                process.get("capabilities"), args.cap)
     args_list = process.get("args")
     if (not isinstance(args_list, list) or not args_list
             or not all(isinstance(a, str) for a in args_list)):
@@ -271,7 +274,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if command == "features":
         from . import features
 
-        print(json.dumps(features.document(), indent=2))
+        print(json.dumps(features.document(config_mod.load()), indent=2))
         return 0
     from ..sandbox.runtime import Runtime, parse_signal
 

@@ -97,8 +97,9 @@ class BridgeNetwork:
             bridge["mtu"] = self.mtu
         if self.default_route:
             bridge["isDefaultGateway"] = True
-        portmap = {"type": "portmap", "capabilities": {"portMappings": True},
-                   "snat": self.ip_masq}
+        # snat: connections from 127.0.0.1 to a published port are masqueraded (and the
+        # bridge routes localnet), so `curl localhost:PORT` on the host works.
+        portmap = {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True}
         return {"cniVersion": CNI_VERSION, "name": self.name, "plugins": [bridge, portmap]}
 
 

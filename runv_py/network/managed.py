@@ -16,7 +16,8 @@ from .cni import BridgeNetwork, Cni, PortMapping
 
 NETNS_DIR = Path("/run/netns")  # where `ip netns` keeps them
 # No masquerade and no default route (see BridgeNetwork): a sandbox reaches the host, the
-# other sandboxes of the bridge and its published ports, nothing beyond.
+# other sandboxes of the bridge and its published ports, nothing beyond; connections to its
+# published ports reach it with the bridge's address as their source (_masquerade_rule).
 DEFAULT_NETWORK = BridgeNetwork(name="runv", bridge="runv0", subnet="10.89.0.0/16",
                                 data_dir=Path("/var/lib/runv/cni"))
 IFNAME = "eth0"
@@ -57,6 +58,41 @@ async def _ip_netns(*args: str) -> None:
                            f"{done.stderr.decode(errors='replace').strip()}")
 
 
+def _masquerade_rule(lease: Lease, address: str) -> tuple[str, list[str]]:
+    """(the iptables command, the rule): connections to the sandbox's published ports that
+    portmap DNATed from anywhere but the bridge (the host's own addresses, another machine)
+    leave towards the sandbox with the bridge's address as their source. The sandbox has no
+    default route, so it could not answer them otherwise; portmap's own snat covers
+    127.0.0.1."""
+    ip = address.split("/", 1)[0]
+    command = "ip6tables" if ":" in ip else "iptables"
+    return command, ["POSTROUTING", "-d", ip, "-o", lease.network.bridge, "-m", "conntrack",
+                     "--ctstate", "DNAT", "-m", "comment", "--comment",
+                     f"runv-py published ports of {lease.sandbox_id}", "-j", "MASQUERADE"]
+
+
+async def _iptables(command: str, action: str, rule: list[str]) -> bool:
+    done = await child.run([command, "-w", "-t", "nat", action, *rule], timeout_s=30)
+    if action != "-C" and done.returncode != 0:
+        raise NetworkError(f"{command} {action} {' '.join(rule)}: "
+                           f"{done.stderr.decode(errors='replace').strip()}")
+    return done.returncode == 0
+
+
+async def _publish_to_all(lease: Lease) -> None:
+    for address in lease.addresses if lease.ports else ():
+        command, rule = _masquerade_rule(lease, address)
+        if not await _iptables(command, "-C", rule):
+            await _iptables(command, "-A", rule)
+
+
+async def _unpublish(lease: Lease) -> None:
+    for address in lease.addresses if lease.ports else ():
+        command, rule = _masquerade_rule(lease, address)
+        while await _iptables(command, "-C", rule):
+            await _iptables(command, "-D", rule)
+
+
 async def attach(sandbox_id: str, network: BridgeNetwork = DEFAULT_NETWORK,
                  ports: tuple[PortMapping, ...] = ()) -> Lease:
     """A new network namespace for the sandbox, with an interface on `network` and `ports`
@@ -75,14 +111,21 @@ async def attach(sandbox_id: str, network: BridgeNetwork = DEFAULT_NETWORK,
     host = next((i for i in interfaces if not i.get("sandbox") and i.get("name") !=
                  network.bridge), {})
     own = next((i for i in interfaces if i.get("sandbox")), {})
-    return Lease(sandbox_id, netns, network, ports, addresses, str(host.get("name", "")),
-                 str(own.get("mac", "")))
+    lease = Lease(sandbox_id, netns, network, ports, addresses, str(host.get("name", "")),
+                  str(own.get("mac", "")))
+    try:
+        await _publish_to_all(lease)
+    except BaseException:
+        await detach(lease)
+        raise
+    return lease
 
 
 async def detach(lease: Lease) -> None:
     """Undo attach(): CNI DEL (addresses and port mappings released), then the namespace.
     Idempotent."""
     try:
+        await _unpublish(lease)
         await Cni(lease.network.conflist()).delete(lease.sandbox_id, lease.netns, IFNAME,
                                                    lease.ports)
     finally:

@@ -5,7 +5,9 @@ keys are ignored (the spec allows extensions); wrong values are refused naming t
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,14 @@ from ..errors import SpecError
 HOST_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
 GUEST_HOOKS = ("createContainer", "startContainer")
 NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+CAPABILITIES = tuple("CAP_" + name for name in (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE",
+    "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME",
+    "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP",
+    "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+    "PERFMON", "BPF", "CHECKPOINT_RESTORE"))  # in capability number order
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +48,9 @@ class Mount:
 
     @property
     def readonly(self) -> bool:
-        return "ro" in self.options
+        """Read-only as the last of ro/rw says, or recursively read-only (rro)."""
+        last = next((o for o in reversed(self.options) if o in ("ro", "rw")), "rw")
+        return last == "ro" or "rro" in self.options
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,31 @@ def _sizing(linux: dict[str, Any]) -> tuple[int | None, float | None]:
     return memory_limit, cpus
 
 
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace file: its CLONE_NEW* type
+_NAMESPACE_FLAGS = {"mount": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000,
+                    "ipc": 0x08000000, "user": 0x10000000, "pid": 0x20000000,
+                    "network": 0x40000000, "time": 0x00000080}
+
+
+def _check_namespace_path(path: str, kind: str, field: str) -> None:
+    """A namespace named by path must be one, of the type it is given as."""
+    if not path.startswith("/"):
+        raise SpecError(f"{field}: {path!r} is not absolute")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SpecError(f"{field}: {path}: {exc.strerror}") from None
+    try:
+        actual = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        raise SpecError(f"{field}: {path} is not a namespace") from None
+    finally:
+        os.close(fd)
+    if actual != _NAMESPACE_FLAGS[kind]:
+        named = next((k for k, v in _NAMESPACE_FLAGS.items() if v == actual), hex(actual))
+        raise SpecError(f"{field}: {path} is not a {kind} namespace (it is {named})")
+
+
 def parse(bundle: Path, raw: Any) -> Spec:
     obj = _obj(raw, "config.json")
     _str(obj.get("ociVersion"), "ociVersion", required=True)
@@ -189,10 +226,11 @@ def parse(bundle: Path, raw: Any) -> Spec:
                     f"linux.namespaces[{i}].type", required=True)
         if kind not in NAMESPACES:
             raise SpecError(f"linux.namespaces[{i}].type: unknown namespace type {kind!r}")
+        path = _str(ns.get("path"), f"linux.namespaces[{i}].path")
+        if path:
+            _check_namespace_path(path, kind, f"linux.namespaces[{i}].path")
         if kind == "network":
-            network_ns = _str(ns.get("path"), f"linux.namespaces[{i}].path") or ""
-            if network_ns and not network_ns.startswith("/"):
-                raise SpecError(f"linux.namespaces[{i}].path: {network_ns!r} is not absolute")
+            network_ns = path
     annotations = _obj(obj.get("annotations"), "annotations")
     for key, value in annotations.items():
         _str(value, f"annotations[{key!r}]", required=True)
@@ -214,3 +252,25 @@ def load(bundle: Path) -> Spec:
     except json.JSONDecodeError as exc:
         raise SpecError(f"{path}: not valid JSON: {exc}") from None
     return parse(bundle.resolve(), raw)
+
+
+def added_capabilities(capabilities: Any, names: list[str]) -> dict[str, list[str]]:
+    """`runv exec --cap NAME`: process.capabilities with NAME added to the bounding,
+    effective and permitted sets, and to the ambient set where there is an inheritable set to
+    raise it from (what runc does since 1.1.2). NAME may omit the CAP_ prefix."""
+    caps = _obj(capabilities, "process.capabilities")
+    out: dict[str, list[str]] = {
+        kind: list(_strings(caps.get(kind), f"process.capabilities.{kind}"))
+        for kind in ("bounding", "effective", "inheritable", "permitted", "ambient")
+        if kind in caps}
+    kinds = ["bounding", "effective", "permitted"]
+    if caps.get("inheritable") is not None:
+        kinds.append("ambient")
+    for name in names:
+        cap = name.upper() if name.upper().startswith("CAP_") else "CAP_" + name.upper()
+        if cap not in CAPABILITIES:
+            raise SpecError(f"--cap {name}: unknown capability")
+        for kind in kinds:
+            if cap not in out.setdefault(kind, []):
+                out[kind].append(cap)
+    return out

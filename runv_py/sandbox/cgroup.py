@@ -68,3 +68,14 @@ def join(paths: dict[str, str], pids: list[int]) -> None:
         except OSError as exc:
             log.warning("could not move the sandbox into cgroup %s (%s): %s", path,
                         controllers or "v2", exc.strerror or exc)
+
+
+def follow(leader: int, pids: list[int]) -> None:
+    """Move `pids` into the cgroups of process `leader` where theirs differ (a stand-in into
+    its sandbox supervisor's: the host cgroup of the sandbox, see host_cgroup.py)."""
+    wanted = memberships(leader)
+    for pid in pids:
+        current = memberships(pid)
+        differing = {k: v for k, v in wanted.items() if current.get(k) != v}
+        if differing:
+            join(differing, [pid])

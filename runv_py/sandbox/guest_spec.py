@@ -47,7 +47,35 @@ def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs",
             namespaces.append({"type": ns["type"], "path": (joined or {})[ns["type"]]})
         else:
             namespaces.append({"type": ns["type"]})
-    if "namespaces" in linux:
-        linux["namespaces"] = namespaces
+    if not any(ns["type"] == "mount" for ns in namespaces):
+        # The container is always in a mount namespace of its own in the guest (its rootfs
+        # is pivoted into): asking for none (sharing the runtime's) cannot mean the host's.
+        namespaces.append({"type": "mount"})
+    linux["namespaces"] = namespaces
+    raw["linux"] = linux
+    # The host applies cgroupsPath to the sandbox's host processes (host_cgroup.py); in the
+    # guest the container's cgroup is the agent's choice.
     linux.pop("cgroupsPath", None)
+    # cpuset cpus and mems name the host's CPUs and memory nodes: they pin the VM there (the
+    # host cgroup); in the guest, numbers mean vCPUs, of which the VM may have fewer.
+    cpu = (linux.get("resources") or {}).get("cpu")
+    if isinstance(cpu, dict):
+        cpu.pop("cpus", None)
+        cpu.pop("mems", None)
+    _warn_differences(raw)
     return raw
+
+
+def _warn_differences(raw: dict[str, Any]) -> None:
+    """One warning line for what the guest does differently from runc with this spec."""
+    linux = raw.get("linux") or {}
+    if linux.get("devices"):
+        log.warning("linux.devices: nodes are made in the guest with these numbers and name "
+                    "the guest's devices; host devices are not passed into the VM (as Kata's "
+                    "privileged_without_host_devices)")
+    caps = (raw.get("process") or {}).get("capabilities") or {}
+    ambient = set(caps.get("ambient") or [])
+    skipped = ambient - (set(caps.get("inheritable") or []) & set(caps.get("permitted") or []))
+    if skipped:
+        log.warning("process.capabilities.ambient: %s not raised (an ambient capability must "
+                    "also be permitted and inheritable)", ", ".join(sorted(skipped)))

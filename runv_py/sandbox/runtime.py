@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..oci import spec as oci_spec
 from ..store.state import ContainerRecord, RecordStore, Store
-from . import cgroup, pod, pool_member, protocol, vm_dir
+from . import cgroup, pod, pool_member, protocol, standin_namespaces, vm_dir
 from .client import BlockingSupervisorClient, SupervisorClient
 from .protocol import Attach, Create, CreateReply, Delete, Exec, Kill, Start, State
 from .status import ContainerStatus
@@ -274,7 +274,8 @@ class Runtime:
         if standin:
             terminal = Terminal.open(console_socket, spec.terminal)
             try:
-                pid = await spawn_standin(ctl, Attach(container=container_id), terminal)
+                pid = await spawn_standin(ctl, Attach(container=container_id), terminal,
+                                          standin_namespaces.for_spec(spec.raw))
             finally:
                 terminal.close()
         if record is None:
@@ -495,7 +496,8 @@ class Runtime:
         request = Exec(container=container_id, exec_id=secrets.token_hex(8), process=process)
         terminal = Terminal.open(console_socket, bool(process.get("terminal")))
         try:
-            pid = await spawn_standin(self.control_socket(record), request, terminal)
+            pid = await spawn_standin(self.control_socket(record), request, terminal,
+                                      standin_namespaces.for_exec(record.pid))
         finally:
             terminal.close()
         if pid_file:
@@ -517,11 +519,15 @@ async def _wait_gone(pid: int, start_time: int) -> None:
     child.reap_if_child(pid)
 
 
-async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal) -> int:
-    """A stand-in process attached to the process `request` names; its pid once attached."""
+async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal,
+                        namespaces: str) -> int:
+    """A stand-in process attached to the process `request` names, in the namespaces
+    `namespaces` asks for (standin_namespaces.py) and in its supervisor's cgroups; its pid once
+    attached."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     argv = [sys.executable, "-m", "runv_py.sandbox.standin", "--ctl", str(ctl),
-            "--request", json.dumps(request.to_wire()), "--ready-fd", str(ready_w)]
+            "--request", json.dumps(request.to_wire()), "--ready-fd", str(ready_w),
+            "--namespaces", namespaces]
     if terminal.slave is not None:
         argv.append("--tty")
     try:
@@ -530,12 +536,23 @@ async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal) -
     finally:
         os.close(ready_w)
     answer = await child.read_report(ready_r, STANDIN_READY_TIMEOUT_S)
+    # A stand-in in a new pid namespace is the child of the process spawned here, which
+    # reports its pid first and exits (standin_namespaces.fork_into).
+    pid = proc.pid
+    if answer.startswith(b"pid "):
+        first, _, answer = answer.partition(b"\n")
+        pid = int(first[4:])
+        proc.wait()
     if answer != b"ok":
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
+        for stray in {pid, proc.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stray, signal.SIGKILL)
         proc.wait()
         raise RunvError(answer.decode(errors="replace") or "the stand-in process failed")
-    return proc.pid
+    owner = vm_dir.owner(ctl.parent)
+    if owner is not None:
+        cgroup.follow(owner[0], [pid])  # a host process of the sandbox
+    return pid
 
 
 def parse_signal(text: str) -> int:

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ProtocolError
-from . import protocol
+from . import protocol, standin_namespaces
 from .client import SUPERVISOR_LOST, BlockingAttachedProcess, BlockingSupervisorClient
 from .protocol import Attach, Exec
 
@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request", required=True, help="the JSON attach or exec request")
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--tty", action="store_true")
+    parser.add_argument("--namespaces", default="{}", help="JSON: see standin_namespaces.py")
     args = parser.parse_args(argv)
+    namespaces = json.loads(args.namespaces)
+    child = standin_namespaces.fork_into(namespaces)
+    if child is not None:  # the child is the stand-in, in its new pid namespace
+        os.write(args.ready_fd, f"pid {child}\n".encode())
+        return 0
     if args.tty:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ProtocolError(f"a stand-in cannot serve {request.OP}")
         standin = StandIn.attach(BlockingSupervisorClient(Path(args.ctl)), request, fds,
                                  tty_fd)
+        standin_namespaces.enter(namespaces)
     except Exception as exc:
         os.write(args.ready_fd, str(exc).encode() or b"attach failed")
         return 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import child
 from ..errors import ConfigError
+from . import host_cgroup
 
 OWNER = "owner"
 CONTROL_SOCKET = "ctl.sock"
@@ -58,9 +59,11 @@ def empty(path: Path) -> None:
 
 def remove(path: Path) -> None:
     """A VM directory whose owner is gone (through the link a pooled one has at its
-    container's path), and its shared dir's mount point (the mounts died with the owner's
-    mount namespace)."""
+    container's path), its host cgroup (host_cgroup.py) and its shared dir's mount point (the
+    mounts died with the owner's mount namespace)."""
     real = path.resolve()
+    # The host cgroup the owner recorded there, which it could not remove itself.
+    host_cgroup.remove_recorded(real / host_cgroup.RECORD)
     shutil.rmtree(real, ignore_errors=True)
     with contextlib.suppress(OSError):
         path.unlink()

@@ -171,6 +171,16 @@ def volume_userns() -> int:
     return _volume_userns[0]
 
 
+def _readonly_recursive(target: Path) -> None:
+    """`target` and every mount below it read-only (mount_setattr(2), AT_RECURSIVE): a bind
+    with MS_REC copies the source's submounts, and a remount would make only the top one
+    read-only, leaving the others writable to the guest."""
+    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, str(target).encode(),
+                         ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr), ctypes.sizeof(attr)),
+           "mount_setattr")
+
+
 def _share_volume(tree: int, target: Path, readonly: bool) -> None:
     """Id-map the detached `tree` (VOLUME_ID_MAP), nosuid, nodev (and read-only), and
     attach it at `target`."""
@@ -212,21 +222,21 @@ class SharedDir:
             tree = detached_tree(source, field)
             try:
                 return self._attach_volume(tree, mode, field, name, str(source),
-                                           readonly=readonly)
+                                           readonly=readonly, label=source.name)
             finally:
                 os.close(tree)
-        target = self._target(mode, name)
+        target = self._target(mode, name, label=source.name)
         try:
             _mount(str(source), str(target), None, MS_BIND | MS_REC)
             if readonly:
-                _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+                _readonly_recursive(target)
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share {source}: {exc.strerror}") from None
-        return target.name
+        return str(target.relative_to(self.path))
 
     def _attach_volume(self, tree: int, mode: int, field: str, name: str | None, what: str,
-                       *, readonly: bool) -> str:
-        target = self._target(mode, name)
+                       *, readonly: bool, label: str) -> str:
+        target = self._target(mode, name, label=label)
         try:
             _share_volume(tree, target, readonly)
         except OSError as exc:
@@ -236,7 +246,7 @@ class SharedDir:
                                   "id-mapped, and without that guest root would be host root "
                                   "on it (docs/security.md)") from None
             raise ConfigError(f"{field}: cannot share {what}: {exc.strerror}") from None
-        return target.name
+        return str(target.relative_to(self.path))
 
     def overlay(self, lower: list[Path], upper: Path, work: Path, field: str, *,
                 name: str) -> str:
@@ -260,29 +270,35 @@ class SharedDir:
         return name
 
     def attach(self, tree: int, field: str, *, readonly: bool = False,
-               name: str | None = None, volume: bool = False) -> str:
+               name: str | None = None, volume: bool = False, label: str = "") -> str:
         """Put a detached_tree() (a directory or a file) into the share; returns its name.
-        `volume`: as for bind()."""
+        `volume`: as for bind(); `label`: the source's file name, as for bind()."""
         if not self._mounted:
             raise RunvError("shared dir is not open")
         if volume:
             return self._attach_volume(tree, os.fstat(tree).st_mode, field, name, "it",
-                                       readonly=readonly)
-        target = self._target(os.fstat(tree).st_mode, name)
+                                       readonly=readonly, label=label)
+        target = self._target(os.fstat(tree).st_mode, name, label=label)
         try:
             _check(_libc.syscall(SYS_MOVE_MOUNT, tree, b"", AT_FDCWD, str(target).encode(),
                                  MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
             if readonly:
-                _mount(None, str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+                _readonly_recursive(target)
         except OSError as exc:
             raise ConfigError(f"{field}: cannot share it: {exc.strerror}") from None
-        return target.name
+        return str(target.relative_to(self.path))
 
-    def _target(self, mode: int, name: str | None) -> Path:
-        """A new mount point in the share: a directory, or a file for anything else."""
+    def _target(self, mode: int, name: str | None, *, label: str = "") -> Path:
+        """A new mount point in the share: a directory, or a file for anything else. Without
+        a `name`, a bind source gets `m<N>/<its file name>`: the guest's mount then shows the
+        source's file name as its root, as a bind mount under runc does (tools that check
+        mounts compare it, the runtime-tools suite among them)."""
         if name is None:
             name = f"m{self._count}"
             self._count += 1
+            if label and label not in (".", ".."):
+                (self.path / name).mkdir()
+                name = f"{name}/{label}"
         target = self.path / name
         if stat.S_ISDIR(mode):
             target.mkdir()
@@ -290,21 +306,19 @@ class SharedDir:
             target.touch()
         return target
 
-    @staticmethod
-    def _drop_target(target: Path) -> None:
+    def _drop_target(self, target: Path) -> None:
         if target.is_dir():
             target.rmdir()
         else:
             target.unlink()
+        if target.parent != self.path:  # m<N>/<file name>
+            target.parent.rmdir()
 
     def unbind(self, name: str) -> None:
         """Undo bind(): the name disappears from the share."""
         target = self.path / name
         _check(_libc.umount2(str(target).encode(), MNT_DETACH), f"umount {target}")
-        if target.is_dir():
-            target.rmdir()
-        else:
-            target.unlink()
+        self._drop_target(target)
 
     def close(self) -> None:
         """Detach the tmpfs and everything bound under it. Idempotent. Must run before

@@ -36,12 +36,15 @@ def test_pod_containers_share_one_vm_and_localhost(runv: Runv, tmp_path: Path,
     sandbox = runv.bundle(["sh", "-c", SERVE], annotated("sandbox", "pod1", shared_fs))
     runv("create", "--bundle", str(sandbox), "pod1")
     runv("start", "pod1")
+    pause = runv.state_of("pod1")["pid"]
+
     def member(spec: dict[str, Any]) -> None:
         annotated("container", "pod1", shared_fs)(spec)
-        # As the CRI asks for the pod's IPC and UTS namespaces: by (host) path.
+        # As the CRI asks for the pod's IPC and UTS namespaces: by the host path of the
+        # sandbox's pid (its stand-in, in namespaces of its own).
         spec["linux"]["namespaces"] = [
-            {"type": t, "path": f"/proc/1/ns/{t}"} if t in ("ipc", "uts") else {"type": t}
-            for t in ("pid", "network", "ipc", "uts", "mount")]
+            {"type": t, "path": f"/proc/{pause}/ns/{t}"} if t in ("ipc", "uts") else
+            {"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]
         spec["hostname"] = ""
 
     out = tmp_path / "c1.out"

@@ -366,3 +366,51 @@ def test_bad_time_offsets(tmp_path: Path, rootfs: Path, namespaces: list[dict[st
     spec["linux"]["timeOffsets"] = offsets
     result = run(tmp_path, spec)
     assert result.returncode == 125 and message in result.stderr, result.stderr
+
+
+def test_image_symlinks_resolve_inside_the_rootfs(tmp_path: Path, rootfs: Path) -> None:
+    """Mount targets and device paths go through the image's symlinks as the container will
+    see them (absolute ones from its root, `..` stopping there), never to the host's paths."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "marker").write_text("volume\n")
+    (rootfs / "d").symlink_to("/tmp")
+    (rootfs / "e").symlink_to("../../../../../../../../srv")
+    try:
+        spec = _spec(rootfs, ["sh", "-c", "cat /tmp/x/marker; ls -d /srv/y"])
+        spec["mounts"] += [
+            {"destination": "/d/x", "type": "bind", "source": str(volume),
+             "options": ["rbind"]},
+            {"destination": "/e/y", "type": "tmpfs", "source": "tmpfs", "options": []}]
+        result = run(tmp_path, spec)
+        assert result.stdout == "volume\n/srv/y\n", result
+        assert not os.path.exists("/srv/y")
+    finally:
+        (rootfs / "d").unlink()
+        (rootfs / "e").unlink()
+        shutil.rmtree(rootfs / "srv", ignore_errors=True)
+        shutil.rmtree(rootfs / "tmp" / "x", ignore_errors=True)
+
+
+def test_tmpfs_copied_up_from_the_image(tmp_path: Path, rootfs: Path) -> None:
+    spec = _spec(rootfs, ["sh", "-c", "cat /etc/group; ls -l /etc/passwd | cut -c1-10; "
+                                      "touch /etc/new; awk '$5 == \"/etc\" {print $9}' "
+                                      "/proc/self/mountinfo"])
+    spec["mounts"].append({"destination": "/etc", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "tmpcopyup"]})
+    result = run(tmp_path, spec)
+    assert result.stdout == "root:x:0:\n-rw-r--r--\ntmpfs\n", result
+    assert not (rootfs / "etc" / "new").exists()
+
+
+def test_recursive_read_only_and_refused_options(tmp_path: Path, rootfs: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    spec = _spec(rootfs, ["sh", "-c", "touch /v/x 2>&1; echo end"])
+    spec["mounts"].append({"destination": "/v", "type": "bind", "source": str(volume),
+                           "options": ["rbind", "rro"]})
+    assert "Read-only file system" in run(tmp_path, spec).stdout
+    assert not (volume / "x").exists()
+    spec["mounts"][-1]["options"] = ["rbind", "bogus"]
+    result = run(tmp_path, spec)
+    assert result.returncode == 125 and "'bogus' is not known for a bind mount" in result.stderr

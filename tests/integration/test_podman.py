@@ -28,7 +28,12 @@ class Podman:
                         'events_logger = "file"\n')
         (top / "bin").mkdir()
         runtime = top / "bin" / "runv"  # podman names the runtime after the file
-        runtime.symlink_to(RUNV)
+        # podman starts the runtime with an environment of its own: runv's settings go in
+        # through a wrapper (else it would use /etc/runv/config.toml and the default assets).
+        settings = " ".join(f"{k}='{env[k]}'" for k in ("RUNV_CONFIG", "RUNV_ASSETS_DIR",
+                                                         "RUNV_TEMPLATE_DIR") if k in env)
+        runtime.write_text(f'#!/bin/sh\nexec env {settings} {RUNV} "$@"\n')
+        runtime.chmod(0o755)
         self.env = dict(env, CONTAINERS_CONF=str(conf))
         self.base = ["podman", "--root", str(top / "storage"), "--runroot", str(top / "run"),
                      "--tmpdir", str(top / "tmp"), "--storage-driver", "overlay",
@@ -109,3 +114,45 @@ def test_podman_run_interactive_tty(podman: Podman) -> None:
     assert proc.wait(timeout=60) == 2
     os.close(master)
     assert b"/dev/pts/" in output and b"got:typed" in output
+
+
+def test_podman_tmpfs_privileged_and_limits(podman: Podman) -> None:
+    """What podman hands a runtime for --tmpfs (tmpcopyup), --privileged (every capability,
+    the host's devices listed with their type bits in fileMode) and --memory/--pids-limit
+    (no cgroup namespace on a cgroup v1 host: /sys/fs/cgroup must still be the container's)."""
+    tmpfs = podman("run", "--rm", "--network", "none", "--tmpfs", "/etc", "--tmpfs", "/scratch",
+                   IMAGE, "sh", "-c", "cat /etc/group; touch /etc/new /scratch/x && "
+                   "awk '$5 == \"/etc\" || $5 == \"/scratch\" {print $5, $9}' "
+                   "/proc/self/mountinfo | sort")
+    assert tmpfs.stdout == b"root:x:0:\n/etc tmpfs\n/scratch tmpfs\n"
+
+    # Every capability podman grants (the host's bounding set).
+    host_bounding = next(line.split()[1] for line in Path("/proc/self/status").read_text()
+                         .splitlines() if line.startswith("CapBnd:"))
+    privileged = podman("run", "--rm", "--network", "none", "--privileged", IMAGE, "sh", "-c",
+                        "grep CapEff /proc/self/status")
+    assert privileged.stdout == f"CapEff:\t{host_bounding}\n".encode()
+
+    limits = podman("run", "--rm", "--network", "none", "--memory", "32m", "--pids-limit", "77",
+                    IMAGE, "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/pids.max")
+    assert limits.stdout == b"33554432\n77\n"
+
+
+def test_podman_container_host_cgroup(podman: Podman) -> None:
+    """podman gives cgroupsPath /libpod_parent/libpod-ID: the container's host processes are
+    there, the VM's memory bounded, and the cgroup goes with the container."""
+    from runv_py.sandbox import cgroup
+
+    cid = podman("run", "-d", "--network", "none", "--memory", "32m", IMAGE, "sleep",
+                 "600").stdout.decode().strip()
+    pid = int(podman("inspect", "--format", "{{.State.Pid}}", cid).stdout)
+    path = f"/libpod_parent/libpod-{cid}"
+    roots = cgroup.roots(cgroup.memberships())
+    assert cgroup.memberships(pid)["memory"] == path
+    from runv_py.sandbox import host_cgroup
+
+    memory = int((roots["memory"] / path.lstrip("/") / "memory.limit_in_bytes").read_text())
+    assert memory == (256 + 32 + host_cgroup.HOST_OVERHEAD_MIB
+                      + host_cgroup.TCG_CODE_CACHE_MIB) << 20
+    podman("rm", "--force", "--time", "0", cid)
+    assert not (roots["memory"] / path.lstrip("/")).exists()

@@ -276,9 +276,12 @@ def _shims(cd: Containerd) -> list[str]:
 
 def test_pod_shares_one_vm_and_localhost(cd: Containerd, shim_env: dict[str, str]) -> None:
     cd.ctr("run", "-d", *RUNTIME, *_pod("sandbox", "p1"), IMAGE, "p1", "sh", "-c", SERVE)
-    # As the CRI does, c1 asks for the sandbox's IPC namespace by (host) path.
-    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p1"), "--with-ns", "ipc:/proc/1/ns/ipc",
-           IMAGE, "c1", "sleep", "600")
+    # As the CRI does, c1 asks for the sandbox's IPC namespace by the host path of the
+    # sandbox task's pid.
+    pid = next(line.split()[1] for line in cd.ctr("task", "ls").stdout.decode().splitlines()[1:]
+               if line.split()[0] == "p1")
+    cd.ctr("run", "-d", *RUNTIME, *_pod("container", "p1"), "--with-ns",
+           f"ipc:/proc/{pid}/ns/ipc", IMAGE, "c1", "sleep", "600")
     assert _tasks(cd) == {"p1": "RUNNING", "c1": "RUNNING"}
     assert len(_qemus(shim_env)) == 1, _qemus(shim_env)
     assert len(_shims(cd)) == 1, _shims(cd)

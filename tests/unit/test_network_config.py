@@ -34,7 +34,8 @@ def test_bad_port_mappings_name_the_input(text: str) -> None:
 def test_bridge_network_has_no_masquerade_and_no_default_route(tmp_path: Path) -> None:
     conf = BridgeNetwork("n1", "br-n1", "10.99.0.0/24", tmp_path, mtu=9000).conflist()
     bridge, portmap = conf["plugins"]
-    assert bridge["ipMasq"] is False and portmap["snat"] is False
+    # portmap's snat masquerades only connections from 127.0.0.1 to published ports.
+    assert bridge["ipMasq"] is False and portmap["snat"] is True
     assert "routes" not in bridge["ipam"] and bridge["mtu"] == 9000
     assert bridge["ipam"]["dataDir"] == str(tmp_path)
     with pytest.raises(NetworkError, match="subnet"):
@@ -55,10 +56,13 @@ def test_spec_network_namespace(tmp_path: Path) -> None:
     load = oci_spec.load
     assert load(_bundle(tmp_path, [{"type": "pid"}])).network_ns is None
     assert load(_bundle(tmp_path, [{"type": "network"}])).network_ns == ""
-    assert load(_bundle(tmp_path, [{"type": "network", "path": "/run/netns/x"}])
-                ).network_ns == "/run/netns/x"
-    with pytest.raises(SpecError, match=r"linux.namespaces\[0\].path"):
-        load(_bundle(tmp_path, [{"type": "network", "path": "netns/x"}]))
+    assert load(_bundle(tmp_path, [{"type": "network", "path": "/proc/self/ns/net"}])
+                ).network_ns == "/proc/self/ns/net"
+    for path, why in (("netns/x", "is not absolute"), ("/run/netns/absent-x", "No such file"),
+                      ("/proc/self/ns/ipc", "is not a network namespace \\(it is ipc\\)"),
+                      (str(tmp_path), "is not a namespace")):
+        with pytest.raises(SpecError, match=rf"linux.namespaces\[0\].path: .*{why}"):
+            load(_bundle(tmp_path, [{"type": "network", "path": path}]))
 
 
 def test_lease_round_trips_through_json(tmp_path: Path) -> None:

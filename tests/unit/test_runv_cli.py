@@ -114,7 +114,7 @@ def test_guest_spec_points_at_the_share_and_drops_host_parts(tmp_path: Path) -> 
                           "options": ["rbind", "ro"]})
     doc["hooks"] = {"prestart": [{"path": "/bin/true"}],
                     "startContainer": [{"path": "/bin/true"}]}
-    doc["linux"]["namespaces"].append({"type": "ipc", "path": "/proc/1/ns/ipc"})
+    doc["linux"]["namespaces"].append({"type": "ipc", "path": "/proc/self/ns/ipc"})
     doc["linux"]["cgroupsPath"] = "/host/path"
     spec = oci_spec.load(_bundle(tmp_path, doc))
     guest = rewrite(spec, {len(doc["mounts"]) - 1: "m0"})
@@ -128,8 +128,8 @@ def test_guest_spec_points_at_the_share_and_drops_host_parts(tmp_path: Path) -> 
 
 def test_guest_spec_joins_the_pods_namespaces_named_by_path(tmp_path: Path) -> None:
     doc = default_spec.document()
-    doc["linux"]["namespaces"] = [{"type": "ipc", "path": "/proc/9/ns/ipc"}, {"type": "uts"},
-                                  {"type": "pid", "path": "/proc/9/ns/pid"}]
+    doc["linux"]["namespaces"] = [{"type": "ipc", "path": "/proc/self/ns/ipc"}, {"type": "uts"},
+                                  {"type": "pid", "path": "/proc/self/ns/pid"}]
     spec = oci_spec.load(_bundle(tmp_path, doc))
     guest = rewrite(spec, {}, rootfs="rootfs-x",
                     joined={"ipc": "/run/hyperstart/sandbox/ns/ipc",
@@ -137,7 +137,7 @@ def test_guest_spec_joins_the_pods_namespaces_named_by_path(tmp_path: Path) -> N
     assert guest["root"]["path"] == f"{GUEST_SHARED}/rootfs-x"
     assert guest["linux"]["namespaces"] == [
         {"type": "ipc", "path": "/run/hyperstart/sandbox/ns/ipc"}, {"type": "uts"},
-        {"type": "pid"}]
+        {"type": "pid"}, {"type": "mount"}]  # a mount namespace always, in the guest
 
 
 def test_pod_annotations_name_the_sandbox() -> None:

@@ -15,23 +15,17 @@ import json
 import os
 import resource
 import socket
-import stat
 import struct
 import subprocess
 import sys
 import termios
 from typing import Any
 
+from . import rootfs
 from . import spec as specmod
 from . import syscalls as sc
 
 SYNC_FD = 3
-DEFAULT_DEVICES = (  # name, major, minor
-    ("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
-    ("tty", 5, 0),
-)
-DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
 
 
 class ExecFailed(Exception):
@@ -58,121 +52,23 @@ class Sync:
         return message
 
 
-def _inside(rootfs: str, path: str) -> str:
-    return os.path.join(rootfs, path.lstrip("/"))
-
-
-def _make_target(target: str, source_is_dir: bool) -> None:
-    if os.path.lexists(target):
-        return
-    if source_is_dir:
-        os.makedirs(target, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "a"):
-            pass
-
-
-def _mount_one(rootfs: str, m: specmod.Mount) -> None:
-    flags, propagation, data = sc.parse_mount_options(m.options)
-    target = _inside(rootfs, m.destination)
-    is_bind = bool(flags & sc.MS_BIND) or m.type == "bind"
-    if is_bind:
-        source = m.source
-        _make_target(target, os.path.isdir(source))
-        sc.mount(source, target, "", sc.MS_BIND | (flags & sc.MS_REC))
-        rest = flags & ~(sc.MS_BIND | sc.MS_REC | sc.MS_REMOUNT)
-        if rest:  # a bind mount takes flags only on remount
-            sc.mount("", target, "", sc.MS_BIND | sc.MS_REMOUNT | rest)
-    else:
-        _make_target(target, True)
-        # The guest has only the unified hierarchy: "cgroup" means cgroup2, as runc does.
-        fstype = "cgroup2" if m.type == "cgroup" else m.type
-        try:
-            sc.mount(m.source or m.type, target, fstype, flags, data)
-        except OSError:
-            if m.type != "sysfs":
-                raise
-            # sysfs cannot be mounted without a new network namespace: bind the guest's.
-            sc.mount("/sys", target, "", sc.MS_BIND | sc.MS_REC)
-            sc.mount("", target, "", sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | flags)
-    if propagation:
-        sc.mount("", target, "", propagation)
-
-
-def _populate_dev(rootfs: str) -> None:
-    dev = _inside(rootfs, "/dev")
-    for name, major, minor in DEFAULT_DEVICES:
-        path = os.path.join(dev, name)
-        if not os.path.lexists(path):
-            try:
-                os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-                os.chmod(path, 0o666)
-            except PermissionError:  # in a user namespace: bind the guest's node
-                with open(path, "w"):
-                    pass
-                sc.mount(f"/dev/{name}", path, "", sc.MS_BIND)
-    for name, link in DEV_LINKS:
-        path = os.path.join(dev, name)
-        if not os.path.lexists(path):
-            os.symlink(link, path)
-
-
-def _make_device(rootfs: str, device: specmod.Device) -> None:
-    path = _inside(rootfs, device.path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.lexists(path):
-        os.unlink(path)
-    kind = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
-    os.mknod(path, device.file_mode | kind[device.type], os.makedev(device.major, device.minor))
-    os.chmod(path, device.file_mode)
-    os.chown(path, device.uid, device.gid)
-
-
-def _mask(path: str) -> None:
-    if not os.path.lexists(path):
-        return
-    if os.path.isdir(path):
-        sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
-    else:
-        sc.mount("/dev/null", path, "", sc.MS_BIND)
-
-
-def _readonly(path: str) -> None:
-    if not os.path.lexists(path):
-        return
-    sc.mount(path, path, "", sc.MS_BIND | sc.MS_REC)
-    sc.mount(path, path, "", sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_REC)
-
-
 def setup_rootfs(spec: specmod.Spec) -> None:
-    rootfs = spec.root_path
-    sc.mount("", "/", "", sc.MS_REC | sc.MS_PRIVATE)
-    sc.mount(rootfs, rootfs, "", sc.MS_BIND | sc.MS_REC)
-    dev_is_tmpfs = False
-    for m in spec.mounts:
-        _mount_one(rootfs, m)
-        dev_is_tmpfs = dev_is_tmpfs or (m.destination == "/dev" and m.type == "tmpfs")
-    if dev_is_tmpfs:
-        _populate_dev(rootfs)
-    for device in spec.devices:
-        _make_device(rootfs, device)
-    os.chdir(rootfs)
+    cgroup_ns = spec.namespace("cgroup")
+    rootfs.setup(spec, new_cgroup_ns=cgroup_ns is not None and not cgroup_ns.path)
+    os.chdir(spec.root_path)
     sc.pivot_root(".", ".")
     sc.umount(".", sc.MNT_DETACH)
     os.chdir("/")
-    for key, value in spec.sysctl:  # before readonlyPaths, which usually cover /proc/sys
-        with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
-            f.write(value)
-    for path in spec.masked_paths:
-        _mask(path)
-    for path in spec.readonly_paths:
-        _readonly(path)
     if spec.root_readonly:
         sc.mount("", "/", "", sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY)
 
 
 def _warn_unsupported(process: specmod.Process, sync: Sync) -> None:
+    caps = process.capabilities
+    if caps is not None and (skipped := caps.ambient - specmod.raisable_ambient(caps)):
+        names = ", ".join(specmod.CAPABILITIES[c] for c in sorted(skipped))
+        sync.send(warning=f"process.capabilities.ambient: {names} not raised (an ambient "
+                          "capability must also be permitted and inheritable)")
     if process.apparmor_profile:
         sync.send(warning=f"process.apparmorProfile {process.apparmor_profile!r} ignored: "
                           "the guest kernel has no AppArmor (the VM is the isolation boundary)")
@@ -226,7 +122,7 @@ def enter_process(process: specmod.Process, seccomp_profile: Any = None) -> None
     os.setresuid(user.uid, user.uid, user.uid)
     if caps is not None:
         sc.capset(caps.effective, caps.permitted, caps.inheritable)
-        for cap in caps.ambient:
+        for cap in specmod.raisable_ambient(caps):
             sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap)
     if user.umask is not None:
         os.umask(user.umask)

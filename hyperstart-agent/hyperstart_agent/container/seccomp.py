@@ -98,6 +98,18 @@ def parse(raw: Any) -> Profile | None:
                    tuple(rules))
 
 
+def comparisons(args: tuple[Arg, ...]) -> list[tuple[Arg, ...]]:
+    """The argument comparisons of one rule as libseccomp rules: all of them in one rule
+    (they must all hold), unless one argument is compared more than once, which libseccomp
+    refuses (EINVAL): then each comparison is a rule of its own, so any of them matches. That
+    is how runc reads such rules (the default profile compares personality's argument with
+    0, 8 and 0xffffffff)."""
+    indexes = [a.index for a in args]
+    if len(set(indexes)) == len(indexes):
+        return [args]
+    return [(a,) for a in args]
+
+
 class _ArgCmp(ctypes.Structure):
     _fields_ = (("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
                 ("datum_b", ctypes.c_uint64))
@@ -142,15 +154,17 @@ def load(profile: Profile) -> None:
         for rule in profile.rules:
             if rule.action == profile.default_action:
                 continue
-            cmps = (_ArgCmp * max(len(rule.args), 1))(
-                *(_ArgCmp(a.index, a.op, a.value, a.value_two) for a in rule.args))
-            for name in rule.names:
-                number = lib.seccomp_syscall_resolve_name(name.encode())
-                if number == _NR_SCMP_ERROR:
-                    continue
-                rc = lib.seccomp_rule_add_array(ctx, rule.action, number, len(rule.args), cmps)
-                if rc != 0:
-                    raise OSError(-rc, f"seccomp rule for {name}: {errno.errorcode.get(-rc)}")
+            for args in comparisons(rule.args):
+                cmps = (_ArgCmp * max(len(args), 1))(
+                    *(_ArgCmp(a.index, a.op, a.value, a.value_two) for a in args))
+                for name in rule.names:
+                    number = lib.seccomp_syscall_resolve_name(name.encode())
+                    if number == _NR_SCMP_ERROR:
+                        continue
+                    rc = lib.seccomp_rule_add_array(ctx, rule.action, number, len(args), cmps)
+                    if rc != 0:
+                        raise OSError(-rc, f"seccomp rule for {name}: "
+                                      f"{errno.errorcode.get(-rc)}")
         rc = lib.seccomp_load(ctx)
         if rc != 0:
             raise OSError(-rc, f"seccomp_load: {errno.errorcode.get(-rc)}")

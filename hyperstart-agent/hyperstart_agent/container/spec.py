@@ -61,6 +61,13 @@ class Capabilities:
     ambient: frozenset[int] = frozenset()
 
 
+def raisable_ambient(caps: Capabilities) -> frozenset[int]:
+    """The ambient capabilities the kernel lets a process raise: those also in its permitted
+    and inheritable sets. runc raises those and warns about the others (a spec from `runc
+    spec` lists ambient capabilities with an empty inheritable set)."""
+    return caps.ambient & caps.permitted & caps.inheritable
+
+
 @dataclass(frozen=True, slots=True)
 class Process:
     args: tuple[str, ...]
@@ -504,6 +511,9 @@ def _device_rules(raw: Any, name: str) -> tuple[DeviceRule, ...] | None:
     return tuple(out)
 
 
+_DEVICE_TYPE_BITS = {"c": 0o20000, "u": 0o20000, "b": 0o60000, "p": 0o10000}
+
+
 def _devices(raw: Any) -> tuple[Device, ...]:
     out = []
     for name, obj in _items(raw, "linux.devices"):
@@ -513,12 +523,16 @@ def _devices(raw: Any) -> tuple[Device, ...]:
         kind = _str(obj.get("type"), f"{name}.type")
         if kind not in ("c", "b", "u", "p"):
             raise SpecError(f"{name}.type", f"must be one of c, b, u, p, not {kind!r}")
+        # podman and docker give the whole st_mode (type bits too, 0o20666 for a character
+        # device): the type must then be the device's; the node gets the permission bits.
+        mode = _uint(obj.get("fileMode"), f"{name}.fileMode", default=0o666, maximum=0o177777)
+        if mode & ~0o7777 and mode & ~0o7777 != _DEVICE_TYPE_BITS[kind]:
+            raise SpecError(f"{name}.fileMode", f"{mode:#o} is not a mode of a {kind!r} device")
         out.append(Device(
             path=path, type=kind,
             major=_uint(obj.get("major"), f"{name}.major", maximum=4095),
             minor=_uint(obj.get("minor"), f"{name}.minor", maximum=2**20 - 1),
-            file_mode=_uint(obj.get("fileMode"), f"{name}.fileMode", default=0o666,
-                            maximum=0o7777),
+            file_mode=mode & 0o7777,
             uid=_uint(obj.get("uid"), f"{name}.uid"),
             gid=_uint(obj.get("gid"), f"{name}.gid"),
         ))

@@ -28,7 +28,17 @@ from ...errors import InvalidState, RunvError
 from ...oci import spec as oci_spec
 from ...storage.shared import SharedDir, Trees
 from ...store.state import check_id
-from .. import block_rootfs, cgroup, guest_spec, policy, pool_member, protocol, vm_dir, vm_template
+from .. import (
+    block_rootfs,
+    cgroup,
+    guest_spec,
+    host_cgroup,
+    policy,
+    pool_member,
+    protocol,
+    vm_dir,
+    vm_template,
+)
 from ..block_rootfs import BlockContainer
 from ..control import AsyncChannel, listen
 from ..guest_network import GuestNetwork
@@ -114,6 +124,7 @@ class Resources:
         self.vm: GuestVm | None = None
         self.control: ControlServer | None = None
         self.supervisor: Supervisor | None = None
+        self.host_cgroup: host_cgroup.HostCgroup | None = None
 
     def claim(self) -> None:
         """The VM directory, with this process as its owner, before anything else."""
@@ -137,6 +148,8 @@ class Resources:
                 vm_dir.remove(self.vm_path)
             with contextlib.suppress(OSError):
                 self.shared.path.rmdir()
+            if self.host_cgroup is not None:
+                self.host_cgroup.remove()
 
 
 def _stop_on_signals(done: asyncio.Event) -> None:
@@ -198,6 +211,9 @@ async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConf
     spec = oci_spec.load(args.bundle)
     policy.admit(config.enable_annotations, spec, config.source)
     config = replace(policy.sandbox_config(config, spec), state_dir=owned.vm_path.parent)
+    # Before QEMU and virtiofsd start, so that they are in it from their first byte.
+    owned.host_cgroup = host_cgroup.enter(spec.raw, config, owned.vm_path / host_cgroup.RECORD,
+                                          [os.getpid()])
     owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     owned.shared.open()
     block = block_rootfs.for_container(spec, args.container_id)
@@ -328,7 +344,11 @@ class _Pooled:
         finally:
             trees.close()
         # Where a supervisor the claimant started would be: its CPU and memory count there.
-        cgroup.join(dict(request.cgroups), child.with_descendants(os.getpid()))
+        claimant, ours = dict(request.cgroups), child.with_descendants(os.getpid())
+        self.owned.host_cgroup = host_cgroup.enter(
+            spec.raw, vm.config, self.owned.vm_path / host_cgroup.RECORD, ours, base=claimant)
+        if self.owned.host_cgroup is None:
+            cgroup.join(claimant, ours)
         self.owned.network = GuestNetwork(spec.network_ns)
         nics = await self.owned.network.prepare()
         await vm.unpark(nics, disks=block.disks if block else (), parked=self.member.parked)

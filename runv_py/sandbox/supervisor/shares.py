@@ -24,7 +24,7 @@ class Shared(Protocol):
     def overlay(self, lower: list[Path], upper: Path, work: Path, field: str, *,
                 name: str) -> str: ...
     def attach(self, tree: int, field: str, *, readonly: bool = False,
-               name: str | None = None, volume: bool = False) -> str: ...
+               name: str | None = None, volume: bool = False, label: str = "") -> str: ...
     def unbind(self, name: str) -> None: ...
 
 
@@ -78,7 +78,8 @@ def share(shared: Shared, spec: Spec, rootfs: str | None, trees: Trees | None = 
             tree = trees.binds.get(index)
             binds[index] = (shared.bind(source, field, readonly=readonly, volume=volumes)
                             if tree is None else
-                            shared.attach(tree, field, readonly=readonly, volume=volumes))
+                            shared.attach(tree, field, readonly=readonly, volume=volumes,
+                                          label=source.name))
     except BaseException:
         unshare(shared, [name for name in (root, *binds.values()) if name])
         raise

@@ -1,0 +1,157 @@
+"""The host cgroup of a sandbox (sandbox/host_cgroup.py): the limits derived from a spec, the
+files they go to in v1 and v2 hierarchies, cgroupsPath in its three forms; and, on this host's
+real hierarchies, creation, joining and removal (one owner, nothing left)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runv_py.errors import SpecError
+from runv_py.sandbox import cgroup, host_cgroup
+from runv_py.sandbox.host_cgroup import Limits, limit_files, limits, resolve
+
+
+def test_limits_from_a_spec() -> None:
+    resources = {"cpu": {"quota": 50000, "period": 100000, "shares": 2048, "cpus": "0",
+                         "mems": "0"}, "pids": {"limit": 1000}, "memory": {"limit": 1 << 27}}
+    got = limits(resources, 384, tcg=False)
+    assert got == Limits(memory_bytes=(384 + host_cgroup.HOST_OVERHEAD_MIB) << 20,
+                         cpu_quota_us=50000, cpu_period_us=100000, cpu_shares=2048,
+                         cpuset_cpus="0", cpuset_mems="0", pids=1000)
+    # TCG adds QEMU's translation cache; a tiny pids limit stays inside the guest.
+    small = limits({"pids": {"limit": 10}}, 256, tcg=True)
+    assert small.memory_bytes == (256 + host_cgroup.HOST_OVERHEAD_MIB
+                                  + host_cgroup.TCG_CODE_CACHE_MIB) << 20
+    assert small.pids == host_cgroup.PIDS_FLOOR and small.cpu_quota_us is None
+    # Unlimited (-1) stays unlimited; a quota without a period gets the default period.
+    assert limits({"pids": {"limit": -1}, "cpu": {"quota": -1}}, 256, tcg=False).pids is None
+    assert limits({"cpu": {"quota": 150000}}, 256, tcg=False).cpu_period_us is None
+
+
+@pytest.mark.parametrize(("resources", "field"), [
+    ({"cpu": {"quota": "1"}}, "linux.resources.cpu.quota"),
+    ({"cpu": {"period": 10}}, "linux.resources.cpu.period"),
+    ({"cpu": {"cpus": "0;rm"}}, "linux.resources.cpu.cpus"),
+    ({"pids": []}, "linux.resources.pids"),
+])
+def test_bad_resources_name_the_field(resources: dict[str, object], field: str) -> None:
+    with pytest.raises(SpecError, match=f"^{field.replace('.', '[.]')}"):
+        limits(resources, 256, tcg=False)
+
+
+def test_limit_files_v1_and_v2() -> None:
+    lim = Limits(memory_bytes=1 << 30, cpu_quota_us=150000, cpu_period_us=100000,
+                 cpu_shares=1024, cpuset_cpus="0-1", pids=300)
+    assert limit_files("memory", lim, frozenset()) == [("memory.limit_in_bytes", "1073741824")]
+    assert limit_files("cpu,cpuacct", lim, frozenset()) == [
+        ("cpu.cfs_period_us", "100000"), ("cpu.cfs_quota_us", "150000"), ("cpu.shares", "1024")]
+    assert limit_files("cpuset", lim, frozenset()) == [("cpuset.cpus", "0-1")]
+    assert limit_files("pids", lim, frozenset()) == [("pids.max", "300")]
+    assert limit_files("freezer", lim, frozenset()) == []
+    assert limit_files("", lim, frozenset()) == [
+        ("memory.max", "1073741824"), ("cpu.max", "150000 100000"), ("cpu.weight", "39"),
+        ("cpuset.cpus", "0-1"), ("pids.max", "300")]
+    # On a hybrid host the v2 hierarchy serves only what no v1 hierarchy has.
+    assert limit_files("", lim, frozenset({"memory", "cpu", "cpuset", "pids"})) == []
+
+
+def test_cgroups_path_forms() -> None:
+    base = {"memory": "/runtime", "": "/"}
+    assert resolve("/kubepods/pod1/c1", base, "memory") == "/kubepods/pod1/c1"
+    assert resolve("rel/c1", base, "memory") == "/runtime/rel/c1"
+    assert resolve("rel", base, "") == "/rel"
+    assert resolve("machine-pods.slice:libpod:abc", base, "memory") == \
+        "/machine.slice/machine-pods.slice/libpod-abc.scope"
+    assert resolve(":cri:abc", base, "") == "/system.slice/cri-abc.scope"
+    assert resolve("-.slice::abc", base, "") == "/abc.scope"
+    assert resolve("system.slice:p:sub-x.slice", base, "") == "/system.slice/sub-x.slice"
+    for bad in ("/a/../b", "a-.slice:p:n", "x:p:", "bad:p:n"):
+        with pytest.raises(SpecError, match=r"^linux\.cgroupsPath"):
+            resolve(bad, base, "")
+
+
+def _spawn_sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_create_join_and_remove_on_this_host(tmp_path: Path) -> None:
+    """Every mounted hierarchy (this host: v1 controllers, name=systemd, v2 unified) gets the
+    cgroup with its limits; remove() leaves nothing."""
+    name = f"runv-unit-{os.getpid()}"
+    record = tmp_path / host_cgroup.RECORD
+    origin = cgroup.memberships()
+    roots = cgroup.roots(origin)
+    lim = Limits(memory_bytes=512 << 20, cpu_quota_us=20000, cpu_period_us=100000,
+                 cpu_shares=512, pids=300)
+    sleeper = _spawn_sleeper()
+    try:
+        host = host_cgroup.HostCgroup.create(f"/{name}/sandbox", lim, origin, record)
+        host.join([sleeper.pid])
+        assert record.exists()
+        placed = cgroup.memberships(sleeper.pid)
+        assert set(placed) == set(roots)
+        for controllers, path in placed.items():
+            assert path == f"/{name}/sandbox", (controllers, path)
+        for controllers, root in roots.items():
+            directory = root / name / "sandbox"
+            names = set(controllers.split(","))
+            if "memory" in names:
+                assert (directory / "memory.limit_in_bytes").read_text().strip() == str(512 << 20)
+            if "cpu" in names:
+                assert (directory / "cpu.cfs_quota_us").read_text().strip() == "20000"
+                assert (directory / "cpu.shares").read_text().strip() == "512"
+            if "pids" in names:
+                assert (directory / "pids.max").read_text().strip() == "300"
+        sleeper.kill()
+        sleeper.wait()
+        host.remove()
+        assert cgroup.memberships() == origin
+        assert not record.exists()
+        for root in roots.values():
+            assert not (root / name).exists()
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+        for root in roots.values():
+            for leftover in (root / name / "sandbox", root / name):
+                if leftover.exists():
+                    leftover.rmdir()
+
+
+def test_a_killed_owner_leaves_a_record_that_removes_it(tmp_path: Path) -> None:
+    """What `runv delete` does after a SIGKILLed supervisor: remove_recorded() moves stray
+    processes out and removes the recorded directories."""
+    name = f"runv-unit-k{os.getpid()}"
+    record = tmp_path / host_cgroup.RECORD
+    script = (f"import os, sys, time; from pathlib import Path; "
+              f"from runv_py.sandbox import cgroup, host_cgroup as h; "
+              f"c = h.HostCgroup.create('/{name}', h.Limits(pids=300), cgroup.memberships(), "
+              f"Path({str(record)!r})); c.join([os.getpid()]); print('in', flush=True); "
+              f"time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    roots = cgroup.roots(cgroup.memberships())
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == b"in\n"
+        assert all((root / name).is_dir() for root in roots.values())
+        owner.kill()
+        owner.wait()
+        host_cgroup.remove_recorded(record)
+        assert not record.exists()
+        deadline = time.monotonic() + 5
+        while any((root / name).exists() for root in roots.values()):
+            assert time.monotonic() < deadline, "cgroup left behind"
+            time.sleep(0.05)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for root in roots.values():
+            if (root / name).exists():
+                (root / name).rmdir()
