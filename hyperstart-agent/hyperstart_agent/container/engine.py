@@ -38,6 +38,7 @@ _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
               "from hyperstart_agent.container.init import main; main()")
 _HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+PID_NAMESPACE = ("ns", "pid")  # under a container's state dir, while it has its own
 
 
 # Why a program could not be exec'd, as the host reports it (podman's 127 and 126).
@@ -193,6 +194,21 @@ def check_id(kind: str, value: str) -> None:
     if not _ID.match(value):
         raise EngineError("INVALID_ARGUMENT", f"{kind} {value[:200]!r} is not valid: use 1-128 "
                           "letters, digits, '_', '+', '-', '.' (not first)")
+
+
+def hold_pid_namespace(state_dir: str, pid: int) -> None:
+    """Keep the new pid namespace of process `pid` at STATE_DIR/ns/pid, where the specs of
+    other containers join it by path (a pod's processes in one pid namespace)."""
+    path = os.path.join(state_dir, *PID_NAMESPACE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w"):
+        pass
+    sc.mount(f"/proc/{pid}/ns/pid", path, "", sc.MS_BIND)
+
+
+def release_pid_namespace(state_dir: str) -> None:
+    with contextlib.suppress(OSError):
+        sc.umount(os.path.join(state_dir, *PID_NAMESPACE), sc.MNT_DETACH)
 
 
 def exit_code(wait_status: int) -> int:
@@ -489,6 +505,9 @@ class Engine:
                 cgroup.apply(spec.resources)
                 cgroup.set_devices(device_rules)
                 cgroup.add(pid)
+            pid_ns = spec.namespace("pid")
+            if pid_ns is not None and not pid_ns.path:
+                hold_pid_namespace(state_dir, pid)
 
         try:
             with open(os.path.join(state_dir, "config.json"), "wb") as f:
@@ -500,6 +519,7 @@ class Engine:
                 cgroup.kill()
                 with contextlib.suppress(OSError):
                     cgroup.remove()
+            release_pid_namespace(state_dir)
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
         container = Container(container_id, spec, state_dir, init, cgroup=cgroup)
@@ -659,5 +679,6 @@ class Engine:
             container.cgroup.remove()
         for process in (container.init, *container.processes.values()):
             process.close()
+        release_pid_namespace(container.state_dir)
         shutil.rmtree(container.state_dir, ignore_errors=True)
         del self.containers[container_id]

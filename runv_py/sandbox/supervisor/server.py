@@ -124,6 +124,8 @@ class Supervisor:
             spec = replace(spec, raw={**spec.raw, "linux": pod.with_namespace_paths(
                 spec.raw.get("linux") or {}, self.pod_namespaces)})
         await self._create_in_guest(self.id, spec, shares, block)
+        if pod.is_sandbox(spec.annotations):  # the pod's pid namespace is its sandbox's
+            self.pod_namespaces["pid"] = guest_spec.pid_namespace(self.id)
         self._task(self._watch_vm())
         self._task(self._watch_events())
 
