@@ -75,12 +75,14 @@ def _host_to_guest(shared: _Shared, first: Any, requests: Iterator[Any],
 
 def forward(conn: socket.socket, first: Any, requests: Iterator[Any]
             ) -> Iterator[pb.PortForwardOutput]:
-    """The guest's bytes as outputs while a thread writes the host's."""
+    """An empty output (connected), then the guest's bytes as outputs while a thread writes
+    the host's."""
     shared = _Shared(conn)
     host_done = threading.Event()
     threading.Thread(target=_host_to_guest, args=(shared, first, requests, host_done),
                      name="port-forward", daemon=True).start()
     try:
+        yield pb.PortForwardOutput()
         while data := conn.recv(CHUNK):
             yield pb.PortForwardOutput(data=data)
         yield pb.PortForwardOutput(eof=True)

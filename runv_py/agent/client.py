@@ -313,8 +313,11 @@ class AgentClient:
         `send`'s bytes go there (its end closes the connection's writing side), the guest's
         come back, then one b"" for the guest's end of writing. Ends once both have ended."""
 
+        connected = asyncio.Event()
+
         async def requests() -> AsyncIterator[pb.PortForwardInput]:
             yield pb.PortForwardInput(port=port)
+            await connected.wait()  # a refusal then ends the call while nothing is in flight
             async for data in send:
                 yield pb.PortForwardInput(data=data)
             yield pb.PortForwardInput(close_write=True)
@@ -322,6 +325,7 @@ class AgentClient:
         call = self._stub.PortForward(requests())
         try:
             async for message in call:
+                connected.set()
                 if message.data:
                     yield message.data
                 if message.eof:

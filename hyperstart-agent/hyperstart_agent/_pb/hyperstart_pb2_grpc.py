@@ -423,8 +423,9 @@ class AgentServicer:
     def PortForward(self, request_iterator, context):
         """A TCP connection to 127.0.0.1:port in the guest's own network namespace (a pod's), for
         port forwarding from the host: the first input names the port (UNAVAILABLE if nothing
-        accepts there). Inputs carry the host's bytes, close_write its end of writing; outputs
-        carry the guest's, the last with eof. The call ends once both directions have ended.
+        accepts there), the first output (empty) says the connection is up. Further inputs carry
+        the host's bytes, close_write its end of writing; outputs carry the guest's, the last
+        with eof. The call ends once both directions have ended.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
