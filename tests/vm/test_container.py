@@ -394,10 +394,29 @@ def test_pod_container_joins_another_containers_pid_namespace(
         assert await agent.wait_process("first", "ns", timeout_s=60) == 0
         assert (await exec_output)["stdout"].decode().strip() == lines[-1]
         await agent.remove_container("second")
+        # Killing all of a container kills what its init started too, which in a shared pid
+        # namespace would outlive the init (runc's kill --all; containerd's SIGKILL at stop).
+        spec["process"]["args"] = ["sh", "-c", "sleep 601 & exec sleep 602"]
+        await agent.create_container("third", json.dumps(spec).encode())
+        await agent.start_container("third")
+        for _ in range(100):
+            if len(await agent.list_processes("third")) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(a for _, a in await agent.list_processes("third")) == [
+            ("sleep", "601"), ("sleep", "602")]
+        await agent.signal_process("third", "", signal.SIGKILL, all_processes=True)
+        assert await agent.wait_process("third", timeout_s=60) == 137
+        for _ in range(50):
+            if not await agent.list_processes("third"):
+                break
+            await asyncio.sleep(0.1)
+        assert await agent.list_processes("third") == []
+        await agent.remove_container("third")
         await agent.remove_container("first", force=True)
         # Gone with its container: nothing can join it any more.
         with pytest.raises(AgentError, match=r"FAILED_PRECONDITION.*first/ns/pid"):
-            await agent.create_container("third", json.dumps(spec).encode())
+            await agent.create_container("fourth", json.dumps(spec).encode())
         assert await agent.check()
 
     _run(runtime_config, busybox_rootfs, body)

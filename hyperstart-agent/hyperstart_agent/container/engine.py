@@ -584,16 +584,22 @@ class Engine:
 
     def signal(self, container_id: str, exec_id: str, signum: int, *,
                all_processes: bool = False) -> None:
+        """`all_processes`: every process of the container, as runc's kill --all, also those
+        its processes started (in a pod's shared pid namespace they outlive its init)."""
         process = self.process(container_id, exec_id)
         if not 0 < signum < signal.NSIG:
             raise EngineError("INVALID_ARGUMENT", f"signal {signum} is not valid")
         targets = [process]
         if all_processes:
-            targets = [self.get(container_id).init, *self.get(container_id).processes.values()]
-        for target in targets:
-            if target.exit_status is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(target.pid, signum)
+            container = self.get(container_id)
+            targets = [container.init, *container.processes.values()]
+        pids = {target.pid for target in targets if target.exit_status is None}
+        if all_processes and container.cgroup is not None:
+            with contextlib.suppress(OSError):  # the cgroup went with its last process
+                pids.update(container.cgroup.pids())
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def _cgroup(self, container_id: str) -> tuple[Container, cgroups.Cgroup]:
         container = self.get(container_id)
