@@ -394,29 +394,41 @@ def test_pod_container_joins_another_containers_pid_namespace(
         assert await agent.wait_process("first", "ns", timeout_s=60) == 0
         assert (await exec_output)["stdout"].decode().strip() == lines[-1]
         await agent.remove_container("second")
-        # Killing all of a container kills what its init started too, which in a shared pid
-        # namespace would outlive the init (runc's kill --all; containerd's SIGKILL at stop).
+        # In a pid namespace it did not make, a container's init leaves orphans behind when
+        # it dies (the namespace's PID 1 adopts them): they are killed with it, as runc's
+        # shim does, or they would hold its output open and its exit would never be reported.
         spec["process"]["args"] = ["sh", "-c", "sleep 601 & exec sleep 602"]
-        await agent.create_container("third", json.dumps(spec).encode())
-        await agent.start_container("third")
-        for _ in range(100):
-            if len(await agent.list_processes("third")) == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert sorted(a for _, a in await agent.list_processes("third")) == [
-            ("sleep", "601"), ("sleep", "602")]
-        await agent.signal_process("third", "", signal.SIGKILL, all_processes=True)
+
+        async def started(cid: str) -> asyncio.Task[dict[str, bytes]]:
+            await agent.create_container(cid, json.dumps(spec).encode())
+            output = asyncio.create_task(_collect(agent.stdio(cid)))
+            await agent.start_container(cid)
+            for _ in range(100):
+                if len(await agent.list_processes(cid)) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert sorted(a for _, a in await agent.list_processes(cid)) == [
+                ("sleep", "601"), ("sleep", "602")]
+            return output
+
+        output = await started("third")
+        await agent.signal_process("third", "", signal.SIGKILL)  # the init only
         assert await agent.wait_process("third", timeout_s=60) == 137
-        for _ in range(50):
-            if not await agent.list_processes("third"):
-                break
-            await asyncio.sleep(0.1)
+        await output
         assert await agent.list_processes("third") == []
+        await agent.remove_container("third")
+        # Signalling all of a container reaches what its init started (runc's kill --all).
+        output = await started("third")
+        await agent.signal_process("third", "", signal.SIGTERM, all_processes=True)
+        assert await agent.wait_process("third", timeout_s=60) == 143
+        await output
         await agent.remove_container("third")
         await agent.remove_container("first", force=True)
         # Gone with its container: nothing can join it any more.
+        spec["root"]["path"] = MOUNT.format("fourth")
         with pytest.raises(AgentError, match=r"FAILED_PRECONDITION.*first/ns/pid"):
-            await agent.create_container("fourth", json.dumps(spec).encode())
+            await agent.create_container("fourth", json.dumps(spec).encode(), storages=(
+                Storage("9p", "rootfs0", MOUNT.format("fourth")),))
         assert await agent.check()
 
     _run(runtime_config, busybox_rootfs, body)

@@ -211,6 +211,15 @@ def release_pid_namespace(state_dir: str) -> None:
         sc.umount(os.path.join(state_dir, *PID_NAMESPACE), sc.MNT_DETACH)
 
 
+def _end_orphans(container: Container) -> None:
+    """The init of a container in a pid namespace it did not make has exited: what it started
+    lives on (the namespace's PID 1 adopts it) and would hold the container's output open.
+    Kill it, as containerd's runc shim does for such containers."""
+    pid_ns = container.spec.namespace("pid")
+    if container.cgroup is not None and pid_ns is not None and pid_ns.path:
+        container.cgroup.kill()
+
+
 def exit_code(wait_status: int) -> int:
     """A shell-style exit code: the status, or 128+N for death by signal N."""
     if os.WIFSIGNALED(wait_status):
@@ -265,9 +274,11 @@ class Engine:
                     del self._unclaimed[pid]
 
     def _finish(self, process: Process, wait_status: int) -> None:
+        container = self.containers.get(process.container_id)
+        if container is not None and container.init is process:
+            _end_orphans(container)
         process.exit_status = exit_code(wait_status)
         process.exited.set()
-        container = self.containers.get(process.container_id)
         if container is not None:
             if container.init is process:
                 container.status = Status.STOPPED
@@ -595,11 +606,30 @@ class Engine:
             targets = [container.init, *container.processes.values()]
         pids = {target.pid for target in targets if target.exit_status is None}
         if all_processes and container.cgroup is not None:
-            with contextlib.suppress(OSError):  # the cgroup went with its last process
-                pids.update(container.cgroup.pids())
+            if signum == signal.SIGKILL:
+                container.cgroup.kill()  # also what is being forked right now
+            else:
+                self._signal_cgroup(container, container.cgroup, signum)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+
+    @staticmethod
+    def _signal_cgroup(container: Container, cgroup: cgroups.Cgroup, signum: int) -> None:
+        """Every process in the cgroup, frozen meanwhile so that none forks unseen (runc)."""
+        frozen = container.status is Status.RUNNING
+        try:
+            if frozen:
+                cgroup.freeze(True)
+            for pid in cgroup.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+        except (OSError, cgroups.CgroupError):
+            pass  # the cgroup went with its last process
+        finally:
+            if frozen:
+                with contextlib.suppress(OSError, cgroups.CgroupError):
+                    cgroup.freeze(False)
 
     def _cgroup(self, container_id: str) -> tuple[Container, cgroups.Cgroup]:
         container = self.get(container_id)
