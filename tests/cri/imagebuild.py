@@ -144,8 +144,9 @@ def unpacked_debs(work: Path) -> Path:
     """busybox and nginx from Debian, downloaded and unpacked into work/debs."""
     debs = work / "debs"
     debs.mkdir()
-    subprocess.run(["apt-get", "download", "-q", *DEBS], cwd=debs, check=True,
-                   stdout=subprocess.DEVNULL)
+    # As root into a directory of root's: no sandbox user for the download.
+    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *DEBS],
+                   cwd=debs, check=True, stdout=subprocess.DEVNULL)
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(debs / "root")], check=True)
     return debs / "root"
