@@ -241,6 +241,11 @@ def node(cri_assets: Path) -> Iterator[Node]:
         if node is not None:
             node.close()
         registry.close()
+        # A supervisor whose shim was killed above goes with its container: give it the time
+        # a deleted sandbox takes to stop its VM, no more.
+        deadline = time.monotonic() + 30
+        while processes_mentioning(str(top)) and time.monotonic() < deadline:
+            time.sleep(0.5)
         left = processes_mentioning(str(top))
         mounts = mounts_under(top)
         bridge = Path(f"/sys/class/net/{node.bridge}").exists() if node else False

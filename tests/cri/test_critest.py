@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+
+import pytest
 
 from runv_py.config import RuntimeConfig
 from tests.cri import critest
@@ -24,6 +27,7 @@ CONTAINER = {"metadata": {"name": "sh"}, "image": {"image":
              "registry.k8s.io/e2e-test-images/busybox:1.29-2"},
              "command": ["sleep", "600"]}
 EXEC_STDIN_TRIES = 20
+STOP_TIMEOUT_S = 40
 
 
 def _write(path: Path, doc: dict[str, object]) -> Path:
@@ -42,9 +46,13 @@ def _crictl_round(node: Node, handler: str, work: Path) -> dict[str, object]:
         node.crictl("start", cid)
         echoed = [node.crictl("exec", "-i", cid, "cat", input=f"line {i}\n".encode())
                   .stdout.decode() for i in range(EXEC_STDIN_TRIES)]
-        stop = node.crictl("stop", "--timeout", "30", cid, check=False)
+        # `sleep` has no SIGTERM handler: it stops at once unless it is its pid namespace's
+        # PID 1, which ignores such signals (the pod's pid namespace makes pause PID 1).
+        started = time.monotonic()
+        stop = node.crictl("stop", "--timeout", str(STOP_TIMEOUT_S), cid, check=False)
+        stop_s = time.monotonic() - started
         state = json.loads(node.crictl("inspect", cid).stdout)["status"]["state"]
-        return {"echoed": echoed, "stop": stop.returncode, "state": state}
+        return {"echoed": echoed, "stop": stop.returncode, "stop_s": stop_s, "state": state}
     finally:
         node.crictl("stopp", pod, check=False)
         node.crictl("rmp", pod, check=False)
@@ -66,18 +74,26 @@ def _guest_size(node: Node, work: Path) -> tuple[int, int]:
         node.crictl("rmp", pod, check=False)
 
 
+@pytest.mark.timeout(3600)
 def test_runv_passes_the_cri_validation_suite_that_runc_passes(node: Node,
                                                                tmp_path: Path) -> None:
     tools = node.tools
     # crictl first: the shapes a user meets, on both handlers.
     node.crictl("pull", CONTAINER["image"]["image"])  # type: ignore[index]
-    seen = {handler: _crictl_round(node, handler, tmp_path) for handler in ("runc", "runv")}
+    seen, took = {}, {}
+    for handler in ("runc", "runv"):
+        started = time.monotonic()
+        seen[handler] = _crictl_round(node, handler, tmp_path)
+        took[f"crictl {handler}"] = time.monotonic() - started
     for handler, round_ in seen.items():
         assert round_["echoed"] == [f"line {i}\n" for i in range(EXEC_STDIN_TRIES)], (
             handler, round_)
         assert round_["stop"] == 0 and round_["state"] == "CONTAINER_EXITED", (handler, round_)
+        assert round_["stop_s"] < STOP_TIMEOUT_S / 2, (handler, round_)  # SIGTERM did it
     # The pod's resources size its VM: the guest overhead plus 192 MiB, 2 vCPUs for 1.5 CPUs.
+    started = time.monotonic()
     memory_mib, cpus = _guest_size(node, tmp_path)
+    took["sized pod (runv)"] = time.monotonic() - started
     base = RuntimeConfig().hypervisor.memory_mib
     assert base + 192 - 64 < memory_mib <= base + 192 and cpus == min(2, os.cpu_count() or 1), (
         memory_mib, cpus)
@@ -86,6 +102,8 @@ def test_runv_passes_the_cri_validation_suite_that_runc_passes(node: Node,
             for handler in ("runc", "runv")]
     runc, runv = runs
     print("\n" + critest.table(runs))
+    took.update({f"critest {r.handler}": r.seconds for r in runs})
+    print("durations: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items()))
     assert runc.passed >= 70, f"runc itself fails: see {runc.log}"
     problems = []
     for name, result in runc.results.items():
