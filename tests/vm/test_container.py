@@ -403,12 +403,12 @@ def test_pod_container_joins_another_containers_pid_namespace(
             await agent.create_container(cid, json.dumps(spec).encode())
             output = asyncio.create_task(_collect(agent.stdio(cid)))
             await agent.start_container(cid)
+            want = [("sleep", "601"), ("sleep", "602")]  # once the shell has exec'd
             for _ in range(100):
-                if len(await agent.list_processes(cid)) == 2:
+                if sorted(a for _, a in await agent.list_processes(cid)) == want:
                     break
                 await asyncio.sleep(0.1)
-            assert sorted(a for _, a in await agent.list_processes(cid)) == [
-                ("sleep", "601"), ("sleep", "602")]
+            assert sorted(a for _, a in await agent.list_processes(cid)) == want
             return output
 
         output = await started("third")
