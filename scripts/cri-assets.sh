@@ -52,7 +52,8 @@ build_cri_tools() {
   (
     cd "$src"
     export GOFLAGS=-mod=vendor GO111MODULE=on GOPROXY=off GOSUMDB=off CGO_ENABLED=0 \
-      GOCACHE="$(dirname "$out")/gocache" GOPATH="$(dirname "$out")/gopath" GOTOOLCHAIN=local
+      GOCACHE="$(dirname "$out")/gocache" GOPATH="$(dirname "$out")/gopath" GOTOOLCHAIN=local \
+      GOENV=off  # no go env file: HOME need not be set
     go build -trimpath -ldflags "-s -w" -o "$out/crictl" ./cmd/crictl
     # critest is the validation suite compiled as a Go test binary, as upstream builds it.
     go test -c -trimpath -ldflags "-s -w" -o "$out/critest" ./cmd/critest
