@@ -6,11 +6,16 @@ reopens or closes the fifo. Before the fix, a fifo read while containerd's write
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import select
 import threading
+import time
 from pathlib import Path
 
 from runv_py.shim.stdio import ProcessIO
+
+WRITE_DEADLINE_S = 10
 
 
 def _reader(fd: int, into: list[bytes]) -> threading.Thread:
@@ -29,13 +34,26 @@ def _reader(fd: int, into: list[bytes]) -> threading.Thread:
 
 
 async def _writer(fifo: Path, data: bytes) -> None:
-    """containerd's side: open the fifo for writing, write, close."""
+    """containerd's side: open the fifo for writing, write, close; a shim that stopped
+    reading fails the test within WRITE_DEADLINE_S instead of blocking it."""
 
     def write() -> None:
-        fd = os.open(fifo, os.O_WRONLY)
+        deadline = time.monotonic() + WRITE_DEADLINE_S
+        while True:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:  # ENXIO: no reader
+                if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise AssertionError("the shim has no reader on the stdin fifo") from e
+                time.sleep(0.05)
         try:
             view = memoryview(data)
             while view:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [fd], [], left)[1]:
+                    raise AssertionError(f"the shim stopped reading stdin ({len(view)} "
+                                         "bytes not taken)")
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
