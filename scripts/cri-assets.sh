@@ -31,7 +31,8 @@ build() {  # build NAME KEY FUNCTION: FUNCTION OUT fills OUT (a fresh directory)
     step "$name: cached ($cache/$k)"
   else
     step "$name: building $k"
-    local start=$SECONDS work
+    local start=$SECONDS
+    # Global, not local: the EXIT trap of a failed build runs after this function returned.
     work=$(mktemp -d "$cache/$k.work.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     "$fn" "$work/out"
