@@ -11,11 +11,11 @@ DEBIAN_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential b
 	libelf-dev libssl-dev debootstrap debian-archive-keyring gpgv erofs-utils busybox-static cpio \
 	zstd xz-utils e2fsprogs util-linux libseccomp2 python3 python3-venv python3-dev \
 	containerd runc crun podman conmon docker-registry skopeo openssl \
-	containernetworking-plugins iproute2 iptables nftables \
+	containernetworking-plugins iproute2 iptables nftables procps \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils libvirt-dev pkg-config \
 	golang-go golang-github-opencontainers-runtime-tools-dev golang-github-google-uuid-dev docker.io
 
-.PHONY: deps debian-deps venv assets run test lint unit vm bench-boot clean
+.PHONY: deps debian-deps venv assets cri-assets run test lint unit vm bench-boot clean
 
 deps: debian-deps venv
 
@@ -34,6 +34,10 @@ venv:
 assets: venv
 	PYTHON=$(abspath $(PY)) scripts/assets.sh
 
+# crictl, critest and the images they pull, for tests/cri (cached like the guest assets).
+cri-assets: deps
+	scripts/cri-assets.sh
+
 run: deps assets
 	$(VENV)/bin/hyperctl run --rm busybox echo hello
 
@@ -48,7 +52,7 @@ unit: venv
 vm: deps assets
 	$(PY) -m pytest tests/vm -q
 
-test: deps assets lint
+test: deps assets cri-assets lint
 	$(PY) -m pytest tests -q -rs
 
 bench-boot: deps assets

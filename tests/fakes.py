@@ -171,6 +171,10 @@ class FakeAgent:
     async def add_arp_neighbors(self, neighbors: tuple[convert.ARPNeighbor, ...]) -> None:
         raise NotSupported("the fake agent has no network")
 
+    async def port_forward(self, port: int, send: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        raise NotSupported("the fake agent has no network")
+        yield b""  # an async generator, as the real one
+
 
 class FakeMachine:
     """QEMU as the supervisor sees it: running or paused, until stop()."""

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 FEATURES = ("channel.serial", "channel.vsock", "container.engine", "storage.9p", "storage.virtiofs",
-            "storage.block", "storage.virtio-blk", "storage.overlay", "network")
+            "storage.block", "storage.virtio-blk", "storage.overlay", "network", "portforward")
 T = TypeVar("T")
 HANDSHAKE_TIMEOUT_MS = 7 * 24 * 3600 * 1000
 
@@ -352,6 +352,19 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
         yield from stdio.read_output(process, fds, lambda: not context.is_active())
+
+    def PortForward(self, requests: Iterator[pb.PortForwardInput], context: Any
+                    ) -> Iterator[pb.PortForwardOutput]:
+        from . import portforward
+
+        try:
+            first = next(requests)
+            conn = portforward.connect(first.port)
+        except StopIteration:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PortForward: no first message")
+        except AgentError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        yield from portforward.forward(conn, first, requests)
 
     @_rpc
     def StdioStream(self, request: pb.StdioStreamRequest, context: Any

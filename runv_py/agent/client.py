@@ -307,6 +307,35 @@ class AgentClient:
             pb.AddARPNeighborsRequest(neighbors=[convert.neighbor_pb(n) for n in neighbors]),
             timeout=self.call_timeout_s))
 
+    async def port_forward(self, port: int, send: AsyncIterator[bytes]
+                           ) -> AsyncIterator[bytes]:
+        """A TCP connection to 127.0.0.1:port in the guest's own network namespace (a pod's):
+        `send`'s bytes go there (its end closes the connection's writing side), the guest's
+        come back, then one b"" for the guest's end of writing. Ends once both have ended."""
+
+        connected = asyncio.Event()
+
+        async def requests() -> AsyncIterator[pb.PortForwardInput]:
+            yield pb.PortForwardInput(port=port)
+            await connected.wait()  # a refusal then ends the call while nothing is in flight
+            async for data in send:
+                yield pb.PortForwardInput(data=data)
+            yield pb.PortForwardInput(close_write=True)
+
+        call = self._stub.PortForward(requests())
+        try:
+            async for message in call:
+                connected.set()
+                if message.data:
+                    yield message.data
+                if message.eof:
+                    yield b""
+        except grpc.aio.AioRpcError as exc:
+            raise AgentError(f"agent PortForward: {exc.code().name}: {exc.details()}",
+                             exc.code().name) from exc
+        finally:
+            call.cancel()
+
     async def events(self) -> AsyncIterator[convert.Event]:
         """Process exits and OOM kills from now on, until the caller stops iterating."""
         call = self._stub.Events(pb.EventsRequest())

@@ -14,6 +14,13 @@ log = logging.getLogger(__name__)
 
 SHARED_TAG = "runvshared"
 GUEST_SHARED = "/run/hyperstart/storage/shared"
+GUEST_CONTAINERS = "/run/hyperstart/containers"  # the agent's directory of each container
+
+
+def pid_namespace(container_id: str) -> str:
+    """Where the agent keeps the pid namespace of a container that has one of its own: a
+    pod's containers join its sandbox's there (one pid namespace per pod, as with runc)."""
+    return f"{GUEST_CONTAINERS}/{container_id}/ns/pid"
 
 
 def rewrite(spec: Spec, binds: dict[int, str], rootfs: str = "rootfs",

@@ -15,6 +15,7 @@ from ..devices import ShareDriver
 from ..errors import SpecError
 from ..oci.spec import Spec
 from ..runtime_annotations import check as check_annotations
+from . import pod
 
 # virtio-fs or 9p for this container's shares (virtio-fs means a cold boot: template clones
 # serve shares over 9p).
@@ -37,14 +38,16 @@ MEMORY_CAP_MIB = 64 * 1024
 
 
 def sized(config: RuntimeConfig, spec: Spec) -> RuntimeConfig:
-    """The VM gets what the container asked for plus the configured guest overhead."""
+    """The VM gets what the container (a pod sandbox: the whole pod) asked for plus the
+    configured guest overhead."""
     hv = config.hypervisor
+    memory_limit, cpus = pod.requested(spec)
     memory = hv.memory_mib
-    if spec.memory_limit:
-        memory = min(MEMORY_CAP_MIB, memory + math.ceil(spec.memory_limit / (1 << 20)))
+    if memory_limit:
+        memory = min(MEMORY_CAP_MIB, memory + math.ceil(memory_limit / (1 << 20)))
     vcpus = hv.vcpus
-    if spec.cpus:
-        vcpus = min(os.cpu_count() or 1, max(vcpus, math.ceil(spec.cpus)))
+    if cpus:
+        vcpus = min(os.cpu_count() or 1, max(vcpus, math.ceil(cpus)))
     return replace(config, hypervisor=replace(hv, memory_mib=memory, vcpus=vcpus))
 
 

@@ -239,6 +239,7 @@ class Runtime:
         bundle's `spec`. With `standin`, a stand-in process takes its stdio (pid_file names
         it); without, the caller attaches itself and is the pid. `record`: the one to keep
         (hyperctl's, which it wrote itself; the store then adds nothing)."""
+        pod.refuse_host_sharing(spec)
         if standin and spec.terminal and not console_socket:
             raise ConfigError(NEEDS_CONSOLE_SOCKET)
         if record is None:

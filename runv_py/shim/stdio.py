@@ -1,13 +1,12 @@
 """A container process's stdio as containerd names it, turned into the fds the sandbox supervisor
 takes: a fifo path (what ctr and the CRI plugin create), `file:///path` (append to a file) or
 `binary:///path?key=value` (a logging binary reading fds 3 and 4, as the runc shim starts it).
-stdin goes through a pipe the shim feeds from the fifo, so CloseIO can end it."""
+stdin goes through a pipe the shim feeds from the fifo, and CloseIO ends it."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -23,7 +22,6 @@ log = logging.getLogger(__name__)
 
 LOGGER_READY_TIMEOUT_S = 10.0
 LOGGER_EXIT_TIMEOUT_S = 10.0
-STDIN_DRAIN_S = 1.0
 
 
 class ProcessIO:
@@ -36,6 +34,7 @@ class ProcessIO:
         self._owned: list[int] = []     # kept by the shim until close()
         self._stdin_task: asyncio.Task[None] | None = None
         self._stdin_w: int | None = None
+        self._fifo_writer: int | None = None
         self._loggers: list[child.Child] = []
 
     @classmethod
@@ -63,11 +62,29 @@ class ProcessIO:
             return
         fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self._owned.append(fifo)
+        # A writer of the shim's own until CloseIO, as containerd's runc shim keeps one: a
+        # fifo without writers reads EOF, and containerd's writer may not have opened it yet
+        # (or be opening it again after a signal interrupted it) when the copier first reads.
+        self._fifo_writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         self.outgoing.append(read_end)
         os.set_blocking(write_end, False)
         self._stdin_w = write_end
-        self._stdin_task = asyncio.create_task(_copy(fifo, write_end))
+        self._stdin_task = asyncio.create_task(self._feed_stdin(fifo))
+
+    async def _feed_stdin(self, fifo: int) -> None:
+        """The fifo into the process's stdin pipe, which is closed at the fifo's EOF: once
+        CloseIO closed the shim's writer and containerd's is gone too."""
+        try:
+            assert self._stdin_w is not None
+            await _copy(fifo, self._stdin_w)
+        finally:
+            self._close_stdin_pipe()
+
+    def _close_stdin_pipe(self) -> None:
+        if self._stdin_w is not None:
+            os.close(self._stdin_w)
+            self._stdin_w = None
 
     async def _start_logger(self, uri: str, container_id: str, namespace: str
                             ) -> tuple[int, int]:
@@ -107,16 +124,11 @@ class ProcessIO:
         self.outgoing = []
 
     async def close_stdin(self) -> None:
-        if self._stdin_task is not None:
-            # The writer closed its end before calling CloseIO: let the copier drain to EOF.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._stdin_task), STDIN_DRAIN_S)
-            self._stdin_task.cancel()
-            await asyncio.gather(self._stdin_task, return_exceptions=True)
-            self._stdin_task = None
-        if self._stdin_w is not None:
-            os.close(self._stdin_w)
-            self._stdin_w = None
+        """CloseIO: the shim's writer goes; the process reads what containerd wrote, then
+        EOF (as soon as containerd's writer is closed too)."""
+        if self._fifo_writer is not None:
+            os.close(self._fifo_writer)
+            self._fifo_writer = None
 
     async def close(self) -> None:
         """After the process exited: end stdin, let logging binaries finish. Idempotent."""
@@ -124,9 +136,10 @@ class ProcessIO:
             self._stdin_task.cancel()
             await asyncio.gather(self._stdin_task, return_exceptions=True)
             self._stdin_task = None
-        if self._stdin_w is not None:
-            os.close(self._stdin_w)
-            self._stdin_w = None
+        self._close_stdin_pipe()
+        if self._fifo_writer is not None:
+            os.close(self._fifo_writer)
+            self._fifo_writer = None
         self.handed_over()
         for fd in self._owned:
             os.close(fd)
@@ -185,8 +198,7 @@ async def _wait_fd(fd: int, writable: bool) -> None:
 
 
 async def _copy(source: int, target: int) -> None:
-    """Non-blocking fds: source until EOF (a fifo's EOF comes once its writer has come and
-    gone), then close target."""
+    """Non-blocking fds: source into target until source's EOF or an error."""
     try:
         while True:
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,21 @@ def test_pid_namespace_hostname_and_isolated_network(tmp_path: Path, rootfs: Pat
     lines = result.stdout.splitlines()
     assert lines[0] == "pid=1" and lines[1] == "box", result
     assert "eth0" not in result.stdout and "lo" in result.stdout
+
+
+def test_the_process_starts_with_default_signal_dispositions(tmp_path: Path,
+                                                            rootfs: Path) -> None:
+    """Not Python's ignored SIGPIPE and SIGXFSZ, not the agent's blocked SIGCHLD (an exec
+    keeps ignored and blocked signals): a writer to a closed pipe dies of SIGPIPE, as under
+    runc, instead of failing with EPIPE."""
+    result = run(tmp_path, _spec(rootfs, [
+        "sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status; "
+                    "(yes; echo yes=$? >&2) | head -c 1 >/dev/null"]))
+    fields = dict(line.split(":\t") for line in result.stdout.splitlines() if "\t" in line)
+    ignored, blocked = int(fields["SigIgn"], 16), int(fields["SigBlk"], 16)
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+        assert not (ignored | blocked) & (1 << (signum - 1)), (signum, result.stdout)
+    assert "yes=141" in result.stderr, result  # died of SIGPIPE (128 + 13)
 
 
 def test_env_cwd_and_user(tmp_path: Path, rootfs: Path) -> None:

@@ -16,7 +16,7 @@ from runv_py.errors import ConfigError, ContainerExists, ContainerNotFound, Spec
 from runv_py.oci import default_spec
 from runv_py.oci import spec as oci_spec
 from runv_py.sandbox import pod, vm_dir
-from runv_py.sandbox.guest_spec import GUEST_SHARED, rewrite
+from runv_py.sandbox.guest_spec import GUEST_SHARED, pid_namespace, rewrite
 from runv_py.sandbox.runtime import parse_signal
 from runv_py.store.state import ContainerRecord, Store, check_id
 
@@ -138,6 +138,22 @@ def test_guest_spec_joins_the_pods_namespaces_named_by_path(tmp_path: Path) -> N
     assert guest["linux"]["namespaces"] == [
         {"type": "ipc", "path": "/run/hyperstart/sandbox/ns/ipc"}, {"type": "uts"},
         {"type": "pid"}, {"type": "mount"}]  # a mount namespace always, in the guest
+
+
+def test_guest_spec_joins_the_pods_pid_namespace_unless_the_container_has_its_own(
+        tmp_path: Path) -> None:
+    """The CRI names the sandbox's pid namespace (shareProcessNamespace, or critest's
+    default pods) or none (a container's own): the former becomes the sandbox container's in
+    the guest."""
+    pod_pid = {"pid": pid_namespace("sb")}
+    doc = default_spec.document()
+    doc["linux"]["namespaces"] = [{"type": "pid", "path": "/proc/9/ns/pid"}, {"type": "mount"}]
+    guest = rewrite(oci_spec.load(_bundle(tmp_path, doc)), {}, joined=pod_pid)
+    assert guest["linux"]["namespaces"][0] == {
+        "type": "pid", "path": "/run/hyperstart/containers/sb/ns/pid"}
+    doc["linux"]["namespaces"] = [{"type": "pid"}, {"type": "mount"}]
+    guest = rewrite(oci_spec.load(_bundle(tmp_path, doc)), {}, joined=pod_pid)
+    assert guest["linux"]["namespaces"][0] == {"type": "pid"}
 
 
 def test_pod_annotations_name_the_sandbox() -> None:

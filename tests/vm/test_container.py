@@ -16,6 +16,7 @@ from runv_py.agent.client import AgentClient
 from runv_py.agent.convert import Event, Output, Storage
 from runv_py.devices import Share
 from runv_py.errors import AgentError
+from runv_py.sandbox import guest_spec
 from runv_py.sandbox.guest_vm import GuestVm
 
 MOUNT = "/run/hyperstart/storage/{}"
@@ -366,16 +367,16 @@ def test_seccomp_in_the_guest_also_for_exec(
 def test_pod_container_joins_another_containers_pid_namespace(
         runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
     async def body(agent: AgentClient) -> None:
-        # The first container's init is "sleep 600"; its pid namespace is found through its
-        # pid as the guest sees it.
+        # The first container's init is "sleep 600"; the agent keeps its pid namespace where
+        # the host names it for a pod's other containers (guest_spec.pid_namespace).
         await _create(agent, "first", ["sleep", "600"])
         await agent.start_container("first")
-        [(first_pid, args)] = await agent.list_processes("first")
+        [(_, args)] = await agent.list_processes("first")
         assert args == ("sleep", "600")
         spec = json.loads(_spec(MOUNT.format("first"), [
             "sh", "-c", "ps -o pid,args; readlink /proc/self/ns/pid"]))
         spec["linux"]["namespaces"] = [
-            {"type": "pid", "path": f"/proc/{first_pid}/ns/pid"},
+            {"type": "pid", "path": guest_spec.pid_namespace("first")},
             {"type": "mount"}, {"type": "ipc"}, {"type": "uts"}]
         await agent.create_container("second", json.dumps(spec).encode())
         output = asyncio.create_task(_collect(agent.stdio("second")))
@@ -393,7 +394,42 @@ def test_pod_container_joins_another_containers_pid_namespace(
         assert await agent.wait_process("first", "ns", timeout_s=60) == 0
         assert (await exec_output)["stdout"].decode().strip() == lines[-1]
         await agent.remove_container("second")
+        # In a pid namespace it did not make, a container's init leaves orphans behind when
+        # it dies (the namespace's PID 1 adopts them): they are killed with it, as runc's
+        # shim does, or they would hold its output open and its exit would never be reported.
+        spec["process"]["args"] = ["sh", "-c", "sleep 601 & exec sleep 602"]
+
+        async def started(cid: str) -> asyncio.Task[dict[str, bytes]]:
+            await agent.create_container(cid, json.dumps(spec).encode())
+            output = asyncio.create_task(_collect(agent.stdio(cid)))
+            await agent.start_container(cid)
+            want = [("sleep", "601"), ("sleep", "602")]  # once the shell has exec'd
+            for _ in range(100):
+                if sorted(a for _, a in await agent.list_processes(cid)) == want:
+                    break
+                await asyncio.sleep(0.1)
+            assert sorted(a for _, a in await agent.list_processes(cid)) == want
+            return output
+
+        output = await started("third")
+        await agent.signal_process("third", "", signal.SIGKILL)  # the init only
+        assert await agent.wait_process("third", timeout_s=60) == 137
+        await output
+        assert await agent.list_processes("third") == []
+        await agent.remove_container("third")
+        # Signalling all of a container reaches what its init started (runc's kill --all).
+        output = await started("third")
+        await agent.signal_process("third", "", signal.SIGTERM, all_processes=True)
+        assert await agent.wait_process("third", timeout_s=60) == 143
+        await output
+        await agent.remove_container("third")
         await agent.remove_container("first", force=True)
+        # Gone with its container: nothing can join it any more.
+        spec["root"]["path"] = MOUNT.format("fourth")
+        with pytest.raises(AgentError, match=r"FAILED_PRECONDITION.*first/ns/pid"):
+            await agent.create_container("fourth", json.dumps(spec).encode(), storages=(
+                Storage("9p", "rootfs0", MOUNT.format("fourth")),))
+        assert await agent.check()
 
     _run(runtime_config, busybox_rootfs, body)
 

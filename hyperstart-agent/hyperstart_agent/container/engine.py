@@ -38,6 +38,7 @@ _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
               "from hyperstart_agent.container.init import main; main()")
 _HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+PID_NAMESPACE = ("ns", "pid")  # under a container's state dir, while it has its own
 
 
 # Why a program could not be exec'd, as the host reports it (podman's 127 and 126).
@@ -195,6 +196,30 @@ def check_id(kind: str, value: str) -> None:
                           "letters, digits, '_', '+', '-', '.' (not first)")
 
 
+def hold_pid_namespace(state_dir: str, pid: int) -> None:
+    """Keep the new pid namespace of process `pid` at STATE_DIR/ns/pid, where the specs of
+    other containers join it by path (a pod's processes in one pid namespace)."""
+    path = os.path.join(state_dir, *PID_NAMESPACE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w"):
+        pass
+    sc.mount(f"/proc/{pid}/ns/pid", path, "", sc.MS_BIND)
+
+
+def release_pid_namespace(state_dir: str) -> None:
+    with contextlib.suppress(OSError):
+        sc.umount(os.path.join(state_dir, *PID_NAMESPACE), sc.MNT_DETACH)
+
+
+def _end_orphans(container: Container) -> None:
+    """The init of a container in a pid namespace it did not make has exited: what it started
+    lives on (the namespace's PID 1 adopts it) and would hold the container's output open.
+    Kill it, as containerd's runc shim does for such containers."""
+    pid_ns = container.spec.namespace("pid")
+    if container.cgroup is not None and pid_ns is not None and pid_ns.path:
+        container.cgroup.kill()
+
+
 def exit_code(wait_status: int) -> int:
     """A shell-style exit code: the status, or 128+N for death by signal N."""
     if os.WIFSIGNALED(wait_status):
@@ -249,9 +274,11 @@ class Engine:
                     del self._unclaimed[pid]
 
     def _finish(self, process: Process, wait_status: int) -> None:
+        container = self.containers.get(process.container_id)
+        if container is not None and container.init is process:
+            _end_orphans(container)
         process.exit_status = exit_code(wait_status)
         process.exited.set()
-        container = self.containers.get(process.container_id)
         if container is not None:
             if container.init is process:
                 container.status = Status.STOPPED
@@ -489,6 +516,9 @@ class Engine:
                 cgroup.apply(spec.resources)
                 cgroup.set_devices(device_rules)
                 cgroup.add(pid)
+            pid_ns = spec.namespace("pid")
+            if pid_ns is not None and not pid_ns.path:
+                hold_pid_namespace(state_dir, pid)
 
         try:
             with open(os.path.join(state_dir, "config.json"), "wb") as f:
@@ -500,6 +530,7 @@ class Engine:
                 cgroup.kill()
                 with contextlib.suppress(OSError):
                     cgroup.remove()
+            release_pid_namespace(state_dir)
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
         container = Container(container_id, spec, state_dir, init, cgroup=cgroup)
@@ -564,16 +595,41 @@ class Engine:
 
     def signal(self, container_id: str, exec_id: str, signum: int, *,
                all_processes: bool = False) -> None:
+        """`all_processes`: every process of the container, as runc's kill --all, also those
+        its processes started (in a pod's shared pid namespace they outlive its init)."""
         process = self.process(container_id, exec_id)
         if not 0 < signum < signal.NSIG:
             raise EngineError("INVALID_ARGUMENT", f"signal {signum} is not valid")
         targets = [process]
         if all_processes:
-            targets = [self.get(container_id).init, *self.get(container_id).processes.values()]
-        for target in targets:
-            if target.exit_status is None:
+            container = self.get(container_id)
+            targets = [container.init, *container.processes.values()]
+        pids = {target.pid for target in targets if target.exit_status is None}
+        if all_processes and container.cgroup is not None:
+            if signum == signal.SIGKILL:
+                container.cgroup.kill()  # also what is being forked right now
+            else:
+                self._signal_cgroup(container, container.cgroup, signum)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    @staticmethod
+    def _signal_cgroup(container: Container, cgroup: cgroups.Cgroup, signum: int) -> None:
+        """Every process in the cgroup, frozen meanwhile so that none forks unseen (runc)."""
+        frozen = container.status is Status.RUNNING
+        try:
+            if frozen:
+                cgroup.freeze(True)
+            for pid in cgroup.pids():
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(target.pid, signum)
+                    os.kill(pid, signum)
+        except (OSError, cgroups.CgroupError):
+            pass  # the cgroup went with its last process
+        finally:
+            if frozen:
+                with contextlib.suppress(OSError, cgroups.CgroupError):
+                    cgroup.freeze(False)
 
     def _cgroup(self, container_id: str) -> tuple[Container, cgroups.Cgroup]:
         container = self.get(container_id)
@@ -659,5 +715,6 @@ class Engine:
             container.cgroup.remove()
         for process in (container.init, *container.processes.values()):
             process.close()
+        release_pid_namespace(container.state_dir)
         shutil.rmtree(container.state_dir, ignore_errors=True)
         del self.containers[container_id]

@@ -9,11 +9,13 @@ the process runs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import resource
+import signal
 import socket
 import struct
 import subprocess
@@ -134,10 +136,21 @@ def enter_process(process: specmod.Process, seccomp_profile: Any = None) -> None
     env = dict(entry.split("=", 1) for entry in process.env)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     os.set_inheritable(SYNC_FD, False)
+    default_signals()
     try:
         os.execvpe(process.args[0], list(process.args), env)
     except OSError as exc:
         raise ExecFailed(exc.errno, f"exec {process.args[0]}: {exc.strerror}") from None
+
+
+def default_signals() -> None:
+    """The process starts as under runc: no signal blocked (the agent blocks SIGCHLD for its
+    reaper) and none ignored (Python ignores SIGPIPE and SIGXFSZ); an exec keeps both."""
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _namespace_flags(spec: specmod.Spec) -> int:

@@ -33,6 +33,8 @@ def main() -> int:
             engine.start(args.id)
         except EngineError as exc:
             print(f"hyperstart-run: {exc.code}: {exc}", file=sys.stderr)
+            if args.id in engine.containers:  # created, failed to start: its mounts go
+                engine.remove(args.id, force=True)
             return 125
         while not container.init.exited.is_set():
             try:

@@ -190,6 +190,11 @@ class AgentStub:
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.AddARPNeighborsRequest.SerializeToString,
                 response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
                 _registered_method=True)
+        self.PortForward = channel.stream_stream(
+                '/hyperstart.v1.Agent/PortForward',
+                request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.PortForwardInput.SerializeToString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.PortForwardOutput.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -415,6 +420,17 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PortForward(self, request_iterator, context):
+        """A TCP connection to 127.0.0.1:port in the guest's own network namespace (a pod's), for
+        port forwarding from the host: the first input names the port (UNAVAILABLE if nothing
+        accepts there), the first output (empty) says the connection is up. Further inputs carry
+        the host's bytes, close_write its end of writing; outputs carry the guest's, the last
+        with eof. The call ends once both directions have ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -572,6 +588,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.AddARPNeighbors,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.AddARPNeighborsRequest.FromString,
                     response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+            ),
+            'PortForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.PortForwardInput.FromString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.PortForwardOutput.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1411,6 +1432,33 @@ class Agent:
             '/hyperstart.v1.Agent/AddARPNeighbors',
             hyperstart_dot_v1_dot_hyperstart__pb2.AddARPNeighborsRequest.SerializeToString,
             hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hyperstart.v1.Agent/PortForward',
+            hyperstart_dot_v1_dot_hyperstart__pb2.PortForwardInput.SerializeToString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.PortForwardOutput.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,7 +21,7 @@ from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvErro
 from ...oci import spec as oci_spec
 from ...runtime_annotations import DEFAULT_ENABLED
 from ...storage.shared import Trees
-from .. import block_rootfs, guest_spec, pod, policy, protocol
+from .. import block_rootfs, guest_spec, pod, policy, portforward, protocol
 from ..block_rootfs import BlockContainer
 from ..control import AsyncChannel
 from ..guest_api import SandboxVm
@@ -83,6 +83,7 @@ class Supervisor:
         # The container whose storages mounted the shared directory in the guest (a block
         # rootfs without volumes needs none: nothing 9p is mounted, the VM can be saved).
         self.share_holder: str | None = None
+        self.port_forward: portforward.PortForwarder | None = None  # a pod's, in its netns
         self.vm_paused = False
         self.creating = asyncio.Lock()
         self.done = asyncio.Event()
@@ -124,6 +125,10 @@ class Supervisor:
             spec = replace(spec, raw={**spec.raw, "linux": pod.with_namespace_paths(
                 spec.raw.get("linux") or {}, self.pod_namespaces)})
         await self._create_in_guest(self.id, spec, shares, block)
+        if pod.is_sandbox(spec.annotations):  # the pod's pid namespace is its sandbox's
+            self.pod_namespaces["pid"] = guest_spec.pid_namespace(self.id)
+            if spec.network_ns:
+                self.port_forward = await portforward.for_pod(spec.network_ns, self.vm.agent)
         self._task(self._watch_vm())
         self._task(self._watch_events())
 
@@ -447,6 +452,8 @@ class Supervisor:
     async def close(self) -> None:
         """Remove the containers from the guest, let the stand-ins have their exit status,
         then stop the VM. The shared directory and the network are the launcher's."""
+        if self.port_forward is not None:
+            await self.port_forward.close()
         if self.vm_paused:
             with contextlib.suppress(Exception):
                 await self._vm_running(True)
