@@ -147,7 +147,7 @@ def test_guest_spec_joins_the_pods_pid_namespace_unless_the_container_has_its_ow
     the guest."""
     pod_pid = {"pid": pid_namespace("sb")}
     doc = default_spec.document()
-    doc["linux"]["namespaces"] = [{"type": "pid", "path": "/proc/9/ns/pid"}, {"type": "mount"}]
+    doc["linux"]["namespaces"] = [{"type": "pid", "path": "/proc/self/ns/pid"}, {"type": "mount"}]
     guest = rewrite(oci_spec.load(_bundle(tmp_path, doc)), {}, joined=pod_pid)
     assert guest["linux"]["namespaces"][0] == {
         "type": "pid", "path": "/run/hyperstart/containers/sb/ns/pid"}
