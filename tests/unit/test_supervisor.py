@@ -291,6 +291,40 @@ def test_events_report_oom_and_the_exit(tmp_path: Path) -> None:
     _run(test)
 
 
+def test_an_oom_kill_is_reported_before_the_exit_it_caused(tmp_path: Path) -> None:
+    """The agent streams the OOM kill and then the exit; the exit also answers WaitProcess,
+    which may come first: listeners must still see the OOM kill, and first."""
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            await box.client.call(Start(container="c1"))
+            events = box.client.events("c1")
+            first = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0.1)
+            box.vm.agent.exit("c1", code=137)   # WaitProcess answers first
+            await asyncio.sleep(0.1)
+            box.vm.agent.events_queue.put_nowait(convert.Event("oom", "c1", "", 0))
+            box.vm.agent.events_queue.put_nowait(convert.Event("exit", "c1", "", 137))
+            assert (await first).type == "oom"
+            exit_event = await anext(events)
+            assert (exit_event.type, exit_event.exit_status) == ("exit", 137)
+
+    _run(test)
+
+
+def test_an_exit_is_reported_when_the_event_stream_says_nothing(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            await box.client.call(Start(container="c1"))
+            events = box.client.events("c1")
+            first = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0.1)
+            box.vm.agent.exit("c1", code=3)
+            exit_event = await asyncio.wait_for(first, 5)
+            assert (exit_event.type, exit_event.exit_status) == ("exit", 3)
+
+    _run(test)
+
+
 def test_the_vm_stopping_stops_every_container(tmp_path: Path) -> None:
     async def test() -> None:
         async with _sandbox(tmp_path) as box:

@@ -61,6 +61,9 @@ from .stdio import EXIT_OUTPUT_GRACE_S, serve_attached
 log = logging.getLogger(__name__)
 
 REMOVE_TIMEOUT_S = 10.0
+# How long an init's exit waits for the agent's event stream to deliver it too (the stream
+# carries an OOM kill before the exit it caused; WaitProcess answers on its own call).
+EVENTS_CATCH_UP_S = 1.0
 Handler = Callable[[Any], Awaitable[Reply]]
 SessionHandler = Callable[[Any, AsyncChannel, list[int]], Awaitable[None]]
 
@@ -89,6 +92,7 @@ class Supervisor:
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.event_listeners: set[asyncio.Queue[protocol.Event]] = set()
+        self.agent_exits: dict[str, asyncio.Event] = {}  # container -> its init's exit streamed
         self.attachments: set[asyncio.Task[Any]] = set()
         self.handlers: dict[Op, Handler] = {
             Op.START: self._start, Op.KILL: self._kill, Op.DELETE: self._delete,
@@ -279,6 +283,7 @@ class Supervisor:
             await self._vm_maybe_pause()
         container.stopped()
         del self.containers[container.id]
+        self.agent_exits.pop(container.id, None)
         unshare(self.shared, container.shares)
         if self.share_holder == container.id:
             self.share_holder = None
@@ -426,7 +431,15 @@ class Supervisor:
         process.exit(code)
         if process.exec_id == "":
             container.stopped(code)
+            # So that event listeners get an OOM kill before the exit it caused.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._agent_exit(container.id).wait(),
+                                       EVENTS_CATCH_UP_S)
+            self.agent_exits.pop(container.id, None)
             self._publish(protocol.Event(type="exit", id=container.id, exit_status=code))
+
+    def _agent_exit(self, container_id: str) -> asyncio.Event:
+        return self.agent_exits.setdefault(container_id, asyncio.Event())
 
     async def _watch_vm(self) -> None:
         machine = self.vm.machine
@@ -442,6 +455,8 @@ class Supervisor:
                 if event.kind == "oom":
                     self._publish(protocol.Event(type="oom",
                                                  id=event.container_id or self.id))
+                elif event.exec_id == "" and event.container_id in self.containers:
+                    self._agent_exit(event.container_id).set()
 
     def _publish(self, event: protocol.Event) -> None:
         for queue in self.event_listeners:
