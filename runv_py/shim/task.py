@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "containerd.task.v2.Task"
 EXIT_AFTER_DELETE_S = 30.0
+EVENTS_CATCH_UP_S = 2.0
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
@@ -387,6 +388,10 @@ class TaskService:
     async def _watch(self, container: TaskContainer, process: TaskProcess) -> None:
         assert process.attached is not None
         code = await process.attached.wait()
+        if process.exec_id == "" and container.events is not None:
+            # The supervisor's event stream ends with this exit, after the OOM kill that
+            # caused it: containerd deletes the task on TaskExit, so TaskOOM goes first.
+            await asyncio.wait({container.events}, timeout=EVENTS_CATCH_UP_S)
         if code == SUPERVISOR_LOST:
             log.warning("the supervisor went away before %s exited", process.name,
                         extra={"container": container.id})

@@ -14,6 +14,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from runv_py.agent import convert
 from runv_py.config import RuntimeConfig
 from runv_py.errors import ContainerExists, ContainerNotFound, InvalidState, ProcessNotFound
 from runv_py.sandbox.runtime import Runtime
@@ -140,6 +141,29 @@ def test_a_process_that_exits_during_start_reports_its_exit_after_start(
         state = await service.state(task_pb2.StateRequest(id="t2"))
         assert state.status == task_pb2.STOPPED
         await service.delete(task_pb2.DeleteRequest(id="t2"))
+        await launcher.close()
+
+    _run(test, tmp_path)
+
+
+def test_an_oom_kill_is_published_before_the_exit_it_caused(tmp_path: Path) -> None:
+    """The exit reaches the shim on the attach connection, the OOM kill on the supervisor's
+    event stream, later: containerd deletes the task on TaskExit, so TaskOOM must come first."""
+    async def test(tmp_path: Path) -> None:
+        service, publisher, launcher = await _service(tmp_path)
+        await service.create(task_pb2.CreateTaskRequest(
+            id="t3", bundle=str(_bundle(tmp_path / "bundle"))))
+        agent = launcher.supervisors["t3"].vm.agent  # type: ignore[attr-defined]
+        await service.start(task_pb2.StartRequest(id="t3"))
+        await asyncio.sleep(0.1)  # the shim's event stream is open
+        agent.exit("t3", code=137)
+        await asyncio.sleep(0.2)
+        agent.events_queue.put_nowait(convert.Event("oom", "t3", "", 0))
+        agent.events_queue.put_nowait(convert.Event("exit", "t3", "", 137))
+        assert (await service.wait(task_pb2.WaitRequest(id="t3"))).exit_status == 137
+        kinds = publisher.kinds()
+        assert "TaskOOM" in kinds and kinds.index("TaskOOM") < kinds.index("TaskExit"), kinds
+        await service.delete(task_pb2.DeleteRequest(id="t3"))
         await launcher.close()
 
     _run(test, tmp_path)
