@@ -28,6 +28,7 @@ from runv_py.sandbox.protocol import (
     Attach,
     Create,
     Delete,
+    Event,
     Exec,
     Kill,
     Pause,
@@ -273,13 +274,20 @@ def test_a_pods_second_container_joins_and_leaves(tmp_path: Path) -> None:
     _run(test)
 
 
+async def _listening_to_started(box: Sandbox) -> tuple[AsyncIterator[Event],
+                                                   asyncio.Future[Event]]:
+    """c1 started, its events followed: the iterator and its first event to come."""
+    await box.client.call(Start(container="c1"))
+    events = box.client.events("c1")
+    first = asyncio.ensure_future(anext(events))
+    await asyncio.sleep(0.1)  # the listener is registered
+    return events, first
+
+
 def test_events_report_oom_and_the_exit(tmp_path: Path) -> None:
     async def test() -> None:
         async with _sandbox(tmp_path) as box:
-            await box.client.call(Start(container="c1"))
-            events = box.client.events("c1")
-            first = asyncio.ensure_future(anext(events))
-            await asyncio.sleep(0.1)
+            events, first = await _listening_to_started(box)
             box.vm.agent.events_queue.put_nowait(convert.Event("oom", "c1", "", 0))
             assert (await first).type == "oom"
             box.vm.agent.exit("c1", code=5)
@@ -296,10 +304,7 @@ def test_an_oom_kill_is_reported_before_the_exit_it_caused(tmp_path: Path) -> No
     which may come first: listeners must still see the OOM kill, and first."""
     async def test() -> None:
         async with _sandbox(tmp_path) as box:
-            await box.client.call(Start(container="c1"))
-            events = box.client.events("c1")
-            first = asyncio.ensure_future(anext(events))
-            await asyncio.sleep(0.1)
+            events, first = await _listening_to_started(box)
             box.vm.agent.exit("c1", code=137)   # WaitProcess answers first
             await asyncio.sleep(0.1)
             box.vm.agent.events_queue.put_nowait(convert.Event("oom", "c1", "", 0))
@@ -314,10 +319,7 @@ def test_an_oom_kill_is_reported_before_the_exit_it_caused(tmp_path: Path) -> No
 def test_an_exit_is_reported_when_the_event_stream_says_nothing(tmp_path: Path) -> None:
     async def test() -> None:
         async with _sandbox(tmp_path) as box:
-            await box.client.call(Start(container="c1"))
-            events = box.client.events("c1")
-            first = asyncio.ensure_future(anext(events))
-            await asyncio.sleep(0.1)
+            _, first = await _listening_to_started(box)
             box.vm.agent.exit("c1", code=3)
             exit_event = await asyncio.wait_for(first, 5)
             assert (exit_event.type, exit_event.exit_status) == ("exit", 3)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...agent.convert import Storage
 from ...devices import ShareDriver
@@ -21,7 +21,7 @@ from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvErro
 from ...oci import spec as oci_spec
 from ...runtime_annotations import DEFAULT_ENABLED
 from ...storage.shared import Trees
-from .. import block_rootfs, guest_spec, pod, policy, portforward, protocol
+from .. import block_rootfs, guest_spec, pod, policy, protocol
 from ..block_rootfs import BlockContainer
 from ..control import AsyncChannel
 from ..guest_api import SandboxVm
@@ -58,6 +58,9 @@ from .containers import SIGKILL_STATUS, GuestContainer, GuestProcess
 from .shares import ContainerShares, Shared, share, unshare
 from .stdio import EXIT_OUTPUT_GRACE_S, serve_attached
 
+if TYPE_CHECKING:
+    from ..portforward import PortForwarder
+
 log = logging.getLogger(__name__)
 
 REMOVE_TIMEOUT_S = 10.0
@@ -86,7 +89,7 @@ class Supervisor:
         # The container whose storages mounted the shared directory in the guest (a block
         # rootfs without volumes needs none: nothing 9p is mounted, the VM can be saved).
         self.share_holder: str | None = None
-        self.port_forward: portforward.PortForwarder | None = None  # a pod's, in its netns
+        self.port_forward: PortForwarder | None = None  # a pod's, in its netns
         self.vm_paused = False
         self.creating = asyncio.Lock()
         self.done = asyncio.Event()
@@ -132,6 +135,8 @@ class Supervisor:
         if pod.is_sandbox(spec.annotations):  # the pod's pid namespace is its sandbox's
             self.pod_namespaces["pid"] = guest_spec.pid_namespace(self.id)
             if spec.network_ns:
+                from .. import portforward  # pods only: the supervisor's start is on every path
+
                 self.port_forward = await portforward.for_pod(spec.network_ns, self.vm.agent)
         self._task(self._watch_vm())
         self._task(self._watch_events())
