@@ -145,8 +145,11 @@ def unpacked_debs(work: Path) -> Path:
     debs = work / "debs"
     debs.mkdir()
     # As root into a directory of root's: no sandbox user for the download.
-    subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *DEBS],
-                   cwd=debs, check=True, stdout=subprocess.DEVNULL)
+    download = ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *DEBS]
+    if subprocess.run(download, cwd=debs, check=False, stdout=subprocess.DEVNULL).returncode:
+        # A machine whose package lists were cleaned after its packages were installed.
+        subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(download, cwd=debs, check=True, stdout=subprocess.DEVNULL)
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(debs / "root")], check=True)
     return debs / "root"
