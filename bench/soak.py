@@ -611,7 +611,8 @@ def check_truth(door: Door, ident: str, top: Path, it: Iteration) -> None:
                 it.findings.append(f"reported running but an exec failed: {probe.error}")
 
 
-def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random) -> None:
+def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
+                  keep: set[int]) -> None:
     ident = f"sk{it.number}x{rng.randrange(16**4):04x}"
     door.begin(ident)
     it.ops = plan(door, rng)
@@ -651,7 +652,6 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random) -> N
         it.results.append(result)
         if result.code != 0:
             it.findings.append(f"{result.op} failed: {result.error}")
-    keep = door.own_pids()
     left = host_leftovers(top, markers, keep) + [f"file {f}" for f in door.leftover_files()]
     if left:
         it.findings += [f"left behind: {item}" for item in left]
@@ -688,7 +688,8 @@ def soak(iterations: int, seed: int, doors: list[str], json_path: str | None) ->
         for number in range(iterations):
             door = built[rng.choice(doors)]
             it = Iteration(number, door.name, [])
-            run_iteration(door, it, top, rng)
+            run_iteration(door, it, top, rng,
+                          set().union(*(d.own_pids() for d in built.values())))
             done.append(it)
             fault = it.fault
             hit = "no fault" if fault is None else \

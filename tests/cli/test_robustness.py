@@ -80,6 +80,26 @@ def test_stopped_standin_gets_its_exit(runv: Runv, tmp_path: Path) -> None:
     assert runv.leftovers() == []
 
 
+def test_stopped_create_is_named_not_waited_for(runv: Runv, tmp_path: Path) -> None:
+    """`runv create` holds the container's lock while the VM boots; stopped there, it makes
+    a later command fail with its name instead of hanging it."""
+    bundle = runv.bundle(["true"], lambda spec: spec.update(
+        annotations={"org.runv.template": "off"}))
+    create = runv.popen("create", "--bundle", str(bundle), "c1",
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (runv.sandbox_dir("c1") / "console.log").exists():
+        time.sleep(0.01)
+    os.kill(create.pid, signal.SIGSTOP)
+    result = runv("delete", "--force", "c1", check=False, timeout=60)
+    assert result.returncode == 1
+    error = result.stderr.decode()
+    assert f"locked by process {create.pid} (" in error and "which is stopped" in error, error
+    create.kill()  # as containerd does with a create whose context ended
+    create.wait()
+    runv("delete", "--force", "c1", check=False)
+    assert runv.leftovers() == []
+
+
 def test_delete_force_while_running_and_during_create(runv: Runv, tmp_path: Path) -> None:
     standin = _running(runv, tmp_path, "c1")
     runv("delete", "--force", "c1")
