@@ -23,6 +23,7 @@ the iteration (found by the iteration's own roots in its command line).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -40,6 +41,8 @@ from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from runv_py import child
 
 BIN = Path(sys.executable).parent
 OP_TIMEOUT_S = 150.0
@@ -70,6 +73,20 @@ class Fault:
     signum: int
     during: str
     pid: int
+    resume_after_s: float | None = None  # a SIGSTOP undone with SIGCONT; None: never
+
+    @property
+    def frozen(self) -> bool:
+        """Stopped for good: what waits on it may wait for ever, as it would with runc on a
+        frozen cgroup (the processes in a stopped VM neither run nor exit)."""
+        return self.signum == signal.SIGSTOP and self.resume_after_s is None
+
+    def describe(self) -> str:
+        what = f"{signal.Signals(self.signum).name} {self.kind} during {self.during}"
+        if self.signum == signal.SIGSTOP:
+            what += " for good" if self.resume_after_s is None else \
+                f", continued after {self.resume_after_s:.1f} s"
+        return what
 
 
 @dataclass
@@ -83,9 +100,7 @@ class Iteration:
 
     def to_json(self) -> dict[str, Any]:
         return {"iteration": self.number, "door": self.door, "ops": self.ops,
-                "fault": None if self.fault is None else {
-                    "process": self.fault.kind, "signal": signal.Signals(self.fault.signum).name,
-                    "during": self.fault.during},
+                "fault": None if self.fault is None else self.fault.describe(),
                 "results": [[r.op, r.code, round(r.seconds, 2), r.error, r.detail]
                             for r in self.results],
                 "findings": self.findings}
@@ -563,10 +578,11 @@ class Injector(threading.Thread):
     """Waits a random moment, then signals one process of the iteration's sandbox."""
 
     def __init__(self, top: Path, victims: tuple[str, ...], during: str, *, delay_s: float,
-                 signum: int, rng: random.Random) -> None:
+                 signum: int, resume_after_s: float | None, rng: random.Random) -> None:
         super().__init__(daemon=True)
         self.top, self.victims, self.during = top, victims, during
         self.delay_s, self.signum, self.rng = delay_s, signum, rng
+        self.resume_after_s = resume_after_s
         self.fault: Fault | None = None
         self.stop = threading.Event()
 
@@ -577,11 +593,21 @@ class Injector(threading.Thread):
         if not candidates:
             return
         victim = self.rng.choice(candidates)
+        started = child.proc_start_time(victim.pid)
         try:
             os.kill(victim.pid, self.signum)
         except ProcessLookupError:
             return
-        self.fault = Fault(victim.kind, self.signum, self.during, victim.pid)
+        resume = self.resume_after_s if self.signum == signal.SIGSTOP else None
+        self.fault = Fault(victim.kind, self.signum, self.during, victim.pid, resume)
+        if resume is not None and started is not None:
+            threading.Timer(resume, _continue, (victim.pid, started)).start()
+
+
+def _continue(pid: int, started: int) -> None:
+    if child.proc_start_time(pid) == started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 def _qemu_alive(top: Path) -> bool:
@@ -601,8 +627,7 @@ def check_truth(door: Door, ident: str, top: Path, it: Iteration) -> None:
     if status == "running" and not _qemu_alive(top):
         it.findings.append(f"reported running {SETTLE_S:.0f} s after its QEMU was gone")
         return
-    stopped = it.fault is not None and it.fault.signum == signal.SIGSTOP
-    if status == "running" and not stopped:
+    if status == "running" and not (it.fault is not None and it.fault.frozen):
         probe = door.do("exec" if door.name != "api" else "run", ident)
         it.results.append(probe)
         if probe.code != 0:
@@ -617,19 +642,23 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
     door.begin(ident)
     it.ops = plan(door, rng)
     fault_at = rng.randrange(len(it.ops))
-    signum = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP])
+    signum = rng.choice([signal.SIGKILL, signal.SIGKILL, signal.SIGSTOP])
+    resume_after_s = rng.choice([None, rng.uniform(1.0, 20.0), rng.uniform(1.0, 20.0)])
     injector: Injector | None = None
     for index, op in enumerate(it.ops):
         if index == fault_at:
             # The first op boots a VM (seconds): hit it while it boots or right after.
             delay = rng.uniform(0.0, 4.0 if index == 0 else 1.0)
-            injector = Injector(top, door.victims, op, delay_s=delay, signum=signum, rng=rng)
+            injector = Injector(top, door.victims, op, delay_s=delay, signum=signum,
+                                resume_after_s=resume_after_s, rng=rng)
             injector.start()
         result = door.do(op, ident)
         it.results.append(result)
         if injector is not None and index == fault_at:
             injector.join()
             it.fault = injector.fault
+        if result.code is None and it.fault is not None and it.fault.frozen:
+            break  # waiting on a stopped process; the forced removal must still work
         if result.code is None:
             it.findings.append(f"{op} did not end within {OP_TIMEOUT_S:.0f} s")
         elif result.error.startswith("TRACEBACK"):
@@ -691,9 +720,7 @@ def soak(iterations: int, seed: int, doors: list[str], json_path: str | None) ->
             run_iteration(door, it, top, rng,
                           set().union(*(d.own_pids() for d in built.values())))
             done.append(it)
-            fault = it.fault
-            hit = "no fault" if fault is None else \
-                f"{signal.Signals(fault.signum).name} {fault.kind} during {fault.during}"
+            hit = "no fault" if it.fault is None else it.fault.describe()
             outcome = "; ".join(it.findings) or "ok"
             print(f"[{number + 1}/{iterations}] {door.name} {' '.join(it.ops)}; {hit}: {outcome}",
                   file=sys.stderr, flush=True)
