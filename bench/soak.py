@@ -16,8 +16,9 @@ owner). Then it checks:
     python bench/soak.py [--iterations 20] [--seed N] [--doors runv,hyperctl,api,shim]
                          [--json FILE]
 
-Exit status 1 when any iteration found something. Every process it kills was started for
-the iteration (found by the iteration's own roots in its command line).
+Exit status 1 when any iteration found something (its roots are then kept for a look). Every
+process it kills was started for the iteration (found by the iteration's own roots in its
+command line).
 """
 
 from __future__ import annotations
@@ -689,13 +690,15 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
                 os.kill(proc.pid, signal.SIGKILL)
 
 
-def soak(iterations: int, seed: int, doors: list[str], json_path: str | None) -> int:
+def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = None,
+         env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the iterations; the result (with every iteration under "all")."""
     rng = random.Random(seed)
-    top = Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))
+    top = top or Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))
     state = top / "state"
     config = top / "runv.toml"
     config.write_text(f'state_dir = "{state}"\n[hypervisor]\nboot_timeout_s = 90\n')
-    env = dict(os.environ, RUNV_CONFIG=str(config), HYPERCTL_ROOT=str(top / "hc-root"),
+    env = dict(env or os.environ, RUNV_CONFIG=str(config), HYPERCTL_ROOT=str(top / "hc-root"),
                HYPERCTL_DATA_ROOT=str(top / "hc-data"))
     env.pop("NOTIFY_SOCKET", None)
     built: dict[str, Door] = {}
@@ -733,19 +736,9 @@ def soak(iterations: int, seed: int, doors: list[str], json_path: str | None) ->
         key = "none" if it.fault is None else \
             f"{signal.Signals(it.fault.signum).name} {it.fault.kind}"
         faults[key] = faults.get(key, 0) + 1
-    result = {"iterations": len(done), "seed": seed, "doors": doors,
-              "failed_iterations": len(failed), "faults": dict(sorted(faults.items())),
-              "failures": [it.to_json() for it in failed]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).write_text(json.dumps({**result,
-                                               "all": [it.to_json() for it in done]}, indent=2))
-    if not failed:
-        shutil.rmtree(top, ignore_errors=True)
-    else:
-        print(f"soak: the roots are kept in {top}", file=sys.stderr)
-    return 1 if failed else 0
+    return {"iterations": len(done), "seed": seed, "doors": doors, "roots": str(top),
+            "failed_iterations": len(failed), "faults": dict(sorted(faults.items())),
+            "failures": [it.to_json() for it in failed], "all": [it.to_json() for it in done]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -761,7 +754,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_owner:
         return api_owner(args.api_owner)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
-    return soak(args.iterations, seed, args.doors.split(","), args.json)
+    result = soak(args.iterations, seed, args.doors.split(","))
+    print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if result["failed_iterations"]:
+        print(f"soak: the roots are kept in {result['roots']}", file=sys.stderr)
+        return 1
+    shutil.rmtree(result["roots"], ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
