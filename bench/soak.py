@@ -632,9 +632,14 @@ def check_truth(door: Door, ident: str, top: Path, it: Iteration) -> None:
         probe = door.do("exec" if door.name != "api" else "run", ident)
         it.results.append(probe)
         if probe.code != 0:
-            after = door.status(ident)
-            if after == "running":
-                it.findings.append(f"reported running but an exec failed: {probe.error}")
+            # The exit of a container whose VM broke reaches the door a moment later (the
+            # supervisor and the shim give the agent's event stream a second or two).
+            deadline = time.monotonic() + SETTLE_S
+            while door.status(ident) == "running" and time.monotonic() < deadline:
+                time.sleep(1)
+            if door.status(ident) == "running":
+                it.findings.append(f"reported running {SETTLE_S:.0f} s after an exec failed: "
+                                   f"{probe.error}")
 
 
 def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
