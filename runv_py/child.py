@@ -38,6 +38,27 @@ def proc_start_time(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[19])
 
 
+def state_letter(pid: int) -> str | None:
+    """Field 3 of /proc/<pid>/stat (R, S, D, T for stopped, Z...), or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def describe(pid: int) -> str:
+    """`pid (program args...)` for an error message."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    words = [a.decode(errors="replace") for a in argv if a]
+    if len(words) > 2 and words[1] == "-m":  # python -m runv_py.x: the module says what it is
+        words = words[2:]
+    return f"{pid} ({' '.join(words)[:80]})" if words else str(pid)
+
+
 def is_running(pid: int, start_time: int) -> bool:
     """Whether the process that had this pid and start time still runs (not a zombie)."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,6 +146,16 @@ class AsyncChannel:
             await ready
         finally:
             remove(self._fd)
+
+    def peer_pidfd(self) -> int | None:
+        """A pidfd of the process at the other end (as it connected), or None if it is gone."""
+        creds = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                     struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]
+        try:
+            return os.pidfd_open(pid) if pid > 0 else None
+        except OSError:
+            return None
 
     def close(self) -> None:
         self.sock.close()

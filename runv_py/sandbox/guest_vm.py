@@ -259,7 +259,8 @@ class GuestVm:
                 return
             except RunvError as exc:
                 if self._killed():
-                    raise
+                    raise HypervisorError(f"sandbox {self.id}: {self.machine.describe_exit()}"
+                                          ) from exc
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 log.warning("starting from a template failed, booting cold: %s", reason,
                             extra=extra)

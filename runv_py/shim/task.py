@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SERVICE = "containerd.task.v2.Task"
 EXIT_AFTER_DELETE_S = 30.0
 EVENTS_CATCH_UP_S = 2.0
+EXEC_START_FAILED = 255
 PROCESS_SPEC_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 RESOURCES_URL = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 
@@ -197,8 +198,17 @@ class TaskService:
         else:
             container.init.status.require((ContainerStatus.RUNNING,), "exec", container.id)
             assert process.spec is not None
-            await self._attach(container, process, Exec(
-                container=container.id, exec_id=process.exec_id, process=process.spec))
+            try:
+                await self._attach(container, process, Exec(
+                    container=container.id, exec_id=process.exec_id, process=process.spec))
+            except BaseException:
+                # containerd waits on an exec before it starts it: a start that failed ends
+                # that wait (as runc's shim does), or it would hold the shim's shutdown.
+                process.exited_at = time.time()
+                process.status = process.status.transition(Transition.STOP, process.name)
+                if not process.exited.done():
+                    process.exited.set_result(EXEC_START_FAILED)
+                raise
             event = events_pb2.TaskExecStarted(container_id=container.id,
                                                exec_id=process.exec_id, pid=container.pid)
         if process.status.live:  # a fast process may be gone already

@@ -141,7 +141,8 @@ class Server:
             self._server.close()
         if self._calls:
             await asyncio.wait(set(self._calls), timeout=5)
-        for task in list(self._connections):
+        # A call still waiting (a Wait on a process that will not end) is cut off.
+        for task in [*self._connections, *self._calls]:
             task.cancel()
         await asyncio.gather(*self._connections, *self._calls, return_exceptions=True)
 

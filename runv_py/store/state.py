@@ -13,12 +13,14 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ConfigError, ContainerExists, ContainerNotFound
+from .. import child
+from ..errors import ConfigError, ContainerExists, ContainerNotFound, InvalidState
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 
@@ -70,19 +72,59 @@ class RecordStore(Protocol):
         """The containers with a record."""
 
 
+LOCK_POLL_S = 0.05
+# A holder stopped this long (SIGSTOP, a debugger) is reported instead of waited for.
+STOPPED_HOLDER_S = 2.0
+
+
 @contextlib.contextmanager
 def flocked(lock: Path, missing: str) -> Iterator[None]:
     """Hold an exclusive flock on the file `lock`; ContainerNotFound(`missing`) if it does
-    not exist."""
+    not exist. Waits while another process holds it, unless that process is stopped: then
+    InvalidState names it (a stopped `runv create` would otherwise hang every later command
+    on the container)."""
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ContainerNotFound(missing) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        stopped_since: float | None = None
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            holder = _flock_holder(fd)
+            if holder is not None and child.state_letter(holder) in ("T", "t"):
+                stopped_since = stopped_since or time.monotonic()
+                if time.monotonic() - stopped_since > STOPPED_HOLDER_S:
+                    raise InvalidState(
+                        f"{lock.parent.name}: locked by process {child.describe(holder)}, "
+                        f"which is stopped: continue it (kill -CONT {holder}) or kill it, "
+                        "then retry")
+            else:
+                stopped_since = None
+            time.sleep(LOCK_POLL_S)
         yield
     finally:
         os.close(fd)
+
+
+def _flock_holder(fd: int) -> int | None:
+    """The pid holding a flock on the file open at `fd`, from /proc/locks."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 24513 fe:00:2228551 0 EOF"; waiters have "->" after "1:".
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == key:
+            return int(fields[4])
+    return None
 
 
 class Store:

@@ -367,6 +367,12 @@ class WorkloadManager:
         if status.status.live and not force:
             raise InvalidState(f"container {workload.name} is {status.state}: stop it first, "
                                "or use rm -f")
+        if force and workload.monitor_pid and \
+                child.is_running(workload.monitor_pid, workload.monitor_start):
+            # The monitor may hold the container's lock (it creates the container) and be
+            # stuck or stopped: rm -f does its work instead of waiting for it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(workload.monitor_pid, signal.SIGKILL)
         await self._free_vm(workload.id)
         await self._wait_monitor(workload)
         self.records.remove(workload)

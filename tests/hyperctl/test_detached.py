@@ -15,6 +15,7 @@ import pytest
 
 from runv_py import child
 from tests.hyperctl.conftest import HYPERCTL, Hyperctl
+from tests.vm.conftest import processes_mentioning
 
 pytestmark = pytest.mark.vm
 
@@ -139,4 +140,24 @@ def test_killed_monitor_leaves_an_exited_container_that_rm_cleans(hyperctl: Hype
     assert hyperctl("wait", cid[:8], timeout=120).stdout == b"137\n"
     assert "Exited (137)" in hyperctl("ps", "-a").stdout.decode()
     hyperctl("rm", cid)
+    assert hyperctl.leftovers() == []
+
+
+def test_rm_force_of_a_container_whose_monitor_stopped_mid_create(hyperctl: Hyperctl) -> None:
+    """The monitor creates the container under its lock; stopped there (SIGSTOP, a debugger),
+    it must not make `rm -f` wait forever."""
+    run = subprocess.Popen([HYPERCTL, "run", "-d", "--name", "stuck", "busybox", "sleep", "600"],
+                           env=hyperctl.env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not [line for line in processes_mentioning(str(hyperctl.root))
+               if "runv_py.sandbox.supervisor" in line]:
+        assert time.monotonic() < deadline, "no supervisor started"
+        time.sleep(0.02)
+    monitor = next(int(line.split(":")[0]) for line in processes_mentioning(str(hyperctl.root))
+                   if "runv_py.workload.monitor" in line)
+    os.kill(monitor, signal.SIGSTOP)
+    hyperctl("rm", "-f", "stuck", timeout=90)
+    run.wait(60)
+    assert b"stuck" not in hyperctl("ps", "-a").stdout
     assert hyperctl.leftovers() == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from google.protobuf.message import Message
 
 from runv_py.agent import convert
 from runv_py.config import RuntimeConfig
-from runv_py.errors import ContainerExists, ContainerNotFound, InvalidState, ProcessNotFound
+from runv_py.errors import (
+    AgentError,
+    ContainerExists,
+    ContainerNotFound,
+    InvalidState,
+    ProcessNotFound,
+    TtrpcError,
+)
 from runv_py.sandbox.runtime import Runtime
-from runv_py.shim import task
+from runv_py.shim import task, ttrpc
 from runv_py.shim._pb import task_pb2
 from tests.fakes import InProcessLauncher
 
@@ -180,5 +188,58 @@ def test_close_deletes_every_task_so_no_vm_outlives_the_shim(tmp_path: Path) -> 
         assert all(s.done.is_set() for s in launcher.supervisors.values())
         assert not any((tmp_path / "state" / "sandboxes").iterdir())
         await launcher.close()
+
+    _run(test, tmp_path)
+
+
+def test_an_exec_whose_start_fails_ends_its_wait(tmp_path: Path) -> None:
+    """containerd waits on an exec before it starts it; if the start fails (the VM lost its
+    agent), that Wait must end, or it holds the shim's shutdown for ever."""
+    async def test(tmp_path: Path) -> None:
+        service, _, launcher = await _service(tmp_path)
+        await service.create(task_pb2.CreateTaskRequest(
+            id="t5", bundle=str(_bundle(tmp_path / "bundle"))))
+        await service.start(task_pb2.StartRequest(id="t5"))
+        agent = launcher.supervisors["t5"].vm.agent  # type: ignore[attr-defined]
+        spec = any_pb2.Any(type_url=task.PROCESS_SPEC_URL,
+                           value=json.dumps({"args": ["true"], "cwd": "/"}).encode())
+        await service.exec(task_pb2.ExecProcessRequest(id="t5", exec_id="e1", spec=spec))
+        waiting = asyncio.create_task(service.wait(task_pb2.WaitRequest(id="t5", exec_id="e1")))
+        agent.failures["exec_process"] = AgentError("agent ExecProcess: UNAVAILABLE")
+        with pytest.raises(AgentError):
+            await service.start(task_pb2.StartRequest(id="t5", exec_id="e1"))
+        waited = await asyncio.wait_for(waiting, 5)
+        assert waited.exit_status == task.EXEC_START_FAILED
+        state = await service.state(task_pb2.StateRequest(id="t5", exec_id="e1"))
+        assert state.status == task_pb2.STOPPED
+        await service.delete(task_pb2.DeleteRequest(id="t5", exec_id="e1"))
+        await service.kill(task_pb2.KillRequest(id="t5", signal=signal.SIGKILL))
+        await service.wait(task_pb2.WaitRequest(id="t5"))
+        await service.delete(task_pb2.DeleteRequest(id="t5"))
+        await launcher.close()
+
+    _run(test, tmp_path)
+
+
+def test_the_ttrpc_server_closes_with_a_call_that_never_ends(tmp_path: Path) -> None:
+    """A Wait that will not end (its process never exits) must not keep the shim alive once
+    containerd has asked it to shut down."""
+    async def test(tmp_path: Path) -> None:
+        async def forever(call: ttrpc.Call) -> bytes:
+            await asyncio.Event().wait()
+            return b""
+
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp_path / "shim.sock"))
+        listener.listen()
+        server = ttrpc.Server(forever)
+        await server.serve(listener)
+        client = await ttrpc.Client.connect(str(tmp_path / "shim.sock"))
+        call = asyncio.create_task(client.call(task.SERVICE, "Wait", b""))
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(server.close(), 15)
+        with pytest.raises((TtrpcError, ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(call, 5)
+        await client.close()
 
     _run(test, tmp_path)

@@ -27,6 +27,20 @@ async def serve_attached(agent: GuestAgent, container: GuestContainer, process: 
                          size: tuple[int, int] | None) -> None:
     """`fds` are stdin, stdout, stderr, or one terminal fd (this function closes them).
     Returns once the stand-in has the exit status (or is gone)."""
+    standin = channel.peer_pidfd()
+    try:
+        await _serve(agent, container, process, channel, fds=fds, size=size)
+    finally:
+        if standin is not None:
+            # A stopped stand-in (SIGSTOP, a terminal's ^Z) would keep its waiter (the shim,
+            # conmon) waiting for an exit that has happened: it continues to read its status.
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(standin, signal.SIGCONT)
+            os.close(standin)
+
+
+async def _serve(agent: GuestAgent, container: GuestContainer, process: GuestProcess,
+                 channel: AsyncChannel, *, fds: list[int], size: tuple[int, int] | None) -> None:
     stdin_fd, out_fd, err_fd = (fds + fds[-1:] * 3)[:3] if fds else (-1, -1, -1)
     output = asyncio.create_task(_pump(agent, container.id, process.exec_id,
                                        fds=(stdin_fd, out_fd, err_fd)))

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -93,7 +94,9 @@ class QemuMachine:
     def describe_exit(self) -> str:
         self.console.drain()
         code = self.child.returncode if self.child else None
-        return (f"QEMU exited with status {code}; its log ({self.log_path}):\n{tail(self.log_path)}"
+        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 \
+            and -code in signal.valid_signals() else f"exited with status {code}"
+        return (f"QEMU {how}; its log ({self.log_path}):\n{tail(self.log_path)}"
                 f"\nguest console ({self.config.console_log}):\n{tail(self.config.console_log)}")
 
     def _open_ends(self) -> InheritedEnds:
