@@ -110,7 +110,8 @@ class WorkloadManager:
             rootfs = await self._rootfs(image, options, path)
             netns = await network_mode.attach(workload_id, options.network, options.publish,
                                               path, self.config.network,
-                                              egress=options.egress, dns=options.dns)
+                                              egress=options.egress, dns=options.dns,
+                                              vm_dir=self.runtime.sandbox_path(workload_id, {}))
             resolv_conf = None
             if netns is not None and (servers := network_mode.dns_servers(
                     options.dns, self.config.network)):

@@ -18,11 +18,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .. import child
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
 from ..store.state import ContainerRecord, flocked
 from .tenants import Scope
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NEW_PREFIX = ".new-"    # .new-<id>-<pid>-<start time>: a record being made by that process
+GONE_PREFIX = ".gone-"  # .gone-<id>: a record being removed
 
 
 def rfc3339(when: float) -> str:
@@ -83,19 +86,31 @@ class Records:
                               "'-', starting with a letter or digit")
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.names.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Made whole under a name that says who makes it, then renamed into place: a record
+        # directory is never seen half-made, and the reconciler knows whose a partial one is.
+        pid = os.getpid()
+        new = self.root / f"{NEW_PREFIX}{workload.id}-{pid}-{child.proc_start_time(pid)}"
         try:
-            os.symlink(workload.id, self.names / workload.name)
-        except FileExistsError:
-            raise ContainerExists(f"the name {workload.name!r} is already in use: remove that "
-                                  f"container first (hyperctl rm {workload.name})") from None
-        path = self.dir(workload.id)
-        for sub in ("upper", "work", "bundle/rootfs"):
-            (path / sub).mkdir(parents=True, mode=0o755)
-        (path / "lock").touch()
-        self.save(workload)
+            for sub in ("upper", "work", "bundle/rootfs"):
+                (new / sub).mkdir(parents=True, mode=0o755)
+            (new / "lock").touch()
+            self._write_meta(new, workload)
+            try:
+                os.symlink(workload.id, self.names / workload.name)
+            except FileExistsError:
+                raise ContainerExists(f"the name {workload.name!r} is already in use: remove "
+                                      f"that container first (hyperctl rm {workload.name})"
+                                      ) from None
+            os.rename(new, self.dir(workload.id))
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
 
     def save(self, workload: Workload) -> None:
-        path = self.dir(workload.id)
+        self._write_meta(self.dir(workload.id), workload)
+
+    @staticmethod
+    def _write_meta(path: Path, workload: Workload) -> None:
         tmp = path / f".meta.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(asdict(workload)))
         os.replace(tmp, path / "meta.json")
@@ -117,7 +132,8 @@ class Records:
 
     def ids(self) -> list[str]:
         try:
-            return sorted(p.name for p in self.root.iterdir() if (p / "meta.json").exists())
+            return sorted(p.name for p in self.root.iterdir()
+                          if not p.name.startswith(".") and (p / "meta.json").exists())
         except FileNotFoundError:
             return []
 
@@ -145,7 +161,15 @@ class Records:
         with contextlib.suppress(OSError):
             if os.readlink(link) == workload.id:
                 link.unlink()
-        shutil.rmtree(self.dir(workload.id), ignore_errors=True)
+        # Renamed out of sight first: an interrupted removal leaves a directory that is
+        # plainly nobody's (the reconciler removes it).
+        path = self.dir(workload.id)
+        gone = self.root / f"{GONE_PREFIX}{workload.id}"
+        try:
+            os.rename(path, gone)
+        except OSError:
+            gone = path
+        shutil.rmtree(gone, ignore_errors=True)
 
     # -- the runtime's record store (store.state.RecordStore) -------------------------------
 

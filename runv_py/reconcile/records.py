@@ -1,0 +1,122 @@
+"""hyperctl's records with no container: a record directory being made by a process that
+died (`.new-<id>-<pid>-<start>`), one whose removal was interrupted (`.gone-<id>`), one with
+no meta.json (made before records were made whole) and names that point at no record. A
+record's writable layer (upper/work, or the block rootfs's disk.img) lives in its directory
+and goes with it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import child
+from ..sandbox import vm_dir
+from ..workload import tenants
+from ..workload.records import GONE_PREFIX, NEW_PREFIX, Records
+from .model import Owners, Scope
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRecord:
+    path: Path
+    why: str
+
+    kind = "record"
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def owner(self) -> str:
+        return self.why
+
+    async def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True)
+class DanglingName:
+    path: Path
+
+    kind = "name"
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def owner(self) -> str:
+        return f"record {os.readlink(self.path)}, gone" if self.path.is_symlink() else "gone"
+
+    async def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def maker(name: str) -> tuple[int, int] | None:
+    """(pid, start time) of the process making the record directory `name`."""
+    try:
+        _, pid, start = name[len(NEW_PREFIX):].rsplit("-", 2)
+        return int(pid), int(start)
+    except ValueError:
+        return None
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _stale(scope: Scope, owners: Owners, records: Records) -> list[StaleRecord]:
+    found = []
+    for path in _entries(records.root):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        if path.name.startswith(GONE_PREFIX):
+            found.append(StaleRecord(path, "removed (interrupted)"))
+        elif path.name.startswith(NEW_PREFIX):
+            made_by = maker(path.name)
+            if made_by is None or not child.is_running(*made_by):
+                found.append(StaleRecord(path, f"maker pid {made_by[0] if made_by else '?'}, "
+                                               "dead"))
+        elif not (path / "meta.json").exists() and owners.vm_dir_dead(
+                vm_dir.path_for(scope.state_dir, scope.hyperctl_root, path.name)):
+            found.append(StaleRecord(path, "no meta.json"))
+    return found
+
+
+def _being_made(records: Records, workload_id: str) -> bool:
+    for path in records.root.glob(f"{NEW_PREFIX}{workload_id}-*"):
+        made_by = maker(path.name)
+        if made_by is not None and child.is_running(*made_by):
+            return True
+    return False
+
+
+def _dangling(records: Records) -> list[DanglingName]:
+    found = []
+    for link in _entries(records.names):
+        if not link.is_symlink():
+            continue
+        target = os.readlink(link)
+        # Records.create links the name before it renames the record into place: a name is
+        # dangling when its record is neither there nor being made, and still not there.
+        if not records.dir(target).exists() and not _being_made(records, target) and \
+                not records.dir(target).exists():
+            found.append(DanglingName(link))
+    return found
+
+
+async def find(scope: Scope, owners: Owners) -> list[StaleRecord | DanglingName]:
+    found: list[StaleRecord | DanglingName] = []
+    for tenant in [None, *tenants.all_tenants(scope.data_root)]:
+        records = Records(scope.data_root, tenant)
+        found += _stale(scope, owners, records)
+        found += _dangling(records)
+    return found

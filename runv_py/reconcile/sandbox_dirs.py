@@ -1,0 +1,92 @@
+"""What a dead supervisor leaves under the runtime's state_dir: its VM directory (with its
+owner file; vm_dir.remove also takes the host cgroup it recorded), a pooled sandbox's link
+at its container's path, a claim directory of a process that died while claiming, and its
+shared directory's mount point under `shares/`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..sandbox import vm_dir
+from .model import Owners, Scope
+
+KIND = "sandbox-dir"
+SHARE_KIND = "share-dir"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadSandboxDir:
+    path: Path
+    dead_owner: str     # "pid 123", "claimant 123", "gone" (a link to nothing), "none"
+
+    kind = KIND
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def owner(self) -> str:
+        return self.dead_owner
+
+    async def remove(self) -> None:
+        if self.path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        elif vm_dir.claimant(self.path.name) is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            vm_dir.remove(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class StaleShareDir:
+    path: Path
+
+    kind = SHARE_KIND
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def owner(self) -> str:
+        return f"sandbox {self.path.name}"
+
+    async def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.rmdir()
+
+
+def _describe_owner(path: Path) -> str:
+    if path.is_symlink():
+        return f"a link to {os.readlink(path)}, gone"
+    claimant = vm_dir.claimant(path.name)
+    if claimant is not None:
+        return f"claimant pid {claimant[0]}"
+    found = vm_dir.owner(path)
+    return f"pid {found[0]}" if found else "no owner file"
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+async def find(scope: Scope, owners: Owners) -> list[DeadSandboxDir]:
+    found = []
+    for path in _entries(scope.sandboxes):
+        if (path.is_symlink() or path.is_dir()) and owners.vm_dir_dead(path):
+            found.append(DeadSandboxDir(path, _describe_owner(path)))
+    return found
+
+
+async def find_shares(scope: Scope, owners: Owners) -> list[StaleShareDir]:
+    return [StaleShareDir(path) for path in _entries(scope.shares)
+            if path.is_dir() and owners.sandbox_dir_dead(path.name)]
