@@ -13,7 +13,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .. import child
+from .. import child, disk
 from ..errors import ConfigError
 from . import host_cgroup
 
@@ -46,11 +46,12 @@ def claim(path: Path) -> None:
     (runv gc then knows what is whose, also while a sandbox is still starting)."""
     pid = os.getpid()
     start = child.proc_start_time(pid)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.parent / f"{CLAIM_PREFIX}{pid}-{start}-{secrets.token_hex(4)}"
-    tmp.mkdir(mode=0o700)
     try:
-        (tmp / OWNER).write_text(f"{pid} {start}\n")
+        with disk.writing(path.parent, "state_dir"):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp.mkdir(mode=0o700)
+            (tmp / OWNER).write_text(f"{pid} {start}\n")
         if path.exists() or path.is_symlink():
             raise FileExistsError
         # A directory in place is never empty (it has its owner file): rename fails then.

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .. import child
+from .. import child, disk
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
 from ..store.state import ContainerRecord, flocked
 from .tenants import Scope
@@ -84,6 +84,10 @@ class Records:
         if not _NAME.match(workload.name):
             raise ConfigError(f"--name {workload.name!r}: use 1-63 letters, digits, '_', '.', "
                               "'-', starting with a letter or digit")
+        with disk.writing(self.scope.root, "data root"):
+            self._create(workload)
+
+    def _create(self, workload: Workload) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.names.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Made whole under a name that says who makes it, then renamed into place: a record

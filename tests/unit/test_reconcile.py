@@ -1,0 +1,195 @@
+"""The reconciler's ownership logic, on real processes and directories (no VM): what a live or
+starting owner holds is never found; what a dead one held is, and its remover removes it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from runv_py import child
+from runv_py.config import NetworkConfig
+from runv_py.errors import ConfigError
+from runv_py.reconcile import processes, reconciler, records, sandbox_dirs
+from runv_py.reconcile.model import Owners, Scope
+from runv_py.sandbox import vm_dir
+from runv_py.workload import network_mode
+from runv_py.workload.records import Records, Workload
+
+
+@pytest.fixture
+def scope(tmp_path: Path) -> Scope:
+    return Scope(state_dir=tmp_path / "state", hyperctl_root=tmp_path / "hc-root",
+                 data_root=tmp_path / "data", netns_dir=tmp_path / "netns",
+                 network=NetworkConfig(cni_data_dir=tmp_path / "cni"))
+
+
+def dead_process() -> tuple[int, int]:
+    """The pid and start time of a process that ran and is gone."""
+    proc = subprocess.Popen(["sleep", "60"])
+    start = child.proc_start_time(proc.pid)
+    assert start is not None
+    proc.kill()
+    proc.wait()
+    return proc.pid, start
+
+
+def owned_by(path: Path, owner: tuple[int, int]) -> Path:
+    path.mkdir(parents=True)
+    (path / vm_dir.OWNER).write_text(f"{owner[0]} {owner[1]}\n")
+    return path
+
+
+def me() -> tuple[int, int]:
+    start = child.proc_start_time(os.getpid())
+    assert start is not None
+    return os.getpid(), start
+
+
+def test_a_claimed_vm_dir_appears_with_its_owner_and_only_once(scope: Scope) -> None:
+    path = scope.sandboxes / "a"
+    vm_dir.claim(path)
+    assert vm_dir.owner(path) == me()
+    with pytest.raises(ConfigError, match="already exists"):
+        vm_dir.claim(path)
+    assert [p.name for p in scope.sandboxes.iterdir()] == ["a"]  # no claim dir left
+
+
+def test_vm_dirs_of_live_and_starting_owners_are_kept(scope: Scope) -> None:
+    owners = Owners(scope)
+    live = owned_by(scope.sandboxes / "live", me())
+    starting = owned_by(scope.sandboxes / f"{vm_dir.CLAIM_PREFIX}{os.getpid()}-{me()[1]}-ab",
+                        me())
+    dead = owned_by(scope.sandboxes / "dead", dead_process())
+    dead_claim = scope.sandboxes / f"{vm_dir.CLAIM_PREFIX}{dead_process()[0]}-1-cd"
+    dead_claim.mkdir()
+    link = scope.sandboxes / "link"
+    link.symlink_to(scope.sandboxes / "gone")
+    (scope.shares / "dead").mkdir(parents=True)
+    (scope.shares / "live").mkdir(parents=True)
+    assert not owners.vm_dir_dead(live) and not owners.vm_dir_dead(starting)
+    found = asyncio.run(sandbox_dirs.find(scope, owners))
+    assert sorted(f.path.name for f in found) == sorted([dead.name, dead_claim.name, "link"])
+    shares = asyncio.run(sandbox_dirs.find_shares(scope, owners))
+    assert [s.path.name for s in shares] == ["dead"]
+    for item in (*found, *shares):
+        asyncio.run(item.remove())
+    assert sorted(p.name for p in scope.sandboxes.iterdir()) == sorted([live.name,
+                                                                        starting.name])
+    assert [p.name for p in scope.shares.iterdir()] == ["live"]
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path) -> Iterator[Path]:
+    """A program named like QEMU (a shell waiting on its stdin)."""
+    program = tmp_path / "qemu-system-x86_64"
+    program.symlink_to("/bin/sh")
+    yield program
+
+
+def test_processes_of_a_dead_sandbox_are_found_and_killed(scope: Scope,
+                                                          fake_qemu: Path) -> None:
+    dead = owned_by(scope.sandboxes / "dead", dead_process())
+    live = owned_by(scope.sandboxes / "live", me())
+    procs = {name: subprocess.Popen([str(fake_qemu), "-c", "read x", "sh",
+                                     f"path={path}/qmp.sock,server=on"],
+                                    stdin=subprocess.PIPE)
+             for name, path in (("dead", dead), ("live", live))}
+    try:
+        found = asyncio.run(processes.find(scope, Owners(scope)))
+        assert [(f.pid, f.sandbox) for f in found] == [(procs["dead"].pid, "dead")]
+        asyncio.run(found[0].remove())
+        assert procs["dead"].wait(10) == -9
+        assert procs["live"].poll() is None
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def test_program_names_only_a_sandbox_s_processes() -> None:
+    assert processes.program(["/usr/bin/qemu-system-x86_64", "-name", "x"])
+    assert processes.program(["/usr/libexec/virtiofsd", "--socket-path=/x"])
+    assert processes.program(["/usr/bin/python3", "-m", "runv_py.vsock", "--cid=3"])
+    assert processes.program(["/usr/bin/python3", "-m", "runv_py.sandbox.standin"])
+    assert processes.program(["/usr/bin/python3", "-m", "runv_py.sandbox.supervisor"]) is None
+    assert processes.program(["/usr/bin/tail", "-f", "/run/runv/sandboxes/x/console.log"]) \
+        is None
+
+
+def workload(workload_id: str, **fields: object) -> Workload:
+    return Workload(id=workload_id, bundle="/b", rootfs="/r", created="now", name="w" +
+                    workload_id[:6], image="busybox", command=("true",), created_at=0.0,
+                    **fields)  # type: ignore[arg-type]
+
+
+def test_a_network_sandbox_is_dead_only_when_its_owner_file_s_workload_is(
+        scope: Scope) -> None:
+    owners = Owners(scope)
+    store = Records(scope.data_root)
+    wid = "ab" * 16
+    sandbox = network_mode.sandbox_id(wid)
+    store.create(workload(wid))
+    vm_path = scope.state_dir / "elsewhere" / "vm"   # another state_dir than the scope's
+    owner_file = network_mode.owner_file(scope.network, sandbox)
+    owner_file.parent.mkdir(parents=True)
+    owner_file.write_text(json.dumps({"record": str(store.dir(wid)), "vm_dir": str(vm_path)}))
+    assert not owners.hyperctl_sandbox_dead(sandbox)     # not started: being made
+    store.save(workload(wid, started=1.0))
+    owned_by(vm_path, me())
+    assert not owners.hyperctl_sandbox_dead(sandbox)     # its supervisor lives
+    dead_pid, dead_start = dead_process()
+    (vm_path / vm_dir.OWNER).write_text(f"{dead_pid} {dead_start}\n")
+    monitor = subprocess.Popen(["sleep", "60"])
+    try:
+        store.save(workload(wid, started=1.0, monitor_pid=monitor.pid,
+                            monitor_start=child.proc_start_time(monitor.pid) or 0))
+        assert not owners.hyperctl_sandbox_dead(sandbox)  # its monitor lives
+    finally:
+        monitor.kill()
+        monitor.wait()
+    assert owners.hyperctl_sandbox_dead(sandbox)
+    store.remove(store.load(wid))
+    assert owners.hyperctl_sandbox_dead(sandbox)          # its record is gone
+    owner_file.unlink()
+    # Without an owner file, a sandbox no record of this data root knows is not ours.
+    assert not owners.hyperctl_sandbox_dead(sandbox)
+
+
+def test_records_half_made_or_half_removed_are_found_unless_their_maker_lives(
+        scope: Scope) -> None:
+    store = Records(scope.data_root)
+    store.create(workload("cd" * 16))
+    pid, start = me()
+    making = store.root / f".new-{'ef' * 16}-{pid}-{start}"
+    making.mkdir()
+    dead_pid, dead_start = dead_process()
+    abandoned = store.root / f".new-{'01' * 16}-{dead_pid}-{dead_start}"
+    abandoned.mkdir()
+    (store.root / ".gone-23").mkdir()
+    (store.names / "being-made").symlink_to("ef" * 16)
+    (store.names / "dangling").symlink_to("45" * 16)
+    assert store.ids() == ["cd" * 16]
+    found = asyncio.run(records.find(scope, Owners(scope)))
+    assert sorted(Path(f.name).name for f in found) == sorted(
+        [abandoned.name, ".gone-23", "dangling"])
+    for item in found:
+        asyncio.run(item.remove())
+    assert sorted(p.name for p in store.root.iterdir()) == sorted(["cd" * 16, making.name])
+    assert sorted(p.name for p in store.names.iterdir()) == sorted(["being-made", "wcdcdcd"])
+
+
+def test_a_dry_run_removes_nothing(scope: Scope) -> None:
+    dead = owned_by(scope.sandboxes / "dead", dead_process())
+    outcomes = asyncio.run(reconciler.run(replace(scope), dry_run=True))
+    assert [(o.orphan.kind, o.removed) for o in outcomes] == [("sandbox-dir", False)]
+    assert dead.exists()
+    outcomes = asyncio.run(reconciler.run(scope))
+    assert [(o.orphan.kind, o.removed) for o in outcomes] == [("sandbox-dir", True)]
+    assert not dead.exists()
