@@ -193,3 +193,43 @@ def test_a_dry_run_removes_nothing(scope: Scope) -> None:
     outcomes = asyncio.run(reconciler.run(scope))
     assert [(o.orphan.kind, o.removed) for o in outcomes] == [("sandbox-dir", True)]
     assert not dead.exists()
+
+
+def test_the_pool_service_s_pass_runs_at_start(scope: Scope) -> None:
+    dead = owned_by(scope.sandboxes / "dead", dead_process())
+
+    async def serve_briefly() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(reconciler.run_periodically(scope, 300, stop))
+        for _ in range(100):
+            if not dead.exists():
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(serve_briefly())
+    assert not dead.exists()
+
+
+def test_interrupted_asset_builds_are_removed_with_what_is_mounted_in_them(
+        tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "interrupted-builds.sh"
+    work = tmp_path / "rootfs-0123.work.AbCd"
+    (work / "root" / "proc").mkdir(parents=True)
+    (tmp_path / "rootfs-0123.new").mkdir()
+    kept = tmp_path / "rootfs-4567"
+    kept.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "gc-test", str(work / "root" / "proc")],
+                   check=True)
+    try:
+        done = subprocess.run(
+            ["bash", "-c", f'. {script}; remove_interrupted "$1"/rootfs-*.work.* '
+             f'"$1"/rootfs-*.new "$1"/kernel-*.work.*', "sh", str(tmp_path)],
+            capture_output=True, text=True, timeout=30, check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(work / "root" / "proc")], check=False,
+                       capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rootfs-4567"]
+    assert done.stderr.count("left by an interrupted build") == 2
