@@ -115,8 +115,8 @@ def _table(outcomes: list[Outcome], dry_run: bool) -> None:
     head = ("KIND", "NAME", "OWNER (DEAD)", "" if dry_run else "STATUS")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
     for row in [head, *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True))
-              + (f"  {row[3]}" if row[3] else "").rstrip())
+        print(("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True))
+               + (f"  {row[3]}" if row[3] else "")).rstrip())
     if dry_run:
         print(f"{len(rows)} object(s) no live owner holds"
               + ("; hyperctl system prune -f removes them" if rows else ""))

@@ -69,7 +69,7 @@ def _describe_owner(path: Path) -> str:
     if claimant is not None:
         return f"claimant pid {claimant[0]}"
     found = vm_dir.owner(path)
-    return f"pid {found[0]}" if found else "no owner file"
+    return f"supervisor pid {found[0]}" if found else "no owner file"
 
 
 def _entries(directory: Path) -> list[Path]:
