@@ -107,16 +107,15 @@ class Owners:
         and the record exists before it, so a sandbox being made is never taken for dead.
         Without an owner file (made by an older runv-py) only a dead workload of this
         scope's data root proves it dead: another data root's is never touched."""
-        owner = read_json(network_mode.owner_file(self.scope.network, sandbox_id))
-        if isinstance(owner, dict) and owner.get("record"):
-            record_dir = Path(str(owner["record"]))
-            records = Records(record_dir.parent.parent)
+        owner = network_mode.NetworkOwner.read(
+            network_mode.owner_file(self.scope.network, sandbox_id))
+        if owner is not None:
+            record_dir = owner.record_dir
             try:
-                workload = records.load(record_dir.name)
+                workload = Records(record_dir.parent.parent).load(record_dir.name)
             except (ContainerNotFound, ValueError, TypeError, KeyError):
                 return not (record_dir / "meta.json").exists()
-            vm_path = Path(str(owner["vm_dir"])) if owner.get("vm_dir") else None
-            return self.workload_dead(workload, vm_path)
+            return self.workload_dead(workload, owner.sandbox_dir)
         prefix = sandbox_id.removeprefix(HYPERCTL_SANDBOX_PREFIX)
         found = [w for _, w in self.workloads() if w.id.startswith(prefix)] if prefix else []
         return bool(found) and all(self.workload_dead(w) for w in found)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,30 @@ def resolv_conf(servers: tuple[str, ...]) -> str:
 
 
 def owner_file(settings: config_mod.NetworkConfig, sandbox_id: str) -> Path:
-    """Says whose the network sandbox is (its record directory and VM directory) where any
-    hyperctl, whatever its roots, finds it: the network's state is host-wide, its records
-    are not (runv_py/reconcile/network.py reads it)."""
+    """Says whose the network sandbox is (NetworkOwner) where any hyperctl, whatever its
+    roots, finds it: the network's state is host-wide, its records are not (the reconciler
+    reads it)."""
     return settings.cni_data_dir / OWNERS_DIR / sandbox_id
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkOwner:
+    record_dir: Path            # the workload's record
+    sandbox_dir: Path | None    # where its supervisor owns its VM (vm_dir.py)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"record_dir": str(self.record_dir),
+                                    "sandbox_dir": str(self.sandbox_dir or "")}))
+
+    @classmethod
+    def read(cls, path: Path) -> NetworkOwner | None:
+        try:
+            raw = json.loads(path.read_text())
+            return cls(Path(raw["record_dir"]),
+                       Path(raw["sandbox_dir"]) if raw["sandbox_dir"] else None)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
 
 def sandbox_id(workload_id: str) -> str:
@@ -91,9 +112,7 @@ async def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_d
     if mode == "none":
         return None
     owner = owner_file(settings, sandbox_id(workload_id))
-    owner.parent.mkdir(parents=True, exist_ok=True)
-    owner.write_text(json.dumps({"record": str(record_dir),
-                                 "vm_dir": str(vm_dir) if vm_dir else ""}))
+    NetworkOwner(record_dir, vm_dir).write(owner)
     servers = dns_servers(dns, settings)
     wanted = await egress_mod.resolve(policy(egress, settings), servers)
     network = BridgeNetwork(name="runv", bridge=settings.bridge, subnet=settings.subnet,

@@ -4,7 +4,6 @@ starting owner holds is never found; what a dead one held is, and its remover re
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -138,8 +137,7 @@ def test_a_network_sandbox_is_dead_only_when_its_owner_file_s_workload_is(
     store.create(workload(wid))
     vm_path = scope.state_dir / "elsewhere" / "vm"   # another state_dir than the scope's
     owner_file = network_mode.owner_file(scope.network, sandbox)
-    owner_file.parent.mkdir(parents=True)
-    owner_file.write_text(json.dumps({"record": str(store.dir(wid)), "vm_dir": str(vm_path)}))
+    network_mode.NetworkOwner(store.dir(wid), vm_path).write(owner_file)
     assert not owners.hyperctl_sandbox_dead(sandbox)     # not started: being made
     store.save(workload(wid, started=1.0))
     owned_by(vm_path, me())
