@@ -88,10 +88,14 @@ class Owners:
                 yield records, workload
 
     def workload_dead(self, workload: Workload, vm_path: Path | None = None) -> bool:
-        """Its container ran (a workload not started yet belongs to whoever is starting it,
-        or waits for `hyperctl start`/`rm`) and neither its supervisor (at `vm_path`, by
-        default where this scope's hyperctl puts it) nor its monitor lives."""
-        if workload.started is None and workload.exit_code is None:
+        """Neither its supervisor (at `vm_path`, by default where this scope's hyperctl puts
+        it) nor its monitor lives, and its container ran or the process that made its record
+        is dead (a record of an older runv-py that does not name it: only a container that
+        ran)."""
+        if workload.started is None and workload.exit_code is None and not (
+                workload.creator_pid and not child.is_running(workload.creator_pid,
+                                                              workload.creator_start)
+                and not monitor_running(workload.id)):
             return False
         path = vm_path or vm_dir.path_for(self.scope.state_dir, self.scope.hyperctl_root,
                                           workload.id)
@@ -119,6 +123,24 @@ class Owners:
         prefix = sandbox_id.removeprefix(HYPERCTL_SANDBOX_PREFIX)
         found = [w for _, w in self.workloads() if w.id.startswith(prefix)] if prefix else []
         return bool(found) and all(self.workload_dead(w) for w in found)
+
+
+def monitor_running(workload_id: str) -> bool:
+    """Whether a monitor process serves the workload. Its creator spawns it before it
+    records its pid; asked once the creator is dead (it spawns nothing more), this sees a
+    monitor whose pid never made it into the record."""
+    wanted = ["-m", "runv_py.workload.monitor"]
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv[1:3] == wanted and workload_id in argv and \
+                argv[argv.index(workload_id) - 1] == "--id":
+            return True
+    return False
 
 
 def read_json(path: Path) -> object:

@@ -1,8 +1,8 @@
-"""hyperctl's records with no container: a record directory being made by a process that
-died (`.new-<id>-<pid>-<start>`), one whose removal was interrupted (`.gone-<id>`), one with
-no meta.json (made before records were made whole) and names that point at no record. A
-record's writable layer (upper/work, or the block rootfs's disk.img) lives in its directory
-and goes with it."""
+"""hyperctl's records with no container: a workload that never started and whose maker
+died, a record directory being made by a process that died (`.new-<id>-<pid>-<start>`), one
+whose removal was interrupted (`.gone-<id>`), one with no meta.json (made before records were
+made whole) and names that point at no record. A record's writable layer (upper/work, or the
+block rootfs's disk.img) lives in its directory and goes with it."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .. import child
 from ..sandbox import vm_dir
-from ..workload import tenants
-from ..workload.records import GONE_PREFIX, NEW_PREFIX, Records
+from ..workload import network_mode, tenants
+from ..workload.records import GONE_PREFIX, NEW_PREFIX, Records, Workload
 from .model import Owners, Scope
 
 
@@ -113,10 +113,40 @@ def _dangling(records: Records) -> list[DanglingName]:
     return found
 
 
-async def find(scope: Scope, owners: Owners) -> list[StaleRecord | DanglingName]:
-    found: list[StaleRecord | DanglingName] = []
+@dataclass(frozen=True, slots=True)
+class AbandonedWorkload:
+    """A container that never started and whose maker died: as a failed start does, it
+    leaves no record (its network goes first)."""
+
+    records: Records
+    workload: Workload
+
+    kind = "record"
+
+    @property
+    def name(self) -> str:
+        return str(self.records.dir(self.workload.id))
+
+    @property
+    def owner(self) -> str:
+        return f"creator pid {self.workload.creator_pid}, never started"
+
+    async def remove(self) -> None:
+        await network_mode.release(self.records.dir(self.workload.id))
+        self.records.remove(self.workload)
+
+
+def _abandoned(owners: Owners, records: Records) -> list[AbandonedWorkload]:
+    return [AbandonedWorkload(records, w) for w in records.all()
+            if w.started is None and w.exit_code is None and owners.workload_dead(w)]
+
+
+async def find(scope: Scope, owners: Owners
+               ) -> list[StaleRecord | DanglingName | AbandonedWorkload]:
+    found: list[StaleRecord | DanglingName | AbandonedWorkload] = []
     for tenant in [None, *tenants.all_tenants(scope.data_root)]:
         records = Records(scope.data_root, tenant)
+        found += _abandoned(owners, records)
         found += _stale(scope, owners, records)
         found += _dangling(records)
     return found

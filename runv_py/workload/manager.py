@@ -107,7 +107,8 @@ class WorkloadManager:
             command=tuple(bundle_mod.command(image, options)), created_at=now,
             detached=detached, auto_remove=options.auto_remove, tty=options.tty,
             timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal,
-            tenant=self.tenant or "", log_max_size=options.log_max_size or LOG_MAX_SIZE)
+            tenant=self.tenant or "", log_max_size=options.log_max_size or LOG_MAX_SIZE,
+            creator_pid=os.getpid(), creator_start=child.proc_start_time(os.getpid()) or 0)
         self.records.create(workload)
         try:
             with disk.writing(self.data_root, "data root"):

@@ -49,6 +49,10 @@ class Workload(ContainerRecord):
     timed_out: bool = False
     monitor_pid: int = 0
     monitor_start: int = 0
+    # The process that made the record (pid, start time): until the container starts, the
+    # workload is its (the reconciler's proof of a starting container's owner).
+    creator_pid: int = 0
+    creator_start: int = 0
     tenant: str = ""
     log_max_size: int = 0    # output.log's rotation size (0: never rotated, older records)
 

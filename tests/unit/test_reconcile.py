@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from runv_py import child
 from runv_py.config import NetworkConfig
 from runv_py.errors import ConfigError
-from runv_py.reconcile import processes, reconciler, records, sandbox_dirs
+from runv_py.reconcile import model, mounts, processes, reconciler, records, sandbox_dirs
 from runv_py.reconcile.model import Owners, Scope
 from runv_py.sandbox import vm_dir
 from runv_py.workload import network_mode
@@ -231,3 +233,94 @@ def test_interrupted_asset_builds_are_removed_with_what_is_mounted_in_them(
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rootfs-4567"]
     assert done.stderr.count("left by an interrupted build") == 2
+
+
+@pytest.fixture
+def fake_monitor(tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+    """A process whose command line is a monitor's (`python -m runv_py.workload.monitor --id
+    ID`), that only waits."""
+    package = tmp_path / "fake" / "runv_py" / "workload"
+    package.mkdir(parents=True)
+    for init in (package.parent / "__init__.py", package / "__init__.py"):
+        init.write_text("")
+    (package / "monitor.py").write_text("import sys\nsys.stdin.read()\n")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(workload_id: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "runv_py.workload.monitor", "--id",
+                                 workload_id], stdin=subprocess.PIPE,
+                                env=dict(os.environ, PYTHONPATH=str(tmp_path / "fake")))
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_workload_that_never_started_is_its_creator_s_or_its_monitor_s(
+        scope: Scope, fake_monitor: Callable[[str], subprocess.Popen[bytes]]) -> None:
+    store = Records(scope.data_root)
+    pid, start = me()
+    dead_pid, dead_start = dead_process()
+    starting = workload("01" * 16, creator_pid=pid, creator_start=start)
+    handed_over = workload("23" * 16, creator_pid=dead_pid, creator_start=dead_start)
+    abandoned = workload("45" * 16, creator_pid=dead_pid, creator_start=dead_start)
+    older = workload("67" * 16)   # from before records named their creator
+    for item in (starting, handed_over, abandoned, older):
+        store.create(item)
+    monitor = fake_monitor(handed_over.id)
+    deadline = time.monotonic() + 30
+    while not model.monitor_running(handed_over.id):
+        assert time.monotonic() < deadline and monitor.poll() is None
+        time.sleep(0.05)
+    found = asyncio.run(records.find(scope, Owners(scope)))
+    assert [Path(f.name).name for f in found] == [abandoned.id]
+    asyncio.run(found[0].remove())
+    assert store.ids() == sorted([starting.id, handed_over.id, older.id])
+    assert abandoned.name not in os.listdir(store.names)
+
+
+def test_mounts_under_a_dead_sandbox_are_unmounted(scope: Scope) -> None:
+    owned_by(scope.sandboxes / "dead", dead_process())
+    owned_by(scope.sandboxes / "live", me())
+    points = [scope.shares / "dead" / "rootfs", scope.shares / "live" / "rootfs"]
+    for point in points:
+        point.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "gc-test", str(point)], check=True)
+    try:
+        found = asyncio.run(mounts.find(scope, Owners(scope)))
+        assert [f.mount_point for f in found] == [str(points[0])]
+        asyncio.run(found[0].remove())
+        assert mounts.mount_points().count(str(points[0])) == 0
+        assert str(points[1]) in mounts.mount_points()
+    finally:
+        for point in points:
+            subprocess.run(["umount", "-l", str(point)], check=False, capture_output=True)
+
+
+def test_prune_images_lists_unused_image_data_and_removes_it_with_force(
+        tmp_path: Path) -> None:
+    partial = tmp_path / "data" / "images" / "tmp" / f"{'89' * 32}.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * 300_000)
+    (tmp_path / "config.toml").write_text(f'state_dir = "{tmp_path / "state"}"\n'
+                                          f'[network]\ncni_data_dir = "{tmp_path / "cni"}"\n')
+    env = dict(os.environ, RUNV_CONFIG=str(tmp_path / "config.toml"),
+               HYPERCTL_ROOT=str(tmp_path / "root"), HYPERCTL_DATA_ROOT=str(tmp_path / "data"))
+    hyperctl = str(Path(sys.executable).parent / "hyperctl")
+
+    def prune(*flags: str) -> str:
+        done = subprocess.run([hyperctl, "system", "prune", *flags], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "image-data" not in prune()
+    listed = prune("--images")
+    assert "image-data" in listed and "300.0 kB" in listed, listed
+    assert partial.exists()
+    removed = prune("--images", "-f")
+    assert "removed 1 of 1" in removed, removed
+    assert not partial.exists()
