@@ -111,13 +111,13 @@ async def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_d
     ports = check(mode, publish)
     if mode == "none":
         return None
-    owner = owner_file(settings, sandbox_id(workload_id))
-    NetworkOwner(record_dir, vm_dir).write(owner)
     servers = dns_servers(dns, settings)
     wanted = await egress_mod.resolve(policy(egress, settings), servers)
     network = BridgeNetwork(name="runv", bridge=settings.bridge, subnet=settings.subnet,
                             data_dir=settings.cni_data_dir, ip_masq=settings.ip_masq,
                             default_route=wanted.mode != "none")
+    owner = owner_file(settings, sandbox_id(workload_id))
+    NetworkOwner(record_dir, vm_dir).write(owner)
     try:
         lease = await managed.attach(sandbox_id(workload_id), network, ports)
     except BaseException:
@@ -127,7 +127,7 @@ async def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_d
         (record_dir / LEASE_FILE).write_text(lease.to_json())
         await isolation.apply(_port(lease), wanted, servers)
     except BaseException:
-        await release(record_dir, lease, settings)
+        await release(record_dir, lease)
         raise
     return lease.netns
 
@@ -142,8 +142,7 @@ def _port(lease: managed.Lease) -> isolation.SandboxPort:
                                  lease.mac, v4[0], lease.network.subnet)
 
 
-async def release(record_dir: Path, lease: managed.Lease | None = None,
-                  settings: config_mod.NetworkConfig | None = None) -> None:
+async def release(record_dir: Path, lease: managed.Lease | None = None) -> None:
     """Undo attach() (the isolation, CNI DEL, the namespace, the owner file); nothing to do
     without a lease. Idempotent."""
     path = record_dir / LEASE_FILE
@@ -158,5 +157,4 @@ async def release(record_dir: Path, lease: managed.Lease | None = None,
     finally:
         await managed.detach(lease)
     path.unlink(missing_ok=True)
-    data_dir = settings.cni_data_dir if settings else lease.network.data_dir
-    (data_dir / OWNERS_DIR / lease.sandbox_id).unlink(missing_ok=True)
+    (lease.network.data_dir / OWNERS_DIR / lease.sandbox_id).unlink(missing_ok=True)

@@ -98,19 +98,24 @@ class Records:
         # directory is never seen half-made, and the reconciler knows whose a partial one is.
         pid = os.getpid()
         new = self.root / f"{NEW_PREFIX}{workload.id}-{pid}-{child.proc_start_time(pid)}"
+        name = self.names / workload.name
+        linked = False
         try:
             for sub in ("upper", "work", "bundle/rootfs"):
                 (new / sub).mkdir(parents=True, mode=0o755)
             (new / "lock").touch()
             self._write_meta(new, workload)
             try:
-                os.symlink(workload.id, self.names / workload.name)
+                os.symlink(workload.id, name)
             except FileExistsError:
                 raise ContainerExists(f"the name {workload.name!r} is already in use: remove "
                                       f"that container first (hyperctl rm {workload.name})"
                                       ) from None
+            linked = True
             os.rename(new, self.dir(workload.id))
         except BaseException:
+            if linked:
+                name.unlink(missing_ok=True)
             shutil.rmtree(new, ignore_errors=True)
             raise
 
