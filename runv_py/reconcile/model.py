@@ -88,14 +88,15 @@ class Owners:
                 yield records, workload
 
     def workload_dead(self, workload: Workload, vm_path: Path | None = None) -> bool:
-        """Neither its supervisor (at `vm_path`, by default where this scope's hyperctl puts
-        it) nor its monitor lives, and its container ran or the process that made its record
-        is dead (a record of an older runv-py that does not name it: only a container that
-        ran)."""
-        if workload.started is None and workload.exit_code is None and not (
-                workload.creator_pid and not child.is_running(workload.creator_pid,
-                                                              workload.creator_start)
-                and not monitor_running(workload.id)):
+        """No process holds it: not the one that made its record (an attached `hyperctl
+        run`, a program using the API; a record of an older runv-py does not name it, and
+        is then only judged once its container ran), not its monitor, not its supervisor
+        (at `vm_path`, by default where this scope's hyperctl puts it)."""
+        if workload.creator_pid and child.is_running(workload.creator_pid,
+                                                     workload.creator_start):
+            return False
+        if workload.started is None and workload.exit_code is None and (
+                not workload.creator_pid or monitor_running(workload.id)):
             return False
         path = vm_path or vm_dir.path_for(self.scope.state_dir, self.scope.hyperctl_root,
                                           workload.id)

@@ -324,3 +324,14 @@ def test_prune_images_lists_unused_image_data_and_removes_it_with_force(
     removed = prune("--images", "-f")
     assert "removed 1 of 1" in removed, removed
     assert not partial.exists()
+
+
+def test_a_workload_whose_creator_runs_is_never_dead(scope: Scope) -> None:
+    """An attached `hyperctl run` (or a program using the API) holds its workload while it
+    runs, also between its VM's end and the release of its network."""
+    pid, start = me()
+    ran = workload("89" * 16, started=1.0, exit_code=0, creator_pid=pid, creator_start=start)
+    assert not Owners(scope).workload_dead(ran)
+    dead_pid, dead_start = dead_process()
+    assert Owners(scope).workload_dead(replace(ran, creator_pid=dead_pid,
+                                               creator_start=dead_start))
