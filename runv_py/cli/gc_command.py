@@ -15,16 +15,16 @@ if TYPE_CHECKING:
     from ..reconcile.reconciler import Outcome
 
 WHAT = """\
-It removes what no live owner holds, as a crash of the whole host side (every runv-py
-process SIGKILLed at once) leaves it: QEMU, virtiofsd, vsock backend and stand-in processes
-whose supervisor is gone, mounts and VM directories of dead sandboxes (with the host cgroups
-they recorded), shared-dir mount points, tc redirects to taps that are gone, hyperctl
-sandboxes' network namespaces, nftables tables, CNI IPAM leases, portmap chains and
-MASQUERADE rules, hyperctl's host cgroups, and hyperctl records half made or half removed.
-An owner is proved alive by its pid and start time (a VM directory's owner file, a record's
-maker, a workload's monitor), never by age: a sandbox still starting is never touched. An
-exited hyperctl container keeps its record (hyperctl rm removes it) but its network is
-released."""
+What no live owner holds, as a crash of the whole host side (every runv-py process
+SIGKILLed at once) leaves it: QEMU, virtiofsd, vsock backend and stand-in processes whose
+supervisor is gone, mounts and VM directories of dead sandboxes (with the host cgroups they
+recorded), shared-dir mount points, tc redirects to taps that are gone, hyperctl sandboxes'
+network namespaces, nftables tables, CNI IPAM leases, portmap chains and MASQUERADE rules,
+hyperctl's host cgroups, and hyperctl records half made, half removed, or of a container that
+never started and whose maker died. An owner is proved alive by its pid and start time (a
+VM directory's owner file, a record's maker, a workload's creator or monitor), never by age:
+a sandbox still starting is never touched. An exited hyperctl container keeps its record
+(hyperctl rm removes it) but its network is released."""
 
 RUNV_HELP = f"""\
 Find and remove what dead sandboxes left, printing one line per object removed (one JSON
