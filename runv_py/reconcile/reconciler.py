@@ -54,7 +54,11 @@ async def find(scope: Scope, *, include_images: bool = False) -> list[Orphan]:
     owners = Owners(scope)
     found: list[Orphan] = []
     for finder in (*FINDERS, *((images.find,) if include_images else ())):
-        found += await finder(scope, owners)
+        try:
+            found += await finder(scope, owners)
+        except Exception as exc:  # one kind that cannot be listed does not stop the others
+            log.warning("reconciler: %s.%s failed: %s", finder.__module__.rpartition(".")[2],
+                        finder.__name__, exc)
     return found
 
 
