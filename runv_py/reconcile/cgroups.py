@@ -9,29 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..sandbox import cgroup, host_cgroup
-from .model import Owners, Scope, read_json
+from .model import Found, Owners, Scope, read_json
 
 KIND = "cgroup"
 
 
 @dataclass(frozen=True, slots=True)
-class DeadCgroup:
-    path: Path
+class DeadCgroup(Found):
+    """`name`: the cgroup directory."""
+
     parents: tuple[Path, ...]   # made for it, removed if nothing else is in them
-    sandbox: str
 
     kind = KIND
 
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    @property
-    def owner(self) -> str:
-        return self.sandbox
-
     async def remove(self) -> None:
-        host_cgroup.remove_directory(self.path)
+        host_cgroup.remove_directory(Path(self.name))
         for parent in self.parents:
             with contextlib.suppress(OSError):
                 parent.rmdir()
@@ -55,7 +47,7 @@ def _recorded(scope: Scope, owners: Owners) -> list[DeadCgroup]:
             if leaf in created and leaf.is_dir():
                 parents = tuple(p for p in reversed(created) if p not in leaves and
                                 leaf.is_relative_to(p))
-                found.append(DeadCgroup(leaf, parents, f"sandbox {path.name}"))
+                found.append(DeadCgroup(str(leaf), f"sandbox {path.name}", parents))
     return found
 
 
@@ -74,15 +66,15 @@ def _hyperctl(scope: Scope, owners: Owners) -> list[DeadCgroup]:
         # another data root's workloads are not seen here.
         mine = [w for w in workloads if w.id.startswith(leaf.name)]
         if mine and all(owners.workload_dead(w) for w in mine):
-            found.append(DeadCgroup(leaf, (), f"workload {leaf.name}"))
+            found.append(DeadCgroup(str(leaf), f"workload {leaf.name}", ()))
     return found
 
 
 async def find(scope: Scope, owners: Owners) -> list[DeadCgroup]:
-    seen: set[Path] = set()
+    seen: set[str] = set()
     out = []
     for item in (*_recorded(scope, owners), *_hyperctl(scope, owners)):
-        if item.path not in seen:
-            seen.add(item.path)
+        if item.name not in seen:
+            seen.add(item.name)
             out.append(item)
     return out

@@ -10,23 +10,14 @@ from pathlib import Path
 
 from ..oci.image.progress import human_size
 from ..oci.image.store import ImageStore
-from .model import Owners, Scope
+from .model import Found, Owners, Scope
 
 
 @dataclass(frozen=True, slots=True)
-class UnusedImageData:
+class UnusedImageData(Found):
     root: Path
-    size: int
 
     kind = "image-data"
-
-    @property
-    def name(self) -> str:
-        return f"{self.root}: {human_size(self.size)} of unreferenced layers"
-
-    @property
-    def owner(self) -> str:
-        return "no image"
 
     async def remove(self) -> None:
         await asyncio.to_thread(ImageStore(self.root).gc)
@@ -37,4 +28,5 @@ async def find(scope: Scope, owners: Owners) -> list[UnusedImageData]:
     if not root.is_dir():
         return []
     size = await asyncio.to_thread(ImageStore(root).gc, dry_run=True)
-    return [UnusedImageData(root, size)] if size else []
+    return [UnusedImageData(f"{root}: {human_size(size)} of unreferenced layers", "no image",
+                            root)] if size else []

@@ -37,6 +37,15 @@ class Orphan(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Found:
+    """The base of every kind's dataclass: what the object is and whose it was, as the
+    finder saw them (a remover uses its own fields)."""
+
+    name: str       # a path, a pid, a table
+    owner: str      # the dead owner
+
+
+@dataclass(frozen=True, slots=True)
 class Scope:
     """Where the runtime and hyperctl keep their state."""
 

@@ -9,32 +9,23 @@ from pathlib import Path
 
 from .. import child
 from ..errors import RunvError
-from .model import Owners, Scope, under
+from .model import Found, Owners, Scope, under
 
 KIND = "mount"
 
 
 @dataclass(frozen=True, slots=True)
-class StaleMount:
-    mount_point: str
-    sandbox: str
+class StaleMount(Found):
+    """`name`: the mount point."""
 
     kind = KIND
 
-    @property
-    def name(self) -> str:
-        return self.mount_point
-
-    @property
-    def owner(self) -> str:
-        return f"sandbox {self.sandbox}"
-
     async def remove(self) -> None:
-        if self.mount_point not in mount_points():
+        if self.name not in mount_points():
             return
-        done = await child.run(["umount", "-l", self.mount_point], timeout_s=30)
+        done = await child.run(["umount", "-l", self.name], timeout_s=30)
         if done.returncode != 0:
-            raise RunvError(f"umount {self.mount_point}: "
+            raise RunvError(f"umount {self.name}: "
                             f"{done.stderr.decode(errors='replace').strip()}")
 
 
@@ -58,6 +49,6 @@ async def find(scope: Scope, owners: Owners) -> list[StaleMount]:
     for point in mount_points():
         sandbox = under(point, scope.sandboxes) or under(point, scope.shares)
         if sandbox is not None and owners.sandbox_dir_dead(sandbox):
-            found.append(StaleMount(point, sandbox))
+            found.append(StaleMount(point, f"sandbox {sandbox}"))
     # The deepest first: a mount under another one goes before it.
-    return sorted(found, key=lambda m: m.mount_point.count("/"), reverse=True)
+    return sorted(found, key=lambda m: m.name.count("/"), reverse=True)

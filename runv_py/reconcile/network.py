@@ -21,7 +21,7 @@ from ..network import attachment, isolation, managed
 from ..network.cni import BridgeNetwork, Cni, PortMapping
 from ..workload import network_mode
 from ..workload.records import Records, Workload
-from .model import HYPERCTL_SANDBOX_PREFIX, Owners, Scope
+from .model import HYPERCTL_SANDBOX_PREFIX, Found, Owners, Scope
 
 SANDBOX_ID = re.compile(r"hc-[0-9a-f]{12}")
 NETNS_PREFIX = "runv-"   # managed.attach: runv-<sandbox id>
@@ -47,121 +47,67 @@ async def _cni_delete(network: BridgeNetwork, sandbox_id: str, netns_dir: Path) 
 
 
 @dataclass(frozen=True, slots=True)
-class StaleRedirect:
+class StaleRedirect(Found):
     netns: Path
     interface: str
 
     kind = "tc-redirect"
-
-    @property
-    def name(self) -> str:
-        return f"{self.interface} in {self.netns}"
-
-    @property
-    def owner(self) -> str:
-        return "a sandbox whose tap is gone"
 
     async def remove(self) -> None:
         attachment.sweep(str(self.netns), self.interface)
 
 
 @dataclass(frozen=True, slots=True)
-class Masquerade:
+class Masquerade(Found):
     command: str
     rule: tuple[str, ...]     # as `iptables -S` prints it, without -A
-    sandbox: str
 
     kind = "masquerade-rule"
-
-    @property
-    def name(self) -> str:
-        return f"{self.command} -t nat {' '.join(self.rule[:1])} (published ports)"
-
-    @property
-    def owner(self) -> str:
-        return self.sandbox
 
     async def remove(self) -> None:
         await child.run([self.command, "-w", "-t", "nat", "-D", *self.rule], timeout_s=30)
 
 
 @dataclass(frozen=True, slots=True)
-class PortmapChain:
-    command: str
+class PortmapChain(Found):
+    """Its sandbox's portmap chain, and the IPAM lease (one CNI DEL removes both)."""
+
     sandbox: str
     network: BridgeNetwork
     netns_dir: Path
 
     kind = "portmap-chain"
 
-    @property
-    def name(self) -> str:
-        return f"{self.command} -t nat: CNI-DN chain of {self.sandbox}"
-
-    @property
-    def owner(self) -> str:
-        return self.sandbox
-
     async def remove(self) -> None:
         await _cni_delete(self.network, self.sandbox, self.netns_dir)
 
 
 @dataclass(frozen=True, slots=True)
-class IpamLease:
-    path: Path
-    sandbox: str
-    network: BridgeNetwork
-    netns_dir: Path
+class IpamLease(PortmapChain):
+    """`name`: the lease file."""
 
     kind = "ipam-lease"
 
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    @property
-    def owner(self) -> str:
-        return self.sandbox
-
     async def remove(self) -> None:
-        if self.path.exists():
+        if Path(self.name).exists():
             await _cni_delete(self.network, self.sandbox, self.netns_dir)
 
 
 @dataclass(frozen=True, slots=True)
-class IsolationTable:
-    family: str
-    table: str
+class IsolationTable(Found):
     sandbox: str
 
     kind = "nft-table"
-
-    @property
-    def name(self) -> str:
-        return f"{self.family} {self.table}"
-
-    @property
-    def owner(self) -> str:
-        return self.sandbox
 
     async def remove(self) -> None:
         await isolation.remove(self.sandbox)
 
 
 @dataclass(frozen=True, slots=True)
-class Namespace:
+class Namespace(Found):
     path: Path
-    sandbox: str
 
     kind = "netns"
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    @property
-    def owner(self) -> str:
-        return self.sandbox
 
     async def remove(self) -> None:
         if self.path.exists():
@@ -172,22 +118,13 @@ class Namespace:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkloadNetwork:
+class WorkloadNetwork(Found):
     """The lease file of a workload whose container is dead: releasing it undoes whatever
     of its network the kinds above did not find (it runs after them)."""
 
     record_dir: Path
-    sandbox: str
 
     kind = "network-lease"
-
-    @property
-    def name(self) -> str:
-        return str(self.record_dir / network_mode.LEASE_FILE)
-
-    @property
-    def owner(self) -> str:
-        return f"workload {self.record_dir.name} (exited)"
 
     async def remove(self) -> None:
         await network_mode.release(self.record_dir)
@@ -206,7 +143,8 @@ async def find_redirects(scope: Scope, owners: Owners) -> list[StaleRedirect]:
     found = []
     for path in _namespaces(scope):
         try:
-            found += [StaleRedirect(path, name) for name in attachment.stale(str(path))]
+            found += [StaleRedirect(f"{name} in {path}", "a sandbox whose tap is gone", path,
+                                    name) for name in attachment.stale(str(path))]
         except (NetworkError, OSError):
             continue  # a namespace file that is not one (or went meanwhile)
     return found
@@ -226,7 +164,8 @@ async def find_masquerades(scope: Scope, owners: Owners) -> list[Masquerade]:
         for line in await _nat_rules(command):
             match = MASQUERADE.search(line)
             if match and line.startswith("-A ") and owners.hyperctl_sandbox_dead(match[1]):
-                found.append(Masquerade(command, tuple(shlex.split(line)[1:]), match[1]))
+                found.append(Masquerade(f"{command} -t nat POSTROUTING (published ports)",
+                                        match[1], command, tuple(shlex.split(line)[1:])))
     return found
 
 
@@ -240,7 +179,8 @@ async def find_portmaps(scope: Scope, owners: Owners) -> list[PortmapChain]:
             if match and match[1] == network.name and match[2] not in seen:
                 seen.add(match[2])
                 if owners.hyperctl_sandbox_dead(match[2]):
-                    found.append(PortmapChain(command, match[2], network, scope.netns_dir))
+                    found.append(PortmapChain(f"{command} -t nat: CNI-DN chain of {match[2]}",
+                                              match[2], match[2], network, scope.netns_dir))
     return found
 
 
@@ -258,7 +198,7 @@ async def find_leases(scope: Scope, owners: Owners) -> list[IpamLease]:
         except (OSError, IndexError, UnicodeDecodeError):
             continue
         if SANDBOX_ID.fullmatch(sandbox) and owners.hyperctl_sandbox_dead(sandbox):
-            found.append(IpamLease(path, sandbox, network, scope.netns_dir))
+            found.append(IpamLease(str(path), sandbox, sandbox, network, scope.netns_dir))
     return found
 
 
@@ -278,7 +218,8 @@ async def find_tables(scope: Scope, owners: Owners) -> list[IsolationTable]:
             continue
         match = TABLE.fullmatch(str(table.get("name", "")))
         if match and owners.hyperctl_sandbox_dead(match[1]):
-            found.append(IsolationTable(str(table.get("family")), match[0], match[1]))
+            found.append(IsolationTable(f"{table.get('family')} {match[0]}", match[1],
+                                        match[1]))
     return found
 
 
@@ -288,7 +229,7 @@ async def find_namespaces(scope: Scope, owners: Owners) -> list[Namespace]:
         sandbox = path.name.removeprefix(NETNS_PREFIX)
         if path.name.startswith(NETNS_PREFIX + HYPERCTL_SANDBOX_PREFIX) and \
                 SANDBOX_ID.fullmatch(sandbox) and owners.hyperctl_sandbox_dead(sandbox):
-            found.append(Namespace(path, sandbox))
+            found.append(Namespace(str(path), sandbox, path))
     return found
 
 
@@ -303,5 +244,6 @@ async def find_workload_networks(scope: Scope, owners: Owners) -> list[WorkloadN
         directory = records.dir(workload.id)
         if (directory / network_mode.LEASE_FILE).exists() and \
                 owners.hyperctl_sandbox_dead(_sandbox_of(workload)):
-            found.append(WorkloadNetwork(directory, _sandbox_of(workload)))
+            found.append(WorkloadNetwork(str(directory / network_mode.LEASE_FILE),
+                                         f"workload {workload.id} (exited)", directory))
     return found

@@ -15,28 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import child
-from .model import Owners, Scope
+from .model import Found, Owners, Scope
 
 KIND = "process"
 PYTHON_MODULES = ("runv_py.vsock", "runv_py.vsock.forward", "runv_py.sandbox.standin")
 
 
 @dataclass(frozen=True, slots=True)
-class OrphanProcess:
+class OrphanProcess(Found):
     pid: int
     start_time: int
-    program: str
-    sandbox: str       # the VM directory's name
 
     kind = KIND
-
-    @property
-    def name(self) -> str:
-        return f"{self.pid} ({self.program})"
-
-    @property
-    def owner(self) -> str:
-        return f"sandbox {self.sandbox}"
 
     async def remove(self) -> None:
         if child.is_running(self.pid, self.start_time):
@@ -93,5 +83,5 @@ async def find(scope: Scope, owners: Owners) -> list[OrphanProcess]:
             continue
         start = child.proc_start_time(pid)
         if start is not None:
-            found.append(OrphanProcess(pid, start, what, sandbox))
+            found.append(OrphanProcess(f"{pid} ({what})", f"sandbox {sandbox}", pid, start))
     return found

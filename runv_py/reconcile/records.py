@@ -16,45 +16,28 @@ from .. import child
 from ..sandbox import vm_dir
 from ..workload import network_mode, tenants
 from ..workload.records import GONE_PREFIX, NEW_PREFIX, Records, Workload
-from .model import Owners, Scope
+from .model import Found, Owners, Scope
 
 
 @dataclass(frozen=True, slots=True)
-class StaleRecord:
-    path: Path
-    why: str
+class StaleRecord(Found):
+    """`name`: the record directory."""
 
     kind = "record"
 
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    @property
-    def owner(self) -> str:
-        return self.why
-
     async def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.name, ignore_errors=True)
 
 
 @dataclass(frozen=True, slots=True)
-class DanglingName:
-    path: Path
+class DanglingName(Found):
+    """`name`: the name's link."""
 
     kind = "name"
 
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    @property
-    def owner(self) -> str:
-        return f"record {os.readlink(self.path)}, gone" if self.path.is_symlink() else "gone"
-
     async def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            Path(self.name).unlink()
 
 
 def maker(name: str) -> tuple[int, int] | None:
@@ -79,15 +62,15 @@ def _stale(scope: Scope, owners: Owners, records: Records) -> list[StaleRecord]:
         if not path.is_dir() or path.is_symlink():
             continue
         if path.name.startswith(GONE_PREFIX):
-            found.append(StaleRecord(path, "removed (interrupted)"))
+            found.append(StaleRecord(str(path), "removed (interrupted)"))
         elif path.name.startswith(NEW_PREFIX):
             made_by = maker(path.name)
             if made_by is None or not child.is_running(*made_by):
-                found.append(StaleRecord(path, f"maker pid {made_by[0] if made_by else '?'}, "
-                                               "dead"))
+                found.append(StaleRecord(str(path), f"maker pid "
+                                         f"{made_by[0] if made_by else '?'}, dead"))
         elif not (path / "meta.json").exists() and owners.vm_dir_dead(
                 vm_dir.path_for(scope.state_dir, scope.hyperctl_root, path.name)):
-            found.append(StaleRecord(path, "no meta.json"))
+            found.append(StaleRecord(str(path), "no meta.json"))
     return found
 
 
@@ -109,12 +92,12 @@ def _dangling(records: Records) -> list[DanglingName]:
         # dangling when its record is neither there nor being made, and still not there.
         if not records.dir(target).exists() and not _being_made(records, target) and \
                 not records.dir(target).exists():
-            found.append(DanglingName(link))
+            found.append(DanglingName(str(link), f"record {target}, gone"))
     return found
 
 
 @dataclass(frozen=True, slots=True)
-class AbandonedWorkload:
+class AbandonedWorkload(Found):
     """A container that never started and whose maker died: as a failed start does, it
     leaves no record (its network goes first)."""
 
@@ -123,21 +106,15 @@ class AbandonedWorkload:
 
     kind = "record"
 
-    @property
-    def name(self) -> str:
-        return str(self.records.dir(self.workload.id))
-
-    @property
-    def owner(self) -> str:
-        return f"creator pid {self.workload.creator_pid}, never started"
-
     async def remove(self) -> None:
         await network_mode.release(self.records.dir(self.workload.id))
         self.records.remove(self.workload)
 
 
 def _abandoned(owners: Owners, records: Records) -> list[AbandonedWorkload]:
-    return [AbandonedWorkload(records, w) for w in records.all()
+    return [AbandonedWorkload(str(records.dir(w.id)),
+                              f"creator pid {w.creator_pid}, never started", records, w)
+            for w in records.all()
             if w.started is None and w.exit_code is None and owners.workload_dead(w)]
 
 

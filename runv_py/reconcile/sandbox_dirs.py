@@ -12,26 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..sandbox import vm_dir
-from .model import Owners, Scope
+from .model import Found, Owners, Scope
 
 KIND = "sandbox-dir"
 SHARE_KIND = "share-dir"
 
 
 @dataclass(frozen=True, slots=True)
-class DeadSandboxDir:
+class DeadSandboxDir(Found):
     path: Path
-    dead_owner: str     # "pid 123", "claimant 123", "gone" (a link to nothing), "none"
 
     kind = KIND
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    @property
-    def owner(self) -> str:
-        return self.dead_owner
 
     async def remove(self) -> None:
         if self.path.is_symlink():
@@ -44,22 +35,14 @@ class DeadSandboxDir:
 
 
 @dataclass(frozen=True, slots=True)
-class StaleShareDir:
-    path: Path
+class StaleShareDir(Found):
+    """`name`: the mount point directory."""
 
     kind = SHARE_KIND
 
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-    @property
-    def owner(self) -> str:
-        return f"sandbox {self.path.name}"
-
     async def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.path.rmdir()
+            Path(self.name).rmdir()
 
 
 def _describe_owner(path: Path) -> str:
@@ -83,10 +66,10 @@ async def find(scope: Scope, owners: Owners) -> list[DeadSandboxDir]:
     found = []
     for path in _entries(scope.sandboxes):
         if (path.is_symlink() or path.is_dir()) and owners.vm_dir_dead(path):
-            found.append(DeadSandboxDir(path, _describe_owner(path)))
+            found.append(DeadSandboxDir(str(path), _describe_owner(path), path))
     return found
 
 
 async def find_shares(scope: Scope, owners: Owners) -> list[StaleShareDir]:
-    return [StaleShareDir(path) for path in _entries(scope.shares)
+    return [StaleShareDir(str(path), f"sandbox {path.name}") for path in _entries(scope.shares)
             if path.is_dir() and owners.sandbox_dir_dead(path.name)]

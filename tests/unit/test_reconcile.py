@@ -76,9 +76,9 @@ def test_vm_dirs_of_live_and_starting_owners_are_kept(scope: Scope) -> None:
     (scope.shares / "live").mkdir(parents=True)
     assert not owners.vm_dir_dead(live) and not owners.vm_dir_dead(starting)
     found = asyncio.run(sandbox_dirs.find(scope, owners))
-    assert sorted(f.path.name for f in found) == sorted([dead.name, dead_claim.name, "link"])
+    assert sorted(Path(f.name).name for f in found) == sorted([dead.name, dead_claim.name, "link"])
     shares = asyncio.run(sandbox_dirs.find_shares(scope, owners))
-    assert [s.path.name for s in shares] == ["dead"]
+    assert [Path(s.name).name for s in shares] == ["dead"]
     for item in (*found, *shares):
         asyncio.run(item.remove())
     assert sorted(p.name for p in scope.sandboxes.iterdir()) == sorted([live.name,
@@ -104,7 +104,7 @@ def test_processes_of_a_dead_sandbox_are_found_and_killed(scope: Scope,
              for name, path in (("dead", dead), ("live", live))}
     try:
         found = asyncio.run(processes.find(scope, Owners(scope)))
-        assert [(f.pid, f.sandbox) for f in found] == [(procs["dead"].pid, "dead")]
+        assert [(f.pid, f.owner) for f in found] == [(procs["dead"].pid, "sandbox dead")]
         asyncio.run(found[0].remove())
         assert procs["dead"].wait(10) == -9
         assert procs["live"].poll() is None
@@ -291,7 +291,7 @@ def test_mounts_under_a_dead_sandbox_are_unmounted(scope: Scope) -> None:
         subprocess.run(["mount", "-t", "tmpfs", "gc-test", str(point)], check=True)
     try:
         found = asyncio.run(mounts.find(scope, Owners(scope)))
-        assert [f.mount_point for f in found] == [str(points[0])]
+        assert [f.name for f in found] == [str(points[0])]
         asyncio.run(found[0].remove())
         assert mounts.mount_points().count(str(points[0])) == 0
         assert str(points[1]) in mounts.mount_points()
