@@ -24,6 +24,14 @@ class AssetError(RunvError):
     reference = "missing-asset"
 
 
+class StorageError(RunvError):
+    """A state or data directory cannot take what runv-py must write there: its file system
+    is full, read-only, or the directory cannot be made; the message names the directory."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    reference = "storage-unavailable"
+
+
 class AcceleratorError(RunvError):
     """The accelerator that was asked for cannot be used on this host."""
 

@@ -12,6 +12,9 @@ mkdir -p "$cache" "$assets"
 # One build at a time per cache: concurrent runs wait, then find the result cached.
 exec 9>"$cache/.lock"
 flock 9
+. "$top/scripts/interrupted-builds.sh"
+remove_interrupted "$cache"/{kernel,rootfs,floor,runtime-tools}-*.work.* \
+  "$cache"/{kernel,rootfs,floor,runtime-tools}-*.new
 
 # key NAME FILE...: a short hash of the files' contents (plus extra words in $KEY_EXTRA).
 key() {

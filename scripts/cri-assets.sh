@@ -16,6 +16,8 @@ mkdir -p "$cache" "$assets"
 # Its own lock: these builds need not wait for a guest kernel build, nor it for them.
 exec 9>"$cache/.lock-cri"
 flock 9
+. "$top/scripts/interrupted-builds.sh"
+remove_interrupted "$cache"/cri-*.work.*
 
 step() { printf '[cri-assets] %s\n' "$*" >&2; }
 fail() { printf '[cri-assets] error: %s\n' "$*" >&2; exit 1; }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from . import pool_command, template_command
+from . import gc_command, pool_command, template_command
 from .errors import run_guarded
 
 OCI_SPEC_VERSION = "1.1.0"
@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     _id(p)
     template_command.add_parser(sub)
     pool_command.add_parser(sub)
+    gc_command.add_runv_parser(sub)
     p = sub.add_parser("events", help="print OOM and exit events, or --stats once")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--interval", default="5s", help=argparse.SUPPRESS)
@@ -271,6 +272,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return template_command.run(args, config_mod.load())
     if command == "pool":
         return pool_command.run(args, config_mod.load())
+    if command == "gc":
+        return gc_command.run_gc(args, config_mod.load())
     if command == "features":
         from . import features
 

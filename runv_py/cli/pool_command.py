@@ -19,6 +19,7 @@ state_dir and the sandbox's size is kept warm; otherwise they start a sandbox as
 VM serves one container and is destroyed with it; the pool starts another in the background.
 Configure it in the [pool] section of the runtime config (size, memory_mib, sizes, idle).
 """
+RECONCILE_INTERVAL_S = 300.0
 
 
 def add_parser(sub: Any) -> None:
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
 async def _serve(config: RuntimeConfig, debug: bool) -> int:
     import asyncio
 
+    from ..reconcile import reconciler
     from ..sandbox import pool
 
     stop = asyncio.Event()
@@ -77,5 +79,13 @@ async def _serve(config: RuntimeConfig, debug: bool) -> int:
     loop.add_signal_handler(signal.SIGHUP, service.reload)
     print(f"warm pool for state_dir {config.state_dir} (SIGTERM stops it, SIGHUP reloads "
           "the config)", file=sys.stderr, flush=True)
-    await service.serve(stop)
+    # The reconciler: what dead sandboxes left goes at start and every few minutes
+    # (runv gc; docs/design.md, The reconciler).
+    reconciling = asyncio.create_task(reconciler.run_periodically(
+        reconciler.default_scope(config), RECONCILE_INTERVAL_S, stop))
+    try:
+        await service.serve(stop)
+    finally:
+        stop.set()
+        await reconciling
     return 0

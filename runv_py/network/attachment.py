@@ -113,19 +113,37 @@ class Attachment:
             self._netns = None
 
 
-def sweep(path: str) -> list[str]:
+def sweep(path: str, only: str | None = None) -> list[str]:
     """After a sandbox's owner died without closing (SIGKILL): its taps went with it, but the
-    redirects on the namespace's interfaces stay and would drop their traffic. Removes them;
-    the names of the interfaces cleaned. A namespace that is gone has nothing to clean."""
+    redirects on the namespace's interfaces stay and would drop their traffic. Removes them
+    (on the interface `only`, if given); the names of the interfaces cleaned. A namespace
+    that is gone has nothing to clean."""
     if not os.path.exists(path):
         return []
     netns = NetNs(path)
     try:
-        return netns.run(_sweep)
+        return netns.run(lambda: _sweep(only))
     finally:
         netns.close()
 
 
-def _sweep() -> list[str]:
+def stale(path: str) -> list[str]:
+    """The interfaces of the namespace that carry a killed sandbox's redirect; none is
+    changed."""
+    if not os.path.exists(path):
+        return []
+    netns = NetNs(path)
+    try:
+        return netns.run(_stale)
+    finally:
+        netns.close()
+
+
+def _sweep(only: str | None) -> list[str]:
     with endpoint.netlink() as ipr:
-        return endpoint.sweep(ipr)
+        return endpoint.sweep(ipr, only)
+
+
+def _stale() -> list[str]:
+    with endpoint.netlink() as ipr:
+        return [link.name for link in endpoint.stale_links(ipr)]

@@ -154,17 +154,27 @@ def clear_stale(ipr: Any, link: Link) -> None:
         _unless_gone(ipr.tc, "del", "ingress", link.index)
 
 
-def sweep(ipr: Any) -> list[str]:
-    """Remove the mirrors killed sandboxes left in the namespace; the names of the links
-    cleaned. Links in use or with qdiscs not ours are left alone."""
-    cleaned = []
+def stale_links(ipr: Any) -> list[Link]:
+    """The links that carry the mirror of a killed sandbox (none is changed). Links in use or
+    with qdiscs not ours are not among them."""
+    found = []
     for link in snapshot(ipr).links:
         try:
             if _stale(ipr, link):
-                _unless_gone(ipr.tc, "del", "ingress", link.index)
-                cleaned.append(link.name)
+                found.append(link)
         except NetworkError:
             continue
+    return found
+
+
+def sweep(ipr: Any, only: str | None = None) -> list[str]:
+    """Remove the mirrors killed sandboxes left in the namespace (on the link `only`, if
+    given); the names of the links cleaned."""
+    cleaned = []
+    for link in stale_links(ipr):
+        if only is None or link.name == only:
+            _unless_gone(ipr.tc, "del", "ingress", link.index)
+            cleaned.append(link.name)
     return cleaned
 
 

@@ -297,6 +297,11 @@ def _remove_created(created: list[Path], leaves: set[Path]) -> None:
                 path.rmdir()
 
 
+def remove_directory(path: Path) -> None:
+    """A dead sandbox's cgroup directory, its processes moved to the parent first."""
+    _remove_dir(path)
+
+
 def _remove_dir(path: Path) -> None:
     deadline = time.monotonic() + REMOVE_WAIT_S
     while True:

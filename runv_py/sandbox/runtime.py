@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import child
+from .. import assets, child, disk
 from ..config import RuntimeConfig
 from ..errors import (
     ConfigError,
@@ -143,6 +143,13 @@ class Runtime:
         self.store: RecordStore = store if store is not None else Store(root)
         self.debug = debug
 
+    def check_resources(self) -> None:
+        """Before anything is made: the state directories can take writes and the guest's
+        assets are there (a one-line error naming the path otherwise)."""
+        disk.require_writable(self.root, "state root")
+        disk.require_writable(self.config.state_dir, "state_dir")
+        assets.find(self.config.guest.assets_dir)
+
     # -- finding a container's supervisor -----------------------------------------------------
 
     def sandbox_path(self, container_id: str, annotations: dict[str, str]) -> Path:
@@ -242,8 +249,10 @@ class Runtime:
         pod.refuse_host_sharing(spec)
         if standin and spec.terminal and not console_socket:
             raise ConfigError(NEEDS_CONSOLE_SOCKET)
+        self.check_resources()
         if record is None:
-            self.store.reserve(container_id)
+            with disk.writing(self.root, "state root"):
+                self.store.reserve(container_id)
         try:
             with self.store.locked(container_id):
                 record = await self._create_locked(

@@ -6,16 +6,19 @@ sandbox's id, so any runv process finds the supervisor of any container without 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import secrets
 import shutil
 from pathlib import Path
 
-from .. import child
+from .. import child, disk
 from ..errors import ConfigError
 from . import host_cgroup
 
 OWNER = "owner"
+CLAIM_PREFIX = ".claim-"
 CONTROL_SOCKET = "ctl.sock"
 
 
@@ -37,13 +40,38 @@ def shared_mount_point(path: Path) -> Path:
 
 
 def claim(path: Path) -> None:
-    """Make the directory, owned by this process (ConfigError if it exists)."""
-    try:
-        path.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        raise ConfigError(f"sandbox {path.name} already exists ({path})") from None
+    """Make the directory, owned by this process (ConfigError if it exists). It appears with
+    its owner file in it: it is made as `.claim-<pid>-<start time>-<random>` (whose name says
+    who makes it) and renamed into place, so no directory is ever seen without its owner
+    (runv gc then knows what is whose, also while a sandbox is still starting)."""
     pid = os.getpid()
-    (path / OWNER).write_text(f"{pid} {child.proc_start_time(pid)}\n")
+    start = child.proc_start_time(pid)
+    tmp = path.parent / f"{CLAIM_PREFIX}{pid}-{start}-{secrets.token_hex(4)}"
+    try:
+        with disk.writing(path.parent, "state_dir"):
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp.mkdir(mode=0o700)
+            (tmp / OWNER).write_text(f"{pid} {start}\n")
+        if path.exists() or path.is_symlink():
+            raise FileExistsError
+        # A directory in place is never empty (it has its owner file): rename fails then.
+        os.rename(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, FileExistsError) or exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise ConfigError(f"sandbox {path.name} already exists ({path})") from None
+        raise
+
+
+def claimant(name: str) -> tuple[int, int] | None:
+    """(pid, start time) of the process making the claim directory `name`, if it is one."""
+    if not name.startswith(CLAIM_PREFIX):
+        return None
+    try:
+        pid, start, _ = name[len(CLAIM_PREFIX):].split("-")
+        return int(pid), int(start)
+    except ValueError:
+        return None
 
 
 def empty(path: Path) -> None:

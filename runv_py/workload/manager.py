@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import child
+from .. import child, disk
 from ..config import RuntimeConfig
 from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
@@ -90,10 +90,13 @@ class WorkloadManager:
         """Resolve the image (pulling it if missing) and write the bundle; no VM yet."""
         t_start = time.monotonic()
         network_mode.check(options.network, options.publish)
+        disk.require_writable(self.data_root, "data root")
+        self.runtime.check_resources()
         if options.network == "none" and (options.egress is not None or options.dns):
             raise ConfigError(f"--{'egress' if options.egress is not None else 'dns'}: "
                               "applies to --network default only")
-        image = await self.images.resolve(options.image, progress=progress)
+        with disk.writing(self.data_root, "data root"):
+            image = await self.images.resolve(options.image, progress=progress)
         workload_id = secrets.token_hex(16)
         path = self.records.dir(workload_id)
         now = time.time()
@@ -104,13 +107,16 @@ class WorkloadManager:
             command=tuple(bundle_mod.command(image, options)), created_at=now,
             detached=detached, auto_remove=options.auto_remove, tty=options.tty,
             timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal,
-            tenant=self.tenant or "", log_max_size=options.log_max_size or LOG_MAX_SIZE)
+            tenant=self.tenant or "", log_max_size=options.log_max_size or LOG_MAX_SIZE,
+            creator_pid=os.getpid(), creator_start=child.proc_start_time(os.getpid()) or 0)
         self.records.create(workload)
         try:
-            rootfs = await self._rootfs(image, options, path)
+            with disk.writing(self.data_root, "data root"):
+                rootfs = await self._rootfs(image, options, path)
             netns = await network_mode.attach(workload_id, options.network, options.publish,
                                               path, self.config.network,
-                                              egress=options.egress, dns=options.dns)
+                                              egress=options.egress, dns=options.dns,
+                                              vm_dir=self.runtime.sandbox_path(workload_id, {}))
             resolv_conf = None
             if netns is not None and (servers := network_mode.dns_servers(
                     options.dns, self.config.network)):
@@ -120,9 +126,10 @@ class WorkloadManager:
                                             hostname=workload.name,
                                             netns=netns, cgroups_path=self.cgroups_path(
                                                 workload_id), resolv_conf=resolv_conf)
-            bundle_mod.write(self.records.bundle(workload_id), spec)
-            workload = workload.with_(annotations=dict(spec["annotations"]))
-            self.records.save(workload)
+            with disk.writing(self.data_root, "data root"):
+                bundle_mod.write(self.records.bundle(workload_id), spec)
+                workload = workload.with_(annotations=dict(spec["annotations"]))
+                self.records.save(workload)
         except BaseException:
             await self._release_network(workload_id)
             self.records.remove(workload)

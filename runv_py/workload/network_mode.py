@@ -13,6 +13,8 @@ the VM is freed (isolation, CNI DEL, the namespace)."""
 from __future__ import annotations
 
 import ipaddress
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from ..network.egress import EgressPolicy
 
 NETWORK_MODES = ("none", "default")
 LEASE_FILE = "network.json"
+OWNERS_DIR = "owners"  # under the CNI data dir: owner_file()
 
 
 def check(mode: str, publish: tuple[str, ...]) -> tuple[PortMapping, ...]:
@@ -67,12 +70,44 @@ def resolv_conf(servers: tuple[str, ...]) -> str:
     return "".join(f"nameserver {server}\n" for server in servers)
 
 
+def owner_file(settings: config_mod.NetworkConfig, sandbox_id: str) -> Path:
+    """Says whose the network sandbox is (NetworkOwner) where any hyperctl, whatever its
+    roots, finds it: the network's state is host-wide, its records are not (the reconciler
+    reads it)."""
+    return settings.cni_data_dir / OWNERS_DIR / sandbox_id
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkOwner:
+    record_dir: Path            # the workload's record
+    sandbox_dir: Path | None    # where its supervisor owns its VM (vm_dir.py)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"record_dir": str(self.record_dir),
+                                    "sandbox_dir": str(self.sandbox_dir or "")}))
+
+    @classmethod
+    def read(cls, path: Path) -> NetworkOwner | None:
+        try:
+            raw = json.loads(path.read_text())
+            return cls(Path(raw["record_dir"]),
+                       Path(raw["sandbox_dir"]) if raw["sandbox_dir"] else None)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def sandbox_id(workload_id: str) -> str:
+    return f"hc-{workload_id[:12]}"
+
+
 async def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_dir: Path,
                  settings: config_mod.NetworkConfig, *, egress: EgressPolicy | None = None,
-                 dns: tuple[str, ...] = ()) -> str | None:
+                 dns: tuple[str, ...] = (), vm_dir: Path | None = None) -> str | None:
     """For --network default: the namespace path for the spec, its lease saved in
     record_dir, the sandbox isolated with its egress policy (host names resolved now). None
-    for --network none."""
+    for --network none. `vm_dir`: where the workload's supervisor will own its VM (recorded
+    with the owner file)."""
     ports = check(mode, publish)
     if mode == "none":
         return None
@@ -81,7 +116,13 @@ async def attach(workload_id: str, mode: str, publish: tuple[str, ...], record_d
     network = BridgeNetwork(name="runv", bridge=settings.bridge, subnet=settings.subnet,
                             data_dir=settings.cni_data_dir, ip_masq=settings.ip_masq,
                             default_route=wanted.mode != "none")
-    lease = await managed.attach(f"hc-{workload_id[:12]}", network, ports)
+    owner = owner_file(settings, sandbox_id(workload_id))
+    NetworkOwner(record_dir, vm_dir).write(owner)
+    try:
+        lease = await managed.attach(sandbox_id(workload_id), network, ports)
+    except BaseException:
+        owner.unlink(missing_ok=True)
+        raise
     try:
         (record_dir / LEASE_FILE).write_text(lease.to_json())
         await isolation.apply(_port(lease), wanted, servers)
@@ -102,8 +143,8 @@ def _port(lease: managed.Lease) -> isolation.SandboxPort:
 
 
 async def release(record_dir: Path, lease: managed.Lease | None = None) -> None:
-    """Undo attach() (the isolation, CNI DEL, the namespace); nothing to do without a lease.
-    Idempotent."""
+    """Undo attach() (the isolation, CNI DEL, the namespace, the owner file); nothing to do
+    without a lease. Idempotent."""
     path = record_dir / LEASE_FILE
     if lease is None:
         try:
@@ -116,3 +157,4 @@ async def release(record_dir: Path, lease: managed.Lease | None = None) -> None:
     finally:
         await managed.detach(lease)
     path.unlink(missing_ok=True)
+    (lease.network.data_dir / OWNERS_DIR / lease.sandbox_id).unlink(missing_ok=True)

@@ -18,11 +18,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .. import child, disk
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
 from ..store.state import ContainerRecord, flocked
 from .tenants import Scope
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+NEW_PREFIX = ".new-"    # .new-<id>-<pid>-<start time>: a record being made by that process
+GONE_PREFIX = ".gone-"  # .gone-<id>: a record being removed
 
 
 def rfc3339(when: float) -> str:
@@ -46,6 +49,10 @@ class Workload(ContainerRecord):
     timed_out: bool = False
     monitor_pid: int = 0
     monitor_start: int = 0
+    # The process that made the record (pid, start time): until the container starts, the
+    # workload is its (the reconciler's proof of a starting container's owner).
+    creator_pid: int = 0
+    creator_start: int = 0
     tenant: str = ""
     log_max_size: int = 0    # output.log's rotation size (0: never rotated, older records)
 
@@ -81,21 +88,42 @@ class Records:
         if not _NAME.match(workload.name):
             raise ConfigError(f"--name {workload.name!r}: use 1-63 letters, digits, '_', '.', "
                               "'-', starting with a letter or digit")
+        with disk.writing(self.scope.root, "data root"):
+            self._create(workload)
+
+    def _create(self, workload: Workload) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.names.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Made whole under a name that says who makes it, then renamed into place: a record
+        # directory is never seen half-made, and the reconciler knows whose a partial one is.
+        pid = os.getpid()
+        new = self.root / f"{NEW_PREFIX}{workload.id}-{pid}-{child.proc_start_time(pid)}"
+        name = self.names / workload.name
+        linked = False
         try:
-            os.symlink(workload.id, self.names / workload.name)
-        except FileExistsError:
-            raise ContainerExists(f"the name {workload.name!r} is already in use: remove that "
-                                  f"container first (hyperctl rm {workload.name})") from None
-        path = self.dir(workload.id)
-        for sub in ("upper", "work", "bundle/rootfs"):
-            (path / sub).mkdir(parents=True, mode=0o755)
-        (path / "lock").touch()
-        self.save(workload)
+            for sub in ("upper", "work", "bundle/rootfs"):
+                (new / sub).mkdir(parents=True, mode=0o755)
+            (new / "lock").touch()
+            self._write_meta(new, workload)
+            try:
+                os.symlink(workload.id, name)
+            except FileExistsError:
+                raise ContainerExists(f"the name {workload.name!r} is already in use: remove "
+                                      f"that container first (hyperctl rm {workload.name})"
+                                      ) from None
+            linked = True
+            os.rename(new, self.dir(workload.id))
+        except BaseException:
+            if linked:
+                name.unlink(missing_ok=True)
+            shutil.rmtree(new, ignore_errors=True)
+            raise
 
     def save(self, workload: Workload) -> None:
-        path = self.dir(workload.id)
+        self._write_meta(self.dir(workload.id), workload)
+
+    @staticmethod
+    def _write_meta(path: Path, workload: Workload) -> None:
         tmp = path / f".meta.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(asdict(workload)))
         os.replace(tmp, path / "meta.json")
@@ -117,7 +145,8 @@ class Records:
 
     def ids(self) -> list[str]:
         try:
-            return sorted(p.name for p in self.root.iterdir() if (p / "meta.json").exists())
+            return sorted(p.name for p in self.root.iterdir()
+                          if not p.name.startswith(".") and (p / "meta.json").exists())
         except FileNotFoundError:
             return []
 
@@ -145,7 +174,15 @@ class Records:
         with contextlib.suppress(OSError):
             if os.readlink(link) == workload.id:
                 link.unlink()
-        shutil.rmtree(self.dir(workload.id), ignore_errors=True)
+        # Renamed out of sight first: an interrupted removal leaves a directory that is
+        # plainly nobody's (the reconciler removes it).
+        path = self.dir(workload.id)
+        gone = self.root / f"{GONE_PREFIX}{workload.id}"
+        try:
+            os.rename(path, gone)
+        except OSError:
+            gone = path
+        shutil.rmtree(gone, ignore_errors=True)
 
     # -- the runtime's record store (store.state.RecordStore) -------------------------------
 

@@ -20,7 +20,7 @@ import pytest
 
 from runv_py import child, config
 from runv_py.api import Sandbox as ApiSandbox
-from runv_py.sandbox import cgroup, vm_template
+from runv_py.sandbox import cgroup, vm_dir, vm_template
 from runv_py.sandbox.client import pool_call
 from runv_py.sandbox.control import BlockingChannel
 from runv_py.sandbox.protocol import Adopt, Claim, PoolStatus
@@ -170,9 +170,16 @@ def test_run_takes_a_pooled_vm_the_pool_refills_and_each_tenant_gets_its_own(
 
 def test_sigterm_destroys_idle_vms_and_kill_9_makes_them_destroy_themselves(
         runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    # What a crashed sandbox left: the pool service's reconciler removes it when it starts.
+    gone = subprocess.Popen(["true"])
+    gone_start = child.proc_start_time(gone.pid)
+    gone.wait()
+    left = runv.state / "sandboxes" / f"{vm_dir.CLAIM_PREFIX}{gone.pid}-{gone_start}-ab"
+    left.mkdir(parents=True)   # its claimant died before it wrote the owner file
     service = pool("[pool]\nsize = 1\nidle = \"running\"\n")
     status = service.idle(1)
     idle = _members(status, "idle")[0]
+    assert not left.exists(), "the pool service's reconciler did not run at its start"
     assert service.stop(signal.SIGTERM) == 0
     assert service.leftovers() == [], "SIGTERM left things behind"
     assert not _running(idle["qemu_pid"])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ... import __version__
 from ...errors import CommandNotExecutable, CommandNotFound, ConfigError, RunvError
 from ...oci.image.progress import human_size
-from .. import pool_command, template_command
+from .. import gc_command, pool_command, template_command
 from . import foreground
 
 if TYPE_CHECKING:
@@ -173,6 +173,7 @@ def add_all(sub: Any) -> None:
 
     template_command.add_parser(sub)
     pool_command.add_parser(sub)
+    gc_command.add_prune_parser(sub)
 
     version = sub.add_parser(
         "version", help="show host and guest versions (boots a throw-away VM)",
@@ -192,6 +193,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return template_command.run(args, config)
     if args.command == "pool":
         return pool_command.run(args, config)
+    if args.command == "system":
+        return gc_command.run_prune(args, config)
     from ...workload import tenants
     from ...workload.manager import WorkloadManager
 

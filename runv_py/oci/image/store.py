@@ -323,9 +323,10 @@ class ImageStore:
         self._edit_refs(dict.fromkeys(names))
         return names
 
-    def gc(self) -> int:
+    def gc(self, *, dry_run: bool = False) -> int:
         """Free blobs, unpacked rootfs and partial downloads no name uses; returns the bytes
-        freed. A rootfs whose lock a user holds (see `use()`) is kept."""
+        freed (with `dry_run`, the bytes it would free; nothing is removed). A rootfs whose
+        lock a user holds (see `use()`) is kept."""
         freed = 0
         with self._flock("gc.lock"):
             keep_blobs: set[str] = set()
@@ -343,10 +344,12 @@ class ImageStore:
                 if digest not in keep_blobs:
                     path = self.blobs.path(digest)
                     freed += path.stat().st_size
-                    path.unlink()
+                    if not dry_run:
+                        path.unlink()
             for entry in list(self.blobs.tmp.iterdir()):
                 freed += _tree_size(entry, set()) if entry.is_dir() else entry.stat().st_size
-                _rmtree(entry) if entry.is_dir() else entry.unlink()
+                if not dry_run:
+                    _rmtree(entry) if entry.is_dir() else entry.unlink()
             rootfs_dir = self.root / "rootfs"
             for entry in list(rootfs_dir.iterdir()):
                 key = entry.name.split(".", 1)[0].removesuffix("-trusted")
@@ -355,10 +358,12 @@ class ImageStore:
                 with self._try_lock(rootfs_dir / f"{entry.name}.lock") as free:
                     if free and entry.is_dir():
                         freed += _tree_size(entry, set())
-                        _rmtree(entry)
+                        if not dry_run:
+                            _rmtree(entry)
                     elif free:
                         freed += entry.stat().st_blocks * 512
-                        entry.unlink()
+                        if not dry_run:
+                            entry.unlink()
         return freed
 
     # -- unpacked root filesystems ---------------------------------------------------------------
