@@ -27,6 +27,7 @@ from ..errors import ContainerNotFound, RunvError
 from ..oci import spec as oci_spec
 from ..sandbox import pod, vm_dir
 from ..sandbox.runtime import Runtime
+from ..store.state import ContainerRecord
 from . import rootfs, ttrpc
 from ._pb import task_pb2
 from .events import Publisher, timestamp
@@ -156,12 +157,18 @@ def delete(args: argparse.Namespace) -> int:
     root = Path(state.get("root") or _runtime_root(config, args.namespace))
     runtime = Runtime(root, config)
     try:
-        record = runtime.store.load(args.id)
+        try:
+            record: ContainerRecord | None = runtime.store.load(args.id)
+        except ContainerNotFound:
+            # The shim died during its create, maybe after the sandbox's supervisor reported
+            # and before the record was written: delete undoes what that create started.
+            record = None
+        annotations = record.annotations if record is not None else {}
         # containerd gives this 5 s: no graceful VM shutdown. QEMU and virtiofsd die with
         # their supervisor, the shares with its mount namespace. (A pod's container leaves
         # the pod's sandbox to its own delete.)
-        if pod.sandbox_of(record.annotations, record.id) is None:
-            owner = vm_dir.owner(runtime.sandbox_path(record.id, record.annotations))
+        if pod.sandbox_of(annotations, args.id) is None:
+            owner = vm_dir.owner(runtime.sandbox_path(args.id, annotations))
             if owner is not None and child.is_running(*owner):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(owner[0], signal.SIGKILL)

@@ -5,6 +5,7 @@ runs in its own VM, except a pod's containers (CRI annotations), which share the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -23,6 +24,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
+from runv_py.errors import RunvError
+from runv_py.sandbox.client import BlockingSupervisorClient
+from runv_py.sandbox.protocol import State
+from runv_py.sandbox.status import ContainerStatus
 from runv_py.shim import task, ttrpc
 from runv_py.shim._pb import task_pb2
 from tests.vm.conftest import processes_mentioning
@@ -396,3 +401,43 @@ state = "{tmp_path / 'state'}"
             daemon.wait()
         subprocess.run(["umount", "-R", str(tmp_path / "root")], capture_output=True,
                        check=False)
+
+
+def test_shim_killed_between_its_sandbox_and_its_record_leaves_nothing(
+        cd: Containerd, tmp_path: Path, shim_env: dict[str, str]) -> None:
+    """The shim dies after the sandbox's supervisor reported its container created and
+    before the shim wrote the record: containerd's cleanup (`containerd-shim-runv-v2
+    delete`) must still stop that supervisor and its VM."""
+    run = subprocess.Popen(["ctr", "--address", cd.address, "--namespace", "runvtest", "run",
+                            "-d", *RUNTIME, IMAGE, "s9", "sleep", "600"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = tmp_path / "state" / "io.containerd.runtime.v2.task" / "runvtest" / "s9" / \
+        "shim.pid"
+    deadline = time.monotonic() + 120
+    while not [line for line in processes_mentioning("--id s9 ")
+               if "runv_py.sandbox.supervisor" in line]:
+        assert time.monotonic() < deadline and run.poll() is None, "no supervisor for s9"
+        time.sleep(0.02)
+    shim = int(pid_file.read_text())
+    os.kill(shim, signal.SIGSTOP)  # its supervisor's report waits in the pipe
+    sandboxes = Path(tomllib.loads(Path(shim_env["RUNV_CONFIG"]).read_text())["state_dir"]) / \
+        "sandboxes"
+    while not (sockets := list(sandboxes.glob("*/ctl.sock"))):
+        assert time.monotonic() < deadline, "no control socket"
+        time.sleep(0.05)
+    client = BlockingSupervisorClient(sockets[0])
+    while True:
+        with contextlib.suppress(OSError, RunvError):
+            if client.call(State(container="s9")).status is ContainerStatus.CREATED:
+                break
+        assert time.monotonic() < deadline, "s9 was not created"
+        time.sleep(0.1)
+    time.sleep(1)
+    os.kill(shim, signal.SIGKILL)
+    assert run.wait(60) != 0
+    deadline = time.monotonic() + 60
+    while processes_mentioning("--id s9 "):
+        assert time.monotonic() < deadline, processes_mentioning("--id s9 ")
+        time.sleep(0.2)
+    assert "s9" not in _tasks(cd)
+    cd.ctr("container", "delete", "s9", check=False)
