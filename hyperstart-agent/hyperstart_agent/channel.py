@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 HIGH_WATER = 4 * 1024 * 1024
-HOST_WAIT_S = 0.01
 ACCEPT_RETRY_S = 0.1
 
 
@@ -78,19 +77,22 @@ class SerialSplice:
         """Until a host is attached to the port (True), keeping what the server sends
         meanwhile; False if the server dropped the connection first."""
         # While no host client is attached the port polls POLLIN|POLLHUP (reads give EOF) and
-        # stays so (level-triggered): back off until POLLHUP clears. Bytes left from an earlier
-        # session are not worth waiting for: that session is gone.
-        poller = select.poll()
-        poller.register(port, select.POLLIN)
-        poller.register(sock.fileno(), select.POLLIN)
-        while True:
-            events = dict(poller.poll(1000))
-            if sock.fileno() in events and not _read_into(sock.fileno(), from_server):
-                return False
-            if not events or (port in events and not events[port] & select.POLLHUP):
-                return True
-            if port in events:
-                time.sleep(HOST_WAIT_S)
+        # stays so: level-triggered polling would spin (or, backing off, wake the idle guest
+        # ~100 times a second, as a template's clone, whose host uses vsock, would for its
+        # whole life). Edge-triggered, the wait ends only when the port's wait queue is woken:
+        # the host attaching (the driver's PORT_OPEN: the port turns writable, even before
+        # the host sends anything) or data. Bytes left from an earlier session are not worth
+        # waiting for: that session is gone.
+        with select.epoll() as waiter:
+            waiter.register(port, select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
+            waiter.register(sock.fileno(), select.EPOLLIN)
+            while True:
+                # Checked after registering: an attach from now on wakes the wait below.
+                if not _hung_up(port):
+                    return True
+                events = dict(waiter.poll())
+                if sock.fileno() in events and not _read_into(sock.fileno(), from_server):
+                    return False
 
     def _one_session(self) -> None:
         port = self._open_port()
@@ -217,6 +219,13 @@ class FailureLog:
             log.error("%s: %s (%d times since the last report); still listening",
                       self.what, exc or type(exc).__name__, self._since)
             self._logged_at, self._since = now, 0
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether `fd` polls POLLHUP now (a virtio-serial port: no host attached)."""
+    poller = select.poll()
+    poller.register(fd, 0)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def _usable(sock: socket.socket) -> bool:

@@ -397,15 +397,17 @@ def _route_pb(r: network.Route) -> pb.Route:
 
 def _event_stream(engine: Engine, context: Any) -> Iterator[pb.Event]:
     """Engine events as protobuf, until the client leaves."""
-    import queue
-
     events = engine.subscribe()
+    # The RPC's end puts None: the wait needs no timeout (an idle guest is not woken to see
+    # whether the client is still there).
+    if not context.add_callback(lambda: events.put(None)):
+        engine.unsubscribe(events)
+        return
     try:
-        while context.is_active():
-            try:
-                event = events.get(timeout=1.0)
-            except queue.Empty:
-                continue
+        while True:
+            event = events.get()
+            if event is None:
+                return
             if event.kind == "exit":
                 yield pb.Event(exit=pb.ProcessExited(
                     container_id=event.container_id, exec_id=event.exec_id,

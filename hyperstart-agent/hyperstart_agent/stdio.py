@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from typing import TYPE_CHECKING, Any
 
 from ._pb import hyperstart_pb2 as pb
@@ -119,9 +119,15 @@ class StreamListener:
         except OSError:
             self._listener.close()
             raise
-        self._listener.settimeout(IDLE_CHECK_MS / 1000)
+        self._listener.setblocking(False)
         self._lock = threading.Lock()
         self._expected: dict[bytes, tuple[Process, tuple[int | None, int | None], float]] = {}
+        # expect() writes here: the listener waits without a timeout while nothing is
+        # expected (no wake-up of an idle guest), with one while registrations may expire.
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._poller = select.poll()
+        self._poller.register(self._listener.fileno(), select.POLLIN)
+        self._poller.register(self._wake_r, select.POLLIN)
 
     def expect(self, process: Process, token: bytes) -> None:
         """The process's output now belongs to the connection that brings `token`."""
@@ -134,6 +140,8 @@ class StreamListener:
                              f"{process.exec_id} is already attached")
         with self._lock:
             self._expected[token] = (process, fds, time.monotonic() + CONNECT_WAIT_S)
+        with suppress(BlockingIOError):  # a wake-up is pending already
+            os.write(self._wake_w, b"\0")
 
     def run_forever(self) -> None:
         """Serve until the agent ends: the listener is never closed nor bound again (a
@@ -147,10 +155,18 @@ class StreamListener:
                 time.sleep(0.1)
 
     def _accept_one(self) -> None:
+        with self._lock:
+            expecting = bool(self._expected)
+        ready = dict(self._poller.poll(IDLE_CHECK_MS if expecting else None))
+        if not ready:
+            self._expire()
+            return
+        if self._wake_r in ready:
+            with suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
         try:
             conn, (cid, _) = self._listener.accept()
-        except TimeoutError:
-            self._expire()
+        except BlockingIOError:
             return
         if cid != socket.VMADDR_CID_HOST:
             log.warning("stdio stream: refused a connection from CID %d", cid)

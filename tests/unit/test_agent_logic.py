@@ -58,25 +58,46 @@ def test_pump_copies_both_ways_and_ends_when_the_host_leaves() -> None:
         s.close()
 
 
-def test_wait_host_keeps_what_the_server_sent_first_and_notices_it_leaving() -> None:
+def test_wait_host_returns_at_once_for_an_attached_host() -> None:
     splice = channel.SerialSplice("agent.channel.0", "/nonexistent")
-    host, port = socket.socketpair()       # a host that is attached
+    host, port = socket.socketpair()       # a host that is attached (no POLLHUP)
     server, inner = socket.socketpair()    # the agent's connection to its gRPC server
-    server.sendall(b"server-preface")
+    assert splice._wait_host(port.fileno(), inner, bytearray()) is True
+    for s in (host, port, server, inner):
+        s.close()
+
+
+def _wakeups(tid: int) -> int:
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("voluntary_ctxt_switches:")))
+
+
+def test_wait_host_sleeps_while_no_host_is_attached_and_keeps_what_the_server_sent() -> None:
+    """A port without a host polls POLLHUP for as long as no host comes (a template clone's
+    serial port, its whole life): the wait must not wake for it (an idle guest's CPU)."""
+    splice = channel.SerialSplice("agent.channel.0", "/nonexistent")
+    host, port = socket.socketpair()
+    server, inner = socket.socketpair()
+    host.close()    # the port now polls POLLHUP, as a virtio port without a host
     early = bytearray()
     result: list[bool] = []
-    waiter = threading.Thread(target=lambda: result.append(
-        splice._wait_host(port.fileno(), inner, early)))
-    waiter.start()
-    time.sleep(0.2)
-    assert waiter.is_alive(), "returned before the host sent anything"
-    host.sendall(b"client-preface")
-    waiter.join(5)
-    assert result == [True] and bytes(early) == b"server-preface"
+    tid: list[int] = []
 
+    def wait() -> None:
+        tid.append(threading.get_native_id())
+        result.append(splice._wait_host(port.fileno(), inner, early))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)
+    before = _wakeups(tid[0])
+    time.sleep(0.5)
+    assert waiter.is_alive() and _wakeups(tid[0]) - before <= 2, "woke while no host came"
+    server.sendall(b"server-preface")
     server.close()  # the server drops the connection while no host is there yet
-    host.close()    # the port now polls POLLHUP, as a virtio port without a host
-    assert splice._wait_host(port.fileno(), inner, bytearray()) is False
+    waiter.join(5)
+    assert result == [False] and bytes(early) == b"server-preface"
     for s in (port, inner):
         s.close()
 

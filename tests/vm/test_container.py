@@ -245,31 +245,35 @@ def test_cgroup_limits_pause_resume_update_stats_and_oom(
         assert lines[:4] == ["0::/", str(64 << 20), "20", "50000 100000"]
         await agent.remove_container("cg")
 
-        # A container over its memory limit is OOM-killed: an OOM event, then its exit event,
-        # and the kill shows in its stats.
+        # A process over its container's memory limit is OOM-killed: an OOM event while the
+        # container's init still runs (the engine's watcher of memory.events), the kill in its
+        # stats; its exit event after.
         events: list[Event] = []
+        oom_seen = asyncio.Event()
 
         async def watch() -> None:
             async for event in agent.events():
                 if event.container_id == "oom":
                     events.append(event)
+                    oom_seen.set()
                     if event.kind == "exit":
                         return
 
         watcher = asyncio.create_task(watch())
         await asyncio.sleep(0.5)  # the stream is open
-        spec = json.loads(_spec(MOUNT.format("oom"), ["sh", "-c",
-                                                      "head -c 200000000 /dev/zero | tail"]))
+        spec = json.loads(_spec(MOUNT.format("oom"), [
+            "sh", "-c", "head -c 200000000 /dev/zero | tail; exec sleep 600"]))
         spec["linux"]["resources"] = {"memory": {"limit": 32 << 20, "swap": 32 << 20}}
         await agent.create_container("oom", json.dumps(spec).encode(), stdio=False, storages=(
             Storage("9p", "rootfs0", MOUNT.format("oom")),))
         await agent.start_container("oom")
-        code = await agent.wait_process("oom", timeout_s=120)
-        assert code != 0
+        await asyncio.wait_for(oom_seen.wait(), 120)
+        assert events == [Event("oom", "oom")]  # and no exit: sleep runs
         assert (await agent.stats_container("oom"))["memory.oom_kill"] >= 1
+        await agent.signal_process("oom", "", signal.SIGKILL)
+        assert await agent.wait_process("oom", timeout_s=60) == 137
         await asyncio.wait_for(watcher, 30)
-        assert events[0] == Event("oom", "oom")
-        assert events[-1].kind == "exit" and events[-1].exit_code == code
+        assert events[-1].kind == "exit" and events[-1].exit_code == 137
         await agent.remove_container("oom")
 
     _run(runtime_config, busybox_rootfs, body)

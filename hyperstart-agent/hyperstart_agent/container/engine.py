@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ from .zygote import Zygote
 
 log = logging.getLogger(__name__)
 HELPER_TIMEOUT_S = 60.0
-OOM_POLL_S = 0.2
+OOM_RETRY_S = 1.0
 Stdio = Literal["pipe", "inherit", "null"]
 _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
@@ -178,6 +179,17 @@ class Container:
     oom_kills: int = 0
 
 
+def _rearm(fd: int) -> bool:
+    """Read a cgroup file through: its next change polls POLLPRI again. False if it cannot
+    be read (its cgroup was removed: it would poll ready for ever)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.read(fd, 4096)
+    except OSError:
+        return False
+    return True
+
+
 def _high(fd: int) -> int:
     """A CLOEXEC duplicate above the fds the helper receives, so dup2 never maps onto itself."""
     new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
@@ -241,11 +253,13 @@ class Engine:
         self._unclaimed: dict[int, tuple[int, int]] = {}
         self._seq = 0
         self._spawns_in_flight: list[int] = []
-        self._subscribers: list[queue.SimpleQueue[Event]] = []
+        self._subscribers: list[queue.SimpleQueue[Event | None]] = []
         self._lock = threading.Lock()
         self._oom_lock = threading.Lock()
         # Helpers are forked from a pre-started one (zygote.py): no Python start-up each.
         self._zygote = Zygote(_LIB, _HELPER_ENV)
+        # Written to when a container comes or goes: the OOM watcher's set changed.
+        self._oom_wake_r, self._oom_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         if cgroup_parent is not None:
             threading.Thread(target=self._watch_oom, name="oom", daemon=True).start()
 
@@ -288,13 +302,15 @@ class Engine:
                                 process.exit_status, process.pid))
 
     # --- events --------------------------------------------------------------------------
-    def subscribe(self) -> queue.SimpleQueue[Event]:
-        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+    def subscribe(self) -> queue.SimpleQueue[Event | None]:
+        """A queue of the engine's events; the subscriber may put None in it to end its
+        own wait."""
+        events: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
         with self._lock:
             self._subscribers.append(events)
         return events
 
-    def unsubscribe(self, events: queue.SimpleQueue[Event]) -> None:
+    def unsubscribe(self, events: queue.SimpleQueue[Event | None]) -> None:
         with self._lock:
             self._subscribers.remove(events)
 
@@ -315,12 +331,55 @@ class Engine:
         if grew:
             self._publish(Event("oom", container.id))
 
+    def _containers_changed(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a wake-up is pending already
+            os.write(self._oom_wake_w, b"\0")
+
     def _watch_oom(self) -> None:
+        """Each container's memory.events, waited on for a change (cgroup v2 wakes POLLPRI
+        when its counters change): no wake-up of an idle guest while nothing happens."""
+        watched: dict[str, tuple[Container, int]] = {}
         while True:
-            for container in list(self.containers.values()):
-                with contextlib.suppress(OSError):  # removed meanwhile
-                    self._check_oom(container)
-            time.sleep(OOM_POLL_S)
+            try:
+                self._watch_oom_once(watched)
+            except Exception:
+                log.exception("OOM watcher error (continuing)")
+                time.sleep(OOM_RETRY_S)
+
+    def _watch_oom_once(self, watched: dict[str, tuple[Container, int]]) -> None:
+        current = {c.id: c for c in list(self.containers.values()) if c.cgroup is not None}
+        for cid in [cid for cid in watched if watched[cid][0] is not current.get(cid)]:
+            os.close(watched.pop(cid)[1])
+        for cid, container in current.items():
+            if cid in watched:
+                continue
+            assert container.cgroup is not None
+            try:
+                fd = os.open(container.cgroup.file("memory.events"), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:  # removed meanwhile
+                continue
+            if not _rearm(fd):
+                os.close(fd)
+                continue
+            watched[cid] = (container, fd)
+            with contextlib.suppress(OSError):
+                self._check_oom(container)  # what happened before the file was open
+        poller = select.poll()
+        poller.register(self._oom_wake_r, select.POLLIN)
+        by_fd = {fd: container for container, fd in watched.values()}
+        for fd in by_fd:
+            poller.register(fd, select.POLLPRI)
+        for fd, _ in poller.poll():
+            if fd == self._oom_wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, 4096)
+                continue
+            container = by_fd[fd]
+            if not _rearm(fd):  # the cgroup is gone: its container is being removed
+                os.close(watched.pop(container.id)[1])
+                continue
+            with contextlib.suppress(OSError):  # removed meanwhile
+                self._check_oom(container)
 
     def _track(self, process: Process, began: int) -> None:
         with self._lock:
@@ -535,6 +594,7 @@ class Engine:
             raise
         container = Container(container_id, spec, state_dir, init, cgroup=cgroup)
         self.containers[container_id] = container
+        self._containers_changed()
         return container
 
     def start(self, container_id: str) -> None:
@@ -718,3 +778,4 @@ class Engine:
         release_pid_namespace(container.state_dir)
         shutil.rmtree(container.state_dir, ignore_errors=True)
         del self.containers[container_id]
+        self._containers_changed()
