@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -27,8 +28,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -41,6 +43,7 @@ CONFIG_ENV = "RUNV_GITLAB_CONFIG"
 NOBODY = 65534            # guest root on a hyperctl volume (docs/security.md: id-mapped volumes)
 TIMEOUT_GRACE_S = 300     # the VM outlives the job's own timeout by this much (after_script...)
 CONTAINER_PREFIX = "gl-"
+SLOT_POLL_S = 0.2
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")   # hyperctl's rule (workload/tenants.py)
 _JOB_ID = re.compile(r"^[0-9]{1,20}$")
 # Runs the stage script given on stdin with bash where the image has it, else sh: GitLab's
@@ -120,6 +123,7 @@ class DriverConfig:
     tenant_map: tuple[tuple[str, str], ...] = ()   # namespace -> tenant, longest match first
     defaults: Quotas = Quotas()
     tenants: tuple[tuple[str, Quotas], ...] = field(default=())
+    max_starting: int = 0     # VMs booting at once on this host (0: the host's CPUs)
 
     def quotas(self, tenant: str) -> Quotas:
         return dict(self.tenants).get(tenant, self.defaults)
@@ -152,7 +156,7 @@ def parse_config(raw: Mapping[str, Any], name: str) -> DriverConfig:
     where = f"driver config {name}: "
     base = DriverConfig()
     known = {"hyperctl", "work_dir", "builds_dir", "cache_dir", "default_image", "shell",
-             "tenant", "tenant_from", "tenant_map", "defaults", "tenants"}
+             "tenant", "tenant_from", "tenant_map", "defaults", "tenants", "max_starting"}
     for key in raw:
         if key not in known:
             raise DriverError(f"{where}{key}: not a setting (one of {', '.join(sorted(known))})")
@@ -192,8 +196,12 @@ def parse_config(raw: Mapping[str, Any], name: str) -> DriverConfig:
         if not isinstance(table, dict):
             raise DriverError(f"{where}tenants.{tenant_key}: must be a table")
         tenants.append((tenant_key, defaults.merged(table, f"{where}tenants.{tenant_key}")))
+    max_starting = raw.get("max_starting", 0)
+    if isinstance(max_starting, bool) or not isinstance(max_starting, int) or max_starting < 0:
+        raise DriverError(f"{where}max_starting: must be a number of VMs, 0 for one per CPU")
     return DriverConfig(
-        hyperctl=tuple(hyperctl), work_dir=work_dir, builds_dir=dirs["builds_dir"].rstrip("/"),
+        max_starting=max_starting, hyperctl=tuple(hyperctl), work_dir=work_dir,
+        builds_dir=dirs["builds_dir"].rstrip("/"),
         cache_dir=dirs["cache_dir"].rstrip("/"),
         default_image=_str(raw, "default_image", "busybox", where),
         shell=_str(raw, "shell", "bash", where), tenant=tenant, tenant_from=tenant_from,
@@ -342,9 +350,11 @@ class Hyperctl:
         return state
 
 
-def _last_line(text: str) -> str:
+def _error_line(text: str) -> str:
+    """hyperctl's error line (a guest console's tail may follow it), else its last line."""
     lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no message)"
+    return next((line for line in lines if line.startswith("hyperctl: error:")),
+                lines[-1] if lines else "(no message)")
 
 
 # -- the stages -------------------------------------------------------------------------------
@@ -400,10 +410,38 @@ def stage_prepare(config: DriverConfig, job: Job, hyperctl: Hyperctl) -> None:
                           f"{exc.strerror or exc}") from None
     print(f"Starting a runv-py VM for job {job.job_id} (tenant {job.tenant}, image "
           f"{job.image})", flush=True)
-    code, _, err = hyperctl.call(*args)
+    with starting_slot(config):
+        code, _, err = hyperctl.call(*args)
     if code != 0:
         remove_job(config, job, hyperctl)
-        raise DriverError(f"the job's VM did not start: {_last_line(err)}")
+        raise DriverError(f"the job's VM did not start: {_error_line(err)}")
+
+
+@contextlib.contextmanager
+def starting_slot(config: DriverConfig) -> Iterator[None]:
+    """One of max_starting slots for a booting VM: a boot under TCG is CPU-bound, and many at
+    once all take longer than one after another (past the runtime's boot timeout). A slot is
+    an flock, released when its holder ends however it ends."""
+    slots = config.max_starting or os.cpu_count() or 1
+    directory = config.work_dir / ".starting"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    held = None
+    while held is None:
+        for i in range(slots):
+            fd = os.open(directory / f"slot-{i}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            held = fd
+            break
+        else:
+            time.sleep(SLOT_POLL_S)
+    try:
+        yield
+    finally:
+        os.close(held)
 
 
 def stage_run(job: Job, hyperctl: Hyperctl, script: Path, env: Mapping[str, str]) -> int:
@@ -437,7 +475,7 @@ def remove_job(config: DriverConfig, job: Job, hyperctl: Hyperctl) -> list[str]:
     problems = []
     code, _, err = hyperctl.call("rm", "-f", job.container)
     if code != 0 and "no such container" not in err.lower():
-        problems.append(f"hyperctl rm {job.container}: {_last_line(err)}")
+        problems.append(f"hyperctl rm {job.container}: {_error_line(err)}")
     # rmtree works on file descriptors: a symlink the job left is removed, not followed.
     shutil.rmtree(workspace(config, job), ignore_errors=True)
     if workspace(config, job).exists():

@@ -119,3 +119,33 @@ def test_the_config_stage_answers_json_and_failure_codes_come_from_the_environme
     config.write_text('builds_dir = 3\n')
     assert d.main(["--config", str(config), "prepare"], env) == 9
     assert "builds_dir: must be a string" in capsys.readouterr().err
+
+
+def test_starting_slots_hold_back_boots_past_max_starting(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    config = d.parse_config({"work_dir": str(tmp_path), "max_starting": 1}, "t")
+    entered = []
+
+    def second() -> None:
+        with d.starting_slot(config):
+            entered.append(time.monotonic())
+
+    with d.starting_slot(config):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.5)
+        assert not entered             # the one slot is held
+        released = time.monotonic()
+    thread.join(5)
+    assert entered and entered[0] >= released
+    with pytest.raises(d.DriverError, match="max_starting: must be a number"):
+        d.parse_config({"max_starting": -1}, "t")
+
+
+def test_the_error_line_of_hyperctl_not_the_console_tail() -> None:
+    err = ("hyperctl: error: the agent did not answer in 60 s (raise [hypervisor] "
+           "boot_timeout_s); guest console:\n[ 3.8] PCI: Fatal: No config space access\n")
+    assert d._error_line(err).startswith("hyperctl: error: the agent did not answer")
+    assert d._error_line("just this\n\n") == "just this"
