@@ -46,6 +46,8 @@ CONTAINER_PREFIX = "gl-"
 SLOT_POLL_S = 0.2
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")   # hyperctl's rule (workload/tenants.py)
 _JOB_ID = re.compile(r"^[0-9]{1,20}$")
+# An image reference as a job may give it: never an option to hyperctl (a leading '-').
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
 # Runs the stage script given on stdin with bash where the image has it, else sh: GitLab's
 # generated bash scripts keep to what busybox sh also runs.
 GUEST_SHELL = ("sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash; fi; exec sh")
@@ -375,6 +377,8 @@ def stage_config(config: DriverConfig, env: Mapping[str, str]) -> dict[str, Any]
 def run_arguments(config: DriverConfig, job: Job) -> list[str]:
     """hyperctl run's arguments for the job's sandbox."""
     quotas = config.quotas(job.tenant)
+    if not _IMAGE.match(job.image):
+        raise JobRefused(f"image {job.image!r} is not an image reference")
     if not any(fnmatch.fnmatchcase(job.image, pattern) for pattern in quotas.images):
         raise JobRefused(f"image {job.image!r} is not one tenant {job.tenant!r} may use "
                          f"(allowed: {', '.join(quotas.images) or 'none'})")

@@ -66,6 +66,7 @@ def _driver_config(tmp: Path) -> Path:
     config.write_text(f'''
 hyperctl = ["{HYPERCTL}"]
 work_dir = "{tmp / 'ci'}"
+max_starting = 3
 [tenant_map]
 "beta-org" = "gl-beta"
 [defaults]

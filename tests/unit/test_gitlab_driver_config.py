@@ -102,6 +102,12 @@ def test_a_tenants_quotas_become_hyperctl_run_flags() -> None:
     assert flags["--timeout"] == f"{600 + d.TIMEOUT_GRACE_S}s"   # the job's own timeout
     assert "/w/acme/builds/7:/builds" in args and "/w/acme/cache:/cache" in args
     assert args[-4:] == ["busybox", *d.KEEPALIVE]
+    # what the job names is never an option to hyperctl
+    open_config = d.parse_config({}, "t")
+    for image in ("--volume=/:/host", "-v/:/h", "a b", ""):
+        job = d.Job(job_id="7", tenant="acme", image=image, project_path="", timeout_s=None)
+        with pytest.raises(d.JobRefused, match="is not an image reference"):
+            d.run_arguments(open_config, job)
     with pytest.raises(d.JobRefused, match=r"'python:3\.12' is not one tenant 'acme' may use"):
         d.run_arguments(config, d.job_from_env(config, _env("acme", CI_JOB_IMAGE="python:3.12")))
 
