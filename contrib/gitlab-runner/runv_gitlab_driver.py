@@ -304,7 +304,8 @@ def _make_dir(path: Path) -> None:
     volume); its parents root's and closed to others."""
     for parent in reversed(path.parents):
         if not parent.exists():
-            parent.mkdir(mode=0o711)
+            # exist_ok: the tenant's other jobs make the same parents at the same time
+            parent.mkdir(mode=0o711, exist_ok=True)
     path.mkdir(mode=0o700, exist_ok=True)
     os.chown(path, NOBODY, NOBODY)
 

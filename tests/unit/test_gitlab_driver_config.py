@@ -155,3 +155,15 @@ def test_the_error_line_of_hyperctl_not_the_console_tail() -> None:
            "boot_timeout_s); guest console:\n[ 3.8] PCI: Fatal: No config space access\n")
     assert d._error_line(err).startswith("hyperctl: error: the agent did not answer")
     assert d._error_line("just this\n\n") == "just this"
+
+
+def test_jobs_of_a_tenant_make_their_directories_at_once(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another job made the tenant's parent directory between the check and the mkdir."""
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == tmp_path / "t"
+                        else real_exists(self))
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(d.os, "chown", lambda *a: None)
+    d._make_dir(tmp_path / "t" / "builds" / "1")
+    assert (tmp_path / "t" / "builds" / "1").is_dir()
