@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 DRIVER_NAME = "runv-py"
 DRIVER_VERSION = "0.1.0"
@@ -48,9 +49,13 @@ _TENANT = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")   # hyperctl's rule (workloa
 _JOB_ID = re.compile(r"^[0-9]{1,20}$")
 # An image reference as a job may give it: never an option to hyperctl (a leading '-').
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}$")
-# Runs the stage script given on stdin with bash where the image has it, else sh: GitLab's
-# generated bash scripts keep to what busybox sh also runs.
-GUEST_SHELL = ("sh", "-c", "if command -v bash >/dev/null 2>&1; then exec bash; fi; exec sh")
+# Runs a stage's script (its path in $1) with bash where the image has it, else sh (GitLab's
+# bash scripts keep to what busybox sh also runs), and leaves its status beside it: a status
+# file is how the driver tells the script's own failure from hyperctl's or the VM's.
+GUEST_RUNNER = ('if command -v bash >/dev/null 2>&1; then bash "$1.sh" </dev/null; '
+                'else sh "$1.sh" </dev/null; fi; echo $? > "$1.status"')
+STAGE_DIR = ".runv-gitlab"      # in the workspace: the stage scripts while they run
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The container's own process: it only keeps the VM up until cleanup removes it.
 KEEPALIVE = ("sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done")
 
@@ -317,12 +322,11 @@ class Hyperctl:
         self.argv = [*config.hyperctl, "--tenant", tenant]
         self.child: subprocess.Popen[bytes] | None = None
 
-    def call(self, *args: str, stdin: IO[bytes] | int = subprocess.DEVNULL,
-             capture: bool = True) -> tuple[int, str, str]:
+    def call(self, *args: str, capture: bool = True) -> tuple[int, str, str]:
         """Run hyperctl: (status, stdout, stderr) when captured, its output passed through
         otherwise. SIGTERM from gitlab-runner (a stage's timeout) reaches hyperctl too."""
         try:
-            child = subprocess.Popen([*self.argv, *args], stdin=stdin,
+            child = subprocess.Popen([*self.argv, *args], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE if capture else None,
                                      stderr=subprocess.PIPE if capture else None)
         except OSError as exc:
@@ -449,30 +453,91 @@ def starting_slot(config: DriverConfig) -> Iterator[None]:
         os.close(held)
 
 
-def stage_run(job: Job, hyperctl: Hyperctl, script: Path, env: Mapping[str, str]) -> int:
+def stage_run(config: DriverConfig, job: Job, hyperctl: Hyperctl, script: Path, name: str,
+              *, env: Mapping[str, str]) -> int:
     """Run one stage's script in the job's VM (its output goes to the job log); the exit
-    status for gitlab-runner."""
+    status for gitlab-runner. The script reaches the VM as a file in the workspace (guest
+    root's, closed to others), removed afterwards."""
+    if not _STAGE_NAME.match(name):
+        raise DriverError(f"stage name {name!r}: not a GitLab stage name")
+    base = f"{name}-{os.getpid()}"
     try:
-        source = script.open("rb")
+        text = script.read_bytes()
+        stages = _stage_dir(workspace(config, job))
     except OSError as exc:
-        raise DriverError(f"stage script {script}: {exc.strerror or exc}") from None
-    with source:
-        code, _, _ = hyperctl.call("exec", "-i", job.container, *GUEST_SHELL, stdin=source,
-                                capture=False)
-    if code == 0:
-        return 0
-    # Non-zero: the script's own status, or hyperctl's when the VM is not there to run it.
-    state = hyperctl.state(job.container)
-    if state is None or state.get("status") != "running":
-        why = "it is gone" if state is None else (
-            "it ran past its timeout" if state.get("timed_out")
-            else f"it is {state.get('status')} (exit code {state.get('exit_code')})")
+        if hyperctl.state(job.container) is None:     # cleaned up, workspace and all
+            raise DriverError("the job's VM cannot run the stage: it is gone") from None
+        raise DriverError(f"stage {name}: cannot hand its script to the VM: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        try:
+            fd = os.open(f"{base}.sh", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=stages)
+            with os.fdopen(fd, "wb") as out:
+                os.fchown(out.fileno(), NOBODY, NOBODY)
+                out.write(text)
+        except OSError as exc:
+            raise DriverError(f"stage {name}: cannot hand its script to the VM: "
+                              f"{exc.strerror or exc}") from None
+        code, _, _ = hyperctl.call("exec", job.container, "sh", "-c", GUEST_RUNNER, "sh",
+                                   f"{config.builds_dir}/{STAGE_DIR}/{base}", capture=False)
+        status = _read_status(stages, f"{base}.status")
+        for leftover in (f"{base}.sh", f"{base}.status"):
+            with contextlib.suppress(OSError):
+                os.unlink(leftover, dir_fd=stages)
+    finally:
+        os.close(stages)
+    if status is None:
+        # The script did not finish: hyperctl could not run it, or the VM is gone.
+        state = hyperctl.state(job.container)
+        why = ("it is gone" if state is None else "it ran past its timeout"
+               if state.get("timed_out") else f"hyperctl exec exited {code}"
+               if state.get("status") == "running"
+               else f"it is {state.get('status')} (exit code {state.get('exit_code')})")
         raise DriverError(f"the job's VM cannot run the stage: {why}")
+    if status == 0:
+        return 0
     code_file = env.get("BUILD_EXIT_CODE_FILE")
     if code_file:
         with contextlib.suppress(OSError):
-            Path(code_file).write_text(f"{code}\n")
+            Path(code_file).write_text(f"{status}\n")
     return exit_code(env, "BUILD_FAILURE_EXIT_CODE")
+
+
+def _stage_dir(workspace_dir: Path) -> int:
+    """The stage scripts' directory in the workspace, opened without following a symlink:
+    the job owns what is in its workspace and may have put one there."""
+    top = os.open(workspace_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(STAGE_DIR, 0o700, dir_fd=top)
+        stages = os.open(STAGE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=top)
+    finally:
+        os.close(top)
+    try:
+        os.fchown(stages, NOBODY, NOBODY)
+        os.fchmod(stages, 0o700)
+    except OSError:
+        os.close(stages)
+        raise
+    return stages
+
+
+def _read_status(directory: int, name: str) -> int | None:
+    """The status the guest wrote (a regular file: the job may have put a fifo there)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=directory)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 32).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() else None
 
 
 def remove_job(config: DriverConfig, job: Job, hyperctl: Hyperctl) -> list[str]:
@@ -533,7 +598,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             stage_prepare(config, job, hyperctl)
             return 0
         if args.stage == "run":
-            return stage_run(job, hyperctl, args.script, env)
+            return stage_run(config, job, hyperctl, args.script, args.stage_name, env=env)
         stage_cleanup(config, job, hyperctl)
         return 0
     except JobRefused as exc:

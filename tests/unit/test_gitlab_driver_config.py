@@ -170,3 +170,31 @@ def test_jobs_of_a_tenant_make_their_directories_at_once(tmp_path: Path,
     monkeypatch.setattr(d.os, "chown", lambda *a: None)
     d._make_dir(tmp_path / "t" / "builds" / "1")
     assert (tmp_path / "t" / "builds" / "1").is_dir()
+
+
+def test_the_stage_directory_and_status_are_not_followed_out_of_the_workspace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job owns its workspace's contents: a symlink there must not lead the driver (root)
+    to write, chown or read elsewhere on the host, a fifo must not hang it."""
+    import os
+
+    monkeypatch.setattr(d.os, "fchown", lambda *a: None)
+    workspace, elsewhere = tmp_path / "ws", tmp_path / "host-dir"
+    workspace.mkdir()
+    elsewhere.mkdir()
+    (workspace / d.STAGE_DIR).symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        d._stage_dir(workspace)
+    (workspace / d.STAGE_DIR).unlink()
+    stages = d._stage_dir(workspace)
+    try:
+        (workspace / d.STAGE_DIR / "s.status").write_text("3\n")
+        assert d._read_status(stages, "s.status") == 3
+        os.mkfifo(workspace / d.STAGE_DIR / "f.status")
+        assert d._read_status(stages, "f.status") is None
+        (workspace / d.STAGE_DIR / "l.status").symlink_to(elsewhere / "x")
+        (elsewhere / "x").write_text("0\n")
+        assert d._read_status(stages, "l.status") is None
+        assert d._read_status(stages, "missing.status") is None
+    finally:
+        os.close(stages)
