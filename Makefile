@@ -42,7 +42,8 @@ run: deps assets
 	$(VENV)/bin/hyperctl run --rm busybox echo hello
 
 lint: venv
-	$(VENV)/bin/ruff check runv_py hyperstart-agent tests bench scripts/gen-proto
+	$(VENV)/bin/ruff check runv_py hyperstart-agent tests bench scripts/gen-proto contrib
+	$(VENV)/bin/mypy --strict contrib/gitlab-runner/runv_gitlab_driver.py
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

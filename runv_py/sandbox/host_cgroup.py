@@ -11,6 +11,10 @@ Limits on the host (the VM as a whole, not the container):
   (v2: the weight runc converts them to), cpuset cpus and mems.
 - pids: the spec's limit, but never fewer than PIDS_FLOOR (the host threads of QEMU, virtiofsd
   and the supervisor: a smaller limit applies inside the guest only).
+- io weight: blockIO.weight (10-1000) in the first weight file the host's IO scheduler offers
+  (v1 blkio.bfq.weight or blkio.weight; v2 io.bfq.weight, or io.weight converted as runc does).
+  Host side only: the guest's disks are QEMU's files, so the weight acts on QEMU's IO. A host
+  whose schedulers weigh nothing (mq-deadline, none) has no such file: a warning, no weight.
 
 cgroupsPath forms: an absolute path (from each hierarchy's root), a relative one (under the
 runtime's own cgroup, as runc reads it), or systemd's `slice:prefix:name`, which is turned into
@@ -29,7 +33,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,7 @@ class Limits:
     cpuset_cpus: str = ""
     cpuset_mems: str = ""
     pids: int | None = None
+    io_weight: int | None = None
 
 
 def _int(value: Any, name: str, low: int, high: int) -> int | None:
@@ -86,6 +91,8 @@ def limits(resources: Any, vm_memory_mib: int, *, tcg: bool) -> Limits:
     obj = _obj(resources, name)
     cpu = _obj(obj.get("cpu"), f"{name}.cpu")
     pids = _obj(obj.get("pids"), f"{name}.pids")
+    io_weight = _int(_obj(obj.get("blockIO"), f"{name}.blockIO").get("weight"),
+                     f"{name}.blockIO.weight", 0, 1000)
     quota = _int(cpu.get("quota"), f"{name}.cpu.quota", -1, 2**62)
     period = _int(cpu.get("period"), f"{name}.cpu.period", 1000, 1_000_000)
     shares = _int(cpu.get("shares"), f"{name}.cpu.shares", 0, 262144)
@@ -104,6 +111,7 @@ def limits(resources: Any, vm_memory_mib: int, *, tcg: bool) -> Limits:
         cpuset_cpus=cpu.get("cpus") or "",
         cpuset_mems=cpu.get("mems") or "",
         pids=max(pids_limit, PIDS_FLOOR) if pids_limit is not None and pids_limit > 0 else None,
+        io_weight=io_weight or None,
     )
 
 
@@ -112,13 +120,28 @@ def cpu_weight(shares: int) -> int:
     return 1 + ((max(shares, 2) - 2) * 9999) // 262142
 
 
-def limit_files(controllers: str, lim: Limits, v1_controllers: frozenset[str]
-                ) -> list[tuple[str, str]]:
+def io_weight_v2(weight: int) -> int:
+    """blkio weight (10..1000) -> v2 io.weight (1..10000), as runc converts."""
+    return 1 + ((max(weight, 10) - 10) * 9999) // 990
+
+
+def _io_weight_file(v1: bool, weight: int, present: Callable[[str], bool]) -> tuple[str, str]:
+    """The weight file the host's IO scheduler reads (BFQ's first), with its value; the
+    generic one when there is none (so that the caller reports it missing)."""
+    candidates = ([("blkio.bfq.weight", str(weight)), ("blkio.weight", str(weight))] if v1
+                  else [("io.bfq.weight", str(weight)), ("io.weight", str(io_weight_v2(weight)))])
+    return next((c for c in candidates if present(c[0])), candidates[-1])
+
+
+def limit_files(controllers: str, lim: Limits, v1_controllers: frozenset[str],
+                present: Callable[[str], bool] = lambda name: True) -> list[tuple[str, str]]:
     """(file, value) to write, in order, in the cgroup of the hierarchy `controllers` ("" is
-    v2, whose files serve only the controllers no v1 hierarchy has on a hybrid host)."""
+    v2, whose files serve only the controllers no v1 hierarchy has on a hybrid host).
+    `present` tells which files the cgroup has, where there is a choice."""
     out: list[tuple[str, str]] = []
+    v2_taken = v1_controllers | ({"io"} if "blkio" in v1_controllers else set())
     names = set(controllers.split(",")) if controllers else {
-        "memory", "cpu", "cpuset", "pids"} - v1_controllers
+        "memory", "cpu", "cpuset", "pids", "io"} - v2_taken
     period = lim.cpu_period_us or CPU_PERIOD_DEFAULT_US
     if "memory" in names and lim.memory_bytes is not None:
         out.append(("memory.limit_in_bytes" if controllers else "memory.max",
@@ -144,6 +167,8 @@ def limit_files(controllers: str, lim: Limits, v1_controllers: frozenset[str]
             out.append(("cpuset.mems", lim.cpuset_mems))
     if "pids" in names and lim.pids is not None:
         out.append(("pids.max", str(lim.pids)))
+    if ("blkio" in names or "io" in names) and lim.io_weight is not None:
+        out.append(_io_weight_file(bool(controllers), lim.io_weight, present))
     return out
 
 
@@ -187,6 +212,10 @@ def resolve(cgroups_path: str, base: dict[str, str], controllers: str) -> str:
     return "/" + "/".join(parts)
 
 
+def _files_in(directory: Path) -> Callable[[str], bool]:
+    return lambda name: (directory / name).exists()
+
+
 def _write(path: Path, value: str) -> None:
     try:
         path.write_text(value)
@@ -219,11 +248,12 @@ class HostCgroup:
                 self.dirs[controllers] = directory
                 self._make(root, directory, cpuset="cpuset" in controllers.split(","))
                 self._save()
-                for name, value in limit_files(controllers, lim, v1):
+                for name, value in limit_files(controllers, lim, v1, _files_in(directory)):
                     target = directory / name
                     if not target.exists():
-                        log.warning("host cgroup %s: no %s here (controller not enabled): that "
-                                    "limit applies inside the guest only", directory, name)
+                        log.warning("host cgroup %s: no %s here (controller not enabled, or an "
+                                    "IO scheduler without weights): that limit is not applied "
+                                    "on the host", directory, name)
                         continue
                     _write(target, value)
         except BaseException:

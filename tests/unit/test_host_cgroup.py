@@ -155,3 +155,48 @@ def test_a_killed_owner_leaves_a_record_that_removes_it(tmp_path: Path) -> None:
         for root in roots.values():
             if (root / name).exists():
                 (root / name).rmdir()
+
+
+def test_io_weight_goes_to_the_weight_file_the_io_scheduler_has() -> None:
+    lim = limits({"blockIO": {"weight": 500}}, 256, tcg=False)
+    assert lim.io_weight == 500
+    with pytest.raises(SpecError, match=r"^linux\.resources\.blockIO\.weight"):
+        limits({"blockIO": {"weight": 5000}}, 256, tcg=False)
+    lim = Limits(io_weight=500)
+    # v1: BFQ's file when the host's scheduler is BFQ, else the generic one
+    assert limit_files("blkio", lim, frozenset(), lambda n: n == "blkio.bfq.weight") == [
+        ("blkio.bfq.weight", "500")]
+    assert limit_files("blkio", lim, frozenset(), lambda n: n == "blkio.weight") == [
+        ("blkio.weight", "500")]
+    # neither (mq-deadline, none): the generic name, which the caller finds missing
+    assert limit_files("blkio", lim, frozenset(), lambda n: False) == [("blkio.weight", "500")]
+    # v2: io.bfq.weight takes the value as it is, io.weight on its own scale (runc's)
+    assert limit_files("", lim, frozenset(), lambda n: n == "io.bfq.weight") == [
+        ("io.bfq.weight", "500")]
+    assert limit_files("", lim, frozenset(), lambda n: n == "io.weight") == [
+        ("io.weight", str(host_cgroup.io_weight_v2(500)))]
+    assert (host_cgroup.io_weight_v2(10), host_cgroup.io_weight_v2(1000)) == (1, 10000)
+    # hybrid: a v1 blkio hierarchy serves it, not v2
+    assert limit_files("", lim, frozenset({"blkio"})) == []
+
+
+def test_io_weight_is_written_where_the_host_cgroup_has_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """create() on a hierarchy whose cgroup offers a weight file (a BFQ host: this one's disks
+    use mq-deadline, whose cgroups have none) writes the weight there."""
+    blkio, v2 = tmp_path / "blkio", tmp_path / "unified"
+    for directory, name in ((blkio / "hyperctl" / "t" / "c", "blkio.bfq.weight"),
+                            (v2 / "hyperctl" / "t" / "c", "io.weight")):
+        directory.mkdir(parents=True)
+        (directory / name).write_text("100\n")
+    for root in (blkio, v2):
+        (root / "hyperctl" / "t" / "c" / "cgroup.procs").write_text("")
+    hierarchies = {"blkio": blkio, "": v2}
+    monkeypatch.setattr(host_cgroup.cgroup, "memberships",
+                        lambda pid="self": {"blkio": "/", "": "/"})
+    monkeypatch.setattr(host_cgroup.cgroup, "roots", lambda _: hierarchies)
+    host = host_cgroup.HostCgroup.create("/hyperctl/t/c", Limits(io_weight=300),
+                                         {"blkio": "/", "": "/"})
+    assert (blkio / "hyperctl/t/c/blkio.bfq.weight").read_text() == "300"
+    assert (v2 / "hyperctl/t/c/io.weight").read_text() == "100\n"   # v1's blkio serves it
+    assert host.created == []
