@@ -24,6 +24,7 @@ PROC_CN_MCAST_LISTEN = 1
 PROC_EVENT_EXEC = 0x00000002
 NLMSG_DONE = 3
 RECV_BYTES = 65536
+RCVBUF_BYTES = 1 << 20  # a burst of events waits here while /proc is read
 CMDLINE_BYTES = 16384   # argv beyond this is cut here already (the host cuts shorter)
 
 _NLMSGHDR = struct.Struct("=IHHII")   # len, type, flags, seq, pid
@@ -92,6 +93,7 @@ def open_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
                          NETLINK_CONNECTOR)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
         sock.bind((0, CN_IDX_PROC))
         sock.send(listen_message())
     except BaseException:

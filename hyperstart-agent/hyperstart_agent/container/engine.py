@@ -341,11 +341,14 @@ class Engine:
         except OSError as exc:
             log.error("no process audit: the proc connector cannot be read: %s", exc)
             return
+        warned = 0.0
         while True:
             try:
                 datagram = sock.recv(audit.RECV_BYTES)
             except OSError as exc:  # ENOBUFS: the kernel dropped events for this socket
-                log.warning("proc connector: %s", exc)
+                if time.monotonic() - warned > 10:
+                    log.warning("proc connector: %s (events lost)", exc)
+                    warned = time.monotonic()
                 continue
             for event in audit.parse(datagram):
                 with self._lock:
