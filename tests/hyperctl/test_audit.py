@@ -1,0 +1,110 @@
+"""The process audit through real guests: a job's init, an exec and every execve inside it
+reach `hyperctl events` with argv, uid, ppid and the container; another tenant sees none of
+it; a flood of execs is bounded on the host (records dropped and counted, the log's size
+capped); the API reads the same records."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from runv_py import api
+from tests.hyperctl.conftest import Hyperctl
+
+pytestmark = pytest.mark.vm
+
+# Tight bounds, so that a flood a TCG guest can make in seconds goes over them; a log large
+# enough to keep every record of the test (its rotation: tests/unit/test_process_audit.py).
+AUDIT_TOML = "\n[audit]\nrate = 20\nburst = 40\nlog_max_size = 262144\n"
+FLOOD = 2000
+
+
+def _events(hyperctl: Hyperctl, *args: str) -> list[dict[str, Any]]:
+    out = hyperctl(*args, "events", "--format", "json").stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def _until(hyperctl: Hyperctl, tenant: tuple[str, ...], found: Any,
+           timeout_s: float = 120) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _events(hyperctl, *tenant)
+        if found(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(1)
+
+
+def _argv_of(records: list[dict[str, Any]]) -> list[list[str]]:
+    return [r["argv"] for r in records if r["type"] == "process"]
+
+
+def test_a_jobs_processes_are_audited_per_tenant_and_bounded(
+        hyperctl: Hyperctl, monkeypatch: pytest.MonkeyPatch) -> None:
+    with hyperctl.config.open("a") as config:
+        config.write(AUDIT_TOML)
+    a = ("--tenant", "a")
+    hyperctl(*a, "run", "-d", "--name", "job", "busybox", "sh", "-c",
+             "ls /; id; exec sleep 600")
+    hyperctl(*a, "exec", "-u", "1000", "job", "id", "-u")
+    wanted = [["sh", "-c", "ls /; id; exec sleep 600"], ["ls", "/"], ["id"],
+              ["sleep", "600"], ["id", "-u"]]
+    records = _until(hyperctl, a, lambda rs: all(w in _argv_of(rs) for w in wanted))
+    by_argv = {tuple(r["argv"]): r for r in records if r["type"] == "process"}
+    assert all(tuple(w) in by_argv for w in wanted), records
+    init, ls, id_, sleep, exec_ = (by_argv[tuple(w)] for w in wanted)
+    cid = init["id"]
+    for r in (init, ls, id_, sleep, exec_):
+        assert (r["container"], r["id"], r["tenant"], r["complete"]) == ("job", cid, "a",
+                                                                         True), r
+    assert init["role"] == "init" and sleep["role"] == "init"   # sh exec'd sleep: same pid
+    assert sleep["pid"] == init["pid"]
+    assert ls["role"] == id_["role"] == "execve"
+    assert ls["ppid"] == id_["ppid"] == init["pid"]              # forked by the job's sh
+    assert init["uid"] == ls["uid"] == 0
+    assert exec_["role"] == "exec" and exec_["exec_id"] and exec_["uid"] == 1000
+    assert exec_["pid"] not in (init["pid"], ls["pid"], id_["pid"])
+
+    # Another tenant, and the operator's scope, see none of it; naming it is an error.
+    assert _events(hyperctl, "--tenant", "b") == []
+    assert _events(hyperctl) == []
+    other = hyperctl("--tenant", "b", "events", "job", check=False)
+    assert other.returncode != 0 and b"no such container" in other.stderr.lower()
+
+    # A flood of execs: over 20 a second (40 at once) the records are dropped and counted,
+    # and the log stays within twice its 16 KiB.
+    t_flood = time.time()
+    flood = hyperctl(*a, "exec", "job", "sh", "-c",
+                     f"i=0; while [ $i -lt {FLOOD} ]; do /bin/true $i; i=$((i+1)); done; "
+                     "echo flooded", timeout=600)
+    t_end = time.time()
+    assert flood.stdout == b"flooded\n"
+    cid_records = _events(hyperctl, *a, "job")   # by name, while it exists
+    hyperctl(*a, "rm", "-f", "job")                # waits for its monitor: the log is whole
+    records = _events(hyperctl, *a, cid)           # by id, after rm: the audit outlives it
+    assert cid_records and {r["id"] for r in cid_records} == {cid}
+    since_flood = [r for r in records if r["time"] >= _rfc3339(t_flood)]
+    kept = [r for r in since_flood if r["type"] == "process" and r["role"] == "execve"]
+    dropped = sum(r["dropped"] for r in since_flood if r["type"] == "dropped")
+    assert dropped > 0 and kept, since_flood[-5:]
+    assert len(kept) <= 40 + 20 * (t_end - t_flood + 3), len(kept)
+    assert all(r["argv"][:1] == ["/bin/true"] or not r["complete"] for r in kept), kept
+    # Every exec of the flood is either kept or counted.
+    assert dropped + len(kept) == FLOOD, (dropped, len(kept))
+    logs = list((hyperctl.data / "tenants" / "a" / "audit").iterdir())
+    assert 1 <= len(logs) <= 2 and sum(p.stat().st_size for p in logs) <= 2 * 262144, logs
+
+    # The API reads the same records, scoped the same.
+    assert _events(hyperctl, *a, "--since", "1h") == _events(hyperctl, *a) != []
+    monkeypatch.setenv("HYPERCTL_DATA_ROOT", str(hyperctl.data))
+    from_api = list(api.audit_events(tenant="a"))
+    assert [r.to_json() for r in from_api] == _events(hyperctl, *a)
+    assert list(api.audit_events(tenant="b")) == []
+
+
+def _rfc3339(when: float) -> str:
+    from runv_py.workload.records import rfc3339
+
+    return rfc3339(when)
