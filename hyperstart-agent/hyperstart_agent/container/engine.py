@@ -251,8 +251,10 @@ def exit_code(wait_status: int) -> int:
 
 class Engine:
     def __init__(self, state_root: str = "/run/hyperstart/containers",
-                 cgroup_parent: str | None = None) -> None:
-        """Without cgroup_parent (engine tests on a cgroup v1 host) containers get no cgroup."""
+                 cgroup_parent: str | None = None, *, audit: bool = True) -> None:
+        """Without cgroup_parent (engine tests on a cgroup v1 host) containers get no cgroup
+        (and no process audit, which finds containers by cgroup); `audit`: read the proc
+        connector (the hyperstart.audit kernel option)."""
         self.state_root = state_root
         self.cgroup_parent = cgroup_parent
         self.containers: dict[str, Container] = {}
@@ -273,7 +275,8 @@ class Engine:
         self._oom_wake_r, self._oom_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         if cgroup_parent is not None:
             threading.Thread(target=self._watch_oom, name="oom", daemon=True).start()
-            threading.Thread(target=self._watch_execs, name="audit", daemon=True).start()
+            if audit:
+                threading.Thread(target=self._watch_execs, name="audit", daemon=True).start()
 
     # --- reaping -------------------------------------------------------------------------
     def on_exit(self, pid: int, wait_status: int) -> None:
