@@ -100,25 +100,28 @@ def test_the_host_kernels_connector_reports_an_exec() -> None:
         pytest.fail(f"the proc connector cannot be opened on this host: {exc}")
     sock.settimeout(10)
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", "read x; exec /bin/cat /dev/null"],
+        proc = subprocess.Popen(["/bin/sh", "-c", "read x; exec /bin/sleep 30"],
                                 stdin=subprocess.PIPE)
         assert proc.stdin is not None
         proc.stdin.write(b"go\n")
         proc.stdin.flush()
         views = []
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(v.argv[:1] == ("/bin/cat",)
+        while time.monotonic() < deadline and not any(v.argv[:1] == ("/bin/sleep",)
                                                       for v in views):
             for event in audit.parse(sock.recv(audit.RECV_BYTES)):
                 if event.tgid == proc.pid:
                     views.append(audit.read_process(event))
+        proc.kill()
         proc.wait()
     except TimeoutError:
         pytest.fail("no exec event from the host's kernel within 10 s")
     finally:
         sock.close()
-    # The sh exec'd by Popen may or may not have been read before it exec'd cat; cat's
-    # exec is read while it waits for nothing: its argv and parent are ours.
-    cat = next(v for v in views if v.argv[:1] == ("/bin/cat",))
-    assert cat.argv == ("/bin/cat", "/dev/null") or not cat.complete
-    assert cat.ppid == os.getpid() or not cat.complete
+    # The sh exec'd by Popen may be read after it exec'd sleep (both read as sleep); sleep
+    # lives on while it is read: its argv, parent and cgroup are those of this process.
+    sleep = next(v for v in views if v.argv[:1] == ("/bin/sleep",))
+    assert sleep.complete and sleep.argv == ("/bin/sleep", "30")
+    assert sleep.ppid == os.getpid() and sleep.uid == os.getuid()
+    with open("/proc/self/cgroup") as f:
+        assert sleep.cgroup == audit.parse_cgroup(f.read().encode())
