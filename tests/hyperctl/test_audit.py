@@ -96,12 +96,26 @@ def test_a_jobs_processes_are_audited_per_tenant_and_bounded(
     logs = list((hyperctl.data / "tenants" / "a" / "audit").iterdir())
     assert 1 <= len(logs) <= 2 and sum(p.stat().st_size for p in logs) <= 2 * 262144, logs
 
-    # The API reads the same records, scoped the same.
+    # The API reads the same records, scoped the same; a sandbox's own records.
     assert _events(hyperctl, *a, "--since", "1h") == _events(hyperctl, *a) != []
-    monkeypatch.setenv("HYPERCTL_DATA_ROOT", str(hyperctl.data))
+    for key in ("RUNV_CONFIG", "RUNV_ASSETS_DIR", "HYPERCTL_ROOT", "HYPERCTL_DATA_ROOT"):
+        monkeypatch.setenv(key, hyperctl.env[key])
     from_api = list(api.audit_events(tenant="a"))
     assert [r.to_json() for r in from_api] == _events(hyperctl, *a)
     assert list(api.audit_events(tenant="b")) == []
+    with api.Sandbox.create("busybox", tenant="b") as box:
+        assert box.run(["id", "-un"]).stdout == b"root\n"
+        deadline = time.monotonic() + 60
+        while not any(r.argv == ("id", "-un") for r in box.audit_events()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        mine = list(box.audit_events())
+        assert {r.id for r in mine} == {box.id}
+        (run,) = [r for r in mine if r.argv == ("id", "-un")]
+        assert (run.role, run.uid, run.tenant, run.container) == ("exec", 0, "b", box.name)
+    assert [r.id for r in api.audit_events(tenant="b")] == [box.id] * len(list(
+        api.audit_events(tenant="b")))
+    assert all(r.tenant == "a" for r in api.audit_events(tenant="a"))
 
 
 def _rfc3339(when: float) -> str:
