@@ -9,6 +9,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hyperstart_agent.container import audit
@@ -125,3 +126,44 @@ def test_the_host_kernels_connector_reports_an_exec() -> None:
     assert sleep.ppid == os.getpid() and sleep.uid == os.getuid()
     with open("/proc/self/cgroup") as f:
         assert sleep.cgroup == audit.parse_cgroup(f.read().encode())
+
+
+def test_the_engine_attributes_records_and_bounds_its_backlog(tmp_path: Path) -> None:
+    """Which container an exec belongs to (the pid the engine started, else the cgroup) and
+    the per-subscriber backlog, over a live process of this host."""
+    from hyperstart_agent.container import engine as engine_mod
+
+    engine = engine_mod.Engine(str(tmp_path), cgroup_parent=None)
+    proc = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        time.sleep(0.2)  # exec'd
+        with open(f"/proc/{proc.pid}/cgroup") as f:
+            cgroup = audit.parse_cgroup(f.read().encode())
+        event = audit.Exec(proc.pid, proc.pid, time.monotonic_ns())
+        events = engine.subscribe()
+        engine._publish_process(event)
+        assert events.empty()          # in no container's cgroup: the agent's own
+        engine.containers["job"] = SimpleNamespace(  # type: ignore[assignment]
+            id="job", cgroup=SimpleNamespace(path=f"/sys/fs/cgroup{cgroup}".rstrip("/")))
+        engine._publish_process(event)
+        got = events.get_nowait()
+        assert (got.kind, got.container_id, got.role, got.pid) == ("process", "job", "execve",
+                                                                   proc.pid)
+        assert got.view is not None and got.view.argv == ("/bin/sleep", "30")
+        engine._by_pid[proc.pid] = SimpleNamespace(  # type: ignore[assignment]
+            container_id="job", exec_id="e1")
+        engine._publish_process(event)
+        got = events.get_nowait()
+        assert (got.role, got.exec_id) == ("exec", "e1")
+        # A subscriber that does not read: its backlog stops at AUDIT_BACKLOG, the rest is
+        # counted and told with its next record.
+        for _ in range(engine_mod.AUDIT_BACKLOG + 25):
+            engine._publish_process(event)
+        assert events.qsize() == engine_mod.AUDIT_BACKLOG
+        while not events.empty():
+            assert events.get_nowait().dropped == 0
+        engine._publish_process(event)
+        assert events.get_nowait().dropped == 25
+    finally:
+        proc.kill()
+        proc.wait()

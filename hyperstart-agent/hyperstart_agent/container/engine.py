@@ -391,7 +391,7 @@ class Engine:
         cgroup could be read (its container is unknown); None for the agent's own."""
         if not path:
             return ""
-        full = cgroups.ROOT + path
+        full = (cgroups.ROOT + path).rstrip("/")
         for container in list(self.containers.values()):
             cgroup = container.cgroup
             if cgroup is not None and (full == cgroup.path or
