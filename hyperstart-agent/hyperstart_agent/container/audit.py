@@ -24,6 +24,7 @@ PROC_CN_MCAST_LISTEN = 1
 PROC_EVENT_EXEC = 0x00000002
 NLMSG_DONE = 3
 RECV_BYTES = 65536
+READER_NICE = -20
 RCVBUF_BYTES = 1 << 20  # a burst of events waits here while /proc is read
 CMDLINE_BYTES = 16384   # argv beyond this is cut here already (the host cuts shorter)
 

@@ -344,6 +344,11 @@ class Engine:
         except OSError as exc:
             log.error("no process audit: the proc connector cannot be read: %s", exc)
             return
+        # /proc is read after the exec: the sooner this thread runs, the fewer short
+        # processes are gone by then. The highest CFS weight, not a real-time policy (a flood
+        # of events must not starve the threads that send the records).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), audit.READER_NICE)
         warned = 0.0
         while True:
             try:
