@@ -427,6 +427,7 @@ def _process_pb(event: engine_mod.Event) -> pb.ProcessStarted:
     return pb.ProcessStarted(
         container_id=event.container_id, exec_id=event.exec_id, role=event.role,
         pid=event.pid, ppid=view.ppid, uid=view.uid, euid=view.euid, argv=list(view.argv),
+        comm=view.comm,
         argv_truncated=view.argv_truncated, complete=view.complete, time_ns=event.time_ns,
         dropped=event.dropped)
 

@@ -93,6 +93,7 @@ class ProcessStarted:
     complete: bool
     time_ns: int
     dropped: int
+    comm: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +117,7 @@ def event(msg: pb.Event) -> Event:
         p = msg.process
         return Event("process", p.container_id, p.exec_id, pid=p.pid, process=ProcessStarted(
             p.role, p.ppid, p.uid, p.euid, tuple(p.argv), p.argv_truncated, p.complete,
-            p.time_ns, p.dropped))
+            p.time_ns, p.dropped, p.comm))
     e = msg.exit
     return Event("exit", e.container_id, e.exec_id, e.exit_code, e.pid)
 

@@ -77,7 +77,7 @@ class AuditLimiter:
             time=self._wall(), guest_time=started.time_ns / 1e9, role=started.role,
             exec_id=event.exec_id[:128], pid=event.pid, ppid=started.ppid, uid=started.uid,
             euid=started.euid, argv=argv, argv_truncated=cut or started.argv_truncated,
-            complete=started.complete)))
+            complete=started.complete, comm=started.comm[:16])))
         return out
 
     def _count_dropped(self, n: int) -> None:

@@ -444,6 +444,7 @@ class ProcessRecord(Message):
     argv: tuple[str, ...]
     argv_truncated: bool        # cut by the guest's or the host's bounds
     complete: bool              # False: the process was gone before all of it was read
+    comm: str = ""              # the task's name, 15 characters (also after its exit)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)

@@ -49,6 +49,7 @@ class AuditRecord:
     argv: tuple[str, ...] = ()
     argv_truncated: bool = False
     complete: bool = False
+    comm: str = ""               # the task's name: what is left of a process gone too soon
     guest_time: float = 0.0      # the guest's clock: the guest's word, like all of this
     dropped: int = 0
 
@@ -118,7 +119,7 @@ class AuditWriter:
                 time=p.time, type="process", container=w.name, id=w.id, tenant=w.tenant,
                 role=p.role, exec_id=p.exec_id, pid=p.pid, ppid=p.ppid, uid=p.uid,
                 euid=p.euid, argv=p.argv, argv_truncated=p.argv_truncated,
-                complete=p.complete, guest_time=p.guest_time)
+                complete=p.complete, comm=p.comm, guest_time=p.guest_time)
         else:
             return
         self.log.write(json.dumps(record.to_json(), separators=(",", ":")).encode() + b"\n")

@@ -67,6 +67,7 @@ def _fake_proc(root: Path, pid: int, *, start_ticks: int, argv: bytes) -> None:
                              + f"20 0 1 0 {start_ticks} 0 0".encode())
     (d / "status").write_bytes(b"Name:\tsh\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n")
     (d / "cgroup").write_bytes(b"0::/runv/job\n")
+    (d / "comm").write_bytes(b"sh\n")
     (d / "cmdline").write_bytes(argv)
 
 
@@ -75,13 +76,12 @@ def test_read_process_and_its_races(tmp_path: Path) -> None:
     now = time.monotonic_ns()
     _fake_proc(tmp_path, 10, start_ticks=1, argv=b"ls\0-l\0/\xff\0")
     view = audit.read_process(audit.Exec(10, 10, now), str(tmp_path))
-    assert view == audit.ProcessView(("ls", "-l", "/\\xff"), False, 1, 1000, 0, "/runv/job",
-                                     complete=True)
+    assert view == audit.ProcessView(("ls", "-l", "/\\xff"), False, "sh", 1, 1000, 0,
+                                     "/runv/job", complete=True)
     # A zombie: its cmdline is empty; what was read is reported, marked incomplete.
     _fake_proc(tmp_path, 11, start_ticks=1, argv=b"")
     zombie = audit.read_process(audit.Exec(11, 11, now), str(tmp_path))
-    assert (zombie.uid, zombie.cgroup, zombie.argv, zombie.complete) == (1000, "/runv/job",
-                                                                         (), False)
+    assert (zombie.uid, zombie.comm, zombie.argv, zombie.complete) == (1000, "sh", (), False)
     # Gone before anything was read.
     assert audit.read_process(audit.Exec(12, 12, now), str(tmp_path)) == audit.ProcessView()
     # The pid was reused by a process that started after the event: nothing of it is read.
@@ -155,6 +155,16 @@ def test_the_engine_attributes_records_and_bounds_its_backlog(tmp_path: Path) ->
         engine._publish_process(event)
         got = events.get_nowait()
         assert (got.role, got.exec_id) == ("exec", "e1")
+        # A process gone before it was read (a zombie: its cgroup reads "/") is its
+        # parent's container's (this process's: the same cgroup as the sleep).
+        zombie = subprocess.Popen(["/bin/true"])
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            time.sleep(0.01)
+        engine._publish_process(audit.Exec(zombie.pid, zombie.pid, time.monotonic_ns()))
+        gone = events.get_nowait()
+        zombie.wait()
+        assert (gone.container_id, gone.role) == ("job", "execve")
+        assert gone.view is not None and not gone.view.complete and gone.view.comm == "true"
         # A subscriber that does not read: its backlog stops at AUDIT_BACKLOG, the rest is
         # counted and told with its next record.
         for _ in range(engine_mod.AUDIT_BACKLOG + 25):

@@ -24,7 +24,7 @@ from tests.unit.test_supervisor import _run, _sandbox
 def _exec(argv: tuple[str, ...] = ("ls", "/"), *, container: str = "c1", dropped: int = 0,
           role: str = "execve") -> convert.Event:
     return convert.Event("process", container, "", pid=40, process=convert.ProcessStarted(
-        role, 39, 1000, 1000, argv, False, True, 1_700_000_000_000_000_000, dropped))
+        role, 39, 1000, 1000, argv, False, True, 1_700_000_000_000_000_000, dropped, "ls"))
 
 
 class Clock:

@@ -283,7 +283,7 @@ class OomKilled(_message.Message):
     def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
 class ProcessStarted(_message.Message):
-    __slots__ = ("container_id", "exec_id", "role", "pid", "ppid", "uid", "euid", "argv", "argv_truncated", "complete", "time_ns", "dropped")
+    __slots__ = ("container_id", "exec_id", "role", "pid", "ppid", "uid", "euid", "argv", "argv_truncated", "complete", "time_ns", "dropped", "comm")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +296,7 @@ class ProcessStarted(_message.Message):
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
     TIME_NS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     role: str
@@ -308,7 +309,8 @@ class ProcessStarted(_message.Message):
     complete: bool
     time_ns: int
     dropped: int
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., role: _Optional[str] = ..., pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., euid: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., argv_truncated: _Optional[bool] = ..., complete: _Optional[bool] = ..., time_ns: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
+    comm: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., role: _Optional[str] = ..., pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., euid: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., argv_truncated: _Optional[bool] = ..., complete: _Optional[bool] = ..., time_ns: _Optional[int] = ..., dropped: _Optional[int] = ..., comm: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("exit", "oom", "process")

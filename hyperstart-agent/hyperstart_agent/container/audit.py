@@ -51,6 +51,7 @@ class ProcessView:
 
     argv: tuple[str, ...] = ()
     argv_truncated: bool = False
+    comm: str = ""          # the kernel's name of the task (readable after its exit too)
     ppid: int = 0
     uid: int = -1
     euid: int = -1
@@ -157,11 +158,12 @@ def read_process(event: Exec, proc: str = "/proc") -> ProcessView:
         return ProcessView()  # the pid is a later process's
     read: dict[str, object] = {"ppid": ppid}
     try:
+        read["comm"] = _read(f"{base}/comm", 64).rstrip(b"\n").decode(errors="backslashreplace")
         read["cgroup"] = parse_cgroup(_read(f"{base}/cgroup", 4096))
         read["uid"], read["euid"] = parse_uids(_read(f"{base}/status", 4096))
         read["argv"], read["argv_truncated"] = parse_cmdline(_read(f"{base}/cmdline",
                                                                    CMDLINE_BYTES))
     except (OSError, ValueError, IndexError):
         return ProcessView(**read)  # type: ignore[arg-type]
-    # A zombie's cmdline is empty: it exited before this read.
+    # A zombie's cmdline is empty (and its cgroup reads "/"): it exited before this read.
     return ProcessView(**read, complete=bool(read["argv"]))  # type: ignore[arg-type]

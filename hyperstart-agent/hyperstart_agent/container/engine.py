@@ -375,7 +375,12 @@ class Engine:
             container_id, exec_id = process.container_id, process.exec_id
             role: Literal["init", "exec", "execve"] = "exec" if exec_id else "init"
         else:
-            container_id, exec_id, role = self._container_of_cgroup(view.cgroup), "", "execve"
+            exec_id, role = "", "execve"
+            container_id = self._container_of_cgroup(view.cgroup) if view.complete else None
+            if container_id is None and not view.complete:
+                # Gone before it was read (a zombie's cgroup reads "/"): its parent's container,
+                # else an unknown one ("").
+                container_id = self._container_of_pid(view.ppid) or ""
             if container_id is None:
                 return  # the agent's own processes
         event = Event("process", container_id, exec_id, pid=exec_event.tgid, role=role,
@@ -391,11 +396,21 @@ class Engine:
                 events.put(event if not dropped else dataclasses.replace(event,
                                                                         dropped=dropped))
 
+    def _container_of_pid(self, pid: int) -> str | None:
+        with self._lock:
+            process = self._by_pid.get(pid)
+        if process is not None and process.container_id:
+            return process.container_id
+        try:
+            with open(f"/proc/{pid}/cgroup", "rb") as f:
+                return self._container_of_cgroup(audit.parse_cgroup(f.read()))
+        except OSError:
+            return None
+
     def _container_of_cgroup(self, path: str) -> str | None:
-        """The container whose cgroup holds `path`; "" when the process was gone before its
-        cgroup could be read (its container is unknown); None for the agent's own."""
+        """The container whose cgroup holds `path`, if any."""
         if not path:
-            return ""
+            return None
         full = (cgroups.ROOT + path).rstrip("/")
         for container in list(self.containers.values()):
             cgroup = container.cgroup
