@@ -97,7 +97,8 @@ def test_a_jobs_processes_are_audited_per_tenant_and_bounded(
     t_end = time.time()
     assert flood.stdout == b"flooded\n"
     cid_records = _events(hyperctl, *a, "job")   # by name, while it exists
-    hyperctl(*a, "rm", "-f", "job")                # waits for its monitor: the log is whole
+    hyperctl(*a, "stop", "-t", "1", "job")         # its monitor records the exit ...
+    hyperctl(*a, "rm", "job")                      # ... and rm waits for it: the log is whole
     records = _events(hyperctl, *a, cid)           # by id, after rm: the audit outlives it
     assert cid_records and {r["id"] for r in cid_records} == {cid}
     since_flood = [r for r in records if r["time"] >= _rfc3339(t_flood)]
