@@ -358,7 +358,7 @@ async def _events(manager: WorkloadManager, args: argparse.Namespace) -> int:
                 print(f"{rfc3339(r.time)}  {r.container}  dropped {r.dropped} "
                       "records (over the sandbox's audit bounds)")
             else:
-                flags = ("" if r.complete else " (incomplete)") + \
+                flags = ("" if r.complete else f" (incomplete: {r.comm or '?'})") + \
                     (" (argv truncated)" if r.argv_truncated else "")
                 print(f"{rfc3339(r.time)}  {r.container}  {r.role:<6} "
                       f"pid={r.pid} ppid={r.ppid} uid={r.uid}  {json.dumps(list(r.argv))}"
