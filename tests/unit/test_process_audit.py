@@ -5,7 +5,13 @@ agent), and the audit logs on disk (workload/audit_log.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +178,37 @@ def test_since_accepts_times_and_durations() -> None:
         audit_log.parse_since("yesterday", 0)
     with pytest.raises(ConfigError, match="time zone"):
         audit_log.parse_since("2023-11-14T22:13:20", 0)
+
+
+HYPERCTL = str(Path(sys.executable).parent / "hyperctl")
+
+
+def test_hyperctl_events_follows_and_refuses_a_bad_time(tmp_path: Path) -> None:
+    env = dict(os.environ, HYPERCTL_DATA_ROOT=str(tmp_path), HYPERCTL_ROOT=str(tmp_path / "r"))
+    bad = subprocess.run([HYPERCTL, "--tenant", "acme", "events", "--since", "soon"], env=env,
+                         capture_output=True, check=False)
+    assert bad.returncode != 0 and bad.stdout == b""
+    assert bad.stderr.decode().strip().count("\n") == 0 and "--since 'soon'" in bad.stderr.decode()
+    scope = Scope(tmp_path, "acme")
+    old = audit_log.AuditWriter(scope, _workload(), max_size=1 << 20, keep=10)
+    old.write(_record(1))
+    follower = subprocess.Popen([HYPERCTL, "--tenant", "acme", "events", "-f", "--since",
+                                 "1001.5", "--format", "json"], env=env, stdout=subprocess.PIPE)
+    try:
+        old.write(_record(2))
+        new = audit_log.AuditWriter(scope, _workload("b" * 32), max_size=1 << 20, keep=10)
+        new.write(_record(3))
+        assert follower.stdout is not None
+        lines = []
+        for _ in range(2):
+            assert select.select([follower.stdout], [], [], 30)[0], lines
+            lines.append(json.loads(follower.stdout.readline()))
+        assert [(r["pid"], r["id"]) for r in lines] == [(2, "a" * 32), (3, "b" * 32)]
+        # another tenant's follower sees none of it
+        other = subprocess.run([HYPERCTL, "--tenant", "other", "events"], env=env,
+                               capture_output=True, check=True)
+        assert other.stdout == b""
+    finally:
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(10) == 0
+        old.close()
