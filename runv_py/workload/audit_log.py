@@ -180,10 +180,15 @@ class Tail:
         self.since = since
         self._files: dict[Path, tuple[Any, bytes]] = {}  # log -> (open file, partial line)
         self._from_start = from_start
-        self.poll()  # opens what exists (at its end unless from_start)
+        # Opens what exists now (at its end unless from_start); the first poll() returns it.
+        self._pending = self._poll()
         self._from_start = True  # logs that appear later are read whole
 
     def poll(self) -> list[AuditRecord]:
+        out, self._pending = self._pending + self._poll(), []
+        return out
+
+    def _poll(self) -> list[AuditRecord]:
         out: list[AuditRecord] = []
         for path in _logs(self.scope):
             if path not in self._files:
