@@ -60,16 +60,33 @@ class Mode:
 
     def idle(self, seconds: float) -> float:
         """CPU seconds of the idle container's QEMU over `seconds`."""
-        self.run("run", "-d", "--name", "idle", "busybox", "sleep", "3600")
+        workload_id = self.run("run", "-d", "--name", "idle", "busybox", "sleep",
+                               "3600").strip()
         try:
-            (pid_file,) = (self.state / "sandboxes").glob("*/qemu.pid")
-            pid = int(pid_file.read_text())
+            pid = _qemu_of(workload_id)
             time.sleep(5)  # the container's start settles
             before = _cpu_s(pid)
             time.sleep(seconds)
             return _cpu_s(pid) - before
         finally:
             self.run("rm", "-f", "idle")
+
+
+def _qemu_of(workload_id: str) -> int:
+    """The QEMU child of the container's supervisor."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"runv_py.sandbox.supervisor" in argv and workload_id.encode() in argv:
+            for task in (proc / "task").iterdir():
+                for child in (task / "children").read_text().split():
+                    if Path(f"/proc/{child}/comm").read_text().startswith("qemu"):
+                        return int(child)
+    raise RuntimeError(f"no QEMU for {workload_id}")
 
 
 def _cpu_s(pid: int) -> float:
