@@ -41,7 +41,7 @@ class Mode:
         self.top.mkdir(parents=True)
         config = self.top / "config.toml"
         config.write_text(f'state_dir = "{self.state}"\ntemplate = "off"\n[hypervisor]\n'
-                          f'boot_timeout_s = 120\nkernel_params = "{kernel_params}"\n')
+                          f'boot_timeout_s = 300\nkernel_params = "{kernel_params}"\n')
         self.env = dict(os.environ, RUNV_CONFIG=str(config),
                         HYPERCTL_ROOT=str(self.top / "root"),
                         HYPERCTL_DATA_ROOT=str(self.top / "data"))
