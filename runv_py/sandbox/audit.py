@@ -62,13 +62,13 @@ class AuditLimiter:
         bounds; a dropped count first when one is due."""
         started = event.process
         assert started is not None
-        self._count_dropped(started.dropped)
+        self.count_dropped(started.dropped)
         now = self._refill()
         out = []
         if self._dropped and now - self._dropped_since >= DROPPED_EVERY_S:
             out.append(self._dropped_event(event.container_id))
         if self._tokens < 1:
-            self._count_dropped(1)
+            self.count_dropped(1)
             return out
         self._tokens -= 1
         argv, cut = bounded_argv(started.argv)
@@ -80,7 +80,8 @@ class AuditLimiter:
             complete=started.complete, comm=started.comm[:16])))
         return out
 
-    def _count_dropped(self, n: int) -> None:
+    def count_dropped(self, n: int) -> None:
+        """`n` records that went nowhere: told in the next dropped count."""
         if n <= 0:
             return
         if not self._dropped:

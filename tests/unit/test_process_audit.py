@@ -107,6 +107,26 @@ def test_only_audit_listeners_get_process_records(tmp_path: Path) -> None:
     _run(test)
 
 
+def test_a_listener_that_does_not_read_holds_a_bounded_backlog(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runv_py.sandbox.supervisor import server
+
+    monkeypatch.setattr(server, "AUDIT_LISTENER_BACKLOG", 5)
+
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            await box.client.call(Start(container="c1"))
+            audited = await box.client.subscribe("c1", audit=True)
+            for _ in range(15):
+                box.vm.agent.events_queue.put_nowait(_exec())
+            await asyncio.sleep(0.3)
+            box.vm.agent.exit("c1", code=0)
+            got = [(e.type, e.dropped) async for e in audited]
+            assert got == [("process", 0)] * 5 + [("dropped", 10), ("exit", 0)]
+
+    _run(test)
+
+
 def _workload(wid: str = "a" * 32) -> Workload:
     return Workload(id=wid, bundle="/b", rootfs="/r", created="now", name="job", image="i",
                     command=("sh",), created_at=0.0, tenant="acme")

@@ -69,6 +69,7 @@ REMOVE_TIMEOUT_S = 10.0
 # How long an init's exit waits for the agent's event stream to deliver it too (the stream
 # carries an OOM kill before the exit it caused; WaitProcess answers on its own call).
 EVENTS_CATCH_UP_S = 1.0
+AUDIT_LISTENER_BACKLOG = 4096  # process records queued for one events listener
 Handler = Callable[[Any], Awaitable[Reply]]
 SessionHandler = Callable[[Any, AsyncChannel, list[int]], Awaitable[None]]
 
@@ -478,9 +479,15 @@ class Supervisor:
                     self._agent_exit(event.container_id).set()
 
     def _publish(self, event: protocol.Event) -> None:
-        audit = event.type in ("process", "dropped")
-        for queue in self.audit_listeners if audit else self.event_listeners:
-            queue.put_nowait(event)
+        if event.type not in ("process", "dropped"):
+            for queue in self.event_listeners:
+                queue.put_nowait(event)
+            return
+        for queue in self.audit_listeners:
+            if event.type == "process" and queue.qsize() >= AUDIT_LISTENER_BACKLOG:
+                self.audit.count_dropped(1)  # a listener that does not read
+            else:
+                queue.put_nowait(event)
 
     # -- lifetime ---------------------------------------------------------------------------
 
