@@ -37,13 +37,14 @@ from .network import egress as egress_mod
 from .oci.image.unpack import extract_foreign
 from .sandbox.client import AttachedProcess
 from .sandbox.status import ContainerStatus
+from .workload import audit_log, tenants
 from .workload import options as opt
-from .workload import tenants
-from .workload.manager import WorkloadManager
+from .workload.audit_log import AuditRecord
+from .workload.manager import WorkloadManager, default_data_root
 from .workload.records import Workload
 
-__all__ = ["AsyncProcess", "AsyncSandbox", "CommandFailed", "CommandTimeout", "Output",
-           "Process", "Result", "Sandbox"]
+__all__ = ["AsyncProcess", "AsyncSandbox", "AuditRecord", "CommandFailed", "CommandTimeout",
+           "Output", "Process", "Result", "Sandbox", "audit_events"]
 
 Command = Sequence[str] | str
 ENDING_GRACE_S = 0.5
@@ -331,6 +332,13 @@ class AsyncSandbox:
     def name(self) -> str:
         return self._workload.name
 
+    def audit_events(self, *, since: float | None = None) -> list[AuditRecord]:
+        """The processes this sandbox started so far (its init, each command, every execve
+        inside), from `since` (a Unix time) on, as its guest reported them (docs/security.md,
+        Process audit). A record reaches the log a moment after the execve (it travels
+        through the sandbox's supervisor and monitor); the log outlives the sandbox."""
+        return [r for r in self._manager.audit_events(since) if r.id == self.id]
+
     async def start(self, command: Command, *, input: bytes | None = None,
                     env: Mapping[str, str] | None = None, workdir: str | None = None,
                     user: str | None = None) -> AsyncProcess:
@@ -578,6 +586,10 @@ class Sandbox:
                                            user=user, timeout=timeout, check=check,
                                            max_output=max_output))
 
+    def audit_events(self, *, since: float | None = None) -> Iterator[AuditRecord]:
+        """As AsyncSandbox.audit_events."""
+        return iter(self._sandbox.audit_events(since=since))
+
     def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         _Loop.run(self._sandbox.write_file(path, data, mode=mode))
 
@@ -600,3 +612,24 @@ class Sandbox:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def audit_events(*, tenant: str | None = None, since: float | None = None,
+                 follow: bool = False, data_root: Path | None = None,
+                 poll_s: float = 0.25) -> Iterator[AuditRecord]:
+    """The process records of all of a tenant's sandboxes and hyperctl containers (default
+    $RUNV_TENANT; also of removed ones), by time, from `since` (a Unix time) on; with
+    `follow`, then new ones as they come, without end (stop iterating to stop). One tenant
+    reads its own records only, as `hyperctl --tenant T events`."""
+    scope = tenants.Scope(data_root or default_data_root(),
+                          tenants.from_environment(tenant, "tenant"))
+    if not follow:
+        yield from audit_log.read(scope, since)
+        return
+    tail = audit_log.Tail(scope, from_start=since is not None, since=since)
+    try:
+        while True:
+            yield from tail.poll()
+            time.sleep(poll_s)
+    finally:
+        tail.close()

@@ -102,6 +102,19 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """Bounds on the process audit a guest reports (docs/security.md, Process audit)."""
+
+    # Process records a sandbox may send per second, on average; and at once.
+    rate: float = 200.0
+    burst: int = 2000
+    # A container's audit log (hyperctl): this size, then one rotation (so twice on disk).
+    log_max_size: int = 8 << 20
+    # The audit logs a tenant keeps (the newest containers'; they outlive `rm`).
+    keep: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
@@ -112,6 +125,7 @@ class RuntimeConfig:
     template: TemplateMode = "auto"
     template_dir: Path = DEFAULT_TEMPLATE_DIR
     pool: PoolConfig = field(default_factory=PoolConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     # The org.runv.* annotations a container's spec may set (runv_py/runtime_annotations.py).
     enable_annotations: tuple[str, ...] = DEFAULT_ENABLED
     source: str = DEFAULTS_SOURCE
@@ -128,6 +142,10 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "memory_mib": (64, 1024 * 1024),
     "boot_timeout_s": (1, 3600),
     "size": (0, 64),
+    "rate": (0.1, 100000),
+    "burst": (1, 1000000),
+    "log_max_size": (4096, 1 << 40),
+    "keep": (1, 100000),
     "disk_mib": (16, 16 * 1024 * 1024),
 }
 
@@ -247,6 +265,8 @@ def parse(text: str, source: str) -> RuntimeConfig:
                                                       value))
         elif key == "pool":
             config = replace(config, pool=_pool_section(f"{source} [pool]", value))
+        elif key == "audit":
+            config = replace(config, audit=_section(f"{source} [audit]", AuditConfig, value))
         elif key in ("state_dir", "template_dir"):
             config = replace(config, **{key: _convert(source, key, Path, value)})
         elif key == "template":
@@ -258,9 +278,9 @@ def parse(text: str, source: str) -> RuntimeConfig:
                 raise ConfigError(str(exc)) from None
             config = replace(config, enable_annotations=enabled)
         else:
-            raise ConfigError(f"{source}: unknown key {key!r} (known: enable_annotations, "
-                              "hypervisor, guest, network, pool, state_dir, template, "
-                              "template_dir)")
+            raise ConfigError(f"{source}: unknown key {key!r} (known: audit, "
+                              "enable_annotations, hypervisor, guest, network, pool, "
+                              "state_dir, template, template_dir)")
     return _for_backend(source, config, raw)
 
 

@@ -96,7 +96,7 @@ def _run(log: logging.Logger, timings: dict[str, int]) -> None:
         except (OSError, cgroups.CgroupError) as exc:
             log.error("cgroups unavailable, containers run without limits: %s", exc)
             cgroup_parent = None
-        engine = Engine(cgroup_parent=cgroup_parent)
+        engine = Engine(cgroup_parent=cgroup_parent, audit=opts.audit)
         reaper.add_listener(engine.on_exit)
         return engine
 

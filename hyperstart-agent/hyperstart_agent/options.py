@@ -12,6 +12,7 @@ SERVER_SOCKET = "/run/hyperstart/agent.sock"
 class Options:
     channel: str = DEFAULT_CHANNEL
     debug: bool = False
+    audit: bool = True      # read the proc connector (process audit); "0" for none
 
     @property
     def channels(self) -> list[tuple[str, str]]:
@@ -41,6 +42,7 @@ def parse(cmdline: str) -> Options:
     return Options(
         channel=values.get("channel", DEFAULT_CHANNEL),
         debug=values.get("debug", "0") in ("1", "true", "yes", "on", ""),
+        audit=values.get("audit", "1") not in ("0", "false", "no", "off"),
     )
 
 

@@ -20,6 +20,7 @@ from .errors import REASON_KEY, AgentError
 
 if TYPE_CHECKING:
     from . import network
+    from .container import engine as engine_mod
     from .container.engine import Engine
     from .stdio import StreamListener
 
@@ -412,10 +413,23 @@ def _event_stream(engine: Engine, context: Any) -> Iterator[pb.Event]:
                 yield pb.Event(exit=pb.ProcessExited(
                     container_id=event.container_id, exec_id=event.exec_id,
                     exit_code=event.exit_code, pid=event.pid))
+            elif event.kind == "process":
+                yield pb.Event(process=_process_pb(event))
             else:
                 yield pb.Event(oom=pb.OomKilled(container_id=event.container_id))
     finally:
         engine.unsubscribe(events)
+
+
+def _process_pb(event: engine_mod.Event) -> pb.ProcessStarted:
+    view = event.view
+    assert view is not None
+    return pb.ProcessStarted(
+        container_id=event.container_id, exec_id=event.exec_id, role=event.role,
+        pid=event.pid, ppid=view.ppid, uid=view.uid, euid=view.euid, argv=list(view.argv),
+        comm=view.comm,
+        argv_truncated=view.argv_truncated, complete=view.complete, time_ns=event.time_ns,
+        dropped=event.dropped)
 
 
 def serve(address: str, boot_timings_ms: dict[str, int],

@@ -81,19 +81,43 @@ def output(msg: pb.StdioOutput) -> Output:
 
 
 @dataclass(frozen=True, slots=True)
-class Event:
-    """A process exit (exit_code, 128+N for a signal) or an OOM kill in a container."""
+class ProcessStarted:
+    """An execve in a container as the guest reports it (unbounded: the guest's word)."""
 
-    kind: Literal["exit", "oom"]
+    role: str
+    ppid: int
+    uid: int
+    euid: int
+    argv: tuple[str, ...]
+    argv_truncated: bool
+    complete: bool
+    time_ns: int
+    dropped: int
+    comm: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A process exit (exit_code, 128+N for a signal), an OOM kill, or an execve (`process`)
+    in a container."""
+
+    kind: Literal["exit", "oom", "process"]
     container_id: str
     exec_id: str = ""
     exit_code: int = 0
     pid: int = 0
+    process: ProcessStarted | None = None
 
 
 def event(msg: pb.Event) -> Event:
-    if msg.WhichOneof("kind") == "oom":
+    kind = msg.WhichOneof("kind")
+    if kind == "oom":
         return Event("oom", msg.oom.container_id)
+    if kind == "process":
+        p = msg.process
+        return Event("process", p.container_id, p.exec_id, pid=p.pid, process=ProcessStarted(
+            p.role, p.ppid, p.uid, p.euid, tuple(p.argv), p.argv_truncated, p.complete,
+            p.time_ns, p.dropped, p.comm))
     e = msg.exit
     return Event("exit", e.container_id, e.exec_id, e.exit_code, e.pid)
 

@@ -6,7 +6,7 @@ event loop (runv's quick commands and every stand-in)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import RunvError
@@ -65,14 +65,26 @@ class SupervisorClient:
         channel, _ = await self._open(request, fds)
         return AttachedProcess(channel)
 
-    async def events(self, container: str) -> AsyncIterator[Event]:
-        """OOM kills and the exit of the container, as they happen; ends after the exit."""
-        channel, _ = await self._open(Events(container=container), ())
-        try:
-            while (wire := await channel.recv()) is not None:
-                yield protocol.decode_event(wire)
-        finally:
-            channel.close()
+    async def events(self, container: str, *, audit: bool = False) -> AsyncIterator[Event]:
+        """OOM kills and the exit of the container, as they happen; ends after the exit.
+        With `audit`, also its process records and dropped counts (sandbox/audit.py)."""
+        async for event in await self.subscribe(container, audit=audit):
+            yield event
+
+    async def subscribe(self, container: str, *, audit: bool = False
+                        ) -> AsyncGenerator[Event, None]:
+        """As events(), subscribed once this returns: nothing that happens later is missed.
+        Iterate the result to its end (or close it): that closes the connection."""
+        channel, _ = await self._open(Events(container=container, audit=audit), ())
+        return _received_events(channel)
+
+
+async def _received_events(channel: AsyncChannel) -> AsyncGenerator[Event, None]:
+    try:
+        while (wire := await channel.recv()) is not None:
+            yield protocol.decode_event(wire)
+    finally:
+        channel.close()
 
 
 class AttachedProcess:

@@ -12,7 +12,8 @@ descriptors as SCM_RIGHTS):
   {"ok": false, "error": <message>, "kind": <RunvError class name>[, "code": <gRPC code>]};
 - `attach` and `exec` keep their connection: the client sends Signal and Resize, the
   supervisor sends Exit once the process has exited and its output is written;
-- `events` keeps its connection too: the supervisor sends an Event per OOM kill and exit.
+- `events` keeps its connection too: the supervisor sends an Event per OOM kill and exit
+  (with `audit`, also per process record and dropped count).
 
 The pool service (`runv pool serve`) answers Claim and PoolStatus on its own socket; a pooled
 supervisor's link to it carries MemberHello, the member's CreateReply, Claimed and Ok."""
@@ -345,10 +346,13 @@ class Ps(ContainerRequest[PsReply]):
     REPLY = PsReply
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Events(ContainerRequest[Ok]):
-    __slots__ = ()
+    """With `audit`, also the container's process records (bounded: sandbox/audit.py)."""
+
     OP = Op.EVENTS
     REPLY = Ok
+    audit: bool = False
 
 
 class NetworkSync(ContainerRequest[NetworkSyncReply]):
@@ -426,12 +430,33 @@ class Exit(Message):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class ProcessRecord(Message):
+    """An execve in a container as its guest reported it, cut to the host's bounds."""
+
+    time: float                 # the host's clock when the supervisor received it
+    guest_time: float           # the guest's clock when its agent read /proc
+    role: str                   # init, exec (started by the host: exec_id) or execve
+    exec_id: str
+    pid: int                    # in the guest's initial pid namespace
+    ppid: int
+    uid: int                    # real; -1 when not read
+    euid: int
+    argv: tuple[str, ...]
+    argv_truncated: bool        # cut by the guest's or the host's bounds
+    complete: bool              # False: the process was gone before all of it was read
+    comm: str = ""              # the task's name, 15 characters (also after its exit)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Event(Message):
     """Supervisor -> client on `events`."""
 
-    type: str                       # "oom" or "exit"
-    id: str                         # the container
+    type: str                       # "oom", "exit", "process" or "dropped"
+    id: str                         # the container ("" for a process of an unknown one)
     exit_status: int | None = None  # of an exit
+    process: ProcessRecord | None = None
+    dropped: int = 0                # process records dropped (over the sandbox's bounds)
+    time: float = 0.0               # of a dropped count
 
 
 def decode_client_message(wire: Mapping[str, Any]) -> Signal | Resize:

@@ -30,8 +30,8 @@ from ..sandbox.runtime import Runtime, parse_signal
 from ..sandbox.standin import FORWARDED_SIGNALS, window_size
 from ..sandbox.status import ContainerStatus
 from ..storage import block
+from . import audit_log, network_mode, output_log
 from . import bundle as bundle_mod
-from . import network_mode, output_log
 from .images import Images, ResolvedImage
 from .options import RunOptions
 from .records import Records, Workload, rfc3339
@@ -45,6 +45,7 @@ CGROUP_PARENT = "/hyperctl"
 # A detached container's output.log: this size, then one rotation (output.log.1).
 LOG_MAX_SIZE = 64 << 20
 POLL_S = 0.1
+AUDIT_CATCH_UP_S = 2.0   # after a container's exit, for the last of its process records
 UNKNOWN_EXIT = 255
 DISK_FILE = "disk.img"
 
@@ -178,7 +179,9 @@ class WorkloadManager:
             self.records.remove(workload)
             raise
         timed_out = False
+        audit: asyncio.Future[None] | None = None
         try:
+            audit = await self._record_audit(workload)
             size = window_size(tty_fd) if tty_fd is not None else None
             attached = await self.runtime.client(workload).attach(
                 Attach(container=workload.id, size=size), fds)
@@ -200,13 +203,44 @@ class WorkloadManager:
             attached.close()
             if on_exited is not None:
                 on_exited()
+            # The record of its exit ends the audit stream, after its processes' records.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(audit), AUDIT_CATCH_UP_S)
         except BaseException:
+            if audit is not None:
+                audit.cancel()
             await self._free_vm(workload.id)
             if workload.started is None:
                 self.records.remove(workload)
             raise
+        audit.cancel()
+        await asyncio.gather(audit, return_exceptions=True)
         await self.finish(workload, code, timed_out=timed_out)
         return code
+
+    async def _record_audit(self, workload: Workload) -> asyncio.Future[None]:
+        """Write the container's process records to its audit log (audit_log.py) from now
+        until its exit (subscribed before it starts: its init is the first record)."""
+        writer = audit_log.AuditWriter(self.records.scope, workload,
+                                       self.config.audit.log_max_size, self.config.audit.keep)
+        try:
+            events = await self.runtime.client(workload).subscribe(workload.id, audit=True)
+        except BaseException:
+            writer.close()
+            raise
+
+        async def record() -> None:
+            try:
+                async for event in events:
+                    writer.write(event)
+            except (RunvError, OSError) as exc:
+                log.warning("the audit log of %s stopped: %s", workload.name, exc,
+                            extra={"container": workload.id})
+            finally:
+                await events.aclose()
+                writer.close()
+
+        return asyncio.ensure_future(record())
 
     async def kill_all(self, workload: Workload) -> None:
         """SIGKILL every process of the container, if it still runs."""
@@ -415,6 +449,15 @@ class WorkloadManager:
 
         async for chunk in output_log.follow(path, done, follow=follow):
             yield chunk
+
+    # -- the process audit (audit_log.py) ------------------------------------------------------
+
+    def audit_events(self, since: float | None = None) -> list[audit_log.AuditRecord]:
+        """The scope's process records (also of removed containers) from `since` on."""
+        return audit_log.read(self.records.scope, since)
+
+    def audit_tail(self, *, from_start: bool, since: float | None = None) -> audit_log.Tail:
+        return audit_log.Tail(self.records.scope, from_start=from_start, since=since)
 
     # -- processes in a running container -----------------------------------------------------
 

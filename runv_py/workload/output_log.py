@@ -124,7 +124,7 @@ async def follow(path: Path, done: Callable[[], Awaitable[bool]], *,
             if not follow:
                 return
             finished = await done()
-            if _replaced(path, stream.fileno()):
+            if replaced(path, stream.fileno()):
                 # Rotated: the rest of the old file, then the new one.
                 while chunk := stream.read(CHUNK):
                     yield chunk
@@ -140,7 +140,7 @@ async def follow(path: Path, done: Callable[[], Awaitable[bool]], *,
         stream.close()
 
 
-def _replaced(path: Path, fd: int) -> bool:
+def replaced(path: Path, fd: int) -> bool:
     try:
         st = path.stat()
     except FileNotFoundError:

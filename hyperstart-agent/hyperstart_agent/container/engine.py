@@ -4,6 +4,7 @@ exec, signal, wait. Exit statuses arrive from PID 1's reaper through on_exit()."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import errno
 import fcntl
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import AgentError
-from . import cgroups, device_cgroup, seccomp
+from . import audit, cgroups, device_cgroup, seccomp
 from . import spec as specmod
 from . import syscalls as sc
 from .zygote import Zygote
@@ -34,6 +35,7 @@ from .zygote import Zygote
 log = logging.getLogger(__name__)
 HELPER_TIMEOUT_S = 60.0
 OOM_RETRY_S = 1.0
+AUDIT_BACKLOG = 1024   # process events queued for one subscriber; more are dropped (counted)
 Stdio = Literal["pipe", "inherit", "null"]
 _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
@@ -160,11 +162,19 @@ class Process:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: Literal["exit", "oom"]
+    """An exit, an OOM kill, or (kind "process") an execve in a container: `role` says
+    whether `pid` is the container's init, one of its execs (`exec_id`) or any other process;
+    `dropped` counts the process events this subscriber missed just before (backlog full)."""
+
+    kind: Literal["exit", "oom", "process"]
     container_id: str
     exec_id: str = ""
     exit_code: int = 0
     pid: int = 0
+    role: Literal["", "init", "exec", "execve"] = ""
+    view: audit.ProcessView | None = None
+    time_ns: int = 0
+    dropped: int = 0
 
 
 @dataclass
@@ -241,8 +251,10 @@ def exit_code(wait_status: int) -> int:
 
 class Engine:
     def __init__(self, state_root: str = "/run/hyperstart/containers",
-                 cgroup_parent: str | None = None) -> None:
-        """Without cgroup_parent (engine tests on a cgroup v1 host) containers get no cgroup."""
+                 cgroup_parent: str | None = None, *, audit: bool = True) -> None:
+        """Without cgroup_parent (engine tests on a cgroup v1 host) containers get no cgroup
+        (and no process audit, which finds containers by cgroup); `audit`: read the proc
+        connector (the hyperstart.audit kernel option)."""
         self.state_root = state_root
         self.cgroup_parent = cgroup_parent
         self.containers: dict[str, Container] = {}
@@ -254,6 +266,7 @@ class Engine:
         self._seq = 0
         self._spawns_in_flight: list[int] = []
         self._subscribers: list[queue.SimpleQueue[Event | None]] = []
+        self._audit_dropped: dict[int, int] = {}  # id(subscriber) -> process events dropped
         self._lock = threading.Lock()
         self._oom_lock = threading.Lock()
         # Helpers are forked from a pre-started one (zygote.py): no Python start-up each.
@@ -262,6 +275,8 @@ class Engine:
         self._oom_wake_r, self._oom_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         if cgroup_parent is not None:
             threading.Thread(target=self._watch_oom, name="oom", daemon=True).start()
+            if audit:
+                threading.Thread(target=self._watch_execs, name="audit", daemon=True).start()
 
     # --- reaping -------------------------------------------------------------------------
     def on_exit(self, pid: int, wait_status: int) -> None:
@@ -313,12 +328,96 @@ class Engine:
     def unsubscribe(self, events: queue.SimpleQueue[Event | None]) -> None:
         with self._lock:
             self._subscribers.remove(events)
+            self._audit_dropped.pop(id(events), None)
 
     def _publish(self, event: Event) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
         for events in subscribers:
             events.put(event)
+
+    def _watch_execs(self) -> None:
+        """Every execve of the guest's containers, from the proc connector (audit.py), for as
+        long as the agent runs; a blocking read, no timer."""
+        try:
+            sock = audit.open_socket()
+        except OSError as exc:
+            log.error("no process audit: the proc connector cannot be read: %s", exc)
+            return
+        # /proc is read after the exec: the sooner this thread runs, the fewer short
+        # processes are gone by then. The highest CFS weight, not a real-time policy (a flood
+        # of events must not starve the threads that send the records).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), audit.READER_NICE)
+        warned = 0.0
+        while True:
+            try:
+                datagram = sock.recv(audit.RECV_BYTES)
+            except OSError as exc:  # ENOBUFS: the kernel dropped events for this socket
+                if time.monotonic() - warned > 10:
+                    log.warning("proc connector: %s (events lost)", exc)
+                    warned = time.monotonic()
+                continue
+            for event in audit.parse(datagram):
+                with self._lock:
+                    if not self._subscribers:
+                        continue
+                try:
+                    self._publish_process(event)
+                except Exception:
+                    log.exception("process event of pid %d", event.tgid)
+
+    def _publish_process(self, exec_event: audit.Exec) -> None:
+        view = audit.read_process(exec_event)
+        with self._lock:
+            process = self._by_pid.get(exec_event.tgid)
+        if process is not None and process.container_id:
+            container_id, exec_id = process.container_id, process.exec_id
+            role: Literal["init", "exec", "execve"] = "exec" if exec_id else "init"
+        else:
+            exec_id, role = "", "execve"
+            container_id = self._container_of_cgroup(view.cgroup) if view.complete else None
+            if container_id is None and not view.complete:
+                # Gone before it was read (a zombie's cgroup reads "/"): its parent's container,
+                # else an unknown one ("").
+                container_id = self._container_of_pid(view.ppid) or ""
+            if container_id is None:
+                return  # the agent's own processes
+        event = Event("process", container_id, exec_id, pid=exec_event.tgid, role=role,
+                      view=view, time_ns=time.time_ns())
+        with self._lock:
+            subscribers = list(self._subscribers)
+            for events in subscribers:
+                key = id(events)
+                if events.qsize() >= AUDIT_BACKLOG:
+                    self._audit_dropped[key] = self._audit_dropped.get(key, 0) + 1
+                    continue
+                dropped = self._audit_dropped.pop(key, 0)
+                events.put(event if not dropped else dataclasses.replace(event,
+                                                                        dropped=dropped))
+
+    def _container_of_pid(self, pid: int) -> str | None:
+        with self._lock:
+            process = self._by_pid.get(pid)
+        if process is not None and process.container_id:
+            return process.container_id
+        try:
+            with open(f"/proc/{pid}/cgroup", "rb") as f:
+                return self._container_of_cgroup(audit.parse_cgroup(f.read()))
+        except OSError:
+            return None
+
+    def _container_of_cgroup(self, path: str) -> str | None:
+        """The container whose cgroup holds `path`, if any."""
+        if not path:
+            return None
+        full = (cgroups.ROOT + path).rstrip("/")
+        for container in list(self.containers.values()):
+            cgroup = container.cgroup
+            if cgroup is not None and (full == cgroup.path or
+                                       full.startswith(cgroup.path + "/")):
+                return container.id
+        return None
 
     def _check_oom(self, container: Container) -> None:
         """Publish an OOM event if the container's oom_kill count grew since last seen."""

@@ -282,13 +282,45 @@ class OomKilled(_message.Message):
     container_id: str
     def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
+class ProcessStarted(_message.Message):
+    __slots__ = ("container_id", "exec_id", "role", "pid", "ppid", "uid", "euid", "argv", "argv_truncated", "complete", "time_ns", "dropped", "comm")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    EUID_FIELD_NUMBER: _ClassVar[int]
+    ARGV_FIELD_NUMBER: _ClassVar[int]
+    ARGV_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    TIME_NS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    role: str
+    pid: int
+    ppid: int
+    uid: int
+    euid: int
+    argv: _containers.RepeatedScalarFieldContainer[str]
+    argv_truncated: bool
+    complete: bool
+    time_ns: int
+    dropped: int
+    comm: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., role: _Optional[str] = ..., pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., euid: _Optional[int] = ..., argv: _Optional[_Iterable[str]] = ..., argv_truncated: _Optional[bool] = ..., complete: _Optional[bool] = ..., time_ns: _Optional[int] = ..., dropped: _Optional[int] = ..., comm: _Optional[str] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("exit", "oom")
+    __slots__ = ("exit", "oom", "process")
     EXIT_FIELD_NUMBER: _ClassVar[int]
     OOM_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
     exit: ProcessExited
     oom: OomKilled
-    def __init__(self, exit: _Optional[_Union[ProcessExited, _Mapping]] = ..., oom: _Optional[_Union[OomKilled, _Mapping]] = ...) -> None: ...
+    process: ProcessStarted
+    def __init__(self, exit: _Optional[_Union[ProcessExited, _Mapping]] = ..., oom: _Optional[_Union[OomKilled, _Mapping]] = ..., process: _Optional[_Union[ProcessStarted, _Mapping]] = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
     __slots__ = ("sandbox_id", "hostname", "dns", "sysctls", "shared_namespaces")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from ...config import RuntimeConfig
     from ...workload.manager import WorkloadManager
 
+FOLLOW_POLL_S = 0.25
 RUN_FAILED = 125  # docker's and podman's status for "the container could not be run"
 
 
@@ -116,6 +119,21 @@ def add_all(sub: Any) -> None:
     p = sub.add_parser("logs", help="print a detached container's output")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until it exits")
     p.add_argument("container", metavar="CONTAINER")
+
+    p = sub.add_parser(
+        "events", help="print the processes the tenant's containers started (audit)",
+        description="Every process started in the tenant's containers (the init, each exec, "
+                    "every execve inside), as the guest reported it: time, container, pid, "
+                    "ppid, uid, argv; and counts of records dropped over the sandbox's bounds. "
+                    "The guest's word: see docs/security.md, Process audit.")
+    p.add_argument("--since", metavar="TIME",
+                   help="from this time on: RFC 3339, a Unix time, or a duration ago (10m)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing new records (of containers started later too)")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="json: one object a line")
+    p.add_argument("containers", nargs="*", metavar="CONTAINER",
+                   help="only these (names or ids; removed containers by id)")
 
     p = sub.add_parser("stop", help="stop containers: the image's stop signal (default TERM), "
                                     "then KILL")
@@ -323,6 +341,58 @@ async def _logs(manager: WorkloadManager, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _events(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    from ...workload import audit_log
+    from ...workload.records import rfc3339
+
+    since = audit_log.parse_since(args.since, time.time()) if args.since else None
+    wanted = {_audit_key(manager, key) for key in args.containers}
+
+    def show(records: list[audit_log.AuditRecord]) -> None:
+        for r in records:
+            if wanted and r.id not in wanted:
+                continue
+            if args.format == "json":
+                print(json.dumps(r.to_json()))
+            elif r.type == "dropped":
+                print(f"{rfc3339(r.time)}  {r.container}  dropped {r.dropped} "
+                      "records (over the sandbox's audit bounds)")
+            else:
+                flags = ("" if r.complete else f" (incomplete: {r.comm or '?'})") + \
+                    (" (argv truncated)" if r.argv_truncated else "")
+                print(f"{rfc3339(r.time)}  {r.container}  {r.role:<6} "
+                      f"pid={r.pid} ppid={r.ppid} uid={r.uid}  {json.dumps(list(r.argv))}"
+                      f"{flags}")
+        sys.stdout.flush()
+
+    if not args.follow:
+        show(manager.audit_events(since))
+        return 0
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tail = manager.audit_tail(from_start=since is not None, since=since)
+    try:
+        while not stop.is_set():
+            show(tail.poll())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), FOLLOW_POLL_S)
+    finally:
+        tail.close()
+    return 0
+
+
+def _audit_key(manager: WorkloadManager, key: str) -> str:
+    """A container's id by name or id; an id as given (its container may be removed)."""
+    try:
+        return manager.find(key).id
+    except RunvError:
+        if len(key) == 32 and all(c in "0123456789abcdef" for c in key):
+            return key
+        raise
+
+
 async def _each(args: argparse.Namespace, body: Callable[[str], Awaitable[None]]) -> int:
     """Act on every named container; report each failure, go on, exit 1 if any failed."""
     failed = False
@@ -439,7 +509,7 @@ async def _load(manager: WorkloadManager, args: argparse.Namespace) -> int:
 _HANDLERS: dict[str, Any] = {
     "run": _run, "ps": _ps, "exec": _exec, "logs": _logs, "stop": _stop, "kill": _kill,
     "rm": _rm, "wait": _wait, "inspect": _inspect, "info": _info, "pull": _pull,
-    "images": _images, "rmi": _rmi, "load": _load,
+    "images": _images, "rmi": _rmi, "load": _load, "events": _events,
 }
 
 

@@ -166,7 +166,7 @@ async def _first_container(owned: Resources, container_id: str, spec: oci_spec.S
     vm = owned.vm
     assert vm is not None
     supervisor = Supervisor(container_id, vm, owned.shared, owned.network, vm.shares[0].driver,
-                            enabled_annotations=config.enable_annotations)
+                            enabled_annotations=config.enable_annotations, audit=config.audit)
     owned.supervisor = supervisor
     if owned.control is None:
         owned.control = ControlServer(vm.paths.control_socket, supervisor.serve)

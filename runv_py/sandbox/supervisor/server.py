@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...agent.convert import Storage
+from ...config import AuditConfig
 from ...devices import ShareDriver
 from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvError, SpecError
 from ...oci import spec as oci_spec
 from ...runtime_annotations import DEFAULT_ENABLED
 from ...storage.shared import Trees
 from .. import block_rootfs, guest_spec, pod, policy, protocol
+from ..audit import AuditLimiter
 from ..block_rootfs import BlockContainer
 from ..control import AsyncChannel
 from ..guest_api import SandboxVm
@@ -67,6 +69,7 @@ REMOVE_TIMEOUT_S = 10.0
 # How long an init's exit waits for the agent's event stream to deliver it too (the stream
 # carries an OOM kill before the exit it caused; WaitProcess answers on its own call).
 EVENTS_CATCH_UP_S = 1.0
+AUDIT_LISTENER_BACKLOG = 4096  # process records queued for one events listener
 Handler = Callable[[Any], Awaitable[Reply]]
 SessionHandler = Callable[[Any, AsyncChannel, list[int]], Awaitable[None]]
 
@@ -74,10 +77,11 @@ SessionHandler = Callable[[Any, AsyncChannel, list[int]], Awaitable[None]]
 class Supervisor:
     def __init__(self, sandbox_id: str, vm: SandboxVm, shared: Shared,
                  network: GuestNetwork, driver: ShareDriver, *,
-                 enabled_annotations: tuple[str, ...] = DEFAULT_ENABLED) -> None:
+                 enabled_annotations: tuple[str, ...] = DEFAULT_ENABLED,
+                 audit: AuditConfig | None = None) -> None:
         """`sandbox_id`: the sandbox container's id; `driver`: how the guest mounts the
         shared directory; `enabled_annotations`: the config's (for a pod's other
-        containers)."""
+        containers); `audit`: the bounds of its process records."""
         self.id = sandbox_id
         self.enabled_annotations = enabled_annotations
         self.vm = vm
@@ -95,6 +99,8 @@ class Supervisor:
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.event_listeners: set[asyncio.Queue[protocol.Event]] = set()
+        self.audit_listeners: set[asyncio.Queue[protocol.Event]] = set()  # of those
+        self.audit = AuditLimiter(audit or AuditConfig())
         self.agent_exits: dict[str, asyncio.Event] = {}  # container -> its init's exit streamed
         self.attachments: set[asyncio.Task[Any]] = set()
         self.handlers: dict[Op, Handler] = {
@@ -339,6 +345,8 @@ class Supervisor:
             return
         queue: asyncio.Queue[protocol.Event] = asyncio.Queue()
         self.event_listeners.add(queue)
+        if request.audit:
+            self.audit_listeners.add(queue)
         closed = asyncio.create_task(channel.recv())
         try:
             while True:
@@ -348,8 +356,8 @@ class Supervisor:
                     get.cancel()
                     return
                 event = get.result()
-                if event.id != container.id:
-                    continue
+                if event.id != container.id and (event.id or event.type == "exit"):
+                    continue  # another container's (a process's of an unknown one is sent)
                 channel.send_nowait(protocol.to_wire(event))
                 if event.type == "exit":
                     return  # a stopped container has nothing more to report
@@ -357,6 +365,7 @@ class Supervisor:
             closed.cancel()
             await asyncio.gather(closed, return_exceptions=True)
             self.event_listeners.discard(queue)
+            self.audit_listeners.discard(queue)
 
     async def _join(self, request: Create, channel: AsyncChannel, fds: list[int]) -> None:
         """Another container of the pod: its own rootfs and mounts in the share (under names
@@ -441,6 +450,8 @@ class Supervisor:
                 await asyncio.wait_for(self._agent_exit(container.id).wait(),
                                        EVENTS_CATCH_UP_S)
             self.agent_exits.pop(container.id, None)
+            if (dropped := self.audit.flush(container.id)) is not None:
+                self._publish(dropped)
             self._publish(protocol.Event(type="exit", id=container.id, exit_status=code))
 
     def _agent_exit(self, container_id: str) -> asyncio.Event:
@@ -460,12 +471,23 @@ class Supervisor:
                 if event.kind == "oom":
                     self._publish(protocol.Event(type="oom",
                                                  id=event.container_id or self.id))
+                elif event.kind == "process":
+                    if self.audit_listeners:
+                        for record in self.audit.admit(event):
+                            self._publish(record)
                 elif event.exec_id == "" and event.container_id in self.containers:
                     self._agent_exit(event.container_id).set()
 
     def _publish(self, event: protocol.Event) -> None:
-        for queue in self.event_listeners:
-            queue.put_nowait(event)
+        if event.type not in ("process", "dropped"):
+            for queue in self.event_listeners:
+                queue.put_nowait(event)
+            return
+        for queue in self.audit_listeners:
+            if event.type == "process" and queue.qsize() >= AUDIT_LISTENER_BACKLOG:
+                self.audit.count_dropped(1)  # a listener that does not read
+            else:
+                queue.put_nowait(event)
 
     # -- lifetime ---------------------------------------------------------------------------
 
