@@ -107,8 +107,8 @@ class PendingStreams:
     """StdioStream registrations waiting for their host's connection: token -> (process, its
     output fds, deadline). A process has at most one; registering it again (the host's
     StdioStream call timed out under load after the agent had answered, and the host asks
-    again) replaces the unclaimed one, so the process's output and stdin are not held for
-    CONNECT_WAIT_S by a connection that will never come."""
+    again, with the same token) replaces the unclaimed one, so the process's output and stdin
+    are not held for CONNECT_WAIT_S by a connection that will never come."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -204,8 +204,10 @@ class AgentClient:
         closed when it ends, else stdin is closed at once. Over a vsock stream of its own when
         the client can dial one and the agent serves it, else over the Stdio RPC."""
         if self.dial is not None:
+            # One token for every attempt: a late copy of an earlier attempt that the agent
+            # runs after a later one registers the same connection, not another.
+            token = secrets.token_bytes(32)
             for attempt in range(1, STDIO_STREAM_ATTEMPTS + 1):
-                token = secrets.token_bytes(32)
                 try:
                     response = await self._stub.StdioStream(pb.StdioStreamRequest(
                         container_id=container_id, exec_id=exec_id, token=token),

@@ -1,6 +1,6 @@
 """The host side of StdioStream on a starved guest: a call that timed out is asked again
-(the agent replaces the unclaimed registration, tests/unit/test_agent_stdio.py), and the
-process's output comes over the second one."""
+with the same token (the agent replaces the unclaimed registration,
+tests/unit/test_agent_stdio.py), and the process's output comes over the stream."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def test_a_timed_out_stdio_stream_is_asked_again() -> None:
         agent = _agent(stub, sent)
         outputs = [o async for o in agent.stdio("c", "e1")]
         assert [o.data for o in outputs] == [b"out", b""]
-        assert len(stub.tokens) == 2 and stub.tokens[0] != stub.tokens[1]
-        assert sent[0] == stub.tokens[1]  # the connection brings the second token
+        assert len(stub.tokens) == 2 and stub.tokens[0] == stub.tokens[1]
+        assert sent[0] == stub.tokens[0]  # the connection brings the token
 
     asyncio.run(test())
 
