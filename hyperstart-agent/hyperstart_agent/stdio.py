@@ -103,6 +103,55 @@ def read_output(process: Process, fds: tuple[int | None, int | None],
         yield pb.StdioOutput(stream=kinds[kind], data=data, eof=not data)
 
 
+class PendingStreams:
+    """StdioStream registrations waiting for their host's connection: token -> (process, its
+    output fds, deadline). A process has at most one; registering it again (the host's
+    StdioStream call timed out under load after the agent had answered, and the host asks
+    again, with the same token) replaces the unclaimed one, so the process's output and stdin
+    are not held for CONNECT_WAIT_S by a connection that will never come."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._expected: dict[bytes, tuple[Process, tuple[int | None, int | None], float]] = {}
+
+    def __bool__(self) -> bool:
+        with self._lock:
+            return bool(self._expected)
+
+    def register(self, process: Process, token: bytes) -> None:
+        if len(token) != TOKEN_BYTES:
+            raise AgentError("INVALID_ARGUMENT", f"StdioStream: the token must be "
+                             f"{TOKEN_BYTES} bytes, not {len(token)}")
+        with self._lock:
+            fds = process.attach_reader()
+            if fds is None:
+                stale = next((t for t, (p, _, _) in self._expected.items() if p is process),
+                             None)
+                if stale is None:
+                    raise AgentError("FAILED_PRECONDITION", f"Stdio of {process.container_id}/"
+                                     f"{process.exec_id} is already attached")
+                _, fds, _ = self._expected.pop(stale)
+            self._expected[token] = (process, fds, time.monotonic() + CONNECT_WAIT_S)
+
+    def claim(self, token: bytes) -> tuple[Process, tuple[int | None, int | None]] | None:
+        """The registration of `token` (each is good for one connection), or None."""
+        with self._lock:
+            found = next((t for t in self._expected if hmac.compare_digest(t, token)), None)
+            if found is None:
+                return None
+            process, fds, _ = self._expected.pop(found)
+        return process, fds
+
+    def expired(self) -> list[Process]:
+        """Remove and return the registrations whose process closed or whose host did not
+        come in time."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [token for token, (process, _, deadline) in self._expected.items()
+                    if process.closed or now > deadline]
+            return [self._expected.pop(token)[0] for token in gone]
+
+
 class StreamListener:
     """The vsock listener of StdioStream. Only the host (peer CID 2) is served: a container's
     own vsock socket reaches it from the guest's CID (or the local CID 1) and is closed at
@@ -120,8 +169,7 @@ class StreamListener:
             self._listener.close()
             raise
         self._listener.setblocking(False)
-        self._lock = threading.Lock()
-        self._expected: dict[bytes, tuple[Process, tuple[int | None, int | None], float]] = {}
+        self.pending = PendingStreams()
         # expect() writes here: the listener waits without a timeout while nothing is
         # expected (no wake-up of an idle guest), with one while registrations may expire.
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -131,15 +179,7 @@ class StreamListener:
 
     def expect(self, process: Process, token: bytes) -> None:
         """The process's output now belongs to the connection that brings `token`."""
-        if len(token) != TOKEN_BYTES:
-            raise AgentError("INVALID_ARGUMENT", f"StdioStream: the token must be "
-                             f"{TOKEN_BYTES} bytes, not {len(token)}")
-        fds = process.attach_reader()
-        if fds is None:
-            raise AgentError("FAILED_PRECONDITION", f"Stdio of {process.container_id}/"
-                             f"{process.exec_id} is already attached")
-        with self._lock:
-            self._expected[token] = (process, fds, time.monotonic() + CONNECT_WAIT_S)
+        self.pending.register(process, token)
         with suppress(BlockingIOError):  # a wake-up is pending already
             os.write(self._wake_w, b"\0")
 
@@ -155,9 +195,7 @@ class StreamListener:
                 time.sleep(0.1)
 
     def _accept_one(self) -> None:
-        with self._lock:
-            expecting = bool(self._expected)
-        ready = dict(self._poller.poll(IDLE_CHECK_MS if expecting else None))
+        ready = dict(self._poller.poll(IDLE_CHECK_MS if self.pending else None))
         if not ready:
             self._expire()
             return
@@ -180,12 +218,7 @@ class StreamListener:
             raise
 
     def _expire(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            gone = [token for token, (process, _, deadline) in self._expected.items()
-                    if process.closed or now > deadline]
-            dropped = [self._expected.pop(token) for token in gone]
-        for process, _, _ in dropped:
+        for process in self.pending.expired():
             log.warning("stdio stream of %s/%s: the host never connected",
                         process.container_id, process.exec_id)
             process.close_stdin()
@@ -203,14 +236,12 @@ class StreamListener:
                 token += chunk
         except OSError:
             token = b""
-        with self._lock:
-            found = next((t for t in self._expected if hmac.compare_digest(t, token)), None)
-            entry = self._expected.pop(found) if found is not None else None
+        entry = self.pending.claim(token)
         if entry is None:
             log.warning("stdio stream: a connection with a wrong token, closed")
             conn.close()
             return
-        process, fds, _ = entry
+        process, fds = entry
         conn.settimeout(IDLE_CHECK_MS / 1000)
         stdin = conn.dup()
         threading.Thread(target=_stream_stdin, args=(process, stdin), name="stdin",

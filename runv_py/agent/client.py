@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,9 @@ from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Dial = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+STDIO_STREAM_ATTEMPTS = 3
 FRAME = struct.Struct(">BI")  # StdioStream's output frames: stream, length (0: eof)
 MAX_FRAME = 1 << 20
 
@@ -201,16 +204,26 @@ class AgentClient:
         closed when it ends, else stdin is closed at once. Over a vsock stream of its own when
         the client can dial one and the agent serves it, else over the Stdio RPC."""
         if self.dial is not None:
+            # One token for every attempt: a late copy of an earlier attempt that the agent
+            # runs after a later one registers the same connection, not another.
             token = secrets.token_bytes(32)
-            try:
-                response = await self._stub.StdioStream(pb.StdioStreamRequest(
-                    container_id=container_id, exec_id=exec_id, token=token),
-                    timeout=self.call_timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # else: an older agent
-                    raise AgentError(f"agent StdioStream: {exc.code().name}: "
-                                     f"{exc.details()}", exc.code().name) from exc
-            else:
+            for attempt in range(1, STDIO_STREAM_ATTEMPTS + 1):
+                try:
+                    response = await self._stub.StdioStream(pb.StdioStreamRequest(
+                        container_id=container_id, exec_id=exec_id, token=token),
+                        timeout=self.call_timeout_s)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older agent
+                        break
+                    # A starved guest may have registered the token and answered too late:
+                    # the agent replaces an unclaimed registration when asked again.
+                    if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED or \
+                            attempt == STDIO_STREAM_ATTEMPTS:
+                        raise AgentError(f"agent StdioStream: {exc.code().name}: "
+                                         f"{exc.details()}", exc.code().name) from exc
+                    log.warning("agent StdioStream of %s/%s timed out (attempt %d), asking "
+                                "again", container_id, exec_id or "init", attempt)
+                    continue
                 async for output in self._stdio_stream(int(response.port), token, stdin):
                     yield output
                 return

@@ -68,3 +68,29 @@ def test_reset_tells_a_reset_from_a_half_close() -> None:
     b.close()
     assert stdio._reset(a)
     a.close()
+
+
+def test_a_second_stdio_stream_registration_replaces_an_unclaimed_one() -> None:
+    """The host's StdioStream call timed out on a starved guest after the agent had
+    registered its token; the host asks again with a new token: that one gets the output
+    (the old one is refused), instead of 'already attached' until the first one expires and
+    closes the process's stdin."""
+    process, out_w, err_w = _process()
+    pending = stdio.PendingStreams()
+    first, second = b"a" * stdio.TOKEN_BYTES, b"b" * stdio.TOKEN_BYTES
+    pending.register(process, first)
+    pending.register(process, second)
+    assert pending.claim(first) is None
+    claimed = pending.claim(second)
+    assert claimed is not None and claimed[0] is process
+    assert claimed[1] == (process.stdout, process.stderr)
+    assert not pending
+    # Once a connection has claimed it, the output is attached: a third registration fails.
+    try:
+        pending.register(process, b"c" * stdio.TOKEN_BYTES)
+    except stdio.AgentError as exc:
+        assert exc.code == "FAILED_PRECONDITION"
+    else:
+        raise AssertionError("registered a process whose output a connection holds")
+    for fd in (out_w, err_w):
+        os.close(fd)
