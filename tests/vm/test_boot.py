@@ -128,7 +128,7 @@ def test_qemu_killed_during_boot_is_reported_and_cleaned(
             await asyncio.sleep(0.01)
         assert pid, "QEMU did not start"
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(HypervisorError, match="status -9"):
+        with pytest.raises(HypervisorError, match="QEMU was killed by SIGKILL"):
             await asyncio.wait_for(task, 30)
 
     asyncio.run(body())
