@@ -5,6 +5,7 @@ namespaces and servers of the test's own (set in [network] of config.toml)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from runv_py.api import Sandbox
+from runv_py.errors import RunvError
+from runv_py.network import dns as dns_client
 from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401  (fixture)
 
 from .conftest import PEER, Lab, fetch, sh
@@ -145,6 +148,18 @@ def test_sandboxes_reach_each_other_only_through_published_ports_and_cannot_spoo
         assert lease["sandbox_id"] not in _tables()
 
 
+def _wait_for_dns(name: str, server: str) -> None:
+    """The peer's DNS server answers (its Python start takes a moment under load)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            asyncio.run(dns_client.resolve_a(name, (server,), timeout_s=1))
+            return
+        except RunvError:
+            assert time.monotonic() < deadline, f"the DNS server at {server} never answered"
+            time.sleep(0.2)
+
+
 def test_egress_policy_allows_what_it_names_and_refuses_the_rest(
         hyperctl: Hyperctl, net: Net, lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """Through the API: a name resolved by the configured DNS server (the only one the
@@ -156,6 +171,7 @@ def test_egress_policy_allows_what_it_names_and_refuses_the_rest(
         peer_http(lab, ns, address, 8080)
         peer_http(lab, ns, address, 8081)
     lab.spawn(first, sys.executable, str(PEER), "dns", dns, "mirror.test", dns)
+    _wait_for_dns("mirror.test", dns)
     for key in ("RUNV_CONFIG", "RUNV_ASSETS_DIR", "HYPERCTL_ROOT", "HYPERCTL_DATA_ROOT"):
         monkeypatch.setenv(key, hyperctl.env[key])
     with Sandbox.create("busybox", network="default", egress="mirror.test:8080",
