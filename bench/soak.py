@@ -43,6 +43,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import bundle
 from runv_py import child
 
 BIN = Path(sys.executable).parent
@@ -248,8 +249,7 @@ class RunvDoor(Door):
         super().__init__(top, env)
         self.root = top / "runv-root"
         self.state = state
-        self.bundle = top / "bundle"
-        _write_bundle(self.bundle, ["sleep", "600"])
+        self.bundle = bundle.make(top, ["sleep", "600"])
         self.has_gc = _has_command([str(BIN / "runv"), "gc", "--help"], env)
 
     def _argv(self, *args: str) -> list[str]:
@@ -497,32 +497,6 @@ class ShimDoor(Door):
         self.daemon.close()
 
 
-def _write_bundle(bundle: Path, args: list[str]) -> None:
-    rootfs = bundle / "rootfs"
-    _busybox_rootfs(rootfs)
-    spec = {
-        "ociVersion": "1.1.0",
-        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": args,
-                    "env": ["PATH=/bin"], "cwd": "/"},
-        "root": {"path": "rootfs", "readonly": True},
-        "hostname": "soak",
-        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-                   {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                    "options": ["nosuid", "mode=755"]}],
-        "linux": {"namespaces": [{"type": t} for t in
-                                 ("pid", "network", "ipc", "uts", "mount")]},
-    }
-    (bundle / "config.json").write_text(json.dumps(spec))
-
-
-def _busybox_rootfs(root: Path) -> None:
-    for d in ("bin", "proc", "dev", "tmp", "sys", "etc"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    for applet in ("sh", "true", "sleep", "echo", "cat"):
-        (root / "bin" / applet).symlink_to("busybox")
-
-
 # --- what the host holds --------------------------------------------------------------
 
 def _lines(argv: list[str]) -> list[str]:
@@ -716,9 +690,8 @@ def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = Non
             elif name == "api":
                 built[name] = ApiDoor(top, env, state)
             elif name == "shim":
-                rootfs = top / "image-rootfs"
-                _busybox_rootfs(rootfs)
-                built[name] = ShimDoor(top, env, state, rootfs)
+                image = bundle.make(top / "image", ["sh"]) / "rootfs"
+                built[name] = ShimDoor(top, env, state, image)
             else:
                 raise SystemExit(f"soak: --doors: unknown front door {name!r}")
         done: list[Iteration] = []

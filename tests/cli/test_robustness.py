@@ -80,15 +80,22 @@ def test_stopped_standin_gets_its_exit(runv: Runv, tmp_path: Path) -> None:
     assert runv.leftovers() == []
 
 
+def _create_booting(runv: Runv, cid: str) -> subprocess.Popen[bytes]:
+    """`runv create` of a cold boot (its guest takes seconds under TCG), returned once its
+    VM has started: the create is still running and holds the container's lock."""
+    bundle = runv.bundle(["true"], lambda spec: spec.update(
+        annotations={"org.runv.template": "off"}))
+    create = runv.popen("create", "--bundle", str(bundle), cid,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (runv.sandbox_dir(cid) / "console.log").exists():
+        time.sleep(0.01)
+    return create
+
+
 def test_stopped_create_is_named_not_waited_for(runv: Runv, tmp_path: Path) -> None:
     """`runv create` holds the container's lock while the VM boots; stopped there, it makes
     a later command fail with its name instead of hanging it."""
-    bundle = runv.bundle(["true"], lambda spec: spec.update(
-        annotations={"org.runv.template": "off"}))
-    create = runv.popen("create", "--bundle", str(bundle), "c1",
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (runv.sandbox_dir("c1") / "console.log").exists():
-        time.sleep(0.01)
+    create = _create_booting(runv, "c1")
     os.kill(create.pid, signal.SIGSTOP)
     result = runv("delete", "--force", "c1", check=False, timeout=60)
     assert result.returncode == 1
@@ -104,13 +111,7 @@ def test_delete_force_while_running_and_during_create(runv: Runv, tmp_path: Path
     standin = _running(runv, tmp_path, "c1")
     runv("delete", "--force", "c1")
     assert reap(standin) == 137
-    # A cold boot: its guest takes seconds (under TCG) from QEMU's start to its agent.
-    bundle = runv.bundle(["true"], lambda spec: spec.update(
-        annotations={"org.runv.template": "off"}))
-    create = runv.popen("create", "--bundle", str(bundle), "c2",
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (runv.sandbox_dir("c2") / "console.log").exists():
-        time.sleep(0.01)
+    create = _create_booting(runv, "c2")
     create.kill()  # containerd kills runv create when its context is cancelled
     create.wait()
     # Like runc: a container whose create did not finish does not exist; its delete still
