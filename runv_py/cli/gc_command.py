@@ -4,7 +4,6 @@ command line."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -87,6 +86,8 @@ def run_gc(args: argparse.Namespace, config: RuntimeConfig) -> int:
             print(f"{verb} {outcome.orphan.kind} {outcome.orphan.name} "
                   f"({outcome.orphan.owner})", flush=True)
 
+    import asyncio
+
     outcomes = asyncio.run(reconciler.run(reconciler.default_scope(config), dry_run=dry_run,
                                           report=report))
     return 1 if any(o.error for o in outcomes) else 0
@@ -98,6 +99,8 @@ def run_prune(args: argparse.Namespace, config: RuntimeConfig) -> int:
     scope = reconciler.default_scope(
         config, hyperctl_root=Path(args.root) if args.root else None,
         data_root=Path(args.data_root) if args.data_root else None)
+    import asyncio
+
     dry_run = not args.force
     outcomes = asyncio.run(reconciler.run(scope, include_images=args.images, dry_run=dry_run))
     if args.format == "json":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,18 @@ def test_spec_command_writes_a_loadable_template(tmp_path: Path) -> None:
     assert oci_spec.load(tmp_path).raw["hostname"] == "runv"
     with pytest.raises(ConfigError, match="already exists"):
         default_spec.write(tmp_path)
+
+
+@pytest.mark.parametrize("command", [["exec", "c1", "/bin/true"], ["state", "c1"],
+                                     ["kill", "c1", "KILL"]])
+def test_quick_commands_start_without_an_event_loop(tmp_path: Path, command: list[str]) -> None:
+    """containerd's runc shim runs `runv state`/`kill` often and an exec's start-up is its
+    latency: these paths load no asyncio (and nothing it pulls in: ssl, selectors' loops)."""
+    probe = ("import sys\nfrom runv_py.cli import main as cli\n"
+             "try:\n    code = cli.main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+             "    code = exc.code\n"
+             "print(code, *sorted(m for m in ('asyncio', 'ssl', 'grpc') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, "--root", str(tmp_path), *command],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "c1 does not exist" in done.stderr
+    assert done.stdout.split() == ["1"]
