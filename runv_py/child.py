@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 # fork() (not vfork) a process that has gRPC threads. The signal follows the thread that
 # spawned the child: spawn from the event loop thread.
 SETPRIV = ("setpriv", "--pdeathsig", "KILL", "--")
+PR_SET_PDEATHSIG = 1
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -158,17 +160,21 @@ def spawn_detached(
     stdio: int | None = None,
     pass_fds: Sequence[int] = (),
     new_session: bool = True,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start a helper that outlives the calling CLI command (a supervisor or a stand-in).
     `stdout` receives its stdout and stderr with stdin from /dev/null; or `stdio` is one fd for
-    all three (a terminal); with neither it inherits the caller's stdio."""
+    all three (a terminal); with neither it inherits the caller's stdio. With
+    `die_with_parent` it is SIGKILLed if the calling thread ends, until it clears that itself
+    (set_parent_death_signal(0)) once it is on its own."""
     if stdio is not None:
         streams: dict[str, Any] = {"stdin": stdio, "stdout": stdio, "stderr": stdio}
     elif stdout is not None:
         streams = {"stdin": subprocess.DEVNULL, "stdout": stdout, "stderr": subprocess.STDOUT}
     else:
         streams = {}
-    return subprocess.Popen(list(argv), pass_fds=tuple(pass_fds),
+    prefix = SETPRIV if die_with_parent else ()
+    return subprocess.Popen([*prefix, *argv], pass_fds=tuple(pass_fds),
                             start_new_session=new_session, **streams)
 
 
@@ -196,6 +202,23 @@ async def run(argv: Sequence[str], *, input: bytes = b"", env: dict[str, str] | 
         raise
     assert process.returncode is not None
     return Completed(process.returncode, stdout, stderr)
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """The kernel sends this process `signum` when the thread that spawned it ends (0: never).
+    It reaches a stopped process too, which nothing of its own can clean up."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signum) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
+def has_reader(pipe_w: int) -> bool:
+    """Whether anyone still holds the read end of the pipe whose write end is `pipe_w`."""
+    poller = select.poll()
+    poller.register(pipe_w, 0)
+    return not poller.poll(0)
 
 
 async def read_report(fd: int, timeout_s: float) -> bytes:

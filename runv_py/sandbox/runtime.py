@@ -314,8 +314,11 @@ class Runtime:
         log_path = self.store.log_path(container_id)
         try:
             with open(log_path, "ab") as logfile:
+                # Until it reports, the supervisor is this thread's: if this process is
+                # killed meanwhile, so is the supervisor, even a stopped one.
                 child.spawn_detached(argv + (["--debug"] if self.debug else []),
-                                     stdout=logfile, pass_fds=(status_w,))
+                                     stdout=logfile, pass_fds=(status_w,),
+                                     die_with_parent=True)
         finally:
             os.close(status_w)
         raw = await child.read_report(status_r, SUPERVISOR_REPORT_TIMEOUT_S)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from .. import child
 from . import journal, logfile, worker
 from .memory import check_reachable
 
@@ -26,7 +26,6 @@ log = logging.getLogger("runv-vsock")
 RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5
 WORKER_STOP_S = 3.0  # a stopping worker closes its connections; then SIGKILL
-PR_SET_PDEATHSIG = 1
 
 
 def listen_all(paths: list[Path]) -> list[socket.socket]:
@@ -231,9 +230,7 @@ def _run_worker(argv: list[str], keep: set[int], keeper: int) -> NoReturn:
 
 
 def _die_with(keeper: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    child.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != keeper:  # the keeper died before the prctl
         os._exit(1)
 

@@ -10,6 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from runv_py import child
+from runv_py.sandbox import vm_dir
 from tests.vm.conftest import processes_mentioning
 
 from .conftest import Runv, reap
@@ -119,6 +121,27 @@ def test_delete_force_while_running_and_during_create(runv: Runv, tmp_path: Path
     assert b"does not exist" in runv("state", "c2", check=False).stderr
     out = runv("delete", "--force", "c2", check=False).stderr
     assert b"does not exist" in out
+    assert runv.leftovers() == []
+
+
+def test_a_stopped_supervisor_dies_with_the_create_that_started_it(runv: Runv) -> None:
+    """Until it has reported, a supervisor belongs to the create that started it. Stopped
+    while it boots and its create killed, nothing of its own can end it (hyperctl's monitor
+    removed by rm -f met this in the soak): the kernel's parent-death signal does."""
+    create = _create_booting(runv, "c1")
+    found = None
+    while found is None:
+        found = vm_dir.owner(runv.sandbox_dir("c1"))
+        time.sleep(0.01)
+    supervisor, start = found
+    os.kill(supervisor, signal.SIGSTOP)
+    create.kill()
+    create.wait()
+    deadline = time.monotonic() + 10
+    while child.is_running(supervisor, start) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not child.is_running(supervisor, start), child.describe(supervisor)
+    runv("delete", "--force", "c1", check=False)  # as containerd does after a failed create
     assert runv.leftovers() == []
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from ... import child
 from ...errors import RunvError
 from ...storage.shared import enter_private_mount_namespace
 from . import launch
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pool_fd is None and None in (args.root, args.id, args.bundle, args.status_fd):
         parser.error("--root, --id, --bundle and --status-fd are required (or --pool-fd)")
+    if args.status_fd is not None and not child.has_reader(args.status_fd):
+        return 1  # its starter died before the parent-death signal was set (spawn_detached)
     from ... import log
 
     # Before any thread exists: unshare(CLONE_NEWNS) refuses a process with threads.

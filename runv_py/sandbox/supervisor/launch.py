@@ -195,6 +195,9 @@ async def for_container(args: Args, status_fd: int) -> int:
         except BaseException as exc:
             os.write(status_fd, protocol.encode(protocol.error_reply(exc)))
             raise
+        # From its report on, the sandbox outlives the process that started it (runv create
+        # exits); a reader gone by now makes the write fail and the sandbox end here.
+        child.set_parent_death_signal(0)
         os.write(status_fd, protocol.encode(reply.to_wire()))
         os.close(status_fd)
         assert owned.supervisor is not None
