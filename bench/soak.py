@@ -11,7 +11,8 @@ owner). Then it checks:
 - after the door's own forced removal and the reconciler (`runv gc`, `hyperctl system prune
   -f`, when this checkout has them) nothing of the sandbox is left: processes, files under
   the state and data roots, mounts, network namespaces, nftables tables, iptables rules,
-  cgroups.
+  cgroups. A shim stopped for good is SIGKILLed first, as an operator would: containerd
+  waits for a stopped shim (runc's too) without a limit.
 
     python bench/soak.py [--iterations 20] [--seed N] [--doors runv,hyperctl,api,shim]
                          [--json FILE]
@@ -648,6 +649,13 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
         if index == fault_at:
             check_truth(door, ident, top, it)
     markers = door.markers(ident) | {p.name for p in (top / "state" / "sandboxes").glob("*")}
+    # containerd waits for a stopped shim without a limit (runc's shim too: a `ctr task
+    # delete -f` hung with it SIGSTOPped); an operator's remedy is SIGKILL, after which
+    # containerd runs the shim's `delete` action.
+    frozen = it.fault if it.fault is not None and it.fault.frozen else None
+    if frozen is not None and frozen.kind == "shim" and \
+            any(p.pid == frozen.pid for p in processes_mentioning(str(top))):
+        os.kill(frozen.pid, signal.SIGKILL)
     removed = door.remove(ident)
     it.results.append(removed)
     if removed.code is None:
