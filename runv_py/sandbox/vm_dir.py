@@ -76,12 +76,14 @@ def claimant(name: str) -> tuple[int, int] | None:
 
 def empty(path: Path) -> None:
     """Everything in the directory but its owner file: what its owner leaves when it ends, so
-    that whoever waits for it (runv delete) still knows which process to wait for."""
+    that whoever waits for it (runv delete) still knows which process to wait for. The host
+    cgroup's record stays too: the owner removes it with the cgroup, its last act, and a
+    deleter that finds it removes the cgroup (remove())."""
     with contextlib.suppress(FileNotFoundError):
         for entry in path.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
-            elif entry.name != OWNER:
+            elif entry.name not in (OWNER, host_cgroup.RECORD):
                 entry.unlink(missing_ok=True)
 
 

@@ -45,6 +45,7 @@ CGROUP_PARENT = "/hyperctl"
 # A detached container's output.log: this size, then one rotation (output.log.1).
 LOG_MAX_SIZE = 64 << 20
 POLL_S = 0.1
+KILL_WAIT_S = 10.0
 AUDIT_CATCH_UP_S = 2.0   # after a container's exit, for the last of its process records
 UNKNOWN_EXIT = 255
 DISK_FILE = "disk.img"
@@ -370,8 +371,20 @@ class WorkloadManager:
         return status
 
     async def kill(self, workload: Workload, signum: int = signal.SIGKILL) -> None:
+        """Send `signum` to the container's process. SIGKILL returns once the container is
+        recorded exited (as docker kill does), so that `kill && rm` works; bounded by
+        KILL_WAIT_S for a VM that cannot answer (a stopped QEMU)."""
         await self._require_running(workload)
         await self.runtime.kill(workload.id, signum)
+        if signum != signal.SIGKILL:
+            return
+        deadline = time.monotonic() + KILL_WAIT_S
+        while (await self.status(self.records.load(workload.id))).status.live:
+            if time.monotonic() > deadline:
+                log.warning("container %s has not exited %g s after SIGKILL", workload.name,
+                            KILL_WAIT_S)
+                return
+            await asyncio.sleep(POLL_S)
 
     async def stop(self, workload: Workload, grace_s: float = 10.0) -> Status:
         """The image's stop signal (default TERM), then KILL after `grace_s`."""

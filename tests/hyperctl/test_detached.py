@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,6 +131,20 @@ def test_zz_kill_stop_wait_rm(web: tuple[Hyperctl, Path]) -> None:
     assert hc("wait", "web").stdout == b"9\n"
     hc("rm", "web")
     assert hc("ps", "-a", "-q").stdout == b""
+
+
+def test_kill_returns_once_the_container_has_exited(hyperctl: Hyperctl) -> None:
+    """As docker kill: `kill` (SIGKILL) and then `rm` works, without a wait between (the soak's
+    hyperctl door met 'is running' from an rm right after a kill)."""
+    cid = hyperctl("run", "-d", "busybox", "sleep", "600").stdout.decode().strip()[:12]
+    probe = ("import sys\nfrom runv_py.cli.hyperctl import main\n"
+             "def call(*argv):\n    try:\n        return main(list(argv))\n"
+             "    except SystemExit as exc:\n        return exc.code\n"
+             f"print(call('kill', {cid!r}), call('rm', {cid!r}))")
+    result = subprocess.run([sys.executable, "-c", probe], env=hyperctl.env, timeout=120,
+                            capture_output=True, check=False)
+    assert result.stdout.split()[-2:] == [b"0", b"0"], result.stderr.decode()
+    assert hyperctl("ps", "-a", "-q").stdout == b""
 
 
 def test_killed_monitor_leaves_an_exited_container_that_rm_cleans(hyperctl: Hyperctl) -> None:

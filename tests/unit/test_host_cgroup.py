@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runv_py.errors import SpecError
-from runv_py.sandbox import cgroup, host_cgroup
+from runv_py.sandbox import cgroup, host_cgroup, vm_dir
 from runv_py.sandbox.host_cgroup import Limits, limit_files, limits, resolve
 
 
@@ -144,6 +144,41 @@ def test_a_killed_owner_leaves_a_record_that_removes_it(tmp_path: Path) -> None:
         owner.wait()
         host_cgroup.remove_recorded(record)
         assert not record.exists()
+        deadline = time.monotonic() + 5
+        while any((root / name).exists() for root in roots.values()):
+            assert time.monotonic() < deadline, "cgroup left behind"
+            time.sleep(0.05)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for root in roots.values():
+            if (root / name).exists():
+                (root / name).rmdir()
+
+
+def test_a_supervisor_killed_after_emptying_its_vm_directory_leaves_the_record(
+        tmp_path: Path) -> None:
+    """A supervisor ending empties its VM directory (its VM closed) before it removes its
+    host cgroup; SIGKILLed in between (the soak did it during an API sandbox's close), the
+    deleter's vm_dir.remove() must still find the cgroup's record there."""
+    name = f"runv-unit-e{os.getpid()}"
+    (tmp_path / vm_dir.OWNER).write_text("1 1")
+    record = tmp_path / host_cgroup.RECORD
+    script = (f"import os, time; from pathlib import Path; "
+              f"from runv_py.sandbox import cgroup, vm_dir, host_cgroup as h; "
+              f"c = h.HostCgroup.create('/{name}', h.Limits(pids=300), cgroup.memberships(), "
+              f"Path({str(record)!r})); c.join([os.getpid()]); "
+              f"vm_dir.empty(Path({str(tmp_path)!r})); print('emptied', flush=True); "
+              f"time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    roots = cgroup.roots(cgroup.memberships())
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == b"emptied\n"
+        owner.kill()
+        owner.wait()
+        vm_dir.remove(tmp_path)
+        assert not tmp_path.exists()
         deadline = time.monotonic() + 5
         while any((root / name).exists() for root in roots.values()):
             assert time.monotonic() < deadline, "cgroup left behind"

@@ -4,6 +4,7 @@ reader that saw the VM still there must not report the status as unknown."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -54,3 +55,37 @@ def test_a_created_container_without_a_vm_is_created(tmp_path: Path) -> None:
     manager = WorkloadManager(RuntimeConfig(), tmp_path / "state", tmp_path / "data")
     workload = _workload(manager, "b" * 32)
     assert asyncio.run(manager.status(workload)).state == "created"
+
+
+class SlowToExit:
+    """A runtime whose container exits a few state queries after its SIGKILL was delivered, as
+    a loaded guest's exit reaches the supervisor."""
+
+    def __init__(self, manager: WorkloadManager, queries_to_exit: int) -> None:
+        self.store = SimpleNamespace(load=manager.records.load)
+        self.signals: list[int] = []
+        self.queries_to_exit = queries_to_exit
+
+    async def kill(self, container_id: str, signum: int) -> None:
+        self.signals.append(signum)
+
+    async def state_reply(self, record: Any) -> StateReply | None:
+        if self.signals and self.signals[-1] == signal.SIGKILL:
+            self.queries_to_exit -= 1
+        status = ContainerStatus.STOPPED if self.queries_to_exit < 0 else \
+            ContainerStatus.RUNNING
+        return StateReply(status=status)
+
+
+def test_kill_returns_once_the_container_has_exited(tmp_path: Path) -> None:
+    """As docker kill: after `hyperctl kill` (SIGKILL), `rm` finds the container exited; other
+    signals return at once."""
+    manager = WorkloadManager(RuntimeConfig(), tmp_path / "state", tmp_path / "data")
+    workload = _workload(manager, "c" * 32, started=time.time())
+    runtime = SlowToExit(manager, queries_to_exit=3)
+    manager.runtime = runtime  # type: ignore[assignment]
+    asyncio.run(manager.kill(workload, signal.SIGUSR1))
+    assert asyncio.run(manager.status(workload)).state == "running"
+    asyncio.run(manager.kill(workload))
+    assert runtime.signals == [signal.SIGUSR1, signal.SIGKILL]
+    assert asyncio.run(manager.status(workload)).state == "exited"
