@@ -17,7 +17,8 @@ owner). Then it checks:
     python bench/soak.py [--iterations 20] [--seed N] [--doors runv,hyperctl,api,shim]
                          [--json FILE]
 
-Exit status 1 when any iteration found something (its roots are then kept for a look). Every
+Exit status 1 when any iteration found something (its roots are then kept for a look, with a
+copy of the iteration's logs taken before its forced removal in <roots>/logs/<iteration>). Every
 process it kills was started for the iteration (found by the iteration's own roots in its
 command line).
 """
@@ -652,6 +653,7 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
     # containerd waits for a stopped shim without a limit (runc's shim too: a `ctr task
     # delete -f` hung with it SIGSTOPped); an operator's remedy is SIGKILL, after which
     # containerd runs the shim's `delete` action.
+    logs = _keep_logs(top, top / "logs" / str(it.number + 1))
     frozen = it.fault if it.fault is not None and it.fault.frozen else None
     if frozen is not None and frozen.kind == "shim" and \
             any(p.pid == frozen.pid for p in processes_mentioning(str(top))):
@@ -675,6 +677,20 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
         for proc in processes_mentioning(str(top)):  # so the next iteration starts clean
             if proc.pid not in keep:
                 os.kill(proc.pid, signal.SIGKILL)
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+def _keep_logs(top: Path, to: Path) -> Path:
+    """A copy of the iteration's logs (supervisors', monitors', shims' bundles'), taken before
+    its forced removal deletes them; kept when the iteration found something."""
+    for log in top.rglob("*.log"):
+        if log.is_file() and not log.is_symlink() and not log.is_relative_to(top / "logs"):
+            copy = to / log.relative_to(top)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copyfile(log, copy)
+    return to
 
 
 def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = None,
