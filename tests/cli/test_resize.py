@@ -1,0 +1,109 @@
+"""`runv update` resizes the running sandbox's VM (docs/resize.md): memory DIMMs and vCPUs
+hot-plugged as the container's limits grow, DIMMs unplugged (their memory back to the host) as
+they shrink, a request beyond [hypervisor] max_memory_mib / max_vcpus refused with nothing
+changed. In a real guest from the default config's template path."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from tests.cli.conftest import Runv
+
+MIB = 1 << 20
+
+
+def _mem_total_mib(runv: Runv, cid: str) -> int:
+    meminfo = runv("exec", cid, "cat", "/proc/meminfo").stdout.decode()
+    match = re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.M)
+    assert match, meminfo
+    return int(match.group(1)) // 1024
+
+
+def _cpus_online(runv: Runv, cid: str) -> str:
+    return runv("exec", cid, "cat", "/sys/devices/system/cpu/online").stdout.decode().strip()
+
+
+def _memory_limit(runv: Runv, cid: str) -> int:
+    stats = json.loads(runv("events", "--stats", cid).stdout)
+    return int(stats["data"]["memory"]["usage"]["limit"])
+
+
+def _dimm_mappings_mib(qemu: int) -> list[int]:
+    """The sizes of QEMU's mappings of DIMM memory (hotplug.add_dimm: memfd backends; the
+    boot RAM of a template clone is its template's file)."""
+    sizes = []
+    for line in Path(f"/proc/{qemu}/maps").read_text().splitlines():
+        if "/memfd:memory-backend-memfd" in line:
+            start, end = (int(a, 16) for a in line.split()[0].split("-"))
+            sizes.append((end - start) // MIB)
+    return sizes
+
+
+def _qemu_pid(runv: Runv, cid: str) -> int:
+    """The QEMU of the sandbox: the one process whose argv names its VM directory."""
+    vm = str(runv.sandbox_dir(cid))
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-system-x86_64") and vm.encode() in b" ".join(argv):
+            return int(entry.name)
+    raise AssertionError(f"no QEMU for {vm}")
+
+
+def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
+    bundle = runv.bundle(["sleep", "600"])
+    runv("run", "--bundle", str(bundle), "--detach", "c1")
+    before_mib, before_cpus = _mem_total_mib(runv, "c1"), _cpus_online(runv, "c1")
+    assert before_cpus == "0"
+    qemu = _qemu_pid(runv, "c1")
+    status = Path(f"/proc/{qemu}/status").read_text()
+    # maxmem (8 GiB by default) is address space the DIMMs may take, not memory: QEMU maps
+    # only the boot RAM.
+    vm_size_kib = int(re.search(r"^VmSize:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+    assert vm_size_kib < 8192 * 1024, status
+
+    started = time.monotonic()
+    runv("update", "--memory", "512m", "--cpu-quota", "200000", "--cpu-period", "100000", "c1")
+    grow_s = time.monotonic() - started
+    grown_mib = _mem_total_mib(runv, "c1")
+    assert 512 <= grown_mib - before_mib <= 512 + 8, (before_mib, grown_mib)
+    assert _cpus_online(runv, "c1") == "0-1"
+    assert _memory_limit(runv, "c1") == 512 * MIB
+    assert _dimm_mappings_mib(qemu) == [512]
+
+    # Beyond the maximum: one line naming the field, and nothing changed.
+    refused = runv("update", "--memory", "16g", "c1", check=False)
+    assert refused.returncode != 0
+    error = refused.stderr.decode().strip()
+    assert "max_memory_mib" in error and len(error.splitlines()) == 1, error
+    refused = runv("update", "--cpu-quota", "900000", "c1", check=False)
+    assert refused.returncode != 0 and b"max_vcpus" in refused.stderr, refused.stderr
+    assert _mem_total_mib(runv, "c1") == grown_mib
+    assert _memory_limit(runv, "c1") == 512 * MIB
+    assert _cpus_online(runv, "c1") == "0-1"
+
+    # Shrinking gives memory back: the guest empties and ejects the 512 MiB DIMM (swapped
+    # for one of 128 MiB, as 64 MiB more than the boot size is still needed), QEMU drops it.
+    started = time.monotonic()
+    runv("update", "--memory", "64m", "c1")
+    shrink_s = time.monotonic() - started
+    assert _mem_total_mib(runv, "c1") == before_mib + 128
+    assert _memory_limit(runv, "c1") == 64 * MIB
+    assert _dimm_mappings_mib(qemu) == [128]
+    # No limit: back to the boot size.
+    runv("update", "--resources", "-", "c1", input=json.dumps({"memory": {"limit": -1}}).encode())
+    assert _mem_total_mib(runv, "c1") == before_mib
+    assert _dimm_mappings_mib(qemu) == []
+    log = (runv.root / "c1" / "supervisor.log").read_text()
+    assert "VM grown to 2 vCPUs and 768 MiB" in log, log
+    assert "VM shrunk to 384 MiB (dimm1 for dimm2 of 128 MiB unplugged)" in log, log
+    assert "VM shrunk to 256 MiB (dimm2 unplugged)" in log, log
+    print(f"grow (512 MiB + 1 vCPU) {grow_s:.2f}s, shrink (512 MiB for 128 MiB) {shrink_s:.2f}s")
+    runv("delete", "--force", "c1")
