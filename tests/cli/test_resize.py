@@ -9,6 +9,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.cli.conftest import Runv
 
@@ -57,8 +58,13 @@ def _qemu_pid(runv: Runv, cid: str) -> int:
     raise AssertionError(f"no QEMU for {vm}")
 
 
+def _with_tmpfs(spec: dict[str, Any]) -> None:
+    spec["mounts"].append({"destination": "/fill", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["size=600m"]})
+
+
 def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
-    bundle = runv.bundle(["sleep", "600"])
+    bundle = runv.bundle(["sleep", "600"], edit=_with_tmpfs)
     runv("run", "--bundle", str(bundle), "--detach", "c1")
     before_mib, before_cpus = _mem_total_mib(runv, "c1"), _cpus_online(runv, "c1")
     assert before_cpus == "0"
@@ -98,12 +104,28 @@ def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
     assert _memory_limit(runv, "c1") == 64 * MIB
     assert _dimm_mappings_mib(qemu) == [128]
     # No limit: back to the boot size.
-    runv("update", "--resources", "-", "c1", input=json.dumps({"memory": {"limit": -1}}).encode())
+    unlimited = json.dumps({"memory": {"limit": -1}}).encode()
+    runv("update", "--resources", "-", "c1", input=unlimited)
     assert _mem_total_mib(runv, "c1") == before_mib
     assert _dimm_mappings_mib(qemu) == []
     log = (runv.root / "c1" / "supervisor.log").read_text()
     assert "VM grown to 2 vCPUs and 768 MiB" in log, log
     assert "VM shrunk to 384 MiB (dimm1 for dimm2 of 128 MiB unplugged)" in log, log
     assert "VM shrunk to 256 MiB (dimm2 unplugged)" in log, log
+
+    # A DIMM the guest cannot empty (300 MiB of tmpfs, which the boot memory cannot take)
+    # stays; the container keeps running with its new limit.
+    runv("update", "--memory", "512m", "c1")
+    runv("exec", "c1", "dd", "if=/dev/zero", "of=/fill/x", "bs=1M", "count=300")
+    runv("update", "--resources", "-", "c1", input=unlimited)
+    assert _mem_total_mib(runv, "c1") == before_mib + 512
+    assert _dimm_mappings_mib(qemu) == [512]
+    assert _memory_limit(runv, "c1") > 16 << 30  # none
+    log = (runv.root / "c1" / "supervisor.log").read_text()
+    assert "memory dimm3 (512 MiB) stays in the VM: the guest would have" in log, log
+    runv("exec", "c1", "rm", "/fill/x")
+    runv("update", "--resources", "-", "c1", input=unlimited)
+    assert _mem_total_mib(runv, "c1") == before_mib
+    assert runv.state_of("c1")["status"] == "running"
     print(f"grow (512 MiB + 1 vCPU) {grow_s:.2f}s, shrink (512 MiB for 128 MiB) {shrink_s:.2f}s")
     runv("delete", "--force", "c1")

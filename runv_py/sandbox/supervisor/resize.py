@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ...agent.convert import GuestDetails
 from ...errors import HypervisorError, RunvError, SpecError
 from ...oci import spec as oci_spec
 from ...vm.qemu.cmdline import MEMORY_SLOTS
@@ -29,6 +30,11 @@ PLUG_TIMEOUT_S = 30.0
 UNPLUG_TIMEOUT_S = 30.0
 ONLINE_TIMEOUT_S = 30.0
 ONLINE_POLL_S = 0.05
+# What the guest must keep available (MemAvailable) once a DIMM is gone, at least: the kernel
+# moves what is in the DIMM to the rest of its memory, and a guest short of it OOM-kills
+# container processes while it does (measured: a 512 MiB DIMM holding 300 MiB of tmpfs).
+RESERVE_MIB = 64
+RESERVE_FRACTION = 8  # or 1/8 of the memory it keeps, if that is more
 
 Limits = tuple[int | None, float | None]  # a container's (memory bytes, CPUs); None: no limit
 
@@ -42,8 +48,9 @@ class ResizableMachine(Protocol):
     async def plug_vcpu(self, cpu_id: str, timeout_s: float = 30.0) -> bool: ...
 
 
-class OnliningAgent(Protocol):
+class GuestMemoryAgent(Protocol):
     async def online_cpu_mem(self) -> tuple[int, int]: ...
+    async def guest_details(self) -> GuestDetails: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +111,20 @@ def to_swap(dimms: Iterable[Dimm], have_mib: int, want_mib: int) -> tuple[Dimm, 
     return dimm, block_aligned(dimm.size_mib - spare)
 
 
+def unplug_leaves(details: GuestDetails, dimm: Dimm) -> tuple[int, int] | None:
+    """None if the guest can give up `dimm` (its available memory, less the DIMM, stays above
+    the reserve); else (what it would have available, the reserve) in MiB."""
+    available = details.mem_available_kib // 1024 - dimm.size_mib
+    reserve = max(RESERVE_MIB,
+                  (details.mem_total_kib // 1024 - dimm.size_mib) // RESERVE_FRACTION)
+    return None if available >= reserve else (available, reserve)
+
+
 class VmResizer:
     """The VM's DIMMs and vCPUs beyond its boot size, and the moves between sizes. One resize
     at a time (its lock); what it plugged goes with the VM."""
 
-    def __init__(self, machine: ResizableMachine, agent: OnliningAgent, sizing: Sizing,
+    def __init__(self, machine: ResizableMachine, agent: GuestMemoryAgent, sizing: Sizing,
                  bounds: Bounds, host_memory: Callable[[int], None] | None = None) -> None:
         """`host_memory`: sets the host's limit for a VM of this many MiB (the sandbox's
         host cgroup): raised before the VM grows, lowered after it shrank."""
@@ -223,6 +239,13 @@ class VmResizer:
         return dimm
 
     async def _unplug(self, dimm: Dimm) -> bool:
+        details = await self.agent.guest_details()
+        left = unplug_leaves(details, dimm)
+        if left is not None:
+            log.warning("memory %s (%d MiB) stays in the VM: the guest would have %d MiB "
+                        "available without it, less than it must keep (%d MiB)", dimm.id,
+                        dimm.size_mib, *left)
+            return False
         try:
             await self.machine.unplug_memory(dimm.id, UNPLUG_TIMEOUT_S)
         except RunvError as exc:
@@ -248,7 +271,7 @@ class VmResizer:
                 self.host_memory(self.memory_mib)
 
 
-def for_vm(machine: ResizableMachine, agent: OnliningAgent, sizing: Sizing, bounds: Bounds,
+def for_vm(machine: ResizableMachine, agent: GuestMemoryAgent, sizing: Sizing, bounds: Bounds,
            host_memory: Callable[[int], None] | None = None) -> VmResizer | None:
     """The resizer of a VM started with room to grow (vm_config: machine pc, QEMU backend);
     None for one without (microvm, libvirt): there an update only changes the container's
