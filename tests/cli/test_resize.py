@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.cli.conftest import Runv
+from tests.cli.test_pod import annotated
 
 MIB = 1 << 20
 
@@ -129,3 +130,36 @@ def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
     assert runv.state_of("c1")["status"] == "running"
     print(f"grow (512 MiB + 1 vCPU) {grow_s:.2f}s, shrink (512 MiB for 128 MiB) {shrink_s:.2f}s")
     runv("delete", "--force", "c1")
+
+
+def test_pod_vm_grows_as_containers_join(runv: Runv) -> None:
+    """A container joining a pod with limits grows the pod's VM; one beyond the maximum is
+    refused with nothing changed; the VM gives the memory back when the container leaves."""
+    sandbox = runv.bundle(["sleep", "600"], annotated("sandbox", "pod1", "9p"))
+    runv("run", "--bundle", str(sandbox), "--detach", "pod1")
+    before_mib = _mem_total_mib(runv, "pod1")
+    qemu = _qemu_pid(runv, "pod1")
+
+    def member(memory: int, quota: int) -> Any:
+        def edit(spec: dict[str, Any]) -> None:
+            annotated("container", "pod1", "9p")(spec)
+            spec["linux"]["resources"] = {"memory": {"limit": memory},
+                                          "cpu": {"quota": quota, "period": 100000}}
+        return edit
+
+    runv("run", "--bundle", str(runv.bundle(["sleep", "600"], member(256 * MIB, 150000))),
+         "--detach", "c1")
+    assert _mem_total_mib(runv, "pod1") == before_mib + 256
+    assert _cpus_online(runv, "pod1") == "0-1"
+    assert _dimm_mappings_mib(qemu) == [256]
+
+    refused = runv("create", "--bundle", str(runv.bundle(["true"], member(16 << 30, 100000))),
+                   "c2", check=False)
+    assert refused.returncode != 0 and b"max_memory_mib" in refused.stderr, refused.stderr
+    assert _mem_total_mib(runv, "pod1") == before_mib + 256
+    assert _dimm_mappings_mib(qemu) == [256]
+
+    runv("delete", "--force", "c1")
+    assert _mem_total_mib(runv, "pod1") == before_mib
+    assert _dimm_mappings_mib(qemu) == []
+    runv("delete", "--force", "pod1")
