@@ -6,11 +6,13 @@ changed. In a real guest from the default config's template path."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+from runv_py.sandbox import cgroup
 from tests.cli.conftest import Runv
 from tests.cli.test_pod import annotated
 
@@ -59,13 +61,27 @@ def _qemu_pid(runv: Runv, cid: str) -> int:
     raise AssertionError(f"no QEMU for {vm}")
 
 
-def _with_tmpfs(spec: dict[str, Any]) -> None:
+CGROUP = f"runvtest{os.getpid()}r"
+
+
+def _with_tmpfs_and_cgroup(spec: dict[str, Any]) -> None:
     spec["mounts"].append({"destination": "/fill", "type": "tmpfs", "source": "tmpfs",
                            "options": ["size=600m"]})
+    spec["linux"]["cgroupsPath"] = f"/{CGROUP}"
+
+
+def _host_memory_limit_mib() -> int:
+    """The memory limit of the sandbox's host cgroup (host_cgroup.py: the VM's memory plus
+    the host processes' and, under TCG, QEMU's code cache)."""
+    roots = cgroup.roots(cgroup.memberships())
+    v1 = next((root for controllers, root in roots.items()
+               if "memory" in controllers.split(",")), None)
+    path = v1 / CGROUP / "memory.limit_in_bytes" if v1 else roots[""] / CGROUP / "memory.max"
+    return int(path.read_text()) >> 20
 
 
 def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
-    bundle = runv.bundle(["sleep", "600"], edit=_with_tmpfs)
+    bundle = runv.bundle(["sleep", "600"], edit=_with_tmpfs_and_cgroup)
     runv("run", "--bundle", str(bundle), "--detach", "c1")
     before_mib, before_cpus = _mem_total_mib(runv, "c1"), _cpus_online(runv, "c1")
     assert before_cpus == "0"
@@ -75,6 +91,7 @@ def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
     # only the boot RAM.
     vm_size_kib = int(re.search(r"^VmSize:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
     assert vm_size_kib < 8192 * 1024, status
+    host_overhead = _host_memory_limit_mib() - 256
 
     started = time.monotonic()
     runv("update", "--memory", "512m", "--cpu-quota", "200000", "--cpu-period", "100000", "c1")
@@ -84,6 +101,7 @@ def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
     assert _cpus_online(runv, "c1") == "0-1"
     assert _memory_limit(runv, "c1") == 512 * MIB
     assert _dimm_mappings_mib(qemu) == [512]
+    assert _host_memory_limit_mib() == 768 + host_overhead
 
     # Beyond the maximum: one line naming the field, and nothing changed.
     refused = runv("update", "--memory", "16g", "c1", check=False)
@@ -104,6 +122,7 @@ def test_update_grows_and_shrinks_the_vm(runv: Runv) -> None:
     assert _mem_total_mib(runv, "c1") == before_mib + 128
     assert _memory_limit(runv, "c1") == 64 * MIB
     assert _dimm_mappings_mib(qemu) == [128]
+    assert _host_memory_limit_mib() == 384 + host_overhead
     # No limit: back to the boot size.
     unlimited = json.dumps({"memory": {"limit": -1}}).encode()
     runv("update", "--resources", "-", "c1", input=unlimited)
@@ -163,3 +182,24 @@ def test_pod_vm_grows_as_containers_join(runv: Runv) -> None:
     assert _mem_total_mib(runv, "pod1") == before_mib
     assert _dimm_mappings_mib(qemu) == []
     runv("delete", "--force", "pod1")
+
+
+def test_a_cold_booted_pc_vm_grows_with_its_vhost_user_devices(runv: Runv) -> None:
+    """Cold boot on machine pc: the boot RAM is a shared memfd that the vsock backend (and
+    virtiofsd) map; they get the DIMM's memory too, and the agent keeps answering over vsock."""
+    runv.config.write_text(runv.config.read_text().replace(
+        "[hypervisor]\n", 'template = "off"\n[hypervisor]\nmachine = "pc"\n', 1))
+    runv("run", "--bundle", str(runv.bundle(["sleep", "600"])), "--detach", "c1")
+    before_mib = _mem_total_mib(runv, "c1")
+    runv("update", "--memory", "300m", "c1")
+    assert _mem_total_mib(runv, "c1") == before_mib + 384
+    # Page cache (movable memory, so mostly in the DIMM now) written through virtio-fs to the
+    # host, whose virtiofsd must reach the DIMM's pages.
+    runv("exec", "c1", "sh", "-c", "head -c 40000000 /dev/zero > /work/big")
+    big = runv.top / "bundle1" / "rootfs" / "work" / "big"
+    assert big.stat().st_size == 40000000
+    assert big.read_bytes().count(0) == 40000000
+    runv("update", "--resources", "-", "c1",
+         input=json.dumps({"memory": {"limit": -1}}).encode())
+    assert _mem_total_mib(runv, "c1") == before_mib
+    runv("delete", "--force", "c1")
