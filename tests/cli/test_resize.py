@@ -15,6 +15,7 @@ from typing import Any
 from runv_py.sandbox import cgroup
 from tests.cli.conftest import Runv
 from tests.cli.test_pod import annotated
+from tests.vm.conftest import processes_mentioning
 
 MIB = 1 << 20
 
@@ -48,17 +49,9 @@ def _dimm_mappings_mib(qemu: int) -> list[int]:
 
 def _qemu_pid(runv: Runv, cid: str) -> int:
     """The QEMU of the sandbox: the one process whose argv names its VM directory."""
-    vm = str(runv.sandbox_dir(cid))
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"qemu-system-x86_64") and vm.encode() in b" ".join(argv):
-            return int(entry.name)
-    raise AssertionError(f"no QEMU for {vm}")
+    [qemu] = [line for line in processes_mentioning(str(runv.sandbox_dir(cid)))
+              if "qemu-system" in line]
+    return int(qemu.split(":")[0])
 
 
 CGROUP = f"runvtest{os.getpid()}r"

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ...agent.convert import GuestDetails
 from ...errors import HypervisorError, RunvError, SpecError
 from ...oci import spec as oci_spec
+from ...vm.hypervisor import ResizableMachine
 from ...vm.qemu.cmdline import MEMORY_SLOTS
 from ..policy import Sizing
 
@@ -37,15 +38,6 @@ RESERVE_MIB = 64
 RESERVE_FRACTION = 8  # or 1/8 of the memory it keeps, if that is more
 
 Limits = tuple[int | None, float | None]  # a container's (memory bytes, CPUs); None: no limit
-
-
-class ResizableMachine(Protocol):
-    async def plug_memory(self, dimm_id: str, size_mib: int, timeout_s: float = 30.0
-                          ) -> bool: ...
-    async def unplug_memory(self, dimm_id: str, timeout_s: float = 30.0) -> None: ...
-    async def memory_dimms(self) -> dict[str, int]: ...
-    async def forget_memory(self, dimm_id: str) -> None: ...
-    async def plug_vcpu(self, cpu_id: str, timeout_s: float = 30.0) -> bool: ...
 
 
 class GuestMemoryAgent(Protocol):
