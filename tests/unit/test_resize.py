@@ -180,6 +180,23 @@ def test_shrink_swaps_a_large_dimm_and_keeps_what_the_guest_cannot_give(
         in caplog.text
 
 
+def test_no_swap_when_the_guest_could_not_give_the_large_dimm() -> None:
+    calls: list[str] = []
+    resizer, _, agent = _resizer(calls)
+    asyncio.run(resizer.grow(768, 1))
+    calls.clear()
+    agent.available_mib = 300  # 300 + 128 - 512 < 64
+    asyncio.run(resizer.shrink(320))
+    assert calls == [] and resizer.memory_mib == 768
+    # Enough with the smaller DIMM in, but the guest refuses the large one: the small one
+    # goes again, the VM keeps its size.
+    agent.available_mib = 600
+    resizer.machine.refuse_unplug.add("dimm1")  # type: ignore[attr-defined]
+    asyncio.run(resizer.shrink(320))
+    assert calls == ["host 896", "plug dimm2 128", "unplug dimm2", "host 768"]
+    assert resizer.memory_mib == 768
+
+
 def test_a_dimm_ejected_late_is_forgotten() -> None:
     calls: list[str] = []
     resizer, machine, _ = _resizer(calls)

@@ -103,12 +103,14 @@ def to_swap(dimms: Iterable[Dimm], have_mib: int, want_mib: int) -> tuple[Dimm, 
     return dimm, block_aligned(dimm.size_mib - spare)
 
 
-def unplug_leaves(details: GuestDetails, dimm: Dimm) -> tuple[int, int] | None:
-    """None if the guest can give up `dimm` (its available memory, less the DIMM, stays above
-    the reserve); else (what it would have available, the reserve) in MiB."""
-    available = details.mem_available_kib // 1024 - dimm.size_mib
-    reserve = max(RESERVE_MIB,
-                  (details.mem_total_kib // 1024 - dimm.size_mib) // RESERVE_FRACTION)
+def unplug_leaves(details: GuestDetails, dimm: Dimm, added_mib: int = 0
+                  ) -> tuple[int, int] | None:
+    """None if the guest can give up `dimm` once it has `added_mib` more (its available
+    memory, less the DIMM, stays above the reserve); else (what it would have available, the
+    reserve) in MiB."""
+    available = details.mem_available_kib // 1024 + added_mib - dimm.size_mib
+    reserve = max(RESERVE_MIB, (details.mem_total_kib // 1024 + added_mib - dimm.size_mib)
+                  // RESERVE_FRACTION)
     return None if available >= reserve else (available, reserve)
 
 
@@ -122,6 +124,7 @@ class VmResizer:
         host cgroup): raised before the VM grows, lowered after it shrank."""
         self.machine = machine
         self.host_memory = host_memory
+        self._host_mib = bounds.memory_mib  # what host_memory was last given
         self.agent = agent
         self.sizing = sizing
         self.bounds = bounds
@@ -205,38 +208,53 @@ class VmResizer:
             if swap is not None and len(self.dimms) < MEMORY_SLOTS \
                     and self.memory_mib + swap[1] <= self.bounds.max_memory_mib:
                 old, size = swap
-                try:
-                    new = await self._plug(size)
-                except RunvError as exc:
-                    log.warning("memory %s (%d MiB) stays in the VM: no smaller DIMM for it: "
-                                "%s", old.id, old.size_mib, exc)
-                else:
-                    if await self._unplug(old):
-                        removed.append(f"{old.id} for {new.id} of {new.size_mib} MiB")
-            if removed and self.host_memory is not None:
-                self.host_memory(self.memory_mib)
+                if await self._can_give(old, size):
+                    try:
+                        new = await self._plug(size)
+                    except RunvError as exc:
+                        log.warning("memory %s (%d MiB) stays in the VM: no smaller DIMM for "
+                                    "it: %s", old.id, old.size_mib, exc)
+                    else:
+                        if await self._unplug(old):
+                            removed.append(f"{old.id} for {new.id} of {new.size_mib} MiB")
+                        else:  # not both: the new one is all but empty
+                            await self._unplug(new)
+            self._host_limit(self.memory_mib)
             if removed:
                 log.info("VM shrunk to %d MiB (%s unplugged) in %.2fs", self.memory_mib,
                          ", ".join(removed), time.monotonic() - started)
 
     async def _plug(self, size_mib: int) -> Dimm:
         dimm = Dimm(f"dimm{next(self._ids)}", size_mib)
-        if self.host_memory is not None:
-            self.host_memory(self.memory_mib + dimm.size_mib)
-        added = await self.machine.plug_memory(dimm.id, dimm.size_mib, PLUG_TIMEOUT_S)
+        self._host_limit(self.memory_mib + dimm.size_mib)
+        try:
+            added = await self.machine.plug_memory(dimm.id, dimm.size_mib, PLUG_TIMEOUT_S)
+        except BaseException:
+            self._host_limit(self.memory_mib)
+            raise
         self.dimms.append(dimm)
         if not added:
             log.warning("memory %s (%d MiB) plugged, but the guest did not report adding it "
                         "within %gs", dimm.id, dimm.size_mib, PLUG_TIMEOUT_S)
         return dimm
 
-    async def _unplug(self, dimm: Dimm) -> bool:
-        details = await self.agent.guest_details()
-        left = unplug_leaves(details, dimm)
+    def _host_limit(self, memory_mib: int) -> None:
+        if self.host_memory is not None and memory_mib != self._host_mib:
+            self.host_memory(memory_mib)
+        self._host_mib = memory_mib
+
+    async def _can_give(self, dimm: Dimm, added_mib: int = 0) -> bool:
+        """Whether the guest can spare `dimm` (once `added_mib` more is plugged); logged if
+        not."""
+        left = unplug_leaves(await self.agent.guest_details(), dimm, added_mib)
         if left is not None:
             log.warning("memory %s (%d MiB) stays in the VM: the guest would have %d MiB "
                         "available without it, less than it must keep (%d MiB)", dimm.id,
                         dimm.size_mib, *left)
+        return left is None
+
+    async def _unplug(self, dimm: Dimm) -> bool:
+        if not await self._can_give(dimm):
             return False
         try:
             await self.machine.unplug_memory(dimm.id, UNPLUG_TIMEOUT_S)
@@ -259,8 +277,7 @@ class VmResizer:
             self.dimms.remove(dimm)
             log.info("memory %s (%d MiB) was ejected late, its memory given back", dimm.id,
                      dimm.size_mib)
-            if self.host_memory is not None:
-                self.host_memory(self.memory_mib)
+        self._host_limit(self.memory_mib)
 
 
 def for_vm(machine: ResizableMachine, agent: GuestMemoryAgent, sizing: Sizing, bounds: Bounds,
