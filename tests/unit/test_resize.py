@@ -212,3 +212,14 @@ def test_no_resizer_without_room_to_grow() -> None:
     agent = FakeAgent([], machine)
     assert resize.for_vm(machine, agent, Sizing(256, 1), Bounds(256, 1, 0, 0)) is None
     assert resize.for_vm(machine, agent, Sizing(256, 1), Bounds(256, 1, 8192, 2)) is not None
+
+
+def test_a_shrink_stops_at_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    resizer, _, _ = _resizer(calls)
+    asyncio.run(resizer.grow(512, 1))
+    asyncio.run(resizer.grow(768, 1))
+    calls.clear()
+    monkeypatch.setattr(resize, "SHRINK_BUDGET_S", 0.0)
+    asyncio.run(resizer.shrink(256))
+    assert calls == [] and resizer.memory_mib == 768

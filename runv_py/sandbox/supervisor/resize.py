@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 BLOCK_MIB = 128
 PLUG_TIMEOUT_S = 30.0
 UNPLUG_TIMEOUT_S = 30.0
+# A shrink stops unplugging after this long (what is left stays): an update's client waits
+# for it (sandbox/client.py, 120 s).
+SHRINK_BUDGET_S = 60.0
 ONLINE_TIMEOUT_S = 30.0
 ONLINE_POLL_S = 0.05
 # What the guest must keep available (MemAvailable) once a DIMM is gone, at least: the kernel
@@ -201,11 +204,13 @@ class VmResizer:
             await self._forget_ejected()
             started = time.monotonic()
             removed = []
+            deadline = started + SHRINK_BUDGET_S
             for dimm in to_unplug(self.dimms, self.memory_mib, memory_mib):
-                if await self._unplug(dimm):
+                if time.monotonic() < deadline and await self._unplug(dimm, deadline):
                     removed.append(dimm.id)
             swap = to_swap(self.dimms, self.memory_mib, memory_mib)
-            if swap is not None and len(self.dimms) < MEMORY_SLOTS \
+            if swap is not None and time.monotonic() < deadline \
+                    and len(self.dimms) < MEMORY_SLOTS \
                     and self.memory_mib + swap[1] <= self.bounds.max_memory_mib:
                 old, size = swap
                 if await self._can_give(old, size):
@@ -215,10 +220,10 @@ class VmResizer:
                         log.warning("memory %s (%d MiB) stays in the VM: no smaller DIMM for "
                                     "it: %s", old.id, old.size_mib, exc)
                     else:
-                        if await self._unplug(old):
+                        if await self._unplug(old, deadline):
                             removed.append(f"{old.id} for {new.id} of {new.size_mib} MiB")
                         else:  # not both: the new one is all but empty
-                            await self._unplug(new)
+                            await self._unplug(new, time.monotonic() + UNPLUG_TIMEOUT_S)
             self._host_limit(self.memory_mib)
             if removed:
                 log.info("VM shrunk to %d MiB (%s unplugged) in %.2fs", self.memory_mib,
@@ -253,11 +258,12 @@ class VmResizer:
                         dimm.size_mib, *left)
         return left is None
 
-    async def _unplug(self, dimm: Dimm) -> bool:
+    async def _unplug(self, dimm: Dimm, deadline: float) -> bool:
         if not await self._can_give(dimm):
             return False
         try:
-            await self.machine.unplug_memory(dimm.id, UNPLUG_TIMEOUT_S)
+            await self.machine.unplug_memory(
+                dimm.id, max(1.0, min(UNPLUG_TIMEOUT_S, deadline - time.monotonic())))
         except RunvError as exc:
             log.warning("memory %s (%d MiB) stays in the VM: %s", dimm.id, dimm.size_mib, exc)
             return False

@@ -286,6 +286,11 @@ class Supervisor:
         await self.resizer.grow(memory, vcpus)
         return memory
 
+    async def _shrink_after_leave(self) -> None:
+        async with self.resizing:
+            if not self.vm_paused and not self.done.is_set():
+                await self._shrink_to_limits()
+
     async def _shrink_to_limits(self) -> None:
         """After a container left (or did not make it in): memory it no longer needs goes
         back, as far as the guest can empty it."""
@@ -325,13 +330,9 @@ class Supervisor:
         container.stopped()
         del self.containers[container.id]
         self.agent_exits.pop(container.id, None)
-        if self.limits.pop(container.id, None) is not None:
-            async with self.resizing:
-                await self._vm_running(True)
-                try:
-                    await self._shrink_to_limits()
-                finally:
-                    await self._vm_maybe_pause()
+        if self.limits.pop(container.id, None) is not None and self.resizer is not None:
+            # After the reply: the deleter waits 30 s for it, a shrink may take longer.
+            self._task(self._shrink_after_leave())
         unshare(self.shared, container.shares)
         if self.share_holder == container.id:
             self.share_holder = None
