@@ -408,6 +408,16 @@ class AsyncSandbox:
                                 result)
         return result
 
+    async def update(self, *, memory: int | str | None = None,
+                     cpus: float | None = None) -> None:
+        """New limits for the running sandbox: `memory` bytes or a size like "1g" (-1: none),
+        `cpus` a CPU quota in CPUs. Its VM grows or shrinks for them, within the runtime
+        config's max_memory_mib / max_vcpus (docs/resize.md)."""
+        workload = await self._current()
+        await self._manager.update(
+            workload, memory=opt.parse_size(memory, "memory") if isinstance(memory, str)
+            else memory, cpus=cpus)
+
     async def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         """Create or replace a file in the sandbox (parent directories are made)."""
         await self.run(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod "$2" '
@@ -589,6 +599,10 @@ class Sandbox:
     def audit_events(self, *, since: float | None = None) -> Iterator[AuditRecord]:
         """As AsyncSandbox.audit_events."""
         return iter(self._sandbox.audit_events(since=since))
+
+    def update(self, *, memory: int | str | None = None, cpus: float | None = None) -> None:
+        """As AsyncSandbox.update."""
+        _Loop.run(self._sandbox.update(memory=memory, cpus=cpus))
 
     def write_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         _Loop.run(self._sandbox.write_file(path, data, mode=mode))

@@ -46,6 +46,11 @@ class HypervisorConfig:
     # QEMU -cpu model; empty: "host" under KVM, "max" under TCG.
     cpu: str = ""
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    # How far a running sandbox's VM may grow (runv update, a pod's containers joining):
+    # memory hot-plugged as DIMMs and vCPUs hot-plugged, on machine pc (the templates'
+    # machine; docs/resize.md). 0 vCPUs: as many as the host has.
+    max_memory_mib: int = 8192
+    max_vcpus: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,8 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "log_max_size": (4096, 1 << 40),
     "keep": (1, 100000),
     "disk_mib": (16, 16 * 1024 * 1024),
+    "max_memory_mib": (64, 1024 * 1024),
+    "max_vcpus": (0, 64),  # the guest kernel's NR_CPUS
 }
 
 

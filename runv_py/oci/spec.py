@@ -159,7 +159,12 @@ def _mounts(raw: dict[str, Any]) -> tuple[Mount, ...]:
 
 
 def _sizing(linux: dict[str, Any]) -> tuple[int | None, float | None]:
-    resources = _obj(linux.get("resources"), "linux.resources")
+    return resource_limits(_obj(linux.get("resources"), "linux.resources"))
+
+
+def resource_limits(resources: dict[str, Any]) -> tuple[int | None, float | None]:
+    """The memory limit (bytes) and CPUs (quota / period) an OCI LinuxResources object sets;
+    None where it sets none (or no limit)."""
     memory = _obj(resources.get("memory"), "linux.resources.memory")
     limit = memory.get("limit")
     memory_limit = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -112,9 +113,14 @@ def vm_config(
     params = KernelParams(machine=hv.machine, accel=choice.accel, root=root,
                           tsc_khz=accel.host_tsc_khz(), debug=debug, extra=hv.kernel_params,
                           channel="serial+vsock" if template and channel == "vsock" else channel)
+    # Room to grow (supervisor/resize.py): machine pc only, and not under libvirt (its domain
+    # has no memory slots).
+    resizable = hv.machine == "pc" and hv.backend == "qemu"
     return VmConfig(
         name=name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel, vcpus=hv.vcpus,
         memory_mib=hv.memory_mib,
+        max_memory_mib=max(hv.max_memory_mib, hv.memory_mib) if resizable else 0,
+        max_vcpus=max(hv.max_vcpus or os.cpu_count() or 1, hv.vcpus) if resizable else 0,
         kernel=found.vmlinux,
         kernel_cmdline=kernel_cmdline(params),
         console_log=paths.console_log, qmp_socket=paths.qmp_socket,

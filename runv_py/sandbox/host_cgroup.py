@@ -294,6 +294,16 @@ class HostCgroup:
                     raise RunvError(f"host cgroup: cannot move pid {pid} into {directory}: "
                                     f"{exc.strerror or exc}") from None
 
+    def set_vm_memory(self, vm_memory_mib: int, *, tcg: bool) -> None:
+        """The memory limit of a VM that grew or shrank to `vm_memory_mib` (as limits()
+        derives it at boot)."""
+        lim = Limits(memory_bytes=limits(None, vm_memory_mib, tcg=tcg).memory_bytes)
+        v1 = frozenset(c for h in self.dirs for c in h.split(",") if h)
+        for controllers, directory in self.dirs.items():
+            for name, value in limit_files(controllers, lim, v1):
+                if (directory / name).exists():
+                    _write(directory / name, value)
+
     def _save(self) -> None:
         if self.record is None:
             return

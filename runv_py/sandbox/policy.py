@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from .. import runtime_annotations
 from ..config import RuntimeConfig
@@ -37,17 +38,31 @@ LABEL_ANNOTATION_PREFIX = "org.runv.label."
 MEMORY_CAP_MIB = 64 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class Sizing:
+    """A VM's size from its containers' limits: the configured guest overhead (memory_mib,
+    vcpus) plus what they ask for. Used when the VM boots and when it is resized."""
+
+    memory_mib: int
+    vcpus: int
+
+    def of(self, limits: Iterable[tuple[int | None, float | None]]) -> tuple[int, int]:
+        """(memory MiB, vCPUs) for containers with these (memory bytes, CPUs) limits,
+        uncapped: the overhead plus the sum of the memory limits, and the CPUs rounded up
+        (never fewer than the overhead's vCPUs)."""
+        limits = list(limits)
+        memory = self.memory_mib + sum(math.ceil(m / (1 << 20)) for m, _ in limits if m)
+        cpus = sum(c for _, c in limits if c)
+        return memory, max(self.vcpus, math.ceil(cpus))
+
+
 def sized(config: RuntimeConfig, spec: Spec) -> RuntimeConfig:
     """The VM gets what the container (a pod sandbox: the whole pod) asked for plus the
-    configured guest overhead."""
+    configured guest overhead, within MEMORY_CAP_MIB and the host's CPUs."""
     hv = config.hypervisor
-    memory_limit, cpus = pod.requested(spec)
-    memory = hv.memory_mib
-    if memory_limit:
-        memory = min(MEMORY_CAP_MIB, memory + math.ceil(memory_limit / (1 << 20)))
-    vcpus = hv.vcpus
-    if cpus:
-        vcpus = min(os.cpu_count() or 1, max(vcpus, math.ceil(cpus)))
+    memory, vcpus = Sizing(hv.memory_mib, hv.vcpus).of([pod.requested(spec)])
+    memory = min(MEMORY_CAP_MIB, memory) if memory > hv.memory_mib else memory
+    vcpus = min(os.cpu_count() or 1, vcpus) if vcpus > hv.vcpus else vcpus
     return replace(config, hypervisor=replace(hv, memory_mib=memory, vcpus=vcpus))
 
 

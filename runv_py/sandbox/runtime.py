@@ -34,7 +34,7 @@ from ..oci import spec as oci_spec
 from ..store.state import ContainerRecord, RecordStore, Store
 from . import cgroup, pod, pool_member, protocol, standin_namespaces, vm_dir
 from .client import BlockingSupervisorClient, SupervisorClient
-from .protocol import Attach, Create, CreateReply, Delete, Exec, Kill, Start, State
+from .protocol import Attach, Create, CreateReply, Delete, Exec, Kill, Start, State, Update
 from .status import ContainerStatus
 
 if TYPE_CHECKING:
@@ -432,6 +432,12 @@ class Runtime:
         record = self.store.load(container_id)
         await self.client(record).call(Kill(container=container_id, signal=signum,
                                             all=all_processes))
+
+    async def update(self, container_id: str, resources: dict[str, Any]) -> None:
+        """New OCI LinuxResources for a running container: its VM grows or shrinks for them
+        (docs/resize.md), then the guest applies them."""
+        record = self.store.load(container_id)
+        await self.client(record).call(Update(container=container_id, resources=resources))
 
     async def delete(self, container_id: str, *, force: bool = False,
                      run_hooks: bool = True) -> None:

@@ -78,6 +78,8 @@ class TemplateInputs:
     cpu: str
     vcpus: int
     memory_mib: int
+    max_vcpus: int
+    max_memory_mib: int
     channel: str
     # The 9p devices' mount tags: the device set must match between template and clone; the
     # directories behind them are the clone's own.
@@ -100,7 +102,8 @@ def inputs_for(vm: VmConfig, agent_version: str, channel: str) -> TemplateInputs
         root_image=_file_identity(vm.root_image) if vm.root_image else "",
         initrd=_file_identity(vm.initrd) if vm.initrd else "",
         agent_version=agent_version, machine=vm.machine, accel=vm.accel, cpu=vm.cpu,
-        vcpus=vm.vcpus, memory_mib=vm.memory_mib, channel=channel,
+        vcpus=vm.vcpus, memory_mib=vm.memory_mib, max_vcpus=vm.max_vcpus,
+        max_memory_mib=vm.max_memory_mib, channel=channel,
         share_tags=tuple(share.tag for share in vm.shares),
     )
 

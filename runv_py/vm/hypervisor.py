@@ -15,7 +15,18 @@ from ..errors import NotSupported
 from .qemu.cmdline import VmConfig
 
 
-class Machine(Protocol):
+class ResizableMachine(Protocol):
+    """Memory (DIMMs) and vCPUs in and out of a running VM (sandbox/supervisor/resize.py)."""
+
+    async def plug_memory(self, dimm_id: str, size_mib: int, timeout_s: float = 30.0
+                          ) -> bool: ...
+    async def unplug_memory(self, dimm_id: str, timeout_s: float = 30.0) -> None: ...
+    async def memory_dimms(self) -> dict[str, int]: ...
+    async def forget_memory(self, dimm_id: str) -> None: ...
+    async def plug_vcpu(self, cpu_id: str, timeout_s: float = 30.0) -> bool: ...
+
+
+class Machine(ResizableMachine, Protocol):
     config: VmConfig
 
     @property

@@ -386,6 +386,21 @@ class WorkloadManager:
                 return
             await asyncio.sleep(POLL_S)
 
+    async def update(self, workload: Workload, *, memory: int | None = None,
+                     cpus: float | None = None) -> None:
+        """A running container's new memory limit (bytes; -1: none) and CPU quota (CPUs):
+        its VM grows or shrinks for them (docs/resize.md)."""
+        resources: dict[str, Any] = {}
+        if memory is not None:
+            resources["memory"] = {"limit": memory}
+        if cpus is not None:
+            resources["cpu"] = {"quota": round(cpus * bundle_mod.CPU_PERIOD),
+                                "period": bundle_mod.CPU_PERIOD}
+        if not resources:
+            raise ConfigError("update: give --memory or --cpus")
+        await self._require_running(workload)
+        await self.runtime.update(workload.id, resources)
+
     async def stop(self, workload: Workload, grace_s: float = 10.0) -> Status:
         """The image's stop signal (default TERM), then KILL after `grace_s`."""
         status = await self.status(workload)

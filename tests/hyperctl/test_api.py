@@ -128,3 +128,23 @@ def test_sandbox_timeout(roots: Hyperctl) -> None:
                 box.run("true")
                 time.sleep(0.5)
     _gone(roots)
+
+
+def _mem_total_mib(box: Sandbox) -> int:
+    meminfo = box.run(["head", "-1", "/proc/meminfo"], check=True).stdout.split()
+    return int(meminfo[1]) // 1024
+
+
+def test_a_sandbox_is_resized_through_the_api_and_hyperctl(roots: Hyperctl) -> None:
+    """Sandbox.update and `hyperctl update` grow the running sandbox's VM for new limits and
+    give the memory back (docs/resize.md); beyond the maximum, nothing changes."""
+    with Sandbox.create("busybox", timeout=600) as box:
+        before = _mem_total_mib(box)
+        box.update(memory="256m", cpus=2)
+        assert _mem_total_mib(box) == before + 256
+        assert box.run(["cat", "/sys/devices/system/cpu/online"], check=True).stdout == b"0-1\n"
+        refused = roots("update", "--memory", "64g", box.name, check=False)
+        assert refused.returncode == 1 and b"max_memory_mib" in refused.stderr
+        assert _mem_total_mib(box) == before + 256
+        assert roots("update", "--memory", "-1", box.name).stdout.decode().strip() == box.name
+        assert _mem_total_mib(box) == before

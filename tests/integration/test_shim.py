@@ -186,8 +186,16 @@ def test_terminal_size_reaches_the_process(cd: Containerd) -> None:
 
 def test_update_through_the_shim(cd: Containerd, tmp_path: Path) -> None:
     """ctr 1.6 has no `task update`: containerd's Update call, sent to the shim's ttrpc socket
-    as containerd sends it, changes the limits the guest enforces."""
+    as containerd sends it, changes the limits the guest enforces and grows the VM for them
+    (docs/resize.md)."""
     cd.ctr("run", "-d", *RUNTIME, IMAGE, "s8", "sleep", "600")
+
+    def mem_total_kib(exec_id: str) -> int:
+        meminfo = cd.ctr("task", "exec", "--exec-id", exec_id, "s8", "head", "-1",
+                         "/proc/meminfo").stdout.decode()
+        return int(meminfo.split()[1])
+
+    before_kib = mem_total_kib("m1")
     bundle = tmp_path / "state" / "io.containerd.runtime.v2.task" / "runvtest" / "s8"
     address = (bundle / "address").read_text().removeprefix("unix://")
     resources = {"memory": {"limit": 48 << 20}, "pids": {"limit": 40}}
@@ -206,6 +214,7 @@ def test_update_through_the_shim(cd: Containerd, tmp_path: Path) -> None:
     metrics = json.loads(cd.ctr("task", "metrics", "--format", "json", "s8").stdout)
     assert metrics["memory"]["usage_limit"] == 48 << 20, metrics
     assert metrics["pids"]["limit"] == 40, metrics
+    assert mem_total_kib("m2") - before_kib == 128 << 10  # one memory block more
     cd.ctr("task", "kill", "--signal", "SIGKILL", "s8")
     _wait_status(cd, "s8", "STOPPED")
     cd.ctr("task", "delete", "s8")

@@ -48,6 +48,18 @@ def test_pc_uses_pci_devices_and_no_mmio_global() -> None:
     assert _pairs(argv, "-machine") == ["pc,accel=tcg"]
 
 
+def test_room_to_grow_is_declared_on_machine_pc() -> None:
+    argv = qemu_argv(_config(machine="pc", max_memory_mib=8192, max_vcpus=4))
+    assert _pairs(argv, "-smp") == ["1,maxcpus=4"]
+    assert _pairs(argv, "-m") == ["256M,slots=8,maxmem=8192M"]
+    plain = qemu_argv(_config(machine="pc"))
+    assert (_pairs(plain, "-smp"), _pairs(plain, "-m")) == (["1"], ["256M"])
+    # Hot-plugged memory goes to ZONE_MOVABLE, so that it can be unplugged.
+    assert "memhp_default_state=online_movable" in kernel_cmdline(
+        KernelParams("pc", "tcg", "block")).split()
+    assert "memhp_default_state" not in kernel_cmdline(KernelParams("microvm", "tcg", "block"))
+
+
 def test_cpu_model() -> None:
     assert _pairs(qemu_argv(_config(accel="kvm")), "-cpu") == ["host"]
     assert _pairs(qemu_argv(_config(accel="tcg")), "-cpu") == ["max"]

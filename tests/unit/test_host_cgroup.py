@@ -235,3 +235,18 @@ def test_io_weight_is_written_where_the_host_cgroup_has_the_file(
     assert (blkio / "hyperctl/t/c/blkio.bfq.weight").read_text() == "300"
     assert (v2 / "hyperctl/t/c/io.weight").read_text() == "100\n"   # v1's blkio serves it
     assert host.created == []
+
+
+def test_a_resized_vm_moves_the_memory_limit(tmp_path: Path) -> None:
+    v1, v2 = tmp_path / "memory", tmp_path / "unified"
+    for directory, name in ((v1, "memory.limit_in_bytes"), (v2, "memory.max")):
+        directory.mkdir()
+        (directory / name).write_text("0")
+    (v2 / "pids.max").write_text("max")
+    host = host_cgroup.HostCgroup({"memory": v1, "": v2, "pids": tmp_path})
+    host.set_vm_memory(768, tcg=True)
+    expected = str((768 + host_cgroup.HOST_OVERHEAD_MIB + host_cgroup.TCG_CODE_CACHE_MIB) << 20)
+    assert (v1 / "memory.limit_in_bytes").read_text() == expected
+    # The v2 files serve only controllers no v1 hierarchy has.
+    assert (v2 / "memory.max").read_text() == "0"
+    assert (v2 / "pids.max").read_text() == "max"

@@ -145,6 +145,12 @@ def add_all(sub: Any) -> None:
     p.add_argument("-s", "--signal", default="KILL", help="name (TERM, SIGTERM) or number")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
 
+    p = sub.add_parser("update", help="change running containers' memory and CPU limits "
+                                      "(their VMs grow or shrink: docs/resize.md)")
+    p.add_argument("--cpus", metavar="N", help="CPU quota in CPUs")
+    p.add_argument("--memory", "-m", metavar="SIZE", help="memory limit, e.g. 512m; -1: none")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+
     p = sub.add_parser("rm", help="remove containers (their writable layer and log)")
     p.add_argument("-f", "--force", action="store_true", help="kill running ones first")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
@@ -412,6 +418,19 @@ async def _stop(manager: WorkloadManager, args: argparse.Namespace) -> int:
     return await _each(args, one)
 
 
+async def _update(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    from ...workload import options as opt
+
+    memory = None if args.memory is None else (
+        -1 if args.memory == "-1" else opt.parse_size(args.memory, "--memory"))
+    cpus = opt.parse_cpus(args.cpus) if args.cpus is not None else None
+
+    async def one(key: str) -> None:
+        await manager.update(manager.find(key), memory=memory, cpus=cpus)
+        print(key)
+    return await _each(args, one)
+
+
 async def _kill(manager: WorkloadManager, args: argparse.Namespace) -> int:
     from ...sandbox.runtime import parse_signal
 
@@ -508,8 +527,8 @@ async def _load(manager: WorkloadManager, args: argparse.Namespace) -> int:
 
 _HANDLERS: dict[str, Any] = {
     "run": _run, "ps": _ps, "exec": _exec, "logs": _logs, "stop": _stop, "kill": _kill,
-    "rm": _rm, "wait": _wait, "inspect": _inspect, "info": _info, "pull": _pull,
-    "images": _images, "rmi": _rmi, "load": _load, "events": _events,
+    "update": _update, "rm": _rm, "wait": _wait, "inspect": _inspect, "info": _info,
+    "pull": _pull, "images": _images, "rmi": _rmi, "load": _load, "events": _events,
 }
 
 

@@ -44,6 +44,7 @@ from ..control import AsyncChannel, listen
 from ..guest_network import GuestNetwork
 from ..guest_vm import GuestVm
 from ..protocol import SUPERVISOR_REQUESTS, Adopt, CreateReply, Request
+from . import resize
 from .server import Supervisor
 from .shares import ContainerShares, share
 
@@ -162,11 +163,13 @@ async def _first_container(owned: Resources, container_id: str, spec: oci_spec.S
                            shares: ContainerShares, timings: dict[str, float], *,
                            config: config_mod.RuntimeConfig,
                            block: BlockContainer | None) -> CreateReply:
-    """The supervisor of the running VM, serving, with its first container created."""
+    """The supervisor of the running VM, serving, with its first container created.
+    `config`: the runtime config as loaded (its VM size is the guest overhead)."""
     vm = owned.vm
     assert vm is not None
     supervisor = Supervisor(container_id, vm, owned.shared, owned.network, vm.shares[0].driver,
-                            enabled_annotations=config.enable_annotations, audit=config.audit)
+                            enabled_annotations=config.enable_annotations, audit=config.audit,
+                            resizer=_resizer(owned, config))
     owned.supervisor = supervisor
     if owned.control is None:
         owned.control = ControlServer(vm.paths.control_socket, supervisor.serve)
@@ -178,6 +181,24 @@ async def _first_container(owned: Resources, container_id: str, spec: oci_spec.S
     timings.pop("total", None)
     return CreateReply(vm_dir=str(vm.root), timings=timings, start_path=vm.start_path,
                        channel=vm.channel, qemu_pid=vm.machine.pid or 0)
+
+
+def _resizer(owned: Resources, config: config_mod.RuntimeConfig) -> resize.VmResizer | None:
+    """Sizes the VM to its containers' limits from the size it booted with (its template's,
+    a pooled VM's) up to its maximum, with the host cgroup's memory limit following."""
+    vm = owned.vm
+    assert vm is not None
+    booted = vm.machine.config
+    host = owned.host_cgroup
+    hv = config.hypervisor
+
+    def host_memory(mib: int) -> None:
+        if host is not None:
+            host.set_vm_memory(mib, tcg=booted.accel == "tcg")
+
+    return resize.for_vm(vm.machine, vm.agent, policy.Sizing(hv.memory_mib, hv.vcpus),
+                         resize.Bounds(booted.memory_mib, booted.vcpus, booted.max_memory_mib,
+                                       booted.max_vcpus), host_memory)
 
 
 # -- a supervisor started for its container -------------------------------------------------------
@@ -213,6 +234,7 @@ async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConf
     owned.claim()
     spec = oci_spec.load(args.bundle)
     policy.admit(config.enable_annotations, spec, config.source)
+    loaded = config
     config = replace(policy.sandbox_config(config, spec), state_dir=owned.vm_path.parent)
     # Before QEMU and virtiofsd start, so that they are in it from their first byte.
     owned.host_cgroup = host_cgroup.enter(spec.raw, config, owned.vm_path / host_cgroup.RECORD,
@@ -231,7 +253,7 @@ async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConf
     await owned.network.configure(owned.vm.agent)
     return await _first_container(owned, args.container_id, spec, shares,
                                   {"supervisor_start": max(0.0, t_setup - args.spawned_at)},
-                                  config=config, block=block)
+                                  config=loaded, block=block)
 
 
 async def _until(*events: asyncio.Event) -> None:

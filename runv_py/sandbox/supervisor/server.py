@@ -57,6 +57,7 @@ from ..protocol import (
 )
 from ..status import ContainerStatus, Transition
 from .containers import SIGKILL_STATUS, GuestContainer, GuestProcess
+from .resize import Limits, VmResizer, updated
 from .shares import ContainerShares, Shared, share, unshare
 from .stdio import EXIT_OUTPUT_GRACE_S, serve_attached
 
@@ -78,10 +79,11 @@ class Supervisor:
     def __init__(self, sandbox_id: str, vm: SandboxVm, shared: Shared,
                  network: GuestNetwork, driver: ShareDriver, *,
                  enabled_annotations: tuple[str, ...] = DEFAULT_ENABLED,
-                 audit: AuditConfig | None = None) -> None:
+                 audit: AuditConfig | None = None, resizer: VmResizer | None = None) -> None:
         """`sandbox_id`: the sandbox container's id; `driver`: how the guest mounts the
         shared directory; `enabled_annotations`: the config's (for a pod's other
-        containers); `audit`: the bounds of its process records."""
+        containers); `audit`: the bounds of its process records; `resizer`: sizes the VM
+        to its containers' limits (None: a VM without room to grow)."""
         self.id = sandbox_id
         self.enabled_annotations = enabled_annotations
         self.vm = vm
@@ -89,6 +91,9 @@ class Supervisor:
         self.network = network
         self.driver = driver
         self.containers: dict[str, GuestContainer] = {}
+        self.resizer = resizer
+        self.limits: dict[str, Limits] = {}  # each container's (memory, CPUs), as resized for
+        self.resizing = asyncio.Lock()  # a change of limits, from the target to the shrink
         self.pod_namespaces: dict[str, str] = {}  # type -> guest path (a pod's sandbox)
         # The container whose storages mounted the shared directory in the guest (a block
         # rootfs without volumes needs none: nothing 9p is mounted, the VM can be saved).
@@ -138,6 +143,7 @@ class Supervisor:
             spec = replace(spec, raw={**spec.raw, "linux": pod.with_namespace_paths(
                 spec.raw.get("linux") or {}, self.pod_namespaces)})
         await self._create_in_guest(self.id, spec, shares, block)
+        self.limits[self.id] = (spec.memory_limit, spec.cpus)
         if pod.is_sandbox(spec.annotations):  # the pod's pid namespace is its sandbox's
             self.pod_namespaces["pid"] = guest_spec.pid_namespace(self.id)
             if spec.network_ns:
@@ -258,10 +264,39 @@ class Supervisor:
         return Ok()
 
     async def _update(self, request: Update) -> Ok:
+        """The container's new limits in the guest; the VM grows first (beyond its maximum:
+        refused, nothing changed) and gives memory back after (resize.py)."""
         container = self._container(request.container)
-        await self.vm.agent.update_container(container.id,
-                                             json.dumps(request.resources).encode())
+        async with self.resizing:
+            limits = updated(self.limits.get(container.id, (None, None)), request.resources)
+            memory = await self._grow({**self.limits, container.id: limits})
+            await self.vm.agent.update_container(container.id,
+                                                 json.dumps(request.resources).encode())
+            self.limits[container.id] = limits
+            if self.resizer is not None:
+                await self.resizer.shrink(memory)
         return Ok()
+
+    async def _grow(self, limits: dict[str, Limits]) -> int:
+        """The VM at least as large as containers with these limits need; the memory (MiB)
+        they need."""
+        if self.resizer is None:
+            return 0
+        memory, vcpus = self.resizer.target(limits.values())
+        await self.resizer.grow(memory, vcpus)
+        return memory
+
+    async def _shrink_after_leave(self) -> None:
+        async with self.resizing:
+            if not self.vm_paused and not self.done.is_set():
+                await self._shrink_to_limits()
+
+    async def _shrink_to_limits(self) -> None:
+        """After a container left (or did not make it in): memory it no longer needs goes
+        back, as far as the guest can empty it."""
+        if self.resizer is not None:
+            with contextlib.suppress(RunvError):
+                await self.resizer.shrink(self.resizer.target(self.limits.values())[0])
 
     async def _stats(self, request: Stats) -> StatsReply:
         container = self._container(request.container)
@@ -295,6 +330,9 @@ class Supervisor:
         container.stopped()
         del self.containers[container.id]
         self.agent_exits.pop(container.id, None)
+        if self.limits.pop(container.id, None) is not None and self.resizer is not None:
+            # After the reply: the deleter waits 30 s for it, a shrink may take longer.
+            self._task(self._shrink_after_leave())
         unshare(self.shared, container.shares)
         if self.share_holder == container.id:
             self.share_holder = None
@@ -403,12 +441,20 @@ class Supervisor:
             rootfs = (None if block else
                       f"rootfs-{hashlib.sha256(request.container.encode()).hexdigest()[:12]}")
             shares = share(self.shared, spec, rootfs, trees)
+            limits = (spec.memory_limit, spec.cpus)
             try:
                 await self._vm_running(True)
-                if block is not None:
-                    for disk in block.disks:
-                        await self.vm.machine.hotplug_disk(disk)
-                await self._create_in_guest(request.container, spec, shares, block)
+                async with self.resizing:
+                    try:
+                        await self._grow({**self.limits, request.container: limits})
+                        if block is not None:
+                            for disk in block.disks:
+                                await self.vm.machine.hotplug_disk(disk)
+                        await self._create_in_guest(request.container, spec, shares, block)
+                    except BaseException:
+                        await self._shrink_to_limits()
+                        raise
+                    self.limits[request.container] = limits
             except BaseException:
                 unshare(self.shared, shares.names)
                 raise

@@ -58,6 +58,8 @@ _STOPPED = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: (1, "crashed"),
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: (1, "failed"),
 }
+RESIZE_NEEDS_QEMU = ("resizing a running VM needs [hypervisor] backend = \"qemu\" (the "
+                     "libvirt domain has no memory slots)")
 NOT_WITH_LIBVIRT = ("templates need [hypervisor] backend = \"qemu\" (a libvirt domain cannot "
                     "restore a bare QEMU migration stream over a template's RAM file)")
 
@@ -290,6 +292,22 @@ class LibvirtMachine:
 
     async def hotplug_disk(self, disk: Disk) -> None:
         raise NotSupported(BLOCK_ROOTFS_NEEDS_QEMU)
+
+    async def plug_memory(self, dimm_id: str, size_mib: int, timeout_s: float = 30.0
+                          ) -> bool:
+        raise NotSupported(RESIZE_NEEDS_QEMU)
+
+    async def unplug_memory(self, dimm_id: str, timeout_s: float = 30.0) -> None:
+        raise NotSupported(RESIZE_NEEDS_QEMU)
+
+    async def memory_dimms(self) -> dict[str, int]:
+        return {}
+
+    async def forget_memory(self, dimm_id: str) -> None:
+        raise NotSupported(RESIZE_NEEDS_QEMU)
+
+    async def plug_vcpu(self, cpu_id: str, timeout_s: float = 30.0) -> bool:
+        raise NotSupported(RESIZE_NEEDS_QEMU)
 
     async def save_state(self, fd: int, timeout_s: float) -> None:
         raise NotSupported(NOT_WITH_LIBVIRT)

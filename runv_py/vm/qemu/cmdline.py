@@ -14,6 +14,7 @@ AGENT_PORT_NAME = "agent.channel.0"
 AGENT_VSOCK_PORT = 1024
 AGENT_PORT_ID = "agent0"
 GUEST_INIT = "/sbin/hyperstart"
+MEMORY_SLOTS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,9 @@ class VmConfig:
     # The VM generation id (a vmgenid device); a clone gets a new one, which tells the guest
     # kernel to reseed its RNG.
     vmgenid: str = ""
+    # Room to hot-plug memory (DIMMs, up to this much in all) and vCPUs (machine pc; 0: none).
+    max_memory_mib: int = 0
+    max_vcpus: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,9 @@ def kernel_cmdline(p: KernelParams) -> str:
         if p.tsc_khz and p.accel == "tcg":
             words += [f"tsc_early_khz={p.tsc_khz}", "tsc=reliable"]
         words.append("pci=off")
+    if p.machine == "pc":
+        # Hot-plugged memory goes to ZONE_MOVABLE, so that it can be unplugged again.
+        words.append("memhp_default_state=online_movable")
     if p.root == "block":
         words += ["root=/dev/vda", "rootfstype=erofs", "ro", f"init={GUEST_INIT}"]
     elif p.root == "initrd":
@@ -158,8 +165,11 @@ def qemu_argv(config: VmConfig, ends: InheritedEnds | None = None) -> list[str]:
         "-name", f"runv-{config.name} {config.qmp_socket.parent}".replace(",", ",,"),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-cpu", config.cpu or ("host" if config.accel == "kvm" else "max"),
-        "-smp", str(config.vcpus),
-        "-m", f"{config.memory_mib}M",
+        "-smp", str(config.vcpus) + (f",maxcpus={config.max_vcpus}"
+                                      if config.max_vcpus > config.vcpus else ""),
+        "-m", f"{config.memory_mib}M" + (
+            f",slots={MEMORY_SLOTS},maxmem={config.max_memory_mib}M"
+            if config.max_memory_mib > config.memory_mib else ""),
     ]
     if config.memory_file is not None:
         if config.shared_memory and not config.memory_file_shared:

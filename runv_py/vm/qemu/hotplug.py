@@ -1,6 +1,7 @@
-"""QMP sequences both backends send to their QEMU: a NIC in and out, and waiting for the guest
-to open a virtio-serial port. `Monitor` is what they need of a QMP connection: vm/qemu/qmp.py's
-own socket, or libvirt's qemu-monitor-command passthrough (vm/libvirt/monitor.py)."""
+"""QMP sequences both backends send to their QEMU: a NIC in and out, memory (DIMMs) and vCPUs
+in and out (machine pc), and waiting for the guest to open a virtio-serial port. `Monitor` is
+what they need of a QMP connection: vm/qemu/qmp.py's own socket, or libvirt's
+qemu-monitor-command passthrough (vm/libvirt/monitor.py)."""
 
 from __future__ import annotations
 
@@ -52,20 +53,122 @@ async def add_nic(monitor: Monitor, nic: Nic, bus: str) -> None:
 
 async def remove_nic(monitor: Monitor, nic_id: str, timeout_s: float) -> None:
     """The guest releases the device (DEVICE_DELETED), then its backend goes."""
-    deleted = monitor.listen("DEVICE_DELETED")
+    await _remove_device(monitor, f"nic-{nic_id}", f"nic {nic_id}", timeout_s)
+    await monitor.execute("netdev_del", {"id": f"net-{nic_id}"})
+
+
+# ACPI _OST source and status codes (ACPI 6.4, 6.3.5) as QEMU's ACPI_DEVICE_OST reports them.
+OST_INSERTION = 0x01       # the guest processed a device check (a device plugged)
+OST_EJECT = 0x03           # the guest processed an eject request (a device unplug)
+OST_SUCCESS = 0x00
+OST_EJECT_IN_PROGRESS = 0x84
+
+
+async def _remove_device(monitor: Monitor, device: str, what: str, timeout_s: float) -> None:
+    """device_del, then until the guest has released the device (DEVICE_DELETED); a guest
+    that reports (ACPI _OST) that it cannot eject it fails at once."""
+    events = monitor.listen("DEVICE_DELETED", "ACPI_DEVICE_OST")
     try:
-        await monitor.execute("device_del", {"id": f"nic-{nic_id}"})
+        await monitor.execute("device_del", {"id": device})
         async with asyncio.timeout(timeout_s):
             while True:
-                event: dict[str, Any] = dict(await deleted.get())
-                if event.get("data", {}).get("device") == f"nic-{nic_id}":
-                    break
+                event: dict[str, Any] = dict(await events.get())
+                data = event.get("data", {})
+                if event.get("event") == "DEVICE_DELETED":
+                    if data.get("device") == device:
+                        return
+                    continue
+                info = data.get("info", {})
+                if info.get("device") == device and info.get("source") == OST_EJECT \
+                        and info.get("status") not in (OST_SUCCESS, OST_EJECT_IN_PROGRESS):
+                    raise HypervisorError(f"{what}: the guest refused to release the device "
+                                          f"(ACPI status {info.get('status'):#x})")
     except TimeoutError:
-        raise HypervisorError(f"nic {nic_id}: the guest did not release the device "
+        raise HypervisorError(f"{what}: the guest did not release the device "
                               f"within {timeout_s:g}s") from None
     finally:
-        monitor.unlisten(deleted)
-    await monitor.execute("netdev_del", {"id": f"net-{nic_id}"})
+        monitor.unlisten(events)
+
+
+def check_resizable(machine: str) -> None:
+    """NotSupported where the machine has no memory or CPU hotplug (ACPI)."""
+    if machine != "pc":
+        raise NotSupported(f"resizing a running VM needs [hypervisor] machine = \"pc\" (ACPI "
+                           f"memory and CPU hotplug); this VM is {machine}")
+
+
+async def add_dimm(monitor: Monitor, dimm_id: str, size_mib: int, timeout_s: float) -> bool:
+    """A pc-dimm of `size_mib` on a shareable memfd (vhost-user backends map it as they map
+    the boot RAM), allocated as the guest touches it. True once the guest reports (ACPI _OST)
+    that it added the memory; False if it did not within `timeout_s` (the DIMM stays)."""
+    await monitor.execute("object-add", {"qom-type": "memory-backend-memfd",
+                                         "id": f"mem-{dimm_id}", "size": size_mib << 20,
+                                         "share": True})
+    return await _add_device(monitor, {"driver": "pc-dimm", "id": dimm_id,
+                                       "memdev": f"mem-{dimm_id}"}, timeout_s,
+                             undo=("object-del", {"id": f"mem-{dimm_id}"}))
+
+
+async def remove_dimm(monitor: Monitor, dimm_id: str, timeout_s: float) -> None:
+    """The guest offlines the DIMM's memory (moving what is in it) and ejects it; then its
+    memory goes back to the host (the backend deleted). A DIMM the guest cannot empty stays
+    (HypervisorError)."""
+    await _remove_device(monitor, dimm_id, f"memory {dimm_id}", timeout_s)
+    await monitor.execute("object-del", {"id": f"mem-{dimm_id}"})
+
+
+async def dimms(monitor: Monitor) -> dict[str, int]:
+    """The DIMMs plugged now: id -> size in MiB."""
+    found: dict[str, int] = {}
+    for device in await monitor.execute("query-memory-devices"):
+        data = device.get("data", {})
+        if device.get("type") == "dimm" and data.get("id"):
+            found[str(data["id"])] = int(data["size"]) >> 20
+    return found
+
+
+async def forget_dimm_backend(monitor: Monitor, dimm_id: str) -> None:
+    """The backend of a DIMM the guest ejected late (after remove_dimm gave up on it)."""
+    await monitor.execute("object-del", {"id": f"mem-{dimm_id}"})
+
+
+async def add_vcpu(monitor: Monitor, cpu_id: str, timeout_s: float) -> bool:
+    """A vCPU in the first free slot (HypervisorError if there is none), which the guest
+    adds offline (onlining it is the agent's). True once the guest reports (ACPI _OST) that
+    it added it; False if it did not within `timeout_s`."""
+    free = [slot for slot in await monitor.execute("query-hotpluggable-cpus")
+            if "qom-path" not in slot]
+    if not free:
+        raise HypervisorError(f"vCPU {cpu_id}: no free CPU slot left")
+    # QEMU lists the slots highest first.
+    slot = min(free, key=lambda s: tuple(sorted(s.get("props", {}).items())))
+    return await _add_device(monitor, {"driver": slot["type"], "id": cpu_id,
+                                       **slot["props"]}, timeout_s)
+
+
+async def _add_device(monitor: Monitor, device: dict[str, Any], timeout_s: float,
+                      undo: tuple[str, dict[str, Any]] | None = None) -> bool:
+    events = monitor.listen("ACPI_DEVICE_OST")
+    try:
+        try:
+            await monitor.execute("device_add", device)
+        except HypervisorError:
+            if undo is not None:
+                with contextlib.suppress(HypervisorError):
+                    await monitor.execute(*undo)
+            raise
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    event: dict[str, Any] = dict(await events.get())
+                    info = event.get("data", {}).get("info", {})
+                    if info.get("device") == device["id"] \
+                            and info.get("source") == OST_INSERTION:
+                        return bool(info.get("status") == OST_SUCCESS)
+        except TimeoutError:
+            return False
+    finally:
+        monitor.unlisten(events)
 
 
 async def port_opened(events: EventListener, port_id: str, timeout_s: float) -> None:

@@ -233,6 +233,29 @@ class QemuMachine:
         self.check_hotplug()
         await hotplug.remove_nic(self.qmp, nic_id, timeout_s)
 
+    async def plug_memory(self, dimm_id: str, size_mib: int, timeout_s: float = 30.0
+                          ) -> bool:
+        """A DIMM of `size_mib` (a multiple of the guest's 128 MiB memory blocks), which the
+        guest onlines as movable memory (kernel_cmdline) so that it can be unplugged again.
+        True once the guest has added it (hotplug.add_dimm)."""
+        hotplug.check_resizable(self.config.machine)
+        return await hotplug.add_dimm(self.qmp, dimm_id, size_mib, timeout_s)
+
+    async def unplug_memory(self, dimm_id: str, timeout_s: float = 30.0) -> None:
+        hotplug.check_resizable(self.config.machine)
+        await hotplug.remove_dimm(self.qmp, dimm_id, timeout_s)
+
+    async def memory_dimms(self) -> dict[str, int]:
+        return await hotplug.dimms(self.qmp)
+
+    async def forget_memory(self, dimm_id: str) -> None:
+        await hotplug.forget_dimm_backend(self.qmp, dimm_id)
+
+    async def plug_vcpu(self, cpu_id: str, timeout_s: float = 30.0) -> bool:
+        """A vCPU the guest adds offline (the agent onlines it); True once it has."""
+        hotplug.check_resizable(self.config.machine)
+        return await hotplug.add_vcpu(self.qmp, cpu_id, timeout_s)
+
     async def save_state(self, fd: int, timeout_s: float) -> None:
         """Pause the VM and write its device state to `fd`, leaving out RAM that lives in a
         shared memory backend (the template's memory file)."""
