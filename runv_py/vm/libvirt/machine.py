@@ -122,6 +122,7 @@ class LibvirtMachine:
         self._pid: int | None = None
         self._returncode: int | None = None
         self._port_events = EventListener()
+        self._ports_forgotten_at = 0.0
         self.console = ConsoleLog(config.console_log)
 
     @property
@@ -271,10 +272,13 @@ class LibvirtMachine:
 
     def forget_port_events(self) -> None:
         self._port_events.clear()
+        self._ports_forgotten_at = time.time()
 
     async def wait_port_open(self, port_id: str, timeout_s: float) -> None:
-        """As QemuMachine's; libvirt names the port by its user alias (domain.py)."""
-        await hotplug.port_opened(self._port_events, f"ua-{port_id}", timeout_s)
+        """As QemuMachine's; libvirt names the port by its user alias (domain.py) and passes
+        QEMU's timestamps on."""
+        await hotplug.port_opened(self._port_events, f"ua-{port_id}", timeout_s,
+                                  since=self._ports_forgotten_at)
 
     def check_hotplug(self) -> str:
         """The bus hot-plugged NICs go on; NotSupported where the machine has none."""

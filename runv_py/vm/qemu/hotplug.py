@@ -171,11 +171,24 @@ async def _add_device(monitor: Monitor, device: dict[str, Any], timeout_s: float
         monitor.unlisten(events)
 
 
-async def port_opened(events: EventListener, port_id: str, timeout_s: float) -> None:
-    """Until a VSERPORT_CHANGE in `events` says the guest opened port `port_id`."""
+async def port_opened(events: EventListener, port_id: str, timeout_s: float,
+                      since: float = 0.0) -> None:
+    """Until a VSERPORT_CHANGE in `events` says the guest opened port `port_id` at or after
+    `since` (host wall clock, as QEMU stamps its events). Clearing the queue is not enough to
+    drop older events: one QEMU sent before the clear can still be in the QMP socket, unread
+    (the event loop ran the caller first: a starved host), and arrive after it."""
     async with asyncio.timeout(timeout_s):
         while True:
             event: dict[str, Any] = dict(await events.get())
             data = event.get("data", {})
-            if data.get("id") == port_id and data.get("open"):
+            if data.get("id") == port_id and data.get("open") and _stamp(event) >= since:
                 return
+
+
+def _stamp(event: dict[str, Any]) -> float:
+    """When QEMU made the event (g_get_real_time), in seconds; an unstamped one counts as
+    new."""
+    stamp = event.get("timestamp")
+    if not isinstance(stamp, dict):
+        return float("inf")
+    return float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6

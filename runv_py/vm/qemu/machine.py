@@ -75,6 +75,7 @@ class QemuMachine:
         self.started_at: float | None = None
         self._exited: asyncio.Task[int] | None = None
         self._port_events = EventListener()
+        self._ports_forgotten_at = 0.0
         self.console = ConsoleLog(config.console_log)
 
     @property
@@ -155,13 +156,16 @@ class QemuMachine:
 
     def forget_port_events(self) -> None:
         self._port_events.clear()
+        self._ports_forgotten_at = time.time()
 
     async def wait_port_open(self, port_id: str, timeout_s: float) -> None:
         """Until QEMU reports that the guest opened virtio-serial port `port_id` (a
-        VSERPORT_CHANGE event since the last forget_port_events()). QEMU rate-limits these
-        events per port to one a second and keeps the last, so a close followed by a quick
-        reopen shows as one open event, up to a second late."""
-        await hotplug.port_opened(self._port_events, port_id, timeout_s)
+        VSERPORT_CHANGE event QEMU made since the last forget_port_events(), by its
+        timestamp). QEMU rate-limits these events per port to one a second and keeps the
+        last, so a close followed by a quick reopen shows as one open event, up to a second
+        late."""
+        await hotplug.port_opened(self._port_events, port_id, timeout_s,
+                                  since=self._ports_forgotten_at)
 
     def check_hotplug(self) -> str:
         """The bus hot-plugged NICs go on; NotSupported where the machine has none."""
