@@ -88,10 +88,12 @@ class Journal:
         send(sock, END)
 
     def clear(self) -> None:
-        if self.conn_fd >= 0:
-            os.close(self.conn_fd)
-            self.conn_fd = -1
-        for _, fds in self.records.values():
-            for fd in fds:
-                os.close(fd)
-        self.records.clear()
+        """Forget everything, then close the fds: a signal handler's exception between two
+        closes (the keeper's SIGTERM, while closing the last fd of a big guest's memory
+        frees it) leaves the rest open until exit, never listed to be closed a second time."""
+        fds = [self.conn_fd] if self.conn_fd >= 0 else []
+        fds += [fd for _, kept in self.records.values() for fd in kept]
+        self.conn_fd = -1
+        self.records = {}
+        for fd in fds:
+            os.close(fd)

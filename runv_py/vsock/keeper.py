@@ -190,20 +190,22 @@ class Keeper:
             self.journal.add(*record)
 
     def stop(self) -> None:
-        if self.worker is not None:
-            pidfd = os.pidfd_open(self.worker)
-            try:
-                os.kill(self.worker, signal.SIGTERM)
-                if not select.select([pidfd], [], [], WORKER_STOP_S)[0]:
-                    log.warning("worker %d did not stop within %gs: killing it", self.worker,
-                                WORKER_STOP_S)
-                    os.kill(self.worker, signal.SIGKILL)
-            finally:
-                os.close(pidfd)
-            os.waitpid(self.worker, 0)
-            self.worker = None
-        self.journal.clear()
-        remove(self.paths)
+        try:
+            if self.worker is not None:
+                pidfd = os.pidfd_open(self.worker)
+                try:
+                    os.kill(self.worker, signal.SIGTERM)
+                    if not select.select([pidfd], [], [], WORKER_STOP_S)[0]:
+                        log.warning("worker %d did not stop within %gs: killing it",
+                                    self.worker, WORKER_STOP_S)
+                        os.kill(self.worker, signal.SIGKILL)
+                finally:
+                    os.close(pidfd)
+                os.waitpid(self.worker, 0)
+                self.worker = None
+            self.journal.clear()
+        finally:
+            remove(self.paths)
 
 
 def _run_worker(argv: list[str], keep: set[int], keeper: int) -> NoReturn:

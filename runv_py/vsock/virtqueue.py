@@ -195,6 +195,13 @@ class Virtqueue:
         self.last_avail = self.used_idx
         self.inflight.clear()
 
+    def release(self) -> None:
+        """Drop every view into guest memory this ring holds (its areas, the chains taken),
+        so that the memory can be unmapped; resolve() finds the areas again."""
+        self.desc = self.avail = self.used = None
+        self.mem = None
+        self.inflight.clear()
+
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd"):
             fd = getattr(self, name)

@@ -355,3 +355,28 @@ def test_process_memory_refuses_huge_buffers(tmp_path: Path) -> None:
             mem.writable(0x200000, 4 << 20)
     finally:
         driver.close()
+
+
+def _guest_ram_mappings() -> int:
+    return sum("memfd:guest-ram" in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_a_closed_device_holds_no_mapping_of_guest_memory(tmp_path: Path) -> None:
+    """Closing the device (its front-end went, or the worker stops) unmaps guest RAM. Kept
+    mapped, the worker was the guest memory's last holder once QEMU and the keeper's journal
+    had let go, and its exit freed all of it: seconds for a big guest on a busy host, past
+    the keeper's wait for it."""
+    d = Driver(tmp_path)
+    try:
+        d.start()
+        d.post_rx()
+        d.send(pk.OP_REQUEST, 79, 5002)
+        assert _ops(d.received()) == [pk.OP_RST]
+        assert _guest_ram_mappings() == 2  # the driver's own and the device's
+        d.device.close()
+        assert _guest_ram_mappings() == 1
+        d.start()  # a front-end that comes again maps it again
+        assert _guest_ram_mappings() == 2
+        assert all(vq.ready for vq in d.device.vqs)
+    finally:
+        d.close()

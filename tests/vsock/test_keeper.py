@@ -86,3 +86,67 @@ def test_the_worker_dies_with_its_keeper(tmp_path: Path) -> None:
     while Path(f"/proc/{worker}").exists():
         assert time.monotonic() < deadline, "the worker outlived its keeper"
         time.sleep(0.01)
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_clear_cut_short_by_a_signal_closes_nothing_twice(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """The keeper's SIGTERM handler raises SystemExit between two closes of Journal.clear()
+    (seen when closing the last fd of a big guest's memory, which frees it, took long);
+    stop() clears again and closed the first fds a second time: EBADF, and stop() ended
+    before removing the sockets (or, with the number reused meanwhile, closed another fd)."""
+    from runv_py.vsock import journal
+    from runv_py.vsock import protocol as vu
+
+    kept = journal.Journal()
+    fds = [os.eventfd(0) for _ in range(3)]
+    kept.add(journal.CONN, b"", [fds[0]])
+    for request, fd in ((vu.SET_MEM_TABLE, fds[1]), (vu.SET_OWNER, fds[2])):
+        kept.add(journal.MESSAGE, vu.HEADER.pack(request, vu.VERSION, 0), [fd])
+    real_close = os.close
+    closed: list[int] = []
+
+    def close_then_signal(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(journal.os, "close", close_then_signal)
+    with pytest.raises(SystemExit):
+        kept.clear()
+    monkeypatch.setattr(journal.os, "close", real_close)
+    try:
+        kept.clear()  # what stop() does next
+        assert kept.conn_fd == -1 and not kept.records
+        assert closed == [fds[0]]
+    finally:
+        for fd in fds[1:]:
+            with contextlib.suppress(OSError):
+                real_close(fd)
+
+
+def test_stop_removes_the_sockets_even_when_clearing_fails(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    from runv_py.vsock import keeper as keeper_mod
+
+    keeper = keeper_mod.Keeper(keeper_mod.parse_args(
+        [f"--socket={tmp_path}/v.sock", f"--uds={tmp_path}/u.sock"]))
+    try:
+        def fail() -> None:
+            raise OSError(9, "Bad file descriptor")
+
+        monkeypatch.setattr(keeper.journal, "clear", fail)
+        with pytest.raises(OSError):
+            keeper.stop()
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+    finally:
+        for sock in (keeper.vhost, keeper.hybrid, keeper.ours, keeper.theirs):
+            sock.close()
