@@ -526,9 +526,9 @@ class GuestVm:
             return self._agent
         try:
             await self.machine.wait_port_open(AGENT_PORT_ID, timeout_s)
-        except TimeoutError:
+        except TimeoutError as exc:
             raise AgentError(f"sandbox {self.id}: the guest did not reopen its agent port "
-                             f"within {timeout_s:g}s") from None
+                             f"within {timeout_s:g}s ({exc})") from None
         self._agent = self._agent_client(timeout_s)
         await self._agent.wait_ready(timeout_s)
         return self._agent

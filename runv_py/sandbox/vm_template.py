@@ -305,8 +305,10 @@ async def _boot_and_save_in(work: Path, run: Path, vm: VmConfig, timeout_s: floa
         await agent.close()
         try:
             await machine.wait_port_open(AGENT_PORT_ID, timeout_s)
-        except TimeoutError:
-            raise BootTimeout("template VM: the guest did not reopen its agent port") from None
+        except TimeoutError as exc:
+            raise BootTimeout(f"template VM: the guest did not reopen its agent port within "
+                              f"{timeout_s:g}s ({exc}); guest console:\n"
+                              + tail(vm.console_log)) from None
         await machine.save_state(fd, SAVE_TIMEOUT_S)
     except RunvError as exc:
         raise HypervisorError(f"building a template failed: {exc}") from exc

@@ -96,3 +96,20 @@ def test_without_a_new_open_the_wait_times_out() -> None:
             await machine.wait_port_open(PORT, 0.5)
 
     asyncio.run(main())
+
+
+def test_the_timeout_says_what_the_port_did() -> None:
+    """For the next "did not reopen": whether the guest closed the port at all."""
+    machine, event_id = _machine("qemu")
+
+    async def main() -> None:
+        events = machine._port_events = EventListener(("VSERPORT_CHANGE",))
+        machine.forget_port_events()
+        await events.put(_event(event_id, False, time.time()))
+        with pytest.raises(TimeoutError, match=r"since the host let go: closed at \+0\.\d\ds"):
+            await machine.wait_port_open(PORT, 0.3)
+        machine.forget_port_events()
+        with pytest.raises(TimeoutError, match="since the host let go: none"):
+            await machine.wait_port_open(PORT, 0.1)
+
+    asyncio.run(main())

@@ -176,13 +176,23 @@ async def port_opened(events: EventListener, port_id: str, timeout_s: float,
     """Until a VSERPORT_CHANGE in `events` says the guest opened port `port_id` at or after
     `since` (host wall clock, as QEMU stamps its events). Clearing the queue is not enough to
     drop older events: one QEMU sent before the clear can still be in the QMP socket, unread
-    (the event loop ran the caller first: a starved host), and arrive after it."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            event: dict[str, Any] = dict(await events.get())
-            data = event.get("data", {})
-            if data.get("id") == port_id and data.get("open") and _stamp(event) >= since:
-                return
+    (the event loop ran the caller first: a starved host), and arrive after it. The
+    TimeoutError names the port's events seen meanwhile, for the caller's message."""
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                event: dict[str, Any] = dict(await events.get())
+                data = event.get("data", {})
+                if data.get("id") != port_id:
+                    continue
+                at = _stamp(event) - since
+                if data.get("open") and at >= 0:
+                    return
+                seen.append(f"{'opened' if data.get('open') else 'closed'} at {at:+.2f}s")
+    except TimeoutError:
+        raise TimeoutError(f"events of port {port_id} since the host let go: "
+                           f"{', '.join(seen) or 'none'}") from None
 
 
 def _stamp(event: dict[str, Any]) -> float:
