@@ -18,6 +18,7 @@ from ..errors import AgentError, CommandNotExecutable, CommandNotFound
 from . import convert
 from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
+from .serial_relay import SerialRelay
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,14 +48,20 @@ def _channel_options(handshake_timeout_s: float) -> list[tuple[str, int]]:
 
 class AgentClient:
     def __init__(self, socket_path: Path, call_timeout_s: float = 30.0,
-                 handshake_timeout_s: float = 120.0, dial: Dial | None = None) -> None:
+                 handshake_timeout_s: float = 120.0, dial: Dial | None = None,
+                 serial: bool = False) -> None:
         """`dial`: opens a stream to a guest vsock port (the vsock channel); with it, stdio
-        goes over a vsock stream per process (StdioStream) instead of the Stdio RPC."""
+        goes over a vsock stream per process (StdioStream) instead of the Stdio RPC.
+        `serial`: `socket_path` is QEMU's virtio-serial chardev socket, reached through a
+        SerialRelay so that close() ends the guest's session at once (needs a running event
+        loop)."""
         self.socket_path = socket_path
         self.call_timeout_s = call_timeout_s
         self.dial = dial
+        self._relay = SerialRelay(socket_path) if serial else None
         self._channel = grpc.aio.insecure_channel(
-            f"unix:{socket_path}", options=_channel_options(handshake_timeout_s))
+            self._relay.target if self._relay else f"unix:{socket_path}",
+            options=_channel_options(handshake_timeout_s))
         self._stub: Any = pb_grpc.AgentStub(self._channel)
 
     async def _call(self, name: str, call: Awaitable[T]) -> T:
@@ -362,7 +369,10 @@ class AgentClient:
             call.cancel()
 
     async def close(self) -> None:
+        """Idempotent."""
         await self._channel.close()
+        if self._relay is not None:
+            await self._relay.close()
 
 
 async def _feed(writer: asyncio.StreamWriter, stdin: AsyncIterator[bytes] | None) -> None:

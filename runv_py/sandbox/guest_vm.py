@@ -511,7 +511,8 @@ class GuestVm:
     def _agent_client(self, handshake_timeout_s: float) -> AgentClient:
         """With the vsock channel, processes' stdio goes over vsock streams of their own."""
         return AgentClient(self.paths.agent_socket, handshake_timeout_s=handshake_timeout_s,
-                           dial=self.vsock.connect if self.vsock is not None else None)
+                           dial=self.vsock.connect if self.vsock is not None else None,
+                           serial=self.vsock is None)
 
     async def reconnect_agent(self, timeout_s: float = 30.0) -> AgentClient:
         """Drop the host's agent connection and open a new one once the guest has seen the old

@@ -282,7 +282,7 @@ async def _boot_and_save_in(work: Path, run: Path, vm: VmConfig, timeout_s: floa
     assert vm.agent_socket is not None
     fd = os.open(work / STATE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     machine = QemuMachine(vm, run / "qemu.log")
-    agent = AgentClient(vm.agent_socket, handshake_timeout_s=timeout_s)
+    agent = AgentClient(vm.agent_socket, handshake_timeout_s=timeout_s, serial=True)
     try:
         await machine.start()
         ready = asyncio.create_task(agent.wait_ready(timeout_s))
