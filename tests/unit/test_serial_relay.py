@@ -31,13 +31,14 @@ class Chardev:
         self.accepted = 0
         self.ended: list[float] = []
         self.received = bytearray()
+        self.drains: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(self.listener)
             self.accepted += 1
-            loop.create_task(self._drain(conn))
+            self.drains.add(loop.create_task(self._drain(conn)))
 
     async def _drain(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()

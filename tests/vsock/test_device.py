@@ -358,7 +358,8 @@ def test_process_memory_refuses_huge_buffers(tmp_path: Path) -> None:
 
 
 def _guest_ram_mappings() -> int:
-    return sum("memfd:guest-ram" in line for line in Path("/proc/self/maps").read_text().splitlines())
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return sum("memfd:guest-ram" in line for line in maps)
 
 
 def test_a_closed_device_holds_no_mapping_of_guest_memory(tmp_path: Path) -> None:
