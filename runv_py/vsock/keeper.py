@@ -26,6 +26,7 @@ log = logging.getLogger("runv-vsock")
 RESTART_WINDOW_S = 10.0
 MAX_RESTARTS = 5
 WORKER_STOP_S = 3.0  # a stopping worker closes its connections; then SIGKILL
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def listen_all(paths: list[Path]) -> list[socket.socket]:
@@ -142,9 +143,19 @@ class Keeper:
         if self.args.log is not None:
             argv.append(f"--log={self.args.log}")
         keeper = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            _run_worker(argv, fds, keeper)
+        # A SIGTERM during fork() ran our handler inside the interpreter's at-fork hooks
+        # (logging's lock release), which swallow its SystemExit ("Exception ignored"): the
+        # keeper went on serving and its owner waited out its grace (issue 20's backend "slow
+        # to stop", when a failed clone stopped it right after start). Blocked here, the
+        # signal arrives once the worker's pid is recorded, for stop() to end it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _run_worker(argv, fds, keeper, mask)
+            self.worker = pid
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.journal.replay(self.ours)
         return pid
 
@@ -208,11 +219,14 @@ class Keeper:
             remove(self.paths)
 
 
-def _run_worker(argv: list[str], keep: set[int], keeper: int) -> NoReturn:
+def _run_worker(argv: list[str], keep: set[int], keeper: int,
+                mask: set[signal.Signals]) -> NoReturn:
     """The forked child: drop every descriptor but the worker's (and stdio), then be the
-    worker until it ends; never return into the keeper's code."""
+    worker until it ends; never return into the keeper's code. `mask`: the signal mask to
+    restore (the keeper's, from before it blocked STOP_SIGNALS around the fork)."""
     code = 1
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with(keeper)
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)

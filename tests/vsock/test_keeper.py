@@ -150,3 +150,32 @@ def test_stop_removes_the_sockets_even_when_clearing_fails(tmp_path: Path,
     finally:
         for sock in (keeper.vhost, keeper.hybrid, keeper.ours, keeper.theirs):
             sock.close()
+
+
+def test_a_sigterm_while_the_keeper_forks_its_worker_stops_it(tmp_path: Path) -> None:
+    """The owner stops a backend as soon as it needs to, which under load (a template clone
+    that failed to restore) is while the keeper still forks its first worker. A SIGTERM then
+    ran the keeper's handler inside an at-fork hook, which swallowed its SystemExit: the
+    keeper ignored the SIGTERM and was killed after the owner's 5 s. Here the signal comes
+    from an at-fork hook of the keeper's own, every time."""
+    program = ("import os, signal, sys\n"
+               "from runv_py.vsock import keeper\n"
+               "os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), "
+               "signal.SIGTERM))\n"
+               "sys.exit(keeper.main(sys.argv[1:]))\n")
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", program, f"--socket={tmp_path}/v.sock", f"--uds={tmp_path}/u.sock",
+         f"--log={tmp_path}/log"], stderr=subprocess.PIPE, text=True)
+    try:
+        code = keeper.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        keeper.kill()
+        keeper.wait()
+        pytest.fail("the keeper ignored a SIGTERM that came while it forked its worker")
+    finally:
+        assert keeper.stderr is not None
+        stderr = keeper.stderr.read()
+        keeper.stderr.close()
+    assert code == 0, stderr
+    assert "Exception ignored" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
