@@ -337,10 +337,9 @@ class Device:
 
     def close(self) -> None:
         """Also when the front-end went away: guest RAM is unmapped here, not at our exit. With
-        QEMU gone the last holder of the guest's memory frees all of it (~1.3 s for 2 GiB on
-        this 2-core host at load 9): as the worker's exit, that made its stop slow; the
-        keeper, which drops its copies of the memory fds when the front-end goes, pays it
-        then (docs/vsock.md, Stopping)."""
+        QEMU gone the last holder of the guest's memory frees all of it: as the worker's
+        exit, that made its stop slow; the keeper, which drops its copies of the memory fds
+        when the front-end goes, pays it then (docs/vsock.md, Stopping)."""
         self.reset("backend stopping")
         for vq in self.vqs:
             self._set_kick(vq, -1)
