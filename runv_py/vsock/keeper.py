@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
@@ -220,7 +221,7 @@ class Keeper:
 
 
 def _run_worker(argv: list[str], keep: set[int], keeper: int,
-                mask: set[signal.Signals]) -> NoReturn:
+                mask: Iterable[int]) -> NoReturn:
     """The forked child: drop every descriptor but the worker's (and stdio), then be the
     worker until it ends; never return into the keeper's code. `mask`: the signal mask to
     restore (the keeper's, from before it blocked STOP_SIGNALS around the fork)."""
