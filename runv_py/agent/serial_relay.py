@@ -7,6 +7,9 @@ close(): grpc leaves a connection whose HTTP/2 handshake has not completed open 
 (client.py, `_channel_options`). QEMU then keeps the port's host attached, the guest never sees
 the session end, and whoever waits for the guest to reopen its port (the template build,
 `GuestVm.reconnect_agent`) times out. The relay closes its connections to QEMU at once.
+
+An abstract socket has no file mode: any process in the network namespace may connect. The
+relay serves only connections from its own process (SO_PEERCRED), i.e. grpc's.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 from pathlib import Path
 
 CHUNK = 256 * 1024
+_CREDS = struct.Struct("3i")  # pid, uid, gid
 
 
 class SerialRelay:
@@ -47,6 +52,10 @@ class SerialRelay:
         loop = asyncio.get_running_loop()
         while True:
             conn, _ = await loop.sock_accept(self._listener)
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
+            if _CREDS.unpack(creds)[0] != os.getpid():
+                conn.close()
+                continue
             task = loop.create_task(self._splice(conn))
             self._splices.add(task)
             task.add_done_callback(self._splices.discard)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -87,5 +88,40 @@ def test_an_agent_socket_that_refuses_is_unavailable_not_a_hang(tmp_path: Path) 
                 await client.check(timeout_s=5.0)
         finally:
             await client.close()
+
+    asyncio.run(main())
+
+
+def test_only_the_clients_own_process_reaches_the_guest(tmp_path: Path) -> None:
+    """The relay's abstract socket has no file mode; another process (any user in the
+    network namespace) that connects to it is closed on, never relayed to QEMU."""
+    async def main() -> None:
+        chardev = Chardev(tmp_path / "agent.sock")
+        serving = asyncio.create_task(chardev.serve())
+        client = AgentClient(tmp_path / "agent.sock", handshake_timeout_s=HANDSHAKE_S,
+                             serial=True)
+        try:
+            assert client._relay is not None
+            program = ("import socket, sys\n"
+                       "s = socket.socket(socket.AF_UNIX)\n"
+                       "s.connect('\\0' + sys.argv[1])\n"
+                       "s.settimeout(5)\n"
+                       "try:\n"
+                       "    s.sendall(b'PRI * HTTP/2.0')\n"
+                       "    print('closed' if s.recv(10) == b'' else 'served')\n"
+                       "except TimeoutError:\n"
+                       "    print('held open')\n"
+                       "except OSError:\n"
+                       "    print('closed')\n")
+            other = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", program, client._relay.address,
+                stdout=asyncio.subprocess.PIPE)
+            out, _ = await asyncio.wait_for(other.communicate(), 30)
+            assert out.strip() == b"closed"
+            assert chardev.accepted == 0 and not chardev.received
+        finally:
+            await client.close()
+            serving.cancel()
+            chardev.listener.close()
 
     asyncio.run(main())
