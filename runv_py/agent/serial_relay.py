@@ -28,8 +28,9 @@ _CREDS = struct.Struct("3i")  # pid, uid, gid
 
 class SerialRelay:
     def __init__(self, upstream: Path) -> None:
-        """Listens at once (grpc may dial before the loop runs start()'s task); needs a
+        """Listens at once (grpc may dial before the accepting task first runs); needs a
         running event loop."""
+        loop = asyncio.get_running_loop()
         self.upstream = upstream
         self.address = f"runv-agent-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -41,7 +42,7 @@ class SerialRelay:
             self._listener.close()
             raise
         self._splices: set[asyncio.Task[None]] = set()
-        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+        self._accepting = loop.create_task(self._accept())
 
     @property
     def target(self) -> str:
