@@ -52,8 +52,8 @@ def test_ipv6_routes_and_mtu_9000_end_to_end(runv: Runv, lab: Lab) -> None:
     peer_http(lab, peer, "::", size=1 << 20)
 
     # The first thing the container does is the IPv6 connection: its first neighbour
-    # resolution must work (docs/networking.md, "The guest's first IPv6 neighbour
-    # solicitation"). The counters at the end tell a lost one apart on each side.
+    # resolution must work (docs/networking.md, "the first IPv6 neighbour solicitation").
+    # The counters at the end tell on which side a lost one went missing.
     script = "; ".join([
         f"timeout 30 wget -q -O - 'http://[{lab.v6}:2::1]:8080/' | head -n 1",
         f"wget -q -O - http://10.{net}.9.1:8080/ | wc -c",
