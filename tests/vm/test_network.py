@@ -179,8 +179,8 @@ def test_an_interface_is_configured_once_its_link_carries_frames(
         runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
     """UpdateInterface brings the NIC up and returns only once the guest can send on it: its
     carrier is on and the kernel has attached its transmit queue. Before that the guest drops
-    what it sends while counting it sent (docs/networking.md, "A NIC brought up before its
-    carrier"). Here the host holds the NIC's link down while the agent brings it up."""
+    what it sends (docs/networking.md, "A NIC brought up before it can send"). Here the host
+    holds the NIC's link down while the agent brings it up."""
     async def main() -> None:
         async with await GuestVm.boot(
                 runtime_config, shares=(Share("rootfs0", busybox_rootfs, readonly=True),),
