@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import ipaddress
+import logging
 import os
 import re
 import sys
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import AgentError
+
+log = logging.getLogger(__name__)
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -34,8 +37,10 @@ SCOPES = {0: "universe", 200: "site", 253: "link", 254: "host"}
 NUD_PERMANENT = 0x80
 NUD_STATES = (0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80)
 IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+IF_READY = 0x80000000  # an IPv6 device's flag (IFLA_INET6_FLAGS), linux/include/net/if_inet6.h
 IFA_F_NODAD = 0x02
-LINK_READY_WAIT_S = 3.0
+LINK_READY_WAIT_S = 10.0
 MIN_MTU, MAX_MTU = 68, 65535
 ONDEMAND = "/opt/hyperstart/ondemand"
 
@@ -384,14 +389,38 @@ def update_interface(want: Interface) -> Interface:
         return _interface(link, _addresses(ipr, index).get(index, []))
 
 
+def link_ready(link: Any) -> bool:
+    """Whether a link that was brought up can send: its carrier is on and the kernel has
+    attached its transmit queues' qdisc. Until then the kernel drops what is sent on the link
+    and still counts it sent. The operational state alone does not tell: a virtio-net NIC
+    just probed reads UNKNOWN (nothing has set it yet) while its carrier is still off, and the
+    qdisc is attached only once linkwatch has seen the carrier come on. IPv6 waits for the
+    same thing (addrconf_link_ready: up and no noop qdisc) before it marks the device
+    IF_READY, which the link's IFLA_AF_SPEC shows; without IPv6 on the link, carrier and
+    operational state are all there is to go by."""
+    if not link["flags"] & IFF_LOWER_UP:
+        return False
+    if link.get("IFLA_OPERSTATE") not in ("UP", "UNKNOWN"):
+        return False
+    inet6 = link.get_nested("IFLA_AF_SPEC", "AF_INET6")
+    if inet6 is None or (inet6.get("IFLA_INET6_CONF") or {}).get("disable_ipv6"):
+        return True
+    return bool((inet6.get("IFLA_INET6_FLAGS") or 0) & IF_READY)
+
+
 def _wait_link_ready(ipr: Any, index: int) -> None:
-    """Until the link brought up is operationally up (bounded). The kernel's linkwatch sets
-    that up to a second later, and IPv6 then restarts duplicate address detection on the
-    link's addresses: addresses added before would flicker back to tentative (unusable) while
-    a container is already starting."""
+    """Until the link brought up can send (bounded: a link whose carrier does not come is
+    configured anyway, with a warning). Addresses added before would also flicker: when the
+    link becomes ready IPv6 starts duplicate address detection on them."""
     deadline = time.monotonic() + LINK_READY_WAIT_S
-    while time.monotonic() < deadline:
-        if ipr.get_links(index)[0].get("IFLA_OPERSTATE") in ("UP", "UNKNOWN"):
+    while True:
+        link = ipr.get_links(index)[0]
+        if link_ready(link):
+            return
+        if time.monotonic() >= deadline:
+            log.warning("interface %s is not ready to send after %gs (operstate %s, flags "
+                        "%#x): configuring it anyway", link.get("IFLA_IFNAME"),
+                        LINK_READY_WAIT_S, link.get("IFLA_OPERSTATE"), link["flags"])
             return
         time.sleep(0.02)
 

@@ -17,16 +17,22 @@ from runv_py.agent.convert import ARPNeighbor, Interface, IPAddress, Route, Stor
 from runv_py.devices import Nic, Share
 from runv_py.errors import AgentError
 from runv_py.sandbox.guest_vm import GuestVm
+from runv_py.vm.qemu.machine import QemuMachine
 from tests.vm.test_container import MOUNT, _collect, _spec
 
 MAC0, MAC1, GATEWAY_MAC = "02:52:56:00:00:01", "02:52:56:00:00:02", "02:52:56:00:00:fe"
+# Longer than the agent waited for a link before (3 s), shorter than it waits now.
+LINK_HELD_DOWN_S = 6.0
 
 
 async def _run_in_container(agent: AgentClient, cid: str, script: str,
-                            namespaces: tuple[str, ...] = ("pid", "mount", "ipc", "uts")
-                            ) -> str:
+                            namespaces: tuple[str, ...] = ("pid", "mount", "ipc", "uts"),
+                            sysfs: bool = False) -> str:
     spec = json.loads(_spec(MOUNT.format(cid), ["sh", "-c", script]))
     spec["linux"]["namespaces"] = [{"type": t} for t in namespaces]
+    if sysfs:
+        spec["mounts"].append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                               "options": ["ro"]})
     await agent.create_container(cid, json.dumps(spec).encode(), storages=(
         Storage("9p", "rootfs0", MOUNT.format(cid)),))
     output = asyncio.create_task(_collect(agent.stdio(cid)))
@@ -165,5 +171,41 @@ def test_interfaces_routes_and_neighbors_in_the_guest_and_a_container(
                 nics=nics) as sandbox:
             assert sandbox.agent is not None
             await body(sandbox.agent)
+
+    asyncio.run(main())
+
+
+def test_an_interface_is_configured_once_its_link_carries_frames(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    """UpdateInterface brings the NIC up and returns only once the guest can send on it: its
+    carrier is on and the kernel has attached its transmit queue. Before that the guest drops
+    what it sends (docs/networking.md, "A NIC brought up before it can send"). Here the host
+    holds the NIC's link down while the agent brings it up."""
+    async def main() -> None:
+        async with await GuestVm.boot(
+                runtime_config, shares=(Share("rootfs0", busybox_rootfs, readonly=True),),
+                nics=(Nic("n0", MAC0),)) as sandbox:
+            agent, machine = sandbox.agent, sandbox.machine
+            assert agent is not None and isinstance(machine, QemuMachine)
+            await machine.qmp.execute("set_link", {"name": "nic-n0", "up": False})
+            # The guest has seen its carrier go (probe: off, on; now off again).
+            await _run_in_container(agent, "off", "until [ $(cat /sys/class/net/eth0/"
+                                    "carrier_down_count) -ge 2 ]; do sleep 0.1; done", sysfs=True)
+            update = asyncio.create_task(agent.update_interface(Interface(
+                name="net0", hw_addr=MAC0, ip_addresses=(IPAddress("fd10::2", 64, "ipv6"),))))
+            done, _ = await asyncio.wait({update}, timeout=LINK_HELD_DOWN_S)
+            assert not done, f"UpdateInterface returned without a carrier: {update.result()}"
+            await machine.qmp.execute("set_link", {"name": "nic-n0", "up": True})
+            net0 = await asyncio.wait_for(update, 30)
+            assert net0.up
+            out = await _run_in_container(agent, "on", "cat /sys/class/net/net0/carrier "
+                                          "/sys/class/net/net0/operstate; ip -6 -o addr "
+                                          "show dev net0", sysfs=True)
+            lines = out.splitlines()
+            assert lines[:2] == ["1", "up"], out
+            # IPv6 took the link as ready: it made the link-local address, and the host's
+            # address is usable at once.
+            (global_line,) = [line for line in lines if "fd10::2/64" in line]
+            assert "inet6 fe80::" in out and "tentative" not in global_line, out
 
     asyncio.run(main())
