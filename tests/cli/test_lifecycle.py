@@ -148,8 +148,11 @@ def test_exec_ps_pause_update_stats(runv: Runv, tmp_path: Path) -> None:
 
     listed = json.loads(runv("list", "--format", "json").stdout)
     assert [c["id"] for c in listed] == ["c1"] and listed[0]["status"] == "running"
+    # As runc's: SIGKILL ends a paused container (containerd's `task delete -f` sends it).
+    runv("pause", "c1")
     runv("kill", "--all", "c1", "KILL")
     assert reap(init_pid) == 137
+    assert runv.state_of("c1")["status"] == "stopped"
     runv("delete", "c1")
 
 

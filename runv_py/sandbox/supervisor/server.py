@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -241,8 +242,18 @@ class Supervisor:
 
     async def _kill(self, request: Kill) -> Ok:
         container = self._container(request.container)
+        # As runc: SIGKILL ends a paused container. The VM runs again and the container is
+        # thawed after the signal, so that its processes can do nothing but die of it (frozen,
+        # they would wait for a resume) and their exit comes back.
+        paused = request.signal == signal.SIGKILL and container.status is ContainerStatus.PAUSED
+        if paused:
+            await self._vm_running(True)
         await self.vm.agent.signal_process(container.id, "", request.signal,
                                            all_processes=request.all)
+        if paused:
+            with contextlib.suppress(RunvError):  # gone already (cgroup.kill of --all)
+                await self.vm.agent.resume_container(container.id)
+            container.moved(Transition.RESUME)
         return Ok()
 
     async def _pause(self, request: Pause) -> Ok:
