@@ -191,6 +191,10 @@ class FakeMachine:
     def stop(self) -> None:
         self._stopped.set()
 
+    async def close(self, grace_s: float = 3.0) -> None:
+        self.stop()
+        await self.exited
+
     def describe_exit(self) -> str:
         return "the fake machine was stopped"
 

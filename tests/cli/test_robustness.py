@@ -53,6 +53,20 @@ def test_qemu_killed(runv: Runv, tmp_path: Path) -> None:
     assert runv.leftovers() == []
 
 
+def test_sigkill_ends_a_container_whose_qemu_is_stopped(runv: Runv, tmp_path: Path) -> None:
+    """A guest that cannot take a SIGKILL (its QEMU stopped) is ended instead: `kill` succeeds
+    and the container exits 137, so that containerd's `task delete -f` works (the soak's shim
+    door met a task it could not delete)."""
+    standin = _running(runv, tmp_path, "c1")
+    qemu = _pid_of("qemu-system", str(runv.sandbox_dir("c1")))
+    os.kill(qemu, signal.SIGSTOP)
+    runv("kill", "c1", "KILL", timeout=90)
+    assert reap(standin) == 137
+    assert runv.state_of("c1")["status"] == "stopped"
+    runv("delete", "c1")
+    assert runv.leftovers() == []
+
+
 def test_virtiofsd_killed(runv: Runv, tmp_path: Path) -> None:
     # virtio-fs asked for by annotation: a cold boot (a template's clones use 9p).
     standin = _running(runv, tmp_path, "c1", {"org.runv.shared-fs": "virtio-fs"})

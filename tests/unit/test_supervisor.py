@@ -40,6 +40,7 @@ from runv_py.sandbox.protocol import (
     Update,
 )
 from runv_py.sandbox.status import ContainerStatus
+from runv_py.sandbox.supervisor import server
 from runv_py.sandbox.supervisor.launch import ControlServer
 from runv_py.sandbox.supervisor.server import Supervisor
 from runv_py.sandbox.supervisor.shares import share
@@ -334,5 +335,28 @@ def test_the_vm_stopping_stops_every_container(tmp_path: Path) -> None:
             box.vm.machine.stop()
             await _until(lambda: _status(box), ContainerStatus.STOPPED)
             assert (await box.client.call(State(container="c1"))).vm == "gone"
+
+    _run(test)
+
+
+def test_a_sigkill_the_guest_does_not_take_ends_the_vm(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped or wedged guest never answers SignalProcess: SIGKILL still ends the container
+    (by ending the VM), so that containerd's `task delete -f` works; another signal fails."""
+    monkeypatch.setattr(server, "KILL_DELIVERY_S", 0.2)
+
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            await box.client.call(Start(container="c1"))
+
+            async def unanswered(*args: Any, **kwargs: Any) -> None:
+                await asyncio.Event().wait()
+            box.vm.agent.signal_process = unanswered  # type: ignore[method-assign]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(box.client.call(Kill(container="c1", signal=15)), 1)
+            assert await _status(box) == ContainerStatus.RUNNING
+            await box.client.call(Kill(container="c1", signal=signal.SIGKILL))
+            await _until(lambda: _status(box), ContainerStatus.STOPPED)
+            assert box.vm.machine.exited.done()
 
     _run(test)

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REMOVE_TIMEOUT_S = 10.0
+KILL_DELIVERY_S = 20.0  # then the VM is ended (a SIGKILL cannot fail)
 # How long an init's exit waits for the agent's event stream to deliver it too (the stream
 # carries an OOM kill before the exit it caused; WaitProcess answers on its own call).
 EVENTS_CATCH_UP_S = 1.0
@@ -242,19 +243,34 @@ class Supervisor:
 
     async def _kill(self, request: Kill) -> Ok:
         container = self._container(request.container)
-        # As runc: SIGKILL ends a paused container. The VM runs again and the container is
-        # thawed after the signal, so that its processes can do nothing but die of it (frozen,
-        # they would wait for a resume) and their exit comes back.
-        paused = request.signal == signal.SIGKILL and container.status is ContainerStatus.PAUSED
+        if request.signal != signal.SIGKILL:
+            await self.vm.agent.signal_process(container.id, "", request.signal,
+                                               all_processes=request.all)
+            return Ok()
+        try:
+            async with asyncio.timeout(KILL_DELIVERY_S):
+                await self._sigkill(container, all_processes=request.all)
+        except TimeoutError:
+            # SIGKILL cannot fail: a guest that does not take it (a stopped or wedged VM) is
+            # ended instead, with every container in it.
+            log.error("the guest did not take SIGKILL within %g s: stopping the VM",
+                      KILL_DELIVERY_S, extra=container.extra)
+            await self.vm.machine.close(grace_s=0)
+        return Ok()
+
+    async def _sigkill(self, container: GuestContainer, *, all_processes: bool) -> None:
+        """As runc's: SIGKILL also ends a paused container. The VM runs again and the
+        container is thawed after the signal, so that its processes can do nothing but die of
+        it (frozen, they would wait for a resume) and their exit comes back."""
+        paused = container.status is ContainerStatus.PAUSED
         if paused:
             await self._vm_running(True)
-        await self.vm.agent.signal_process(container.id, "", request.signal,
-                                           all_processes=request.all)
+        await self.vm.agent.signal_process(container.id, "", signal.SIGKILL,
+                                           all_processes=all_processes)
         if paused:
             with contextlib.suppress(RunvError):  # gone already (cgroup.kill of --all)
                 await self.vm.agent.resume_container(container.id)
             container.moved(Transition.RESUME)
-        return Ok()
 
     async def _pause(self, request: Pause) -> Ok:
         container = self._container(request.container)
