@@ -667,6 +667,8 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
         it.findings.append(f"forced removal failed: {removed.error}")
     if door.status(ident) != "absent":
         it.findings.append(f"still listed after forced removal: {door.status(ident)}")
+    if it.findings:
+        _dump_stacks(top, logs, keep)
     for result in door.gc():
         it.results.append(result)
         if result.code != 0:
@@ -679,6 +681,20 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
                 os.kill(proc.pid, signal.SIGKILL)
     else:
         shutil.rmtree(logs, ignore_errors=True)
+
+
+def _dump_stacks(top: Path, to: Path, keep: set[int]) -> None:
+    """py-spy's stacks of the iteration's Python processes, if py-spy is on PATH: what a
+    stuck removal was waiting for."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return
+    to.mkdir(parents=True, exist_ok=True)
+    for proc in processes_mentioning(str(top)):
+        if proc.pid not in keep and proc.kind in ("shim", "supervisor", "monitor", "standin"):
+            done = subprocess.run([spy, "dump", "--pid", str(proc.pid)], capture_output=True,
+                                  timeout=60, check=False, stdin=subprocess.DEVNULL)
+            (to / f"stack-{proc.kind}-{proc.pid}.txt").write_bytes(done.stdout + done.stderr)
 
 
 def _keep_logs(top: Path, to: Path) -> Path:
