@@ -673,7 +673,16 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
         it.results.append(result)
         if result.code != 0:
             it.findings.append(f"{result.op} failed: {result.error}")
-    left = host_leftovers(top, markers, keep) + [f"file {f}" for f in door.leftover_files()]
+    def leftovers() -> list[str]:
+        return host_leftovers(top, markers, keep) + [f"file {f}" for f in door.leftover_files()]
+
+    left = leftovers()
+    # A cleanup still running (containerd's `shim delete` after a killed shim, its umount)
+    # is given SETTLE_S to finish.
+    deadline = time.monotonic() + SETTLE_S
+    while any(item.startswith("process ") for item in left) and time.monotonic() < deadline:
+        time.sleep(1)
+        left = leftovers()
     if left:
         it.findings += [f"left behind: {item}" for item in left]
         for proc in processes_mentioning(str(top)):  # so the next iteration starts clean
