@@ -253,6 +253,10 @@ def _for_backend(source: str, config: RuntimeConfig, raw: dict[str, Any]) -> Run
 TEMPLATES_NEED_QEMU = ("a template clone maps the template's RAM file copy-on-write and restores "
                        "a bare QEMU migration stream into it, which a libvirt domain cannot "
                        "express (libvirt's own save and restore copy all of guest RAM)")
+# Why checkpoint and restore of a running sandbox exist only with the qemu backend.
+SNAPSHOTS_NEED_QEMU = ("checkpoint and restore need [hypervisor] backend = \"qemu\": a snapshot "
+                       "is a running VM migrated into a RAM file that restored VMs map "
+                       "copy-on-write, as templates are, which a libvirt domain cannot express")
 
 
 def parse(text: str, source: str) -> RuntimeConfig:

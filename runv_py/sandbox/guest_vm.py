@@ -22,7 +22,14 @@ from .. import assets
 from ..agent.client import AgentClient
 from ..config import RuntimeConfig
 from ..devices import Disk, Nic, Share
-from ..errors import AgentError, BootTimeout, ConfigError, HypervisorError, RunvError
+from ..errors import (
+    AgentError,
+    BootTimeout,
+    ConfigError,
+    HypervisorError,
+    NotSupported,
+    RunvError,
+)
 from ..storage.virtiofs import Virtiofsd
 from ..vm import accel, hypervisor
 from ..vm.hypervisor import Machine
@@ -36,7 +43,7 @@ from ..vm.qemu.cmdline import (
 from ..vm.qemu.machine import tail
 from ..vsock.backend import VsockBackend, VsockPaths
 from ..vsock.kernel import CidClaim
-from . import vm_dir, vm_template
+from . import vm_dir, vm_snapshot, vm_template
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +206,11 @@ class GuestVm:
         self._template: vm_template.Template | None = None
         self.vsock: VsockBackend | None = None
         # What the VM has attached besides its template's devices: its disks (at boot and
-        # hot-plugged) and NICs.
+        # hot-plugged) and NICs; QEMU's chardev of the agent's serial port (None: no port).
         self.disks: list[Disk] = []
         self.nics: list[Nic] = []
+        self._serial_socket: Path | None = None
+        self.debug = False
         self._owns_dir = False
         self._claimed = False
 
@@ -227,16 +236,22 @@ class GuestVm:
     async def boot(cls, config: RuntimeConfig, *, sandbox_id: str | None = None,
                    debug: bool = False, shares: tuple[Share, ...] = (),
                    nics: tuple[Nic, ...] = (), claimed: bool = False,
-                   disks: tuple[Disk, ...] = ()) -> GuestVm:
+                   disks: tuple[Disk, ...] = (),
+                   snapshot: vm_snapshot.SnapshotImage | None = None) -> GuestVm:
         """Boot a VM to "agent ready". `shares` are host directories the guest can mount
         (as Storage with the share's driver and source = its tag); `nics` are its network
         devices, `disks` its image files (virtio-blk, found by serial). `claimed`: the caller
         made the VM's directory (vm_dir.claim) and removes it; close() leaves it with its
-        owner file."""
+        owner file. `snapshot`: restore that saved VM (its disks at their saved slots: `disks`
+        are the ones the snapshot's vm.json names) instead of booting."""
         sandbox = cls(sandbox_id or secrets.token_hex(6), config)
         sandbox._claimed = claimed
+        sandbox.debug = debug
         try:
-            await sandbox._boot(debug, shares, nics, disks)
+            if snapshot is not None:
+                await sandbox._boot_snapshot(snapshot, shares, nics, disks)
+            else:
+                await sandbox._boot(debug, shares, nics, disks)
         except BaseException:
             await sandbox.close()
             raise
@@ -293,6 +308,7 @@ class GuestVm:
                        shares=shares, nics=nics, disks=disks,
                        cid_claim=self.vsock.claim if self.vsock else None)
         self._machine = hypervisor.new_machine(self.config.hypervisor, vm, self.paths.qemu_log)
+        self._serial_socket = vm.agent_socket
         self.disks, self.nics = list(disks), list(nics)
         self._agent = self._agent_client(self.config.hypervisor.boot_timeout_s)
         t1 = time.monotonic()
@@ -322,7 +338,15 @@ class GuestVm:
         backend = (asyncio.create_task(self._start_vsock(debug, agent_timeout))
                    if self.config.guest.channel == "vsock" else None)
         try:
-            t1, t2, t_vsock, t3 = await self._restore_vm(inputs, vm, nics, disks, backend)
+            store = vm_template.TemplateStore(self.config.template_dir)
+            self._template = store.get(inputs.key)
+            self.start_path = "template"
+            if self._template is None:
+                self.start_path = "template-built"
+                self._template = await store.ensure(inputs, vm,
+                                                    self.config.hypervisor.boot_timeout_s)
+            t1 = time.monotonic()
+            t2, t_vsock, t3 = await self._restore_vm(self._template, vm, nics, disks, backend)
         except BaseException:
             if backend is not None:
                 with contextlib.suppress(Exception):
@@ -339,25 +363,62 @@ class GuestVm:
                         "identity": t5 - t4, "total": t5 - t0}
         self._log_ready()
 
-    async def _restore_vm(self, inputs: vm_template.TemplateInputs, vm: VmConfig,
-                          nics: tuple[Nic, ...], disks: tuple[Disk, ...],
-                          backend: asyncio.Task[None] | None) -> tuple[float, ...]:
-        """The template's VM restored, its vsock device, NICs and disks plugged, running; the
-        times QEMU starts, restores, plugs and runs."""
-        store = vm_template.TemplateStore(self.config.template_dir)
-        self._template = store.get(inputs.key)
-        self.start_path = "template"
-        if self._template is None:
-            self.start_path = "template-built"
-            self._template = await store.ensure(inputs, vm, self.config.hypervisor.boot_timeout_s)
-        t1 = time.monotonic()
-        self._machine = hypervisor.new_machine(self.config.hypervisor,
-                                               vm_template.clone_vm(self._template, vm),
-                                               self.paths.qemu_log)
+    async def _boot_snapshot(self, snapshot: vm_snapshot.SnapshotImage,
+                             shares: tuple[Share, ...], nics: tuple[Nic, ...],
+                             disks: tuple[Disk, ...]) -> None:
+        """Restore a saved VM (vm_snapshot) as a template clone is restored: its RAM mapped
+        copy-on-write, its disks where they were, vsock and NICs plugged, its own identity."""
+        t0 = time.monotonic()
+        hypervisor.check_snapshots(self.config.hypervisor)
+        saved = snapshot.saved()
+        found = assets.find(self.config.guest.assets_dir)
+        self.accel = accel.choose(self.config.hypervisor.accelerator)
+        if not self._claimed:
+            vm_dir.claim(self.paths.root)
+            self._owns_dir = True
+        config = replace(self.config, hypervisor=replace(
+            self.config.hypervisor, memory_mib=saved.memory_mib, vcpus=saved.vcpus))
+        shares = tuple(replace(share, driver="9p", socket=None) for share in shares)
+        inputs, vm = clone_base(config, self.id, self.paths, found, self.accel,
+                                debug=self.debug, shares=shares)
+        snapshot.check(inputs)
+        vm = replace(vm, disks=disks)
+        agent_timeout = self._clone_agent_timeout()
+        backend = (asyncio.create_task(self._start_vsock(self.debug, agent_timeout))
+                   if self.config.guest.channel == "vsock" else None)
+        self.start_path = "snapshot"
         try:
-            state = open(self._template.state, "rb")  # noqa: SIM115
+            t2, t_vsock, t3 = await self._restore_vm(snapshot, vm, nics, (), backend)
+        except BaseException:
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    await backend
+            raise
+        self.disks = list(disks)
+        self._agent = self._agent_client(agent_timeout)
+        await self._wait_agent(agent_timeout)
+        t4 = time.monotonic()
+        await self._take_identity(nics)
+        self.shares = shares
+        t5 = time.monotonic()
+        self.timings = {"qemu": t2 - t0, "restore": t_vsock - t2,
+                        **({"vsock": t3 - t_vsock} if self.vsock else {}), "agent": t4 - t3,
+                        "identity": t5 - t4, "total": t5 - t0}
+        self._log_ready()
+
+    async def _restore_vm(self, source: vm_template.Template | vm_snapshot.SnapshotImage,
+                          vm: VmConfig, nics: tuple[Nic, ...], disks: tuple[Disk, ...],
+                          backend: asyncio.Task[None] | None) -> tuple[float, ...]:
+        """The saved VM restored, its vsock device, NICs and disks plugged, running; the times
+        QEMU restores, plugs and runs."""
+        self._machine = hypervisor.new_machine(self.config.hypervisor,
+                                               vm_template.clone_vm(source, vm),
+                                               self.paths.qemu_log)
+        self._serial_socket = vm.agent_socket
+        try:
+            state = open(source.state, "rb")  # noqa: SIM115
         except OSError as exc:
-            raise HypervisorError(f"template {self._template.key}: {exc}") from exc
+            raise HypervisorError(f"{source.key}: {exc}") from exc
         with state:
             await self._machine.start(pass_fds=(state.fileno(),))
             t2 = time.monotonic()
@@ -366,7 +427,7 @@ class GuestVm:
         if backend is not None:
             await self._hotplug_vsock(backend)
         await self._plug_and_run(nics, disks)
-        return t1, t2, t_vsock, time.monotonic()
+        return t2, t_vsock, time.monotonic()
 
     def _clone_agent_timeout(self) -> float:
         timeout = self.config.hypervisor.boot_timeout_s
@@ -395,6 +456,64 @@ class GuestVm:
     async def hotplug_disk(self, disk: Disk) -> None:
         await self.machine.hotplug_disk(disk)
         self.disks.append(disk)
+
+    # -- saving the running VM ------------------------------------------------------------------
+
+    def check_savable(self) -> None:
+        """NotSupported, saying why, if this VM cannot be saved (vm_snapshot)."""
+        hypervisor.check_snapshots(self.config.hypervisor)
+        if self.start_path not in ("template", "template-built", "pool", "snapshot"):
+            raise NotSupported(f"sandbox {self.id}: only a VM started from a template can be "
+                               f"saved (this one booted {self.start_path}: template = \"off\", "
+                               "or a virtio-fs share)")
+        if self.nics:
+            raise NotSupported(f"sandbox {self.id}: a VM with network interfaces cannot be "
+                               "saved yet (run it with --network none)")
+        if self._serial_socket is None:
+            raise NotSupported(f"sandbox {self.id}: its VM has no agent serial port")
+
+    async def save(self, directory: Path, *, leave_running: bool) -> vm_snapshot.SavedVm:
+        """Save the VM into `directory` (vm_snapshot.save): first the host lets go of the
+        guest (the vsock device goes: vhost-user devices cannot be migrated; over serial the
+        guest resets its session), so that every VM restored from it gets a fresh agent
+        session. With `leave_running` this VM runs on, its agent reached over the serial
+        port from then on; else it is stopped and closed."""
+        self.check_savable()
+        timeout = self.config.hypervisor.boot_timeout_s
+        await self._release_agent(timeout)
+        slots = await self.machine.pci_slots()
+        disks = tuple(replace(disk, slot=slots.get(f"disk-{disk.id}", 0)) for disk in self.disks)
+        config = replace(self.config, hypervisor=replace(
+            self.config.hypervisor, memory_mib=self.machine.config.memory_mib,
+            vcpus=self.machine.config.vcpus))
+        assert self.accel is not None
+        inputs, vm = clone_base(config, self.id, self.paths, assets.find(
+            self.config.guest.assets_dir), self.accel, debug=self.debug, shares=self.shares)
+        saved = await vm_snapshot.save(self.machine, replace(vm, disks=disks), directory,
+                                       inputs=inputs)
+        if leave_running:
+            await self.machine.resume()
+            self._agent = self._agent_client(timeout)
+            await self._wait_agent(timeout)
+        return saved
+
+    async def _release_agent(self, timeout_s: float) -> None:
+        """The host's agent connection closed and the guest waiting for a new one, with no
+        vsock device; the agent is reached over the serial port afterwards."""
+        self.machine.forget_port_events()
+        if self._agent is not None:
+            await self._agent.close()
+        if self.vsock is not None:
+            await self.machine.unplug_vsock(timeout_s)
+            await self.vsock.stop()
+            self.vsock = None
+            return
+        try:
+            # A close seen as a POLLHUP and the port opened again (design.md, Agent channel).
+            await self.machine.wait_port_open(AGENT_PORT_ID, timeout_s)
+        except TimeoutError:
+            raise AgentError(f"sandbox {self.id}: the guest did not reopen its agent port "
+                             f"within {timeout_s:g}s") from None
 
     async def park(self) -> None:
         """Stop a clone's vCPUs until unpark() (a warm pool's idle VM)."""
@@ -509,10 +628,14 @@ class GuestVm:
                               + self.machine.describe_exit())
 
     def _agent_client(self, handshake_timeout_s: float) -> AgentClient:
-        """With the vsock channel, processes' stdio goes over vsock streams of their own."""
-        return AgentClient(self.paths.agent_socket, handshake_timeout_s=handshake_timeout_s,
-                           dial=self.vsock.connect if self.vsock is not None else None,
-                           serial=self.vsock is None)
+        """With the vsock channel, processes' stdio goes over vsock streams of their own;
+        without vsock, the agent is on QEMU's chardev of the serial port (a clone's own
+        after a save took its vsock device)."""
+        if self.vsock is not None:
+            return AgentClient(self.paths.agent_socket, handshake_timeout_s=handshake_timeout_s,
+                               dial=self.vsock.connect)
+        return AgentClient(self._serial_socket or self.paths.agent_socket,
+                           handshake_timeout_s=handshake_timeout_s, serial=True)
 
     async def reconnect_agent(self, timeout_s: float = 30.0) -> AgentClient:
         """Drop the host's agent connection and open a new one once the guest has seen the old

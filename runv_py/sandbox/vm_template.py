@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .. import __version__
 from ..agent.client import AgentClient
@@ -131,7 +131,14 @@ class Template:
         return data
 
 
-def clone_vm(template: Template, vm: VmConfig) -> VmConfig:
+class SavedRam(Protocol):
+    """A template, or a snapshot (vm_snapshot): a VM saved as a RAM file and device state."""
+
+    @property
+    def memory(self) -> Path: ...
+
+
+def clone_vm(template: SavedRam, vm: VmConfig) -> VmConfig:
     """The argv config of a clone of `template`: its RAM mapped privately (copy-on-write over
     the template's pages), waiting for the device state, with a new VM generation id."""
     return replace(vm, memory_file=template.memory, memory_file_shared=False, incoming=True,

@@ -72,6 +72,18 @@ def check_disk_size(size: int, field: str) -> int:
     return size
 
 
+def copy_disk(source: Path, target: Path) -> None:
+    """A copy of a writable layer that keeps its holes (a snapshot's, or a fork's)."""
+    if target.exists():
+        raise ConfigError(f"{target} exists already")
+    done = subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, check=False)
+    if done.returncode != 0:
+        target.unlink(missing_ok=True)
+        raise BlockImageError(f"copying {source}: {done.stderr.decode(errors='replace')}")
+
+
 @dataclass(frozen=True, slots=True)
 class BlockRootfs:
     """A container's root filesystem as two image files: the image's read-only layers and

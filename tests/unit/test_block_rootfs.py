@@ -55,6 +55,11 @@ def test_disk_is_sparse_ext4_of_its_size(tmp_path: Path) -> None:
     out = subprocess.run(["dumpe2fs", "-h", str(disk)], capture_output=True, text=True,
                          check=True).stdout
     assert "has_journal" not in out and "Filesystem volume name:   runv-rw" in out
+    with pytest.raises(ConfigError, match="exists"):
+        block.copy_disk(disk, disk)
+    copy = tmp_path / "copy.img"
+    block.copy_disk(disk, copy)
+    assert copy.stat().st_size == 1 << 30 and copy.stat().st_blocks <= disk.stat().st_blocks
 
 
 @pytest.mark.parametrize("size", [(16 << 20) - 1, (16 << 40) + 1])

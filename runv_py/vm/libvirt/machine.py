@@ -27,6 +27,7 @@ import libvirt
 from qemu.qmp import EventListener
 
 from ... import child
+from ...config import SNAPSHOTS_NEED_QEMU
 from ...devices import Disk, Nic
 from ...errors import ConfigError, HypervisorError, NotSupported
 from ..qemu import hotplug
@@ -312,6 +313,15 @@ class LibvirtMachine:
 
     async def plug_vcpu(self, cpu_id: str, timeout_s: float = 30.0) -> bool:
         raise NotSupported(RESIZE_NEEDS_QEMU)
+
+    async def unplug_vsock(self, timeout_s: float = 30.0) -> None:
+        raise NotSupported(SNAPSHOTS_NEED_QEMU)
+
+    async def pci_slots(self) -> dict[str, int]:
+        raise NotSupported(SNAPSHOTS_NEED_QEMU)
+
+    async def migrate_out(self, uri: str, timeout_s: float) -> None:
+        raise NotSupported(SNAPSHOTS_NEED_QEMU)
 
     async def save_state(self, fd: int, timeout_s: float) -> None:
         raise NotSupported(NOT_WITH_LIBVIRT)

@@ -1,7 +1,7 @@
-"""QMP sequences both backends send to their QEMU: a NIC in and out, memory (DIMMs) and vCPUs
-in and out (machine pc), and waiting for the guest to open a virtio-serial port. `Monitor` is
-what they need of a QMP connection: vm/qemu/qmp.py's own socket, or libvirt's
-qemu-monitor-command passthrough (vm/libvirt/monitor.py)."""
+"""QMP sequences both backends send to their QEMU: a NIC in and out (any device out),
+memory (DIMMs) and vCPUs in and out (machine pc), and waiting for the guest to open a
+virtio-serial port. `Monitor` is what they need of a QMP connection: vm/qemu/qmp.py's own
+socket, or libvirt's qemu-monitor-command passthrough (vm/libvirt/monitor.py)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ async def add_nic(monitor: Monitor, nic: Nic, bus: str) -> None:
 
 async def remove_nic(monitor: Monitor, nic_id: str, timeout_s: float) -> None:
     """The guest releases the device (DEVICE_DELETED), then its backend goes."""
-    await _remove_device(monitor, f"nic-{nic_id}", f"nic {nic_id}", timeout_s)
+    await remove_device(monitor, f"nic-{nic_id}", f"nic {nic_id}", timeout_s)
     await monitor.execute("netdev_del", {"id": f"net-{nic_id}"})
 
 
@@ -64,7 +64,7 @@ OST_SUCCESS = 0x00
 OST_EJECT_IN_PROGRESS = 0x84
 
 
-async def _remove_device(monitor: Monitor, device: str, what: str, timeout_s: float) -> None:
+async def remove_device(monitor: Monitor, device: str, what: str, timeout_s: float) -> None:
     """device_del, then until the guest has released the device (DEVICE_DELETED); a guest
     that reports (ACPI _OST) that it cannot eject it fails at once."""
     events = monitor.listen("DEVICE_DELETED", "ACPI_DEVICE_OST")
@@ -113,7 +113,7 @@ async def remove_dimm(monitor: Monitor, dimm_id: str, timeout_s: float) -> None:
     """The guest offlines the DIMM's memory (moving what is in it) and ejects it; then its
     memory goes back to the host (the backend deleted). A DIMM the guest cannot empty stays
     (HypervisorError)."""
-    await _remove_device(monitor, dimm_id, f"memory {dimm_id}", timeout_s)
+    await remove_device(monitor, dimm_id, f"memory {dimm_id}", timeout_s)
     await monitor.execute("object-del", {"id": f"mem-{dimm_id}"})
 
 

@@ -260,6 +260,37 @@ class QemuMachine:
         hotplug.check_resizable(self.config.machine)
         return await hotplug.add_vcpu(self.qmp, cpu_id, timeout_s)
 
+    async def unplug_vsock(self, timeout_s: float = 30.0) -> None:
+        """Remove the vhost-user-vsock device a clone got (it keeps a VM from being saved):
+        the guest resets its vsock connections; its listeners stay."""
+        self.check_hotplug()
+        await hotplug.remove_device(self.qmp, "vsock0", "vsock", timeout_s)
+        await self.qmp.execute("chardev-remove", {"id": "vsock"})
+
+    async def pci_slots(self) -> dict[str, int]:
+        """The PCI slot of each device with an id, by id (machine pc)."""
+        slots: dict[str, int] = {}
+        for bus in await self.qmp.execute("query-pci"):
+            for device in bus.get("devices", []):
+                if device.get("qdev_id"):
+                    slots[str(device["qdev_id"])] = int(device["slot"])
+        return slots
+
+    async def migrate_out(self, uri: str, timeout_s: float) -> None:
+        """Pause the VM and send all of it, RAM included, to a QEMU waiting on `uri`."""
+        await self._ignore_shared_ram(False)
+        await self.qmp.execute("stop")
+        await self.qmp.execute("migrate", {"uri": uri})
+        await self._migration_done(timeout_s)
+
+    async def migrate_in(self, uri: str) -> None:
+        """Wait on `uri` for a whole VM (migrate_out); migration_done() says when it came."""
+        await self._ignore_shared_ram(False)
+        await self.qmp.execute("migrate-incoming", {"uri": uri})
+
+    async def migration_done(self, timeout_s: float) -> None:
+        await self._migration_done(timeout_s)
+
     async def save_state(self, fd: int, timeout_s: float) -> None:
         """Pause the VM and write its device state to `fd`, leaving out RAM that lives in a
         shared memory backend (the template's memory file)."""
@@ -275,9 +306,9 @@ class QemuMachine:
         await self.qmp.execute("migrate-incoming", {"uri": f"fd:{fd}"})
         await self._migration_done(timeout_s)
 
-    async def _ignore_shared_ram(self) -> None:
+    async def _ignore_shared_ram(self, ignore: bool = True) -> None:
         await self.qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+            {"capability": "x-ignore-shared", "state": ignore}]})
 
     async def _migration_done(self, timeout_s: float) -> None:
         try:
