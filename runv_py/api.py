@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import io
 import os
+import secrets
 import shlex
+import shutil
 import signal
 import tarfile
 import threading
@@ -44,7 +46,7 @@ from .workload.manager import WorkloadManager, default_data_root
 from .workload.records import Workload
 
 __all__ = ["AsyncProcess", "AsyncSandbox", "AuditRecord", "CommandFailed", "CommandTimeout",
-           "Output", "Process", "Result", "Sandbox", "audit_events"]
+           "Output", "Process", "Result", "Sandbox", "Snapshot", "audit_events"]
 
 Command = Sequence[str] | str
 ENDING_GRACE_S = 0.5
@@ -231,6 +233,20 @@ async def _read_pipe(fd: int, name: str, queue: asyncio.Queue[Output | None]) ->
     finally:
         transport.close()
         await queue.put(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A sandbox saved whole (its VM's memory, its processes, its files): `AsyncSandbox.
+    restore(snapshot)` starts a new sandbox from it, as often as wanted."""
+
+    path: Path
+    save_s: float     # the sandbox stood still this long
+    size: int         # bytes on disk
+
+    def remove(self) -> None:
+        """Delete it (sandboxes restored from it keep running)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 class AsyncSandbox:
@@ -482,6 +498,60 @@ class AsyncSandbox:
                                 f"{result.stderr.decode(errors='replace').strip()[:200]}",
                                 result)
 
+    async def snapshot(self, directory: Path | str | None = None, *,
+                       leave_running: bool = True) -> Snapshot:
+        """Save the sandbox whole into `directory` (default: a new one under the data root's
+        `snapshots/`; remove it with Snapshot.remove()). The sandbox stands still while it is
+        saved, then runs on (unless not `leave_running`: then it ends). Needs a block rootfs
+        (the default) and no volumes."""
+        workload = await self._current()
+        path = Path(directory) if directory is not None else (
+            self._manager.data_root / "snapshots" / secrets.token_hex(8))
+        try:
+            reply = await self._manager.checkpoint(workload, path, leave_running=leave_running)
+        except BaseException:
+            if directory is None:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return Snapshot(path, reply.save_s, reply.snapshot_bytes)
+
+    @classmethod
+    async def restore(cls, snapshot: Snapshot | Path | str, *, name: str | None = None,
+                      timeout: float | None = None, state_root: Path | None = None,
+                      data_root: Path | None = None) -> AsyncSandbox:
+        """A new sandbox from `snapshot`: its processes carry on where they were saved, with
+        files, name, hostname, random seed and clock of its own."""
+        manager = WorkloadManager(config_mod.load(), state_root, data_root)
+        return await cls._restored(manager, snapshot, name=name, timeout=timeout)
+
+    @classmethod
+    async def _restored(cls, manager: WorkloadManager, snapshot: Snapshot | Path | str, *,
+                        name: str | None = None, timeout: float | None = None
+                        ) -> AsyncSandbox:
+        path = snapshot.path if isinstance(snapshot, Snapshot) else Path(snapshot)
+        workload = await manager.restore(path, name=name, timeout_s=timeout, auto_remove=True)
+        await manager.run_detached(workload, owner=os.getpid())
+        return cls(manager, workload)
+
+    async def fork(self, n: int) -> list[AsyncSandbox]:
+        """`n` new sandboxes, each this one as it is now (memory, processes, files), going
+        their own ways from there; this one runs on. Their memory is shared copy-on-write
+        until they write it (one snapshot, restored `n` times)."""
+        if n < 1:
+            raise ConfigError(f"fork: n must be at least 1, not {n}")
+        snapshot = await self.snapshot()
+        try:
+            made = await asyncio.gather(*(self._restored(self._manager, snapshot)
+                                          for _ in range(n)), return_exceptions=True)
+        finally:
+            snapshot.remove()  # the forks keep their mapping of its memory file
+        forks = [m for m in made if isinstance(m, AsyncSandbox)]
+        failed = [m for m in made if isinstance(m, BaseException)]
+        if failed:
+            await asyncio.gather(*(f.close() for f in forks), return_exceptions=True)
+            raise failed[0]
+        return forks
+
     async def close(self) -> None:
         """Kill everything in the sandbox and remove it. Idempotent. Shielded: a cancelled
         job must still free its VM."""
@@ -615,6 +685,23 @@ class Sandbox:
 
     def copy_out(self, path: str, host: Path | str, *, max_bytes: int = COPY_OUT_MAX) -> None:
         _Loop.run(self._sandbox.copy_out(path, host, max_bytes=max_bytes))
+
+    def snapshot(self, directory: Path | str | None = None, *,
+                 leave_running: bool = True) -> Snapshot:
+        """As AsyncSandbox.snapshot."""
+        return _Loop.run(self._sandbox.snapshot(directory, leave_running=leave_running))
+
+    @classmethod
+    def restore(cls, snapshot: Snapshot | Path | str, *, name: str | None = None,
+                timeout: float | None = None, state_root: Path | None = None,
+                data_root: Path | None = None) -> Sandbox:
+        """As AsyncSandbox.restore."""
+        return cls(_Loop.run(AsyncSandbox.restore(snapshot, name=name, timeout=timeout,
+                                                  state_root=state_root, data_root=data_root)))
+
+    def fork(self, n: int) -> list[Sandbox]:
+        """As AsyncSandbox.fork."""
+        return [Sandbox(s) for s in _Loop.run(self._sandbox.fork(n))]
 
     def close(self) -> None:
         """Kill everything in the sandbox and remove it. Idempotent."""

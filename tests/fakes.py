@@ -16,8 +16,8 @@ from typing import Any
 
 from runv_py import child
 from runv_py.agent import convert
-from runv_py.devices import Nic, Share
-from runv_py.errors import AgentError, NotSupported
+from runv_py.devices import Disk, Nic, Share
+from runv_py.errors import AgentError, NotSupported, RunvError
 from runv_py.oci.spec import Spec
 from runv_py.sandbox import vm_dir
 from runv_py.sandbox.guest_network import GuestNetwork
@@ -26,6 +26,7 @@ from runv_py.sandbox.runtime import Runtime
 from runv_py.sandbox.supervisor.launch import ControlServer
 from runv_py.sandbox.supervisor.server import Supervisor
 from runv_py.sandbox.supervisor.shares import share
+from runv_py.sandbox.vm_snapshot import SavedVm
 
 
 @dataclass
@@ -50,6 +51,29 @@ class FakeAgent:
         # What a process will write, by (container id, exec id), given before it starts.
         self.planned_output: dict[tuple[str, str], list[convert.Output]] = {}
         self.events_queue: asyncio.Queue[convert.Event] = asyncio.Queue()
+        # Set when the host's connection goes away (cut()): the calls then in flight fail.
+        self._gone = asyncio.Event()
+        # (container id, exec id) of processes whose output a stream took; a cut frees them.
+        self.attached: set[tuple[str, str]] = set()
+
+    def cut(self) -> None:
+        """The host's connection goes away (a save): waits, streams and events fail with
+        UNAVAILABLE; the processes run on, their output kept for the next stream."""
+        self._gone.set()
+        self._gone = asyncio.Event()
+        # The guest lets go of a cut stream a little later (when it notices).
+        cut_off = set(self.attached)
+        asyncio.get_running_loop().call_later(0.2, self.attached.difference_update, cut_off)
+
+    async def _until_cut(self, work: Any) -> Any:
+        gone = asyncio.ensure_future(self._gone.wait())
+        task = asyncio.ensure_future(work)
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            gone.cancel()
+            return task.result()
+        task.cancel()
+        raise AgentError("agent: UNAVAILABLE: the connection went away", "UNAVAILABLE")
 
     def _call(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -131,7 +155,12 @@ class FakeAgent:
 
     async def wait_process(self, container_id: str, exec_id: str = "",
                            timeout_s: float | None = None) -> int:
-        return await asyncio.shield(self.process(container_id, exec_id).exited)
+        code: int = await self._until_cut(asyncio.shield(
+            self.process(container_id, exec_id).exited))
+        return code
+
+    async def set_hostname(self, container_id: str, hostname: str) -> None:
+        self._call("set_hostname", container_id, hostname)
 
     async def resize_tty(self, container_id: str, exec_id: str, height: int,
                          width: int) -> None:
@@ -143,6 +172,10 @@ class FakeAgent:
         """The output the test gave the process, then the end of its streams once it exits;
         its stdin is kept."""
         process = self.process(container_id, exec_id)
+        if (container_id, exec_id) in self.attached:
+            raise AgentError("agent: FAILED_PRECONDITION: already attached",
+                             "FAILED_PRECONDITION")
+        self.attached.add((container_id, exec_id))
 
         async def take_stdin() -> None:
             if stdin is not None:
@@ -151,15 +184,16 @@ class FakeAgent:
 
         feeding = asyncio.create_task(take_stdin())
         try:
-            for chunk in process.output:
-                yield chunk
-            await asyncio.shield(process.exited)
+            while process.output:
+                yield process.output.pop(0)
+            await self._until_cut(asyncio.shield(process.exited))
+            self.attached.discard((container_id, exec_id))
         finally:
             feeding.cancel()
 
     async def events(self) -> AsyncIterator[convert.Event]:
         while True:
-            yield await self.events_queue.get()
+            yield await self._until_cut(self.events_queue.get())
 
     async def update_interface(self, interface: convert.Interface) -> convert.Interface:
         raise NotSupported("the fake agent has no network")
@@ -216,6 +250,9 @@ class FakeMachine:
     async def unplug_nic(self, nic_id: str, timeout_s: float = 30.0) -> None:
         raise NotSupported("the fake machine has no hotplug")
 
+    async def hotplug_disk(self, disk: Disk) -> None:
+        raise NotSupported("the fake machine has no hotplug")
+
 
 class FakeVm:
     def __init__(self, root: Path) -> None:
@@ -227,6 +264,37 @@ class FakeVm:
         self.start_path = "fake"
         self.channel = "fake"
         self.closed = False
+        # save(): what the supervisor asked, what fails (an error to raise once the
+        # connection is cut), and that recover_after_save() came after a failure.
+        self.saves: list[tuple[Path, bool]] = []
+        self.save_failure: RunvError | None = None
+        self.recovered = False
+        self.unsavable: RunvError | None = None
+
+    async def hotplug_disk(self, disk: Disk) -> None:
+        await self.machine.hotplug_disk(disk)
+
+    def check_savable(self) -> None:
+        if self.unsavable is not None:
+            raise self.unsavable
+
+    async def save(self, directory: Path, *, leave_running: bool) -> SavedVm:
+        """As GuestVm.save: the host's agent connection goes, the VM is written (a file
+        here), and with leave_running the VM runs on."""
+        self.saves.append((directory, leave_running))
+        self.agent.cut()
+        await asyncio.sleep(0.05)
+        if self.save_failure is not None:
+            raise self.save_failure
+        (directory / "memory").write_bytes(b"ram")
+        if not leave_running:
+            self.machine.state = "postmigrate"
+        return SavedVm(format=1, key="fake", inputs={}, memory_mib=256, vcpus=1, disks=(),
+                       created=0.0)
+
+    async def recover_after_save(self) -> None:
+        self.recovered = True
+        self.machine.state = "running"
 
     async def close(self) -> None:
         self.closed = True

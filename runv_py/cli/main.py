@@ -29,6 +29,11 @@ containerd's runc BinaryName, as podman --runtime, or directly:
 """
 
 
+# runc's CRIU options: accepted and meaningless for a VM, which is saved whole.
+_CRIU_FLAGS = ("--tcp-established", "--ext-unix-sk", "--shell-job", "--file-locks",
+               "--empty-ns", "--auto-dedup", "--lazy-pages", "--pre-dump")
+
+
 def _id(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("container_id", metavar="CONTAINER_ID")
 
@@ -127,6 +132,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpuset-cpus")
     p.add_argument("--cpuset-mems")
     p.add_argument("--pids-limit", type=int)
+    _id(p)
+    p = sub.add_parser("checkpoint", help="save the container's VM (memory, processes, disk) "
+                                          "into --image-path; it stops unless --leave-running")
+    p.add_argument("--image-path", required=True, help="the checkpoint's directory")
+    p.add_argument("--leave-running", action="store_true",
+                   help="keep the container running afterwards")
+    p.add_argument("--work-path", help="accepted for runc compatibility (no CRIU logs)")
+    for flag in _CRIU_FLAGS:
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--manage-cgroups-mode", help=argparse.SUPPRESS)
+    p.add_argument("--parent-path", help=argparse.SUPPRESS)
+    p.add_argument("--page-server", help=argparse.SUPPRESS)
+    p.add_argument("--status-fd", help=argparse.SUPPRESS)
+    _id(p)
+    p = sub.add_parser("restore", help="a container from a checkpoint (--image-path), running "
+                                       "as it was saved")
+    _create_flags(p)
+    p.add_argument("--image-path", required=True, help="the checkpoint's directory")
+    p.add_argument("--work-path", help="accepted for runc compatibility (no CRIU logs)")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="return once it runs (a stand-in keeps its stdio)")
+    for flag in _CRIU_FLAGS:
+        p.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--manage-cgroups-mode", help=argparse.SUPPRESS)
+    p.add_argument("--lsm-profile", help=argparse.SUPPRESS)
+    p.add_argument("--lsm-mount-context", help=argparse.SUPPRESS)
     _id(p)
     template_command.add_parser(sub)
     pool_command.add_parser(sub)
@@ -352,6 +383,11 @@ async def _dispatch_async(runtime: Any, args: argparse.Namespace) -> int:
     if command == "delete":
         await runtime.delete(cid, force=args.force)
         return 0
+    if command == "checkpoint":
+        await runtime.checkpoint(cid, Path(args.image_path), leave_running=args.leave_running)
+        return 0
+    if command == "restore":
+        return await _restore(runtime, args)
     if command == "exec":
         record = runtime.store.load(cid)
         await runtime.exec_detached(cid, _exec_process(record, args), pid_file=args.pid_file,
@@ -380,6 +416,42 @@ async def _dispatch_async(runtime: Any, args: argparse.Namespace) -> int:
             async for event in client.events(cid):
                 print(json.dumps(_runc_event(event)), flush=True)
     return 0
+
+
+async def _restore(runtime: Any, args: argparse.Namespace) -> int:
+    """runc restore: the container from the checkpoint, running; its writable layer (a block
+    rootfs's disk, named in the bundle) becomes the checkpoint's copy. Without --detach this
+    process waits for it, as `runc restore` does."""
+    from ..errors import ConfigError
+    from ..oci import spec as oci_spec
+    from ..sandbox import policy
+    from ..storage import block
+
+    if args.preserve_fds:
+        raise ConfigError("--preserve-fds: file descriptors cannot be passed into a VM")
+    spec = oci_spec.load(Path(args.bundle))
+    snapshot = Path(args.image_path)
+    value = spec.annotations.get(policy.ROOTFS_BLOCK_ANNOTATION)
+    saved = sorted(snapshot.glob("disk-*.img"))
+    if value is not None and saved:
+        disk = block.BlockRootfs.parse(
+            value, f"annotations[{policy.ROOTFS_BLOCK_ANNOTATION!r}]").disk
+        fresh = disk.with_name(f".{disk.name}.restore")
+        fresh.unlink(missing_ok=True)
+        block.copy_disk(saved[0], fresh)
+        fresh.replace(disk)
+    await runtime.create(args.container_id, spec, pid_file=args.pid_file,
+                         console_socket=args.console_socket, snapshot=snapshot)
+    if args.detach:
+        return 0
+    import asyncio
+
+    record = runtime.store.load(args.container_id)
+    while True:
+        reply = await runtime.state_reply(record)
+        if reply is None or not reply.status.live:
+            return reply.exit_code or 0 if reply is not None else 0
+        await asyncio.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -497,6 +497,16 @@ class GuestVm:
             await self._wait_agent(timeout)
         return saved
 
+    async def recover_after_save(self) -> None:
+        """After a save that failed part-way: the VM running again, a new agent connection."""
+        with contextlib.suppress(RunvError):
+            await self.machine.resume()
+        if self._agent is not None:
+            await self._agent.close()
+        timeout = self.config.hypervisor.boot_timeout_s
+        self._agent = self._agent_client(timeout)
+        await self._wait_agent(timeout)
+
     async def _release_agent(self, timeout_s: float) -> None:
         """The host's agent connection closed and the guest waiting for a new one, with no
         vsock device; the agent is reached over the serial port afterwards."""

@@ -53,6 +53,7 @@ class Op(StrEnum):
     PS = "ps"
     EVENTS = "events"
     NETWORK_SYNC = "network-sync"
+    CHECKPOINT = "checkpoint"  # save the sandbox's VM (docs/snapshots.md)
     ADOPT = "adopt"            # a claimed pooled supervisor takes its container
     CLAIM = "claim"            # the pool service: an idle supervisor for a template key
     POOL_STATUS = "status"     # the pool service: counts and members
@@ -209,6 +210,12 @@ class NetworkSyncReply(Reply):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class CheckpointReply(Reply):
+    save_s: float        # the VM paused, saved and (with leave_running) running again
+    snapshot_bytes: int  # what the snapshot directory takes on disk
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class ClaimReply(Reply):
     """An idle pooled supervisor, already out of the pool; `ctl` None when there is none."""
 
@@ -362,6 +369,17 @@ class NetworkSync(ContainerRequest[NetworkSyncReply]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Checkpoint(ContainerRequest[CheckpointReply]):
+    """Save the sandbox (the container must be its sandbox container) into `directory`;
+    without `leave_running` its containers stop."""
+
+    OP = Op.CHECKPOINT
+    REPLY = CheckpointReply
+    directory: str
+    leave_running: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Adopt(Request[CreateReply]):
     """Fds: the container's supervisor.log, then the detached trees `trees` names."""
 
@@ -391,7 +409,7 @@ class PoolStatus(Request[PoolStatusReply]):
 
 SUPERVISOR_REQUESTS: dict[Op, type[Request[Any]]] = {cls.OP: cls for cls in (
     Create, Attach, Exec, Start, Kill, Delete, State, Pause, Resume, Update, Stats, Ps, Events,
-    NetworkSync, Adopt)}
+    NetworkSync, Checkpoint, Adopt)}
 POOL_REQUESTS: dict[Op, type[Request[Any]]] = {cls.OP: cls for cls in (Claim, PoolStatus)}
 
 

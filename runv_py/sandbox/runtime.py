@@ -34,7 +34,19 @@ from ..oci import spec as oci_spec
 from ..store.state import ContainerRecord, RecordStore, Store
 from . import cgroup, pod, pool_member, protocol, standin_namespaces, vm_dir
 from .client import BlockingSupervisorClient, SupervisorClient
-from .protocol import Attach, Create, CreateReply, Delete, Exec, Kill, Start, State, Update
+from .protocol import (
+    Attach,
+    Checkpoint,
+    CheckpointReply,
+    Create,
+    CreateReply,
+    Delete,
+    Exec,
+    Kill,
+    Start,
+    State,
+    Update,
+)
 from .status import ContainerStatus
 
 if TYPE_CHECKING:
@@ -240,12 +252,13 @@ class Runtime:
 
     async def create(self, container_id: str, spec: oci_spec.Spec, *,
                      pid_file: str | None = None, console_socket: str | None = None,
-                     standin: bool = True, record: ContainerRecord | None = None
-                     ) -> ContainerRecord:
+                     standin: bool = True, record: ContainerRecord | None = None,
+                     snapshot: Path | None = None) -> ContainerRecord:
         """Boot the container's sandbox (or join its pod's) and create it there from its
         bundle's `spec`. With `standin`, a stand-in process takes its stdio (pid_file names
         it); without, the caller attaches itself and is the pid. `record`: the one to keep
-        (hyperctl's, which it wrote itself; the store then adds nothing)."""
+        (hyperctl's, which it wrote itself; the store then adds nothing). `snapshot`: restore
+        the sandbox saved there (Checkpoint) instead; its container runs already."""
         pod.refuse_host_sharing(spec)
         if standin and spec.terminal and not console_socket:
             raise ConfigError(NEEDS_CONSOLE_SOCKET)
@@ -257,7 +270,7 @@ class Runtime:
             with self.store.locked(container_id):
                 record = await self._create_locked(
                     container_id, spec, record, pid_file=pid_file,
-                    console_socket=console_socket, standin=standin)
+                    console_socket=console_socket, standin=standin, snapshot=snapshot)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._discard(container_id, spec.annotations)
@@ -266,9 +279,14 @@ class Runtime:
 
     async def _create_locked(self, container_id: str, spec: oci_spec.Spec,
                              record: ContainerRecord | None, *, pid_file: str | None,
-                             console_socket: str | None, standin: bool) -> ContainerRecord:
+                             console_socket: str | None, standin: bool,
+                             snapshot: Path | None = None) -> ContainerRecord:
         sandbox = pod.sandbox_of(spec.annotations, container_id)
-        if sandbox is None:
+        if snapshot is not None:
+            if sandbox is not None:
+                raise ConfigError("a pod's container cannot be restored from a snapshot")
+            reply = await self._spawn_supervisor(container_id, spec, snapshot)
+        elif sandbox is None:
             reply = await self._launch(container_id, spec)
         else:
             reply = await self._join(container_id, spec, sandbox)
@@ -305,10 +323,18 @@ class Runtime:
         pooled = await self._claim_pooled(container_id, spec)
         if pooled is not None:
             return pooled
+        return await self._spawn_supervisor(container_id, spec)
+
+    async def _spawn_supervisor(self, container_id: str, spec: oci_spec.Spec,
+                                snapshot: Path | None = None) -> CreateReply:
+        """A new supervisor process for the container's sandbox, booted (or restored from
+        `snapshot`); its report."""
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         argv = [sys.executable, "-m", "runv_py.sandbox.supervisor", "--root", str(self.root),
                 "--id", container_id, "--bundle", str(spec.bundle),
                 "--status-fd", str(status_w), "--spawned-at", repr(time.time())]
+        if snapshot is not None:
+            argv += ["--restore", str(snapshot)]
         if self.config.file:
             argv += ["--config", self.config.file]
         log_path = self.store.log_path(container_id)
@@ -426,6 +452,15 @@ class Runtime:
         except SpecError as exc:
             log.warning("hooks not run: %s", exc, extra={"container": record.id})
             return None
+
+    async def checkpoint(self, container_id: str, directory: Path, *,
+                         leave_running: bool = False) -> CheckpointReply:
+        """Save the container's sandbox into `directory` (docs/snapshots.md); without
+        `leave_running` the container stops."""
+        record = self.store.load(container_id)
+        return await self.client(record, timeout_s=600).call(Checkpoint(
+            container=container_id, directory=str(directory.absolute()),
+            leave_running=leave_running))
 
     async def kill(self, container_id: str, signum: int, *, all_processes: bool = False
                    ) -> None:

@@ -35,7 +35,7 @@ from ..sandbox.protocol import Attach, Exec
 from ..sandbox.runtime import Runtime
 from ..sandbox.status import ContainerStatus, Transition
 from . import rootfs
-from ._pb import events_pb2, metrics_pb2, task_pb2
+from ._pb import events_pb2, metrics_pb2, runc_options_pb2, task_pb2
 from .events import Publisher, pack, timestamp
 from .stdio import ProcessIO
 from .ttrpc import Call
@@ -91,6 +91,8 @@ class TaskContainer:
     rootfs_mounted: bool
     processes: dict[str, TaskProcess] = field(default_factory=dict)
     events: asyncio.Task[None] | None = None
+    # Restored from a checkpoint: its init runs already; Start only says so.
+    restored: bool = False
 
     @property
     def init(self) -> TaskProcess:
@@ -156,8 +158,8 @@ class TaskService:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def create(self, request: task_pb2.CreateTaskRequest) -> Message:
-        if request.checkpoint:
-            raise NotSupported("restoring from a checkpoint is not supported by runv-py")
+        """A new task; with `checkpoint`, the sandbox saved there restored (its init runs
+        from the moment it is created; Start reports it started)."""
         if request.id in self.containers:
             raise ContainerExists(f"container {request.id} already exists")
         bundle = Path(request.bundle)
@@ -165,9 +167,12 @@ class TaskService:
         created = False
         try:
             spec = oci_spec.load(bundle)
-            record = await self.runtime.create(request.id, spec, standin=False)
+            snapshot = Path(request.checkpoint) if request.checkpoint else None
+            record = await self.runtime.create(request.id, spec, standin=False,
+                                               snapshot=snapshot)
             created = True
-            container = TaskContainer(request.id, bundle, record.pid, mounted)
+            container = TaskContainer(request.id, bundle, record.pid, mounted,
+                                      restored=snapshot is not None)
             init = TaskProcess("", Stdio(request.stdin, request.stdout, request.stderr,
                                          request.terminal))
             container.processes[""] = init
@@ -193,7 +198,8 @@ class TaskService:
         container, process = self._process(request.id, request.exec_id)
         process.status.transition(Transition.START, process.exec_id or container.id)
         if process.exec_id == "":
-            await self.runtime.start(container.id)
+            if not container.restored:
+                await self.runtime.start(container.id)
             event: Message = events_pb2.TaskStart(container_id=container.id, pid=container.pid)
         else:
             container.init.status.require((ContainerStatus.RUNNING,), "exec", container.id)
@@ -364,7 +370,12 @@ class TaskService:
         return empty_pb2.Empty()
 
     async def checkpoint(self, request: task_pb2.CheckpointTaskRequest) -> Message:
-        raise NotSupported("checkpoint is not supported by runv-py")
+        """The task's sandbox saved into `path` (docs/snapshots.md); with the runc options'
+        `exit` the task stops (its exit event follows), else it runs on."""
+        container = self._container(request.id)
+        await self.runtime.checkpoint(container.id, Path(request.path),
+                                      leave_running=not _exit_after_checkpoint(request.options))
+        return empty_pb2.Empty()
 
     async def connect(self, request: task_pb2.ConnectRequest) -> Message:
         container = self.containers.get(request.id)
@@ -470,3 +481,13 @@ def metrics(values: dict[str, int]) -> metrics_pb2.Metrics:
                                       swap_usage=values.get("memory.swap.current", 0)),
         memory_events=metrics_pb2.MemoryEvents(oom=values.get("memory.oom", 0),
                                                oom_kill=values.get("memory.oom_kill", 0)))
+
+
+
+def _exit_after_checkpoint(options: Any) -> bool:
+    """The runc options' `exit` (containerd.runc.v1.CheckpointOptions in the request's Any):
+    the only one that means something for a VM, which is saved whole."""
+    found = runc_options_pb2.CheckpointOptions()
+    if options is not None and options.value:
+        found.ParseFromString(options.value)
+    return bool(found.exit)

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import child, disk
 from ..config import RuntimeConfig
-from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError
+from ..errors import ConfigError, ContainerNotFound, InvalidState, NotSupported, RunvError
 from ..oci import spec as oci_spec
 from ..oci.image import Progress
 from ..sandbox import policy, protocol
@@ -49,6 +49,8 @@ KILL_WAIT_S = 10.0
 AUDIT_CATCH_UP_S = 2.0   # after a container's exit, for the last of its process records
 UNKNOWN_EXIT = 255
 DISK_FILE = "disk.img"
+SNAPSHOT_FORMAT = 1
+WORKLOAD_META = "workload.json"
 
 
 def default_state_root() -> Path:
@@ -172,9 +174,11 @@ class WorkloadManager:
         signals go to the container's process (a foreground run). `on_exited` runs once the
         exit status (and so all output) arrived, before it is recorded. A container that
         never started leaves no record."""
+        snapshot = Path(workload.restored_from) if workload.restored_from else None
         try:
             spec = oci_spec.load(Path(workload.bundle))
-            await self.runtime.create(workload.id, spec, standin=False, record=workload)
+            await self.runtime.create(workload.id, spec, standin=False, record=workload,
+                                      snapshot=snapshot)
         except BaseException:
             await self._release_network(workload.id)
             self.records.remove(workload)
@@ -188,7 +192,8 @@ class WorkloadManager:
                 Attach(container=workload.id, size=size), fds)
             forward = forwarding(attached, tty_fd) if forward_signals else contextlib.nullcontext()
             with forward:
-                await self.runtime.start(workload.id)
+                if snapshot is None:
+                    await self.runtime.start(workload.id)
                 workload = workload.with_(started=time.time())
                 self.records.save(workload)
                 if on_started is not None:
@@ -242,6 +247,65 @@ class WorkloadManager:
                 writer.close()
 
         return asyncio.ensure_future(record())
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    async def checkpoint(self, workload: Workload, directory: Path, *,
+                         leave_running: bool = False) -> protocol.CheckpointReply:
+        """Save the running container (its VM: memory, processes, writable layer) into
+        `directory`, with what `restore` needs to make a container of it again
+        (docs/snapshots.md). Without `leave_running` the container stops (exit status 137)."""
+        await self._require_running(workload)
+        spec = json.loads((self.records.bundle(workload.id) / "config.json").read_text())
+        if policy.ROOTFS_BLOCK_ANNOTATION not in spec["annotations"]:
+            raise NotSupported(f"container {workload.name} has its rootfs shared from the host "
+                               "(--rootfs shared): QEMU cannot save a VM while a 9p or "
+                               "virtio-fs export is mounted; run it with --rootfs block")
+        reply = await self.runtime.checkpoint(workload.id, directory,
+                                              leave_running=leave_running)
+        saved = {"format": SNAPSHOT_FORMAT, "name": workload.name, "image": workload.image,
+                 "command": list(workload.command), "tty": workload.tty,
+                 "stop_signal": workload.stop_signal, "spec": spec}
+        (directory / WORKLOAD_META).write_text(json.dumps(saved, indent=1) + "\n")
+        return reply
+
+    async def restore(self, directory: Path, *, name: str | None = None,
+                      timeout_s: float | None = None, auto_remove: bool = False) -> Workload:
+        """A new container from the snapshot in `directory`, its processes running as they
+        were saved, its own writable layer (a copy of the saved one), its own name and
+        hostname; not started yet (run_detached)."""
+        saved = _read_saved_workload(directory)
+        workload_id = secrets.token_hex(16)
+        path = self.records.dir(workload_id)
+        now = time.time()
+        workload = Workload(
+            id=workload_id, bundle=str(self.records.bundle(workload_id)),
+            rootfs=str(self.records.bundle(workload_id) / "rootfs"), created=rfc3339(now),
+            name=name or f"hc-{workload_id[:8]}", image=str(saved["image"]),
+            command=tuple(saved["command"]), created_at=now, detached=True,
+            auto_remove=auto_remove, tty=bool(saved["tty"]), timeout_s=timeout_s,
+            stop_signal=str(saved["stop_signal"]), restored_from=str(directory.absolute()))
+        self.records.create(workload)
+        try:
+            spec = saved["spec"]
+            block_rootfs = block.BlockRootfs.parse(
+                spec["annotations"][policy.ROOTFS_BLOCK_ANNOTATION], f"{directory} spec")
+            disk = path / DISK_FILE
+            saved_disk = next(directory.glob("disk-*.img"), None)
+            if saved_disk is None:
+                raise ConfigError(f"{directory}: no saved writable layer (disk-*.img)")
+            await asyncio.to_thread(block.copy_disk, saved_disk, disk)
+            spec["annotations"].update(bundle_mod.block_rootfs(
+                block.BlockRootfs(block_rootfs.image, disk, block_rootfs.image_fstype)))
+            if spec.get("hostname") == saved["name"]:
+                spec["hostname"] = workload.name  # its default hostname was its name
+            bundle_mod.write(self.records.bundle(workload_id), spec)
+            workload = workload.with_(annotations=dict(spec["annotations"]))
+            self.records.save(workload)
+        except BaseException:
+            self.records.remove(workload)
+            raise
+        return workload
 
     async def kill_all(self, workload: Workload) -> None:
         """SIGKILL every process of the container, if it still runs."""
@@ -553,6 +617,22 @@ def forwarding(attached: AttachedProcess, tty_fd: int | None) -> Iterator[None]:
     finally:
         for sig in (*handled, signal.SIGWINCH):
             loop.remove_signal_handler(sig)
+
+
+def _read_saved_workload(directory: Path) -> dict[str, Any]:
+    path = directory / WORKLOAD_META
+    try:
+        saved = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror} (not a hyperctl checkpoint)") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(saved, dict) or saved.get("format") != SNAPSHOT_FORMAT:
+        raise ConfigError(f"{path}: not a hyperctl checkpoint of format {SNAPSHOT_FORMAT}")
+    missing = {"name", "image", "command", "tty", "stop_signal", "spec"} - saved.keys()
+    if missing:
+        raise ConfigError(f"{path}: {', '.join(sorted(missing))} missing")
+    return saved
 
 
 def _du(path: Path) -> int:

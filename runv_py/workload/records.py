@@ -55,6 +55,9 @@ class Workload(ContainerRecord):
     creator_start: int = 0
     tenant: str = ""
     log_max_size: int = 0    # output.log's rotation size (0: never rotated, older records)
+    # The snapshot directory it was restored from (hyperctl restore): its VM starts from
+    # there, its process runs already.
+    restored_from: str = ""
 
     def with_(self, **changes: Any) -> Workload:
         return replace(self, **changes)

@@ -243,3 +243,29 @@ def test_the_ttrpc_server_closes_with_a_call_that_never_ends(tmp_path: Path) -> 
         await client.close()
 
     _run(test, tmp_path)
+
+
+def test_checkpoint_reaches_the_supervisor_and_says_why_it_cannot(tmp_path: Path) -> None:
+    async def test(tmp_path: Path) -> None:
+        from runv_py.errors import NotSupported
+        from runv_py.shim._pb import runc_options_pb2
+
+        service, _, launcher = await _service(tmp_path)
+        bundle = _bundle(tmp_path / "bundle")
+        await service.create(task_pb2.CreateTaskRequest(id="t1", bundle=str(bundle)))
+        await service.start(task_pb2.StartRequest(id="t1"))
+        options = any_pb2.Any()
+        options.Pack(runc_options_pb2.CheckpointOptions(exit=True))
+        assert task._exit_after_checkpoint(options)
+        assert not task._exit_after_checkpoint(any_pb2.Any())
+        # A bundle's rootfs is shared into the VM (9p): the save is refused, not UNIMPLEMENTED.
+        with pytest.raises(NotSupported, match="host directories mounted"):
+            await service.checkpoint(task_pb2.CheckpointTaskRequest(
+                id="t1", path=str(tmp_path / "cp"), options=options))
+        assert (await service.state(task_pb2.StateRequest(id="t1"))).status == task_pb2.RUNNING
+        await service.kill(task_pb2.KillRequest(id="t1", signal=signal.SIGKILL))
+        await service.wait(task_pb2.WaitRequest(id="t1"))
+        await service.delete(task_pb2.DeleteRequest(id="t1"))
+        await launcher.close()
+
+    _run(test, tmp_path)

@@ -189,6 +189,29 @@ def add_all(sub: Any) -> None:
     p = sub.add_parser("load", help="load images from an OCI or docker archive")
     p.add_argument("-i", "--input", required=True, metavar="FILE", help="the archive (.tar)")
 
+    p = sub.add_parser(
+        "checkpoint", help="save a running container (its VM: memory, processes, disk)",
+        description="Save CONTAINER's whole VM into DIR (an empty or new directory): its "
+                    "memory, its processes and the writable layer. `hyperctl restore DIR` "
+                    "makes a running container of it again, as many times as wanted. The "
+                    "container must have a block rootfs and no volumes or network; without "
+                    "--leave-running it stops (exit status 137).")
+    p.add_argument("--leave-running", action="store_true",
+                   help="keep the container running after the checkpoint")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="the checkpoint's directory")
+    p.add_argument("container", metavar="CONTAINER")
+
+    p = sub.add_parser(
+        "restore", help="run a container restored from a checkpoint",
+        description="Start a new detached container from the checkpoint in DIR: its "
+                    "processes carry on where they were saved, with a writable layer, name, "
+                    "hostname, random seed and clock of its own. Prints its id.")
+    p.add_argument("--name", help="a unique name (default hc-<id prefix>)")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("--timeout", metavar="DURATION", help="kill it after this long")
+    p.add_argument("directory", metavar="DIR")
+
     # `--tenant` also after the command (hyperctl ps --tenant a); absent, the global one.
     for command in _HANDLERS:
         sub.choices[command].add_argument("--tenant", metavar="NAME",
@@ -525,10 +548,31 @@ async def _load(manager: WorkloadManager, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _checkpoint(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    workload = manager.find(args.container)
+    reply = await manager.checkpoint(workload, Path(args.output),
+                                     leave_running=args.leave_running)
+    print(f"checkpointed {workload.name} into {args.output} "
+          f"({human_size(reply.snapshot_bytes)}, {reply.save_s:.2f}s)", file=sys.stderr)
+    return 0
+
+
+async def _restore(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    from ...workload import options as opt
+
+    timeout = opt.parse_duration(args.timeout, "--timeout") if args.timeout else None
+    workload = await manager.restore(Path(args.directory), name=args.name, timeout_s=timeout,
+                                     auto_remove=args.rm)
+    await manager.run_detached(workload)
+    print(workload.id)
+    return 0
+
+
 _HANDLERS: dict[str, Any] = {
     "run": _run, "ps": _ps, "exec": _exec, "logs": _logs, "stop": _stop, "kill": _kill,
     "update": _update, "rm": _rm, "wait": _wait, "inspect": _inspect, "info": _info,
     "pull": _pull, "images": _images, "rmi": _rmi, "load": _load, "events": _events,
+    "checkpoint": _checkpoint, "restore": _restore,
 }
 
 

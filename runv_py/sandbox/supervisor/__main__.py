@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status-fd", type=int)
     parser.add_argument("--pool-fd", type=int,
                         help="a warm pool's idle supervisor: its link to `runv pool serve`")
+    parser.add_argument("--restore", metavar="DIR",
+                        help="restore the sandbox saved in DIR (a checkpoint) instead of "
+                             "creating the container")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--spawned-at", type=float, default=time.time())
     args = parser.parse_args(argv)
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     log.setup(debug=args.debug, fmt="json")
     settings = launch.Args(config=args.config, debug=args.debug, spawned_at=args.spawned_at,
                            root=Path(args.root or "/"), container_id=args.id or "",
-                           bundle=Path(args.bundle or "/"), pool_fd=args.pool_fd)
+                           bundle=Path(args.bundle or "/"), pool_fd=args.pool_fd,
+                           snapshot=Path(args.restore) if args.restore else None)
     try:
         if args.pool_fd is not None:
             return asyncio.run(launch.pooled(settings))

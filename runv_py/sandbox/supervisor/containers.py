@@ -34,8 +34,11 @@ class GuestContainer:
     VM; a pod's other containers join and leave it."""
 
     def __init__(self, container_id: str, shares: list[str],
-                 block: BlockContainer | None = None) -> None:
+                 block: BlockContainer | None = None, *, guest_id: str = "") -> None:
         self.id = container_id
+        # The agent's name for it: its id, unless it was restored from a snapshot of
+        # another container.
+        self.guest_id = guest_id or container_id
         self.shares = shares   # its names in the shared directory
         self.block = block     # its block rootfs's disks
         self.status = ContainerStatus.CREATED

@@ -23,8 +23,8 @@ from typing import Any
 
 from ... import child
 from ... import config as config_mod
-from ...devices import Share
-from ...errors import InvalidState, RunvError
+from ...devices import Disk, Share
+from ...errors import ConfigError, InvalidState, RunvError, SpecError
 from ...oci import spec as oci_spec
 from ...storage.shared import SharedDir, Trees
 from ...store.state import check_id
@@ -37,6 +37,7 @@ from .. import (
     pool_member,
     protocol,
     vm_dir,
+    vm_snapshot,
     vm_template,
 )
 from ..block_rootfs import BlockContainer
@@ -45,6 +46,7 @@ from ..guest_network import GuestNetwork
 from ..guest_vm import GuestVm
 from ..protocol import SUPERVISOR_REQUESTS, Adopt, CreateReply, Request
 from . import resize
+from .checkpoint import SavedSandbox
 from .server import Supervisor
 from .shares import ContainerShares, share
 
@@ -62,6 +64,7 @@ class Args:
     container_id: str = ""
     bundle: Path = Path("/")
     pool_fd: int | None = None
+    snapshot: Path | None = None   # restore the sandbox saved there (checkpoint.py)
 
 
 class ControlServer:
@@ -230,6 +233,8 @@ async def for_container(args: Args, status_fd: int) -> int:
 
 async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConfig
                     ) -> CreateReply:
+    if args.snapshot is not None:
+        return await _restore_for(owned, args, config, args.snapshot)
     t_setup = time.time()
     owned.claim()
     spec = oci_spec.load(args.bundle)
@@ -254,6 +259,66 @@ async def _boot_for(owned: Resources, args: Args, config: config_mod.RuntimeConf
     return await _first_container(owned, args.container_id, spec, shares,
                                   {"supervisor_start": max(0.0, t_setup - args.spawned_at)},
                                   config=loaded, block=block)
+
+
+async def _restore_for(owned: Resources, args: Args, config: config_mod.RuntimeConfig,
+                       directory: Path) -> CreateReply:
+    """The sandbox saved in `directory`, restored for the container of `args.bundle`: its VM
+    from the snapshot (the writable layer on the bundle's own disk, a copy the caller made),
+    its container running as it was saved, under the new id, with the bundle's hostname."""
+    t_setup = time.time()
+    owned.claim()
+    spec = oci_spec.load(args.bundle)
+    image = vm_snapshot.SnapshotImage(directory)
+    saved_vm = image.saved()
+    saved = SavedSandbox.read(directory)
+    if spec.bind_sources():
+        raise SpecError("mounts: a sandbox restored from a snapshot cannot get bind mounts "
+                        "(the saved guest had none mounted)")
+    config = replace(policy.sandbox_config(config, spec), state_dir=owned.vm_path.parent)
+    disks = _restored_disks(image, saved_vm, block_rootfs.for_container(spec, args.container_id))
+    owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owned.shared.open()
+    owned.network = GuestNetwork(spec.network_ns)
+    nics = await owned.network.prepare()
+    vm = await GuestVm.boot(
+        config, sandbox_id=owned.vm_path.name, debug=args.debug, nics=nics, claimed=True,
+        shares=(Share(guest_spec.SHARED_TAG, owned.shared.path, driver="9p"),), disks=disks,
+        snapshot=image)
+    owned.vm = vm
+    await owned.network.configure(vm.agent)
+    supervisor = Supervisor(args.container_id, vm, owned.shared, owned.network, "9p")
+    owned.supervisor = supervisor
+    owned.control = ControlServer(vm.paths.control_socket, supervisor.serve)
+    t_take = time.monotonic()
+    await supervisor.take_restored(saved, str(spec.raw.get("hostname") or ""))
+    timings = {"supervisor_start": max(0.0, t_setup - args.spawned_at), **vm.timings,
+               "take_container": time.monotonic() - t_take}
+    timings.pop("total", None)
+    return CreateReply(vm_dir=str(vm.root), timings=timings, start_path=vm.start_path,
+                       channel=vm.channel, qemu_pid=vm.machine.pid or 0)
+
+
+def _restored_disks(image: vm_snapshot.SnapshotImage, saved: vm_snapshot.SavedVm,
+                    block: BlockContainer | None) -> tuple[Disk, ...]:
+    """The saved VM's disks: its image files where they were, its writable layer on the
+    bundle's disk (org.runv.rootfs-block), which the caller made from the snapshot's copy."""
+    writable = [d for d in saved.disks if not d.readonly]
+    if writable and block is None:
+        raise SpecError(f"annotations[{policy.ROOTFS_BLOCK_ANNOTATION!r}]: the snapshot has a "
+                        "writable layer; the bundle must name the disk to restore it on")
+    if len(writable) > 1:
+        raise ConfigError(f"snapshot {image.root}: {len(writable)} writable disks (one "
+                          "container's only)")
+    disks = []
+    for saved_disk in saved.disks:
+        disk = saved_disk.disk(image.root, None if saved_disk.readonly or block is None
+                               else block.disk.path)
+        if not disk.path.is_file():
+            raise ConfigError(f"snapshot {image.root}: its disk {disk.path} is gone (an image "
+                              "removed from the store since?)")
+        disks.append(disk)
+    return tuple(disks)
 
 
 async def _until(*events: asyncio.Event) -> None:

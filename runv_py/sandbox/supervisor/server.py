@@ -23,14 +23,16 @@ from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvErro
 from ...oci import spec as oci_spec
 from ...runtime_annotations import DEFAULT_ENABLED
 from ...storage.shared import Trees
-from .. import block_rootfs, guest_spec, pod, policy, protocol
+from .. import block_rootfs, guest_spec, pod, policy, protocol, vm_snapshot
 from ..audit import AuditLimiter
 from ..block_rootfs import BlockContainer
 from ..control import AsyncChannel
-from ..guest_api import SandboxVm
+from ..guest_api import GuestAgent, SandboxVm
 from ..guest_network import GuestNetwork
 from ..protocol import (
     Attach,
+    Checkpoint,
+    CheckpointReply,
     ContainerRequest,
     Create,
     CreateReply,
@@ -57,6 +59,8 @@ from ..protocol import (
     Update,
 )
 from ..status import ContainerStatus, Transition
+from . import checkpoint
+from .checkpoint import AgentOutage
 from .containers import SIGKILL_STATUS, GuestContainer, GuestProcess
 from .resize import Limits, VmResizer, updated
 from .shares import ContainerShares, Shared, share, unshare
@@ -101,6 +105,8 @@ class Supervisor:
         # rootfs without volumes needs none: nothing 9p is mounted, the VM can be saved).
         self.share_holder: str | None = None
         self.port_forward: PortForwarder | None = None  # a pod's, in its netns
+        self.hostname = ""   # the sandbox container's, from its spec
+        self.outage = AgentOutage()
         self.vm_paused = False
         self.creating = asyncio.Lock()
         self.done = asyncio.Event()
@@ -114,7 +120,7 @@ class Supervisor:
             Op.START: self._start, Op.KILL: self._kill, Op.DELETE: self._delete,
             Op.STATE: self._state, Op.PAUSE: self._pause, Op.RESUME: self._resume,
             Op.UPDATE: self._update, Op.STATS: self._stats, Op.PS: self._ps,
-            Op.NETWORK_SYNC: self._network_sync,
+            Op.NETWORK_SYNC: self._network_sync, Op.CHECKPOINT: self._checkpoint,
         }
         self.sessions: dict[Op, SessionHandler] = {
             Op.ATTACH: self._attach, Op.EXEC: self._attach, Op.EVENTS: self._events,
@@ -124,6 +130,11 @@ class Supervisor:
     @property
     def extra(self) -> dict[str, str]:
         return {"container": self.id}
+
+    @property
+    def agent(self) -> GuestAgent:
+        """The VM's agent client now (a save replaces it)."""
+        return self.vm.agent
 
     def _task(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -144,6 +155,7 @@ class Supervisor:
             # The sandbox container's own namespaces are the pod's.
             spec = replace(spec, raw={**spec.raw, "linux": pod.with_namespace_paths(
                 spec.raw.get("linux") or {}, self.pod_namespaces)})
+        self.hostname = str(spec.raw.get("hostname") or "")
         await self._create_in_guest(self.id, spec, shares, block)
         self.limits[self.id] = (spec.memory_limit, spec.cpus)
         if pod.is_sandbox(spec.annotations):  # the pod's pid namespace is its sandbox's
@@ -152,6 +164,22 @@ class Supervisor:
                 from .. import portforward  # pods only: the supervisor's start is on every path
 
                 self.port_forward = await portforward.for_pod(spec.network_ns, self.vm.agent)
+        self._task(self._watch_vm())
+        self._task(self._watch_events())
+
+    async def take_restored(self, saved: checkpoint.SavedSandbox, hostname: str) -> None:
+        """The sandbox container of a VM restored from a snapshot: already in the guest (under
+        its saved id), with its processes; it gets `hostname` if the saved one had one."""
+        container = GuestContainer(self.id, [], guest_id=saved.container.guest_id)
+        container.status = saved.container.status
+        for exec_id in saved.container.exec_ids:
+            container.processes[exec_id] = GuestProcess(exec_id)
+        self.containers[self.id] = container
+        self.hostname = hostname or saved.hostname
+        if hostname and hostname != saved.hostname:
+            await self.vm.agent.set_hostname(container.guest_id, hostname)
+        for process in container.processes.values():
+            self._task(self._wait(container, process))
         self._task(self._watch_vm())
         self._task(self._watch_events())
 
@@ -237,14 +265,14 @@ class Supervisor:
     async def _start(self, request: Start) -> Ok:
         container = self._container(request.container)
         container.check(Transition.START)
-        await self.vm.agent.start_container(container.id)
+        await self.vm.agent.start_container(container.guest_id)
         container.moved(Transition.START)
         return Ok()
 
     async def _kill(self, request: Kill) -> Ok:
         container = self._container(request.container)
         if request.signal != signal.SIGKILL:
-            await self.vm.agent.signal_process(container.id, "", request.signal,
+            await self.vm.agent.signal_process(container.guest_id, "", request.signal,
                                                all_processes=request.all)
             return Ok()
         try:
@@ -265,17 +293,17 @@ class Supervisor:
         paused = container.status is ContainerStatus.PAUSED
         if paused:
             await self._vm_running(True)
-        await self.vm.agent.signal_process(container.id, "", signal.SIGKILL,
+        await self.vm.agent.signal_process(container.guest_id, "", signal.SIGKILL,
                                            all_processes=all_processes)
         if paused:
             with contextlib.suppress(RunvError):  # gone already (cgroup.kill of --all)
-                await self.vm.agent.resume_container(container.id)
+                await self.vm.agent.resume_container(container.guest_id)
             container.moved(Transition.RESUME)
 
     async def _pause(self, request: Pause) -> Ok:
         container = self._container(request.container)
         container.check(Transition.PAUSE)
-        await self.vm.agent.pause_container(container.id)
+        await self.vm.agent.pause_container(container.guest_id)
         container.moved(Transition.PAUSE)
         if not any(c.status in (ContainerStatus.RUNNING, ContainerStatus.CREATED)
                    for c in self.containers.values()):
@@ -286,7 +314,7 @@ class Supervisor:
         container = self._container(request.container)
         container.check(Transition.RESUME)
         await self._vm_running(True)
-        await self.vm.agent.resume_container(container.id)
+        await self.vm.agent.resume_container(container.guest_id)
         container.moved(Transition.RESUME)
         return Ok()
 
@@ -297,7 +325,7 @@ class Supervisor:
         async with self.resizing:
             limits = updated(self.limits.get(container.id, (None, None)), request.resources)
             memory = await self._grow({**self.limits, container.id: limits})
-            await self.vm.agent.update_container(container.id,
+            await self.vm.agent.update_container(container.guest_id,
                                                  json.dumps(request.resources).encode())
             self.limits[container.id] = limits
             if self.resizer is not None:
@@ -327,11 +355,53 @@ class Supervisor:
 
     async def _stats(self, request: Stats) -> StatsReply:
         container = self._container(request.container)
-        return StatsReply(stats=await self.vm.agent.stats_container(container.id))
+        return StatsReply(stats=await self.vm.agent.stats_container(container.guest_id))
 
     async def _ps(self, request: Ps) -> PsReply:
         container = self._container(request.container)
-        return PsReply(processes=tuple(await self.vm.agent.list_processes(container.id)))
+        return PsReply(processes=tuple(await self.vm.agent.list_processes(container.guest_id)))
+
+    async def _checkpoint(self, request: Checkpoint) -> CheckpointReply:
+        """Save the sandbox's VM into the request's directory (vm_snapshot) with what the
+        supervisor knows of its container (checkpoint.SavedSandbox). The host's agent
+        connection goes down meanwhile (AgentOutage); with leave_running everything carries
+        on over a new one, else the containers stop (exit status 137) and the VM goes."""
+        container = self._container(request.container)
+        checkpoint.check(self.id, container, len(self.containers), self.share_holder)
+        self.vm.check_savable()
+        directory = Path(request.directory)
+        vm_snapshot.prepare_directory(directory)
+        t0 = asyncio.get_running_loop().time()
+        async with self.creating:
+            paused = self.vm_paused
+            await self._vm_running(True)  # the guest takes part in letting its host go
+            self.outage.begin()
+            try:
+                await self.vm.save(directory, leave_running=request.leave_running)
+                checkpoint.saved(container, self.hostname).write(directory)
+            except BaseException:
+                # The container carries on as it was, on a new agent connection.
+                with contextlib.suppress(Exception):
+                    await self.vm.recover_after_save()
+                self.outage.end()
+                raise
+            if not request.leave_running:
+                self._stop_all()
+            self.outage.end()
+            if not request.leave_running:
+                await self.vm.machine.close()
+            elif paused:
+                await self._vm_running(False)
+        return CheckpointReply(save_s=round(asyncio.get_running_loop().time() - t0, 3),
+                               snapshot_bytes=vm_snapshot.SnapshotImage(directory).disk_bytes())
+
+    def _stop_all(self) -> None:
+        """Every container stopped as if killed (the VM is saved and goes away)."""
+        for container in self.containers.values():
+            if container.status.live:
+                container.stopped(SIGKILL_STATUS)
+                self._publish(protocol.Event(type="exit", id=container.id,
+                                             exit_status=SIGKILL_STATUS))
 
     async def _network_sync(self, request: NetworkSync) -> NetworkSyncReply:
         added, removed = await self.network.sync(self.vm.machine, self.vm.agent)
@@ -350,8 +420,8 @@ class Supervisor:
         await self._vm_running(True)
         try:
             with contextlib.suppress(RunvError, TimeoutError):
-                await asyncio.wait_for(self.vm.agent.remove_container(container.id, force=True),
-                                       REMOVE_TIMEOUT_S)
+                await asyncio.wait_for(self.vm.agent.remove_container(
+                    container.guest_id, force=True), REMOVE_TIMEOUT_S)
         finally:
             await self._vm_maybe_pause()
         container.stopped()
@@ -380,7 +450,7 @@ class Supervisor:
                 if not container.exec_id_free(request.exec_id):
                     raise InvalidState(f"exec id {request.exec_id!r} is empty or already in "
                                        "use")
-                await self.vm.agent.exec_process(container.id, request.exec_id,
+                await self.vm.agent.exec_process(container.guest_id, request.exec_id,
                                                  json.dumps(request.process).encode())
                 container.processes[request.exec_id] = GuestProcess(request.exec_id)
                 self._task(self._wait(container, container.processes[request.exec_id]))
@@ -398,7 +468,7 @@ class Supervisor:
             return
         self.attachments.add(task)
         try:
-            await serve_attached(self.vm.agent, container, process, channel, fds=fds,
+            await serve_attached(self, container, process, channel, fds=fds,
                                  size=request.size)
         finally:
             self.attachments.discard(task)
@@ -476,7 +546,7 @@ class Supervisor:
                         await self._grow({**self.limits, request.container: limits})
                         if block is not None:
                             for disk in block.disks:
-                                await self.vm.machine.hotplug_disk(disk)
+                                await self.vm.hotplug_disk(disk)
                         await self._create_in_guest(request.container, spec, shares, block)
                     except BaseException:
                         await self._shrink_to_limits()
@@ -507,14 +577,21 @@ class Supervisor:
             await self._vm_running(False)
 
     async def _wait(self, container: GuestContainer, process: GuestProcess) -> None:
-        try:
-            code = await self.vm.agent.wait_process(container.id, process.exec_id)
-        except RunvError as exc:
-            if not container.status.live:
-                return
-            log.warning("waiting for process %s failed: %s", process.name, exc,
-                        extra=container.extra)
-            code = SIGKILL_STATUS
+        while True:
+            try:
+                code = await self.vm.agent.wait_process(container.guest_id, process.exec_id)
+                break
+            except RunvError as exc:
+                if self.outage.active:  # a save took the connection: wait on the next one
+                    await self.outage.wait()
+                    if container.status.live and not process.exited.done():
+                        continue
+                if not container.status.live or process.exited.done():
+                    return
+                log.warning("waiting for process %s failed: %s", process.name, exc,
+                            extra=container.extra)
+                code = SIGKILL_STATUS
+                break
         process.exit(code)
         if process.exec_id == "":
             container.stopped(code)
@@ -539,17 +616,24 @@ class Supervisor:
             container.stopped()
 
     async def _watch_events(self) -> None:
-        with contextlib.suppress(RunvError):
-            async for event in self.vm.agent.events():
-                if event.kind == "oom":
-                    self._publish(protocol.Event(type="oom",
-                                                 id=event.container_id or self.id))
-                elif event.kind == "process":
-                    if self.audit_listeners:
-                        for record in self.audit.admit(event):
-                            self._publish(record)
-                elif event.exec_id == "" and event.container_id in self.containers:
-                    self._agent_exit(event.container_id).set()
+        by_guest_id = {c.guest_id: c.id for c in self.containers.values()}
+        while True:
+            with contextlib.suppress(RunvError):
+                async for event in self.vm.agent.events():
+                    container_id = by_guest_id.get(event.container_id, event.container_id)
+                    if event.kind == "oom":
+                        self._publish(protocol.Event(type="oom", id=container_id or self.id))
+                    elif event.kind == "process":
+                        if self.audit_listeners:
+                            event = replace(event, container_id=container_id)
+                            for record in self.audit.admit(event):
+                                self._publish(record)
+                    elif event.exec_id == "" and container_id in self.containers:
+                        self._agent_exit(container_id).set()
+            if not self.outage.active:
+                return
+            await self.outage.wait()
+            by_guest_id = {c.guest_id: c.id for c in self.containers.values()}
 
     def _publish(self, event: protocol.Event) -> None:
         if event.type not in ("process", "dropped"):

@@ -1,6 +1,7 @@
 """A process's stdio between the host fds its stand-in handed over and the agent, and the
 stand-in's connection while the process runs: signals and window sizes in, the exit status
-out once all output is written."""
+out once all output is written. A save of the VM (checkpoint.AgentOutage) cuts the agent's
+stream; it is opened again on the next connection, where the guest kept the output."""
 
 from __future__ import annotations
 
@@ -10,19 +11,30 @@ import os
 import signal
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
-from ...errors import RunvError
+from ...errors import AgentError, RunvError
 from .. import protocol
 from ..control import AsyncChannel
 from ..guest_api import GuestAgent
 from ..protocol import Exit, Ok, Resize
+from .checkpoint import AgentOutage
 from .containers import GuestContainer, GuestProcess
 
 EXIT_OUTPUT_GRACE_S = 5.0
+REATTACH_WAIT_S = 10.0
 
 
-async def serve_attached(agent: GuestAgent, container: GuestContainer, process: GuestProcess,
+class AgentLink(Protocol):
+    """The supervisor, as a process's stdio sees it."""
+
+    @property
+    def agent(self) -> GuestAgent: ...
+    @property
+    def outage(self) -> AgentOutage: ...
+
+
+async def serve_attached(link: AgentLink, container: GuestContainer, process: GuestProcess,
                          channel: AsyncChannel, *, fds: list[int],
                          size: tuple[int, int] | None) -> None:
     """`fds` are stdin, stdout, stderr, or one terminal fd (this function closes them).
@@ -42,19 +54,21 @@ async def serve_attached(agent: GuestAgent, container: GuestContainer, process: 
 async def _serve(agent: GuestAgent, container: GuestContainer, process: GuestProcess,
                  channel: AsyncChannel, *, fds: list[int], size: tuple[int, int] | None) -> None:
     stdin_fd, out_fd, err_fd = (fds + fds[-1:] * 3)[:3] if fds else (-1, -1, -1)
-    output = asyncio.create_task(_pump(agent, container.id, process.exec_id,
+    output = asyncio.create_task(_pump(link, container, process.exec_id,
                                        fds=(stdin_fd, out_fd, err_fd)))
     channel.send_nowait(Ok().to_wire())
     if size:
         with contextlib.suppress(RunvError):
-            await agent.resize_tty(container.id, process.exec_id, *size)
-    incoming = asyncio.create_task(_forward(agent, channel, container.id, process.exec_id))
+            await link.agent.resize_tty(container.guest_id, process.exec_id, *size)
+    incoming = asyncio.create_task(_forward(link, channel, container.guest_id,
+                                            process.exec_id))
     watched: set[asyncio.Future[Any]] = {process.exited, incoming}
     await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
     if not process.exited.done():
         # The stand-in died (SIGKILL cannot be forwarded): the process goes with it.
         with contextlib.suppress(RunvError):
-            await agent.signal_process(container.id, process.exec_id, signal.SIGKILL)
+            await link.agent.signal_process(container.guest_id, process.exec_id,
+                                            signal.SIGKILL)
     code = await process.exited
     try:
         with contextlib.suppress(TimeoutError, RunvError):  # RunvError: the VM is gone
@@ -68,57 +82,89 @@ async def _serve(agent: GuestAgent, container: GuestContainer, process: GuestPro
         channel.send_nowait(protocol.to_wire(Exit(exit=code)))
 
 
-async def _forward(agent: GuestAgent, channel: AsyncChannel, container_id: str,
+async def _forward(link: AgentLink, channel: AsyncChannel, container_id: str,
                    exec_id: str) -> None:
     while (wire := await channel.recv()) is not None:
         with contextlib.suppress(RunvError):
             message = protocol.decode_client_message(wire)
             if isinstance(message, Resize):
-                await agent.resize_tty(container_id, exec_id, *message.size)
+                await link.agent.resize_tty(container_id, exec_id, *message.size)
             else:
-                await agent.signal_process(container_id, exec_id, message.signal)
+                await link.agent.signal_process(container_id, exec_id, message.signal)
 
 
-async def _pump(agent: GuestAgent, container_id: str, exec_id: str, *,
+async def _pump(link: AgentLink, container: GuestContainer, exec_id: str, *,
                 fds: tuple[int, int, int]) -> None:
-    """Between the process and its stdin, stdout and stderr fds (-1: none)."""
+    """Between the process and its stdin, stdout and stderr fds (-1: none); across saves of
+    the VM, on the agent connection after each."""
     stdin_fd, out_fd, err_fd = fds
     loop = asyncio.get_running_loop()
-    stdin = _read_fd(stdin_fd) if stdin_fd >= 0 else None
+    stdin = _Stdin(stdin_fd) if stdin_fd >= 0 else None
     broken: set[int] = set()
-    async for chunk in agent.stdio(container_id, exec_id, stdin=stdin):
-        fd = err_fd if chunk.stream == "stderr" else out_fd
-        if chunk.data and fd >= 0 and fd not in broken:
-            try:
-                await loop.run_in_executor(None, _write_all, fd, chunk.data)
-            except OSError:
-                broken.add(fd)  # the reader went away; the process keeps running
+    # A restored guest may still hold the stream its saved host had, as after a save.
+    retry_until = loop.time() + REATTACH_WAIT_S
+    while True:
+        try:
+            async for chunk in link.agent.stdio(container.guest_id, exec_id,
+                                                stdin=stdin.chunks() if stdin else None):
+                fd = err_fd if chunk.stream == "stderr" else out_fd
+                if chunk.data and fd >= 0 and fd not in broken:
+                    try:
+                        await loop.run_in_executor(None, _write_all, fd, chunk.data)
+                    except OSError:
+                        broken.add(fd)  # the reader went away; the process keeps running
+        except RunvError as exc:
+            # After a save the guest lets go of the cut stream once it notices (within a
+            # second of the process's quiet); until then it says "already attached".
+            busy = isinstance(exc, AgentError) and exc.code == "FAILED_PRECONDITION"
+            if busy and loop.time() < retry_until:
+                await asyncio.sleep(0.1)
+                continue
+            if not link.outage.active:
+                raise
+        else:
+            if not link.outage.active:
+                return
+        await link.outage.wait()
+        if not container.status.live:
+            return
+        retry_until = loop.time() + REATTACH_WAIT_S
 
 
-async def _read_fd(fd: int) -> AsyncIterator[bytes]:
+class _Stdin:
     """The fd's bytes until EOF, read by a daemon thread (a stdin may never end; a thread
-    blocked in read() must not keep the supervisor from exiting)."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+    blocked in read() must not keep the supervisor from exiting); each agent stream takes
+    what the one before it left."""
 
-    def reader() -> None:
+    def __init__(self, fd: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
+        self.ended = False
+        threading.Thread(target=self._read, args=(fd,), daemon=True,
+                         name=f"stdin-{fd}").start()
+
+    def _read(self, fd: int) -> None:
         while True:
             try:
                 data = os.read(fd, 65536)
             except OSError:
                 data = b""
-            put = queue.put(data)
+            put = self.queue.put(data)
             try:
-                asyncio.run_coroutine_threadsafe(put, loop).result()
+                asyncio.run_coroutine_threadsafe(put, self.loop).result()
             except Exception:  # the loop is gone: the supervisor is exiting
                 put.close()
                 return
             if not data:
                 return
 
-    threading.Thread(target=reader, daemon=True, name=f"stdin-{fd}").start()
-    while data := await queue.get():
-        yield data
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while not self.ended:
+            data = await self.queue.get()
+            if not data:
+                self.ended = True
+                return
+            yield data
 
 
 def _write_all(fd: int, data: bytes) -> None:

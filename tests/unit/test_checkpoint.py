@@ -1,0 +1,136 @@
+"""The supervisor's checkpoint handler over a fake VM: what is refused with one line before
+anything is touched, how waits, event streams and attached stdio ride out the agent
+connection a save takes away, a checkpoint that stops its container, and a failed save that
+leaves the container as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from runv_py.agent import convert
+from runv_py.errors import HypervisorError, InvalidState, NotSupported
+from runv_py.sandbox import pod
+from runv_py.sandbox.protocol import Checkpoint, Create, Exec, Start, State
+from runv_py.sandbox.status import ContainerStatus
+from tests.unit.test_supervisor import _bundle, _run, _sandbox, _status
+
+
+def test_refusals_name_the_reason_and_touch_nothing(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            request = Checkpoint(container="c1", directory=str(tmp_path / "snap"))
+            with pytest.raises(InvalidState, match="cannot checkpoint in container c1: it is "
+                                                   "created"):
+                await box.client.call(request)
+            await box.client.call(Start(container="c1"))
+            # The bundle's rootfs is shared into the guest (9p): QEMU refuses to migrate.
+            with pytest.raises(NotSupported, match="container c1 has host directories mounted"):
+                await box.client.call(request)
+            box.supervisor.share_holder = None   # as for a block rootfs without volumes
+            box.vm.unsavable = NotSupported("only a VM started from a template can be saved")
+            with pytest.raises(NotSupported, match="started from a template"):
+                await box.client.call(request)
+            box.vm.unsavable = None
+            (tmp_path / "full").mkdir()
+            (tmp_path / "full" / "x").write_text("")
+            with pytest.raises(Exception, match="not empty"):
+                await box.client.call(Checkpoint(container="c1",
+                                                 directory=str(tmp_path / "full")))
+            assert box.vm.saves == []
+            assert await _status(box) is ContainerStatus.RUNNING
+
+    _run(test)
+
+
+def test_a_pod_is_refused(tmp_path: Path) -> None:
+    async def test() -> None:
+        sandbox = {pod.CONTAINER_TYPE: "sandbox", pod.SANDBOX_ID: "c1"}
+        async with _sandbox(tmp_path, sandbox) as box:
+            member = {pod.CONTAINER_TYPE: "container", pod.SANDBOX_ID: "c1"}
+            _bundle(tmp_path / "b2", ["true"], member)
+            await box.client.call(Create(container="c2", bundle=str(tmp_path / "b2")))
+            await box.client.call(Start(container="c1"))
+            with pytest.raises(InvalidState, match="checkpoint that one"):
+                await box.client.call(Checkpoint(container="c2", directory=str(tmp_path / "s")))
+            with pytest.raises(NotSupported, match="has 2 containers"):
+                await box.client.call(Checkpoint(container="c1", directory=str(tmp_path / "s")))
+
+    _run(test)
+
+
+def test_leave_running_keeps_waits_events_and_stdio_across_the_save(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            box.supervisor.share_holder = None
+            agent = box.vm.agent
+            await box.client.call(Start(container="c1"))
+            events = box.client.events("c1")
+            first = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0.1)
+            out_r, out_w = os.pipe()
+            null = os.open(os.devnull, os.O_RDONLY)
+            agent.planned_output["c1", "e1"] = [convert.Output("stdout", b"before\n", False)]
+            process = await box.client.attach(
+                Exec(container="c1", exec_id="e1", process={"args": ["sh"]}),
+                [null, out_w, out_w])
+            os.close(out_w)
+            os.close(null)
+            read = asyncio.get_running_loop().run_in_executor
+            assert await read(None, os.read, out_r, 100) == b"before\n"
+            reply = await box.client.call(Checkpoint(container="c1",
+                                                     directory=str(tmp_path / "snap"),
+                                                     leave_running=True))
+            assert box.vm.saves == [(tmp_path / "snap", True)]
+            assert reply.snapshot_bytes > 0 and reply.save_s > 0
+            assert (tmp_path / "snap" / "sandbox.json").is_file()
+            assert await _status(box) is ContainerStatus.RUNNING
+            # Output written after the save reaches the same stand-in, on a new stream.
+            agent.process("c1", "e1").output.append(convert.Output("stdout", b"after\n", False))
+            assert await read(None, os.read, out_r, 100) == b"after\n"
+            agent.exit("c1", "e1", 3)
+            assert await process.wait() == 3
+            process.close()
+            await asyncio.sleep(0.3)  # the supervisor's event stream is open again
+            agent.events_queue.put_nowait(convert.Event("oom", "c1", "", 0))
+            assert (await first).type == "oom"
+            agent.exit("c1", "", 0)
+            assert (await anext(events)).exit_status == 0
+            assert await _status(box) is ContainerStatus.STOPPED
+            os.close(out_r)
+
+    _run(test)
+
+
+def test_without_leave_running_the_container_stops(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            box.supervisor.share_holder = None
+            await box.client.call(Start(container="c1"))
+            await box.client.call(Checkpoint(container="c1", directory=str(tmp_path / "snap")))
+            reply = await box.client.call(State(container="c1"))
+            assert reply.status is ContainerStatus.STOPPED and reply.exit_code == 137
+            assert box.vm.machine.exited.done()
+
+    _run(test)
+
+
+def test_a_failed_save_leaves_the_container_running(tmp_path: Path) -> None:
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            box.supervisor.share_holder = None
+            box.vm.save_failure = HypervisorError("migration failed: no space left")
+            await box.client.call(Start(container="c1"))
+            with pytest.raises(HypervisorError, match="no space left"):
+                await box.client.call(Checkpoint(container="c1",
+                                                 directory=str(tmp_path / "snap")))
+            assert box.vm.recovered
+            assert await _status(box) is ContainerStatus.RUNNING
+            box.vm.agent.exit("c1", "", 5)
+            await asyncio.sleep(0.1)
+            assert (await box.client.call(State(container="c1"))).exit_code == 5
+
+    _run(test)
