@@ -416,7 +416,10 @@ class Supervisor:
             raise InvalidState(f"cannot delete container {container.id} that is not stopped: "
                                f"{container.status} (use --force)")
         if container.id == self.id or len(self.containers) == 1:
-            return DeleteReply(sandbox_gone=True)
+            # Not before a checkpoint in progress has answered (its containers stop, and
+            # their waiters delete them, while it still closes the VM).
+            async with self.creating:
+                return DeleteReply(sandbox_gone=True)
         await self._vm_running(True)
         try:
             with contextlib.suppress(RunvError, TimeoutError):
