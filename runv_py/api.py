@@ -503,7 +503,7 @@ class AsyncSandbox:
         """Save the sandbox whole into `directory` (default: a new one under the data root's
         `snapshots/`; remove it with Snapshot.remove()). The sandbox stands still while it is
         saved, then runs on (unless not `leave_running`: then it ends). Needs a block rootfs
-        (the default) and no volumes."""
+        (create(rootfs="block")) and no volumes."""
         workload = await self._current()
         path = Path(directory) if directory is not None else (
             self._manager.data_root / "snapshots" / secrets.token_hex(8))
@@ -518,10 +518,12 @@ class AsyncSandbox:
     @classmethod
     async def restore(cls, snapshot: Snapshot | Path | str, *, name: str | None = None,
                       timeout: float | None = None, state_root: Path | None = None,
-                      data_root: Path | None = None) -> AsyncSandbox:
+                      data_root: Path | None = None, tenant: str | None = None
+                      ) -> AsyncSandbox:
         """A new sandbox from `snapshot`: its processes carry on where they were saved, with
-        files, name, hostname, random seed and clock of its own."""
-        manager = WorkloadManager(config_mod.load(), state_root, data_root)
+        files, name, hostname, random seed and clock of its own; `tenant` as create's."""
+        manager = WorkloadManager(config_mod.load(), state_root, data_root,
+                                  tenant=tenants.from_environment(tenant, "tenant"))
         return await cls._restored(manager, snapshot, name=name, timeout=timeout)
 
     @classmethod
@@ -694,10 +696,11 @@ class Sandbox:
     @classmethod
     def restore(cls, snapshot: Snapshot | Path | str, *, name: str | None = None,
                 timeout: float | None = None, state_root: Path | None = None,
-                data_root: Path | None = None) -> Sandbox:
+                data_root: Path | None = None, tenant: str | None = None) -> Sandbox:
         """As AsyncSandbox.restore."""
         return cls(_Loop.run(AsyncSandbox.restore(snapshot, name=name, timeout=timeout,
-                                                  state_root=state_root, data_root=data_root)))
+                                                  state_root=state_root, data_root=data_root,
+                                                  tenant=tenant)))
 
     def fork(self, n: int) -> list[Sandbox]:
         """As AsyncSandbox.fork."""

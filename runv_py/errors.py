@@ -87,6 +87,14 @@ class NotSupported(RunvError):
     reference = "not-supported"
 
 
+class NotSavable(RunvError):
+    """This sandbox cannot be checkpointed as it was set up (a host directory shared into its
+    VM, a network interface, a pod); the message says why and what would allow it."""
+
+    grpc_code = "FAILED_PRECONDITION"
+    reference = "not-savable"
+
+
 class SpecError(RunvError):
     """A bundle's config.json (or a process.json) is invalid; the message names the field."""
 

@@ -27,7 +27,7 @@ from ..errors import (
     BootTimeout,
     ConfigError,
     HypervisorError,
-    NotSupported,
+    NotSavable,
     RunvError,
 )
 from ..storage.virtiofs import Virtiofsd
@@ -460,17 +460,18 @@ class GuestVm:
     # -- saving the running VM ------------------------------------------------------------------
 
     def check_savable(self) -> None:
-        """NotSupported, saying why, if this VM cannot be saved (vm_snapshot)."""
+        """NotSupported (the backend) or NotSavable (this VM), saying why, if this VM cannot
+        be saved (vm_snapshot)."""
         hypervisor.check_snapshots(self.config.hypervisor)
         if self.start_path not in ("template", "template-built", "pool", "snapshot"):
-            raise NotSupported(f"sandbox {self.id}: only a VM started from a template can be "
-                               f"saved (this one booted {self.start_path}: template = \"off\", "
-                               "or a virtio-fs share)")
+            raise NotSavable(f"sandbox {self.id}: only a VM started from a template can be "
+                             f"saved (this one booted {self.start_path}: template = \"off\", "
+                             "or a virtio-fs share)")
         if self.nics:
-            raise NotSupported(f"sandbox {self.id}: a VM with network interfaces cannot be "
-                               "saved yet (run it with --network none)")
+            raise NotSavable(f"sandbox {self.id}: a VM with network interfaces cannot be "
+                             "saved yet (run it with --network none)")
         if self._serial_socket is None:
-            raise NotSupported(f"sandbox {self.id}: its VM has no agent serial port")
+            raise NotSavable(f"sandbox {self.id}: its VM has no agent serial port")
 
     async def save(self, directory: Path, *, leave_running: bool) -> vm_snapshot.SavedVm:
         """Save the VM into `directory` (vm_snapshot.save): first the host lets go of the

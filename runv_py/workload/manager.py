@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import child, disk
 from ..config import RuntimeConfig
-from ..errors import ConfigError, ContainerNotFound, InvalidState, NotSupported, RunvError
+from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..oci.image import Progress
 from ..sandbox import policy, protocol
@@ -257,15 +257,12 @@ class WorkloadManager:
         (docs/snapshots.md). Without `leave_running` the container stops (exit status 137)."""
         await self._require_running(workload)
         spec = json.loads((self.records.bundle(workload.id) / "config.json").read_text())
-        if policy.ROOTFS_BLOCK_ANNOTATION not in spec["annotations"]:
-            raise NotSupported(f"container {workload.name} has its rootfs shared from the host "
-                               "(--rootfs shared): QEMU cannot save a VM while a 9p or "
-                               "virtio-fs export is mounted; run it with --rootfs block")
         reply = await self.runtime.checkpoint(workload.id, directory,
                                               leave_running=leave_running)
         saved = {"format": SNAPSHOT_FORMAT, "name": workload.name, "image": workload.image,
                  "command": list(workload.command), "tty": workload.tty,
-                 "stop_signal": workload.stop_signal, "spec": spec}
+                 "stop_signal": workload.stop_signal, "log_max_size": workload.log_max_size,
+                 "spec": spec}
         (directory / WORKLOAD_META).write_text(json.dumps(saved, indent=1) + "\n")
         return reply
 
@@ -284,7 +281,9 @@ class WorkloadManager:
             name=name or f"hc-{workload_id[:8]}", image=str(saved["image"]),
             command=tuple(saved["command"]), created_at=now, detached=True,
             auto_remove=auto_remove, tty=bool(saved["tty"]), timeout_s=timeout_s,
-            stop_signal=str(saved["stop_signal"]), restored_from=str(directory.absolute()))
+            stop_signal=str(saved["stop_signal"]), tenant=self.tenant or "",
+            log_max_size=int(saved.get("log_max_size") or LOG_MAX_SIZE),
+            restored_from=str(directory.absolute()))
         self.records.create(workload)
         try:
             spec = saved["spec"]
@@ -299,6 +298,8 @@ class WorkloadManager:
                 block.BlockRootfs(block_rootfs.image, disk, block_rootfs.image_fstype)))
             if spec.get("hostname") == saved["name"]:
                 spec["hostname"] = workload.name  # its default hostname was its name
+            if spec.get("linux", {}).get("cgroupsPath"):
+                spec["linux"]["cgroupsPath"] = self.cgroups_path(workload_id)
             bundle_mod.write(self.records.bundle(workload_id), spec)
             workload = workload.with_(annotations=dict(spec["annotations"]))
             self.records.save(workload)

@@ -12,10 +12,13 @@ from pathlib import Path
 import pytest
 
 from runv_py.agent import convert
-from runv_py.errors import HypervisorError, InvalidState, NotSupported
+from runv_py.config import HypervisorConfig, RuntimeConfig
+from runv_py.errors import HypervisorError, InvalidState, NotSavable, NotSupported
 from runv_py.sandbox import pod
+from runv_py.sandbox.guest_vm import GuestVm
 from runv_py.sandbox.protocol import Checkpoint, Create, Exec, Start, State
 from runv_py.sandbox.status import ContainerStatus
+from runv_py.sandbox.vm_snapshot import SnapshotImage
 from tests.unit.test_supervisor import _bundle, _run, _sandbox, _status
 
 
@@ -28,11 +31,12 @@ def test_refusals_name_the_reason_and_touch_nothing(tmp_path: Path) -> None:
                 await box.client.call(request)
             await box.client.call(Start(container="c1"))
             # The bundle's rootfs is shared into the guest (9p): QEMU refuses to migrate.
-            with pytest.raises(NotSupported, match="container c1 has host directories mounted"):
+            with pytest.raises(NotSavable, match="container c1 cannot be checkpointed: its "
+                                                 "rootfs is a host directory shared into the VM"):
                 await box.client.call(request)
             box.supervisor.share_holder = None   # as for a block rootfs without volumes
-            box.vm.unsavable = NotSupported("only a VM started from a template can be saved")
-            with pytest.raises(NotSupported, match="started from a template"):
+            box.vm.unsavable = NotSavable("only a VM started from a template can be saved")
+            with pytest.raises(NotSavable, match="started from a template"):
                 await box.client.call(request)
             box.vm.unsavable = None
             (tmp_path / "full").mkdir()
@@ -56,7 +60,7 @@ def test_a_pod_is_refused(tmp_path: Path) -> None:
             await box.client.call(Start(container="c1"))
             with pytest.raises(InvalidState, match="checkpoint that one"):
                 await box.client.call(Checkpoint(container="c2", directory=str(tmp_path / "s")))
-            with pytest.raises(NotSupported, match="has 2 containers"):
+            with pytest.raises(NotSavable, match="has 2 containers"):
                 await box.client.call(Checkpoint(container="c1", directory=str(tmp_path / "s")))
 
     _run(test)
@@ -134,3 +138,17 @@ def test_a_failed_save_leaves_the_container_running(tmp_path: Path) -> None:
             assert (await box.client.call(State(container="c1"))).exit_code == 5
 
     _run(test)
+
+
+def test_the_libvirt_backend_refuses_checkpoint_and_restore(tmp_path: Path) -> None:
+    config = RuntimeConfig(state_dir=tmp_path / "state",
+                           hypervisor=HypervisorConfig(backend="libvirt"))
+    vm = GuestVm("box", config)
+    vm.start_path = "template"
+    with pytest.raises(NotSupported, match='checkpoint and restore need \\[hypervisor\\] '
+                                           'backend = "qemu"'):
+        vm.check_savable()
+    with pytest.raises(NotSupported, match='backend = "qemu"'):
+        asyncio.run(GuestVm.boot(config, sandbox_id="box",
+                                 snapshot=SnapshotImage(tmp_path / "snap")))
+    assert not (tmp_path / "state" / "box").exists()

@@ -247,7 +247,8 @@ def test_the_ttrpc_server_closes_with_a_call_that_never_ends(tmp_path: Path) -> 
 
 def test_checkpoint_reaches_the_supervisor_and_says_why_it_cannot(tmp_path: Path) -> None:
     async def test(tmp_path: Path) -> None:
-        from runv_py.errors import NotSupported
+        from runv_py.errors import NotSavable
+        from runv_py.shim import ttrpc
         from runv_py.shim._pb import runc_options_pb2
 
         service, _, launcher = await _service(tmp_path)
@@ -259,9 +260,13 @@ def test_checkpoint_reaches_the_supervisor_and_says_why_it_cannot(tmp_path: Path
         assert task._exit_after_checkpoint(options)
         assert not task._exit_after_checkpoint(any_pb2.Any())
         # A bundle's rootfs is shared into the VM (9p): the save is refused, not UNIMPLEMENTED.
-        with pytest.raises(NotSupported, match="host directories mounted"):
+        with pytest.raises(NotSavable, match="its rootfs is a host directory shared") as refused:
             await service.checkpoint(task_pb2.CheckpointTaskRequest(
                 id="t1", path=str(tmp_path / "cp"), options=options))
+        status = ttrpc.status_of(refused.value)
+        assert status.code == ttrpc.CODES["FAILED_PRECONDITION"] != ttrpc.CODES["UNIMPLEMENTED"]
+        assert "9p or virtio-fs" in status.message and "\n" not in status.message
+        assert not (tmp_path / "cp").exists()
         assert (await service.state(task_pb2.StateRequest(id="t1"))).status == task_pb2.RUNNING
         await service.kill(task_pb2.KillRequest(id="t1", signal=signal.SIGKILL))
         await service.wait(task_pb2.WaitRequest(id="t1"))

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ...errors import ConfigError, InvalidState, NotSupported
+from ...errors import ConfigError, InvalidState, NotSavable
 from ..status import ContainerStatus
 from .containers import GuestContainer
 
@@ -83,14 +83,19 @@ def check(sandbox_id: str, container: GuestContainer, containers: int,
         raise InvalidState(f"container {container.id} is in the sandbox of {sandbox_id}: "
                            "checkpoint that one")
     if containers > 1:
-        raise NotSupported(f"sandbox {sandbox_id} has {containers} containers: a pod cannot be "
-                           "checkpointed")
+        raise NotSavable(f"sandbox {sandbox_id} has {containers} containers: a pod cannot be "
+                         "checkpointed")
     container.status.require((ContainerStatus.RUNNING, ContainerStatus.PAUSED), "checkpoint",
                              container.id)
-    if share_holder is not None:
-        raise NotSupported(f"container {share_holder} has host directories mounted (volumes, or "
-                           "a rootfs shared from the host): QEMU cannot save a VM while a 9p or "
-                           "virtio-fs export is mounted; use a block rootfs and no volumes")
+    if share_holder is None:
+        return
+    if container.block is None:
+        raise NotSavable(f"container {share_holder} cannot be checkpointed: its rootfs is a host "
+                         f"directory shared into the VM, and QEMU cannot save a VM while a 9p "
+                         "or virtio-fs export is mounted (only a block rootfs can be saved)")
+    raise NotSavable(f"container {share_holder} cannot be checkpointed: it has host "
+                     "directories mounted (volumes), and QEMU cannot save a VM while a 9p or "
+                     "virtio-fs export is mounted")
 
 
 def saved(container: GuestContainer, hostname: str) -> SavedSandbox:

@@ -275,8 +275,11 @@ async def _restore_for(owned: Resources, args: Args, config: config_mod.RuntimeC
     if spec.bind_sources():
         raise SpecError("mounts: a sandbox restored from a snapshot cannot get bind mounts "
                         "(the saved guest had none mounted)")
+    policy.admit(config.enable_annotations, spec, config.source)
     config = replace(policy.sandbox_config(config, spec), state_dir=owned.vm_path.parent)
     disks = _restored_disks(image, saved_vm, block_rootfs.for_container(spec, args.container_id))
+    owned.host_cgroup = host_cgroup.enter(spec.raw, config, owned.vm_path / host_cgroup.RECORD,
+                                          [os.getpid()])
     owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     owned.shared.open()
     owned.network = GuestNetwork(spec.network_ns)
