@@ -10,7 +10,7 @@ export RUNV_ASSETS_DIR ?= $(RUNV_CACHE)/assets
 DEBIAN_PACKAGES := qemu-system-x86 qemu-utils linux-source-6.1 build-essential bc bison flex \
 	libelf-dev libssl-dev debootstrap debian-archive-keyring gpgv erofs-utils busybox-static cpio \
 	zstd xz-utils e2fsprogs util-linux libseccomp2 python3 python3-venv python3-dev \
-	containerd runc crun podman conmon docker-registry skopeo openssl \
+	containerd runc crun podman conmon criu docker-registry skopeo openssl \
 	containernetworking-plugins iproute2 iptables nftables procps \
 	libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libxml2-utils libvirt-dev pkg-config \
 	golang-go golang-github-opencontainers-runtime-tools-dev golang-github-google-uuid-dev docker.io

@@ -156,3 +156,19 @@ def test_podman_container_host_cgroup(podman: Podman) -> None:
                       + host_cgroup.TCG_CODE_CACHE_MIB) << 20
     podman("rm", "--force", "--time", "0", cid)
     assert not (roots["memory"] / path.lstrip("/")).exists()
+
+
+def test_podman_checkpoint_gets_runvs_reason(podman: Podman, tmp_path: Path) -> None:
+    """podman checks for CRIU (Debian's criu), then calls `runv checkpoint --image-path
+    --work-path [--leave-running]`: a podman container's rootfs is a host directory shared into
+    the VM, so runv refuses with its reason, which podman passes on; the container runs on."""
+    podman("run", "-d", "--name", "c1", "--network", "none", IMAGE, "sleep", "600")
+    for extra in ((), ("--leave-running",), ("--export", str(tmp_path / "c1.tar"))):
+        result = podman("container", "checkpoint", *extra, "c1", check=False)
+        err = result.stderr.decode()
+        assert result.returncode == 125, err
+        assert "cannot be checkpointed: its rootfs is a host directory shared into the VM" \
+            in err and "checkpoint --image-path" in err, err
+    assert b"Up " in podman("ps").stdout
+    assert podman("exec", "c1", "true").returncode == 0
+    podman("rm", "--force", "--time", "0", "c1")
