@@ -352,15 +352,23 @@ class GuestVm:
                 with contextlib.suppress(Exception):
                     await backend
             raise
+        await self._clone_ready(shares, nics, agent_timeout, t0=t0, t_running=t3, timings={
+            "template": t1 - t0, "qemu": t2 - t1, "restore": t_vsock - t2,
+            **({"vsock": t3 - t_vsock} if self.vsock else {})})
+
+    async def _clone_ready(self, shares: tuple[Share, ...], nics: tuple[Nic, ...],
+                           agent_timeout: float, *, t0: float, t_running: float,
+                           timings: dict[str, float]) -> None:
+        """A restored VM (template clone or snapshot) running: its agent answers, it takes
+        its own identity; `timings` up to `t_running` plus those phases."""
         self._agent = self._agent_client(agent_timeout)
         await self._wait_agent(agent_timeout)
-        t4 = time.monotonic()
+        t_agent = time.monotonic()
         await self._take_identity(nics)
         self.shares = shares
-        t5 = time.monotonic()
-        self.timings = {"template": t1 - t0, "qemu": t2 - t1, "restore": t_vsock - t2,
-                        **({"vsock": t3 - t_vsock} if self.vsock else {}), "agent": t4 - t3,
-                        "identity": t5 - t4, "total": t5 - t0}
+        t_end = time.monotonic()
+        self.timings = {**timings, "agent": t_agent - t_running, "identity": t_end - t_agent,
+                        "total": t_end - t0}
         self._log_ready()
 
     async def _boot_snapshot(self, snapshot: vm_snapshot.SnapshotImage,
@@ -395,16 +403,9 @@ class GuestVm:
                     await backend
             raise
         self.disks = list(disks)
-        self._agent = self._agent_client(agent_timeout)
-        await self._wait_agent(agent_timeout)
-        t4 = time.monotonic()
-        await self._take_identity(nics)
-        self.shares = shares
-        t5 = time.monotonic()
-        self.timings = {"qemu": t2 - t0, "restore": t_vsock - t2,
-                        **({"vsock": t3 - t_vsock} if self.vsock else {}), "agent": t4 - t3,
-                        "identity": t5 - t4, "total": t5 - t0}
-        self._log_ready()
+        await self._clone_ready(shares, nics, agent_timeout, t0=t0, t_running=t3, timings={
+            "qemu": t2 - t0, "restore": t_vsock - t2,
+            **({"vsock": t3 - t_vsock} if self.vsock else {})})
 
     async def _restore_vm(self, source: vm_template.Template | vm_snapshot.SnapshotImage,
                           vm: VmConfig, nics: tuple[Nic, ...], disks: tuple[Disk, ...],
@@ -491,7 +492,7 @@ class GuestVm:
         inputs, vm = clone_base(config, self.id, self.paths, assets.find(
             self.config.guest.assets_dir), self.accel, debug=self.debug, shares=self.shares)
         saved = await vm_snapshot.save(self.machine, replace(vm, disks=disks), directory,
-                                       inputs=inputs)
+                                       run=self.paths.root / "converter", inputs=inputs)
         if leave_running:
             await self.machine.resume()
             self._agent = self._agent_client(timeout)

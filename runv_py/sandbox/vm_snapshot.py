@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, replace
@@ -133,13 +132,18 @@ def prepare_directory(directory: Path) -> None:
         raise ConfigError(f"{directory}: {exc.strerror}") from None
 
 
-async def save(source: Machine, vm: VmConfig, directory: Path, *,
+async def save(source: Machine, vm: VmConfig, directory: Path, *, run: Path,
                inputs: TemplateInputs, timeout_s: float = SAVE_TIMEOUT_S) -> SavedVm:
     """Pause `source` (a VM whose device set is `vm`: a clone's, plus its disks at fixed
     slots) and save it into `directory`: RAM file, device state, copies of its writable
-    disks, vm.json. The source stays paused (resume or close it)."""
+    disks, vm.json. The source stays paused (resume or close it). `run`: a new directory
+    for the converter QEMU (in the source's VM directory, so that it goes with it even when
+    its owner is killed), removed afterwards."""
     t0 = time.monotonic()
-    run = Path(tempfile.mkdtemp(prefix="runv-snapshot-"))
+    try:
+        run.mkdir(mode=0o700)
+    except OSError as exc:
+        raise HypervisorError(f"{run}: {exc.strerror}") from None
     try:
         await _convert(source, vm, directory, run, timeout_s)
         disks = []
@@ -173,7 +177,7 @@ async def _convert(source: Machine, vm: VmConfig, directory: Path, run: Path,
         placeholder.mkdir()
         shares.append(Share(share.tag, placeholder, readonly=share.readonly))
     converter_vm = replace(
-        vm, name=f"snapshot-{run.name[-8:]}", console_log=run / "console.log",
+        vm, name=f"{vm.name}-save", console_log=run / "console.log",
         qmp_socket=run / "qmp.sock", agent_socket=run / "agent.sock", shares=tuple(shares),
         nics=(), memory_file=directory / MEMORY, memory_file_shared=True, incoming=True,
         vmgenid=str(uuid.uuid4()))

@@ -101,18 +101,13 @@ class WorkloadManager:
                               "applies to --network default only")
         with disk.writing(self.data_root, "data root"):
             image = await self.images.resolve(options.image, progress=progress)
-        workload_id = secrets.token_hex(16)
-        path = self.records.dir(workload_id)
-        now = time.time()
-        workload = Workload(
-            id=workload_id, bundle=str(self.records.bundle(workload_id)),
-            rootfs=str(self.records.bundle(workload_id) / "rootfs"), created=rfc3339(now),
-            name=options.name or f"hc-{workload_id[:8]}", image=image.ref,
-            command=tuple(bundle_mod.command(image, options)), created_at=now,
+        workload = self._new_workload(
+            options.name, image=image.ref, command=tuple(bundle_mod.command(image, options)),
             detached=detached, auto_remove=options.auto_remove, tty=options.tty,
             timeout_s=options.timeout_s, stop_signal=image.settings.stop_signal,
-            tenant=self.tenant or "", log_max_size=options.log_max_size or LOG_MAX_SIZE,
-            creator_pid=os.getpid(), creator_start=child.proc_start_time(os.getpid()) or 0)
+            log_max_size=options.log_max_size or LOG_MAX_SIZE)
+        workload_id = workload.id
+        path = self.records.dir(workload_id)
         self.records.create(workload)
         try:
             with disk.writing(self.data_root, "data root"):
@@ -158,6 +153,19 @@ class WorkloadManager:
         disk = path / DISK_FILE
         await asyncio.to_thread(block.create_disk, disk, size)
         return bundle_mod.block_rootfs(block.BlockRootfs(image_file, disk))
+
+    def _new_workload(self, name: str | None, **fields: Any) -> Workload:
+        """The record of a new container of this manager's tenant: a fresh id, its bundle's
+        paths, its name (default hc-<id prefix>), this process as its creator."""
+        workload_id = secrets.token_hex(16)
+        bundle = self.records.bundle(workload_id)
+        now = time.time()
+        pid = os.getpid()
+        return Workload(id=workload_id, bundle=str(bundle), rootfs=str(bundle / "rootfs"),
+                        created=rfc3339(now), created_at=now,
+                        name=name or f"hc-{workload_id[:8]}", tenant=self.tenant or "",
+                        creator_pid=pid, creator_start=child.proc_start_time(pid) or 0,
+                        **fields)
 
     def cgroups_path(self, workload_id: str) -> str:
         """The sandbox's host cgroup (in every hierarchy): one directory per tenant, so that
@@ -272,18 +280,14 @@ class WorkloadManager:
         were saved, its own writable layer (a copy of the saved one), its own name and
         hostname; not started yet (run_detached)."""
         saved = _read_saved_workload(directory)
-        workload_id = secrets.token_hex(16)
-        path = self.records.dir(workload_id)
-        now = time.time()
-        workload = Workload(
-            id=workload_id, bundle=str(self.records.bundle(workload_id)),
-            rootfs=str(self.records.bundle(workload_id) / "rootfs"), created=rfc3339(now),
-            name=name or f"hc-{workload_id[:8]}", image=str(saved["image"]),
-            command=tuple(saved["command"]), created_at=now, detached=True,
+        workload = self._new_workload(
+            name, image=str(saved["image"]), command=tuple(saved["command"]), detached=True,
             auto_remove=auto_remove, tty=bool(saved["tty"]), timeout_s=timeout_s,
-            stop_signal=str(saved["stop_signal"]), tenant=self.tenant or "",
+            stop_signal=str(saved["stop_signal"]),
             log_max_size=int(saved.get("log_max_size") or LOG_MAX_SIZE),
             restored_from=str(directory.absolute()))
+        workload_id = workload.id
+        path = self.records.dir(workload_id)
         self.records.create(workload)
         try:
             spec = saved["spec"]
