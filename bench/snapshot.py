@@ -2,8 +2,8 @@
 the Python API, with the runtime's default config and a block rootfs (the only kind a VM can be
 saved with), against starting the same sandbox afresh, in the same run:
 
-- checkpoint: `snapshot()` of a sandbox with a process holding 64 MiB of memory written, wall
-  time (the sandbox stands still for `save_s` of it) and the snapshot's size on disk;
+- checkpoint: `snapshot()` of a sandbox with 64 MiB of memory written (a tmpfs file), wall
+  time, the time the sandbox stood still, its phases (vm.json) and the snapshot's size on disk;
 - restore: `restore()` up to the first output of a command in the restored sandbox, against
   `create()` up to the same (a template clone: the default start path);
 - fork: `fork(5)` of a warmed sandbox (one snapshot restored 5 times) against 5 `create()`s
@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 from bundle import report, summary
 
 from runv_py.api import AsyncSandbox
+from runv_py.sandbox.vm_snapshot import VM_META, SavedVm
 
 WARM_MIB = 64
 # Memory the guest has written and must keep: a tmpfs file in the container.
@@ -76,6 +77,9 @@ async def bench(roots: Roots, n: int, forks: int) -> dict[str, Any]:
             add("checkpoint_s", time.monotonic() - t0)
             add("checkpoint_paused_s", snapshot.save_s)
             add("checkpoint_mib", snapshot.size / (1 << 20))
+            saved = SavedVm.from_json((snapshot.path / VM_META).read_text(), "vm.json")
+            for phase, seconds in saved.phases.items():
+                add(f"checkpoint_{phase}_s", seconds)
             t0 = time.monotonic()
             restored = await AsyncSandbox.restore(snapshot, state_root=roots.state_root,
                                                   data_root=roots.data_root)

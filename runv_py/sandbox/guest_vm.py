@@ -482,7 +482,9 @@ class GuestVm:
         port from then on; else it is stopped and closed."""
         self.check_savable()
         timeout = self.config.hypervisor.boot_timeout_s
+        t0 = time.monotonic()
         await self._release_agent(timeout)
+        t_released = time.monotonic()
         slots = await self.machine.pci_slots()
         disks = tuple(replace(disk, slot=slots.get(f"disk-{disk.id}", 0)) for disk in self.disks)
         config = replace(self.config, hypervisor=replace(
@@ -493,10 +495,15 @@ class GuestVm:
             self.config.guest.assets_dir), self.accel, debug=self.debug, shares=self.shares)
         saved = await vm_snapshot.save(self.machine, replace(vm, disks=disks), directory,
                                        run=self.paths.root / "converter", inputs=inputs)
+        t_saved = time.monotonic()
         if leave_running:
             await self.machine.resume()
             self._agent = self._agent_client(timeout)
             await self._wait_agent(timeout)
+        log.info("saved into %s: agent released %.2fs, saved %.2fs (%s), running again %.2fs",
+                 directory, t_released - t0, t_saved - t_released,
+                 ", ".join(f"{k} {v:.2f}s" for k, v in saved.phases.items()),
+                 time.monotonic() - t_saved, extra={"sandbox": self.id})
         return saved
 
     async def recover_after_save(self) -> None:

@@ -10,13 +10,14 @@ are plugged into each restored VM as into a clone."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class SavedVm:
     disks: tuple[SavedDisk, ...]
     created: float
     save_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)   # of save_s, in seconds
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
@@ -145,17 +147,20 @@ async def save(source: Machine, vm: VmConfig, directory: Path, *, run: Path,
     except OSError as exc:
         raise HypervisorError(f"{run}: {exc.strerror}") from None
     try:
-        await _convert(source, vm, directory, run, timeout_s)
+        phases = await _convert(source, vm, directory, run, timeout_s)
+        t_disks = time.monotonic()
         disks = []
         for disk in vm.disks:
             path = str(disk.path)
             if not disk.readonly:
                 path = f"disk-{disk.id}.img"
-                block.copy_disk(disk.path, directory / path)
+                await asyncio.to_thread(block.copy_disk, disk.path, directory / path)
             disks.append(SavedDisk(disk.id, disk.serial, disk.slot, disk.readonly, path))
+        phases["disks"] = time.monotonic() - t_disks
         saved = SavedVm(format=FORMAT, key=inputs.key, inputs=asdict(inputs),
                         memory_mib=vm.memory_mib, vcpus=vm.vcpus, disks=tuple(disks),
-                        created=time.time(), save_s=round(time.monotonic() - t0, 3))
+                        created=time.time(), save_s=round(time.monotonic() - t0, 3),
+                        phases={k: round(v, 3) for k, v in phases.items()})
         (directory / VM_META).write_text(saved.to_json())
         return saved
     except BaseException:
@@ -168,9 +173,9 @@ async def save(source: Machine, vm: VmConfig, directory: Path, *, run: Path,
 
 
 async def _convert(source: Machine, vm: VmConfig, directory: Path, run: Path,
-                   timeout_s: float) -> None:
+                   timeout_s: float) -> dict[str, float]:
     """The source's RAM into directory/memory and its device state into directory/state,
-    through a converter QEMU (see the module's comment)."""
+    through a converter QEMU (see the module's comment); the phases' times."""
     shares = []
     for i, share in enumerate(vm.shares):
         placeholder = run / f"share{i}"
@@ -183,17 +188,23 @@ async def _convert(source: Machine, vm: VmConfig, directory: Path, run: Path,
         vmgenid=str(uuid.uuid4()))
     converter = QemuMachine(converter_vm, run / "qemu.log")
     stream = run / "migrate.sock"
+    times = [time.monotonic()]
     try:
         await converter.start()
         await converter.migrate_in(f"unix:{stream}")
+        times.append(time.monotonic())
         await source.migrate_out(f"unix:{stream}", timeout_s)
         await converter.migration_done(timeout_s)
+        times.append(time.monotonic())
         fd = os.open(directory / STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                      0o600)
         try:
             await converter.save_state(fd, timeout_s)
         finally:
             os.close(fd)
+        times.append(time.monotonic())
+        return {"converter_start": times[1] - times[0], "migrate": times[2] - times[1],
+                "device_state": times[3] - times[2]}
     except RunvError as exc:
         raise HypervisorError(f"saving the VM failed: {exc}; the converter's log:\n"
                               f"{tail(run / 'qemu.log', 10)}") from exc
