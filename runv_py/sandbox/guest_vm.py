@@ -391,7 +391,8 @@ class GuestVm:
                                 debug=self.debug, shares=shares)
         snapshot.check(inputs)
         vm = replace(vm, disks=disks)
-        agent_timeout = self._clone_agent_timeout()
+        # Not a clone's shorter wait: there is no cold boot to fall back to.
+        agent_timeout = self.config.hypervisor.boot_timeout_s
         backend = (asyncio.create_task(self._start_vsock(self.debug, agent_timeout))
                    if self.config.guest.channel == "vsock" else None)
         self.start_path = "snapshot"

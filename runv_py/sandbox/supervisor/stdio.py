@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -21,8 +22,12 @@ from ..protocol import Exit, Ok, Resize
 from .checkpoint import AgentOutage
 from .containers import GuestContainer, GuestProcess
 
+log = logging.getLogger(__name__)
+
 EXIT_OUTPUT_GRACE_S = 5.0
-REATTACH_WAIT_S = 10.0
+# How long a process's stream may stay "already attached" after a save or a restore: until the
+# guest's agent notices its old host is gone (seconds; tens of them on a loaded TCG host).
+REATTACH_WAIT_S = 60.0
 
 
 class AgentLink(Protocol):
@@ -121,6 +126,8 @@ async def _pump(link: AgentLink, container: GuestContainer, exec_id: str, *,
                 await asyncio.sleep(0.1)
                 continue
             if not link.outage.active:
+                log.warning("the output of %s/%s is lost: %s", container.id, exec_id or "init",
+                            exc, extra=container.extra)
                 raise
         else:
             if not link.outage.active:
