@@ -280,6 +280,8 @@ class WorkloadManager:
         were saved, its own writable layer (a copy of the saved one), its own name and
         hostname; not started yet (run_detached)."""
         saved = _read_saved_workload(directory)
+        disk.require_writable(self.data_root, "data root")
+        self.runtime.check_resources()
         workload = self._new_workload(
             name, image=str(saved["image"]), command=tuple(saved["command"]), detached=True,
             auto_remove=auto_remove, tty=bool(saved["tty"]), timeout_s=timeout_s,
@@ -293,20 +295,21 @@ class WorkloadManager:
             spec = saved["spec"]
             block_rootfs = block.BlockRootfs.parse(
                 spec["annotations"][policy.ROOTFS_BLOCK_ANNOTATION], f"{directory} spec")
-            disk = path / DISK_FILE
-            saved_disk = next(directory.glob("disk-*.img"), None)
-            if saved_disk is None:
+            layer = path / DISK_FILE
+            saved_layer = next(directory.glob("disk-*.img"), None)
+            if saved_layer is None:
                 raise ConfigError(f"{directory}: no saved writable layer (disk-*.img)")
-            await asyncio.to_thread(block.copy_disk, saved_disk, disk)
             spec["annotations"].update(bundle_mod.block_rootfs(
-                block.BlockRootfs(block_rootfs.image, disk, block_rootfs.image_fstype)))
+                block.BlockRootfs(block_rootfs.image, layer, block_rootfs.image_fstype)))
             if spec.get("hostname") == saved["name"]:
                 spec["hostname"] = workload.name  # its default hostname was its name
             if spec.get("linux", {}).get("cgroupsPath"):
                 spec["linux"]["cgroupsPath"] = self.cgroups_path(workload_id)
-            bundle_mod.write(self.records.bundle(workload_id), spec)
-            workload = workload.with_(annotations=dict(spec["annotations"]))
-            self.records.save(workload)
+            with disk.writing(self.data_root, "data root"):
+                await asyncio.to_thread(block.copy_disk, saved_layer, layer)
+                bundle_mod.write(self.records.bundle(workload_id), spec)
+                workload = workload.with_(annotations=dict(spec["annotations"]))
+                self.records.save(workload)
         except BaseException:
             self.records.remove(workload)
             raise

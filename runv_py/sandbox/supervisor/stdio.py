@@ -46,7 +46,7 @@ async def serve_attached(link: AgentLink, container: GuestContainer, process: Gu
     Returns once the stand-in has the exit status (or is gone)."""
     standin = channel.peer_pidfd()
     try:
-        await _serve(agent, container, process, channel, fds=fds, size=size)
+        await _serve(link, container, process, channel, fds=fds, size=size)
     finally:
         if standin is not None:
             # A stopped stand-in (SIGSTOP, a terminal's ^Z) would keep its waiter (the shim,
@@ -56,7 +56,7 @@ async def serve_attached(link: AgentLink, container: GuestContainer, process: Gu
             os.close(standin)
 
 
-async def _serve(agent: GuestAgent, container: GuestContainer, process: GuestProcess,
+async def _serve(link: AgentLink, container: GuestContainer, process: GuestProcess,
                  channel: AsyncChannel, *, fds: list[int], size: tuple[int, int] | None) -> None:
     stdin_fd, out_fd, err_fd = (fds + fds[-1:] * 3)[:3] if fds else (-1, -1, -1)
     output = asyncio.create_task(_pump(link, container, process.exec_id,
