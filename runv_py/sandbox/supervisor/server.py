@@ -628,8 +628,8 @@ class Supervisor:
                         self._publish(protocol.Event(type="oom", id=container_id or self.id))
                     elif event.kind == "process":
                         if self.audit_listeners:
-                            event = replace(event, container_id=container_id)
-                            for record in self.audit.admit(event):
+                            ours = replace(event, container_id=container_id)
+                            for record in self.audit.admit(ours):
                                 self._publish(record)
                     elif event.exec_id == "" and container_id in self.containers:
                         self._agent_exit(container_id).set()
