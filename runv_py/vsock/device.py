@@ -58,6 +58,9 @@ RETRY_S = 0.02
 # guest answers late is reset: cheap).
 FIRST_REQUEST_TIMEOUT_S = 0.2
 REQUEST_TIMEOUT_S = 2.0
+# How long a hybrid client's CONNECT waits for the guest's answer (as long as backend.connect
+# waits for it): a guest whose vCPU is starved (TCG on a loaded host) answers seconds late.
+HYBRID_ANSWER_WAIT_S = 10.0
 
 _MEM_HEADER = struct.Struct("<II")
 _MEM_REGION = struct.Struct("<QQQQ")
@@ -96,6 +99,7 @@ class Conn:
     peer_fwd_cnt: int = 0
     guest_shut: int = 0
     retry_until: float = 0.0  # a REQUEST refused before then is sent again
+    answer_until: float = 0.0  # a hybrid client's REQUEST may be answered until then
     attempt: int = 0  # REQUESTs sent
     host_eof: bool = False
     host_wr_shut: bool = False
@@ -399,15 +403,24 @@ class Device:
     def _request_timeout(self, conn: Conn, attempt: int, delay: float) -> None:
         """A REQUEST the guest never answered: a guest whose transport is still coming up
         drops packets without a RST. Ask again from a new port (after resetting the old one)
-        while the connection may wait, else give up."""
+        while the connection may wait, else give up. A hybrid client connects once the guest
+        is up (its agent answered), whose REQUEST is not dropped but may be answered late:
+        it waits for that answer (asking again would reset each late answer, and a guest
+        that is always late would never be connected)."""
         if (self.conns.get(conn.key) is not conn or conn.state is not State.CONNECTING
                 or conn.attempt != attempt):
             return
+        now = time.monotonic()
         if not self.vqs[RX].ready or self.rx_starved or self.ctl:
-            if time.monotonic() < conn.retry_until:  # not delivered yet: not the guest's fault
+            # Not delivered yet: not the guest's fault.
+            if now < max(conn.retry_until, conn.answer_until):
                 self.later(delay, lambda: self._request_timeout(conn, attempt, delay))
                 return
-        elif time.monotonic() < conn.retry_until:
+        elif now < conn.answer_until:
+            longer = min(2 * delay, REQUEST_TIMEOUT_S)
+            self.later(longer, lambda: self._request_timeout(conn, attempt, longer))
+            return
+        elif now < conn.retry_until:
             log.debug("guest port %d: no answer to REQUEST %d; asking again", conn.guest_port,
                       attempt)
             self._send(conn, pk.OP_RST)
@@ -450,6 +463,7 @@ class Device:
                 or not 0 <= int(line[1]) <= 0xFFFFFFFF:
             self._drop_host(conn, f"bad handshake {' '.join(line)!r}: want CONNECT <port>")
             return
+        conn.answer_until = time.monotonic() + HYBRID_ANSWER_WAIT_S
         self._connect_guest(conn, int(line[1]))
 
     def _drop_host(self, conn: Conn, why: str) -> None:
