@@ -55,6 +55,8 @@ class FakeAgent:
         self._gone = asyncio.Event()
         # (container id, exec id) of processes whose output a stream took; a cut frees them.
         self.attached: set[tuple[str, str]] = set()
+        # How long a stream takes to start (a starved guest's StdioStream answer and accept).
+        self.stream_delay_s = 0.0
 
     def cut(self) -> None:
         """The host's connection goes away (a save): waits, streams and events fail with
@@ -172,6 +174,7 @@ class FakeAgent:
         """The output the test gave the process, then the end of its streams once it exits;
         its stdin is kept."""
         process = self.process(container_id, exec_id)
+        await asyncio.sleep(self.stream_delay_s)
         if (container_id, exec_id) in self.attached:
             raise AgentError("agent: FAILED_PRECONDITION: already attached",
                              "FAILED_PRECONDITION")

@@ -40,7 +40,7 @@ from runv_py.sandbox.protocol import (
     Update,
 )
 from runv_py.sandbox.status import ContainerStatus
-from runv_py.sandbox.supervisor import server
+from runv_py.sandbox.supervisor import server, stdio
 from runv_py.sandbox.supervisor.launch import ControlServer
 from runv_py.sandbox.supervisor.server import Supervisor
 from runv_py.sandbox.supervisor.shares import share
@@ -236,6 +236,33 @@ def test_exec_streams_output_then_the_exit_status(tmp_path: Path) -> None:
             # The init process has one stand-in at most; an unknown exec id has none.
             with pytest.raises(InvalidState, match="no process 'nope'"):
                 await box.client.attach(Attach(container="c1", exec_id="nope"), [])
+
+    _run(test)
+
+
+def test_output_whose_stream_starts_after_the_exit_is_not_cut(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exec that exits before a starved guest has its output stream up: the exit status
+    comes first (the agent's WaitProcess waits only for a registered stream's output), and
+    the output, once it comes, reaches the stand-in (it was cut EXIT_OUTPUT_GRACE_S after the
+    exit: an exec's output lost, its status 0)."""
+    monkeypatch.setattr(stdio, "EXIT_OUTPUT_GRACE_S", 0.2)
+
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            agent = box.vm.agent
+            await box.client.call(Start(container="c1"))
+            agent.stream_delay_s = 1.0
+            agent.planned_output["c1", "e1"] = [convert.Output("stdout", b"out\n", False)]
+            out_r, out_w = os.pipe()
+            process = await box.client.attach(
+                Exec(container="c1", exec_id="e1", process={"args": ["cat", "/f"]}),
+                [out_w, out_w, out_w])
+            os.close(out_w)
+            agent.exit("c1", "e1", 0)
+            assert await process.wait() == 0
+            process.close()
+            assert os.read(out_r, 100) == b"out\n"
 
     _run(test)
 

@@ -25,6 +25,9 @@ from .containers import GuestContainer, GuestProcess
 log = logging.getLogger(__name__)
 
 EXIT_OUTPUT_GRACE_S = 5.0
+# How long output may take to start coming after the process's exit: as long as the agent
+# keeps a stream's registration for its host (hyperstart_agent.stdio.CONNECT_WAIT_S).
+STREAM_START_WAIT_S = 60.0
 # How long a process's stream may stay "already attached" after a save or a restore: until the
 # guest's agent notices its old host is gone (seconds; tens of them on a loaded TCG host).
 REATTACH_WAIT_S = 60.0
@@ -59,8 +62,9 @@ async def serve_attached(link: AgentLink, container: GuestContainer, process: Gu
 async def _serve(link: AgentLink, container: GuestContainer, process: GuestProcess,
                  channel: AsyncChannel, *, fds: list[int], size: tuple[int, int] | None) -> None:
     stdin_fd, out_fd, err_fd = (fds + fds[-1:] * 3)[:3] if fds else (-1, -1, -1)
+    streaming = asyncio.Event()
     output = asyncio.create_task(_pump(link, container, process.exec_id,
-                                       fds=(stdin_fd, out_fd, err_fd)))
+                                       fds=(stdin_fd, out_fd, err_fd), streaming=streaming))
     channel.send_nowait(Ok().to_wire())
     if size:
         with contextlib.suppress(RunvError):
@@ -77,7 +81,7 @@ async def _serve(link: AgentLink, container: GuestContainer, process: GuestProce
     code = await process.exited
     try:
         with contextlib.suppress(TimeoutError, RunvError):  # RunvError: the VM is gone
-            await asyncio.wait_for(asyncio.shield(output), EXIT_OUTPUT_GRACE_S)
+            await _rest_of_output(output, streaming)
     finally:
         # Also when the supervisor shuts down meanwhile: the stand-in gets its status.
         output.cancel()
@@ -85,6 +89,21 @@ async def _serve(link: AgentLink, container: GuestContainer, process: GuestProce
         for fd in set(fds):
             os.close(fd)
         channel.send_nowait(protocol.to_wire(Exit(exit=code)))
+
+
+async def _rest_of_output(output: asyncio.Task[None], streaming: asyncio.Event) -> None:
+    """The output after the process's exit: EXIT_OUTPUT_GRACE_S once its stream carries
+    data, before that up to STREAM_START_WAIT_S. The exit can come first: the agent's
+    WaitProcess waits for the output only of a process whose stream is registered, and a
+    starved guest (TCG on a loaded host) takes seconds to register and accept one."""
+    if not streaming.is_set():
+        started = asyncio.ensure_future(streaming.wait())
+        try:
+            await asyncio.wait({output, started}, timeout=STREAM_START_WAIT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+    await asyncio.wait_for(asyncio.shield(output), EXIT_OUTPUT_GRACE_S)
 
 
 async def _forward(link: AgentLink, channel: AsyncChannel, container_id: str,
@@ -99,19 +118,26 @@ async def _forward(link: AgentLink, channel: AsyncChannel, container_id: str,
 
 
 async def _pump(link: AgentLink, container: GuestContainer, exec_id: str, *,
-                fds: tuple[int, int, int]) -> None:
+                fds: tuple[int, int, int], streaming: asyncio.Event) -> None:
     """Between the process and its stdin, stdout and stderr fds (-1: none); across saves of
-    the VM, on the agent connection after each."""
+    the VM, on the agent connection after each. `streaming` is set once output (or its end)
+    comes."""
     stdin_fd, out_fd, err_fd = fds
     loop = asyncio.get_running_loop()
     stdin = _Stdin(stdin_fd) if stdin_fd >= 0 else None
     broken: set[int] = set()
     # A restored guest may still hold the stream its saved host had, as after a save.
     retry_until = loop.time() + REATTACH_WAIT_S
+    busy_since: float | None = None
     while True:
         try:
             async for chunk in link.agent.stdio(container.guest_id, exec_id,
                                                 stdin=stdin.chunks() if stdin else None):
+                streaming.set()
+                if busy_since is not None:
+                    log.info("the output of %s/%s was attached again after %.1fs", container.id,
+                             exec_id or "init", loop.time() - busy_since, extra=container.extra)
+                    busy_since = None
                 fd = err_fd if chunk.stream == "stderr" else out_fd
                 if chunk.data and fd >= 0 and fd not in broken:
                     try:
@@ -123,6 +149,7 @@ async def _pump(link: AgentLink, container: GuestContainer, exec_id: str, *,
             # second of the process's quiet); until then it says "already attached".
             busy = isinstance(exc, AgentError) and exc.code == "FAILED_PRECONDITION"
             if busy and loop.time() < retry_until:
+                busy_since = loop.time() if busy_since is None else busy_since
                 await asyncio.sleep(0.1)
                 continue
             if not link.outage.active:
