@@ -41,7 +41,10 @@ RX, TX = 0, 1
 BUF_ALLOC = 1024 * 1024
 FIRST_HOST_PORT = 1 << 30
 # Host ports of one worker generation: a restarted worker must not reuse the 4-tuples of
-# connections the guest may still hold open from before.
+# connections the guest may still hold open from before. A backend's generations start at a
+# port_base of its own (keeper.py draws it at random), for the same reason: a guest restored
+# from a snapshot holds the saved VM's connections (reset, not yet closed) for seconds, and
+# it resets a REQUEST on one of their 4-tuples.
 GENERATION_PORTS = 1 << 24
 LINE_MAX = 64
 # Chains taken per ring per wakeup before the loop looks at other sockets again; a chain the
@@ -115,7 +118,7 @@ class Conn:
 
 class Device:
     def __init__(self, cid: int, uds: Path, selector: selectors.BaseSelector, *,
-                 connect_wait_s: float = 0.0, generation: int = 0,
+                 connect_wait_s: float = 0.0, generation: int = 0, port_base: int = 0,
                  qemu_pid: int | None = None, private_memory: bool = False) -> None:
         """`qemu_pid`: reach guest memory through that process (a template clone's private
         memory, see memory.py) instead of mapping the fds of SET_MEM_TABLE. `private_memory`:
@@ -139,7 +142,8 @@ class Device:
         self.tx_held = False
         self.rx_starved = False
         self.parked: list[Conn] = []  # waiting for rx buffers
-        self.next_host_port = FIRST_HOST_PORT + (generation * GENERATION_PORTS) % (1 << 30)
+        self.next_host_port = FIRST_HOST_PORT + (port_base + generation * GENERATION_PORTS
+                                                 ) % (1 << 30)
         self.dropped = 0
         self._drop_window = (0.0, 0)   # (start, drops logged one by one in it)
         self._unlogged = 0

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import select
 import signal
 import socket
@@ -115,6 +116,7 @@ class Keeper:
         self.worker: int | None = None  # its pid, until reaped
         self.deaths: list[float] = []
         self.generation = 0
+        self.port_base = secrets.randbelow(1 << 30)  # device.GENERATION_PORTS says why
         self.owner_pid = os.getppid()  # who started us (it writes --qemu-pid-file)
 
     def _spawn(self) -> int:
@@ -132,7 +134,7 @@ class Keeper:
         argv = [f"--cid={self.args.cid}", f"--uds={self.args.uds}",
                 f"--vhost-fd={self.vhost.fileno()}", f"--hybrid-fd={self.hybrid.fileno()}",
                 f"--journal-fd={self.theirs.fileno()}", f"--connect-wait={self.args.connect_wait}",
-                f"--generation={self.generation}",
+                f"--generation={self.generation}", f"--port-base={self.port_base}",
                 *(f"--forward-fd={s.fileno()}:{port}" for s, port in self.forwards)]
         if self.args.qemu_pid is not None:
             argv.append(f"--qemu-pid={self.args.qemu_pid}")

@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--journal-fd", type=int, default=-1)
     parser.add_argument("--connect-wait", type=float, default=0.0)
     parser.add_argument("--generation", type=int, default=0)
+    parser.add_argument("--port-base", type=int, default=0)
     parser.add_argument("--qemu-pid", type=int, default=None)
     parser.add_argument("--qemu-pid-file", type=Path, default=None)
     parser.add_argument("--owner-pid", type=int, default=0)
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     keeper = _sock(args.journal_fd) if args.journal_fd >= 0 else None
     device = Device(args.cid, args.uds, selectors.DefaultSelector(),
                     connect_wait_s=args.connect_wait, generation=args.generation,
+                    port_base=args.port_base,
                     qemu_pid=args.qemu_pid, private_memory=args.qemu_pid_file is not None)
     worker = Worker(device, _sock(args.vhost_fd), _sock(args.hybrid_fd), forwards, keeper,
                     qemu_pid_file=args.qemu_pid_file, owner_pid=args.owner_pid)

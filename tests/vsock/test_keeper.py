@@ -179,3 +179,26 @@ def test_a_sigterm_while_the_keeper_forks_its_worker_stops_it(tmp_path: Path) ->
     assert code == 0, stderr
     assert "Exception ignored" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+
+
+def test_each_backend_draws_its_own_host_ports(tmp_path: Path) -> None:
+    """A guest restored from a snapshot still holds its saved VM's connections for seconds
+    (reset, not yet closed), and it resets a REQUEST on one of their 4-tuples: the restored
+    VM's backend, counting host ports from the same start, met them (a restored container's
+    exec got 'the guest refused port 1025' and its output was lost)."""
+    import selectors
+
+    from runv_py.vsock import keeper
+    from runv_py.vsock.device import FIRST_HOST_PORT, GENERATION_PORTS, Device
+
+    bases = []
+    for name in ("a", "b"):
+        k = keeper.Keeper(keeper.parse_args([f"--socket={tmp_path}/{name}-v.sock",
+                                             f"--uds={tmp_path}/{name}-u.sock"]))
+        bases.append(k.port_base)
+        for sock in (k.vhost, k.hybrid, k.ours, k.theirs):
+            sock.close()
+    assert bases[0] != bases[1]
+    device = Device(3, tmp_path / "u.sock", selectors.DefaultSelector(),
+                    port_base=bases[0], generation=1)
+    assert device.next_host_port == FIRST_HOST_PORT + (bases[0] + GENERATION_PORTS) % (1 << 30)
