@@ -29,8 +29,10 @@ EXIT_OUTPUT_GRACE_S = 5.0
 # keeps a stream's registration for its host (hyperstart_agent.stdio.CONNECT_WAIT_S).
 STREAM_START_WAIT_S = 60.0
 # How long a process's stream may stay "already attached" after a save or a restore: until the
-# guest's agent notices its old host is gone (seconds; tens of them on a loaded TCG host).
-REATTACH_WAIT_S = 60.0
+# agent's output thread sees its host's connection reset (at the process's next write, or
+# within a second of its quiet). An unclaimed registration the saved host left is replaced
+# at once (the agent's PendingStreams), not held until it expires.
+REATTACH_WAIT_S = 10.0
 
 
 class AgentLink(Protocol):
