@@ -7,6 +7,7 @@ sandbox with a host volume is refused with one line."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -50,6 +51,18 @@ def _until_ticks(hyperctl: Hyperctl, name: str, at_least: int, timeout_s: float 
     return ticks
 
 
+def _until_audited(hyperctl: Hyperctl, name: str, argv: list[str], timeout_s: float = 60
+                   ) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = hyperctl("events", "--format", "json", name).stdout.decode()
+        records = [json.loads(line) for line in out.splitlines()]
+        if any(r["type"] == "process" and r["argv"] == argv for r in records):
+            return
+        assert time.monotonic() < deadline, f"{name}'s audit has no {argv}: {records}"
+        time.sleep(1)
+
+
 def test_a_count_in_memory_survives_checkpoint_and_restore(hyperctl: Hyperctl,
                                                            tmp_path: Path) -> None:
     hyperctl("run", "-d", "--name", "base", "--rootfs", "block", "busybox", "sh", "-c", COUNTER)
@@ -75,6 +88,8 @@ def test_a_count_in_memory_survives_checkpoint_and_restore(hyperctl: Hyperctl,
     assert 3 <= ticks[0] <= moved + 1, (ticks[:3], moved)
     assert ticks == list(range(ticks[0], ticks[-1] + 1))
     assert hyperctl("exec", "again", "cat", "/proc/1/cmdline").stdout.startswith(b"sh\0-c\0")
+    # Its guest reports processes under the saved container's id: the audit has them as its.
+    _until_audited(hyperctl, "again", ["cat", "/proc/1/cmdline"])
 
     # The two diverge from there: disk, memory, and an identity each.
     hyperctl("exec", "again", "sh", "-c", "echo mine > /file; echo again > /dev/shm/mark")
