@@ -18,7 +18,9 @@ from runv_py.sandbox import pod
 from runv_py.sandbox.guest_vm import GuestVm
 from runv_py.sandbox.protocol import Checkpoint, Create, Exec, Start, State
 from runv_py.sandbox.status import ContainerStatus
+from runv_py.sandbox.supervisor.resize import Dimm
 from runv_py.sandbox.vm_snapshot import SnapshotImage
+from tests.unit.test_resize import _resizer
 from tests.unit.test_supervisor import _bundle, _run, _sandbox, _status
 
 
@@ -46,6 +48,30 @@ def test_refusals_name_the_reason_and_touch_nothing(tmp_path: Path) -> None:
                                                  directory=str(tmp_path / "full")))
             assert box.vm.saves == []
             assert await _status(box) is ContainerStatus.RUNNING
+
+    _run(test)
+
+
+def test_a_vm_grown_by_an_update_is_refused(tmp_path: Path) -> None:
+    """The converter QEMU and every restore start at the VM's boot size: a plugged DIMM or
+    vCPU would have nowhere to go (the migration fails part-way)."""
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            await box.client.call(Start(container="c1"))
+            box.supervisor.share_holder = None   # as for a block rootfs without volumes
+            resizer, _, _ = _resizer([])
+            box.supervisor.resizer = resizer
+            request = Checkpoint(container="c1", directory=str(tmp_path / "snap"))
+            for grown in (lambda: resizer.dimms.append(Dimm("dimm1", 512)),
+                          lambda: setattr(resizer, "vcpus", 2)):
+                grown()
+                with pytest.raises(NotSavable, match="an update grew its VM"):
+                    await box.client.call(request)
+                resizer.dimms.clear()
+                resizer.vcpus = 1
+            assert box.vm.saves == [] and not (tmp_path / "snap").exists()
+            await box.client.call(request)   # back at its boot size
+            assert len(box.vm.saves) == 1
 
     _run(test)
 

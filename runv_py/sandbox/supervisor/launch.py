@@ -290,7 +290,8 @@ async def _restore_for(owned: Resources, args: Args, config: config_mod.RuntimeC
         snapshot=image)
     owned.vm = vm
     await owned.network.configure(vm.agent)
-    supervisor = Supervisor(args.container_id, vm, owned.shared, owned.network, "9p")
+    supervisor = Supervisor(args.container_id, vm, owned.shared, owned.network, "9p",
+                            enabled_annotations=config.enable_annotations, audit=config.audit)
     owned.supervisor = supervisor
     owned.control = ControlServer(vm.paths.control_socket, supervisor.serve)
     t_take = time.monotonic()

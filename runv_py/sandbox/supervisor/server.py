@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 from ...agent.convert import Storage
 from ...config import AuditConfig
 from ...devices import ShareDriver
-from ...errors import ContainerExists, ContainerNotFound, InvalidState, RunvError, SpecError
+from ...errors import (
+    ContainerExists,
+    ContainerNotFound,
+    InvalidState,
+    NotSavable,
+    RunvError,
+    SpecError,
+)
 from ...oci import spec as oci_spec
 from ...runtime_annotations import DEFAULT_ENABLED
 from ...storage.shared import Trees
@@ -368,6 +375,13 @@ class Supervisor:
         on over a new one, else the containers stop (exit status 137) and the VM goes."""
         container = self._container(request.container)
         checkpoint.check(self.id, container, len(self.containers), self.share_holder)
+        if self.resizer is not None and (self.resizer.dimms
+                                         or self.resizer.vcpus > self.resizer.bounds.vcpus):
+            # The converter and every restore start at the VM's boot size: they would have no
+            # place for the plugged memory or vCPUs.
+            raise NotSavable(f"sandbox {self.id} cannot be checkpointed: an update grew its VM "
+                             "(memory or vCPUs plugged), and only a VM of its boot size can "
+                             "be saved")
         self.vm.check_savable()
         directory = Path(request.directory)
         vm_snapshot.prepare_directory(directory)
