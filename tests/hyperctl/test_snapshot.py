@@ -53,13 +53,16 @@ def _until_ticks(hyperctl: Hyperctl, name: str, at_least: int, timeout_s: float 
 
 def _until_audited(hyperctl: Hyperctl, name: str, argv: list[str], timeout_s: float = 60
                    ) -> None:
+    """Until the container's audit has the exec of `argv`: by its argv, or, for a process
+    gone before the agent read it (complete: false), by the task's name (docs/ci.md)."""
     deadline = time.monotonic() + timeout_s
     while True:
         out = hyperctl("events", "--format", "json", name).stdout.decode()
-        records = [json.loads(line) for line in out.splitlines()]
-        if any(r["type"] == "process" and r["argv"] == argv for r in records):
+        execs = [r for r in map(json.loads, out.splitlines()) if r.get("role") == "exec"]
+        if any(r["argv"] == argv or (not r["complete"] and r["comm"] == argv[0])
+               for r in execs):
             return
-        assert time.monotonic() < deadline, f"{name}'s audit has no {argv}: {records}"
+        assert time.monotonic() < deadline, f"{name}'s audit has no {argv}: {execs}"
         time.sleep(1)
 
 
