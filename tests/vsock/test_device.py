@@ -325,7 +325,7 @@ def test_a_hybrid_connect_waits_for_a_late_answer_then_gives_up(
     """A starved guest (TCG on a loaded host) answered a stdio stream's CONNECT after the
     0.2 s a hybrid client had: refused, the process's output was lost."""
     monkeypatch.setattr(device_mod, "FIRST_REQUEST_TIMEOUT_S", 0.05)
-    monkeypatch.setattr(device_mod, "HYBRID_ANSWER_WAIT_S", 0.5)
+    monkeypatch.setattr(device_mod, "HYBRID_ANSWER_WAIT_S", 5.0)
     late, never = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
     late.connect(str(driver.uds))
     late.sendall(b"CONNECT 1025\n")
@@ -337,6 +337,7 @@ def test_a_hybrid_connect_waits_for_a_late_answer_then_gives_up(
     driver.send(pk.OP_RESPONSE, 1025, req.src_port)
     assert _recv_all(late, 1, driver) == f"OK {req.src_port}\n".encode()
 
+    monkeypatch.setattr(device_mod, "HYBRID_ANSWER_WAIT_S", 0.3)
     never.connect(str(driver.uds))
     never.sendall(b"CONNECT 1025\n")
     driver.pump()
