@@ -667,8 +667,6 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
         it.findings.append(f"forced removal failed: {removed.error}")
     if door.status(ident) != "absent":
         it.findings.append(f"still listed after forced removal: {door.status(ident)}")
-    if it.findings:
-        _dump_stacks(top, logs, keep)
     for result in door.gc():
         it.results.append(result)
         if result.code != 0:
@@ -683,13 +681,14 @@ def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
     while any(item.startswith("process ") for item in left) and time.monotonic() < deadline:
         time.sleep(1)
         left = leftovers()
-    if left:
-        it.findings += [f"left behind: {item}" for item in left]
-        for proc in processes_mentioning(str(top)):  # so the next iteration starts clean
-            if proc.pid not in keep:
-                os.kill(proc.pid, signal.SIGKILL)
-    else:
+    it.findings += [f"left behind: {item}" for item in left]
+    if not it.findings:
         shutil.rmtree(logs, ignore_errors=True)
+        return
+    _dump_stacks(top, logs, keep)
+    for proc in processes_mentioning(str(top)):  # so the next iteration starts clean
+        if proc.pid not in keep:
+            os.kill(proc.pid, signal.SIGKILL)
 
 
 def _dump_stacks(top: Path, to: Path, keep: set[int]) -> None:
