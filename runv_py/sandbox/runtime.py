@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -58,6 +59,7 @@ OCI_VERSION = "1.1.0"
 SUPERVISOR_EXIT_WAIT_S = 30.0
 SUPERVISOR_REPORT_TIMEOUT_S = 600.0
 STANDIN_READY_TIMEOUT_S = 60.0
+_FORKED_PID = re.compile(rb"pid (\d+)\n")
 STATE_TIMEOUT_S = 15.0
 NEEDS_CONSOLE_SOCKET = ("process.terminal is true: pass --console-socket (or use `runv run` "
                         "in the foreground)")
@@ -589,13 +591,11 @@ async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal,
                                     new_session=False)
     finally:
         os.close(ready_w)
-    answer = await child.read_report(ready_r, STANDIN_READY_TIMEOUT_S)
-    # A stand-in in a new pid namespace is the child of the process spawned here, which
-    # reports its pid first and exits (standin_namespaces.fork_into).
+    forked, answer = split_standin_report(
+        await child.read_report(ready_r, STANDIN_READY_TIMEOUT_S))
     pid = proc.pid
-    if answer.startswith(b"pid "):
-        first, _, answer = answer.partition(b"\n")
-        pid = int(first[4:])
+    if forked is not None:
+        pid = forked
         proc.wait()
     if answer != b"ok":
         for stray in {pid, proc.pid}:
@@ -607,6 +607,16 @@ async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal,
     if owner is not None:
         cgroup.follow(owner[0], [pid])  # a host process of the sandbox
     return pid
+
+
+def split_standin_report(answer: bytes) -> tuple[int | None, bytes]:
+    """(the stand-in's pid if it was forked into a new pid namespace, its own report). The
+    process spawned for it then writes "pid N\\n" and exits (standin_namespaces.fork_into)
+    while its child attaches and reports; on a starved host the child can write first."""
+    found = _FORKED_PID.search(answer)
+    if found is None:
+        return None, answer
+    return int(found[1]), answer[:found.start()] + answer[found.end():]
 
 
 def parse_signal(text: str) -> int:

@@ -19,7 +19,7 @@ from runv_py.oci import default_spec
 from runv_py.oci import spec as oci_spec
 from runv_py.sandbox import pod, vm_dir
 from runv_py.sandbox.guest_spec import GUEST_SHARED, pid_namespace, rewrite
-from runv_py.sandbox.runtime import parse_signal
+from runv_py.sandbox.runtime import parse_signal, split_standin_report
 from runv_py.store.state import ContainerRecord, Store, check_id
 
 
@@ -213,3 +213,13 @@ def test_quick_commands_start_without_an_event_loop(tmp_path: Path, command: lis
                           capture_output=True, text=True, timeout=60, check=False)
     assert "c1 does not exist" in done.stderr
     assert done.stdout.split() == ["1"]
+
+
+def test_a_forked_stand_ins_report_in_either_order() -> None:
+    """The process spawned for a stand-in in a new pid namespace reports its child's pid and
+    exits while the child attaches; on a starved host the child's report came first (the
+    soak's `runv create` failed with "okpid 32044")."""
+    assert split_standin_report(b"pid 7\nok") == (7, b"ok")
+    assert split_standin_report(b"okpid 32044\n") == (32044, b"ok")
+    assert split_standin_report(b"ok") == (None, b"ok")
+    assert split_standin_report(b"no such containerpid 9\n") == (9, b"no such container")
