@@ -708,12 +708,17 @@ def _dump_stacks(top: Path, to: Path, keep: set[int]) -> None:
 def _keep_logs(top: Path, to: Path) -> Path:
     """A copy of the iteration's logs (supervisors', monitors', shims' bundles'), taken before
     its forced removal deletes them; kept when the iteration found something."""
-    for log in top.rglob("*.log"):
-        if log.is_file() and not log.is_symlink() and not log.is_relative_to(top / "logs"):
-            copy = to / log.relative_to(top)
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                shutil.copyfile(log, copy)
+    # os.walk, not Path.rglob: containerd removes snapshot directories meanwhile.
+    for parent, dirs, files in os.walk(top):
+        if Path(parent) == top:
+            dirs[:] = [d for d in dirs if d != "logs"]
+        for name in files:
+            log = Path(parent) / name
+            if name.endswith(".log") and log.is_file() and not log.is_symlink():
+                copy = to / log.relative_to(top)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(log, copy)
     return to
 
 
