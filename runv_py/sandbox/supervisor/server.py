@@ -253,6 +253,10 @@ class Supervisor:
         finally:
             await self._vm_maybe_pause()
 
+    @property
+    def vm_exited(self) -> asyncio.Task[int]:
+        return self.vm.machine.exited
+
     def _container(self, container_id: str) -> GuestContainer:
         try:
             return self.containers[container_id or self.id]
