@@ -23,6 +23,11 @@ def _unreachable(ctl: Path, exc: ConnectionError) -> ConnectionError:
                            f"{str(exc).rpartition(': ')[2]}")
 
 
+def _late(ctl: Path, request: Request[R], timeout_s: float | None) -> RunvError:
+    return RunvError(f"the sandbox supervisor at {ctl} did not answer {request.OP} within "
+                     f"{timeout_s:g}s")
+
+
 def _no_answer(request: Request[R]) -> RunvError:
     return RunvError(f"the sandbox supervisor closed the connection without answering "
                      f"{request.OP}")
@@ -45,8 +50,11 @@ class SupervisorClient:
             import asyncio
 
             await channel.send(request.to_wire(), fds)
-            async with asyncio.timeout(self.timeout_s):
-                wire = await channel.recv()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    wire = await channel.recv()
+            except TimeoutError:
+                raise _late(self.ctl, request, self.timeout_s) from None
             if wire is None:
                 raise _no_answer(request)
             return channel, request.decode_reply(wire)
@@ -127,7 +135,10 @@ class BlockingSupervisorClient:
             raise _unreachable(self.ctl, exc) from None
         try:
             channel.send(request.to_wire(), fds)
-            wire = channel.recv()
+            try:
+                wire = channel.recv()
+            except TimeoutError:
+                raise _late(self.ctl, request, self.timeout_s) from None
             if wire is None:
                 raise _no_answer(request)
             return channel, request.decode_reply(wire)

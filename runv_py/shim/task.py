@@ -281,7 +281,13 @@ class TaskService:
         if process.exited.done():
             raise ProcessNotFound(f"process {request.exec_id or request.id} already finished")
         if process.exec_id == "":
-            await self.runtime.kill(container.id, request.signal, all_processes=request.all)
+            try:
+                await self.runtime.kill(container.id, request.signal,
+                                        all_processes=request.all)
+            except InvalidState:
+                # The supervisor has it stopped and its exit is on its way here: as runc's
+                # shim, "not found", on which containerd waits for the exit (a delete -f).
+                raise ProcessNotFound(f"process {request.id} already finished") from None
         elif process.attached is None:
             raise InvalidState(f"exec {process.exec_id} has not been started")
         else:

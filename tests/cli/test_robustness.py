@@ -54,15 +54,21 @@ def test_qemu_killed(runv: Runv, tmp_path: Path) -> None:
 
 
 def test_sigkill_ends_a_container_whose_qemu_is_stopped(runv: Runv, tmp_path: Path) -> None:
-    """A guest that cannot take a SIGKILL (its QEMU stopped) is ended instead: `kill` succeeds
-    and the container exits 137, so that containerd's `task delete -f` works (the soak's shim
-    door met a task it could not delete)."""
+    """A guest that cannot take a SIGKILL (its QEMU stopped, here with its container paused
+    and a resume waiting on QEMU) is ended instead: `kill` succeeds and the container exits
+    137, so that containerd's `task delete -f` works (the soak met a task it could not
+    delete); the stuck resume ends with one line."""
     standin = _running(runv, tmp_path, "c1")
+    runv("pause", "c1")
     qemu = _pid_of("qemu-system", str(runv.sandbox_dir("c1")))
     os.kill(qemu, signal.SIGSTOP)
+    resume = runv.popen("resume", "c1", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1)
     runv("kill", "c1", "KILL", timeout=90)
     assert reap(standin) == 137
     assert runv.state_of("c1")["status"] == "stopped"
+    _, err = resume.communicate(timeout=60)
+    assert resume.returncode == 1 and len(err.decode().strip().splitlines()) == 1, err
     runv("delete", "c1")
     assert runv.leftovers() == []
 

@@ -10,6 +10,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import any_pb2
@@ -271,6 +272,26 @@ def test_checkpoint_reaches_the_supervisor_and_says_why_it_cannot(tmp_path: Path
         await service.kill(task_pb2.KillRequest(id="t1", signal=signal.SIGKILL))
         await service.wait(task_pb2.WaitRequest(id="t1"))
         await service.delete(task_pb2.DeleteRequest(id="t1"))
+        await launcher.close()
+
+    _run(test, tmp_path)
+
+
+def test_a_kill_the_supervisor_finds_stopped_is_not_found(tmp_path: Path) -> None:
+    """The supervisor has the init stopped (its VM ended) before its exit reached the shim:
+    Kill answers "not found", on which containerd's delete -f waits for the exit, instead of
+    an error that ends the delete (the soak's shim door left such a task)."""
+    async def test(tmp_path: Path) -> None:
+        service, _, launcher = await _service(tmp_path)
+        await service.create(task_pb2.CreateTaskRequest(id="t1",
+                                                        bundle=str(_bundle(tmp_path / "b"))))
+        await service.start(task_pb2.StartRequest(id="t1"))
+
+        async def stopped(*args: Any, **kwargs: Any) -> None:
+            raise InvalidState("container t1 is not running (stopped)")
+        service.runtime.kill = stopped  # type: ignore[method-assign]
+        with pytest.raises(ProcessNotFound, match="already finished"):
+            await service.kill(task_pb2.KillRequest(id="t1", signal=signal.SIGKILL))
         await launcher.close()
 
     _run(test, tmp_path)

@@ -387,3 +387,26 @@ def test_a_sigkill_the_guest_does_not_take_ends_the_vm(tmp_path: Path,
             assert box.vm.machine.exited.done()
 
     _run(test)
+
+
+def test_a_process_of_a_vm_that_ended_gets_its_status_at_once(tmp_path: Path) -> None:
+    """The VM ended (a SIGKILL it did not take, a crash) while a process's output stream was
+    not up yet: its stand-in gets the exit status without waiting STREAM_START_WAIT_S for
+    output that cannot come (containerd's delete after the kill found the task still
+    paused)."""
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            agent = box.vm.agent
+            await box.client.call(Start(container="c1"))
+            agent.stream_delay_s = 3600.0
+            out_r, out_w = os.pipe()
+            process = await box.client.attach(
+                Exec(container="c1", exec_id="e1", process={"args": ["sleep", "600"]}),
+                [out_w])
+            os.close(out_w)
+            box.vm.machine.stop()
+            assert await asyncio.wait_for(process.wait(), 10) == 137
+            process.close()
+            os.close(out_r)
+
+    _run(test)

@@ -243,7 +243,8 @@ class Supervisor:
         if container.status is ContainerStatus.STOPPED and not isinstance(request,
                                                                           State | Delete):
             raise InvalidState(f"container {container.id} is not running (stopped)")
-        if not self.vm_paused or isinstance(request, State | Delete | Resume):
+        if not self.vm_paused or isinstance(request, State | Delete | Resume) or \
+                (isinstance(request, Kill) and request.signal == signal.SIGKILL):
             return await handler(request)
         # The VM is stopped with its containers: run it for the call, then stop it again.
         await self._vm_running(True)
@@ -251,6 +252,10 @@ class Supervisor:
             return await handler(request)
         finally:
             await self._vm_maybe_pause()
+
+    @property
+    def vm_exited(self) -> asyncio.Task[int]:
+        return self.vm.machine.exited
 
     def _container(self, container_id: str) -> GuestContainer:
         try:

@@ -42,6 +42,8 @@ class AgentLink(Protocol):
     def agent(self) -> GuestAgent: ...
     @property
     def outage(self) -> AgentOutage: ...
+    @property
+    def vm_exited(self) -> asyncio.Task[int]: ...
 
 
 async def serve_attached(link: AgentLink, container: GuestContainer, process: GuestProcess,
@@ -83,7 +85,7 @@ async def _serve(link: AgentLink, container: GuestContainer, process: GuestProce
     code = await process.exited
     try:
         with contextlib.suppress(TimeoutError, RunvError):  # RunvError: the VM is gone
-            await _rest_of_output(output, streaming)
+            await _rest_of_output(output, streaming, link.vm_exited)
     finally:
         # Also when the supervisor shuts down meanwhile: the stand-in gets its status.
         output.cancel()
@@ -93,19 +95,26 @@ async def _serve(link: AgentLink, container: GuestContainer, process: GuestProce
         channel.send_nowait(protocol.to_wire(Exit(exit=code)))
 
 
-async def _rest_of_output(output: asyncio.Task[None], streaming: asyncio.Event) -> None:
+async def _rest_of_output(output: asyncio.Task[None], streaming: asyncio.Event,
+                          vm_exited: asyncio.Task[int]) -> None:
     """The output after the process's exit: EXIT_OUTPUT_GRACE_S once its stream carries
     data, before that up to STREAM_START_WAIT_S. The exit can come first: the agent's
     WaitProcess waits for the output only of a process whose stream is registered, and a
-    starved guest (TCG on a loaded host) takes seconds to register and accept one."""
+    starved guest (TCG on a loaded host) takes seconds to register and accept one. A VM that
+    is gone sends nothing more: its processes' stand-ins get their status at once (a kill
+    that ended the VM, and containerd's delete after it)."""
     if not streaming.is_set():
         started = asyncio.ensure_future(streaming.wait())
         try:
-            await asyncio.wait({output, started}, timeout=STREAM_START_WAIT_S,
+            await asyncio.wait({output, started, vm_exited}, timeout=STREAM_START_WAIT_S,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             started.cancel()
-    await asyncio.wait_for(asyncio.shield(output), EXIT_OUTPUT_GRACE_S)
+    if not vm_exited.done():
+        await asyncio.wait({output, vm_exited}, timeout=EXIT_OUTPUT_GRACE_S,
+                           return_when=asyncio.FIRST_COMPLETED)
+    if output.done():
+        output.result()  # its RunvError, if it failed
 
 
 async def _forward(link: AgentLink, channel: AsyncChannel, container_id: str,

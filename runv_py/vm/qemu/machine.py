@@ -28,6 +28,7 @@ __all__ = ["QemuMachine", "tail"]
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT_S = 10.0
+RUN_STATE_TIMEOUT_S = 30.0  # QMP stop and cont
 # migrate-set-parameters max-bandwidth (bytes/s) that does not throttle a local stream.
 UNTHROTTLED = 1 << 40
 
@@ -336,10 +337,20 @@ class QemuMachine:
 
     async def pause(self) -> None:
         """Stop the vCPUs (the guest's clock and everything in it stand still)."""
-        await self.qmp.execute("stop")
+        await self._run_state("stop")
 
     async def resume(self) -> None:
-        await self.qmp.execute("cont")
+        await self._run_state("cont")
+
+    async def _run_state(self, command: str) -> None:
+        # A QEMU that does not run (SIGSTOPped, wedged) never answers: bounded, as every
+        # caller of pause and resume is a client waiting on the supervisor.
+        try:
+            async with asyncio.timeout(RUN_STATE_TIMEOUT_S):
+                await self.qmp.execute(command)
+        except TimeoutError:
+            raise HypervisorError(f"QEMU (pid {self.pid}) did not answer QMP {command} within "
+                                  f"{RUN_STATE_TIMEOUT_S:g}s: is it stopped or hung?") from None
 
     async def close(self, grace_s: float = 3.0) -> None:
         """Quit over QMP, then SIGTERM, then SIGKILL. Idempotent."""
