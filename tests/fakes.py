@@ -187,9 +187,14 @@ class FakeAgent:
 
         feeding = asyncio.create_task(take_stdin())
         try:
-            while process.output:
-                yield process.output.pop(0)
-            await self._until_cut(asyncio.shield(process.exited))
+            # Output a test adds while the stream is open comes too, as the agent's pipe
+            # would bring it (a stream opened again after a save must not miss it).
+            while True:
+                while process.output:
+                    yield process.output.pop(0)
+                if process.exited.done():
+                    break
+                await self._until_cut(asyncio.wait({process.exited}, timeout=0.01))
             self.attached.discard((container_id, exec_id))
         finally:
             feeding.cancel()
