@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -125,36 +127,49 @@ def test_create_join_and_remove_on_this_host(tmp_path: Path) -> None:
                     leftover.rmdir()
 
 
+@contextmanager
+def _killed_owner(name: str, record: Path, then: str = "") -> Iterator[list[Path]]:
+    """A process that makes cgroup `/name` (its record at `record`), joins it, runs the
+    Python statement `then`, and is SIGKILLed; yields the hierarchies' roots and removes
+    whatever of the cgroup is left at the end."""
+    script = (f"import os, time; from pathlib import Path; "
+              f"from runv_py.sandbox import cgroup, vm_dir, host_cgroup as h; "
+              f"c = h.HostCgroup.create('/{name}', h.Limits(pids=300), cgroup.memberships(), "
+              f"Path({str(record)!r})); c.join([os.getpid()]); {then or 'pass'}; "
+              f"print('in', flush=True); time.sleep(60)")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    roots = list(cgroup.roots(cgroup.memberships()).values())
+    try:
+        assert owner.stdout is not None and owner.stdout.readline() == b"in\n"
+        assert all((root / name).is_dir() for root in roots)
+        owner.kill()
+        owner.wait()
+        yield roots
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for root in roots:
+            if (root / name).exists():
+                (root / name).rmdir()
+
+
+def _until_gone(name: str, roots: list[Path]) -> None:
+    deadline = time.monotonic() + 5
+    while any((root / name).exists() for root in roots):
+        assert time.monotonic() < deadline, "cgroup left behind"
+        time.sleep(0.05)
+
+
 def test_a_killed_owner_leaves_a_record_that_removes_it(tmp_path: Path) -> None:
     """What `runv delete` does after a SIGKILLed supervisor: remove_recorded() moves stray
     processes out and removes the recorded directories."""
     name = f"runv-unit-k{os.getpid()}"
     record = tmp_path / host_cgroup.RECORD
-    script = (f"import os, sys, time; from pathlib import Path; "
-              f"from runv_py.sandbox import cgroup, host_cgroup as h; "
-              f"c = h.HostCgroup.create('/{name}', h.Limits(pids=300), cgroup.memberships(), "
-              f"Path({str(record)!r})); c.join([os.getpid()]); print('in', flush=True); "
-              f"time.sleep(60)")
-    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    roots = cgroup.roots(cgroup.memberships())
-    try:
-        assert owner.stdout is not None and owner.stdout.readline() == b"in\n"
-        assert all((root / name).is_dir() for root in roots.values())
-        owner.kill()
-        owner.wait()
+    with _killed_owner(name, record) as roots:
         host_cgroup.remove_recorded(record)
         assert not record.exists()
-        deadline = time.monotonic() + 5
-        while any((root / name).exists() for root in roots.values()):
-            assert time.monotonic() < deadline, "cgroup left behind"
-            time.sleep(0.05)
-    finally:
-        if owner.poll() is None:
-            owner.kill()
-            owner.wait()
-        for root in roots.values():
-            if (root / name).exists():
-                (root / name).rmdir()
+        _until_gone(name, roots)
 
 
 def test_a_supervisor_killed_after_emptying_its_vm_directory_leaves_the_record(
@@ -164,32 +179,11 @@ def test_a_supervisor_killed_after_emptying_its_vm_directory_leaves_the_record(
     deleter's vm_dir.remove() must still find the cgroup's record there."""
     name = f"runv-unit-e{os.getpid()}"
     (tmp_path / vm_dir.OWNER).write_text("1 1")
-    record = tmp_path / host_cgroup.RECORD
-    script = (f"import os, time; from pathlib import Path; "
-              f"from runv_py.sandbox import cgroup, vm_dir, host_cgroup as h; "
-              f"c = h.HostCgroup.create('/{name}', h.Limits(pids=300), cgroup.memberships(), "
-              f"Path({str(record)!r})); c.join([os.getpid()]); "
-              f"vm_dir.empty(Path({str(tmp_path)!r})); print('emptied', flush=True); "
-              f"time.sleep(60)")
-    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
-    roots = cgroup.roots(cgroup.memberships())
-    try:
-        assert owner.stdout is not None and owner.stdout.readline() == b"emptied\n"
-        owner.kill()
-        owner.wait()
+    with _killed_owner(name, tmp_path / host_cgroup.RECORD,
+                       f"vm_dir.empty(Path({str(tmp_path)!r}))") as roots:
         vm_dir.remove(tmp_path)
         assert not tmp_path.exists()
-        deadline = time.monotonic() + 5
-        while any((root / name).exists() for root in roots.values()):
-            assert time.monotonic() < deadline, "cgroup left behind"
-            time.sleep(0.05)
-    finally:
-        if owner.poll() is None:
-            owner.kill()
-            owner.wait()
-        for root in roots.values():
-            if (root / name).exists():
-                (root / name).rmdir()
+        _until_gone(name, roots)
 
 
 def test_io_weight_goes_to_the_weight_file_the_io_scheduler_has() -> None:
