@@ -25,6 +25,7 @@ from .. import assets, child, disk
 from ..config import RuntimeConfig
 from ..errors import (
     ConfigError,
+    ContainerExists,
     ContainerNotFound,
     InvalidState,
     NetworkError,
@@ -478,6 +479,11 @@ class Runtime:
 
     async def delete(self, container_id: str, *, force: bool = False,
                      run_hooks: bool = True) -> None:
+        if self._claim_unrecorded_sandbox(container_id):
+            log.warning("container %s has no record; ending the sandbox left at its id",
+                        container_id, extra={"container": container_id})
+            await self._discard(container_id, {})
+            raise ContainerNotFound(f"container {container_id} does not exist")
         with self.store.locked(container_id):
             try:
                 record = self.store.load(container_id)
@@ -492,6 +498,21 @@ class Runtime:
             if run_hooks and spec is not None:
                 await _run_hooks("poststop", spec, record, ContainerStatus.STOPPED, fatal=False)
             self.store.release(container_id)
+
+    def _claim_unrecorded_sandbox(self, container_id: str) -> bool:
+        """Whether a sandbox is left at the id of a container runv has no record of (its
+        create's cleanup was cut short); then the id is this process's (reserved), so no
+        create can start there meanwhile. (hyperctl's records outlive their containers.)"""
+        if not isinstance(self.store, Store) or self.store.dir(container_id).exists():
+            return False
+        path = self.sandbox_path(container_id, {})
+        if not (path.exists() or path.is_symlink()):
+            return False
+        try:
+            self.store.reserve(container_id)
+        except ContainerExists:
+            return False  # a create has just begun: the recorded path handles it
+        return True
 
     def _sandbox_gone(self, record: ContainerRecord) -> bool:
         return not self.sandbox_path(record.id, record.annotations).exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -141,6 +142,21 @@ def test_delete_force_while_running_and_during_create(runv: Runv, tmp_path: Path
     assert b"does not exist" in runv("state", "c2", check=False).stderr
     out = runv("delete", "--force", "c2", check=False).stderr
     assert b"does not exist" in out
+    assert runv.leftovers() == []
+
+
+def test_delete_force_ends_a_sandbox_whose_record_is_gone(runv: Runv, tmp_path: Path) -> None:
+    """A create's cleanup cut short can leave a running sandbox at an id runv has no record
+    of (the soak met one): `delete --force` of the id still ends it, and says, as for any
+    container without a record, that it does not exist."""
+    standin = _running(runv, tmp_path, "c1")
+    supervisor = vm_dir.owner(runv.sandbox_dir("c1"))
+    assert supervisor is not None
+    shutil.rmtree(runv.root / "c1")
+    result = runv("delete", "--force", "c1", check=False)
+    assert result.returncode == 1 and b"container c1 does not exist" in result.stderr
+    assert reap(standin) == 137
+    assert not child.is_running(*supervisor)
     assert runv.leftovers() == []
 
 
