@@ -51,6 +51,9 @@ class HypervisorConfig:
     # machine; docs/resize.md). 0 vCPUs: as many as the host has.
     max_memory_mib: int = 8192
     max_vcpus: int = 0
+    # Under TCG (no KVM), the MiB of host memory QEMU may use for translated guest code; when
+    # full, it starts over and retranslates. 0: QEMU's default.
+    tcg_cache_mib: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,7 @@ _LIMITS: dict[str, tuple[float, float]] = {
     "disk_mib": (16, 16 * 1024 * 1024),
     "max_memory_mib": (64, 1024 * 1024),
     "max_vcpus": (0, 64),  # the guest kernel's NR_CPUS
+    "tcg_cache_mib": (0, 2048),
 }
 
 

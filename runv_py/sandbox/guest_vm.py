@@ -137,7 +137,7 @@ def vm_config(
         vsock_socket=paths.vsock.vhost if vsock_device and cid_claim is None else None,
         vsock_cid=cid_claim.cid if cid_claim else None,
         vsock_fd=cid_claim.fd if cid_claim else None,
-        cpu=hv.cpu, shares=shares, nics=nics, disks=disks,
+        cpu=hv.cpu, tcg_cache_mib=hv.tcg_cache_mib, shares=shares, nics=nics, disks=disks,
         shared_memory=(vsock_device and cid_claim is None)
         or any(share.driver == "virtiofs" for share in shares),
     )

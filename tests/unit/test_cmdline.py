@@ -60,6 +60,16 @@ def test_room_to_grow_is_declared_on_machine_pc() -> None:
     assert "memhp_default_state" not in kernel_cmdline(KernelParams("microvm", "tcg", "block"))
 
 
+def test_tcg_translation_cache_size() -> None:
+    """A TCG QEMU is told its translated-code cache size when configured (then -accel carries
+    the accelerator, not -machine); KVM has no such cache."""
+    argv = qemu_argv(_config(machine="pc", tcg_cache_mib=32))
+    assert _pairs(argv, "-machine") == ["pc"] and _pairs(argv, "-accel") == ["tcg,tb-size=32"]
+    kvm = qemu_argv(_config(machine="pc", accel="kvm", tcg_cache_mib=32))
+    assert _pairs(kvm, "-machine") == ["pc,accel=kvm"] and not _pairs(kvm, "-accel")
+    assert not _pairs(qemu_argv(_config()), "-accel")
+
+
 def test_cpu_model() -> None:
     assert _pairs(qemu_argv(_config(accel="kvm")), "-cpu") == ["host"]
     assert _pairs(qemu_argv(_config(accel="tcg")), "-cpu") == ["max"]

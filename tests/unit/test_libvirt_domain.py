@@ -59,6 +59,12 @@ def test_the_kernel_boot_memory_cpu_and_identity() -> None:
     seclabel = root.find("seclabel")  # root, whatever qemu.conf says; none of our files chowned
     assert seclabel.attrib == {"type": "static", "model": "dac", "relabel": "no"}
     assert seclabel.findtext("label") == "+0:+0"
+    assert root.find("features/tcg") is None
+    capped = _xml(_config(machine="microvm", tcg_cache_mib=32))
+    assert capped.find("features/acpi") is None
+    assert capped.find("features/tcg/tb-cache").attrib == {"unit": "MiB"}
+    assert capped.findtext("features/tcg/tb-cache") == "32"
+    assert _xml(_config(accel="kvm", tcg_cache_mib=32)).find("features/tcg") is None
     kvm = _xml(_config(accel="kvm"))
     assert kvm.get("type") == "kvm" and kvm.find("cpu").get("mode") == "host-passthrough"
     model = _xml(_config(cpu="Skylake-Server", initrd=Path("/a/initrd")))
@@ -148,7 +154,7 @@ def test_libvirt_schema_accepts_the_xml(tmp_path: Path) -> None:
     """virt-xml-validate (libvirt-clients, with xmllint) against the schema libvirt-daemon
     installs."""
     config = _config(vmgenid="3f94b7f9-1f2e-4448-bc5d-0cb8e0d5adc5", shared_memory=True,
-                     vsock_socket=Path("/s/v.sock"),
+                     vsock_socket=Path("/s/v.sock"), tcg_cache_mib=32,
                      shares=(Share("a", Path("/a")),
                              Share("b", Path("/b"), driver="virtiofs", socket=Path("/s/b"))))
     path = tmp_path / "domain.xml"

@@ -181,9 +181,12 @@ def domain_xml(config: VmConfig, owner: DomainOwner, *, share_root: str = "",
     if config.vmgenid:
         _sub(domain, "genid", config.vmgenid)
     _os(domain, config)
-    if config.machine != "microvm":
+    if config.machine != "microvm" or (config.accel == "tcg" and config.tcg_cache_mib):
         features = _sub(domain, "features")
-        _sub(features, "acpi")
+        if config.machine != "microvm":
+            _sub(features, "acpi")
+        if config.accel == "tcg" and config.tcg_cache_mib:
+            _sub(_sub(features, "tcg"), "tb-cache", str(config.tcg_cache_mib), unit="MiB")
     _cpu(domain, config)
     _sub(domain, "clock", offset="utc")
     for event in ("on_poweroff", "on_reboot", "on_crash"):

@@ -55,6 +55,8 @@ class VmConfig:
     # Room to hot-plug memory (DIMMs, up to this much in all) and vCPUs (machine pc; 0: none).
     max_memory_mib: int = 0
     max_vcpus: int = 0
+    # TCG's translated-code cache in MiB (QEMU's tb-size); 0: QEMU's default.
+    tcg_cache_mib: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,10 @@ def qemu_argv(config: VmConfig, ends: InheritedEnds | None = None) -> list[str]:
     machine: str = config.machine
     if config.machine == "microvm":
         machine += ",x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on"
-    machine += f",accel={config.accel}"
+    accel_argv = ["-accel", f"tcg,tb-size={config.tcg_cache_mib}"] \
+        if config.accel == "tcg" and config.tcg_cache_mib else []
+    if not accel_argv:
+        machine += f",accel={config.accel}"
     argv = [
         config.qemu,
         # The state dir in the name: QEMU's argv names no path of it otherwise (it inherits
@@ -181,7 +186,7 @@ def qemu_argv(config: VmConfig, ends: InheritedEnds | None = None) -> list[str]:
     elif config.shared_memory:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on"]
         machine += ",memory-backend=mem"
-    argv += ["-machine", machine]
+    argv += ["-machine", machine, *accel_argv]
     if config.machine == "microvm":
         argv += ["-global", "virtio-mmio.force-legacy=false"]
     argv += ["-kernel", str(config.kernel), "-append", config.kernel_cmdline]
