@@ -10,12 +10,14 @@ N idle sandboxes (`hyperctl run -d busybox sleep ...`, N = 1 and 10 by default, 
   interval, as a percentage of one core;
 - how long a new `hyperctl run --rm busybox true` takes with the N idle beside it, as a ratio
   against the same start with none (measured first, in the same run).
+Before the levels: `--burst` (10) `hyperctl run -d` started at once, the time until all have
+returned as a ratio against one start alone, and their failures (then they are removed).
 
 Everything it starts is removed at the end (`hyperctl rm -f`, then SIGKILL by pid for any
 process of theirs still alive), also when interrupted.
 
     python bench/density.py [--levels 1,10] [--interval 10] [--settle 5] [--starts 3]
-                            [--json FILE]
+                            [--burst 10] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +235,24 @@ class Fleet:
             self.ids.append(cid)
             print(f"[bench/density] {len(self.ids)}/{n} idle", file=sys.stderr)
 
+    def burst(self, n: int) -> dict[str, Any]:
+        """`n` idle sandboxes started at once: the time until every `hyperctl run -d` has
+        returned, and the failures."""
+        def one(_: int) -> str | RuntimeError:
+            try:
+                return self.hyperctl("run", "-d", "busybox", *IDLE_COMMAND).strip() \
+                    .splitlines()[-1]
+            except RuntimeError as exc:
+                return exc
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(n) as pool:
+            outcomes = list(pool.map(one, range(n)))
+        elapsed = time.monotonic() - start
+        self.ids += [o for o in outcomes if isinstance(o, str)]
+        return {"n": n, "all_returned_s": round(elapsed, 3),
+                "failures": [str(o)[-300:] for o in outcomes if not isinstance(o, str)]}
+
     def processes(self) -> dict[str, list[HostProcess]]:
         found = sandbox_processes(self.data_root, self.ids)
         missing = set(self.ids) - set(found)
@@ -283,6 +304,12 @@ def run(args: argparse.Namespace, top: Path) -> dict[str, Any]:
     try:
         fleet.timed_start()  # the built-in image and the template, made if missing
         alone = [fleet.timed_start() for _ in range(args.starts)]
+        if args.burst:
+            burst = fleet.burst(args.burst)
+            burst["over_one_start_alone"] = round(
+                burst["all_returned_s"] / statistics.median(alone), 2)
+            result["burst"] = burst
+            killed += fleet.remove()
         levels: dict[int, tuple[dict[str, Any], dict[str, Any], list[float]]] = {}
         for level in args.levels:
             fleet.grow(level)
@@ -290,7 +317,7 @@ def run(args: argparse.Namespace, top: Path) -> dict[str, Any]:
             cpu = idle_cpu(fleet.processes(), args.interval)
             mem = memory(fleet.processes())
             levels[level] = (cpu, mem, [fleet.timed_start() for _ in range(args.starts)])
-        killed = fleet.remove()
+        killed += fleet.remove()
         # Starts alone before and after the idle ones: load from elsewhere on the host moves
         # the baseline during the run.
         alone += [fleet.timed_start() for _ in range(args.starts)]
@@ -301,13 +328,19 @@ def run(args: argparse.Namespace, top: Path) -> dict[str, Any]:
                 "new_start_ratio": round(statistics.median(starts)
                                          / result["new_start_alone_s"]["median"], 2)}
     finally:
-        killed = fleet.remove() if fleet.ids else killed
+        if fleet.ids:
+            killed += fleet.remove()
     result["killed_after_rm"] = killed
     return result
 
 
 def _print(result: dict[str, Any]) -> None:
     print(f"bench/density  new start alone: {result['new_start_alone_s']['median']:.3f} s")
+    if "burst" in result:
+        burst = result["burst"]
+        print(f"  {burst['n']} started at once: all returned in {burst['all_returned_s']:.1f} s "
+              f"= {burst['over_one_start_alone']:.1f}x one start alone, "
+              f"{len(burst['failures'])} failed")
     for level, row in result["levels"].items():
         mem, cpu = row["memory"], row["idle_cpu"]
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in mem["by_kind_mib"].items())
@@ -333,6 +366,8 @@ def main() -> int:
                         help="seconds after the last start before measuring")
     parser.add_argument("--starts", type=int, default=3,
                         help="timed `run --rm true` starts alone and at each level")
+    parser.add_argument("--burst", type=int, default=10,
+                        help="sandboxes started at once before the levels (0: none)")
     parser.add_argument("--json")
     args = parser.parse_args()
     args.levels = sorted({int(n) for n in args.levels.split(",")})

@@ -1,17 +1,25 @@
 """bench/start: a `runv run` of a busybox bundle printing one line, against the raw boot
 of the same kernel (bench/boot's floor) and against runc and crun on the same bundle, all in
 the same run, with the default config (a template clone). The runv time is split into the
-phases of its own --debug timings, whichever start path it took.
+phases of its own --debug timings, whichever start path it took. In the same run, over the
+same floor:
+- the cold boot (the bundle annotated `org.runv.template: off`);
+- the warm pool: `runv pool serve` with the default `[pool]` config (in a state dir of its
+  own), and once it is full, `--pool-n` runs back to back that do not wait for its refills:
+  how many took a pooled VM, and their time to the line.
 
-    python bench/start.py [--n 5] [--floor-n 10] [--json FILE]
+    python bench/start.py [--n 5] [--floor-n 10] [--pool-n 20] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,11 +64,11 @@ def timed_run(argv: list[str], env: dict[str, str] | None = None
     return t_line, time.monotonic() - start, first + rest, err
 
 
-def bench_runv(top: Path, bundle: Path, n: int) -> dict[str, Any]:
+def bench_runv(top: Path, bundle: Path, n: int, name: str = "bench") -> dict[str, Any]:
     line, total, phases = [], [], []
     for i in range(n):
         argv = [RUNV, "--root", str(top / "runv-root"), "--debug", "run", "--bundle",
-                str(bundle), f"bench{i}"]
+                str(bundle), f"{name}{i}"]
         t_line, t_exit, out, err = timed_run(argv)
         assert out == b"bench-line\n", out
         line.append(t_line)
@@ -72,6 +80,50 @@ def bench_runv(top: Path, bundle: Path, n: int) -> dict[str, Any]:
         result["phases_median_s"] = median_phases(phases, result["to_line"]["median"],
                                                   result["to_exit"]["median"])
     return result
+
+
+def pool_status(env: dict[str, str], idle: int = 1, timeout_s: float = 300) -> dict[str, Any]:
+    """The pool's status once it holds `idle` idle VMs and starts none."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = subprocess.run([RUNV, "pool", "status", "--format", "json"], env=env,
+                              capture_output=True, check=False)
+        if done.returncode == 0:
+            status: dict[str, Any] = json.loads(done.stdout)
+            states = [m["state"] for m in status["members"]]
+            if states.count("idle") >= idle and "starting" not in states:
+                return status
+        time.sleep(0.2)
+    raise RuntimeError(f"the warm pool did not fill to {idle} idle VMs in {timeout_s:g} s")
+
+
+def bench_pool(top: Path, bundle: Path, n: int) -> dict[str, Any]:
+    """`n` runs back to back from a full pool of the default config, not waiting for refills."""
+    cfg_file = top / "config-pool.toml"
+    cfg_file.write_text(f'state_dir = "{top / "state-pool"}"\n')
+    env = dict(os.environ, RUNV_CONFIG=str(cfg_file))
+    with open(top / "pool.log", "wb") as log:
+        serve = subprocess.Popen([RUNV, "pool", "serve"], env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    line, hits, misses = [], [], []
+    try:
+        pool_status(env, idle=config.load(str(cfg_file)).pool.size)
+        for i in range(n):
+            argv = [RUNV, "--root", str(top / "pool-root"), "--debug", "run", "--bundle",
+                    str(bundle), f"pool{i}"]
+            t_line, _, out, err = timed_run(argv, env)
+            assert out == b"bench-line\n", out
+            line.append(t_line)
+            if "created (pool" in err:
+                hits.append(t_line)
+            else:
+                why = re.findall(r"warm pool: not used \((.*?)\)", err)
+                misses.append({"run": i, "why": why[0] if why else "?"})
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(120)
+    return {"to_line": summary(line), "hits": len(hits), "misses": misses,
+            "hit_to_line": summary(hits) if hits else None}
 
 
 def phases_of(err: str) -> dict[str, float]:
@@ -112,16 +164,24 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--floor-n", type=int, default=10)
+    parser.add_argument("--pool-n", type=int, default=20,
+                        help="runs back to back from the warm pool (0: none)")
     parser.add_argument("--json")
     args = parser.parse_args()
     cfg = config.load(None)
     top = Path(tempfile.mkdtemp(prefix="bench-start-"))
     try:
         bundle = make(top, ["echo", "bench-line"])
+        cold_bundle = make(top / "cold", ["echo", "bench-line"])
+        spec = json.loads((cold_bundle / "config.json").read_text())
+        spec["annotations"] = {"org.runv.template": "off"}
+        (cold_bundle / "config.json").write_text(json.dumps(spec))
         floor = [asyncio.run(floor_boot(cfg)) for _ in range(args.floor_n)]
         result: dict[str, Any] = {
             "floor_boot": summary(floor),
             "runv": bench_runv(top, bundle, args.n),
+            "runv_cold": bench_runv(top, cold_bundle, args.n, name="cold"),
+            "runv_pool": bench_pool(top, bundle, args.pool_n) if args.pool_n else None,
             "runc": bench_oci("runc", top, bundle, args.n),
             "crun": bench_oci("crun", top, bundle, args.n),
         }
@@ -130,7 +190,20 @@ def main() -> int:
         result["ratios"] = {
             "runv_to_line_over_floor": round(runv["to_line"]["median"] / floor_median, 2),
             "runv_to_exit_over_floor": round(runv["to_exit"]["median"] / floor_median, 2),
+            "cold_to_line_over_floor": round(
+                result["runv_cold"]["to_line"]["median"] / floor_median, 2),
         }
+        pooled = result["runv_pool"]
+        if pooled is not None:
+            result["ratios"]["pool_to_line_over_floor"] = round(
+                pooled["to_line"]["median"] / floor_median, 2)
+            if pooled["hit_to_line"]:
+                result["ratios"]["pool_hit_to_line_over_floor"] = round(
+                    pooled["hit_to_line"]["median"] / floor_median, 2)
+        runc = result["runc"]
+        if isinstance(runc, dict):
+            result["ratios"]["runv_to_line_over_runc"] = round(
+                runv["to_line"]["median"] / runc["to_line"]["median"], 1)
         phases = runv.get("phases_median_s", {})
         if phases:
             result["host_overhead_s"] = round(

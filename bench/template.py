@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -39,7 +38,7 @@ if __package__ in (None, ""):
 
 from boot import floor_boot
 from bundle import RUNV, make, report, summary
-from start import median_phases, phases_of, timed_run
+from start import median_phases, phases_of, pool_status, timed_run
 
 from runv_py import config
 from runv_py.sandbox.guest_vm import GuestVm, ensure_template
@@ -74,21 +73,6 @@ def _cpu_ticks(pids: list[int]) -> int:
     return total
 
 
-def _pool_status(env: dict[str, str], timeout_s: float = 300) -> dict[str, Any]:
-    """The pool's status once it holds one idle VM and starts none."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = subprocess.run([RUNV, "pool", "status", "--format", "json"], env=env,
-                              capture_output=True, check=False)
-        if done.returncode == 0:
-            status: dict[str, Any] = json.loads(done.stdout)
-            idle = [m for m in status["members"] if m["state"] == "idle"]
-            if idle and not any(m["state"] == "starting" for m in status["members"]):
-                return status
-        time.sleep(0.2)
-    raise RuntimeError("the warm pool did not fill")
-
-
 def pool_to_line(top: Path, bundle: Path, idle: str, n: int) -> dict[str, Any]:
     cfg_file = top / f"config-pool-{idle}.toml"
     cfg_file.write_text(f'state_dir = "{top / ("state-pool-" + idle)}"\ntemplate = "auto"\n'
@@ -98,14 +82,14 @@ def pool_to_line(top: Path, bundle: Path, idle: str, n: int) -> dict[str, Any]:
         serve = subprocess.Popen([RUNV, "pool", "serve"], env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
     try:
-        member = next(m for m in _pool_status(env)["members"] if m["state"] == "idle")
+        member = next(m for m in pool_status(env)["members"] if m["state"] == "idle")
         pids = [member["pid"], member["qemu_pid"]]
         ticks, t0 = _cpu_ticks(pids), time.monotonic()
         time.sleep(10)
         cpu = (_cpu_ticks(pids) - ticks) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
         line, unpark = [], []
         for i in range(n):
-            _pool_status(env)
+            pool_status(env)
             argv = [RUNV, "--root", str(top / "root"), "--debug", "run", "--bundle",
                     str(bundle), f"pool-{idle}{i}"]
             t_line, _, out, err = timed_run(argv, env)
