@@ -122,8 +122,12 @@ def bench_pool(top: Path, bundle: Path, n: int) -> dict[str, Any]:
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(120)
+    # How long each pooled VM took to become idle (the service logs it), the first ones too.
+    ready = [float(t) for t in re.findall(r"pooled VM \S+ ready .*? in ([\d.]+)s",
+                                          (top / "pool.log").read_text(errors="replace"))]
     return {"to_line": summary(line), "hits": len(hits), "misses": misses,
-            "hit_to_line": summary(hits) if hits else None}
+            "hit_to_line": summary(hits) if hits else None,
+            "member_ready_s": summary(ready) if ready else None}
 
 
 def phases_of(err: str) -> dict[str, float]:
