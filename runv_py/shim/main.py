@@ -39,6 +39,7 @@ LISTEN_FD = 3
 STATE_FILE = "runv.json"
 OPTIONS_TYPE = "runtimeoptions.v1.Options"
 KILLED_STATUS = 128 + signal.SIGKILL
+BUNDLE_POLL_S = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +119,8 @@ def start(args: argparse.Namespace) -> int:
         "root": str(_runtime_root(config, args.namespace)), "config": config_path,
         "socket": str(path)}))
     argv = [sys.executable, "-m", "runv_py.shim.main", "-namespace", args.namespace,
-            "-address", args.address, "-publish-binary", args.publish_binary, "-id", args.id]
+            "-address", args.address, "-publish-binary", args.publish_binary, "-id", args.id,
+            "-bundle", str(bundle)]
     if config_path:
         argv += ["--runv-config", config_path]
     with open(os.devnull, "wb") as devnull:
@@ -196,6 +198,20 @@ def _log_stream() -> int:
     return fd
 
 
+async def _until_abandoned(bundle: Path, called: asyncio.Event, done: asyncio.Event) -> None:
+    """Ends the shim if containerd gives up on it before its first call: a `start` killed
+    after it spawned this process fails in containerd, which then removes the bundle, and
+    nobody will ever call or shut down this shim."""
+    while not called.is_set():
+        if not bundle.exists():
+            log.warning("bundle %s removed before any call: containerd gave up on this shim",
+                        bundle)
+            done.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(called.wait(), BUNDLE_POLL_S)
+
+
 async def serve(args: argparse.Namespace) -> int:
     listener = socket.socket(fileno=LISTEN_FD)
     socket_path = listener.getsockname()
@@ -205,15 +221,25 @@ async def serve(args: argparse.Namespace) -> int:
                           args.namespace)
     done = asyncio.Event()
     service = TaskService(runtime, publisher, done.set)
-    server = ttrpc.Server(service.handle)
+    called = asyncio.Event()
+
+    async def handle(call: ttrpc.Call) -> bytes:
+        called.set()
+        return await service.handle(call)
+
+    server = ttrpc.Server(handle)
     await server.serve(listener)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    abandoned = asyncio.create_task(_until_abandoned(Path(args.bundle), called, done)) \
+        if args.bundle else None
     log.info("serving on %s", socket_path, extra={"container": args.id})
     try:
         await done.wait()
     finally:
+        if abandoned is not None:
+            abandoned.cancel()
         await server.close()
         await service.close()
         await publisher.close()

@@ -11,6 +11,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
+from runv_py import child
 from runv_py.errors import RunvError
 from runv_py.sandbox.client import BlockingSupervisorClient
 from runv_py.sandbox.protocol import State
@@ -410,6 +412,38 @@ state = "{tmp_path / 'state'}"
             daemon.wait()
         subprocess.run(["umount", "-R", str(tmp_path / "root")], capture_output=True,
                        check=False)
+
+
+def test_a_shim_containerd_gave_up_on_before_calling_it_exits(
+        tmp_path: Path, shim_env: dict[str, str]) -> None:
+    """A `start` killed after it spawned the long-lived shim fails in containerd, which
+    removes the task's bundle and never calls that shim (the soak met one left running):
+    the shim sees its bundle gone and exits, removing its socket."""
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps(
+        {"ociVersion": "1.1.0", "root": {"path": "rootfs"},
+         "process": {"args": ["true"], "cwd": "/"}}))
+    started = subprocess.run(
+        ["containerd-shim-runv-v2", "-namespace", "gaveup", "-address",
+         str(tmp_path / "containerd.sock"), "-publish-binary", "/bin/true", "-id", "g1",
+         "start"], cwd=bundle, env=shim_env, input=b"", capture_output=True, timeout=60,
+        check=True)
+    socket_path = Path(started.stdout.decode().removeprefix("unix://"))
+    shim = int((bundle / "shim.pid").read_text())
+    shim_start = child.proc_start_time(shim)
+    assert shim_start is not None and socket_path.exists()
+    try:
+        shutil.rmtree(bundle)
+        deadline = time.monotonic() + 10
+        while child.is_running(shim, shim_start) and time.monotonic() < deadline:
+            child.reap_if_child(shim)
+            time.sleep(0.1)
+        assert not child.is_running(shim, shim_start), "the shim outlived its bundle"
+        assert not socket_path.exists()
+    finally:
+        if child.is_running(shim, shim_start):
+            os.kill(shim, signal.SIGKILL)
 
 
 def test_shim_killed_between_its_sandbox_and_its_record_leaves_nothing(
