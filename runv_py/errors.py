@@ -189,6 +189,14 @@ class RegistryError(ImageError):
     reference = "registry-error"
 
 
+class SupervisorUnresponsive(RunvError):
+    """A sandbox supervisor took a call but did not answer it in time (it hangs or is
+    stopped)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+    reference = "supervisor-unresponsive"
+
+
 class ProtocolError(RunvError):
     """A control message (supervisor, pool) is malformed: the message names the field."""
 

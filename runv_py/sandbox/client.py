@@ -6,11 +6,12 @@ event loop (runv's quick commands and every stand-in)."""
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
-from ..errors import RunvError
-from . import protocol
+from ..errors import RunvError, SupervisorUnresponsive
+from . import protocol, vm_dir
 from .control import AsyncChannel, BlockingChannel
 from .protocol import Attach, Event, Events, Exec, R, Request, Resize, Signal
 
@@ -18,14 +19,20 @@ CALL_TIMEOUT_S = 120.0
 SUPERVISOR_LOST = 255  # the exit status reported when the supervisor went away first
 
 
+def lost_exit_status(vm: Path) -> int:
+    """The exit status of a process whose supervisor went away first: SUPERVISOR_LOST, or
+    137 when a SIGKILL the supervisor could not take ended its sandbox (Runtime.kill)."""
+    return 128 + signal.SIGKILL if vm_dir.ended_by_sigkill(vm) else SUPERVISOR_LOST
+
+
 def _unreachable(ctl: Path, exc: ConnectionError) -> ConnectionError:
     return ConnectionError(f"cannot reach the sandbox supervisor at {ctl}: "
                            f"{str(exc).rpartition(': ')[2]}")
 
 
-def _late(ctl: Path, request: Request[R], timeout_s: float | None) -> RunvError:
-    return RunvError(f"the sandbox supervisor at {ctl} did not answer {request.OP} within "
-                     f"{timeout_s:g}s")
+def _late(ctl: Path, request: Request[R], timeout_s: float | None) -> SupervisorUnresponsive:
+    return SupervisorUnresponsive(f"the sandbox supervisor at {ctl} did not answer "
+                                  f"{request.OP} within {timeout_s:g}s")
 
 
 def _no_answer(request: Request[R]) -> RunvError:
@@ -71,7 +78,7 @@ class SupervisorClient:
         """Hand `fds` (stdin, stdout, stderr; or one terminal) to a process; the connection
         then carries its signals, window sizes and exit status."""
         channel, _ = await self._open(request, fds)
-        return AttachedProcess(channel)
+        return AttachedProcess(channel, self.ctl.parent)
 
     async def events(self, container: str, *, audit: bool = False) -> AsyncIterator[Event]:
         """OOM kills and the exit of the container, as they happen; ends after the exit.
@@ -98,8 +105,9 @@ async def _received_events(channel: AsyncChannel) -> AsyncGenerator[Event, None]
 class AttachedProcess:
     """A process whose stdio went to the supervisor; what is left of it on this side."""
 
-    def __init__(self, channel: AsyncChannel) -> None:
+    def __init__(self, channel: AsyncChannel, vm: Path) -> None:
         self._channel = channel
+        self._vm = vm
 
     def signal(self, signum: int) -> None:
         self._channel.send_nowait(protocol.to_wire(Signal(signal=signum)))
@@ -108,14 +116,15 @@ class AttachedProcess:
         self._channel.send_nowait(protocol.to_wire(Resize(size=(height, width))))
 
     async def wait(self) -> int:
-        """The exit status, after all output; SUPERVISOR_LOST if the supervisor went away."""
+        """The exit status, after all output; lost_exit_status() if the supervisor went
+        away."""
         try:
             while (wire := await self._channel.recv()) is not None:
                 if (done := protocol.decode_exit(wire)) is not None:
                     return done.exit
         except (OSError, RunvError):
             pass
-        return SUPERVISOR_LOST
+        return lost_exit_status(self._vm)
 
     def close(self) -> None:
         self._channel.close()
@@ -154,7 +163,7 @@ class BlockingSupervisorClient:
     def attach(self, request: Attach | Exec, fds: Sequence[int]) -> BlockingAttachedProcess:
         channel, _ = self._open(request, fds)
         channel.sock.settimeout(None)
-        return BlockingAttachedProcess(channel)
+        return BlockingAttachedProcess(channel, self.ctl.parent)
 
     def events(self, container: str) -> Iterator[Event]:
         channel, _ = self._open(Events(container=container), ())
@@ -167,8 +176,9 @@ class BlockingSupervisorClient:
 
 
 class BlockingAttachedProcess:
-    def __init__(self, channel: BlockingChannel) -> None:
+    def __init__(self, channel: BlockingChannel, vm: Path) -> None:
         self._channel = channel
+        self._vm = vm
         self.exit_code: int | None = None
 
     def fileno(self) -> int:
@@ -184,14 +194,14 @@ class BlockingAttachedProcess:
             self._channel.send(protocol.to_wire(Resize(size=(height, width))))
 
     def poll(self) -> int | None:
-        """Read one message: the exit status once it came (SUPERVISOR_LOST if the supervisor
-        went away), else None."""
+        """Read one message: the exit status once it came (lost_exit_status() if the
+        supervisor went away), else None."""
         try:
             wire = self._channel.recv()
         except (OSError, RunvError):
             wire = None
         if wire is None:
-            self.exit_code = SUPERVISOR_LOST
+            self.exit_code = lost_exit_status(self._vm)
         elif (done := protocol.decode_exit(wire)) is not None:
             self.exit_code = done.exit
         return self.exit_code

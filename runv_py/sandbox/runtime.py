@@ -31,11 +31,12 @@ from ..errors import (
     NetworkError,
     RunvError,
     SpecError,
+    SupervisorUnresponsive,
 )
 from ..oci import spec as oci_spec
 from ..store.state import ContainerRecord, RecordStore, Store
 from . import cgroup, pod, pool_member, protocol, standin_namespaces, vm_dir
-from .client import BlockingSupervisorClient, SupervisorClient
+from .client import CALL_TIMEOUT_S, BlockingSupervisorClient, SupervisorClient
 from .protocol import (
     Attach,
     Checkpoint,
@@ -62,6 +63,8 @@ SUPERVISOR_REPORT_TIMEOUT_S = 600.0
 STANDIN_READY_TIMEOUT_S = 60.0
 _FORKED_PID = re.compile(rb"pid (\d+)\n")
 STATE_TIMEOUT_S = 15.0
+# A SIGKILL its supervisor does not take within this time ends the container's sandbox.
+KILL_ANSWER_S = 10.0
 NEEDS_CONSOLE_SOCKET = ("process.terminal is true: pass --console-socket (or use `runv run` "
                         "in the foreground)")
 
@@ -227,8 +230,15 @@ class Runtime:
 
     def kill_now(self, container_id: str, signum: int, *, all_processes: bool = False) -> None:
         record = self.store.load(container_id)
-        self.blocking_client(record).call(Kill(container=container_id, signal=signum,
-                                               all=all_processes))
+        try:
+            self.blocking_client(record, self._kill_timeout(record, signum)).call(
+                Kill(container=container_id, signal=signum, all=all_processes))
+        except SupervisorUnresponsive as exc:
+            owner = self._end_unresponsive_sandbox(record, signum, exc)
+            deadline = time.monotonic() + SUPERVISOR_EXIT_WAIT_S
+            while child.is_running(*owner) and time.monotonic() < deadline:
+                child.reap_if_child(owner[0])
+                time.sleep(0.02)
 
     def start_now(self, container_id: str) -> bool:
         """Start a container whose spec has no poststart hooks (they run on the event loop);
@@ -468,8 +478,39 @@ class Runtime:
     async def kill(self, container_id: str, signum: int, *, all_processes: bool = False
                    ) -> None:
         record = self.store.load(container_id)
-        await self.client(record).call(Kill(container=container_id, signal=signum,
-                                            all=all_processes))
+        try:
+            await self.client(record, self._kill_timeout(record, signum)).call(
+                Kill(container=container_id, signal=signum, all=all_processes))
+        except SupervisorUnresponsive as exc:
+            await _wait_gone(*self._end_unresponsive_sandbox(record, signum, exc))
+
+    @staticmethod
+    def _kill_ends_sandbox(record: ContainerRecord, signum: int) -> bool:
+        """Whether the kill may end the container's sandbox when its supervisor does not
+        answer: a SIGKILL of a container with a sandbox of its own (or of a pod's sandbox
+        container)."""
+        return signum == signal.SIGKILL and pod.sandbox_of(record.annotations, record.id) is None
+
+    def _kill_timeout(self, record: ContainerRecord, signum: int) -> float:
+        return KILL_ANSWER_S if self._kill_ends_sandbox(record, signum) else CALL_TIMEOUT_S
+
+    def _end_unresponsive_sandbox(self, record: ContainerRecord, signum: int,
+                                  exc: SupervisorUnresponsive) -> tuple[int, int]:
+        """A kill that may end the sandbox (_kill_ends_sandbox) whose supervisor hangs or is
+        stopped: the sandbox ends with the supervisor (its QEMU has a parent-death signal), as
+        the container would have ended, so containerd's `task delete -f` can go on. Any other
+        kill re-raises `exc`. Returns the supervisor, to wait for."""
+        path = self.sandbox_path(record.id, record.annotations)
+        owner = vm_dir.owner(path)
+        if not self._kill_ends_sandbox(record, signum) or owner is None:
+            raise exc
+        log.warning("%s; ending the sandbox for the SIGKILL", exc,
+                    extra={"container": record.id})
+        vm_dir.mark_ended_by_sigkill(path)
+        if child.is_running(*owner):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(owner[0], signal.SIGKILL)
+        return owner
 
     async def update(self, container_id: str, resources: dict[str, Any]) -> None:
         """New OCI LinuxResources for a running container: its VM grows or shrinks for them

@@ -20,6 +20,7 @@ from . import host_cgroup
 OWNER = "owner"
 CLAIM_PREFIX = ".claim-"
 CONTROL_SOCKET = "ctl.sock"
+ENDED_BY_SIGKILL = "ended-by-sigkill"
 
 
 def path_for(state_dir: Path, root: Path, sandbox_id: str) -> Path:
@@ -108,6 +109,17 @@ def owner(path: Path) -> tuple[int, int] | None:
         return int(pid), int(start)
     except (OSError, ValueError):
         return None
+
+
+def mark_ended_by_sigkill(path: Path) -> None:
+    """Say, before its owner is SIGKILLed, that the sandbox ends for a SIGKILL of its
+    container: whoever loses a process with the owner reports that signal as its end."""
+    with contextlib.suppress(OSError):
+        (path / ENDED_BY_SIGKILL).touch()
+
+
+def ended_by_sigkill(path: Path) -> bool:
+    return (path / ENDED_BY_SIGKILL).exists()
 
 
 def owner_alive(path: Path) -> bool:

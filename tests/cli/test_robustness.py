@@ -13,6 +13,7 @@ from pathlib import Path
 
 from runv_py import child
 from runv_py.sandbox import vm_dir
+from runv_py.sandbox.runtime import KILL_ANSWER_S
 from tests.vm.conftest import processes_mentioning
 
 from .conftest import Runv, reap
@@ -70,6 +71,26 @@ def test_sigkill_ends_a_container_whose_qemu_is_stopped(runv: Runv, tmp_path: Pa
     assert runv.state_of("c1")["status"] == "stopped"
     _, err = resume.communicate(timeout=60)
     assert resume.returncode == 1 and len(err.decode().strip().splitlines()) == 1, err
+    runv("delete", "c1")
+    assert runv.leftovers() == []
+
+
+def test_sigkill_ends_a_container_whose_supervisor_is_stopped(runv: Runv, tmp_path: Path
+                                                              ) -> None:
+    """A supervisor stopped for good cannot take a SIGKILL: `kill` ends the sandbox with it
+    (after KILL_ANSWER_S) and the container's process exits 137, as it would have; `delete`
+    then cleans up. Other signals wait for an answer (they may be handled)."""
+    standin = _running(runv, tmp_path, "c1")
+    supervisor = runv.supervisor_pid("c1")
+    os.kill(supervisor, signal.SIGSTOP)
+    term = runv.popen("kill", "c1", "TERM", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(KILL_ANSWER_S + 2)
+    assert term.poll() is None  # still waiting for the supervisor
+    runv("kill", "c1", "KILL", timeout=60)
+    assert reap(standin) == 137
+    _, err = term.communicate(timeout=30)
+    assert term.returncode == 1 and len(err.decode().strip().splitlines()) == 1, err
+    assert runv.state_of("c1")["status"] == "stopped"
     runv("delete", "c1")
     assert runv.leftovers() == []
 

@@ -145,6 +145,35 @@ def test_exec_pause_resume_metrics_kill(cd: Containerd) -> None:
     assert "s2" not in _tasks(cd)
 
 
+def test_sigkill_ends_a_task_whose_supervisor_is_stopped(cd: Containerd, tmp_path: Path
+                                                        ) -> None:
+    """The soak's shim task that could not be removed: its supervisor stopped for good in a
+    resume. `ctr task kill -s KILL` ends the sandbox instead; the task exits 137 and the
+    forced removal containerd users do goes through, leaving nothing."""
+    cd.ctr("run", "-d", *RUNTIME, IMAGE, "s9", "sleep", "600")
+    bundle = tmp_path / "state" / "io.containerd.runtime.v2.task" / "runvtest" / "s9"
+    supervisor = next(int(line.partition(":")[0]) for line in processes_mentioning(str(bundle))
+                      if "runv_py.sandbox.supervisor" in line)
+    cd.ctr("task", "pause", "s9")
+    os.kill(supervisor, signal.SIGSTOP)
+    resume = subprocess.Popen(["ctr", "--address", cd.address, "--namespace", "runvtest",
+                               "task", "resume", "s9"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        cd.ctr("task", "kill", "--signal", "SIGKILL", "s9", timeout=60)
+        _wait_status(cd, "s9", "STOPPED")
+        assert resume.wait(timeout=60) != 0
+    finally:
+        resume.kill()
+        resume.wait()
+    deleted = cd.ctr("task", "delete", "s9", timeout=60)
+    assert b"exit code 137" in deleted.stderr, deleted.stderr
+    cd.ctr("container", "delete", "s9")
+    assert "s9" not in _tasks(cd)
+    assert processes_mentioning(str(bundle)) == []
+
+
 def test_oom_kill_becomes_an_oom_event(cd: Containerd, tmp_path: Path) -> None:
     result = _run_watching_events(cd, tmp_path / "events", "--memory-limit", str(32 << 20),
                                   IMAGE, "s6", "sh", "-c", "head -c 200000000 /dev/zero | tail")
