@@ -498,7 +498,9 @@ class ShimDoor(Door):
 
     def leftover_files(self) -> list[str]:
         tasks = self.daemon_top / "state" / "io.containerd.runtime.v2.task" / "runvtest"
-        return _entries(tasks, self.state / "sandboxes", self.state / "shares")
+        # The shims' sockets: one whose shim died is left to runv gc.
+        return _entries(tasks, self.state / "sandboxes", self.state / "shares",
+                        self.state / "containerd" / "s")
 
     def own_pids(self) -> set[int]:
         return {self.daemon.proc.pid}

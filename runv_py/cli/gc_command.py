@@ -17,8 +17,9 @@ WHAT = """\
 What no live owner holds, as a crash of the whole host side (every runv-py process
 SIGKILLed at once) leaves it: QEMU, virtiofsd, vsock backend and stand-in processes whose
 supervisor is gone, mounts and VM directories of dead sandboxes (with the host cgroups they
-recorded), shared-dir mount points, tc redirects to taps that are gone, hyperctl sandboxes'
-network namespaces, nftables tables, CNI IPAM leases, portmap chains and MASQUERADE rules,
+recorded), shared-dir mount points, sockets of containerd shims that died, tc redirects
+to taps that are gone, hyperctl sandboxes' network namespaces, nftables tables, CNI IPAM
+leases, portmap chains and MASQUERADE rules,
 hyperctl's host cgroups, and hyperctl records half made, half removed, or of a container that
 never started and whose maker died. An owner is proved alive by its pid and start time (a
 VM directory's owner file, a record's maker, a workload's creator or monitor), never by age:

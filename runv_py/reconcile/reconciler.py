@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as config_mod
-from . import cgroups, images, mounts, network, processes, records, sandbox_dirs
+from . import cgroups, images, mounts, network, processes, records, sandbox_dirs, shim_sockets
 from .model import Orphan, Owners, Scope
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ FINDERS: tuple[Finder, ...] = (
     processes.find, mounts.find, network.find_redirects, network.find_masquerades,
     network.find_portmaps, network.find_leases, network.find_tables, network.find_namespaces,
     network.find_workload_networks, cgroups.find, sandbox_dirs.find, sandbox_dirs.find_shares,
-    records.find,
+    shim_sockets.find, records.find,
 )
 PROCESS_EXIT_WAIT_S = 5.0
 

@@ -27,6 +27,7 @@ from ..errors import ContainerNotFound, RunvError
 from ..oci import spec as oci_spec
 from ..sandbox import pod, vm_dir
 from ..sandbox.runtime import Runtime
+from ..store import shim_sockets
 from ..store.state import ContainerRecord
 from . import rootfs, ttrpc
 from ._pb import task_pb2
@@ -65,7 +66,7 @@ def _runtime_root(config: config_mod.RuntimeConfig, namespace: str) -> Path:
 def _socket_path(config: config_mod.RuntimeConfig, args: argparse.Namespace) -> Path:
     """Unique per (containerd, namespace, task) and short: unix socket paths stop at 108."""
     key = hashlib.sha256(f"{args.address}\0{args.namespace}\0{args.id}".encode()).hexdigest()
-    return _shim_dir(config) / "s" / key[:32]
+    return shim_sockets.directory(config.state_dir) / key[:32]
 
 
 def _config_path_of(options: bytes) -> str | None:
@@ -109,10 +110,15 @@ def start(args: argparse.Namespace) -> int:
             sys.stdout.write(address)
             return 0
         path.unlink()
+    # Bound under a name that says who binds it, then renamed into place once it listens: a
+    # socket at its final name has a listener, or its shim is dead (runv gc then removes it).
+    binding = path.with_name(shim_sockets.binding_name(
+        path.name, os.getpid(), child.proc_start_time(os.getpid()) or 0))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chmod(path, 0o600)
+    listener.bind(str(binding))
+    os.chmod(binding, 0o600)
     listener.listen(64)
+    os.rename(binding, path)
     if listener.fileno() != LISTEN_FD:
         os.dup2(listener.fileno(), LISTEN_FD)
     (bundle / STATE_FILE).write_text(json.dumps({
@@ -120,7 +126,7 @@ def start(args: argparse.Namespace) -> int:
         "socket": str(path)}))
     argv = [sys.executable, "-m", "runv_py.shim.main", "-namespace", args.namespace,
             "-address", args.address, "-publish-binary", args.publish_binary, "-id", args.id,
-            "-bundle", str(bundle)]
+            "-bundle", str(bundle), "-socket", str(path)]
     if config_path:
         argv += ["--runv-config", config_path]
     with open(os.devnull, "wb") as devnull:
@@ -214,7 +220,7 @@ async def _until_abandoned(bundle: Path, called: asyncio.Event, done: asyncio.Ev
 
 async def serve(args: argparse.Namespace) -> int:
     listener = socket.socket(fileno=LISTEN_FD)
-    socket_path = listener.getsockname()
+    socket_path = args.socket or listener.getsockname()
     config = config_mod.load(args.runv_config)
     runtime = Runtime(_runtime_root(config, args.namespace), config, debug=args.debug)
     publisher = Publisher(os.environ.get("TTRPC_ADDRESS") or f"{args.address}.ttrpc",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -18,8 +19,10 @@ from runv_py import child
 from runv_py.config import NetworkConfig
 from runv_py.errors import ConfigError
 from runv_py.reconcile import model, mounts, processes, reconciler, records, sandbox_dirs
+from runv_py.reconcile import shim_sockets as reconcile_shim_sockets
 from runv_py.reconcile.model import Owners, Scope
 from runv_py.sandbox import vm_dir
+from runv_py.store import shim_sockets
 from runv_py.workload import network_mode
 from runv_py.workload.records import Records, Workload
 
@@ -183,6 +186,32 @@ def test_records_half_made_or_half_removed_are_found_unless_their_maker_lives(
         asyncio.run(item.remove())
     assert sorted(p.name for p in store.root.iterdir()) == sorted(["cd" * 16, making.name])
     assert sorted(p.name for p in store.names.iterdir()) == sorted(["being-made", "wcdcdcd"])
+
+
+def test_sockets_of_dead_shims_are_found_those_listening_or_being_bound_kept(
+        scope: Scope) -> None:
+    directory = shim_sockets.directory(scope.state_dir)
+    directory.mkdir(parents=True)
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(directory / "live"))
+    live.listen(1)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(directory / "dead"))  # its shim was SIGKILLed: the file stays
+    dead.listen(1)
+    dead.close()
+    binding_dead = directory / shim_sockets.binding_name("x", *dead_process())
+    binding_live = directory / shim_sockets.binding_name("y", *me())  # a `start` binding now
+    for path in (binding_dead, binding_live):
+        path.touch()
+    try:
+        found = asyncio.run(reconcile_shim_sockets.find(scope, Owners(scope)))
+        assert sorted(o.name for o in found) == sorted([str(directory / "dead"),
+                                                        str(binding_dead)])
+        for orphan in found:
+            asyncio.run(orphan.remove())
+        assert sorted(p.name for p in directory.iterdir()) == sorted(["live", binding_live.name])
+    finally:
+        live.close()
 
 
 def test_a_dry_run_removes_nothing(scope: Scope) -> None:
