@@ -85,7 +85,7 @@ class Server:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._calls: set[asyncio.Task[None]] = set()
 
     async def serve(self, listener: socket.socket) -> None:
@@ -96,7 +96,7 @@ class Server:
                           writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             if not _same_user(writer.get_extra_info("socket")):
                 log.warning("refused a ttrpc connection from another user")
@@ -112,7 +112,7 @@ class Server:
         except (TtrpcError, ConnectionError) as exc:
             log.warning("ttrpc connection dropped: %s", exc)
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -141,10 +141,14 @@ class Server:
             self._server.close()
         if self._calls:
             await asyncio.wait(set(self._calls), timeout=5)
-        # A call still waiting (a Wait on a process that will not end) is cut off.
-        for task in [*self._connections, *self._calls]:
+        # A call still waiting (a Wait on a process that will not end) is cut off. A
+        # connection ends at its EOF: asyncio's streams (3.11) log a cancelled one as an error.
+        for task in self._calls:
             task.cancel()
-        await asyncio.gather(*self._connections, *self._calls, return_exceptions=True)
+        connections = list(self._connections)
+        for writer in self._connections.values():
+            writer.transport.abort()
+        await asyncio.gather(*connections, *self._calls, return_exceptions=True)
 
 
 def _same_user(sock: socket.socket | None) -> bool:
