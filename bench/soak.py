@@ -98,6 +98,7 @@ class Iteration:
     number: int
     door: str
     ops: list[str]
+    ident: str = ""
     fault: Fault | None = None
     results: list[OpResult] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
@@ -642,7 +643,7 @@ def op_finding(door: Door, result: OpResult, *, faulted: bool) -> str:
 
 def run_iteration(door: Door, it: Iteration, top: Path, rng: random.Random,
                   keep: set[int]) -> None:
-    ident = f"sk{it.number}x{rng.randrange(16**4):04x}"
+    ident = it.ident = f"sk{it.number}x{rng.randrange(16**4):04x}"
     door.begin(ident)
     it.ops = plan(door, rng)
     fault_at = rng.randrange(len(it.ops))
@@ -741,6 +742,28 @@ def _keep_logs(top: Path, to: Path) -> Path:
     return to
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _clean_up_interrupted(top: Path, doors: dict[str, Door], it: Iteration | None) -> None:
+    """A soak stopped mid-run (Ctrl-C, SIGTERM) removes what it made, as an iteration's end
+    does: the iteration's container by its door, then gc; then any process of its own left."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    keep = set().union(*(d.own_pids() for d in doors.values()))
+    for proc in processes_mentioning(str(top)):  # a fault may have stopped one
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+    if it is not None and it.ident and it.door in doors:
+        doors[it.door].remove(it.ident)
+    for door in doors.values():
+        door.gc()
+    for proc in processes_mentioning(str(top)):
+        if proc.pid not in keep:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+
 def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = None,
          env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the iterations; the result (with every iteration under "all")."""
@@ -753,6 +776,9 @@ def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = Non
                HYPERCTL_DATA_ROOT=str(top / "hc-data"))
     env.pop("NOTIFY_SOCKET", None)
     built: dict[str, Door] = {}
+    done: list[Iteration] = []
+    it: Iteration | None = None
+    previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for name in doors:
             if name == "runv":
@@ -766,7 +792,6 @@ def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = Non
                 built[name] = ShimDoor(top, env, state, image)
             else:
                 raise SystemExit(f"soak: --doors: unknown front door {name!r}")
-        done: list[Iteration] = []
         for number in range(iterations):
             door = built[rng.choice(doors)]
             it = Iteration(number, door.name, [])
@@ -777,7 +802,13 @@ def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = Non
             outcome = "; ".join(it.findings) or "ok"
             print(f"[{number + 1}/{iterations}] {door.name} {' '.join(it.ops)}; {hit}: {outcome}",
                   file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(f"soak: interrupted after {len(done)} iterations; removing what the soak made",
+              file=sys.stderr, flush=True)
+        _clean_up_interrupted(top, built, it if it not in done else None)
+        raise
     finally:
+        signal.signal(signal.SIGTERM, previous_term)
         for door in built.values():
             door.close()
     failed = [it for it in done if it.findings]
@@ -804,7 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_owner:
         return api_owner(args.api_owner)
     seed = args.seed if args.seed is not None else random.randrange(2**32)
-    result = soak(args.iterations, seed, args.doors.split(","))
+    top = Path(tempfile.mkdtemp(prefix="sk-", dir="/tmp"))
+    try:
+        result = soak(args.iterations, seed, args.doors.split(","), top=top)
+    except KeyboardInterrupt:
+        shutil.rmtree(top, ignore_errors=True)
+        return 130
     print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
