@@ -34,6 +34,11 @@ from .status import ContainerStatus
 
 MAX_PACKET = 1 << 20
 MAX_FDS = 64  # a log, a rootfs and bind-mount sources (storage.shared.Trees)
+# A supervisor ends the VM of a guest that does not take a SIGKILL within this time (a
+# SIGKILL cannot fail); then it waits up to KILL_EXIT_WAIT_S for the container's exit before
+# it answers, so that a `delete` right after `kill` finds it stopped, as under runc.
+SIGKILL_DELIVERY_S = 20.0
+KILL_EXIT_WAIT_S = 5.0
 
 
 class Op(StrEnum):

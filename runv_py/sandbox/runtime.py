@@ -63,8 +63,9 @@ SUPERVISOR_REPORT_TIMEOUT_S = 600.0
 STANDIN_READY_TIMEOUT_S = 60.0
 _FORKED_PID = re.compile(rb"pid (\d+)\n")
 STATE_TIMEOUT_S = 15.0
-# A SIGKILL its supervisor does not take within this time ends the container's sandbox.
-KILL_ANSWER_S = 10.0
+# A SIGKILL its supervisor does not answer within this time ends the container's sandbox
+# (the supervisor's own delivery and exit waits come first).
+KILL_ANSWER_S = protocol.SIGKILL_DELIVERY_S + protocol.KILL_EXIT_WAIT_S + 5.0
 NEEDS_CONSOLE_SOCKET = ("process.terminal is true: pass --console-socket (or use `runv run` "
                         "in the foreground)")
 

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -288,6 +289,10 @@ class TaskService:
                 # The supervisor has it stopped and its exit is on its way here: as runc's
                 # shim, "not found", on which containerd waits for the exit (a delete -f).
                 raise ProcessNotFound(f"process {request.id} already finished") from None
+            if request.signal == signal.SIGKILL:
+                # The supervisor answered once the init had exited; so that a Delete right
+                # after this finds it stopped, as under runc, its exit is let arrive here.
+                await asyncio.wait({process.exited}, timeout=protocol.KILL_EXIT_WAIT_S)
         elif process.attached is None:
             raise InvalidState(f"exec {process.exec_id} has not been started")
         else:

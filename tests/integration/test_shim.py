@@ -139,8 +139,7 @@ def test_exec_pause_resume_metrics_kill(cd: Containerd) -> None:
     assert "pids.current" in metrics or "pids" in metrics, metrics
 
     cd.ctr("task", "kill", "--signal", "SIGKILL", "s2")
-    _wait_status(cd, "s2", "STOPPED")
-    cd.ctr("task", "delete", "s2")
+    cd.ctr("task", "delete", "s2")  # right after, as with runc: kill answers after the exit
     cd.ctr("container", "delete", "s2")
     assert "s2" not in _tasks(cd)
 

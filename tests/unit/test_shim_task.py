@@ -301,3 +301,21 @@ def test_a_kill_the_supervisor_finds_stopped_is_not_found(tmp_path: Path) -> Non
         await launcher.close()
 
     _run(test, tmp_path)
+
+
+def test_a_delete_right_after_a_sigkill_finds_the_task_stopped(tmp_path: Path) -> None:
+    """`ctr task kill -s KILL` then `ctr task delete` works as with runc's shim: Kill
+    answers once the exit has reached the shim (the soak's delete was refused "must be
+    stopped" under load)."""
+    async def test(tmp_path: Path) -> None:
+        service, publisher, launcher = await _service(tmp_path)
+        await service.create(task_pb2.CreateTaskRequest(id="t1",
+                                                        bundle=str(_bundle(tmp_path / "b"))))
+        await service.start(task_pb2.StartRequest(id="t1"))
+        await service.kill(task_pb2.KillRequest(id="t1", signal=signal.SIGKILL))
+        reply = await service.delete(task_pb2.DeleteRequest(id="t1"))
+        assert reply.exit_status == 128 + signal.SIGKILL
+        assert "TaskExit" in publisher.kinds()
+        await launcher.close()
+
+    _run(test, tmp_path)

@@ -20,7 +20,7 @@ import pytest
 from runv_py.agent import convert
 from runv_py.errors import AgentError, ContainerExists, InvalidState, ProtocolError
 from runv_py.oci import spec as oci_spec
-from runv_py.sandbox import pod
+from runv_py.sandbox import pod, protocol
 from runv_py.sandbox.client import SupervisorClient
 from runv_py.sandbox.control import BlockingChannel
 from runv_py.sandbox.guest_network import GuestNetwork
@@ -40,7 +40,7 @@ from runv_py.sandbox.protocol import (
     Update,
 )
 from runv_py.sandbox.status import ContainerStatus
-from runv_py.sandbox.supervisor import server, stdio
+from runv_py.sandbox.supervisor import stdio
 from runv_py.sandbox.supervisor.launch import ControlServer
 from runv_py.sandbox.supervisor.server import Supervisor
 from runv_py.sandbox.supervisor.shares import share
@@ -370,7 +370,7 @@ def test_a_sigkill_the_guest_does_not_take_ends_the_vm(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A stopped or wedged guest never answers SignalProcess: SIGKILL still ends the container
     (by ending the VM), so that containerd's `task delete -f` works; another signal fails."""
-    monkeypatch.setattr(server, "KILL_DELIVERY_S", 0.2)
+    monkeypatch.setattr(protocol, "SIGKILL_DELIVERY_S", 0.2)
 
     async def test() -> None:
         async with _sandbox(tmp_path) as box:
@@ -385,6 +385,27 @@ def test_a_sigkill_the_guest_does_not_take_ends_the_vm(tmp_path: Path,
             await box.client.call(Kill(container="c1", signal=signal.SIGKILL))
             await _until(lambda: _status(box), ContainerStatus.STOPPED)
             assert box.vm.machine.exited.done()
+
+    _run(test)
+
+
+def test_a_sigkill_answers_once_the_container_has_stopped(tmp_path: Path) -> None:
+    """As runc's kill: a `delete` right after `kill KILL` finds the container stopped (the
+    soak's `ctr task kill` then `task delete` was refused "must be stopped" under load),
+    though the guest reports the exit some time after it took the signal."""
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            agent = box.vm.agent
+            await box.client.call(Start(container="c1"))
+
+            async def exits_later(container_id: str, exec_id: str, signal_number: int, *,
+                                  all_processes: bool = False) -> None:
+                asyncio.get_running_loop().call_later(0.5, agent.exit, container_id, exec_id,
+                                                      128 + signal_number)
+            agent.signal_process = exits_later  # type: ignore[method-assign]
+            await box.client.call(Kill(container="c1", signal=signal.SIGKILL))
+            assert await _status(box) == ContainerStatus.STOPPED
+            await box.client.call(Delete(container="c1"))
 
     _run(test)
 

@@ -79,7 +79,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REMOVE_TIMEOUT_S = 10.0
-KILL_DELIVERY_S = 20.0  # then the VM is ended (a SIGKILL cannot fail)
 # How long an init's exit waits for the agent's event stream to deliver it too (the stream
 # carries an OOM kill before the exit it caused; WaitProcess answers on its own call).
 EVENTS_CATCH_UP_S = 1.0
@@ -288,14 +287,15 @@ class Supervisor:
                                                all_processes=request.all)
             return Ok()
         try:
-            async with asyncio.timeout(KILL_DELIVERY_S):
+            async with asyncio.timeout(protocol.SIGKILL_DELIVERY_S):
                 await self._sigkill(container, all_processes=request.all)
         except TimeoutError:
             # SIGKILL cannot fail: a guest that does not take it (a stopped or wedged VM) is
             # ended instead, with every container in it.
             log.error("the guest did not take SIGKILL within %g s: stopping the VM",
-                      KILL_DELIVERY_S, extra=container.extra)
+                      protocol.SIGKILL_DELIVERY_S, extra=container.extra)
             await self.vm.machine.close(grace_s=0)
+        await asyncio.wait({container.init.exited}, timeout=protocol.KILL_EXIT_WAIT_S)
         return Ok()
 
     async def _sigkill(self, container: GuestContainer, *, all_processes: bool) -> None:
