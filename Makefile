@@ -26,12 +26,9 @@ debian-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-# Editable installs as paths in .pth files, not setuptools' import hook: the hook's import
-# cost ~20 ms at the start of every host Python process (CLI, supervisor, stand-in, vsock).
 venv:
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
-	  -e '.[dev,libvirt]' -e ./hyperstart-agent
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,libvirt]' -e ./hyperstart-agent
 
 # The image builder installs the guest's wheels with the venv's pip (Debian's python3 has none).
 assets: venv
