@@ -290,8 +290,9 @@ class TaskService:
                 # shim, "not found", on which containerd waits for the exit (a delete -f).
                 raise ProcessNotFound(f"process {request.id} already finished") from None
             if request.signal == signal.SIGKILL:
-                # The supervisor answered once the init had exited; so that a Delete right
-                # after this finds it stopped, as under runc, its exit is let arrive here.
+                # The supervisor answers once the init has exited; the exit reaches this shim
+                # on the attach connection a moment later. A Delete right after this must
+                # find the task stopped, as under runc.
                 await asyncio.wait({process.exited}, timeout=protocol.KILL_EXIT_WAIT_S)
         elif process.attached is None:
             raise InvalidState(f"exec {process.exec_id} has not been started")
