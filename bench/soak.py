@@ -777,7 +777,7 @@ def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = Non
     env.pop("NOTIFY_SOCKET", None)
     built: dict[str, Door] = {}
     done: list[Iteration] = []
-    it: Iteration | None = None
+    in_flight: Iteration | None = None
     previous_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         for name in doors:
@@ -794,10 +794,11 @@ def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = Non
                 raise SystemExit(f"soak: --doors: unknown front door {name!r}")
         for number in range(iterations):
             door = built[rng.choice(doors)]
-            it = Iteration(number, door.name, [])
+            it = in_flight = Iteration(number, door.name, [])
             run_iteration(door, it, top, rng,
                           set().union(*(d.own_pids() for d in built.values())))
             done.append(it)
+            in_flight = None
             hit = "no fault" if it.fault is None else it.fault.describe()
             outcome = "; ".join(it.findings) or "ok"
             print(f"[{number + 1}/{iterations}] {door.name} {' '.join(it.ops)}; {hit}: {outcome}",
@@ -805,7 +806,7 @@ def soak(iterations: int, seed: int, doors: list[str], *, top: Path | None = Non
     except KeyboardInterrupt:
         print(f"soak: interrupted after {len(done)} iterations; removing what the soak made",
               file=sys.stderr, flush=True)
-        _clean_up_interrupted(top, built, it if it not in done else None)
+        _clean_up_interrupted(top, built, in_flight)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_term)
