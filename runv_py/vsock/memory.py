@@ -28,11 +28,21 @@ class GuestMemoryError(Exception):
 
 
 class Area(Protocol):
-    """A fixed range of guest memory (a ring), read and written with structs."""
+    """A fixed range of guest memory (a ring), read and written with structs; its index (the
+    16 bits at offset 2, after the flags) in one access."""
 
     def unpack(self, fmt: struct.Struct, offset: int) -> tuple[Any, ...]: ...
 
     def pack(self, fmt: struct.Struct, offset: int, *values: int) -> None: ...
+
+    def load_idx(self) -> int:
+        """The ring's index, which the guest may be storing meanwhile (avail)."""
+        ...
+
+    def store_idx(self, idx: int) -> None:
+        """Publish the ring's index (used): the guest, reading it meanwhile, sees either the
+        old value or the new one. The flags beside it are the device's and stay 0."""
+        ...
 
 
 class Memory(Protocol):
@@ -83,12 +93,23 @@ class Region:
 class ViewArea:
     def __init__(self, view: memoryview) -> None:
         self.view = view
+        # struct's "<H" stores byte by byte, low byte first: publishing 0x0100 after 0x00FF
+        # showed a guest polling the index 0x0000 for a moment, and it took the previous
+        # lap's used elements for new ones ("rx:id N is not a head!", docs/vsock.md). An item
+        # of a native 16-bit view is one load or store (little-endian x86, as the backend).
+        self.header = view[:4].cast("H")
 
     def unpack(self, fmt: struct.Struct, offset: int) -> tuple[Any, ...]:
         return fmt.unpack_from(self.view, offset)
 
     def pack(self, fmt: struct.Struct, offset: int, *values: int) -> None:
         fmt.pack_into(self.view, offset, *values)
+
+    def load_idx(self) -> int:
+        return int(self.header[1])
+
+    def store_idx(self, idx: int) -> None:
+        self.header[1] = idx
 
 
 class GuestMemory:
@@ -149,6 +170,9 @@ class GuestMemory:
         pass  # the views are the guest's memory
 
 
+_FLAGS_IDX = struct.Struct("<HH")
+
+
 class ProcessArea:
     def __init__(self, fd: int, uva: int, length: int) -> None:
         self.fd = fd
@@ -164,6 +188,15 @@ class ProcessArea:
         if not 0 <= offset <= self.length - fmt.size:
             raise GuestMemoryError(f"offset {offset} outside a ring of {self.length} bytes")
         _pwrite(self.fd, fmt.pack(*values), self.uva + offset)
+
+    # The kernel copies 2 bytes of a pread/pwrite of /proc/<pid>/mem as two byte moves where
+    # its memcpy does not use `rep movsb` (no FSRM), and 4 bytes as one: the index goes with
+    # the flags before it, as one aligned 32-bit word.
+    def load_idx(self) -> int:
+        return int(_FLAGS_IDX.unpack(_pread(self.fd, 4, self.uva))[1])
+
+    def store_idx(self, idx: int) -> None:
+        _pwrite(self.fd, _FLAGS_IDX.pack(0, idx), self.uva)
 
 
 # The longest buffer copied in or out of a clone's memory: a guest's vsock packets are at

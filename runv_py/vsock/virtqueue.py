@@ -82,7 +82,7 @@ class Virtqueue:
             self.desc = mem.area(self.desc_uva, 16 * self.size)
             self.avail = mem.area(self.avail_uva, 4 + 2 * self.size)
             self.used = mem.area(self.used_uva, 4 + 8 * self.size)
-            self.used_idx = self.used.unpack(_U16, 2)[0]
+            self.used_idx = self.used.load_idx()
         except GuestMemoryError as exc:
             self.desc = self.avail = self.used = None
             raise RingError(f"vring {self.index}: {exc}") from None
@@ -94,7 +94,7 @@ class Virtqueue:
 
     def avail_count(self) -> int:
         assert self.avail is not None
-        avail_idx: int = self.avail.unpack(_U16, 2)[0]
+        avail_idx = self.avail.load_idx()
         return (avail_idx - self.last_avail) & 0xFFFF
 
     def pop(self, mem: Memory, max_bytes: int) -> Chain | None:
@@ -103,7 +103,7 @@ class Virtqueue:
         whose buffers add up to more than `max_bytes` is bad: its buffers are not read (with
         a clone's memory, reading is copying)."""
         assert self.avail is not None and self.desc is not None
-        avail_idx = self.avail.unpack(_U16, 2)[0]
+        avail_idx = self.avail.load_idx()
         pending = (avail_idx - self.last_avail) & 0xFFFF
         if pending == 0:
             return None
@@ -171,7 +171,7 @@ class Virtqueue:
         self.used.pack(_USED_ELEM, 4 + 8 * slot, head, length)
         # x86 is TSO: the element is visible before the index that publishes it.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.used.pack(_U16, 2, self.used_idx)
+        self.used.store_idx(self.used_idx)
         self.pending_signal = True
 
     def signal(self) -> None:
@@ -191,7 +191,7 @@ class Virtqueue:
         """After a backend restart: every chain we took was returned at once, so the used
         index is where the avail walk stands."""
         assert self.used is not None
-        self.used_idx = self.used.unpack(_U16, 2)[0]
+        self.used_idx = self.used.load_idx()
         self.last_avail = self.used_idx
         self.inflight.clear()
 

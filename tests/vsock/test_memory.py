@@ -1,0 +1,131 @@
+"""Guest memory as the device reaches it: a ring's index, which the guest reads (used) or
+writes (avail) while the device works, goes in one access either way. A guest that polls a
+used index caught half-stored takes stale entries of the ring's previous lap for new ones."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from runv_py.vsock.memory import GuestMemory, Memory, ProcessMemory
+
+PAGE = 4096
+UVA = 0x7F00_0000_0000
+CONTROL, RING = 0, 64  # a word for the other process's state; the ring's flags and index
+READY, STOP = 1, 2
+# Stored one after the other, the two values differ in both bytes: a byte-wise store or load
+# shows 0x0000 or 0x01FF in between.
+VALUES = (0x00FF, 0x0100)
+
+# The guest's side, in a process of its own: single 16-bit loads or stores of the index.
+GUEST = r"""
+import ctypes, mmap, sys
+fd, role = int(sys.argv[1]), sys.argv[2]
+page = mmap.mmap(fd, 4096)
+control = ctypes.c_uint16.from_buffer(page, 0)
+index = ctypes.c_uint16.from_buffer(page, 66)
+control.value = 1
+reads = other = 0
+while control.value != 2:
+    if role == "poll":
+        value = index.value
+        reads += 1
+        if value != 0x00FF and value != 0x0100:
+            other += 1
+    else:
+        index.value = 0x0100
+        index.value = 0x00FF
+print(reads, other)
+"""
+
+
+@dataclass(frozen=True)
+class SharedPage:
+    fd: int
+    page: mmap.mmap
+    mem: Memory
+    uva: int  # the page's address in QEMU's terms (that of the ring areas)
+
+
+@pytest.fixture(params=["mapped", "process"])
+def shared(request: pytest.FixtureRequest) -> Iterator[SharedPage]:
+    """A memfd page shared with another process, and the device's way into it: mapped (cold
+    boots) or through /proc/<pid>/mem (template clones; here this process's own mapping)."""
+    fd = os.memfd_create("ring")
+    os.ftruncate(fd, PAGE)
+    page = mmap.mmap(fd, PAGE)
+    mem: Memory
+    if request.param == "mapped":
+        uva = UVA
+        mem = GuestMemory()
+    else:
+        anchor = ctypes.c_char.from_buffer(page)
+        uva = ctypes.addressof(anchor)
+        del anchor
+        mem = ProcessMemory(os.getpid())
+    mem.set_table([(0, PAGE, uva, 0)], [os.dup(fd)])
+    try:
+        yield SharedPage(fd, page, mem, uva)
+    finally:
+        mem.close()
+        page.close()
+        os.close(fd)
+
+
+def _guest(shared: SharedPage, role: str) -> subprocess.Popen[str]:
+    guest = subprocess.Popen([sys.executable, "-c", GUEST, str(shared.fd), role],
+                             pass_fds=(shared.fd,), stdout=subprocess.PIPE, text=True)
+    control = memoryview(shared.page)[CONTROL:CONTROL + 2].cast("H")
+    deadline = time.monotonic() + 30
+    while control[0] != READY:
+        assert time.monotonic() < deadline, "the guest process did not start"
+        time.sleep(0.01)
+    control.release()
+    return guest
+
+
+def _stop(shared: SharedPage, guest: subprocess.Popen[str]) -> tuple[int, int]:
+    control = memoryview(shared.page)[CONTROL:CONTROL + 2].cast("H")
+    control[0] = STOP
+    control.release()
+    out, _ = guest.communicate(timeout=30)
+    reads, other = out.split()
+    return int(reads), int(other)
+
+
+def test_a_guest_polling_the_used_index_sees_only_stored_values(shared: SharedPage) -> None:
+    used = shared.mem.area(shared.uva + RING, 4 + 8)
+    used.store_idx(VALUES[0])
+    guest = _guest(shared, "poll")
+    try:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for _ in range(1000):
+                used.store_idx(VALUES[1])
+                used.store_idx(VALUES[0])
+    finally:
+        reads, other = _stop(shared, guest)
+    assert reads > 1000, "the guest hardly polled: nothing was shown"
+    assert other == 0, f"{other} of {reads} polls saw a half-stored index"
+
+
+def test_an_avail_index_the_guest_is_storing_is_read_whole(shared: SharedPage) -> None:
+    avail = shared.mem.area(shared.uva + RING, 4 + 2)
+    guest = _guest(shared, "store")
+    seen: set[int] = set()
+    try:
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            for _ in range(1000):
+                seen.add(avail.load_idx())
+    finally:
+        _stop(shared, guest)
+    assert seen <= set(VALUES), f"read {sorted(seen - set(VALUES))} half-stored"
