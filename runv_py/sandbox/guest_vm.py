@@ -678,24 +678,26 @@ class GuestVm:
         return self._agent
 
     async def close(self) -> None:
-        """Stop the VM and remove the state dir. Idempotent."""
-        try:
+        """Stop the VM and remove the state dir. Idempotent. Each step runs even when one
+        before it failed or was cancelled; the error comes out after the last."""
+        async with contextlib.AsyncExitStack() as steps:
+            # Run last to first: the agent, QEMU, virtiofsd, the vsock backend, the dir.
+            steps.callback(self._release_dir)
+            if self.vsock is not None:
+                steps.push_async_callback(self.vsock.stop)
+            for daemon in reversed(self.virtiofsds):
+                steps.push_async_callback(daemon.stop)
+            if self._machine is not None:
+                steps.push_async_callback(self._machine.close)
             if self._agent is not None:
-                await self._agent.close()
-        finally:
-            try:
-                if self._machine is not None:
-                    await self._machine.close()
-                for daemon in self.virtiofsds:
-                    await daemon.stop()
-                if self.vsock is not None:
-                    await self.vsock.stop()
-            finally:
-                if self._owns_dir:
-                    shutil.rmtree(self.paths.root, ignore_errors=True)
-                    self._owns_dir = False
-                elif self._claimed:
-                    vm_dir.empty(self.paths.root)
+                steps.push_async_callback(self._agent.close)
+
+    def _release_dir(self) -> None:
+        if self._owns_dir:
+            shutil.rmtree(self.paths.root, ignore_errors=True)
+            self._owns_dir = False
+        elif self._claimed:
+            vm_dir.empty(self.paths.root)
 
     async def __aenter__(self) -> GuestVm:
         return self

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -113,6 +114,45 @@ def test_a_qemu_too_busy_to_answer_quit_is_still_stopped(
     pids = asyncio.run(body())
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
     assert not processes_mentioning(str(runtime_config.state_dir / "frozen"))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_a_vm_whose_event_loop_is_torn_down_under_it_still_stops(
+        runtime_config: config.RuntimeConfig) -> None:
+    """An exception raised out of the event loop itself (a signal handler's: a test timeout,
+    a second Ctrl-C) makes asyncio.run cancel every task at once, the machine's wait for
+    QEMU's exit among them, while the VM's close runs: QEMU and its vsock backend still go.
+    Before, the cancelled wait ended the close: QEMU stayed, and so did the backend, whose
+    stop came after QEMU's."""
+    started: dict[int, int | None] = {}
+
+    async def body() -> None:
+        async with await GuestVm.boot(replace(runtime_config, template="off"),
+                                      sandbox_id="torn") as sandbox:
+            assert sandbox.machine is not None and sandbox.machine.pid is not None
+            assert sandbox.vsock is not None and sandbox.vsock.child is not None
+            for pid in [sandbox.machine.pid, *child.with_descendants(sandbox.vsock.child.pid)]:
+                started[pid] = child.proc_start_time(pid)
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+            await asyncio.sleep(60)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR2, interrupt)
+    try:
+        with pytest.raises(_Interrupted):
+            asyncio.run(body())
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert len(started) >= 3  # QEMU, the vsock keeper and its worker
+    deadline = time.monotonic() + 10
+    while [pid for pid, start in started.items() if child.is_running(pid, start or 0)]:
+        assert time.monotonic() < deadline, "QEMU or its vsock backend outlived the close"
+        time.sleep(0.1)
 
 
 def test_qemu_killed_during_boot_is_reported_and_cleaned(

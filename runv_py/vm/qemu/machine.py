@@ -357,15 +357,21 @@ class QemuMachine:
         if self.child is None:
             await self.console.close()
             return
-        if self.child.returncode is None:
-            # A QEMU too busy to answer within the second gets SIGTERM and SIGKILL below.
-            with contextlib.suppress(HypervisorError, TimeoutError):
-                await asyncio.wait_for(self.qmp.execute("quit"), 1.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
-            await self.child.stop(grace_s=1.0)
+        try:
+            if self.child.returncode is None:
+                # A QEMU too busy to answer within the second gets SIGTERM and SIGKILL below.
+                with contextlib.suppress(HypervisorError, TimeoutError):
+                    await asyncio.wait_for(self.qmp.execute("quit"), 1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
+                await self.child.stop(grace_s=1.0)
+        finally:
+            # Whatever cut the polite way short (this close cancelled, or the wait for the
+            # exit cancelled under it by an event loop shutting down), QEMU does not outlive
+            # its owner's close.
+            self.child.signal(signal.SIGKILL)
         await self.qmp.close()
-        if self._exited is not None:
+        if self._exited is not None and not self._exited.cancelled():
             with contextlib.suppress(Exception):
                 await self._exited
         await self.console.close()
