@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import packet as pk
 from . import protocol as vu
-from .memory import GuestMemory, GuestMemoryError, Memory, ProcessMemory, check_reachable
+from .memory import FLAGS_IDX, GuestMemory, GuestMemoryError, Memory, ProcessMemory, check_reachable
 from .virtqueue import Chain, ChainError, RingError, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ _VRING_STATE = struct.Struct("<II")
 _VRING_ADDR = struct.Struct("<IIQQQQ")
 _U64 = struct.Struct("<Q")
 _CONFIG_HEADER = struct.Struct("<III")
-_FLAGS_IDX = struct.Struct("<HH")
 
 
 class _Dropped:
@@ -331,8 +330,8 @@ class Device:
             avail = vq.avail_count() if vq.avail is not None else -1
             raw = ""
             if vq.avail is not None and vq.used is not None:
-                raw = (f" avail.flags/idx={vq.avail.unpack(_FLAGS_IDX, 0)} "
-                       f"used.flags/idx={vq.used.unpack(_FLAGS_IDX, 0)}")
+                raw = (f" avail.flags/idx={vq.avail.unpack(FLAGS_IDX, 0)} "
+                       f"used.flags/idx={vq.used.unpack(FLAGS_IDX, 0)}")
             rings.append(f"vring{vq.index}(size={vq.size} enabled={vq.enabled} "
                          f"started={vq.started} last_avail={vq.last_avail} used={vq.used_idx} "
                          f"pending={avail}{raw})")

@@ -27,6 +27,10 @@ class GuestMemoryError(Exception):
     pass
 
 
+# The 4 bytes a ring starts with: its flags and its index.
+FLAGS_IDX = struct.Struct("<HH")
+
+
 class Area(Protocol):
     """A fixed range of guest memory (a ring), read and written with structs; its index (the
     16 bits at offset 2, after the flags) in one access."""
@@ -106,7 +110,7 @@ class ViewArea:
         fmt.pack_into(self.view, offset, *values)
 
     def load_idx(self) -> int:
-        return int(self.header[1])
+        return self.header[1]
 
     def store_idx(self, idx: int) -> None:
         self.header[1] = idx
@@ -170,9 +174,6 @@ class GuestMemory:
         pass  # the views are the guest's memory
 
 
-_FLAGS_IDX = struct.Struct("<HH")
-
-
 class ProcessArea:
     def __init__(self, fd: int, uva: int, length: int) -> None:
         self.fd = fd
@@ -193,10 +194,11 @@ class ProcessArea:
     # its memcpy does not use `rep movsb` (no FSRM), and 4 bytes as one: the index goes with
     # the flags before it, as one aligned 32-bit word.
     def load_idx(self) -> int:
-        return int(_FLAGS_IDX.unpack(_pread(self.fd, 4, self.uva))[1])
+        idx: int = FLAGS_IDX.unpack(_pread(self.fd, 4, self.uva))[1]
+        return idx
 
     def store_idx(self, idx: int) -> None:
-        _pwrite(self.fd, _FLAGS_IDX.pack(0, idx), self.uva)
+        _pwrite(self.fd, FLAGS_IDX.pack(0, idx), self.uva)
 
 
 # The longest buffer copied in or out of a clone's memory: a guest's vsock packets are at

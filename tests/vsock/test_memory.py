@@ -33,11 +33,11 @@ VALUES = (0x00FF, 0x0100)
 # The guest's side, in a process of its own: single 16-bit loads or stores of the index.
 GUEST = r"""
 import ctypes, mmap, sys
-fd, role = int(sys.argv[1]), sys.argv[2]
-page = mmap.mmap(fd, 4096)
-control = ctypes.c_uint16.from_buffer(page, 0)
-progress = ctypes.c_uint32.from_buffer(page, 8)
-index = ctypes.c_uint16.from_buffer(page, 66)
+fd, role, control_at, progress_at, index_at = sys.argv[1:]
+page = mmap.mmap(int(fd), 4096)
+control = ctypes.c_uint16.from_buffer(page, int(control_at))
+progress = ctypes.c_uint32.from_buffer(page, int(progress_at))
+index = ctypes.c_uint16.from_buffer(page, int(index_at))
 control.value = 1
 done = other = 0
 while control.value != 2:
@@ -89,7 +89,9 @@ def shared(request: pytest.FixtureRequest) -> Iterator[SharedPage]:
 
 
 def _guest(shared: SharedPage, role: str) -> subprocess.Popen[str]:
-    guest = subprocess.Popen([sys.executable, "-c", GUEST, str(shared.fd), role],
+    offsets = (CONTROL, PROGRESS, RING + 2)
+    guest = subprocess.Popen([sys.executable, "-c", GUEST, str(shared.fd), role,
+                              *map(str, offsets)],
                              pass_fds=(shared.fd,), stdout=subprocess.PIPE, text=True)
     control = memoryview(shared.page)[CONTROL:CONTROL + 2].cast("H")
     deadline = time.monotonic() + 30
