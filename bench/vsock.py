@@ -140,7 +140,10 @@ def guest_spec(args: list[str]) -> bytes:
                     "options": ro},
                    *({"destination": d, "type": "bind", "source": d, "options": ro}
                      for d in ("/usr", "/lib", "/lib64"))],
-        "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")]},
+        # The serial port's device node (/gdev/vport*) is not among a container's default
+        # devices: the device cgroup refuses it unless the spec allows it.
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
+                  "resources": {"devices": [{"allow": True, "access": "rwm"}]}},
     }).encode()
 
 
