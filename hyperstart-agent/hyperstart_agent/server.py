@@ -17,6 +17,7 @@ from . import API_VERSION, __version__
 from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
 from .errors import REASON_KEY, AgentError
+from .flare import Flare
 
 if TYPE_CHECKING:
     from . import network
@@ -352,7 +353,13 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
                           f"Stdio of {first.container_id}/{first.exec_id} is already attached")
         threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                          name="stdin", daemon=True).start()
-        yield from stdio.read_output(process, fds, lambda: not context.is_active())
+        host_gone = Flare()
+        if not context.add_callback(host_gone.fire):
+            host_gone.fire()
+        try:
+            yield from stdio.read_output(process, fds, host_gone)
+        finally:
+            host_gone.close()
 
     def PortForward(self, requests: Iterator[pb.PortForwardInput], context: Any
                     ) -> Iterator[pb.PortForwardOutput]:

@@ -16,13 +16,15 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import closing, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._pb import hyperstart_pb2 as pb
 from .channel import FailureLog
 from .errors import AgentError
+from .flare import Flare
 
 if TYPE_CHECKING:
     from .container.engine import Process
@@ -39,6 +41,14 @@ CONNECT_WAIT_S = 60.0
 CLOSED_STALL_S = 30.0
 
 
+@dataclass(frozen=True, slots=True)
+class HostGone:
+    """What tells an output pump that its host went away: `events` polled on `fd`."""
+
+    fd: int
+    events: int
+
+
 def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
     try:
         for message in itertools.chain([first], requests):
@@ -53,28 +63,40 @@ def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
 
 
 def outputs(process: Process, fds: tuple[int | None, int | None],
-            host_gone: Callable[[], bool] | None = None) -> Iterator[tuple[int, bytes]]:
+            host_gone: HostGone | None = None) -> Iterator[tuple[int, bytes]]:
     """(STDOUT or STDERR, data) of the process's (stdout, stderr), handed over by
     attach_reader, b"" once for each at its end; then gives them back to be closed and marks
     the output drained. A process removed by force normally ends them (its writers are
     killed); if a stray process still holds one, they end once the process is closed and
-    nothing more comes. Closed before its end (the host went away: a checkpoint), it leaves
-    what did not end to the next reader; `host_gone` says so while the process is quiet (else
-    the next host could not attach until the process wrote again)."""
+    nothing more comes for IDLE_CHECK_MS. Closed before its end (the host went away: a
+    checkpoint), it leaves what did not end to the next reader; `host_gone` says so while
+    the process is quiet (else the next host could not attach until the process wrote
+    again). It sleeps until one of these happens: no timer wakes an idle guest."""
     streams = {fd: kind for fd, kind in zip(fds, (STDOUT, STDERR), strict=True)
                if fd is not None}
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)
+    closed = process.watch_closed()
+    if closed is not None:
+        poller.register(closed, select.POLLIN)
+    if host_gone is not None:
+        poller.register(host_gone.fd, host_gone.events)
+    quiet_ms = None if closed is not None else IDLE_CHECK_MS
     try:
         while streams:
-            ready = poller.poll(IDLE_CHECK_MS)
+            ready = dict(poller.poll(quiet_ms))
+            if closed is not None and closed.fileno() in ready:
+                poller.unregister(closed)
+                process.unwatch_closed(closed)
+                closed, quiet_ms = None, IDLE_CHECK_MS
+            readable = [fd for fd in ready if fd in streams]
             if not ready and process.closed:
                 for fd in list(streams):
                     yield streams.pop(fd), b""
-            if not ready and host_gone is not None and host_gone():
+            if not readable and host_gone is not None and host_gone.fd in ready:
                 return
-            for fd, _ in ready:
+            for fd in readable:
                 try:
                     data = os.read(fd, CHUNK)
                 except OSError as exc:
@@ -87,6 +109,7 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
                     poller.unregister(fd)
                     yield streams.pop(fd), b""
     finally:
+        process.unwatch_closed(closed)
         if streams and not process.closed:
             out, err = fds
             process.detach_reader((out if out in streams else None,
@@ -97,9 +120,10 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
 
 
 def read_output(process: Process, fds: tuple[int | None, int | None],
-                host_gone: Callable[[], bool] | None = None) -> Iterator[pb.StdioOutput]:
+                host_gone: Flare | None = None) -> Iterator[pb.StdioOutput]:
     kinds = (pb.StdioOutput.STDOUT, pb.StdioOutput.STDERR)
-    for kind, data in outputs(process, fds, host_gone):
+    gone = None if host_gone is None else HostGone(host_gone.fileno(), select.POLLIN)
+    for kind, data in outputs(process, fds, gone):
         yield pb.StdioOutput(stream=kinds[kind], data=data, eof=not data)
 
 
@@ -254,14 +278,19 @@ def _stream_stdin(process: Process, conn: socket.socket) -> None:
     process is closed. A connection reset (the host's vsock device was removed: a
     checkpoint) leaves stdin open for the next host."""
     lost = False
+    closed = process.watch_closed()
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    if closed is not None:
+        poller.register(closed, select.POLLIN)
     with conn:
         try:
-            while True:
+            while not process.closed:
+                if conn.fileno() not in dict(poller.poll()):
+                    continue
                 try:
                     data = conn.recv(CHUNK)
                 except TimeoutError:
-                    if process.closed:
-                        return
                     continue
                 if not data:
                     return
@@ -272,20 +301,15 @@ def _stream_stdin(process: Process, conn: socket.socket) -> None:
         except OSError as exc:  # the process closed its stdin
             log.debug("stdin of %s ended: %s", process.exec_id, exc)
         finally:
+            process.unwatch_closed(closed)
             if not lost:
                 process.close_stdin()
 
 
-def _reset(conn: socket.socket) -> bool:
-    """Whether the host's connection is reset (the host's end gone, not a half-close)."""
-    poller = select.poll()
-    poller.register(conn, 0)  # POLLHUP and POLLERR are always reported
-    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
-
-
 def _stream_output(process: Process, fds: tuple[int | None, int | None],
                    conn: socket.socket) -> None:
-    with conn, closing(outputs(process, fds, lambda: _reset(conn))) as chunks:
+    # A reset connection polls POLLHUP (always reported); a half-close does not.
+    with conn, closing(outputs(process, fds, HostGone(conn.fileno(), 0))) as chunks:
         try:
             for kind, data in chunks:
                 _send_all(process, conn, FRAME.pack(kind, len(data)) + data)

@@ -6,12 +6,15 @@ attach to it; a normal end still releases and drains."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
+import time
 from contextlib import closing
 
 from hyperstart_agent import stdio
 from hyperstart_agent.container.engine import Process
+from hyperstart_agent.flare import Flare
 
 
 def _process() -> tuple[Process, int, int]:
@@ -26,11 +29,13 @@ def test_host_gone_mid_stream_leaves_the_output_to_the_next_reader() -> None:
     fds = process.attach_reader()
     assert fds is not None
     os.write(out_w, b"one")
-    gone = threading.Event()
-    with closing(stdio.outputs(process, fds, gone.is_set)) as chunks:
+    gone = Flare()
+    with closing(stdio.outputs(process, fds, stdio.HostGone(gone.fileno(), select.POLLIN))
+                 ) as chunks:
         seen = [next(chunks), next(chunks)]
-        gone.set()
+        gone.fire()
         seen += list(chunks)
+    gone.close()
     assert sorted(seen) == [(stdio.STDOUT, b"one"), (stdio.STDERR, b"")]
     assert not process.reader_attached and not process.drained.is_set()
     assert process.stderr is None and process.stdout == fds[0]
@@ -61,13 +66,80 @@ def test_a_reader_closed_early_detaches_and_a_closed_process_releases() -> None:
         os.close(fd)
 
 
-def test_reset_tells_a_reset_from_a_half_close() -> None:
-    a, b = socket.socketpair()
-    b.shutdown(socket.SHUT_WR)
-    assert not stdio._reset(a)
-    b.close()
-    assert stdio._reset(a)
-    a.close()
+def test_a_half_close_keeps_the_pump_and_a_reset_ends_it() -> None:
+    """The vsock pump's host: its half-close (the host's stdin EOF) is not its going away;
+    its connection closed is, once the process is quiet."""
+    process, out_w, err_w = _process()
+    fds = process.attach_reader()
+    assert fds is not None
+    ours, host = socket.socketpair()
+    host.shutdown(socket.SHUT_WR)
+    result: list[list[tuple[int, bytes]]] = []
+    pump = threading.Thread(target=lambda: result.append(list(
+        stdio.outputs(process, fds, stdio.HostGone(ours.fileno(), 0)))), daemon=True)
+    pump.start()
+    pump.join(0.5)
+    assert pump.is_alive()
+    host.close()
+    pump.join(5)
+    assert not pump.is_alive() and result == [[]]
+    assert not process.reader_attached and process.stdout == fds[0]
+    process.close()
+    for fd in (out_w, err_w, ours.fileno()):
+        os.close(fd)
+
+
+def _wakeups(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return sum(int(line.split()[1]) for line in f
+                   if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+
+
+def test_an_idle_pump_sleeps_until_its_process_is_closed() -> None:
+    """A quiet process's output pump and stdin reader do not wake on a timer (each wake-up of
+    an idle guest is CPU its host spends emulating it); closing the process still ends both."""
+    process, out_w, err_w = _process()
+    r, w = os.pipe()
+    process.stdin = w
+    fds = process.attach_reader()
+    assert fds is not None
+    ours, host = socket.socketpair()
+    ours.settimeout(stdio.IDLE_CHECK_MS / 1000)  # as StreamListener gives it to both
+    tids: list[int] = []
+    ended: list[str] = []
+
+    def pump() -> None:
+        tids.append(threading.get_native_id())
+        list(stdio.outputs(process, fds, stdio.HostGone(ours.fileno(), 0)))
+        ended.append("output")
+
+    def stdin() -> None:
+        tids.append(threading.get_native_id())
+        stdio._stream_stdin(process, ours.dup())
+        ended.append("stdin")
+
+    threads = [threading.Thread(target=pump, daemon=True),
+               threading.Thread(target=stdin, daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(tids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # both are in poll() now
+        before = [_wakeups(tid) for tid in tids]
+        time.sleep(2.5)
+        assert [_wakeups(tid) for tid in tids] == before
+    finally:
+        process.close()
+    for thread in threads:
+        thread.join(5)
+    assert sorted(ended) == ["output", "stdin"]
+    assert process.stdout is None and process.stdin is None and process.drained.is_set()
+    for fd in (out_w, err_w, r):
+        os.close(fd)
+    ours.close()
+    host.close()
 
 
 def test_a_second_stdio_stream_registration_replaces_an_unclaimed_one() -> None:

@@ -480,3 +480,36 @@ def test_force_remove_while_streaming_keeps_the_agent_serving(
             await agent.remove_container(f"after{round_}")
 
     _run(runtime_config, busybox_rootfs, body)
+
+
+def test_an_idle_guest_kernel_runs_no_housekeeping_timers(
+        runtime_config: config.RuntimeConfig, busybox_rootfs: Path) -> None:
+    """kcompactd does not wake while the guest idles, and vmstat folds every 10 s: each
+    wake-up of an idle sandbox's guest is CPU its host spends (emulated under TCG). The
+    container shares the VM's pid namespace to see the kernel's threads."""
+    script = ("for p in /proc/[0-9]*; do read c < $p/comm; "
+              "[ \"$c\" = kcompactd0 ] && k=$p; done; "
+              "cat $k/status > /dev/a; sleep 4; cat $k/status > /dev/b; "
+              "cat /proc/sys/vm/compaction_proactiveness /proc/sys/vm/stat_interval; "
+              "echo ---; cat /dev/a; echo ---; cat /dev/b")
+
+    async def body(agent: AgentClient) -> None:
+        spec = json.loads(_spec(MOUNT.format("idle"), ["sh", "-c", script]))
+        spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"]
+                                       if n["type"] != "pid"]
+        await agent.create_container("idle", json.dumps(spec).encode(),
+                                     storages=(Storage("9p", "rootfs0", MOUNT.format("idle")),))
+        output = asyncio.create_task(_collect(agent.stdio("idle")))
+        await agent.start_container("idle")
+        assert await agent.wait_process("idle", timeout_s=60) == 0
+        settings, before, after = (await output)["stdout"].decode().split("---\n")
+
+        def switches(status: str) -> int:
+            return sum(int(line.split()[1]) for line in status.splitlines()
+                       if "ctxt_switches" in line)
+
+        assert switches(after) == switches(before), "kcompactd woke while the guest idled"
+        assert settings.split() == ["0", "10"]
+        await agent.remove_container("idle")
+
+    _run(runtime_config, busybox_rootfs, body)

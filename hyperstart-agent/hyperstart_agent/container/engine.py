@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import AgentError
+from ..flare import Flare
 from . import audit, cgroups, device_cgroup, seccomp
 from . import spec as specmod
 from . import syscalls as sc
@@ -85,6 +86,25 @@ class Process:
     _fd_lock: threading.Lock = field(default_factory=threading.Lock)
     _stdin_writing: bool = False
     _stdin_retired: int | None = None
+    _closed_flares: set[Flare] = field(default_factory=set)
+
+    def watch_closed(self) -> Flare | None:
+        """A flare that close() fires (None if the process is closed already), for a thread
+        that polls the process's pipes to learn of it without a timer; it gives it back with
+        unwatch_closed()."""
+        with self._fd_lock:
+            if self.closed:
+                return None
+            flare = Flare()
+            self._closed_flares.add(flare)
+            return flare
+
+    def unwatch_closed(self, flare: Flare | None) -> None:
+        if flare is None:
+            return
+        with self._fd_lock:
+            self._closed_flares.discard(flare)
+        flare.close()
 
     def attach_reader(self) -> tuple[int | None, int | None] | None:
         """Hand (stdout, stderr) to the caller, who gives them back with release_output();
@@ -148,6 +168,7 @@ class Process:
         self.close_stdin()
         with self._fd_lock:
             self.closed = True
+            flares, self._closed_flares = self._closed_flares, set()
             if self.reader_attached:
                 owned: tuple[int | None, ...] = ()
             else:
@@ -155,6 +176,8 @@ class Process:
         for fd in owned:
             if fd is not None:
                 os.close(fd)
+        for flare in flares:
+            flare.fire()
         if self.sync is not None:
             self.sync.close()
             self.sync = None
