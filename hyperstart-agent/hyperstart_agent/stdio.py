@@ -85,7 +85,14 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
     quiet_ms = None if closed is not None else IDLE_CHECK_MS
     try:
         while streams:
-            ready = dict(poller.poll(quiet_ms))
+            try:
+                ready = dict(poller.poll(quiet_ms))
+            except OSError as exc:
+                # More fds than PID 1's open-file limit, which a container sharing its pid
+                # namespace can lower: without the flare, the close is seen on a timer.
+                if exc.errno != errno.EINVAL or closed is None:
+                    raise
+                ready = {closed.fileno(): 0}
             if closed is not None and closed.fileno() in ready:
                 poller.unregister(closed)
                 process.unwatch_closed(closed)
@@ -286,7 +293,16 @@ def _stream_stdin(process: Process, conn: socket.socket) -> None:
     with conn:
         try:
             while not process.closed:
-                if conn.fileno() not in dict(poller.poll()):
+                try:
+                    ready = dict(poller.poll(None if closed is not None else IDLE_CHECK_MS))
+                except OSError as exc:  # over PID 1's open-file limit: as in outputs()
+                    if exc.errno != errno.EINVAL or closed is None:
+                        raise
+                    poller.unregister(closed)
+                    process.unwatch_closed(closed)
+                    closed = None
+                    continue
+                if conn.fileno() not in ready:
                     continue
                 try:
                     data = conn.recv(CHUNK)
