@@ -31,7 +31,8 @@ if __package__ in (None, ""):
 from bundle import RUNV, make, report
 
 SNAPSHOT = ("snap() { grep -H ctxt /proc/1/task/*/status /proc/[0-9]*/status; "
-            "grep -H . /proc/1/task/*/wchan /proc/[0-9]*/wchan /proc/[0-9]*/comm; "
+            "grep -H . /proc/1/task/*/wchan /proc/1/task/*/comm /proc/[0-9]*/wchan "
+            "/proc/[0-9]*/comm; "
             "cat /proc/interrupts /proc/uptime; }; ")
 STATUS = re.compile(r"(/proc/[\d/task]+)/status:(?:non)?voluntary_ctxt_switches:\s+(\d+)")
 NAMED = re.compile(r"(/proc/[\d/task]+)/(wchan|comm):(.*)")
@@ -56,8 +57,10 @@ class Snapshot:
 
     def label(self, task: str) -> str:
         names = self.names.get(task, {})
-        agent = task.startswith("/proc/1/task/")
-        return f"{'agent thread' if agent else names.get('comm', '?')} in {names.get('wchan', '?')}"
+        comm = names.get("comm", "?")
+        if task.startswith("/proc/1/task/"):  # Python's threads keep the process's name
+            comm = "agent" if comm == "hyperstart" else f"agent ({comm})"
+        return f"{comm} in {names.get('wchan', '?')}"
 
 
 def measure(seconds: float, top: Path) -> dict[str, Any]:
