@@ -340,23 +340,24 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
               ) -> Iterator[pb.StdioOutput]:
         from . import stdio
 
+        host_gone = Flare()  # fired when the RPC ends, however it ends
         try:
-            first = next(requests)
-            process = self.engine.process(first.container_id, first.exec_id)
-        except StopIteration:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Stdio: no first message")
-        except AgentError as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
-        fds = process.attach_reader()
-        if fds is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"Stdio of {first.container_id}/{first.exec_id} is already attached")
-        threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
-                         name="stdin", daemon=True).start()
-        host_gone = Flare()
-        if not context.add_callback(host_gone.fire):
-            host_gone.fire()
-        try:
+            if not context.add_callback(host_gone.fire):
+                host_gone.fire()
+            try:
+                first = next(requests)
+                process = self.engine.process(first.container_id, first.exec_id)
+            except StopIteration:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Stdio: no first message")
+            except AgentError as exc:
+                context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            fds = process.attach_reader()
+            if fds is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"Stdio of {first.container_id}/{first.exec_id} is already "
+                              "attached")
+            threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
+                             name="stdin", daemon=True).start()
             yield from stdio.read_output(process, fds, host_gone)
         finally:
             host_gone.close()

@@ -21,6 +21,7 @@ from . import output_log
 from .manager import WorkloadManager
 from .records import Workload
 
+OWNER_POLL_S = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +41,11 @@ async def _exited(pid: int, start: int) -> None:
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
+        return
+    except OSError as exc:  # out of fds: look every OWNER_POLL_S instead
+        log.warning("owner pid %d: no pidfd (%s), polling it", pid, exc)
+        while child.is_running(pid, start):
+            await asyncio.sleep(OWNER_POLL_S)
         return
     try:
         # Checked after the pidfd exists: it is of that process, not of one that reused the pid.
