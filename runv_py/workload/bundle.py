@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import openat2
 from ..errors import ConfigError
@@ -16,9 +16,11 @@ from ..runtime_annotations import MARKERS, write_marker
 from ..sandbox import policy
 from ..storage.block import BlockRootfs
 from . import seccomp_profile
-from .images import ResolvedImage
 from .network_mode import configure_network
 from .options import RunOptions, parse_user
+
+if TYPE_CHECKING:
+    from .images import ResolvedImage
 
 # Docker's default capability set: the VM, not the capability list, is the security boundary.
 CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",

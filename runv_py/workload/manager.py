@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -16,13 +17,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import child, disk
 from ..config import RuntimeConfig
 from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
-from ..oci.image import Progress
 from ..sandbox import policy, protocol
 from ..sandbox.client import AttachedProcess
 from ..sandbox.protocol import Attach, Exec
@@ -32,9 +32,14 @@ from ..sandbox.status import ContainerStatus
 from ..storage import block
 from . import audit_log, network_mode, output_log
 from . import bundle as bundle_mod
-from .images import Images, ResolvedImage
 from .options import RunOptions
 from .records import Records, Workload, rfc3339
+
+if TYPE_CHECKING:
+    # The image machinery (a registry client: http, ssl) loads when an image is used, not in
+    # every detached container's monitor.
+    from ..oci.image import Progress
+    from .images import Images, ResolvedImage
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,12 @@ class WorkloadManager:
         self.tenant = tenant
         self.records = Records(self.data_root, tenant)
         self.runtime = Runtime(self.state_root, config, store=self.records, debug=debug)
-        self.images = Images(self.data_root / "images", tenant)
+
+    @functools.cached_property
+    def images(self) -> Images:
+        from .images import Images
+
+        return Images(self.data_root / "images", self.tenant)
 
     # -- creating -----------------------------------------------------------------------------
 
