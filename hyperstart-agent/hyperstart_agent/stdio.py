@@ -82,21 +82,9 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
         poller.register(closed, select.POLLIN)
     if host_gone is not None:
         poller.register(host_gone.fd, host_gone.events)
-    quiet_ms = None if closed is not None else IDLE_CHECK_MS
     try:
         while streams:
-            try:
-                ready = dict(poller.poll(quiet_ms))
-            except OSError as exc:
-                # More fds than PID 1's open-file limit, which a container sharing its pid
-                # namespace can lower: without the flare, the close is seen on a timer.
-                if exc.errno != errno.EINVAL or closed is None:
-                    raise
-                ready = {closed.fileno(): 0}
-            if closed is not None and closed.fileno() in ready:
-                poller.unregister(closed)
-                process.unwatch_closed(closed)
-                closed, quiet_ms = None, IDLE_CHECK_MS
+            ready, closed = _wait(poller, process, closed)
             readable = [fd for fd in ready if fd in streams]
             if not ready and process.closed:
                 for fd in list(streams):
@@ -124,6 +112,26 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
         else:
             process.release_output()
             process.drained.set()
+
+
+def _wait(poller: select.poll, process: Process, closed: Flare | None
+          ) -> tuple[dict[int, int], Flare | None]:
+    """One wait of a stream's thread on its fds and on `closed`, the process's close flare
+    (registered with the poller); without a flare, on the IDLE_CHECK_MS timer. A flare that
+    fired is given back, as is one that poll refuses: EINVAL, more fds than PID 1's open-file
+    limit, which a container sharing its pid namespace can lower (the fds and the timer then
+    serve as they did before the flare). Returns the ready fds and the flare still watched."""
+    try:
+        ready = dict(poller.poll(None if closed is not None else IDLE_CHECK_MS))
+    except OSError as exc:
+        if exc.errno != errno.EINVAL or closed is None:
+            raise
+        ready = {closed.fileno(): 0}
+    if closed is not None and closed.fileno() in ready:
+        poller.unregister(closed)
+        process.unwatch_closed(closed)
+        closed = None
+    return ready, closed
 
 
 def read_output(process: Process, fds: tuple[int | None, int | None],
@@ -293,15 +301,7 @@ def _stream_stdin(process: Process, conn: socket.socket) -> None:
     with conn:
         try:
             while not process.closed:
-                try:
-                    ready = dict(poller.poll(None if closed is not None else IDLE_CHECK_MS))
-                except OSError as exc:  # over PID 1's open-file limit: as in outputs()
-                    if exc.errno != errno.EINVAL or closed is None:
-                        raise
-                    poller.unregister(closed)
-                    process.unwatch_closed(closed)
-                    closed = None
-                    continue
+                ready, closed = _wait(poller, process, closed)
                 if conn.fileno() not in ready:
                     continue
                 try:
