@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class Snapshot:
     def __init__(self, text: str) -> None:
         self.switches: collections.Counter[str] = collections.Counter()
         self.names: dict[str, dict[str, str]] = collections.defaultdict(dict)
-        self.interrupts: dict[str, tuple[int, str]] = {}
+        self.interrupts: dict[str, int] = {}  # "LOC", or "<irq> <what>"
         self.uptime = 0.0
         for line in text.splitlines():
             if m := STATUS.match(line):
@@ -51,7 +52,8 @@ class Snapshot:
                 self.names[m[1]][m[2]] = m[3]
             elif re.match(r"^\s*(\d+|LOC):", line):
                 irq, count, *what = line.split()
-                self.interrupts[irq.rstrip(":")] = (int(count), " ".join(what))
+                irq = irq.rstrip(":")
+                self.interrupts[irq if irq == "LOC" else " ".join([irq, *what])] = int(count)
             elif re.fullmatch(r"[\d.]+ [\d.]+", line.strip()):
                 self.uptime = float(line.split()[0])
 
@@ -80,26 +82,23 @@ def measure(seconds: float, top: Path) -> dict[str, Any]:
     before_text, _, after_text = done.stdout.decode().partition("#after\n")
     before, after = Snapshot(before_text), Snapshot(after_text)
     interval = after.uptime - before.uptime
-    threads = []
-    for task, count in after.switches.items():
-        if task == "/proc/1":  # the agent's threads are counted one by one
-            continue
-        woke = count - before.switches.get(task, 0)
-        if woke > 0:
-            threads.append({"thread": task, "what": after.label(task),
-                            "per_s": round(woke / interval, 2)})
-    threads.sort(key=lambda row: -float(row["per_s"]))
-    interrupts = {f"{irq} {what}".strip(): round((n - before.interrupts.get(irq, (0, ""))[0])
-                                                 / interval, 2)
-                  for irq, (n, what) in after.interrupts.items()
-                  if n > before.interrupts.get(irq, (0, ""))[0]}
+    woke = _rates(before.switches, after.switches, interval)
+    woke.pop("/proc/1", None)  # the agent's threads are counted one by one
+    interrupts = _rates(before.interrupts, after.interrupts, interval)
     return {"interval_s": round(interval, 1),
-            "local_timer_interrupts_per_s": interrupts.pop(
-                next((k for k in interrupts if k.startswith("LOC")), ""), 0.0),
-            "interrupts_per_s": interrupts, "threads_per_s": threads,
-            "agent_wakeups_per_s": round(sum(float(t["per_s"]) for t in threads
-                                             if str(t["thread"]).startswith("/proc/1/")), 2)}
+            "local_timer_interrupts_per_s": interrupts.pop("LOC", 0.0),
+            "interrupts_per_s": interrupts,
+            "threads_per_s": [{"thread": task, "what": after.label(task), "per_s": rate}
+                              for task, rate in sorted(woke.items(), key=lambda kv: -kv[1])],
+            "agent_wakeups_per_s": round(sum(rate for task, rate in woke.items()
+                                             if task.startswith("/proc/1/")), 2)}
 
+
+def _rates(before: Mapping[str, int], after: Mapping[str, int],
+           interval: float) -> dict[str, float]:
+    """What grew between the two snapshots, per second."""
+    return {key: round((count - before.get(key, 0)) / interval, 2)
+            for key, count in after.items() if count > before.get(key, 0)}
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
