@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import IO, Literal
+
+from .timestamps import rfc3339
 
 LogFormat = Literal["text", "json"]
 
@@ -20,11 +21,6 @@ _LEVELS = {
 _CONTEXT_KEYS = ("sandbox", "container", "phase")
 
 
-def _rfc3339(created: float) -> str:
-    frac = f"{created % 1:.9f}"[1:]
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + frac + "Z"
-
-
 class JsonFormatter(logging.Formatter):
     """One JSON object a line with logrus's keys: level, msg, time (containerd reads these)."""
 
@@ -32,7 +28,7 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, object] = {
             "level": _LEVELS.get(record.levelno, "info"),
             "msg": record.getMessage(),
-            "time": _rfc3339(record.created),
+            "time": rfc3339(record.created, 9),
         }
         for key in _CONTEXT_KEYS:
             if hasattr(record, key):

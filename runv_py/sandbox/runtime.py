@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..oci import spec as oci_spec
 from ..store.state import ContainerRecord, RecordStore, Store
+from ..timestamps import rfc3339
 from . import cgroup, pod, pool_member, protocol, standin_namespaces, vm_dir
 from .client import CALL_TIMEOUT_S, BlockingSupervisorClient, SupervisorClient
 from .protocol import (
@@ -68,11 +69,6 @@ STATE_TIMEOUT_S = 15.0
 KILL_ANSWER_S = protocol.SIGKILL_DELIVERY_S + protocol.KILL_EXIT_WAIT_S + 5.0
 NEEDS_CONSOLE_SOCKET = ("process.terminal is true: pass --console-socket (or use `runv run` "
                         "in the foreground)")
-
-
-def rfc3339_now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f"{now % 1:.9f}"[1:] + "Z"
 
 
 def _trees(spec: oci_spec.Spec, rootfs: Path | None) -> Trees:
@@ -322,7 +318,7 @@ class Runtime:
                 terminal.close()
         if record is None:
             record = ContainerRecord(id=container_id, bundle=str(spec.bundle),
-                                     rootfs=str(spec.root), created=rfc3339_now(),
+                                     rootfs=str(spec.root), created=rfc3339(time.time(), 9),
                                      annotations=spec.annotations, pid=pid)
             self.store.commit(record)
         if pid_file:

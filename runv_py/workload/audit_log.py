@@ -20,8 +20,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..sandbox import protocol
+from ..timestamps import rfc3339
 from .output_log import RotatingLog, replaced, rotated
-from .records import Workload, rfc3339
+from .records import Workload
 from .tenants import Scope
 
 SUFFIX = ".log"

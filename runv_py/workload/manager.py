@@ -30,10 +30,11 @@ from ..sandbox.runtime import Runtime, parse_signal
 from ..sandbox.standin import FORWARDED_SIGNALS, window_size
 from ..sandbox.status import ContainerStatus
 from ..storage import block
+from ..timestamps import rfc3339
 from . import audit_log, network_mode, output_log
 from . import bundle as bundle_mod
 from .options import RunOptions
-from .records import Records, Workload, rfc3339
+from .records import Records, Workload
 
 if TYPE_CHECKING:
     # The image machinery (a registry client: http, ssl) loads when an image is used, not in

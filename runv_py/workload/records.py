@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,12 @@ from typing import Any
 from .. import child, disk
 from ..errors import ConfigError, ContainerExists, ContainerNotFound
 from ..store.state import ContainerRecord, flocked
+from ..timestamps import rfc3339
 from .tenants import Scope
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 NEW_PREFIX = ".new-"    # .new-<id>-<pid>-<start time>: a record being made by that process
 GONE_PREFIX = ".gone-"  # .gone-<id>: a record being removed
-
-
-def rfc3339(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f"{when % 1:.3f}"[1:] + "Z"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

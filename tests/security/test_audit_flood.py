@@ -135,6 +135,6 @@ def test_a_jobs_processes_are_audited_per_tenant_and_bounded(
 
 
 def _rfc3339(when: float) -> str:
-    from runv_py.workload.records import rfc3339
+    from runv_py.timestamps import rfc3339
 
     return rfc3339(when)

@@ -371,8 +371,8 @@ async def _logs(manager: WorkloadManager, args: argparse.Namespace) -> int:
 
 
 async def _events(manager: WorkloadManager, args: argparse.Namespace) -> int:
+    from ...timestamps import rfc3339
     from ...workload import audit_log
-    from ...workload.records import rfc3339
 
     since = audit_log.parse_since(args.since, time.time()) if args.since else None
     wanted = {_audit_key(manager, key) for key in args.containers}
