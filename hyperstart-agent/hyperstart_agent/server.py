@@ -340,9 +340,12 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
               ) -> Iterator[pb.StdioOutput]:
         from . import stdio
 
-        host_gone = Flare()  # fired when the RPC ends, however it ends
         try:
-            if not context.add_callback(host_gone.fire):
+            host_gone: Flare | None = Flare()  # fired when the RPC ends, however it ends
+        except OSError:  # no fd left (PID 1's open-file limit): read_output asks the RPC
+            host_gone = None
+        try:
+            if host_gone is not None and not context.add_callback(host_gone.fire):
                 host_gone.fire()
             try:
                 first = next(requests)
@@ -358,9 +361,10 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
                               "attached")
             threading.Thread(target=stdio.pump_stdin, args=(process, first, requests),
                              name="stdin", daemon=True).start()
-            yield from stdio.read_output(process, fds, host_gone)
+            yield from stdio.read_output(process, fds, host_gone, context.is_active)
         finally:
-            host_gone.close()
+            if host_gone is not None:
+                host_gone.close()
 
     def PortForward(self, requests: Iterator[pb.PortForwardInput], context: Any
                     ) -> Iterator[pb.PortForwardOutput]:

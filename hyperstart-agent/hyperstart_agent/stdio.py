@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,10 +43,12 @@ CLOSED_STALL_S = 30.0
 
 @dataclass(frozen=True, slots=True)
 class HostGone:
-    """What tells an output pump that its host went away: `events` polled on `fd`."""
+    """What tells an output pump that its host went away: `events` polled on `fd`; with no
+    fd (-1: none was left to make one), `check()` asked every IDLE_CHECK_MS."""
 
     fd: int
     events: int
+    check: Callable[[], bool] | None = None
 
 
 def pump_stdin(process: Process, first: Any, requests: Iterator[Any]) -> None:
@@ -80,16 +82,17 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
     closed = process.watch_closed()
     if closed is not None:
         poller.register(closed, select.POLLIN)
-    if host_gone is not None:
+    asked = host_gone is not None and host_gone.fd < 0
+    if host_gone is not None and not asked:
         poller.register(host_gone.fd, host_gone.events)
     try:
         while streams:
-            ready, closed = _wait(poller, process, closed)
+            ready, closed = _wait(poller, process, closed, tick=asked)
             readable = [fd for fd in ready if fd in streams]
             if not ready and process.closed:
                 for fd in list(streams):
                     yield streams.pop(fd), b""
-            if not readable and host_gone is not None and host_gone.fd in ready:
+            if not readable and _left(host_gone, ready):
                 return
             for fd in readable:
                 try:
@@ -114,15 +117,25 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
             process.drained.set()
 
 
-def _wait(poller: select.poll, process: Process, closed: Flare | None
+def _left(host_gone: HostGone | None, ready: dict[int, int]) -> bool:
+    """Whether the host went away, after a wait that returned `ready`."""
+    if host_gone is None:
+        return False
+    if host_gone.fd >= 0:
+        return host_gone.fd in ready
+    return not ready and host_gone.check is not None and host_gone.check()
+
+
+def _wait(poller: select.poll, process: Process, closed: Flare | None, *, tick: bool = False
           ) -> tuple[dict[int, int], Flare | None]:
     """One wait of a stream's thread on its fds and on `closed`, the process's close flare
-    (registered with the poller); without a flare, on the IDLE_CHECK_MS timer. A flare that
+    (registered with the poller); without a flare, or with `tick`, on the IDLE_CHECK_MS
+    timer (also where no fd was left for a flare: watch_closed). A flare that
     fired is given back, as is one that poll refuses: EINVAL, more fds than PID 1's open-file
     limit, which a container sharing its pid namespace can lower (the fds and the timer then
     serve as they did before the flare). Returns the ready fds and the flare still watched."""
     try:
-        ready = dict(poller.poll(None if closed is not None else IDLE_CHECK_MS))
+        ready = dict(poller.poll(None if closed is not None and not tick else IDLE_CHECK_MS))
     except OSError as exc:
         if exc.errno != errno.EINVAL or closed is None:
             raise
@@ -135,9 +148,13 @@ def _wait(poller: select.poll, process: Process, closed: Flare | None
 
 
 def read_output(process: Process, fds: tuple[int | None, int | None],
-                host_gone: Flare | None = None) -> Iterator[pb.StdioOutput]:
+                host_gone: Flare | None, active: Callable[[], bool]
+                ) -> Iterator[pb.StdioOutput]:
+    """The Stdio RPC's output: `host_gone` fires when the RPC ends; without it (no fd was
+    left to make one), `active()` is asked every IDLE_CHECK_MS."""
     kinds = (pb.StdioOutput.STDOUT, pb.StdioOutput.STDERR)
-    gone = None if host_gone is None else HostGone(host_gone.fileno(), select.POLLIN)
+    gone = (HostGone(host_gone.fileno(), select.POLLIN) if host_gone is not None else
+            HostGone(-1, 0, lambda: not active()))
     for kind, data in outputs(process, fds, gone):
         yield pb.StdioOutput(stream=kinds[kind], data=data, eof=not data)
 

@@ -39,7 +39,9 @@ async def _run_in(agent: AgentClient, script: str) -> str:
         "process": {"args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/"},
         "root": {"path": MOUNT, "readonly": True},
         "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-                   {"destination": "/dev", "type": "devtmpfs", "source": "devtmpfs"}],
+                   {"destination": "/dev", "type": "devtmpfs", "source": "devtmpfs"},
+                   {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                    "options": ["ro", "nosuid", "nodev", "noexec"]}],
         "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")]},
     }
     await agent.create_container("c", json.dumps(spec).encode(),
@@ -55,7 +57,7 @@ def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
                                         busybox_rootfs: Path) -> None:
     """Two clones of one template, alive at once: their RNGs and boot ids differ (vmgenid +
     reseed), their clocks are the host's (not the template's), each has its own hot-plugged
-    NIC."""
+    NIC. Under TCG their clocksource is the TSC (the host's), not the emulated HPET."""
     shares = (Share("rootfs0", busybox_rootfs, readonly=True),)
 
     async def clone(index: int) -> tuple[GuestVm, str, tuple[str, ...]]:
@@ -64,7 +66,9 @@ def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
         assert sandbox.agent is not None
         out = await _run_in(sandbox.agent, "od -An -tx1 -N32 /dev/urandom | tr -d ' \\n'; "
                                            "echo; date +%s; "
-                                           "cat /proc/sys/kernel/random/boot_id")
+                                           "cat /proc/sys/kernel/random/boot_id; cat /sys/"
+                                           "devices/system/clocksource/clocksource0/"
+                                           "current_clocksource")
         macs = tuple(i.hw_addr for i in await sandbox.agent.list_interfaces())
         return sandbox, out, macs
 
@@ -80,8 +84,10 @@ def test_clones_have_their_own_identity(template_config: config.RuntimeConfig,
                     raise result
             (a, out_a, macs_a), (b, out_b, macs_b) = results  # type: ignore[misc]
             assert a.start_path == b.start_path == "template"
-            random_a, clock_a, boot_id_a = out_a.split()
-            random_b, clock_b, boot_id_b = out_b.split()
+            random_a, clock_a, boot_id_a, source_a = out_a.split()
+            random_b, clock_b, boot_id_b, source_b = out_b.split()
+            assert a.accel is not None
+            assert source_a == source_b == {"tcg": "tsc", "kvm": "kvm-clock"}[a.accel.accel]
             assert len(random_a) == 64 and random_a != random_b
             assert len(boot_id_a) == 36 and boot_id_a != boot_id_b
             for clock in (clock_a, clock_b):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -166,3 +168,43 @@ def test_a_second_stdio_stream_registration_replaces_an_unclaimed_one() -> None:
         raise AssertionError("registered a process whose output a connection holds")
     for fd in (out_w, err_w):
         os.close(fd)
+
+
+
+# Run in a child whose open-file limit is then below every free fd, as a container sharing
+# PID 1's pid namespace can set the agent's: no eventfd can be made.
+_NO_FD_LEFT = """
+import os, resource, threading, time
+from hyperstart_agent import stdio
+from hyperstart_agent.container.engine import Process
+
+ended = Process("c", "", 1, None, *os.pipe()[:1], None, None)
+quiet = Process("c", "x", 2, None, *os.pipe()[:1], None, None)
+fds, quiet_fds = ended.attach_reader(), quiet.attach_reader()
+resource.setrlimit(resource.RLIMIT_NOFILE, (2, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    os.eventfd(0)
+    raise SystemExit("an fd could still be made")
+except OSError:
+    pass
+threading.Timer(0.3, ended.close).start()
+t = time.monotonic()
+print(list(stdio.outputs(ended, fds)), ended.drained.is_set(), time.monotonic() - t < 3)
+rpc_ends = time.monotonic() + 0.3
+t = time.monotonic()
+print(list(stdio.read_output(quiet, quiet_fds, None, lambda: time.monotonic() < rpc_ends)),
+      quiet.reader_attached, quiet.drained.is_set(), time.monotonic() - t < 3)
+"""
+
+
+def test_with_no_fd_left_for_a_flare_the_pump_looks_each_second() -> None:
+    """The pump still ends once the process is closed, and the Stdio RPC's pump once the RPC
+    has ended, each seen on the IDLE_CHECK_MS timer as before the flares (which need an fd
+    each); the quiet process's output is left to the next reader."""
+    child = subprocess.run([sys.executable, "-c", _NO_FD_LEFT], capture_output=True,
+                           timeout=60, check=False)
+    assert child.returncode == 0, child.stderr.decode()
+    assert child.stdout.decode().splitlines() == [
+        "[(0, b'')] True True",
+        "[] False False True",
+    ]

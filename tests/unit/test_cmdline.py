@@ -89,12 +89,17 @@ def test_readonly_root_drive_and_initrd() -> None:
     assert _pairs(argv, "-initrd") == ["/a/initrd.img"] and not _pairs(argv, "-drive")
 
 
-def test_tcg_microvm_gets_the_tsc_rate() -> None:
-    line = kernel_cmdline(KernelParams("microvm", "tcg", "block", tsc_khz=2100000))
-    assert "tsc_early_khz=2100000" in line.split()
-    assert "root=/dev/vda" in line.split() and "init=/sbin/hyperstart" in line.split()
-    assert "tsc_early_khz" not in kernel_cmdline(KernelParams("microvm", "kvm", "block", 2100000))
-    assert "tsc_early_khz" not in kernel_cmdline(KernelParams("pc", "tcg", "block", 2100000))
+def test_a_tcg_guest_keeps_the_tsc_as_its_clock() -> None:
+    """On every machine (a template clone is on pc): else the pc guest marks the TSC unstable
+    and reads the emulated HPET for every clock_gettime (tests/vm: the clone's clocksource)."""
+    for machine in ("microvm", "pc"):
+        line = kernel_cmdline(KernelParams(machine, "tcg", "block", tsc_khz=2100000)).split()
+        assert "tsc_early_khz=2100000" in line and "tsc=reliable" in line
+        assert "root=/dev/vda" in line and "init=/sbin/hyperstart" in line
+    for machine in ("microvm", "pc"):
+        kvm = kernel_cmdline(KernelParams(machine, "kvm", "block", 2100000))
+        assert "tsc_early_khz" not in kvm and "tsc=reliable" not in kvm
+    assert "tsc" not in kernel_cmdline(KernelParams("pc", "tcg", "block", None))
 
 
 def test_root_kinds() -> None:

@@ -89,13 +89,20 @@ class Process:
     _closed_flares: set[Flare] = field(default_factory=set)
 
     def watch_closed(self) -> Flare | None:
-        """A flare that close() fires (None if the process is closed already), for a thread
-        that polls the process's pipes to learn of it without a timer; it gives it back with
-        unwatch_closed()."""
+        """A flare that close() fires, for a thread that polls the process's pipes to learn
+        of it without a timer; it gives it back with unwatch_closed(). None if the process is
+        closed already, or if no fd is left for one (PID 1's open-file limit, which a
+        container sharing its pid namespace can lower): the thread then looks at `closed`
+        on a timer."""
         with self._fd_lock:
             if self.closed:
                 return None
-            flare = Flare()
+            try:
+                flare = Flare()
+            except OSError as exc:
+                log.warning("process %s/%s: no close flare (%s): its stdio looks each second",
+                            self.container_id, self.exec_id, exc)
+                return None
             self._closed_flares.add(flare)
             return flare
 

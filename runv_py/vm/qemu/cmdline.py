@@ -104,10 +104,15 @@ def kernel_cmdline(p: KernelParams) -> str:
         words += ["mitigations=off", "nokaslr"]
     if not p.debug:
         words.append("quiet")
+    if p.tsc_khz and p.accel == "tcg":
+        # Under TCG the guest's TSC is the host's (invariant, the same on every vCPU, and it
+        # resumes where it stopped after a restore). Told its rate and that it is reliable,
+        # the guest keeps it as its clocksource: microvm has no PIT or HPET to calibrate it
+        # against (the boot can hang), and on pc the calibration against the emulated PIT
+        # marks it unstable, leaving the HPET, whose every read is a trip into QEMU and
+        # which the vDSO cannot read (each clock_gettime a system call).
+        words += [f"tsc_early_khz={p.tsc_khz}", "tsc=reliable"]
     if p.machine == "microvm":
-        # No PIT/HPET to calibrate the TSC against: without the rate the boot can hang (TCG).
-        if p.tsc_khz and p.accel == "tcg":
-            words += [f"tsc_early_khz={p.tsc_khz}", "tsc=reliable"]
         words.append("pci=off")
     if p.machine == "pc":
         # Hot-plugged memory goes to ZONE_MOVABLE, so that it can be unplugged again.
