@@ -18,6 +18,7 @@ from ._pb import hyperstart_pb2 as pb
 from ._pb import hyperstart_pb2_grpc as pb_grpc
 from .errors import REASON_KEY, AgentError
 from .flare import Flare
+from .rpc_server import RpcServer, async_servicer
 
 if TYPE_CHECKING:
     from . import network
@@ -34,6 +35,12 @@ FEATURES = ("channel.serial", "channel.vsock", "container.engine", "storage.9p",
             "storage.block", "storage.virtio-blk", "storage.overlay", "network", "portforward")
 T = TypeVar("T")
 HANDSHAKE_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+# Calls answered on the gRPC server's loop (rpc_server.async_servicer): a few system calls
+# each, and no lock that a slow call holds (StdioStream's registration is a dict and a pipe
+# write). The engine is made by the first container call, in the pool, before any of these
+# needs it.
+ANSWERED_AT_ONCE = frozenset({"Check", "Version", "SetGuestDateTime", "ReseedRandomDev",
+                              "StdioStream"})
 
 
 def _meminfo() -> dict[str, int]:
@@ -446,13 +453,15 @@ def _process_pb(event: engine_mod.Event) -> pb.ProcessStarted:
 
 def serve(address: str, boot_timings_ms: dict[str, int],
           make_engine: Callable[[], Engine],
-          streams: StreamListener | None = None) -> grpc.Server:
+          streams: StreamListener | None = None) -> RpcServer:
+    service = AgentService(boot_timings_ms, make_engine, streams)
+
+    def register(server: grpc.aio.Server, pool: futures.ThreadPoolExecutor) -> None:
+        pb_grpc.add_AgentServicer_to_server(
+            async_servicer(service, pb.DESCRIPTOR.services_by_name["Agent"], pool,
+                           ANSWERED_AT_ONCE), server)
+
     # The channel connects to the server before a host comes (channel.py) and may wait long
     # for it: no handshake deadline on that connection.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-                         options=[("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)])
-    pb_grpc.add_AgentServicer_to_server(AgentService(boot_timings_ms, make_engine, streams), server)
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"gRPC server could not listen on {address}")
-    server.start()
-    return server
+    return RpcServer(address, [("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)],
+                     register, max_workers=32)
