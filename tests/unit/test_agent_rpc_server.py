@@ -10,8 +10,8 @@ import queue
 import subprocess
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hyperstart_agent import server as agent_server
@@ -43,21 +43,16 @@ class _Engine:
         self.unsubscribed.set()
 
 
-def _serve(tmp_path: Path, engine: _Engine) -> tuple[Any, Path]:
+def _with_client(tmp_path: Path, engine: _Engine,
+                 body: Callable[[AgentClient], Awaitable[None]]) -> None:
+    """The agent's server on a socket of the test, and the host's client of it, for `body`."""
     address = tmp_path / "agent.sock"
-    return agent_server.serve(f"unix:{address}", {}, lambda: engine), address  # type: ignore
-
-
-def test_an_error_keeps_its_code_and_reason(tmp_path: Path) -> None:
-    server, address = _serve(tmp_path, _Engine())
+    server = agent_server.serve(f"unix:{address}", {}, lambda: engine)  # type: ignore
 
     async def main() -> None:
         client = AgentClient(address, call_timeout_s=10)
         try:
-            with pytest.raises(CommandNotFound, match="no c1: sh") as caught:
-                await client.signal_process("c1", "", 9)
-            assert caught.value.code == "NOT_FOUND"
-            assert await client.check()  # the server serves on
+            await body(client)
         finally:
             await client.close()
 
@@ -65,28 +60,45 @@ def test_an_error_keeps_its_code_and_reason(tmp_path: Path) -> None:
         asyncio.run(asyncio.wait_for(main(), 60))
     finally:
         server.stop(None)
+
+
+def test_an_error_keeps_its_code_and_reason(tmp_path: Path) -> None:
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(CommandNotFound, match="no c1: sh") as caught:
+            await client.signal_process("c1", "", 9)
+        assert caught.value.code == "NOT_FOUND"
+        assert await client.check()  # the server serves on
+
+    _with_client(tmp_path, _Engine(), body)
+
+
+def test_an_error_without_a_reason_is_an_agent_error(tmp_path: Path) -> None:
+    class Failing(_Engine):
+        def signal(self, container_id: str, exec_id: str, signum: int, *,
+                   all_processes: bool = False) -> None:
+            raise GuestAgentError("FAILED_PRECONDITION", "not running")
+
+    async def body(client: AgentClient) -> None:
+        with pytest.raises(AgentError, match="not running") as caught:
+            await client.signal_process("c1", "", 9)
+        assert type(caught.value) is AgentError
+        assert caught.value.code == "FAILED_PRECONDITION"
+
+    _with_client(tmp_path, Failing(), body)
 
 
 def test_a_stream_the_client_leaves_ends_in_the_agent(tmp_path: Path) -> None:
     engine = _Engine()
-    server, address = _serve(tmp_path, engine)
 
-    async def main() -> None:
-        client = AgentClient(address, call_timeout_s=10)
-        try:
-            events = client.events()
-            first = await anext(events)
-            assert (first.kind, first.container_id) == ("oom", "c1")
-            await events.aclose()  # cancels the call
-            # The agent's generator was blocked on its queue: the call's end wakes it.
-            assert await asyncio.to_thread(engine.unsubscribed.wait, 10)
-        finally:
-            await client.close()
+    async def body(client: AgentClient) -> None:
+        events = client.events()
+        first = await anext(events)
+        assert (first.kind, first.container_id) == ("oom", "c1")
+        await events.aclose()  # cancels the call
+        # The agent's generator was blocked on its queue: the call's end wakes it.
+        assert await asyncio.to_thread(engine.unsubscribed.wait, 10)
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop(None)
+    _with_client(tmp_path, engine, body)
 
 
 _IDLE = """
@@ -121,31 +133,7 @@ def test_an_idle_server_does_not_poll(tmp_path: Path) -> None:
     assert int(child.stdout) <= 3, child.stdout
 
 
-def test_a_taken_address_is_an_error(tmp_path: Path) -> None:
+def test_an_address_it_cannot_listen_on_is_an_error(tmp_path: Path) -> None:
     with pytest.raises((OSError, RuntimeError)):
         agent_server.serve(f"unix:{tmp_path}/no/such/dir/agent.sock", {},
                            lambda: None)  # type: ignore[arg-type, return-value]
-
-
-def test_client_errors_without_a_reason_are_agent_errors(tmp_path: Path) -> None:
-    class Failing(_Engine):
-        def signal(self, container_id: str, exec_id: str, signum: int, *,
-                   all_processes: bool = False) -> None:
-            raise GuestAgentError("FAILED_PRECONDITION", "not running")
-
-    server, address = _serve(tmp_path, Failing())
-
-    async def main() -> None:
-        client = AgentClient(address, call_timeout_s=10)
-        try:
-            with pytest.raises(AgentError, match="not running") as caught:
-                await client.signal_process("c1", "", 9)
-            assert type(caught.value) is AgentError and caught.value.code == \
-                "FAILED_PRECONDITION"
-        finally:
-            await client.close()
-
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop(None)
