@@ -138,15 +138,22 @@ async def _abort(context: Any, aborted: _Aborted, blocking: BlockingContext) -> 
 def _close_when_done(item: concurrent.futures.Future[Any] | None,
                      generator: Generator[Any, None, None],
                      pool: concurrent.futures.ThreadPoolExecutor) -> None:
-    """Close the generator in the pool once its item in progress (if any) has returned."""
+    """Close the generator in the pool once its item in progress (if any) has returned (in
+    the calling thread once the pool is shut down: the server is stopping)."""
     def close() -> None:
         with contextlib.suppress(Exception):
             generator.close()
 
+    def close_in_pool(_: object = None) -> None:
+        try:
+            pool.submit(close)
+        except RuntimeError:
+            close()
+
     if item is None:
-        pool.submit(close)
+        close_in_pool()
     else:
-        item.add_done_callback(lambda _: pool.submit(close))
+        item.add_done_callback(close_in_pool)
 
 
 def _wrap(method: Callable[..., Any], client_streaming: bool, server_streaming: bool,
