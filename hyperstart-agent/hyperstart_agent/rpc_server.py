@@ -28,7 +28,6 @@ import grpc
 
 log = logging.getLogger(__name__)
 _END = object()
-NO_DEADLINE_S = 10.0 * 365 * 86400  # what grpcio's synchronous server says of no deadline
 
 
 class _Aborted(Exception):
@@ -75,9 +74,10 @@ class BlockingContext:
         with self._lock:
             return self._callbacks is not None
 
-    def time_remaining(self) -> float:
+    def time_remaining(self) -> float | None:
+        """Seconds to the call's deadline; None without one."""
         if self._deadline is None:
-            return NO_DEADLINE_S
+            return None
         return max(0.0, float(self._deadline - time.monotonic()))
 
     def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:

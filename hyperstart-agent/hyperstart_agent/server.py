@@ -283,7 +283,7 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
 
     @_rpc
     def WaitProcess(self, request: pb.ProcessRequest, context: Any) -> pb.WaitProcessResponse:
-        remaining = context.time_remaining()  # huge (not None) when the call has no deadline
+        remaining = context.time_remaining()  # None, or a huge one, when the call has none
         timeout = remaining if remaining is not None and remaining < 86400 * 365 else None
         code = self.engine.wait(request.container_id, request.exec_id, timeout_s=timeout)
         return pb.WaitProcessResponse(exit_code=code)

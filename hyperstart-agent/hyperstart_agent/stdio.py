@@ -44,10 +44,10 @@ CLOSED_STALL_S = 30.0
 @dataclass(frozen=True, slots=True)
 class HostGone:
     """What tells an output pump that its host went away: `events` polled on `fd`; with no
-    fd (-1: none was left to make one), `check()` asked every IDLE_CHECK_MS."""
+    fd (none was left to make one), `check()` asked every IDLE_CHECK_MS."""
 
-    fd: int
-    events: int
+    fd: int | None
+    events: int = 0
     check: Callable[[], bool] | None = None
 
 
@@ -82,8 +82,8 @@ def outputs(process: Process, fds: tuple[int | None, int | None],
     closed = process.watch_closed()
     if closed is not None:
         poller.register(closed, select.POLLIN)
-    asked = host_gone is not None and host_gone.fd < 0
-    if host_gone is not None and not asked:
+    asked = host_gone is not None and host_gone.fd is None
+    if host_gone is not None and host_gone.fd is not None:
         poller.register(host_gone.fd, host_gone.events)
     try:
         while streams:
@@ -121,7 +121,7 @@ def _left(host_gone: HostGone | None, ready: dict[int, int]) -> bool:
     """Whether the host went away, after a wait that returned `ready`."""
     if host_gone is None:
         return False
-    if host_gone.fd >= 0:
+    if host_gone.fd is not None:
         return host_gone.fd in ready
     return not ready and host_gone.check is not None and host_gone.check()
 
@@ -154,7 +154,7 @@ def read_output(process: Process, fds: tuple[int | None, int | None],
     left to make one), `active()` is asked every IDLE_CHECK_MS."""
     kinds = (pb.StdioOutput.STDOUT, pb.StdioOutput.STDERR)
     gone = (HostGone(host_gone.fileno(), select.POLLIN) if host_gone is not None else
-            HostGone(-1, 0, lambda: not active()))
+            HostGone(None, check=lambda: not active()))
     for kind, data in outputs(process, fds, gone):
         yield pb.StdioOutput(stream=kinds[kind], data=data, eof=not data)
 
