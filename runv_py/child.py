@@ -12,12 +12,9 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from .errors import RunvError
-
-if TYPE_CHECKING:
-    import asyncio
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +85,27 @@ def reap_if_child(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+class ProcessHandle(Protocol):
+    """What Child needs of a process: asyncio's, or a forked one (forked.py)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+ProcessT = TypeVar("ProcessT", bound=ProcessHandle)
+
+
 @dataclass(slots=True)
-class Child:
+class Child(Generic[ProcessT]):
     argv: list[str]
-    process: asyncio.subprocess.Process
+    process: ProcessT
     start_time: int | None
 
     @property
@@ -126,6 +140,12 @@ class Child:
         return await asyncio.wait_for(self.process.wait(), kill_wait_s)
 
 
+if TYPE_CHECKING:
+    import asyncio
+
+    Spawned = Child[asyncio.subprocess.Process]
+
+
 async def spawn(
     argv: Sequence[str],
     *,
@@ -135,7 +155,7 @@ async def spawn(
     new_session: bool = False,
     die_with_parent: bool = True,
     privileges: Sequence[str] = (),
-) -> Child:
+) -> Spawned:
     """`privileges`: more setpriv options (another uid, fewer capabilities) for the child."""
     import asyncio
 
@@ -202,6 +222,17 @@ async def run(argv: Sequence[str], *, input: bytes = b"", env: dict[str, str] | 
         raise
     assert process.returncode is not None
     return Completed(process.returncode, stdout, stderr)
+
+
+def watch_children_by_pidfd() -> None:
+    """asyncio waits for this process's children on pidfds, not in a thread per child (3.11's
+    default): a process that forks helpers (forked.py) must stay single-threaded."""
+    import asyncio
+
+    watcher = asyncio.PidfdChildWatcher()
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    with contextlib.suppress(RuntimeError):  # without a running loop: asyncio.run attaches it
+        watcher.attach_loop(asyncio.get_running_loop())
 
 
 def set_parent_death_signal(signum: int) -> None:

@@ -68,12 +68,16 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
 async def _serve(config: RuntimeConfig, debug: bool) -> int:
     import asyncio
 
+    from .. import child
     from ..reconcile import reconciler
     from ..sandbox import pool
+    from ..sandbox.supervisor.__main__ import main as supervisor_main
+    from ..vsock import keeper  # noqa: F401 (its members fork their vsock backends: shared)
 
+    child.watch_children_by_pidfd()  # it forks its members
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    service = pool.PoolService(config, config.file, debug=debug)
+    service = pool.PoolService(config, config.file, member_main=supervisor_main, debug=debug)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload)

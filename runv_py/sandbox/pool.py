@@ -19,11 +19,12 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .. import child
+from .. import child, forked
 from ..config import RuntimeConfig
 from ..config import load as load_config
 from ..errors import ConfigError, RunvError
@@ -45,6 +46,7 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
+SUPERVISOR_MODULE = "runv_py.sandbox.supervisor"
 
 READY_TIMEOUT_S = 300.0
 RETRY_S = (2.0, 60.0)  # back-off after a member failed to start: first, most
@@ -76,7 +78,7 @@ class Pooled:
     sandbox_id: str
     size: Size
     key: str
-    proc: child.Child
+    proc: child.Child[Any]
     link: socket.socket
     state: str = "starting"  # idle, claimed; retired (its key is stale), gone
     ready: CreateReply | None = None
@@ -85,8 +87,11 @@ class Pooled:
 
 class PoolService:
     def __init__(self, config: RuntimeConfig, config_path: str | None, *,
-                 debug: bool = False) -> None:
+                 member_main: Callable[[list[str]], int], debug: bool = False) -> None:
+        """`member_main`: the supervisor's main, which each member runs (forked from this
+        process, so that the members share the pages of its code: the caller imported it)."""
         self.config = config
+        self.member_main = member_main
         self.config_path = config_path
         self.debug = debug
         self.root = config.state_dir / "pool"
@@ -272,17 +277,22 @@ class PoolService:
         config = size.config(self.config)
         sandbox_id = f"pool-{secrets.token_hex(6)}"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "runv_py.sandbox.supervisor",
-                "--pool-fd", str(theirs.fileno())]
+        argv = ["--pool-fd", str(theirs.fileno())]
         if self.config_path:
             argv += ["--config", self.config_path]
         if self.debug:
             argv.append("--debug")
         try:
-            # Its own session, not killed with the pool: once claimed it is a container's.
-            proc = await child.spawn(argv, stdout=None, stderr=None,
-                                     pass_fds=(theirs.fileno(),), new_session=True,
-                                     die_with_parent=False)
+            # A fork of this service where it can be (forked.py); its own session, not killed
+            # with the pool: once claimed it is a container's.
+            if forked.can_fork():
+                proc: child.Child[Any] = await forked.fork_main(
+                    self.member_main, SUPERVISOR_MODULE, argv, pass_fds=(theirs.fileno(),),
+                    new_session=True, die_with_parent=False)
+            else:
+                proc = await child.spawn([sys.executable, "-m", SUPERVISOR_MODULE, *argv],
+                                         stdout=None, stderr=None, pass_fds=(theirs.fileno(),),
+                                         new_session=True, die_with_parent=False)
         finally:
             theirs.close()
         member = Pooled(sandbox_id, size, key_of(config), proc, ours)

@@ -7,6 +7,7 @@ share the supervisor and VM of the pod's sandbox container."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import assets, child, disk
+from .. import assets, child, disk, forked
 from ..config import RuntimeConfig
 from ..errors import (
     ConfigError,
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 OCI_VERSION = "1.1.0"
 SUPERVISOR_EXIT_WAIT_S = 30.0
 SUPERVISOR_REPORT_TIMEOUT_S = 600.0
+SUPERVISOR_MODULE = "runv_py.sandbox.supervisor"
 STANDIN_READY_TIMEOUT_S = 60.0
 _FORKED_PID = re.compile(rb"pid (\d+)\n")
 STATE_TIMEOUT_S = 15.0
@@ -340,21 +342,32 @@ class Runtime:
         """A new supervisor process for the container's sandbox, booted (or restored from
         `snapshot`); its report."""
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        argv = [sys.executable, "-m", "runv_py.sandbox.supervisor", "--root", str(self.root),
-                "--id", container_id, "--bundle", str(spec.bundle),
+        argv = ["--root", str(self.root), "--id", container_id, "--bundle", str(spec.bundle),
                 "--status-fd", str(status_w), "--spawned-at", repr(time.time())]
         if snapshot is not None:
             argv += ["--restore", str(snapshot)]
         if self.config.file:
             argv += ["--config", self.config.file]
+        if self.debug:
+            argv.append("--debug")
         log_path = self.store.log_path(container_id)
         try:
             with open(log_path, "ab") as logfile:
                 # Until it reports, the supervisor is this thread's: if this process is
                 # killed meanwhile, so is the supervisor, even a stopped one.
-                child.spawn_detached(argv + (["--debug"] if self.debug else []),
-                                     stdout=logfile, pass_fds=(status_w,),
-                                     die_with_parent=True)
+                if forked.can_fork():
+                    # No interpreter start, and what both have imported stays shared
+                    # (forked.py). The supervisor's code is loaded by name: this process
+                    # never calls into it, its fork runs it.
+                    supervisor = importlib.import_module(f"{SUPERVISOR_MODULE}.__main__")
+                    await forked.fork_main(supervisor.main, SUPERVISOR_MODULE, argv,
+                                           stdout=logfile, stderr=logfile,
+                                           pass_fds=(status_w,), new_session=True,
+                                           die_with_parent=True)
+                else:
+                    child.spawn_detached([sys.executable, "-m", SUPERVISOR_MODULE, *argv],
+                                         stdout=logfile, pass_fds=(status_w,),
+                                         die_with_parent=True)
         finally:
             os.close(status_w)
         raw = await child.read_report(status_r, SUPERVISOR_REPORT_TIMEOUT_S)

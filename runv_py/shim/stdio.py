@@ -35,7 +35,7 @@ class ProcessIO:
         self._stdin_task: asyncio.Task[None] | None = None
         self._stdin_w: int | None = None
         self._fifo_writer: int | None = None
-        self._loggers: list[child.Child] = []
+        self._loggers: list[child.Spawned] = []
 
     @classmethod
     async def open(cls, stdin: str, stdout: str, stderr: str, terminal: bool, *,

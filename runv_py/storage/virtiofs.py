@@ -23,7 +23,7 @@ class Virtiofsd:
         self.binary = binary
         self.share = share
         self.log_path = log_path
-        self.child: child.Child | None = None
+        self.child: child.Spawned | None = None
 
     async def start(self) -> None:
         assert self.share.socket is not None

@@ -10,8 +10,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .. import child
+from .. import child, forked
 from ..errors import HypervisorError
 from .kernel import CidClaim, claim_cid
 
@@ -46,7 +47,7 @@ class VsockBackend:
         self.debug = debug
         self.qemu_pid = qemu_pid
         self.qemu_pid_file = qemu_pid_file
-        self.child: child.Child | None = None
+        self.child: child.Child[Any] | None = None
 
     def argv(self) -> list[str]:
         if self.kernel:
@@ -67,8 +68,19 @@ class VsockBackend:
         return argv
 
     async def start(self) -> None:
+        """Forked from this process where it can be (forked.py): the backend then shares this
+        interpreter's pages and skips a new one's start."""
+        argv = self.argv()
         with open(self.log_path, "ab") as log_file:
-            self.child = await child.spawn(self.argv(), stdout=log_file, stderr=log_file)
+            if forked.can_fork():
+                if self.kernel:
+                    from .forward import main
+                else:
+                    from .keeper import main
+                self.child = await forked.fork_main(main, argv[2], argv[3:], stdout=log_file,
+                                                    stderr=log_file)
+            else:
+                self.child = await child.spawn(argv, stdout=log_file, stderr=log_file)
         deadline = time.monotonic() + START_TIMEOUT_S
         wanted = [path for path, _ in self.paths.forwards]
         if not self.kernel:

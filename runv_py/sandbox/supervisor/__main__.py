@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                            root=Path(args.root or "/"), container_id=args.id or "",
                            bundle=Path(args.bundle or "/"), pool_fd=args.pool_fd,
                            snapshot=Path(args.restore) if args.restore else None)
+    child.watch_children_by_pidfd()  # it forks its vsock backend
     try:
         if args.pool_fd is not None:
             return asyncio.run(launch.pooled(settings))

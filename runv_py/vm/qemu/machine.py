@@ -74,7 +74,7 @@ class QemuMachine:
         self.config = config
         self.log_path = log_path
         self.qmp = Qmp(f"runv-{config.name}")
-        self.child: child.Child | None = None
+        self.child: child.Spawned | None = None
         self.started_at: float | None = None
         self._exited: asyncio.Task[int] | None = None
         self._port_events = EventListener()
