@@ -1,14 +1,16 @@
 """Helpers started by fork() of a process that has already imported their code, instead of a new
 interpreter: the child shares the parent's pages (copy-on-write) until it writes them, and skips
-the interpreter's start and imports. The pool service forks its members this way and a
-supervisor its vsock backend (docs/design.md, Forked helpers).
+the interpreter's start and imports. runv, hyperctl's monitor and the shim fork supervisors and
+stand-ins this way, a supervisor its vsock backend, the pool service its members
+(docs/design.md, Forked helpers).
 
 The child looks like `python -m MODULE ARGS...` from outside (/proc/<pid>/cmdline and comm),
 as the spawned process did: `runv gc`, `ps` and the benches find helpers by their command line.
-Only a single-threaded process forks this way (`can_fork`): another thread may hold a lock
-that the child would wait for forever, and gRPC's threads leave its core unusable in a child
-(a forked vsock backend aborted in gRPC's poller). Callers spawn a new interpreter otherwise.
-The child runs the module's `main(argv)` and never returns into the parent's code."""
+Only a single-threaded process forks (`can_fork`), and only where the child's command line can
+show what others find it by: another thread may hold a lock that the child would wait for
+forever, and gRPC's threads leave its core unusable in a child (a forked vsock backend aborted
+in gRPC's poller). Callers spawn a new interpreter otherwise. The child runs the module's
+`main(argv)` and never returns into the parent's code."""
 
 from __future__ import annotations
 
@@ -93,25 +95,32 @@ class ForkedProcess:
             self._exited.set_result(None)
 
 
-def can_fork() -> bool:
+def can_fork(module: str, shown: Sequence[str] = ()) -> bool:
     """Whether this process has one thread (native threads count: gRPC's, asyncio's child
-    watchers and executors)."""
+    watchers and executors), and room for a child's command line that names `module` and
+    `shown`, the arguments by which others find it."""
     threads = len(os.listdir("/proc/self/task"))
     if threads > 1:
         log.debug("%d threads: a new interpreter instead of a fork", threads)
-    return threads == 1
+        return False
+    start, end = _argv_area()
+    if len(_packed([os.path.basename(sys.executable), "-m", module, *shown])) > end - start:
+        log.debug("no room for %s's command line: a new interpreter instead of a fork", module)
+        return False
+    return True
 
 
 async def fork_main(entry: Callable[[list[str]], int], module: str, argv: Sequence[str], *,
+                    stdin: int | None = None,
                     stdout: int | IO[bytes] | None = None,
                     stderr: int | IO[bytes] | None = None,
                     pass_fds: Sequence[int] = (), new_session: bool = False,
                     die_with_parent: bool = True) -> child.Child[ForkedProcess]:
     """Fork a child that runs `entry(argv)`, `python -m module`'s main, and exits with its
-    result; stdin is /dev/null, `stdout`/`stderr` None inherit ours, only `pass_fds` stay
-    open besides. With `die_with_parent` it is SIGKILLed when the calling thread ends. Call
+    result; `stdin` None is /dev/null, `stdout`/`stderr` None inherit ours, only `pass_fds`
+    stay open besides. With `die_with_parent` it is SIGKILLed when the calling thread ends. Call
     it from the thread that should own the child (the event loop's), and only if
-    `can_fork()`."""
+    `can_fork(module, ...)`."""
     keep = set(pass_fds)
     out = 1 if stdout is None else _fileno(stdout)
     err = 2 if stderr is None else _fileno(stderr)
@@ -126,7 +135,7 @@ async def fork_main(entry: Callable[[list[str]], int], module: str, argv: Sequen
     try:
         pid = os.fork()
         if pid == 0:
-            _run_child(entry, full_argv, out=out, err=err, keep=keep, parent=parent,
+            _run_child(entry, full_argv, stdio=(stdin, out, err), keep=keep, parent=parent,
                        new_session=new_session, die_with_parent=die_with_parent)
     finally:
         if os.getpid() == parent:
@@ -139,9 +148,9 @@ def _fileno(stream: int | IO[bytes]) -> int:
     return stream if isinstance(stream, int) else stream.fileno()
 
 
-def _run_child(entry: Callable[[list[str]], int], argv: list[str], *, out: int, err: int,
-               keep: set[int], parent: int, new_session: bool,
-               die_with_parent: bool) -> NoReturn:
+def _run_child(entry: Callable[[list[str]], int], argv: list[str], *,
+               stdio: tuple[int | None, int, int], keep: set[int], parent: int,
+               new_session: bool, die_with_parent: bool) -> NoReturn:
     code = 1
     try:
         if die_with_parent:
@@ -152,10 +161,10 @@ def _run_child(entry: Callable[[list[str]], int], argv: list[str], *, out: int, 
             os.setsid()
         _reset_signals()
         null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        os.close(null)
+        for target, fd in enumerate(stdio):
+            os.dup2(null if fd is None else fd, target)
+        if null > 2:
+            os.close(null)
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
             if fd > 2 and fd not in keep:
@@ -201,8 +210,7 @@ def set_command_line(argv: Sequence[str]) -> None:
     program's name. The new arguments overwrite the old ones in place, since moving them
     elsewhere needs CAP_SYS_RESOURCE: what does not fit that area is left off (the program's
     directory first, then arguments from the end)."""
-    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
-    start, end = int(fields[_ARG_START]), int(fields[_ARG_END])
+    start, end = _argv_area()
     libc = ctypes.CDLL(None, use_errno=True)
     program = os.path.basename(argv[0])
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(program.encode()[:15]), 0, 0, 0)
@@ -213,6 +221,11 @@ def set_command_line(argv: Sequence[str]) -> None:
         else:
             words.pop()
     ctypes.memmove(start, _packed(words).ljust(end - start, b"\0"), end - start)
+
+
+def _argv_area() -> tuple[int, int]:
+    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    return int(fields[_ARG_START]), int(fields[_ARG_END])
 
 
 def _packed(words: Sequence[str]) -> bytes:

@@ -285,7 +285,7 @@ class PoolService:
         try:
             # A fork of this service where it can be (forked.py); its own session, not killed
             # with the pool: once claimed it is a container's.
-            if forked.can_fork():
+            if forked.can_fork(SUPERVISOR_MODULE):
                 proc: child.Child[Any] = await forked.fork_main(
                     self.member_main, SUPERVISOR_MODULE, argv, pass_fds=(theirs.fileno(),),
                     new_session=True, die_with_parent=False)

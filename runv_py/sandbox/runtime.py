@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import time
 import tty
@@ -63,6 +64,7 @@ OCI_VERSION = "1.1.0"
 SUPERVISOR_EXIT_WAIT_S = 30.0
 SUPERVISOR_REPORT_TIMEOUT_S = 600.0
 SUPERVISOR_MODULE = "runv_py.sandbox.supervisor"
+STANDIN_MODULE = "runv_py.sandbox.standin"
 STANDIN_READY_TIMEOUT_S = 60.0
 _FORKED_PID = re.compile(rb"pid (\d+)\n")
 STATE_TIMEOUT_S = 15.0
@@ -355,7 +357,7 @@ class Runtime:
             with open(log_path, "ab") as logfile:
                 # Until it reports, the supervisor is this thread's: if this process is
                 # killed meanwhile, so is the supervisor, even a stopped one.
-                if forked.can_fork():
+                if forked.can_fork(SUPERVISOR_MODULE, argv[:4]):  # --root R --id ID
                     # No interpreter start, and what both have imported stays shared
                     # (forked.py). The supervisor's code is loaded by name: this process
                     # never calls into it, its fork runs it.
@@ -653,32 +655,49 @@ async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal,
     `namespaces` asks for (standin_namespaces.py) and in its supervisor's cgroups; its pid once
     attached."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    argv = [sys.executable, "-m", "runv_py.sandbox.standin", "--ctl", str(ctl),
-            "--request", json.dumps(request.to_wire()), "--ready-fd", str(ready_w),
-            "--namespaces", namespaces]
+    argv = ["--ctl", str(ctl), "--request", json.dumps(request.to_wire()),
+            "--ready-fd", str(ready_w), "--namespaces", namespaces]
     if terminal.slave is not None:
         argv.append("--tty")
     try:
-        proc = child.spawn_detached(argv, stdio=terminal.slave, pass_fds=(ready_w,),
-                                    new_session=False)
+        proc: child.Child[Any] | subprocess.Popen[bytes]
+        if forked.can_fork(STANDIN_MODULE, argv[:2]):  # --ctl PATH
+            # Forked (forked.py): the stand-in's own interpreter start was on create's path.
+            # Its code is loaded by name: this process never calls into it.
+            standin = importlib.import_module(STANDIN_MODULE)
+            stdio = (0, 1, 2) if terminal.slave is None else (terminal.slave,) * 3
+            proc = await forked.fork_main(standin.main, STANDIN_MODULE, argv,
+                                          stdin=stdio[0], stdout=stdio[1], stderr=stdio[2],
+                                          pass_fds=(ready_w,), die_with_parent=False)
+        else:
+            proc = child.spawn_detached([sys.executable, "-m", STANDIN_MODULE, *argv],
+                                        stdio=terminal.slave, pass_fds=(ready_w,),
+                                        new_session=False)
     finally:
         os.close(ready_w)
-    forked, answer = split_standin_report(
+    in_namespace, answer = split_standin_report(
         await child.read_report(ready_r, STANDIN_READY_TIMEOUT_S))
     pid = proc.pid
-    if forked is not None:
-        pid = forked
-        proc.wait()
+    if in_namespace is not None:
+        pid = in_namespace
+        await _reaped(proc)
     if answer != b"ok":
         for stray in {pid, proc.pid}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stray, signal.SIGKILL)
-        proc.wait()
+        await _reaped(proc)
         raise RunvError(answer.decode(errors="replace") or "the stand-in process failed")
     owner = vm_dir.owner(ctl.parent)
     if owner is not None:
         cgroup.follow(owner[0], [pid])  # a host process of the sandbox
     return pid
+
+
+async def _reaped(proc: child.Child[Any] | subprocess.Popen[bytes]) -> None:
+    if isinstance(proc, child.Child):
+        await proc.wait()
+    else:
+        proc.wait()
 
 
 def split_standin_report(answer: bytes) -> tuple[int | None, bytes]:

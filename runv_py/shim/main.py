@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             return delete(args)
         log_setup.setup(debug=args.debug, fmt="json",
                         stream=os.fdopen(_log_stream(), "w", buffering=1))
+        child.watch_children_by_pidfd()  # it forks its supervisors (forked.py)
         return asyncio.run(serve(args))
     except RunvError as exc:
         print(f"containerd-shim-runv-v2: {exc}", file=sys.stderr)

@@ -72,7 +72,8 @@ class VsockBackend:
         interpreter's pages and skips a new one's start."""
         argv = self.argv()
         with open(self.log_path, "ab") as log_file:
-            if forked.can_fork():
+            # By the arguments that name its VM directory (runv gc finds it by them).
+            if forked.can_fork(argv[2], argv[3:] if self.kernel else argv[3:4]):
                 if self.kernel:
                     from .forward import main
                 else:

@@ -114,19 +114,29 @@ def test_only_a_single_threaded_process_forks(tmp_path: Path) -> None:
         import threading
 
         async def scenario():
-            alone = forked.can_fork()
+            alone = forked.can_fork("m")
             child.watch_children_by_pidfd()
             spawned = await child.spawn(["sleep", "0.3"])
-            while_spawned = forked.can_fork()
+            while_spawned = forked.can_fork("m")
             await spawned.wait()
             stop = threading.Event()
             thread = threading.Thread(target=stop.wait)
             thread.start()
-            with_thread = forked.can_fork()
+            with_thread = forked.can_fork("m")
             stop.set()
             thread.join()
             return alone, while_spawned, with_thread
     """, tmp_path) == (True, True, False)
+
+
+def test_a_command_line_that_cannot_show_its_name_is_not_forked(tmp_path: Path) -> None:
+    """runv gc finds a helper by the arguments that name its VM directory: a fork whose
+    parent's argv area cannot hold them would be invisible to it."""
+    assert _in_fresh_python("""
+        async def scenario():
+            return (forked.can_fork("runv_py.vsock", ["--socket=/run/x/vhost-vsock.sock"]),
+                    forked.can_fork("runv_py.vsock", ["--socket=" + "x" * 4000]))
+    """, tmp_path) == (True, False)
 
 
 def test_the_child_dies_with_the_process_that_forked_it(tmp_path: Path) -> None:
