@@ -431,7 +431,7 @@ def _event_stream(engine: Engine, context: Any) -> Iterator[pb.Event]:
             if event.kind == "exit":
                 yield pb.Event(exit=pb.ProcessExited(
                     container_id=event.container_id, exec_id=event.exec_id,
-                    exit_code=event.exit_code, pid=event.pid))
+                    exit_code=event.exit_code, pid=event.pid, dropped=event.dropped))
             elif event.kind == "process":
                 yield pb.Event(process=_process_pb(event))
             else:

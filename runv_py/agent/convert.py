@@ -107,6 +107,7 @@ class Event:
     exit_code: int = 0
     pid: int = 0
     process: ProcessStarted | None = None
+    dropped: int = 0   # of an exit: process events the agent dropped before it
 
 
 def event(msg: pb.Event) -> Event:
@@ -119,7 +120,7 @@ def event(msg: pb.Event) -> Event:
             p.role, p.ppid, p.uid, p.euid, tuple(p.argv), p.argv_truncated, p.complete,
             p.time_ns, p.dropped, p.comm))
     e = msg.exit
-    return Event("exit", e.container_id, e.exec_id, e.exit_code, e.pid)
+    return Event("exit", e.container_id, e.exec_id, e.exit_code, e.pid, dropped=e.dropped)
 
 
 IPFamily = Literal["", "ipv4", "ipv6"]  # "": taken from the address

@@ -174,6 +174,16 @@ def test_the_engine_attributes_records_and_bounds_its_backlog(tmp_path: Path) ->
             assert events.get_nowait().dropped == 0
         engine._publish_process(event)
         assert events.get_nowait().dropped == 25
+        # Drops that no process event follows: the next exit carries them, once.
+        for _ in range(engine_mod.AUDIT_BACKLOG + 7):
+            engine._publish_process(event)
+        engine._publish(engine_mod.Event("exit", "job", pid=proc.pid))
+        while events.qsize() > 1:
+            events.get_nowait()
+        assert events.get_nowait().dropped == 7
+        engine._publish(engine_mod.Event("exit", "job", pid=proc.pid))
+        engine._publish_process(event)
+        assert [events.get_nowait().dropped for _ in range(2)] == [0, 0]
     finally:
         proc.kill()
         proc.wait()

@@ -127,6 +127,24 @@ def test_a_listener_that_does_not_read_holds_a_bounded_backlog(
     _run(test)
 
 
+def test_the_agents_drops_just_before_an_exit_are_counted(tmp_path: Path) -> None:
+    """The agent's backlog overflowed with the container's last execs: no process event
+    follows to carry the count, so its exit event does, and the count goes out before the
+    exit."""
+    async def test() -> None:
+        async with _sandbox(tmp_path) as box:
+            await box.client.call(Start(container="c1"))
+            audited = await box.client.subscribe("c1", audit=True)
+            box.vm.agent.events_queue.put_nowait(_exec())
+            box.vm.agent.events_queue.put_nowait(convert.Event("exit", "c1", dropped=7))
+            await asyncio.sleep(0.2)
+            box.vm.agent.exit("c1", code=0)
+            got = [(e.type, e.dropped) async for e in audited]
+            assert got == [("process", 0), ("dropped", 7), ("exit", 0)]
+
+    _run(test)
+
+
 def _workload(wid: str = "a" * 32) -> Workload:
     return Workload(id=wid, bundle="/b", rootfs="/r", created="now", name="job", image="i",
                     command=("sh",), created_at=0.0, tenant="acme")

@@ -265,16 +265,18 @@ class EventsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ProcessExited(_message.Message):
-    __slots__ = ("container_id", "exec_id", "exit_code", "pid")
+    __slots__ = ("container_id", "exec_id", "exit_code", "pid", "dropped")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     exit_code: int
     pid: int
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    dropped: int
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., pid: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class OomKilled(_message.Message):
     __slots__ = ("container_id",)

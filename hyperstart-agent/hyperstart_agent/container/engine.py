@@ -194,7 +194,8 @@ class Process:
 class Event:
     """An exit, an OOM kill, or (kind "process") an execve in a container: `role` says
     whether `pid` is the container's init, one of its execs (`exec_id`) or any other process;
-    `dropped` counts the process events this subscriber missed just before (backlog full)."""
+    `dropped` (a process event or an exit) counts the process events this subscriber missed
+    just before (backlog full)."""
 
     kind: Literal["exit", "oom", "process"]
     container_id: str
@@ -361,10 +362,12 @@ class Engine:
             self._audit_dropped.pop(id(events), None)
 
     def _publish(self, event: Event) -> None:
+        """To every subscriber; an exit carries the process events dropped for it since the
+        last one it got (a container's last execs would otherwise never be counted)."""
         with self._lock:
-            subscribers = list(self._subscribers)
-        for events in subscribers:
-            events.put(event)
+            for events in list(self._subscribers):
+                dropped = self._audit_dropped.pop(id(events), 0) if event.kind == "exit" else 0
+                events.put(dataclasses.replace(event, dropped=dropped) if dropped else event)
 
     def _watch_execs(self) -> None:
         """Every execve of the guest's containers, from the proc connector (audit.py), for as

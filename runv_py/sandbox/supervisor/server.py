@@ -650,8 +650,11 @@ class Supervisor:
                             ours = replace(event, container_id=container_id)
                             for record in self.audit.admit(ours):
                                 self._publish(record)
-                    elif event.exec_id == "" and container_id in self.containers:
-                        self._agent_exit(container_id).set()
+                    else:
+                        if self.audit_listeners:
+                            self.audit.count_dropped(event.dropped)
+                        if event.exec_id == "" and container_id in self.containers:
+                            self._agent_exit(container_id).set()
             if not self.outage.active:
                 return
             await self.outage.wait()
