@@ -16,10 +16,10 @@ from hyperstart_agent.container import audit
 
 
 def _proc_event(what: int, payload: bytes, *, idx: int = 1, val: int = 1,
-                timestamp: int = 5_000_000_000) -> bytes:
+                timestamp: int = 5_000_000_000, seq: int = 7, cpu: int = 0) -> bytes:
     """One netlink message of the connector: nlmsghdr, cn_msg, proc_event."""
-    event = struct.pack("<IIQ", what, 0, timestamp) + payload
-    cn = struct.pack("<IIIIHH", idx, val, 7, 0, len(event), 0) + event
+    event = struct.pack("<IIQ", what, cpu, timestamp) + payload
+    cn = struct.pack("<IIIIHH", idx, val, seq, 0, len(event), 0) + event
     return struct.pack("<IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
 
 
@@ -32,6 +32,33 @@ def test_exec_events_are_parsed_and_the_rest_skipped() -> None:
     padded = exit_ + b"\0" * (-len(exit_) % 4)
     datagram = fork + exec_ + padded + other_source + exec_
     assert list(audit.parse(datagram)) == [audit.Exec(41, 40, 123), audit.Exec(41, 40, 123)]
+
+
+def test_gaps_in_a_cpus_numbering_are_events_the_socket_lost() -> None:
+    """The kernel numbers each CPU's messages: after ENOBUFS the next ones show the gap, for
+    events of any kind; it is known before the exec that follows it is yielded."""
+    sequence = audit.Sequence()
+    fork = struct.pack("<IIII", 1, 1, 42, 42)
+    exec_ = struct.pack("<II", 41, 40)
+    first = (_proc_event(0x1, fork, seq=10, cpu=0) + _proc_event(0x2, exec_, seq=11, cpu=0)
+             + _proc_event(0x1, fork, seq=500, cpu=1))
+    assert len(list(audit.parse(first, sequence))) == 1
+    assert sequence.take() == 0   # a first message per CPU is only a start
+    later = (_proc_event(0x1, fork, seq=15, cpu=0)      # 12-14 lost on CPU 0
+             + _proc_event(0x2, exec_, seq=501, cpu=1)
+             + _proc_event(0x2, exec_, seq=509, cpu=1))  # 502-508 lost on CPU 1
+    execs = audit.parse(later, sequence)
+    next(execs)
+    assert sequence.take() == 3
+    next(execs)
+    assert sequence.take() == 7
+    assert sequence.take() == 0
+    # The numbering wraps at 2^32; a message from the past counts nothing.
+    assert list(audit.parse(_proc_event(0x1, fork, seq=0xFFFFFFFF, cpu=2)
+                            + _proc_event(0x1, fork, seq=1, cpu=2)
+                            + _proc_event(0x1, fork, seq=0, cpu=2)
+                            + _proc_event(0x1, fork, seq=2, cpu=2), sequence)) == []
+    assert sequence.take() == 1
 
 
 @pytest.mark.parametrize("datagram", [
@@ -184,6 +211,10 @@ def test_the_engine_attributes_records_and_bounds_its_backlog(tmp_path: Path) ->
         engine._publish(engine_mod.Event("exit", "job", pid=proc.pid))
         engine._publish_process(event)
         assert [events.get_nowait().dropped for _ in range(2)] == [0, 0]
+        # What the kernel could not queue for the agent (ENOBUFS) is counted the same way.
+        engine._count_lost(5)
+        engine._publish_process(event)
+        assert events.get_nowait().dropped == 5
     finally:
         proc.kill()
         proc.wait()

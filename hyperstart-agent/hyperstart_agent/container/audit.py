@@ -59,6 +59,32 @@ class ProcessView:
     complete: bool = False
 
 
+class Sequence:
+    """The kernel numbers each CPU's proc connector messages in order (cn_msg.seq, with the
+    CPU in the event): a gap is messages this socket lost (ENOBUFS: it was not read fast
+    enough). They are counted whatever their kind, so the count bounds the execs lost."""
+
+    MAX_CPUS = 4096
+
+    def __init__(self) -> None:
+        self._last: dict[int, int] = {}
+        self._lost = 0
+
+    def seen(self, cpu: int, seq: int) -> None:
+        if cpu >= self.MAX_CPUS:
+            return
+        last = self._last.get(cpu)
+        gap = 0 if last is None else (seq - last - 1) & 0xFFFFFFFF
+        if gap < 1 << 31:  # else from before the last one: nothing to count
+            self._last[cpu] = seq
+            self._lost += gap
+
+    def take(self) -> int:
+        """The messages lost since the last take."""
+        lost, self._lost = self._lost, 0
+        return lost
+
+
 def listen_message() -> bytes:
     """The request that subscribes the socket to the process events."""
     op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
@@ -67,9 +93,10 @@ def listen_message() -> bytes:
     return _NLMSGHDR.pack(size, NLMSG_DONE, 0, 0, os.getpid()) + cn + op
 
 
-def parse(datagram: bytes) -> Iterator[Exec]:
+def parse(datagram: bytes, sequence: Sequence | None = None) -> Iterator[Exec]:
     """The exec events in one datagram; other events, other sources and anything malformed
-    (short, a length that does not fit) are skipped."""
+    (short, a length that does not fit) are skipped. `sequence` sees every process event,
+    before the exec it may be is yielded."""
     offset = 0
     while offset + _NLMSGHDR.size <= len(datagram):
         length = _NLMSGHDR.unpack_from(datagram, offset)[0]
@@ -78,12 +105,14 @@ def parse(datagram: bytes) -> Iterator[Exec]:
         body = offset + _NLMSGHDR.size
         end = offset + length
         if body + _CN_MSG.size <= end:
-            idx, val, _, _, data_len, _ = _CN_MSG.unpack_from(datagram, body)
+            idx, val, seq, _, data_len, _ = _CN_MSG.unpack_from(datagram, body)
             data = body + _CN_MSG.size
             if (idx, val) == (CN_IDX_PROC, CN_VAL_PROC) and data + data_len <= end \
-                    and data_len >= _PROC_EVENT.size + _EXEC.size:
-                what, _, timestamp = _PROC_EVENT.unpack_from(datagram, data)
-                if what == PROC_EVENT_EXEC:
+                    and data_len >= _PROC_EVENT.size:
+                what, cpu, timestamp = _PROC_EVENT.unpack_from(datagram, data)
+                if sequence is not None:
+                    sequence.seen(cpu, seq)
+                if what == PROC_EVENT_EXEC and data_len >= _PROC_EVENT.size + _EXEC.size:
                     pid, tgid = _EXEC.unpack_from(datagram, data + _PROC_EVENT.size)
                     yield Exec(pid, tgid, timestamp)
         offset += (length + 3) & ~3  # NLMSG_ALIGN

@@ -383,6 +383,7 @@ class Engine:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), audit.READER_NICE)
         warned = 0.0
+        sequence = audit.Sequence()  # what ENOBUFS lost shows as gaps in the next messages
         while True:
             try:
                 datagram = sock.recv(audit.RECV_BYTES)
@@ -391,7 +392,8 @@ class Engine:
                     log.warning("proc connector: %s (events lost)", exc)
                     warned = time.monotonic()
                 continue
-            for event in audit.parse(datagram):
+            for event in audit.parse(datagram, sequence):
+                self._count_lost(sequence.take())
                 with self._lock:
                     if not self._subscribers:
                         continue
@@ -399,6 +401,16 @@ class Engine:
                     self._publish_process(event)
                 except Exception:
                     log.exception("process event of pid %d", event.tgid)
+            self._count_lost(sequence.take())
+
+    def _count_lost(self, lost: int) -> None:
+        """Process events the kernel could not queue for the agent: each subscriber gets the
+        count with its next event, as for its own backlog's drops."""
+        if lost:
+            with self._lock:
+                for events in self._subscribers:
+                    key = id(events)
+                    self._audit_dropped[key] = self._audit_dropped.get(key, 0) + lost
 
     def _publish_process(self, exec_event: audit.Exec) -> None:
         view = audit.read_process(exec_event)
