@@ -46,7 +46,6 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
-SUPERVISOR_MODULE = "runv_py.sandbox.supervisor"
 
 READY_TIMEOUT_S = 300.0
 RETRY_S = (2.0, 60.0)  # back-off after a member failed to start: first, most
@@ -285,12 +284,12 @@ class PoolService:
         try:
             # A fork of this service where it can be (forked.py); its own session, not killed
             # with the pool: once claimed it is a container's.
-            if forked.can_fork(SUPERVISOR_MODULE):
+            if forked.can_fork(protocol.SUPERVISOR_MODULE):
                 proc: child.Child[Any] = await forked.fork_main(
-                    self.member_main, SUPERVISOR_MODULE, argv, pass_fds=(theirs.fileno(),),
+                    self.member_main, protocol.SUPERVISOR_MODULE, argv, pass_fds=(theirs.fileno(),),
                     new_session=True, die_with_parent=False)
             else:
-                proc = await child.spawn([sys.executable, "-m", SUPERVISOR_MODULE, *argv],
+                proc = await child.spawn([sys.executable, "-m", protocol.SUPERVISOR_MODULE, *argv],
                                          stdout=None, stderr=None, pass_fds=(theirs.fileno(),),
                                          new_session=True, die_with_parent=False)
         finally:

@@ -32,6 +32,7 @@ from .. import errors
 from ..errors import AgentError, ProtocolError, RunvError
 from .status import ContainerStatus
 
+SUPERVISOR_MODULE = "runv_py.sandbox.supervisor"  # python -m: the creators and the pool
 MAX_PACKET = 1 << 20
 MAX_FDS = 64  # a log, a rootfs and bind-mount sources (storage.shared.Trees)
 # A supervisor ends the VM of a guest that does not take a SIGKILL within this time (a

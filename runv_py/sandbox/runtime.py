@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 OCI_VERSION = "1.1.0"
 SUPERVISOR_EXIT_WAIT_S = 30.0
 SUPERVISOR_REPORT_TIMEOUT_S = 600.0
-SUPERVISOR_MODULE = "runv_py.sandbox.supervisor"
 STANDIN_MODULE = "runv_py.sandbox.standin"
 STANDIN_READY_TIMEOUT_S = 60.0
 _FORKED_PID = re.compile(rb"pid (\d+)\n")
@@ -357,17 +356,17 @@ class Runtime:
             with open(log_path, "ab") as logfile:
                 # Until it reports, the supervisor is this thread's: if this process is
                 # killed meanwhile, so is the supervisor, even a stopped one.
-                if forked.can_fork(SUPERVISOR_MODULE, argv[:4]):  # --root R --id ID
+                if forked.can_fork(protocol.SUPERVISOR_MODULE, argv[:4]):  # --root R --id ID
                     # No interpreter start, and what both have imported stays shared
                     # (forked.py). The supervisor's code is loaded by name: this process
                     # never calls into it, its fork runs it.
-                    supervisor = importlib.import_module(f"{SUPERVISOR_MODULE}.__main__")
-                    await forked.fork_main(supervisor.main, SUPERVISOR_MODULE, argv,
+                    supervisor = importlib.import_module(f"{protocol.SUPERVISOR_MODULE}.__main__")
+                    await forked.fork_main(supervisor.main, protocol.SUPERVISOR_MODULE, argv,
                                            stdout=logfile, stderr=logfile,
                                            pass_fds=(status_w,), new_session=True,
                                            die_with_parent=True)
                 else:
-                    child.spawn_detached([sys.executable, "-m", SUPERVISOR_MODULE, *argv],
+                    child.spawn_detached([sys.executable, "-m", protocol.SUPERVISOR_MODULE, *argv],
                                          stdout=logfile, pass_fds=(status_w,),
                                          die_with_parent=True)
         finally:
