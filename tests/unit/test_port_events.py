@@ -105,7 +105,9 @@ def test_the_timeout_says_what_the_port_did() -> None:
     async def main() -> None:
         events = machine._port_events = EventListener(("VSERPORT_CHANGE",))
         machine.forget_port_events()
-        await events.put(_event(event_id, False, time.time()))
+        # 10 ms after the host let go: QEMU's stamp has whole microseconds, so one taken in
+        # the same microsecond as the let-go read as -0.00s (1 run in ~10 failed so).
+        await events.put(_event(event_id, False, time.time() + 0.01))
         with pytest.raises(TimeoutError, match=r"since the host let go: closed at \+0\.\d\ds"):
             await machine.wait_port_open(PORT, 0.3)
         machine.forget_port_events()
