@@ -129,3 +129,28 @@ def test_vsock_connections_find_their_server_connection_made_already(tmp_path: P
         s.close()
     serving.join(5)
     assert not serving.is_alive(), "the splice kept serving a closed listener"
+
+
+def test_the_zygote_imports_every_module_a_helper_imports_late(tmp_path: Path) -> None:
+    """An import inside a helper's function runs in every container and exec the zygote
+    forks (tens of ms each under TCG): the zygote must have made it already."""
+    import ast
+    import subprocess
+    import sys
+
+    from hyperstart_agent.container import init
+
+    late = set()
+    for node in ast.walk(ast.parse(Path(init.__file__).read_text())):
+        if isinstance(node, ast.FunctionDef):
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and inner.level == 1:
+                    late |= {f"hyperstart_agent.container.{alias.name}" for alias in inner.names}
+                elif isinstance(inner, ast.Import):
+                    late |= {alias.name for alias in inner.names}
+    assert "hyperstart_agent.container.seccomp" in late  # what the scan is for
+    script = ("import sys; from hyperstart_agent.container import zygote; zygote.preload(); "
+              "print(' '.join(sorted(sys.modules)))")
+    loaded = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                            text=True, timeout=60).stdout.split()
+    assert sorted(late - set(loaded)) == []

@@ -206,7 +206,8 @@ def test_cgroup_limits_pause_resume_update_stats_and_oom(
     async def body(agent: AgentClient) -> None:
         spec = json.loads(_spec(MOUNT.format("cg"), [
             "sh", "-c", "cat /proc/self/cgroup /sys/fs/cgroup/memory.max "
-                        "/sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max; exec sleep 600"]))
+                        "/sys/fs/cgroup/pids.max /sys/fs/cgroup/cpu.max; "
+                        "grep -o ' cgroup2 .*' /proc/self/mountinfo; exec sleep 600"]))
         spec["linux"]["namespaces"].append({"type": "cgroup"})
         spec["mounts"].append({"destination": "/sys/fs/cgroup", "type": "cgroup2",
                                "source": "cgroup"})
@@ -243,6 +244,8 @@ def test_cgroup_limits_pause_resume_update_stats_and_oom(
         assert await agent.wait_process("cg", timeout_s=60) == 137
         lines = (await output)["stdout"].decode().split("\n")
         assert lines[:4] == ["0::/", str(64 << 20), "20", "50000 100000"]
+        # The guest's hierarchy places processes without waiting for RCU (cgroups.py).
+        assert "favordynmods" in lines[4].split()[-1].split(","), lines[4]
         await agent.remove_container("cg")
 
         # A process over its container's memory limit is OOM-killed: an OOM event while the

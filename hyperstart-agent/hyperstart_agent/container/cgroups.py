@@ -4,6 +4,7 @@ freezing (pause), statistics, the processes in it, and killing it whole."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 
@@ -14,6 +15,11 @@ from . import syscalls as sc
 ROOT = "/sys/fs/cgroup"
 PARENT = "runv"
 CONTROLLERS = ("cpu", "cpuset", "memory", "pids", "io", "hugetlb")
+# Each process placed in a cgroup (every container's init and exec) would otherwise wait for
+# an RCU grace period: 25 ms of an exec's ~95 ms in the guest under TCG. With it, forks and
+# exits take the slower side of that lock instead (300 fork+exec+exit in a container: 4.3 s
+# either way).
+MOUNT_OPTIONS = "favordynmods"
 
 
 class CgroupError(Exception):
@@ -40,7 +46,13 @@ def setup(root: str = ROOT) -> str:
     """Mount cgroup2 (if needed) and prepare the parent of all container cgroups."""
     os.makedirs(root, exist_ok=True)
     if not os.path.exists(os.path.join(root, "cgroup.controllers")):
-        sc.mount("cgroup2", root, "cgroup2", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+        flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+        try:
+            sc.mount("cgroup2", root, "cgroup2", flags, MOUNT_OPTIONS)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            sc.mount("cgroup2", root, "cgroup2", flags)  # a kernel before 6.0
     _enable_controllers(root)
     parent = os.path.join(root, PARENT)
     os.makedirs(parent, exist_ok=True)
