@@ -196,6 +196,35 @@ def test_the_compiled_program_answers_as_the_rules_in_a_real_kernel(tmp_path: Pa
         assert not wrong, f"rules {rules}: the kernel answered otherwise for {wrong}"
 
 
+def _program_id(fd: int) -> int:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text()
+                  .splitlines() if ":" in line)
+    return int(fields["prog_id"])
+
+
+def test_the_same_rules_load_one_program_and_the_cache_is_bounded() -> None:
+    (major,) = _unused_majors("c", 1)
+    programs = [dc.compile_program(Policy.of((DENY_ALL, R(True, "c", major, minor, "r"))))
+                for minor in range(dc._SHARED_MAX + 4)]
+    fds = [dc.load_shared(programs[0]), dc.load_shared(programs[0]),
+           dc.load_shared(programs[1])]
+    try:
+        # Each container has its own fd (closing one leaves the others), of one program.
+        assert len(set(fds)) == 3
+        assert _program_id(fds[0]) == _program_id(fds[1]) != _program_id(fds[2])
+        before = len(os.listdir("/proc/self/fd"))
+        for program in programs:
+            os.close(dc.load_shared(program))
+        assert len(os.listdir("/proc/self/fd")) - before <= dc._SHARED_MAX
+        # The oldest left the cache: loaded again, it is a new program.
+        renewed = dc.load_shared(programs[0])
+        fds.append(renewed)
+        assert _program_id(renewed) != _program_id(fds[0])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 # --- in a real guest -------------------------------------------------------------------------
 
 @pytest.mark.vm

@@ -127,7 +127,7 @@ class Cgroup:
         except device_cgroup.DeviceRuleError as exc:
             raise CgroupError(f"linux.resources.devices: {exc}") from exc
         try:
-            new = device_cgroup.load(program)
+            new = device_cgroup.load_shared(program)
         except OSError as exc:
             raise CgroupError(f"device program: {exc.strerror}") from exc
         try:

@@ -3,22 +3,25 @@
 Starting the init helper (`python -I -S -c <bootstrap>`, see init.py) costs a Python start-up
 and its imports for every container and exec; under TCG that is most of a second, and in a VM
 restored from a template it is paid again in every clone. The zygote is that helper started once
-(single-threaded, imports done): asked over its socket, it forks twice and the grandchild runs
-init.main() exactly as a spawned helper would, with the fds it was sent as 0-3. The middle
-process exits at once, so the helper is an orphan that PID 1 (or the caller's subreaper) reaps,
-as if the agent had spawned it. The agent gets the same messages from the helper either way;
-if the zygote is gone it spawns helpers directly again.
+(single-threaded, imports done). It forks twice and the grandchild waits for a request; asked
+over its socket, the zygote hands the request to that waiting helper and forks the next one.
+The helper then runs init.main() exactly as a spawned helper would, with the fds it was sent as
+0-3. The middle process exits at once, so the helper is an orphan that PID 1 (or the caller's
+subreaper) reaps, as if the agent had spawned it. The agent gets the same messages from the
+helper either way; if the zygote is gone it spawns helpers directly again.
 
 Protocol (SOCK_SEQPACKET, fd 3 of the zygote): request = JSON {"argv": [mode, state_dir]} with
-the helper's four fds; reply = {"ok": true} once forked, or {"error": "..."}. The zygote says
-{"ready": true} first, once its imports are done.
+the helper's four fds; reply = {"ok": true} once a helper has them, or {"error": "..."}. The
+zygote says {"ready": true} first, once its imports are done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import sys
 import threading
@@ -29,6 +32,7 @@ ZYGOTE_FD = 3
 HELPER_FDS = 4
 START_TIMEOUT_S = 60.0
 REPLY_TIMEOUT_S = 30.0
+SPARE_READY = b"spare ready"
 
 
 class Zygote:
@@ -97,34 +101,165 @@ def preload() -> None:
 
 
 def serve() -> None:
-    """The zygote's loop; returns only in a forked helper (which then runs init.main)."""
+    """The zygote's loop; returns only in a helper (which then runs init.main).
+
+    It keeps one helper forked ahead (the spare) and hands each request to it, then forks the
+    next one: the two forks are off the request's path. In a clone of a template the spare is
+    the template's, so the clone's first container does not fork at all: under TCG a fresh
+    clone's first two forks took ~45 ms of its container's creation.
+
+    A spare is forked as SCHED_IDLE (with one vCPU it would otherwise take half of it from the
+    helper just handed a request) and says "ready" once it runs as a normal process again. A
+    request that comes before that is served by forking at once, as the zygote always did: no
+    request waits for an idle-priority process, which a busy guest would starve."""
     preload()
     sock = socket.socket(fileno=ZYGOTE_FD)
     sock.send(b'{"ready": true}')
+    spare: socket.socket | None = None  # the zygote's end of the next helper's socket
+    ready = False
+    failed = False  # the last spare died before it was ready: the next one after a request
     while True:
-        try:
-            data, fds, _, _ = socket.recv_fds(sock, 65536, HELPER_FDS)
-        except OSError:
-            os._exit(0)
-        if not data:
-            os._exit(0)
-        try:
-            argv = [str(a) for a in json.loads(data)["argv"]]
-            if len(fds) != HELPER_FDS:
-                raise ValueError(f"{len(fds)} fds sent, {HELPER_FDS} needed")
-            middle = os.fork()
-            if middle == 0:
-                if os.fork() == 0:
-                    _become_helper(sock, fds, argv)
+        while True:  # middle processes of spares: they exit at once
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if spare is None and not failed:
+            try:
+                spare = _fork_spare(sock)
+            except OSError as exc:
+                log.warning("zygote: no spare helper: %s", exc)
+                failed = True
+            else:
+                if spare is None:
                     return
-                os._exit(0)
-            os.waitpid(middle, 0)
-            reply = {"ok": True}
-        except Exception as exc:
-            reply = {"error": f"zygote: {exc}"}
+                ready = False
+        if spare is not None and not ready:
+            readable, _, _ = select.select([sock, spare], [], [])
+            if spare in readable:
+                ready = _spare_said_ready(spare)
+                if not ready:
+                    spare.close()
+                    spare, failed = None, True
+                continue
+        argv, fds, error = _receive(sock)
+        if error is None:
+            handed = ready and _hand_over(spare, argv, fds)
+            if ready and spare is not None:  # used, or it died meanwhile
+                spare.close()
+                spare, ready = None, False
+            if not handed:
+                try:
+                    if _fork_helper(sock, argv, fds):
+                        return
+                except OSError as exc:
+                    error = str(exc)
         for fd in fds:
             os.close(fd)
+        failed = False
+        reply = {"ok": True} if error is None else {"error": f"zygote: {error}"}
         sock.send(json.dumps(reply).encode())
+
+
+def _receive(sock: socket.socket) -> tuple[list[str], list[int], str | None]:
+    """The next request: argv, fds, and what is wrong with it. Exits with the agent."""
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 65536, HELPER_FDS)
+    except OSError:
+        os._exit(0)
+    if not data:
+        os._exit(0)
+    try:
+        argv = [str(a) for a in json.loads(data)["argv"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        return [], fds, f"bad request: {exc}"
+    if len(fds) != HELPER_FDS:
+        return [], fds, f"{len(fds)} fds sent, {HELPER_FDS} needed"
+    return argv, fds, None
+
+
+def _spare_said_ready(spare: socket.socket) -> bool:
+    try:
+        return spare.recv(64) == SPARE_READY
+    except OSError:
+        return False
+
+
+def _hand_over(spare: socket.socket | None, argv: list[str], fds: list[int]) -> bool:
+    if spare is None:
+        return False
+    try:
+        socket.send_fds(spare, [json.dumps(argv).encode()], fds)
+    except OSError:
+        return False
+    return True
+
+
+def _fork_helper(sock: socket.socket, argv: list[str], fds: list[int]) -> bool:
+    """Fork a helper for this request now; True in the helper."""
+    middle = os.fork()
+    if middle == 0:
+        try:
+            if os.fork() == 0:
+                _become_helper(sock, fds, argv)
+                return True
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(middle, 0)
+    if status != 0:
+        raise OSError(f"the helper's fork failed (wait status {status})")
+    return False
+
+
+def _fork_spare(sock: socket.socket) -> socket.socket | None:
+    """Start forking a helper that will wait for its request (the zygote does not wait for
+    it); the zygote's end of the helper's socket. In the helper this returns None once it
+    has its request; if the zygote goes first, the helper exits. The helper is a grandchild,
+    so that PID 1 adopts it as if the agent had spawned it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    _schedule(os.SCHED_IDLE)
+    try:
+        middle = os.fork()
+    except BaseException:
+        _schedule(os.SCHED_OTHER)
+        ours.close()
+        theirs.close()
+        raise
+    if middle == 0:
+        try:
+            helper = os.fork()
+        except BaseException:
+            os._exit(1)
+        if helper != 0:
+            os._exit(0)
+        _schedule(os.SCHED_OTHER)
+        ours.close()
+        _await_request(sock, theirs)
+        return None
+    _schedule(os.SCHED_OTHER)
+    theirs.close()
+    return ours
+
+
+def _schedule(policy: int) -> None:
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
+def _await_request(zygote: socket.socket, requests: socket.socket) -> None:
+    """The spare: says it is ready, then becomes the helper of the request it is handed."""
+    os.close(zygote.detach())
+    try:
+        requests.send(SPARE_READY)
+        data, fds, _, _ = socket.recv_fds(requests, 65536, HELPER_FDS)
+        argv = [str(a) for a in json.loads(data)]
+    except (OSError, ValueError, TypeError):
+        os._exit(0)  # the zygote is gone
+    if len(fds) != HELPER_FDS:
+        os._exit(0)
+    _become_helper(requests, fds, argv)
 
 
 def _become_helper(sock: socket.socket, fds: list[int], argv: list[str]) -> None:
