@@ -18,7 +18,7 @@ from hyperstart_agent.container import engine
 from hyperstart_agent.container.zygote import Zygote
 
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # as the agent (PID 1) has it
 zygote = Zygote(engine._LIB, engine._HELPER_ENV)
 work = Path(sys.argv[1])
 (work / "request.json").write_text('{"types": []}')
@@ -60,6 +60,20 @@ def spares(known):
     return set()
 
 
+def start():
+    # As the engine does: the helper's stdio and its sync socket; its "namespaces" mode with
+    # no types reports its pid and waits for "placed".
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    null = os.open(os.devnull, os.O_RDWR)
+    fds = [os.dup(null), os.dup(null), os.dup(null), theirs.detach()]
+    launched = zygote.launch(["namespaces", str(work)], fds)
+    for fd in [null, *fds]:
+        os.close(fd)
+    assert launched
+    ours.settimeout(20)
+    return ours, json.loads(ours.recv(65536))["pid"]
+
+
 def launch():
     # As the engine does: the helper's stdio and its sync socket; its "namespaces" mode with
     # no types reports its pid, waits for "placed", says ready and exits 0.
@@ -98,6 +112,21 @@ def test_a_request_goes_to_the_helper_forked_before_it(tmp_path: Path) -> None:
     # The second request's helper is the one that waited for it, and it was not forked at
     # idle priority, as the zygote forks its spares.
     assert spare == {second[0]} and second[1:] == (0, True, 0)
+
+
+def test_the_next_spare_waits_for_the_helper_to_exec_or_exit(tmp_path: Path) -> None:
+    during, after, pid = _scenario("""
+        launch()
+        owner = zygote_pid()
+        spares({owner})
+        sync, pid = start()  # the helper now waits for "placed"
+        time.sleep(0.5)
+        during = set(children()) - {owner, pid}
+        sync.send(b'{"placed": true}')
+        os.waitpid(pid, 0)
+        print(repr((during, spares({owner}), pid)))
+    """, tmp_path)
+    assert during == set() and len(after) == 1 and pid not in after
 
 
 def test_a_dead_spare_is_replaced_on_the_request(tmp_path: Path) -> None:

@@ -103,20 +103,23 @@ def preload() -> None:
 def serve() -> None:
     """The zygote's loop; returns only in a helper (which then runs init.main).
 
-    It keeps one helper forked ahead (the spare) and hands each request to it, then forks the
-    next one: the two forks are off the request's path. In a clone of a template the spare is
-    the template's, so the clone's first container does not fork at all: under TCG a fresh
-    clone's first two forks took ~45 ms of its container's creation.
+    It keeps one helper forked ahead (the spare) and hands each request to it: no fork is on
+    the request's path. In a clone of a template the spare is the template's, so the clone's
+    first container does not fork at all: under TCG a fresh clone's first two forks took ~45
+    ms of its container's creation.
 
-    A spare is forked as SCHED_IDLE (with one vCPU it would otherwise take half of it from the
-    helper just handed a request) and says "ready" once it runs as a normal process again. A
-    request that comes before that is served by forking at once, as the zygote always did: no
+    The next spare is forked once the helper handed the last request has exec'd or exited
+    (its end of the socket closes), and as SCHED_IDLE: forked while that helper still set up
+    its process, it took the one vCPU from it and slowed the creation and the start by as much
+    as it saved. The spare says it is ready once it runs as a normal process again; a request
+    that comes before that is served by forking at once, as the zygote always did. So no
     request waits for an idle-priority process, which a busy guest would starve."""
     preload()
     sock = socket.socket(fileno=ZYGOTE_FD)
     sock.send(b'{"ready": true}')
     spare: socket.socket | None = None  # the zygote's end of the next helper's socket
     ready = False
+    handed: socket.socket | None = None  # the same, of the helper last handed a request
     failed = False  # the last spare died before it was ready: the next one after a request
     while True:
         while True:  # middle processes of spares: they exit at once
@@ -125,7 +128,7 @@ def serve() -> None:
                     break
             except ChildProcessError:
                 break
-        if spare is None and not failed:
+        if spare is None and handed is None and not failed:
             try:
                 spare = _fork_spare(sock)
             except OSError as exc:
@@ -135,21 +138,31 @@ def serve() -> None:
                 if spare is None:
                     return
                 ready = False
-        if spare is not None and not ready:
-            readable, _, _ = select.select([sock, spare], [], [])
-            if spare in readable:
-                ready = _spare_said_ready(spare)
-                if not ready:
-                    spare.close()
-                    spare, failed = None, True
-                continue
+        watched = [sock, *([spare] if spare is not None and not ready else []),
+                   *([handed] if handed is not None else [])]
+        readable, _, _ = select.select(watched, [], [])
+        if handed is not None and handed in readable:  # exec'd or gone
+            handed.close()
+            handed = None
+        if spare is not None and spare in readable:
+            ready = _spare_said_ready(spare)
+            if not ready:
+                spare.close()
+                spare, failed = None, True
+        if sock not in readable:
+            continue
         argv, fds, error = _receive(sock)
         if error is None:
-            handed = ready and _hand_over(spare, argv, fds)
-            if ready and spare is not None:  # used, or it died meanwhile
-                spare.close()
+            handed_now = ready and _hand_over(spare, argv, fds)
+            if ready and spare is not None:
+                if handed is not None:
+                    handed.close()
+                if handed_now:
+                    handed = spare
+                else:  # it died meanwhile
+                    spare.close()
                 spare, ready = None, False
-            if not handed:
+            if not handed_now:
                 try:
                     if _fork_helper(sock, argv, fds):
                         return
@@ -250,7 +263,7 @@ def _schedule(policy: int) -> None:
 
 def _await_request(zygote: socket.socket, requests: socket.socket) -> None:
     """The spare: says it is ready, then becomes the helper of the request it is handed."""
-    os.close(zygote.detach())
+    os.close(zygote.detach())  # the agent must see the zygote's end close when it exits
     try:
         requests.send(SPARE_READY)
         data, fds, _, _ = socket.recv_fds(requests, 65536, HELPER_FDS)
@@ -259,14 +272,22 @@ def _await_request(zygote: socket.socket, requests: socket.socket) -> None:
         os._exit(0)  # the zygote is gone
     if len(fds) != HELPER_FDS:
         os._exit(0)
-    _become_helper(requests, fds, argv)
+    _become_helper(None, fds, argv, keep=requests)
 
 
-def _become_helper(sock: socket.socket, fds: list[int], argv: list[str]) -> None:
-    os.close(sock.detach())
+def _become_helper(sock: socket.socket | None, fds: list[int], argv: list[str], *,
+                   keep: socket.socket | None = None) -> None:
+    """`keep`: left open (close-on-exec) above the helper's fds, so that the zygote sees its
+    end close once the helper has exec'd its process or died."""
+    if sock is not None:
+        os.close(sock.detach())
     for target, fd in enumerate(fds):
         os.dup2(fd, target, inheritable=True)
-    os.closerange(HELPER_FDS, os.sysconf("SC_OPEN_MAX"))
+    high = os.sysconf("SC_OPEN_MAX")
+    if keep is not None:
+        high -= 1
+        os.dup2(keep.detach(), high, inheritable=False)
+    os.closerange(HELPER_FDS, high)
     sys.argv = ["-c", *argv]
 
 
