@@ -131,7 +131,7 @@ def test_vsock_connections_find_their_server_connection_made_already(tmp_path: P
     assert not serving.is_alive(), "the splice kept serving a closed listener"
 
 
-def test_the_zygote_imports_every_module_a_helper_imports_late(tmp_path: Path) -> None:
+def test_the_zygote_imports_every_module_a_helper_imports_late() -> None:
     """An import inside a helper's function runs in every container and exec the zygote
     forks (tens of ms each under TCG): the zygote must have made it already."""
     import ast

@@ -4,8 +4,8 @@ Starting the init helper (`python -I -S -c <bootstrap>`, see init.py) costs a Py
 and its imports for every container and exec; under TCG that is most of a second, and in a VM
 restored from a template it is paid again in every clone. The zygote is that helper started once
 (single-threaded, imports done). It forks twice and the grandchild waits for a request; asked
-over its socket, the zygote hands the request to that waiting helper and forks the next one.
-The helper then runs init.main() exactly as a spawned helper would, with the fds it was sent as
+over its socket, the zygote hands the request to that waiting helper (see serve()). The helper
+then runs init.main() exactly as a spawned helper would, with the fds it was sent as
 0-3. The middle process exits at once, so the helper is an orphan that PID 1 (or the caller's
 subreaper) reaps, as if the agent had spawned it. The agent gets the same messages from the
 helper either way; if the zygote is gone it spawns helpers directly again.
@@ -247,9 +247,12 @@ def _fork_spare(sock: socket.socket) -> socket.socket | None:
             os._exit(1)
         if helper != 0:
             os._exit(0)
-        _schedule(os.SCHED_OTHER)
-        ours.close()
-        _await_request(sock, theirs)
+        try:
+            _schedule(os.SCHED_OTHER)
+            ours.close()
+            _await_request(sock, theirs)
+        except BaseException:
+            os._exit(1)  # never back into the zygote's loop
         return None
     _schedule(os.SCHED_OTHER)
     theirs.close()
