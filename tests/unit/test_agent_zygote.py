@@ -75,17 +75,8 @@ def start():
 
 
 def launch():
-    # As the engine does: the helper's stdio and its sync socket; its "namespaces" mode with
-    # no types reports its pid, waits for "placed", says ready and exits 0.
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    null = os.open(os.devnull, os.O_RDWR)
-    fds = [os.dup(null), os.dup(null), os.dup(null), theirs.detach()]
-    launched = zygote.launch(["namespaces", str(work)], fds)
-    for fd in [null, *fds]:
-        os.close(fd)
-    assert launched
-    ours.settimeout(20)
-    pid = json.loads(ours.recv(65536))["pid"]
+    # The whole helper: it then says ready and exits 0.
+    ours, pid = start()
     policy = os.sched_getscheduler(pid)
     ours.send(b'{"placed": true}')
     ready = json.loads(ours.recv(65536)).get("ready")
