@@ -32,7 +32,14 @@ from runv_py.workload import options as opt
 from runv_py.workload import seccomp_profile
 from runv_py.workload.bundle import CAPABILITIES
 from tests.hyperctl.conftest import Hyperctl, hyperctl  # noqa: F401
-from tests.security.guest import SHARE_TAG, python_rootfs, run_script  # noqa: F401
+from tests.security.guest import (  # noqa: F401
+    SHARE_TAG,
+    collect,
+    python_rootfs,
+    python_spec,
+    run_script,
+    storages,
+)
 from tests.vm.conftest import runtime_config  # noqa: F401
 
 
@@ -167,6 +174,22 @@ def test_a_container_under_the_default_profile_in_a_real_guest(
             seen = json.loads(output["stdout"])
             # /tmp is the read-only root's; EROFS comes after the filter let mkdir through.
             assert seen == {**EXPECTED, "mkdir": "EROFS"}, seen
+
+            # An exec'd process gets the container's filter too (the agent compiled it once,
+            # at the creation; the exec installs that program).
+            await sandbox.agent.copy_file("/run/hyperstart/files/wait.py",
+                                          b"import time; time.sleep(600)")
+            await sandbox.agent.create_container(
+                "execd", python_spec("execd", "wait.py", linux={"seccomp": profile}),
+                storages=storages("execd"))
+            await sandbox.agent.start_container("execd")
+            await sandbox.agent.exec_process("execd", "p1", json.dumps({
+                "args": ["python3", "-I", "/work/probe.py", "{}", "/tmp/made"],
+                "env": ["PATH=/bin:/usr/bin"], "cwd": "/"}).encode())
+            exec_output = await collect(sandbox.agent.stdio("execd", "p1"))
+            assert await sandbox.agent.wait_process("execd", "p1", timeout_s=120) == 0
+            assert json.loads(exec_output["stdout"]) == seen
+            await sandbox.agent.remove_container("execd", force=True)
 
     asyncio.run(main())
 

@@ -95,15 +95,15 @@ def _open_terminal(process: specmod.Process, sync: Sync) -> None:
     os.close(master)
 
 
-def enter_process(process: specmod.Process, seccomp_profile: Any = None) -> None:
+def enter_process(process: specmod.Process, seccomp_filter: Any = None) -> None:
     """Become the process described: rlimits, OOM score, groups, ids, capabilities, umask,
     cwd, no_new_privs, seccomp; then exec. Without noNewPrivileges the filter is loaded while
     still privileged (before the user switch), so those last calls must pass it."""
     from . import seccomp
 
     user = process.user
-    if seccomp_profile is not None and not process.no_new_privileges:
-        seccomp.load(seccomp_profile)
+    if seccomp_filter is not None and not process.no_new_privileges:
+        seccomp.install(seccomp_filter)
     for limit in process.rlimits:
         resource.setrlimit(limit.resource, (limit.soft, limit.hard))
     if process.oom_score_adj is not None:
@@ -131,8 +131,8 @@ def enter_process(process: specmod.Process, seccomp_profile: Any = None) -> None
     os.chdir(process.cwd)
     if process.no_new_privileges:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        if seccomp_profile is not None:
-            seccomp.load(seccomp_profile)
+        if seccomp_filter is not None:
+            seccomp.install(seccomp_filter)
     env = dict(entry.split("=", 1) for entry in process.env)
     env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     os.set_inheritable(SYNC_FD, False)
@@ -225,11 +225,8 @@ def create(state_dir: str, sync: Sync) -> None:
     from . import seccomp
 
     with open(os.path.join(state_dir, "config.json"), "rb") as f:
-        raw = f.read()
-    spec = specmod.loads(raw)
-    profile = seccomp.parse((json.loads(raw).get("linux") or {}).get("seccomp"))
-    if profile is not None:
-        seccomp.preload()
+        spec = specmod.loads(f.read())
+    profile = seccomp.read_filter(os.path.join(state_dir, seccomp.FILTER_FILE))
     _join_namespaces(spec.namespaces)
     sc.unshare(_namespace_flags(spec))
     if spec.time_offsets:
@@ -273,10 +270,7 @@ def exec_in(state_dir: str, sync: Sync) -> None:
     with open(os.path.join(state_dir, "process.json"), "rb") as f:
         process = specmod.parse_process(json.loads(f.read()))
     # An exec'd process gets its container's seccomp profile, as with runc.
-    with open(os.path.join(os.path.dirname(state_dir), "config.json"), "rb") as f:
-        profile = seccomp.parse((json.loads(f.read()).get("linux") or {}).get("seccomp"))
-    if profile is not None:
-        seccomp.preload()
+    profile = seccomp.read_filter(os.path.join(os.path.dirname(state_dir), seccomp.FILTER_FILE))
     with open(os.path.join(state_dir, "target_pid")) as f:
         target = int(f.read())
     fds = {}
