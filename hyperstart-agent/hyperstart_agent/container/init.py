@@ -226,7 +226,7 @@ def create(state_dir: str, sync: Sync) -> None:
 
     with open(os.path.join(state_dir, "config.json"), "rb") as f:
         spec = specmod.loads(f.read())
-    profile = seccomp.read_filter(os.path.join(state_dir, seccomp.FILTER_FILE))
+    seccomp_filter = seccomp.read_filter(os.path.join(state_dir, seccomp.FILTER_FILE))
     _join_namespaces(spec.namespaces)
     sc.unshare(_namespace_flags(spec))
     if spec.time_offsets:
@@ -259,7 +259,7 @@ def create(state_dir: str, sync: Sync) -> None:
     if not sync.recv().get("start"):
         raise EOFError("no start message")
     _run_start_container_hooks(spec, os.path.basename(state_dir))
-    enter_process(spec.process, profile)
+    enter_process(spec.process, seccomp_filter)
 
 
 def exec_in(state_dir: str, sync: Sync) -> None:
@@ -270,7 +270,8 @@ def exec_in(state_dir: str, sync: Sync) -> None:
     with open(os.path.join(state_dir, "process.json"), "rb") as f:
         process = specmod.parse_process(json.loads(f.read()))
     # An exec'd process gets its container's seccomp profile, as with runc.
-    profile = seccomp.read_filter(os.path.join(os.path.dirname(state_dir), seccomp.FILTER_FILE))
+    seccomp_filter = seccomp.read_filter(
+        os.path.join(os.path.dirname(state_dir), seccomp.FILTER_FILE))
     with open(os.path.join(state_dir, "target_pid")) as f:
         target = int(f.read())
     fds = {}
@@ -292,7 +293,7 @@ def exec_in(state_dir: str, sync: Sync) -> None:
     sync.send(ready=True)
     if not sync.recv().get("start"):
         raise EOFError("no start message")
-    enter_process(process, profile)
+    enter_process(process, seccomp_filter)
 
 
 def hold_namespaces(directory: str, sync: Sync) -> None:
