@@ -110,7 +110,7 @@ def test_capabilities_widen_the_profile_as_dockers() -> None:
 PROBE = r'''
 import ctypes, errno, json, os, socket, sys
 from hyperstart_agent.container import seccomp
-seccomp.load(seccomp.parse(json.loads(sys.argv[1])))
+seccomp.install(seccomp.compile_filter(seccomp.parse(json.loads(sys.argv[1]))))
 libc = ctypes.CDLL(None, use_errno=True)
 libc.personality.argtypes = (ctypes.c_ulong,)
 def call(name, *args):
@@ -161,7 +161,9 @@ def test_a_container_under_the_default_profile_in_a_real_guest(
     libseccomp and kernel."""
     profile = seccomp_profile.default_profile(CAPABILITIES)
     probe = PROBE.replace("from hyperstart_agent.container import seccomp\n"
-                          "seccomp.load(seccomp.parse(json.loads(sys.argv[1])))\n", "")
+                          "seccomp.install(seccomp.compile_filter(seccomp.parse("
+                          "json.loads(sys.argv[1]))))\n", "")
+    assert probe != PROBE  # the guest's python has no agent package: the agent compiles
 
     async def main() -> None:
         async with await GuestVm.boot(runtime_config, shares=(

@@ -157,8 +157,8 @@ def test_the_zygote_imports_every_module_a_helper_imports_late() -> None:
 
 
 def test_a_seccomp_profile_is_compiled_once_while_it_is_kept(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hyperstart_agent.container import engine, seccomp
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyperstart_agent.container import seccomp
 
     compiled: list[object] = []
     real = seccomp.compile_filter
@@ -168,24 +168,22 @@ def test_a_seccomp_profile_is_compiled_once_while_it_is_kept(
         return real(profile)
 
     monkeypatch.setattr(seccomp, "compile_filter", counting)
-    agent_engine = engine.Engine(state_root=str(tmp_path))
+    seccomp.compiled.cache_clear()
 
-    def profile(errno_ret: int) -> dict[str, object]:
-        return {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
-            {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno_ret}]}
-
-    def filter_of(raw: dict[str, object]) -> seccomp.Filter:
-        parsed = seccomp.parse(raw)
+    def filter_of(errno_ret: int) -> seccomp.Filter:
+        parsed = seccomp.parse({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno_ret}]})
         assert parsed is not None
-        return agent_engine._seccomp_filter(raw, parsed)
+        return seccomp.compiled(parsed)
 
-    first = filter_of(profile(1))
-    assert filter_of(profile(1)) is first and len(compiled) == 1
+    first = filter_of(1)
+    assert filter_of(1) is first and len(compiled) == 1
     assert seccomp.Filter.decode(first.encode()) == first and len(first.program) % 8 == 0
-    for errno_ret in range(2, engine.SECCOMP_KEPT + 2):  # the first one is pushed out
-        filter_of(profile(errno_ret))
-    assert len(compiled) == engine.SECCOMP_KEPT + 1
-    filter_of(profile(1))
-    assert len(compiled) == engine.SECCOMP_KEPT + 2
+    for errno_ret in range(2, seccomp.KEPT + 2):  # the first one is pushed out
+        filter_of(errno_ret)
+    assert len(compiled) == seccomp.KEPT + 1
+    filter_of(1)
+    assert len(compiled) == seccomp.KEPT + 2
     with pytest.raises(ValueError):
         seccomp.Filter.decode(b"\0\0\0\0abc")
+    seccomp.compiled.cache_clear()

@@ -42,7 +42,6 @@ _LIB = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 _BOOTSTRAP = (f"import sys; sys.path.insert(0, {_LIB!r}); "
               "from hyperstart_agent.container.init import main; main()")
 _HELPER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-SECCOMP_KEPT = 8
 PID_NAMESPACE = ("ns", "pid")  # under a container's state dir, while it has its own
 
 
@@ -303,9 +302,6 @@ class Engine:
         self._oom_lock = threading.Lock()
         # Helpers are forked from a pre-started one (zygote.py): no Python start-up each.
         self._zygote = Zygote(_LIB, _HELPER_ENV)
-        # Profiles compiled (seccomp.py), the most recently used last: at most SECCOMP_KEPT.
-        self._seccomp_filters: dict[str, seccomp.Filter] = {}
-        self._seccomp_lock = threading.Lock()
         # Written to when a container comes or goes: the OOM watcher's set changed.
         self._oom_wake_r, self._oom_wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         if cgroup_parent is not None:
@@ -537,21 +533,6 @@ class Engine:
                 return
         self._finish(process, status)
 
-    def _seccomp_filter(self, raw: object, profile: seccomp.Profile) -> seccomp.Filter:
-        """The profile compiled, once while it is among the last SECCOMP_KEPT distinct ones."""
-        key = json.dumps(raw, sort_keys=True)
-        with self._seccomp_lock:
-            compiled = self._seccomp_filters.pop(key, None)
-            if compiled is None:
-                try:
-                    compiled = seccomp.compile_filter(profile)
-                except OSError as exc:
-                    raise EngineError("INVALID_ARGUMENT", f"spec: linux.seccomp: {exc}") from exc
-                if len(self._seccomp_filters) >= SECCOMP_KEPT:
-                    del self._seccomp_filters[next(iter(self._seccomp_filters))]
-            self._seccomp_filters[key] = compiled
-            return compiled
-
     # --- helper --------------------------------------------------------------------------
     def _spawn_helper(self, mode: str, state_dir: str, container_id: str, exec_id: str, *,
                       stdio: Stdio, place: Callable[[int], None]) -> Process:
@@ -705,11 +686,13 @@ class Engine:
             raise EngineError("ALREADY_EXISTS", f"container {container_id!r} already exists")
         try:
             spec = specmod.loads(spec_json)
-            raw_seccomp = (json.loads(spec_json).get("linux") or {}).get("seccomp")
-            profile = seccomp.parse(raw_seccomp)
+            profile = seccomp.parse((json.loads(spec_json).get("linux") or {}).get("seccomp"))
         except specmod.SpecError as exc:
             raise EngineError("INVALID_ARGUMENT", f"spec: {exc}") from exc
-        seccomp_filter = None if profile is None else self._seccomp_filter(raw_seccomp, profile)
+        try:
+            seccomp_filter = None if profile is None else seccomp.compiled(profile)
+        except OSError as exc:
+            raise EngineError("INVALID_ARGUMENT", f"spec: linux.seccomp: {exc}") from exc
         device_rules = device_cgroup.container_rules(spec.resources.devices, spec.devices)
         try:
             device_cgroup.Policy.of(device_rules)

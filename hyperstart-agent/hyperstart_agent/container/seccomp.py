@@ -32,6 +32,7 @@ FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC": 4, "SECCOMP_FILTER_FLAG_LOG": 6,
 _KERNEL_FLAGS = {4: 1, 6: 2, 7: 4}  # TSYNC, LOG, SPEC_ALLOW
 _ATTR_NNP = 3
 _NR_SCMP_ERROR = -1
+KEPT = 8  # compiled profiles the agent keeps
 FILTER_FILE = "seccomp.bpf"  # in a container's state directory: the compiled profile
 _SYS_SECCOMP = 317  # x86_64
 _SECCOMP_SET_MODE_FILTER = 1
@@ -131,8 +132,7 @@ class _ArgCmp(ctypes.Structure):
 
 
 @functools.cache
-def preload() -> ctypes.CDLL:
-    """libseccomp, opened once."""
+def _libseccomp() -> ctypes.CDLL:
     return ctypes.CDLL("libseccomp.so.2", use_errno=True)
 
 
@@ -156,7 +156,7 @@ class Filter:
 def compile_filter(profile: Profile) -> Filter:
     """The program seccomp_load would install for `profile`. Syscall names libseccomp does
     not know are skipped, as runc does; so are rules whose action is the default."""
-    lib = preload()
+    lib = _libseccomp()
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = (ctypes.c_uint32,)
     lib.seccomp_syscall_resolve_name.argtypes = (ctypes.c_char_p,)
@@ -225,10 +225,11 @@ def install(compiled: Filter) -> None:
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
 
 
-def load(profile: Profile) -> None:
-    """Compile and install in one go (what the engine splits between the agent and the
-    helper)."""
-    install(compile_filter(profile))
+@functools.lru_cache(maxsize=KEPT)
+def compiled(profile: Profile) -> Filter:
+    """`profile` compiled, once while it is among the last KEPT distinct ones: containers of
+    one runtime share its default profile."""
+    return compile_filter(profile)
 
 
 def read_filter(path: str) -> Filter | None:
