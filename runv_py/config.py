@@ -6,7 +6,6 @@ Unknown sections and keys are rejected, so a typo never silently falls back to a
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -264,6 +263,8 @@ SNAPSHOTS_NEED_QEMU = ("checkpoint and restore need [hypervisor] backend = \"qem
 
 
 def parse(text: str, source: str) -> RuntimeConfig:
+    import tomllib  # not on a host without a config file: every runv command loads one
+
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

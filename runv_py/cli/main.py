@@ -339,14 +339,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _exec_foreground(runtime: Any, args: argparse.Namespace) -> int:
     """The quick path: no event loop; this process is the new process's stand-in."""
-    import secrets
-
-    from ..sandbox.protocol import Exec
+    from ..sandbox.protocol import Exec, new_exec_id
     from . import foreground
 
     record = runtime.store.load(args.container_id)
     process = _exec_process(record, args)
-    request = Exec(container=record.id, exec_id=secrets.token_hex(8), process=process)
+    request = Exec(container=record.id, exec_id=new_exec_id(), process=process)
     return foreground.attach(runtime.blocking_client(record), request,
                              bool(process.get("terminal")))
 

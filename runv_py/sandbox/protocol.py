@@ -21,6 +21,7 @@ supervisor's link to it carries MemberHello, the member's CreateReply, Claimed a
 from __future__ import annotations
 
 import json
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -126,11 +127,16 @@ def _encode(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Message:
-    """Fields on the wire under their own names. Messages are never compared (eq=False):
-    every runv command and stand-in imports this module, and the generated __eq__ and
-    __hash__ of 40 classes cost a fifth of its import time."""
+    """Fields on the wire under their own names. Every runv command and stand-in imports
+    this module, and what the dataclasses generate is compiled at import: messages are never
+    compared (eq=False: the generated __eq__ and __hash__ of 40 classes cost a fifth of its
+    import time), have no slots and share this class's __repr__ (a fifth of the rest)."""
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"{type(self).__name__}({values})"
 
     def fields(self) -> dict[str, Any]:
         return {f.name: _encode(getattr(self, f.name)) for f in fields(self)}
@@ -148,7 +154,7 @@ class Message:
             raise ProtocolError(f"{what}: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Reply(Message):
     def to_wire(self) -> dict[str, Any]:
         return {"ok": True, **self.fields()}
@@ -157,7 +163,7 @@ class Reply(Message):
 R = TypeVar("R", bound=Reply)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Request(Message, Generic[R]):
     OP: ClassVar[Op]
     REPLY: ClassVar[type[Reply]]
@@ -173,10 +179,10 @@ class Request(Message, Generic[R]):
 # -- replies ------------------------------------------------------------------------------------
 
 class Ok(Reply):
-    __slots__ = ()
+    """A reply that carries nothing but success."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class CreateReply(Reply):
     """A sandbox's (or a pod container's) VM is ready and its container created in it."""
 
@@ -187,41 +193,41 @@ class CreateReply(Reply):
     qemu_pid: int = 0
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class StateReply(Reply):
     status: ContainerStatus
     vm: str = "gone"               # QEMU's run state
     exit_code: int | None = None   # of the init process, once stopped
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class DeleteReply(Reply):
     sandbox_gone: bool   # the supervisor exits: its VM and the sandbox's state go with it
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class StatsReply(Reply):
     stats: dict[str, int]   # the container's cgroup v2 counters in the guest
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class PsReply(Reply):
     processes: tuple[tuple[int, tuple[str, ...]], ...]   # guest pid, argv
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class NetworkSyncReply(Reply):
     added: tuple[str, ...]
     removed: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class CheckpointReply(Reply):
     save_s: float        # the VM paused, saved and (with leave_running) running again
     snapshot_bytes: int  # what the snapshot directory takes on disk
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class ClaimReply(Reply):
     """An idle pooled supervisor, already out of the pool; `ctl` None when there is none."""
 
@@ -234,7 +240,7 @@ class ClaimReply(Reply):
     sandbox: str = ""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class PoolKeyStatus(Message):
     """The pool's VMs of one template key (one VM size)."""
 
@@ -245,7 +251,7 @@ class PoolKeyStatus(Message):
     claimed_running: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class PoolMemberStatus(Message):
     sandbox: str
     key: str
@@ -254,7 +260,7 @@ class PoolMemberStatus(Message):
     qemu_pid: int | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class PoolStatusReply(Reply):
     size: int
     idle_state: str
@@ -267,12 +273,12 @@ class PoolStatusReply(Reply):
 
 # -- requests to a supervisor -------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class ContainerRequest(Request[R]):
     container: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Create(ContainerRequest[CreateReply]):
     """Fds: the detached trees `trees` names ("root" or a mount index per fd)."""
 
@@ -282,7 +288,7 @@ class Create(ContainerRequest[CreateReply]):
     trees: tuple[str | int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Attach(ContainerRequest[Ok]):
     """Fds: the process's stdin, stdout and stderr, or one terminal fd."""
 
@@ -292,7 +298,13 @@ class Attach(ContainerRequest[Ok]):
     size: tuple[int, int] | None = None   # the terminal's rows, columns
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+def new_exec_id() -> str:
+    """A random id for an exec'd process (os.urandom, as `secrets.token_hex`, whose import
+    pulls hmac, random and base64 onto `runv exec`'s start)."""
+    return os.urandom(8).hex()
+
+
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Exec(ContainerRequest[Ok]):
     OP = Op.EXEC
     REPLY = Ok
@@ -302,12 +314,11 @@ class Exec(ContainerRequest[Ok]):
 
 
 class Start(ContainerRequest[Ok]):
-    __slots__ = ()
     OP = Op.START
     REPLY = Ok
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Kill(ContainerRequest[Ok]):
     OP = Op.KILL
     REPLY = Ok
@@ -315,7 +326,7 @@ class Kill(ContainerRequest[Ok]):
     all: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Delete(ContainerRequest[DeleteReply]):
     OP = Op.DELETE
     REPLY = DeleteReply
@@ -323,24 +334,21 @@ class Delete(ContainerRequest[DeleteReply]):
 
 
 class State(ContainerRequest[StateReply]):
-    __slots__ = ()
     OP = Op.STATE
     REPLY = StateReply
 
 
 class Pause(ContainerRequest[Ok]):
-    __slots__ = ()
     OP = Op.PAUSE
     REPLY = Ok
 
 
 class Resume(ContainerRequest[Ok]):
-    __slots__ = ()
     OP = Op.RESUME
     REPLY = Ok
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Update(ContainerRequest[Ok]):
     OP = Op.UPDATE
     REPLY = Ok
@@ -348,18 +356,16 @@ class Update(ContainerRequest[Ok]):
 
 
 class Stats(ContainerRequest[StatsReply]):
-    __slots__ = ()
     OP = Op.STATS
     REPLY = StatsReply
 
 
 class Ps(ContainerRequest[PsReply]):
-    __slots__ = ()
     OP = Op.PS
     REPLY = PsReply
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Events(ContainerRequest[Ok]):
     """With `audit`, also the container's process records (bounded: sandbox/audit.py)."""
 
@@ -369,12 +375,11 @@ class Events(ContainerRequest[Ok]):
 
 
 class NetworkSync(ContainerRequest[NetworkSyncReply]):
-    __slots__ = ()
     OP = Op.NETWORK_SYNC
     REPLY = NetworkSyncReply
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Checkpoint(ContainerRequest[CheckpointReply]):
     """Save the sandbox (the container must be its sandbox container) into `directory`;
     without `leave_running` its containers stop."""
@@ -385,7 +390,7 @@ class Checkpoint(ContainerRequest[CheckpointReply]):
     leave_running: bool = False
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Adopt(Request[CreateReply]):
     """Fds: the container's supervisor.log, then the detached trees `trees` names."""
 
@@ -400,7 +405,7 @@ class Adopt(Request[CreateReply]):
     trees: tuple[str | int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Claim(Request[ClaimReply]):
     OP = Op.CLAIM
     REPLY = ClaimReply
@@ -408,7 +413,6 @@ class Claim(Request[ClaimReply]):
 
 
 class PoolStatus(Request[PoolStatusReply]):
-    __slots__ = ()
     OP = Op.POOL_STATUS
     REPLY = PoolStatusReply
 
@@ -431,21 +435,21 @@ def decode_request(wire: Mapping[str, Any],
 
 # -- what flows on a kept connection ------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Signal(Message):
     """Client -> supervisor on an attach: deliver this signal to the process."""
 
     signal: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Resize(Message):
     """Client -> supervisor on an attach: the terminal's new size."""
 
     size: tuple[int, int]   # rows, columns
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Exit(Message):
     """Supervisor -> client on an attach: the process's exit status (128+N for signal N), sent
     after all its output."""
@@ -453,7 +457,7 @@ class Exit(Message):
     exit: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class ProcessRecord(Message):
     """An execve in a container as its guest reported it, cut to the host's bounds."""
 
@@ -471,7 +475,7 @@ class ProcessRecord(Message):
     comm: str = ""              # the task's name, 15 characters (also after its exit)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Event(Message):
     """Supervisor -> client on `events`."""
 
@@ -504,7 +508,7 @@ def to_wire(message: Message) -> dict[str, Any]:
 
 # -- the pool service's link to a pooled supervisor ---------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class MemberHello(Message):
     """Pool -> member, first: who it is and its VM's size."""
 
@@ -514,7 +518,7 @@ class MemberHello(Message):
     idle: str = "paused"   # paused or running
 
 
-@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+@dataclass(frozen=True, kw_only=True, eq=False, repr=False)
 class Claimed(Message):
     """Pool -> member: you are taken; acknowledge (Ok) and wait for your claimant's Adopt."""
 

@@ -7,23 +7,19 @@ share the supervisor and VM of the pod's sandbox container."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
 import re
-import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
-import tty
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import assets, child, disk, forked
+from .. import child
 from ..config import RuntimeConfig
 from ..errors import (
     ConfigError,
@@ -35,10 +31,9 @@ from ..errors import (
     SpecError,
     SupervisorUnresponsive,
 )
-from ..oci import spec as oci_spec
 from ..store.state import ContainerRecord, RecordStore, Store
 from ..timestamps import rfc3339
-from . import cgroup, pod, pool_member, protocol, standin_namespaces, vm_dir
+from . import cgroup, pod, protocol, vm_dir
 from .client import CALL_TIMEOUT_S, BlockingSupervisorClient, SupervisorClient
 from .protocol import (
     Attach,
@@ -56,6 +51,9 @@ from .protocol import (
 from .status import ContainerStatus
 
 if TYPE_CHECKING:
+    import subprocess
+
+    from ..oci import spec as oci_spec
     from ..storage.shared import Trees
 
 log = logging.getLogger(__name__)
@@ -118,6 +116,8 @@ class Terminal:
             return cls()
         if not console_socket:
             raise ConfigError(NEEDS_CONSOLE_SOCKET)
+        import tty
+
         master, slave = os.openpty()
         try:
             tty.setraw(slave)
@@ -164,6 +164,8 @@ class Runtime:
     def check_resources(self) -> None:
         """Before anything is made: the state directories can take writes and the guest's
         assets are there (a one-line error naming the path otherwise)."""
+        from .. import assets, disk
+
         disk.require_writable(self.root, "state root")
         disk.require_writable(self.config.state_dir, "state_dir")
         assets.find(self.config.guest.assets_dir)
@@ -276,6 +278,8 @@ class Runtime:
         if standin and spec.terminal and not console_socket:
             raise ConfigError(NEEDS_CONSOLE_SOCKET)
         self.check_resources()
+        from .. import disk
+
         if record is None:
             with disk.writing(self.root, "state root"):
                 self.store.reserve(container_id)
@@ -313,6 +317,8 @@ class Runtime:
         ctl = self.sandbox_path(container_id, spec.annotations) / vm_dir.CONTROL_SOCKET
         pid = os.getpid()
         if standin:
+            from . import standin_namespaces
+
             terminal = Terminal.open(console_socket, spec.terminal)
             try:
                 pid = await spawn_standin(ctl, Attach(container=container_id), terminal,
@@ -342,6 +348,10 @@ class Runtime:
                                 snapshot: Path | None = None) -> CreateReply:
         """A new supervisor process for the container's sandbox, booted (or restored from
         `snapshot`); its report."""
+        import importlib
+
+        from .. import forked
+
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         argv = ["--root", str(self.root), "--id", container_id, "--bundle", str(spec.bundle),
                 "--status-fd", str(status_w), "--spawned-at", repr(time.time())]
@@ -382,6 +392,8 @@ class Runtime:
                             ) -> CreateReply | None:
         """Take an idle supervisor from the warm pool (pool.py) and hand it the container, or
         None (one debug line) when there is none or the hand-over fails: start one then."""
+        from . import pool_member
+
         extra = {"container": container_id}
         if not pool_member.socket_path(self.config.state_dir).exists():
             log.debug("warm pool: not used (no pool service)", extra=extra)
@@ -471,6 +483,8 @@ class Runtime:
             await _run_hooks("poststart", spec, record, ContainerStatus.RUNNING, fatal=False)
 
     def _spec_or_none(self, record: ContainerRecord) -> oci_spec.Spec | None:
+        from ..oci import spec as oci_spec
+
         try:
             return oci_spec.load(Path(record.bundle))
         except SpecError as exc:
@@ -620,9 +634,11 @@ class Runtime:
 
     async def exec_detached(self, container_id: str, process: dict[str, Any], *,
                             pid_file: str | None, console_socket: str | None) -> int:
+        from . import standin_namespaces
+
         record = self.store.load(container_id)
         self._require_supervisor(record)
-        request = Exec(container=container_id, exec_id=secrets.token_hex(8), process=process)
+        request = Exec(container=container_id, exec_id=protocol.new_exec_id(), process=process)
         terminal = Terminal.open(console_socket, bool(process.get("terminal")))
         try:
             pid = await spawn_standin(self.control_socket(record), request, terminal,
@@ -653,6 +669,10 @@ async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal,
     """A stand-in process attached to the process `request` names, in the namespaces
     `namespaces` asks for (standin_namespaces.py) and in its supervisor's cgroups; its pid once
     attached."""
+    import importlib
+
+    from .. import forked
+
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     argv = ["--ctl", str(ctl), "--request", json.dumps(request.to_wire()),
             "--ready-fd", str(ready_w), "--namespaces", namespaces]

@@ -9,13 +9,11 @@ import contextlib
 import errno
 import hashlib
 import os
-import secrets
 import shutil
 from pathlib import Path
 
 from .. import child, disk
 from ..errors import ConfigError
-from . import host_cgroup
 
 OWNER = "owner"
 CLAIM_PREFIX = ".claim-"
@@ -47,7 +45,7 @@ def claim(path: Path) -> None:
     (runv gc then knows what is whose, also while a sandbox is still starting)."""
     pid = os.getpid()
     start = child.proc_start_time(pid)
-    tmp = path.parent / f"{CLAIM_PREFIX}{pid}-{start}-{secrets.token_hex(4)}"
+    tmp = path.parent / f"{CLAIM_PREFIX}{pid}-{start}-{os.urandom(4).hex()}"
     try:
         with disk.writing(path.parent, "state_dir"):
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -80,6 +78,8 @@ def empty(path: Path) -> None:
     that whoever waits for it (runv delete) still knows which process to wait for. The host
     cgroup's record stays too: the owner removes it with the cgroup, its last act, and a
     deleter that finds it removes the cgroup (remove())."""
+    from . import host_cgroup  # not on the quick commands' path: it loads the accelerators
+
     with contextlib.suppress(FileNotFoundError):
         for entry in path.iterdir():
             if entry.is_dir() and not entry.is_symlink():
@@ -92,6 +92,8 @@ def remove(path: Path) -> None:
     """A VM directory whose owner is gone (through the link a pooled one has at its
     container's path), its host cgroup (host_cgroup.py) and its shared dir's mount point (the
     mounts died with the owner's mount namespace)."""
+    from . import host_cgroup
+
     real = path.resolve()
     # The host cgroup the owner recorded there, which it could not remove itself.
     host_cgroup.remove_recorded(real / host_cgroup.RECORD)

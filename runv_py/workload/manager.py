@@ -25,7 +25,7 @@ from ..errors import ConfigError, ContainerNotFound, InvalidState, RunvError
 from ..oci import spec as oci_spec
 from ..sandbox import policy, protocol
 from ..sandbox.client import AttachedProcess
-from ..sandbox.protocol import Attach, Exec
+from ..sandbox.protocol import Attach, Exec, new_exec_id
 from ..sandbox.runtime import Runtime, parse_signal
 from ..sandbox.standin import FORWARDED_SIGNALS, window_size
 from ..sandbox.status import ContainerStatus
@@ -605,7 +605,7 @@ class WorkloadManager:
         exit status. The caller keeps ownership of `fds`."""
         await self._require_running(workload)
         size = window_size(tty_fd) if tty_fd is not None else None
-        request = Exec(container=workload.id, exec_id=secrets.token_hex(8), process=process,
+        request = Exec(container=workload.id, exec_id=new_exec_id(), process=process,
                        size=size)
         return await self.runtime.client(workload).attach(request, fds)
 

@@ -204,11 +204,15 @@ def test_spec_command_writes_a_loadable_template(tmp_path: Path) -> None:
                                      ["kill", "c1", "KILL"]])
 def test_quick_commands_start_without_an_event_loop(tmp_path: Path, command: list[str]) -> None:
     """containerd's runc shim runs `runv state`/`kill` often and an exec's start-up is its
-    latency: these paths load no asyncio (and nothing it pulls in: ssl, selectors' loops)."""
+    latency: these paths load no asyncio (and nothing it pulls in: ssl, selectors' loops),
+    nor what only a create needs (the fork machinery, the guest's assets, the pool, the host
+    cgroups and the accelerators they probe) or `secrets` (hmac, random and base64)."""
+    heavy = ("asyncio", "ssl", "grpc", "secrets", "runv_py.forked", "runv_py.assets",
+             "runv_py.sandbox.pool_member", "runv_py.sandbox.host_cgroup", "runv_py.vm.accel")
     probe = ("import sys\nfrom runv_py.cli import main as cli\n"
              "try:\n    code = cli.main(sys.argv[1:])\nexcept SystemExit as exc:\n"
              "    code = exc.code\n"
-             "print(code, *sorted(m for m in ('asyncio', 'ssl', 'grpc') if m in sys.modules))")
+             f"print(code, *sorted(m for m in {heavy!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe, "--root", str(tmp_path), *command],
                           capture_output=True, text=True, timeout=60, check=False)
     assert "c1 does not exist" in done.stderr
