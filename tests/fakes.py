@@ -142,7 +142,7 @@ class FakeAgent:
         return [(1, tuple(self.process(container_id).spec["process"]["args"]))]
 
     async def exec_process(self, container_id: str, exec_id: str, process_json: bytes, *,
-                           stdio: bool = True) -> None:
+                           stdio: bool = True, attach: bool = False) -> None:
         self._call("exec_process", container_id, exec_id)
         self.process(container_id)
         self._new(container_id, exec_id, {"process": json.loads(process_json)})

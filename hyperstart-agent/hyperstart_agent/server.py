@@ -270,10 +270,22 @@ class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
         return pb.ListProcessesResponse(processes=out)
 
     @_rpc
-    def ExecProcess(self, request: pb.ExecProcessRequest, context: Any) -> pb.Empty:
+    def ExecProcess(self, request: pb.ExecProcessRequest, context: Any
+                    ) -> pb.ExecProcessResponse:
+        stdio_mode = "null" if request.stdio == pb.STDIO_NULL else "pipe"
+        # The stream registered in this call saves the host a StdioStream call per exec.
+        streams = self.streams if request.stdio_token and stdio_mode == "pipe" else None
+        if streams is not None:
+            from .stdio import check_token
+
+            check_token(request.stdio_token, "ExecProcess")
         self.engine.exec(request.container_id, request.exec_id, request.process_json,
-                         stdio="null" if request.stdio == pb.STDIO_NULL else "pipe")
-        return pb.Empty()
+                         stdio=stdio_mode)
+        if streams is None:
+            return pb.ExecProcessResponse()
+        streams.expect(self.engine.process(request.container_id, request.exec_id),
+                       request.stdio_token)
+        return pb.ExecProcessResponse(stdio_port=streams.port)
 
     @_rpc
     def SignalProcess(self, request: pb.SignalProcessRequest, context: Any) -> pb.Empty:

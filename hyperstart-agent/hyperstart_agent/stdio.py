@@ -159,6 +159,13 @@ def read_output(process: Process, fds: tuple[int | None, int | None],
         yield pb.StdioOutput(stream=kinds[kind], data=data, eof=not data)
 
 
+def check_token(token: bytes, call: str) -> None:
+    """A stream token is TOKEN_BYTES random bytes from the host."""
+    if len(token) != TOKEN_BYTES:
+        raise AgentError("INVALID_ARGUMENT", f"{call}: the token must be {TOKEN_BYTES} bytes, "
+                         f"not {len(token)}")
+
+
 class PendingStreams:
     """StdioStream registrations waiting for their host's connection: token -> (process, its
     output fds, deadline). A process has at most one; registering it again (the host's
@@ -175,9 +182,7 @@ class PendingStreams:
             return bool(self._expected)
 
     def register(self, process: Process, token: bytes) -> None:
-        if len(token) != TOKEN_BYTES:
-            raise AgentError("INVALID_ARGUMENT", f"StdioStream: the token must be "
-                             f"{TOKEN_BYTES} bytes, not {len(token)}")
+        check_token(token, "StdioStream")
         with self._lock:
             fds = process.attach_reader()
             if fds is None:

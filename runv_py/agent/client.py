@@ -8,6 +8,7 @@ import contextlib
 import logging
 import secrets
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +25,9 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 Dial = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 STDIO_STREAM_ATTEMPTS = 3
+# How long a stream the agent registered with an exec is dialled without asking again: well
+# inside the agent's 60 s wait for the host's connection.
+REGISTERED_STREAM_FRESH_S = 10.0
 FRAME = struct.Struct(">BI")  # StdioStream's output frames: stream, length (0: eof)
 MAX_FRAME = 1 << 20
 
@@ -63,6 +67,8 @@ class AgentClient:
             self._relay.target if self._relay else f"unix:{socket_path}",
             options=_channel_options(handshake_timeout_s))
         self._stub: Any = pb_grpc.AgentStub(self._channel)
+        # (container, exec id) -> the port, token and time of a stream ExecProcess registered
+        self._registered: dict[tuple[str, str], tuple[int, bytes, float]] = {}
 
     async def _call(self, name: str, call: Awaitable[T]) -> T:
         try:
@@ -176,10 +182,20 @@ class AgentClient:
         return [(p.pid, tuple(p.args)) for p in response.processes]
 
     async def exec_process(self, container_id: str, exec_id: str, process_json: bytes, *,
-                           stdio: bool = True) -> None:
-        await self._call("ExecProcess", self._stub.ExecProcess(pb.ExecProcessRequest(
+                           stdio: bool = True, attach: bool = False) -> None:
+        """`attach`: stdio() of the process comes next. With stdio over vsock streams the
+        agent then registers the process's stream in this same call (stdio() connects to it
+        without a StdioStream call), and WaitProcess waits for that stream's output."""
+        token = secrets.token_bytes(32) if stdio and attach and self.dial is not None else b""
+        response = await self._call("ExecProcess", self._stub.ExecProcess(pb.ExecProcessRequest(
             container_id=container_id, exec_id=exec_id, process_json=process_json,
-            stdio=pb.STDIO_PIPE if stdio else pb.STDIO_NULL), timeout=self.call_timeout_s))
+            stdio=pb.STDIO_PIPE if stdio else pb.STDIO_NULL, stdio_token=token),
+            timeout=self.call_timeout_s))
+        if token and response.stdio_port:
+            now = time.monotonic()
+            self._registered = {key: entry for key, entry in self._registered.items()
+                                if now - entry[2] < REGISTERED_STREAM_FRESH_S}
+            self._registered[(container_id, exec_id)] = (response.stdio_port, token, now)
 
     async def signal_process(self, container_id: str, exec_id: str, signal: int, *,
                              all_processes: bool = False) -> None:
@@ -209,8 +225,15 @@ class AgentClient:
                     ) -> AsyncIterator[convert.Output]:
         """The process's output as it comes; `stdin` (if given) is written to the process and
         closed when it ends, else stdin is closed at once. Over a vsock stream of its own when
-        the client can dial one and the agent serves it, else over the Stdio RPC."""
+        the client can dial one and the agent serves it (the one exec_process registered, else
+        one a StdioStream call registers), else over the Stdio RPC."""
         if self.dial is not None:
+            registered = self._registered.pop((container_id, exec_id), None)
+            if registered is not None and \
+                    time.monotonic() - registered[2] < REGISTERED_STREAM_FRESH_S:
+                async for output in self._stdio_stream(registered[0], registered[1], stdin):
+                    yield output
+                return
             # One token for every attempt: a late copy of an earlier attempt that the agent
             # runs after a later one registers the same connection, not another.
             token = secrets.token_bytes(32)

@@ -1,6 +1,6 @@
-"""Process stdio over a vsock stream of its own (StdioStream, the vsock channel): who may
-connect to the agent's stream listener, and what a wrong token gets; the serial channel keeps
-the Stdio RPC."""
+"""Process stdio over a vsock stream of its own (StdioStream, or ExecProcess with a token; the
+vsock channel): who may connect to the agent's stream listener, and what a wrong token gets;
+the serial channel keeps the Stdio RPC."""
 
 from __future__ import annotations
 
@@ -122,6 +122,32 @@ def test_containers_cannot_reach_the_stream_listener_or_agent_and_a_wrong_token_
             writer.write(token)
             assert await asyncio.wait_for(reader.read(), 30) == b""
             writer.close()
+
+            # An exec registers its process's stream in ExecProcess itself (no StdioStream
+            # call); a token of the wrong size there is refused before anything runs.
+            await agent.create_container("runner", _spec(MOUNT.format("s"), ["sleep", "600"]))
+            await agent.start_container("runner")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await agent._stub.ExecProcess(pb.ExecProcessRequest(
+                    container_id="runner", exec_id="short", stdio_token=bytes(5),
+                    process_json=json.dumps({"args": ["sleep", "301"], "cwd": "/"}).encode()))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert not any("301" in argv for _, argv in await agent.list_processes("runner"))
+            await agent.exec_process("runner", "e1", json.dumps({
+                "args": ["sh", "-c", "echo exec-out; echo exec-err >&2; exit 4"],
+                "env": ["PATH=/bin"], "cwd": "/"}).encode(), attach=True)
+            exec_port, exec_token, _ = agent._registered[("runner", "e1")]
+            output = {"stdout": b"", "stderr": b""}
+            async for chunk in agent.stdio("runner", "e1"):
+                output[chunk.stream] += chunk.data
+            assert output == {"stdout": b"exec-out\n", "stderr": b"exec-err\n"}
+            assert await agent.wait_process("runner", "e1", timeout_s=60) == 4
+            assert ("runner", "e1") not in agent._registered
+            reader, writer = await agent.dial(exec_port)  # used once: nothing more
+            writer.write(exec_token)
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+            await agent.remove_container("runner", force=True)
             for cid in ("victim", "prober"):
                 await agent.remove_container(cid)
 

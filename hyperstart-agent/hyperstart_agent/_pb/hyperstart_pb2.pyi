@@ -132,16 +132,24 @@ class RemoveContainerRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ExecProcessRequest(_message.Message):
-    __slots__ = ("container_id", "exec_id", "process_json", "stdio")
+    __slots__ = ("container_id", "exec_id", "process_json", "stdio", "stdio_token")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     PROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
     STDIO_FIELD_NUMBER: _ClassVar[int]
+    STDIO_TOKEN_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     process_json: bytes
     stdio: StdioMode
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process_json: _Optional[bytes] = ..., stdio: _Optional[_Union[StdioMode, str]] = ...) -> None: ...
+    stdio_token: bytes
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process_json: _Optional[bytes] = ..., stdio: _Optional[_Union[StdioMode, str]] = ..., stdio_token: _Optional[bytes] = ...) -> None: ...
+
+class ExecProcessResponse(_message.Message):
+    __slots__ = ("stdio_port",)
+    STDIO_PORT_FIELD_NUMBER: _ClassVar[int]
+    stdio_port: int
+    def __init__(self, stdio_port: _Optional[int] = ...) -> None: ...
 
 class ProcessRequest(_message.Message):
     __slots__ = ("container_id", "exec_id")

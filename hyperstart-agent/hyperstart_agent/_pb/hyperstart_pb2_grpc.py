@@ -123,7 +123,7 @@ class AgentStub:
         self.ExecProcess = channel.unary_unary(
                 '/hyperstart.v1.Agent/ExecProcess',
                 request_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessRequest.SerializeToString,
-                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+                response_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessResponse.FromString,
                 _registered_method=True)
         self.SignalProcess = channel.unary_unary(
                 '/hyperstart.v1.Agent/SignalProcess',
@@ -316,6 +316,9 @@ class AgentServicer:
 
     def ExecProcess(self, request, context):
         """Processes: the container's init (exec_id "") and exec'd processes.
+        With a stdio_token (agent channel vsock, stdio STDIO_PIPE) the new process's stdio is
+        registered as StdioStream registers it, in the same call: the answer carries the port
+        (0: not registered, e.g. an agent without vsock; the host then calls StdioStream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -522,7 +525,7 @@ def add_AgentServicer_to_server(servicer, server):
             'ExecProcess': grpc.unary_unary_rpc_method_handler(
                     servicer.ExecProcess,
                     request_deserializer=hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessRequest.FromString,
-                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.Empty.SerializeToString,
+                    response_serializer=hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessResponse.SerializeToString,
             ),
             'SignalProcess': grpc.unary_unary_rpc_method_handler(
                     servicer.SignalProcess,
@@ -1080,7 +1083,7 @@ class Agent:
             target,
             '/hyperstart.v1.Agent/ExecProcess',
             hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessRequest.SerializeToString,
-            hyperstart_dot_v1_dot_hyperstart__pb2.Empty.FromString,
+            hyperstart_dot_v1_dot_hyperstart__pb2.ExecProcessResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -473,7 +473,8 @@ class Supervisor:
                     raise InvalidState(f"exec id {request.exec_id!r} is empty or already in "
                                        "use")
                 await self.vm.agent.exec_process(container.guest_id, request.exec_id,
-                                                 json.dumps(request.process).encode())
+                                                 json.dumps(request.process).encode(),
+                                                 attach=True)
                 container.processes[request.exec_id] = GuestProcess(request.exec_id)
                 self._task(self._wait(container, container.processes[request.exec_id]))
             process = container.processes.get(request.exec_id)
