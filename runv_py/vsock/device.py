@@ -103,6 +103,7 @@ class Conn:
     retry_until: float = 0.0  # a REQUEST refused before then is sent again
     answer_until: float = 0.0  # a hybrid client's REQUEST may be answered until then
     attempt: int = 0  # REQUESTs sent
+    delivered_at: float = 0.0  # when the last REQUEST went into the guest's rx ring
     host_eof: bool = False
     host_wr_shut: bool = False
     events: int = 0
@@ -134,10 +135,11 @@ class Device:
         self.features = 0
         self.protocol_features = 0
         self.conns: dict[tuple[int, int], Conn] = {}
-        # Packets for the guest that need no payload (replies, credit, connection control).
-        # At most an rx ring's worth is queued for the guest's packets: with more, its tx ring
-        # waits (tx_held) until the guest takes them.
-        self.ctl: deque[bytes] = deque()
+        # Packets for the guest that need no payload (replies, credit, connection control),
+        # each with the connection whose REQUEST it is. At most an rx ring's worth is queued
+        # for the guest's packets: with more, its tx ring waits (tx_held) until the guest
+        # takes them.
+        self.ctl: deque[tuple[bytes, Conn | None]] = deque()
         self.tx_held = False
         self.rx_starved = False
         self.parked: list[Conn] = []  # waiting for rx buffers
@@ -392,6 +394,7 @@ class Device:
         wait = FIRST_REQUEST_TIMEOUT_S if delay is None else delay
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+        conn.delivered_at = 0.0
         conn.host_port = self._alloc_port(conn.guest_port)
         self.conns[conn.key] = conn
         conn.attempt += 1
@@ -414,11 +417,19 @@ class Device:
                 or conn.attempt != attempt):
             return
         now = time.monotonic()
-        if not self.vqs[RX].ready or self.rx_starved or self.ctl:
-            # Not delivered yet: not the guest's fault.
+        if not conn.delivered_at:
+            # Not delivered yet (no rx buffers: a clone's guest is still probing its hot-plugged
+            # device): not the guest's fault.
             if now < max(conn.retry_until, conn.answer_until):
                 self.later(delay, lambda: self._request_timeout(conn, attempt, delay))
                 return
+        elif now - conn.delivered_at < delay:
+            # Delivered after it waited in the queue: the guest gets the whole delay from then.
+            # Asking again sooner made a clone answer both REQUESTs, two connections set up
+            # for one under TCG, ~0.1 s of its start.
+            remaining = delay - (now - conn.delivered_at)
+            self.later(remaining, lambda: self._request_timeout(conn, attempt, delay))
+            return
         elif now < conn.answer_until:
             longer = min(2 * delay, REQUEST_TIMEOUT_S)
             self.later(longer, lambda: self._request_timeout(conn, attempt, longer))
@@ -784,14 +795,14 @@ class Device:
     def _send(self, conn: Conn, op: int, flags: int = 0) -> None:
         buf = bytearray(pk.HEADER_SIZE)
         self._fill_header(conn, memoryview(buf), op, flags, 0)
-        self.ctl.append(bytes(buf))
+        self.ctl.append((bytes(buf), conn if op == pk.OP_REQUEST else None))
         self._flush_ctl()
 
     def _send_raw(self, host_port: int, guest_port: int, op: int) -> None:
         buf = bytearray(pk.HEADER_SIZE)
         pk.pack_into(memoryview(buf), src_cid=pk.HOST_CID, dst_cid=self.cid, src_port=host_port,
                      dst_port=guest_port, length=0, op=op, flags=0, buf_alloc=0, fwd_cnt=0)
-        self.ctl.append(bytes(buf))
+        self.ctl.append((bytes(buf), None))
         self._flush_ctl()
 
     def _fill_header(self, conn: Conn, header: memoryview | list[memoryview], op: int,
@@ -821,8 +832,11 @@ class Device:
             if chain.readable or chain.writable_len < pk.HEADER_SIZE:
                 self._bad_rx(chain)
                 continue
-            _scatter(chain.writable, self.ctl.popleft())
+            packet, requester = self.ctl.popleft()
+            _scatter(chain.writable, packet)
             rx.push(chain.head, pk.HEADER_SIZE)
+            if requester is not None:
+                requester.delivered_at = time.monotonic()
         else:
             if self.ctl and rx.ready and not self.rx_starved:
                 self.more_work = True   # the loop comes back after other sockets

@@ -320,6 +320,39 @@ def test_unanswered_request_is_sent_again_or_given_up(
         driver.close()
 
 
+def test_a_request_delivered_late_gets_its_whole_wait_from_delivery(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template clone's agent connection is asked for right after `cont`, ~0.2 s before the
+    guest has probed its hot-plugged vsock device and posted rx buffers. The wait for the
+    answer ran from the queueing: it ended just after the delivery, the REQUEST went out
+    again, and the guest set up two connections for one (~0.1 s of the clone's start)."""
+    monkeypatch.setattr(device_mod, "FIRST_REQUEST_TIMEOUT_S", 1.0)
+    driver = Driver(tmp_path, connect_wait_s=10.0)
+    try:
+        driver.start()
+        host = socket.socket(socket.AF_UNIX)
+        host.connect(str(tmp_path / "fwd.sock"))
+        t0 = time.monotonic()
+        driver.pump()
+        time.sleep(0.3)
+        driver.pump()
+        driver.post_rx()   # the guest's driver is up; the queued REQUEST goes in now
+        driver.pump()
+        delivered = time.monotonic()
+        [(req, _)] = driver.received()
+        assert req.op == pk.OP_REQUEST and delivered - t0 < 1.0
+        time.sleep(max(0.0, delivered + 0.8 - time.monotonic()))   # past t0 + 1.0
+        driver.pump()
+        assert driver.received() == []   # still its first wait: no RST, no second REQUEST
+        time.sleep(max(0.0, delivered + 1.3 - time.monotonic()))
+        driver.pump()
+        later = [(h.op, h.src_port) for h, _ in driver.received()]
+        assert later[0] == (pk.OP_RST, req.src_port) and later[1][0] == pk.OP_REQUEST
+        host.close()
+    finally:
+        driver.close()
+
+
 def test_a_hybrid_connect_waits_for_a_late_answer_then_gives_up(
         driver: Driver, monkeypatch: pytest.MonkeyPatch) -> None:
     """A starved guest (TCG on a loaded host) answered a stdio stream's CONNECT after the
