@@ -85,6 +85,36 @@ def reap_if_child(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+async def wait_gone(pid: int, start_time: int, *, kill_after_s: float) -> None:
+    """Until the process with this pid and start time has exited; SIGKILLed if it is still
+    there after `kill_after_s` (through its pidfd: never a later process with its pid). Woken
+    by the pidfd as it exits, not by polling; our exited child is reaped."""
+    import asyncio
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not is_running(pid, start_time):  # gone, or the pid is another process's now
+            return
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, lambda: None if exited.done() else exited.set_result(None))
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), kill_after_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                await exited
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
+        reap_if_child(pid)
+
+
 class ProcessHandle(Protocol):
     """What Child needs of a process: asyncio's, or a forked one (forked.py)."""
 

@@ -651,17 +651,7 @@ class Runtime:
 
 
 async def _wait_gone(pid: int, start_time: int) -> None:
-    import asyncio
-
-    deadline = time.monotonic() + SUPERVISOR_EXIT_WAIT_S
-    while child.is_running(pid, start_time):
-        child.reap_if_child(pid)
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-        await asyncio.sleep(0.02)
-    child.reap_if_child(pid)
+    await child.wait_gone(pid, start_time, kill_after_s=SUPERVISOR_EXIT_WAIT_S)
 
 
 async def spawn_standin(ctl: Path, request: Attach | Exec, terminal: Terminal,

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_ROOT = Path("/run/hyperctl")
 DEFAULT_DATA_ROOT = Path("/var/lib/hyperctl")
 MONITOR_READY_TIMEOUT_S = 600.0
+MONITOR_EXIT_WAIT_S = 10.0   # a monitor that outlives its stop this long is SIGKILLed
 CGROUP_PARENT = "/hyperctl"
 # A detached container's output.log: this size, then one rotation (output.log.1).
 LOG_MAX_SIZE = 64 << 20
@@ -533,14 +534,8 @@ class WorkloadManager:
     async def _wait_monitor(workload: Workload) -> None:
         if not workload.monitor_pid:
             return
-        deadline = time.monotonic() + 10
-        while child.is_running(workload.monitor_pid, workload.monitor_start):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(workload.monitor_pid, signal.SIGKILL)
-                deadline = float("inf")
-            child.reap_if_child(workload.monitor_pid)
-            await asyncio.sleep(0.02)
+        await child.wait_gone(workload.monitor_pid, workload.monitor_start,
+                              kill_after_s=MONITOR_EXIT_WAIT_S)
 
     async def logs(self, workload: Workload, *, follow: bool = False) -> AsyncIterator[bytes]:
         """The detached container's output so far (its rotated log first); with `follow`,
