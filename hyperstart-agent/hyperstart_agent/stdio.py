@@ -160,7 +160,8 @@ def read_output(process: Process, fds: tuple[int | None, int | None],
 
 
 def check_token(token: bytes, call: str) -> None:
-    """A stream token is TOKEN_BYTES random bytes from the host."""
+    """INVALID_ARGUMENT (naming `call`) unless `token` has TOKEN_BYTES bytes (the host draws
+    them at random)."""
     if len(token) != TOKEN_BYTES:
         raise AgentError("INVALID_ARGUMENT", f"{call}: the token must be {TOKEN_BYTES} bytes, "
                          f"not {len(token)}")
