@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # spawned the child: spawn from the event loop thread.
 SETPRIV = ("setpriv", "--pdeathsig", "KILL", "--")
 PR_SET_PDEATHSIG = 1
+PIDFD_FALLBACK_POLL_S = 0.5
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -85,15 +87,28 @@ def reap_if_child(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-async def wait_gone(pid: int, start_time: int, *, kill_after_s: float) -> None:
+async def wait_gone(pid: int, start_time: int, *, kill_after_s: float | None) -> None:
     """Until the process with this pid and start time has exited; SIGKILLed if it is still
-    there after `kill_after_s` (through its pidfd: never a later process with its pid). Woken
-    by the pidfd as it exits, not by polling; our exited child is reaped."""
+    there after `kill_after_s` (through its pidfd: never a later process with its pid; None:
+    never). Woken by the pidfd as it exits, not by a timer (without a free fd: a look every
+    PIDFD_FALLBACK_POLL_S); our exited child is reaped."""
     import asyncio
 
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
+        return
+    except OSError as exc:  # out of fds
+        log.warning("pid %d: no pidfd (%s), polling it", pid, exc)
+        deadline = None if kill_after_s is None else time.monotonic() + kill_after_s
+        while is_running(pid, start_time):
+            if deadline is not None and time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = None
+            reap_if_child(pid)
+            await asyncio.sleep(PIDFD_FALLBACK_POLL_S)
+        reap_if_child(pid)
         return
     try:
         if not is_running(pid, start_time):  # gone, or the pid is another process's now

@@ -21,7 +21,6 @@ from . import output_log
 from .manager import WorkloadManager
 from .records import Workload
 
-OWNER_POLL_S = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -30,36 +29,10 @@ async def _watch_owner(manager: WorkloadManager, workload: Workload, pid: int,
     """The container lives as long as the program that made it (the Python API's sandboxes):
     when that process is gone, however it ended, kill the container; serve() then frees it.
     The wait is on a pidfd: an idle sandbox's monitor does not wake on a timer."""
-    await _exited(pid, start)
+    await child.wait_gone(pid, start, kill_after_s=None)
     log.info("owner pid %d is gone: killing the container", pid,
              extra={"container": workload.id})
     await manager.kill_all(workload)
-
-
-async def _exited(pid: int, start: int) -> None:
-    """Returns once the process with this pid and start time has ended (at once if it has)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    except OSError as exc:  # out of fds: look every OWNER_POLL_S instead
-        log.warning("owner pid %d: no pidfd (%s), polling it", pid, exc)
-        while child.is_running(pid, start):
-            await asyncio.sleep(OWNER_POLL_S)
-        return
-    try:
-        # Checked after the pidfd exists: it is of that process, not of one that reused the pid.
-        if not child.is_running(pid, start):
-            return
-        ended = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_reader(pidfd, ended.set)
-        try:
-            await ended.wait()
-        finally:
-            loop.remove_reader(pidfd)
-    finally:
-        os.close(pidfd)
 
 
 async def _monitor(args: argparse.Namespace) -> int:
