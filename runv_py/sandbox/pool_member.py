@@ -48,10 +48,6 @@ class Member:
     def sandbox_id(self) -> str:
         return self.hello.id
 
-    @property
-    def parked(self) -> bool:
-        return self.hello.idle == "paused"
-
     def config(self, config: RuntimeConfig) -> RuntimeConfig:
         """The runtime config with this member's VM size; VM dirs where runv's are."""
         hv = replace(config.hypervisor, memory_mib=self.hello.memory_mib, vcpus=self.hello.vcpus)

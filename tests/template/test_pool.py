@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from runv_py.api import Sandbox as ApiSandbox
 from runv_py.sandbox import cgroup, vm_dir, vm_template
 from runv_py.sandbox.client import pool_call
 from runv_py.sandbox.control import BlockingChannel
-from runv_py.sandbox.protocol import Adopt, Claim, PoolStatus
+from runv_py.sandbox.protocol import Adopt, Claim, PoolMemberStatus, PoolStatus
 from runv_py.storage import shared
 from tests.cli.conftest import LATE_CHECK, LATE_SEEN, RUNV, Runv, late_binds, runv, subreaper  # noqa: F401
 from tests.cli.test_pod import SERVE, annotated
@@ -164,6 +166,60 @@ def test_run_takes_a_pooled_vm_the_pool_refills_and_each_tenant_gets_its_own(
     assert (one / "rootfs/tmp/tenant1").exists() and not (two / "rootfs/tmp/tenant1").exists()
 
     service.idle(1)
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
+def _idle_at_once(service: Pool) -> PoolMemberStatus:
+    """The pool's first idle member, seen within milliseconds of its ready report."""
+    deadline = time.monotonic() + READY_S
+    while True:
+        with contextlib.suppress(OSError):
+            reply = asyncio.run(pool_call(service.socket, PoolStatus()))
+            idle = [m for m in reply.members if m.state == "idle"]
+            if idle:
+                return idle[0]
+        assert time.monotonic() < deadline, service.log.read_text()[-3000:]
+        time.sleep(0.005)
+
+
+def test_a_pooled_vm_warms_up_after_its_ready_report_and_a_claim_waits_for_the_warm_up(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """A member counts as idle once its agent answers, and warms up (then parks) after that,
+    so that refills keep up with back-to-back claims. Its QEMU is stopped right after the
+    ready report, in the middle of the warm-up: a claim then waits for the warm-up's end and
+    gets the VM running, not parked. Unclaimed, a member parks after its warm-up."""
+    service = pool("[pool]\nsize = 1\n")
+    for attempt in range(3):
+        member = _idle_at_once(service)
+        assert member.qemu_pid is not None
+        os.kill(member.qemu_pid, signal.SIGSTOP)
+        early = [line for line in service.log.read_text().splitlines()
+                 if "pooled VM warmed up" in line and member.sandbox in line]
+        if not early:
+            break
+        # The test saw the member only after its warm-up: take it, and try the refill.
+        os.kill(member.qemu_pid, signal.SIGCONT)
+        runv("run", "--bundle", str(runv.bundle(["true"])), f"early{attempt}")
+    else:
+        pytest.fail("the pool's members were always seen after their warm-up")
+    frozen = 2.0
+    threading.Timer(frozen, os.kill, (member.qemu_pid, signal.SIGCONT)).start()
+    started = time.monotonic()
+    result = runv("--debug", "run", "--bundle", str(runv.bundle(["echo", "warm"])), "w1")
+    assert result.stdout == b"warm\n"
+    assert time.monotonic() - started >= frozen
+    created = [line for line in (runv.top / "log.json").read_text().splitlines()
+               if f"QEMU pid {member.qemu_pid})" in line]
+    assert created, (runv.top / "log.json").read_text()[-2000:]
+    waited = re.search(r"warm_up_wait (\d+) ms", created[0])
+    assert waited and int(waited[1]) >= 1000, created[0]
+    assert not any("warmed up and parked" in line and member.sandbox in line
+                   for line in service.log.read_text().splitlines())
+
+    refill = _members(service.idle(1), "idle")[0]
+    service.wait(lambda _: any("warmed up and parked" in line and refill["sandbox"] in line
+                               for line in service.log.read_text().splitlines()), 60)
     assert service.stop() == 0
     assert service.leftovers() == []
 

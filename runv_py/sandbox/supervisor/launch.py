@@ -346,10 +346,12 @@ class _Pooled:
         self.owned = owned
         self.done = done
         self.adopted = asyncio.Event()
+        self.warming: asyncio.Task[None] | None = None
+        self.parked = False
 
     async def prefill(self, config: config_mod.RuntimeConfig) -> CreateReply:
         """Its shared dir mounted, its VM restored from the template (9p share), the agent
-        connected, the VM parked."""
+        connected. The warm-up and the parking follow once it has reported ready."""
         self.owned.shared.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.owned.shared.open()
         vm = await GuestVm.boot(
@@ -359,12 +361,25 @@ class _Pooled:
         if vm.start_path not in ("template", "template-built"):
             raise RunvError(f"the pool's VM did not start from a template ({vm.start_path}); "
                             "see the log above")
-        # Translate the container set-up code in this QEMU now (TCG's cache is per process).
-        await vm_template.warm_up(vm.agent)
-        if config.pool.idle == "paused":
-            await vm.park()
         self.owned.control = ControlServer(vm.paths.control_socket, self.dispatch)
+        self.warming = asyncio.create_task(self._warm_up_and_park(vm, config.pool.idle))
         return CreateReply(vm_dir=str(vm.root), qemu_pid=vm.machine.pid or 0)
+
+    async def _warm_up_and_park(self, vm: GuestVm, idle: str) -> None:
+        """Translate the container set-up code in this QEMU (TCG's cache is per process),
+        then stop its vCPUs unless it was claimed meanwhile. It runs after the ready report:
+        a refill that waited for it (~0.3 s here) fell behind back-to-back claims."""
+        t0 = time.monotonic()
+        try:
+            await vm_template.warm_up(vm.agent)
+            if idle == "paused" and not self.member.claimed:
+                await vm.park()
+                self.parked = True
+            log.debug("pooled VM warmed up%s in %.2fs", " and parked" if self.parked else "",
+                      time.monotonic() - t0, extra={"sandbox": self.owned.vm_path.name})
+        except RunvError as exc:
+            log.error("pooled VM: warming up or parking failed: %s", exc)
+            self.done.set()
 
     async def dispatch(self, channel: AsyncChannel, request: Request[Any],
                        fds: list[int]) -> None:
@@ -404,11 +419,13 @@ class _Pooled:
         gone.cancel()
         await asyncio.gather(gone, return_exceptions=True)
         try:
-            spec, shares, block = work.result()
-            reply = await _first_container(
-                self.owned, request.id, spec, shares,
-                {"supervisor_start": max(0.0, t_setup - (request.spawned_at or t_setup))},
-                config=config_mod.load(self.args.config), block=block)
+            spec, shares, block, waited = work.result()
+            timings = {"supervisor_start": max(0.0, t_setup - (request.spawned_at or t_setup))}
+            if waited is not None:
+                timings["warm_up_wait"] = waited
+            reply = await _first_container(self.owned, request.id, spec, shares, timings,
+                                           config=config_mod.load(self.args.config),
+                                           block=block)
             self.adopted.set()
             return reply
         except BaseException:
@@ -416,7 +433,10 @@ class _Pooled:
             raise
 
     async def _adopt(self, request: Adopt, fds: list[int]
-                     ) -> tuple[oci_spec.Spec, ContainerShares, BlockContainer | None]:
+                     ) -> tuple[oci_spec.Spec, ContainerShares, BlockContainer | None,
+                                float | None]:
+        """The container's spec, shares and disks, and how long it waited for the VM's
+        warm-up (None: it had ended)."""
         vm = self.owned.vm
         assert vm is not None
         if not fds:
@@ -445,9 +465,16 @@ class _Pooled:
             cgroup.join(claimant, ours)
         self.owned.network = GuestNetwork(spec.network_ns)
         nics = await self.owned.network.prepare()
-        await vm.unpark(nics, disks=block.disks if block else (), parked=self.member.parked)
+        waited = None
+        if self.warming is not None and not self.warming.done():
+            # A claim during the warm-up waits for its end: the container would translate the
+            # same code in this QEMU anyway.
+            t_wait = time.monotonic()
+            await self.warming
+            waited = time.monotonic() - t_wait
+        await vm.unpark(nics, disks=block.disks if block else (), parked=self.parked)
         await self.owned.network.configure(vm.agent)
-        return spec, shares, block
+        return spec, shares, block, waited
 
 
 async def pooled(args: Args) -> int:
@@ -482,5 +509,7 @@ async def pooled(args: Args) -> int:
         return 0
     finally:
         watch.cancel()
+        if pooled.warming is not None:
+            pooled.warming.cancel()
         owned.awaited = pooled.adopted.is_set()
         await owned.close()
