@@ -223,6 +223,19 @@ def set_command_line(argv: Sequence[str]) -> None:
     ctypes.memmove(start, _packed(words).ljust(end - start, b"\0"), end - start)
 
 
+def exec_with_room(room: int, option: str) -> None:
+    """Run this program again (same pid) with at least `room` bytes of command line if it has
+    less, by adding `option=` and spaces: its forked children write their command lines over
+    this area (set_command_line), and a helper whose identifying arguments would not fit is
+    spawned instead. `option` must be one the program accepts and ignores."""
+    start, end = _argv_area()
+    if end - start >= room or any(arg.startswith(f"{option}=") for arg in sys.orig_argv):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*sys.orig_argv, f"{option}=" + " " * (room - (end - start))])
+
+
 def _argv_area() -> tuple[int, int]:
     fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
     return int(fields[_ARG_START]), int(fields[_ARG_END])

@@ -20,19 +20,26 @@ VM serves one container and is destroyed with it; the pool starts another in the
 Configure it in the [pool] section of the runtime config (size, memory_mib, sizes, idle).
 """
 RECONCILE_INTERVAL_S = 300.0
+# The command line the service keeps for its members and their vsock backends, forked from it:
+# theirs is written over its own (forked.py), and a `runv pool serve` started as such has room
+# for neither a backend's `--socket=<state_dir>/sandboxes/pool-.../vhost-vsock.sock`.
+ARGV_ROOM = 1024
+ARGV_ROOM_OPTION = "--argv-room"
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("pool", help="serve or show the warm pool of idle sandboxes",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = p.add_subparsers(dest="pool_command", metavar="ACTION", required=True)
-    actions.add_parser(
+    serve = actions.add_parser(
         "serve", help="run the pool service in the foreground (SIGTERM destroys idle VMs)",
         description="Keep [pool] size idle sandboxes per size until SIGTERM/SIGINT, which "
                     "destroys the idle ones (claimed ones live on with their containers). "
                     "SIGHUP reads the config again: idle sandboxes it no longer wants are "
                     "destroyed and the pool refills. One service per state_dir; see "
                     "contrib/runv-pool.service.")
+    # Spaces the service adds to its own command line when it starts (ARGV_ROOM).
+    serve.add_argument(ARGV_ROOM_OPTION, help=argparse.SUPPRESS)
     status = actions.add_parser("status", help="idle/starting/claimed counts and memory")
     status.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -44,7 +51,10 @@ def run(args: argparse.Namespace, config: RuntimeConfig) -> int:
     from ..sandbox import pool_claim
 
     if args.pool_command == "serve":
+        from .. import forked
         from ..vm.hypervisor import check_templates
+
+        forked.exec_with_room(ARGV_ROOM + len(bytes(config.state_dir)), ARGV_ROOM_OPTION)
 
         check_templates(config.hypervisor)  # the pool is made of template clones
         return asyncio.run(_serve(config, bool(args.debug)))

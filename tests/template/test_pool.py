@@ -224,6 +224,21 @@ def test_a_pooled_vm_warms_up_after_its_ready_report_and_a_claim_waits_for_the_w
     assert service.leftovers() == []
 
 
+def test_members_and_their_vsock_backends_are_forks_of_the_service(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """`runv pool serve` makes room on its own command line when it starts, so that its
+    members' vsock backends, which show their VM directory there, are forked too (sharing the
+    service's pages) rather than new interpreters."""
+    service = pool("[pool]\nsize = 1\n")
+    member = _members(service.idle(1), "idle")[0]
+    backends = [line for line in processes_mentioning(f"/{member['sandbox']}/")
+                if "-m runv_py.vsock --socket=" in line]
+    assert len(backends) == 2, backends  # the keeper and its worker
+    assert "a new interpreter instead of a fork" not in service.log.read_text()
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
 def test_sigterm_destroys_idle_vms_and_kill_9_makes_them_destroy_themselves(
         runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
     # What a crashed sandbox left: the pool service's reconciler removes it when it starts.

@@ -202,3 +202,27 @@ def test_the_command_line_keeps_what_fits_its_area(tmp_path: Path, area: int) ->
     else:
         assert words == ["python3", *full[1:len(words)]]
         assert len(words) == {20: 2, 30: 3, 36: 4, 40: 5}[area]
+
+
+
+def test_a_program_runs_again_with_room_on_its_command_line(tmp_path: Path) -> None:
+    """exec_with_room: the same pid, its arguments and the padding option, once; a program
+    that already has the room is not run again."""
+    (tmp_path / "t.py").write_text(textwrap.dedent("""
+        import os, sys
+        from runv_py import forked
+        forked.exec_with_room(int(sys.argv[1]), "--room")
+        start, end = forked._argv_area()
+        print(repr((os.getpid(), end - start, sys.argv[1:])))
+    """))
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "t.py"), "600"], env=env,
+                            stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    pid, area, args = ast.literal_eval(out.decode())
+    assert pid == proc.pid and area >= 600
+    assert args[0] == "600" and len(args) == 2 and args[1].startswith("--room=")
+    assert args[1].removeprefix("--room=").strip() == ""
+    again = subprocess.run([sys.executable, str(tmp_path / "t.py"), "10"], env=env,
+                           capture_output=True, check=True, timeout=60)
+    assert ast.literal_eval(again.stdout.decode())[2] == ["10"]
