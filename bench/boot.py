@@ -37,39 +37,56 @@ class BootHang(Exception):
     pass
 
 
-async def floor_boot(cfg: config.RuntimeConfig, timeout_s: float = 30.0) -> float:
-    """Seconds from QEMU's spawn to the floor marker on the console. Raises BootHang with the
-    console log when the marker does not appear in time or QEMU exits without it."""
+# The floor's /init sleeps instead of powering off (images/build-floor.sh).
+IDLE_PARAM = "runv.floor=idle"
+
+
+async def start_floor(cfg: config.RuntimeConfig, state: Path, *, idle: bool = False,
+                      timeout_s: float = 30.0) -> tuple[QemuMachine, float]:
+    """QEMU running our kernel and the floor initramfs, of the default sandbox's size, in
+    `state` (the caller closes it): the machine and the seconds from its spawn to the floor
+    marker on the console. `idle`: its /init sleeps after the marker. Raises BootHang with
+    the console log when the marker does not appear in time or QEMU exits without it."""
     floor = assets.find_floor(cfg.guest.assets_dir)
     choice = accel.choose(cfg.hypervisor.accelerator)
     hv = cfg.hypervisor
-    state = Path(tempfile.mkdtemp(prefix="runv-floor-"))
+    params = KernelParams(hv.machine, choice.accel, "floor", tsc_khz=accel.host_tsc_khz(),
+                          extra=IDLE_PARAM if idle else "")
+    vm = VmConfig(
+        name=state.name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel,
+        vcpus=hv.vcpus, memory_mib=hv.memory_mib, kernel=floor.vmlinux,
+        kernel_cmdline=kernel_cmdline(params), console_log=state / "console.log",
+        qmp_socket=state / "qmp.sock", initrd=floor.initrd, cpu=hv.cpu)
+    machine = QemuMachine(vm, state / "qemu.log")
     try:
-        params = KernelParams(hv.machine, choice.accel, "floor", tsc_khz=accel.host_tsc_khz())
-        vm = VmConfig(
-            name=state.name, qemu=hv.qemu, machine=hv.machine, accel=choice.accel,
-            vcpus=hv.vcpus, memory_mib=hv.memory_mib, kernel=floor.vmlinux,
-            kernel_cmdline=kernel_cmdline(params), console_log=state / "console.log",
-            qmp_socket=state / "qmp.sock", initrd=floor.initrd, cpu=hv.cpu)
-        machine = QemuMachine(vm, state / "qemu.log")
-        try:
-            await machine.start()
-            assert machine.started_at is not None
-            deadline = machine.started_at + timeout_s
-            marker = floor.marker.encode()
-            while time.monotonic() < deadline:
-                seen = time.monotonic()
-                if marker in vm.console_log.read_bytes():
-                    elapsed = seen - machine.started_at
-                    await asyncio.wait_for(asyncio.shield(machine.exited), 10)
-                    return elapsed
-                if machine.exited.done():
-                    raise BootHang("QEMU exited before the marker:\n" + machine.describe_exit())
-                await asyncio.sleep(0.005)
-            raise BootHang(f"no marker after {timeout_s:g}s; console:\n{tail(vm.console_log)}")
-        finally:
-            await machine.close()
+        await machine.start()
+        assert machine.started_at is not None
+        deadline = machine.started_at + timeout_s
+        marker = floor.marker.encode()
+        while time.monotonic() < deadline:
+            seen = time.monotonic()
+            if marker in vm.console_log.read_bytes():
+                return machine, seen - machine.started_at
+            if machine.exited.done():
+                raise BootHang("QEMU exited before the marker:\n" + machine.describe_exit())
+            await asyncio.sleep(0.005)
+        raise BootHang(f"no marker after {timeout_s:g}s; console:\n{tail(vm.console_log)}")
+    except BaseException:
+        await machine.close()
+        raise
+
+
+async def floor_boot(cfg: config.RuntimeConfig, timeout_s: float = 30.0) -> float:
+    """Seconds from QEMU's spawn to the floor marker on the console (it then powers off)."""
+    state = Path(tempfile.mkdtemp(prefix="runv-floor-"))
+    machine: QemuMachine | None = None
+    try:
+        machine, elapsed = await start_floor(cfg, state, timeout_s=timeout_s)
+        await asyncio.wait_for(asyncio.shield(machine.exited), 10)
+        return elapsed
     finally:
+        if machine is not None:
+            await machine.close()
         shutil.rmtree(state, ignore_errors=True)
 
 

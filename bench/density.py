@@ -10,6 +10,10 @@ N idle sandboxes (`hyperctl run -d busybox sleep ...`, N = 1 and 10 by default, 
   interval, as a percentage of one core;
 - how long a new `hyperctl run --rm busybox true` takes with the N idle beside it, as a ratio
   against the same start with none (measured first, in the same run).
+Once the sandboxes are gone, the baseline of each N: N bare VMs of the same size, kernel and
+QEMU (bench/boot's floor initramfs, idle in a busybox sleep: no agent, no container, no host
+process but QEMU), measured the same way; memory and idle CPU are also printed as ratios
+against them.
 Before the levels: `--burst` (10) `hyperctl run -d` started at once, the time until all have
 returned as a ratio against one start alone, and their failures (then they are removed).
 
@@ -23,6 +27,7 @@ process of theirs still alive), also when interrupted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import shutil
@@ -42,7 +47,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from boot import start_floor
 from bundle import report, summary
+
+from runv_py import config
 
 HYPERCTL = str(Path(sys.executable).parent / "hyperctl")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -293,6 +301,33 @@ class Fleet:
         return {pid: seen for pid, seen in self.pids.items() if start_time(pid) == seen[0]}
 
 
+async def bare_vms(n: int, settle_s: float, interval_s: float) -> dict[str, Any]:
+    """N bare idle VMs (the floor kernel and initramfs, the default sandbox's size): memory
+    and idle CPU per VM, as for the sandboxes."""
+    cfg = config.load(None)
+    top = Path(tempfile.mkdtemp(prefix="bench-density-bare-"))
+    machines = []
+    try:
+        for i in range(n):
+            state = top / str(i)
+            state.mkdir()
+            machine, _ = await start_floor(cfg, state, idle=True)
+            machines.append(machine)
+        await asyncio.sleep(settle_s)
+        vms = {str(i): [HostProcess(m.pid, "qemu")] for i, m in enumerate(machines)
+               if m.pid is not None}
+        cpu = await asyncio.to_thread(idle_cpu, vms, interval_s)
+        return {"idle_cpu": cpu, "memory": memory(vms)}
+    finally:
+        for machine in machines:
+            await machine.close()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _over(value: float, base: float) -> float | None:
+    return round(value / base, 2) if base > 0 else None
+
+
 def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -323,10 +358,17 @@ def run(args: argparse.Namespace, top: Path) -> dict[str, Any]:
         alone += [fleet.timed_start() for _ in range(args.starts)]
         result["new_start_alone_s"] = summary(alone)
         for level, (cpu, mem, starts) in levels.items():
+            bare = asyncio.run(bare_vms(level, args.settle, args.interval))
             result["levels"][str(level)] = {
                 "idle_cpu": cpu, "memory": mem, "new_start_s": summary(starts),
                 "new_start_ratio": round(statistics.median(starts)
-                                         / result["new_start_alone_s"]["median"], 2)}
+                                         / result["new_start_alone_s"]["median"], 2),
+                "bare_vm": bare,
+                "memory_over_bare_vm": _over(mem["pss_mib_per_sandbox"]["median"],
+                                             bare["memory"]["pss_mib_per_sandbox"]["median"]),
+                "idle_cpu_over_bare_vm": _over(
+                    cpu["mean_pct_of_core_per_sandbox"],
+                    bare["idle_cpu"]["mean_pct_of_core_per_sandbox"])}
     finally:
         if fleet.ids:
             killed += fleet.remove()
@@ -351,6 +393,12 @@ def _print(result: dict[str, Any]) -> None:
               f"({cpu_kinds or 'none'})")
         print(f"         new start {row['new_start_s']['median']:.3f} s = "
               f"{row['new_start_ratio']:.2f}x alone")
+        bare = row["bare_vm"]
+        print(f"         {level} bare idle VMs: "
+              f"{bare['memory']['pss_mib_per_sandbox']['median']:.1f} MiB/VM "
+              f"(sandbox {row['memory_over_bare_vm']}x), idle CPU "
+              f"{bare['idle_cpu']['mean_pct_of_core_per_sandbox']:.2f}% of a core/VM "
+              f"(sandbox {row['idle_cpu_over_bare_vm']}x)")
     if result["killed_after_rm"]:
         print(f"  killed after hyperctl rm: {result['killed_after_rm']}")
 

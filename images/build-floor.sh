@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The raw-boot floor for benchmarks: a busybox initramfs whose /init prints a marker on the
-# console and powers the VM off. OUT gets floor.img and marker.
+# console and powers the VM off, or with runv.floor=idle on the kernel command line sleeps
+# (bench/density's bare idle VM). OUT gets floor.img and marker.
 # Usage: images/build-floor.sh OUT
 set -euo pipefail
 
@@ -20,6 +21,10 @@ cp "$busybox" "$work/bin/busybox"
 cat >"$work/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox echo $marker
+/bin/busybox mount -t proc proc /proc
+case " \$(/bin/busybox cat /proc/cmdline) " in
+  *" runv.floor=idle "*) while :; do /bin/busybox sleep 1000000; done ;;
+esac
 /bin/busybox poweroff -f
 INIT
 chmod 0755 "$work/init"

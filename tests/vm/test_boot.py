@@ -17,7 +17,7 @@ from pathlib import Path
 import hyperstart_agent
 import pytest
 
-from bench.boot import floor_boot
+from bench.boot import floor_boot, start_floor
 from runv_py import child, config
 from runv_py.errors import BootTimeout, HypervisorError
 from runv_py.sandbox.guest_vm import GuestVm
@@ -84,6 +84,23 @@ def test_raw_floor_boots_reach_the_marker(runtime_config: config.RuntimeConfig) 
 
     times = asyncio.run(body())
     assert all(0 < t < 30 for t in times)
+
+
+def test_an_idle_floor_vm_stays_up_after_its_marker_until_closed(
+        runtime_config: config.RuntimeConfig, tmp_path: Path) -> None:
+    """bench/density's baseline: the floor booted with runv.floor=idle does not power off."""
+    async def body() -> int:
+        machine, elapsed = await start_floor(runtime_config, tmp_path, idle=True)
+        try:
+            assert 0 < elapsed < 30 and machine.pid is not None
+            await asyncio.sleep(2)
+            assert not machine.exited.done(), machine.describe_exit()
+            return machine.pid
+        finally:
+            await machine.close()
+
+    pid = asyncio.run(body())
+    assert not Path(f"/proc/{pid}").exists()
 
 
 def test_agent_serves_a_new_host_connection_after_the_old_one_closes(
