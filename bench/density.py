@@ -368,7 +368,10 @@ def run(args: argparse.Namespace, top: Path) -> dict[str, Any]:
                                              bare["memory"]["pss_mib_per_sandbox"]["median"]),
                 "idle_cpu_over_bare_vm": _over(
                     cpu["mean_pct_of_core_per_sandbox"],
-                    bare["idle_cpu"]["mean_pct_of_core_per_sandbox"])}
+                    bare["idle_cpu"]["mean_pct_of_core_per_sandbox"]),
+                "idle_cpu_above_bare_vm_pct": round(
+                    cpu["mean_pct_of_core_per_sandbox"]
+                    - bare["idle_cpu"]["mean_pct_of_core_per_sandbox"], 3)}
     finally:
         if fleet.ids:
             killed += fleet.remove()
@@ -397,8 +400,8 @@ def _print(result: dict[str, Any]) -> None:
         print(f"         {level} bare idle VMs: "
               f"{bare['memory']['pss_mib_per_sandbox']['median']:.1f} MiB/VM "
               f"(sandbox {row['memory_over_bare_vm']}x), idle CPU "
-              f"{bare['idle_cpu']['mean_pct_of_core_per_sandbox']:.2f}% of a core/VM "
-              f"(sandbox {row['idle_cpu_over_bare_vm']}x)")
+              f"{bare['idle_cpu']['mean_pct_of_core_per_sandbox']:.3f}% of a core/VM "
+              f"(sandbox {row['idle_cpu_above_bare_vm_pct']:+.2f} points)")
     if result["killed_after_rm"]:
         print(f"  killed after hyperctl rm: {result['killed_after_rm']}")
 
