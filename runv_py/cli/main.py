@@ -10,11 +10,11 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from . import gc_command, pool_command, template_command
-from .errors import run_guarded
+from .errors import exit_after, run_guarded
 
 OCI_SPEC_VERSION = "1.1.0"
 
@@ -450,6 +450,11 @@ async def _restore(runtime: Any, args: argparse.Namespace) -> int:
         if reply is None or not reply.status.live:
             return reply.exit_code or 0 if reply is not None else 0
         await asyncio.sleep(0.2)
+
+
+def entry() -> NoReturn:
+    """The `runv` console script."""
+    exit_after(main)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,3 +227,31 @@ def test_a_forked_stand_ins_report_in_either_order() -> None:
     assert split_standin_report(b"okpid 32044\n") == (32044, b"ok")
     assert split_standin_report(b"ok") == (None, b"ok")
     assert split_standin_report(b"no such containerpid 9\n") == (9, b"no such container")
+
+
+RUNV_SCRIPT = str(Path(sys.executable).parent / "runv")
+HYPERCTL_SCRIPT = str(Path(sys.executable).parent / "hyperctl")
+
+
+def test_the_console_scripts_end_without_teardown_and_lose_no_output(tmp_path: Path) -> None:
+    """runv and hyperctl end with os._exit (cli/errors.exit_after): what they printed to a
+    pipe, their log file and their exit status (argparse's 2 among them) are all there."""
+    version = subprocess.run([RUNV_SCRIPT, "--version"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert (version.returncode, version.stdout.splitlines()[0]) == (0, f"runv version "
+                                                                       f"{cli.__version__}")
+    features = subprocess.run([RUNV_SCRIPT, "features"], capture_output=True, timeout=60,
+                              check=True)
+    assert json.loads(features.stdout)["ociVersionMax"]
+    usage = subprocess.run([RUNV_SCRIPT, "no-such-command"], capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+    log = tmp_path / "log.json"
+    missing = subprocess.run([RUNV_SCRIPT, "--root", str(tmp_path), "--log", str(log),
+                              "--log-format", "json", "state", "c1"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 1 and "c1 does not exist" in missing.stderr
+    assert "c1 does not exist" in json.loads(log.read_text().splitlines()[-1])["msg"]
+    hyperctl = subprocess.run([HYPERCTL_SCRIPT, "--help"], capture_output=True, text=True,
+                              timeout=60, check=False)
+    assert hyperctl.returncode == 0 and "usage: hyperctl" in hyperctl.stdout

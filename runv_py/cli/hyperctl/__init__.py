@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ... import __version__
-from ..errors import run_guarded
+from ..errors import exit_after, run_guarded
 
 DESCRIPTION = """\
 Run workloads in their own lightweight VM: every container gets its own guest kernel
@@ -47,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                              "operator's scope)")
     commands.add_all(parser.add_subparsers(dest="command", metavar="COMMAND"))
     return parser
+
+
+def entry() -> NoReturn:
+    """The `hyperctl` console script."""
+    exit_after(main)
 
 
 def main(argv: list[str] | None = None) -> int:
