@@ -378,7 +378,8 @@ class _Pooled:
             log.debug("pooled VM warmed up%s in %.2fs", " and parked" if self.parked else "",
                       time.monotonic() - t0, extra={"sandbox": self.owned.vm_path.name})
         except RunvError as exc:
-            log.error("pooled VM: warming up or parking failed: %s", exc)
+            log.error("pooled VM: warming up or parking failed: %s", exc,
+                      extra={"sandbox": self.owned.vm_path.name})
             self.done.set()
 
     async def dispatch(self, channel: AsyncChannel, request: Request[Any],
