@@ -183,6 +183,22 @@ def _idle_at_once(service: Pool) -> PoolMemberStatus:
         time.sleep(0.005)
 
 
+def _stopped_in_its_warm_up(service: Pool, runv: Runv) -> PoolMemberStatus:  # noqa: F811
+    """An idle member whose QEMU the test stopped (SIGSTOP) right after its ready report, in
+    the middle of its warm-up."""
+    for attempt in range(3):
+        member = _idle_at_once(service)
+        assert member.qemu_pid is not None
+        os.kill(member.qemu_pid, signal.SIGSTOP)
+        if not any("pooled VM warmed up" in line and member.sandbox in line
+                   for line in service.log.read_text().splitlines()):
+            return member
+        # The test saw the member only after its warm-up: take it, and try the refill.
+        os.kill(member.qemu_pid, signal.SIGCONT)
+        runv("run", "--bundle", str(runv.bundle(["true"])), f"early{attempt}")
+    pytest.fail("the pool's members were always seen after their warm-up")
+
+
 def test_a_pooled_vm_warms_up_after_its_ready_report_and_a_claim_waits_for_the_warm_up(
         runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
     """A member counts as idle once its agent answers, and warms up (then parks) after that,
@@ -190,19 +206,8 @@ def test_a_pooled_vm_warms_up_after_its_ready_report_and_a_claim_waits_for_the_w
     ready report, in the middle of the warm-up: a claim then waits for the warm-up's end and
     gets the VM running, not parked. Unclaimed, a member parks after its warm-up."""
     service = pool("[pool]\nsize = 1\n")
-    for attempt in range(3):
-        member = _idle_at_once(service)
-        assert member.qemu_pid is not None
-        os.kill(member.qemu_pid, signal.SIGSTOP)
-        early = [line for line in service.log.read_text().splitlines()
-                 if "pooled VM warmed up" in line and member.sandbox in line]
-        if not early:
-            break
-        # The test saw the member only after its warm-up: take it, and try the refill.
-        os.kill(member.qemu_pid, signal.SIGCONT)
-        runv("run", "--bundle", str(runv.bundle(["true"])), f"early{attempt}")
-    else:
-        pytest.fail("the pool's members were always seen after their warm-up")
+    member = _stopped_in_its_warm_up(service, runv)
+    assert member.qemu_pid is not None
     frozen = 2.0
     threading.Timer(frozen, os.kill, (member.qemu_pid, signal.SIGCONT)).start()
     started = time.monotonic()
@@ -220,6 +225,25 @@ def test_a_pooled_vm_warms_up_after_its_ready_report_and_a_claim_waits_for_the_w
     refill = _members(service.idle(1), "idle")[0]
     service.wait(lambda _: any("warmed up and parked" in line and refill["sandbox"] in line
                                for line in service.log.read_text().splitlines()), 60)
+    assert service.stop() == 0
+    assert service.leftovers() == []
+
+
+def test_a_claim_gives_up_on_a_warm_up_that_does_not_end(
+        runv: Runv, pool: Callable[[str], Pool]) -> None:  # noqa: F811
+    """A pooled VM whose warm-up hangs (its QEMU stopped for good after the ready report):
+    the hand-over fails after WARM_UP_WAIT_S, the run starts a sandbox of its own, and the
+    hung member is destroyed, its stopped QEMU with it."""
+    service = pool("[pool]\nsize = 1\n")
+    member = _stopped_in_its_warm_up(service, runv)
+    assert member.qemu_pid is not None
+    result = runv("--debug", "run", "--bundle", str(runv.bundle(["echo", "own"])), "h1")
+    assert result.stdout == b"own\n"
+    log = (runv.top / "log.json").read_text()
+    assert "warm-up did not end within" in log, log[-2000:]
+    assert f"QEMU pid {member.qemu_pid})" not in log
+    _gone([member.pid, member.qemu_pid])
+    service.idle(1)
     assert service.stop() == 0
     assert service.leftovers() == []
 

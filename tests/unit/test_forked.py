@@ -204,7 +204,6 @@ def test_the_command_line_keeps_what_fits_its_area(tmp_path: Path, area: int) ->
         assert len(words) == {20: 2, 30: 3, 36: 4, 40: 5}[area]
 
 
-
 def test_a_program_runs_again_with_room_on_its_command_line(tmp_path: Path) -> None:
     """exec_with_room: the same pid, its arguments and the padding option, once; a program
     that already has the room is not run again."""

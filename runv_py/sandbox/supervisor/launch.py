@@ -52,6 +52,10 @@ from .shares import ContainerShares, share
 
 log = logging.getLogger(__name__)
 
+# How long a claim waits for a pooled VM's warm-up (~0.3 s here) before the hand-over fails and
+# the claimant starts a sandbox of its own: the warm-up's agent calls have 30 s deadlines each.
+WARM_UP_WAIT_S = 10.0
+
 Dispatch = Callable[[AsyncChannel, Request[Any], list[int]], Awaitable[None]]
 
 
@@ -471,7 +475,11 @@ class _Pooled:
             # A claim during the warm-up waits for its end: the container would translate the
             # same code in this QEMU anyway.
             t_wait = time.monotonic()
-            await self.warming
+            try:
+                await asyncio.wait_for(asyncio.shield(self.warming), WARM_UP_WAIT_S)
+            except TimeoutError:
+                raise RunvError(f"the pooled VM's warm-up did not end within "
+                                f"{WARM_UP_WAIT_S:g}s") from None
             waited = time.monotonic() - t_wait
         await vm.unpark(nics, disks=block.disks if block else (), parked=self.parked)
         await self.owned.network.configure(vm.agent)
